@@ -1,0 +1,40 @@
+"""Morph between identities of a trained identity field: training identities by name and/or people fitted by
+track.py (their code.pt); renders PNG frames and an MP4.
+
+    python interpolate.py --checkpoint output/cpu/model.pt --identities 300 301 302 --loop
+    python interpolate.py --identities 300 output/tracking/017/code.pt --method linear --frames 20 --orbit 30 --ply
+    python interpolate.py --identities 300 301 --camera_json syn_data/subjects/300/calibration/camera_params.json \\
+        --camera 222200037 --width 512
+
+A video over K keys has frames*(K-1)+1 frames, or frames*K with --loop (back to the first key).
+Writes <out>/frames/frame_00000.png ..., <out>/interpolation.mp4, <out>/keys.json (and <out>/keyframes/*.ply).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from utils.fitting import add_cli_config, parse_cli_config  # noqa: E402
+from utils.interpolation import INTERP_FLAGS, INTERP_LISTS, InterpolationConfig, interpolate  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="optional YAML file with any of the keys below")
+    add_cli_config(parser, InterpolationConfig, flags=INTERP_FLAGS, lists=INTERP_LISTS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    _, cfg = parse_cli_config(build_parser(), InterpolationConfig, argv, lists=INTERP_LISTS)
+    summary = interpolate(cfg)
+    print(f"{summary['num_frames']} frames ({' -> '.join(summary['keys'])}{' -> loop' if cfg.loop else ''}, "
+          f"{summary['space']}-space {summary['method']}) -> {summary['video']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Tests of models/renderer.py (torch backend on CPU) against independent closed-form computations."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from models.gaussians import GaussianCloud, quat_to_rotmat, random_cloud, rgb_to_sh0
+from models.renderer import available_backends, render, render_batch
+from utils.cameras import Camera
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+F64 = torch.float64
+
+
+def _cam(width=32, height=24, eye=(0.0, 0.0, 1.0), target=(0.0, 0.0, 0.0), f=40.0, cx=None, cy=None) -> Camera:
+    return Camera.look_at(eye, target, (0.0, 1.0, 0.0), width, height, fx=f, fy=f, cx=cx, cy=cy)
+
+
+def _one(mean, scales, quat=(1.0, 0.0, 0.0, 0.0), opacity=0.8, rgb=(1.0, 1.0, 1.0), dtype=torch.float32):
+    t = lambda v: torch.tensor([v], dtype=dtype)  # noqa: E731
+    return GaussianCloud.from_rgb(t(mean), t(quat), t(scales), torch.tensor([opacity], dtype=dtype), t(rgb))
+
+
+# ------------------------------------------------------------------------------------------ independent reference
+def _ref_sh(sh: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Real SH colour up to degree 3 written out from the standard basis (sh (N,K,3), d (N,3) unit)."""
+    x, y, z = d[:, 0:1], d[:, 1:2], d[:, 2:3]
+    basis = [torch.full_like(x, 0.5 / math.sqrt(math.pi))]
+    c1 = math.sqrt(3 / (4 * math.pi))
+    basis += [-c1 * y, c1 * z, -c1 * x]
+    c2a, c2b, c2c = 0.5 * math.sqrt(15 / math.pi), 0.25 * math.sqrt(5 / math.pi), 0.25 * math.sqrt(15 / math.pi)
+    basis += [c2a * x * y, -c2a * y * z, c2b * (2 * z * z - x * x - y * y), -c2a * x * z, c2c * (x * x - y * y)]
+    c3a, c3b = 0.25 * math.sqrt(35 / (2 * math.pi)), 0.5 * math.sqrt(105 / math.pi)
+    c3c, c3d = 0.25 * math.sqrt(21 / (2 * math.pi)), 0.25 * math.sqrt(7 / math.pi)
+    basis += [
+        -c3a * y * (3 * x * x - y * y), c3b * x * y * z, -c3c * y * (4 * z * z - x * x - y * y),
+        c3d * z * (2 * z * z - 3 * x * x - 3 * y * y), -c3c * x * (4 * z * z - x * x - y * y),
+        0.5 * c3b * z * (x * x - y * y), -c3a * x * (x * x - 3 * y * y),
+    ]
+    k = sh.shape[1]
+    B = torch.cat(basis[:k], dim=1)  # (N, K)
+    return torch.clamp_min((B.unsqueeze(-1) * sh).sum(1) + 0.5, 0.0)
+
+
+def _ref_cov2d(cloud: GaussianCloud, cam: Camera) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Closed-form EWA: means2d (N,2), Sigma2D (N,2,2) incl. the 0.3 px dilation, depth (N,); float64."""
+    Wm = cam.w2c.double()
+    K = cam.K.double()
+    pc = cloud.means.double() @ Wm[:3, :3].T + Wm[:3, 3]
+    x, y, z = pc.unbind(-1)
+    uv = torch.stack([K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2]], -1)
+    q = cloud.quats.double()
+    q = q / q.norm(dim=-1, keepdim=True)
+    w_, a, b, c = q.unbind(-1)
+    Rq = torch.stack([  # rotation of a unit quaternion, written out independently
+        torch.stack([w_**2 + a**2 - b**2 - c**2, 2 * (a * b - w_ * c), 2 * (a * c + w_ * b)], -1),
+        torch.stack([2 * (a * b + w_ * c), w_**2 - a**2 + b**2 - c**2, 2 * (b * c - w_ * a)], -1),
+        torch.stack([2 * (a * c - w_ * b), 2 * (b * c + w_ * a), w_**2 - a**2 - b**2 + c**2], -1),
+    ], -2)
+    S2 = torch.diag_embed(cloud.scales.double() ** 2)
+    cov3 = Rq @ S2 @ Rq.transpose(-1, -2)
+    zero = torch.zeros_like(z)
+    J = torch.stack([torch.stack([K[0, 0] / z, zero, -K[0, 0] * x / z**2], -1),
+                     torch.stack([zero, K[1, 1] / z, -K[1, 1] * y / z**2], -1)], -2)
+    JW = J @ Wm[:3, :3]
+    cov2 = JW @ cov3 @ JW.transpose(-1, -2) + 0.3 * torch.eye(2, dtype=F64)
+    return uv, cov2, z
+
+
+def _ref_render(cloud: GaussianCloud, cam: Camera, bg=None) -> dict[str, torch.Tensor]:
+    """Dense per-pixel reference (every pixel x every Gaussian), differentiable by autograd; Gaussians must be in
+    front of the camera and inside the frustum (no Jacobian clamping)."""
+    uv, cov2, z = _ref_cov2d(cloud, cam)
+    H, W = cam.height, cam.width
+    jj, ii = torch.meshgrid(torch.arange(W, dtype=F64) + 0.5, torch.arange(H, dtype=F64) + 0.5, indexing="xy")
+    pix = torch.stack([jj.flatten(), ii.flatten()], -1)  # (HW, 2)
+    d = pix[:, None, :] - uv[None]  # (HW, N, 2)
+    inv = torch.linalg.inv(cov2)
+    sigma = 0.5 * torch.einsum("pni,nij,pnj->pn", d, inv, d)
+    a_raw = cloud.opacities.double()[None] * torch.exp(-sigma)
+    alpha = torch.where((a_raw >= 1 / 255) & (sigma >= 0), a_raw.clamp_max(0.99), torch.zeros_like(a_raw))
+    order = torch.argsort(z)
+    alpha = alpha[:, order]
+    t_incl = torch.cumprod(1 - alpha, -1)
+    t_excl = torch.cat([torch.ones_like(t_incl[:, :1]), t_incl[:, :-1]], -1)
+    w = alpha * t_excl * (t_incl > 1e-4)
+    dirs = cloud.means.double() - cam.center.double()
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    col = _ref_sh(cloud.sh.double(), dirs)[order]
+    img = w @ col
+    acc = w.sum(-1, keepdim=True)
+    depth = (w @ z[order].unsqueeze(-1)) / acc.clamp_min(1e-10)
+    if bg is not None:
+        img = img + (1 - acc) * bg.double()
+    return {"image": img.reshape(H, W, 3), "alpha": acc.reshape(H, W, 1), "depth": depth.reshape(H, W, 1)}
+
+
+def _scene(n=40, sh_degree=2, seed=0, dtype=F64) -> GaussianCloud:
+    g = torch.Generator().manual_seed(seed)
+    c = random_cloud(n, radius=0.08, scale_range=(0.004, 0.02), sh_degree=sh_degree, generator=g).to(dtype=dtype)
+    return c
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("cx,cy", [(None, None), (11.5, 15.25)])
+def test_single_gaussian_position_and_footprint(cx, cy):
+    cam = _cam(32, 24, cx=cx, cy=cy)
+    q = torch.nn.functional.normalize(torch.tensor([0.9, 0.2, -0.3, 0.25]), dim=0).tolist()
+    cloud = _one((0.03, -0.02, 0.1), (0.05, 0.025, 0.01), q, opacity=0.7, dtype=F64)
+    out = render(cloud, cam, backend="torch")
+    uv, cov2, _ = _ref_cov2d(cloud, cam)
+    # The peak lands on the pixel holding the projected centre.
+    a = out["alpha"][..., 0]
+    i, j = divmod(int(a.argmax()), cam.width)
+    assert (j, i) == (int(uv[0, 0]), int(uv[0, 1]))
+    # The whole alpha profile equals o * exp(-0.5 d^T Sigma2D^-1 d) (0 under 1/255).
+    jj, ii = torch.meshgrid(torch.arange(32, dtype=F64) + 0.5, torch.arange(24, dtype=F64) + 0.5, indexing="xy")
+    d = torch.stack([jj, ii], -1) - uv[0]
+    sig = 0.5 * torch.einsum("hwi,ij,hwj->hw", d, torch.linalg.inv(cov2[0]), d)
+    expect = 0.7 * torch.exp(-sig)
+    expect = torch.where(expect >= 1 / 255, expect, torch.zeros_like(expect))
+    torch.testing.assert_close(a, expect, atol=1e-12, rtol=1e-10)
+    assert float(a.max()) > 0.5
+
+
+def test_matches_dense_reference_and_autograd():
+    """Forward and the hand-written backward against a dense autograd reference, incl. saturated pixels (T stop)
+    and the 0.99 alpha cap."""
+    torch.manual_seed(0)
+    cloud = _scene(100, sh_degree=2)
+    cloud.opacities[:50] = 0.995  # alpha cap active at their centres
+    cam = _cam(28, 20, eye=(0.1, 0.05, 0.6), cx=13.3, cy=10.6, f=60.0)
+    bg = torch.tensor([0.1, 0.5, 0.9], dtype=F64)
+    wts = {k: torch.randn(20, 28, c, dtype=F64) for k, c in (("image", 3), ("alpha", 1), ("depth", 1))}
+    grads, outs = [], []
+    for fn in (lambda c: render(c, cam, bg, backend="torch"), lambda c: _ref_render(c, cam, bg)):
+        c = cloud.clone()
+        params = [c.means, c.quats, c.scales, c.opacities, c.sh]
+        for p in params:
+            p.requires_grad_(True)
+        out = fn(c)
+        sum((out[k] * wts[k]).sum() for k in wts).backward()
+        grads.append([p.grad for p in params])
+        outs.append({k: v.detach() for k, v in out.items()})
+    assert float(outs[1]["alpha"].max()) > 0.9995  # some pixels get near the T < 1e-4 stop
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], atol=1e-10, rtol=1e-8)
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g0, g1, atol=1e-8, rtol=1e-6)
+
+
+def test_gradients_match_finite_differences_float64():
+    cloud = _scene(4, sh_degree=1, seed=3)
+    cloud.opacities[:] = torch.tensor([0.3, 0.5, 0.6, 0.7], dtype=F64)
+    cams = [_cam(14, 12, eye=(0.05, 0.0, 0.5), f=45.0, cx=6.7, cy=6.2), _cam(14, 12, eye=(-0.3, 0.1, 0.4), f=45.0)]
+    bg = torch.tensor([0.2, 0.3, 0.4], dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    wts = {k: torch.randn(2, 12, 14, c, generator=g, dtype=F64) for k, c in (("image", 3), ("alpha", 1), ("depth", 1))}
+
+    def loss(c: GaussianCloud) -> torch.Tensor:
+        out = render_batch(c, cams, bg, backend="torch")
+        assert out["image"].dtype == F64
+        return sum((out[k] * wts[k]).sum() for k in wts)
+
+    c = cloud.clone()
+    names = ["means", "quats", "scales", "opacities", "sh"]
+    for n in names:
+        getattr(c, n).requires_grad_(True)
+    loss(c).backward()
+    eps = 1e-6
+    for n in names:
+        analytic = getattr(c, n).grad
+        base = getattr(cloud, n)
+        numeric = torch.zeros_like(base)
+        for idx in range(base.numel()):
+            vals = []
+            for s in (1, -1):
+                cc = cloud.clone()
+                getattr(cc, n).view(-1)[idx] += s * eps
+                vals.append(float(loss(cc)))
+            numeric.view(-1)[idx] = (vals[0] - vals[1]) / (2 * eps)
+        torch.testing.assert_close(analytic, numeric, atol=1e-5, rtol=1e-4, msg=lambda m: f"d loss / d {n}: {m}")
+
+
+def test_opaque_near_gaussian_hides_far_one():
+    cam = _cam(24, 24, cx=12.5, cy=12.5)  # the centre pixel (12, 12) sees both centres
+    near = _one((0.0, 0.0, 0.3), (0.05, 0.05, 0.05), opacity=0.999, rgb=(1.0, 0.0, 0.0))
+    far = _one((0.0, 0.0, -0.2), (0.05, 0.05, 0.05), opacity=0.999, rgb=(0.0, 0.0, 1.0))
+    for cloud in (GaussianCloud.cat([near, far]), GaussianCloud.cat([far, near])):  # order in the cloud is irrelevant
+        px = render(cloud, cam, backend="torch")["image"][12, 12]
+        assert px[0] > 0.98 and px[2] < 0.011  # 0.99 cap: 1% of the far colour leaks through
+
+
+def test_background_and_alpha_consistency():
+    cloud = _scene(30, sh_degree=0, dtype=torch.float32)
+    cam = _cam(20, 16, eye=(0.0, 0.0, 0.5), f=30.0)
+    bg = torch.tensor([0.3, 0.6, 0.9])
+    black = render(cloud, cam, backend="torch")
+    colored = render(cloud, cam, bg, backend="torch")
+    torch.testing.assert_close(colored["image"] - black["image"], (1 - black["alpha"]) * bg, atol=1e-6, rtol=0)
+    assert 0.0 <= float(black["alpha"].min()) and float(black["alpha"].max()) <= 1.0
+    torch.testing.assert_close(colored["alpha"], black["alpha"])
+
+
+def test_depth_of_single_opaque_gaussian_is_its_z():
+    cam = _cam(16, 16, eye=(0.1, 0.2, 1.0))
+    cloud = _one((0.02, 0.01, 0.05), (0.04, 0.03, 0.02), opacity=0.99)
+    out = render(cloud, cam, backend="torch")
+    z = float(cam.world_to_camera(cloud.means)[0, 2])
+    mask = out["alpha"][..., 0] > 0
+    assert int(mask.sum()) > 20
+    torch.testing.assert_close(out["depth"][..., 0][mask], torch.full((int(mask.sum()),), z), atol=1e-5, rtol=0)
+    assert float(out["depth"][~mask].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_sh_view_dependence(degree):
+    g = torch.Generator().manual_seed(degree)
+    sh = torch.randn(1, (degree + 1) ** 2, 3, generator=g, dtype=F64) * 0.4
+    sh[0, 0] = rgb_to_sh0(torch.tensor([0.5, 0.4, 0.6], dtype=F64))
+    mean = torch.tensor([[0.01, -0.02, 0.03]], dtype=F64)
+    cloud = GaussianCloud(mean, torch.tensor([[1.0, 0, 0, 0]], dtype=F64), torch.full((1, 3), 0.03, dtype=F64),
+                          torch.tensor([0.6], dtype=F64), sh)
+    colors = []
+    for eye in [(0.0, 0.0, 1.0), (0.8, 0.3, 0.5), (-0.6, -0.5, 0.6)]:
+        # Principal point on a pixel centre, camera aimed at the mean: the centre pixel sees alpha = opacity.
+        cam = _cam(15, 15, eye=eye, target=mean[0].tolist(), cx=7.5, cy=7.5)
+        px = render(cloud, cam, backend="torch")["image"][7, 7]
+        d = mean - cam.center.double()
+        expect = 0.6 * _ref_sh(sh, d / d.norm(dim=-1, keepdim=True))[0]
+        torch.testing.assert_close(px, expect, atol=1e-6, rtol=1e-6)
+        colors.append(px)
+    assert float((colors[0] - colors[1]).abs().max()) > 1e-3  # it does depend on the view
+
+
+def test_render_batch_equals_per_camera_render():
+    cloud = _scene(50, sh_degree=1, dtype=torch.float32)
+    cams = [_cam(20, 14, eye=e, f=25.0) for e in [(0.0, 0.0, 0.5), (0.3, 0.1, 0.4), (-0.2, -0.2, 0.45)]]
+    batch = render_batch(cloud, cams, backend="torch")
+    assert batch["image"].shape == (3, 14, 20, 3) and batch["alpha"].shape == (3, 14, 20, 1)
+    for i, cam in enumerate(cams):
+        single = render(cloud, cam, backend="torch")
+        for k in single:
+            torch.testing.assert_close(batch[k][i], single[k], atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_rendering_equals_one_chunk():
+    cloud = _scene(80, sh_degree=0, dtype=torch.float32)
+    cams = [_cam(24, 20, eye=(0.0, 0.0, 0.5), f=30.0), _cam(24, 20, eye=(0.2, 0.0, 0.5), f=30.0)]
+    outs = []
+    for chunk in (1 << 22, 64):
+        c = cloud.clone()
+        c.means.requires_grad_(True)
+        out = render_batch(c, cams, backend="torch", chunk_elements=chunk)
+        (out["image"].sum() + out["alpha"].sum()).backward()
+        outs.append((out["image"].detach(), c.means.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_clear_errors():
+    cloud = _scene(5, dtype=torch.float32)
+    cam = _cam()
+    with pytest.raises(ValueError, match="background"):
+        render(cloud, cam, torch.zeros(4), backend="torch")
+    bad = cloud.clone()
+    bad.means[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="means"):
+        render(bad, cam, backend="torch")
+    with pytest.raises(ValueError, match="unknown render backend"):
+        render(cloud, cam, backend="vulkan")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend='torch'"):
+            render(cloud, cam, backend="gsplat")
+    with pytest.raises(ValueError, match="one image size"):
+        render_batch(cloud, [cam, _cam(16, 16)], backend="torch")
+    batched = GaussianCloud(*(t.unsqueeze(0) for t in (cloud.means, cloud.quats, cloud.scales, cloud.opacities,
+                                                        cloud.sh)))
+    with pytest.raises(ValueError, match="unbatched"):
+        render(batched, cam, backend="torch")
+    with pytest.raises(ValueError, match="shape"):
+        GaussianCloud(cloud.means, cloud.quats[:, :3], cloud.scales, cloud.opacities, cloud.sh)
+    with pytest.raises(ValueError, match="at least one camera"):
+        render_batch(cloud, [], backend="torch")
+    assert "torch" in available_backends()
+
+
+def test_culled_and_behind_camera_gaussians_are_harmless():
+    cam = _cam(16, 16)
+    behind = _one((0.0, 0.0, 2.0), (0.05, 0.05, 0.05))  # the camera sits at z=1 looking at -z
+    far_off = _one((5.0, 0.0, 0.0), (0.01, 0.01, 0.01))
+    cloud = GaussianCloud.cat([behind, far_off])
+    cloud.means.requires_grad_(True)
+    out = render(cloud, cam, backend="torch")
+    assert float(out["alpha"].abs().max()) == 0.0
+    out["image"].sum().backward()
+    assert torch.isfinite(cloud.means.grad).all()
+
+
+def test_memory_bound_20k_gaussians_256px_fwd_bwd():
+    """20k Gaussians at 256x256, forward + backward on the CPU, in a child process whose peak RSS must stay < 4 GB."""
+    code = textwrap.dedent(
+        """
+        import resource, sys, torch
+        sys.path.insert(0, %r)
+        torch.set_num_threads(2)
+        from models.gaussians import random_cloud
+        from models.renderer import render
+        from utils.cameras import Camera
+        c = random_cloud(20000, generator=torch.Generator().manual_seed(0))
+        for t in (c.means, c.quats, c.scales, c.opacities, c.sh):
+            t.requires_grad_(True)
+        cam = Camera.look_at((0.0, 0.0, 0.5), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), 256, 256, fov_y_deg=30)
+        out = render(c, cam, backend="torch")
+        (out["image"].sum() + out["alpha"].sum()).backward()
+        assert float(out["alpha"].mean()) > 0.2
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+        % ROOT
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    peak_kb = int(res.stdout.strip().splitlines()[-1])
+    assert peak_kb < 4 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"

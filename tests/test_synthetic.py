@@ -1,0 +1,256 @@
+"""Synthetic NeRSemble-format dataset: layout, calibration, geometry consistency, identity diversity, determinism."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import SYNTHETIC_KW, synthetic_root  # noqa: F401  (pytest fixture)
+from utils.cameras import load_camera_params
+from utils.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS, NersembleSubject, list_subjects
+from utils.synthetic import (
+    image_size_for,
+    load_ground_truth,
+    make_rig,
+    make_synthetic_dataset,
+    read_info,
+    render_ground_truth,
+    sample_identity,
+)
+
+SEQ = Path("sequences") / "EXP-1-head"
+
+
+def _flame(root: Path):
+    from models.flame import FlameModel
+
+    return FlameModel.from_data_dir(root / "flame")
+
+
+def test_info_and_ids(synthetic_root):
+    info = read_info(synthetic_root)
+    assert info["training_ids"] == ["300", "301"]
+    assert info["heldout_ids"] == ["017"]
+    assert sorted(info["subjects"]) == list_subjects(synthetic_root / "subjects") == ["017", "300", "301"]
+    assert info["seed"] == 0 and info["image_height"] == SYNTHETIC_KW["image_size"]
+    assert info["frontal_serial"] == FRONTAL_SERIAL and info["heldout_serials"] == list(HELDOUT_SERIALS)
+    for name in ("flame2023.pkl", "flame_static_embedding.pkl", "flame_dynamic_embedding.npy",
+                 "FLAME_mask_vertexID.npy"):
+        assert (synthetic_root / "flame" / name).is_file(), name
+
+
+def test_layout_and_image_sizes(synthetic_root):
+    from PIL import Image
+
+    w, h = image_size_for(SYNTHETIC_KW["image_size"])
+    assert (w, h) == (round(64 * 1100 / 1604), 64)
+    for sid in ("017", "300", "301"):
+        d = synthetic_root / "subjects" / sid
+        calib = json.loads((d / "calibration" / "camera_params.json").read_text())
+        assert list(calib["world_2_cam"]) == list(SERIALS)
+        # calibration is for the "full" frames, twice the images-2x (as 2200x3208 vs 1100x1604 in real data)
+        assert (calib["width"], calib["height"]) == (2 * w, 2 * h)
+        npz = np.load(d / SEQ / "annotations" / "tracking" / "FLAME2023_v2" / "tracked_flame_params.npz")
+        shapes = {"shape": (1, 300), "expression": (1, 100), "rotation": (1, 3), "rotation_matrices": (1, 3, 3),
+                  "translation": (1, 3), "jaw": (1, 3), "neck": (1, 3), "eyes": (1, 6), "scale": (1, 1)}
+        for key, shape in shapes.items():
+            assert npz[key].shape == shape, key
+        assert abs(float(npz["scale"][0, 0]) - 1.0) < 0.06
+        img_dir = d / SEQ / "timesteps" / "frame_00000" / "images-2x"
+        assert sorted(p.name for p in img_dir.iterdir()) == sorted(f"cam_{s}.jpg" for s in SERIALS)
+        for s in SERIALS:
+            with Image.open(img_dir / f"cam_{s}.jpg") as im:
+                assert im.size == (w, h) and im.format == "JPEG"
+
+
+def test_calibration_ratio_from_images(synthetic_root):
+    d = synthetic_root / "subjects" / "300"
+    calib_path = d / "calibration" / "camera_params.json"
+    full = load_camera_params(calib_path)
+    cams = load_camera_params(calib_path, image_dir=d / SEQ / "timesteps" / "frame_00000" / "images-2x")
+    w, h = image_size_for(SYNTHETIC_KW["image_size"])
+    for s in SERIALS:
+        assert (cams[s].width, cams[s].height) == (w, h)
+        assert torch.allclose(cams[s].K[:2], 0.5 * full[s].K[:2])
+        assert torch.allclose(cams[s].w2c, full[s].w2c)
+        # about 1 m from the head, looking at it
+        assert 0.9 < float(cams[s].center.norm()) < 1.1
+        _, depth = cams[s].project(torch.zeros(1, 3))
+        assert float(depth[0]) > 0.8
+
+
+def test_rig_geometry():
+    cams = make_rig(128)
+    centres = torch.stack([c.center for c in cams.values()])
+    az = torch.rad2deg(torch.atan2(centres[:, 0], centres[:, 2]))
+    el = torch.rad2deg(torch.asin(centres[:, 1] / centres.norm(dim=-1)))
+    assert float(az.abs().max()) <= 61 and float(az.abs().max()) >= 45  # a frontal arc of about +-60 degrees
+    assert len(set(el.round().tolist())) == 3  # three vertical levels
+    f = cams[FRONTAL_SERIAL]
+    assert abs(float(az[SERIALS.index(FRONTAL_SERIAL)])) < 1e-4 and abs(float(el[SERIALS.index(FRONTAL_SERIAL)])) < 1e-4
+    # portrait frames; world up appears upward in the image
+    assert f.height > f.width
+    uv, _ = f.project(torch.tensor([[0.0, 0.1, 0.0], [0.0, -0.1, 0.0]]))
+    assert uv[0, 1] < uv[1, 1]
+
+
+def test_flame_vertices_land_on_rendered_head(synthetic_root):
+    """Tracking + FLAME (world space) projected through the calibration falls on the head in the photos."""
+    flame = _flame(synthetic_root)
+    subjects = synthetic_root / "subjects"
+    for sid in ("017", "300"):
+        subj = NersembleSubject(subjects, sid)
+        verts = flame(subj.tracking())[0]
+        cams = subj.cameras()
+        cloud, identity = load_ground_truth(synthetic_root, sid)
+        out = render_ground_truth(cloud, list(cams.values()), identity)
+        for k, (s, cam) in enumerate(cams.items()):
+            uv, depth = cam.project(verts)
+            assert bool((depth > 0.5).all())
+            px = uv.floor().long()
+            inside = (px[:, 0] >= 0) & (px[:, 0] < cam.width) & (px[:, 1] >= 0) & (px[:, 1] < cam.height)
+            assert float(inside.float().mean()) > 0.99, f"{sid} {s}: head leaves the frame"
+            px = px[inside]
+            alpha = out["alpha"][k, px[:, 1], px[:, 0], 0]
+            assert float((alpha > 0.5).float().mean()) > 0.97, f"{sid} {s}"
+            # the stored photo is that render (JPEG-compressed): the head silhouette differs from the background
+            photo = torch.from_numpy(subj.image(s))
+            err = (photo - out["image"][k]).abs().mean()
+            assert float(err) < 0.03, f"{sid} {s}: stored photo differs from the ground-truth render by {float(err)}"
+            rows = np.concatenate([subj.image(s)[:3].reshape(-1, 3), subj.image(s)[-3:].reshape(-1, 3)])
+            bg = torch.from_numpy(np.median(rows, 0))
+            off_head = (photo - bg).abs().amax(-1)[out["alpha"][k, ..., 0] < 0.01]
+            assert float(off_head.mean()) < 0.05  # the background is plain away from the head
+
+
+def test_frontal_camera_sees_the_face(synthetic_root):
+    flame = _flame(synthetic_root)
+    for sid in ("300", "301", "017"):
+        subj = NersembleSubject(synthetic_root / "subjects", sid)
+        cam = subj.cameras()[FRONTAL_SERIAL]
+        verts = flame(subj.tracking())
+        lmk = flame.landmarks(verts)[0]  # 51 face landmarks (brows, nose, eyes, mouth)
+        uv, depth = cam.project(lmk)
+        centre = uv.mean(0)
+        assert abs(float(centre[0]) - cam.width / 2) < 0.15 * cam.width
+        assert abs(float(centre[1]) - cam.height / 2) < 0.15 * cam.height
+        # the face is turned towards the camera: landmarks are nearer than the head's centre
+        _, d_all = cam.project(verts[0])
+        assert float(depth.mean()) < float(d_all.mean())
+
+
+def test_identities_differ(synthetic_root):
+    subjects = synthetic_root / "subjects"
+    imgs = {sid: NersembleSubject(subjects, sid).image(FRONTAL_SERIAL) for sid in ("017", "300", "301")}
+    ids = list(imgs)
+    for i in range(len(ids)):
+        for j in range(i + 1, len(ids)):
+            diff = np.abs(imgs[ids[i]] - imgs[ids[j]]).mean()
+            assert diff > 0.03, f"{ids[i]} vs {ids[j]}: mean difference {diff:.4f}"
+    # the ground-truth heads differ in shape and in colour, not only in pose
+    c0, _ = load_ground_truth(synthetic_root, "300")
+    c1, _ = load_ground_truth(synthetic_root, "301")
+    assert float((c0.rgb - c1.rgb).abs().mean()) > 0.03
+    t0 = NersembleSubject(subjects, "300").tracking()
+    t1 = NersembleSubject(subjects, "301").tracking()
+    assert float((t0.shape - t1.shape).abs().max()) > 0.1
+
+
+def test_heldout_cameras_ground_truth(synthetic_root):
+    """render_ground_truth reproduces the stored held-out views (what novel-view evaluation compares against)."""
+    subj = NersembleSubject(synthetic_root / "subjects", "017")
+    cams = subj.cameras(serials=list(HELDOUT_SERIALS))
+    cloud, identity = load_ground_truth(synthetic_root, "017")
+    out = render_ground_truth(cloud, list(cams.values()), identity)
+    for k, s in enumerate(cams):
+        mse = float(((out["image"][k] - torch.from_numpy(subj.image(s))) ** 2).mean())
+        assert -10 * np.log10(mse) > 33, s
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_deterministic_and_incremental(tmp_path, monkeypatch):
+    kw = dict(num_heldout=0, image_size=32, seed=0, progress=False)
+    a = make_synthetic_dataset(tmp_path / "a", num_identities=1, **kw)
+    first = _tree(a / "subjects" / "300")
+    mtimes = {p: p.stat().st_mtime_ns for p in (a / "subjects" / "300").rglob("*")}
+    # adding an identity renders only the new one and leaves the first untouched
+    make_synthetic_dataset(a, num_identities=2, **kw)
+    assert {p: p.stat().st_mtime_ns for p in (a / "subjects" / "300").rglob("*")} == mtimes
+    b = make_synthetic_dataset(tmp_path / "b", num_identities=2, **kw)
+    assert _tree(a / "subjects") == _tree(b / "subjects")
+    assert _tree(a / "flame") == _tree(b / "flame")
+    assert _tree(a / "subjects" / "300") == first
+    assert read_info(a)["training_ids"] == ["300", "301"]
+    # a damaged subject (e.g. an interrupted run) is re-rendered identically
+    victim = a / "subjects" / "301" / SEQ / "timesteps" / "frame_00000" / "images-2x" / f"cam_{FRONTAL_SERIAL}.jpg"
+    victim.unlink()
+    make_synthetic_dataset(a, num_identities=2, **kw)
+    assert (a / "synthetic_info.json").is_file() and not (a / ".synthetic_pending.json").exists()
+    assert _tree(a / "subjects") == _tree(b / "subjects")
+    # an interrupted run: no synthetic_info.json (scripts test for it); the next run resumes and matches
+    import utils.synthetic as syn
+
+    real_write = syn.write_subject
+
+    def failing(subject_dir, *args, **kwargs):
+        if Path(subject_dir).name.endswith("301"):
+            raise KeyboardInterrupt
+        return real_write(subject_dir, *args, **kwargs)
+
+    monkeypatch.setattr(syn, "write_subject", failing)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic_dataset(tmp_path / "d", num_identities=2, **kw)
+    assert not (tmp_path / "d" / "synthetic_info.json").exists()
+    assert (tmp_path / "d" / ".synthetic_pending.json").exists()
+    monkeypatch.setattr(syn, "write_subject", real_write)
+    make_synthetic_dataset(tmp_path / "d", num_identities=2, **kw)
+    assert _tree(tmp_path / "d" / "subjects") == _tree(b / "subjects")
+    assert read_info(tmp_path / "d") == read_info(b)
+    # shrinking removes the subjects no longer requested
+    make_synthetic_dataset(a, num_identities=1, **kw)
+    assert list_subjects(a / "subjects") == ["300"]
+    # another dataset seed gives another identity for the same id
+    from utils.synthetic_flame import make_flame_model
+
+    model = make_flame_model(0)
+    p3, p4 = (sample_identity(model, seed, "300") for seed in (3, 4))
+    assert float((p3.params.shape - p4.params.shape).abs().max()) > 0.1
+    assert not np.allclose(p3.appearance["skin"], p4.appearance["skin"])
+
+
+def test_rerun_is_noop_and_conflicts_raise(synthetic_root, tmp_path):
+    files = sorted(p for p in synthetic_root.rglob("*") if p.is_file())
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    make_synthetic_dataset(synthetic_root, progress=False, **SYNTHETIC_KW)
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    with pytest.raises(FileExistsError, match="overwrite"):
+        make_synthetic_dataset(synthetic_root, progress=False, **dict(SYNTHETIC_KW, image_size=48))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a synthetic dataset"):
+        make_synthetic_dataset(foreign, num_identities=1, num_heldout=0, image_size=32, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="held-out"):
+        make_synthetic_dataset(tmp_path / "x", num_identities=1, num_heldout=9, image_size=32, progress=False)
+
+
+def test_cli(tmp_path):
+    from utils.make_synthetic_dataset import build_parser, main
+
+    help_text = build_parser().format_help()
+    for flag in ("--out", "--num_identities", "--num_heldout", "--image_size", "--seed", "--overwrite"):
+        assert flag in help_text
+    out = tmp_path / "cli"
+    argv = ["--out", str(out), "--num_identities", "0", "--num_heldout", "1", "--image_size", "24", "--quiet"]
+    assert main(argv) == 0
+    assert list_subjects(out / "subjects") == ["017"]
+    assert read_info(out)["heldout_ids"] == ["017"] and read_info(out)["training_ids"] == []
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])  # --out is required

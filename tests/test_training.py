@@ -1,0 +1,88 @@
+"""Training: overfitting, bit-for-bit resume, self-contained model.pt, clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training_fixtures import preprocessed_root, tiny_config, trained_model_dir  # noqa: F401
+from utils.training import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_identities_overfit_training_views(preprocessed_root, tmp_path):
+    cfg = tiny_config(preprocessed_root, tmp_path, steps=40, eval_every=40, batch_views=4,
+                      **{"optim.lr_network": 5e-3, "optim.lr_template": 1e-2})
+    tr = Trainer(cfg)
+    before = tr.evaluate()["psnr_train_views"]
+    after = tr.run()["psnr_train_views"]
+    # Stated bar: 40 steps lift the two identities' training views by >= 3 dB and past 17 dB (measured ~18-19 dB).
+    assert after >= before + 3.0, (before, after)
+    assert after >= 17.0, after
+
+
+def _losses(cfg, steps):
+    tr = Trainer(cfg, resume=True)
+    return [float(tr.train_step()["loss"]) for _ in range(steps - tr.step)], tr
+
+
+def test_resume_is_bit_for_bit(preprocessed_root, tmp_path):
+    full = tiny_config(preprocessed_root, tmp_path / "full", steps=6)
+    ref, _ = _losses(full, 6)
+    part = tiny_config(preprocessed_root, tmp_path / "part", steps=6)
+    tr = Trainer(part)
+    first = [float(tr.train_step()["loss"]) for _ in range(3)]
+    tr.save_checkpoint()
+    del tr
+    rest, tr2 = _losses(part, 6)
+    assert tr2.step == 6 and len(rest) == 3
+    assert first + rest == ref  # exact equality: same losses, step for step
+
+
+def test_outputs_and_metrics(trained_model_dir):
+    m = json.loads((trained_model_dir / "metrics.json").read_text())
+    for key in ("psnr_heldout_views", "ssim_heldout_views", "psnr_train_views", "steps", "seconds", "device"):
+        assert key in m
+    assert m["steps"] == 20 and m["psnr_heldout_views"] > 5
+    ckpts = sorted((trained_model_dir / "checkpoints").glob("ckpt_*.pt"))
+    assert ckpts and not list(trained_model_dir.rglob("*.tmp"))
+    assert list((trained_model_dir / "tb").iterdir())
+
+
+def test_model_pt_loads_in_fresh_process_and_renders(trained_model_dir, tmp_path):
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO)!r})
+from utils.model_io import load_model
+from models.renderer import render
+from utils.cameras import Camera
+m = load_model({str(trained_model_dir / 'model.pt')!r})
+verts = m.vertices(m.base_vertices[:1])
+cloud = m.field(m.field.codes.weight[:1], verts)[0]
+c = verts[0].mean(0).tolist()
+cam = Camera.look_at((c[0], c[1], c[2] + 0.6), c, (0, 1, 0), 48, 64)
+img = render(cloud, cam)["image"]
+assert img.shape == (64, 48, 3) and float(img.sum()) > 0
+print("ok", len(m.identities))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("ok 2"), res.stderr[-2000:]
+
+
+def test_clear_errors(preprocessed_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="data root not found"):
+        Trainer(tiny_config(tmp_path / "nowhere", tmp_path / "o"))
+    with pytest.raises(ValueError, match="batch_identities=3 must be divisible|batch_views=99"):
+        Trainer(tiny_config(preprocessed_root, tmp_path / "o2", batch_views=99))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hiden: 3\n")
+    res = subprocess.run([sys.executable, "train.py", "--config", str(bad), "--data_root", str(preprocessed_root)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "unknown config key 'model.hiden'" in res.stderr
+    empty = tmp_path / "empty_flame"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="flame2023.pkl"):
+        Trainer(tiny_config(preprocessed_root, tmp_path / "o3", **{"data.flame_dir": str(empty)}))

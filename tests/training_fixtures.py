@@ -1,0 +1,66 @@
+"""Session-wide test data for training, tracking and interpolation tests.
+
+``preprocessed_root``: a copy of the tiny synthetic dataset (tests/fixtures.py) with FLAME2PLY and projection_ply run
+on it (face masks and masked images present), i.e. ready for training.
+``trained_model_dir``: a folder with ``model.pt`` trained for a few steps with configs/tiny.yaml on it.
+
+Import the fixtures into a test module with ``from tests.training_fixtures import preprocessed_root,
+trained_model_dir  # noqa: F401``. Both are cached per session and must be treated as read-only.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import get_synthetic_root
+
+_CACHE: dict[str, Path] = {}
+
+
+def get_preprocessed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if "pre" not in _CACHE:
+        from utils.preprocess import FLAME2PLY, projection_ply
+
+        src = get_synthetic_root(tmp_path_factory)
+        root = tmp_path_factory.mktemp("preprocessed") / "data"
+        shutil.copytree(src, root)
+        subjects, flame = str(root / "subjects"), str(root / "flame")
+        FLAME2PLY.run(FLAME2PLY.build_parser().parse_args(
+            ["--data_root", subjects, "--flame_dir", flame, "--max_level", "1", "--quiet"]))
+        projection_ply.run(projection_ply.build_parser().parse_args(
+            ["--data_root", subjects, "--mask_images", "--quiet"]))
+        _CACHE["pre"] = root
+    return _CACHE["pre"]
+
+
+def tiny_config(root: Path, out: Path, **overrides):
+    """configs/tiny.yaml on ``root`` writing to ``out``, with dotted-key ``overrides``."""
+    from utils.config import build_config
+    from utils.training import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    base = {"data.root": str(root), "out": str(out), "progress": False}
+    base.update(overrides)
+    return build_config(TrainConfig, repo / "configs" / "tiny.yaml", overrides=base)
+
+
+def get_trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if "model" not in _CACHE:
+        from utils.training import Trainer
+
+        out = tmp_path_factory.mktemp("trained_model")
+        Trainer(tiny_config(get_preprocessed_root(tmp_path_factory), out, steps=20)).run()
+        _CACHE["model"] = out
+    return _CACHE["model"]
+
+
+@pytest.fixture(scope="session")
+def preprocessed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return get_preprocessed_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return get_trained_model_dir(tmp_path_factory)

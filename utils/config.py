@@ -1,0 +1,195 @@
+"""Typed dataclass configuration: YAML presets plus command-line overrides of any (nested) key.
+
+A config is a dataclass whose fields are plain values or nested dataclasses. ``add_config_args`` turns every leaf into
+a ``--section.key`` flag (help text from the field's ``metadata["help"]`` or its trailing ``# comment``), and
+``build_config`` merges defaults <- YAML preset <- command line, rejecting unknown keys with a clear message.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import re
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Trailing ``# comments`` of a dataclass's field lines, used as --help text when no metadata is given."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in src.splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _leaf_fields(cls: type, prefix: str = ""):
+    """Yield (dotted name, field, resolved type, owning class) for every non-dataclass leaf."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name, Any)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, name + ".")
+        else:
+            yield name, f, tp, cls
+
+
+def _parse_value(text: str, tp: Any, name: str) -> Any:
+    """Convert a command-line string to the field's type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        if text.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects true/false, got {text!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(text)
+        except ValueError as exc:
+            raise ValueError(f"--{name} expects {tp.__name__}, got {text!r}") from exc
+    if origin in (list, tuple):
+        try:
+            val = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            val = [v for v in text.split(",") if v != ""]
+        if not isinstance(val, (list, tuple)):
+            val = [val]
+        inner = args[0] if args else str
+        if inner in (int, float, str):
+            val = [inner(v) for v in val]
+        return list(val) if origin is list else tuple(val)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None) -> None:
+    """Add one ``--dotted.key`` flag per leaf of dataclass ``cls`` (values stay strings until build_config).
+
+    ``aliases`` maps short flags to dotted keys, e.g. {"data_root": "data.root"} adds ``--data_root``.
+    """
+    group = parser.add_argument_group("configuration (any key of the YAML preset)")
+    rev = {v: k for k, v in (aliases or {}).items()}
+    comments: dict[type, dict[str, str]] = {}
+    for name, f, tp, owner in _leaf_fields(cls):
+        if owner not in comments:
+            comments[owner] = _field_comments(owner)
+        help_text = f.metadata.get("help") or comments[owner].get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        flags = [f"--{name}"] + ([f"--{rev[name]}"] if name in rev else [])
+        group.add_argument(
+            *flags, dest=f"cfg:{name}", default=None, metavar=tname.upper(),
+            help=f"{help_text} (default: {default!r})",
+        )
+
+
+def _set(obj: Any, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, value)
+
+
+def _merge_dict(cfg: Any, data: dict, where: str, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping at {prefix or 'top level'}, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    for key, val in data.items():
+        if key not in names:
+            raise ValueError(
+                f"{where}: unknown config key {prefix + key!r}; valid keys here: {sorted(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            _merge_dict(getattr(cfg, key), val, where, prefix + key + ".")
+        else:
+            setattr(cfg, key, _coerce(val, tp, where, prefix + key))
+
+
+def _coerce(val: Any, tp: Any, where: str, name: str) -> Any:
+    """Light type check of YAML values (ints accepted for floats, lists for tuples)."""
+    if val is None:
+        return None
+    base = typing.get_origin(tp) or tp
+    args = typing.get_args(tp)
+    if base is typing.Union:
+        return val
+    if tp is float and isinstance(val, int) and not isinstance(val, bool):
+        return float(val)
+    if base in (list, tuple):
+        if not isinstance(val, (list, tuple)):
+            raise ValueError(f"{where}: {name} must be a list, got {val!r}")
+        return list(val) if base is list else tuple(val)
+    if tp in (int, float, str, bool) and not isinstance(val, tp):
+        raise ValueError(f"{where}: {name} must be {tp.__name__}, got {val!r}")
+    del args
+    return val
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path} (presets live in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc
+    return data
+
+
+def build_config(cls: type[T], yaml_path: str | Path | None = None, args: argparse.Namespace | None = None,
+                 overrides: dict[str, Any] | None = None) -> T:
+    """defaults <- YAML preset <- parsed ``--dotted.key`` flags <- ``overrides`` (dotted keys, typed values)."""
+    cfg = cls()
+    if yaml_path:
+        _merge_dict(cfg, load_yaml(yaml_path), str(yaml_path))
+    types = {name: tp for name, _, tp, _ in _leaf_fields(cls)}
+    if args is not None:
+        for key, text in vars(args).items():
+            if key.startswith("cfg:") and text is not None:
+                name = key[4:]
+                _set(cfg, name, _parse_value(text, types[name], name))
+    for name, value in (overrides or {}).items():
+        if name not in types:
+            raise ValueError(f"unknown config key {name!r}")
+        _set(cfg, name, value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type[T], data: dict, where: str = "checkpoint") -> T:
+    cfg = cls()
+    _merge_dict(cfg, data, where)
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

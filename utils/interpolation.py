@@ -1,0 +1,251 @@
+"""Morph between identities: interpolate latent codes (or styles) and face geometry, render frames and a video.
+
+Key identities are training identities of the model (by name) and/or people fitted by track.py (their code.pt, which
+holds the style, the code when fitted in z space, and the base vertices).  Between consecutive keys ``frames``
+frames are rendered at t = 0, 1/N, ..., (N-1)/N; without ``loop`` the last key is appended as a final frame, with
+``loop`` the last transition goes back to the first key (a seamless loop), so a video has
+
+    frames * (K - 1) + 1  frames (K keys, no loop)     or     frames * K  frames (loop).
+
+Codes: linear or spherical (slerp) interpolation, in z (the latent code; needs every key to have one) or in w (the
+style).  Geometry: every key's base vertices are brought into FLAME's canonical frame (similarity fit to the
+template), interpolated there and placed in the first key's head pose, so a morph changes the face, not the pose.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.renderer import render
+from utils.cameras import Camera, load_camera_params
+from utils.device import resolve_device
+from utils.fitting import FittedCode, head_pose, load_code, similarity_fit
+from utils.io import save_image, to_uint8, write_video
+from utils.model_io import TrainedModel, load_model
+
+METHODS = ("linear", "slerp")
+
+
+@dataclass
+class InterpolationConfig:
+    """Settings of interpolate.py."""
+
+    checkpoint: str = "output/cpu/model.pt"  # trained model.pt (written by train.py)
+    identities: list[str] = field(default_factory=list)  # keys: training identity names and/or code.pt files
+    num_default: int = 3  # with no --identities: the first N training identities of the model
+    method: str = "slerp"  # code interpolation: linear or slerp (spherical)
+    space: str = "auto"  # interpolate the code z, the style w, or auto (z when every key has a z code, else w)
+    geometry: bool = True  # interpolate the face geometry too (else every frame uses the first key's geometry)
+    frames: int = 30  # frames per transition between two keys
+    loop: bool = False  # go back from the last key to the first (a seamless loop)
+    orbit: float = 0.0  # degrees the camera orbits about the head over the whole video (0: still camera)
+    width: int = 256  # frame width (with --camera_json: the calibrated camera is scaled to this width)
+    height: int = 256  # frame height (ignored with --camera_json: the calibrated aspect is kept)
+    fill: float = 0.8  # frontal camera: fraction of the smaller image side the head fills
+    camera_json: str = ""  # optional camera_params.json to render through a calibrated camera
+    camera: str = "222200037"  # serial of the calibrated camera in --camera_json
+    out: str = "output/interpolation"  # output folder: frames/, interpolation.mp4, keys.json, keyframes/*.ply
+    ply: bool = False  # also write a Gaussian PLY (3DGS layout) per key frame
+    fps: float = 25.0  # video frame rate
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    backend: str = "auto"  # rasterizer: auto, torch, gsplat, inria
+    progress: bool = True  # tqdm progress bar
+
+
+INTERP_FLAGS = ("loop", "ply", "geometry", "progress")
+INTERP_LISTS = ("identities",)
+
+
+# ====================================================================================== math
+def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """(1 - t) a + t b for vectors / arrays of any shape."""
+    return a + (b - a) * t
+
+
+def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-7) -> Tensor:
+    """Spherical interpolation of two vectors (D,): the direction moves along the great circle at constant speed, the
+    length is interpolated linearly (so codes of different norms still interpolate smoothly).  Falls back to lerp for
+    (nearly) parallel or zero vectors."""
+    na, nb = a.norm(), b.norm()
+    if float(na) < eps or float(nb) < eps:
+        return lerp(a, b, t)
+    ua, ub = a / na, b / nb
+    cos = float((ua * ub).sum().clamp(-1.0, 1.0))
+    omega = math.acos(cos)
+    if omega < 1e-4 or math.pi - omega < 1e-4:  # parallel: lerp; antiparallel: the great circle is undefined
+        return lerp(a, b, t)
+    direction = (math.sin((1 - t) * omega) * ua + math.sin(t * omega) * ub) / math.sin(omega)
+    return direction * lerp(na, nb, t)
+
+
+def num_frames(num_keys: int, frames: int, loop: bool) -> int:
+    """Frames of a video over ``num_keys`` keys with ``frames`` per transition (see the module docstring)."""
+    if num_keys < 2:
+        raise ValueError(f"interpolation needs at least 2 key identities, got {num_keys}")
+    if frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {frames}")
+    return frames * num_keys if loop else frames * (num_keys - 1) + 1
+
+
+def schedule(num_keys: int, frames: int, loop: bool) -> list[tuple[int, int, float]]:
+    """(key i, key j, t) of every frame: the frame shows (1 - t) key i + t key j."""
+    n_trans = num_keys if loop else num_keys - 1
+    out = [(k, (k + 1) % num_keys, f / frames) for k in range(n_trans) for f in range(frames)]
+    if not loop:
+        out.append((num_keys - 1, num_keys - 1, 0.0))
+    assert len(out) == num_frames(num_keys, frames, loop)
+    return out
+
+
+# ====================================================================================== keys
+def resolve_key(model: TrainedModel, key: str, device: torch.device) -> FittedCode:
+    """A training identity (by name) or a fitted code.pt -> FittedCode (w, z or None, base vertices (M, 3))."""
+    if key in model.identities:
+        i = model.identity_index(key)
+        with torch.no_grad():
+            z = model.field.codes.weight[i].detach()
+            w = model.field.style(z[None], update_w_avg=False)[0]
+        return FittedCode(w=w, z=z, base_vertices=model.base_vertices[i].detach(), name=key)
+    p = Path(key)
+    if p.is_file():
+        return load_code(p, model, device)
+    if p.suffix == ".pt" or os.sep in key:
+        raise FileNotFoundError(f"fitted code not found: {p} (a code.pt written by track.py)")
+    shown = model.identities[:10]
+    raise ValueError(f"{key!r} is neither a training identity of the model (it has {len(model.identities)}: "
+                     f"{shown}{' ...' if len(model.identities) > 10 else ''}) nor a code.pt file")
+
+
+def interpolate_codes(keys: Sequence[FittedCode], i: int, j: int, t: float, method: str, space: str,
+                      field_) -> Tensor:
+    """Style (S,) of the frame between keys i and j at t (in z space the code is interpolated, then mapped)."""
+    fn = slerp if method == "slerp" else lerp
+    if space == "z":
+        z = fn(keys[i].z, keys[j].z, t)
+        return field_.style(z[None], update_w_avg=False)[0]
+    return fn(keys[i].w, keys[j].w, t)
+
+
+class GeometryInterpolator:
+    """Interpolates key geometries in FLAME's canonical frame and poses the result like the first key."""
+
+    def __init__(self, template: Tensor, keys: Sequence[FittedCode]) -> None:
+        self.canonical = []
+        for k in keys:
+            s, R, t = similarity_fit(template, k.base_vertices)
+            R, t = R.to(k.base_vertices), t.to(k.base_vertices)
+            self.canonical.append(((k.base_vertices - t) @ R) / s)  # R^T (v - t) / s, row-vector form
+        s0, R0, t0 = similarity_fit(template, keys[0].base_vertices)
+        self.pose = (s0, R0.to(keys[0].base_vertices), t0.to(keys[0].base_vertices))
+
+    def __call__(self, i: int, j: int, t: float) -> Tensor:
+        """(M, 3) world-space base vertices between keys i and j."""
+        s, R, tr = self.pose
+        c = lerp(self.canonical[i], self.canonical[j], t)
+        return s * c @ R.T + tr
+
+
+# ====================================================================================== cameras
+def orbit(camera: Camera, centre: Tensor, up: Tensor, degrees: float) -> Camera:
+    """The camera moved by a rotation of ``degrees`` about the axis ``up`` through ``centre`` (intrinsics kept)."""
+    if degrees == 0:
+        return camera
+    k = (up / up.norm()).double().cpu()
+    th = math.radians(degrees)
+    Kx = torch.tensor([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]], dtype=torch.float64)
+    Rot = torch.eye(3, dtype=torch.float64) + math.sin(th) * Kx + (1 - math.cos(th)) * Kx @ Kx
+    M = torch.eye(4, dtype=torch.float64)  # world motion x -> Rot (x - c) + c
+    c = centre.double().cpu()
+    M[:3, :3] = Rot
+    M[:3, 3] = c - Rot @ c
+    w2c = camera.w2c.double().cpu() @ torch.linalg.inv(M)  # new c2w = M @ c2w
+    return Camera(camera.K.cpu(), w2c.float(), camera.width, camera.height, camera.name).to(camera.device)
+
+
+def base_camera(cfg: InterpolationConfig, template: Tensor, base: Tensor, device: torch.device) -> Camera:
+    """The still camera: a calibrated one from ``cfg.camera_json`` scaled to ``cfg.width``, else a frontal look_at
+    camera 1 m in front of the face (FLAME's +z axis) framing the head."""
+    if cfg.camera_json:
+        path = Path(cfg.camera_json)
+        try:
+            cam = load_camera_params(path, serials=[cfg.camera])[cfg.camera]
+        except KeyError as exc:
+            raise ValueError(f"camera {cfg.camera!r} is not in {path}: {exc.args[0] if exc.args else exc}") from exc
+        return cam.scaled(cfg.width / cam.width).to(device)
+    if cfg.width < 2 or cfg.height < 2:
+        raise ValueError(f"--width and --height must be >= 2, got {cfg.width}x{cfg.height}")
+    centre, R, radius = head_pose(template, base)
+    eye = centre + R[:, 2] * 1.0
+    f = 0.5 * min(cfg.width, cfg.height) * cfg.fill * 1.0 / max(radius, 1e-9)
+    return Camera.look_at(eye.tolist(), centre.tolist(), R[:, 1].tolist(), cfg.width, cfg.height, fx=f, fy=f,
+                          name="frontal").to(device)
+
+
+# ====================================================================================== the whole video
+def _label(key: str) -> str:
+    """File-name-safe label of a key: the identity name, or for a track.py output (.../<name>/code.pt) its folder."""
+    p = Path(key)
+    raw = p.parent.name if p.name == "code.pt" and p.parent.name else p.stem
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in raw) or "key"
+
+
+def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> dict:
+    """Render the morph; writes ``frames/frame_%05d.png``, ``interpolation.mp4``, ``keys.json`` (and
+    ``keyframes/key_<k>_<name>.ply`` with ``cfg.ply``) into ``cfg.out``.  Returns a summary dict."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.space not in ("auto", "z", "w"):
+        raise ValueError(f"--space must be auto, z or w, got {cfg.space!r}")
+    device = resolve_device(cfg.device)
+    if model is None:
+        model = load_model(cfg.checkpoint, device)
+    names = list(cfg.identities) or model.identities[: cfg.num_default]
+    keys = [resolve_key(model, k, device) for k in names]
+    total = num_frames(len(keys), cfg.frames, cfg.loop)
+    space = cfg.space
+    if space == "auto":
+        space = "z" if all(k.z is not None for k in keys) else "w"
+    if space == "z":
+        missing = [n for n, k in zip(names, keys) if k.z is None]
+        if missing:
+            raise ValueError(f"--space z needs a latent code for every key, but {missing} were fitted in w space; "
+                             f"use --space w (or auto)")
+    geo = GeometryInterpolator(model.template_base, keys)
+    cam0 = base_camera(cfg, model.template_base, geo(0, 0, 0.0), device)
+    centre, R, _ = head_pose(model.template_base, geo(0, 0, 0.0))
+
+    out = Path(cfg.out)
+    frame_dir = out / "frames"
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    for old in frame_dir.glob("frame_*.png"):  # a shorter rerun must not leave frames of the previous one
+        old.unlink()
+    f = model.field.eval()
+    frames = []
+    plan = schedule(len(keys), cfg.frames, cfg.loop)
+    with torch.no_grad():
+        for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
+            w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
+            base = geo(i, j, t) if cfg.geometry else geo(0, 0, 0.0)
+            cloud = f.synthesize(w[None], model.vertices(base)[None])[0]
+            deg = cfg.orbit * n / (total if cfg.loop else max(1, total - 1))
+            cam = orbit(cam0, centre.to(device), R[:, 1].to(device), deg)
+            img = render(cloud, cam, backend=cfg.backend)["image"].clamp(0, 1)
+            save_image(frame_dir / f"frame_{n:05d}.png", img)
+            frames.append(to_uint8(img))
+            if cfg.ply and n % cfg.frames == 0:  # frame k * frames shows key k exactly (t = 0)
+                cloud.save_ply(out / "keyframes" / f"key_{i:02d}_{_label(names[i])}.ply")
+    video = write_video(out / "interpolation.mp4", frames, fps=cfg.fps)
+    summary = {"keys": names, "space": space, "method": cfg.method, "frames_per_transition": cfg.frames,
+               "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,
+               "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))]}
+    (out / "keys.json").write_text(json.dumps(summary, indent=1))
+    return summary

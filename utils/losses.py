@@ -1,0 +1,182 @@
+"""Photometric losses and image metrics.
+
+Images everywhere in this project are float tensors in [0, 1] shaped (H, W, 3) or (B, H, W, 3) (any leading dims);
+masks are (..., H, W, 1) in {0, 1} (or soft).  SSIM comes from the maintained ``pytorch_msssim`` package, which
+wants (N, C, H, W); :func:`_to_nchw` is the one place that converts.  LPIPS is an optional extra (``lpips`` needs
+torchvision and downloaded VGG weights): :func:`lpips_metric` returns None with a one-time message without it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from pytorch_msssim import ssim as _msssim_ssim
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "lpips_metric"]
+
+
+# ------------------------------------------------------------------ shape helpers
+def _check_pair(pred: Tensor, gt: Tensor, what: str) -> None:
+    if pred.shape != gt.shape:
+        raise ValueError(f"{what}: pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape")
+    if pred.dim() < 3:
+        raise ValueError(f"{what}: images must be (H, W, C) or (..., H, W, C), got {tuple(pred.shape)}")
+
+
+def _to_nchw(img: Tensor) -> Tensor:
+    """(..., H, W, C) -> (prod(...), C, H, W); the only layout conversion in this module."""
+    H, W, C = img.shape[-3:]
+    return img.reshape(-1, H, W, C).permute(0, 3, 1, 2)
+
+
+def _reduce(per_image: Tensor, batch_shape: torch.Size, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_image.mean()
+    if reduction == "none":
+        return per_image.reshape(batch_shape)
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _check_mask(mask: Tensor, img: Tensor, what: str) -> Tensor:
+    if mask.shape[-1] != 1 or mask.shape[-3:-1] != img.shape[-3:-1]:
+        raise ValueError(f"{what}: mask must be (..., H, W, 1) matching the image {tuple(img.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    return mask.to(img.dtype)
+
+
+# ------------------------------------------------------------------ losses
+def l1(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean absolute error (scalar).  With ``mask`` (..., H, W, 1): mean over the masked pixels only."""
+    _check_pair(pred, gt, "l1")
+    diff = (pred - gt).abs()
+    if mask is None:
+        return diff.mean()
+    m = _check_mask(mask, pred, "l1")
+    return (diff * m).sum() / (m.expand_as(diff).sum()).clamp_min(1.0)
+
+
+_WIN_CACHE: dict[tuple, Tensor] = {}
+
+
+def _gauss_window(window: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The (C, 1, 1, window) separable Gaussian that pytorch_msssim expects, cached per device (no per-step H2D copy)."""
+    key = (window, float(sigma), channels, str(device), dtype)
+    win = _WIN_CACHE.get(key)
+    if win is None:
+        x = torch.arange(window, dtype=torch.float64) - window // 2
+        g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+        g = (g / g.sum()).to(device=device, dtype=dtype)
+        win = g.view(1, 1, 1, window).repeat(channels, 1, 1, 1)
+        _WIN_CACHE[key] = win
+    return win
+
+
+def ssim(pred: Tensor, gt: Tensor, window: int = 11, sigma: float = 1.5, reduction: str = "mean") -> Tensor:
+    """Structural similarity (11x11 Gaussian window, sigma 1.5, data range 1, 'valid' filtering as in Wang et al.).
+
+    pred, gt: (H, W, C) or (..., H, W, C) in [0, 1].  Returns a scalar (``reduction="mean"``, the mean over images)
+    or per-image values of shape ``...`` (``"none"``).  Differentiable.  Images must be at least ``window`` pixels
+    in each direction (pytorch_msssim would otherwise silently skip the blur and return a meaningless value).
+    """
+    _check_pair(pred, gt, "ssim")
+    H, W, C = pred.shape[-3:]
+    if window % 2 != 1:
+        raise ValueError(f"ssim: window must be odd, got {window}")
+    if H < window or W < window:
+        raise ValueError(f"ssim: images are {H}x{W} px but the SSIM window is {window} px; crop at least "
+                         f"{window}x{window} px or pass a smaller window")
+    x, y = _to_nchw(pred), _to_nchw(gt)
+    win = _gauss_window(window, sigma, C, x.device, x.dtype)
+    per_image = _msssim_ssim(x, y, data_range=1.0, size_average=False, win=win)  # (N,)
+    return _reduce(per_image, pred.shape[:-3], reduction)
+
+
+def photometric_loss(pred: Tensor, gt: Tensor, lambda_ssim: float = 0.2, mask: Tensor | None = None,
+                     window: int = 11) -> Tensor:
+    """(1 - lambda) * L1 + lambda * (1 - SSIM), the 3DGS loss (lambda = 0.2).  Scalar.
+
+    ``mask`` restricts only the L1 term (SSIM is computed on the whole images, which in this project are already
+    face-masked on black, as in the reference implementation).
+    """
+    loss = (1.0 - lambda_ssim) * l1(pred, gt, mask)
+    if lambda_ssim > 0:
+        loss = loss + lambda_ssim * (1.0 - ssim(pred, gt, window=window))
+    return loss
+
+
+# ------------------------------------------------------------------ metrics
+def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    """Peak signal-to-noise ratio in dB for data range 1: 10 log10(1 / MSE) per image.
+
+    pred, gt: (H, W, C) or (..., H, W, C); mask (..., H, W, 1) restricts the mean to the masked pixels.
+    ``reduction="mean"``: mean of the per-image PSNRs (scalar); ``"none"``: shape ``...``.  Identical images give inf.
+    """
+    _check_pair(pred, gt, "psnr")
+    H, W, C = pred.shape[-3:]
+    se = (pred - gt).square().reshape(-1, H, W, C).to(torch.float64)
+    if mask is None:
+        mse = se.mean(dim=(1, 2, 3))
+    else:
+        m = _check_mask(mask, pred, "psnr").expand_as(pred).reshape(-1, H, W, C).to(torch.float64)
+        mse = (se * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3)).clamp_min(1.0)
+    per_image = (-10.0 * torch.log10(mse)).to(pred.dtype if pred.is_floating_point() else torch.float32)
+    return _reduce(per_image, pred.shape[:-3], reduction)
+
+
+@torch.no_grad()
+def ssim_metric(pred: Tensor, gt: Tensor, window: int = 11, sigma: float = 1.5, reduction: str = "mean") -> Tensor:
+    """SSIM for evaluation: inputs clamped to [0, 1], no gradient (see :func:`ssim` for shapes)."""
+    return ssim(pred.clamp(0, 1), gt.clamp(0, 1), window=window, sigma=sigma, reduction=reduction)
+
+
+_LPIPS: dict[str, object] = {}
+_LPIPS_UNAVAILABLE: list[str] = []
+
+
+def lpips_available(net: str = "vgg") -> bool:
+    """Whether LPIPS can be computed here (imports ``lpips`` lazily and loads its weights once)."""
+    return _get_lpips(net, torch.device("cpu")) is not None
+
+
+def _get_lpips(net: str, device: torch.device):
+    if _LPIPS_UNAVAILABLE:
+        return None
+    model = _LPIPS.get(net)
+    if model is None:
+        try:  # imported here, never at module import: lpips pulls in torchvision and downloads weights
+            import lpips  # type: ignore
+
+            model = lpips.LPIPS(net=net, verbose=False).eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+        except Exception as exc:  # ImportError, torchvision operator errors, failed weight downloads, ...
+            msg = (f"LPIPS skipped: the optional 'lpips' package (needs torchvision and its {net} weights) is not "
+                   f"usable here ({type(exc).__name__}: {exc}); install it with `pip install lpips` where "
+                   "torchvision works")
+            _LPIPS_UNAVAILABLE.append(msg)
+            log.warning(msg)
+            return None
+        _LPIPS[net] = model
+    return model.to(device)
+
+
+@torch.no_grad()
+def lpips_metric(pred: Tensor, gt: Tensor, net: str = "vgg", reduction: str = "mean") -> Tensor | None:
+    """LPIPS distance (lower is better) of (..., H, W, 3) images in [0, 1], or None (logged once) when unavailable."""
+    _check_pair(pred, gt, "lpips_metric")
+    model = _get_lpips(net, pred.device)
+    if model is None:
+        return None
+    x = _to_nchw(pred.clamp(0, 1)) * 2 - 1  # lpips expects [-1, 1]
+    y = _to_nchw(gt.clamp(0, 1)) * 2 - 1
+    per_image = model(x, y).reshape(-1)
+    return _reduce(per_image, pred.shape[:-3], reduction)
+
+
+def mse_to_psnr(mse: float) -> float:
+    """Convenience for logs: dB of a mean squared error (data range 1)."""
+    return float("inf") if mse <= 0 else -10.0 * math.log10(mse)

@@ -1,0 +1,97 @@
+"""The self-contained trained model file ``model.pt``: everything needed to render, fit and interpolate identities
+without the training data (config, identity names, codes, template mesh, per-identity face meshes, weights)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.flame import SubdivisionPlan, make_subdivision_plan, subdivide_vertices
+from models.identity_field import IdentityField, IdentityFieldConfig
+from utils.io import atomic_torch_save
+
+FORMAT_VERSION = 1
+
+
+def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict) -> Path:
+    """Write model.pt from a trained field and its MultiViewDataset (atomically)."""
+    doc = {
+        "format": "identity-field-model",
+        "version": FORMAT_VERSION,
+        "config": config,
+        "identities": list(data.identities),
+        "state_dict": {k: v.detach().cpu() for k, v in field.state_dict().items()},
+        "template_base": data.template.detach().cpu(),
+        "base_faces": torch.as_tensor(data.base_faces).cpu(),
+        "mask_ids": torch.as_tensor(data.mask_ids).cpu(),
+        "subdivision": int(data.cfg.subdivision),
+        "base_vertices": data.base_vertices.detach().cpu(),
+    }
+    return atomic_torch_save(doc, path)
+
+
+@dataclass
+class TrainedModel:
+    """A loaded model.pt.
+
+    Attributes:
+        field: the IdentityField (eval mode, on ``device``).
+        identities: names of the I training identities (row i of ``field.codes``).
+        base_vertices: (I, M, 3) world-space face-mask vertices of the training identities (level 0).
+        template_base: (M, 3) canonical face-mask vertices; base_faces (F, 3); mask_ids (M,) FLAME vertex ids.
+        plan: subdivision plan from level 0 to the network's level.
+        config: the full training config (dict).
+    """
+
+    field: IdentityField
+    identities: list[str]
+    base_vertices: Tensor
+    template_base: Tensor
+    base_faces: np.ndarray
+    mask_ids: np.ndarray
+    plan: SubdivisionPlan
+    config: dict
+
+    def vertices(self, base: Tensor) -> Tensor:
+        """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""
+        return subdivide_vertices(base, self.plan)
+
+    def identity_index(self, name: str) -> int:
+        if name not in self.identities:
+            raise KeyError(f"identity {name!r} is not in the model (it has {self.identities})")
+        return self.identities.index(name)
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
+    """Load model.pt (written by training) onto ``device``; clear errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path} (train one with: bash run_training.sh)")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable model file: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != "identity-field-model":
+        raise ValueError(f"{path} is not an identity-field model.pt (a training checkpoint? use <out>/model.pt)")
+    mcfg = IdentityFieldConfig.from_dict(doc["config"]["model"])
+    level = int(doc["subdivision"])
+    faces = doc["base_faces"].numpy()
+    plan = make_subdivision_plan(len(doc["template_base"]), faces, level)
+    template = subdivide_vertices(doc["template_base"], plan)
+    field = IdentityField(mcfg, len(doc["identities"]), template, torch.as_tensor(plan.faces[level]))
+    field.load_state_dict(doc["state_dict"])
+    field.to(device).eval()
+    return TrainedModel(
+        field=field,
+        identities=list(doc["identities"]),
+        base_vertices=doc["base_vertices"].to(device),
+        template_base=doc["template_base"].to(device),
+        base_faces=faces,
+        mask_ids=doc["mask_ids"].numpy(),
+        plan=plan,
+        config=doc["config"],
+    )

@@ -1,0 +1,398 @@
+"""Auto-decoder training of the identity field: codes and network learned jointly from multi-view photos.
+
+Each step draws B identities and C training cameras per identity, emits the B Gaussian clouds in one network pass,
+renders each identity's C views in one rasterizer call, and minimises 0.8 * L1 + 0.2 * (1 - SSIM) against the
+face-masked photos on black, plus light regularisers.  Runs on one device or under ``torchrun`` (DDP: the global batch
+of B identities is split across ranks, so N ranks take the same steps as one process with the same global batch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from models.flame import subdivide_vertices
+from models.identity_field import IdentityField, IdentityFieldConfig
+from models.renderer import render_batch
+from utils.config import to_dict
+from utils.dataset import DataConfig, MultiViewDataset
+from utils.device import resolve_device
+from utils.io import atomic_torch_save, save_image_grid
+from utils.losses import l1, psnr, ssim
+from utils.model_io import save_model
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 0.8  # weight of the L1 photometric term (paper: 0.8)
+    ssim_weight: float = 0.2  # weight of (1 - SSIM) (paper: 0.2)
+    code_reg: float = 0.0  # weight of the mean squared code norm (the paper's cs_reg_weight)
+    offset_reg: float = 1e-3  # weight of the squared Gaussian offsets (edge units): keeps Gaussians on the surface
+    scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
+
+
+@dataclass
+class OptimConfig:
+    lr_network: float = 2e-3  # Adam learning rate of the mapping and synthesis networks
+    lr_codes: float = 5e-3  # Adam learning rate of the identity codes
+    lr_template: float = 5e-3  # Adam learning rate of the per-vertex template features
+    lr_final_ratio: float = 0.1  # learning rates decay exponentially to this fraction at the last step
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.99  # Adam beta2
+    grad_clip: float = 0.0  # clip the global gradient norm to this value (0: off)
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: IdentityFieldConfig = field(default_factory=IdentityFieldConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    out: str = "output/train"  # output folder: checkpoints, model.pt, metrics.json, tensorboard logs
+    steps: int = 300000  # optimisation steps
+    batch_identities: int = 4  # identities per step (global batch, split across ranks)
+    batch_views: int = 4  # training cameras rendered per identity and step
+    eval_every: int = 5000  # evaluate on the held-out cameras every N steps (and at the end)
+    eval_identities: int = 16  # identities evaluated (the first N; 0: all)
+    log_every: int = 50  # tensorboard scalars every N steps
+    image_every: int = 1000  # tensorboard image grid every N steps
+    ckpt_every: int = 5000  # resumable checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2  # how many checkpoints to keep on disk
+    seed: int = 0  # seed of the network initialisation and of the batch sampler
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
+    progress: bool = True  # show tqdm progress bars
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+def _dist_info() -> tuple[int, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def init_distributed(device_name: str) -> tuple[torch.device, int, int]:
+    """Join the process group when launched by torchrun; return (device, rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world, local = _dist_info()
+    if world > 1:
+        dev = torch.device(f"cuda:{local}") if (torch.cuda.is_available() and device_name != "cpu") else torch.device("cpu")
+    else:
+        dev = resolve_device(device_name)
+    return dev, rank, world
+
+
+class _BatchForward(nn.Module):
+    """Codes lookup + network forward in one module, so DDP sees every parameter in its forward."""
+
+    def __init__(self, field: IdentityField) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, ids: Tensor, vertices: Tensor):
+        return self.field(self.field.codes(ids), vertices, return_aux=True)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns data, network, optimiser, checkpoints and logs of one training run."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, data: MultiViewDataset | None = None) -> None:
+        self.cfg = cfg
+        self.device, self.rank, self.world = init_distributed(cfg.device)
+        self.is_main = self.rank == 0
+        if cfg.batch_identities % self.world != 0:
+            raise ValueError(
+                f"batch_identities={cfg.batch_identities} must be divisible by the number of ranks ({self.world})"
+            )
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        self.data = data if data is not None else MultiViewDataset(
+            cfg.data, self.device, progress=cfg.progress and self.is_main)
+        template = subdivide_vertices(self.data.template, self.data.plan)
+        self.field = IdentityField(cfg.model, len(self.data), template, self.data.faces).to(self.device)
+        self.module: nn.Module = _BatchForward(self.field)
+        if self.world > 1:
+            self.module = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        o = cfg.optim
+        groups = self.field.param_groups(o.lr_network, o.lr_codes, lr_template=o.lr_template)
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.Adam(groups, betas=(o.beta1, o.beta2), **({"fused": True} if fused else {}))
+        self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.elapsed = 0.0
+        self.history: list[dict] = []
+        self.train_ids = torch.as_tensor(self.data.serial_index(self.data.train_serials))
+        if len(self.train_ids) < cfg.batch_views:
+            raise ValueError(
+                f"batch_views={cfg.batch_views} but only {len(self.train_ids)} training cameras exist"
+            )
+        if resume:
+            self._resume()
+        self.writer = None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # training must not fail for want of a logger
+                print("tensorboard is not installed (pip install tensorboard): training without tensorboard logs")
+            else:
+                self.writer = SummaryWriter(str(self.out / "tb"))
+
+    # ------------------------------------------------------------------ schedule and sampling
+    def _set_lr(self) -> None:
+        frac = self.step / max(1, self.cfg.steps)
+        mult = self.cfg.optim.lr_final_ratio ** frac
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+
+    def sample_batch(self) -> tuple[Tensor, Tensor]:
+        """Global batch: identity ids (B,) and training-camera ids (B, C), same on every rank."""
+        B, C = self.cfg.batch_identities, self.cfg.batch_views
+        I = len(self.data)
+        ids = torch.randperm(I, generator=self.sampler)[: min(B, I)]
+        if B > I:
+            ids = torch.cat([ids, torch.randint(I, (B - I,), generator=self.sampler)])
+        views = torch.stack([torch.randperm(len(self.train_ids), generator=self.sampler)[:C] for _ in range(B)])
+        return ids, self.train_ids[views]
+
+    def vertices(self, ids: Tensor) -> Tensor:
+        """(B, V, 3) world-space subdivided face-mask vertices of identities ``ids``."""
+        return subdivide_vertices(self.data.base_vertices[ids.to(self.device)], self.data.plan)
+
+    # ------------------------------------------------------------------ one step
+    def render_views(self, clouds, ids: Tensor, views: Tensor) -> tuple[Tensor, Tensor]:
+        """Render (B, C) views; returns predictions and targets (B, C, h, w, 3)."""
+        preds, gts = [], []
+        for b in range(len(ids)):
+            gt, cams = self.data.views(int(ids[b]), views[b].tolist())
+            preds.append(render_batch(clouds[b], cams, backend=self.cfg.backend)["image"])
+            gts.append(gt)
+        return torch.stack(preds), torch.stack(gts)
+
+    def loss_terms(self, pred: Tensor, gt: Tensor, aux: dict) -> dict[str, Tensor]:
+        lc = self.cfg.loss
+        terms = {"l1": l1(pred, gt), "ssim": ssim(pred.flatten(0, 1), gt.flatten(0, 1))}
+        regs = IdentityField.regularizers(aux)
+        total = lc.l1_weight * terms["l1"] + lc.ssim_weight * (1.0 - terms["ssim"])
+        total = total + lc.offset_reg * regs["offset"] + lc.scale_reg * regs["scale"]
+        if lc.code_reg > 0:
+            total = total + lc.code_reg * regs["code"]
+        terms.update({f"reg_{k}": v for k, v in regs.items()})
+        terms["loss"] = total
+        return terms
+
+    def train_step(self) -> dict[str, Tensor]:
+        """One optimisation step; returns detached scalar tensors (no host synchronisation here)."""
+        self.field.train()
+        self._set_lr()
+        ids, views = self.sample_batch()
+        per_rank = len(ids) // self.world
+        sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        ids, views = ids[sl], views[sl]
+        clouds, aux = self.module(ids.to(self.device), self.vertices(ids))
+        pred, gt = self.render_views(clouds, ids, views)
+        terms = self.loss_terms(pred, gt, aux)
+        self.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.field.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.step += 1
+        return {k: v.detach() for k, v in terms.items()}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """PSNR/SSIM on held-out cameras and on training cameras of the first ``eval_identities`` identities."""
+        self.field.eval()
+        n = len(self.data) if self.cfg.eval_identities <= 0 else min(self.cfg.eval_identities, len(self.data))
+        ids = torch.arange(n)
+        out: dict = {}
+        groups = {"heldout_views": self.data.serial_index(self.data.eval_serials),
+                  "train_views": self.train_ids.tolist()}
+        grid = None
+        for name, serial_ids in groups.items():
+            if not serial_ids:
+                continue
+            p_all, s_all = [], []
+            for i in ids.tolist():
+                verts = self.vertices(torch.tensor([i]))
+                cloud = self.field(self.field.codes.weight[i : i + 1], verts)
+                pred, gt = self.render_views(cloud, torch.tensor([i]), torch.tensor([serial_ids]))
+                pred = pred[0].clamp(0, 1)
+                p_all.append(psnr(pred, gt[0], reduction="none"))
+                s_all.append(ssim(pred, gt[0], reduction="none"))
+                if i == 0 and name == "heldout_views":
+                    grid = torch.cat([pred, gt[0]], dim=1)  # (C, 2h, w, 3): prediction above photo
+            out[f"psnr_{name}"] = float(torch.cat(p_all).mean())
+            out[f"ssim_{name}"] = float(torch.cat(s_all).mean())
+        out["eval_identities"] = n
+        if grid is not None:
+            out["_grid"] = grid
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict:
+        return {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "config": to_dict(self.cfg),
+            "identities": self.data.identities,
+            "field": self.field.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "sampler": self.sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        path = self.ckpt_dir / f"ckpt_{self.step:08d}.pt"
+        atomic_torch_save(self._checkpoint_state(), path)
+        old = sorted(self.ckpt_dir.glob("ckpt_*.pt"))[: -max(1, self.cfg.keep_checkpoints)]
+        for p in old:
+            p.unlink(missing_ok=True)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.ckpt_dir.glob("ckpt_*.pt"))
+        return found[-1] if found else None
+
+    def _resume(self) -> None:
+        path = self.latest_checkpoint()
+        if path is None:
+            if self.is_main:
+                print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["identities"] != self.data.identities:
+            raise ValueError(
+                f"{path} was trained on identities {state['identities'][:5]}... but the data now gives "
+                f"{self.data.identities[:5]}...: use the same data options to resume"
+            )
+        if state["config"]["model"] != to_dict(self.cfg)["model"]:
+            raise ValueError(f"{path} was made with another model config; resume with the same --config/model keys")
+        self.field.load_state_dict(state["field"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sampler.set_state(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.history = list(state.get("history", []))
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ outputs
+    def write_metrics(self, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        clean = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        clean.update({"steps": self.step, "seconds": round(self.elapsed, 2), "device": _device_name(self.device)})
+        self.history.append(clean)
+        doc = dict(clean)
+        doc["history"] = self.history
+        tmp = self.out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.out / "metrics.json")
+
+    def export(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_model(self.out / "model.pt", self.field, self.data, to_dict(self.cfg))
+
+    def _log(self, terms: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for k, v in terms.items():
+            self.writer.add_scalar(f"train/{k}", v, self.step)
+        self.writer.add_scalar("train/lr_network", self.opt.param_groups[-1]["lr"], self.step)
+
+    def _log_eval(self, metrics: dict) -> None:
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            if not k.startswith("_") and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"eval/{k}", v, self.step)
+        if "_grid" in metrics:
+            grid = metrics["_grid"]  # (C, 2h, w, 3)
+            row = torch.cat(list(grid), dim=1)  # (2h, C*w, 3)
+            self.writer.add_image("eval/heldout_views", row.permute(2, 0, 1).cpu(), self.step)
+            save_image_grid(self.out / "eval_heldout_views.png", row)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        metrics: dict = {}
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", disable=not (cfg.progress and self.is_main),
+                   dynamic_ncols=True)
+        t0 = time.perf_counter() - self.elapsed
+        while self.step < cfg.steps:
+            terms = self.train_step()
+            self.elapsed = time.perf_counter() - t0
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == 1:  # the only per-step host sync, every log_every
+                terms = {k: float(v) for k, v in terms.items()}
+                if not math.isfinite(terms["loss"]):
+                    raise FloatingPointError(
+                        f"loss became {terms['loss']} at step {self.step}; lower the learning rates (optim.*) "
+                        f"and resume from the last checkpoint"
+                    )
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}")
+                self._log(terms)
+            last = self.step == cfg.steps
+            if self.step % cfg.eval_every == 0 or last:
+                metrics = self.evaluate() if self.is_main else {}
+                self._log_eval(metrics)
+                self.write_metrics(metrics)
+                if self.is_main:
+                    msg = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("psnr", "ssim")))
+                    bar.write(f"step {self.step}: {msg}")
+            if self.step % cfg.ckpt_every == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+        if self.step >= cfg.steps and not metrics and self.is_main:
+            metrics = self.evaluate()
+            self.write_metrics(metrics)
+        self.export()
+        if self.writer is not None:
+            self.writer.close()
+        if self.world > 1:
+            dist.barrier()
+        return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
