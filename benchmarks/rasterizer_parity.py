@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import re
 import statistics
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--reps", type=int, default=None, help="timed repeats per case (default 10, quick 3)")
     ap.add_argument("--sh-degree", type=int, default=3)
-    ap.add_argument("--torch-max-candidates", type=float, default=3e9,
+    ap.add_argument("--torch-max-candidates", type=float, default=5e9,
                     help="skip torch-backend cases with more pixel-Gaussian candidates than this")
     ap.add_argument("--time-budget", type=float, default=6.0, help="seconds of timed repeats per case at most")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -260,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_all
 
     table = format_table(rows, ref_label, env, elapsed)
+    if dev.type == "cpu":
+        line = cpu_memory_check(torch.get_num_threads())
+        print(line)
+        table += "\n\n" + line
     print()
     print(table)
     if args.out is not None:
@@ -277,6 +280,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nPARITY BELOW TARGET in {len(failed)} case(s): " + ", ".join(
             f"N={r['n']} {r['size']} {r['label']}" for r in failed))
     return 0
+
+
+_MEMORY_CHILD = """
+import resource, sys, time, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads({threads})
+from models.gaussians import random_cloud
+from models.renderer import render
+from utils.cameras import Camera
+c = random_cloud(20000, generator=torch.Generator().manual_seed(0))
+for t in (c.means, c.quats, c.scales, c.opacities, c.sh):
+    t.requires_grad_(True)
+cam = Camera.look_at((0.0, 0.0, 0.5), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), 256, 256, fov_y_deg=30)
+t0 = time.perf_counter()
+out = render(c, cam, backend="torch")
+(out["image"].sum() + out["alpha"].sum()).backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t0)
+"""
+
+
+def cpu_memory_check(threads: int) -> str:
+    """20k Gaussians at 256x256, forward + backward with the torch backend on the CPU in a child process.
+
+    Returns a line with the child's peak RSS (torch included; the target is < 4 GB) and its time.
+    """
+    code = _MEMORY_CHILD.format(root=str(ROOT), threads=threads)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        return f"CPU memory check FAILED: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode}"
+    kb, secs = res.stdout.split()[-2:]
+    mb = int(kb) / 1024
+    verdict = "ok" if mb < 4096 else "ABOVE the 4 GB target"
+    return (f"CPU memory check: 20k Gaussians, 256x256, torch fwd+bwd, {threads} threads: peak RSS {mb:.0f} MB "
+            f"({verdict}), {float(secs):.2f} s")
 
 
 def _measure_torch(cloud, cam, max_alpha, weights, reps, budget, chunk) -> dict:

@@ -858,6 +858,11 @@ class SubdivisionPlan:
     def num_vertices(self, level: int) -> int:
         return self.num_base_vertices + sum(len(e) for e in self.edges[:level])
 
+    def to(self, device: Union[str, torch.device]) -> "SubdivisionPlan":
+        """The plan with its edge pairs as index tensors on ``device`` (no host copy per subdivide_vertices call)."""
+        return SubdivisionPlan(self.num_base_vertices, [torch.as_tensor(e, device=device) for e in self.edges],
+                               self.faces)
+
 
 def subdivide(verts: np.ndarray, faces: np.ndarray, levels: int, return_plan: bool = False):
     """Midpoint subdivision with trimesh, ``levels`` times.

@@ -436,8 +436,12 @@ class IdentityField(nn.Module):
         y = self.head(x, w)
         return y.view(w.shape[0], self.num_vertices, self.K, self.channels)
 
-    def synthesize(self, w: Tensor, vertices: Tensor, return_aux: bool = False):
-        """Gaussians from styles (B, style_dim) directly (e.g. to fit in W space); see :meth:`forward`."""
+    def synthesize(self, w: Tensor, vertices: Tensor, return_aux: bool = False,
+                   surface: tuple[Tensor, Tensor] | None = None):
+        """Gaussians from styles (B, style_dim) directly (e.g. to fit in W space); see :meth:`forward`.
+
+        ``surface``: precomputed ``surface_frames(vertices)`` for fixed geometry (saves work when fitting a style).
+        """
         if vertices.dim() == 2:
             vertices = vertices.unsqueeze(0).expand(w.shape[0], -1, -1)
         B, V = w.shape[0], self.num_vertices
@@ -446,7 +450,7 @@ class IdentityField(nn.Module):
                              f"{tuple(vertices.shape)}")
         raw = self.synthesize_raw(w).to(vertices.dtype)  # (B, V, K, C)
         sl, cfg, K = self._sl, self.cfg, self.K
-        frames, edge_len = self.surface_frames(vertices)  # (B, V, 3, 3), (B, V)
+        frames, edge_len = self.surface_frames(vertices) if surface is None else surface  # (B,V,3,3), (B,V)
         el = edge_len[:, :, None, None]  # (B, V, 1, 1)
 
         offset = cfg.max_offset * torch.tanh(raw[..., sl["offset"]])  # (B, V, K, 3), edge units, local frame

@@ -5,7 +5,12 @@ Public functions:
     render_batch(cloud, cameras, background=None, backend="auto") -> the same with a leading camera dimension
 
 Backends:
-    "torch"  pure PyTorch EWA splatting (CPU and GPU, differentiable through autograd; what CI runs)
+    "torch"  pure PyTorch EWA splatting (CPU and GPU; what CI runs).  Same math as gsplat's classic mode: 0.3 px
+             dilation, opacity-aware boxes, alpha = min(MAX_ALPHA, o exp(-sigma)) skipped when sigma < 0 or
+             alpha < 1/255, a pixel stops before the Gaussian that would take its transmittance to <= 1e-4.
+             Work is laid out as Gaussian-tile pairs x TILE*TILE pixels, all cameras at once, with transmittance
+             from a float64 segment-wise cumsum of log(1 - alpha) and a hand-written backward pass
+             (``_TileRaster``) that keeps two floats per pixel-Gaussian candidate.
     "gsplat" the gsplat CUDA rasterizer (PyPI ``gsplat``; default on CUDA)
     "inria"  the original 3DGS rasterizer ``diff_gaussian_rasterization`` (not on PyPI)
     "auto"   gsplat when the cloud is on CUDA and gsplat imports, else torch
@@ -34,6 +39,9 @@ TILE = 4  # torch backend tile side; small tiles waste few pixel-Gaussian candid
 STORE_LIMIT_BYTES = 1 << 30
 _LOG_T_STOP = math.log(TRANSMITTANCE_STOP)
 BACKENDS = ("auto", "torch", "gsplat", "inria")
+# The NaN/Inf check reads values back to the host: free on a CPU, a synchronisation per call on a GPU, so there it is
+# off unless debugging (training still stops on a non-finite loss).
+CHECK_FINITE_ON_GPU = False
 
 # Real spherical-harmonics constants (degrees 0-3), as used throughout the 3DGS literature.
 _C0 = 0.28209479177387814
@@ -95,7 +103,8 @@ def _validate(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tenso
         raise ValueError("render got an empty GaussianCloud (N = 0)")
     if cloud.sh_degree > 3:
         raise ValueError(f"SH degree {cloud.sh_degree} is not supported (at most 3)")
-    cloud.check_finite("render: GaussianCloud")
+    if cloud.device.type == "cpu" or CHECK_FINITE_ON_GPU:
+        cloud.check_finite("render: GaussianCloud")
     if background is not None and tuple(background.shape) != (3,):
         raise ValueError(f"background must be a (3,) RGB tensor, got shape {tuple(background.shape)}")
     for cam in cameras:
@@ -216,6 +225,7 @@ class _TilePlan:
                  width: int, height: int, tile: int, budget: int, max_alpha: float) -> None:
         dev = means2d.device
         self.T, self.max_alpha = tile, max_alpha
+        self.need_grad = True  # set by the caller: keep per-candidate values for backward
         self.tiles_x, self.tiles_y = math.ceil(width / tile), math.ceil(height / tile)
         per_cam = self.tiles_x * self.tiles_y
         self.n_tiles = n_cams * per_cam
@@ -334,7 +344,7 @@ class _TileRaster(torch.autograd.Function):
             o, vis, tm = _chunk_forward(tab, featpad, plan, r0, r1, s0, s1)
             out[plan.seg_tile[s0:s1]] = o
             nbytes = 2 * vis.numel() * vis.element_size()
-            if used + nbytes <= STORE_LIMIT_BYTES:
+            if plan.need_grad and used + nbytes <= STORE_LIMIT_BYTES:
                 stored.append((vis, tm))
                 used += nbytes
             else:
@@ -403,6 +413,9 @@ def _rasterize_torch(
         C, N, W, H, TILE, budget, float(MAX_ALPHA),
     )
     feats = torch.cat([proj["colors"], proj["depth"].unsqueeze(-1)], -1).reshape(C * N, 4)
+    plan.need_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (cloud.means, cloud.quats, cloud.scales, cloud.opacities, cloud.sh)
+    )  # else nothing is kept for a backward pass
     out = _TileRaster.apply(means2d, proj["conic"].reshape(C * N, 3), proj["opac"].reshape(C * N), feats, plan)
     T = plan.T
     img = out.reshape(C, plan.tiles_y, plan.tiles_x, T, T, 5).permute(0, 1, 3, 2, 4, 5)
@@ -415,14 +428,20 @@ def _rasterize_torch(
 
 
 # ---------------------------------------------------------------------------------------------------- gsplat
-def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None) -> dict[str, Tensor]:
+def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Sequence[Camera]],
+                   background: Tensor | None) -> dict[str, Tensor]:
+    """One gsplat call; a batched cloud (B, N, ...) takes B lists of C cameras (outputs (B, C, H, W, ...))."""
     try:
         from gsplat import rasterization
     except ImportError as exc:
         raise ImportError("the gsplat backend needs the gsplat package: pip install gsplat==1.5.3") from exc
-    K, w2c, W, H = stack_cameras([c.to(cloud.device) for c in cameras])
-    C = K.shape[0]
-    bg = None if background is None else background.to(cloud.means).expand(C, 3)
+    if len(cloud.batch_shape):
+        stacks = [stack_cameras([c.to(cloud.device) for c in cams]) for cams in cameras]
+        K, w2c = torch.stack([s[0] for s in stacks]), torch.stack([s[1] for s in stacks])
+        W, H = stacks[0][2], stacks[0][3]
+    else:
+        K, w2c, W, H = stack_cameras([c.to(cloud.device) for c in cameras])
+    bg = None if background is None else background.to(cloud.means).expand(*K.shape[:-2], 3)
     colors, alphas, _ = rasterization(
         means=cloud.means,
         quats=cloud.quats,
@@ -441,6 +460,38 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera], background: 
         rasterize_mode="classic",
     )
     return {"image": colors[..., :3], "alpha": alphas, "depth": colors[..., 3:4]}
+
+
+def render_identities(
+    clouds: GaussianCloud,
+    cameras: Sequence[Sequence[Camera]],
+    background: Tensor | None = None,
+    backend: str = "auto",
+) -> dict[str, Tensor]:
+    """Render B clouds, each through its own C cameras (all of one image size), e.g. B identities of a batch.
+
+    Args:
+        clouds: GaussianCloud with batch shape (B,), N Gaussians each.
+        cameras: B lists of C cameras.
+        background: (3,) RGB or None (black).
+        backend: as in :func:`render_batch`; gsplat renders all B x C views in one call.
+    Returns:
+        {"image": (B, C, H, W, 3), "alpha": (B, C, H, W, 1), "depth": (B, C, H, W, 1)}.
+    """
+    if len(clouds.batch_shape) != 1 or clouds.batch_shape[0] != len(cameras):
+        raise ValueError(f"render_identities needs a (B, N, ...) cloud and B camera lists; got batch shape "
+                         f"{tuple(clouds.batch_shape)} and {len(cameras)} lists")
+    if len({len(c) for c in cameras}) != 1:
+        raise ValueError("render_identities needs the same number of cameras for every identity")
+    which = _pick_backend(backend, clouds.device)
+    if which == "gsplat":
+        for b in range(len(cameras)):
+            stack_cameras(cameras[b])  # same-size check
+        if background is not None and tuple(background.shape) != (3,):
+            raise ValueError(f"background must be a (3,) RGB tensor, got shape {tuple(background.shape)}")
+        return _render_gsplat(clouds, cameras, background)
+    outs = [render_batch(clouds[b], cameras[b], background, which) for b in range(len(cameras))]
+    return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
 
 # ---------------------------------------------------------------------------------------------------- inria
@@ -542,7 +593,8 @@ def render_batch(
         cameras: C cameras sharing width W and height H.
         background: (3,) RGB composited behind the Gaussians, or None for black.
         backend: "auto", "torch", "gsplat" or "inria".
-        chunk_elements: torch backend only: pixel-Gaussian pairs evaluated at once (bounds memory).
+        chunk_elements: torch backend only: pixel-Gaussian candidates evaluated at once (bounds the working
+            memory: roughly 100 bytes per candidate; whole tiles per chunk).
     Returns:
         dict with
             image: (C, H, W, 3) colour,

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from models.gaussians import GaussianCloud, quat_to_rotmat, random_cloud, rgb_to_sh0
+from models.gaussians import GaussianCloud, random_cloud, rgb_to_sh0
 from models.renderer import available_backends, render, render_batch
 from utils.cameras import Camera
 
@@ -298,13 +298,15 @@ def test_culled_and_behind_camera_gaussians_are_harmless():
     cloud = GaussianCloud.cat([behind, far_off])
     cloud.means.requires_grad_(True)
     out = render(cloud, cam, backend="torch")
-    assert float(out["alpha"].abs().max()) == 0.0
+    assert float(out["alpha"].detach().abs().max()) == 0.0
     out["image"].sum().backward()
     assert torch.isfinite(cloud.means.grad).all()
 
 
-def test_memory_bound_20k_gaussians_256px_fwd_bwd():
-    """20k Gaussians at 256x256, forward + backward on the CPU, in a child process whose peak RSS must stay < 4 GB."""
+def test_memory_bound_fwd_bwd_in_child_process():
+    """Forward + backward of 6k Gaussians at 160x160 (about 9e6 pixel-Gaussian candidates) in a child process:
+    peak RSS (torch itself included) must stay under 1.5 GB.  The 20k x 256x256 < 4 GB case is measured by
+    ``python benchmarks/rasterizer_parity.py --quick`` (it takes ~10 s on 2 cores)."""
     code = textwrap.dedent(
         """
         import resource, sys, torch
@@ -313,13 +315,13 @@ def test_memory_bound_20k_gaussians_256px_fwd_bwd():
         from models.gaussians import random_cloud
         from models.renderer import render
         from utils.cameras import Camera
-        c = random_cloud(20000, generator=torch.Generator().manual_seed(0))
+        c = random_cloud(6000, generator=torch.Generator().manual_seed(0))
         for t in (c.means, c.quats, c.scales, c.opacities, c.sh):
             t.requires_grad_(True)
-        cam = Camera.look_at((0.0, 0.0, 0.5), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), 256, 256, fov_y_deg=30)
+        cam = Camera.look_at((0.0, 0.0, 0.5), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), 160, 160, fov_y_deg=30)
         out = render(c, cam, backend="torch")
         (out["image"].sum() + out["alpha"].sum()).backward()
-        assert float(out["alpha"].mean()) > 0.2
+        assert float(out["alpha"].mean()) > 0.2 and torch.isfinite(c.means.grad).all()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         """
         % ROOT
@@ -327,4 +329,4 @@ def test_memory_bound_20k_gaussians_256px_fwd_bwd():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     peak_kb = int(res.stdout.strip().splitlines()[-1])
-    assert peak_kb < 4 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+    assert peak_kb < 1.5 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"

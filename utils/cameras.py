@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -24,7 +24,8 @@ def _as_tensor(x, shape: tuple[int, ...], what: str) -> Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, Tensor) else x, dtype=torch.float32)
     if tuple(t.shape) != shape:
         raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    # Checked on the CPU only: on a GPU the check would cost a host synchronisation per camera.
+    if t.device.type == "cpu" and not torch.isfinite(t).all():
         raise ValueError(f"{what} holds non-finite values")
     return t
 
@@ -131,6 +132,8 @@ class Camera:
         return Camera(K, self.w2c.clone(), width, height, self.name)
 
     def to(self, device: str | torch.device) -> "Camera":
+        if self.K.device == torch.device(device) and self.w2c.device == self.K.device:
+            return self  # cameras are immutable in use: no copy (and no re-validation) in hot loops
         return Camera(self.K.to(device), self.w2c.to(device), self.width, self.height, self.name)
 
     @staticmethod

@@ -8,7 +8,6 @@ a batch is then a gather, with no host transfer in the training step.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -64,9 +63,6 @@ def crop_window(mask: np.ndarray, cw: int, ch: int) -> tuple[int, int]:
     x0 = int(round(cx - cw / 2))
     y0 = int(round(cy - ch / 2))
     return min(max(0, x0), max(0, W - cw)), min(max(0, y0), max(0, H - ch))
-
-
-_crop_window = crop_window  # old private name, kept for callers that used it
 
 
 def crop_size(masks: Sequence[np.ndarray], margin: float, multiple: int) -> tuple[int, int]:
@@ -186,33 +182,14 @@ class MultiViewDataset:
     def _set_views(self, raw: list, base_vertices: Tensor) -> None:
         """Crop every view to one common window around its face mask and move everything to the device."""
         cfg = self.cfg
-        boxes = []
-        for views in raw:
-            for _, mask, _ in views:
-                m = np.asarray(mask)
-                ys, xs = np.nonzero(m[..., 0] > 0.5)
-                if len(xs):
-                    boxes.append((xs.max() - xs.min() + 1, ys.max() - ys.min() + 1))
-        H, W = np.asarray(raw[0][0][0]).shape[:2]
-        bw = max((b[0] for b in boxes), default=W)
-        bh = max((b[1] for b in boxes), default=H)
-        m = cfg.crop_multiple
-        cw = min(W, int(math.ceil(bw * (1 + 2 * cfg.crop_margin) / m) * m))
-        ch = min(H, int(math.ceil(bh * (1 + 2 * cfg.crop_margin) / m) * m))
+        cw, ch = crop_size([np.asarray(m) for views in raw for _, m, _ in views], cfg.crop_margin, cfg.crop_multiple)
         self.crop_size = (cw, ch)
-
         imgs, msks, cams_all = [], [], []
         for views in raw:
-            iv, mv, cv = [], [], []
-            for img, mask, cam in views:
-                img, mask = np.asarray(img), np.asarray(mask)
-                x0, y0 = _crop_window(mask, cw, ch)
-                iv.append(img[y0 : y0 + ch, x0 : x0 + cw])
-                mv.append(mask[y0 : y0 + ch, x0 : x0 + cw])
-                cv.append(cam.cropped(x0, y0, cw, ch).to(self.device))
-            imgs.append(np.stack(iv))
-            msks.append(np.stack(mv))
-            cams_all.append(cv)
+            cropped = [crop_view(np.asarray(i), np.asarray(m), c, cw, ch) for i, m, c in views]
+            imgs.append(np.stack([v[0] for v in cropped]))
+            msks.append(np.stack([v[1] for v in cropped]))
+            cams_all.append([v[2].to(self.device) for v in cropped])
         to_u8 = lambda a: torch.from_numpy(np.clip(np.rint(np.stack(a) * 255), 0, 255).astype(np.uint8))  # noqa: E731
         self.images = to_u8(imgs).to(self.device)
         self.masks = to_u8(msks).to(self.device)

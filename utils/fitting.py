@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.gaussians import GaussianCloud
+from models.flame import subdivide_vertices
 from models.renderer import render, render_batch
 from utils.cameras import Camera, load_camera_params
 from utils.config import add_config_args, build_config, to_dict
@@ -70,8 +70,8 @@ class FitConfig:
     style_reg: float = 0.0  # weight of the mean squared distance of w from its start (w space only; 0: off)
     refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
     geometry_lr: float = 2e-4  # Adam learning rate of the vertex offsets, in metres
-    laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the offsets (edge-length units)
-    offset_weight: float = 0.1  # weight of the squared offsets (edge-length units)
+    laplacian_weight: float = 100.0  # weight of the squared uniform Laplacian of the offsets (edge-length units)
+    offset_weight: float = 1.0  # weight of the squared offsets (edge-length units)
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
 
@@ -570,6 +570,12 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         unit = mean_edge_length(base0, model.base_faces)
     fused = {"fused": True} if base0.device.type == "cuda" else {}
     opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), **fused)
+    # subdivision with index tensors already on the device (no host-to-device copy per iteration); without geometry
+    # refinement the subdivided vertices are constant and computed once
+    plan = model.plan.to(base0.device)
+    verts0 = subdivide_vertices(base0, plan)[None]
+    with torch.no_grad():  # fixed geometry: surface frames once, not every iteration
+        surface0 = f.surface_frames(verts0)
 
     def style_of(v: Tensor) -> Tensor:
         return v if cfg.space == "w" else f.style(v[None], update_w_avg=False)[0]
@@ -584,9 +590,10 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         mult = cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * mult
-        base = base0 if offsets is None else base0 + offsets
-        w = style_of(var)
-        cloud = f.synthesize(w[None], model.vertices(base)[None])[0]
+        if offsets is None:
+            cloud = f.synthesize(style_of(var)[None], verts0, surface=surface0)[0]
+        else:
+            cloud = f.synthesize(style_of(var)[None], subdivide_vertices(base0 + offsets, plan)[None])[0]
         pred = render(cloud, cam, backend=backend)["image"]
         loss = photometric(pred, gt, cfg)
         total = loss

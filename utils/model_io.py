@@ -92,6 +92,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
         template_base=doc["template_base"].to(device),
         base_faces=faces,
         mask_ids=doc["mask_ids"].numpy(),
-        plan=plan,
+        plan=plan.to(device),
         config=doc["config"],
     )

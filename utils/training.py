@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from models.flame import subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
-from models.renderer import render_batch
+from models.renderer import render_identities
 from utils.config import to_dict
 from utils.dataset import DataConfig, MultiViewDataset
 from utils.device import resolve_device
@@ -43,9 +43,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr_network: float = 2e-3  # Adam learning rate of the mapping and synthesis networks
-    lr_codes: float = 5e-3  # Adam learning rate of the identity codes
-    lr_template: float = 5e-3  # Adam learning rate of the per-vertex template features
+    lr_network: float = 5e-3  # Adam learning rate of the mapping and synthesis networks
+    lr_codes: float = 1e-2  # Adam learning rate of the identity codes
+    lr_template: float = 1e-2  # Adam learning rate of the per-vertex template features
     lr_final_ratio: float = 0.1  # learning rates decay exponentially to this fraction at the last step
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.99  # Adam beta2
@@ -81,18 +81,24 @@ def _dist_info() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def launched_by_torchrun() -> bool:
+    """True under torchrun (it sets RANK, WORLD_SIZE and the rendezvous address for every process)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def init_distributed(device_name: str) -> tuple[torch.device, int, int]:
-    """Join the process group when launched by torchrun; return (device, rank, world size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    """Join the process group when launched by torchrun (also with one process, so that the DDP path is the one
+    that runs); return (device, rank, world size)."""
+    if launched_by_torchrun() and dist.is_available() and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank, world, local = _dist_info()
-    if world > 1:
-        dev = torch.device(f"cuda:{local}") if (torch.cuda.is_available() and device_name != "cpu") else torch.device("cpu")
+    if dist.is_available() and dist.is_initialized():
+        use_cuda = device_name != "cpu" and torch.cuda.is_available()
+        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     else:
         dev = resolve_device(device_name)
     return dev, rank, world
@@ -131,8 +137,9 @@ class Trainer:
             cfg.data, self.device, progress=cfg.progress and self.is_main)
         template = subdivide_vertices(self.data.template, self.data.plan)
         self.field = IdentityField(cfg.model, len(self.data), template, self.data.faces).to(self.device)
+        self.plan = self.data.plan.to(self.device)
         self.module: nn.Module = _BatchForward(self.field)
-        if self.world > 1:
+        if dist.is_available() and dist.is_initialized():
             self.module = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -182,17 +189,16 @@ class Trainer:
 
     def vertices(self, ids: Tensor) -> Tensor:
         """(B, V, 3) world-space subdivided face-mask vertices of identities ``ids``."""
-        return subdivide_vertices(self.data.base_vertices[ids.to(self.device)], self.data.plan)
+        return subdivide_vertices(self.data.base_vertices[ids.to(self.device)], self.plan)
 
     # ------------------------------------------------------------------ one step
     def render_views(self, clouds, ids: Tensor, views: Tensor) -> tuple[Tensor, Tensor]:
-        """Render (B, C) views; returns predictions and targets (B, C, h, w, 3)."""
-        preds, gts = [], []
-        for b in range(len(ids)):
-            gt, cams = self.data.views(int(ids[b]), views[b].tolist())
-            preds.append(render_batch(clouds[b], cams, backend=self.cfg.backend)["image"])
-            gts.append(gt)
-        return torch.stack(preds), torch.stack(gts)
+        """Render (B, C) views of B identities (one rasterizer call on gsplat); predictions and targets
+        (B, C, h, w, 3)."""
+        idx = ids.to(self.device)[:, None], views.to(self.device)
+        gt = self.data.images[idx].float() / 255.0
+        cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
+        return render_identities(clouds, cams, backend=self.cfg.backend)["image"], gt
 
     def loss_terms(self, pred: Tensor, gt: Tensor, aux: dict) -> dict[str, Tensor]:
         lc = self.cfg.loss
@@ -385,7 +391,7 @@ class Trainer:
         self.export()
         if self.writer is not None:
             self.writer.close()
-        if self.world > 1:
+        if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return {k: v for k, v in metrics.items() if not k.startswith("_")}
 

@@ -1,0 +1,176 @@
+"""Latent-space interpolation (utils/interpolation.py, interpolate.py): maths, frame counts, video, PLYs, errors."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_fitting import fit_model, single_thread, write_foreign_code  # noqa: F401
+from tests.training_fixtures import preprocessed_root  # noqa: F401
+
+SIZE = ["--width", "40", "--height", "48", "--progress", "false"]
+
+
+def video_frames(path: Path) -> int:
+    """Frames actually decodable from an MP4 (and the container's count must agree)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), path
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    assert declared == n
+    return n
+
+
+@pytest.fixture(scope="module")
+def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
+    """A code.pt as track.py writes it (w-space fit, its own base vertices), without running a fit."""
+    from utils.fitting import FittedCode, save_code
+    from utils.model_io import load_model
+
+    model = load_model(fit_model)
+    f = model.field
+    with torch.no_grad():
+        w = f.style(f.codes.weight, update_w_avg=False).mean(0) * 1.1
+    base = model.base_vertices.mean(0) + 0.002
+    return save_code(tmp_path_factory.mktemp("person") / "017" / "code.pt", FittedCode(w, None, base, "017"), model,
+                     str(fit_model))
+
+
+# ------------------------------------------------------------------------------------------------ maths
+def test_slerp_and_lerp():
+    from utils.interpolation import lerp, slerp
+
+    a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
+    assert torch.allclose(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
+    mid = slerp(a, b, 0.5)
+    assert mid.norm().item() == pytest.approx(1.5)  # length interpolated linearly
+    assert torch.allclose(mid / mid.norm(), torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2), atol=1e-6)
+    assert torch.allclose(slerp(a, 3 * a, 0.5), 2 * a)  # parallel: falls back to lerp
+    assert torch.allclose(lerp(a, b, 0.25), torch.tensor([0.75, 0.5, 0.0]))
+
+
+def test_schedule_and_frame_counts():
+    from utils.interpolation import num_frames, schedule
+
+    assert num_frames(3, 4, loop=False) == 9 and num_frames(3, 4, loop=True) == 12
+    plan = schedule(3, 2, loop=True)
+    assert plan == [(0, 1, 0.0), (0, 1, 0.5), (1, 2, 0.0), (1, 2, 0.5), (2, 0, 0.0), (2, 0, 0.5)]
+    assert schedule(2, 2, loop=False)[-1] == (1, 1, 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        num_frames(1, 5, False)
+    with pytest.raises(ValueError, match="--frames"):
+        num_frames(2, 0, False)
+
+
+def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
+    from utils.fitting import head_pose
+    from utils.interpolation import GeometryInterpolator, resolve_key
+    from utils.model_io import load_model
+
+    model = load_model(fit_model)
+    keys = [resolve_key(model, name, torch.device("cpu")) for name in model.identities[:2]]
+    geo = GeometryInterpolator(model.template_base, keys)
+    assert torch.allclose(geo(0, 1, 0.0), keys[0].base_vertices, atol=1e-5)
+    _, R0, _ = head_pose(model.template_base, keys[0].base_vertices)
+    for t in (0.5, 1.0):  # every frame stays in the first key's head pose
+        _, R, _ = head_pose(model.template_base, geo(0, 1, t))
+        assert torch.allclose(R, R0, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------ videos
+def test_loop_with_fitted_code_frames_video_and_plys(fit_model, fitted_code, tmp_path):  # noqa: F811
+    import interpolate
+
+    from models.gaussians import GaussianCloud
+
+    out = tmp_path / "loop"
+    with single_thread():
+        s = interpolate.main(["--checkpoint", str(fit_model), "--identities", "300", "301", str(fitted_code),
+                              "--frames", "3", "--loop", "--orbit", "40", "--ply", "--out", str(out), *SIZE])
+    assert s["num_frames"] == 9 and s["space"] == "w"  # the fitted code has no z: w space
+    frames = sorted((out / "frames").glob("frame_*.png"))
+    assert [f.name for f in frames] == [f"frame_{i:05d}.png" for i in range(9)]
+    assert video_frames(out / "interpolation.mp4") == 9
+    plys = sorted(p.name for p in (out / "keyframes").glob("*.ply"))
+    assert plys == ["key_00_300.ply", "key_01_301.ply", "key_02_017.ply"]
+    assert len(GaussianCloud.load_ply(out / "keyframes" / "key_02_017.ply")) > 0
+
+
+def test_no_loop_linear_z_space_and_still_camera(fit_model, tmp_path):  # noqa: F811
+    import cv2
+
+    import interpolate
+
+    out = tmp_path / "lin"
+    with single_thread():
+        s = interpolate.main(["--checkpoint", str(fit_model), "--identities", "300,301", "--method", "linear",
+                              "--frames", "2", "--out", str(out), *SIZE])
+    assert s["num_frames"] == 3 and s["space"] == "z" and not s["loop"]
+    assert video_frames(out / "interpolation.mp4") == 3
+    first = cv2.imread(str(out / "frames" / "frame_00000.png"))
+    assert first.shape == (48, 40, 3) and first.mean() > 1.0  # the head is in view, not a black frame
+
+
+def test_calibrated_camera(fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    import cv2
+
+    from utils.interpolation import InterpolationConfig, interpolate
+
+    calib = preprocessed_root / "subjects" / "300" / "calibration" / "camera_params.json"
+    cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", "301"], frames=1, camera_json=str(calib),
+                              camera="222200037", width=44, out=str(tmp_path / "cal"), progress=False)
+    with single_thread():
+        s = interpolate(cfg)
+    assert s["width"] == 44 and s["height"] == 64  # the calibrated aspect (88 x 128) is kept
+    assert cv2.imread(str(tmp_path / "cal" / "frames" / "frame_00001.png")).shape == (64, 44, 3)
+    cfg.camera = "123"
+    with pytest.raises(ValueError, match="camera '123' is not in"):
+        interpolate(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_unknown_identity_and_missing_code(fit_model, tmp_path):  # noqa: F811
+    from utils.interpolation import InterpolationConfig, interpolate
+
+    cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", "nobody"], out=str(tmp_path),
+                              progress=False)
+    with pytest.raises(ValueError, match="'nobody' is neither a training identity"):
+        interpolate(cfg)
+    cfg.identities = ["300", str(tmp_path / "missing" / "code.pt")]
+    with pytest.raises(FileNotFoundError, match="missing"):
+        interpolate(cfg)
+    cfg.identities = ["300"]
+    with pytest.raises(ValueError, match="at least 2"):
+        interpolate(cfg)
+
+
+def test_code_from_another_model_config(fit_model, tmp_path):  # noqa: F811
+    from utils.interpolation import InterpolationConfig, interpolate
+    from utils.model_io import load_model
+
+    path = write_foreign_code(tmp_path / "other" / "code.pt", load_model(fit_model))
+    cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", str(path)], out=str(tmp_path / "o"),
+                              progress=False)
+    with pytest.raises(ValueError, match="code_dim=16 but the model has code_dim=24"):
+        interpolate(cfg)
+    cfg.identities, cfg.checkpoint = ["300", "301"], str(path)  # a code.pt is not a model.pt
+    with pytest.raises(ValueError, match="not an identity-field model.pt"):
+        interpolate(cfg)
+
+
+def test_help_documents_every_flag(capsys):
+    import interpolate
+
+    with pytest.raises(SystemExit):
+        interpolate.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--checkpoint", "--identities", "--method", "--frames", "--loop", "--orbit", "--ply", "--width",
+                 "--height", "--camera_json", "--camera", "--out", "--geometry", "--space"):
+        assert flag in text, flag
