@@ -38,7 +38,7 @@ from utils.cameras import Camera, load_camera_params
 from utils.config import add_config_args, build_config, to_dict
 from utils.dataset import crop_size, crop_view
 from utils.device import resolve_device
-from utils.io import atomic_torch_save, atomic_write_json, save_image, to_uint8, write_video
+from utils.io import atomic_torch_save, atomic_write_json, load_tagged, save_image, to_uint8, write_video
 from utils.losses import l1, lpips_metric, psnr, ssim, ssim_metric
 from utils.model_io import TrainedModel, load_model
 from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES, HELDOUT_SERIALS, NersembleSubject
@@ -460,14 +460,8 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
               ) -> FittedCode:
     """Read a code.pt written by track.py; with ``model``, check it fits that model (clear errors otherwise)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"fitted code not found: {path} (code.pt written by track.py)")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable code file: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != CODE_FORMAT:
-        raise ValueError(f"{path} is not a code.pt written by track.py (format {CODE_FORMAT!r})")
+    doc = load_tagged(path, CODE_FORMAT, "code file", "code.pt is written by track.py",
+                      f"is not a code.pt written by track.py (format {CODE_FORMAT!r})")
     if model is not None:
         sig, want = doc.get("signature", {}), model_signature(model)
         for key in ("code_dim", "style_dim", "num_base_vertices"):

@@ -21,6 +21,22 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def load_tagged(path: str | os.PathLike, fmt: str, what: str, missing_hint: str, wrong: str) -> dict:
+    """torch.load a dict written with ``{"format": fmt, ...}``; clear errors for a missing, unreadable or foreign
+    file (``what`` names the kind of file, ``missing_hint`` says how to make it, ``wrong`` completes
+    "<path> ..." for a file of another kind)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path} ({missing_hint})")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable {what}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"{path} {wrong}")
+    return doc
+
+
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

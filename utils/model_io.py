@@ -12,7 +12,7 @@ from torch import Tensor
 
 from models.flame import SubdivisionPlan, make_subdivision_plan, subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
-from utils.io import atomic_torch_save
+from utils.io import atomic_torch_save, load_tagged
 
 FORMAT_VERSION = 1
 
@@ -68,15 +68,8 @@ class TrainedModel:
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
     """Load model.pt (written by training) onto ``device``; clear errors for missing or foreign files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path} (train one with: bash run_training.sh)")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable model file: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != "identity-field-model":
-        raise ValueError(f"{path} is not an identity-field model.pt (a training checkpoint? use <out>/model.pt)")
+    doc = load_tagged(path, "identity-field-model", "model file", "train one with: bash run_training.sh",
+                      "is not an identity-field model.pt (a training checkpoint? use <out>/model.pt)")
     mcfg = IdentityFieldConfig.from_dict(doc["config"]["model"])
     level = int(doc["subdivision"])
     faces = doc["base_faces"].numpy()
