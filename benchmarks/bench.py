@@ -232,7 +232,7 @@ def environment(device: torch.device) -> dict:
             import subprocess
 
             env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip()
+                                           capture_output=True, text=True).stdout.split()[0]
         except Exception:
             env["driver"] = "?"
     else:

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench import build_problem, environment, sync  # noqa: E402
+from benchmarks.bench import build_problem, environment, peak_gb, sync  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.training import TrainConfig, Trainer, init_distributed  # noqa: E402
 
@@ -61,7 +60,7 @@ def run(args) -> None:
         views = args.steps * args.batch_identities * args.batch_views
         doc = {"world": world, "seconds": dt, "steps": args.steps, "single_view_steps_per_s": views / dt,
                "ms_per_step": 1000 * dt / args.steps, "losses": [float(x) for x in losses],
-               "peak_gb_rank0": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+               "peak_gb_rank0": peak_gb(device) if device.type == "cuda" else None,
                "gaussians": tr.field.num_gaussians, "crop": list(data.crop_size), "env": environment(device),
                "global_batch": [args.batch_identities, args.batch_views]}
         Path(args.out).write_text(json.dumps(doc, indent=1))
