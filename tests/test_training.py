@@ -82,6 +82,9 @@ def test_clear_errors(preprocessed_root, tmp_path):
     res = subprocess.run([sys.executable, "train.py", "--config", str(bad), "--data_root", str(preprocessed_root)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "unknown config key 'model.hiden'" in res.stderr
+    # LPIPS is optional and not installed in CI: asking for it must fail early and say how to get it.
+    with pytest.raises(ValueError, match="pip install lpips"):
+        Trainer(tiny_config(preprocessed_root, tmp_path / "o4", **{"loss.lpips_weight": 0.1}))
     empty = tmp_path / "empty_flame"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="flame2023.pkl"):

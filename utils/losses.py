@@ -164,17 +164,28 @@ def _get_lpips(net: str, device: torch.device):
     return model.to(device)
 
 
+def _lpips_distance(model, pred: Tensor, gt: Tensor, reduction: str) -> Tensor:
+    x = _to_nchw(pred.clamp(0, 1)) * 2 - 1  # lpips expects [-1, 1]
+    y = _to_nchw(gt.clamp(0, 1)) * 2 - 1
+    return _reduce(model(x, y).reshape(-1), pred.shape[:-3], reduction)
+
+
 @torch.no_grad()
 def lpips_metric(pred: Tensor, gt: Tensor, net: str = "vgg", reduction: str = "mean") -> Tensor | None:
     """LPIPS distance (lower is better) of (..., H, W, 3) images in [0, 1], or None (logged once) when unavailable."""
     _check_pair(pred, gt, "lpips_metric")
     model = _get_lpips(net, pred.device)
+    return None if model is None else _lpips_distance(model, pred, gt, reduction)
+
+
+def lpips_loss(pred: Tensor, gt: Tensor, net: str = "vgg") -> Tensor:
+    """Differentiable mean LPIPS of (..., H, W, 3) images for training; RuntimeError when LPIPS is unavailable
+    (asked for explicitly, so it must not be skipped silently)."""
+    _check_pair(pred, gt, "lpips_loss")
+    model = _get_lpips(net, pred.device)
     if model is None:
-        return None
-    x = _to_nchw(pred.clamp(0, 1)) * 2 - 1  # lpips expects [-1, 1]
-    y = _to_nchw(gt.clamp(0, 1)) * 2 - 1
-    per_image = model(x, y).reshape(-1)
-    return _reduce(per_image, pred.shape[:-3], reduction)
+        raise RuntimeError(_LPIPS_UNAVAILABLE[0])
+    return _lpips_distance(model, pred, gt, "mean")
 
 
 def mse_to_psnr(mse: float) -> float:

@@ -28,7 +28,7 @@ from utils.config import to_dict
 from utils.dataset import DataConfig, MultiViewDataset
 from utils.device import resolve_device
 from utils.io import atomic_torch_save, save_image_grid
-from utils.losses import l1, psnr, ssim
+from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
 from utils.model_io import save_model
 
 
@@ -36,6 +36,8 @@ from utils.model_io import save_model
 class LossConfig:
     l1_weight: float = 0.8  # weight of the L1 photometric term (paper: 0.8)
     ssim_weight: float = 0.2  # weight of (1 - SSIM) (paper: 0.2)
+    lpips_weight: float = 0.0  # weight of LPIPS (optional: needs the lpips package, torchvision and its weights)
+    lpips_net: str = "vgg"  # LPIPS backbone
     code_reg: float = 0.0  # weight of the mean squared code norm (the paper's cs_reg_weight)
     offset_reg: float = 1e-3  # weight of the squared Gaussian offsets (edge units): keeps Gaussians on the surface
     scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
@@ -127,6 +129,11 @@ class Trainer:
             raise ValueError(
                 f"batch_identities={cfg.batch_identities} must be divisible by the number of ranks ({self.world})"
             )
+        if cfg.loss.lpips_weight > 0 and not lpips_available(cfg.loss.lpips_net):
+            raise ValueError(
+                f"loss.lpips_weight={cfg.loss.lpips_weight} needs LPIPS, which is not usable here: pip install lpips "
+                f"(it needs torchvision and downloads the {cfg.loss.lpips_net} weights once), or set loss.lpips_weight 0"
+            )
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         torch.manual_seed(cfg.seed)
@@ -208,6 +215,9 @@ class Trainer:
         total = total + lc.offset_reg * regs["offset"] + lc.scale_reg * regs["scale"]
         if lc.code_reg > 0:
             total = total + lc.code_reg * regs["code"]
+        if lc.lpips_weight > 0:
+            terms["lpips"] = lpips_loss(pred.flatten(0, 1), gt.flatten(0, 1), lc.lpips_net)
+            total = total + lc.lpips_weight * terms["lpips"]
         terms.update({f"reg_{k}": v for k, v in regs.items()})
         terms["loss"] = total
         return terms
