@@ -202,9 +202,3 @@ class MultiViewDataset:
 
     def serial_index(self, serials: Sequence[str]) -> list[int]:
         return [self.serials.index(s) for s in serials]
-
-    def views(self, identity: int, serial_ids: Sequence[int]) -> tuple[Tensor, list[Camera]]:
-        """Float images (C, h, w, 3) in [0, 1] and cameras of one identity's views."""
-        idx = torch.as_tensor(list(serial_ids), device=self.device)
-        img = self.images[identity].index_select(0, idx).float() / 255.0
-        return img, [self.cameras[identity][i] for i in serial_ids]
