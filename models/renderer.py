@@ -222,10 +222,10 @@ class _TilePlan:
     """
 
     def __init__(self, means2d: Tensor, radii: Tensor, depth: Tensor, n_cams: int, n_per_cam: int,
-                 width: int, height: int, tile: int, budget: int, max_alpha: float) -> None:
+                 width: int, height: int, tile: int, budget: int, max_alpha: float, need_grad: bool = True) -> None:
         dev = means2d.device
         self.T, self.max_alpha = tile, max_alpha
-        self.need_grad = True  # set by the caller: keep per-candidate values for backward
+        self.need_grad = need_grad  # keep per-candidate values for a backward pass
         self.tiles_x, self.tiles_y = math.ceil(width / tile), math.ceil(height / tile)
         per_cam = self.tiles_x * self.tiles_y
         self.n_tiles = n_cams * per_cam
@@ -411,11 +411,10 @@ def _rasterize_torch(
     plan = _TilePlan(
         means2d.detach(), proj["radii"].reshape(C * N, 2), proj["depth"].detach().reshape(C * N),
         C, N, W, H, TILE, budget, float(MAX_ALPHA),
+        need_grad=torch.is_grad_enabled() and any(
+            t.requires_grad for t in (cloud.means, cloud.quats, cloud.scales, cloud.opacities, cloud.sh)),
     )
     feats = torch.cat([proj["colors"], proj["depth"].unsqueeze(-1)], -1).reshape(C * N, 4)
-    plan.need_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (cloud.means, cloud.quats, cloud.scales, cloud.opacities, cloud.sh)
-    )  # else nothing is kept for a backward pass
     out = _TileRaster.apply(means2d, proj["conic"].reshape(C * N, 3), proj["opac"].reshape(C * N), feats, plan)
     T = plan.T
     img = out.reshape(C, plan.tiles_y, plan.tiles_x, T, T, 5).permute(0, 1, 3, 2, 4, 5)
@@ -436,9 +435,12 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
     except ImportError as exc:
         raise ImportError("the gsplat backend needs the gsplat package: pip install gsplat==1.5.3") from exc
     if len(cloud.batch_shape):
-        stacks = [stack_cameras([c.to(cloud.device) for c in cams]) for cams in cameras]
+        stacks = [stack_cameras([c.to(cloud.device) for c in cams]) for cams in cameras]  # checks each list
+        sizes = {(s[2], s[3]) for s in stacks}
+        if len(sizes) != 1:
+            raise ValueError(f"cameras rendered together must share one image size, got {sorted(sizes)}")
         K, w2c = torch.stack([s[0] for s in stacks]), torch.stack([s[1] for s in stacks])
-        W, H = stacks[0][2], stacks[0][3]
+        (W, H), = sizes
     else:
         K, w2c, W, H = stack_cameras([c.to(cloud.device) for c in cameras])
     bg = None if background is None else background.to(cloud.means).expand(*K.shape[:-2], 3)
@@ -485,8 +487,6 @@ def render_identities(
         raise ValueError("render_identities needs the same number of cameras for every identity")
     which = _pick_backend(backend, clouds.device)
     if which == "gsplat":
-        for b in range(len(cameras)):
-            stack_cameras(cameras[b])  # same-size check
         if background is not None and tuple(background.shape) != (3,):
             raise ValueError(f"background must be a (3,) RGB tensor, got shape {tuple(background.shape)}")
         return _render_gsplat(clouds, cameras, background)

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.flame import subdivide_vertices
 from models.renderer import render, render_batch
 from utils.cameras import Camera, load_camera_params
 from utils.config import add_config_args, build_config, to_dict
@@ -564,10 +563,9 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         unit = mean_edge_length(base0, model.base_faces)
     fused = {"fused": True} if base0.device.type == "cuda" else {}
     opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), **fused)
-    # subdivision with index tensors already on the device (no host-to-device copy per iteration); without geometry
-    # refinement the subdivided vertices are constant and computed once
-    plan = model.plan.to(base0.device)
-    verts0 = subdivide_vertices(base0, plan)[None]
+    # without geometry refinement the subdivided vertices are constant and computed once (model.plan already holds
+    # its index tensors on the model's device: no host-to-device copy per iteration)
+    verts0 = model.vertices(base0)[None]
     with torch.no_grad():  # fixed geometry: surface frames once, not every iteration
         surface0 = f.surface_frames(verts0)
 
@@ -587,7 +585,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         if offsets is None:
             cloud = f.synthesize(style_of(var)[None], verts0, surface=surface0)[0]
         else:
-            cloud = f.synthesize(style_of(var)[None], subdivide_vertices(base0 + offsets, plan)[None])[0]
+            cloud = f.synthesize(style_of(var)[None], model.vertices(base0 + offsets)[None])[0]
         pred = render(cloud, cam, backend=backend)["image"]
         loss = photometric(pred, gt, cfg)
         total = loss

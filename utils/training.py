@@ -91,16 +91,15 @@ def launched_by_torchrun() -> bool:
 def init_distributed(device_name: str) -> tuple[torch.device, int, int]:
     """Join the process group when launched by torchrun (also with one process, so that the DDP path is the one
     that runs); return (device, rank, world size)."""
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if launched_by_torchrun() and dist.is_available() and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank, world, local = _dist_info()
     if dist.is_available() and dist.is_initialized():
-        use_cuda = device_name != "cpu" and torch.cuda.is_available()
-        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     else:
         dev = resolve_device(device_name)
     return dev, rank, world
@@ -125,6 +124,7 @@ class Trainer:
         self.cfg = cfg
         self.device, self.rank, self.world = init_distributed(cfg.device)
         self.is_main = self.rank == 0
+        self.ddp = dist.is_available() and dist.is_initialized()
         if cfg.batch_identities % self.world != 0:
             raise ValueError(
                 f"batch_identities={cfg.batch_identities} must be divisible by the number of ranks ({self.world})"
@@ -146,7 +146,7 @@ class Trainer:
         self.field = IdentityField(cfg.model, len(self.data), template, self.data.faces).to(self.device)
         self.plan = self.data.plan.to(self.device)
         self.module: nn.Module = _BatchForward(self.field)
-        if dist.is_available() and dist.is_initialized():
+        if self.ddp:
             self.module = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -401,7 +401,7 @@ class Trainer:
         self.export()
         if self.writer is not None:
             self.writer.close()
-        if dist.is_available() and dist.is_initialized():
+        if self.ddp:
             dist.barrier()
         return {k: v for k, v in metrics.items() if not k.startswith("_")}
 
