@@ -148,20 +148,26 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         render_batch(cloud, orbit, backend=backend)
     sync(device)
     out["fps_cached_512x512_batch16"] = 16 * max(1, repeats // 16) / (time.perf_counter() - t)
-    # network in the loop (interpolation): a new code every frame
+    # network in the loop (interpolation): a new code every frame, eagerly and replayed from CUDA graphs
+    from models.graphed_synthesis import GraphedSynthesis
+
+    for prm in field.parameters():
+        prm.requires_grad_(False)
     codes = field.codes.weight
-    for _ in range(5):
-        render_batch(field(codes[:1], verts)[0], [cam512], backend=backend)
-    sync(device)
-    reset_peak(device)
-    t = time.perf_counter()
-    for i in range(repeats):
-        a = (i % 10) / 10
-        code = (1 - a) * codes[0:1] + a * codes[-1:]
-        render_batch(field(code, verts)[0], [cam512], backend=backend)
-    sync(device)
-    out["fps_network_512x512"] = repeats / (time.perf_counter() - t)
-    out["peak_gb_network_512x512"] = peak_gb(device)
+    graphed = GraphedSynthesis(field, verts[0], space="z", requires_grad=False)
+    for name, synth in (("eager", lambda z: field(z[None], verts)[0]), ("graphed", graphed)):
+        for _ in range(5):
+            render_batch(synth(codes[0]), [cam512], backend=backend)
+        sync(device)
+        reset_peak(device)
+        t = time.perf_counter()
+        for i in range(repeats):
+            a = (i % 10) / 10
+            render_batch(synth((1 - a) * codes[0] + a * codes[-1]), [cam512], backend=backend)
+        sync(device)
+        out[f"fps_network_512x512_{name}"] = repeats / (time.perf_counter() - t)
+        out[f"peak_gb_network_512x512_{name}"] = peak_gb(device)
+    out["network_graphed"] = graphed.graphed if graphed.fallback_reason is None else graphed.fallback_reason
     return out
 
 

@@ -412,8 +412,8 @@ class IdentityField(nn.Module):
         t = coef[:, 0:1] * e1 + coef[:, 1:2] * e2
         t = t - n * (n * t).sum(-1, keepdim=True)  # Gram-Schmidt against the normal
         # Fallback for degenerate (collapsed) neighbourhoods: any direction orthogonal to n.
-        alt = torch.where((n[..., :1].abs() < 0.9), torch.tensor([1.0, 0.0, 0.0], dtype=n.dtype, device=n.device),
-                          torch.tensor([0.0, 1.0, 0.0], dtype=n.dtype, device=n.device))
+        eye = torch.eye(3, dtype=n.dtype, device=n.device)  # built on the device: no host copy (CUDA-graph safe)
+        alt = torch.where((n[..., :1].abs() < 0.9), eye[0], eye[1])
         alt = torch.cross(n, alt.expand_as(n), dim=-1)
         ok = t.square().sum(-1, keepdim=True) > 1e-20 * e1.square().sum(-1, keepdim=True).clamp_min(1e-30)
         t = _safe_normalize(torch.where(ok, t, alt))

@@ -427,9 +427,28 @@ def _rasterize_torch(
 
 
 # ---------------------------------------------------------------------------------------------------- gsplat
+def _gsplat_colors(cloud: GaussianCloud, w2c: Tensor) -> Tensor:
+    """RGB per Gaussian for gsplat's ``sh_degree=None`` input: (..., N, 3) at SH degree 0, else (..., C, N, 3).
+
+    Same values as gsplat's own SH path (``clamp_min(SH + 0.5, 0)``), but the camera centres come from the
+    world-to-camera matrices in closed form (-R^T t): gsplat's path inverts the view matrices with torch.inverse,
+    which synchronises the GPU with the host on every call, and at degree 0 the SH kernel is a scale and shift."""
+    from gsplat import spherical_harmonics
+
+    if cloud.sh_degree == 0:
+        return (cloud.sh[..., 0, :] * _C0 + 0.5).clamp_min(0.0)
+    R, t = w2c[..., :3, :3], w2c[..., :3, 3:]
+    centres = -(R.transpose(-1, -2) @ t).squeeze(-1)  # (..., C, 3)
+    dirs = cloud.means.unsqueeze(-3) - centres.unsqueeze(-2)  # (..., C, N, 3)
+    shs = cloud.sh.unsqueeze(-4).expand(*dirs.shape[:-1], *cloud.sh.shape[-2:])
+    return (spherical_harmonics(cloud.sh_degree, dirs, shs) + 0.5).clamp_min(0.0)
+
+
 def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Sequence[Camera]],
-                   background: Tensor | None) -> dict[str, Tensor]:
-    """One gsplat call; a batched cloud (B, N, ...) takes B lists of C cameras (outputs (B, C, H, W, ...))."""
+                   background: Tensor | None, stacked: tuple[Tensor, Tensor, int, int] | None = None
+                   ) -> dict[str, Tensor]:
+    """One gsplat call; a batched cloud (B, N, ...) takes B lists of C cameras (outputs (B, C, H, W, ...)).
+    ``stacked``: the cameras' ``stack_cameras`` result when the caller already has it (unbatched cloud only)."""
     try:
         from gsplat import rasterization
     except ImportError as exc:
@@ -442,19 +461,19 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
         K, w2c = torch.stack([s[0] for s in stacks]), torch.stack([s[1] for s in stacks])
         (W, H), = sizes
     else:
-        K, w2c, W, H = stack_cameras([c.to(cloud.device) for c in cameras])
+        K, w2c, W, H = stacked if stacked is not None else stack_cameras([c.to(cloud.device) for c in cameras])
     bg = None if background is None else background.to(cloud.means).expand(*K.shape[:-2], 3)
     colors, alphas, _ = rasterization(
         means=cloud.means,
         quats=cloud.quats,
         scales=cloud.scales,
         opacities=cloud.opacities,
-        colors=cloud.sh,
+        colors=_gsplat_colors(cloud, w2c),
         viewmats=w2c,
         Ks=K,
         width=W,
         height=H,
-        sh_degree=cloud.sh_degree,
+        sh_degree=None,
         near_plane=NEAR_PLANE,
         render_mode="RGB+ED",
         backgrounds=bg,
@@ -606,10 +625,11 @@ def render_batch(
     if not cameras:
         raise ValueError("render_batch needs at least one camera")
     _validate(cloud, cameras, background)
-    stack_cameras(cameras)  # raises on mixed image sizes
     which = _pick_backend(backend, cloud.device)
     if which == "gsplat":
-        return _render_gsplat(cloud, cameras, background)
+        stacked = stack_cameras([c.to(cloud.device) for c in cameras])  # raises on mixed image sizes
+        return _render_gsplat(cloud, cameras, background, stacked)
+    stack_cameras(cameras)  # raises on mixed image sizes
     if which == "inria":
         return _render_inria(cloud, cameras, background)
     return _rasterize_torch(cloud, cameras, background, chunk_elements)

@@ -77,7 +77,23 @@ def test_ssim_matches_reference_formula():
     sxx, syy, sxy = f(X * X) - mx ** 2, f(Y * Y) - my ** 2, f(X * Y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ref = ((2 * mx * my + c1) * (2 * sxy + c2) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean()
-    assert ssim(x, y).item() == pytest.approx(ref.item(), abs=1e-5)
+    for method in losses.SSIM_METHODS:
+        assert ssim(x, y, method=method).item() == pytest.approx(ref.item(), abs=1e-5), method
+
+
+def test_ssim_methods_agree_in_value_and_gradient():
+    """The stacked-maps SSIM that CUDA uses by default equals pytorch_msssim, gradients included."""
+    x, y = _img(2, 40, 33, 3), _img(2, 40, 33, 3, seed=7)
+    out = {}
+    for method in ("msssim", "grouped"):
+        xg = x.clone().requires_grad_(True)
+        v = ssim(xg, y, reduction="none", method=method)
+        v.sum().backward()
+        out[method] = (v.detach(), xg.grad)
+    torch.testing.assert_close(out["grouped"][0], out["msssim"][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["grouped"][1], out["msssim"][1], atol=1e-8, rtol=1e-4)
+    with pytest.raises(ValueError, match="method"):
+        ssim(x, y, method="fft")
 
 
 def test_photometric_loss_value_and_gradient():

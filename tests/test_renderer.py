@@ -330,3 +330,16 @@ def test_memory_bound_fwd_bwd_in_child_process():
     assert res.returncode == 0, res.stderr
     peak_kb = int(res.stdout.strip().splitlines()[-1])
     assert peak_kb < 1.5 * 1024 * 1024, f"peak RSS {peak_kb / 1024:.0f} MB"
+
+
+def test_gsplat_colour_input_at_degree_zero_is_the_sh_colour():
+    """The gsplat path hands gsplat per-Gaussian RGB (no SH evaluation inside gsplat, whose camera-centre inversion
+    synchronises the GPU); at degree 0 that RGB must equal the SH colour of the torch backend."""
+    from models.renderer import _gsplat_colors, eval_sh
+
+    cloud = random_cloud(50, sh_degree=0, generator=torch.Generator().manual_seed(3))
+    cams = [Camera.look_at((0, 0, 0.6), (0, 0, 0), (0, 1, 0), 16, 16), Camera.look_at((0.3, 0, 0.5), (0, 0, 0))]
+    w2c = torch.stack([c.w2c for c in cams])
+    rgb = _gsplat_colors(cloud, w2c)
+    assert rgb.shape == (50, 3)
+    torch.testing.assert_close(rgb, eval_sh(cloud.sh, torch.zeros(50, 3)))

@@ -193,6 +193,8 @@ def stack_cameras(cameras: Sequence[Camera]) -> tuple[Tensor, Tensor, int, int]:
     sizes = {(c.width, c.height) for c in cameras}
     if len(sizes) != 1:
         raise ValueError(f"cameras rendered together must share one image size, got {sorted(sizes)}")
+    if len(cameras) == 1:  # views, not copies: one camera per call is the hot path of interactive rendering
+        return cameras[0].K[None], cameras[0].w2c[None], cameras[0].width, cameras[0].height
     K = torch.stack([c.K for c in cameras])
     w2c = torch.stack([c.w2c.to(K.device) for c in cameras])
     w, h = sizes.pop()

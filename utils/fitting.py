@@ -12,9 +12,10 @@ Pipeline (``track``)::
     export  code.pt, head.ply (3DGS layout), views/cam_<serial>.png (render | photo), grid.png, turntable.mp4,
             metrics.json
 
-Speed: the per-iteration work is one network forward (frozen weights, only the optimised vector needs gradients),
-one rasterizer call on the cropped view and the loss; the loop never synchronises with the host except every
-``fit.check_every`` iterations for the early-stopping test, so it runs asynchronously on a GPU.
+Speed: the per-iteration work is one network forward and backward (frozen weights, only the optimised vector needs
+gradients; on a GPU replayed from CUDA graphs, models/graphed_synthesis.py), one rasterizer call on the cropped view
+and the loss; the loop never synchronises with the host except every ``fit.check_every`` iterations for the
+early-stopping test, so it runs asynchronously on a GPU.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render, render_batch
 from utils.cameras import Camera, load_camera_params
 from utils.config import add_config_args, build_config, to_dict
@@ -73,6 +75,7 @@ class FitConfig:
     offset_weight: float = 1.0  # weight of the squared offsets (edge-length units)
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
+    cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
 
 
 @dataclass
@@ -565,9 +568,11 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), **fused)
     # without geometry refinement the subdivided vertices are constant and computed once (model.plan already holds
     # its index tensors on the model's device: no host-to-device copy per iteration)
-    verts0 = model.vertices(base0)[None]
-    with torch.no_grad():  # fixed geometry: surface frames once, not every iteration
-        surface0 = f.surface_frames(verts0)
+    verts0 = model.vertices(base0)
+    # The frozen network at batch 1 is launch-bound on a GPU: replay its forward and backward from CUDA graphs
+    # (fixed geometry: surface frames computed once at capture).  Eager on a CPU or with fit.cuda_graphs=false.
+    synth = GraphedSynthesis(f, verts0, space=cfg.space, dynamic_geometry=offsets is not None,
+                             use_graphs=None if cfg.cuda_graphs else False)
 
     def style_of(v: Tensor) -> Tensor:
         return v if cfg.space == "w" else f.style(v[None], update_w_avg=False)[0]
@@ -582,10 +587,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         mult = cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * mult
-        if offsets is None:
-            cloud = f.synthesize(style_of(var)[None], verts0, surface=surface0)[0]
-        else:
-            cloud = f.synthesize(style_of(var)[None], model.vertices(base0 + offsets)[None])[0]
+        cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
         pred = render(cloud, cam, backend=backend)["image"]
         loss = photometric(pred, gt, cfg)
         total = loss

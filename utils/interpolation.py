@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
 from utils.cameras import Camera, load_camera_params
 from utils.device import resolve_device
@@ -228,13 +229,17 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     for old in frame_dir.glob("frame_*.png"):  # a shorter rerun must not leave frames of the previous one
         old.unlink()
     f = model.field.eval()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    # a new style every frame through the frozen network at batch 1: replayed from CUDA graphs on a GPU
+    synth = GraphedSynthesis(f, model.vertices(geo(0, 0, 0.0)), space="w", requires_grad=False,
+                             dynamic_geometry=cfg.geometry)
     frames = []
     plan = schedule(len(keys), cfg.frames, cfg.loop)
     with torch.no_grad():
         for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
             w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
-            base = geo(i, j, t) if cfg.geometry else geo(0, 0, 0.0)
-            cloud = f.synthesize(w[None], model.vertices(base)[None])[0]
+            cloud = synth(w, model.vertices(geo(i, j, t))) if cfg.geometry else synth(w)
             deg = cfg.orbit * n / (total if cfg.loop else max(1, total - 1))
             cam = orbit(cam0, centre.to(device), R[:, 1].to(device), deg)
             img = render(cloud, cam, backend=cfg.backend)["image"].clamp(0, 1)

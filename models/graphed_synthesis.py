@@ -1,0 +1,129 @@
+"""Frozen identity field -> Gaussians of ONE identity per call, replayed from CUDA graphs on a GPU.
+
+Fitting a new face (Adam on one style vector) and rendering an interpolation (a new code every frame) call the
+frozen network at batch 1 hundreds of times.  At that size the GPU work of the per-vertex network is a few tens of
+microseconds; the time goes to launching its few hundred small kernels from Python (measured on an H100: see
+benchmarks/README.md).  :class:`GraphedSynthesis` captures the network (forward, and backward when gradients are
+wanted) once into CUDA graphs and replays them, so a call costs one or two graph launches.  On a CPU, or when
+``use_graphs=False`` or capture fails (the reason is kept in ``fallback_reason``), the same function runs eagerly:
+results are identical up to floating-point summation order.
+
+The outputs of a replayed call live in static buffers that the next call overwrites (on the same CUDA stream, so
+work already queued on them, e.g. a render, is unaffected).  Keep a copy (``cloud.clone()`` or ``.detach().clone()``
+of the fields) if an output must outlive the next call.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from models.gaussians import GaussianCloud
+from models.identity_field import IdentityField
+
+_FIELDS = ("means", "quats", "scales", "opacities", "sh")
+
+
+class GraphedSynthesis:
+    """Callable ``v (S,) or (D,) [, vertices (V, 3)] -> GaussianCloud (N, ...)`` of a frozen IdentityField.
+
+    Args:
+        field: the trained field; its parameters must not require gradients (frozen) while this object is used.
+        vertices: (V, 3) posed, subdivided face-mask vertices.  With ``dynamic_geometry=False`` they are fixed for
+            every call (surface frames computed once); with ``True`` every call passes its own (V, 3) vertices
+            (an interpolation that morphs the geometry), and this tensor is only the capture example.
+        space: "w": ``v`` is a style (style_dim,); "z": ``v`` is a latent code (code_dim,) that goes through the
+            mapping network (no w_avg update).
+        requires_grad: build the backward graph too, so ``loss.backward()`` reaches ``v`` (and the vertices with
+            dynamic geometry) through the replayed network.
+        use_graphs: None = on CUDA devices; False = always eager.
+    """
+
+    def __init__(self, field: IdentityField, vertices: Tensor, space: str = "w", requires_grad: bool = True,
+                 dynamic_geometry: bool = False, use_graphs: bool | None = None) -> None:
+        if space not in ("w", "z"):
+            raise ValueError(f"GraphedSynthesis: space must be 'w' or 'z', got {space!r}")
+        if vertices.dim() != 2 or vertices.shape != (field.num_vertices, 3):
+            raise ValueError(f"GraphedSynthesis: vertices must be ({field.num_vertices}, 3), got "
+                             f"{tuple(vertices.shape)}")
+        if any(p.requires_grad for p in field.parameters()):
+            raise ValueError("GraphedSynthesis needs a frozen field (parameters with requires_grad=False)")
+        self.field, self.space, self.requires_grad = field, space, requires_grad
+        self.dynamic_geometry = dynamic_geometry
+        self.device = vertices.device
+        self.fallback_reason: str | None = None
+        verts = vertices.detach()[None]
+        surface = None
+        if not dynamic_geometry:
+            with torch.no_grad():
+                surface = field.surface_frames(verts)
+
+        def attributes(v: Tensor, *geometry: Tensor) -> tuple[Tensor, ...]:
+            w = v[None] if space == "w" else field.style(v[None], update_w_avg=False)
+            vv = geometry[0][None] if geometry else verts
+            cloud = field.synthesize(w, vv, surface=surface)[0]
+            return tuple(getattr(cloud, k) for k in _FIELDS)
+
+        self._eager = attributes
+        self._fn: Callable[..., tuple[Tensor, ...]] = attributes
+        dim = field.cfg.style_dim if space == "w" else field.cfg.code_dim
+        want = (self.device.type == "cuda") if use_graphs is None else (use_graphs and self.device.type == "cuda")
+        if want:
+            example = torch.zeros(dim, device=self.device)
+            if space == "w":
+                example += field.mapping.w_avg.to(self.device)  # a plausible style for the warm-up runs
+            args = (example,) + ((vertices.detach().clone(),) if dynamic_geometry else ())
+            try:
+                self._fn = self._capture(attributes, args)
+            except Exception as exc:  # keep working (eagerly) where a capture is not possible
+                self.fallback_reason = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"GraphedSynthesis: CUDA graph capture failed, running eagerly ({self.fallback_reason})")
+                torch.cuda.synchronize(self.device)
+                self._fn = attributes
+
+    @property
+    def graphed(self) -> bool:
+        """True when calls replay CUDA graphs."""
+        return self._fn is not self._eager
+
+    def _capture(self, fn: Callable[..., tuple[Tensor, ...]], args: tuple[Tensor, ...]):
+        if self.requires_grad:
+            sample = tuple(a.clone().requires_grad_(True) for a in args)
+            return torch.cuda.make_graphed_callables(fn, sample)
+        # forward only: one graph with static input and output buffers
+        static_in = tuple(a.clone() for a in args)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):  # warm-up outside the graph (allocator, lazy kernels)
+                fn(*static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            static_out = fn(*static_in)
+
+        def replay(*a: Tensor) -> tuple[Tensor, ...]:
+            for dst, src in zip(static_in, a):
+                dst.copy_(src)
+            graph.replay()
+            return static_out
+
+        return replay
+
+    def __call__(self, v: Tensor, vertices: Tensor | None = None) -> GaussianCloud:
+        """v: (style_dim,) or (code_dim,) -> unbatched GaussianCloud (N = V * K); ``vertices`` (V, 3) only (and
+        always) with ``dynamic_geometry``."""
+        if (vertices is not None) != self.dynamic_geometry:
+            raise ValueError("GraphedSynthesis: pass vertices exactly when built with dynamic_geometry=True")
+        args = (v,) if vertices is None else (v, vertices)
+        if self.graphed and not self.requires_grad:
+            with torch.no_grad():
+                out = self._fn(*args)
+        elif self.graphed and self.requires_grad and not any(a.requires_grad for a in args):
+            with torch.no_grad():  # the backward graph expects inputs that require grad; without them run eagerly
+                out = self._eager(*args)
+        else:
+            out = self._fn(*args)
+        return GaussianCloud(**dict(zip(_FIELDS, out)))

@@ -1,0 +1,65 @@
+"""models/graphed_synthesis.py: the batch-1 frozen-network callable used by fitting and interpolation.
+
+CUDA-graph capture itself needs a GPU (benchmarks/profile_paths.py checks graphed == eager there); on the CPU these
+tests pin down the interface and that the eager path is exactly IdentityField.synthesize / forward."""
+import pytest
+import torch
+
+from models.graphed_synthesis import GraphedSynthesis
+from tests.test_identity_field import _field
+
+
+def _frozen(**over):
+    net, v, f = _field(num_ids=3, seed=1, **over)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, v + torch.tensor([0.0, 0.0, 0.5]), f
+
+
+@pytest.mark.parametrize("space", ["w", "z"])
+def test_matches_the_field(space):
+    net, v, _ = _frozen(gaussians_per_vertex=2, sh_degree=1)
+    synth = GraphedSynthesis(net, v, space=space, requires_grad=False)
+    assert not synth.graphed and synth.fallback_reason is None  # CPU: eager by design, not by failure
+    code = net.codes.weight[1]
+    arg = net.style(code[None], update_w_avg=False)[0] if space == "w" else code
+    ref = net(code[None], v[None])[0]
+    out = synth(arg)
+    for k in ("means", "quats", "scales", "opacities", "sh"):
+        assert torch.allclose(getattr(out, k), getattr(ref, k), atol=1e-6), k
+
+
+def test_gradients_reach_the_style_and_the_vertices():
+    net, v, _ = _frozen()
+    w = net.mapping.w_avg.clone() + 0.1 * torch.randn(net.cfg.style_dim)
+    fixed = GraphedSynthesis(net, v, space="w")
+    wg = w.clone().requires_grad_(True)
+    fixed(wg).means.square().sum().backward()
+    assert wg.grad is not None and wg.grad.abs().sum() > 0
+
+    moving = GraphedSynthesis(net, v, space="w", dynamic_geometry=True)
+    vg = (v * 1.01).requires_grad_(True)
+    wg2 = w.clone().requires_grad_(True)
+    cloud = moving(wg2, vg)
+    ref = net.synthesize(w[None], (v * 1.01)[None])[0]
+    assert torch.allclose(cloud.means, ref.means, atol=1e-6)
+    cloud.means.sum().backward()
+    assert vg.grad is not None and torch.isfinite(vg.grad).all() and vg.grad.abs().sum() > 0
+    wr = w.clone().requires_grad_(True)
+    net.synthesize(wr[None], (v * 1.01)[None])[0].means.sum().backward()
+    assert torch.allclose(wg2.grad, wr.grad, atol=1e-6)
+
+
+def test_clear_errors():
+    net, v, _ = _frozen()
+    with pytest.raises(ValueError, match="space"):
+        GraphedSynthesis(net, v, space="x")
+    with pytest.raises(ValueError, match=r"vertices must be"):
+        GraphedSynthesis(net, v[:5])
+    synth = GraphedSynthesis(net, v)
+    with pytest.raises(ValueError, match="dynamic_geometry"):
+        synth(net.mapping.w_avg, v)
+    net.head.bias.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        GraphedSynthesis(net, v)
