@@ -4,6 +4,7 @@
 #   bash run_tracking.sh                       # every held-out synthetic identity (syn_data), model output/cpu/model.pt,
 #                                              # prints a Markdown table of the metrics
 #   bash run_tracking.sh --checkpoint X --out DIR                    # the same with another model / output folder
+#   bash run_tracking.sh --refine_colour false                       # code-only fit (no per-vertex colour stage)
 #   bash run_tracking.sh --subject_dir <root>/<id> --out DIR         # one NeRSemble subject (camera 222200037)
 #   bash run_tracking.sh --image me.jpg --camera_json cams.json --flame tracked_flame_params.npz --out DIR
 set -euo pipefail

@@ -1,4 +1,5 @@
-"""Reconstruct a person from ONE photo with the trained identity field frozen (fit a latent code / style).
+"""Reconstruct a person from ONE photo with the trained identity field frozen (fit a latent code / style, then a
+small regularised per-vertex colour residual; --refine_colour false for the code alone).
 
     python track.py --checkpoint output/cpu/model.pt --subject_dir syn_data/subjects/017 --out output/tracking/017
     python track.py --checkpoint model.pt --image me.jpg --camera_json camera_params.json --camera 222200037 \\

@@ -194,7 +194,8 @@ def _fit_target(model, views, base, fit_serial: str, device: torch.device):
 
 def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, long_iterations: int = 1000) -> dict:
     """Single-image fit: the default schedule (timed from a loaded model) against a long fit of
-    ``long_iterations`` Adam steps without early stopping; PSNR on the 15 unseen views for both."""
+    ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
+    PSNR on the 15 unseen views for both."""
     from utils.fitting import FitConfig, evaluate_views, fit_identity
     from utils.model_io import load_model
 
@@ -211,11 +212,14 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
         sync(device)
         seconds = time.perf_counter() - t0
         metrics, _ = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
-                                    backend=backend, lpips=False)
+                                    backend=backend, lpips=False, colour=res.code.colour)
         start, _ = evaluate_views(model, res.start_w, target.base_vertices, target.eval_views, FRONTAL_SERIAL,
                                   backend=backend, lpips=False)
         out[f"{name}_seconds"] = seconds
+        out[f"{name}_seconds_code_stage"] = res.seconds_code
+        out[f"{name}_seconds_colour_stage"] = res.seconds_colour
         out[f"{name}_iterations"] = res.iterations
+        out[f"{name}_colour_iterations"] = res.colour_iterations
         out[f"{name}_psnr_unseen"] = metrics["psnr_unseen"]
         out[f"{name}_peak_gb"] = peak_gb(device)
         out["psnr_unseen_start"] = start["psnr_unseen"]

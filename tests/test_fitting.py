@@ -93,16 +93,100 @@ def test_fit_beats_mean_code_on_unseen_views(fitted):
     _, m = fitted
     gain = m["psnr_unseen"] - m["psnr_unseen_mean_code"]
     fit_gain = m["psnr_fit_view"] - m["psnr_fit_view_mean_code"]
-    msg = (f"unseen PSNR mean code {m['psnr_unseen_mean_code']:.2f} -> fitted {m['psnr_unseen']:.2f} "
-           f"({gain:+.2f} dB); fitted view {m['psnr_fit_view_mean_code']:.2f} -> {m['psnr_fit_view']:.2f}")
-    # Measured on 2 CPU cores with this fixture (2 training identities, 120 steps, 40 fit iterations), unseen-view
-    # gain over training seeds 0/1/2/3: +1.53/+1.90/+1.55/+1.00 dB (fitted view: +2.45/+2.64/+2.61/+1.84 dB); with
-    # 250 training steps: +3.16/+2.61/+2.34/+0.95 dB.  The fitted PSNR is stable (26-27 dB); the baseline is not: the
-    # mean of 2 training codes lands closer to or farther from "017" by chance.  The issue's >= 2 dB bar therefore
-    # holds only for some seeds of such a tiny model, and the test asserts a margin that every measured seed met.
-    assert gain >= 0.75, msg
-    assert fit_gain >= 1.5, msg
+    colour_gain = m["psnr_unseen"] - m["psnr_unseen_code_only"]
+    msg = (f"unseen PSNR mean code {m['psnr_unseen_mean_code']:.2f} -> code only {m['psnr_unseen_code_only']:.2f} "
+           f"-> fitted {m['psnr_unseen']:.2f} ({gain:+.2f} dB); fitted view {m['psnr_fit_view_mean_code']:.2f} -> "
+           f"{m['psnr_fit_view']:.2f}")
+    # Measured on 2 CPU cores with this fixture (2 training identities, 120 steps; 40 code + 40 colour iterations),
+    # unseen-view gain over the mean code for training seeds 0/1/2/3 of the fit model:
+    #   code only, style_reg 0 (the old fit): +4.04/+1.82/+2.27/+2.70 dB
+    #   code only (style_reg 0.01):          +4.07/+1.86/+2.25/+2.72 dB
+    #   code + colour residual (the default): +4.49/+2.18/+2.71/+3.20 dB   (fitted view +6.68/+4.36/+5.18/+5.07)
+    # The colour stage adds +0.32..+0.48 dB on the unseen views, so every measured seed clears the issue's 2 dB bar
+    # (seed 1, whose mean-of-2-codes baseline happens to be close to "017", with the least margin).
+    assert gain >= 2.0, msg
+    assert fit_gain >= 3.0, msg
+    assert colour_gain >= 0.15, msg
     assert m["ssim_unseen"] > m["ssim_unseen_mean_code"], msg
+
+
+def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):
+    from models.gaussians import SH_C0, GaussianCloud
+    from utils.fitting import colour_offsets, load_code
+    from utils.model_io import load_model
+
+    out, m = fitted
+    model = load_model(fit_model)
+    code = load_code(out / "code.pt", model)
+    assert m["refine_colour"] and m["colour_iterations"] == 40 and code.meta["refine_colour"]
+    assert code.colour is not None and code.colour.shape == code.base_vertices.shape
+    rms = float(code.colour.square().sum(-1).mean().sqrt())
+    assert 0.0 < rms < 0.1 and float(code.colour.norm(dim=-1).max()) < 0.5  # a small correction (RGB in [0, 1])
+    assert m["colour_residual_rms"] == pytest.approx(rms, abs=1e-4)
+    # head.ply holds the network's colours plus the residual
+    with torch.no_grad():
+        dc = model.field.synthesize(code.w[None], model.vertices(code.base_vertices)[None])[0].sh[:, 0]
+        want = dc + colour_offsets(model, code.colour) / SH_C0
+    got = GaussianCloud.load_ply(out / "head.ply").sh[:, 0]
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, dc, atol=1e-3)
+
+
+def test_colour_residual_reproduces_metrics_after_reload(fitted, fit_model, preprocessed_root):  # noqa: F811
+    from utils.fitting import evaluate_views, load_code, load_subject_target
+    from utils.model_io import load_model
+
+    out, m = fitted
+    model = load_model(fit_model)
+    code = load_code(out / "code.pt", model)
+    cfg = track_cfg(preprocessed_root, fit_model, out)
+    with single_thread():
+        target = load_subject_target(model, cfg, torch.device("cpu"))
+        full, _ = evaluate_views(model, code.w, code.base_vertices, target.eval_views, FRONTAL, lpips=False,
+                                 colour=code.colour)
+        alone, _ = evaluate_views(model, code.w, code.base_vertices, target.eval_views, FRONTAL, lpips=False)
+    assert full["psnr_unseen"] == pytest.approx(m["psnr_unseen"], abs=1e-3)
+    assert alone["psnr_unseen"] == pytest.approx(m["psnr_unseen_code_only"], abs=1e-3)
+
+
+def test_colour_stage_off_and_regularised(preprocessed_root, fit_model, tmp_path):  # noqa: F811
+    from utils.fitting import fit_colour, fit_identity, load_subject_target
+    from utils.model_io import load_model
+
+    model = load_model(fit_model)
+    cfg = track_cfg(preprocessed_root, fit_model, tmp_path, **{"fit.iterations": 5, "fit.min_iterations": 5,
+                                                               "fit.refine_colour": False})
+    with single_thread():
+        target = load_subject_target(model, cfg, torch.device("cpu"))
+        res = fit_identity(model, target, cfg.fit, progress=False)
+        assert res.code.colour is None and res.colour_iterations == 0 and not res.code.meta["refine_colour"]
+        cfg.fit.colour_iterations = 10
+        norms = []
+        for weight in (1.0, 100.0):  # a stronger L2 penalty keeps the residual closer to zero
+            cfg.fit.colour_weight = weight
+            colour, losses = fit_colour(model, res.code.w, target.base_vertices, target.fit_view.camera,
+                                        target.fit_view.image, cfg.fit)
+            assert colour.shape == target.base_vertices.shape and len(losses) == 1
+            norms.append(float(colour.norm(dim=-1).mean()))
+    assert 0 < norms[1] < 0.5 * norms[0], norms
+
+
+def test_code_without_colour_still_loads(fit_model, tmp_path):
+    """code.pt files written before the colour stage (version 1, no "colour" entry) load with colour None."""
+    from utils.fitting import FittedCode, load_code, save_code
+    from utils.model_io import load_model
+
+    model = load_model(fit_model)
+    w = model.field.mapping.w_avg.clone()
+    path = save_code(tmp_path / "code.pt", FittedCode(w, None, model.base_vertices[0]), model)
+    doc = torch.load(path, weights_only=False)
+    del doc["colour"]
+    doc["version"] = 1
+    torch.save(doc, path)
+    code = load_code(path, model)
+    assert code.colour is None and torch.equal(code.w, w)
+    colour = torch.full_like(model.base_vertices[0], 0.05)
+    path2 = save_code(tmp_path / "c2.pt", FittedCode(w, None, model.base_vertices[0], colour=colour), model)
+    assert torch.equal(load_code(path2, model).colour, colour)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -110,7 +194,8 @@ def test_metrics_json_fields(fitted):
     out, m = fitted
     doc = json.loads((out / "metrics.json").read_text())
     for key in ("psnr_all", "psnr_unseen", "ssim_all", "ssim_unseen", "psnr_unseen_mean_code", "iterations",
-                "seconds", "seconds_per_phase", "lpips_all", "lpips_unseen", "per_view", "start"):
+                "seconds", "seconds_per_phase", "lpips_all", "lpips_unseen", "per_view", "start",
+                "psnr_unseen_code_only", "colour_iterations", "seconds_fit_code", "seconds_fit_colour"):
         assert key in doc, key
     assert set(doc["seconds_per_phase"]) == {"load", "fit", "evaluate", "export"}
     assert doc["seconds"] == pytest.approx(sum(doc["seconds_per_phase"].values()), abs=1e-3)
@@ -215,11 +300,13 @@ def test_cli_all_heldout_prints_table(preprocessed_root, fit_model, tmp_path, ca
 
     with single_thread():
         rows = track.main(["--all_heldout", "--data_root", str(preprocessed_root), "--checkpoint", str(fit_model),
-                           "--out", str(tmp_path), "--iterations", "3", "--fit.min_iterations", "3",
-                           "--progress", "false", "--export.turntable", "false", "--export.views", "false"])
+                           "--out", str(tmp_path), "--iterations", "3", "--fit.min_iterations", "3", "--refine_colour",
+                           "false", "--progress", "false", "--export.turntable", "false", "--export.views", "false"])
     printed = capsys.readouterr().out
     assert [r["identity"] for r in rows] == ["017"]
+    assert rows[0]["colour_iterations"] == 0 and rows[0]["psnr_unseen_code_only"] == rows[0]["psnr_unseen"]
     assert "| 017 |" in printed and "**mean**" in printed and "PSNR unseen, fitted" in printed
+    assert "PSNR unseen, code only" in printed
     assert (tmp_path / "017" / "metrics.json").is_file() and (tmp_path / "summary.md").is_file()
 
 
@@ -230,7 +317,8 @@ def test_help_documents_every_flag(capsys):
         track.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--subject_dir", "--camera", "--flame_dir", "--image", "--camera_json", "--flame",
-                 "--mask", "--out", "--refine_geometry", "--all_heldout", "--fit.iterations", "--export.turntable"):
+                 "--mask", "--out", "--refine_geometry", "--refine_colour", "--fit.colour_iterations", "--all_heldout",
+                 "--fit.iterations", "--export.turntable"):
         assert flag in text, flag
 
 

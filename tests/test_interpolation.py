@@ -28,9 +28,16 @@ def video_frames(path: Path) -> int:
     return n
 
 
+def key_colour(base: torch.Tensor) -> torch.Tensor:
+    """A smooth per-vertex colour residual (M, 3) like the one track.py's colour stage fits."""
+    x = (base[:, :1] - base[:, :1].mean()) / (base[:, :1].std() + 1e-9)
+    return 0.05 * torch.tanh(x) * torch.tensor([1.0, -1.0, 0.5])
+
+
 @pytest.fixture(scope="module")
 def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
-    """A code.pt as track.py writes it (w-space fit, its own base vertices), without running a fit."""
+    """A code.pt as track.py writes it (w-space fit, its own base vertices, a colour residual), without running a
+    fit."""
     from utils.fitting import FittedCode, save_code
     from utils.model_io import load_model
 
@@ -39,8 +46,8 @@ def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
     with torch.no_grad():
         w = f.style(f.codes.weight, update_w_avg=False).mean(0) * 1.1
     base = model.base_vertices.mean(0) + 0.002
-    return save_code(tmp_path_factory.mktemp("person") / "017" / "code.pt", FittedCode(w, None, base, "017"), model,
-                     str(fit_model))
+    return save_code(tmp_path_factory.mktemp("person") / "017" / "code.pt",
+                     FittedCode(w, None, base, "017", colour=key_colour(base)), model, str(fit_model))
 
 
 # ------------------------------------------------------------------------------------------------ maths
@@ -78,10 +85,26 @@ def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
     keys = [resolve_key(model, name, torch.device("cpu")) for name in model.identities[:2]]
     geo = GeometryInterpolator(model.template_base, keys)
     assert torch.allclose(geo(0, 1, 0.0), keys[0].base_vertices, atol=1e-5)
+    assert all(k.colour is None for k in keys)  # training identities have no colour residual
     _, R0, _ = head_pose(model.template_base, keys[0].base_vertices)
     for t in (0.5, 1.0):  # every frame stays in the first key's head pose
         _, R, _ = head_pose(model.template_base, geo(0, 1, t))
         assert torch.allclose(R, R0, atol=1e-3)
+
+
+def test_colour_residuals_interpolate_linearly(fit_model, fitted_code):  # noqa: F811
+    from utils.interpolation import interpolate_colours, resolve_key
+    from utils.model_io import load_model
+
+    model = load_model(fit_model)
+    cpu = torch.device("cpu")
+    keys = [resolve_key(model, "300", cpu), resolve_key(model, str(fitted_code), cpu), resolve_key(model, "301", cpu)]
+    c = keys[1].colour
+    assert c is not None and torch.allclose(c, key_colour(keys[1].base_vertices))
+    assert interpolate_colours(keys, 0, 2, 0.5) is None  # two training identities: nothing to add
+    assert torch.allclose(interpolate_colours(keys, 0, 1, 0.25), 0.25 * c)  # training identity = zero residual
+    assert torch.allclose(interpolate_colours(keys, 1, 2, 0.0), c)
+    assert torch.allclose(interpolate_colours(keys, 1, 2, 1.0), torch.zeros_like(c))
 
 
 # ------------------------------------------------------------------------------------------------ videos
@@ -101,6 +124,18 @@ def test_loop_with_fitted_code_frames_video_and_plys(fit_model, fitted_code, tmp
     plys = sorted(p.name for p in (out / "keyframes").glob("*.ply"))
     assert plys == ["key_00_300.ply", "key_01_301.ply", "key_02_017.ply"]
     assert len(GaussianCloud.load_ply(out / "keyframes" / "key_02_017.ply")) > 0
+    # the fitted key's frame carries its colour residual (colours do not depend on the geometry), a training key none
+    from models.gaussians import SH_C0
+    from utils.fitting import colour_offsets, load_code
+    from utils.model_io import load_model
+
+    model = load_model(fit_model)
+    code = load_code(fitted_code, model)
+    with torch.no_grad():
+        dc = model.field.synthesize(code.w[None], model.vertices(code.base_vertices)[None])[0].sh[:, 0]
+    got = GaussianCloud.load_ply(out / "keyframes" / "key_02_017.ply").sh[:, 0]
+    assert torch.allclose(got, dc + colour_offsets(model, code.colour) / SH_C0, atol=1e-4)
+    assert s["colour_residuals"] == [False, False, True]
 
 
 def test_no_loop_linear_z_space_and_still_camera(fit_model, tmp_path):  # noqa: F811

@@ -7,15 +7,23 @@ Pipeline (``track``)::
     fit     Adam on the style w (or the code z) from a start point (mean code / w_avg / mean training style, or the
             best of them on the photo), loss 0.8 * L1 + 0.2 * (1 - SSIM), exponential lr decay, early stopping on a
             loss plateau; optionally small regularised offsets of the base vertices (``fit.refine_geometry``)
+    colour  (``fit.refine_colour``, on by default) with the fitted code fixed, Adam on a per-vertex RGB residual of
+            the level-0 face-mask vertices (upsampled through the subdivision like the geometry, added to the
+            Gaussians' SH DC term), same photometric loss plus a mesh-Laplacian smoothness and an L2 penalty: detail
+            the frozen network cannot express for a new person; vertices the photo does not show get no data
+            gradient and stay near zero (L2) and smooth with their seen neighbours (Laplacian)
     evaluate PSNR / SSIM (/ LPIPS) on every calibrated view with a photo, over all views and over the unseen ones
-            (every camera but the fitted one), for the fitted code and for the mean code (the "before" baseline)
+            (every camera but the fitted one), for the fitted identity (code + colour residual), for the code alone
+            and for the mean code (the "before" baseline)
     export  code.pt, head.ply (3DGS layout), views/cam_<serial>.png (render | photo), grid.png, turntable.mp4,
             metrics.json
 
 Speed: the per-iteration work is one network forward and backward (frozen weights, only the optimised vector needs
 gradients; on a GPU replayed from CUDA graphs, models/graphed_synthesis.py), one rasterizer call on the cropped view
 and the loss; the loop never synchronises with the host except every ``fit.check_every`` iterations for the
-early-stopping test, so it runs asynchronously on a GPU.
+early-stopping test, so it runs asynchronously on a GPU.  The colour stage does not run the network at all: the
+fitted Gaussians are synthesised once and each iteration only adds the residual to their colours, renders and steps
+(again synchronising only every ``fit.check_every`` iterations).
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.gaussians import SH_C0, GaussianCloud
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render, render_batch
 from utils.cameras import Camera, load_camera_params
@@ -45,7 +54,7 @@ from utils.model_io import TrainedModel, load_model
 from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES, HELDOUT_SERIALS, NersembleSubject
 
 CODE_FORMAT = "identity-field-code"
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: optional per-vertex colour residual ("colour"); version 1 files (without it) still load
 INITS = ("auto", "mean_code", "w_avg", "mean_w")
 SPACES = ("w", "z")
 
@@ -68,11 +77,17 @@ class FitConfig:
     min_iterations: int = 30  # never stop before this many iterations
     l1_weight: float = 0.8  # weight of L1 (paper: 0.8)
     ssim_weight: float = 0.2  # weight of 1 - SSIM (paper: 0.2)
-    style_reg: float = 0.0  # weight of the mean squared distance of w from its start (w space only; 0: off)
+    style_reg: float = 0.01  # weight of the mean squared distance of w from its start (w space only; 0: off)
     refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
     geometry_lr: float = 2e-4  # Adam learning rate of the vertex offsets, in metres
     laplacian_weight: float = 100.0  # weight of the squared uniform Laplacian of the offsets (edge-length units)
     offset_weight: float = 1.0  # weight of the squared offsets (edge-length units)
+    refine_colour: bool = True  # after the code fit: a regularised per-vertex RGB residual of the level-0 vertices
+    #                             (upsampled like the geometry, added to the Gaussians' colour; network not re-run)
+    colour_iterations: int = 40  # Adam iterations of the colour stage (a fixed count; 0 skips the stage)
+    colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
+    colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
+    colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
     cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
@@ -118,9 +133,9 @@ class TrackConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "iterations": "fit.iterations", "init": "fit.init",
-                 "space": "fit.space"}
-TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "progress")
+TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit.refine_colour",
+                 "iterations": "fit.iterations", "init": "fit.init", "space": "fit.space"}
+TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress")
 
 
 # ====================================================================================== CLI helpers
@@ -431,13 +446,38 @@ def load_image_target(model: TrainedModel, cfg: TrackConfig, device: torch.devic
 @dataclass
 class FittedCode:
     """A fitted identity: style ``w`` (S,), code ``z`` (D,) when fitted in z space (else None), level-0 world-space
-    face-mask vertices ``base_vertices`` (M, 3) (tracked, plus offsets when refined)."""
+    face-mask vertices ``base_vertices`` (M, 3) (tracked, plus offsets when refined), and ``colour`` (M, 3): the
+    per-vertex RGB residual of the colour stage on the level-0 vertices (None: no residual, e.g. a training identity
+    or a code-only fit; render every FittedCode through :func:`code_cloud` so that it is applied)."""
 
     w: Tensor
     z: Tensor | None
     base_vertices: Tensor
     name: str = ""
     meta: dict = field(default_factory=dict)
+    colour: Tensor | None = None
+
+
+def colour_offsets(model: TrainedModel, colour: Tensor) -> Tensor:
+    """Per-Gaussian RGB offsets (N, 3) of a level-0 residual (M, 3): upsampled through the subdivision plan (linear,
+    like the geometry), then each Gaussian takes its vertex's value."""
+    return model.vertices(colour).index_select(0, model.field.gaussian_vertex_ids)
+
+
+def with_colour(cloud: GaussianCloud, offsets: Tensor | None) -> GaussianCloud:
+    """``cloud`` (N Gaussians, unbatched) with RGB ``offsets`` (N, 3) added to its colour (the SH DC term; higher
+    bands untouched); ``offsets`` None returns ``cloud`` itself."""
+    if offsets is None:
+        return cloud
+    dc = cloud.sh[..., :1, :] + (offsets / SH_C0).unsqueeze(-2).to(cloud.sh.dtype)
+    return GaussianCloud(cloud.means, cloud.quats, cloud.scales, cloud.opacities,
+                         torch.cat([dc, cloud.sh[..., 1:, :]], dim=-2))
+
+
+def code_cloud(model: TrainedModel, w: Tensor, base: Tensor, colour: Tensor | None = None) -> GaussianCloud:
+    """The Gaussians (unbatched) of style w (S,) on level-0 vertices base (M, 3), plus the colour residual (M, 3)."""
+    cloud = model.field.synthesize(w[None], model.vertices(base)[None])[0]
+    return cloud if colour is None else with_colour(cloud, colour_offsets(model, colour))
 
 
 def model_signature(model: TrainedModel) -> dict:
@@ -448,11 +488,13 @@ def model_signature(model: TrainedModel) -> dict:
 
 
 def save_code(path: str | os.PathLike, code: FittedCode, model: TrainedModel, checkpoint: str = "") -> Path:
-    """Write code.pt: the fitted style/code and base vertices, plus what is needed to check compatibility."""
+    """Write code.pt: the fitted style/code, base vertices and colour residual (None when there is none), plus what
+    is needed to check compatibility."""
     doc = {
         "format": CODE_FORMAT, "version": CODE_VERSION, "name": code.name,
         "w": code.w.detach().cpu(), "z": None if code.z is None else code.z.detach().cpu(),
         "base_vertices": code.base_vertices.detach().cpu(),
+        "colour": None if code.colour is None else code.colour.detach().cpu(),
         "checkpoint": str(checkpoint), "signature": model_signature(model), "meta": code.meta,
     }
     return atomic_torch_save(doc, path)
@@ -474,10 +516,14 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
         if sig.get("model_config") != want["model_config"]:
             warnings.warn(f"{path} was fitted with another model config (checkpoint {doc.get('checkpoint')}); the "
                           f"code may not mean the same identity here")
-    z = doc.get("z")
+    z, colour = doc.get("z"), doc.get("colour")  # version 1 files hold no colour residual
+    base = doc["base_vertices"].float().to(device)
+    if colour is not None and tuple(colour.shape) != tuple(base.shape):
+        raise ValueError(f"{path}: colour residual of shape {tuple(colour.shape)} does not match the base vertices "
+                         f"{tuple(base.shape)}")
     return FittedCode(w=doc["w"].float().to(device), z=None if z is None else z.float().to(device),
-                      base_vertices=doc["base_vertices"].float().to(device), name=str(doc.get("name", path.stem)),
-                      meta=dict(doc.get("meta", {})))
+                      base_vertices=base, name=str(doc.get("name", path.stem)), meta=dict(doc.get("meta", {})),
+                      colour=None if colour is None else colour.float().to(device))
 
 
 @torch.no_grad()
@@ -504,6 +550,10 @@ class FitResult:
     start_losses: dict[str, float]  # loss of every candidate start on the fitted view
     stopped_early: bool
     start_w: Tensor | None = None  # (S,) style of the starting point
+    colour_iterations: int = 0  # iterations of the colour stage (0: not run)
+    colour_losses: list[float] = field(default_factory=list)  # its windowed mean photometric loss every check_every
+    seconds_code: float = 0.0  # wall time of the code fit (start selection included)
+    seconds_colour: float = 0.0  # wall time of the colour stage
 
 
 def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig) -> Tensor:
@@ -514,21 +564,65 @@ def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig) -> Tensor:
     return loss
 
 
-def render_style(model: TrainedModel, w: Tensor, base: Tensor, cameras: Sequence[Camera], backend: str = "auto"
-                 ) -> Tensor:
-    """Images (C, h, w, 3) of style w (S,) on level-0 vertices base (M, 3) through cameras of one size."""
-    cloud = model.field.synthesize(w[None], model.vertices(base)[None])[0]
-    return render_batch(cloud, list(cameras), backend=backend)["image"]
+def render_style(model: TrainedModel, w: Tensor, base: Tensor, cameras: Sequence[Camera], backend: str = "auto",
+                 colour: Tensor | None = None) -> Tensor:
+    """Images (C, h, w, 3) of style w (S,) on level-0 vertices base (M, 3) (plus the colour residual (M, 3))
+    through cameras of one size."""
+    return render_batch(code_cloud(model, w, base, colour), list(cameras), backend=backend)["image"]
+
+
+def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
+               backend: str = "auto", name: str = "", progress: bool = False) -> tuple[Tensor, list[float]]:
+    """The colour stage: a per-vertex RGB residual (M, 3) of the level-0 vertices for the fixed style w and
+    geometry base, fitted to the photo ``gt`` through ``camera``.
+
+    Minimises ``photometric + colour_laplacian_weight * mean |L r|^2 + colour_weight * mean |r|^2`` (L: uniform
+    Laplacian of the level-0 face-mask mesh) with Adam from r = 0, lr decaying like the code fit.  The Gaussians
+    are synthesised once; an iteration adds the upsampled residual to their colours, renders and steps, and the
+    loop synchronises with the host only every ``check_every`` iterations.  Returns (residual, windowed losses).
+    """
+    with torch.no_grad():
+        cloud0 = model.field.synthesize(w[None], model.vertices(base)[None])[0].detach()
+    res = torch.zeros_like(base, requires_grad=True)
+    lap = UniformLaplacian(len(base), model.base_faces, base.device)
+    fused = {"fused": True} if base.device.type == "cuda" else {}
+    opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    n = cfg.colour_iterations
+    acc = torch.zeros((), device=base.device)
+    losses: list[float] = []
+    for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
+        opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
+        pred = render(with_colour(cloud0, colour_offsets(model, res)), camera, backend=backend)["image"]
+        loss = photometric(pred, gt, cfg)
+        total = loss + cfg.colour_laplacian_weight * lap(res).square().sum(-1).mean() \
+            + cfg.colour_weight * res.square().sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        acc = acc + loss.detach()
+        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
+            k = (it % cfg.check_every) + 1
+            cur = float(acc) / k  # the one host sync of the loop
+            acc = torch.zeros_like(acc)
+            losses.append(cur)
+            if not math.isfinite(cur):
+                raise FloatingPointError(f"colour stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
+                                         f"fit.colour_lr")
+    return res.detach(), losses
 
 
 def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend: str = "auto",
                  progress: bool = True) -> FitResult:
-    """Fit a style (or code) and optionally vertex offsets to ``target.fit_view``; the network stays frozen."""
+    """Fit a style (or code) and optionally vertex offsets to ``target.fit_view``, then (``fit.refine_colour``)
+    a per-vertex colour residual with the code fixed (:func:`fit_colour`); the network stays frozen."""
     if cfg.space not in SPACES:
         raise ValueError(f"fit.space must be one of {SPACES}, got {cfg.space!r}")
     if cfg.iterations < 0 or cfg.check_every < 1:
         raise ValueError(f"fit.iterations must be >= 0 and fit.check_every >= 1 (got {cfg.iterations}, "
                          f"{cfg.check_every})")
+    if cfg.refine_colour and cfg.colour_iterations < 0:
+        raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
+    t_start = time.perf_counter()
     f = model.field.eval()
     for p in f.parameters():
         p.requires_grad_(False)
@@ -621,22 +715,37 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     with torch.no_grad():
         w_fit = style_of(var).detach()
         base_fit = (base0 if offsets is None else base0 + offsets).detach()
+    _sync(base0.device)
+    seconds_code = time.perf_counter() - t_start
+
+    # ---- colour stage: code and geometry fixed, a regularised per-vertex RGB residual
+    colour, colour_losses, seconds_colour = None, [], 0.0
+    if cfg.refine_colour and cfg.colour_iterations > 0:
+        t0 = time.perf_counter()
+        colour, colour_losses = fit_colour(model, w_fit, base_fit, cam, gt, cfg, backend, target.name, progress)
+        _sync(base0.device)
+        seconds_colour = time.perf_counter() - t0
     code = FittedCode(w=w_fit, z=None if cfg.space == "w" else var.detach(), base_vertices=base_fit,
                       name=target.name, meta={"start": start, "space": cfg.space,
                                               "refine_geometry": bool(cfg.refine_geometry),
-                                              "tracked_base_vertices": base0.detach().cpu()})
-    return FitResult(code, it, losses, start, start_losses, stopped, w0.detach())
+                                              "refine_colour": colour is not None,
+                                              "tracked_base_vertices": base0.detach().cpu()},
+                      colour=colour)
+    return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
+                     colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
+                     seconds_code=seconds_code, seconds_colour=seconds_colour)
 
 
 # ====================================================================================== evaluation
 @torch.no_grad()
 def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence[View], fit_serial: str,
-                   backend: str = "auto", lpips: bool = True) -> tuple[dict, Tensor]:
-    """PSNR / SSIM (/ LPIPS) of style w on every view with a photo; "all" and "unseen" (all but ``fit_serial``).
+                   backend: str = "auto", lpips: bool = True, colour: Tensor | None = None) -> tuple[dict, Tensor]:
+    """PSNR / SSIM (/ LPIPS) of style w (plus the colour residual ``colour`` (M, 3), e.g. ``code.colour``) on
+    every view with a photo; "all" and "unseen" (all but ``fit_serial``).
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
-    pred = render_style(model, w, base, [v.camera for v in views], backend).clamp(0, 1)
+    pred = render_style(model, w, base, [v.camera for v in views], backend, colour).clamp(0, 1)
     gt = torch.stack([v.image for v in views])
     p = psnr(pred, gt, reduction="none").float()
     s = ssim_metric(pred, gt, reduction="none").float()
@@ -691,7 +800,7 @@ def turntable(model: TrainedModel, code: FittedCode, start_camera: Camera, cfg: 
     else:
         angles = [0.5 * cfg.turntable_degrees * math.sin(2 * math.pi * i / n) for i in range(n)]
     cams = [orbit_camera(centre.cpu(), up.cpu(), eye0.cpu(), a, W, H, radius).to(base.device) for a in angles]
-    cloud = model.field.synthesize(code.w[None], model.vertices(base)[None])[0]
+    cloud = code_cloud(model, code.w, base, code.colour)
     frames = []
     for i in range(0, n, chunk):
         imgs = render_batch(cloud, cams[i:i + chunk], backend=backend)["image"].clamp(0, 1)
@@ -752,8 +861,11 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         w_mean = f.style(z_mean[None], update_w_avg=False)[0]
         w_start = res.start_w if res.start_w is not None else w_mean
     fit_serial = target.fit_view.serial
-    metrics, renders = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, fit_serial,
-                                      cfg.backend, cfg.export.lpips)
+    code = res.code
+    metrics, renders = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
+                                      cfg.export.lpips, code.colour)
+    code_only, _ = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
+                                  False) if code.colour is not None else (dict(metrics), None)
     before, _ = evaluate_views(model, w_mean, target.base_vertices, target.eval_views, fit_serial, cfg.backend, False)
     start_m, _ = evaluate_views(model, w_start, target.base_vertices, target.eval_views, fit_serial, cfg.backend,
                                 False) if res.start != "mean_code" else (before, None)
@@ -762,19 +874,19 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    save_code(out / "code.pt", res.code, model, cfg.checkpoint)
+    save_code(out / "code.pt", code, model, cfg.checkpoint)
     if cfg.export.ply:
-        cloud = f.synthesize(res.code.w[None], model.vertices(res.code.base_vertices)[None])[0]
-        cloud.detach().save_ply(out / "head.ply")
+        with torch.no_grad():
+            code_cloud(model, code.w, code.base_vertices, code.colour).save_ply(out / "head.ply")
     if cfg.export.views:
         extra = []
         with torch.no_grad():
             for v in target.extra_views:
-                extra.append((v.serial, render_style(model, res.code.w, res.code.base_vertices, [v.camera],
-                                                     cfg.backend)[0].clamp(0, 1)))
+                extra.append((v.serial, render_style(model, code.w, code.base_vertices, [v.camera], cfg.backend,
+                                                     code.colour)[0].clamp(0, 1)))
         export_views(out, target.eval_views, renders, extra)
     if cfg.export.turntable:
-        frames = turntable(model, res.code, target.fit_camera_full, cfg.export, cfg.backend)
+        frames = turntable(model, code, target.fit_camera_full, cfg.export, cfg.backend)
         write_video(out / "turntable.mp4", frames, fps=cfg.export.fps)
     _sync(device)
     times["export"] = time.perf_counter() - t0
@@ -787,11 +899,20 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         "ssim_all_mean_code": before["ssim_all"], "ssim_unseen_mean_code": before["ssim_unseen"],
         "psnr_unseen_start": start_m["psnr_unseen"], "psnr_fit_view": per_view[fit_serial]["psnr"],
         "psnr_fit_view_mean_code": before["per_view"][fit_serial]["psnr"],
+        # the code alone (the colour residual left out): what the colour stage adds is the difference
+        "psnr_all_code_only": code_only["psnr_all"], "psnr_unseen_code_only": code_only["psnr_unseen"],
+        "ssim_unseen_code_only": code_only["ssim_unseen"],
+        "psnr_fit_view_code_only": code_only["per_view"][fit_serial]["psnr"],
         "iterations": res.iterations, "stopped_early": res.stopped_early,
         "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
         "space": cfg.fit.space, "refine_geometry": bool(cfg.fit.refine_geometry),
+        "refine_colour": code.colour is not None, "colour_iterations": res.colour_iterations,
+        "colour_loss_history": res.colour_losses,
+        "colour_residual_rms": None if code.colour is None else float(code.colour.square().sum(-1).mean().sqrt()),
+        "colour_residual_max": None if code.colour is None else float(code.colour.norm(dim=-1).max()),
         "seconds": sum(times.values()), "seconds_fit": times["fit"],
-        "seconds_per_iteration": times["fit"] / max(1, res.iterations), "seconds_per_phase": times,
+        "seconds_fit_code": res.seconds_code, "seconds_fit_colour": res.seconds_colour,
+        "seconds_per_iteration": res.seconds_code / max(1, res.iterations), "seconds_per_phase": times,
         "fit_crop": [target.fit_view.camera.width, target.fit_view.camera.height],
         "eval_crop": [target.eval_views[0].camera.width, target.eval_views[0].camera.height],
         "num_gaussians": int(f.num_gaussians), "fitted_camera": fit_serial,
@@ -833,6 +954,7 @@ def heldout_subjects(data_root: str | os.PathLike) -> tuple[Path, list[str]]:
 TABLE_COLUMNS = (
     ("identity", "identity", "{}"),
     ("PSNR unseen, mean code", "psnr_unseen_mean_code", "{:.2f}"),
+    ("PSNR unseen, code only", "psnr_unseen_code_only", "{:.2f}"),
     ("PSNR unseen, fitted", "psnr_unseen", "{:.2f}"),
     ("gain dB", "gain_unseen", "{:+.2f}"),
     ("PSNR all", "psnr_all", "{:.2f}"),

@@ -10,6 +10,8 @@ frames are rendered at t = 0, 1/N, ..., (N-1)/N; without ``loop`` the last key i
 Codes: linear or spherical (slerp) interpolation, in z (the latent code; needs every key to have one) or in w (the
 style).  Geometry: every key's base vertices are brought into FLAME's canonical frame (similarity fit to the
 template), interpolated there and placed in the first key's head pose, so a morph changes the face, not the pose.
+Colour residuals (the per-vertex RGB residual of track.py's colour stage, stored in code.pt) are interpolated
+linearly like the geometry; a training identity (or a code.pt without one) has a zero residual.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
 from utils.cameras import Camera, load_camera_params
 from utils.device import resolve_device
-from utils.fitting import FittedCode, head_pose, load_code, similarity_fit
+from utils.fitting import FittedCode, colour_offsets, head_pose, load_code, similarity_fit, with_colour
 from utils.io import save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 
@@ -133,6 +135,17 @@ def interpolate_codes(keys: Sequence[FittedCode], i: int, j: int, t: float, meth
         z = fn(keys[i].z, keys[j].z, t)
         return field_.style(z[None], update_w_avg=False)[0]
     return fn(keys[i].w, keys[j].w, t)
+
+
+def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) -> Tensor | None:
+    """Colour residual (M, 3) of the frame between keys i and j at t: linear, a key without one counts as zero;
+    None when neither key has one."""
+    a, b = keys[i].colour, keys[j].colour
+    if a is None and b is None:
+        return None
+    a = torch.zeros_like(b) if a is None else a
+    b = torch.zeros_like(a) if b is None else b
+    return lerp(a, b, t)
 
 
 class GeometryInterpolator:
@@ -240,6 +253,9 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
         for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
             w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
             cloud = synth(w, model.vertices(geo(i, j, t))) if cfg.geometry else synth(w)
+            colour = interpolate_colours(keys, i, j, t)
+            if colour is not None:
+                cloud = with_colour(cloud, colour_offsets(model, colour))
             deg = cfg.orbit * n / (total if cfg.loop else max(1, total - 1))
             cam = orbit(cam0, centre.to(device), R[:, 1].to(device), deg)
             img = render(cloud, cam, backend=cfg.backend)["image"].clamp(0, 1)
@@ -250,6 +266,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     video = write_video(out / "interpolation.mp4", frames, fps=cfg.fps)
     summary = {"keys": names, "space": space, "method": cfg.method, "frames_per_transition": cfg.frames,
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,
-               "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))]}
+               "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))],
+               "colour_residuals": [k.colour is not None for k in keys]}
     (out / "keys.json").write_text(json.dumps(summary, indent=1))
     return summary

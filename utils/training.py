@@ -199,11 +199,19 @@ class Trainer:
         return subdivide_vertices(self.data.base_vertices[ids.to(self.device)], self.plan)
 
     # ------------------------------------------------------------------ one step
-    def render_views(self, clouds, ids: Tensor, views: Tensor) -> tuple[Tensor, Tensor]:
+    def to_device(self, x: Tensor) -> Tensor:
+        """Host index tensor -> device without a synchronisation: a copy from pageable host memory waits for the
+        whole CUDA stream, one from pinned memory is queued behind it."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def render_views(self, clouds, ids: Tensor, views: Tensor, on_device: tuple[Tensor, Tensor] | None = None
+                     ) -> tuple[Tensor, Tensor]:
         """Render (B, C) views of B identities (one rasterizer call on gsplat); predictions and targets
-        (B, C, h, w, 3)."""
-        idx = ids.to(self.device)[:, None], views.to(self.device)
-        gt = self.data.images[idx].float() / 255.0
+        (B, C, h, w, 3).  ``ids``/``views`` on the host; ``on_device``: their device copies if already made."""
+        d_ids, d_views = on_device if on_device is not None else (self.to_device(ids), self.to_device(views))
+        gt = self.data.images[d_ids[:, None], d_views].float() / 255.0
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
         return render_identities(clouds, cams, backend=self.cfg.backend)["image"], gt
 
@@ -230,8 +238,9 @@ class Trainer:
         per_rank = len(ids) // self.world
         sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         ids, views = ids[sl], views[sl]
-        clouds, aux = self.module(ids.to(self.device), self.vertices(ids))
-        pred, gt = self.render_views(clouds, ids, views)
+        d_ids, d_views = self.to_device(ids), self.to_device(views)
+        clouds, aux = self.module(d_ids, self.vertices(d_ids))
+        pred, gt = self.render_views(clouds, ids, views, (d_ids, d_views))
         terms = self.loss_terms(pred, gt, aux)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
