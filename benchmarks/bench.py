@@ -192,18 +192,22 @@ def _fit_target(model, views, base, fit_serial: str, device: torch.device):
                      eval_views=eval_views, extra_views=[], fit_camera_full=fc.to(device), source={})
 
 
-def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, long_iterations: int = 1000) -> dict:
+def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, long_iterations: int = 1000,
+              variants: dict[str, dict] | None = None) -> dict:
     """Single-image fit: the default schedule (timed from a loaded model) against a long fit of
     ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
-    PSNR on the 15 unseen views for both."""
+    PSNR on the 15 unseen views for both.  ``variants``: {name: FitConfig overrides} timed the same way (schedule
+    studies); each gets ``<name>_*`` rows and its gap to the long fit."""
     from utils.fitting import FitConfig, evaluate_views, fit_identity
     from utils.model_io import load_model
 
     views, base = heldout
     model = load_model(model_path, device)
     out = {}
-    for name, cfg in (("default", FitConfig()),
-                      ("long", FitConfig(iterations=long_iterations, patience=10**9, min_iterations=long_iterations))):
+    runs = {"default": FitConfig(),
+            "long": FitConfig(iterations=long_iterations, patience=10**9, min_iterations=long_iterations)}
+    runs.update({k: FitConfig(**v) for k, v in (variants or {}).items()})
+    for name, cfg in runs.items():
         sync(device)
         reset_peak(device)
         t0 = time.perf_counter()  # from a loaded model to the fitted code
@@ -224,6 +228,8 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
         out[f"{name}_peak_gb"] = peak_gb(device)
         out["psnr_unseen_start"] = start["psnr_unseen"]
     out["psnr_gap_to_long_db"] = out["long_psnr_unseen"] - out["default_psnr_unseen"]
+    for name in variants or {}:
+        out[f"{name}_gap_to_long_db"] = out["long_psnr_unseen"] - out[f"{name}_psnr_unseen"]
     return out
 
 
@@ -263,6 +269,9 @@ def main() -> None:
     p.add_argument("--render_repeats", type=int, default=100, help="timed renders per FPS figure")
     p.add_argument("--backend", default="auto", help="rasterizer backend")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training config overrides")
+    p.add_argument("--fit_variant", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="extra fit schedules to time against the long fit, e.g. fast:lr=0.2,iterations=60")
+    p.add_argument("--only_fit", action="store_true", help="skip the training-throughput and rendering figures")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -284,15 +293,21 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     trainer = Trainer(cfg, data=data)
     rows = {"setup_seconds": setup_s, "gaussians": trainer.field.num_gaussians, "crop": f"{data.crop_size[0]}x{data.crop_size[1]}"}
-    rows.update({f"train_{k}": v for k, v in bench_training(trainer, args.warmup, args.steps).items()})
+    if not args.only_fit:
+        rows.update({f"train_{k}": v for k, v in bench_training(trainer, args.warmup, args.steps).items()})
     for _ in range(args.train_steps_for_fit):
         trainer.train_step()
     trainer.export()
     cam_full = heldout[0][SERIALS.index(FRONTAL_SERIAL)][2]
-    rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
-                             args.render_repeats, cfg.backend))
+    if not args.only_fit:
+        rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
+                                 args.render_repeats, cfg.backend))
+    variants = {}
+    for spec in args.fit_variant:
+        name, _, kvs = spec.partition(":")
+        variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
     fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
-                    long_iterations=20 if args.quick else 1000)
+                    long_iterations=20 if args.quick else 1000, variants=variants)
     rows.update({f"fit_{k}": v for k, v in fit.items()})
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",

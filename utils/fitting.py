@@ -67,7 +67,7 @@ class FitConfig:
     space: str = "w"  # optimised vector: w (style, more expressive) or z (latent code, stays on the code manifold)
     init: str = "auto"  # start: mean_code, w_avg, mean_w (mean training style), auto (best on the photo), or a code.pt
     iterations: int = 100  # maximum Adam iterations
-    lr: float = 0.1  # Adam learning rate of the code / style
+    lr: float = 0.2  # Adam learning rate of the code / style
     lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.99  # Adam beta2
