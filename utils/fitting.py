@@ -243,6 +243,10 @@ class UniformLaplacian:
         nb = torch.zeros_like(d).index_add(0, self.i, d.index_select(0, self.j))
         return d - nb * self.inv_deg
 
+    def penalty(self, d: Tensor, smooth_weight: float, l2_weight: float) -> Tensor:
+        """Regulariser of per-vertex offsets d (M, C): smooth_weight * mean |L d|^2 + l2_weight * mean |d|^2."""
+        return smooth_weight * self(d).square().sum(-1).mean() + l2_weight * d.square().sum(-1).mean()
+
 
 def mean_edge_length(vertices: Tensor, faces: np.ndarray) -> float:
     f = torch.as_tensor(np.asarray(faces), dtype=torch.long, device=vertices.device)
@@ -594,8 +598,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         pred = render(with_colour(cloud0, colour_offsets(model, res)), camera, backend=backend)["image"]
         loss = photometric(pred, gt, cfg)
-        total = loss + cfg.colour_laplacian_weight * lap(res).square().sum(-1).mean() \
-            + cfg.colour_weight * res.square().sum(-1).mean()
+        total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -688,9 +691,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         if cfg.space == "w" and cfg.style_reg > 0:
             total = total + cfg.style_reg * (var - w0).square().mean()
         if offsets is not None:
-            d = offsets / unit
-            total = total + cfg.laplacian_weight * lap(d).square().sum(-1).mean() \
-                + cfg.offset_weight * d.square().sum(-1).mean()
+            total = total + lap.penalty(offsets / unit, cfg.laplacian_weight, cfg.offset_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
