@@ -155,18 +155,21 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         prm.requires_grad_(False)
     codes = field.codes.weight
     graphed = GraphedSynthesis(field, verts[0], space="z", requires_grad=False)
-    for name, synth in (("eager", lambda z: field(z[None], verts)[0]), ("graphed", graphed)):
+    runs = [("512x512", "eager", cam512), ("512x512", "graphed", cam512),
+            (f"{cam_full.width}x{cam_full.height}", "graphed", cam_full.to(device))]
+    for size, name, cam in runs:
+        synth = graphed if name == "graphed" else (lambda z: field(z[None], verts)[0])
         for _ in range(5):
-            render_batch(synth(codes[0]), [cam512], backend=backend)
+            render_batch(synth(codes[0]), [cam], backend=backend)
         sync(device)
         reset_peak(device)
         t = time.perf_counter()
         for i in range(repeats):
             a = (i % 10) / 10
-            render_batch(synth((1 - a) * codes[0] + a * codes[-1]), [cam512], backend=backend)
+            render_batch(synth((1 - a) * codes[0] + a * codes[-1]), [cam], backend=backend)
         sync(device)
-        out[f"fps_network_512x512_{name}"] = repeats / (time.perf_counter() - t)
-        out[f"peak_gb_network_512x512_{name}"] = peak_gb(device)
+        out[f"fps_network_{size}_{name}"] = repeats / (time.perf_counter() - t)
+        out[f"peak_gb_network_{size}_{name}"] = peak_gb(device)
     out["network_graphed"] = graphed.graphed if graphed.fallback_reason is None else graphed.fallback_reason
     return out
 
@@ -271,7 +274,8 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training config overrides")
     p.add_argument("--fit_variant", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="extra fit schedules to time against the long fit, e.g. fast:lr=0.2,iterations=60")
-    p.add_argument("--only_fit", action="store_true", help="skip the training-throughput and rendering figures")
+    p.add_argument("--parts", default="train,render,fit",
+                   help="comma-separated figures to measure: train (throughput), render (FPS), fit")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -293,22 +297,24 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     trainer = Trainer(cfg, data=data)
     rows = {"setup_seconds": setup_s, "gaussians": trainer.field.num_gaussians, "crop": f"{data.crop_size[0]}x{data.crop_size[1]}"}
-    if not args.only_fit:
+    parts = set(args.parts.split(","))
+    if "train" in parts:
         rows.update({f"train_{k}": v for k, v in bench_training(trainer, args.warmup, args.steps).items()})
     for _ in range(args.train_steps_for_fit):
         trainer.train_step()
     trainer.export()
     cam_full = heldout[0][SERIALS.index(FRONTAL_SERIAL)][2]
-    if not args.only_fit:
+    if "render" in parts:
         rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
                                  args.render_repeats, cfg.backend))
-    variants = {}
-    for spec in args.fit_variant:
-        name, _, kvs = spec.partition(":")
-        variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
-    fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
-                    long_iterations=20 if args.quick else 1000, variants=variants)
-    rows.update({f"fit_{k}": v for k, v in fit.items()})
+    if "fit" in parts:
+        variants = {}
+        for spec in args.fit_variant:
+            name, _, kvs = spec.partition(":")
+            variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
+                        long_iterations=20 if args.quick else 1000, variants=variants)
+        rows.update({f"fit_{k}": v for k, v in fit.items()})
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",
