@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.fitting import add_cli_config, parse_cli_config  # noqa: E402
+from utils.config import add_cli_config, parse_cli_config  # noqa: E402
 from utils.interpolation import INTERP_FLAGS, INTERP_LISTS, InterpolationConfig, interpolate  # noqa: E402
 
 
