@@ -1,4 +1,5 @@
-"""Evaluation of a fitted identity on every calibrated view: PSNR / SSIM (/ LPIPS) over all views and the unseen ones."""
+"""Evaluation of a fitted identity on every calibrated view: PSNR / SSIM (/ LPIPS) over all views and the unseen ones,
+on the face mask and inside the eye regions."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,14 +11,18 @@ from utils.codes import render_style
 from utils.losses import lpips_metric, psnr, ssim_metric
 from utils.model_io import TrainedModel
 from utils.nersemble import HELDOUT_SERIALS
+from utils.regions import EyeLandmarkEmbedding, eye_region_masks, nanmean, region_metrics
 from utils.targets import View
 
 
 @torch.no_grad()
 def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence[View], fit_serial: str,
-                   backend: str = "auto", lpips: bool = True, colour: Tensor | None = None) -> tuple[dict, Tensor]:
+                   backend: str = "auto", lpips: bool = True, colour: Tensor | None = None,
+                   eyes: EyeLandmarkEmbedding | None = None) -> tuple[dict, Tensor]:
     """PSNR / SSIM (/ LPIPS) of style w (plus the colour residual ``colour`` (M, 3), e.g. ``code.colour``) on
-    every view with a photo; "all" and "unseen" (all but ``fit_serial``).
+    every view with a photo; "all" and "unseen" (all but ``fit_serial``).  With ``eyes`` (the eye landmarks on the
+    face mask, ``FitTarget.eye_landmarks``) also PSNR / SSIM inside the eye regions (``psnr_eyes_*``,
+    ``ssim_eyes_*``; utils/regions.py) of the landmarks on ``base``.
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
@@ -41,4 +46,11 @@ def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence
            "per_view": {v.serial: {"psnr": float(p[i]), "ssim": float(s[i]),
                                    **({"lpips": float(lp[i])} if lp is not None else {})}
                         for i, v in enumerate(views)}}
+    if eyes is not None:
+        masks = eye_region_masks(eyes(base), [v.camera for v in views], torch.stack([v.mask for v in views]))
+        pe, se = region_metrics(pred, gt, masks)
+        out.update({"psnr_eyes_all": nanmean(pe), "ssim_eyes_all": nanmean(se),
+                    "psnr_eyes_unseen": nanmean(pe[unseen]), "ssim_eyes_unseen": nanmean(se[unseen])})
+        for i, v in enumerate(views):
+            out["per_view"][v.serial]["psnr_eyes"] = float(pe[i])
     return out, pred

@@ -16,7 +16,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "lpips_metric"]
+__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "masked_ssim", "lpips_metric"]
 
 
 # ------------------------------------------------------------------ shape helpers
@@ -93,14 +93,19 @@ def _blur_valid(maps: Tensor, g: Tensor) -> Tensor:
     return torch.nn.functional.conv2d(x, g.view(1, 1, k, 1).expand(M, 1, k, 1), groups=M)
 
 
-def _ssim_per_image(x: Tensor, y: Tensor, g: Tensor, c1: float = 0.01 ** 2, c2: float = 0.03 ** 2) -> Tensor:
-    """SSIM (data range 1) of x, y (N, C, H, W) with the 1-D Gaussian g (k,): (N,) means of the SSIM maps."""
+def _ssim_maps(x: Tensor, y: Tensor, g: Tensor, c1: float = 0.01 ** 2, c2: float = 0.03 ** 2) -> Tensor:
+    """SSIM maps (data range 1) of x, y (N, C, H, W) with the 1-D Gaussian g (k,): (N, C, H-k+1, W-k+1)."""
     C = x.shape[1]
     mu = _blur_valid(torch.cat([x, y, x * x, y * y, x * y], dim=1), g)
     mu_x, mu_y, e_xx, e_yy, e_xy = mu.split(C, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
     cs = (2 * (e_xy - mu_xy) + c2) / ((e_xx - mu_xx) + (e_yy - mu_yy) + c2)
-    return (((2 * mu_xy + c1) / (mu_xx + mu_yy + c1)) * cs).flatten(1).mean(1)
+    return ((2 * mu_xy + c1) / (mu_xx + mu_yy + c1)) * cs
+
+
+def _ssim_per_image(x: Tensor, y: Tensor, g: Tensor, c1: float = 0.01 ** 2, c2: float = 0.03 ** 2) -> Tensor:
+    """SSIM (data range 1) of x, y (N, C, H, W) with the 1-D Gaussian g (k,): (N,) means of the SSIM maps."""
+    return _ssim_maps(x, y, g, c1, c2).flatten(1).mean(1)
 
 
 def ssim(pred: Tensor, gt: Tensor, window: int = 11, sigma: float = 1.5, reduction: str = "mean",
@@ -163,6 +168,27 @@ def psnr(pred: Tensor, gt: Tensor, mask: Tensor | None = None, reduction: str = 
         mse = (se * m).sum(dim=(1, 2, 3)) / m.sum(dim=(1, 2, 3)).clamp_min(1.0)
     per_image = (-10.0 * torch.log10(mse)).to(pred.dtype if pred.is_floating_point() else torch.float32)
     return _reduce(per_image, pred.shape[:-3], reduction)
+
+
+@torch.no_grad()
+def masked_ssim(pred: Tensor, gt: Tensor, mask: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Mean SSIM over the pixels of ``mask``: the SSIM map (11x11 Gaussian window, 'valid' filtering, channel mean)
+    averaged over the window centres that lie in the mask, as a region metric.  Inputs clamped to [0, 1].
+
+    pred, gt: (..., H, W, C) with H, W >= ``window``; mask: (..., H, W, 1).  Returns per-image values of shape ``...``
+    (NaN where the mask holds no window centre, e.g. a region within window // 2 pixels of the image border).
+    """
+    _check_pair(pred, gt, "masked_ssim")
+    H, W, C = pred.shape[-3:]
+    if H < window or W < window:
+        raise ValueError(f"masked_ssim: images are {H}x{W} px but the SSIM window is {window} px")
+    m = _check_mask(mask, pred, "masked_ssim").reshape(-1, H, W)
+    x, y = _to_nchw(pred.clamp(0, 1)), _to_nchw(gt.clamp(0, 1))
+    maps = _ssim_maps(x.contiguous(), y.contiguous(), _gauss_window(window, sigma, C, x.device, x.dtype)[0, 0, 0])
+    r = window // 2
+    m = m[:, r:H - r, r:W - r]  # the valid map's pixel (i, j) is the window centred on image pixel (i + r, j + r)
+    val = (maps.mean(1) * m).sum((1, 2)) / m.sum((1, 2))
+    return val.reshape(pred.shape[:-3])
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ from utils.nersemble import (
     timestep_name,
 )
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: FLAME-like eyes (almond lid openings, eyeballs set back) and mouth (lips that part)
 INFO_NAME = "synthetic_info.json"  # written last: its presence means the dataset is complete
 PENDING_NAME = ".synthetic_pending.json"  # claims the folder while generating (an interrupted run resumes from it)
 DEFAULT_NUM_IDENTITIES = 24  # training identities; ~24 span the appearance distribution (see README)
@@ -360,7 +360,8 @@ def albedo(canonical: np.ndarray, soft: Mapping[str, np.ndarray], anchors: _Anch
 
     Args:
         canonical: (V, 3) template positions of the (subdivided) vertices (texture space).
-        soft: soft region weights (V,) in [0, 1]: "eyes", "ears", "lips", "nose", "brows", "face".
+        soft: soft region weights (V,) in [0, 1]: "eyes", "ears", "lips", "nose", "face_features", and (optional)
+            "lash", "lid_fold", "mouth_inside" (utils.synthetic_flame.painting_masks).
         anchors: canonical feature locations.
         app: appearance parameters from sample_identity.
     Returns:
@@ -436,6 +437,17 @@ def albedo(canonical: np.ndarray, soft: Mapping[str, np.ndarray], anchors: _Anch
         hair_col = np.clip(app["hair"] * streak[:, None], 0, 1)
         col = col * (1 - w_hair[:, None]) + w_hair[:, None] * hair_col
 
+    # lids: lashes along the upper margins, the pink folds behind the margins that meet the eyeballs
+    zeros = np.zeros(V)
+    fold = soft.get("lid_fold", zeros)[:, None]
+    col = col * (1 - fold) + fold * np.clip(app["skin"] * np.array([0.72, 0.5, 0.48]) + [0.04, 0.0, 0.0], 0, 1)
+    lash = 0.9 * soft.get("lash", zeros)[:, None]
+    col = col * (1 - lash) + lash * app["brow_colour"] * 0.45
+    # the lips rolled into the mouth darken towards the mouth's inside
+    inside = soft.get("mouth_inside", zeros)[:, None]
+    dark = np.array([0.10, 0.03, 0.03])
+    col = col * (1 - inside) + inside * (np.clip(lip_col, 0, 1) * 0.7 * (1 - inside) + dark * inside)
+
     # eyes: sclera, iris (with a darker limbal ring), pupil; angle from each eyeball's forward (+z) axis
     eye_w = soft["eyes"]
     if eye_w.any():
@@ -450,6 +462,11 @@ def albedo(canonical: np.ndarray, soft: Mapping[str, np.ndarray], anchors: _Anch
         pupil_w = _smoothstep((pr - ang) / 2.0)
         eye_col = SCLERA * (1 - iris_w[:, None]) + iris_col * iris_w[:, None]
         eye_col = eye_col * (1 - pupil_w[:, None]) + PUPIL * pupil_w[:, None]
+        # the lids shade the eyeball: darker towards the lid margins (above and below) and the corners
+        r = anchors.eye_radius
+        occ = 1 - 0.3 * _smoothstep((np.abs(dvec[:, 1]) * r - 0.0015) / 0.0025) \
+            - 0.2 * _smoothstep((np.abs(dvec[:, 0]) * r - 0.007) / 0.004)
+        eye_col = eye_col * np.clip(occ, 0.4, 1)[:, None]
         col = col * (1 - eye_w[:, None]) + eye_w[:, None] * eye_col
     return np.clip(col, 0.0, 1.0)
 
@@ -467,28 +484,32 @@ class GroundTruthHeads:
     """
 
     def __init__(self, flame_dir: str | os.PathLike, model: Mapping, subdivision: int = 1) -> None:
-        from models.flame import FlameModel, make_subdivision_plan, subdivision_matrix
-        from utils.synthetic_flame import face_regions, semantic_regions
+        from models.flame import FlameModel, make_subdivision_plan, mouth_closing_faces, subdivision_matrix
+        from utils.synthetic_flame import face_regions, painting_masks, semantic_regions
 
         self.flame = FlameModel.from_data_dir(flame_dir)
         self.model = model
         self.subdivision = int(subdivision)
         faces = self.flame.faces.cpu().numpy()
+        reg = face_regions(model)
+        # the mouth's inside: FLAME's mouth hole closed where the rolled-in lips end, dark like a real mouth's inside
+        faces = np.concatenate([faces, mouth_closing_faces(np.asarray(model["v_template"]), faces, reg["lips"])])
         self.plan = make_subdivision_plan(self.flame.num_vertices, faces, self.subdivision)
         self.faces = self.plan.faces[self.subdivision]
         S = subdivision_matrix(self.plan, self.subdivision)
         v0 = np.asarray(model["v_template"], dtype=np.float64)
         self.canonical = np.asarray(S @ v0)
         sem = semantic_regions(model)
-        reg = face_regions(model)
         to_soft = lambda m: np.clip(np.asarray(S @ np.asarray(m, dtype=np.float64)), 0, 1)  # noqa: E731
         self.soft = {
             "eyes": to_soft(sem["eyes"]),
             "ears": to_soft(np.isin(np.arange(len(v0)), np.r_[reg["left_ear"], reg["right_ear"]])),
             "lips": to_soft(sem["lips"]),
             "nose": to_soft(sem["nose"]),
-            "face_features": to_soft(sem["lips"] | sem["nose"] | sem["brows"] | sem["eyes"]),
+            "face_features": to_soft(sem["lips"] | sem["nose"] | sem["brows"] | sem["eyes"] | sem["lids"]
+                                     | sem["mouth"]),
         }
+        self.soft.update({k: to_soft(m) for k, m in painting_masks(model).items()})
         self.anchors = _anchors(model)
         # one edge list for per-vertex spacing
         f = self.faces

@@ -35,8 +35,20 @@ HEAD_AXES = np.array([0.076, 0.105, 0.095])
 NECK_AXIS_Z, NECK_R, NECK_BOTTOM = -0.012, 0.052, -0.045
 EYE_Y, EYE_X = 0.092, 0.032
 MOUTH_Y, NOSE_Y = 0.034, 0.066
+# Eyes as FLAME shapes them: almond lid openings a few millimetres high whose lids overhang eyeballs set back behind
+# the lid margins, the margins rolling inwards to the eyeball (no gap to see into the head through).
 EYEBALL_R = 0.0125
-EYE_HOLE = (0.0105, 0.0055)  # half-axes of the eye openings
+EYEBALL_LEVEL = 3  # icosphere level of each eyeball: 642 vertices (FLAME's eyeballs have 546)
+EYE_OPEN = (0.0125, 0.0038)  # half-width, half-height of the lid opening (25 x 7.6 mm)
+EYE_TILT = 0.08  # canthal tilt: the lateral corner sits higher (dy per dx, metres per metre)
+LID_T = 0.003  # lid thickness over the eyeball: the margins stand about 2.5 mm in front of the eyeball's apex
+LID_MARGIN = 0.0012  # radial thickness of the lid margin before it rolls back onto the eyeball
+EYE_PATCH = (0.021, 0.015)  # half-axes of the structured skin patch that carries each eye opening
+# Mouth: lips that meet at rest along a slit, roll into the mouth, and part when the jaw opens; FLAME's mouth hole is
+# the loop where the rolled-in lips end, deep behind them (the face mask's closing triangles close it).
+MOUTH_HALF_W, MOUTH_GAP = 0.024, 0.0006  # half-width of the lip line, half of the gap between the lips at rest
+LIP_ROLL = (0.003, 0.009)  # depths behind the lip margin of the two rings of the rolled-in lips
+MOUTH_PATCH = (0.034, 0.016)  # half-axes of the structured skin patch that carries the mouth
 
 
 # ============================================================================ geometry helpers
@@ -80,33 +92,53 @@ def _features() -> list[tuple[np.ndarray, np.ndarray, float]]:
     return [(np.asarray(c, float), np.asarray(s, float), a) for c, s, a in f]
 
 
-def _implicit(p: np.ndarray) -> np.ndarray:
-    """Approximate signed distance (negative inside) of the canonical head, p (N,3)."""
+def _smin(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
+    """Smooth union of two signed distances (polynomial smooth minimum, blend width k)."""
+    h = np.clip(0.5 + 0.5 * (b - a) / k, 0, 1)
+    return b * (1 - h) + a * h - k * h * (1 - h)
+
+
+def _implicit(p: np.ndarray, lids: bool = True) -> np.ndarray:
+    """Approximate signed distance (negative inside) of the canonical head with closed eyelids, p (N,3).
+
+    ``lids``: include the eyelid shells (spheres LID_T thicker than the eyeballs) that the lid openings are cut into.
+    """
     q = (p - HEAD_C) / HEAD_AXES
     d_head = (np.linalg.norm(q, axis=-1) - 1.0) * HEAD_AXES.min()
     r = np.hypot(p[:, 0], p[:, 2] - NECK_AXIS_Z)
     d_neck = np.maximum(np.maximum(r - NECK_R, p[:, 1] - 0.06), NECK_BOTTOM - 0.015 - p[:, 1])
-    k = 0.02  # smooth union blends the neck into the skull
-    h = np.clip(0.5 + 0.5 * (d_neck - d_head) / k, 0, 1)
-    d = d_neck * (1 - h) + d_head * h - k * h * (1 - h)
+    d = _smin(d_head, d_neck, 0.02)  # the neck blends into the skull
     for c, s, a in _features():
         d = d - a * _gauss(p, c, s)
+    if lids:
+        for c in eye_centres():
+            d = _smin(d, np.linalg.norm(p - c, axis=-1) - (EYEBALL_R + LID_T), 0.003)
     return d
 
 
-def _ray_march(dirs: np.ndarray, origin: np.ndarray) -> np.ndarray:
-    """First surface crossing along origin + t * dir, dirs (N,3) unit: (N,3) surface points."""
-    ts = np.linspace(0.0, 0.30, 301)
-    pts = origin + ts[None, :, None] * dirs[:, None, :]
-    vals = _implicit(pts.reshape(-1, 3)).reshape(len(dirs), len(ts))
-    first = np.argmax(vals > 0, axis=1)  # first sample outside
-    lo, hi = ts[first - 1], ts[first]
+def _ray_march(dirs: np.ndarray, origin: np.ndarray, t_max: float = 0.30, fn=None) -> np.ndarray:
+    """First surface crossing along origin + t * dir of the implicit ``fn`` (default :func:`_implicit`), from inside
+    or outside; dirs (N,3) unit, origin (3,) or (N,3): (N,3) surface points."""
+    fn = _implicit if fn is None else fn
+    origin = np.broadcast_to(origin, dirs.shape)
+    ts = np.linspace(0.0, t_max, 301)
+    pts = origin[:, None, :] + ts[None, :, None] * dirs[:, None, :]
+    outside = fn(pts.reshape(-1, 3)).reshape(len(dirs), len(ts)) > 0
+    first = np.argmax(outside != outside[:, :1], axis=1)  # first sample on the other side
+    lo, hi = ts[np.maximum(first - 1, 0)], ts[first]
     for _ in range(22):  # bisection refines the crossing
         mid = 0.5 * (lo + hi)
-        out = _implicit(origin + mid[:, None] * dirs) > 0
-        hi = np.where(out, mid, hi)
-        lo = np.where(out, lo, mid)
+        crossed = (fn(origin + mid[:, None] * dirs) > 0) != outside[:, 0]
+        hi = np.where(crossed, mid, hi)
+        lo = np.where(crossed, lo, mid)
     return origin + 0.5 * (lo + hi)[:, None] * dirs
+
+
+def _surface_at(xy: np.ndarray) -> np.ndarray:
+    """Front surface points of the head (closed lids) above the (x, y) positions xy (N,2): marched along -z."""
+    origins = np.c_[xy, np.full(len(xy), 0.25)]
+    dirs = np.tile([0.0, 0.0, -1.0], (len(xy), 1))
+    return _ray_march(dirs, origins, t_max=0.25)
 
 
 def _remove_faces(verts: np.ndarray, faces: np.ndarray, drop: np.ndarray):
@@ -122,7 +154,153 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
+@functools.lru_cache(maxsize=1)
+def _eye_centres_cached() -> tuple[tuple[float, float, float], ...]:
+    out = []
+    for sx in (1.0, -1.0):  # left eye (+x) first: FLAME joint 3
+        skin = _ray_march(np.array([[0.0, 0.0, -1.0]]), np.array([sx * EYE_X, EYE_Y, 0.25]), 0.25,
+                          functools.partial(_implicit, lids=False))[0]
+        # the closed lid shell stands 2 mm proud of the socket's skin
+        z = skin[2] + 0.002 - (EYEBALL_R + LID_T)
+        out.append((sx * EYE_X, EYE_Y, float(z)))
+    return tuple(out)
+
+
+def eye_centres() -> np.ndarray:
+    """(2, 3) canonical eyeball centres (left eye, +x, first)."""
+    return np.array(_eye_centres_cached())
+
+
 # ============================================================================ the model
+def _eye_margin(theta: np.ndarray, sx: float) -> np.ndarray:
+    """(N,2) points of the almond lid margin of eye ``sx`` (+1 left) at angles theta (N,)."""
+    u, w = np.cos(theta), np.sin(theta)
+    x = sx * EYE_X + EYE_OPEN[0] * u
+    y = EYE_Y + EYE_OPEN[1] * w * (1 - 0.4 * u * u) + EYE_TILT * sx * EYE_OPEN[0] * u  # pointed, tilted corners
+    return np.stack([x, y], 1)
+
+
+def _mouth_margin(theta: np.ndarray) -> np.ndarray:
+    """(N,2) points of the lip margin (the slit between the lips at rest) at angles theta (N,)."""
+    u, w = np.cos(theta), np.sin(theta)
+    return np.stack([MOUTH_HALF_W * u, MOUTH_Y + MOUTH_GAP * w], 1)
+
+
+def _quad_strip(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Faces between two closed rings of equal length (vertex ids), oriented so that the outer ring's edges run
+    against the ring direction (the way the surrounding faces' boundary loop runs along it)."""
+    o1, i1 = np.roll(outer, -1), np.roll(inner, -1)
+    return np.concatenate([np.stack([o1, outer, inner], 1), np.stack([o1, inner, i1], 1)])
+
+
+def _doubling_strip(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Faces between a closed ring of n vertices and one of 2n (inner[2j] beside outer[j]); orientation as
+    :func:`_quad_strip`."""
+    n = len(outer)
+    j = np.arange(n)
+    o0, o1 = outer, outer[(j + 1) % n]
+    i0, i1, i2 = inner[2 * j], inner[2 * j + 1], inner[(2 * j + 2) % (2 * n)]
+    return np.concatenate([np.stack([o1, o0, i1], 1), np.stack([o0, i0, i1], 1), np.stack([o1, i1, i2], 1)])
+
+
+def _ring_patch(v: np.ndarray, faces: np.ndarray, centre: np.ndarray, axes: tuple[float, float], margin_fn,
+                ledge_fn) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Replace the front mesh inside the ellipse (centre (2,), axes) by rings from the cut's boundary loop to a
+    margin curve (an opening), then rings rolling back behind the margin (``ledge_fn``).
+
+    margin_fn(theta (N,)) -> (N,2) margin points; ledge_fn(margin points (N,3)) -> list of (N,3) rings behind them.
+    Ring vertices lie on the head's front surface (:func:`_surface_at`).  Returns the new vertices and faces and a
+    dict of the rings' vertex ids: ``outer`` (the cut's loop), ``rings`` (every ring, outside in: the margin is
+    ``rings[margin_index]``), ``margin_index``, ``theta`` (angles of the margin ring), and per new vertex (in the
+    order of ``rings``) ``t`` (0 at the margin and behind it, 1 at the cut) and ``vertex_theta`` (its angle).
+    """
+    from models.flame import boundary_loops
+
+    c = v[faces].mean(1)
+    inside = (((c[:, 0] - centre[0]) / axes[0]) ** 2 + ((c[:, 1] - centre[1]) / axes[1]) ** 2 < 1) & (c[:, 2] > 0.03)
+    kept = faces[~inside]
+    cand = []
+    for lp in boundary_loops(kept):
+        m = v[lp].mean(0)
+        if m[2] > 0.03:
+            cand.append((np.hypot(*(m[:2] - centre)), lp))
+    if not cand:
+        raise RuntimeError("synthetic FLAME: cutting a feature patch left no boundary loop")
+    loop = min(cand, key=lambda t: t[0])[1]
+    if len(np.unique(loop)) != len(loop):
+        raise RuntimeError("synthetic FLAME: a feature patch's cut is not a simple loop")
+    uv = (v[loop, :2] - centre) / np.asarray(axes)  # the ellipse is the unit circle here
+    actual = np.arctan2(uv[:, 1], uv[:, 0])
+    winding = np.angle(np.exp(1j * (np.roll(actual, -1) - actual))).sum() / (2 * np.pi)
+    if abs(abs(winding) - 1) > 1e-6:
+        raise RuntimeError("synthetic FLAME: a feature patch's cut does not wind once around its centre")
+    turn = np.sign(winding)
+    # the rings' angles: arc length along the (jagged) cut, so that they advance monotonically with the loop
+    seg = np.linalg.norm(np.diff(np.r_[uv, uv[:1]], axis=0), axis=1)
+    param = turn * 2 * np.pi * np.r_[0.0, np.cumsum(seg)[:-1]] / seg.sum()
+    theta = param + np.angle(np.exp(1j * (actual - param)).mean())
+    n = len(loop)
+    th2 = np.empty(2 * n)  # the doubled rings: every loop angle and the midpoints between them
+    th2[0::2] = theta
+    th2[1::2] = theta + 0.5 * np.diff(np.r_[theta, theta[0] + turn * 2 * np.pi])
+    ref2 = np.empty((2 * n, 2))  # outer reference points of the doubled rings
+    ref2[0::2] = v[loop, :2]
+    ref2[1::2] = 0.5 * (v[loop, :2] + np.roll(v[loop, :2], -1, 0))
+    margin1, margin2 = margin_fn(theta), margin_fn(th2)
+    new_pts, rings, ts = [], [np.asarray(loop)], []
+    nv = len(v)
+
+    thetas = []
+
+    def add(points: np.ndarray, t: float, th: np.ndarray) -> np.ndarray:
+        nonlocal nv
+        ids = np.arange(nv, nv + len(points))
+        nv += len(points)
+        new_pts.append(points)
+        ts.append(np.full(len(points), t))
+        thetas.append(th)
+        rings.append(ids)
+        return ids
+
+    add(_surface_at(margin1 + 0.55 * (v[loop, :2] - margin1)), 0.55, theta)
+    add(_surface_at(margin2 + 0.22 * (ref2 - margin2)), 0.22, th2)
+    margin_pts = _surface_at(margin2)
+    add(margin_pts, 0.0, th2)
+    margin_index = len(rings) - 1
+    for ring in ledge_fn(margin_pts):
+        add(ring, 0.0, th2)
+    f_new = [_quad_strip(rings[0], rings[1]), _doubling_strip(rings[1], rings[2])]
+    f_new += [_quad_strip(rings[k], rings[k + 1]) for k in range(2, len(rings) - 1)]
+    v_out = np.concatenate([v] + new_pts)
+    f_out = np.concatenate([kept] + f_new)
+    info = {"outer": rings[0], "rings": rings[1:], "margin_index": margin_index - 1, "theta": th2,
+            "t": np.concatenate(ts), "vertex_theta": np.concatenate(thetas)}
+    return v_out, f_out, info
+
+
+def _eye_ledges(centre: np.ndarray):
+    """Rings behind an eye's lid margin: the margin's back edge, then the fold that meets the eyeball."""
+    def ledges(m: np.ndarray) -> list[np.ndarray]:
+        d = m - centre
+        r = np.linalg.norm(d, axis=1, keepdims=True)
+        d = d / r
+        return [centre + (r - LID_MARGIN) * d, centre + (EYEBALL_R - 0.0004) * d]
+    return ledges
+
+
+def _mouth_ledges(m: np.ndarray) -> list[np.ndarray]:
+    """Rings of the lips rolling into the mouth behind the lip margin m (N,3): they part slightly as they go back."""
+    side = np.sign(m[:, 1] - MOUTH_Y)[:, None]
+    out = []
+    for depth, spread, shrink in ((LIP_ROLL[0], 0.0006, 0.97), (LIP_ROLL[1], 0.003, 0.88)):
+        q = m.copy()
+        q[:, 0] *= shrink
+        q[:, 1] += side[:, 0] * spread
+        q[:, 2] -= depth
+        out.append(q)
+    return out
+
+
 def _build_mesh(head_level: int):
     d, faces = _icosphere(head_level)
     # concentrate vertices on the face: theta from +z is warped so the front gets ~1.6x the linear density
@@ -132,31 +310,33 @@ def _build_mesh(head_level: int):
     d = np.stack([np.sin(theta_w) * np.cos(phi), np.sin(theta_w) * np.sin(phi), np.cos(theta_w)], 1)
     origin = np.array([0.0, 0.075, -0.005])
     v = _ray_march(d, origin)
-    # FLAME-like openings: eyes, mouth slit, open neck bottom
     c = v[faces].mean(1)
-    front = c[:, 2] > 0.03
-    eye_l = (((c[:, 0] - EYE_X) / EYE_HOLE[0]) ** 2 + ((c[:, 1] - EYE_Y) / EYE_HOLE[1]) ** 2 < 1) & front
-    eye_r = (((c[:, 0] + EYE_X) / EYE_HOLE[0]) ** 2 + ((c[:, 1] - EYE_Y) / EYE_HOLE[1]) ** 2 < 1) & front
-    mouth = ((c[:, 0] / 0.021) ** 2 + ((c[:, 1] - MOUTH_Y) / 0.0045) ** 2 < 1) & front
-    neck_cut = c[:, 1] < NECK_BOTTOM - 0.004
-    v, faces, _ = _remove_faces(v, faces, eye_l | eye_r | mouth | neck_cut)
+    v, faces, _ = _remove_faces(v, faces, c[:, 1] < NECK_BOTTOM - 0.004)  # FLAME's open neck bottom
+    # the eye openings and the mouth: structured ring patches cut into the front surface
+    patches = {}
+    centres = eye_centres()
+    for name, sx, cen in (("left_eye", 1.0, centres[0]), ("right_eye", -1.0, centres[1])):
+        v, faces, patches[name] = _ring_patch(v, faces, np.array([sx * EYE_X, EYE_Y]), EYE_PATCH,
+                                              functools.partial(_eye_margin, sx=sx), _eye_ledges(cen))
+    v, faces, patches["mouth"] = _ring_patch(v, faces, np.array([0.0, MOUTH_Y]), MOUTH_PATCH, _mouth_margin,
+                                             _mouth_ledges)
+    v, faces, used = _remove_faces(v, faces, np.zeros(len(faces), bool))  # drop the vertices the patches replaced
+    remap = np.full(int(used.max()) + 1, -1, np.int64)
+    remap[used] = np.arange(len(used))
+    for info in patches.values():
+        info["outer"] = remap[info["outer"]]
+        info["rings"] = [remap[r] for r in info["rings"]]
     n_skin = len(v)
-    # eyeballs: separate spheres behind the eye holes, as in FLAME
-    e, ef = _icosphere(2)
-    centers = []
+    # eyeballs: separate spheres behind the lid openings, as in FLAME
+    e, ef = _icosphere(EYEBALL_LEVEL)
     all_v, all_f = [v], [faces]
-    for sx in (1.0, -1.0):  # left eye (+x) first: FLAME joint 3
-        # the eyeball bulges 6 mm out of the rim plane so that it fills the opening
-        e2 = ((v[:, 0] - sx * EYE_X) / EYE_HOLE[0]) ** 2 + ((v[:, 1] - EYE_Y) / EYE_HOLE[1]) ** 2
-        rim = v[(e2 < 2.5) & (v[:, 2] > 0.03)]
-        cen = np.array([sx * EYE_X, EYE_Y, rim[:, 2].mean() - (EYEBALL_R - 0.006)])
-        centers.append(cen)
+    for cen in centres:
         all_f.append(ef + sum(len(a) for a in all_v))
         all_v.append(cen + EYEBALL_R * e)
     verts = np.concatenate(all_v)
     faces = np.concatenate(all_f)
     eye_ids = [np.arange(n_skin, n_skin + len(e)), np.arange(n_skin + len(e), n_skin + 2 * len(e))]
-    return verts, faces, n_skin, eye_ids, np.array(centers)
+    return verts, faces, n_skin, eye_ids, centres, patches
 
 
 def _smooth_random_field(p: np.ndarray, rng: np.random.Generator, n_rbf: int, sigma: tuple[float, float],
@@ -190,7 +370,7 @@ def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
     ``eyeball_ids`` (2, E), ``num_skin_vertices`` used by :func:`semantic_regions` / :func:`face_regions`.
     """
     rng = np.random.default_rng(seed)
-    v, f, n_skin, eye_ids, eye_centers = _build_mesh(head_level)
+    v, f, n_skin, eye_ids, eye_centers, patches = _build_mesh(head_level)
     V = len(v)
     skin = np.zeros(V, bool)
     skin[:n_skin] = True
@@ -220,6 +400,13 @@ def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
     W = np.zeros((V, 5))
     w_jaw = (_smoothstep((MOUTH_Y - 0.002 - y) / 0.010) * _smoothstep((z - (J[2, 2] + 0.015)) / 0.035)
              * _smoothstep((y - (J[1, 1] - 0.01)) / 0.02)) * skin
+    # the mouth patch: the lower lip (and its rolled-in part) follows the jaw, the upper lip stays, the corners
+    # stretch; towards the patch's outer loop the weights blend into the field above
+    mp = patches["mouth"]
+    ids = np.concatenate(mp["rings"])
+    lower = _smoothstep((0.3 - np.sin(mp["vertex_theta"])) / 0.6)
+    blend = _smoothstep(mp["t"])
+    w_jaw[ids] = (1 - blend) * lower * _smoothstep((z[ids] - (J[2, 2] + 0.015)) / 0.035) + blend * w_jaw[ids]
     w_global = _smoothstep((0.005 - y) / 0.04) * skin
     w_jaw = np.minimum(w_jaw, 1 - w_global)
     W[:, 0] = w_global
@@ -277,7 +464,7 @@ def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
     corners = [_anchor(0.024, MOUTH_Y), _anchor(-0.024, MOUTH_Y)]
     corner_w = [_gauss(p, c, 0.012) for c in corners]
     expr = [
-        -0.008 * (lower_face * _smoothstep((MOUTH_Y - y) / 0.006))[:, None] * e3[1],        # mouth open
+        -0.008 * W[:, [2]] * e3[1],                                                         # mouth open
         (0.004 * e3[1] - 0.003 * e3[2])[None] * (corner_w[0] + corner_w[1])[:, None]
         + 0.003 * e3[0] * (corner_w[0] - corner_w[1])[:, None],                            # smile
         0.005 * brows[:, None] * e3[1],                                                    # brows raise
@@ -293,9 +480,9 @@ def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
     for k in range(len(expr), NUM_EXPRESSION):
         amp = 0.003 * np.exp(-(k - len(expr)) / 30.0) + 1e-4
         shapedirs[:, :, NUM_SHAPE + k] = amp * _smooth_random_field(p, rng, 2, (0.015, 0.03), face_w, face_pts)
-    # eyeballs move rigidly with the skin around them (displacement of the socket)
-    for i, ids in enumerate(eye_ids):
-        sock = np.argsort(np.linalg.norm(v[:n_skin] - eye_centers[i], axis=1))[:12]
+    # eyeballs move rigidly with the lids around them (the displacement of the fold that meets each eyeball)
+    for ids, name in zip(eye_ids, ("left_eye", "right_eye")):
+        sock = patches[name]["rings"][-1]
         shapedirs[ids] = shapedirs[sock].mean(0, keepdims=True)
 
     # ---------------- small pose correctives (neck and jaw only, like FLAME's dominant ones)
@@ -318,6 +505,7 @@ def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
         # helpers (not FLAME keys; the writer drops them)
         "eyeball_ids": np.stack(eye_ids),
         "num_skin_vertices": n_skin,
+        "patches": patches,  # rings of the eye openings and the mouth (see _ring_patch)
     }
 
 
@@ -335,10 +523,12 @@ def face_regions(model: dict) -> dict[str, np.ndarray]:
     ear = skin & (np.abs(x) > HEAD_AXES[0] - 0.012) & (np.abs(y - 0.082) < 0.035) & (z < 0.015)
     face = skin & (z > 0.035) & (y > -0.006) & (y < 0.155) & (np.abs(x) < 0.066) & ~ear
     r["face"] = face
-    r["lips"] = skin & (((x / 0.03) ** 2 + ((y - MOUTH_Y) / 0.013) ** 2) < 1) & (z > 0.05)
+    inner = _inner_ring_masks(model)
+    r["lips"] = (skin & (((x / 0.03) ** 2 + ((y - MOUTH_Y) / 0.013) ** 2) < 1) & (z > 0.05)) | inner["mouth"]
     r["nose"] = skin & (((x / 0.018) ** 2 + ((y - NOSE_Y) / 0.026) ** 2) < 1) & (z > 0.06)
     for name, sx in (("left", 1), ("right", -1)):
-        r[f"{name}_eye_region"] = skin & ((((x - sx * EYE_X) / 0.024) ** 2 + ((y - EYE_Y) / 0.016) ** 2) < 1) & (z > 0.04)
+        r[f"{name}_eye_region"] = (skin & ((((x - sx * EYE_X) / 0.024) ** 2 + ((y - EYE_Y) / 0.016) ** 2) < 1)
+                                   & (z > 0.04)) | inner[f"{name}_eye"]
     r["left_eyeball"] = np.isin(np.arange(V), eyes[0])
     r["right_eyeball"] = np.isin(np.arange(V), eyes[1])
     r["eye_region"] = r["left_eye_region"] | r["right_eye_region"]
@@ -351,6 +541,17 @@ def face_regions(model: dict) -> dict[str, np.ndarray]:
     return {k: np.nonzero(m)[0].astype(np.int64) for k, m in r.items()}
 
 
+def _inner_ring_masks(model: dict) -> dict[str, np.ndarray]:
+    """Boolean (V,) masks of each patch's rings from the margin inwards (margin and the rings rolled in behind it)."""
+    V = len(model["v_template"])
+    out = {}
+    for name, info in model["patches"].items():
+        m = np.zeros(V, bool)
+        m[np.concatenate(info["rings"][info["margin_index"]:])] = True
+        out[name] = m
+    return out
+
+
 def face_mask_ids(model: dict) -> np.ndarray:
     """The face mask (union of face, lips, nose, eyeballs, eye regions), sorted vertex ids."""
     reg = face_regions(model)
@@ -359,9 +560,10 @@ def face_mask_ids(model: dict) -> np.ndarray:
 
 
 def semantic_regions(model: dict) -> dict[str, np.ndarray]:
-    """Boolean (V,) masks for painting an identity: skin, hair (scalp), eyes (eyeballs), brows, lips, nose.
+    """Boolean (V,) masks for painting an identity: skin, hair (scalp), eyes (eyeballs), brows, lips, nose, lids (the
+    lid margins and the folds behind them that meet the eyeballs), mouth (the lips rolled into the mouth).
 
-    ``skin`` is every skin vertex not in hair/eyes/brows/lips/nose, so the masks are disjoint."""
+    ``skin`` is every skin vertex not in hair/eyes/brows/lips/nose/lids/mouth, so the masks are disjoint."""
     v = np.asarray(model["v_template"])
     x, y, z = v.T
     V = len(v)
@@ -372,11 +574,42 @@ def semantic_regions(model: dict) -> dict[str, np.ndarray]:
     brows = np.zeros(V, bool)
     for sx in (1, -1):
         brows |= skin_all & ((((x - sx * 0.034) / 0.02) ** 2 + ((y - 0.110) / 0.0055) ** 2) < 1) & (z > 0.05)
-    lips = skin_all & (((x / 0.026) ** 2 + ((y - MOUTH_Y) / 0.011) ** 2) < 1) & (z > 0.05)
-    nose = skin_all & (((x / 0.016) ** 2 + ((y - NOSE_Y) / 0.024) ** 2) < 1) & (z > 0.07)
+    inner = _inner_ring_masks(model)
+    lids = inner["left_eye"] | inner["right_eye"]
+    mouth = np.zeros(V, bool)
+    mp = model["patches"]["mouth"]
+    mouth[np.concatenate(mp["rings"][mp["margin_index"] + 1:])] = True  # behind the lip margin
+    lips = skin_all & (((x / 0.026) ** 2 + ((y - MOUTH_Y) / 0.011) ** 2) < 1) & (z > 0.05) & ~mouth
+    nose = skin_all & (((x / 0.016) ** 2 + ((y - NOSE_Y) / 0.024) ** 2) < 1) & (z > 0.07) & ~lips
     hair &= ~brows
-    skin = skin_all & ~(hair | brows | lips | nose)
-    return {"skin": skin, "hair": hair, "eyes": eyes, "brows": brows, "lips": lips, "nose": nose}
+    brows &= ~lids
+    skin = skin_all & ~(hair | brows | lips | nose | lids | mouth)
+    return {"skin": skin, "hair": hair, "eyes": eyes, "brows": brows, "lips": lips, "nose": nose, "lids": lids,
+            "mouth": mouth}
+
+
+def painting_masks(model: dict) -> dict[str, np.ndarray]:
+    """Float (V,) weights in [0, 1] of the features painted on the eye and mouth patches.
+
+    ``lash``: the upper lid margin and the skin ring just outside it (lashes and their shadow), fading towards the
+    corners; ``lid_fold``: the lid margins' back edges and the folds that meet the eyeballs; ``mouth_inside``: the
+    lips rolled into the mouth, 0.5 on the first ring behind the lip margin and 1 on the mouth hole's loop.
+    """
+    V = len(model["v_template"])
+    out = {k: np.zeros(V) for k in ("lash", "lid_fold", "mouth_inside")}
+    for name in ("left_eye", "right_eye"):
+        info = model["patches"][name]
+        k = info["margin_index"]
+        upper = _smoothstep((np.sin(info["theta"]) - 0.1) / 0.4)
+        out["lash"][info["rings"][k]] = np.maximum(out["lash"][info["rings"][k]], upper)
+        out["lash"][info["rings"][k - 1]] = np.maximum(out["lash"][info["rings"][k - 1]], 0.6 * upper)
+        for ring in info["rings"][k + 1:]:
+            out["lid_fold"][ring] = 1.0
+    mp = model["patches"]["mouth"]
+    behind = mp["rings"][mp["margin_index"] + 1:]
+    for i, ring in enumerate(behind):
+        out["mouth_inside"][ring] = (i + 1) / len(behind)
+    return out
 
 
 def _front_face_hit(v: np.ndarray, f: np.ndarray, xy: np.ndarray, exclude: np.ndarray | None = None):
@@ -406,6 +639,26 @@ def _front_face_hit(v: np.ndarray, f: np.ndarray, xy: np.ndarray, exclude: np.nd
     return np.array(fidx, np.int64), np.clip(np.array(bary), 0, 1)
 
 
+def _margin_point(f: np.ndarray, info: dict, angle: float) -> tuple[int, np.ndarray]:
+    """(face id, barycentric coords (3,)) of the point at ``angle`` on a patch's margin ring (see _ring_patch):
+    interpolated along the margin edge that spans the angle, in the face of that edge on the skin side."""
+    ring = info["rings"][info["margin_index"]]
+    outside = set(info["rings"][info["margin_index"] - 1].tolist())
+    theta = info["theta"]
+    ahead = np.mod(angle - theta, 2 * np.pi)  # how far the wanted angle lies past each margin vertex
+    k = int(np.argmin(ahead))  # the margin vertex just before it; the next one along increasing angles:
+    nxt = (k + 1) % len(ring) if theta[1] > theta[0] else (k - 1) % len(ring)
+    span = np.mod(theta[nxt] - theta[k], 2 * np.pi)
+    s_ = float(np.clip(ahead[k] / span if span > 0 else 0.0, 0, 1))
+    a, b = int(ring[k]), int(ring[nxt])
+    for fi in np.nonzero(((f == a).any(1)) & ((f == b).any(1)))[0]:
+        third = [int(u) for u in f[fi] if u not in (a, b)]
+        if third and third[0] in outside:
+            bary = np.array([(1 - s_) if u == a else (s_ if u == b else 0.0) for u in f[fi]])
+            return int(fi), bary
+    raise RuntimeError("synthetic FLAME: no skin-side face along the margin edge of a landmark")
+
+
 def landmark_embeddings(model: dict) -> tuple[dict, dict]:
     """(static, dynamic) landmark embeddings in FLAME's formats: static 51 points (iBUG 68 without the jaw
     contour: brows 10, nose 9, eyes 12, mouth 20); dynamic (79 yaw bins, 17 contour points)."""
@@ -419,19 +672,17 @@ def landmark_embeddings(model: dict) -> tuple[dict, dict]:
             pts.append((sx * xx, 0.108 + 0.006 * np.sin(np.pi * (xx - 0.012) / 0.043)))
     pts += [(0.0, y) for y in np.linspace(0.085, NOSE_Y - 0.006, 4)]
     pts += [(xx, NOSE_Y - 0.012) for xx in np.linspace(-0.012, 0.012, 5)]
-    for sx in (-1, 1):
-        ang = np.array([180, 120, 60, 0, -60, -120]) * np.pi / 180
-        if sx > 0:
-            ang = ang
-        for a in ang:
-            pts.append((sx * EYE_X + 0.016 * np.cos(a) * (1 if sx > 0 else 1), EYE_Y + 0.0085 * np.sin(a)))
-    for a in np.linspace(np.pi, -np.pi, 13)[:12]:  # outer lip
-        pts.append((0.026 * np.cos(a), MOUTH_Y + 0.011 * np.sin(a)))
-    for a in np.linspace(np.pi, -np.pi, 9)[:8]:  # inner lip, just outside the mouth opening
-        pts.append((0.0235 * np.cos(a), MOUTH_Y + 0.0065 * np.sin(a)))
-    xy = np.array(pts)
-    assert len(xy) == 51
-    idx, bc = _front_face_hit(v, f, xy, exclude=eyes_faces)
+    brows_nose = _front_face_hit(v, f, np.array(pts), exclude=eyes_faces)
+    outer_lip = np.array([(0.026 * np.cos(a), MOUTH_Y + 0.011 * np.sin(a)) for a in np.linspace(np.pi, -np.pi, 13)[:12]])
+    outer_lip = _front_face_hit(v, f, outer_lip, exclude=eyes_faces)
+    # eyes and inner lips lie on the lid and lip margins: iBUG 36-41 (right eye, -x) and 42-47 start at the corner
+    # on the image's left (-x), run along the upper margin, then back along the lower one; 60-67 likewise
+    eye_angles = np.radians([180, 120, 60, 0, -60, -120])
+    on_margin = [_margin_point(f, model["patches"][n], a) for n in ("right_eye", "left_eye") for a in eye_angles]
+    inner_lip = [_margin_point(f, model["patches"]["mouth"], a) for a in np.linspace(np.pi, -np.pi, 9)[:8]]
+    idx = np.concatenate([brows_nose[0], [p[0] for p in on_margin], outer_lip[0], [p[0] for p in inner_lip]])
+    bc = np.concatenate([brows_nose[1], [p[1] for p in on_margin], outer_lip[1], [p[1] for p in inner_lip]])
+    assert len(idx) == 51
     static = {"lmk_face_idx": idx.astype(np.int64), "lmk_b_coords": bc}
     # dynamic contour: for each yaw bin the 17 jaw-contour points of the silhouette seen from that yaw
     yaw = np.linspace(-39, 39, 79) * np.pi / 180

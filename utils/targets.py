@@ -17,6 +17,7 @@ from utils.cameras import Camera, load_camera_params
 from utils.dataset import crop_size, crop_view
 from utils.model_io import TrainedModel
 from utils.nersemble import NersembleSubject
+from utils.regions import EyeLandmarkEmbedding, embedding_for_flame
 
 if TYPE_CHECKING:
     from utils.fitting import FitConfig
@@ -48,6 +49,8 @@ class FitTarget:
         eval_views: every calibrated view with a photo (fitted one included), cropped to one common size.
         extra_views: calibrated cameras without a photo (rendered only).
         fit_camera_full: the fitted camera for the whole photo (turntable start).
+        eye_landmarks: FLAME's eye landmarks on the face mask, for the eye-region metrics (None when the FLAME files
+            have no landmark embedding on the mask).
     """
 
     name: str
@@ -57,6 +60,7 @@ class FitTarget:
     extra_views: list[View]
     fit_camera_full: Camera
     source: dict[str, str]
+    eye_landmarks: EyeLandmarkEmbedding | None = None
 
 
 def default_flame_dir(subject_dir: Path) -> Path:
@@ -124,11 +128,12 @@ def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.d
         images[s] = subject.masked_image(s, cfg.image_scale)
         masks[s] = subject.facemask(s, cfg.image_scale)
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else default_flame_dir(sdir)
-    _, base, _ = flame_vertices(model, flame_dir, subject.tracking_path, frame=cfg.frame)
+    _, base, flame = flame_vertices(model, flame_dir, subject.tracking_path, frame=cfg.frame)
     fit, views = fit_and_eval_views(serials, images, masks, cams, cfg.camera, cfg.fit, device)
     return FitTarget(name=sdir.name, base_vertices=base.to(device), fit_view=fit, eval_views=views, extra_views=[],
                      fit_camera_full=cams[cfg.camera].to(device),
-                     source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)})
+                     source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)},
+                     eye_landmarks=embedding_for_flame(flame, model.mask_ids))
 
 
 def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera) -> np.ndarray:
@@ -209,4 +214,5 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
     return FitTarget(name=img_path.stem, base_vertices=base.to(device), fit_view=fit, eval_views=views,
                      extra_views=extra, fit_camera_full=cam.to(device),
                      source={"image": str(img_path), "camera_json": str(json_path), "camera": s,
-                             "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)})
+                             "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)},
+                     eye_landmarks=embedding_for_flame(flame, model.mask_ids))

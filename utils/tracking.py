@@ -115,11 +115,13 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         w_start = res.start_w if res.start_w is not None else w_mean
     fit_serial = target.fit_view.serial
     code = res.code
+    eyes = target.eye_landmarks
     metrics, renders = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
-                                      cfg.export.lpips, code.colour)
+                                      cfg.export.lpips, code.colour, eyes)
     code_only, _ = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
-                                  False) if code.colour is not None else (dict(metrics), None)
-    before, _ = evaluate_views(model, w_mean, target.base_vertices, target.eval_views, fit_serial, cfg.backend, False)
+                                  False, eyes=eyes) if code.colour is not None else (dict(metrics), None)
+    before, _ = evaluate_views(model, w_mean, target.base_vertices, target.eval_views, fit_serial, cfg.backend, False,
+                               eyes=eyes)
     start_m, _ = evaluate_views(model, w_start, target.base_vertices, target.eval_views, fit_serial, cfg.backend,
                                 False) if res.start != "mean_code" else (before, None)
     synchronize(device)
@@ -155,6 +157,8 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         # the code alone (the colour residual left out): what the colour stage adds is the difference
         "psnr_all_code_only": code_only["psnr_all"], "psnr_unseen_code_only": code_only["psnr_unseen"],
         "ssim_unseen_code_only": code_only["ssim_unseen"],
+        "psnr_eyes_unseen_mean_code": before.get("psnr_eyes_unseen"),
+        "psnr_eyes_unseen_code_only": code_only.get("psnr_eyes_unseen"),
         "psnr_fit_view_code_only": code_only["per_view"][fit_serial]["psnr"],
         "iterations": res.iterations, "stopped_early": res.stopped_early,
         "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
@@ -210,6 +214,8 @@ TABLE_COLUMNS = (
     ("PSNR unseen, fitted", "psnr_unseen", "{:.2f}"),
     ("gain dB", "gain_unseen", "{:+.2f}"),
     ("PSNR all", "psnr_all", "{:.2f}"),
+    ("PSNR eyes unseen, mean code", "psnr_eyes_unseen_mean_code", "{:.2f}"),
+    ("PSNR eyes unseen, fitted", "psnr_eyes_unseen", "{:.2f}"),
     ("SSIM unseen", "ssim_unseen", "{:.3f}"),
     ("SSIM all", "ssim_all", "{:.3f}"),
     ("LPIPS unseen", "lpips_unseen", "{:.3f}"),

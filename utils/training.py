@@ -30,6 +30,7 @@ from utils.device import resolve_device
 from utils.io import atomic_torch_save, save_image_grid
 from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
 from utils.model_io import save_model
+from utils.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LossConfig:
     code_reg: float = 0.0  # weight of the mean squared code norm (the paper's cs_reg_weight)
     offset_reg: float = 1e-3  # weight of the squared Gaussian offsets (edge units): keeps Gaussians on the surface
     scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
+    eye_weight: float = 0.0  # weight of an extra L1 term inside each view's eye regions (utils/regions.py; 0: off)
 
 
 @dataclass
@@ -145,6 +147,8 @@ class Trainer:
         template = subdivide_vertices(self.data.template, self.data.plan)
         self.field = IdentityField(cfg.model, len(self.data), template, self.data.faces).to(self.device)
         self.plan = self.data.plan.to(self.device)
+        self.eye_landmarks = embedding_for_flame(self.data.flame, self.data.mask_ids)  # None: no eye-region metrics
+        self.eye_masks = self._eye_masks() if cfg.loss.eye_weight > 0 else None  # (I, S, h, w, 1) uint8
         self.module: nn.Module = _BatchForward(self.field)
         if self.ddp:
             self.module = nn.parallel.DistributedDataParallel(
@@ -176,6 +180,16 @@ class Trainer:
                 print("tensorboard is not installed (pip install tensorboard): training without tensorboard logs")
             else:
                 self.writer = SummaryWriter(str(self.out / "tb"))
+
+    @torch.no_grad()
+    def _eye_masks(self) -> Tensor:
+        """Eye regions of every identity's views (I, S, h, w, 1) uint8 on the device, for ``loss.eye_weight``."""
+        if self.eye_landmarks is None:
+            raise ValueError("loss.eye_weight needs FLAME's eye landmarks on the face mask (flame_static_embedding.pkl "
+                             f"in {self.data.flame_dir}, and a face mask that holds the eyes); set loss.eye_weight 0")
+        masks = [eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]), self.data.cameras[i],
+                                  self.data.masks[i].float() / 255.0) for i in range(len(self.data))]
+        return (torch.stack(masks) > 0.5).to(torch.uint8)
 
     # ------------------------------------------------------------------ schedule and sampling
     def _set_lr(self) -> None:
@@ -215,11 +229,15 @@ class Trainer:
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
         return render_identities(clouds, cams, backend=self.cfg.backend)["image"], gt
 
-    def loss_terms(self, pred: Tensor, gt: Tensor, aux: dict) -> dict[str, Tensor]:
+    def loss_terms(self, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None) -> dict[str, Tensor]:
+        """Loss terms of predictions and targets (B, C, h, w, 3); ``eyes`` (B, C, h, w, 1): the views' eye regions."""
         lc = self.cfg.loss
         terms = {"l1": l1(pred, gt), "ssim": ssim(pred.flatten(0, 1), gt.flatten(0, 1))}
         regs = IdentityField.regularizers(aux)
         total = lc.l1_weight * terms["l1"] + lc.ssim_weight * (1.0 - terms["ssim"])
+        if eyes is not None and lc.eye_weight > 0:
+            terms["l1_eyes"] = l1(pred, gt, eyes)
+            total = total + lc.eye_weight * terms["l1_eyes"]
         total = total + lc.offset_reg * regs["offset"] + lc.scale_reg * regs["scale"]
         if lc.code_reg > 0:
             total = total + lc.code_reg * regs["code"]
@@ -241,7 +259,8 @@ class Trainer:
         d_ids, d_views = self.to_device(ids), self.to_device(views)
         clouds, aux = self.module(d_ids, self.vertices(d_ids))
         pred, gt = self.render_views(clouds, ids, views, (d_ids, d_views))
-        terms = self.loss_terms(pred, gt, aux)
+        eyes = self.eye_masks[d_ids[:, None], d_views].float() if self.eye_masks is not None else None
+        terms = self.loss_terms(pred, gt, aux, eyes)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.cfg.optim.grad_clip > 0:
@@ -253,7 +272,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """PSNR/SSIM on held-out cameras and on training cameras of the first ``eval_identities`` identities."""
+        """PSNR/SSIM on held-out cameras and on training cameras of the first ``eval_identities`` identities, on the
+        face mask and inside the eye regions (``psnr_eyes_*``, ``ssim_eyes_*``; utils/regions.py)."""
         self.field.eval()
         n = len(self.data) if self.cfg.eval_identities <= 0 else min(self.cfg.eval_identities, len(self.data))
         ids = torch.arange(n)
@@ -264,7 +284,7 @@ class Trainer:
         for name, serial_ids in groups.items():
             if not serial_ids:
                 continue
-            p_all, s_all = [], []
+            p_all, s_all, pe_all, se_all = [], [], [], []
             for i in ids.tolist():
                 verts = self.vertices(torch.tensor([i]))
                 cloud = self.field(self.field.codes.weight[i : i + 1], verts)
@@ -272,10 +292,20 @@ class Trainer:
                 pred = pred[0].clamp(0, 1)
                 p_all.append(psnr(pred, gt[0], reduction="none"))
                 s_all.append(ssim(pred, gt[0], reduction="none"))
+                if self.eye_landmarks is not None:  # the same views inside the eye regions (utils/regions.py)
+                    masks = eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]),
+                                             [self.data.cameras[i][v] for v in serial_ids],
+                                             self.data.masks[i, serial_ids].float() / 255.0)
+                    pe, se = region_metrics(pred, gt[0], masks)
+                    pe_all.append(pe)
+                    se_all.append(se)
                 if i == 0 and name == "heldout_views":
                     grid = torch.cat([pred, gt[0]], dim=1)  # (C, 2h, w, 3): prediction above photo
             out[f"psnr_{name}"] = float(torch.cat(p_all).mean())
             out[f"ssim_{name}"] = float(torch.cat(s_all).mean())
+            if pe_all:
+                out[f"psnr_eyes_{name}"] = nanmean(torch.cat(pe_all))
+                out[f"ssim_eyes_{name}"] = nanmean(torch.cat(se_all))
         out["eval_identities"] = n
         if grid is not None:
             out["_grid"] = grid
@@ -399,7 +429,8 @@ class Trainer:
                 self._log_eval(metrics)
                 self.write_metrics(metrics)
                 if self.is_main:
-                    msg = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k.startswith(("psnr", "ssim")))
+                    msg = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()
+                                    if k.startswith(("psnr", "ssim")) and v is not None)
                     bar.write(f"step {self.step}: {msg}")
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save_checkpoint()
