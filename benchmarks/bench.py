@@ -55,15 +55,17 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def build_problem(num_ids: int, height: int, level: int, device: torch.device, cfg: TrainConfig, seed: int = 0):
-    """In-memory synthetic identities -> (MultiViewDataset, held-out identity views for fitting)."""
+def build_problem(num_ids: int, height: int, level: int, device: torch.device, cfg: TrainConfig, seed: int = 0,
+                  gt_subdivision: int = 2):
+    """In-memory synthetic identities -> (MultiViewDataset, held-out identity views for fitting); the ground-truth
+    heads are subdivided ``gt_subdivision`` times."""
     from utils.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity
     from utils.synthetic_flame import make_flame_model, write_flame_files
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_flame_"))
     model = make_flame_model(seed)
     write_flame_files(tmp, model, seed)
-    heads = GroundTruthHeads(tmp, model, subdivision=2)
+    heads = GroundTruthHeads(tmp, model, subdivision=gt_subdivision)
     flame = heads.flame
     mask_ids, mask_faces = face_mask_topology(flame, tmp)
     full_faces = flame.faces.cpu().numpy()
@@ -94,6 +96,7 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     template = flame.v_template[torch.as_tensor(mask_ids)].cpu()
     data = MultiViewDataset.from_views(cfg.data, ids, list(SERIALS), views, torch.stack(base), template, mask_ids,
                                        mask_faces, device)
+    data.flame = flame  # its landmark embedding gives the eye-region metrics (utils/regions.py)
     heldout_views, heldout_base = views_of("017")
     return data, (heldout_views, heldout_base)
 

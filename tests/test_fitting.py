@@ -211,6 +211,12 @@ def test_metrics_json_fields(fitted):
     assert doc["start"] in ("mean_code", "w_avg", "mean_w")
     if doc["lpips_all"] is None:
         assert "lpips_note" in doc
+    # the eye regions (utils/regions.py) beside the face-mask figures; the eyes are harder than the face on average
+    for key in ("psnr_eyes_all", "psnr_eyes_unseen", "ssim_eyes_all", "ssim_eyes_unseen",
+                "psnr_eyes_unseen_mean_code", "psnr_eyes_unseen_code_only"):
+        assert isinstance(doc[key], float), key
+    assert 5 < doc["psnr_eyes_unseen"] < doc["psnr_unseen"] + 10
+    assert sum("psnr_eyes" in v for v in doc["per_view"].values()) == 16
 
 
 def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):

@@ -49,8 +49,10 @@ def test_eyeballs_set_back_behind_overhanging_lids(model):
     v = model["v_template"]
     for k, name in enumerate(("left_eye", "right_eye")):
         eye = v[model["eyeball_ids"][k]]
-        c = eye.mean(0)
-        r = np.linalg.norm(eye - c, axis=1).mean()
+        c = np.asarray(model["J_regressor"][3 + k] @ v)[0]  # the eye joint ...
+        r = np.linalg.norm(eye - c, axis=1)
+        assert np.ptp(r) < 1e-9 and np.allclose(c, S.eye_centres()[k])  # ... is the eyeball's centre
+        r = r.mean()
         m, info = _margin(model, name)
         # the lid margins stand 2-4 mm off the eyeball all around the opening (radially from its centre) ...
         gap = np.linalg.norm(m - c, axis=1) - r

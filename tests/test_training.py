@@ -24,6 +24,25 @@ def test_two_identities_overfit_training_views(preprocessed_root, tmp_path):
     assert after >= 17.0, after
 
 
+def test_eye_weight_adds_an_eye_region_term(preprocessed_root, tmp_path):
+    tr = Trainer(tiny_config(preprocessed_root, tmp_path, **{"loss.eye_weight": 1.0}))
+    assert tr.eye_masks.shape[:2] == tr.data.images.shape[:2] and tr.eye_masks.dtype == torch.uint8
+    frac = float(tr.eye_masks.float().mean() / (tr.data.masks.float() / 255).mean())
+    assert 0.005 < frac < 0.2  # the eye regions are a small part of the face
+    terms = tr.train_step()
+    assert float(terms["l1_eyes"]) > 0
+    # a dataset without FLAME's landmarks (built in memory) cannot weight the eyes: a clear error
+    from utils.dataset import MultiViewDataset
+
+    d = tr.data
+    views = [[(d.images[i, s].float().numpy() / 255, d.masks[i, s].float().numpy() / 255, d.cameras[i][s])
+              for s in range(len(d.serials))] for i in range(len(d))]
+    bare = MultiViewDataset.from_views(d.cfg, d.identities, d.serials, views, d.base_vertices, d.template,
+                                       d.mask_ids, d.base_faces)
+    with pytest.raises(ValueError, match="loss.eye_weight needs FLAME's eye landmarks"):
+        Trainer(tiny_config(preprocessed_root, tmp_path / "bare", **{"loss.eye_weight": 1.0}), data=bare)
+
+
 def _losses(cfg, steps):
     tr = Trainer(cfg, resume=True)
     return [float(tr.train_step()["loss"]) for _ in range(steps - tr.step)], tr
@@ -44,8 +63,11 @@ def test_resume_is_bit_for_bit(preprocessed_root, tmp_path):
 
 def test_outputs_and_metrics(trained_model_dir):
     m = json.loads((trained_model_dir / "metrics.json").read_text())
-    for key in ("psnr_heldout_views", "ssim_heldout_views", "psnr_train_views", "steps", "seconds", "device"):
+    for key in ("psnr_heldout_views", "ssim_heldout_views", "psnr_train_views", "steps", "seconds", "device",
+                "psnr_face_heldout_views", "psnr_eyes_heldout_views", "ssim_eyes_heldout_views", "psnr_eyes_train_views"):
         assert key in m
+    # inside the face mask alone the error is higher than over the whole crop (black background matches black)
+    assert m["psnr_face_heldout_views"] < m["psnr_heldout_views"] and m["psnr_eyes_heldout_views"] > 5
     assert m["steps"] == 20 and m["psnr_heldout_views"] > 5
     ckpts = sorted((trained_model_dir / "checkpoints").glob("ckpt_*.pt"))
     assert ckpts and not list(trained_model_dir.rglob("*.tmp"))

@@ -330,8 +330,8 @@ def _anchors(model: Mapping) -> _Anchors:
     sem = semantic_regions(model)
     reg = face_regions(model)
     eye_ids = [reg["left_eyeball"], reg["right_eyeball"]]
-    eye_c = np.stack([v[i].mean(0) for i in eye_ids])
-    eye_r = float(np.mean([np.linalg.norm(v[i] - v[i].mean(0), axis=1).mean() for i in eye_ids]))
+    eye_c = np.asarray(model["J_regressor"][3:5] @ v)  # the eye joints: the eyeballs' centres
+    eye_r = float(np.mean([np.linalg.norm(v[i] - c, axis=1).mean() for i, c in zip(eye_ids, eye_c)]))
     lips = v[sem["lips"]]
     brows = v[sem["brows"]]
     bc = np.stack([brows[brows[:, 0] > 0].mean(0), brows[brows[:, 0] < 0].mean(0)])

@@ -272,8 +272,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """PSNR/SSIM on held-out cameras and on training cameras of the first ``eval_identities`` identities, on the
-        face mask and inside the eye regions (``psnr_eyes_*``, ``ssim_eyes_*``; utils/regions.py)."""
+        """PSNR/SSIM on held-out cameras and on training cameras of the first ``eval_identities`` identities: of the
+        face-masked crops (``psnr_*``, ``ssim_*``), of the face-mask pixels alone (``psnr_face_*``) and of the eye
+        regions (``psnr_eyes_*``, ``ssim_eyes_*``; utils/regions.py)."""
         self.field.eval()
         n = len(self.data) if self.cfg.eval_identities <= 0 else min(self.cfg.eval_identities, len(self.data))
         ids = torch.arange(n)
@@ -284,7 +285,7 @@ class Trainer:
         for name, serial_ids in groups.items():
             if not serial_ids:
                 continue
-            p_all, s_all, pe_all, se_all = [], [], [], []
+            p_all, s_all, pf_all, pe_all, se_all = [], [], [], [], []
             for i in ids.tolist():
                 verts = self.vertices(torch.tensor([i]))
                 cloud = self.field(self.field.codes.weight[i : i + 1], verts)
@@ -292,10 +293,11 @@ class Trainer:
                 pred = pred[0].clamp(0, 1)
                 p_all.append(psnr(pred, gt[0], reduction="none"))
                 s_all.append(ssim(pred, gt[0], reduction="none"))
+                face = self.data.masks[i, serial_ids].float() / 255.0
+                pf_all.append(psnr(pred, gt[0], mask=face, reduction="none"))  # inside the face mask only
                 if self.eye_landmarks is not None:  # the same views inside the eye regions (utils/regions.py)
                     masks = eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]),
-                                             [self.data.cameras[i][v] for v in serial_ids],
-                                             self.data.masks[i, serial_ids].float() / 255.0)
+                                             [self.data.cameras[i][v] for v in serial_ids], face)
                     pe, se = region_metrics(pred, gt[0], masks)
                     pe_all.append(pe)
                     se_all.append(se)
@@ -303,6 +305,7 @@ class Trainer:
                     grid = torch.cat([pred, gt[0]], dim=1)  # (C, 2h, w, 3): prediction above photo
             out[f"psnr_{name}"] = float(torch.cat(p_all).mean())
             out[f"ssim_{name}"] = float(torch.cat(s_all).mean())
+            out[f"psnr_face_{name}"] = float(torch.cat(pf_all).mean())
             if pe_all:
                 out[f"psnr_eyes_{name}"] = nanmean(torch.cat(pe_all))
                 out[f"ssim_eyes_{name}"] = nanmean(torch.cat(se_all))
