@@ -43,6 +43,18 @@ def test_eye_weight_adds_an_eye_region_term(preprocessed_root, tmp_path):
         Trainer(tiny_config(preprocessed_root, tmp_path / "bare", **{"loss.eye_weight": 1.0}), data=bare)
 
 
+def test_eye_term_closes_the_eye_gap(preprocessed_root, tmp_path):
+    """The eyes of the FLAME-like synthetic heads (lid openings a few pixels tall here) lag the face without the
+    eye-region term; with it (loss.eye_weight 1, the presets' value) the eye regions of the held-out cameras get
+    within 1 dB of the whole-face PSNR.  Measured (40 steps, seeds 0 / 1): eyes +2.3 / +4.3 dB, gap -1.9 / -0.1 dB
+    with the term, 0.9 / 3.4 dB without."""
+    kw = dict(steps=40, eval_every=40, batch_views=4, **{"optim.lr_network": 5e-3, "optim.lr_template": 1e-2})
+    off = Trainer(tiny_config(preprocessed_root, tmp_path / "off", **kw, **{"loss.eye_weight": 0.0})).run()
+    on = Trainer(tiny_config(preprocessed_root, tmp_path / "on", **kw, **{"loss.eye_weight": 1.0})).run()
+    assert on["psnr_eyes_heldout_views"] >= off["psnr_eyes_heldout_views"] + 1.5, (off, on)
+    assert on["psnr_heldout_views"] - on["psnr_eyes_heldout_views"] <= 1.0, on
+
+
 def _losses(cfg, steps):
     tr = Trainer(cfg, resume=True)
     return [float(tr.train_step()["loss"]) for _ in range(steps - tr.step)], tr
