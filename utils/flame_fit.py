@@ -52,10 +52,10 @@ class FlameFitConfig:
     focal_prior: float = 1.0  # weight of (log(f / f0))^2
     rigid_iterations: int = 30  # L-BFGS iterations of the rigid stage (head rotation and translation)
     iterations: int = 200  # L-BFGS iterations of the non-rigid stage (two runs of half, see the code)
-    num_shape: int = 100  # FLAME shape coefficients fitted (the rest stay 0)
-    num_expression: int = 50  # FLAME expression coefficients fitted (the rest stay 0)
-    shape_prior: float = 3e-4  # weight of the mean squared shape coefficient
-    expression_prior: float = 1e-2  # weight of the mean squared expression coefficient
+    num_shape: int = 300  # FLAME shape coefficients fitted (the rest stay 0)
+    num_expression: int = 100  # FLAME expression coefficients fitted (the rest stay 0)
+    shape_prior: float = 3e-5  # weight of the mean squared shape coefficient
+    expression_prior: float = 1e-3  # weight of the mean squared expression coefficient
     jaw_prior: float = 1e-2  # weight of the squared jaw rotation (radians; sideways and twist x10)
     eyes_prior: float = 1e-2  # weight of the squared eye rotations (radians)
     robust_scale: float = 0.05  # Geman-McClure scale of the non-rigid stage, in inter-ocular distances ...
@@ -334,6 +334,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         return torch.cat([psi_n * c_expr, psi_n.new_zeros(T, NUM_EXPRESSION - cfg.num_expression)], 1)
 
     rows = None
+    wide = True  # the first non-rigid run uses the wide robust scale too (big deformations are not outliers)
 
     def evaluate(rigid: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(loss, fitted landmarks (T, 68, 2), per-point squared residuals in IOD units (T, 68))."""
@@ -344,7 +345,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         uv = project(lm, R, t, focal, size)
         r2 = ((torch.nan_to_num(uv) - pts) / iod[:, None, None]).square().sum(-1)  # (T, 68)
         w = wts if not rigid else wts * (torch.arange(68, device=dev) >= 17)  # rigid: static points only
-        scale = cfg.rigid_robust_scale if rigid else scale_nr
+        scale = cfg.rigid_robust_scale if (rigid or wide) else scale_nr
         loss = (w * geman_mcclure(r2, scale)).sum() / w.sum().clamp_min(1.0)
         if irises is not None and not rigid:
             uv_p = project(pupils, R, t, focal, size)
@@ -378,6 +379,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         if lf.has_contour:
             with torch.no_grad():
                 rows = lf.contour_rows(axis_angle_to_matrix(rot), zeros3)
+        wide = name == "rigid" or (name == "non_rigid" and not losses.get("non_rigid_wide_done", False))
         # L-BFGS with a strong-Wolfe line search: a small smooth least-squares problem, started close (PnP), where
         # Adam's fixed first steps would throw the pose away; ``n`` bounds the function evaluations
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=n, max_eval=int(n * 1.25), history_size=20,
@@ -393,6 +395,8 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         opt.step(closure)
         with torch.no_grad():
             losses[name] = float(evaluate(rigid)[0])
+        if name == "non_rigid":
+            losses["non_rigid_wide_done"] = True
         if not math.isfinite(losses[name]):
             raise FloatingPointError(f"FLAME landmark fit diverged in the {name} stage (loss {losses[name]})")
     with torch.no_grad():
