@@ -433,8 +433,10 @@ def landmark_embeddings(model: dict) -> tuple[dict, dict]:
     assert len(xy) == 51
     idx, bc = _front_face_hit(v, f, xy, exclude=eyes_faces)
     static = {"lmk_face_idx": idx.astype(np.int64), "lmk_b_coords": bc}
-    # dynamic contour: for each yaw bin the 17 jaw-contour points of the silhouette seen from that yaw
-    yaw = np.linspace(-39, 39, 79) * np.pi / 180
+    # dynamic contour: for each yaw bin the 17 jaw-contour points of the silhouette seen from that yaw; rows in the
+    # order of FLAME's file and smplx's lookup: 0..39 degrees, then -1..-39 degrees (the angle is minus the head's
+    # y rotation relative to the camera)
+    yaw = np.r_[np.arange(40), -np.arange(1, 40)] * np.pi / 180
     t = np.linspace(-1, 1, 17)
     didx = np.zeros((79, 17), np.int64)
     dbc = np.zeros((79, 17, 3))
