@@ -7,10 +7,16 @@ the 17 jaw-contour points 0..16 through FLAME's optional dynamic embedding) and 
     non-rigid  + FLAME shape (shared by all frames, or given and kept fixed), expression, jaw and eye rotations, and the
                focal length (one for all frames; principal point at the image centre)
 
-Loss: a Geman-McClure robust error of the landmark residuals in units of each frame's inter-ocular distance (so it is
-the same for any image size; a landmark the detector got badly wrong saturates instead of pulling the head), Gaussian
-priors on shape, expression, jaw and eyes (the coefficients are in standard deviations in FLAME), a log-normal prior
-of the focal length around the default, and for T > 1 a temporal smoothness term on pose, expression, jaw and eyes.
+Loss: a MAP estimate.  Landmark residuals, in units of each frame's inter-ocular distance (IOD), are Gaussian with a
+standard deviation of max(1 px, 2 % IOD) per coordinate (``landmark_sigma_px`` / ``landmark_sigma_iod``: the
+detector's precision, and how far a real face departs from FLAME's landmark embedding), robustified by Geman-McClure
+at 3 sigmas (a landmark the detector got badly wrong saturates instead of pulling the head); the priors are Gaussian
+with standard deviations in the parameters' own units (FLAME's shape and expression coefficients: 1; jaw and eyes:
+radians; focal length: log-normal around the default); for T > 1 the frame-to-frame changes of pose, expression, jaw
+and eyes have Gaussian priors too.  So the weight of each prior relative to the landmarks follows from the noise model
+instead of being tuned: the same settings fit synthetic landmarks with 1 px noise and a detector on real portraits.
+Solver: Levenberg-Marquardt with autograd Jacobians (converges in 10-20 iterations where a first-order method needed
+hundreds and stopped short of the optimum; see :func:`fit_flame_to_landmarks`).
 
 Conventions (models/flame.py, NeRSemble): FLAME runs with zero global rotation; the head pose is the similarity
 ``world = scale * R @ v + t`` (``FlameParams``; scale stays 1: the shape prior fixes the head's metric size).  The
@@ -44,26 +50,37 @@ W2C = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
 @dataclass
 class FlameFitConfig:
-    """Fitting FLAME and the camera to landmarks (``flame_fit.*`` keys of configs/fit.yaml)."""
+    """Fitting FLAME and the camera to landmarks (``flame_fit.*`` keys of configs/fit.yaml).
+
+    The loss is a MAP estimate: landmark residuals are Gaussian (robustified) with a standard deviation ``sigma``
+    per image coordinate of max(landmark_sigma_px pixels, landmark_sigma_iod x the inter-ocular distance), and every
+    prior is written as a standard deviation in the parameter's own units (FLAME's shape and expression coefficients
+    are in standard deviations of its training scans, so their prior std is 1)."""
 
     focal: float = 0.0  # focal length in pixels; 0: focal_ratio * the longer image side
     focal_ratio: float = 2.5  # default focal length / longer image side (a portrait lens; see the module docstring)
     fit_focal: bool = True  # refine the focal length (log-normal prior around the default / given value)
-    focal_prior: float = 1.0  # weight of (log(f / f0))^2
-    rigid_iterations: int = 30  # L-BFGS iterations of the rigid stage (head rotation and translation)
-    iterations: int = 200  # L-BFGS iterations of the non-rigid stage (two runs of half, see the code)
+    focal_std: float = 0.3  # prior std of log(focal / default focal)
+    rigid_iterations: int = 10  # Levenberg-Marquardt iterations (Jacobians) of the rigid stage (head pose)
+    iterations: int = 40  # ... of the non-rigid stage (two runs of at most half; converged in < 20 on the tests)
     num_shape: int = 300  # FLAME shape coefficients fitted (the rest stay 0)
     num_expression: int = 100  # FLAME expression coefficients fitted (the rest stay 0)
-    shape_prior: float = 3e-5  # weight of the mean squared shape coefficient
-    expression_prior: float = 1e-3  # weight of the mean squared expression coefficient
-    jaw_prior: float = 1e-2  # weight of the squared jaw rotation (radians; sideways and twist x10)
-    eyes_prior: float = 1e-2  # weight of the squared eye rotations (radians)
-    robust_scale: float = 0.05  # Geman-McClure scale of the non-rigid stage, in inter-ocular distances ...
-    robust_min_px: float = 2.0  # ... but at least this many pixels (detector noise on small faces)
-    rigid_robust_scale: float = 0.5  # the same of the rigid stage (wide: the start may be far off)
+    landmark_sigma_px: float = 1.0  # landmark noise per coordinate, pixels (the floor: detector precision) ...
+    landmark_sigma_iod: float = 0.02  # ... or this fraction of the inter-ocular distance, whichever is larger
+    shape_std: float = 1.0  # prior std of FLAME's shape coefficients (1: FLAME's own distribution)
+    expression_std: float = 1.0  # prior std of FLAME's expression coefficients
+    jaw_std: float = 0.2  # prior std of the jaw's opening rotation, radians (sideways and twist: a tenth)
+    eyes_std: float = 0.3  # prior std of the eye rotations, radians
+    robust_k: float = 3.0  # Geman-McClure scale of the non-rigid stage, in sigmas (residuals beyond it saturate)
+    rigid_robust_scale: float = 0.5  # the same of the rigid stage and the first non-rigid run, in inter-ocular
+    #                                  distances (wide: the start may be far off, big deformations are no outliers)
     contour_weight: float = 1.0  # weight of the 17 jaw-contour points (needs flame_dynamic_embedding.npy; 0: off)
     iris_weight: float = 1.0  # weight of the iris centres (detector output with irises; 0: off)
-    temporal_weight: float = 1.0  # T > 1: weight of the squared frame-to-frame change of pose, expression, jaw, eyes
+    temporal_weight: float = 1.0  # T > 1: weight of the frame-to-frame smoothness prior (temporal_std_* below)
+    temporal_std_rotation: float = 0.1  # std of the head rotation's change between frames, radians
+    temporal_std_translation: float = 0.05  # ... of its translation, in head distances
+    temporal_std_jaw: float = 0.1  # ... of the jaw and eye rotations, radians
+    temporal_std_expression: float = 1.0  # ... of the expression coefficients
 
 
 @dataclass
@@ -259,10 +276,26 @@ def _rotvec(R: np.ndarray) -> np.ndarray:
     return Rotation.from_matrix(R).as_rotvec()
 
 
+def _whiten(r: Tensor, w: Tensor, scale: Tensor, sigma: Tensor) -> Tensor:
+    """Residual vectors r (B, L, 2) (IOD units) -> (B, L, 2) whose squared norms are w * rho(|r|^2) / sigma^2, rho the
+    Geman-McClure function of scale ``scale``: the square root of each point's robust cost, as least squares want it.
+    w (B, L) weights; scale, sigma (B, 1)."""
+    f = w.sqrt() * scale / (r.square().sum(-1) + scale.square()).sqrt() / sigma
+    return r * f[..., None]
+
+
 def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: FlameFitConfig | None = None,
                            shape: Tensor | None = None, camera_name: str = "222200037") -> FlameFitResult:
     """Fit FLAME (one shape; per frame expression, jaw, eyes, head rotation and translation) and one focal length to
     the landmarks of T frames.
+
+    The loss (a MAP estimate, see :class:`FlameFitConfig`) is a sum of squares: whitened robust landmark residuals,
+    the priors as standard scores and, for T > 1, the frame-to-frame changes.  It is minimised by scipy's
+    trust-region least-squares solver (``scipy.optimize.least_squares``, method "trf") with the exact Jacobian from
+    autograd: frames are independent given the shared shape and focal length, so one backward pass through a batch
+    that repeats every frame once per residual yields every frame's Jacobian block.  Stages: rigid (head rotation and
+    translation, static points, wide robust scale), then everything with the wide scale, then with the narrow one
+    (``robust_k`` sigmas); the contour rows are looked up between stages.
 
     Args:
         flame: the FLAME model (with its 51-point static embedding; the dynamic one adds the contour).
@@ -290,11 +323,15 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         wts[:, :17] *= cfg.contour_weight
     pts = torch.nan_to_num(pts)
     iod = (pts[:, 36] - pts[:, 45]).norm(dim=-1).clamp_min(1.0)  # (T,)
-    scale_nr = (cfg.robust_min_px / iod).clamp_min(cfg.robust_scale)[:, None]  # (T, 1) in IOD units
+    # landmark noise per frame in IOD units, and the robust scales (wide: rigid stage and first non-rigid run)
+    sigma = (cfg.landmark_sigma_px / iod).clamp_min(cfg.landmark_sigma_iod)[:, None]  # (T, 1)
+    scale_narrow = cfg.robust_k * sigma
+    scale_wide = torch.full_like(sigma, cfg.rigid_robust_scale)
     irises = None
     if targets.irises is not None and cfg.iris_weight > 0:
         irises = targets.irises.to(dev, dt)
     f0 = default_focal(size, cfg)
+    static_only = (torch.arange(68, device=dev) >= 17).to(dt)
 
     # ---- initial pose per frame: PnP of the mean face's static landmarks
     zeros3 = torch.zeros(T, 3, dtype=dt, device=dev)
@@ -308,107 +345,191 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         rot0.append(_rotvec(R))
         trans0.append(t)
     depth = float(np.mean([-t[2] for t in trans0]))
-    # translation is optimised in units of the head's distance: one learning rate suits any scene scale
-    rot = torch.tensor(np.array(rot0), dtype=dt, device=dev).requires_grad_(True)
-    trans = (torch.tensor(np.array(trans0), dtype=dt, device=dev) / depth).requires_grad_(True)
-    log_f = torch.zeros(1, dtype=dt, device=dev, requires_grad=True)
+
+    # ---- the solver's vector: T per-frame blocks [rotation 3, translation 3 (in head distances: one scale suits any
+    # scene), expression, jaw 3, eyes 6 (with irises)], then the shared [shape, log focal length].  Shape and
+    # expression are preconditioned: coefficient = variable * c, one variable unit moving the landmarks ~5 mm RMS
     fit_shape = shape is None
-    # preconditioning: the optimised variables are coefficients times c, with c chosen so that one unit moves the
-    # landmarks by about 5 mm RMS (FLAME's components range from centimetres to a fraction of a millimetre; without
-    # it L-BFGS spends most of its iterations on the conditioning); components that barely move them are capped
-    c_all = (0.005 / lf.basis_rms.clamp_min(1e-9)).clamp(max=10.0)
-    c_shape, c_expr = c_all[None, :cfg.num_shape], c_all[None, NUM_SHAPE:NUM_SHAPE + cfg.num_expression]
-    beta_n = torch.zeros(1, cfg.num_shape, dtype=dt, device=dev, requires_grad=fit_shape)
     fixed_shape = None if fit_shape else shape.to(dev, dt).reshape(1, NUM_SHAPE)
-    psi_n = torch.zeros(T, cfg.num_expression, dtype=dt, device=dev, requires_grad=True)
-    jaw = torch.zeros(T, 3, dtype=dt, device=dev, requires_grad=True)
-    eyes = torch.zeros(T, 6, dtype=dt, device=dev, requires_grad=True)
-    jaw_w = torch.tensor([1.0, 10.0, 10.0], dtype=dt, device=dev)
+    c_all = (0.005 / lf.basis_rms.clamp_min(1e-9)).clamp(max=10.0)
+    ns, ne = (cfg.num_shape if fit_shape else 0), cfg.num_expression
+    c_shape, c_expr = c_all[None, :ns], c_all[None, NUM_SHAPE:NUM_SHAPE + ne]
+    n_eyes = 6 if irises is not None else 0
+    f_sizes = [3, 3, ne, 3, n_eyes]
+    s_sizes = [ns, 1 if cfg.fit_focal else 0]
+    Qf, Qs = sum(f_sizes), sum(s_sizes)
+    K = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
 
-    def full_shape() -> Tensor:
-        if fixed_shape is not None:
-            return fixed_shape
-        return torch.cat([beta_n * c_shape, beta_n.new_zeros(1, NUM_SHAPE - cfg.num_shape)], 1)
-
-    def full_expression() -> Tensor:
-        return torch.cat([psi_n * c_expr, psi_n.new_zeros(T, NUM_EXPRESSION - cfg.num_expression)], 1)
-
-    rows = None
-    wide = True  # the first non-rigid run uses the wide robust scale too (big deformations are not outliers)
-
-    def evaluate(rigid: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """(loss, fitted landmarks (T, 68, 2), per-point squared residuals in IOD units (T, 68))."""
+    def frame_residuals(F: Tensor, S: Tensor, idx: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool
+                        ) -> tuple[Tensor, Tensor]:
+        """(B, K) whitened residuals and (B, 68, 2) fitted landmarks (pixels) of frames ``idx`` (B,) for parameter
+        rows F (B, Qf), S (B, Qs): every row is evaluated on its own (what the Jacobian trick needs)."""
+        B = F.shape[0]
+        rot, trans, psi_n, jaw, eyes = F.split(f_sizes, 1)
+        beta_n, log_f = S.split(s_sizes, 1)
+        shp = fixed_shape.expand(B, -1) if not fit_shape else torch.cat([beta_n * c_shape, beta_n.new_zeros(
+            B, NUM_SHAPE - ns)], 1)
+        expr = torch.cat([psi_n * c_expr, psi_n.new_zeros(B, NUM_EXPRESSION - ne)], 1)
+        eyes = eyes if n_eyes else F.new_zeros(B, 6)
+        focal = f0 * (torch.exp(log_f) if cfg.fit_focal else F.new_ones(B, 1))  # (B, 1)
         R = axis_angle_to_matrix(rot)
-        lm, pupils = lf.forward(full_shape(), full_expression(), zeros3, jaw, eyes, R, rows)
-        focal = f0 * torch.exp(log_f)
+        lm, pupils = lf.forward(shp, expr, F.new_zeros(B, 3), jaw, eyes, R, None if rows is None else rows[idx])
         t = trans * depth
         uv = project(lm, R, t, focal, size)
-        r2 = ((torch.nan_to_num(uv) - pts) / iod[:, None, None]).square().sum(-1)  # (T, 68)
-        w = wts if not rigid else wts * (torch.arange(68, device=dev) >= 17)  # rigid: static points only
-        scale = cfg.rigid_robust_scale if (rigid or wide) else scale_nr
-        loss = (w * geman_mcclure(r2, scale)).sum() / w.sum().clamp_min(1.0)
+        w = wts[idx] * static_only if rigid else wts[idx]
+        res = _whiten((torch.nan_to_num(uv) - pts[idx]) / iod[idx, None, None], w, scale[idx], sigma[idx])
         if irises is not None and not rigid:
             uv_p = project(pupils, R, t, focal, size)
-            ri = ((uv_p - irises) / iod[:, None, None]).square().sum(-1)
-            loss = loss + cfg.iris_weight * geman_mcclure(ri, scale_nr).mean() * (2.0 / 51.0)
-        if not rigid:
-            if fit_shape:
-                loss = loss + cfg.shape_prior * (beta_n * c_shape).square().mean()
-            loss = loss + cfg.expression_prior * (psi_n * c_expr).square().mean()
-            loss = loss + cfg.jaw_prior * (jaw.square() * jaw_w).sum(-1).mean()
-            loss = loss + cfg.eyes_prior * eyes.square().sum(-1).mean()
-            loss = loss + cfg.focal_prior * log_f.square().sum() * 1e-2
-            if T > 1 and cfg.temporal_weight > 0:
-                d = lambda x: (x[1:] - x[:-1]).square().sum(-1).mean()  # noqa: E731
-                loss = loss + cfg.temporal_weight * 1e-2 * (d(rot) + d(trans) + d(jaw) + d(eyes)
-                                                            + 0.1 * d(psi_n * c_expr))
-        return loss, uv, r2
+            ri = _whiten((uv_p - irises[idx]) / iod[idx, None, None], torch.full_like(uv_p[..., 0], cfg.iris_weight),
+                         scale[idx], sigma[idx])
+        else:
+            ri = res.new_zeros(B, 2, 2)
+        return torch.cat([res, ri], 1).reshape(B, K), uv
+
+    # ---- the linear residuals: priors as standard scores (d * x) and, for T > 1, the frame-to-frame changes
+    # ((x[t + 1] - x[t]) * tw over the per-frame blocks)
+    def block(parts: list) -> Tensor:
+        return torch.cat([torch.as_tensor(p, dtype=torch.float64).reshape(-1).expand(n) for p, n in parts])
+
+    ce = c_expr[0].double().cpu()
+    d_f = block([(0.0, 6), (ce / cfg.expression_std, ne), (1.0 / (cfg.jaw_std * torch.tensor([1.0, 0.1, 0.1])), 3),
+                 (1.0 / cfg.eyes_std, n_eyes)])
+    d_s = block([(c_shape[0].double().cpu() / cfg.shape_std, ns), (1.0 / cfg.focal_std, s_sizes[1])])
+    tw = None
+    if T > 1 and cfg.temporal_weight > 0:
+        tw = math.sqrt(cfg.temporal_weight) * block([
+            (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
+            (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3), (1.0 / cfg.temporal_std_jaw, n_eyes)])
+    n_points = float(wts.sum().clamp_min(1.0))
+    frame_of = torch.arange(T, device=dev)
+    sel = torch.eye(K, dtype=dt, device=dev).repeat(T, 1)  # row b = t * K + k picks residual k of frame t
+    idx_rep = frame_of.repeat_interleave(K)
+    X = torch.zeros(T, Qf, dtype=torch.float64)  # per-frame variables (solver state, float64 on the CPU)
+    X[:, 0:3] = torch.as_tensor(np.array(rot0))
+    X[:, 3:6] = torch.as_tensor(np.array(trans0) / depth)
+    Y = torch.zeros(Qs, dtype=torch.float64)  # shared variables
+
+    def data_terms(Xv: Tensor, Yv: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, jac: bool):
+        """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
+        backward pass through a batch that repeats every frame once per residual (frames are independent given the
+        shared variables, which every row gets a copy of)."""
+        F, S = Xv.to(dev, dt), Yv.to(dev, dt)[None].expand(T, -1)
+        if not jac:
+            with torch.no_grad():
+                return frame_residuals(F, S, frame_of, rows, scale, rigid)[0].double().cpu(), None, None
+        Fr = F.repeat_interleave(K, 0).requires_grad_(True)
+        Sr = S.repeat_interleave(K, 0).requires_grad_(True)
+        with torch.enable_grad():
+            r, _ = frame_residuals(Fr, Sr, idx_rep, rows, scale, rigid)
+            (r * sel).sum().backward()
+        r = r.detach()[torch.arange(T * K, device=dev), torch.arange(K, device=dev).repeat(T)].reshape(T, K)
+        return (r.double().cpu(), Fr.grad.reshape(T, K, Qf).double().cpu(),
+                Sr.grad.reshape(T, K, Qs).double().cpu())
+
+    def cost(r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
+        c = r.square().sum() + (d_f * Xv).square().sum() + (d_s * Yv).square().sum()
+        if tw is not None:
+            c = c + ((Xv[1:] - Xv[:-1]) * tw).square().sum()
+        return float(c)
+
+    def solve(free_f: Tensor, free_s: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, max_iter: int
+              ) -> float:
+        """Levenberg-Marquardt on the variables ``free_f`` (Qf,) / ``free_s`` (Qs,) (bool) of X, Y in place; returns
+        the final loss.  Hand-written rather than scipy.optimize.least_squares: its dense trust-region step takes an
+        SVD of the whole Jacobian per iteration (seconds here), while the normal equations of this problem have an
+        arrow shape -- one small block per frame plus the shared shape -- solved through the Schur complement of the
+        shared block in milliseconds.  For T > 1 the step neglects the frame-to-frame coupling of the temporal
+        prior (its gradient is exact, so every accepted step still lowers the true loss)."""
+        nonlocal X, Y
+        fi, si = torch.nonzero(free_f)[:, 0], torch.nonzero(free_s)[:, 0]
+        df2, ds2 = d_f[fi].square(), d_s[si].square()
+        tdiag = torch.zeros(T, len(fi), dtype=torch.float64)
+        if tw is not None:
+            deg = torch.full((T, 1), 2.0, dtype=torch.float64)
+            deg[0] = deg[-1] = 1.0
+            tdiag = deg * tw[fi].square()
+        lam = 1e-3
+        r, Jf, Js = data_terms(X, Y, rows, scale, rigid, True)
+        c = cost(r, X, Y)
+        for _ in range(max_iter):
+            Jf_, Js_ = Jf[..., fi], Js[..., si]
+            gf = torch.einsum("tkq,tk->tq", Jf_, r) + df2 * X[:, fi]
+            if tw is not None:
+                diff = (X[1:] - X[:-1]) * tw.square()
+                gt = torch.zeros_like(X)
+                gt[1:] += diff
+                gt[:-1] -= diff
+                gf = gf + gt[:, fi]
+            gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
+            A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
+            B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
+            C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
+            improved = False
+            while lam < 1e10:
+                Ad = A + torch.diag_embed(lam * A.diagonal(dim1=1, dim2=2).clamp_min(1e-9))
+                Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
+                L = torch.linalg.cholesky(Ad)
+                AiB = torch.cholesky_solve(B, L)
+                Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
+                Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
+                ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig)) if len(si) else gs.new_zeros(0)
+                dx = -Aig - (AiB @ ds[:, None])[..., 0] if len(si) else -Aig
+                Xn, Yn = X.clone(), Y.clone()
+                Xn[:, fi] += dx
+                Yn[si] += ds
+                rn, _, _ = data_terms(Xn, Yn, rows, scale, rigid, False)
+                cn = cost(rn, Xn, Yn)
+                if math.isfinite(cn) and cn < c:
+                    improved = True
+                    lam = max(lam / 3.0, 1e-7)
+                    break
+                lam *= 4.0
+            if not improved:
+                break
+            X, Y, rel = Xn, Yn, (c - cn) / max(c, 1e-30)
+            c = cn
+            if rel < 1e-6:
+                break
+            r, Jf, Js = data_terms(X, Y, rows, scale, rigid, True)
+        return c / n_points
+
+    def contour_rows() -> Tensor | None:
+        if not lf.has_contour:
+            return None
+        return lf.contour_rows(axis_angle_to_matrix(X[:, :3].to(dev, dt)), zeros3)
 
     losses = {}
-    stages = [("rigid", [rot, trans], cfg.rigid_iterations)]
-    free = [rot, trans, psi_n, jaw] + ([beta_n] if fit_shape else []) + ([log_f] if cfg.fit_focal else [])
-    if irises is not None:
-        free.append(eyes)
-    # the contour rows jump with the head's yaw: they stay fixed within an L-BFGS run (a smooth objective) and are
-    # looked up again between runs (the non-rigid stage is split in two)
-    n1 = cfg.iterations // 2
-    stages += [("non_rigid", free, n1), ("non_rigid", free, cfg.iterations - n1)]
-    for name, params, n in stages:
-        if n <= 0:
-            continue
-        if lf.has_contour:
-            with torch.no_grad():
-                rows = lf.contour_rows(axis_angle_to_matrix(rot), zeros3)
-        wide = name == "rigid" or (name == "non_rigid" and not losses.get("non_rigid_wide_done", False))
-        # L-BFGS with a strong-Wolfe line search: a small smooth least-squares problem, started close (PnP), where
-        # Adam's fixed first steps would throw the pose away; ``n`` bounds the function evaluations
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=n, max_eval=int(n * 1.25), history_size=20,
-                                tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
-        rigid = name == "rigid"
+    pose_f = torch.arange(Qf) < 6
+    all_f, all_s, no_s = torch.ones(Qf, dtype=torch.bool), torch.ones(Qs, dtype=torch.bool), torch.zeros(Qs, dtype=torch.bool)
+    if cfg.rigid_iterations > 0:
+        losses["rigid"] = solve(pose_f, no_s, contour_rows(), scale_wide, True, cfg.rigid_iterations)
+    if cfg.iterations > 0:
+        n = max(1, cfg.iterations // 2)
+        losses["non_rigid_wide"] = solve(all_f, all_s, contour_rows(), scale_wide, False, n)
+        rows = contour_rows()
+        for _ in range(3):  # the contour rows jump with the head's yaw: solve again until they stay
+            losses["non_rigid"] = solve(all_f, all_s, rows, scale_narrow, False, n)
+            new = contour_rows()
+            if rows is None or torch.equal(new, rows):
+                break
+            rows = new
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(f"FLAME landmark fit diverged (losses {losses})")
 
-        def closure() -> Tensor:
-            opt.zero_grad(set_to_none=True)
-            loss, _, _ = evaluate(rigid)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            losses[name] = float(evaluate(rigid)[0])
-        if name == "non_rigid":
-            losses["non_rigid_wide_done"] = True
-        if not math.isfinite(losses[name]):
-            raise FloatingPointError(f"FLAME landmark fit diverged in the {name} stage (loss {losses[name]})")
     with torch.no_grad():
-        if lf.has_contour:
-            rows = lf.contour_rows(axis_angle_to_matrix(rot), zeros3)
-        _, uv, _ = evaluate(False)
-        focal = float(f0 * torch.exp(log_f))
-        R = axis_angle_to_matrix(rot)
-        params = FlameParams(shape=full_shape().detach().clone(), expression=full_expression().detach().clone(),
-                             rotation_matrix=R.detach().clone(), translation=(trans * depth).detach().clone(),
-                             jaw=jaw.detach().clone(), neck=torch.zeros(T, 3, dtype=dt, device=dev),
-                             eyes=eyes.detach().clone(), scale=torch.ones(T, 1, dtype=dt, device=dev))
+        rows = contour_rows()
+        F, S = X.to(dev, dt), Y.to(dev, dt)[None]
+        _, uv = frame_residuals(F, S.expand(T, -1), frame_of, rows, scale_narrow, False)
+        rot, trans, psi_n, jaw, eyes = F.split(f_sizes, 1)
+        beta_n, log_f = S.split(s_sizes, 1)
+        focal = f0 * (float(torch.exp(log_f)) if cfg.fit_focal else 1.0)
+        shp = fixed_shape if not fit_shape else torch.cat([beta_n * c_shape, beta_n.new_zeros(1, NUM_SHAPE - ns)], 1)
+        expr = torch.cat([psi_n * c_expr, psi_n.new_zeros(T, NUM_EXPRESSION - ne)], 1)
+        params = FlameParams(shape=shp.clone(), expression=expr.clone(),
+                             rotation_matrix=axis_angle_to_matrix(rot).clone(), translation=(trans * depth).clone(),
+                             jaw=jaw.clone(), neck=torch.zeros(T, 3, dtype=dt, device=dev),
+                             eyes=eyes.clone() if n_eyes else torch.zeros(T, 6, dtype=dt, device=dev),
+                             scale=torch.ones(T, 1, dtype=dt, device=dev))
         if not lf.has_contour:
             uv[:, :17] = float("nan")
         errors = (uv[:, 17:] - pts[:, 17:]).norm(dim=-1).mean(-1)
