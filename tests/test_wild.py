@@ -17,6 +17,7 @@ FAST = ["--iterations", "30", "--fit.colour_iterations", "10", "--progress", "fa
 
 @pytest.mark.parametrize("name", ["astronaut", "grace_hopper"])
 def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    """Both portraits through track.py; the astronaut also with the optional photometric FLAME stage."""
     import cv2
 
     import track
@@ -25,16 +26,22 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
     photo = tmp_path / f"{name}.jpg"
     cv2.imwrite(str(photo), portraits()[name][..., ::-1])
     out = tmp_path / "out"
+    refine = ["--fit.refine_flame", "true", "--fit.flame_iterations", "10"] if name == "astronaut" else []
     with single_thread():
         m = track.main(["--checkpoint", str(fit_model), "--image", str(photo), "--out", str(out),
-                        "--flame_dir", str(preprocessed_root / "flame")] + FAST)
+                        "--flame_dir", str(preprocessed_root / "flame")] + FAST + refine)
     for f in ("head.ply", "turntable.mp4", "landmarks.png", "metrics.json", "flame_fit.npz", "camera_params.json",
               "code.pt"):
         assert (out / f).is_file(), f
     assert m["faces_found"] == 1 and m["source"]["landmarks"] == "mediapipe face mesh"
     # the issue's bar: fitted landmarks within 5 % of the inter-ocular distance on average (measured with the
-    # synthetic FLAME of the test data: astronaut 4.4 %, grace_hopper 4.4 %)
+    # synthetic FLAME of the test data: astronaut 4.3 %, grace_hopper 4.3 %)
     assert m["landmark_error_iod"] < 0.05, m["landmark_error_iod"]
+    assert m["refine_flame"] == bool(refine)
+    if refine:  # the refined FLAME is what flame_fit.npz holds
+        assert len(m["flame_loss_history"]) == 1 and m["flame_loss_history"][0] > 0
+        assert np.isfinite(m["landmark_error_iod_refined"])
+        assert m["landmark_error_iod_refined"] != m["landmark_error_iod"]  # the refined FLAME was exported
     assert np.isfinite(m["psnr_photo_in_mask"]) and 0 < m["ssim_photo"] <= 1
     assert m["num_views"] == 1 and m["psnr_unseen"] is None
     from models.flame import load_tracking
@@ -48,10 +55,13 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
 
 def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_path):  # noqa: F811
     """The held-out identity's frontal photo, fitted (a) with its calibrated camera and tracking (--subject_dir) and
-    (b) from the photo alone with landmarks projected from the true FLAME + 1 px noise; (b)'s head is placed in the
-    rig through its fitted pose (fitted camera -> the true camera 222200037) and evaluated on the 15 unseen
-    calibrated views.  The depth of a face seen by one camera is known only up to the focal length / head size
-    trade-off, so the fitted scene is also scaled about the camera to the true head distance ("depth-aligned")."""
+    (b) from the photo alone with landmarks projected from the true FLAME + noise of 1 px at a 512-pixel-high photo
+    (the test photo is 64 px high: 0.125 px, which the fitter is told through flame_fit.landmark_sigma_px); (b)'s
+    head is placed in the rig through its fitted pose (fitted camera -> the true camera 222200037) and evaluated on
+    the 15 unseen calibrated views.  A head seen by one camera is known only up to a scale about that camera (the
+    photo is the same when head size and distance scale together; the shape prior, not the photo, sets the size), so
+    that one degree of freedom is also aligned: the fitted scene scaled about the camera to the true face-mask
+    distance ("depth-aligned"); rotation, shape and the position in the image are left as fitted."""
     from models.flame import FlameModel, load_tracking
     from utils.evaluation import evaluate_views
     from utils.flame_fit import W2C, flame_landmarks_2d, with_scale_about
@@ -65,14 +75,16 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
     flame = FlameModel.from_data_dir(flame_dir)
     truth = load_tracking(p["tracking"], flame=flame)
     cam = NersembleSubject(preprocessed_root / "subjects", "017").cameras(1.0, [FRONTAL])[FRONTAL]
+    noise = cam.height / 512.0
     uv = flame_landmarks_2d(flame, truth, cam)[0].numpy()
-    uv = uv + np.random.default_rng(0).standard_normal(uv.shape)
+    uv = uv + noise * np.random.default_rng(0).standard_normal(uv.shape)
     np.save(tmp_path / "lm.npy", uv)
     photo = p["frame"] / "images-2x" / f"cam_{FRONTAL}.jpg"
     with single_thread():
         calibrated = track(track_cfg(preprocessed_root, fit_model, tmp_path / "cal"))
         wild_cfg = track_cfg(preprocessed_root, fit_model, tmp_path / "wild", subject_dir="", image=str(photo),
-                             landmarks=str(tmp_path / "lm.npy"), flame_dir=str(flame_dir))
+                             landmarks=str(tmp_path / "lm.npy"), flame_dir=str(flame_dir),
+                             **{"flame_fit.landmark_sigma_px": noise})
         wild = track(wild_cfg)
         model = load_model(fit_model)
         code = torch.load(tmp_path / "wild" / "code.pt", weights_only=False)
@@ -80,9 +92,10 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
         # fitted world -> fitted camera (W2C) -> rig world (the true camera's c2w)
         to_rig = cam.c2w @ W2C
         views = load_subject_target(model, track_cfg(preprocessed_root, fit_model, tmp_path), torch.device("cpu"))
+        mask_ids = torch.as_tensor(model.mask_ids)
+        true_depth = float(cam.world_to_camera(flame(truth)[0][mask_ids].mean(0))[2])
+        fit_depth = float(-flame(fitted)[0][mask_ids].mean(0)[2])
         res = {}
-        true_depth = float(cam.world_to_camera(flame(truth)[0].mean(0))[2])
-        fit_depth = float(-flame(fitted)[0].mean(0)[2])
         for label, k in (("raw", 1.0), ("depth-aligned", true_depth / fit_depth)):
             params = with_scale_about(fitted, torch.zeros(3), k)
             _, base, _ = flame_vertices(model, flame_dir, None, params=params, flame=flame)
@@ -91,15 +104,13 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
                                   code.get("colour"))
             res[label] = m["psnr_unseen"]
     msg = (f"calibrated fit: unseen {calibrated['psnr_unseen']:.2f} dB; photo only: raw {res['raw']:.2f} dB, "
-           f"depth-aligned {res['depth-aligned']:.2f} dB (depth {fit_depth:.3f} m fitted vs {true_depth:.3f} m); "
-           f"landmark error {wild['landmark_error_px']:.2f} px")
+           f"depth-aligned {res['depth-aligned']:.2f} dB (face-mask depth {fit_depth:.3f} m fitted vs {true_depth:.3f} "
+           f"m); landmark error {wild['landmark_error_px']:.2f} px")
     print(msg)
-    # Measured (2-core CPU): calibrated 27.67 dB, photo only 23.34 dB raw / 22.97 dB depth-aligned (fitted depth within
-    # 0.6 %), i.e. 4.3 dB under the calibrated fit: the issue's 1.5 dB bar is NOT met.  The fitted head pose is off
-    # by several degrees (the synthetic FLAME's shape space can trade rotation for shape at the landmarks, see
-    # tests/test_flame_fit.py); this guards the measured level.
-    assert calibrated["psnr_unseen"] - max(res.values()) < 5.5, msg
-    assert abs(fit_depth / true_depth - 1) < 0.15, msg
+    # Measured (2-core CPU): calibrated 27.67 dB; photo only 27.14 dB depth-aligned (0.53 dB under), 23.35 dB raw
+    # (face mask 1.3 % too close: the scale the photo cannot tell)
+    assert calibrated["psnr_unseen"] - res["depth-aligned"] < 1.5, msg
+    assert abs(fit_depth / true_depth - 1) < 0.05, msg
 
 
 def test_photo_only_errors(fit_model, preprocessed_root, tmp_path):  # noqa: F811

@@ -77,7 +77,9 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
 
     ``render``: (h, w, 3) the fitted head rendered into the photo's evaluation crop.  Returns metrics: landmark
     reprojection error (pixels and inter-ocular distances, FLAME's 51 static points), PSNR / SSIM of the render
-    against the photo inside the face mask, the fitted focal length and head distance, faces found."""
+    against the photo inside the face mask, the fitted focal length and head distance, faces found.  With the
+    photometric FLAME stage the files and the drawing hold the refined FLAME; ``landmark_error_*`` stay those of the
+    landmark fit (``landmark_error_iod_refined``: after the refinement)."""
     from models.flame import save_nersemble_tracking
     from utils.cameras import write_camera_params
     from utils.io import save_image
@@ -85,7 +87,7 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     from utils.losses import psnr, ssim_metric
 
     wild = target.wild
-    fit = wild.fit
+    fit = wild.refined if wild.refined is not None else wild.fit  # what the head was fitted with
     save_nersemble_tracking(out / "flame_fit.npz", fit.params.to("cpu"))
     write_camera_params(out / "camera_params.json", [fit.camera])
     detected = wild.landmarks.ibug68
@@ -95,7 +97,9 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     view = target.eval_views[0]
     m = view.mask
     pred = render.clamp(0, 1)
-    doc = reprojection_error(detected, fitted)
+    doc = reprojection_error(detected, wild.fit.landmarks[0].cpu().numpy())  # the landmark fit's own error
+    if wild.refined is not None:
+        doc["landmark_error_iod_refined"] = reprojection_error(detected, fitted)["landmark_error_iod"]
     doc.update({
         "psnr_photo_in_mask": float(psnr(pred, view.image, mask=m)),
         "ssim_photo": float(ssim_metric(pred, view.image)),

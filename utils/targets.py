@@ -63,7 +63,8 @@ class FitTarget:
 
 @dataclass
 class WildFit:
-    """How a photo-only target was made: its landmarks, the FLAME + camera fit and the FLAME model used.
+    """How a photo-only target was made: its landmarks, the FLAME + camera fit and the FLAME model used (and the
+    FLAME after the optional photometric refinement).
 
     photo: (H, W, 3) the whole photo in [0, 1]; mask: (H, W) the face mask used (projected FLAME face mask, within
     the detector's face outline when there is one)."""
@@ -73,6 +74,7 @@ class WildFit:
     flame: Any  # models.flame.FlameModel
     photo: np.ndarray
     mask: np.ndarray
+    refined: Any = None  # the FlameFitResult after the photometric FLAME stage (fit.refine_flame), else None
 
 
 def default_flame_dir(subject_dir: Path) -> Path:

@@ -113,6 +113,15 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
     res = fit_identity(model, target, cfg.fit, cfg.backend, cfg.progress)
     synchronize(device)
     times["fit"] = time.perf_counter() - t0
+    if res.flame_params is not None:  # photo-only: the FLAME refined through the renderer is what gets exported
+        from dataclasses import replace
+
+        from utils.flame_fit import flame_landmarks_2d
+
+        fit0 = target.wild.fit
+        params = res.flame_params.to(fit0.params.device)
+        target.wild.refined = replace(fit0, params=params, landmarks=flame_landmarks_2d(target.wild.flame, params,
+                                                                                         fit0.camera))
 
     t0 = time.perf_counter()
     f = model.field
@@ -170,6 +179,8 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
         "space": cfg.fit.space, "refine_geometry": bool(cfg.fit.refine_geometry),
         "refine_colour": code.colour is not None, "colour_iterations": res.colour_iterations,
+        "refine_flame": res.flame_params is not None, "flame_loss_history": res.flame_losses,
+        "seconds_fit_flame": res.seconds_flame,
         "colour_loss_history": res.colour_losses,
         "colour_residual_rms": None if code.colour is None else float(code.colour.square().sum(-1).mean().sqrt()),
         "colour_residual_max": None if code.colour is None else float(code.colour.norm(dim=-1).max()),
