@@ -199,17 +199,29 @@ class LandmarkFlame:
         # RMS landmark displacement of each blendshape (metres per coefficient), for the fit's preconditioning
         self.basis_rms = self.shapedirs[:len(sub)].square().sum(1).mean(0).sqrt()  # (400,)
 
-    def forward(self, shape: Tensor, expression: Tensor, neck: Tensor, jaw: Tensor, eyes: Tensor,
+    def shaped(self, shape: Tensor) -> "LandmarkFlame":
+        """A copy with the identity ``shape`` (1, 300) folded into the template: its forward takes ``shape=None`` and
+        evaluates only the 100 expression blendshapes (a quarter of the work; for fits with a known shape)."""
+        from copy import copy
+
+        out = copy(self)
+        sd = self.shapedirs
+        out.v_template = self.v_template + sd[..., :NUM_SHAPE] @ shape.reshape(-1).to(sd)
+        out.shapedirs = sd[..., NUM_SHAPE:].contiguous()
+        return out
+
+    def forward(self, shape: Tensor | None, expression: Tensor, neck: Tensor, jaw: Tensor, eyes: Tensor,
                 rotation: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """shape (1, 300), expression (T, 100), neck / jaw (T, 3), eyes (T, 6) (left, right eye), rotation (T, 3, 3)
-        the head's rotation relative to the camera (for the contour lookup), or ``rows`` (T,) the contour rows to
-        use (:meth:`contour_rows`) -> (landmarks (T, 68, 3), pupils (T, 2, 3)) in model space."""
+        """shape (1 or T, 300) (None after :meth:`shaped`), expression (T, 100), neck / jaw (T, 3), eyes (T, 6) (left,
+        right eye), rotation (T, 3, 3) the head's rotation relative to the camera (for the contour lookup), or
+        ``rows`` (T,) the contour rows to use (:meth:`contour_rows`) -> (landmarks (T, 68, 3), pupils (T, 2, 3)) in
+        model space."""
         from smplx.lbs import lbs
 
         T = expression.shape[0]
         zeros = torch.zeros(T, 3, dtype=self.dtype, device=self.device)
         pose = torch.cat([zeros, neck, jaw, eyes[:, :3], eyes[:, 3:]], dim=1)
-        betas = torch.cat([shape.expand(T, -1), expression], dim=1)
+        betas = expression if shape is None else torch.cat([shape.expand(T, -1), expression], dim=1)
         verts, _ = lbs(betas, pose, self.v_template, self.shapedirs, self.posedirs, self.J_regressor, self.parents,
                        self.lbs_weights)
         verts = verts[:, :self.num_sub]
@@ -363,6 +375,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     f_sizes = [3, 3, ne, 3, n_eyes]
     s_sizes = [ns, 1 if cfg.fit_focal else 0]
     Qf, Qs = sum(f_sizes), sum(s_sizes)
+    lf_eval = lf if fit_shape else lf.shaped(fixed_shape)  # a known shape is folded into the template once
     K = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
 
     def frame_residuals(F: Tensor, S: Tensor, idx: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool
@@ -372,13 +385,12 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         B = F.shape[0]
         rot, trans, psi_n, jaw, eyes = F.split(f_sizes, 1)
         beta_n, log_f = S.split(s_sizes, 1)
-        shp = fixed_shape.expand(B, -1) if not fit_shape else torch.cat([beta_n * c_shape, beta_n.new_zeros(
-            B, NUM_SHAPE - ns)], 1)
+        shp = None if not fit_shape else torch.cat([beta_n * c_shape, beta_n.new_zeros(B, NUM_SHAPE - ns)], 1)
         expr = torch.cat([psi_n * c_expr, psi_n.new_zeros(B, NUM_EXPRESSION - ne)], 1)
         eyes = eyes if n_eyes else F.new_zeros(B, 6)
         focal = f0 * (torch.exp(log_f) if cfg.fit_focal else F.new_ones(B, 1))  # (B, 1)
         R = axis_angle_to_matrix(rot)
-        lm, pupils = lf.forward(shp, expr, F.new_zeros(B, 3), jaw, eyes, R, None if rows is None else rows[idx])
+        lm, pupils = lf_eval.forward(shp, expr, F.new_zeros(B, 3), jaw, eyes, R, None if rows is None else rows[idx])
         t = trans * depth
         uv = project(lm, R, t, focal, size)
         w = wts[idx] * static_only if rigid else wts[idx]
@@ -428,8 +440,8 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
             r, _ = frame_residuals(Fr, Sr, idx_rep, rows, scale, rigid)
             (r * sel).sum().backward()
         r = r.detach()[torch.arange(T * K, device=dev), torch.arange(K, device=dev).repeat(T)].reshape(T, K)
-        return (r.double().cpu(), Fr.grad.reshape(T, K, Qf).double().cpu(),
-                Sr.grad.reshape(T, K, Qs).double().cpu())
+        Js = Sr.grad if Sr.grad is not None else torch.zeros_like(Sr)  # Qs = 0: no shared variables
+        return r.double().cpu(), Fr.grad.reshape(T, K, Qf).double().cpu(), Js.reshape(T, K, Qs).double().cpu()
 
     def cost(r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
         c = r.square().sum() + (d_f * Xv).square().sum() + (d_s * Yv).square().sum()
