@@ -241,9 +241,11 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     return out
 
 
-def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend: str, repeats: int = 3) -> dict:
+def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend: str, repeats: int = 3,
+                max_face_px: float = 0.0) -> dict:
     """Photo to fitted head on skimage's astronaut: track()'s load phase (detection, FLAME + camera fit, face mask,
-    crop) plus its fit phase (code, colour), best of ``repeats`` after one warm-up run; exports off."""
+    crop) plus its fit phase (code, colour), best of ``repeats`` after one warm-up run; exports off.  The photo is
+    fitted at its own resolution (``max_face_px`` 0) unless given."""
     import cv2
     import skimage.data
 
@@ -256,7 +258,7 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     cfg = build_config(TrackConfig, "configs/fit.yaml", overrides={
         "checkpoint": str(model_path), "image": str(photo), "flame_dir": str(flame_dir), "out": str(tmp / "out"),
         "progress": False, "device": str(device), "backend": backend, "export.ply": False,
-        "export.turntable": False, "export.views": False, "export.lpips": False})
+        "export.turntable": False, "export.views": False, "export.lpips": False, "max_face_px": max_face_px})
     model = load_model(model_path, device)
     track(cfg, model=model)  # warm-up: mediapipe's graph, CUDA graphs, kernels
     best = None
@@ -269,7 +271,8 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     return {"photo_to_head_s": t, "photo_detect_flame_mask_s": m["seconds_per_phase"]["load"],
             "photo_flame_fit_s": m["seconds_flame_fit"], "photo_code_colour_fit_s": m["seconds_fit"],
             "photo_total_with_metrics_s": m["seconds"], "photo_landmark_error_iod": m["landmark_error_iod"],
-            "photo_psnr_in_mask": m["psnr_photo_in_mask"], "photo_iterations": m["iterations"]}
+            "photo_psnr_in_mask": m["psnr_photo_in_mask"], "photo_iterations": m["iterations"],
+            "photo_fit_crop": "x".join(map(str, m["fit_crop"]))}
 
 
 def environment(device: torch.device) -> dict:
@@ -353,7 +356,9 @@ def main() -> None:
                         long_iterations=20 if args.quick else 1000, variants=variants)
         rows.update({f"fit_{k}": v for k, v in fit.items()})
     if "photo" in parts:
-        rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend))
+        # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
+        rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
+                                repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0))
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",

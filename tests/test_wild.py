@@ -26,10 +26,12 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
     photo = tmp_path / f"{name}.jpg"
     cv2.imwrite(str(photo), portraits()[name][..., ::-1])
     out = tmp_path / "out"
+    # the astronaut also with the photometric FLAME stage, grace_hopper fitted on a copy scaled to a 128 px face
     refine = ["--fit.refine_flame", "true", "--fit.flame_iterations", "10"] if name == "astronaut" else []
+    refine_or_scale = refine or ["--max_face_px", "128"]
     with single_thread():
         m = track.main(["--checkpoint", str(fit_model), "--image", str(photo), "--out", str(out),
-                        "--flame_dir", str(preprocessed_root / "flame")] + FAST + refine)
+                        "--flame_dir", str(preprocessed_root / "flame")] + FAST + refine_or_scale)
     for f in ("head.ply", "turntable.mp4", "landmarks.png", "metrics.json", "flame_fit.npz", "camera_params.json",
               "code.pt"):
         assert (out / f).is_file(), f
@@ -50,6 +52,11 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
     img = cv2.imread(str(photo))
     cams = load_camera_params(out / "camera_params.json", image_size=(img.shape[1], img.shape[0]))
     assert list(cams) == [FRONTAL]
+    cam = cams[FRONTAL]  # written for the photo file, also when the fit worked on a scaled copy
+    assert (cam.width, cam.height) == (img.shape[1], img.shape[0])
+    assert cam.cx == pytest.approx(img.shape[1] / 2) and cam.fx == pytest.approx(2.5 * max(img.shape[:2]), rel=1e-3)
+    if not refine:
+        assert float(m["source"]["photo_scale"]) < 1 and m["face_size_px"] <= 128.5
     assert load_tracking(out / "flame_fit.npz").num_frames == 1
 
 

@@ -89,7 +89,9 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     wild = target.wild
     fit = wild.refined if wild.refined is not None else wild.fit  # what the head was fitted with
     save_nersemble_tracking(out / "flame_fit.npz", fit.params.to("cpu"))
-    write_camera_params(out / "camera_params.json", [fit.camera])
+    # the camera of the photo file as given (the fit may have worked on a scaled copy, --max_face_px)
+    write_camera_params(out / "camera_params.json",
+                        [fit.camera if wild.original_size is None else fit.camera.resized(*wild.original_size)])
     detected = wild.landmarks.ibug68
     fitted = fit.landmarks[0].cpu().numpy()
     fitted = np.where(np.isfinite(fitted), fitted, np.nan)

@@ -144,6 +144,16 @@ class FaceLandmarks:
     name: str = "image"
     outline: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (K, 2) face outline polygon, pixels
 
+    def scaled(self, sx: float, sy: float) -> "FaceLandmarks":
+        """The same landmarks in an image resized by (sx, sy) (mesh z scales with x)."""
+        from dataclasses import replace
+
+        w, h = self.image_size
+        return replace(self, mesh=self.mesh * np.array([sx, sy, sx])[: self.mesh.shape[1]],
+                       ibug68=self.ibug68 * np.array([sx, sy]), outline=self.outline * np.array([sx, sy]),
+                       box=(self.box[0] * sx, self.box[1] * sy, self.box[2] * sx, self.box[3] * sy),
+                       image_size=(max(1, round(w * sx)), max(1, round(h * sy))))
+
     @property
     def face_size(self) -> float:
         """Height of the landmark box in pixels (forehead to chin)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -75,6 +75,7 @@ class WildFit:
     photo: np.ndarray
     mask: np.ndarray
     refined: Any = None  # the FlameFitResult after the photometric FLAME stage (fit.refine_flame), else None
+    original_size: tuple[int, int] | None = None  # (width, height) of the photo file when it was scaled for the fit
 
 
 def default_flame_dir(subject_dir: Path) -> Path:
@@ -275,17 +276,25 @@ def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.devi
 
     img_path = Path(cfg.image)
     photo = read_photo(img_path, "photo (--image)")
-    if cfg.image_scale != 1.0:
-        h0, w0 = photo.shape[:2]
-        photo = cv2.resize(photo, (round(w0 * cfg.image_scale), round(h0 * cfg.image_scale)),
-                           interpolation=cv2.INTER_AREA)
-    h, w = photo.shape[:2]
+    h0, w0 = photo.shape[:2]
+    # landmarks at the photo's own resolution (most precise), then the photo is scaled: by --image_scale, and down so
+    # the face is at most --max_face_px high (a model renders no more detail than it was trained with; on a CPU the
+    # fit's time grows with the face's pixels)
     if cfg.landmarks:
-        lms = load_landmarks_file(cfg.landmarks, (w, h))
-        if cfg.image_scale != 1.0:
-            lms.ibug68 = lms.ibug68 * cfg.image_scale
+        lms = load_landmarks_file(cfg.landmarks, (w0, h0))
     else:
         lms = detect_landmarks(photo, name=str(img_path), min_face_px=cfg.min_face_px)
+    scale = float(cfg.image_scale)
+    if cfg.max_face_px > 0:
+        scale = min(scale, cfg.max_face_px / max(lms.face_size, 1.0))
+    flame_cfg = cfg.flame_fit
+    if scale != 1.0:
+        w, h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        photo = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        lms = lms.scaled(w / w0, h / h0)
+        # the landmarks' noise floor is in pixels of the photo they were found in
+        flame_cfg = replace(flame_cfg, landmark_sigma_px=flame_cfg.landmark_sigma_px * scale)
+    h, w = photo.shape[:2]
     flame_dir = model_flame_dir(model, cfg.flame_dir)
     from models.flame import FlameModel
 
@@ -297,7 +306,7 @@ def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.devi
         irises = np.stack([a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a])[None]
     targets = LandmarkTargets(torch.as_tensor(lms.ibug68[None], dtype=torch.float32), (w, h),
                               irises=None if irises is None else torch.as_tensor(irises, dtype=torch.float32))
-    res = fit_flame_to_landmarks(flame, targets, cfg.flame_fit, camera_name=cfg.camera)
+    res = fit_flame_to_landmarks(flame, targets, flame_cfg, camera_name=cfg.camera)
     cam = res.camera
     flame_verts, base, _ = flame_vertices(model, flame_dir, None, params=res.params, flame=flame)
     mask = projected_face_mask(model, flame_verts, flame.faces, cam)
@@ -306,7 +315,9 @@ def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.devi
     if mask.sum() == 0:
         raise ValueError(f"the face mask of {img_path} is empty: the FLAME fitted to its landmarks does not project "
                          f"into the photo")
-    wild = WildFit(landmarks=lms, fit=res, flame=flame, photo=photo, mask=mask)
+    wild = WildFit(landmarks=lms, fit=res, flame=flame, photo=photo, mask=mask,
+                   original_size=None if (w, h) == (w0, h0) else (w0, h0))
     return photo_target(img_path.stem, photo, mask[..., None], cam, base, cfg, device, (),
                         {"image": str(img_path), "landmarks": cfg.landmarks or "mediapipe face mesh",
-                         "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir)}, wild)
+                         "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir),
+                         "photo_scale": f"{w / w0:.4f}"}, wild)
