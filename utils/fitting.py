@@ -78,15 +78,14 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
-    refine_flame: bool = False  # photo-only fits (--image alone): after the code fit, refine the fitted FLAME's head
-    #                             pose, expression and jaw jointly with the style through the renderer (photometric;
-    #                             off by default: it raised the fitted view's PSNR but moved the head away from the
-    #                             true pose and lowered the unseen views', see README)
-    flame_iterations: int = 30  # Adam iterations of that stage (0 skips it)
-    flame_lr: float = 0.002  # its learning rate of the head rotation (radians), translation (head distances) and jaw
-    flame_expression_lr: float = 0.02  # ... of the expression coefficients (standard deviations)
-    flame_style_lr: float = 0.01  # ... of the style w, refined with the head (0: w stays as the code fit left it)
-    flame_prior: float = 1e-4  # weight of the squared expression coefficients and (jaw / 0.2 rad)^2 in that stage
+    refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
+    # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
+    # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
+    flame_iterations: int = 30  # Adam iterations of the refine_flame stage (0 skips it)
+    flame_lr: float = 0.002  # refine_flame: Adam lr of head rotation (rad), translation (head distances) and jaw
+    flame_expression_lr: float = 0.02  # refine_flame: Adam lr of the expression coefficients (standard deviations)
+    flame_style_lr: float = 0.01  # refine_flame: Adam lr of the style w refined with the head (0: w stays fixed)
+    flame_prior: float = 1e-4  # refine_flame: weight of |expression|^2 + |jaw / 0.2 rad|^2
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
     cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)

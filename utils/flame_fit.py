@@ -63,29 +63,27 @@ class FlameFitConfig:
 
     focal: float = 0.0  # focal length in pixels; 0: focal_ratio * the longer image side
     focal_ratio: float = 2.5  # default focal length / longer image side (a portrait lens; see the module docstring)
-    fit_focal: bool = False  # also fit the focal length (log-normal prior around the default / given value); off:
-    #                          from landmarks of a face ~1 m away it is not identifiable (see the module docstring)
-    focal_std: float = 0.3  # prior std of log(focal / default focal)
-    rigid_iterations: int = 10  # Levenberg-Marquardt iterations (Jacobians) of the rigid stage (head pose)
-    iterations: int = 40  # ... of the non-rigid stage (two runs of at most half; converged in < 20 on the tests)
+    fit_focal: bool = False  # also fit the focal length (not identifiable at ~1 m: see the module docstring)
+    focal_std: float = 0.3  # with fit_focal: prior std of log(focal / default focal)
+    rigid_iterations: int = 10  # Levenberg-Marquardt iterations of the rigid stage (head pose)
+    iterations: int = 40  # Levenberg-Marquardt iterations of the non-rigid stage (two runs of at most half)
     num_shape: int = 300  # FLAME shape coefficients fitted (the rest stay 0)
     num_expression: int = 100  # FLAME expression coefficients fitted (the rest stay 0)
-    landmark_sigma_px: float = 1.0  # landmark noise per coordinate, pixels (the floor: detector precision) ...
-    landmark_sigma_iod: float = 0.02  # ... or this fraction of the inter-ocular distance, whichever is larger
+    landmark_sigma_px: float = 1.0  # landmark noise std per coordinate in pixels, or landmark_sigma_iod if larger
+    landmark_sigma_iod: float = 0.02  # landmark noise std as a fraction of the inter-ocular distance (see above)
     shape_std: float = 1.0  # prior std of FLAME's shape coefficients (1: FLAME's own distribution)
     expression_std: float = 1.0  # prior std of FLAME's expression coefficients
     jaw_std: float = 0.2  # prior std of the jaw's opening rotation, radians (sideways and twist: a tenth)
     eyes_std: float = 0.3  # prior std of the eye rotations, radians
     robust_k: float = 3.0  # Geman-McClure scale of the non-rigid stage, in sigmas (residuals beyond it saturate)
-    rigid_robust_scale: float = 0.5  # the same of the rigid stage and the first non-rigid run, in inter-ocular
-    #                                  distances (wide: the start may be far off, big deformations are no outliers)
+    rigid_robust_scale: float = 0.5  # Geman-McClure scale (IOD) of the rigid stage and the first non-rigid run
     contour_weight: float = 1.0  # weight of the 17 jaw-contour points (needs flame_dynamic_embedding.npy; 0: off)
     iris_weight: float = 1.0  # weight of the iris centres (detector output with irises; 0: off)
     temporal_weight: float = 1.0  # T > 1: weight of the frame-to-frame smoothness prior (temporal_std_* below)
     temporal_std_rotation: float = 0.1  # std of the head rotation's change between frames, radians
-    temporal_std_translation: float = 0.05  # ... of its translation, in head distances
-    temporal_std_jaw: float = 0.1  # ... of the jaw and eye rotations, radians
-    temporal_std_expression: float = 1.0  # ... of the expression coefficients
+    temporal_std_translation: float = 0.05  # std of the head translation's change between frames, head distances
+    temporal_std_jaw: float = 0.1  # std of the jaw and eye rotations' change between frames, radians
+    temporal_std_expression: float = 1.0  # std of the expression coefficients' change between frames
 
 
 @dataclass
@@ -416,7 +414,8 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     if T > 1 and cfg.temporal_weight > 0:
         tw = math.sqrt(cfg.temporal_weight) * block([
             (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
-            (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3), (1.0 / cfg.temporal_std_jaw, n_eyes)])
+            (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3),
+            (1.0 / cfg.temporal_std_jaw, n_eyes)])
     n_points = float(wts.sum().clamp_min(1.0))
     frame_of = torch.arange(T, device=dev)
     sel = torch.eye(K, dtype=dt, device=dev).repeat(T, 1)  # row b = t * K + k picks residual k of frame t
@@ -517,7 +516,8 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
 
     losses = {}
     pose_f = torch.arange(Qf) < 6
-    all_f, all_s, no_s = torch.ones(Qf, dtype=torch.bool), torch.ones(Qs, dtype=torch.bool), torch.zeros(Qs, dtype=torch.bool)
+    all_f, all_s = torch.ones(Qf, dtype=torch.bool), torch.ones(Qs, dtype=torch.bool)
+    no_s = torch.zeros(Qs, dtype=torch.bool)
     if cfg.rigid_iterations > 0:
         losses["rigid"] = solve(pose_f, no_s, contour_rows(), scale_wide, True, cfg.rigid_iterations)
     if cfg.iterations > 0:

@@ -53,8 +53,7 @@ class TrackConfig:
     flame: str = ""  # FLAME tracking npz of the photo, NeRSemble or VHAP format (own-photo mode)
     landmarks: str = ""  # photo-only mode: (68, 2) iBUG-68 pixel coordinates (.npy or text) instead of the detector
     min_face_px: float = 64.0  # photo-only mode: smallest face (landmark box height, pixels) that is fitted
-    max_face_px: float = 0.0  # photo-only mode: after detection the photo is scaled down so the face (landmark box
-    #                           height) is at most this many pixels (0: keep the photo's resolution)
+    max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
     mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
     image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
     out: str = "output/tracking"  # output folder
