@@ -2,21 +2,36 @@
 
     python track.py --checkpoint output/cpu/model.pt --image astronaut.png --out output/photo/astronaut
     python benchmarks/wild_figure.py output/photo/astronaut docs/astronaut_fit.png
+
+The turntable frames shown are those nearest the yaw angles of ``--angles`` (degrees), found from the run's
+metrics.json (export.turntable_frames / turntable_degrees: the swing of utils/exports.py's turntable).
 """
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 
-def figure(run: Path, height: int = 256, frames: int = 4) -> np.ndarray:
-    """(height, W, 3) uint8 BGR: the three panels of a track.py photo-only output folder, side by side."""
+def turntable_angles(frames: int, degrees: float) -> np.ndarray:
+    """Yaw of every turntable frame, as utils.exports.turntable makes them."""
+    if degrees >= 360:
+        return np.array([360.0 * i / frames for i in range(frames)])
+    return np.array([0.5 * degrees * math.sin(2 * math.pi * i / frames) for i in range(frames)])
+
+
+def figure(run: Path, height: int = 256, angles: tuple[float, ...] = (-40.0, 0.0, 40.0)) -> np.ndarray:
+    """(height, W, 3) uint8 BGR: the panels of a track.py photo-only output folder, side by side."""
     def fit_h(img: np.ndarray) -> np.ndarray:
         return cv2.resize(img, (round(img.shape[1] * height / img.shape[0]), height), interpolation=cv2.INTER_AREA)
 
+    for name in ("landmarks.png", "metrics.json", "turntable.mp4"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} not found: expected the output folder of a photo-only track.py run")
     panels = [fit_h(cv2.imread(str(run / "landmarks.png")))]
     views = sorted((run / "views").glob("cam_*.png"))
     if views:
@@ -28,8 +43,11 @@ def figure(run: Path, height: int = 256, frames: int = 4) -> np.ndarray:
         if not ok:
             break
         video.append(f)
-    for i in np.linspace(0, len(video) // 2, frames).astype(int) if video else []:
-        panels.append(fit_h(video[i]))
+    export = json.loads((run / "metrics.json").read_text())["config"]["export"]
+    yaw = turntable_angles(len(video), float(export["turntable_degrees"]))
+    for a in angles:
+        if video:
+            panels.append(fit_h(video[int(np.argmin(np.abs(yaw - a)))]))
     gap = np.full((height, 4, 3), 255, np.uint8)
     out = []
     for p in panels:
@@ -37,8 +55,18 @@ def figure(run: Path, height: int = 256, frames: int = 4) -> np.ndarray:
     return np.concatenate(out[:-1], axis=1)
 
 
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="output folder of a photo-only track.py run")
+    p.add_argument("out", type=Path, help="PNG to write")
+    p.add_argument("--height", type=int, default=256, help="panel height in pixels")
+    p.add_argument("--angles", type=float, nargs="+", default=[-40.0, 0.0, 40.0],
+                   help="yaw angles (degrees) of the turntable frames shown")
+    args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(args.out), figure(args.run, args.height, tuple(args.angles)))
+    print(args.out)
+
+
 if __name__ == "__main__":
-    run, dst = Path(sys.argv[1]), Path(sys.argv[2])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(dst), figure(run))
-    print(dst)
+    main()

@@ -134,4 +134,16 @@ def test_landmark_file_and_drawing(tmp_path, detected):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pic = draw_landmarks(img, lm.ibug68, shifted, lm.outline)
+        crop = draw_landmarks(img, lm.ibug68, shifted, lm.outline, margin=0.1)
     assert pic.dtype == np.uint8 and pic.shape[2] == 3 and pic.std() > 10
+    # the crop holds the face (its outline box grown by 10 % of its size per side), drawn with the points in place
+    bw, bh = np.ptp(np.concatenate([lm.outline, lm.ibug68]), axis=0) + 0.2 * np.ptp(lm.outline, axis=0).max()
+    assert crop.shape[1] / crop.shape[0] == pytest.approx(bw / bh, rel=0.03)
+    assert crop.shape[1] / crop.shape[0] != pytest.approx(pic.shape[1] / pic.shape[0], rel=0.03)
+    green = (crop[..., 1] > 180) & (crop[..., 0] < 100) & (crop[..., 2] < 100)
+    assert green.sum() > 68
+
+    # a scaled copy of the landmarks is the same face in the resized image
+    half = lm.scaled(0.5, 0.5)
+    assert np.allclose(half.ibug68, lm.ibug68 / 2) and half.face_size == pytest.approx(lm.face_size / 2)
+    assert half.image_size == (round(lm.image_size[0] / 2), round(lm.image_size[1] / 2))

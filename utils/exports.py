@@ -73,7 +73,8 @@ def turntable(model: TrainedModel, code: FittedCode, start_camera: Camera, cfg: 
 def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     """Outputs of a photo-only fit (``target.wild``), in the project's formats so that every script reuses them:
     flame_fit.npz (NeRSemble tracking layout), camera_params.json (NeRSemble layout, the fitted camera under its
-    serial, intrinsics and "width"/"height" of the photo), landmarks.png (detected vs fitted points on the photo).
+    serial, intrinsics and "width"/"height" of the photo), landmarks.png (detected vs fitted points on the photo,
+    cropped around the face).
 
     ``render``: (h, w, 3) the fitted head rendered into the photo's evaluation crop.  Returns metrics: landmark
     reprojection error (pixels and inter-ocular distances, FLAME's 51 static points), PSNR / SSIM of the render
@@ -95,7 +96,8 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     detected = wild.landmarks.ibug68
     fitted = fit.landmarks[0].cpu().numpy()
     fitted = np.where(np.isfinite(fitted), fitted, np.nan)
-    save_image(out / "landmarks.png", draw_landmarks(wild.photo, detected, fitted, wild.landmarks.outline) / 255.0)
+    save_image(out / "landmarks.png",
+               draw_landmarks(wild.photo, detected, fitted, wild.landmarks.outline, margin=0.25) / 255.0)
     view = target.eval_views[0]
     m = view.mask
     pred = render.clamp(0, 1)

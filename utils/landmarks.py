@@ -325,13 +325,26 @@ def load_landmarks_file(path: str | os.PathLike, image_size: tuple[int, int]) ->
 
 
 def draw_landmarks(image: np.ndarray, detected: np.ndarray, fitted: np.ndarray | None = None,
-                   outline: np.ndarray | None = None, max_size: int = 768) -> np.ndarray:
+                   outline: np.ndarray | None = None, max_size: int = 768, margin: float | None = None) -> np.ndarray:
     """The photo with detected points (green dots), fitted points (red crosses, a line from each detected point to
     its fitted one) and the face outline (thin yellow); returns (H', W', 3) uint8 RGB, downscaled to at most
-    ``max_size`` pixels.  detected, fitted: (L, 2) pixels; outline (K, 2)."""
+    ``max_size`` pixels.  detected, fitted: (L, 2) pixels; outline (K, 2).  ``margin``: crop the photo to the
+    points' box grown by this fraction of its size on every side (None: the whole photo)."""
     import cv2
 
     img = as_uint8_rgb(image)
+    if margin is not None:
+        pts = np.concatenate([np.asarray(detected, np.float64).reshape(-1, 2)]
+                             + ([np.asarray(outline, np.float64).reshape(-1, 2)] if outline is not None else []))
+        lo, hi = pts.min(0), pts.max(0)
+        pad = margin * (hi - lo).max()
+        x0, y0 = (np.floor(np.maximum(lo - pad, 0))).astype(int)
+        x1, y1 = (np.ceil(np.minimum(hi + pad, img.shape[1::-1]))).astype(int)
+        img = img[y0:y1, x0:x1]
+        shift = np.array([x0, y0], np.float64)
+        detected = np.asarray(detected) - shift
+        fitted = None if fitted is None else np.asarray(fitted) - shift
+        outline = None if outline is None else np.asarray(outline) - shift
     h, w = img.shape[:2]
     s = min(1.0, max_size / max(h, w))
     up = 4 if s * max(h, w) < 400 else 1  # small photos: draw on an upscaled copy so marks stay readable
