@@ -45,9 +45,15 @@ def figure(run: Path, height: int = 256, angles: tuple[float, ...] = (-40.0, 0.0
         video.append(f)
     export = json.loads((run / "metrics.json").read_text())["config"]["export"]
     yaw = turntable_angles(len(video), float(export["turntable_degrees"]))
-    for a in angles:
-        if video:
-            panels.append(fit_h(video[int(np.argmin(np.abs(yaw - a)))]))
+    chosen = [video[int(np.argmin(np.abs(yaw - a)))] for a in angles] if video else []
+    if chosen:  # one crop for all frames: the union of the rendered head's boxes, 10 % margin
+        ys, xs = np.nonzero(np.max([f.max(-1) for f in chosen], axis=0) > 12)
+        if len(xs):
+            pad = int(0.1 * max(np.ptp(xs), np.ptp(ys)))
+            y0, y1 = max(ys.min() - pad, 0), min(ys.max() + pad + 1, chosen[0].shape[0])
+            x0, x1 = max(xs.min() - pad, 0), min(xs.max() + pad + 1, chosen[0].shape[1])
+            chosen = [f[y0:y1, x0:x1] for f in chosen]
+    panels += [fit_h(f) for f in chosen]
     gap = np.full((height, 4, 3), 255, np.uint8)
     out = []
     for p in panels:
@@ -64,7 +70,7 @@ def main() -> None:
                    help="yaw angles (degrees) of the turntable frames shown")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(args.out), figure(args.run, args.height, tuple(args.angles)))
+    cv2.imwrite(str(args.out), figure(args.run, args.height, tuple(args.angles)), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     print(args.out)
 
 
