@@ -391,6 +391,43 @@ class FlameParams:
         """Select frame ``i`` (keeps a T=1 leading dim)."""
         return replace(self, **{n: getattr(self, n)[i:i + 1] for n in self._TENSORS if n != "shape"})
 
+    def frames(self, index: Union[slice, Sequence[int], Tensor]) -> "FlameParams":
+        """Select several frames (a slice, a list of indices or an index tensor); the shape is shared."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return replace(self, **{n: getattr(self, n)[index] for n in self._TENSORS if n != "shape"})
+
+    @classmethod
+    def cat(cls, params: Sequence["FlameParams"]) -> "FlameParams":
+        """Concatenate the frames of several FlameParams of one identity (their shapes must agree)."""
+        params = list(params)
+        if not params:
+            raise ValueError("FlameParams.cat needs at least one FlameParams")
+        first = params[0]
+        for p in params[1:]:
+            if p.rotate_about_root != first.rotate_about_root or not torch.equal(p.shape, first.shape):
+                raise ValueError("FlameParams.cat: the parts differ in shape coefficients or head-pose convention")
+        return replace(first, **{n: torch.cat([getattr(p, n) for p in params]) for n in cls._TENSORS if n != "shape"})
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """Plain CPU tensors by field name (what model.pt and code.pt store; loads with torch.load(weights_only=True)).
+
+        The head pose must be in the NeRSemble convention (``FlameModel.bake_root_pivot`` first for VHAP files)."""
+        if self.rotate_about_root:
+            raise ValueError("FlameParams.as_dict: bake the VHAP root pivot first (FlameModel.bake_root_pivot)")
+        return {n: getattr(self, n).detach().cpu().clone() for n in self._TENSORS}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "<dict>") -> "FlameParams":
+        """Inverse of :meth:`as_dict`; a missing key or a wrong shape raises ValueError naming ``where``."""
+        missing = [n for n in cls._TENSORS if n not in d]
+        if missing:
+            raise ValueError(f"{where}: FLAME parameters lack {missing} (have {sorted(d)})")
+        try:
+            return cls(**{n: torch.as_tensor(d[n]).float() for n in cls._TENSORS})
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+
     @classmethod
     def neutral(cls, num_frames: int = 1, dtype: torch.dtype = torch.float32,
                 device: Optional[torch.device] = None) -> "FlameParams":
@@ -689,6 +726,77 @@ class FlameModel(nn.Module):
         tri = self.faces[self.lmk_faces_idx]  # (L,3)
         corners = vertices[..., tri, :]  # (..., L, 3, 3)
         return (corners * self.lmk_bary_coords.to(vertices.dtype)[..., None]).sum(-2)
+
+
+class FlameSubset(nn.Module):
+    """FLAME's forward for a subset of its vertices (e.g. the face mask): FlameParams (T frames) -> (T, M, 3).
+
+    The maths of smplx's ``lbs`` (checked against :class:`FlameModel` in tests/test_flame.py) on the M subset rows
+    only, with the joints regressed through precomputed (5, 3, K) regressions of the shape and expression
+    blendshapes.  Written out rather than calling smplx because smplx's ``lbs`` walks the kinematic chain by indexing
+    a Python list with device tensors (one host synchronisation per joint on a GPU, which also rules out CUDA-graph
+    capture) and always poses every vertex and the landmarks; the per-frame animation path (models/animation.py)
+    needs neither.  Built from a FlameModel's smplx buffers, so both use the same model data.
+    """
+
+    def __init__(self, flame: FlameModel, vertex_ids: Union[np.ndarray, Tensor, Sequence[int]]) -> None:
+        super().__init__()
+        fl = flame.flame
+        ids = torch.as_tensor(np.asarray(vertex_ids), dtype=torch.long, device=fl.v_template.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= flame.num_vertices):
+            raise ValueError(f"FlameSubset: vertex ids must lie in [0, {flame.num_vertices}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        V = flame.num_vertices
+        jr = fl.J_regressor  # (5, V) dense in smplx
+        self.register_buffer("template", fl.v_template[ids].clone(), persistent=False)  # (M, 3)
+        self.register_buffer("shapedirs", fl.shapedirs[ids].clone(), persistent=False)  # (M, 3, 300)
+        self.register_buffer("exprdirs", fl.expr_dirs[ids].clone(), persistent=False)  # (M, 3, 100)
+        self.register_buffer("posedirs", fl.posedirs.view(-1, V, 3)[:, ids].reshape(fl.posedirs.shape[0], -1).clone(),
+                             persistent=False)  # (36, M * 3)
+        self.register_buffer("weights", fl.lbs_weights[ids].clone(), persistent=False)  # (M, 5)
+        self.register_buffer("j_template", jr @ fl.v_template, persistent=False)  # (5, 3)
+        self.register_buffer("j_shapedirs", torch.einsum("jv,vck->jck", jr, fl.shapedirs), persistent=False)
+        self.register_buffer("j_exprdirs", torch.einsum("jv,vck->jck", jr, fl.expr_dirs), persistent=False)
+        self.parents = [int(p) for p in fl.parents.tolist()]  # constant kinematic tree, on the host
+        self.num_vertices = int(ids.numel())
+
+    def model_space(self, params: FlameParams) -> tuple[Tensor, Tensor]:
+        """(vertices (T, M, 3), posed joints (T, 5, 3)) in FLAME model space (zero global rotation)."""
+        dt = self.template.dtype
+        beta = params.shape.to(dt)  # (1, 300)
+        psi = params.expression.to(dt)  # (T, 100)
+        T = psi.shape[0]
+        v = (self.template + torch.einsum("bk,mck->bmc", beta, self.shapedirs)
+             + torch.einsum("tk,mck->tmc", psi, self.exprdirs))  # (T, M, 3)
+        J = (self.j_template + torch.einsum("bk,jck->bjc", beta, self.j_shapedirs)
+             + torch.einsum("tk,jck->tjc", psi, self.j_exprdirs))  # (T, 5, 3)
+        pose = torch.stack([torch.zeros_like(params.neck), params.neck, params.jaw, params.eyes[:, :3],
+                            params.eyes[:, 3:]], dim=1).to(dt)  # (T, 5, 3) axis-angle, global rotation zero
+        rot = axis_angle_to_matrix(pose)  # (T, 5, 3, 3)
+        eye = torch.eye(3, dtype=dt, device=rot.device)
+        v = v + ((rot[:, 1:] - eye).reshape(T, -1) @ self.posedirs).view(T, -1, 3)  # pose blendshapes
+        # kinematic chain: world transform of each joint, then relative to its rest position (smplx's A)
+        rel = torch.cat([J[:, :1], J[:, 1:] - J[:, self.parents[1:]]], dim=1)  # (T, 5, 3)
+        chain: list[tuple[Tensor, Tensor]] = []
+        for j, parent in enumerate(self.parents):
+            if parent < 0:
+                chain.append((rot[:, j], rel[:, j]))
+            else:
+                Rp, tp = chain[parent]
+                chain.append((Rp @ rot[:, j], tp + (Rp @ rel[:, j, :, None])[..., 0]))
+        Rj = torch.stack([c[0] for c in chain], dim=1)  # (T, 5, 3, 3)
+        tj = torch.stack([c[1] for c in chain], dim=1)  # (T, 5, 3) posed joints
+        ta = tj - (Rj @ J[..., None])[..., 0]  # translation of the rest-relative transforms
+        Rv = torch.einsum("mj,tjab->tmab", self.weights, Rj)  # blended per vertex (T, M, 3, 3)
+        tv = torch.einsum("mj,tja->tma", self.weights, ta)
+        return (Rv @ v[..., None])[..., 0] + tv, tj
+
+    def forward(self, params: FlameParams) -> Tensor:
+        """(T, M, 3) WORLD-space vertices of the subset: FLAME, then [scale * R | t] (VHAP's root pivot resolved)."""
+        verts, joints = self.model_space(params)
+        M = params.to(device=verts.device, dtype=verts.dtype).model_to_world(
+            joints[:, 0] if params.rotate_about_root else None)
+        return verts @ M[:, :3, :3].transpose(1, 2) + M[:, None, :3, 3]
 
 
 # ============================================================================ face mask

@@ -275,7 +275,7 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
                                               "refine_geometry": bool(cfg.refine_geometry),
                                               "refine_colour": colour is not None,
                                               "tracked_base_vertices": base0.detach().cpu()},
-                      colour=colour)
+                      colour=colour, flame=target.flame)
     return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
                      colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
                      seconds_code=seconds_code, seconds_colour=seconds_colour)

@@ -117,7 +117,8 @@ def resolve_key(model: TrainedModel, key: str, device: torch.device) -> FittedCo
         with torch.no_grad():
             z = model.field.codes.weight[i].detach()
             w = model.field.style(z[None], update_w_avg=False)[0]
-        return FittedCode(w=w, z=z, base_vertices=model.base_vertices[i].detach(), name=key)
+        return FittedCode(w=w, z=z, base_vertices=model.base_vertices[i].detach(), name=key,
+                          flame=None if model.flame_params is None else model.identity_flame(i).to(device))
     p = Path(key)
     if p.is_file():
         return load_code(p, model, device)

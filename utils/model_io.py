@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from models.flame import SubdivisionPlan, make_subdivision_plan, subdivide_vertices
+from models.flame import FlameParams, SubdivisionPlan, make_subdivision_plan, subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
 from utils.io import atomic_torch_save, load_tagged
 
@@ -30,8 +31,19 @@ def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict
         "mask_ids": torch.as_tensor(data.mask_ids).cpu(),
         "subdivision": int(data.cfg.subdivision),
         "base_vertices": data.base_vertices.detach().cpu(),
+        # FLAME parameters of each identity's frame, {field: (I, ...) tensor} (models.flame.FlameParams.as_dict),
+        # so that animation knows every identity's FLAME shape and head placement; None when the data had none
+        "flame_params": stack_flame_params(getattr(data, "flame_params", None)),
     }
     return atomic_torch_save(doc, path)
+
+
+def stack_flame_params(params: Sequence[FlameParams] | None) -> dict[str, Tensor] | None:
+    """I FlameParams (T = 1 each) -> {field: (I, ...) plain CPU tensor} (None for None)."""
+    if not params:
+        return None
+    dicts = [p.as_dict() for p in params]
+    return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
 
 
 @dataclass
@@ -45,6 +57,8 @@ class TrainedModel:
         template_base: (M, 3) canonical face-mask vertices; base_faces (F, 3); mask_ids (M,) FLAME vertex ids.
         plan: subdivision plan from level 0 to the network's level.
         config: the full training config (dict).
+        flame_params: {field: (I, ...) tensor} FLAME parameters of each training identity's frame (shape and head
+            placement, see :meth:`identity_flame`); None in model.pt files written before they were stored.
     """
 
     field: IdentityField
@@ -55,6 +69,7 @@ class TrainedModel:
     mask_ids: np.ndarray
     plan: SubdivisionPlan
     config: dict
+    flame_params: dict | None = None
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""
@@ -64,6 +79,25 @@ class TrainedModel:
         if name not in self.identities:
             raise KeyError(f"identity {name!r} is not in the model (it has {self.identities})")
         return self.identities.index(name)
+
+    def identity_flame(self, index: int) -> FlameParams | None:
+        """FLAME parameters (T = 1) of training identity ``index``'s frame; None when model.pt predates them."""
+        if self.flame_params is None:
+            return None
+        return FlameParams.from_dict({k: v[index:index + 1] for k, v in self.flame_params.items()},
+                                     "model.pt flame_params")
+
+    def check_flame(self, flame, flame_dir: str | os.PathLike) -> None:
+        """Raise a clear error when a FlameModel (read from ``flame_dir``) is not the FLAME the model was trained
+        with: the face mask must fit its vertex count and its template must match the model's."""
+        ids = torch.as_tensor(self.mask_ids)
+        if int(ids.max()) >= flame.num_vertices:
+            raise ValueError(f"the model's face mask indexes FLAME vertex {int(ids.max())} but the FLAME model in "
+                             f"{flame_dir} has {flame.num_vertices} vertices: use the FLAME files the model was "
+                             f"trained with (--flame_dir)")
+        if not torch.allclose(flame.v_template[ids].cpu().float(), self.template_base.cpu().float(), atol=1e-4):
+            raise ValueError(f"the FLAME template in {flame_dir} differs from the one the model was trained with: use "
+                             f"the same FLAME files (--flame_dir)")
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
@@ -87,4 +121,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
         mask_ids=doc["mask_ids"].numpy(),
         plan=plan.to(device),
         config=doc["config"],
+        flame_params=doc.get("flame_params"),  # absent in model.pt files written before animation existed
     )

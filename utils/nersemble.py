@@ -298,6 +298,27 @@ class NersembleSubject:
             )
         return load_tracking(self.tracking_path)
 
+    def frame_params(self, flame=None):
+        """FLAME parameters of this frame (FlameParams, T = 1): the tracking row of ``self.frame`` (see
+        :func:`tracking_row`).  ``flame``: a FlameModel that bakes VHAP's root pivot into the translation."""
+        params = self.tracking()
+        params = params.frame(tracking_row(self.tracking_path, self.frame, params.num_frames))
+        return flame.bake_root_pivot(params) if flame is not None else params
+
+    def frames(self) -> list[int]:
+        """Indices of the frame folders ``timesteps/frame_<t>`` of this sequence, sorted."""
+        root = self.sequence_dir / "timesteps"
+        if not root.is_dir():
+            raise FileNotFoundError(f"no frame folders: {root} does not exist (sequence {self.sequence} of "
+                                    f"{self.subject_dir})")
+        return sorted(int(p.name[6:]) for p in root.iterdir() if p.is_dir() and p.name.startswith("frame_")
+                      and p.name[6:].isdigit())
+
+    def sequences(self) -> list[str]:
+        """Names of the sequence folders of this subject, sorted."""
+        root = self.subject_dir / "sequences"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
     def _read_mesh(self, path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
         if not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path} ({self._hint('FLAME2PLY')})")
@@ -325,6 +346,37 @@ class NersembleSubject:
         if m.shape != (4, 4):
             raise ValueError(f"{path} must hold a 4x4 matrix, got shape {m.shape}")
         return m
+
+
+def _tracked_frame_ids(path: Path, num_frames: int) -> tuple[str | None, np.ndarray | None]:
+    """(key, (T,) frame numbers) from a tracking file's ``frames`` (NeRSemble) or ``timestep_id`` (VHAP) key;
+    (None, None) when it has neither (or one of another length)."""
+    with np.load(path, allow_pickle=False) as z:
+        key = "frames" if "frames" in z.files else ("timestep_id" if "timestep_id" in z.files else None)
+        ids = np.asarray(z[key]).reshape(-1).astype(np.int64) if key else None
+    return (key, ids) if ids is not None and len(ids) == num_frames else (None, None)
+
+
+def tracking_row(path: str | os.PathLike, frame: int, num_frames: int) -> int:
+    """Row of frame ``frame`` (the ``<t>`` of ``timesteps/frame_<t>``) in a tracking file of ``num_frames`` rows: found
+    in its ``frames``/``timestep_id`` key when present, else the row ``frame`` itself."""
+    path = Path(path)
+    key, ids = _tracked_frame_ids(path, num_frames)
+    if ids is not None:
+        hit = np.nonzero(ids == frame)[0]
+        if len(hit) == 0:
+            raise ValueError(f"{path}: frame {frame} is not tracked (its '{key}' holds "
+                             f"{ids[:5].tolist()}{' ...' if len(ids) > 5 else ''})")
+        return int(hit[0])
+    if not 0 <= frame < num_frames:
+        raise ValueError(f"{path}: frame {frame} out of range (the file has {num_frames} frames)")
+    return frame
+
+
+def tracking_frame_ids(path: str | os.PathLike, num_frames: int) -> np.ndarray:
+    """(T,) frame number of every row of a tracking file: its ``frames``/``timestep_id`` key, else 0..T-1."""
+    ids = _tracked_frame_ids(Path(path), num_frames)[1]
+    return ids if ids is not None else np.arange(num_frames, dtype=np.int64)
 
 
 def read_ply_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,8 @@ class FitTarget:
         eval_views: every calibrated view with a photo (fitted one included), cropped to one common size.
         extra_views: calibrated cameras without a photo (rendered only).
         fit_camera_full: the fitted camera for the whole photo (turntable start).
+        flame: the photo's FLAME parameters (models.flame.FlameParams, T = 1; None when unknown), stored in code.pt
+            so that the fitted person can be animated.
     """
 
     name: str
@@ -57,6 +59,7 @@ class FitTarget:
     extra_views: list[View]
     fit_camera_full: Camera
     source: dict[str, str]
+    flame: Any = None
 
 
 def default_flame_dir(subject_dir: Path) -> Path:
@@ -65,27 +68,33 @@ def default_flame_dir(subject_dir: Path) -> Path:
     return cand if cand.is_dir() else Path("data")
 
 
-def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
-                    frame: int = 0) -> tuple[Tensor, Tensor, Any]:
-    """World-space FLAME vertices (V, 3) of a tracking file and the model's face-mask part (M, 3)."""
+def frame_flame(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None, frame: int = 0,
+                frame_ids: bool = False) -> tuple[Tensor, Tensor, Any, Any]:
+    """FLAME of one tracked frame: (world-space vertices (V, 3), the model's face-mask part (M, 3), the FlameModel,
+    the frame's FlameParams (T = 1, VHAP's root pivot baked)).
+
+    ``frame`` picks the row of ``params`` (or of the ``tracking`` file): with ``frame_ids`` the row whose frame number
+    (the npz's ``frames`` key, utils/nersemble.py tracking_row) is ``frame``, else row min(frame, T - 1)."""
     from models.flame import FlameModel, load_tracking
+    from utils.nersemble import tracking_row
 
     flame = FlameModel.from_data_dir(flame_dir)
     if params is None:
         params = load_tracking(tracking, flame=flame)
-    params = params.frame(min(frame, params.num_frames - 1))
-    mask_ids = torch.as_tensor(model.mask_ids)
-    if int(mask_ids.max()) >= flame.num_vertices:
-        raise ValueError(f"the model's face mask indexes FLAME vertex {int(mask_ids.max())} but the FLAME model in "
-                         f"{flame_dir} has {flame.num_vertices} vertices: use the FLAME files the model was trained "
-                         f"with (--flame_dir)")
-    tmpl = flame.v_template[mask_ids].float()
-    if not torch.allclose(tmpl, model.template_base.cpu().float(), atol=1e-4):
-        raise ValueError(f"the FLAME template in {flame_dir} differs from the one the model was trained with: use "
-                         f"the same FLAME files (--flame_dir)")
+    row = tracking_row(tracking, frame, params.num_frames) if frame_ids and tracking is not None \
+        else min(frame, params.num_frames - 1)
+    params = flame.bake_root_pivot(params.frame(row))
+    model.check_flame(flame, flame_dir)
     with torch.no_grad():
         verts = flame(params)[0].float()
-    return verts, verts[mask_ids], flame
+    return verts, verts[torch.as_tensor(model.mask_ids)], flame, params
+
+
+def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
+                   frame: int = 0) -> tuple[Tensor, Tensor, Any]:
+    """World-space FLAME vertices (V, 3) of a tracking file and the model's face-mask part (M, 3), and the
+    FlameModel (:func:`frame_flame` without the parameters)."""
+    return frame_flame(model, flame_dir, tracking, params, frame)[:3]
 
 
 def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
@@ -124,10 +133,10 @@ def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.d
         images[s] = subject.masked_image(s, cfg.image_scale)
         masks[s] = subject.facemask(s, cfg.image_scale)
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else default_flame_dir(sdir)
-    _, base, _ = flame_vertices(model, flame_dir, subject.tracking_path, frame=cfg.frame)
+    _, base, _, params = frame_flame(model, flame_dir, subject.tracking_path, frame=cfg.frame, frame_ids=True)
     fit, views = fit_and_eval_views(serials, images, masks, cams, cfg.camera, cfg.fit, device)
     return FitTarget(name=sdir.name, base_vertices=base.to(device), fit_view=fit, eval_views=views, extra_views=[],
-                     fit_camera_full=cams[cfg.camera].to(device),
+                     fit_camera_full=cams[cfg.camera].to(device), flame=params,
                      source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)})
 
 
@@ -188,7 +197,7 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
         photo = cv2.resize(photo, (cams[cfg.camera].width, cams[cfg.camera].height), interpolation=cv2.INTER_AREA)
     cam = cams[cfg.camera]
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else Path("data")
-    flame_verts, base, flame = flame_vertices(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
+    flame_verts, base, flame, params = frame_flame(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
     if cfg.mask:
         mask = read_photo(Path(cfg.mask), "face mask (--mask)", gray=True)
         if mask.shape[:2] != (h, w):
@@ -207,6 +216,6 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
     fit, views = fit_and_eval_views([s], {s: masked}, {s: mask}, {s: cam}, s, cfg.fit, device)
     extra = [View(k, c.to(device)) for k, c in cams.items() if k != s]
     return FitTarget(name=img_path.stem, base_vertices=base.to(device), fit_view=fit, eval_views=views,
-                     extra_views=extra, fit_camera_full=cam.to(device),
+                     extra_views=extra, fit_camera_full=cam.to(device), flame=params,
                      source={"image": str(img_path), "camera_json": str(json_path), "camera": s,
                              "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)})
