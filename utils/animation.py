@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,8 @@ from utils.interpolation import METHODS, base_camera, interpolate_codes, interpo
 from utils.io import atomic_write_json, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
-from utils.nersemble import FRONTAL_SERIAL
+from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.targets import View
 
 SIDE_BY_SIDE = ("none", "video", "driver")
 
@@ -74,6 +75,9 @@ class AnimationConfig:
     #                             driver: beside renders of the driving identity (--driver) in the same motion
     driver: str = ""  # driving identity for --side_by_side driver (name or code.pt; default: the motion's subject
     #                   when it is a training identity of the model)
+    evaluate: bool = False  # motion = a subject's sequence: PSNR / SSIM of every frame against its photos (all
+    #                         cameras, one crop size; needs projection_ply.py --mask_images on those frames), in
+    #                         animation.json (meaningful when the identity is that subject, e.g. its track.py fit)
     png: bool = False  # also write every frame as frames/frame_<n>.png
     ply: bool = False  # also write every frame's Gaussians as ply/frame_<n>.ply (standard 3DGS layout)
     batch: int = 16  # frames posed and rendered per call
@@ -84,7 +88,7 @@ class AnimationConfig:
     progress: bool = True  # tqdm progress bars
 
 
-ANIM_FLAGS = ("png", "ply", "progress")
+ANIM_FLAGS = ("png", "ply", "progress", "evaluate")
 ANIM_LISTS = ("keyframes",)
 
 
@@ -154,7 +158,8 @@ def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch
         what = "model.pt" if key in model.identities else str(key)
         warnings.warn(f"{what} holds no FLAME parameters for {code.name or key!r} (written before they were stored): "
                       f"FLAME shape and head pose were fitted to its face-mask vertices by least squares (RMS "
-                      f"residual {1000 * rms:.2f} mm, kept as geometry offsets)")
+                      f"residual {1000 * rms:.2f} mm, kept as geometry offsets; the neck and jaw pivots, which depend on the "
+                      f"whole head, are approximate)")
     head = animator.identity(code.w, base, code.base_vertices, code.colour, name=code.name or key)
     return head, code
 
@@ -178,12 +183,57 @@ def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: tuple[Posable
     return head
 
 
+# ====================================================================================== evaluation
+def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: torch.device, scale: float = 1.0,
+                   margin: float = 0.1, multiple: int = 16) -> list[list[View]]:
+    """Every camera's face-masked photo of several frames of a preprocessed subject sequence (projection_ply.py
+    --mask_images run on those frames), each view cropped around its face mask to ONE crop size for all frames and
+    cameras: PSNR is a mean over the crop, so frames must share the crop size to be comparable (the crop of one frame
+    rounded to a multiple of 16 pixels can differ from another's by a third, i.e. up to 1.8 dB for the same error).
+    Returns per frame a list of View (utils/targets.py) in camera order."""
+    from utils.dataset import crop_size, crop_view
+    from utils.targets import to_tensor_img
+
+    raw = []
+    for f in frames:
+        s = NersembleSubject(subject.root, subject.subject_id, subject.sequence, int(f))
+        serials = s.serials()
+        cams = s.cameras(scale, serials)
+        raw.append([(ser, s.masked_image(ser, scale), s.facemask(ser, scale), cams[ser]) for ser in serials])
+    cw, ch = crop_size([m for views in raw for _, _, m, _ in views], margin, multiple)
+    out = []
+    for views in raw:
+        row = []
+        for ser, img, mask, cam in views:
+            i, m, c = crop_view(img, mask, cam, cw, ch)
+            row.append(View(ser, c.to(device), to_tensor_img(i, device), to_tensor_img(m, device)))
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, views: Sequence[Sequence[View]],
+                      fit_serial: str = "", backend: str = "auto") -> list[dict]:
+    """PSNR / SSIM of ``head`` posed by each frame of ``params`` against that frame's views (:func:`sequence_views`):
+    per frame the metrics of utils/evaluation.py evaluate_cloud ("all" cameras, "unseen" = all but ``fit_serial``,
+    "heldout_cameras" = the protocol's novel views)."""
+    from utils.evaluation import evaluate_cloud
+
+    if params.num_frames != len(views):
+        raise ValueError(f"evaluate_sequence: {params.num_frames} frames of parameters but {len(views)} of views")
+    rows = []
+    for t in range(params.num_frames):
+        metrics, _ = evaluate_cloud(animator.gaussians(head, params.frame(t))[0], views[t], fit_serial, backend)
+        rows.append({k: v for k, v in metrics.items() if k != "per_view"})
+    return rows
+
+
 # ====================================================================================== frames
 def _fit_height(image: np.ndarray, height: int) -> np.ndarray:
     """uint8 or float (h, w, 3) -> uint8 (height, w * height / h, 3)."""
     import cv2
 
-    img = to_uint8(image) if image.dtype != np.uint8 else image
+    img = to_uint8(image)
     if img.shape[0] != height:
         w = max(2, int(round(img.shape[1] * height / img.shape[0])))
         img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA if img.shape[0] > height else cv2.INTER_LINEAR)
@@ -317,6 +367,15 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None, reenact: An
         warnings.warn(f"{panels.missing} of {T} frames have no driving photo (camera {cfg.camera}); their panel is "
                       f"black")
 
+    evaluation = None
+    if cfg.evaluate:
+        if motion.subject is None:
+            raise ValueError("--evaluate needs a subject's sequence as --motion (a subject folder or its tracking npz)")
+        t0 = time.perf_counter()
+        views = sequence_views(motion.subject, motion.frame_ids, device)
+        evaluation = evaluate_sequence(animator, head, params, views, cfg.camera, cfg.backend)
+        times["evaluate"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     fps = motion.fps or cfg.fps
     video = write_video(out / "animation.mp4", frames, fps=fps)
@@ -338,5 +397,8 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None, reenact: An
         "seconds": sum(times.values()), "seconds_per_phase": times,
         "render_fps": T / max(times["render"], 1e-9),
     }
+    if evaluation is not None:
+        summary["evaluation"] = {"per_frame": evaluation, **{f"mean_{k}": float(np.mean([r[k] for r in evaluation]))
+                                                             for k in ("psnr_all", "psnr_unseen", "ssim_all")}}
     atomic_write_json(summary, out / "animation.json")
     return summary

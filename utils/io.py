@@ -47,9 +47,11 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
-    """(H, W, 3) float in [0, 1] -> uint8 RGB."""
+    """(H, W, 3) float in [0, 1] -> uint8 RGB (uint8 input is returned as is)."""
     if isinstance(image, Tensor):
         image = image.detach().float().cpu().numpy()
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        return image
     return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
 
 
