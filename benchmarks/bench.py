@@ -6,7 +6,9 @@ the face mask subdivided to ``--level``. Then measures
   * training: single-view steps per second (B identities x C views per optimiser step) and the projected time of
     the reference's 295,680 single-view steps; peak memory;
   * single-image fit: wall seconds from a loaded model to the fitted result, PSNR on the unseen views;
-  * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop.
+  * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop;
+  * animation: FPS of a cached identity driven by FLAME (FLAME face-mask rows + subdivision + attachment +
+    rasterizer in the loop, models/animation.py) at 512x512, one frame per call and 16 per call.
 Prints one Markdown table and writes it to --out.
 
     python benchmarks/bench.py --out benchmarks/results/bench_h100.md        # on the GPU machine
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
-from models.renderer import render_batch  # noqa: E402
+from models.renderer import render_batch, render_identities  # noqa: E402
 from utils.cameras import Camera  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.dataset import MultiViewDataset  # noqa: E402
@@ -72,8 +74,11 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     paint[len(full_faces):] = True
     rig = {s: c.scaled(0.5) for s, c in make_rig(height).items()}  # calibration is for 2x frames
 
+    params = []
+
     def views_of(subject_id: str):
         ident = sample_identity(model, seed, subject_id)
+        params.append(ident.params)
         cloud = heads.cloud(ident).to(device)
         cams = [rig[s].to(device) for s in SERIALS]
         with torch.no_grad():
@@ -93,7 +98,8 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
         base.append(b)
     template = flame.v_template[torch.as_tensor(mask_ids)].cpu()
     data = MultiViewDataset.from_views(cfg.data, ids, list(SERIALS), views, torch.stack(base), template, mask_ids,
-                                       mask_faces, device)
+                                       mask_faces, device, flame_params=params)
+    data.flame, data.flame_dir = flame, tmp  # the FLAME the problem was made with (animation)
     heldout_views, heldout_base = views_of("017")
     return data, (heldout_views, heldout_base)
 
@@ -171,6 +177,46 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         out[f"fps_network_{size}_{name}"] = repeats / (time.perf_counter() - t)
         out[f"peak_gb_network_{size}_{name}"] = peak_gb(device)
     out["network_graphed"] = graphed.graphed if graphed.fallback_reason is None else graphed.fallback_reason
+    return out
+
+
+@torch.no_grad()
+def bench_animation(field, data, device: torch.device, repeats: int, backend: str) -> dict:
+    """FPS of a cached identity (network run once) driven through the built-in keyframes at 512x512: per frame FLAME
+    (face-mask rows), subdivision, attachment and the rasterizer; one frame per call (replayed from a CUDA graph, and
+    eagerly) and 16 frames per call (one graph replay and one rasterizer call for 16 frames)."""
+    from models.animation import HeadAnimator, retarget
+    from utils.motion import load_motion
+
+    animator = HeadAnimator(field, data.flame.to(device), data.mask_ids, data.plan)
+    w = field.style(field.codes.weight[:1], update_w_avg=False)[0]
+    head = animator.identity(w, data.flame_params[0])
+    params = retarget(load_motion("keyframes", data.flame).params.to(device), head.base)  # 181 frames
+    T = params.num_frames
+    c = animator.vertices(head, head.base)[0].mean(0).tolist()
+    cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), 512, 512, fov_y_deg=25).to(device)
+    singles = [params.frame(i) for i in range(T)]  # slices of the device tensors, made before timing
+    chunks = [params.frames(slice(i, i + 16)) for i in range(0, T - 15, 16)]
+    out = {"animate_frames": T}
+    step1, step16 = animator.graphed(head, 1), animator.graphed(head, 16)
+    out["animate_graphed"] = step1.graphed if step1.fallback_reason is None else step1.fallback_reason
+    runs = [("1_per_call", lambda p: render_batch(step1(p)[0], [cam], backend=backend), singles, 1),
+            ("1_per_call_eager", lambda p: render_batch(animator.gaussians(head, p)[0], [cam], backend=backend),
+             singles, 1),
+            ("16_per_call", lambda p: render_identities(step16(p), [[cam]] * 16, backend=backend), chunks, 16),
+            ("pose_only_1_per_call", step1, singles, 1)]
+    for name, fn, inputs, per in runs:
+        for i in range(5):
+            fn(inputs[i % len(inputs)])
+        sync(device)
+        reset_peak(device)
+        n = max(1, repeats // per)
+        t = time.perf_counter()
+        for i in range(n):
+            fn(inputs[i % len(inputs)])
+        sync(device)
+        out[f"animate_fps_512x512_{name}"] = n * per / (time.perf_counter() - t)
+        out[f"animate_peak_gb_{name}"] = peak_gb(device)
     return out
 
 
@@ -275,8 +321,9 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training config overrides")
     p.add_argument("--fit_variant", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="extra fit schedules to time against the long fit, e.g. fast:lr=0.2,iterations=60")
-    p.add_argument("--parts", default="train,render,fit",
-                   help="comma-separated figures to measure: train (throughput), render (FPS), fit")
+    p.add_argument("--parts", default="train,render,fit,animate",
+                   help="comma-separated figures to measure: train (throughput), render (FPS), fit, animate (FPS of a "
+                        "FLAME-driven cached identity)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -308,6 +355,8 @@ def main() -> None:
     if "render" in parts:
         rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
                                  args.render_repeats, cfg.backend))
+    if "animate" in parts:
+        rows.update(bench_animation(trainer.field.eval(), data, device, args.render_repeats, cfg.backend))
     if "fit" in parts:
         variants = {}
         for spec in args.fit_variant:

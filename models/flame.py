@@ -758,6 +758,9 @@ class FlameSubset(nn.Module):
         self.register_buffer("j_shapedirs", torch.einsum("jv,vck->jck", jr, fl.shapedirs), persistent=False)
         self.register_buffer("j_exprdirs", torch.einsum("jv,vck->jck", jr, fl.expr_dirs), persistent=False)
         self.parents = [int(p) for p in fl.parents.tolist()]  # constant kinematic tree, on the host
+        # parents of joints 1.. as a device index (indexing with a Python list would copy it to the device per call)
+        self.register_buffer("parent_index", torch.tensor(self.parents[1:], dtype=torch.long,
+                                                          device=ids.device), persistent=False)
         self.num_vertices = int(ids.numel())
 
     def model_space(self, params: FlameParams) -> tuple[Tensor, Tensor]:
@@ -776,7 +779,7 @@ class FlameSubset(nn.Module):
         eye = torch.eye(3, dtype=dt, device=rot.device)
         v = v + ((rot[:, 1:] - eye).reshape(T, -1) @ self.posedirs).view(T, -1, 3)  # pose blendshapes
         # kinematic chain: world transform of each joint, then relative to its rest position (smplx's A)
-        rel = torch.cat([J[:, :1], J[:, 1:] - J[:, self.parents[1:]]], dim=1)  # (T, 5, 3)
+        rel = torch.cat([J[:, :1], J[:, 1:] - J.index_select(1, self.parent_index)], dim=1)  # (T, 5, 3)
         chain: list[tuple[Tensor, Tensor]] = []
         for j, parent in enumerate(self.parents):
             if parent < 0:
