@@ -16,7 +16,7 @@ import torch
 
 from tests.test_fitting import fit_model, single_thread, track_cfg  # noqa: F401
 from tests.test_interpolation import video_frames
-from tests.training_fixtures import SEQUENCE_FRAMES, preprocessed_root, sequence_root  # noqa: F401
+from tests.training_fixtures import SEQUENCE_FRAMES, sequence_root  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--width", "40", "--height", "48", "--progress", "false", "--device", "cpu"]
