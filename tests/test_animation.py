@@ -26,8 +26,9 @@ SMALL = ["--width", "40", "--height", "48", "--progress", "false", "--device", "
 def rig(fit_model):  # noqa: F811
     """(model, HeadAnimator) of the shared small fit model."""
     from models.animation import HeadAnimator
-    from utils.animation import load_flame, model_flame_dir
+    from utils.animation import load_flame
     from utils.model_io import load_model
+    from utils.targets import model_flame_dir
 
     model = load_model(fit_model)
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model)))

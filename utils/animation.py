@@ -38,7 +38,7 @@ from utils.io import atomic_write_json, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
 from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
-from utils.targets import View
+from utils.targets import View, model_flame_dir
 
 SIDE_BY_SIDE = ("none", "video", "driver")
 
@@ -93,18 +93,6 @@ ANIM_LISTS = ("keyframes",)
 
 
 # ====================================================================================== identities
-def model_flame_dir(model: TrainedModel, override: str = "") -> Path:
-    """The FLAME folder of a model: ``override``, else its training data's (``<data.root>/flame`` of a synthetic
-    dataset, else ``data.flame_dir``), else data/."""
-    if override:
-        return Path(override)
-    d = model.config.get("data", {}) if isinstance(model.config, dict) else {}
-    root, fdir = str(d.get("root", "") or ""), str(d.get("flame_dir", "") or "data")
-    if root and (Path(root) / "flame").is_dir() and fdir in ("", "data"):
-        return Path(root) / "flame"
-    return Path(fdir)
-
-
 def load_flame(model: TrainedModel, flame_dir: Path) -> FlameModel:
     """The model's FlameModel from ``flame_dir``, with a message that says which folder is expected."""
     try:
