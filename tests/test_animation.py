@@ -31,7 +31,7 @@ def rig(fit_model):  # noqa: F811
     from utils.targets import model_flame_dir
 
     model = load_model(fit_model)
-    return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model)))
+    return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
 
 
 def strong_motion(T: int, seed: int = 0):

@@ -38,6 +38,7 @@ from utils.io import atomic_write_json, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
 from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.reenactment import ReenactConfig, reenact_video
 from utils.targets import View, model_flame_dir
 
 SIDE_BY_SIDE = ("none", "video", "driver")
@@ -86,6 +87,7 @@ class AnimationConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
     progress: bool = True  # tqdm progress bars
+    reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
 
 
 ANIM_FLAGS = ("png", "ply", "progress", "evaluate")
@@ -272,10 +274,8 @@ def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, 
     return imgs.clamp(0, 1), cloud
 
 
-def animate(cfg: AnimationConfig, model: TrainedModel | None = None, reenact: Any = None) -> dict:
-    """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary.
-
-    ``reenact``: the video-to-motion function for video motions (utils/reenactment.py), None to refuse videos."""
+def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
+    """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary."""
     if cfg.pose not in POSE_MODES:
         raise ValueError(f"--pose must be one of {POSE_MODES}, got {cfg.pose!r}")
     if cfg.side_by_side not in SIDE_BY_SIDE:
@@ -292,8 +292,11 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None, reenact: An
     flame_dir = model_flame_dir(model, cfg.flame_dir)
     flame = load_flame(model, flame_dir)
     animator = HeadAnimator(model.field, flame, model.mask_ids, model.plan)
-    motion = load_motion(cfg.motion, flame, cfg.keyframes, cfg.keyframe_frames, cfg.sequence, reenact)
-    motion = motion.select(cfg.start, cfg.stride, cfg.max_frames)
+    motion = load_motion(cfg.motion, flame, cfg.keyframes, cfg.keyframe_frames, cfg.sequence,
+                         lambda video: reenact_video(video, flame, cfg.reenact, cfg.start, cfg.stride, cfg.max_frames,
+                                                     cfg.progress))
+    if motion.kind != "video":  # a video's frames were selected while reading it
+        motion = motion.select(cfg.start, cfg.stride, cfg.max_frames)
     times["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -385,6 +388,8 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None, reenact: An
         "seconds": sum(times.values()), "seconds_per_phase": times,
         "render_fps": T / max(times["render"], 1e-9),
     }
+    if motion.info:
+        summary["motion_info"] = motion.info
     if evaluation is not None:
         summary["evaluation"] = {"per_frame": evaluation, **{f"mean_{k}": float(np.mean([r[k] for r in evaluation]))
                                                              for k in ("psnr_all", "psnr_unseen", "ssim_all")}}

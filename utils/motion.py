@@ -161,6 +161,7 @@ class Motion:
         subject: the NeRSemble subject (any frame) when the motion is one of a subject's sequences, else None.
         video: the driving video's path (video motions).
         fps: the driving video's frame rate (video motions), else None.
+        info: how the motion was made (reenactment: focal length, landmark errors, ...).
     """
 
     params: FlameParams
@@ -170,6 +171,7 @@ class Motion:
     subject: NersembleSubject | None = None
     video: Path | None = None
     fps: float | None = None
+    info: dict = field(default_factory=dict)
 
     def select(self, start: int = 0, stride: int = 1, max_frames: int = 0) -> "Motion":
         """Frames start, start + stride, ... (at most ``max_frames``; 0 = all)."""
@@ -178,7 +180,7 @@ class Motion:
             raise ValueError(f"frame selection start={start}, stride={stride} is empty for a motion of {T} frames")
         idx = list(range(start, T, stride))[: max_frames or None]
         return Motion(self.params.frames(idx), self.frame_ids[idx], self.kind, self.source, self.subject,
-                      self.video, self.fps)
+                      self.video, self.fps, self.info)
 
     def photo(self, t: int, serial: str) -> np.ndarray | None:
         """The subject's photo of camera ``serial`` for motion frame ``t`` (float32 (H, W, 3)), None when absent."""
