@@ -9,6 +9,8 @@ the face mask subdivided to ``--level``. Then measures
   * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop;
   * animation: FPS of a cached identity driven by FLAME (FLAME face-mask rows + subdivision + attachment +
     rasterizer in the loop, models/animation.py) at 512x512, one frame per call and 16 per call.
+  * video reenactment (``--parts reenact``, needs mediapipe): frames per second from a driving MP4 (a synthetic head
+    rendered through the keyframes at 512x512) to its FLAME motion: landmarks per frame and the FLAME fit;
   * photo to head (``--parts photo``, needs mediapipe and scikit-image): track.py's photo-only path on
     skimage's astronaut (512x512): landmarks, FLAME + camera fit, face mask, code and colour fit; wall seconds from
     the photo on disk and a loaded model to the fitted head (issue 12's target: <= 2 s on an H200).
@@ -287,6 +289,51 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     return out
 
 
+REENACT_KEYS = ("neutral", "open_mouth", "head_turn_left", "smile", "head_turn_right", "raised_brows", "nod", "neutral")
+
+
+def bench_reenactment(data, device: torch.device, per_transition: int = 12, size: int = 512, seed: int = 0) -> dict:
+    """Video reenactment throughput: a synthetic head driven through keyframes (``REENACT_KEYS``: head turns, jaw,
+    expressions; ``per_transition`` frames each) is rendered to a ``size`` x ``size`` MP4, then timed from the file to
+    the FLAME motion (utils/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
+    the correlation of the recovered head turn and jaw opening with the truth."""
+    from models.animation import retarget
+    from utils.io import to_uint8, write_video
+    from utils.motion import load_motion
+    from utils.reenactment import reenact_video
+    from utils.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
+    from utils.synthetic_flame import make_flame_model
+
+    model = make_flame_model(seed)
+    heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
+    ident = sample_identity(model, seed, "301")
+    truth = retarget(load_motion("keyframes", heads.flame, REENACT_KEYS, per_transition).params, ident.params)
+    c = heads.flame(ident.params)[0].mean(0).tolist()
+    cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), size, size, fov_y_deg=30).to(device)
+    video = []
+    for i in range(truth.num_frames):
+        cloud = heads.cloud(ident, truth.frame(i)).to(device)
+        video.append(to_uint8(render_ground_truth(cloud, [cam], ident, "studio")["image"][0]))
+    path = write_video(Path(tempfile.mkdtemp(prefix="bench_reenact_")) / "driver.mp4", video, fps=25)
+    sync(device)
+    t = time.perf_counter()
+    motion = reenact_video(path, data.flame, progress=False)
+    sync(device)
+    total = time.perf_counter() - t
+    fit_s = motion.info["seconds"]
+    p = motion.params
+    rel = p.rotation_matrix[0].T @ p.rotation_matrix
+    turn = torch.atan2(rel[:, 0, 2], rel[:, 2, 2]).cpu().numpy()
+    r = lambda a, b: float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])  # noqa: E731
+    return {"reenact_frames": truth.num_frames, "reenact_size": f"{size}x{size}",
+            "reenact_fps_end_to_end": truth.num_frames / total,
+            "reenact_fps_landmarks": truth.num_frames / max(total - fit_s, 1e-9),
+            "reenact_fps_flame_fit": truth.num_frames / max(fit_s, 1e-9),
+            "reenact_frames_with_face": motion.info["frames_with_face"],
+            "reenact_head_turn_r": r(turn, truth.neck[:, 1].cpu()),
+            "reenact_jaw_r": r(p.jaw[:, 0].cpu(), truth.jaw[:, 0])}
+
+
 def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend: str, repeats: int = 3) -> dict:
     """Photo to fitted head on skimage's astronaut: track()'s load phase (detection, FLAME + camera fit, face mask,
     crop) plus its fit phase (code, colour), best of ``repeats`` after one warm-up run; exports off."""
@@ -358,7 +405,8 @@ def main() -> None:
                    help="extra fit schedules to time against the long fit, e.g. fast:lr=0.2,iterations=60")
     p.add_argument("--parts", default="train,render,fit,animate",
                    help="comma-separated figures to measure: train (throughput), render (FPS), fit, animate (FPS of a "
-                        "FLAME-driven cached identity), photo (photo-only path on the astronaut; not in the default)")
+                        "FLAME-driven cached identity), reenact (video reenactment throughput; needs mediapipe, not in "
+                        "the default), photo (photo-only path on the astronaut; not in the default)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -400,6 +448,9 @@ def main() -> None:
         fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
                         long_iterations=20 if args.quick else 1000, variants=variants)
         rows.update({f"fit_{k}": v for k, v in fit.items()})
+    if "reenact" in parts:
+        rows.update(bench_reenactment(data, device, per_transition=3 if args.quick else 12,
+                                      size=256 if args.quick else 512))
     if "photo" in parts:
         rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend))
     env = environment(device)

@@ -206,7 +206,8 @@ def test_any_frame_of_a_sequence(sequence_root, tmp_path):  # noqa: F811
     assert not np.array_equal(s.image(FRONTAL_SERIAL), NersembleSubject(s.root, "300").image(FRONTAL_SERIAL))
     # frame numbers of the tracking file: rows are found by them, not by position
     np.savez(tmp_path / "t.npz", frames=np.array([10, 20]), expression=np.zeros((2, 100)))
-    assert tracking_row(tmp_path / "t.npz", 20, 2) == 1 and tracking_frame_ids(tmp_path / "t.npz", 2).tolist() == [10, 20]
+    assert tracking_row(tmp_path / "t.npz", 20, 2) == 1
+    assert tracking_frame_ids(tmp_path / "t.npz", 2).tolist() == [10, 20]
     with pytest.raises(ValueError, match="not tracked"):
         tracking_row(tmp_path / "t.npz", 0, 2)
     np.savez(tmp_path / "u.npz", expression=np.zeros((2, 100)))

@@ -276,7 +276,8 @@ def test_sequences(synthetic_root, sequence_root):  # noqa: F811
         for n in ("expression", "rotation_matrix", "translation", "jaw", "neck", "eyes", "scale"):
             assert torch.equal(getattr(seq, n)[:1], getattr(one, n)), n  # frame 0 is the single-frame file's
         for t in range(1, SEQUENCE_FRAMES):
-            assert torch.equal(seq.rotation_matrix[t], seq.rotation_matrix[0]) and torch.equal(seq.scale[t], seq.scale[0])
+            assert torch.equal(seq.rotation_matrix[t], seq.rotation_matrix[0])
+            assert torch.equal(seq.scale[t], seq.scale[0])
             for n in ("expression", "jaw", "neck", "eyes"):
                 assert float(getattr(seq, n)[t].abs().max()) > 1e-3, (sid, t, n)
     subj = NersembleSubject(sequence_root / "subjects", "301", frame=SEQUENCE_FRAMES - 1)

@@ -148,8 +148,8 @@ def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch
         what = "model.pt" if key in model.identities else str(key)
         warnings.warn(f"{what} holds no FLAME parameters for {code.name or key!r} (written before they were stored): "
                       f"FLAME shape and head pose were fitted to its face-mask vertices by least squares (RMS "
-                      f"residual {1000 * rms:.2f} mm, kept as geometry offsets; the neck and jaw pivots, which depend on the "
-                      f"whole head, are approximate)")
+                      f"residual {1000 * rms:.2f} mm, kept as geometry offsets; the neck and jaw pivots, which "
+                      f"depend on the whole head, are approximate)")
     head = animator.identity(code.w, base, code.base_vertices, code.colour, name=code.name or key)
     return head, code
 
@@ -202,8 +202,8 @@ def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: tor
 
 
 @torch.no_grad()
-def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, views: Sequence[Sequence[View]],
-                      fit_serial: str = "", backend: str = "auto") -> list[dict]:
+def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: FlameParams,
+                      views: Sequence[Sequence[View]], fit_serial: str = "", backend: str = "auto") -> list[dict]:
     """PSNR / SSIM of ``head`` posed by each frame of ``params`` against that frame's views (:func:`sequence_views`):
     per frame the metrics of utils/evaluation.py evaluate_cloud ("all" cameras, "unseen" = all but ``fit_serial``,
     "heldout_cameras" = the protocol's novel views)."""

@@ -223,7 +223,8 @@ def load_motion(source: str, flame: Any, keyframes: Sequence[str] = (), frames_p
     if source == "keyframes":
         keys = [builtin_keyframe(k) for k in (keyframes or DEFAULT_KEYFRAMES)]
         params = keyframe_params(keys, frames_per_transition)
-        return Motion(params, np.arange(params.num_frames), "keyframes", "keyframes: " + ", ".join(k.name for k in keys))
+        names = ", ".join(k.name for k in keys)
+        return Motion(params, np.arange(params.num_frames), "keyframes", f"keyframes: {names}")
     if path.suffix.lower() in KEYFRAME_EXTENSIONS:
         keys, per = read_keyframes_file(path)
         params = keyframe_params(keys, per or frames_per_transition)
@@ -249,7 +250,8 @@ def load_motion(source: str, flame: Any, keyframes: Sequence[str] = (), frames_p
     elif path.suffix.lower() == ".npz":
         subject = subject_of_tracking(path) if path.is_file() else None
     else:
-        raise ValueError(f"--motion {source!r}: expected 'keyframes', a keyframes file ({', '.join(KEYFRAME_EXTENSIONS)}"
-                         f"), a tracking .npz, a NeRSemble subject folder or a video ({', '.join(VIDEO_EXTENSIONS)})")
+        raise ValueError(f"--motion {source!r}: expected 'keyframes', a keyframes file "
+                         f"({', '.join(KEYFRAME_EXTENSIONS)}), a tracking .npz, a NeRSemble subject folder or a video "
+                         f"({', '.join(VIDEO_EXTENSIONS)})")
     params = load_tracking(path, flame=flame)  # FileNotFoundError / ValueError name the file
     return Motion(params, tracking_frame_ids(path, params.num_frames), "tracking", str(path), subject)
