@@ -13,6 +13,7 @@ A missing or mismatched model.pt or code.pt is reported in the terminal and in t
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     _, cfg = parse_cli_config(build_parser(), ViewerConfig, argv, lists=VIEWER_LISTS)
     viewer = HeadViewer(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server as cleanly as Ctrl-C
     print(f"[viewer] {cfg.checkpoint} on {viewer.url}  (open it in a browser; Ctrl-C stops)", flush=True)
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         viewer.close()
