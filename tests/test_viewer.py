@@ -37,6 +37,8 @@ def head_of(model, key: str):
 
 
 def assert_same_cloud(a, b, atol: float = 1e-5) -> None:
+    if a.device.type != b.device.type:  # the viewer's network runs on the GPU when there is one
+        a, b, atol = a.to("cpu"), b.to("cpu"), max(atol, 1e-4)
     for name in ("means", "scales", "opacities", "sh"):
         assert torch.allclose(getattr(a, name), getattr(b, name), atol=atol), name
     assert torch.allclose(a.quats.abs(), b.quats.abs(), atol=1e-4)  # q and -q are the same rotation
@@ -61,7 +63,7 @@ def viewer(fit_model, fitted_code, tmp_path_factory):  # noqa: F811
     from utils.viewer import HeadViewer, ViewerConfig
 
     logs: list[str] = []
-    cfg = ViewerConfig(checkpoint=str(fit_model), code_dir=str(fitted_code.parent.parent), port=0, device="cpu",
+    cfg = ViewerConfig(checkpoint=str(fit_model), code_dir=str(fitted_code.parent.parent), port=0, device="auto",
                        ply_dir=str(tmp_path_factory.mktemp("viewer_ply")))
     v = HeadViewer(cfg, log=logs.append)
     v.logs = logs
@@ -109,7 +111,7 @@ def test_blend_end_points_are_the_two_identities(viewer, model, fitted_code, met
     mid = viewer.cloud
     settle(viewer, blend=0.0)
     assert_same_cloud(viewer.cloud, head_of(model, a), atol=1e-4)
-    assert not torch.allclose(mid.means, viewer.cloud.means, atol=1e-4)
+    assert not torch.allclose(mid.means.cpu(), viewer.cloud.means.cpu(), atol=1e-4)
     settle(viewer, b=model.identities[1], blend=1.0)  # two training identities: the blend runs in z
     assert_same_cloud(viewer.cloud, head_of(model, model.identities[1]), atol=1e-4)
     served_matches(viewer, viewer.cloud)
@@ -119,7 +121,7 @@ def test_slerp_and_linear_differ_midway(viewer, model):
     settle(viewer, a=model.identities[0], b=model.identities[1], truncation=1.0, blend=0.5, method="slerp")
     s = viewer.cloud
     settle(viewer, method="linear")
-    assert not torch.allclose(s.sh, viewer.cloud.sh, atol=1e-5)
+    assert not torch.allclose(s.sh.cpu(), viewer.cloud.sh.cpu(), atol=1e-5)
 
 
 def test_truncation_zero_is_the_average_style(viewer, model, fitted_code):  # noqa: F811
@@ -193,8 +195,8 @@ def test_save_ply_button(viewer, model):
     path = Path(viewer.cfg.ply_dir) / f"head_{model.identities[1]}.ply"
     assert path.is_file() and str(path) in viewer.messages[0]
     back = GaussianCloud.load_ply(path)
-    assert torch.allclose(back.means, viewer.cloud.means, atol=1e-6)
-    assert torch.allclose(back.rgb, viewer.cloud.rgb, atol=1e-5)
+    assert torch.allclose(back.means, viewer.cloud.means.cpu(), atol=1e-6)
+    assert torch.allclose(back.rgb, viewer.cloud.rgb.cpu(), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -381,7 +383,7 @@ def reference_render(viewer, width: int, height: int) -> np.ndarray:
     f = 0.5 * height / math.tan(math.radians(VIEW_FOV_DEG) / 2)
     cam = Camera.look_at(eye.tolist(), centre.tolist(), [0.0, 1.0, 0.0], width, height, fx=f, fy=f)
     with torch.no_grad():
-        return render(viewer.cloud, cam)["image"].clamp(0, 1).numpy()
+        return render(viewer.cloud.to("cpu"), cam)["image"].clamp(0, 1).numpy()
 
 
 def test_page_in_headless_chromium_shows_the_head_and_follows_a_slider(viewer, model, tmp_path):
