@@ -1,49 +1,276 @@
-"""Small file helpers shared by every entry point: atomic writes and image/video output."""
+"""Small file helpers shared by every entry point: atomic writes, safe loading of torch files, the lock on an
+output folder, and image/video input and output."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
+import secrets
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+# ---------------------------------------------------------------------------------------------- atomic writes
+def _open_temp(path: Path) -> tuple[IO[bytes], Path]:
+    """A new temporary file next to ``path`` whose name is unique to this process and call (two runs writing the
+    same file never share a temporary); returned open for binary writing.  Created with the permissions of a plain
+    ``open`` (umask applies), so the renamed file gets them too."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, "wb"), tmp
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(fh)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
+
+    A crash (kill -9 included) never leaves a half-written ``path``: it holds the old content or the new one.  On any
+    error the temporary file is removed; a full disk (ENOSPC) becomes an OSError naming the folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fh, tmp = _open_temp(path)
+    try:
+        with fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name} "
+                          f"(nothing was replaced; the partial file was removed): free some space and run again"
+                          ) from exc
+        raise
     return path
 
 
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
+
+    Write only tensors and plain containers (dict, list, tuple, str, numbers, None): then ``safe_torch_load`` (i.e.
+    ``torch.load(weights_only=True)``) reads the file back."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+class UnsafeFileError(ValueError):
+    """A file holds a Python object that a safe load does not create (loading it could run code)."""
+
+
+def _refused_global(exc: BaseException) -> str:
+    """The class/function a weights-only torch.load refused, from its message (best effort)."""
+    text = str(exc)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return m.group(1).strip() if m else text.splitlines()[0] if text else type(exc).__name__
+
+
+def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, no code runs.
+
+    A file that needs anything else (a pickled class or function, e.g. a ``__reduce__`` payload) is refused with
+    UnsafeFileError naming the file and the class; a truncated or foreign file gives ValueError.  Every file this
+    project writes (model.pt, code.pt, checkpoints, also those of earlier versions) holds only tensors and plain
+    containers, so nothing it wrote is refused.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeFileError(
+            f"{path}: refused to load this {what}: it holds the Python object {_refused_global(exc)}, which files "
+            f"written by this project never contain, and loading it could run code. Use a file written by this "
+            f"project (re-export it from a trusted copy) or delete this one") from exc
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # zip/pickle damage surfaces as RuntimeError, OSError, EOFError, ...
+        raise ValueError(f"{path} is not a readable {what} (truncated or corrupt? {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
 def load_tagged(path: str | os.PathLike, fmt: str, what: str, missing_hint: str, wrong: str) -> dict:
-    """torch.load a dict written with ``{"format": fmt, ...}``; clear errors for a missing, unreadable or foreign
-    file (``what`` names the kind of file, ``missing_hint`` says how to make it, ``wrong`` completes
-    "<path> ..." for a file of another kind)."""
+    """Safely load (:func:`safe_torch_load`) a dict written with ``{"format": fmt, ...}``; clear errors for a
+    missing, unreadable, unsafe or foreign file (``what`` names the kind of file, ``missing_hint`` says how to make
+    it, ``wrong`` completes "<path> ..." for a file of another kind)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path} ({missing_hint})")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable {what}: {exc}") from exc
+    doc = safe_torch_load(path, what)
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise ValueError(f"{path} {wrong}")
     return doc
 
 
-def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+# ---------------------------------------------------------------------------------------------- output-folder lock
+class FolderInUseError(OSError):
+    """Another process holds the lock on an output folder."""
+
+
+class FolderLock:
+    """Exclusive lock of one process on an output folder (``<folder>/.lock``).
+
+    Held with an fcntl record lock, which the kernel drops when the process ends (kill -9 included), so a crashed
+    run never leaves a stale lock behind.  The lock belongs to the process: taking it again in the same process
+    succeeds (several Trainer objects of one program may share a folder), another process gets FolderInUseError
+    naming who holds it (pid, host, start time and command, written into the lock file).  Linux and macOS.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise FolderInUseError(errno.EBUSY, f"{self.folder} is in use by another run ({self.holder()}); wait for "
+                                   f"it to finish, stop it, or choose another output folder") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, as written into the lock file by its holder."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "holder unknown"
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: {info.get('command')}"
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the process's record lock)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- images
+_IMAGE_END = {".jpg": (b"\xff\xd9",), ".jpeg": (b"\xff\xd9",), ".png": (b"IEND\xaeB`\x82",)}
+
+
+def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(w, h) of an image from its header; ValueError naming the file when it is no readable image."""
+    from PIL import Image
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... without the path
+        raise ValueError(f"cannot read the {what} {path}: {_image_damage(path, exc)}") from exc
+
+
+def _image_damage(path: Path, exc: BaseException | None = None) -> str:
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        return "the file is empty (0 bytes); expected a JPEG or PNG image"
+    reason = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return f"the file ({size} bytes) is not a complete JPEG or PNG image{reason}; copy or export it again"
+
+
+def check_image_complete(path: str | os.PathLike, what: str = "image") -> None:
+    """Raise ValueError naming ``path`` when a JPEG or PNG file is truncated or damaged.
+
+    Decoders (OpenCV included) accept a JPEG cut after its header and fill the missing rows with grey, so the end
+    marker is checked (cheap); only a file without it is decoded in full by PIL, which fails on real truncation and
+    accepts a complete image with trailing bytes after its end marker."""
+    from PIL import Image
+
+    path = Path(path)
+    ends = _IMAGE_END.get(path.suffix.lower())
+    if ends is None:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 64))
+        tail = fh.read().rstrip(b"\x00\r\n\t ")
+    if tail.endswith(ends):
+        return
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as exc:
+        raise ValueError(f"{what} {path} is truncated or damaged: {_image_damage(path, exc)}") from exc
+
+
+def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color") -> np.ndarray:
+    """Read a complete image file as float32 in [0, 1] (8- or 16-bit files).
+
+    ``mode``: "color" -> (H, W, 3) RGB (OpenCV's IMREAD_COLOR: EXIF orientation applied); "gray" -> (H, W);
+    "unchanged" -> the stored channels, colour as RGB and alpha dropped.  Errors name the file and what was expected
+    (missing, empty, truncated, undecodable)."""
+    import cv2
+
+    flags = {"color": cv2.IMREAD_COLOR, "gray": cv2.IMREAD_GRAYSCALE, "unchanged": cv2.IMREAD_UNCHANGED}
+    if mode not in flags:
+        raise ValueError(f"read_image: mode must be one of {sorted(flags)}, got {mode!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    img = cv2.imread(str(path), flags[mode])
+    if img is None:
+        raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path)}")
+    check_image_complete(path, what)
+    maxval = 65535.0 if img.dtype == np.uint16 else 255.0
+    if img.ndim == 3:
+        img = img[..., :3][..., ::-1]  # BGR(A) -> RGB, alpha dropped
+    return np.ascontiguousarray(img).astype(np.float32) / maxval
 
 
 def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
