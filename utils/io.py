@@ -116,8 +116,9 @@ def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
     except FileNotFoundError:
         raise
     except Exception as exc:  # zip/pickle damage surfaces as RuntimeError, OSError, EOFError, ...
+        first = (str(exc).splitlines() or [""])[0].split(". ")[0]  # torch appends paragraphs of advice
         raise ValueError(f"{path} is not a readable {what} (truncated or corrupt? {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+                         f"{first})") from exc
 
 
 def load_tagged(path: str | os.PathLike, fmt: str, what: str, missing_hint: str, wrong: str) -> dict:
@@ -143,23 +144,32 @@ class FolderLock:
 
     Held with an fcntl record lock, which the kernel drops when the process ends (kill -9 included), so a crashed
     run never leaves a stale lock behind.  The lock belongs to the process: taking it again in the same process
-    succeeds (several Trainer objects of one program may share a folder), another process gets FolderInUseError
-    naming who holds it (pid, host, start time and command, written into the lock file).  Linux and macOS.
+    succeeds (several Trainer objects of one program may share a folder; it is released when the last of them
+    releases it), another process gets FolderInUseError naming who holds it (pid, host, start time and command,
+    written into the lock file).  Linux and macOS.
     """
 
     NAME = ".lock"
+    # folder -> [descriptor, holders] of this process.  Needed because closing ANY descriptor of a file drops all
+    # of the process's record locks on it: one descriptor per folder, closed when its last holder releases.
+    _held: dict[str, list[int]] = {}
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.path = self.folder / self.NAME
-        self._fd: int | None = None
+        self._key: str | None = None
 
     def acquire(self) -> "FolderLock":
         import fcntl
 
-        if self._fd is not None:
+        if self._key is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in self._held:
+            self._held[key][1] += 1
+            self._key = key
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -173,7 +183,8 @@ class FolderLock:
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
-        self._fd = fd
+        self._held[key] = [fd, 1]
+        self._key = key
         return self
 
     def holder(self) -> str:
@@ -187,10 +198,19 @@ class FolderLock:
         return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: {info.get('command')}"
 
     def release(self) -> None:
-        """Drop the lock (closing the descriptor releases the process's record lock)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Give up this holder's share; the last one closes the descriptor, which releases the lock."""
+        if self._key is None:
+            return
+        entry = self._held.get(self._key)
+        self._key = None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            for key, val in list(self._held.items()):
+                if val is entry:
+                    del self._held[key]
+            os.close(entry[0])
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()
