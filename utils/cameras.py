@@ -248,7 +248,8 @@ def load_camera_params(
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with 'world_2_cam' and 'intrinsics', got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object with 'world_2_cam' and 'intrinsics', "
+                         f"got {type(data).__name__}")
     for key in ("world_2_cam", "intrinsics"):
         if key not in data:
             raise ValueError(f"{path} lacks the key {key!r}; found keys {sorted(data)}")

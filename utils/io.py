@@ -283,10 +283,10 @@ def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    check_image_complete(path, what)  # first: OpenCV would decode a truncated JPEG with grey rows
     img = cv2.imread(str(path), flags[mode])
     if img is None:
         raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path)}")
-    check_image_complete(path, what)
     maxval = 65535.0 if img.dtype == np.uint16 else 255.0
     if img.ndim == 3:
         img = img[..., :3][..., ::-1]  # BGR(A) -> RGB, alpha dropped
