@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils.config import add_cli_config, parse_cli_config  # noqa: E402
 from utils.errors import add_debug_flag, run_main  # noqa: E402
-from utils.fitting import add_cli_config, parse_cli_config  # noqa: E402
 from utils.interpolation import INTERP_FLAGS, INTERP_LISTS, InterpolationConfig, interpolate  # noqa: E402
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils.config import add_cli_config, parse_cli_config  # noqa: E402
 from utils.errors import add_debug_flag, run_main  # noqa: E402
-from utils.fitting import (  # noqa: E402
-    TRACK_ALIASES, TRACK_FLAGS, TrackConfig, add_cli_config, parse_cli_config, track, track_all_heldout,
-)
+from utils.tracking import TRACK_ALIASES, TRACK_FLAGS, TrackConfig, track, track_all_heldout  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

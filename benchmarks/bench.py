@@ -178,7 +178,7 @@ def _fit_target(model, views, base, fit_serial: str, device: torch.device):
     """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask,
     every view cropped to one common window, as track.py does with files."""
     from utils.dataset import DataConfig, crop_size, crop_view
-    from utils.fitting import FitTarget, View
+    from utils.targets import FitTarget, View
 
     dc = DataConfig()
 
@@ -201,7 +201,8 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
     PSNR on the 15 unseen views for both.  ``variants``: {name: FitConfig overrides} timed the same way (schedule
     studies); each gets ``<name>_*`` rows and its gap to the long fit."""
-    from utils.fitting import FitConfig, evaluate_views, fit_identity
+    from utils.fitting import FitConfig, fit_identity
+    from utils.evaluation import evaluate_views
     from utils.model_io import load_model
 
     views, base = heldout

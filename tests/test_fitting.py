@@ -48,7 +48,7 @@ def subject_paths(root: Path, sid: str = "017") -> dict[str, Path]:
 
 def track_cfg(root: Path, checkpoint: Path, out: Path, **over):
     from utils.config import build_config
-    from utils.fitting import TrackConfig
+    from utils.tracking import TrackConfig
 
     base = {"checkpoint": str(checkpoint), "subject_dir": str(subject_paths(root)["subject"]), "out": str(out),
             "progress": False, "fit.iterations": FIT_ITERATIONS, "export.turntable_frames": 6,
@@ -80,7 +80,7 @@ def fit_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fitted(preprocessed_root, fit_model, tmp_path_factory):  # noqa: F811
     """One full track() run on the held-out identity: (output folder, metrics)."""
-    from utils.fitting import track
+    from utils.tracking import track
 
     out = tmp_path_factory.mktemp("track") / "017"
     with single_thread():
@@ -115,7 +115,7 @@ def test_fit_beats_mean_code_on_unseen_views(fitted):
 
 def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):
     from models.gaussians import SH_C0, GaussianCloud
-    from utils.fitting import colour_offsets, load_code
+    from utils.codes import colour_offsets, load_code
     from utils.model_io import load_model
 
     out, m = fitted
@@ -135,7 +135,9 @@ def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):
 
 
 def test_colour_residual_reproduces_metrics_after_reload(fitted, fit_model, preprocessed_root):  # noqa: F811
-    from utils.fitting import evaluate_views, load_code, load_subject_target
+    from utils.evaluation import evaluate_views
+    from utils.codes import load_code
+    from utils.targets import load_subject_target
     from utils.model_io import load_model
 
     out, m = fitted
@@ -152,7 +154,8 @@ def test_colour_residual_reproduces_metrics_after_reload(fitted, fit_model, prep
 
 
 def test_colour_stage_off_and_regularised(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import fit_colour, fit_identity, load_subject_target
+    from utils.fitting import fit_colour, fit_identity
+    from utils.targets import load_subject_target
     from utils.model_io import load_model
 
     model = load_model(fit_model)
@@ -175,7 +178,7 @@ def test_colour_stage_off_and_regularised(preprocessed_root, fit_model, tmp_path
 
 def test_code_without_colour_still_loads(fit_model, tmp_path):
     """code.pt files written before the colour stage (version 1, no "colour" entry) load with colour None."""
-    from utils.fitting import FittedCode, load_code, save_code
+    from utils.codes import FittedCode, load_code, save_code
     from utils.model_io import load_model
 
     model = load_model(fit_model)
@@ -229,7 +232,7 @@ def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):
 def test_views_turntable_and_code(fitted, fit_model):
     import cv2
 
-    from utils.fitting import load_code
+    from utils.codes import load_code
     from utils.model_io import load_model
     from utils.nersemble import SERIALS
 
@@ -251,7 +254,8 @@ def test_views_turntable_and_code(fitted, fit_model):
 
 
 def test_refine_geometry_moves_vertices_a_little(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import fit_identity, load_subject_target
+    from utils.fitting import fit_identity
+    from utils.targets import load_subject_target
     from utils.model_io import load_model
 
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path, **{"fit.refine_geometry": True, "fit.iterations": 10,
@@ -285,12 +289,12 @@ def test_cli_own_photo_with_projected_mask(preprocessed_root, fit_model, tmp_pat
     assert not (out / "turntable.mp4").exists() and (out / "code.pt").is_file()
 
     # the projected mask is the one preprocessing made (same functions)
-    from utils.fitting import projected_face_mask, _flame_vertices
+    from utils.targets import projected_face_mask, flame_vertices
     from utils.model_io import load_model
     from utils.nersemble import NersembleSubject
 
     model = load_model(fit_model)
-    verts, _, flame = _flame_vertices(model, preprocessed_root / "flame", p["tracking"])
+    verts, _, flame = flame_vertices(model, preprocessed_root / "flame", p["tracking"])
     cam = NersembleSubject(preprocessed_root / "subjects", "017").cameras(1.0, [FRONTAL])[FRONTAL]
     ours = projected_face_mask(model, verts, flame.faces, cam) > 0.5
     ref = cv2.imread(str(p["frame"] / "flamemask_proj" / f"cam_{FRONTAL}.png"), cv2.IMREAD_GRAYSCALE) > 127
@@ -327,7 +331,7 @@ def test_help_documents_every_flag(capsys):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_image_path(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import track
+    from utils.tracking import track
 
     p = subject_paths(preprocessed_root)
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path, subject_dir="", image=str(tmp_path / "nope.jpg"),
@@ -342,7 +346,7 @@ def test_bad_image_path(preprocessed_root, fit_model, tmp_path):  # noqa: F811
 
 
 def test_camera_missing_from_json(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import track
+    from utils.tracking import track
 
     p = subject_paths(preprocessed_root)
     photo = p["frame"] / "images-2x" / f"cam_{FRONTAL}.jpg"
@@ -356,7 +360,7 @@ def test_camera_missing_from_json(preprocessed_root, fit_model, tmp_path):  # no
 
 
 def test_wrong_checkpoint_files(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import track
+    from utils.tracking import track
     from utils.model_io import load_model
 
     # a training checkpoint is not a model.pt
@@ -375,7 +379,7 @@ def test_wrong_checkpoint_files(preprocessed_root, fit_model, tmp_path):  # noqa
 
 def write_foreign_code(path: Path, model) -> Path:
     """A code.pt as a model with code_dim 16 (another config) would write it."""
-    from utils.fitting import FittedCode, save_code
+    from utils.codes import FittedCode, save_code
 
     f = model.field
     save_code(path, FittedCode(w=torch.zeros(f.cfg.style_dim), z=torch.zeros(16),
@@ -388,7 +392,7 @@ def write_foreign_code(path: Path, model) -> Path:
 
 
 def test_flame_files_must_match_the_model(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import track
+    from utils.tracking import track
 
     # a FLAME folder whose template differs from the training one
     flame = tmp_path / "flame"

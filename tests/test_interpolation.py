@@ -38,7 +38,7 @@ def key_colour(base: torch.Tensor) -> torch.Tensor:
 def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
     """A code.pt as track.py writes it (w-space fit, its own base vertices, a colour residual), without running a
     fit."""
-    from utils.fitting import FittedCode, save_code
+    from utils.codes import FittedCode, save_code
     from utils.model_io import load_model
 
     model = load_model(fit_model)
@@ -77,7 +77,7 @@ def test_schedule_and_frame_counts():
 
 
 def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
-    from utils.fitting import head_pose
+    from utils.geometry import head_pose
     from utils.interpolation import GeometryInterpolator, resolve_key
     from utils.model_io import load_model
 
@@ -126,7 +126,7 @@ def test_loop_with_fitted_code_frames_video_and_plys(fit_model, fitted_code, tmp
     assert len(GaussianCloud.load_ply(out / "keyframes" / "key_02_017.ply")) > 0
     # the fitted key's frame carries its colour residual (colours do not depend on the geometry), a training key none
     from models.gaussians import SH_C0
-    from utils.fitting import colour_offsets, load_code
+    from utils.codes import colour_offsets, load_code
     from utils.model_io import load_model
 
     model = load_model(fit_model)

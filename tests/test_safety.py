@@ -105,7 +105,7 @@ def test_model_pt_payload_is_refused(trained_model_dir, tmp_path):
 
 
 def test_code_pt_payload_is_refused(tmp_path):
-    from utils.fitting import CODE_FORMAT, load_code
+    from utils.codes import CODE_FORMAT, load_code
 
     marker = tmp_path / "ran"
     doc = {"format": CODE_FORMAT, "version": 2, "name": "x", "w": torch.zeros(4), "z": None,
@@ -149,6 +149,30 @@ def test_model_fingerprint(trained_model_dir, tmp_path):
     old = {k: v for k, v in doc.items() if k != "fingerprint"}  # files of format 1 have no fingerprint
     torch.save(old, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt").fingerprint == doc["fingerprint"]
+
+
+def test_code_pt_names_the_model_it_was_fitted_with(trained_model_dir, tmp_path):
+    """A code.pt fitted with another model of the same config is refused, naming both files."""
+    from utils.codes import FittedCode, load_code, save_code
+    from utils.model_io import load_model, weights_fingerprint
+
+    model_a = load_model(trained_model_dir / "model.pt")
+    doc = torch.load(trained_model_dir / "model.pt", weights_only=True)
+    state = {k: v.clone() for k, v in doc["state_dict"].items()}
+    state["codes.weight"][0, 0] += 0.5  # another training run: same config, other weights
+    torch.save({**doc, "state_dict": state, "fingerprint": weights_fingerprint(state)}, tmp_path / "model_b.pt")
+    model_b = load_model(tmp_path / "model_b.pt")
+    code = FittedCode(torch.zeros(model_a.field.cfg.style_dim), None, model_a.base_vertices[0])
+    path = save_code(tmp_path / "code.pt", code, model_a, str(trained_model_dir / "model.pt"))
+    assert torch.equal(load_code(path, model_a).w, code.w)
+    with pytest.raises(ValueError, match=rf"{path} was fitted with another model than .*model_b\.pt .*"
+                                         rf"names checkpoint {trained_model_dir / 'model.pt'}"):
+        load_code(path, model_b)
+    old = torch.load(path, weights_only=True)
+    del old["model_fingerprint"]  # written before fingerprints existed: a clear warning, still usable
+    torch.save(old, path)
+    with pytest.warns(UserWarning, match="predates model fingerprints: .* fitted with .*model_b\\.pt"):
+        load_code(path, model_b)
 
 
 # ============================================================================ 2. output folders

@@ -13,7 +13,7 @@ import inspect
 import re
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
@@ -193,6 +193,33 @@ def from_dict(cls: type[T], data: dict, where: str = "checkpoint") -> T:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def add_cli_config(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None,
+                   flags: Sequence[str] = (), lists: Sequence[str] = ()) -> None:
+    """``add_config_args`` plus: boolean keys in ``flags`` also work as bare switches (``--loop`` = ``--loop
+    true``), keys in ``lists`` take several values (``--identities a b c`` as well as ``--identities a,b,c``)."""
+    add_config_args(parser, cls, aliases)
+    for action in parser._actions:
+        key = action.dest[4:] if action.dest.startswith("cfg:") else None
+        if key in flags:
+            action.nargs, action.const = "?", "true"
+            action.help = (action.help or "") + " [a bare flag means true]"
+        elif key in lists:
+            action.nargs = "+"
+
+
+def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None,
+                     lists: Sequence[str] = ()):
+    """Parse ``argv`` into (namespace, config): defaults <- ``--config`` YAML <- command line."""
+    args = parser.parse_args(argv)
+    overrides = {}
+    for key in lists:
+        val = getattr(args, f"cfg:{key}", None)
+        if isinstance(val, list):  # nargs="+": split any comma lists, keep the strings as given
+            overrides[key] = [p for v in val for p in str(v).split(",") if p]
+            setattr(args, f"cfg:{key}", None)
+    return args, build_config(cls, getattr(args, "config", None), args, overrides=overrides)
 
 
 class Range(typing.NamedTuple):

@@ -20,3 +20,9 @@ def resolve_device(name: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on the CPU.  Used around wall-clock timings only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

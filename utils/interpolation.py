@@ -30,7 +30,8 @@ from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
 from utils.cameras import Camera, load_camera_params
 from utils.device import resolve_device
-from utils.fitting import FittedCode, colour_offsets, head_pose, load_code, similarity_fit, with_colour
+from utils.codes import FittedCode, colour_offsets, load_code, with_colour
+from utils.geometry import head_pose, similarity_fit
 from utils.io import save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 

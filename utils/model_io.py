@@ -70,6 +70,7 @@ class TrainedModel:
         plan: subdivision plan from level 0 to the network's level.
         config: the full training config (dict).
         fingerprint: SHA-256 of the weights (weights_fingerprint), as stored in the file and verified on load.
+        path: the file it was loaded from ("" when built otherwise).
     """
 
     field: IdentityField
@@ -81,6 +82,7 @@ class TrainedModel:
     plan: SubdivisionPlan
     config: dict
     fingerprint: str = ""
+    path: str = ""
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""
@@ -129,4 +131,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
         plan=plan.to(device),
         config=doc["config"],
         fingerprint=fingerprint,
+        path=str(path),
     )

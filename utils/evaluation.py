@@ -1,0 +1,44 @@
+"""Evaluation of a fitted identity on every calibrated view: PSNR / SSIM (/ LPIPS) over all views and the unseen ones."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from utils.codes import render_style
+from utils.losses import lpips_metric, psnr, ssim_metric
+from utils.model_io import TrainedModel
+from utils.nersemble import HELDOUT_SERIALS
+from utils.targets import View
+
+
+@torch.no_grad()
+def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence[View], fit_serial: str,
+                   backend: str = "auto", lpips: bool = True, colour: Tensor | None = None) -> tuple[dict, Tensor]:
+    """PSNR / SSIM (/ LPIPS) of style w (plus the colour residual ``colour`` (M, 3), e.g. ``code.colour``) on
+    every view with a photo; "all" and "unseen" (all but ``fit_serial``).
+
+    Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
+    """
+    pred = render_style(model, w, base, [v.camera for v in views], backend, colour).clamp(0, 1)
+    gt = torch.stack([v.image for v in views])
+    p = psnr(pred, gt, reduction="none").float()
+    s = ssim_metric(pred, gt, reduction="none").float()
+    lp = lpips_metric(pred, gt, reduction="none") if lpips else None
+    unseen = torch.tensor([v.serial != fit_serial for v in views], device=p.device)
+    protocol = torch.tensor([v.serial in HELDOUT_SERIALS for v in views], device=p.device)
+
+    def mean(x: Tensor | None, sel: Tensor | None = None) -> float | None:
+        if x is None:
+            return None
+        x = x.float() if sel is None else x.float()[sel]
+        return float(x.mean()) if x.numel() else None
+
+    out = {"psnr_all": mean(p), "ssim_all": mean(s), "psnr_unseen": mean(p, unseen), "ssim_unseen": mean(s, unseen),
+           "lpips_all": mean(lp), "lpips_unseen": mean(lp, unseen),
+           "psnr_heldout_cameras": mean(p, protocol), "num_views": len(views), "num_unseen_views": int(unseen.sum()),
+           "per_view": {v.serial: {"psnr": float(p[i]), "ssim": float(s[i]),
+                                   **({"lpips": float(lp[i])} if lp is not None else {})}
+                        for i, v in enumerate(views)}}
+    return out, pred

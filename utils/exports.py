@@ -1,0 +1,68 @@
+"""What track.py writes besides code.pt and metrics.json: render | photo views, a grid and a turntable video."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.renderer import render_batch
+from utils.cameras import Camera
+from utils.codes import FittedCode, code_cloud
+from utils.geometry import head_pose, orbit_camera
+from utils.io import save_image, to_uint8
+from utils.model_io import TrainedModel
+from utils.targets import View
+
+
+@dataclass
+class ExportConfig:
+    """What ``track`` writes besides code.pt and metrics.json."""
+
+    ply: bool = True  # head.ply, the fitted Gaussians in the standard 3DGS layout
+    views: bool = True  # views/cam_<serial>.png (render | photo) and grid.png
+    turntable: bool = True  # turntable.mp4
+    turntable_frames: int = 60  # frames of the turntable video
+    turntable_degrees: float = 120.0  # yaw range: >= 360 a full turn, else a swing of +-degrees/2 and back
+    turntable_size: int = 256  # turntable frame height in pixels (width from the fitted camera's aspect)
+    fps: float = 25.0  # video frame rate
+    lpips: bool = True  # compute LPIPS when the optional lpips package works here (skipped with a message else)
+
+
+def export_views(out: Path, views: Sequence[View], renders: Tensor, extra: Sequence[tuple[str, Tensor]]) -> None:
+    """views/cam_<serial>.png = render | photo, and grid.png: renders in the top row, photos below."""
+    for v, r in zip(views, renders):
+        save_image(out / "views" / f"cam_{v.serial}.png", torch.cat([r, v.image.clamp(0, 1)], dim=1))
+    for serial, r in extra:
+        save_image(out / "views" / f"cam_{serial}.png", r)
+    if len(views):
+        grid = torch.cat([torch.cat(list(renders), dim=1), torch.cat([v.image.clamp(0, 1) for v in views], dim=1)], 0)
+        save_image(out / "grid.png", grid)
+
+
+@torch.no_grad()
+def turntable(model: TrainedModel, code: FittedCode, start_camera: Camera, cfg: ExportConfig, backend: str = "auto",
+              chunk: int = 8) -> list[np.ndarray]:
+    """uint8 frames orbiting the head about its up axis, starting at ``start_camera``'s position."""
+    base = code.base_vertices
+    centre, R, radius = head_pose(model.template_base, base)
+    centre, up = centre.to(base.device), R[:, 1].to(base.device)
+    eye0 = start_camera.center.to(base.device).float()
+    H = int(cfg.turntable_size)
+    W = max(2, int(round(H * start_camera.width / start_camera.height)))
+    n = max(1, int(cfg.turntable_frames))
+    if cfg.turntable_degrees >= 360:
+        angles = [360.0 * i / n for i in range(n)]
+    else:
+        angles = [0.5 * cfg.turntable_degrees * math.sin(2 * math.pi * i / n) for i in range(n)]
+    cams = [orbit_camera(centre.cpu(), up.cpu(), eye0.cpu(), a, W, H, radius).to(base.device) for a in angles]
+    cloud = code_cloud(model, code.w, base, code.colour)
+    frames = []
+    for i in range(0, n, chunk):
+        imgs = render_batch(cloud, cams[i:i + chunk], backend=backend)["image"].clamp(0, 1)
+        frames.extend(to_uint8(im) for im in imgs)
+    return frames

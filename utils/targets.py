@@ -1,0 +1,208 @@
+"""What a single-image fit fits: ``FitTarget`` (the photo, cropped to its face mask, the tracked face-mask vertices and
+every calibrated view for evaluation), built from a NeRSemble subject folder or from one's own photo with its
+calibrated camera and FLAME tracking."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from utils.cameras import Camera, load_camera_params
+from utils.dataset import crop_size, crop_view
+from utils.io import read_image
+from utils.model_io import TrainedModel
+from utils.nersemble import NersembleSubject
+
+if TYPE_CHECKING:
+    from utils.fitting import FitConfig
+    from utils.tracking import TrackConfig
+
+
+@dataclass
+class View:
+    """One calibrated view, cropped around the face mask.
+
+    image: (h, w, 3) face-masked photo on black (or None when the camera has no photo), mask: (h, w, 1) or None,
+    camera: the cropped Camera (or the full one when there is no photo), serial: camera name.
+    """
+
+    serial: str
+    camera: Camera
+    image: Tensor | None = None
+    mask: Tensor | None = None
+
+
+@dataclass
+class FitTarget:
+    """Everything one fit needs.
+
+    Attributes:
+        name: label of the person (subject id or image stem).
+        base_vertices: (M, 3) tracked world-space face-mask vertices (level 0, in the model's mask order).
+        fit_view: the photo being fitted, cropped tightly to its face mask.
+        eval_views: every calibrated view with a photo (fitted one included), cropped to one common size.
+        extra_views: calibrated cameras without a photo (rendered only).
+        fit_camera_full: the fitted camera for the whole photo (turntable start).
+    """
+
+    name: str
+    base_vertices: Tensor
+    fit_view: View
+    eval_views: list[View]
+    extra_views: list[View]
+    fit_camera_full: Camera
+    source: dict[str, str]
+
+
+def default_flame_dir(subject_dir: Path) -> Path:
+    """FLAME folder of a subject: ``<root>/flame`` for the synthetic layout ``<root>/subjects/<id>``, else data/."""
+    cand = subject_dir.resolve().parent.parent / "flame"
+    return cand if cand.is_dir() else Path("data")
+
+
+def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
+                    frame: int = 0) -> tuple[Tensor, Tensor, Any]:
+    """World-space FLAME vertices (V, 3) of a tracking file and the model's face-mask part (M, 3)."""
+    from models.flame import FlameModel, load_tracking
+
+    flame = FlameModel.from_data_dir(flame_dir)
+    if params is None:
+        params = load_tracking(tracking, flame=flame)
+    params = params.frame(min(frame, params.num_frames - 1))
+    mask_ids = torch.as_tensor(model.mask_ids)
+    if int(mask_ids.max()) >= flame.num_vertices:
+        raise ValueError(f"the model's face mask indexes FLAME vertex {int(mask_ids.max())} but the FLAME model in "
+                         f"{flame_dir} has {flame.num_vertices} vertices: use the FLAME files the model was trained "
+                         f"with (--flame_dir)")
+    tmpl = flame.v_template[mask_ids].float()
+    if not torch.allclose(tmpl, model.template_base.cpu().float(), atol=1e-4):
+        raise ValueError(f"the FLAME template in {flame_dir} differs from the one the model was trained with: use "
+                         f"the same FLAME files (--flame_dir)")
+    with torch.no_grad():
+        verts = flame(params)[0].float()
+    return verts, verts[mask_ids], flame
+
+
+def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+
+
+def fit_and_eval_views(serials: Sequence[str], images: dict, masks: dict, cams: dict, fit_serial: str,
+                        cfg: "FitConfig", device: torch.device) -> tuple[View, list[View]]:
+    """Crop the fitted view tightly and every view (incl. the fitted one) to one common size, as training does."""
+    fw, fh = crop_size([masks[fit_serial]], cfg.crop_margin, cfg.crop_multiple)
+    fi, fm, fc = crop_view(images[fit_serial], masks[fit_serial], cams[fit_serial], fw, fh)
+    fit = View(fit_serial, fc.to(device), to_tensor_img(fi, device), to_tensor_img(fm, device))
+    cw, ch = crop_size([masks[s] for s in serials], cfg.crop_margin, cfg.crop_multiple)
+    views = []
+    for s in serials:
+        i, m, c = crop_view(images[s], masks[s], cams[s], cw, ch)
+        views.append(View(s, c.to(device), to_tensor_img(i, device), to_tensor_img(m, device)))
+    return fit, views
+
+
+def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device,
+                        subject_dir: str | os.PathLike | None = None) -> FitTarget:
+    """The photo of camera ``cfg.camera`` of a NeRSemble subject folder (preprocessed: face masks present), plus
+    every other calibrated view with a photo for evaluation."""
+    sdir = Path(subject_dir or cfg.subject_dir)
+    if not sdir.is_dir():
+        raise FileNotFoundError(f"subject folder not found: {sdir} (expected a NeRSemble subject folder "
+                                f"<root>/<id> with calibration/ and sequences/)")
+    subject = NersembleSubject(sdir.parent, sdir.name, cfg.sequence, cfg.frame)
+    serials = subject.serials()
+    if cfg.camera not in serials:
+        raise ValueError(f"camera {cfg.camera} has no image in {subject.image_dir} (cameras with images: {serials})")
+    cams = subject.cameras(cfg.image_scale, serials)
+    images, masks = {}, {}
+    for s in serials:
+        images[s] = subject.masked_image(s, cfg.image_scale)
+        masks[s] = subject.facemask(s, cfg.image_scale)
+    flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else default_flame_dir(sdir)
+    _, base, _ = flame_vertices(model, flame_dir, subject.tracking_path, frame=cfg.frame)
+    fit, views = fit_and_eval_views(serials, images, masks, cams, cfg.camera, cfg.fit, device)
+    return FitTarget(name=sdir.name, base_vertices=base.to(device), fit_view=fit, eval_views=views, extra_views=[],
+                     fit_camera_full=cams[cfg.camera].to(device),
+                     source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)})
+
+
+def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera) -> np.ndarray:
+    """Face mask of a photo from its FLAME tracking, as preprocessing makes it (utils/preprocess/projection_ply.py):
+    the model's face-mask triangles z-buffered against the whole FLAME head.  Returns (H, W) float32 in {0, 1}."""
+    from utils.mesh_raster import render_mask
+    from utils.preprocess.projection_ply import soft_mask
+
+    fm_v = flame_verts[torch.as_tensor(model.mask_ids)]
+    fm_f = torch.as_tensor(model.base_faces, dtype=torch.long)
+    verts = torch.cat([flame_verts, fm_v])
+    faces = torch.cat([flame_faces.cpu(), fm_f + len(flame_verts)])
+    paint = torch.zeros(len(faces), dtype=torch.bool)
+    paint[len(flame_faces):] = True  # the head only occludes; face-mask triangles paint
+    mask = render_mask(verts, faces, camera.to("cpu"), paint_faces=paint).numpy()
+    return soft_mask(mask, 0.0)
+
+
+def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
+    """(H, W, 3) RGB or, with ``gray``, (H, W, 1) float32 in [0, 1]; a missing, empty, truncated or undecodable file
+    is an error naming it (utils.io.read_image)."""
+    img = read_image(path, what, "gray" if gray else "color")
+    return img[..., None] if gray else img
+
+
+def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
+    """One's own photo (``cfg.image``) with its calibrated camera (``cfg.camera_json`` / ``cfg.camera``) and FLAME
+    tracking (``cfg.flame``); the face mask is ``cfg.mask`` or projected from the tracking."""
+    import cv2
+    from utils.preprocess.projection_ply import masked_photo
+
+    for key, what in (("camera_json", "--camera_json (camera_params.json)"), ("flame", "--flame (tracking npz)")):
+        if not getattr(cfg, key):
+            raise ValueError(f"--image needs {what}")
+    img_path = Path(cfg.image)
+    photo = read_photo(img_path, "photo (--image)")
+    h, w = photo.shape[:2]
+    json_path = Path(cfg.camera_json)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"camera file not found: {json_path} (--camera_json, a NeRSemble camera_params.json)")
+    try:
+        all_serials = list(json.loads(json_path.read_text()).get("world_2_cam", {}))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{json_path} is not valid JSON: {exc}") from exc
+    if cfg.camera not in all_serials:
+        raise ValueError(f"camera {cfg.camera!r} is not in {json_path} (it has cameras {all_serials}); choose one "
+                         f"with --camera")
+    # every camera of the file is rendered at the photo's size (the photo fixes the calibration ratio)
+    cams = load_camera_params(json_path, image_size=(w, h), serials=all_serials)
+    if cfg.image_scale != 1.0:
+        cams = {s: c.scaled(cfg.image_scale) for s, c in cams.items()}
+        photo = cv2.resize(photo, (cams[cfg.camera].width, cams[cfg.camera].height), interpolation=cv2.INTER_AREA)
+    cam = cams[cfg.camera]
+    flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else Path("data")
+    flame_verts, base, flame = flame_vertices(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
+    if cfg.mask:
+        mask = read_photo(Path(cfg.mask), "face mask (--mask)", gray=True)
+        if mask.shape[:2] != (h, w):
+            raise ValueError(f"face mask {cfg.mask} is {mask.shape[1]}x{mask.shape[0]} but the photo {img_path} is "
+                             f"{w}x{h}")
+        if cfg.image_scale != 1.0:
+            mask = cv2.resize(mask, (cam.width, cam.height), interpolation=cv2.INTER_AREA)[..., None]
+        mask = (mask > 0.5).astype(np.float32)
+    else:
+        mask = projected_face_mask(model, flame_verts, flame.faces, cam)[..., None]
+    if mask.sum() == 0:
+        raise ValueError(f"the face mask of {img_path} is empty: the FLAME tracking {cfg.flame} does not project into "
+                         f"camera {cfg.camera} of {json_path} (wrong camera or tracking?)")
+    masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
+    s = cfg.camera
+    fit, views = fit_and_eval_views([s], {s: masked}, {s: mask}, {s: cam}, s, cfg.fit, device)
+    extra = [View(k, c.to(device)) for k, c in cams.items() if k != s]
+    return FitTarget(name=img_path.stem, base_vertices=base.to(device), fit_view=fit, eval_views=views,
+                     extra_views=extra, fit_camera_full=cam.to(device),
+                     source={"image": str(img_path), "camera_json": str(json_path), "camera": s,
+                             "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)})

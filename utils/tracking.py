@@ -1,0 +1,258 @@
+"""Single-image reconstruction ("tracking"): fit a new person's latent code to ONE photo, network frozen; the whole
+pipeline behind track.py (config, load, fit, evaluate, export, all held-out identities).
+
+Pipeline (``track``)::
+
+    load     model.pt (frozen IdentityField) + the photo, its camera and FLAME tracking (utils/targets.py: a NeRSemble
+             subject folder, or one's own image + camera_params.json + tracking npz); face-masked, cropped
+    fit      the style (or code), then the colour residual (utils/fitting.py)
+    evaluate PSNR / SSIM (/ LPIPS) on every calibrated view with a photo, over all views and over the unseen ones
+             (utils/evaluation.py), for the fitted identity, for the code alone and for the mean code ("before")
+    export   code.pt (utils/codes.py), head.ply (3DGS layout), views/cam_<serial>.png (render | photo), grid.png,
+             turntable.mp4 (utils/exports.py), metrics.json
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.codes import code_cloud, render_style, save_code
+from utils.config import to_dict
+from utils.device import resolve_device, synchronize
+from utils.evaluation import evaluate_views
+from utils.exports import ExportConfig, export_views, turntable
+from utils.fitting import FitConfig, fit_identity
+from utils.io import atomic_write_json, write_video
+from utils.model_io import TrainedModel, load_model
+from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
+from utils.targets import load_image_target, load_subject_target
+
+
+@dataclass
+class TrackConfig:
+    """Inputs, outputs and settings of ``track.py``."""
+
+    checkpoint: str = "output/cpu/model.pt"  # trained model.pt (written by train.py)
+    subject_dir: str = ""  # a NeRSemble subject folder (<root>/<id>); the photo is camera --camera of it
+    camera: str = FRONTAL_SERIAL  # serial of the camera whose photo is fitted
+    sequence: str = "EXP-1-head"  # sequence of the subject folder
+    frame: int = 0  # frame index of the sequence
+    flame_dir: str = ""  # FLAME files; default: <subject_dir>/../../flame if it exists (synthetic layout), else data/
+    image: str = ""  # one's own photo (instead of --subject_dir); needs --camera_json and --flame
+    camera_json: str = ""  # NeRSemble-style camera_params.json holding --camera (own-photo mode)
+    flame: str = ""  # FLAME tracking npz of the photo, NeRSemble or VHAP format (own-photo mode)
+    mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
+    image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
+    out: str = "output/tracking"  # output folder
+    all_heldout: bool = False  # fit every held-out identity of --data_root and print a Markdown table
+    data_root: str = "syn_data"  # dataset for --all_heldout (a synthetic dataset folder or NeRSemble subjects)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
+    progress: bool = True  # tqdm progress bars
+    seed: int = 0  # random seed (the fit itself is deterministic)
+    fit: FitConfig = field(default_factory=FitConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit.refine_colour",
+                 "iterations": "fit.iterations", "init": "fit.init", "space": "fit.space"}
+TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress")
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float):
+        return round(x, 5) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str | os.PathLike | None = None,
+          out: str | os.PathLike | None = None) -> dict:
+    """Fit one person (``cfg.subject_dir`` / ``subject_dir``, or ``cfg.image``) and write every output to ``out``.
+
+    Returns the metrics dict that is also written to ``<out>/metrics.json``.
+    """
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out = Path(out or cfg.out)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if model is None:
+        model = load_model(cfg.checkpoint, device)
+    if subject_dir is not None or cfg.subject_dir:
+        if cfg.image:
+            raise ValueError("give either --subject_dir or --image, not both")
+        target = load_subject_target(model, cfg, device, subject_dir)
+    elif cfg.image:
+        target = load_image_target(model, cfg, device)
+    else:
+        raise ValueError("nothing to fit: pass --subject_dir DIR (a NeRSemble subject folder) or --image PHOTO "
+                         "--camera_json JSON --flame NPZ (or --all_heldout)")
+    synchronize(device)
+    times["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    res = fit_identity(model, target, cfg.fit, cfg.backend, cfg.progress)
+    synchronize(device)
+    times["fit"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    f = model.field
+    with torch.no_grad():
+        z_mean = f.mean_code()
+        w_mean = f.style(z_mean[None], update_w_avg=False)[0]
+        w_start = res.start_w if res.start_w is not None else w_mean
+    fit_serial = target.fit_view.serial
+    code = res.code
+    metrics, renders = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
+                                      cfg.export.lpips, code.colour)
+    code_only, _ = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
+                                  False) if code.colour is not None else (dict(metrics), None)
+    before, _ = evaluate_views(model, w_mean, target.base_vertices, target.eval_views, fit_serial, cfg.backend, False)
+    start_m, _ = evaluate_views(model, w_start, target.base_vertices, target.eval_views, fit_serial, cfg.backend,
+                                False) if res.start != "mean_code" else (before, None)
+    synchronize(device)
+    times["evaluate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    save_code(out / "code.pt", code, model, cfg.checkpoint)
+    if cfg.export.ply:
+        with torch.no_grad():
+            code_cloud(model, code.w, code.base_vertices, code.colour).save_ply(out / "head.ply")
+    if cfg.export.views:
+        extra = []
+        with torch.no_grad():
+            for v in target.extra_views:
+                extra.append((v.serial, render_style(model, code.w, code.base_vertices, [v.camera], cfg.backend,
+                                                     code.colour)[0].clamp(0, 1)))
+        export_views(out, target.eval_views, renders, extra)
+    if cfg.export.turntable:
+        frames = turntable(model, code, target.fit_camera_full, cfg.export, cfg.backend)
+        write_video(out / "turntable.mp4", frames, fps=cfg.export.fps)
+    synchronize(device)
+    times["export"] = time.perf_counter() - t0
+
+    per_view = metrics.pop("per_view")
+    doc = {
+        "identity": target.name,
+        **metrics,
+        "psnr_all_mean_code": before["psnr_all"], "psnr_unseen_mean_code": before["psnr_unseen"],
+        "ssim_all_mean_code": before["ssim_all"], "ssim_unseen_mean_code": before["ssim_unseen"],
+        "psnr_unseen_start": start_m["psnr_unseen"], "psnr_fit_view": per_view[fit_serial]["psnr"],
+        "psnr_fit_view_mean_code": before["per_view"][fit_serial]["psnr"],
+        # the code alone (the colour residual left out): what the colour stage adds is the difference
+        "psnr_all_code_only": code_only["psnr_all"], "psnr_unseen_code_only": code_only["psnr_unseen"],
+        "ssim_unseen_code_only": code_only["ssim_unseen"],
+        "psnr_fit_view_code_only": code_only["per_view"][fit_serial]["psnr"],
+        "iterations": res.iterations, "stopped_early": res.stopped_early,
+        "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
+        "space": cfg.fit.space, "refine_geometry": bool(cfg.fit.refine_geometry),
+        "refine_colour": code.colour is not None, "colour_iterations": res.colour_iterations,
+        "colour_loss_history": res.colour_losses,
+        "colour_residual_rms": None if code.colour is None else float(code.colour.square().sum(-1).mean().sqrt()),
+        "colour_residual_max": None if code.colour is None else float(code.colour.norm(dim=-1).max()),
+        "seconds": sum(times.values()), "seconds_fit": times["fit"],
+        "seconds_fit_code": res.seconds_code, "seconds_fit_colour": res.seconds_colour,
+        "seconds_per_iteration": res.seconds_code / max(1, res.iterations), "seconds_per_phase": times,
+        "fit_crop": [target.fit_view.camera.width, target.fit_view.camera.height],
+        "eval_crop": [target.eval_views[0].camera.width, target.eval_views[0].camera.height],
+        "num_gaussians": int(f.num_gaussians), "fitted_camera": fit_serial,
+        "unseen_views": [v.serial for v in target.eval_views if v.serial != fit_serial],
+        "per_view": per_view, "source": target.source, "checkpoint": str(cfg.checkpoint),
+        "device": str(device), "config": to_dict(cfg),
+    }
+    if cfg.export.lpips and metrics.get("lpips_all") is None:
+        doc["lpips_note"] = "LPIPS skipped: the optional lpips package (torchvision + VGG weights) is not usable here"
+    doc = _clean(doc)
+    atomic_write_json(doc, out / "metrics.json")
+    return doc
+
+
+def heldout_subjects(data_root: str | os.PathLike) -> tuple[Path, list[str]]:
+    """(subjects folder, held-out ids) of a dataset: a synthetic dataset folder (its synthetic_info.json
+    "heldout_ids") or a folder of NeRSemble subjects (the protocol's held-out ids that are present)."""
+    from utils.nersemble import list_subjects
+
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root not found: {root} (train first: bash run_training.sh generates syn_data)")
+    subjects = root / "subjects" if (root / "subjects").is_dir() else root
+    info = root / "synthetic_info.json"
+    if info.is_file():
+        from utils.synthetic import read_info
+
+        ids = list(read_info(root).get("heldout_ids", []))
+    else:
+        present = set(list_subjects(subjects))
+        ids = [s for s in HELDOUT_IDENTITIES if s in present]
+    if not ids:
+        raise ValueError(f"no held-out identities found in {root} (synthetic_info.json heldout_ids, or the "
+                         f"protocol ids {list(HELDOUT_IDENTITIES)} as subject folders)")
+    return subjects, ids
+
+
+TABLE_COLUMNS = (
+    ("identity", "identity", "{}"),
+    ("PSNR unseen, mean code", "psnr_unseen_mean_code", "{:.2f}"),
+    ("PSNR unseen, code only", "psnr_unseen_code_only", "{:.2f}"),
+    ("PSNR unseen, fitted", "psnr_unseen", "{:.2f}"),
+    ("gain dB", "gain_unseen", "{:+.2f}"),
+    ("PSNR all", "psnr_all", "{:.2f}"),
+    ("SSIM unseen", "ssim_unseen", "{:.3f}"),
+    ("SSIM all", "ssim_all", "{:.3f}"),
+    ("LPIPS unseen", "lpips_unseen", "{:.3f}"),
+    ("iterations", "iterations", "{:.0f}"),
+    ("fit s", "seconds_fit", "{:.2f}"),
+    ("total s", "seconds", "{:.2f}"),
+)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Markdown table of per-identity tracking metrics plus a mean row."""
+    rows = [dict(r) for r in rows]
+    for r in rows:
+        a, b = r.get("psnr_unseen"), r.get("psnr_unseen_mean_code")
+        r["gain_unseen"] = None if a is None or b is None else a - b
+
+    def cell(val: Any, fmt: str) -> str:
+        if val is None:
+            return "n/a"
+        return fmt.format(val) if not isinstance(val, str) else val
+
+    lines = ["| " + " | ".join(c[0] for c in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(TABLE_COLUMNS))) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r.get(k), fmt) for _, k, fmt in TABLE_COLUMNS) + " |")
+    if rows:
+        mean = {"identity": "**mean**"}
+        for _, k, _ in TABLE_COLUMNS[1:]:
+            vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+            mean[k] = float(np.mean(vals)) if vals else None
+        lines.append("| " + " | ".join(cell(mean.get(k), fmt) for _, k, fmt in TABLE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def track_all_heldout(cfg: TrackConfig) -> tuple[list[dict], str]:
+    """Fit every held-out identity of ``cfg.data_root`` into ``<out>/<id>/``; returns (metrics list, table)."""
+    subjects, ids = heldout_subjects(cfg.data_root)
+    model = load_model(cfg.checkpoint, resolve_device(cfg.device))
+    rows = []
+    for sid in tqdm(ids, desc="held-out identities", disable=not cfg.progress):
+        rows.append(track(cfg, model=model, subject_dir=subjects / sid, out=Path(cfg.out) / sid))
+    table = markdown_table(rows)
+    (Path(cfg.out) / "summary.md").write_text(table + "\n")
+    atomic_write_json({"identities": ids, "rows": [{k: v for k, v in r.items() if k not in ("per_view", "config")}
+                                                   for r in rows]}, Path(cfg.out) / "summary.json")
+    return rows, table
