@@ -263,7 +263,11 @@ def check_image_complete(path: str | os.PathLike, what: str = "image") -> None:
     if tail.endswith(ends):
         return
     try:
-        with Image.open(path) as im:
+        im = Image.open(path)
+    except Exception as exc:  # not even a header: empty, random bytes, another format, cut inside the header
+        raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path, exc)}") from exc
+    try:
+        with im:
             im.load()
     except Exception as exc:
         raise ValueError(f"{what} {path} is truncated or damaged: {_image_damage(path, exc)}") from exc

@@ -253,9 +253,11 @@ class Trainer:
     def _claim_output(self, resume: bool, overwrite: bool) -> None:
         """Rank 0: lock ``out``; refuse a folder holding another run unless resuming it or told to overwrite."""
         self.lock.acquire()
-        found = [p for p in run_outputs(self.out) if p.name != FolderLock.NAME]
+        found = run_outputs(self.out)
         has_ckpt = any(p.parent == self.ckpt_dir for p in found)
-        if not found or (resume and has_ckpt):
+        # --resume without a checkpoint starts from scratch, as a run killed before its first checkpoint needs (its
+        # logs and metrics are replaced); only a finished run's model.pt, written after its last checkpoint, stops it
+        if not found or (resume and (has_ckpt or not (self.out / "model.pt").is_file())):
             return
         if overwrite:
             for p in found:
@@ -264,8 +266,9 @@ class Trainer:
             return
         names = ", ".join(str(p.relative_to(self.out)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
         if resume:
-            raise FileExistsError(f"--resume: {self.ckpt_dir} holds no checkpoint, but {self.out} holds another run's "
-                                  f"files ({names}); pass --overwrite to replace them, or choose another --out")
+            raise FileExistsError(f"--resume: {self.ckpt_dir} holds no checkpoint, but {self.out} holds the model.pt "
+                                  f"of a finished run ({names}); pass --overwrite (without --resume) to replace it, "
+                                  f"or choose another --out")
         raise FileExistsError(f"{self.out} already holds a training run ({names}); pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --out")
 
