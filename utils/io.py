@@ -87,14 +87,11 @@ class UnsafeFileError(ValueError):
     """A file holds a Python object that a safe load does not create (loading it could run code)."""
 
 
-def _refused_global(exc: BaseException) -> str:
-    """The class/function a weights-only torch.load refused, from its message (best effort)."""
-    text = str(exc)
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if m:
-        return m.group(1)
-    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return m.group(1).strip() if m else text.splitlines()[0] if text else type(exc).__name__
+def _refused_global(exc: BaseException) -> str | None:
+    """The class/function that a weights-only torch.load refused (from its message), or None when the load failed
+    for another reason (a damaged or foreign file: every payload names a global before it can run)."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+    return m.group(1) if m else None
 
 
 def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
@@ -108,15 +105,19 @@ def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(
-            f"{path}: refused to load this {what}: it holds the Python object {_refused_global(exc)}, which files "
-            f"written by this project never contain, and loading it could run code. Use a file written by this "
-            f"project (re-export it from a trusted copy) or delete this one") from exc
     except FileNotFoundError:
         raise
-    except Exception as exc:  # zip/pickle damage surfaces as RuntimeError, OSError, EOFError, ...
-        first = (str(exc).splitlines() or [""])[0].split(". ")[0]  # torch appends paragraphs of advice
+    except Exception as exc:  # zip/pickle damage surfaces as RuntimeError, OSError, EOFError, UnpicklingError, ...
+        refused = _refused_global(exc) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused is not None:
+            raise UnsafeFileError(
+                f"{path}: refused to load this {what}: it holds the Python object {refused}, which files written by "
+                f"this project never contain, and loading it could run code. Use a file written by this project "
+                f"(re-export it from a trusted copy) or delete this one") from exc
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:")[1].strip()  # the reason, without torch's advice
+        first = (text.splitlines() or [""])[0].split(". ")[0]
         raise ValueError(f"{path} is not a readable {what} (truncated or corrupt? {type(exc).__name__}: "
                          f"{first})") from exc
 

@@ -29,7 +29,8 @@ from utils.config import Range, check_ranges, to_dict
 from utils.dataset import DataConfig, MultiViewDataset
 from utils.device import resolve_device
 from utils.io import (
-    FolderInUseError, FolderLock, UnsafeFileError, atomic_torch_save, atomic_write_json, safe_torch_load, save_image_grid,
+    FolderInUseError, FolderLock, UnsafeFileError, atomic_torch_save, atomic_write_json, safe_torch_load,
+    save_image_grid,
 )
 from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
 from utils.model_io import save_model
@@ -98,7 +99,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "optim.beta2": Range(0, 1, hi_open=True), "optim.grad_clip": Range(0),
 }
 # What a training run writes into --out (a fresh run refuses a folder holding any of them unless told to overwrite).
-RUN_OUTPUTS = ("model.pt", "metrics.json", "eval_heldout_views.png", "checkpoints/ckpt_*.pt", "tb/events.out.tfevents.*")
+RUN_OUTPUTS = ("model.pt", "metrics.json", "eval_heldout_views.png", "checkpoints/ckpt_*.pt",
+               "tb/events.out.tfevents.*")
 CHECKPOINT_KEYS = ("step", "elapsed", "config", "identities", "field", "optimizer", "sampler", "torch_rng")
 
 
@@ -433,13 +435,13 @@ class Trainer:
             raise ValueError(f"{path} is not a training checkpoint of this project (it lacks {missing})")
         return state
 
-    def _newest_readable(self) -> Path | None:
-        """Rank 0: the newest checkpoint that reads; damaged newer ones are skipped with a message."""
+    def _newest_readable(self) -> tuple[Path, dict] | None:
+        """Rank 0: the newest checkpoint that reads and its state; damaged newer ones are skipped with a message."""
         ckpts = self.checkpoints()
         skipped = []
         for _, path in reversed(ckpts):
             try:
-                self.read_checkpoint(path)
+                state = self.read_checkpoint(path)
             except UnsafeFileError:
                 raise  # a payload is not damage: never fall back silently past it
             except (OSError, ValueError) as exc:
@@ -449,20 +451,27 @@ class Trainer:
                 print(f"--resume: skipped {len(skipped)} unreadable checkpoint(s), newest first: {'; '.join(skipped)}; "
                       f"resuming from {path.name} instead (the damaged file stays until a new checkpoint of its step "
                       f"replaces it)")
-            return path
+            return path, state
         if ckpts:
             raise ValueError(f"--resume: none of the {len(ckpts)} checkpoints in {self.ckpt_dir} can be read: "
                              f"{'; '.join(skipped)}")
         return None
 
     def _resume(self) -> None:
-        chosen = self._on_main(lambda: (p := self._newest_readable()) and str(p))
+        found = None
+
+        def choose() -> str | None:
+            nonlocal found
+            found = self._newest_readable()
+            return None if found is None else str(found[0])
+
+        chosen = self._on_main(choose)  # every rank resumes from the checkpoint that rank 0 chose
         if chosen is None:
             if self.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
             return
         path = Path(chosen)
-        state = self.read_checkpoint(path)
+        state = found[1] if found is not None else self.read_checkpoint(path)
         if int(state["step"]) > self.cfg.steps:
             raise ValueError(f"--resume: {path} is at step {int(state['step'])}, past --steps {self.cfg.steps}; pass "
                              f"--steps {int(state['step'])} or more to continue it (or --overwrite to start again)")
