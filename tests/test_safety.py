@@ -188,6 +188,16 @@ def test_atomic_writes_use_unique_temporary_names(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+def test_only_plain_objects_are_written(tmp_path):
+    """What atomic_torch_save writes, torch.load(weights_only=True) reads; anything else is refused at write time."""
+    doc = {"format": "x", "w": torch.ones(2), "meta": {"cfg": [1, 2.5, "a", None, (True,)]}, "dt": torch.float16}
+    path = uio.atomic_torch_save(doc, tmp_path / "ok.pt")
+    assert torch.load(path, weights_only=True)["meta"] == doc["meta"]
+    with pytest.raises(TypeError, match=r"\['meta'\]\['score'\]: numpy\.float32 is not a tensor or plain value"):
+        uio.atomic_torch_save({"meta": {"score": np.float32(1)}}, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def test_disk_full_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
     target = tmp_path / "ckpts" / "ckpt_00000003.pt"
     uio.atomic_torch_save({"x": torch.zeros(3)}, target)
@@ -289,28 +299,28 @@ def test_resume_falls_back_past_a_truncated_checkpoint_bit_for_bit(preprocessed_
     from utils.training import Trainer
 
     out = tmp_path / "run"
-    ref = Trainer(tiny_config(preprocessed_root, out, steps=6, ckpt_every=3))
+    ref = Trainer(tiny_config(preprocessed_root, out, steps=4, ckpt_every=2, eval_every=4))
     ref.run()
     final = {k: v.clone() for k, v in ref.field.state_dict().items()}
-    newest = out / "checkpoints" / "ckpt_00000006.pt"
+    newest = out / "checkpoints" / "ckpt_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:2000])  # as if the disk had failed while writing it
     (out / "model.pt").unlink()
     capsys.readouterr()
-    tr = Trainer(tiny_config(preprocessed_root, out, steps=6, ckpt_every=3), resume=True)
+    tr = Trainer(tiny_config(preprocessed_root, out, steps=4, ckpt_every=2, eval_every=4), resume=True)
     msg = capsys.readouterr().out
-    assert "skipped 1 unreadable checkpoint(s)" in msg and "ckpt_00000006.pt" in msg
-    assert "resuming from ckpt_00000003.pt" in msg and tr.step == 3
+    assert "skipped 1 unreadable checkpoint(s)" in msg and "ckpt_00000004.pt" in msg
+    assert "resuming from ckpt_00000002.pt" in msg and tr.step == 2
     tr.run()
     for k, v in tr.field.state_dict().items():
         assert torch.equal(v, final[k]), k
     # a resume past --steps is an error, not a silent export of later weights
-    with pytest.raises(ValueError, match=r"ckpt_00000006\.pt is at step 6, past --steps 3"):
+    with pytest.raises(ValueError, match=r"ckpt_00000004\.pt is at step 4, past --steps 3"):
         Trainer(tiny_config(preprocessed_root, out, steps=3), resume=True)
     # nothing readable at all: an error naming the folder, not a fresh start over the old run
     for p in (out / "checkpoints").glob("*.pt"):
         p.write_bytes(b"junk")
     with pytest.raises(ValueError, match="none of the 2 checkpoints in .* can be read"):
-        Trainer(tiny_config(preprocessed_root, out, steps=6), resume=True)
+        Trainer(tiny_config(preprocessed_root, out, steps=4), resume=True)
 
 
 # ============================================================================ 3. inputs

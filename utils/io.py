@@ -66,11 +66,40 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     return path
 
 
+_PLAIN_LEAVES = (Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def non_plain_entry(obj: Any, where: str = "") -> str | None:
+    """Where ``obj`` holds something other than tensors, str/bytes/numbers/bool/None, dtypes, devices and
+    dict/list/tuple containers of them (e.g. "['meta']['score']: numpy.float32"), or None when it holds nothing else.
+    Such plain objects are what ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(obj, _PLAIN_LEAVES):
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = non_plain_entry(k, f"{where}[key {k!r}]") or non_plain_entry(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad = non_plain_entry(v, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    return f"{where or 'the object'}: {type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
 
-    Write only tensors and plain containers (dict, list, tuple, str, numbers, None): then ``safe_torch_load`` (i.e.
-    ``torch.load(weights_only=True)``) reads the file back."""
+    Only tensors and plain containers are written (TypeError otherwise, naming the entry), so that
+    ``safe_torch_load`` (``torch.load(weights_only=True)``) reads every file back: convert numpy values, dataclasses
+    and other objects to tensors, numbers or dicts first."""
+    bad = non_plain_entry(obj)
+    if bad is not None:
+        raise TypeError(f"{path}: not written: {bad} is not a tensor or plain value (files of this project are read "
+                        f"with torch.load(weights_only=True))")
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
