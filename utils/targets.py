@@ -1,6 +1,7 @@
 """What a single-image fit fits: ``FitTarget`` (the photo, cropped to its face mask, the tracked face-mask vertices and
-every calibrated view for evaluation), built from a NeRSemble subject folder or from one's own photo with its
-calibrated camera and FLAME tracking."""
+every calibrated view for evaluation), built from a NeRSemble subject folder, from one's own photo with its
+calibrated camera and FLAME tracking, or from a photo alone ("in the wild": landmarks -> FLAME and camera,
+utils/landmarks.py and utils/flame_fit.py)."""
 from __future__ import annotations
 
 import json
@@ -58,6 +59,21 @@ class FitTarget:
     extra_views: list[View]
     fit_camera_full: Camera
     source: dict[str, str]
+    wild: "WildFit | None" = None  # photo-only targets: the landmarks and the FLAME fit behind base_vertices
+
+
+@dataclass
+class WildFit:
+    """How a photo-only target was made: its landmarks, the FLAME + camera fit and the FLAME model used.
+
+    photo: (H, W, 3) the whole photo in [0, 1]; mask: (H, W) the face mask used (projected FLAME face mask, within
+    the detector's face outline when there is one)."""
+
+    landmarks: Any  # utils.landmarks.FaceLandmarks
+    fit: Any  # utils.flame_fit.FlameFitResult
+    flame: Any  # models.flame.FlameModel
+    photo: np.ndarray
+    mask: np.ndarray
 
 
 def default_flame_dir(subject_dir: Path) -> Path:
@@ -67,11 +83,12 @@ def default_flame_dir(subject_dir: Path) -> Path:
 
 
 def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
-                    frame: int = 0) -> tuple[Tensor, Tensor, Any]:
-    """World-space FLAME vertices (V, 3) of a tracking file and the model's face-mask part (M, 3)."""
+                    frame: int = 0, flame=None) -> tuple[Tensor, Tensor, Any]:
+    """World-space FLAME vertices (V, 3) of a tracking file (or ``params``) and the model's face-mask part (M, 3);
+    ``flame``: an already loaded FlameModel of ``flame_dir``."""
     from models.flame import FlameModel, load_tracking
 
-    flame = FlameModel.from_data_dir(flame_dir)
+    flame = flame if flame is not None else FlameModel.from_data_dir(flame_dir)
     if params is None:
         params = load_tracking(tracking, flame=flame)
     params = params.frame(min(frame, params.num_frames - 1))
@@ -159,7 +176,6 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
     """One's own photo (``cfg.image``) with its calibrated camera (``cfg.camera_json`` / ``cfg.camera``) and FLAME
     tracking (``cfg.flame``); the face mask is ``cfg.mask`` or projected from the tracking."""
     import cv2
-    from utils.preprocess.projection_ply import masked_photo
 
     for key, what in (("camera_json", "--camera_json (camera_params.json)"), ("flame", "--flame (tracking npz)")):
         if not getattr(cfg, key):
@@ -198,11 +214,93 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
     if mask.sum() == 0:
         raise ValueError(f"the face mask of {img_path} is empty: the FLAME tracking {cfg.flame} does not project into "
                          f"camera {cfg.camera} of {json_path} (wrong camera or tracking?)")
+    extra = [View(k, c.to(device)) for k, c in cams.items() if k != cfg.camera]
+    return photo_target(img_path.stem, photo, mask, cam, base, cfg, device, extra,
+                        {"image": str(img_path), "camera_json": str(json_path), "camera": cfg.camera,
+                         "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)})
+
+
+def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, base: Tensor, cfg: "TrackConfig",
+                 device: torch.device, extra: Sequence[View] = (), source: dict | None = None,
+                 wild: WildFit | None = None) -> FitTarget:
+    """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3)."""
+    from utils.preprocess.projection_ply import masked_photo
+
     masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
-    s = cfg.camera
+    s = cam.name
     fit, views = fit_and_eval_views([s], {s: masked}, {s: mask}, {s: cam}, s, cfg.fit, device)
-    extra = [View(k, c.to(device)) for k, c in cams.items() if k != s]
-    return FitTarget(name=img_path.stem, base_vertices=base.to(device), fit_view=fit, eval_views=views,
-                     extra_views=extra, fit_camera_full=cam.to(device),
-                     source={"image": str(img_path), "camera_json": str(json_path), "camera": s,
-                             "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)})
+    return FitTarget(name=name, base_vertices=base.to(device), fit_view=fit, eval_views=views,
+                     extra_views=list(extra), fit_camera_full=cam.to(device), source=source or {}, wild=wild)
+
+
+def model_flame_dir(model: TrainedModel, flame_dir: str) -> Path:
+    """FLAME files for a photo-only fit: ``flame_dir`` when given, else those the model was trained with (the
+    training data root's flame/ for the synthetic layout, or its data.flame_dir), else data/."""
+    if flame_dir:
+        return Path(flame_dir)
+    data = (model.config or {}).get("data", {})
+    root = Path(str(data.get("root") or ""))
+    if data.get("root") and (root / "flame").is_dir():
+        return root / "flame"
+    if data.get("flame_dir") and Path(data["flame_dir"]).is_dir():
+        return Path(data["flame_dir"])
+    return Path("data")
+
+
+def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W) float32 {0, 1}: pixels whose centre lies inside ``polygon`` (K, 2) pixel coordinates."""
+    import cv2
+
+    m = np.zeros((height, width), np.uint8)
+    # cv2 treats integer vertex (i, j) as pixel centre (i + 0.5, j + 0.5): shift by -0.5 and draw with sub-pixels
+    pts = np.round((np.asarray(polygon, np.float64) - 0.5) * 16).astype(np.int32)
+    cv2.fillPoly(m, [pts], 1, lineType=cv2.LINE_8, shift=4)
+    return m.astype(np.float32)
+
+
+def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
+    """A photo alone (``cfg.image``): landmarks (mediapipe, or ``cfg.landmarks``), then FLAME and a pinhole camera
+    fitted to them (utils/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
+    with the detector's face outline where there is one."""
+    import cv2
+
+    from utils.flame_fit import LandmarkTargets, fit_flame_to_landmarks
+    from utils.landmarks import detect_landmarks, load_landmarks_file
+
+    img_path = Path(cfg.image)
+    photo = read_photo(img_path, "photo (--image)")
+    if cfg.image_scale != 1.0:
+        h0, w0 = photo.shape[:2]
+        photo = cv2.resize(photo, (round(w0 * cfg.image_scale), round(h0 * cfg.image_scale)),
+                           interpolation=cv2.INTER_AREA)
+    h, w = photo.shape[:2]
+    if cfg.landmarks:
+        lms = load_landmarks_file(cfg.landmarks, (w, h))
+        if cfg.image_scale != 1.0:
+            lms.ibug68 = lms.ibug68 * cfg.image_scale
+    else:
+        lms = detect_landmarks(photo, name=str(img_path), min_face_px=cfg.min_face_px)
+    flame_dir = model_flame_dir(model, cfg.flame_dir)
+    from models.flame import FlameModel
+
+    flame = FlameModel.from_data_dir(flame_dir)
+    irises = None
+    if len(lms.mesh) >= 478:  # mediapipe's iris centres: 468 and 473; which is the subject's right eye is measured
+        a, b = lms.mesh[468, :2], lms.mesh[473, :2]
+        right = lms.ibug68[36:42].mean(0)
+        irises = np.stack([a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a])[None]
+    targets = LandmarkTargets(torch.as_tensor(lms.ibug68[None], dtype=torch.float32), (w, h),
+                              irises=None if irises is None else torch.as_tensor(irises, dtype=torch.float32))
+    res = fit_flame_to_landmarks(flame, targets, cfg.flame_fit, camera_name=cfg.camera)
+    cam = res.camera
+    flame_verts, base, _ = flame_vertices(model, flame_dir, None, params=res.params, flame=flame)
+    mask = projected_face_mask(model, flame_verts, flame.faces, cam)
+    if len(lms.outline):
+        mask = mask * polygon_mask(lms.outline, w, h)
+    if mask.sum() == 0:
+        raise ValueError(f"the face mask of {img_path} is empty: the FLAME fitted to its landmarks does not project "
+                         f"into the photo")
+    wild = WildFit(landmarks=lms, fit=res, flame=flame, photo=photo, mask=mask)
+    return photo_target(img_path.stem, photo, mask[..., None], cam, base, cfg, device, (),
+                        {"image": str(img_path), "landmarks": cfg.landmarks or "mediapipe face mesh",
+                         "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir)}, wild)
