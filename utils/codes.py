@@ -19,8 +19,8 @@ from utils.io import atomic_torch_save, load_tagged
 from utils.model_io import TrainedModel
 
 CODE_FORMAT = "identity-field-code"
-CODE_VERSION = 3  # 2: optional per-vertex colour residual ("colour"); 3: FLAME parameters of the fitted frame
-#                    ("flame"); older files still load
+CODE_VERSION = 4  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
+#                    the fitted frame ("flame"); older files still load
 
 
 @dataclass
@@ -80,8 +80,26 @@ def save_code(path: str | os.PathLike, code: FittedCode, model: TrainedModel, ch
         "colour": None if code.colour is None else code.colour.detach().cpu(),
         "flame": None if code.flame is None else code.flame.as_dict(),  # plain tensors (FlameParams.as_dict)
         "checkpoint": str(checkpoint), "signature": model_signature(model), "meta": code.meta,
+        "model_fingerprint": model.fingerprint,  # SHA-256 of the weights it was fitted with (utils.model_io)
     }
     return atomic_torch_save(doc, path)
+
+
+def check_model_fingerprint(path: Path, doc: dict, model: TrainedModel) -> bool:
+    """Whether code.pt ``doc`` was fitted with ``model``'s weights: ValueError naming both files when its stored
+    fingerprint differs; a warning (and False) when the file predates fingerprints; True when they match."""
+    stored = doc.get("model_fingerprint") or ""
+    model_file = model.path or "the given model"
+    if not stored or not model.fingerprint:
+        warnings.warn(f"{path} predates model fingerprints: it cannot be checked that it was fitted with "
+                      f"{model_file} (it names checkpoint {doc.get('checkpoint') or '?'}); fit it again to be sure")
+        return False
+    if stored != model.fingerprint:
+        raise ValueError(f"{path} was fitted with another model than {model_file} (weights fingerprint "
+                         f"{stored[:12]}... vs {model.fingerprint[:12]}...; the code file names checkpoint "
+                         f"{doc.get('checkpoint') or '?'}): its code means another identity there; fit it again "
+                         f"with {model_file}")
+    return True
 
 
 def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device: torch.device | str = "cpu"
@@ -97,7 +115,7 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
                 raise ValueError(f"{path} was fitted with a model of {key}={sig.get(key)} but the model has "
                                  f"{key}={want[key]} (checkpoint {doc.get('checkpoint', '?')}); fit it again with "
                                  f"this model")
-        if sig.get("model_config") != want["model_config"]:
+        if not check_model_fingerprint(path, doc, model) and sig.get("model_config") != want["model_config"]:
             warnings.warn(f"{path} was fitted with another model config (checkpoint {doc.get('checkpoint')}); the "
                           f"code may not mean the same identity here")
     z, colour = doc.get("z"), doc.get("colour")  # version 1 files hold no colour residual

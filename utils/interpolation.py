@@ -150,15 +150,24 @@ def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) ->
     return lerp(a, b, t)
 
 
+def canonical_vertices(template: Tensor, base: Tensor) -> Tensor:
+    """World-space vertices base (M, 3) brought into FLAME's canonical frame of ``template`` (M, 3): the similarity
+    (scale, rotation, translation) that best maps the template onto them, undone."""
+    s, R, t = similarity_fit(template, base)
+    R, t = R.to(base), t.to(base)
+    return ((base - t) @ R) / s  # R^T (v - t) / s, row-vector form
+
+
+def code_space(keys: Sequence[FittedCode]) -> str:
+    """"z" when every key has a latent code (interpolate codes, then map), else "w" (interpolate styles)."""
+    return "z" if all(k.z is not None for k in keys) else "w"
+
+
 class GeometryInterpolator:
     """Interpolates key geometries in FLAME's canonical frame and poses the result like the first key."""
 
     def __init__(self, template: Tensor, keys: Sequence[FittedCode]) -> None:
-        self.canonical = []
-        for k in keys:
-            s, R, t = similarity_fit(template, k.base_vertices)
-            R, t = R.to(k.base_vertices), t.to(k.base_vertices)
-            self.canonical.append(((k.base_vertices - t) @ R) / s)  # R^T (v - t) / s, row-vector form
+        self.canonical = [canonical_vertices(template, k.base_vertices) for k in keys]
         s0, R0, t0 = similarity_fit(template, keys[0].base_vertices)
         self.pose = (s0, R0.to(keys[0].base_vertices), t0.to(keys[0].base_vertices))
 
@@ -206,7 +215,7 @@ def base_camera(cfg: InterpolationConfig, template: Tensor, base: Tensor, device
 
 
 # ====================================================================================== the whole video
-def _label(key: str) -> str:
+def key_label(key: str) -> str:
     """File-name-safe label of a key: the identity name, or for a track.py output (.../<name>/code.pt) its folder."""
     p = Path(key)
     raw = p.parent.name if p.name == "code.pt" and p.parent.name else p.stem
@@ -228,7 +237,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     total = num_frames(len(keys), cfg.frames, cfg.loop)
     space = cfg.space
     if space == "auto":
-        space = "z" if all(k.z is not None for k in keys) else "w"
+        space = code_space(keys)
     if space == "z":
         missing = [n for n, k in zip(names, keys) if k.z is None]
         if missing:
@@ -264,7 +273,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
             save_image(frame_dir / f"frame_{n:05d}.png", img)
             frames.append(to_uint8(img))
             if cfg.ply and n % cfg.frames == 0:  # frame k * frames shows key k exactly (t = 0)
-                cloud.save_ply(out / "keyframes" / f"key_{i:02d}_{_label(names[i])}.ply")
+                cloud.save_ply(out / "keyframes" / f"key_{i:02d}_{key_label(names[i])}.ply")
     video = write_video(out / "interpolation.mp4", frames, fps=cfg.fps)
     summary = {"keys": names, "space": space, "method": cfg.method, "frames_per_transition": cfg.frames,
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,

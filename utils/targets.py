@@ -16,6 +16,7 @@ from torch import Tensor
 
 from utils.cameras import Camera, load_camera_params
 from utils.dataset import crop_size, crop_view
+from utils.io import read_image
 from utils.model_io import TrainedModel
 from utils.nersemble import NersembleSubject
 
@@ -174,15 +175,10 @@ def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: T
 
 
 def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
-    import cv2
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot decode {what} {path} (not an image file OpenCV can read)")
-    img = img.astype(np.float32) / 255.0
-    return img[..., None] if gray else np.ascontiguousarray(img[..., ::-1])
+    """(H, W, 3) RGB or, with ``gray``, (H, W, 1) float32 in [0, 1]; a missing, empty, truncated or undecodable file
+    is an error naming it (utils.io.read_image)."""
+    img = read_image(path, what, "gray" if gray else "color")
+    return img[..., None] if gray else img
 
 
 def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:

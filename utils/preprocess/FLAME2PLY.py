@@ -105,12 +105,16 @@ def process_subject(subject: NersembleSubject, model: LazyFlame, max_level: int,
     todo = set(plan_outputs(list(paths.values()), overwrite, out, f"{subject.subject_id}: ", verbose))
     if not todo:
         return out
-    params = subject.tracking()  # FileNotFoundError naming the npz when missing
+    params = subject.tracking()  # names the npz when missing, and the key when it holds NaN/Inf
     flame, topo = model.get()
-    params = params.frame(tracking_row(subject.tracking_path, subject.frame, params.num_frames))
+    row = tracking_row(subject.tracking_path, subject.frame, params.num_frames)
+    params = params.frame(row)
     with torch.no_grad():
         verts = flame(params)[0].cpu().numpy().astype(np.float64)  # (V, 3) world
         cano2world = flame.model_to_world(params)[0].cpu().numpy().astype(np.float64)
+    if not (np.isfinite(verts).all() and np.isfinite(cano2world).all()):  # else a misleading subdivision error
+        raise ValueError(f"{subject.tracking_path}: FLAME posed with frame row {row} of this tracking has NaN or Inf "
+                         f"vertices; expected finite tracked parameters of a plausible size (track it again)")
     faces = flame.faces.cpu().numpy()
     mask_ids, mask_faces = topo
     fm_v = verts[mask_ids]

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
+from utils.errors import add_debug_flag, run_main
 from utils.nersemble import DEFAULT_SEQUENCE, NersembleSubject, list_subjects
 
 DEFAULT_FLAME_DIR = "data"
@@ -34,7 +35,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def make_parser(description: Optional[str], prog: Optional[str] = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    add_debug_flag(parser)
+    return parser
 
 
 def add_subject_args(parser: argparse.ArgumentParser, frame: bool = True) -> None:
@@ -185,10 +188,8 @@ def script_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callab
     """Parse ``argv``, run, print the summary; missing inputs exit with status 2 and a one-line message."""
     args = build_parser().parse_args(argv)
     try:
-        out = run(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        out = run_main(what, lambda: run(args), argv)
+    except SystemExit as exc:
+        return int(exc.code)
     print(out.summary(what))
     return 0
