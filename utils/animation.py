@@ -33,7 +33,8 @@ from utils.cameras import Camera
 from utils.codes import FittedCode
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
-from utils.interpolation import METHODS, base_camera, interpolate_codes, interpolate_colours, lerp, resolve_key
+from utils.interpolation import (METHODS, base_camera, code_space, interpolate_codes, interpolate_colours, lerp,
+                                 resolve_key)
 from utils.io import atomic_write_json, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
@@ -159,9 +160,8 @@ def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: tuple[Posable
     """The interpolation between identities a and b at ``mix``: code (z when both have one, else w; utils/interpolation
     .py), colour residual, FLAME shape and geometry offsets interpolated linearly; a's head placement."""
     keys = [a[1], b[1]]
-    space = "z" if all(k.z is not None for k in keys) else "w"
     with torch.no_grad():
-        w = interpolate_codes(keys, 0, 1, mix, method, space, model.field)
+        w = interpolate_codes(keys, 0, 1, mix, method, code_space(keys), model.field)
     colour = interpolate_colours(keys, 0, 1, mix)
     base = replace(a[0].base, shape=lerp(a[0].base.shape, b[0].base.shape, mix))
     head = animator.identity(w, base, colour=colour, name=f"{a[0].name}+{b[0].name}@{mix:g}")
