@@ -167,16 +167,24 @@ class HeadAnimator(nn.Module):
             per_vertex = subdivide_vertices(colour.to(dev).float(), self.plan)  # (V, 3)
             raw = raw.clone()
             raw[..., self._dc] += (per_vertex / SH_C0)[None, :, None, :]
-        offsets = None
-        if base_vertices is not None:
-            flame_base = self.face(base)  # (1, M, 3)
-            d0 = base_vertices.to(dev).float().reshape(flame_base.shape) - flame_base
-            if float(d0.abs().max()) > OFFSET_TOLERANCE:
-                v = subdivide_vertices(flame_base, self.plan)
-                frames, edge = self.field.surface_frames(v)  # (1, V, 3, 3), (1, V)
-                d = subdivide_vertices(d0, self.plan)  # linear: offsets of the subdivided vertices
-                offsets = (frames.transpose(-1, -2) @ d[..., None])[..., 0] / edge[..., None]
+        offsets = None if base_vertices is None else self.geometry_offsets(base, base_vertices)
         return PosableIdentity(raw=raw, base=base, offsets=offsets, name=name)
+
+    @torch.no_grad()
+    def geometry_offsets(self, base: FlameParams, base_vertices: Tensor) -> Tensor | None:
+        """(1, V, 3) offsets of an identity's face-mask vertices ``base_vertices`` (M, 3) from FLAME's at its frame
+        ``base`` (T = 1), subdivided and expressed in the surface frames of that frame in units of the local edge
+        length (``PosableIdentity.offsets``); None when the vertices are FLAME's (within OFFSET_TOLERANCE).  The
+        network does not run: a viewer resolves identities with this and runs the network only for what it shows."""
+        base = base.to(self.device)
+        flame_base = self.face(base)  # (1, M, 3)
+        d0 = base_vertices.to(self.device).float().reshape(flame_base.shape) - flame_base
+        if float(d0.abs().max()) <= OFFSET_TOLERANCE:
+            return None
+        v = subdivide_vertices(flame_base, self.plan)
+        frames, edge = self.field.surface_frames(v)  # (1, V, 3, 3), (1, V)
+        d = subdivide_vertices(d0, self.plan)  # linear: offsets of the subdivided vertices
+        return (frames.transpose(-1, -2) @ d[..., None])[..., 0] / edge[..., None]
 
     # ------------------------------------------------------------------ posing
     def vertices(self, head: PosableIdentity, params: FlameParams) -> Tensor:

@@ -33,8 +33,7 @@ from utils.cameras import Camera
 from utils.codes import FittedCode
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
-from utils.interpolation import (METHODS, base_camera, code_space, interpolate_codes, interpolate_colours, lerp,
-                                 resolve_key)
+from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
 from utils.io import atomic_write_json, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
@@ -137,10 +136,28 @@ def fit_flame_to_vertices(face: FlameSubset, vertices: Tensor, iterations: int =
                    scale=torch.full((1, 1), float(s))).to(dev)
 
 
-def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device
-            ) -> tuple[PosableIdentity, FittedCode]:
-    """A training identity (by name) or a code.pt -> (PosableIdentity, its FittedCode)."""
-    code = resolve_key(model, key, device)
+@dataclass
+class IdentityKey:
+    """One identity as the pose path needs it, resolved without running the network.
+
+    Attributes:
+        code: its FittedCode (style, code, level-0 vertices, colour residual).
+        base: FlameParams (T = 1) of its own frame: stored in model.pt / code.pt, or fitted for older files.
+        offsets: (1, V, 3) geometry offsets from FLAME (HeadAnimator.geometry_offsets), or None.
+        name: a label.
+    """
+
+    code: FittedCode
+    base: FlameParams
+    offsets: Tensor | None
+    name: str
+
+
+def identity_key(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device,
+                 code: FittedCode | None = None) -> IdentityKey:
+    """A training identity (by name) or a code.pt (``code``: already resolved with resolve_key) -> IdentityKey.  Files
+    written before FLAME parameters were stored get FLAME's shape and head pose by least squares, with a warning."""
+    code = resolve_key(model, key, device) if code is None else code
     base = code.flame
     if base is None:
         base = fit_flame_to_vertices(animator.face, code.base_vertices)
@@ -151,21 +168,28 @@ def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch
                       f"FLAME shape and head pose were fitted to its face-mask vertices by least squares (RMS "
                       f"residual {1000 * rms:.2f} mm, kept as geometry offsets; the neck and jaw pivots, which "
                       f"depend on the whole head, are approximate)")
-    head = animator.identity(code.w, base, code.base_vertices, code.colour, name=code.name or key)
-    return head, code
+    base = base.to(animator.device)
+    return IdentityKey(code, base, animator.geometry_offsets(base, code.base_vertices), code.name or key)
 
 
-def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: tuple[PosableIdentity, FittedCode],
-                   b: tuple[PosableIdentity, FittedCode], mix: float, method: str) -> PosableIdentity:
-    """The interpolation between identities a and b at ``mix``: code (z when both have one, else w; utils/interpolation
-    .py), colour residual, FLAME shape and geometry offsets interpolated linearly; a's head placement."""
-    keys = [a[1], b[1]]
+def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device
+            ) -> tuple[PosableIdentity, FittedCode]:
+    """A training identity (by name) or a code.pt -> (PosableIdentity, its FittedCode); the network runs once."""
+    k = identity_key(animator, model, key, device)
+    head = animator.identity(k.code.w, k.base, colour=k.code.colour, name=k.name)
+    return replace(head, offsets=k.offsets), k.code
+
+
+def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: IdentityKey, b: IdentityKey, mix: float,
+                   method: str, truncation: float = 1.0) -> PosableIdentity:
+    """The interpolation between identities a and b at ``mix`` (0 = a), truncated by ``truncation`` (psi, 1 = none):
+    style and colour residual by utils/interpolation.py blend_style, FLAME shape and geometry offsets linearly (the
+    geometry does not truncate); a's head placement.  The network runs once."""
     with torch.no_grad():
-        w = interpolate_codes(keys, 0, 1, mix, method, code_space(keys), model.field)
-    colour = interpolate_colours(keys, 0, 1, mix)
-    base = replace(a[0].base, shape=lerp(a[0].base.shape, b[0].base.shape, mix))
-    head = animator.identity(w, base, colour=colour, name=f"{a[0].name}+{b[0].name}@{mix:g}")
-    oa, ob = a[0].offsets, b[0].offsets
+        w, colour = blend_style(model, a.code, b.code, mix, method, truncation)
+    base = replace(a.base, shape=lerp(a.base.shape, b.base.shape, mix))
+    head = animator.identity(w, base, colour=colour, name=f"{a.name}+{b.name}@{mix:g}")
+    oa, ob = a.offsets, b.offsets
     if oa is not None or ob is not None:
         oa = torch.zeros_like(ob) if oa is None else oa
         ob = torch.zeros_like(oa) if ob is None else ob
@@ -301,9 +325,9 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
 
     t0 = time.perf_counter()
     name = cfg.identity or model.identities[0]
-    first = posable(animator, model, name, device)
-    head = first[0] if not cfg.identity_b else mixed_identity(
-        animator, model, first, posable(animator, model, cfg.identity_b, device), cfg.mix, cfg.method)
+    head = posable(animator, model, name, device)[0] if not cfg.identity_b else mixed_identity(
+        animator, model, identity_key(animator, model, name, device),
+        identity_key(animator, model, cfg.identity_b, device), cfg.mix, cfg.method)
     params = retarget(motion.params.to(device), head.base, cfg.pose, cfg.reference_frame)
     driver = None
     if cfg.side_by_side == "driver":

@@ -150,6 +150,21 @@ def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) ->
     return lerp(a, b, t)
 
 
+def blend_style(model: TrainedModel, a: FittedCode, b: FittedCode, t: float, method: str, truncation: float = 1.0
+                ) -> tuple[Tensor, Tensor | None]:
+    """Style (S,) and colour residual ((M, 3) or None) of the identity between a and b at t (0 = a, 1 = b): codes
+    interpolated with ``method`` in z when both keys have one, else in w, the colour residual linearly; then pulled
+    towards the average style ``w_avg`` by ``truncation`` (psi: 1 = none, 0 = the average style), which scales the
+    colour residual (a correction of the fitted style) with it."""
+    keys = (a, b)
+    w = interpolate_codes(keys, 0, 1, t, method, code_space(keys), model.field)
+    colour = interpolate_colours(keys, 0, 1, t)
+    if truncation != 1.0:
+        w = model.field.mapping.w_avg.to(w).lerp(w, truncation)
+        colour = None if colour is None else colour * truncation
+    return w, colour
+
+
 def canonical_vertices(template: Tensor, base: Tensor) -> Tensor:
     """World-space vertices base (M, 3) brought into FLAME's canonical frame of ``template`` (M, 3): the similarity
     (scale, rotation, translation) that best maps the template onto them, undone."""
