@@ -220,3 +220,36 @@ def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[
             overrides[key] = [p for v in val for p in str(v).split(",") if p]
             setattr(args, f"cfg:{key}", None)
     return args, build_config(cls, getattr(args, "config", None), args, overrides=overrides)
+
+
+class Range(typing.NamedTuple):
+    """Allowed values of a numeric config key: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return " and ".join(parts) or "a number"
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
+    """Raise ValueError naming the flag for the first dotted key of ``cfg`` whose value lies outside its Range
+    (checked before any work starts, so a bad value never runs for minutes or writes an empty result)."""
+    for name, rng in ranges.items():
+        obj = cfg
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, bool) or not isinstance(obj, (int, float)) or obj != obj or not rng.contains(obj):
+            raise ValueError(f"--{name} must be {rng.describe()}, got {obj!r}")

@@ -364,10 +364,9 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     code = FittedCode(w=w_fit, z=None if cfg.space == "w" or flame_params is not None else var.detach(),
                       base_vertices=base_fit, name=target.name,
                       meta={"start": start, "space": cfg.space, "refine_geometry": bool(cfg.refine_geometry),
-                            "refine_flame": flame_params is not None,
-                                              "refine_colour": colour is not None,
-                                              "tracked_base_vertices": base0.detach().cpu()},
-                      colour=colour)
+                            "refine_flame": flame_params is not None, "refine_colour": colour is not None,
+                            "tracked_base_vertices": base0.detach().cpu()},
+                      colour=colour, flame=target.flame if flame_params is None else flame_params.to("cpu"))
     return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
                      colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
                      seconds_code=seconds_code, seconds_colour=seconds_colour, flame_params=flame_params,

@@ -433,14 +433,20 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         if not jac:
             with torch.no_grad():
                 return frame_residuals(F, S, frame_of, rows, scale, rigid)[0].double().cpu(), None, None
-        Fr = F.repeat_interleave(K, 0).requires_grad_(True)
-        Sr = S.repeat_interleave(K, 0).requires_grad_(True)
-        with torch.enable_grad():
-            r, _ = frame_residuals(Fr, Sr, idx_rep, rows, scale, rigid)
-            (r * sel).sum().backward()
-        r = r.detach()[torch.arange(T * K, device=dev), torch.arange(K, device=dev).repeat(T)].reshape(T, K)
-        Js = Sr.grad if Sr.grad is not None else torch.zeros_like(Sr)  # Qs = 0: no shared variables
-        return r.double().cpu(), Fr.grad.reshape(T, K, Qf).double().cpu(), Js.reshape(T, K, Qs).double().cpu()
+        rs, jfs, jss = [], [], []
+        step = max(1, 4096 // K)  # frames per backward pass (bounds the memory of long videos)
+        for a in range(0, T, step):
+            n = min(step, T - a)
+            Fr = F[a:a + n].repeat_interleave(K, 0).requires_grad_(True)
+            Sr = S[a:a + n].repeat_interleave(K, 0).requires_grad_(True)
+            with torch.enable_grad():
+                r, _ = frame_residuals(Fr, Sr, idx_rep[:n * K] + a, rows, scale, rigid)
+                (r * sel[:n * K]).sum().backward()
+            rs.append(r.detach()[torch.arange(n * K, device=dev), torch.arange(K, device=dev).repeat(n)])
+            jfs.append(Fr.grad)
+            jss.append(Sr.grad if Sr.grad is not None else torch.zeros_like(Sr))  # Qs = 0: no shared variables
+        return (torch.cat(rs).reshape(T, K).double().cpu(), torch.cat(jfs).reshape(T, K, Qf).double().cpu(),
+                torch.cat(jss).reshape(T, K, Qs).double().cpu())
 
     def cost(r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
         c = r.square().sum() + (d_f * Xv).square().sum() + (d_s * Yv).square().sum()

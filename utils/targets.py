@@ -16,6 +16,7 @@ from torch import Tensor
 
 from utils.cameras import Camera, load_camera_params
 from utils.dataset import crop_size, crop_view
+from utils.io import read_image
 from utils.model_io import TrainedModel
 from utils.nersemble import NersembleSubject
 
@@ -49,6 +50,8 @@ class FitTarget:
         eval_views: every calibrated view with a photo (fitted one included), cropped to one common size.
         extra_views: calibrated cameras without a photo (rendered only).
         fit_camera_full: the fitted camera for the whole photo (turntable start).
+        flame: the photo's FLAME parameters (models.flame.FlameParams, T = 1; None when unknown), stored in code.pt
+            so that the fitted person can be animated.
     """
 
     name: str
@@ -59,6 +62,7 @@ class FitTarget:
     fit_camera_full: Camera
     source: dict[str, str]
     wild: "WildFit | None" = None  # photo-only targets: the landmarks and the FLAME fit behind base_vertices
+    flame: Any = None
 
 
 @dataclass
@@ -84,28 +88,34 @@ def default_flame_dir(subject_dir: Path) -> Path:
     return cand if cand.is_dir() else Path("data")
 
 
-def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
-                    frame: int = 0, flame=None) -> tuple[Tensor, Tensor, Any]:
-    """World-space FLAME vertices (V, 3) of a tracking file (or ``params``) and the model's face-mask part (M, 3);
+def frame_flame(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None, frame: int = 0,
+                flame=None, frame_ids: bool = False) -> tuple[Tensor, Tensor, Any, Any]:
+    """FLAME of one tracked frame: (world-space vertices (V, 3), the model's face-mask part (M, 3), the FlameModel,
+    the frame's FlameParams (T = 1, VHAP's root pivot baked)).
+
+    ``frame`` picks the row of ``params`` (or of the ``tracking`` file): with ``frame_ids`` the row whose frame number
+    (the npz's ``frames`` key, utils/nersemble.py tracking_row) is ``frame``, else row min(frame, T - 1).
     ``flame``: an already loaded FlameModel of ``flame_dir``."""
     from models.flame import FlameModel, load_tracking
+    from utils.nersemble import tracking_row
 
     flame = flame if flame is not None else FlameModel.from_data_dir(flame_dir)
     if params is None:
         params = load_tracking(tracking, flame=flame)
-    params = params.frame(min(frame, params.num_frames - 1))
-    mask_ids = torch.as_tensor(model.mask_ids)
-    if int(mask_ids.max()) >= flame.num_vertices:
-        raise ValueError(f"the model's face mask indexes FLAME vertex {int(mask_ids.max())} but the FLAME model in "
-                         f"{flame_dir} has {flame.num_vertices} vertices: use the FLAME files the model was trained "
-                         f"with (--flame_dir)")
-    tmpl = flame.v_template[mask_ids].float()
-    if not torch.allclose(tmpl, model.template_base.cpu().float(), atol=1e-4):
-        raise ValueError(f"the FLAME template in {flame_dir} differs from the one the model was trained with: use "
-                         f"the same FLAME files (--flame_dir)")
+    row = tracking_row(tracking, frame, params.num_frames) if frame_ids and tracking is not None \
+        else min(frame, params.num_frames - 1)
+    params = flame.bake_root_pivot(params.frame(row))
+    model.check_flame(flame, flame_dir)
     with torch.no_grad():
         verts = flame(params)[0].float()
-    return verts, verts[mask_ids], flame
+    return verts, verts[torch.as_tensor(model.mask_ids)], flame, params
+
+
+def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
+                   frame: int = 0, flame=None) -> tuple[Tensor, Tensor, Any]:
+    """World-space FLAME vertices (V, 3) of a tracking file (or ``params``) and the model's face-mask part (M, 3),
+    and the FlameModel (:func:`frame_flame` without the parameters)."""
+    return frame_flame(model, flame_dir, tracking, params, frame, flame)[:3]
 
 
 def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
@@ -144,10 +154,10 @@ def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.d
         images[s] = subject.masked_image(s, cfg.image_scale)
         masks[s] = subject.facemask(s, cfg.image_scale)
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else default_flame_dir(sdir)
-    _, base, _ = flame_vertices(model, flame_dir, subject.tracking_path, frame=cfg.frame)
+    _, base, _, params = frame_flame(model, flame_dir, subject.tracking_path, frame=cfg.frame, frame_ids=True)
     fit, views = fit_and_eval_views(serials, images, masks, cams, cfg.camera, cfg.fit, device)
     return FitTarget(name=sdir.name, base_vertices=base.to(device), fit_view=fit, eval_views=views, extra_views=[],
-                     fit_camera_full=cams[cfg.camera].to(device),
+                     fit_camera_full=cams[cfg.camera].to(device), flame=params,
                      source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)})
 
 
@@ -168,15 +178,10 @@ def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: T
 
 
 def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
-    import cv2
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot decode {what} {path} (not an image file OpenCV can read)")
-    img = img.astype(np.float32) / 255.0
-    return img[..., None] if gray else np.ascontiguousarray(img[..., ::-1])
+    """(H, W, 3) RGB or, with ``gray``, (H, W, 1) float32 in [0, 1]; a missing, empty, truncated or undecodable file
+    is an error naming it (utils.io.read_image)."""
+    img = read_image(path, what, "gray" if gray else "color")
+    return img[..., None] if gray else img
 
 
 def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
@@ -207,7 +212,7 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
         photo = cv2.resize(photo, (cams[cfg.camera].width, cams[cfg.camera].height), interpolation=cv2.INTER_AREA)
     cam = cams[cfg.camera]
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else Path("data")
-    flame_verts, base, flame = flame_vertices(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
+    flame_verts, base, flame, params = frame_flame(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
     if cfg.mask:
         mask = read_photo(Path(cfg.mask), "face mask (--mask)", gray=True)
         if mask.shape[:2] != (h, w):
@@ -224,20 +229,23 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
     extra = [View(k, c.to(device)) for k, c in cams.items() if k != cfg.camera]
     return photo_target(img_path.stem, photo, mask, cam, base, cfg, device, extra,
                         {"image": str(img_path), "camera_json": str(json_path), "camera": cfg.camera,
-                         "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)})
+                         "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)},
+                        flame=params)
 
 
 def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, base: Tensor, cfg: "TrackConfig",
                  device: torch.device, extra: Sequence[View] = (), source: dict | None = None,
-                 wild: WildFit | None = None) -> FitTarget:
-    """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3)."""
+                 wild: WildFit | None = None, flame: Any = None) -> FitTarget:
+    """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3);
+    ``flame``: the photo's FlameParams (T = 1)."""
     from utils.preprocess.projection_ply import masked_photo
 
     masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
     s = cam.name
     fit, views = fit_and_eval_views([s], {s: masked}, {s: mask}, {s: cam}, s, cfg.fit, device)
     return FitTarget(name=name, base_vertices=base.to(device), fit_view=fit, eval_views=views,
-                     extra_views=list(extra), fit_camera_full=cam.to(device), source=source or {}, wild=wild)
+                     extra_views=list(extra), fit_camera_full=cam.to(device), source=source or {}, wild=wild,
+                     flame=flame)
 
 
 def model_flame_dir(model: TrainedModel, flame_dir: str) -> Path:
@@ -308,7 +316,7 @@ def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.devi
                               irises=None if irises is None else torch.as_tensor(irises, dtype=torch.float32))
     res = fit_flame_to_landmarks(flame, targets, flame_cfg, camera_name=cfg.camera)
     cam = res.camera
-    flame_verts, base, _ = flame_vertices(model, flame_dir, None, params=res.params, flame=flame)
+    flame_verts, base, _, params = frame_flame(model, flame_dir, None, params=res.params, flame=flame)
     mask = projected_face_mask(model, flame_verts, flame.faces, cam)
     if len(lms.outline):
         mask = mask * polygon_mask(lms.outline, w, h)
@@ -320,4 +328,4 @@ def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.devi
     return photo_target(img_path.stem, photo, mask[..., None], cam, base, cfg, device, (),
                         {"image": str(img_path), "landmarks": cfg.landmarks or "mediapipe face mesh",
                          "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir),
-                         "photo_scale": f"{w / w0:.4f}"}, wild)
+                         "photo_scale": f"{w / w0:.4f}"}, wild, params)
