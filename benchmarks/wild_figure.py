@@ -1,5 +1,6 @@
 """The README's picture of a photo-only fit: landmarks.png | the fitted render beside the photo | turntable frames.
 
+    python -c "import cv2, skimage.data; cv2.imwrite('astronaut.png', skimage.data.astronaut()[..., ::-1])"
     python track.py --checkpoint output/cpu/model.pt --image astronaut.png --out output/photo/astronaut
     python benchmarks/wild_figure.py output/photo/astronaut docs/astronaut_fit.png
 
