@@ -25,16 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.animation import ANIM_FLAGS, ANIM_LISTS, AnimationConfig, animate  # noqa: E402
-from utils.config import add_cli_config, parse_cli_config  # noqa: E402
-from utils.errors import add_debug_flag, run_main  # noqa: E402
+from utils.config import config_parser, parse_cli_config  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="optional YAML file with any of the keys below")
-    add_debug_flag(parser)
-    add_cli_config(parser, AnimationConfig, flags=ANIM_FLAGS, lists=ANIM_LISTS)
-    return parser
+    return config_parser(__doc__, AnimationConfig, flags=ANIM_FLAGS, lists=ANIM_LISTS)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,17 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import add_cli_config, parse_cli_config  # noqa: E402
-from utils.errors import add_debug_flag, run_main  # noqa: E402
+from utils.config import config_parser, parse_cli_config  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 from utils.tracking import TRACK_ALIASES, TRACK_FLAGS, TrackConfig, track, track_all_heldout  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/fit.yaml", help="YAML preset (default: %(default)s)")
-    add_debug_flag(parser)
-    add_cli_config(parser, TrackConfig, aliases=TRACK_ALIASES, flags=TRACK_FLAGS)
-    return parser
+    return config_parser(__doc__, TrackConfig, "configs/fit.yaml", aliases=TRACK_ALIASES, flags=TRACK_FLAGS)
 
 
 def main(argv: list[str] | None = None):

@@ -26,15 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import add_cli_config, parse_cli_config  # noqa: E402
+from utils.config import config_parser, parse_cli_config  # noqa: E402
 from utils.viewer import VIEWER_LISTS, HeadViewer, ViewerConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="optional YAML file with any of the keys below")
-    add_cli_config(parser, ViewerConfig, lists=VIEWER_LISTS)
-    return parser
+    return config_parser(__doc__, ViewerConfig, lists=VIEWER_LISTS, debug=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -209,6 +209,24 @@ def add_cli_config(parser: argparse.ArgumentParser, cls: type, aliases: dict[str
             action.nargs = "+"
 
 
+def config_parser(description: str | None, cls: type, config_default: str | None = None,
+                  aliases: dict[str, str] | None = None, flags: Sequence[str] = (), lists: Sequence[str] = (),
+                  debug: bool = True) -> argparse.ArgumentParser:
+    """The parser of an entry point: ``--config`` (a YAML preset, ``config_default`` when given), ``--debug`` (see
+    utils/errors.py) and one flag per key of the dataclass ``cls`` (:func:`add_cli_config`)."""
+    from utils.errors import add_debug_flag
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config_default is None:
+        parser.add_argument("--config", default=None, help="optional YAML file with any of the keys below")
+    else:
+        parser.add_argument("--config", default=config_default, help="YAML preset (default: %(default)s)")
+    if debug:
+        add_debug_flag(parser)
+    add_cli_config(parser, cls, aliases=aliases, flags=flags, lists=lists)
+    return parser
+
+
 def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None,
                      lists: Sequence[str] = ()):
     """Parse ``argv`` into (namespace, config): defaults <- ``--config`` YAML <- command line."""
