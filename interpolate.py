@@ -17,18 +17,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import add_cli_config, parse_cli_config  # noqa: E402
+from utils.config import config_parser, parse_cli_config  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 from utils.interpolation import INTERP_FLAGS, INTERP_LISTS, InterpolationConfig, interpolate  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="optional YAML file with any of the keys below")
-    add_cli_config(parser, InterpolationConfig, flags=INTERP_FLAGS, lists=INTERP_LISTS)
-    return parser
+    return config_parser(__doc__, InterpolationConfig, flags=INTERP_FLAGS, lists=INTERP_LISTS)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    return run_main("interpolate.py", lambda: _run(argv), argv)  # bad input: one clear line (--debug: traceback)
+
+
+def _run(argv: list[str] | None) -> dict:
     _, cfg = parse_cli_config(build_parser(), InterpolationConfig, argv, lists=INTERP_LISTS)
     summary = interpolate(cfg)
     print(f"{summary['num_frames']} frames ({' -> '.join(summary['keys'])}{' -> loop' if cfg.loop else ''}, "

@@ -6,6 +6,7 @@
 #   bash run_tracking.sh --checkpoint X --out DIR                    # the same with another model / output folder
 #   bash run_tracking.sh --refine_colour false                       # code-only fit (no per-vertex colour stage)
 #   bash run_tracking.sh --subject_dir <root>/<id> --out DIR         # one NeRSemble subject (camera 222200037)
+#   bash run_tracking.sh --image photo.jpg                          # any photo: landmarks -> FLAME + camera -> fit
 #   bash run_tracking.sh --image me.jpg --camera_json cams.json --flame tracked_flame_params.npz --out DIR
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,6 +15,9 @@ PY=${PYTHON:-python3}
 has_flag() { local f=$1; shift; for a in "$@"; do [[ "$a" == "$f" || "$a" == "$f="* ]] && return 0; done; return 1; }
 
 if has_flag --subject_dir "$@" || has_flag --image "$@"; then
+  if has_flag --image "$@" && ! has_flag --out "$@"; then
+    exec "$PY" track.py --out output/tracking/photo "$@"
+  fi
   exec "$PY" track.py --out output/tracking "$@"
 fi
 

@@ -1,13 +1,15 @@
 """Reconstruct a person from ONE photo with the trained identity field frozen (fit a latent code / style, then a
 small regularised per-vertex colour residual; --refine_colour false for the code alone).
 
+    python track.py --checkpoint output/cpu/model.pt --image photo.jpg --out output/photo      # a photo alone
     python track.py --checkpoint output/cpu/model.pt --subject_dir syn_data/subjects/017 --out output/tracking/017
     python track.py --checkpoint model.pt --image me.jpg --camera_json camera_params.json --camera 222200037 \\
         --flame tracked_flame_params.npz [--mask me_mask.png] --flame_dir data --out output/me
     python track.py --all_heldout --data_root syn_data --checkpoint output/cpu/model.pt --out output/tracking
 
 Writes code.pt, head.ply, views/cam_<serial>.png, grid.png, turntable.mp4 and metrics.json into --out (with
---all_heldout: one folder per identity, summary.md / summary.json, and the Markdown table on stdout).
+--all_heldout: one folder per identity, summary.md / summary.json, and the Markdown table on stdout).  A photo alone
+also writes flame_fit.npz (NeRSemble tracking layout), camera_params.json (camera 222200037) and landmarks.png.
 Every key of configs/fit.yaml can be overridden on the command line (--fit.lr 0.02, --export.turntable false, ...).
 """
 from __future__ import annotations
@@ -18,18 +20,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import add_cli_config, parse_cli_config  # noqa: E402
+from utils.config import config_parser, parse_cli_config  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 from utils.tracking import TRACK_ALIASES, TRACK_FLAGS, TrackConfig, track, track_all_heldout  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/fit.yaml", help="YAML preset (default: %(default)s)")
-    add_cli_config(parser, TrackConfig, aliases=TRACK_ALIASES, flags=TRACK_FLAGS)
-    return parser
+    return config_parser(__doc__, TrackConfig, "configs/fit.yaml", aliases=TRACK_ALIASES, flags=TRACK_FLAGS)
 
 
 def main(argv: list[str] | None = None):
+    return run_main("track.py", lambda: _run(argv), argv)  # bad input: one clear line (--debug: traceback)
+
+
+def _run(argv: list[str] | None):
     _, cfg = parse_cli_config(build_parser(), TrackConfig, argv)
     if cfg.all_heldout:
         rows, table = track_all_heldout(cfg)

@@ -6,7 +6,14 @@ the face mask subdivided to ``--level``. Then measures
   * training: single-view steps per second (B identities x C views per optimiser step) and the projected time of
     the reference's 295,680 single-view steps; peak memory;
   * single-image fit: wall seconds from a loaded model to the fitted result, PSNR on the unseen views;
-  * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop.
+  * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop;
+  * animation: FPS of a cached identity driven by FLAME (FLAME face-mask rows + subdivision + attachment +
+    rasterizer in the loop, models/animation.py) at 512x512, one frame per call and 16 per call.
+  * video reenactment (``--parts reenact``, needs mediapipe): frames per second from a driving MP4 (a synthetic head
+    rendered through the keyframes at 512x512) to its FLAME motion: landmarks per frame and the FLAME fit;
+  * photo to head (``--parts photo``, needs mediapipe and scikit-image): track.py's photo-only path on
+    skimage's astronaut (512x512): landmarks, FLAME + camera fit, face mask, code and colour fit; wall seconds from
+    the photo on disk and a loaded model to the fitted head (issue 12's target: <= 2 s on an H200).
 Prints one Markdown table and writes it to --out.
 
     python benchmarks/bench.py --out benchmarks/results/bench_h100.md        # on the GPU machine
@@ -28,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
-from models.renderer import render_batch  # noqa: E402
+from models.renderer import render_batch, render_identities  # noqa: E402
 from utils.cameras import Camera  # noqa: E402
 from utils.config import build_config  # noqa: E402
 from utils.dataset import MultiViewDataset  # noqa: E402
@@ -74,8 +81,11 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     paint[len(full_faces):] = True
     rig = {s: c.scaled(0.5) for s, c in make_rig(height).items()}  # calibration is for 2x frames
 
+    params = []
+
     def views_of(subject_id: str):
         ident = sample_identity(model, seed, subject_id)
+        params.append(ident.params)
         cloud = heads.cloud(ident).to(device)
         cams = [rig[s].to(device) for s in SERIALS]
         with torch.no_grad():
@@ -95,8 +105,9 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
         base.append(b)
     template = flame.v_template[torch.as_tensor(mask_ids)].cpu()
     data = MultiViewDataset.from_views(cfg.data, ids, list(SERIALS), views, torch.stack(base), template, mask_ids,
-                                       mask_faces, device)
-    data.flame = flame  # its landmark embedding gives the eye-region metrics (utils/regions.py)
+                                       mask_faces, device, flame_params=params)
+    # the FLAME the problem was made with (its landmark embedding also gives the eye-region metrics): the photo benchmark fits it to the photo's landmarks, animation drives it
+    data.flame, data.flame_dir = flame, tmp
     heldout_views, heldout_base = views_of("017")
     return data, (heldout_views, heldout_base)
 
@@ -177,6 +188,46 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
     return out
 
 
+@torch.no_grad()
+def bench_animation(field, data, device: torch.device, repeats: int, backend: str) -> dict:
+    """FPS of a cached identity (network run once) driven through the built-in keyframes at 512x512: per frame FLAME
+    (face-mask rows), subdivision, attachment and the rasterizer; one frame per call (replayed from a CUDA graph, and
+    eagerly) and 16 frames per call (one graph replay and one rasterizer call for 16 frames)."""
+    from models.animation import HeadAnimator, retarget
+    from utils.motion import load_motion
+
+    animator = HeadAnimator(field, data.flame.to(device), data.mask_ids, data.plan)
+    w = field.style(field.codes.weight[:1], update_w_avg=False)[0]
+    head = animator.identity(w, data.flame_params[0])
+    params = retarget(load_motion("keyframes", data.flame).params.to(device), head.base)  # 181 frames
+    T = params.num_frames
+    c = animator.vertices(head, head.base)[0].mean(0).tolist()
+    cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), 512, 512, fov_y_deg=25).to(device)
+    singles = [params.frame(i) for i in range(T)]  # slices of the device tensors, made before timing
+    chunks = [params.frames(slice(i, i + 16)) for i in range(0, T - 15, 16)]
+    out = {"animate_frames": T}
+    step1, step16 = animator.graphed(head, 1), animator.graphed(head, 16)
+    out["animate_graphed"] = step1.graphed if step1.fallback_reason is None else step1.fallback_reason
+    runs = [("1_per_call", lambda p: render_batch(step1(p)[0], [cam], backend=backend), singles, 1),
+            ("1_per_call_eager", lambda p: render_batch(animator.gaussians(head, p)[0], [cam], backend=backend),
+             singles, 1),
+            ("16_per_call", lambda p: render_identities(step16(p), [[cam]] * 16, backend=backend), chunks, 16),
+            ("pose_only_1_per_call", step1, singles, 1)]
+    for name, fn, inputs, per in runs:
+        for i in range(5):
+            fn(inputs[i % len(inputs)])
+        sync(device)
+        reset_peak(device)
+        n = max(1, repeats // per)
+        t = time.perf_counter()
+        for i in range(n):
+            fn(inputs[i % len(inputs)])
+        sync(device)
+        out[f"animate_fps_512x512_{name}"] = n * per / (time.perf_counter() - t)
+        out[f"animate_peak_gb_{name}"] = peak_gb(device)
+    return out
+
+
 def _fit_target(model, views, base, fit_serial: str, device: torch.device):
     """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask,
     every view cropped to one common window, as track.py does with files."""
@@ -240,6 +291,85 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     return out
 
 
+REENACT_KEYS = ("neutral", "open_mouth", "head_turn_left", "smile", "head_turn_right", "raised_brows", "nod", "neutral")
+
+
+def bench_reenactment(data, device: torch.device, per_transition: int = 12, size: int = 512, seed: int = 0) -> dict:
+    """Video reenactment throughput: a synthetic head driven through keyframes (``REENACT_KEYS``: head turns, jaw,
+    expressions; ``per_transition`` frames each) is rendered to a ``size`` x ``size`` MP4, then timed from the file to
+    the FLAME motion (utils/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
+    the correlation of the recovered head turn and jaw opening with the truth."""
+    from models.animation import retarget
+    from utils.io import to_uint8, write_video
+    from utils.motion import load_motion
+    from utils.reenactment import reenact_video
+    from utils.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
+    from utils.synthetic_flame import make_flame_model
+
+    model = make_flame_model(seed)
+    heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
+    ident = sample_identity(model, seed, "301")
+    truth = retarget(load_motion("keyframes", heads.flame, REENACT_KEYS, per_transition).params, ident.params)
+    c = heads.flame(ident.params)[0].mean(0).tolist()
+    cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), size, size, fov_y_deg=30).to(device)
+    video = []
+    for i in range(truth.num_frames):
+        cloud = heads.cloud(ident, truth.frame(i)).to(device)
+        video.append(to_uint8(render_ground_truth(cloud, [cam], ident, "studio")["image"][0]))
+    path = write_video(Path(tempfile.mkdtemp(prefix="bench_reenact_")) / "driver.mp4", video, fps=25)
+    sync(device)
+    t = time.perf_counter()
+    motion = reenact_video(path, data.flame, progress=False)
+    sync(device)
+    total = time.perf_counter() - t
+    fit_s = motion.info["seconds"]
+    p = motion.params
+    rel = p.rotation_matrix[0].T @ p.rotation_matrix
+    turn = torch.atan2(rel[:, 0, 2], rel[:, 2, 2]).cpu().numpy()
+    r = lambda a, b: float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])  # noqa: E731
+    return {"reenact_frames": truth.num_frames, "reenact_size": f"{size}x{size}",
+            "reenact_fps_end_to_end": truth.num_frames / total,
+            "reenact_fps_landmarks": truth.num_frames / max(total - fit_s, 1e-9),
+            "reenact_fps_flame_fit": truth.num_frames / max(fit_s, 1e-9),
+            "reenact_frames_with_face": motion.info["frames_with_face"],
+            "reenact_head_turn_r": r(turn, truth.neck[:, 1].cpu()),
+            "reenact_jaw_r": r(p.jaw[:, 0].cpu(), truth.jaw[:, 0])}
+
+
+def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend: str, repeats: int = 3,
+                max_face_px: float = 0.0) -> dict:
+    """Photo to fitted head on skimage's astronaut: track()'s load phase (detection, FLAME + camera fit, face mask,
+    crop) plus its fit phase (code, colour), best of ``repeats`` after one warm-up run; exports off.  The photo is
+    fitted at its own resolution (``max_face_px`` 0) unless given."""
+    import cv2
+    import skimage.data
+
+    from utils.model_io import load_model
+    from utils.tracking import TrackConfig, track
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_photo_"))
+    photo = tmp / "astronaut.png"
+    cv2.imwrite(str(photo), skimage.data.astronaut()[..., ::-1])
+    cfg = build_config(TrackConfig, "configs/fit.yaml", overrides={
+        "checkpoint": str(model_path), "image": str(photo), "flame_dir": str(flame_dir), "out": str(tmp / "out"),
+        "progress": False, "device": str(device), "backend": backend, "export.ply": False,
+        "export.turntable": False, "export.views": False, "export.lpips": False, "max_face_px": max_face_px})
+    model = load_model(model_path, device)
+    track(cfg, model=model)  # warm-up: mediapipe's graph, CUDA graphs, kernels
+    best = None
+    for _ in range(repeats):
+        m = track(cfg, model=model)
+        t = m["seconds_per_phase"]["load"] + m["seconds_per_phase"]["fit"]
+        if best is None or t < best[0]:
+            best = (t, m)
+    t, m = best
+    return {"photo_to_head_s": t, "photo_detect_flame_mask_s": m["seconds_per_phase"]["load"],
+            "photo_flame_fit_s": m["seconds_flame_fit"], "photo_code_colour_fit_s": m["seconds_fit"],
+            "photo_total_with_metrics_s": m["seconds"], "photo_landmark_error_iod": m["landmark_error_iod"],
+            "photo_psnr_in_mask": m["psnr_photo_in_mask"], "photo_iterations": m["iterations"],
+            "photo_fit_crop": "x".join(map(str, m["fit_crop"]))}
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version()}
     try:
@@ -278,8 +408,10 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra training config overrides")
     p.add_argument("--fit_variant", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="extra fit schedules to time against the long fit, e.g. fast:lr=0.2,iterations=60")
-    p.add_argument("--parts", default="train,render,fit",
-                   help="comma-separated figures to measure: train (throughput), render (FPS), fit")
+    p.add_argument("--parts", default="train,render,fit,animate",
+                   help="comma-separated figures to measure: train (throughput), render (FPS), fit, animate (FPS of a "
+                        "FLAME-driven cached identity), reenact (video reenactment throughput; needs mediapipe, not in "
+                        "the default), photo (photo-only path on the astronaut; not in the default)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -311,6 +443,8 @@ def main() -> None:
     if "render" in parts:
         rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
                                  args.render_repeats, cfg.backend))
+    if "animate" in parts:
+        rows.update(bench_animation(trainer.field.eval(), data, device, args.render_repeats, cfg.backend))
     if "fit" in parts:
         variants = {}
         for spec in args.fit_variant:
@@ -319,6 +453,13 @@ def main() -> None:
         fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
                         long_iterations=20 if args.quick else 1000, variants=variants)
         rows.update({f"fit_{k}": v for k, v in fit.items()})
+    if "reenact" in parts:
+        rows.update(bench_reenactment(data, device, per_transition=3 if args.quick else 12,
+                                      size=256 if args.quick else 512))
+    if "photo" in parts:
+        # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
+        rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
+                                repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0))
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",

@@ -18,6 +18,7 @@ Conventions (design.md section 3):
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import tempfile
@@ -90,16 +91,73 @@ def _standin_class(name: str) -> type:
     return type(name, (_ChumpyStandIn,), {})
 
 
+def _numpy_pickle_functions() -> dict[str, Any]:
+    try:  # numpy >= 2 keeps them in numpy._core; pickles of numpy 1 name numpy.core
+        from numpy._core import multiarray, numeric
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray, numeric
+    return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar, "_frombuffer": numeric._frombuffer}
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocols < 3 (always latin1); other codecs are refused."""
+    if encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise UnsafePickleError(f"_codecs.encode with codec {encoding!r}")
+    return text.encode("latin1", errors)
+
+
+_BUILTIN_TYPES = {t.__name__: t for t in (object, dict, list, tuple, set, frozenset, int, float, complex, str, bytes,
+                                          bytearray, bool)}
+_BUILTIN_TYPES.update(unicode=str, long=int)  # Python 2 names
+
+
+def _safe_global(module: str, name: str) -> Any:
+    """The object a FLAME pickle may name, or None: numpy arrays/dtypes/scalars, scipy sparse matrices, builtin
+    containers and numbers, and the two pickle helpers that rebuild them (copyreg._reconstructor, latin1 bytes)."""
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric"):
+        return _numpy_pickle_functions().get(name)
+    if module == "numpy":
+        return {"ndarray": np.ndarray, "dtype": np.dtype}.get(name)
+    if module in ("builtins", "__builtin__"):
+        return _BUILTIN_TYPES.get(name)
+    if module in ("copyreg", "copy_reg") and name == "_reconstructor":
+        import copyreg
+
+        return copyreg._reconstructor  # builds an instance of an (allowed) class without running its __init__
+    if module == "_codecs" and name == "encode":
+        return _latin1_encode
+    if module == "collections" and name == "OrderedDict":
+        import collections
+
+        return collections.OrderedDict
+    if module == "scipy.sparse" or module.startswith("scipy.sparse."):
+        # pickles from old scipy name private modules (scipy.sparse.csc) that newer scipy removes
+        cls = getattr(sp, name, None)
+        sparse_types = tuple(t for t in (getattr(sp, "spmatrix", None), getattr(sp, "sparray", None)) if t)
+        if isinstance(cls, type) and issubclass(cls, sparse_types):
+            return cls
+    return None
+
+
+class UnsafePickleError(ValueError):
+    """A pickle names a class or function outside the FLAME allow-list (loading it could run code)."""
+
+
 class _FlameUnpickler(pickle.Unpickler):
-    """Maps chumpy classes to stand-ins and old scipy.sparse module paths to the current ones."""
+    """Unpickles only what FLAME files hold: chumpy classes become inert stand-ins, and everything else must be on
+    the allow-list of :func:`_safe_global` (numpy, scipy.sparse, builtin containers).  Any other class or function
+    (e.g. a ``__reduce__`` payload naming ``os.system``) is refused before it can run."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "chumpy" or module.startswith("chumpy."):
             return _standin_class(name)
-        if module.startswith("scipy.sparse") and name.endswith("_matrix"):
-            # pickles from old scipy name private modules (scipy.sparse.csc) that newer scipy removes
-            return getattr(sp, name)
-        return super().find_class(module, name)
+        obj = _safe_global(module, name)
+        if obj is None:
+            raise UnsafePickleError(f"{module}.{name}")
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"persistent id {pid!r}")
 
 
 def _resolve_standins(obj: Any, where: str) -> Any:
@@ -112,18 +170,89 @@ def _resolve_standins(obj: Any, where: str) -> Any:
     return obj
 
 
+def _unsafe(path: Any, exc: UnsafePickleError) -> UnsafePickleError:
+    return UnsafePickleError(
+        f"{path}: refused to unpickle {exc.args[0]}: FLAME files hold only numpy arrays, scipy sparse matrices, "
+        f"chumpy values and plain containers, and loading anything else could run code. Use the file as downloaded "
+        f"from {FLAME_URL} (or re-export it with plain numpy arrays)")
+
+
+def _restricted_unpickle(fh: Any, where: Any) -> Any:
+    try:
+        obj = _FlameUnpickler(fh, encoding="latin1").load()
+    except UnsafePickleError as exc:
+        raise _unsafe(where, exc) from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, MemoryError, OverflowError) as exc:
+        raise ValueError(f"{where}: could not unpickle ({type(exc).__name__}: {exc}); the file is truncated or "
+                         "not a pickle") from exc
+    return _resolve_standins(obj, str(where))
+
+
 def load_pickle_no_chumpy(path: PathLike) -> Any:
-    """Unpickle ``path`` (latin1, Python-2 pickles allowed) with every chumpy object turned into a numpy array."""
+    """Unpickle ``path`` (latin1, Python-2 pickles allowed) with every chumpy object turned into a numpy array.
+
+    Only the allow-list of :class:`_FlameUnpickler` is created; any other class or function raises
+    UnsafePickleError (a ValueError) naming the file and the class, before anything of it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, "rb") as fh:
+        return _restricted_unpickle(fh, path)
+
+
+def _read_npy(fh: Any, where: Any) -> np.ndarray:
+    """One .npy stream; object arrays (pickled inside the file) go through the FLAME allow-list, never np.load's
+    unrestricted unpickler."""
+    fmt = np.lib.format
+    start = fh.tell()
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        _, _, dtype = fmt.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        _, _, dtype = fmt.read_array_header_2_0(fh)
+    else:  # pragma: no cover - version 3 (utf8 field names) has no public header reader
+        _, _, dtype = fmt._read_array_header(fh, version)
+    if not dtype.hasobject:
+        fh.seek(start)
+        return fmt.read_array(fh, allow_pickle=False)
+    arr = _restricted_unpickle(fh, where)
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{where}: expected a numpy array, found {type(arr).__name__}")
+    return arr
+
+
+def load_npy_no_chumpy(path: PathLike) -> np.ndarray:
+    """``np.load`` of a .npy file, with object arrays unpickled through the FLAME allow-list."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
         with open(path, "rb") as fh:
-            obj = _FlameUnpickler(fh, encoding="latin1").load()
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as exc:
-        raise ValueError(f"{path}: could not unpickle ({type(exc).__name__}: {exc}); the file is truncated or "
-                         "not a pickle") from exc
-    return _resolve_standins(obj, str(path))
+            return _read_npy(fh, path)
+    except UnsafePickleError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: could not read .npy ({type(exc).__name__}: {exc}); the file is truncated or "
+                         "not an .npy file") from exc
+
+
+def load_npz_no_chumpy(path: PathLike) -> dict[str, Any]:
+    """Every array of an .npz (0-d object arrays unwrapped), object arrays through the FLAME allow-list."""
+    path = Path(path)
+    out: dict[str, Any] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                val = _read_npy(io.BytesIO(zf.read(member)), f"{path}[{member[:-4]!r}]")
+                out[member[:-4]] = val.item() if val.dtype == object and val.ndim == 0 else val
+    except UnsafePickleError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: could not read .npz ({exc}); the file is truncated or corrupt") from exc
+    return out
 
 
 def _sparse_to_csr(m: Any) -> sp.csr_matrix:
@@ -202,6 +331,10 @@ def validate_flame_dict(data: dict, path: PathLike, min_coeffs: int = NUM_SHAPE 
     if w.shape != (nv, NUM_JOINTS):
         raise err(f"key 'weights' has shape {w.shape}, expected ({nv}, {NUM_JOINTS})")
     out["weights"] = w
+    for key in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
+        vals = out[key].data if sp.issparse(out[key]) else out[key]
+        if not np.isfinite(vals).all():
+            raise err(f"key '{key}' holds NaN or Inf values")
     return out
 
 
@@ -215,14 +348,7 @@ def load_flame_pickle(path: PathLike, validate: bool = True) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"FLAME model {path} not found. {_WHERE}")
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=True) as z:
-                data = {k: z[k] for k in z.files}
-        except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-            raise ValueError(f"{path}: could not read .npz ({exc}); the file is truncated or corrupt") from exc
-        for k, val in list(data.items()):  # 0-d object arrays wrap sparse matrices or dicts
-            if isinstance(val, np.ndarray) and val.dtype == object and val.ndim == 0:
-                data[k] = val.item()
+        data = load_npz_no_chumpy(path)  # 0-d object arrays (sparse matrices, dicts) come back unwrapped
     else:
         data = load_pickle_no_chumpy(path)
     return validate_flame_dict(data, path) if validate else data
@@ -251,10 +377,8 @@ def load_dynamic_embedding(path: PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"dynamic landmark embedding {path} not found (optional; from {FLAME_URL}, "
                                 f"goes to data/{DYNAMIC_EMBEDDING})")
-    try:
-        d = np.load(path, allow_pickle=True, encoding="latin1")[()]
-    except (EOFError, ValueError, OSError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"{path}: could not read ({exc}); truncated or not a pickled dict") from exc
+    arr = load_npy_no_chumpy(path)
+    d = arr[()] if arr.ndim == 0 else arr
     for key in ("lmk_face_idx", "lmk_b_coords"):
         if not isinstance(d, dict) or key not in d:
             raise ValueError(f"{path}: missing key '{key}' (expected lmk_face_idx (79,17), lmk_b_coords (79,17,3))")
@@ -267,14 +391,38 @@ def load_dynamic_embedding(path: PathLike) -> dict:
 
 def _atomic_pickle(obj: Any, path: Path) -> None:
     # write to a temporary name first so a concurrent reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    from utils.io import atomic_write
+
+    atomic_write(path, lambda fh: pickle.dump(obj, fh, protocol=4))
+
+
+def _cache_is_valid(path: Path, plain: dict) -> tuple[bool, str]:
+    """Whether the cached smplx pickle ``path`` holds exactly ``plain`` (read through the FLAME allow-list, so a
+    damaged or tampered cache file is detected before smplx opens it with the stock unpickler)."""
+    if not path.is_file():
+        return False, "missing"
     try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(obj, fh, protocol=4)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        cached = load_pickle_no_chumpy(path)
+    except ValueError as exc:
+        return False, str(exc)
+    same = isinstance(cached, dict) and cached.keys() == plain.keys() and all(
+        isinstance(cached[k], np.ndarray) and cached[k].dtype == v.dtype and np.array_equal(cached[k], v)
+        for k, v in plain.items())
+    return same, "" if same else "its arrays differ from the model's"
+
+
+def _private_temp_dir() -> Path:
+    """A cache folder under the system temp dir that only this user can write (others could otherwise plant a
+    pickle there for smplx to load); a fresh private folder when the usual one is not ours."""
+    base = Path(tempfile.gettempdir()) / f"flame_smplx_cache_{getattr(os, 'getuid', lambda: 'user')()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = base.lstat()
+        if hasattr(os, "getuid") and (base.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022):
+            raise PermissionError(f"{base} is not a private folder of this user")
+        return base
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="flame_smplx_cache_"))
 
 
 def _file_digest(path: Path) -> str:
@@ -290,7 +438,10 @@ def prepare_smplx_folder(model: dict, static_embedding: Optional[dict], key: str
     """Write the plain-numpy ``FLAME_NEUTRAL.pkl`` + ``flame_static_embedding.pkl`` that smplx.FLAME reads.
 
     smplx opens ``<folder>/FLAME_NEUTRAL.pkl`` with the stock unpickler (so no chumpy may remain) and always
-    needs ``<folder>/flame_static_embedding.pkl``.  ``cache_dir/key`` is used when writable, else a temp dir.
+    needs ``<folder>/flame_static_embedding.pkl``.  ``cache_dir/key`` is used when writable, else a private folder
+    of this user in the temp dir.  A cached model file is first read through the FLAME allow-list and compared
+    with ``model``; a truncated, foreign or stale one is rebuilt (with a warning), so smplx never opens a pickle
+    this function has not checked.  The static embedding is written every time.
     """
     plain = {
         "v_template": np.asarray(model["v_template"], dtype=np.float32),
@@ -307,13 +458,18 @@ def prepare_smplx_folder(model: dict, static_embedding: Optional[dict], key: str
     candidates = []
     if cache_dir is not None:
         candidates.append(Path(cache_dir) / key)
-    candidates.append(Path(tempfile.gettempdir()) / "flame_smplx_cache" / key)
+    candidates.append(None)  # the user's private temp folder, made only when needed
     last_exc: Optional[Exception] = None
     for folder in candidates:
         try:
+            folder = _private_temp_dir() / key if folder is None else folder
             folder.mkdir(parents=True, exist_ok=True)
-            if not (folder / "FLAME_NEUTRAL.pkl").is_file():
-                _atomic_pickle(plain, folder / "FLAME_NEUTRAL.pkl")
+            target = folder / "FLAME_NEUTRAL.pkl"
+            valid, why = _cache_is_valid(target, plain)
+            if not valid:  # derived data: a damaged or stale copy is rebuilt, not an error
+                if why != "missing":
+                    warnings.warn(f"rebuilding the smplx cache file {target} ({why})")
+                _atomic_pickle(plain, target)
             _atomic_pickle({k: np.asarray(v) for k, v in static_embedding.items()}, folder / STATIC_EMBEDDING)
             return folder
         except OSError as exc:  # read-only data folder: fall back to the temp dir
@@ -390,6 +546,43 @@ class FlameParams:
     def frame(self, i: int) -> "FlameParams":
         """Select frame ``i`` (keeps a T=1 leading dim)."""
         return replace(self, **{n: getattr(self, n)[i:i + 1] for n in self._TENSORS if n != "shape"})
+
+    def frames(self, index: Union[slice, Sequence[int], Tensor]) -> "FlameParams":
+        """Select several frames (a slice, a list of indices or an index tensor); the shape is shared."""
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        return replace(self, **{n: getattr(self, n)[index] for n in self._TENSORS if n != "shape"})
+
+    @classmethod
+    def cat(cls, params: Sequence["FlameParams"]) -> "FlameParams":
+        """Concatenate the frames of several FlameParams of one identity (their shapes must agree)."""
+        params = list(params)
+        if not params:
+            raise ValueError("FlameParams.cat needs at least one FlameParams")
+        first = params[0]
+        for p in params[1:]:
+            if p.rotate_about_root != first.rotate_about_root or not torch.equal(p.shape, first.shape):
+                raise ValueError("FlameParams.cat: the parts differ in shape coefficients or head-pose convention")
+        return replace(first, **{n: torch.cat([getattr(p, n) for p in params]) for n in cls._TENSORS if n != "shape"})
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """Plain CPU tensors by field name (what model.pt and code.pt store; loads with torch.load(weights_only=True)).
+
+        The head pose must be in the NeRSemble convention (``FlameModel.bake_root_pivot`` first for VHAP files)."""
+        if self.rotate_about_root:
+            raise ValueError("FlameParams.as_dict: bake the VHAP root pivot first (FlameModel.bake_root_pivot)")
+        return {n: getattr(self, n).detach().cpu().clone() for n in self._TENSORS}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "<dict>") -> "FlameParams":
+        """Inverse of :meth:`as_dict`; a missing key or a wrong shape raises ValueError naming ``where``."""
+        missing = [n for n in cls._TENSORS if n not in d]
+        if missing:
+            raise ValueError(f"{where}: FLAME parameters lack {missing} (have {sorted(d)})")
+        try:
+            return cls(**{n: torch.as_tensor(d[n]).float() for n in cls._TENSORS})
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
 
     @classmethod
     def neutral(cls, num_frames: int = 1, dtype: torch.dtype = torch.float32,
@@ -493,6 +686,8 @@ def load_tracking(npz_path: PathLike, frame: Optional[int] = None, dtype: torch.
                      jaw=get("jaw_pose").reshape(T, 3), neck=get("neck_pose").reshape(T, 3),
                      eyes=get("eyes_pose").reshape(T, 6), scale=np.ones((T, 1)))
             about_root = True
+            file_keys = dict(expression="expr", rotation_matrix="rotation", jaw="jaw_pose", neck="neck_pose",
+                             eyes="eyes_pose")
         else:
             missing = [k for k in _NERSEMBLE_KEYS if k not in files]
             if "rotation" not in files and "rotation_matrices" not in files:
@@ -522,12 +717,20 @@ def load_tracking(npz_path: PathLike, frame: Optional[int] = None, dtype: torch.
                      neck=get("neck").reshape(T, 3), eyes=get("eyes").reshape(T, 6),
                      scale=np.broadcast_to(scale, (T, 1)))
             about_root = False
+            file_keys = dict(rotation_matrix="rotation_matrices" if "rotation_matrices" in files else "rotation")
     d["shape"] = _pad_coeffs(d["shape"], NUM_SHAPE, "shape", path)
     d["expression"] = _pad_coeffs(d["expression"], NUM_EXPRESSION, "expression" if not about_root else "expr", path)
     if frame is not None:
         if not -T <= frame < T:
             raise IndexError(f"{path}: frame {frame} out of range (file has {T} frames)")
         d = {k: (v if k == "shape" else v[frame:frame + 1]) for k, v in d.items()}
+    for k, v in d.items():  # caught here, not later as non-finite Gaussians or a failed subdivision
+        finite = np.isfinite(np.asarray(v, dtype=np.float64)).reshape(len(v), -1).all(1)
+        if not finite.all():
+            rows = np.nonzero(~finite)[0]
+            where = "" if k == "shape" else f" in frame row(s) {rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}"
+            raise ValueError(f"{path}: key '{file_keys.get(k, k)}' holds NaN or Inf values{where}; expected finite "
+                             f"tracked FLAME parameters (the tracking of this sequence failed: track it again)")
     params = FlameParams(**{k: torch.as_tensor(np.array(v), dtype=dtype) for k, v in d.items()},
                          rotate_about_root=about_root)
     if flame is not None and about_root:
@@ -689,6 +892,80 @@ class FlameModel(nn.Module):
         tri = self.faces[self.lmk_faces_idx]  # (L,3)
         corners = vertices[..., tri, :]  # (..., L, 3, 3)
         return (corners * self.lmk_bary_coords.to(vertices.dtype)[..., None]).sum(-2)
+
+
+class FlameSubset(nn.Module):
+    """FLAME's forward for a subset of its vertices (e.g. the face mask): FlameParams (T frames) -> (T, M, 3).
+
+    The maths of smplx's ``lbs`` (checked against :class:`FlameModel` in tests/test_flame.py) on the M subset rows
+    only, with the joints regressed through precomputed (5, 3, K) regressions of the shape and expression
+    blendshapes.  Written out rather than calling smplx because smplx's ``lbs`` walks the kinematic chain by indexing
+    a Python list with device tensors (one host synchronisation per joint on a GPU, which also rules out CUDA-graph
+    capture) and always poses every vertex and the landmarks; the per-frame animation path (models/animation.py)
+    needs neither.  Built from a FlameModel's smplx buffers, so both use the same model data.
+    """
+
+    def __init__(self, flame: FlameModel, vertex_ids: Union[np.ndarray, Tensor, Sequence[int]]) -> None:
+        super().__init__()
+        fl = flame.flame
+        ids = torch.as_tensor(np.asarray(vertex_ids), dtype=torch.long, device=fl.v_template.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= flame.num_vertices):
+            raise ValueError(f"FlameSubset: vertex ids must lie in [0, {flame.num_vertices}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        V = flame.num_vertices
+        jr = fl.J_regressor  # (5, V) dense in smplx
+        self.register_buffer("template", fl.v_template[ids].clone(), persistent=False)  # (M, 3)
+        self.register_buffer("shapedirs", fl.shapedirs[ids].clone(), persistent=False)  # (M, 3, 300)
+        self.register_buffer("exprdirs", fl.expr_dirs[ids].clone(), persistent=False)  # (M, 3, 100)
+        self.register_buffer("posedirs", fl.posedirs.view(-1, V, 3)[:, ids].reshape(fl.posedirs.shape[0], -1).clone(),
+                             persistent=False)  # (36, M * 3)
+        self.register_buffer("weights", fl.lbs_weights[ids].clone(), persistent=False)  # (M, 5)
+        self.register_buffer("j_template", jr @ fl.v_template, persistent=False)  # (5, 3)
+        self.register_buffer("j_shapedirs", torch.einsum("jv,vck->jck", jr, fl.shapedirs), persistent=False)
+        self.register_buffer("j_exprdirs", torch.einsum("jv,vck->jck", jr, fl.expr_dirs), persistent=False)
+        self.parents = [int(p) for p in fl.parents.tolist()]  # constant kinematic tree, on the host
+        # parents of joints 1.. as a device index (indexing with a Python list would copy it to the device per call)
+        self.register_buffer("parent_index", torch.tensor(self.parents[1:], dtype=torch.long,
+                                                          device=ids.device), persistent=False)
+        self.num_vertices = int(ids.numel())
+
+    def model_space(self, params: FlameParams) -> tuple[Tensor, Tensor]:
+        """(vertices (T, M, 3), posed joints (T, 5, 3)) in FLAME model space (zero global rotation)."""
+        dt = self.template.dtype
+        beta = params.shape.to(dt)  # (1, 300)
+        psi = params.expression.to(dt)  # (T, 100)
+        T = psi.shape[0]
+        v = (self.template + torch.einsum("bk,mck->bmc", beta, self.shapedirs)
+             + torch.einsum("tk,mck->tmc", psi, self.exprdirs))  # (T, M, 3)
+        J = (self.j_template + torch.einsum("bk,jck->bjc", beta, self.j_shapedirs)
+             + torch.einsum("tk,jck->tjc", psi, self.j_exprdirs))  # (T, 5, 3)
+        pose = torch.stack([torch.zeros_like(params.neck), params.neck, params.jaw, params.eyes[:, :3],
+                            params.eyes[:, 3:]], dim=1).to(dt)  # (T, 5, 3) axis-angle, global rotation zero
+        rot = axis_angle_to_matrix(pose)  # (T, 5, 3, 3)
+        eye = torch.eye(3, dtype=dt, device=rot.device)
+        v = v + ((rot[:, 1:] - eye).reshape(T, -1) @ self.posedirs).view(T, -1, 3)  # pose blendshapes
+        # kinematic chain: world transform of each joint, then relative to its rest position (smplx's A)
+        rel = torch.cat([J[:, :1], J[:, 1:] - J.index_select(1, self.parent_index)], dim=1)  # (T, 5, 3)
+        chain: list[tuple[Tensor, Tensor]] = []
+        for j, parent in enumerate(self.parents):
+            if parent < 0:
+                chain.append((rot[:, j], rel[:, j]))
+            else:
+                Rp, tp = chain[parent]
+                chain.append((Rp @ rot[:, j], tp + (Rp @ rel[:, j, :, None])[..., 0]))
+        Rj = torch.stack([c[0] for c in chain], dim=1)  # (T, 5, 3, 3)
+        tj = torch.stack([c[1] for c in chain], dim=1)  # (T, 5, 3) posed joints
+        ta = tj - (Rj @ J[..., None])[..., 0]  # translation of the rest-relative transforms
+        Rv = torch.einsum("mj,tjab->tmab", self.weights, Rj)  # blended per vertex (T, M, 3, 3)
+        tv = torch.einsum("mj,tja->tma", self.weights, ta)
+        return (Rv @ v[..., None])[..., 0] + tv, tj
+
+    def forward(self, params: FlameParams) -> Tensor:
+        """(T, M, 3) WORLD-space vertices of the subset: FLAME, then [scale * R | t] (VHAP's root pivot resolved)."""
+        verts, joints = self.model_space(params)
+        M = params.to(device=verts.device, dtype=verts.dtype).model_to_world(
+            joints[:, 0] if params.rotate_about_root else None)
+        return verts @ M[:, :3, :3].transpose(1, 2) + M[:, None, :3, 3]
 
 
 # ============================================================================ face mask

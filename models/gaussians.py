@@ -120,6 +120,11 @@ class GaussianCloud:
         """(..., N, 3) view-independent colour from the DC term."""
         return sh0_to_rgb(self.sh[..., 0, :])
 
+    def covariances(self) -> Tensor:
+        """(..., N, 3, 3) world-space covariances Sigma = R S S^T R^T (R from the quaternions, S = diag(scales))."""
+        m = quat_to_rotmat(self.quats) * self.scales.unsqueeze(-2)  # R S
+        return m @ m.transpose(-1, -2)
+
     @staticmethod
     def cat(clouds: Sequence["GaussianCloud"]) -> "GaussianCloud":
         """Concatenate clouds along the Gaussian dimension (all must share batch shape and SH degree)."""

@@ -26,6 +26,33 @@ from models.identity_field import IdentityField
 _FIELDS = ("means", "quats", "scales", "opacities", "sh")
 
 
+def capture_forward(fn: Callable[..., tuple[Tensor, ...]], args: tuple[Tensor, ...], device: torch.device
+                    ) -> Callable[..., tuple[Tensor, ...]]:
+    """Capture ``fn(*args)`` (no gradients) into one CUDA graph with static input and output buffers.
+
+    Returns ``replay(*new_args)``: copies the new arguments (same shapes) into the input buffers on the current stream,
+    replays the graph and returns the static output tensors, which the next replay overwrites.  ``fn`` must not
+    synchronise with the host (no ``.item()``, no data-dependent shapes)."""
+    static_in = tuple(a.clone() for a in args)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):  # warm-up outside the graph (allocator, lazy kernels)
+            fn(*static_in)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_out = fn(*static_in)
+
+    def replay(*a: Tensor) -> tuple[Tensor, ...]:
+        for dst, src in zip(static_in, a):
+            dst.copy_(src)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
 class GraphedSynthesis:
     """Callable ``v (S,) or (D,) [, vertices (V, 3)] -> GaussianCloud (N, ...)`` of a frozen IdentityField.
 
@@ -92,25 +119,7 @@ class GraphedSynthesis:
         if self.requires_grad:
             sample = tuple(a.clone().requires_grad_(True) for a in args)
             return torch.cuda.make_graphed_callables(fn, sample)
-        # forward only: one graph with static input and output buffers
-        static_in = tuple(a.clone() for a in args)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):  # warm-up outside the graph (allocator, lazy kernels)
-                fn(*static_in)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            static_out = fn(*static_in)
-
-        def replay(*a: Tensor) -> tuple[Tensor, ...]:
-            for dst, src in zip(static_in, a):
-                dst.copy_(src)
-            graph.replay()
-            return static_out
-
-        return replay
+        return capture_forward(fn, args, self.device)
 
     def __call__(self, v: Tensor, vertices: Tensor | None = None) -> GaussianCloud:
         """v: (style_dim,) or (code_dim,) -> unbatched GaussianCloud (N = V * K); ``vertices`` (V, 3) only (and

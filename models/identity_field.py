@@ -441,14 +441,40 @@ class IdentityField(nn.Module):
         """Gaussians from styles (B, style_dim) directly (e.g. to fit in W space); see :meth:`forward`.
 
         ``surface``: precomputed ``surface_frames(vertices)`` for fixed geometry (saves work when fitting a style).
+        Equals ``attach(synthesize_raw(w), vertices, surface)``.
         """
         if vertices.dim() == 2:
             vertices = vertices.unsqueeze(0).expand(w.shape[0], -1, -1)
-        B, V = w.shape[0], self.num_vertices
+        out = self.attach(self.synthesize_raw(w).to(vertices.dtype), vertices, surface, return_aux)
+        if return_aux:
+            out[1]["w"] = w
+        return out
+
+    def attach(self, raw: Tensor, vertices: Tensor, surface: tuple[Tensor, Tensor] | None = None,
+               return_aux: bool = False):
+        """Place the network's raw output on posed vertices: the pose-dependent half of :meth:`synthesize`.
+
+        The raw output does not depend on the pose, so an animation runs the network once per identity and calls
+        this for every frame (models/animation.py).
+
+        Args:
+            raw: (B, V, K, C) from :meth:`synthesize_raw`, or (1, V, K, C) shared by all B posed meshes.
+            vertices: (B, V, 3) posed world-space vertices (or (V, 3) with B = 1).
+            surface: precomputed ``surface_frames(vertices)``.
+            return_aux: also return ``offset`` (B, N, 3) in edge units in the local frame, ``log_scale_delta``
+                (B, N, 3), ``edge_len`` (B, V), ``frames`` (B, V, 3, 3).
+        Returns:
+            GaussianCloud with batch shape (B,), N = V * K (or ``(cloud, aux)``).
+        """
+        if vertices.dim() == 2:
+            vertices = vertices.unsqueeze(0)
+        B, V = vertices.shape[0], self.num_vertices
         if vertices.shape != (B, V, 3):
-            raise ValueError(f"IdentityField: vertices must be (B={B}, V={V}, 3) or (V, 3), got "
-                             f"{tuple(vertices.shape)}")
-        raw = self.synthesize_raw(w).to(vertices.dtype)  # (B, V, K, C)
+            raise ValueError(f"IdentityField: vertices must be (B, V={V}, 3) or (V, 3), got {tuple(vertices.shape)}")
+        if raw.dim() != 4 or raw.shape[1:] != (V, self.K, self.channels) or raw.shape[0] not in (1, B):
+            raise ValueError(f"IdentityField: raw output must be (B={B} or 1, {V}, {self.K}, {self.channels}), got "
+                             f"{tuple(raw.shape)}")
+        raw = raw.expand(B, -1, -1, -1)
         sl, cfg, K = self._sl, self.cfg, self.K
         frames, edge_len = self.surface_frames(vertices) if surface is None else surface  # (B,V,3,3), (B,V)
         el = edge_len[:, :, None, None]  # (B, V, 1, 1)
@@ -474,7 +500,6 @@ class IdentityField(nn.Module):
         if not return_aux:
             return cloud
         aux = {
-            "w": w,
             "offset": offset.reshape(B, N, 3),
             "log_scale_delta": log_scale_delta.reshape(B, N, 3),
             "edge_len": edge_len,

@@ -12,7 +12,7 @@ Backends:
              from a float64 segment-wise cumsum of log(1 - alpha) and a hand-written backward pass
              (``_TileRaster``) that keeps two floats per pixel-Gaussian candidate.
     "gsplat" the gsplat CUDA rasterizer (PyPI ``gsplat``; default on CUDA)
-    "inria"  the original 3DGS rasterizer ``diff_gaussian_rasterization`` (not on PyPI)
+    "inria"  the original 3DGS rasterizer ``diff_gaussian_rasterization`` (not on PyPI; see ``_inria_inputs``)
     "auto"   gsplat when the cloud is on CUDA and gsplat imports, else torch
 """
 from __future__ import annotations
@@ -529,23 +529,55 @@ def _inria_projection(cam: Camera, znear: float, zfar: float) -> Tensor:
     return P
 
 
+def _inria_inputs(cloud: GaussianCloud) -> dict[str, Tensor]:
+    """The per-Gaussian tensors handed to ``diff_gaussian_rasterization`` (both passes), prepared for its kernel.
+
+    The original rasterizer builds each rotation from the quaternion it is given without normalising it and returns
+    the gradient of that unnormalised formula (its 3DGS training code normalises in PyTorch before the call).  gsplat
+    and the torch backend normalise inside, so their quaternion gradient has no radial part.  Normalising here,
+    through autograd, makes the kernel see unit quaternions and gives ``cloud.quats`` the same gradient as the other
+    backends.  Its backward pass also reads scales and rotations through raw pointers without making them contiguous
+    (its forward does), so both are handed over contiguous.
+
+    Returns: means (N, 3), quats (N, 4) unit, scales (N, 3), opacities (N, 1), sh (N, K, 3); float32, contiguous.
+    """
+    if cloud.means.dtype != torch.float32:
+        raise TypeError(f"the inria backend needs a float32 GaussianCloud, got {cloud.means.dtype}; use cloud.float()")
+    return {
+        "means": cloud.means.contiguous(),
+        "quats": torch.nn.functional.normalize(cloud.quats, dim=-1).contiguous(),
+        "scales": cloud.scales.contiguous(),
+        "opacities": cloud.opacities.unsqueeze(-1).contiguous(),
+        "sh": cloud.sh.contiguous(),
+    }
+
+
 def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None) -> dict[str, Tensor]:
+    """Render C cameras one by one with ``diff_gaussian_rasterization``; returns (C, H, W, ...) tensors.
+
+    Two passes per camera: SH colour over the background, then the precomputed colour (1, z, 0) over black, whose
+    channels are the accumulated alpha and alpha-weighted camera-space depth (the kernel returns neither in every
+    version; the depth some forks return is inverse depth).
+    """
     try:
         from diff_gaussian_rasterization import GaussianRasterizationSettings, GaussianRasterizer
     except ImportError as exc:
         raise ImportError(
             "the inria backend needs diff_gaussian_rasterization, which is not on PyPI: clone "
-            "graphdeco-inria/diff-gaussian-rasterization (add '#include <cstdint>' to rasterizer_impl.h on new CUDA "
-            "toolkits) and `pip install .` it"
+            "graphdeco-inria/diff-gaussian-rasterization with its glm submodule (add '#include <cstdint>' to "
+            "cuda_rasterizer/rasterizer_impl.h on new CUDA toolkits) and `pip install --no-build-isolation .` it"
         ) from exc
     dev = cloud.device
+    g = _inria_inputs(cloud)
     bg = torch.zeros(3, device=dev) if background is None else background.to(dev, torch.float32)
+    black = torch.zeros(3, device=dev)
     images, alphas, depths = [], [], []
     for cam in cameras:
+        w2c = cam.w2c.to(dev, torch.float32)
         # The row-vector convention of the Inria code wants transposed matrices.
-        view = cam.w2c.to(dev).T.contiguous()
+        view = w2c.T.contiguous()
         proj = _inria_projection(cam, 0.01, 100.0).to(dev)
-        full = (proj @ cam.w2c.to(dev)).T.contiguous()
+        full = (proj @ w2c).T.contiguous()
         settings = GaussianRasterizationSettings(
             image_height=cam.height,
             image_width=cam.width,
@@ -556,44 +588,25 @@ def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: T
             viewmatrix=view,
             projmatrix=full,
             sh_degree=cloud.sh_degree,
-            campos=cam.center.to(dev),
+            campos=cam.center.to(dev, torch.float32),
             prefiltered=False,
             debug=False,
             **({"antialiasing": False} if "antialiasing" in GaussianRasterizationSettings._fields else {}),
         )
-        rast = GaussianRasterizer(settings)
-        means2d = torch.zeros_like(cloud.means, requires_grad=cloud.means.requires_grad)
-        res = rast(
-            means3D=cloud.means,
-            means2D=means2d,
-            shs=cloud.sh,
-            colors_precomp=None,
-            opacities=cloud.opacities.unsqueeze(-1),
-            scales=cloud.scales,
-            rotations=cloud.quats,
-            cov3D_precomp=None,
+        common = {"opacities": g["opacities"], "scales": g["scales"], "rotations": g["quats"], "cov3D_precomp": None}
+        # means2D only receives the kernel's screen-space gradient (NDC units), which nothing here uses.
+        res = GaussianRasterizer(settings)(
+            means3D=g["means"], means2D=torch.zeros_like(g["means"]), shs=g["sh"], colors_precomp=None, **common
         )
-        image = res[0]
-        depth = res[2] if len(res) > 2 and res[2] is not None and res[2].dim() == 3 else None
-        # Alpha from a second pass with white colours over black: the kernel does not return it in every version.
-        ones = torch.ones_like(cloud.means)
-        settings_a = settings._replace(bg=torch.zeros(3, device=dev), sh_degree=0)
-        res_a = GaussianRasterizer(settings_a)(
-            means3D=cloud.means,
-            means2D=torch.zeros_like(cloud.means),
-            shs=None,
-            colors_precomp=ones,
-            opacities=cloud.opacities.unsqueeze(-1),
-            scales=cloud.scales,
-            rotations=cloud.quats,
-            cov3D_precomp=None,
+        z = g["means"] @ w2c[2, :3] + w2c[2, 3]  # (N,) camera-space depth, differentiable w.r.t. the means
+        aux = torch.stack([torch.ones_like(z), z, torch.zeros_like(z)], -1).contiguous()
+        res_a = GaussianRasterizer(settings._replace(bg=black, sh_degree=0))(
+            means3D=g["means"], means2D=torch.zeros_like(g["means"]), shs=None, colors_precomp=aux, **common
         )
-        alpha = res_a[0][:1]
-        images.append(image.permute(1, 2, 0))
-        alphas.append(alpha.permute(1, 2, 0))
-        depths.append(
-            depth.permute(1, 2, 0) if depth is not None else torch.zeros_like(alpha.permute(1, 2, 0))
-        )
+        alpha = res_a[0][0:1].permute(1, 2, 0)  # (H, W, 1)
+        images.append(res[0].permute(1, 2, 0))
+        alphas.append(alpha)
+        depths.append(res_a[0][1:2].permute(1, 2, 0) / alpha.clamp_min(1e-10))
     return {"image": torch.stack(images), "alpha": torch.stack(alphas), "depth": torch.stack(depths)}
 
 

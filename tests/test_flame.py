@@ -193,6 +193,45 @@ def test_model_to_world(flame):
     torch.testing.assert_close(torch.linalg.det(M[:, :3, :3]), p.scale[:, 0] ** 3)
 
 
+def test_flame_subset_matches_smplx_forward(flame, data_dir):
+    """FlameSubset (the sync-free face-mask rows of the animation path) poses exactly like FlameModel (smplx), for
+    NeRSemble and VHAP (root-pivot) head poses and large expression / jaw / neck / eye values."""
+    ids = F.load_face_mask(data_dir)
+    sub = F.FlameSubset(flame, ids)
+    p = _random_params(4, seed=5).to(torch.float32)
+    p.expression.mul_(3)
+    ref = flame(p)[:, torch.as_tensor(ids)]
+    got = sub(p)
+    assert got.shape == (4, len(ids), 3)
+    assert (got - ref).abs().max() < 2e-6, float((got - ref).abs().max())
+    vhap = F.FlameParams(**{n: getattr(p, n) for n in F.FlameParams._TENSORS}, rotate_about_root=True)
+    assert (sub(vhap) - flame(vhap)[:, torch.as_tensor(ids)]).abs().max() < 2e-6
+    _, joints = sub.model_space(p)
+    torch.testing.assert_close(joints, flame.model_space(p)[1], atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="vertex ids"):
+        F.FlameSubset(flame, [flame.num_vertices])
+
+
+def test_flame_params_frames_cat_and_plain_dict(tmp_path):
+    p = _random_params(5, seed=6).to(torch.float32)
+    sel = p.frames([4, 0, 2])
+    torch.testing.assert_close(sel.expression, p.expression[[4, 0, 2]])
+    assert p.frames(slice(1, 3)).num_frames == 2 and torch.equal(sel.shape, p.shape)
+    cat = F.FlameParams.cat([p.frame(1), p.frames(slice(2, 5))])
+    torch.testing.assert_close(cat.jaw, p.jaw[1:])
+    with pytest.raises(ValueError, match="shape"):
+        F.FlameParams.cat([p, F.FlameParams.neutral(1)])
+    d = p.as_dict()
+    torch.save(d, tmp_path / "p.pt")  # plain tensors in a plain dict: loads with weights_only=True
+    back = F.FlameParams.from_dict(torch.load(tmp_path / "p.pt", weights_only=True))
+    for n in F.FlameParams._TENSORS:
+        torch.testing.assert_close(getattr(back, n), getattr(p, n))
+    with pytest.raises(ValueError, match="lack"):
+        F.FlameParams.from_dict({k: v for k, v in d.items() if k != "jaw"}, "x.pt")
+    with pytest.raises(ValueError, match="bake"):
+        F.FlameParams(**{n: getattr(p, n) for n in F.FlameParams._TENSORS}, rotate_about_root=True).as_dict()
+
+
 def test_face_mask_submesh_and_mouth(data_dir, model_dict):
     ids = F.load_face_mask(data_dir)
     np.testing.assert_array_equal(ids, np.load(data_dir / "FLAME_mask_vertexID.npy"))

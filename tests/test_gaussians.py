@@ -169,3 +169,19 @@ def test_random_cloud_is_valid():
     torch.testing.assert_close(c.quats.norm(dim=-1), torch.ones(200))
     assert ((c.opacities > 0) & (c.opacities < 1)).all() and (c.scales > 0).all()
     assert c.sh_degree == 2
+
+
+def test_covariances_are_r_s2_rt():
+    cloud = random_cloud(50, generator=torch.Generator().manual_seed(3)).to(torch.float64)
+    cov = cloud.covariances()
+    assert cov.shape == (50, 3, 3) and torch.allclose(cov, cov.transpose(-1, -2))
+    # eigenvalues are the squared scales, eigenvectors the rotation's columns
+    evals = torch.linalg.eigvalsh(cov)
+    assert torch.allclose(evals, cloud.scales.square().sort(-1).values, rtol=1e-9, atol=1e-15)
+    R = quat_to_rotmat(cloud.quats)
+    for k in range(3):
+        axis = R[..., :, k]
+        assert torch.allclose((cov @ axis[..., None])[..., 0], cloud.scales[:, k:k + 1] ** 2 * axis, atol=1e-15)
+    batched = GaussianCloud(*(t[None].expand(2, *t.shape) for t in (cloud.means, cloud.quats, cloud.scales,
+                                                                     cloud.opacities, cloud.sh)))
+    assert torch.allclose(batched.covariances()[1], cov)

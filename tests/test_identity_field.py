@@ -143,6 +143,26 @@ def test_rigid_motion_moves_gaussians_rigidly():
     assert torch.allclose(R1, R @ R0, atol=1e-5)
 
 
+def test_attach_is_the_pose_half_of_synthesize():
+    """synthesize == attach(synthesize_raw): the raw output is computed once and attached to any posed vertices; a
+    (1, V, K, C) raw output serves a batch of poses bit for bit as synthesize does for each."""
+    net, v, _ = _field(gaussians_per_vertex=2, sh_degree=1)
+    net.eval()
+    with torch.no_grad():
+        net.head.weight.mul_(30.0)
+        w = net.style(net.codes(torch.tensor([2])))
+        raw = net.synthesize_raw(w)
+        poses = torch.stack([v * 1.1, v @ _random_rotation(4).T + 0.3, v * torch.tensor([1.0, 0.8, 1.2])])
+        batch, aux = net.attach(raw, poses, return_aux=True)
+        for i in range(3):
+            ref, ref_aux = net.synthesize(w, poses[i:i + 1], return_aux=True)
+            for k in ("means", "quats", "scales", "opacities", "sh"):
+                assert torch.equal(getattr(batch, k)[i], getattr(ref, k)[0]), k
+            assert torch.equal(aux["offset"][i], ref_aux["offset"][0]) and torch.equal(ref_aux["w"], w)
+    with pytest.raises(ValueError, match="raw output"):
+        net.attach(raw[..., :-1], poses)
+
+
 def test_equalized_lr_scaling():
     torch.manual_seed(0)
     fan_in, lr_mult = 64, 0.01

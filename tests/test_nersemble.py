@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
+from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
 from utils.nersemble import (
     DEFAULT_SEQUENCE,
     FRONTAL_SERIAL,
@@ -189,3 +190,27 @@ def test_preprocessing_outputs_are_read(subject_copy):
     np.savetxt(s.cano2world_path, np.eye(3))
     with pytest.raises(ValueError, match="4x4"):
         s.cano2world()
+
+
+def test_any_frame_of_a_sequence(sequence_root, tmp_path):  # noqa: F811
+    from tests.training_fixtures import SEQUENCE_FRAMES
+    from utils.nersemble import tracking_frame_ids, tracking_row
+
+    s = NersembleSubject(sequence_root / "subjects", "300", frame=2)
+    assert s.frames() == list(range(SEQUENCE_FRAMES)) and s.sequences() == [DEFAULT_SEQUENCE]
+    full = s.tracking()
+    assert full.num_frames == SEQUENCE_FRAMES
+    p = s.frame_params()
+    assert p.num_frames == 1 and torch.equal(p.expression, full.expression[2:3]) and torch.equal(p.jaw, full.jaw[2:3])
+    assert s.image(FRONTAL_SERIAL).shape == (H, W, 3) and s.masked_image(FRONTAL_SERIAL).shape == (H, W, 3)
+    assert not np.array_equal(s.image(FRONTAL_SERIAL), NersembleSubject(s.root, "300").image(FRONTAL_SERIAL))
+    # frame numbers of the tracking file: rows are found by them, not by position
+    np.savez(tmp_path / "t.npz", frames=np.array([10, 20]), expression=np.zeros((2, 100)))
+    assert tracking_row(tmp_path / "t.npz", 20, 2) == 1
+    assert tracking_frame_ids(tmp_path / "t.npz", 2).tolist() == [10, 20]
+    with pytest.raises(ValueError, match="not tracked"):
+        tracking_row(tmp_path / "t.npz", 0, 2)
+    np.savez(tmp_path / "u.npz", expression=np.zeros((2, 100)))
+    assert tracking_row(tmp_path / "u.npz", 1, 2) == 1 and tracking_frame_ids(tmp_path / "u.npz", 2).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="out of range"):
+        tracking_row(tmp_path / "u.npz", 2, 2)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
 from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,3 +404,33 @@ def test_insta2nersemble(tmp_path):
         i2n.run(i2n.parse_args(args[:5] + ["7"] + args[6:]))
     with pytest.raises(FileNotFoundError, match="actor folder not found"):
         i2n.run(i2n.parse_args(["--insta_dir", str(tmp_path), "--actor", "nobody", "--out_root", str(out_root)]))
+
+
+# ---------------------------------------------------------------------------------------------- sequences
+def test_frames_all_preprocesses_every_frame(sequence_root):
+    """--frames all (run by the sequence fixture) writes the meshes and masks of every frame from its own tracking
+    row; the face mask follows the expression."""
+    from models.flame import FlameModel, load_face_mask
+    from tests.training_fixtures import SEQUENCE_FRAMES
+    from utils.preprocess.common import frames_of
+    from utils.preprocess.FLAME2PLY import build_parser
+
+    subjects, flame_dir = sequence_root / "subjects", sequence_root / "flame"
+    flame = FlameModel.from_data_dir(flame_dir)
+    ids = load_face_mask(flame_dir)
+    masks = []
+    for t in range(SEQUENCE_FRAMES):
+        s = NersembleSubject(subjects, SUBJECT, frame=t)
+        v0, _ = s.facemask_mesh(0)
+        with torch.no_grad():
+            ref = flame(s.frame_params())[0].numpy()[ids]
+        assert np.allclose(v0, ref, atol=1e-6)
+        assert s.masked_image_path(FRONTAL_SERIAL).is_file()
+        masks.append(s.facemask(FRONTAL_SERIAL))
+    assert not np.array_equal(masks[0], masks[-1])
+    args = build_parser().parse_args(["--data_root", str(subjects), "--frames", "0", "2"])
+    assert frames_of(args, NersembleSubject(subjects, SUBJECT)) == [0, 2]
+    args = build_parser().parse_args(["--data_root", str(subjects), "--frames", "all"])
+    assert frames_of(args, NersembleSubject(subjects, SUBJECT)) == list(range(SEQUENCE_FRAMES))
+    with pytest.raises(ValueError, match="--frames"):
+        frames_of(build_parser().parse_args(["--data_root", str(subjects), "--frames", "x"]), None)

@@ -343,3 +343,160 @@ def test_gsplat_colour_input_at_degree_zero_is_the_sh_colour():
     rgb = _gsplat_colors(cloud, w2c)
     assert rgb.shape == (50, 3)
     torch.testing.assert_close(rgb, eval_sh(cloud.sh, torch.zeros(50, 3)))
+
+
+# ------------------------------------------------------------------------------------ inria wrapper (no CUDA needed)
+_INRIA_FIELDS = ("image_height", "image_width", "tanfovx", "tanfovy", "bg", "scale_modifier", "viewmatrix",
+                 "projmatrix", "sh_degree", "campos", "prefiltered", "debug")
+
+
+def _fake_inria_module(calls: list[dict]):
+    """A stand-in for ``diff_gaussian_rasterization`` (its API as on graphdeco-inria's main branch) that records what
+    it is handed and renders a differentiable image.  Like the real kernel, it builds rotations from the quaternions
+    it receives without normalising them, so a wrapper that hands it raw quaternions gets gradients with a radial part
+    and images that change when a quaternion is rescaled.
+
+    Per Gaussian n: Sigma_n = R(q_n) diag(s_n^2) R(q_n)^T, weight w_n = o_n (u^T Sigma_n u / |s_n|^2) exp(-u.x_n) with
+    u the camera's viewing axis; coverage a = pattern(h, w) * W / (1 + W), W = sum w_n; colour = weighted mean of the
+    Gaussians' colours (SH degree 0 term, or the precomputed colours) composited over ``bg``.
+    """
+    import collections
+    import types
+
+    Settings = collections.namedtuple("GaussianRasterizationSettings", _INRIA_FIELDS)
+
+    class GaussianRasterizer:
+        def __init__(self, raster_settings):
+            self.s = raster_settings
+
+        def __call__(self, means3D, means2D, opacities, shs=None, colors_precomp=None, scales=None, rotations=None,
+                     cov3D_precomp=None):
+            s = self.s
+            assert (shs is None) != (colors_precomp is None) and cov3D_precomp is None
+            r, x, y, z = rotations.unbind(-1)  # deliberately not normalised, as in the CUDA kernel
+            R = torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - r * z), 2 * (x * z + r * y),
+                             2 * (x * y + r * z), 1 - 2 * (x * x + z * z), 2 * (y * z - r * x),
+                             2 * (x * z - r * y), 2 * (y * z + r * x), 1 - 2 * (x * x + y * y)], -1).reshape(-1, 3, 3)
+            u = s.viewmatrix[:3, 2]  # camera z axis in world coordinates (viewmatrix is w2c transposed)
+            Ru = R.transpose(1, 2) @ u  # (N, 3)
+            w = opacities[:, 0] * ((Ru * scales) ** 2).sum(-1) / (scales**2).sum(-1) * torch.exp(-(means3D @ u))
+            cols = shs[:, 0, :] * 0.28209479177387814 + 0.5 if colors_precomp is None else colors_precomp
+            colour = (w[:, None] * cols).sum(0) / w.sum()
+            H, W = s.image_height, s.image_width
+            pattern = torch.linspace(0.2, 1.0, H * W, dtype=means3D.dtype).reshape(H, W)
+            a = pattern * (w.sum() / (1 + w.sum()))
+            image = a * colour[:, None, None] + (1 - a) * s.bg[:, None, None]
+            calls.append({"settings": s, "means2D": means2D, "opacities": opacities, "shs": shs,
+                          "colors_precomp": colors_precomp, "scales": scales, "rotations": rotations, "w": w})
+            return image, torch.full((len(means3D),), 3, dtype=torch.int32)
+
+    mod = types.ModuleType("diff_gaussian_rasterization")
+    mod.GaussianRasterizationSettings, mod.GaussianRasterizer = Settings, GaussianRasterizer
+    return mod
+
+
+def _inria_cloud(scale_q: float = 1.0) -> GaussianCloud:
+    """12 Gaussians with non-unit quaternions (x scale_q) and non-contiguous scales, all requiring gradients."""
+    g = torch.Generator().manual_seed(5)
+    c = random_cloud(12, sh_degree=1, generator=g)
+    quats = c.quats * torch.linspace(0.5, 2.0, 12).unsqueeze(-1) * scale_q
+    scales = torch.cat([c.scales, torch.zeros_like(c.scales)], -1)[:, :3]  # a view with row stride 6
+    cloud = GaussianCloud(c.means.clone(), quats.clone(), scales, c.opacities.clone(), c.sh.clone())
+    for t in (cloud.means, cloud.quats, cloud.opacities, cloud.sh):
+        t.requires_grad_(True)
+    return cloud
+
+
+def test_inria_wrapper_hands_the_kernel_unit_quaternions_with_gradients(monkeypatch):
+    """Issue 16: the inria kernel uses quaternions as given; both passes (colour and alpha/depth) must receive unit
+    quaternions that carry gradients back to the unnormalised input, so the gradient w.r.t. cloud.quats has no radial
+    part and the image does not depend on a quaternion's length (as in gsplat and the torch backend)."""
+    from models import renderer
+
+    calls: list[dict] = []
+    monkeypatch.setitem(sys.modules, "diff_gaussian_rasterization", _fake_inria_module(calls))
+    cams = [_cam(10, 8, eye=(0.0, 0.0, 0.6)), _cam(10, 8, eye=(0.3, 0.1, 0.5))]
+    cloud = _inria_cloud()
+    out = renderer._render_inria(cloud, cams, torch.tensor([0.2, 0.3, 0.4]))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"image": (2, 8, 10, 3), "alpha": (2, 8, 10, 1),
+                                                            "depth": (2, 8, 10, 1)}
+    assert len(calls) == 4  # two passes per camera
+    for i, call in enumerate(calls):
+        rot = call["rotations"]
+        assert rot.dtype == torch.float32 and rot.is_contiguous() and rot.requires_grad, f"call {i}"
+        torch.testing.assert_close(rot.norm(dim=-1), torch.ones(12), atol=1e-6, rtol=0)
+        # The kernel's backward reads scales through a raw pointer: they must arrive contiguous.
+        assert call["scales"].is_contiguous() and call["opacities"].shape == (12, 1)
+        assert call["settings"].scale_modifier == 1.0
+    for call in calls[1::2]:  # the alpha/depth pass: (1, z, 0) over black
+        assert call["shs"] is None and call["settings"].sh_degree == 0
+        assert float(call["settings"].bg.abs().max()) == 0.0
+        torch.testing.assert_close(call["colors_precomp"][:, 0], torch.ones(12))
+
+    # Gradients of each pass on its own: tangent to the quaternion, and non-zero.
+    for key in ("image", "alpha"):
+        for t in (cloud.means, cloud.quats, cloud.opacities, cloud.sh):
+            t.grad = None
+        out = renderer._render_inria(cloud, cams, torch.tensor([0.2, 0.3, 0.4]))
+        wts = torch.randn(out[key].shape, generator=torch.Generator().manual_seed(1))
+        (out[key] * wts).sum().backward()
+        gq = cloud.quats.grad
+        assert float(gq.norm()) > 1e-6, key
+        radial = (gq * cloud.quats.detach()).sum(-1) / cloud.quats.detach().norm(dim=-1)
+        assert float(radial.abs().max()) < 1e-5 * float(gq.norm()), f"{key}: radial quaternion gradient {radial}"
+        assert float(cloud.opacities.grad.norm()) > 0 and float(cloud.means.grad.norm()) > 0
+
+    # Rescaling every quaternion changes neither the images nor (up to 1/scale) their gradients.
+    outs, grads = [], []
+    for s in (1.0, 3.0):
+        c = _inria_cloud(s)
+        o = renderer._render_inria(c, cams, None)
+        (o["image"].sum() + o["alpha"].sum()).backward()
+        outs.append(o)
+        grads.append(c.quats.grad * s)
+    for k in ("image", "alpha", "depth"):
+        torch.testing.assert_close(outs[0][k], outs[1][k])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_inria_wrapper_depth_and_input_errors(monkeypatch):
+    """The inria depth is the alpha-normalised camera-space z from the second pass; float64 clouds are refused."""
+    from models import renderer
+
+    calls: list[dict] = []
+    monkeypatch.setitem(sys.modules, "diff_gaussian_rasterization", _fake_inria_module(calls))
+    cam = _cam(10, 8, eye=(0.1, 0.0, 0.6))
+    cloud = _inria_cloud()
+    out = renderer._render_inria(cloud, [cam], None)
+    z = (cloud.means.detach() @ cam.w2c[:3, :3].T + cam.w2c[:3, 3])[:, 2]
+    w = calls[1]["w"].detach()
+    expect = float((w * z).sum() / w.sum())
+    torch.testing.assert_close(out["depth"], torch.full_like(out["depth"], expect))
+    out["depth"].sum().backward()  # depth is differentiable w.r.t. the means through the precomputed colour
+    assert float(cloud.means.grad.norm()) > 0
+    with pytest.raises(TypeError, match="float32"):
+        renderer._render_inria(cloud.to(dtype=F64), [cam], None)
+
+
+def test_parity_benchmark_fails_below_target():
+    """benchmarks/rasterizer_parity.py exits non-zero when a backend row misses a target (issue 16: a wrong
+    quaternion gradient only printed a line); deliberate skips pass, failures and NaN cosines do not."""
+    from benchmarks import rasterizer_parity as P
+
+    good = {k: 0.9999 for k in P.GRAD_NAMES}
+    row = lambda label, **kw: {"n": 20, "size": "8x8", "label": label, "fwd": 1.0, "note": "", **kw}  # noqa: E731
+    ok = [row("gsplat"), row("inria", psnr=60.0, cos=good), row("torch", note="skipped: too many candidates")]
+    assert P.below_target(ok, "gsplat") == []
+    cases = [
+        row("inria", psnr=60.0, cos={**good, "quats": 0.43}),
+        row("inria", psnr=39.0, cos=good),
+        row("inria", psnr=60.0, cos={**good, "sh": float("nan")}),
+        {"n": 20, "size": "8x8", "label": "inria", "note": "failed: out of memory"},
+        row("inria"),  # measured but no reference to compare with
+    ]
+    for bad in cases:
+        assert len(P.below_target([row("gsplat"), bad], "gsplat")) == 1, bad
+    assert "cos quats 0.4300" in P.below_target([cases[0]], "gsplat")[0]
+    assert P.cosine(torch.zeros(3), torch.zeros(3)) == 1.0 and P.cosine(torch.zeros(3), torch.ones(3)) == 0.0
+    # A backend asked for but not available is an error before any rendering (no CUDA here).
+    assert P.main(["--quick", "--device", "cpu", "--backends", "torch", "inria"]) == 2

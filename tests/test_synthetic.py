@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.fixtures import SYNTHETIC_KW, synthetic_root  # noqa: F401  (pytest fixture)
+from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
 from utils.cameras import load_camera_params
 from utils.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS, NersembleSubject, list_subjects
 from utils.synthetic import (
@@ -254,3 +255,40 @@ def test_cli(tmp_path):
     assert read_info(out)["heldout_ids"] == ["017"] and read_info(out)["training_ids"] == []
     with pytest.raises(SystemExit):
         build_parser().parse_args([])  # --out is required
+
+
+def test_sequences(synthetic_root, sequence_root):  # noqa: F811
+    """--num_frames N: frame 0 and the calibration are byte-identical to the single-frame dataset; frames 1..N-1 hold
+    non-neutral expression, jaw, neck and eyes with the identity's shape and placement, rendered from the same
+    ground-truth head; the single-frame info carries no num_frames (its files are unchanged)."""
+    from tests.training_fixtures import SEQUENCE_FRAMES
+
+    assert read_info(sequence_root)["num_frames"] == SEQUENCE_FRAMES and "num_frames" not in read_info(synthetic_root)
+    calib = Path("calibration") / "camera_params.json"
+    for sid in ("017", "300", "301"):
+        a, b = synthetic_root / "subjects" / sid, sequence_root / "subjects" / sid
+        img0 = SEQ / "timesteps" / "frame_00000" / "images-2x"
+        assert _tree(a / img0) == _tree(b / img0) and (a / calib).read_bytes() == (b / calib).read_bytes()
+        one = NersembleSubject(a.parent, sid).tracking()
+        seq = NersembleSubject(b.parent, sid).tracking()
+        assert seq.num_frames == SEQUENCE_FRAMES
+        assert torch.equal(seq.shape, one.shape)
+        for n in ("expression", "rotation_matrix", "translation", "jaw", "neck", "eyes", "scale"):
+            assert torch.equal(getattr(seq, n)[:1], getattr(one, n)), n  # frame 0 is the single-frame file's
+        for t in range(1, SEQUENCE_FRAMES):
+            assert torch.equal(seq.rotation_matrix[t], seq.rotation_matrix[0])
+            assert torch.equal(seq.scale[t], seq.scale[0])
+            for n in ("expression", "jaw", "neck", "eyes"):
+                assert float(getattr(seq, n)[t].abs().max()) > 1e-3, (sid, t, n)
+    subj = NersembleSubject(sequence_root / "subjects", "301", frame=SEQUENCE_FRAMES - 1)
+    cams = subj.cameras(serials=[FRONTAL_SERIAL, HELDOUT_SERIALS[0]])
+    cloud, identity = load_ground_truth(sequence_root, "301", frame=SEQUENCE_FRAMES - 1)
+    still, _ = load_ground_truth(sequence_root, "301")
+    out = render_ground_truth(cloud, list(cams.values()), identity)["image"]
+    neutral = render_ground_truth(still, list(cams.values()), identity)["image"]
+    for k, s in enumerate(cams):
+        photo = torch.from_numpy(subj.image(s))
+        assert -10 * np.log10(float(((out[k] - photo) ** 2).mean())) > 33, s
+        assert -10 * np.log10(float(((neutral[k] - photo) ** 2).mean())) < 33, s  # the frame really moved
+    with pytest.raises(FileExistsError, match="overwrite"):
+        make_synthetic_dataset(sequence_root, progress=False, **SYNTHETIC_KW)  # another number of frames

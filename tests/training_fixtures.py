@@ -3,6 +3,8 @@
 ``preprocessed_root``: a copy of the tiny synthetic dataset (tests/fixtures.py) with FLAME2PLY and projection_ply run
 on it (face masks and masked images present), i.e. ready for training.
 ``trained_model_dir``: a folder with ``model.pt`` trained for a few steps with configs/tiny.yaml on it.
+``sequence_root``: the same tiny dataset with ``SEQUENCE_FRAMES`` frames per subject (frames 1.. non-neutral; frame 0
+byte-identical to the single-frame one, so models trained there apply), preprocessed on every frame.
 
 Import the fixtures into a test module with ``from tests.training_fixtures import preprocessed_root,
 trained_model_dir  # noqa: F401``. Both are cached per session and must be treated as read-only.
@@ -54,6 +56,31 @@ def get_trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         Trainer(tiny_config(get_preprocessed_root(tmp_path_factory), out, steps=20)).run()
         _CACHE["model"] = out
     return _CACHE["model"]
+
+
+SEQUENCE_FRAMES = 3
+
+
+def get_sequence_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if "seq" not in _CACHE:
+        from tests.fixtures import SYNTHETIC_KW
+        from utils.preprocess import FLAME2PLY, projection_ply
+        from utils.synthetic import make_synthetic_dataset
+
+        root = tmp_path_factory.mktemp("sequences") / "data"
+        make_synthetic_dataset(root, progress=False, num_frames=SEQUENCE_FRAMES, **SYNTHETIC_KW)
+        subjects, flame = str(root / "subjects"), str(root / "flame")
+        FLAME2PLY.run(FLAME2PLY.build_parser().parse_args(
+            ["--data_root", subjects, "--flame_dir", flame, "--max_level", "1", "--frames", "all", "--quiet"]))
+        projection_ply.run(projection_ply.build_parser().parse_args(
+            ["--data_root", subjects, "--mask_images", "--frames", "all", "--quiet"]))
+        _CACHE["seq"] = root
+    return _CACHE["seq"]
+
+
+@pytest.fixture(scope="session")
+def sequence_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return get_sequence_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from utils.io import atomic_write_text
+from utils.io import image_size as stored_image_size
+
 # Full-resolution NeRSemble frames are 2200 x 3208 (w x h, portrait); calibration refers to them.
 NERSEMBLE_CALIB_SIZE = (2200, 3208)
 
@@ -202,14 +205,20 @@ def stack_cameras(cameras: Sequence[Camera]) -> tuple[Tensor, Tensor, int, int]:
 
 
 # ---------------------------------------------------------------------- NeRSemble camera_params.json
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
+def _matrix(value, shape: tuple[int, int], path: Path, key: str) -> np.ndarray:
+    """A (rows, cols) matrix of finite numbers from camera_params.json, else ValueError naming the file and key."""
     try:
-        with Image.open(path) as im:
-            return im.size  # (w, h)
-    except Exception as exc:
-        raise ValueError(f"cannot read the image {path} to find its size: {exc}") from exc
+        m = np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):  # ragged rows or non-numbers
+        rows = [len(r) if isinstance(r, (list, tuple)) else type(r).__name__ for r in value] \
+            if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(f"{path}: {key} must be a {shape[0]}x{shape[1]} matrix of numbers, got rows of lengths "
+                         f"{rows}") from None
+    if m.shape != shape:
+        raise ValueError(f"{path}: {key} must be a {shape[0]}x{shape[1]} matrix, got shape {m.shape}")
+    if not np.isfinite(m).all():
+        raise ValueError(f"{path}: {key} holds NaN or Inf values")
+    return m
 
 
 def load_camera_params(
@@ -236,14 +245,24 @@ def load_camera_params(
         )
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'world_2_cam' and 'intrinsics', "
+                         f"got {type(data).__name__}")
     for key in ("world_2_cam", "intrinsics"):
         if key not in data:
             raise ValueError(f"{path} lacks the key {key!r}; found keys {sorted(data)}")
     w2c_all = data["world_2_cam"]
-    calib_w = int(data.get("width", NERSEMBLE_CALIB_SIZE[0]))
-    calib_h = int(data.get("height", NERSEMBLE_CALIB_SIZE[1]))
+    if not isinstance(w2c_all, dict):
+        raise ValueError(f"{path}: 'world_2_cam' must map camera serials to 4x4 matrices, got {type(w2c_all).__name__}")
+    calib = []
+    for key, default in (("width", NERSEMBLE_CALIB_SIZE[0]), ("height", NERSEMBLE_CALIB_SIZE[1])):
+        val = data.get(key, default)
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val != int(val) or val <= 0:
+            raise ValueError(f"{path}: '{key}' must be a positive whole number of pixels, got {val!r}")
+        calib.append(int(val))
+    calib_w, calib_h = calib
     intr = data["intrinsics"]
     wanted = list(serials) if serials is not None else list(w2c_all)
     cams: dict[str, Camera] = {}
@@ -253,10 +272,9 @@ def load_camera_params(
             raise KeyError(f"camera {serial} is not in {path} (it has {sorted(w2c_all)})")
         if isinstance(intr, dict) and serial not in intr:
             raise KeyError(f"camera {serial} has no intrinsics in {path} (it has intrinsics for {sorted(intr)})")
-        K = intr[serial] if isinstance(intr, dict) else intr
-        K = np.asarray(K, dtype=np.float64)
-        if K.shape != (3, 3):
-            raise ValueError(f"{path}: intrinsics of {serial} have shape {K.shape}, expected (3, 3)")
+        K = _matrix(intr[serial] if isinstance(intr, dict) else intr, (3, 3), path,
+                    f"intrinsics[{serial!r}]" if isinstance(intr, dict) else "'intrinsics'")
+        w2c = _matrix(w2c_all[serial], (4, 4), path, f"world_2_cam[{serial!r}]")
         if image_size is None and image_dir is None:
             size = (calib_w, calib_h)
         elif isinstance(image_size, Mapping):
@@ -271,7 +289,7 @@ def load_camera_params(
             found = [c for c in cands if c.is_file()]
             if not found:
                 raise FileNotFoundError(f"no image for camera {serial} in {d} (looked for cam_{serial}.jpg/.png)")
-            size = _image_size(found[0])
+            size = stored_image_size(found[0], f"image of camera {serial}")
         w, h = int(size[0]), int(size[1])
         rx, ry = w / calib_w, h / calib_h
         if abs(rx - ry) > tolerance * max(rx, ry):
@@ -282,7 +300,7 @@ def load_camera_params(
         ratios[serial] = rx
         K[0] *= rx
         K[1] *= ry
-        cams[serial] = Camera(torch.tensor(K, dtype=torch.float32), np.asarray(w2c_all[serial]), w, h, serial)
+        cams[serial] = Camera(torch.tensor(K, dtype=torch.float32), w2c, w, h, serial)
     if ratios:
         lo, hi = min(ratios.values()), max(ratios.values())
         if hi - lo > tolerance * hi:
@@ -307,8 +325,4 @@ def write_camera_params(
     else:
         data["intrinsics"] = {c.name: c.K.cpu().double().tolist() for c in cams}
     data["width"], data["height"] = w, h
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(json.dumps(data, indent=1), path)

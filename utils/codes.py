@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from models.flame import FlameParams
 from models.gaussians import SH_C0, GaussianCloud
 from models.renderer import render_batch
 from utils.cameras import Camera
@@ -18,7 +19,8 @@ from utils.io import atomic_torch_save, load_tagged
 from utils.model_io import TrainedModel
 
 CODE_FORMAT = "identity-field-code"
-CODE_VERSION = 2  # 2: optional per-vertex colour residual ("colour"); version 1 files (without it) still load
+CODE_VERSION = 4  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
+#                    the fitted frame ("flame"); older files still load
 
 
 @dataclass
@@ -26,7 +28,9 @@ class FittedCode:
     """A fitted identity: style ``w`` (S,), code ``z`` (D,) when fitted in z space (else None), level-0 world-space
     face-mask vertices ``base_vertices`` (M, 3) (tracked, plus offsets when refined), and ``colour`` (M, 3): the
     per-vertex RGB residual of the colour stage on the level-0 vertices (None: no residual, e.g. a training identity
-    or a code-only fit; render every FittedCode through :func:`code_cloud` so that it is applied)."""
+    or a code-only fit; render every FittedCode through :func:`code_cloud` so that it is applied), and ``flame``: the
+    FLAME parameters (models.flame.FlameParams, T = 1) of the fitted photo's frame, i.e. the person's FLAME shape and
+    head placement, which animation drives (None: unknown, e.g. a code.pt written before they were stored)."""
 
     w: Tensor
     z: Tensor | None
@@ -34,6 +38,7 @@ class FittedCode:
     name: str = ""
     meta: dict = field(default_factory=dict)
     colour: Tensor | None = None
+    flame: FlameParams | None = None
 
 
 def colour_offsets(model: TrainedModel, colour: Tensor) -> Tensor:
@@ -73,9 +78,28 @@ def save_code(path: str | os.PathLike, code: FittedCode, model: TrainedModel, ch
         "w": code.w.detach().cpu(), "z": None if code.z is None else code.z.detach().cpu(),
         "base_vertices": code.base_vertices.detach().cpu(),
         "colour": None if code.colour is None else code.colour.detach().cpu(),
+        "flame": None if code.flame is None else code.flame.as_dict(),  # plain tensors (FlameParams.as_dict)
         "checkpoint": str(checkpoint), "signature": model_signature(model), "meta": code.meta,
+        "model_fingerprint": model.fingerprint,  # SHA-256 of the weights it was fitted with (utils.model_io)
     }
     return atomic_torch_save(doc, path)
+
+
+def check_model_fingerprint(path: Path, doc: dict, model: TrainedModel) -> bool:
+    """Whether code.pt ``doc`` was fitted with ``model``'s weights: ValueError naming both files when its stored
+    fingerprint differs; a warning (and False) when the file predates fingerprints; True when they match."""
+    stored = doc.get("model_fingerprint") or ""
+    model_file = model.path or "the given model"
+    if not stored or not model.fingerprint:
+        warnings.warn(f"{path} predates model fingerprints: it cannot be checked that it was fitted with "
+                      f"{model_file} (it names checkpoint {doc.get('checkpoint') or '?'}); fit it again to be sure")
+        return False
+    if stored != model.fingerprint:
+        raise ValueError(f"{path} was fitted with another model than {model_file} (weights fingerprint "
+                         f"{stored[:12]}... vs {model.fingerprint[:12]}...; the code file names checkpoint "
+                         f"{doc.get('checkpoint') or '?'}): its code means another identity there; fit it again "
+                         f"with {model_file}")
+    return True
 
 
 def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device: torch.device | str = "cpu"
@@ -91,17 +115,19 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
                 raise ValueError(f"{path} was fitted with a model of {key}={sig.get(key)} but the model has "
                                  f"{key}={want[key]} (checkpoint {doc.get('checkpoint', '?')}); fit it again with "
                                  f"this model")
-        if sig.get("model_config") != want["model_config"]:
+        if not check_model_fingerprint(path, doc, model) and sig.get("model_config") != want["model_config"]:
             warnings.warn(f"{path} was fitted with another model config (checkpoint {doc.get('checkpoint')}); the "
                           f"code may not mean the same identity here")
     z, colour = doc.get("z"), doc.get("colour")  # version 1 files hold no colour residual
+    flame = doc.get("flame")  # version 1 and 2 files hold no FLAME parameters
     base = doc["base_vertices"].float().to(device)
     if colour is not None and tuple(colour.shape) != tuple(base.shape):
         raise ValueError(f"{path}: colour residual of shape {tuple(colour.shape)} does not match the base vertices "
                          f"{tuple(base.shape)}")
     return FittedCode(w=doc["w"].float().to(device), z=None if z is None else z.float().to(device),
                       base_vertices=base, name=str(doc.get("name", path.stem)), meta=dict(doc.get("meta", {})),
-                      colour=None if colour is None else colour.float().to(device))
+                      colour=None if colour is None else colour.float().to(device),
+                      flame=None if flame is None else FlameParams.from_dict(flame, str(path)).to(device))
 
 
 def render_style(model: TrainedModel, w: Tensor, base: Tensor, cameras: Sequence[Camera], backend: str = "auto",

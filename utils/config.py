@@ -209,6 +209,24 @@ def add_cli_config(parser: argparse.ArgumentParser, cls: type, aliases: dict[str
             action.nargs = "+"
 
 
+def config_parser(description: str | None, cls: type, config_default: str | None = None,
+                  aliases: dict[str, str] | None = None, flags: Sequence[str] = (), lists: Sequence[str] = (),
+                  debug: bool = True) -> argparse.ArgumentParser:
+    """The parser of an entry point: ``--config`` (a YAML preset, ``config_default`` when given), ``--debug`` (see
+    utils/errors.py) and one flag per key of the dataclass ``cls`` (:func:`add_cli_config`)."""
+    from utils.errors import add_debug_flag
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config_default is None:
+        parser.add_argument("--config", default=None, help="optional YAML file with any of the keys below")
+    else:
+        parser.add_argument("--config", default=config_default, help="YAML preset (default: %(default)s)")
+    if debug:
+        add_debug_flag(parser)
+    add_cli_config(parser, cls, aliases=aliases, flags=flags, lists=lists)
+    return parser
+
+
 def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str] | None,
                      lists: Sequence[str] = ()):
     """Parse ``argv`` into (namespace, config): defaults <- ``--config`` YAML <- command line."""
@@ -220,3 +238,36 @@ def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[
             overrides[key] = [p for v in val for p in str(v).split(",") if p]
             setattr(args, f"cfg:{key}", None)
     return args, build_config(cls, getattr(args, "config", None), args, overrides=overrides)
+
+
+class Range(typing.NamedTuple):
+    """Allowed values of a numeric config key: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, x: float) -> bool:
+        if self.lo is not None and (x <= self.lo if self.lo_open else x < self.lo):
+            return False
+        return self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+
+    def describe(self) -> str:
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return " and ".join(parts) or "a number"
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
+    """Raise ValueError naming the flag for the first dotted key of ``cfg`` whose value lies outside its Range
+    (checked before any work starts, so a bad value never runs for minutes or writes an empty result)."""
+    for name, rng in ranges.items():
+        obj = cfg
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, bool) or not isinstance(obj, (int, float)) or obj != obj or not rng.contains(obj):
+            raise ValueError(f"--{name} must be {rng.describe()}, got {obj!r}")

@@ -98,6 +98,8 @@ class MultiViewDataset:
         masks: (I, S, h, w, 1) uint8 face masks (0/255), cropped.
         cameras: I lists of S cropped Cameras (on the device).
         base_vertices: (I, M, 3) world-space face-mask vertices (subdivision level 0).
+        flame_params: I FlameParams (T = 1) of the frames the base vertices come from (None when built from views
+            without them).
         template: (M, 3) canonical face-mask vertices (FLAME template), base_faces (F, 3).
         plan: the subdivision plan from level 0 to ``cfg.subdivision``.
     """
@@ -145,17 +147,17 @@ class MultiViewDataset:
                 views.append((img, mask, cams[s]))
             raw.append(views)
         with torch.no_grad():
-            verts = []
+            verts, self.flame_params = [], []
             for subj in subjects:
-                params = subj.tracking()
-                params = params.frame(min(cfg.frame, params.num_frames - 1))
+                params = subj.frame_params(self.flame)  # the tracking row of cfg.frame, VHAP pivot baked
+                self.flame_params.append(params)
                 verts.append(self.flame(params)[0, torch.as_tensor(self.mask_ids)])
         self._set_views(raw, torch.stack(verts).float())
 
     @classmethod
     def from_views(cls, cfg: DataConfig, identities: Sequence[str], serials: Sequence[str], views: list,
                    base_vertices: Tensor, template: Tensor, mask_ids: np.ndarray, base_faces: np.ndarray,
-                   device: torch.device | str = "cpu") -> "MultiViewDataset":
+                   device: torch.device | str = "cpu", flame_params: list | None = None) -> "MultiViewDataset":
         """Build from data already in memory (benchmarks, tests): no files are read.
 
         Args:
@@ -163,11 +165,13 @@ class MultiViewDataset:
                 Camera), as the subject reader returns them.
             base_vertices: (I, M, 3) world-space face-mask vertices; template (M, 3) canonical ones;
             mask_ids (M,) FLAME vertex ids; base_faces (F, 3) mask triangles.
+            flame_params: optional FlameParams (T = 1) of each identity's frame (model.pt stores them).
         """
         self = cls.__new__(cls)
         self.cfg, self.device = cfg, torch.device(device)
         self.root = self.flame_dir = None
         self.flame = None
+        self.flame_params = flame_params
         self.identities = list(identities)
         self.mask_ids, self.base_faces = np.asarray(mask_ids), np.asarray(base_faces)
         self.template = torch.as_tensor(template).float()

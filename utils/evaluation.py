@@ -7,7 +7,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from utils.codes import render_style
+from models.gaussians import GaussianCloud
+from models.renderer import render_batch
+from utils.codes import code_cloud
 from utils.losses import lpips_metric, psnr, ssim_metric
 from utils.model_io import TrainedModel
 from utils.nersemble import HELDOUT_SERIALS
@@ -26,7 +28,18 @@ def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
-    pred = render_style(model, w, base, [v.camera for v in views], backend, colour).clamp(0, 1)
+    return evaluate_cloud(code_cloud(model, w, base, colour), views, fit_serial, backend, lpips)
+
+
+@torch.no_grad()
+def evaluate_cloud(cloud: GaussianCloud, views: Sequence[View], fit_serial: str = "", backend: str = "auto",
+                   lpips: bool = False) -> tuple[dict, Tensor]:
+    """PSNR / SSIM (/ LPIPS) of any Gaussian cloud (unbatched, e.g. one frame of an animation) on every view with a
+    photo: "all", "unseen" (all but ``fit_serial``) and "heldout_cameras" (the protocol's novel views).
+
+    Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
+    """
+    pred = render_batch(cloud, [v.camera for v in views], backend=backend)["image"].clamp(0, 1)
     gt = torch.stack([v.image for v in views])
     p = psnr(pred, gt, reduction="none").float()
     s = ssim_metric(pred, gt, reduction="none").float()

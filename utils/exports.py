@@ -1,4 +1,5 @@
-"""What track.py writes besides code.pt and metrics.json: render | photo views, a grid and a turntable video."""
+"""What track.py writes besides code.pt and metrics.json: render | photo views, a grid, a turntable video and, for a
+photo-only fit, the fitted FLAME and camera (flame_fit.npz, camera_params.json) and landmarks.png."""
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from utils.codes import FittedCode, code_cloud
 from utils.geometry import head_pose, orbit_camera
 from utils.io import save_image, to_uint8
 from utils.model_io import TrainedModel
-from utils.targets import View
+from utils.targets import FitTarget, View
 
 
 @dataclass
@@ -66,3 +67,50 @@ def turntable(model: TrainedModel, code: FittedCode, start_camera: Camera, cfg: 
         imgs = render_batch(cloud, cams[i:i + chunk], backend=backend)["image"].clamp(0, 1)
         frames.extend(to_uint8(im) for im in imgs)
     return frames
+
+
+@torch.no_grad()
+def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
+    """Outputs of a photo-only fit (``target.wild``), in the project's formats so that every script reuses them:
+    flame_fit.npz (NeRSemble tracking layout), camera_params.json (NeRSemble layout, the fitted camera under its
+    serial, intrinsics and "width"/"height" of the photo), landmarks.png (detected vs fitted points on the photo,
+    cropped around the face).
+
+    ``render``: (h, w, 3) the fitted head rendered into the photo's evaluation crop.  Returns metrics: landmark
+    reprojection error (pixels and inter-ocular distances, FLAME's 51 static points), PSNR / SSIM of the render
+    against the photo inside the face mask, the fitted focal length and head distance, faces found.  With the
+    photometric FLAME stage the files and the drawing hold the refined FLAME; ``landmark_error_*`` stay those of the
+    landmark fit (``landmark_error_iod_refined``: after the refinement)."""
+    from models.flame import save_nersemble_tracking
+    from utils.cameras import write_camera_params
+    from utils.io import save_image
+    from utils.landmarks import draw_landmarks, reprojection_error
+    from utils.losses import psnr, ssim_metric
+
+    wild = target.wild
+    fit = wild.refined if wild.refined is not None else wild.fit  # what the head was fitted with
+    save_nersemble_tracking(out / "flame_fit.npz", fit.params.to("cpu"))
+    # the camera of the photo file as given (the fit may have worked on a scaled copy, --max_face_px)
+    write_camera_params(out / "camera_params.json",
+                        [fit.camera if wild.original_size is None else fit.camera.resized(*wild.original_size)])
+    detected = wild.landmarks.ibug68
+    fitted = fit.landmarks[0].cpu().numpy()
+    fitted = np.where(np.isfinite(fitted), fitted, np.nan)
+    save_image(out / "landmarks.png",
+               draw_landmarks(wild.photo, detected, fitted, wild.landmarks.outline, margin=0.25) / 255.0)
+    view = target.eval_views[0]
+    m = view.mask
+    pred = render.clamp(0, 1)
+    doc = reprojection_error(detected, wild.fit.landmarks[0].cpu().numpy())  # the landmark fit's own error
+    if wild.refined is not None:
+        doc["landmark_error_iod_refined"] = reprojection_error(detected, fitted)["landmark_error_iod"]
+    doc.update({
+        "psnr_photo_in_mask": float(psnr(pred, view.image, mask=m)),
+        "ssim_photo": float(ssim_metric(pred, view.image)),
+        "mask_pixels": int(m.sum()),
+        "focal_px": fit.camera.fx,
+        "head_distance_m": float(-fit.params.translation[0, 2]),
+        "faces_found": int(wild.landmarks.num_faces), "face_size_px": wild.landmarks.face_size,
+        "seconds_flame_fit": fit.seconds, "flame_fit_losses": fit.losses,
+    })
+    return doc

@@ -4,6 +4,9 @@ identity field frozen (the pipeline around it, loading, evaluation and exports, 
     fit     Adam on the style w (or the code z) from a start point (mean code / w_avg / mean training style, or the
             best of them on the photo), loss 0.8 * L1 + 0.2 * (1 - SSIM), exponential lr decay, early stopping on a
             loss plateau; optionally small regularised offsets of the base vertices (``fit.refine_geometry``)
+    flame   (``fit.refine_flame``, photo-only fits) the head pose, expression and jaw of the FLAME fitted to the
+            landmarks, jointly with the style, through the renderer (the face mask vertices follow FLAME each step):
+            corrects the pose the landmarks leave uncertain (a few degrees, see utils/flame_fit.py)
     colour  (``fit.refine_colour``, on by default) with the fitted code fixed, Adam on a per-vertex RGB residual of
             the level-0 face-mask vertices (upsampled through the subdivision like the geometry, added to the
             Gaussians' SH DC term), same photometric loss plus a mesh-Laplacian smoothness and an L2 penalty: detail
@@ -39,6 +42,7 @@ from utils.losses import l1, ssim
 from utils.model_io import TrainedModel
 
 if TYPE_CHECKING:
+    from models.flame import FlameModel, FlameParams
     from utils.targets import FitTarget
 
 INITS = ("auto", "mean_code", "w_avg", "mean_w")
@@ -74,6 +78,14 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
+    refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
+    # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
+    # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
+    flame_iterations: int = 30  # Adam iterations of the refine_flame stage (0 skips it)
+    flame_lr: float = 0.002  # refine_flame: Adam lr of head rotation (rad), translation (head distances) and jaw
+    flame_expression_lr: float = 0.02  # refine_flame: Adam lr of the expression coefficients (standard deviations)
+    flame_style_lr: float = 0.01  # refine_flame: Adam lr of the style w refined with the head (0: w stays fixed)
+    flame_prior: float = 1e-4  # refine_flame: weight of |expression|^2 + |jaw / 0.2 rad|^2
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
     cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
@@ -107,6 +119,9 @@ class FitResult:
     colour_losses: list[float] = field(default_factory=list)  # its windowed mean photometric loss every check_every
     seconds_code: float = 0.0  # wall time of the code fit (start selection included)
     seconds_colour: float = 0.0  # wall time of the colour stage
+    flame_params: "FlameParams | None" = None  # photo-only fits: the FLAME after the photometric refinement
+    flame_losses: list[float] = field(default_factory=list)  # its windowed photometric loss every check_every
+    seconds_flame: float = 0.0  # wall time of that stage
 
 
 def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig) -> Tensor:
@@ -156,6 +171,71 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
                 raise FloatingPointError(f"colour stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
                                          f"fit.colour_lr")
     return res.detach(), losses
+
+
+def refine_flame(model: TrainedModel, w: Tensor, flame: "FlameModel", params: "FlameParams", camera: Camera,
+                 gt: Tensor, cfg: FitConfig, backend: str = "auto", name: str = "", progress: bool = False
+                 ) -> tuple["FlameParams", Tensor, Tensor, list[float]]:
+    """The FLAME stage: head rotation (a rotation applied before the fitted one), translation, expression and jaw of
+    ``params`` (one frame), jointly with the style ``w`` (S,), fitted to the photo ``gt`` (h, w, 3) through
+    ``camera`` with the network frozen; the face-mask vertices are re-evaluated from FLAME every iteration.
+
+    Minimises ``photometric + style_reg * mean |w - w0|^2 + flame_prior * (|expression|^2 + |jaw / 0.2|^2)`` with
+    Adam.  Returns (refined FlameParams, refined style (S,), face-mask vertices (M, 3), windowed losses)."""
+    from dataclasses import replace
+
+    from models.flame import axis_angle_to_matrix
+
+    dev = w.device
+    flame = flame.to(dev)
+    p0 = params.to(dev).frame(0)
+    mask_ids = torch.as_tensor(model.mask_ids, device=dev)
+    dist = float((camera.center.to(dev) - p0.translation[0]).norm())  # translation steps in head distances
+    d_rot = torch.zeros(1, 3, device=dev, requires_grad=True)
+    d_t = torch.zeros(1, 3, device=dev, requires_grad=True)
+    expr = p0.expression.detach().clone().requires_grad_(True)
+    jaw = p0.jaw.detach().clone().requires_grad_(True)
+    var = w.detach().clone().requires_grad_(True)
+    fused = {"fused": True} if dev.type == "cuda" else {}
+    opt = torch.optim.Adam([{"params": [d_rot, d_t, jaw], "lr": cfg.flame_lr},
+                            {"params": [expr], "lr": cfg.flame_expression_lr},
+                            {"params": [var], "lr": cfg.flame_style_lr}], betas=(cfg.beta1, cfg.beta2), **fused)
+    jaw_std = torch.tensor([0.2, 0.02, 0.02], device=dev)
+
+    def posed() -> "FlameParams":
+        return replace(p0, rotation_matrix=axis_angle_to_matrix(d_rot) @ p0.rotation_matrix,
+                       translation=p0.translation + d_t * dist, expression=expr, jaw=jaw)
+
+    with torch.no_grad():
+        base0 = flame(p0)[0][mask_ids]
+    synth = GraphedSynthesis(model.field, model.vertices(base0), space="w", dynamic_geometry=True,
+                             use_graphs=None if cfg.cuda_graphs else False)
+    n = cfg.flame_iterations
+    acc = torch.zeros((), device=dev)
+    losses: list[float] = []
+    for it in tqdm(range(n), desc=f"FLAME {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
+        base = flame(posed())[0][mask_ids]
+        pred = render(synth(var, model.vertices(base)), camera, backend=backend)["image"]
+        loss = photometric(pred, gt, cfg)
+        total = (loss + cfg.style_reg * (var - w).square().mean()
+                 + cfg.flame_prior * (expr.square().sum() + (jaw / jaw_std).square().sum()))
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        acc = acc + loss.detach()
+        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
+            cur = float(acc) / ((it % cfg.check_every) + 1)  # the one host sync of the loop
+            acc = torch.zeros_like(acc)
+            losses.append(cur)
+            if not math.isfinite(cur):
+                raise FloatingPointError(f"FLAME stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
+                                         f"fit.flame_lr")
+    with torch.no_grad():
+        p = posed()
+        p = replace(p, **{k: getattr(p, k).detach().clone() for k in ("rotation_matrix", "translation", "expression",
+                                                                        "jaw")})
+        base = flame(p)[0][mask_ids]
+    return p, var.detach().clone(), base, losses
 
 
 def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backend: str = "auto",
@@ -263,6 +343,16 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     synchronize(base0.device)
     seconds_code = time.perf_counter() - t_start
 
+    # ---- FLAME stage (photo-only targets): head pose, expression and jaw with the style, photometric
+    flame_params, flame_losses, seconds_flame = None, [], 0.0
+    wild = getattr(target, "wild", None)
+    if cfg.refine_flame and cfg.flame_iterations > 0 and wild is not None and offsets is None:
+        t0 = time.perf_counter()
+        flame_params, w_fit, base_fit, flame_losses = refine_flame(model, w_fit, wild.flame, wild.fit.params, cam, gt,
+                                                                   cfg, backend, target.name, progress)
+        synchronize(base0.device)
+        seconds_flame = time.perf_counter() - t0
+
     # ---- colour stage: code and geometry fixed, a regularised per-vertex RGB residual
     colour, colour_losses, seconds_colour = None, [], 0.0
     if cfg.refine_colour and cfg.colour_iterations > 0:
@@ -270,12 +360,14 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
         colour, colour_losses = fit_colour(model, w_fit, base_fit, cam, gt, cfg, backend, target.name, progress)
         synchronize(base0.device)
         seconds_colour = time.perf_counter() - t0
-    code = FittedCode(w=w_fit, z=None if cfg.space == "w" else var.detach(), base_vertices=base_fit,
-                      name=target.name, meta={"start": start, "space": cfg.space,
-                                              "refine_geometry": bool(cfg.refine_geometry),
-                                              "refine_colour": colour is not None,
-                                              "tracked_base_vertices": base0.detach().cpu()},
-                      colour=colour)
+    # the FLAME stage moves w off the mapping network's output: no z then
+    code = FittedCode(w=w_fit, z=None if cfg.space == "w" or flame_params is not None else var.detach(),
+                      base_vertices=base_fit, name=target.name,
+                      meta={"start": start, "space": cfg.space, "refine_geometry": bool(cfg.refine_geometry),
+                            "refine_flame": flame_params is not None, "refine_colour": colour is not None,
+                            "tracked_base_vertices": base0.detach().cpu()},
+                      colour=colour, flame=target.flame if flame_params is None else flame_params.to("cpu"))
     return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
                      colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
-                     seconds_code=seconds_code, seconds_colour=seconds_colour)
+                     seconds_code=seconds_code, seconds_colour=seconds_colour, flame_params=flame_params,
+                     flame_losses=flame_losses, seconds_flame=seconds_flame)

@@ -117,7 +117,8 @@ def resolve_key(model: TrainedModel, key: str, device: torch.device) -> FittedCo
         with torch.no_grad():
             z = model.field.codes.weight[i].detach()
             w = model.field.style(z[None], update_w_avg=False)[0]
-        return FittedCode(w=w, z=z, base_vertices=model.base_vertices[i].detach(), name=key)
+        return FittedCode(w=w, z=z, base_vertices=model.base_vertices[i].detach(), name=key,
+                          flame=None if model.flame_params is None else model.identity_flame(i).to(device))
     p = Path(key)
     if p.is_file():
         return load_code(p, model, device)
@@ -149,15 +150,39 @@ def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) ->
     return lerp(a, b, t)
 
 
+def blend_style(model: TrainedModel, a: FittedCode, b: FittedCode, t: float, method: str, truncation: float = 1.0
+                ) -> tuple[Tensor, Tensor | None]:
+    """Style (S,) and colour residual ((M, 3) or None) of the identity between a and b at t (0 = a, 1 = b): codes
+    interpolated with ``method`` in z when both keys have one, else in w, the colour residual linearly; then pulled
+    towards the average style ``w_avg`` by ``truncation`` (psi: 1 = none, 0 = the average style), which scales the
+    colour residual (a correction of the fitted style) with it."""
+    keys = (a, b)
+    w = interpolate_codes(keys, 0, 1, t, method, code_space(keys), model.field)
+    colour = interpolate_colours(keys, 0, 1, t)
+    if truncation != 1.0:
+        w = model.field.mapping.w_avg.to(w).lerp(w, truncation)
+        colour = None if colour is None else colour * truncation
+    return w, colour
+
+
+def canonical_vertices(template: Tensor, base: Tensor) -> Tensor:
+    """World-space vertices base (M, 3) brought into FLAME's canonical frame of ``template`` (M, 3): the similarity
+    (scale, rotation, translation) that best maps the template onto them, undone."""
+    s, R, t = similarity_fit(template, base)
+    R, t = R.to(base), t.to(base)
+    return ((base - t) @ R) / s  # R^T (v - t) / s, row-vector form
+
+
+def code_space(keys: Sequence[FittedCode]) -> str:
+    """"z" when every key has a latent code (interpolate codes, then map), else "w" (interpolate styles)."""
+    return "z" if all(k.z is not None for k in keys) else "w"
+
+
 class GeometryInterpolator:
     """Interpolates key geometries in FLAME's canonical frame and poses the result like the first key."""
 
     def __init__(self, template: Tensor, keys: Sequence[FittedCode]) -> None:
-        self.canonical = []
-        for k in keys:
-            s, R, t = similarity_fit(template, k.base_vertices)
-            R, t = R.to(k.base_vertices), t.to(k.base_vertices)
-            self.canonical.append(((k.base_vertices - t) @ R) / s)  # R^T (v - t) / s, row-vector form
+        self.canonical = [canonical_vertices(template, k.base_vertices) for k in keys]
         s0, R0, t0 = similarity_fit(template, keys[0].base_vertices)
         self.pose = (s0, R0.to(keys[0].base_vertices), t0.to(keys[0].base_vertices))
 
@@ -205,7 +230,7 @@ def base_camera(cfg: InterpolationConfig, template: Tensor, base: Tensor, device
 
 
 # ====================================================================================== the whole video
-def _label(key: str) -> str:
+def key_label(key: str) -> str:
     """File-name-safe label of a key: the identity name, or for a track.py output (.../<name>/code.pt) its folder."""
     p = Path(key)
     raw = p.parent.name if p.name == "code.pt" and p.parent.name else p.stem
@@ -227,7 +252,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     total = num_frames(len(keys), cfg.frames, cfg.loop)
     space = cfg.space
     if space == "auto":
-        space = "z" if all(k.z is not None for k in keys) else "w"
+        space = code_space(keys)
     if space == "z":
         missing = [n for n, k in zip(names, keys) if k.z is None]
         if missing:
@@ -263,7 +288,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
             save_image(frame_dir / f"frame_{n:05d}.png", img)
             frames.append(to_uint8(img))
             if cfg.ply and n % cfg.frames == 0:  # frame k * frames shows key k exactly (t = 0)
-                cloud.save_ply(out / "keyframes" / f"key_{i:02d}_{_label(names[i])}.ply")
+                cloud.save_ply(out / "keyframes" / f"key_{i:02d}_{key_label(names[i])}.ply")
     video = write_video(out / "interpolation.mp4", frames, fps=cfg.fps)
     summary = {"keys": names, "space": space, "method": cfg.method, "frames_per_transition": cfg.frames,
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,

@@ -1,55 +1,338 @@
-"""Small file helpers shared by every entry point: atomic writes and image/video output."""
+"""Small file helpers shared by every entry point: atomic writes, safe loading of torch files, the lock on an
+output folder, and image/video input and output."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
+import re
+import secrets
+import socket
+import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+# ---------------------------------------------------------------------------------------------- atomic writes
+def _open_temp(path: Path) -> tuple[IO[bytes], Path]:
+    """A new temporary file next to ``path`` whose name is unique to this process and call (two runs writing the
+    same file never share a temporary); returned open for binary writing.  Created with the permissions of a plain
+    ``open`` (umask applies), so the renamed file gets them too."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        return os.fdopen(fd, "wb"), tmp
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(fh)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
+
+    A crash (kill -9 included) never leaves a half-written ``path``: it holds the old content or the new one.  On any
+    error the temporary file is removed; a full disk (ENOSPC) becomes an OSError naming the folder.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fh, tmp = _open_temp(path)
+    try:
+        with fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name} "
+                          f"(nothing was replaced; the partial file was removed): free some space and run again"
+                          ) from exc
+        raise
     return path
 
 
+_PLAIN_LEAVES = (Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def non_plain_entry(obj: Any, where: str = "") -> str | None:
+    """Where ``obj`` holds something other than tensors, str/bytes/numbers/bool/None, dtypes, devices and
+    dict/list/tuple containers of them (e.g. "['meta']['score']: numpy.float32"), or None when it holds nothing else.
+    Such plain objects are what ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(obj, _PLAIN_LEAVES):
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = non_plain_entry(k, f"{where}[key {k!r}]") or non_plain_entry(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad = non_plain_entry(v, f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    return f"{where or 'the object'}: {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
+
+    Only tensors and plain containers are written (TypeError otherwise, naming the entry), so that
+    ``safe_torch_load`` (``torch.load(weights_only=True)``) reads every file back: convert numpy values, dataclasses
+    and other objects to tensors, numbers or dicts first."""
+    bad = non_plain_entry(obj)
+    if bad is not None:
+        raise TypeError(f"{path}: not written: {bad} is not a tensor or plain value (files of this project are read "
+                        f"with torch.load(weights_only=True))")
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+class UnsafeFileError(ValueError):
+    """A file holds a Python object that a safe load does not create (loading it could run code)."""
+
+
+def _refused_global(exc: BaseException) -> str | None:
+    """The class/function that a weights-only torch.load refused (from its message), or None when the load failed
+    for another reason (a damaged or foreign file: every payload names a global before it can run)."""
+    m = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+    return m.group(1) if m else None
+
+
+def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only, no code runs.
+
+    A file that needs anything else (a pickled class or function, e.g. a ``__reduce__`` payload) is refused with
+    UnsafeFileError naming the file and the class; a truncated or foreign file gives ValueError.  Every file this
+    project writes (model.pt, code.pt, checkpoints, also those of earlier versions) holds only tensors and plain
+    containers, so nothing it wrote is refused.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # zip/pickle damage surfaces as RuntimeError, OSError, EOFError, UnpicklingError, ...
+        refused = _refused_global(exc) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused is not None:
+            raise UnsafeFileError(
+                f"{path}: refused to load this {what}: it holds the Python object {refused}, which files written by "
+                f"this project never contain, and loading it could run code. Use a file written by this project "
+                f"(re-export it from a trusted copy) or delete this one") from exc
+        text = str(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:")[1].strip()  # the reason, without torch's advice
+        first = (text.splitlines() or [""])[0].split(". ")[0]
+        raise ValueError(f"{path} is not a readable {what} (truncated or corrupt? {type(exc).__name__}: "
+                         f"{first})") from exc
+
+
 def load_tagged(path: str | os.PathLike, fmt: str, what: str, missing_hint: str, wrong: str) -> dict:
-    """torch.load a dict written with ``{"format": fmt, ...}``; clear errors for a missing, unreadable or foreign
-    file (``what`` names the kind of file, ``missing_hint`` says how to make it, ``wrong`` completes
-    "<path> ..." for a file of another kind)."""
+    """Safely load (:func:`safe_torch_load`) a dict written with ``{"format": fmt, ...}``; clear errors for a
+    missing, unreadable, unsafe or foreign file (``what`` names the kind of file, ``missing_hint`` says how to make
+    it, ``wrong`` completes "<path> ..." for a file of another kind)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path} ({missing_hint})")
-    try:
-        doc = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable {what}: {exc}") from exc
+    doc = safe_torch_load(path, what)
     if not isinstance(doc, dict) or doc.get("format") != fmt:
         raise ValueError(f"{path} {wrong}")
     return doc
 
 
-def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+# ---------------------------------------------------------------------------------------------- output-folder lock
+class FolderInUseError(OSError):
+    """Another process holds the lock on an output folder."""
+
+
+class FolderLock:
+    """Exclusive lock of one process on an output folder (``<folder>/.lock``).
+
+    Held with an fcntl record lock, which the kernel drops when the process ends (kill -9 included), so a crashed
+    run never leaves a stale lock behind.  The lock belongs to the process: taking it again in the same process
+    succeeds (several Trainer objects of one program may share a folder; it is released when the last of them
+    releases it), another process gets FolderInUseError naming who holds it (pid, host, start time and command,
+    written into the lock file).  Linux and macOS.
+    """
+
+    NAME = ".lock"
+    # folder -> [descriptor, holders] of this process.  Needed because closing ANY descriptor of a file drops all
+    # of the process's record locks on it: one descriptor per folder, closed when its last holder releases.
+    _held: dict[str, list[int]] = {}
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / self.NAME
+        self._key: str | None = None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        if self._key is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in self._held:
+            self._held[key][1] += 1
+            self._key = key
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise FolderInUseError(errno.EBUSY, f"{self.folder} is in use by another run ({self.holder()}); wait for "
+                                   f"it to finish, stop it, or choose another output folder") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._held[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, as written into the lock file by its holder."""
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "holder unknown"
+        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}: {info.get('command')}"
+
+    def release(self) -> None:
+        """Give up this holder's share; the last one closes the descriptor, which releases the lock."""
+        if self._key is None:
+            return
+        entry = self._held.get(self._key)
+        self._key = None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            for key, val in list(self._held.items()):
+                if val is entry:
+                    del self._held[key]
+            os.close(entry[0])
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- images
+_IMAGE_END = {".jpg": (b"\xff\xd9",), ".jpeg": (b"\xff\xd9",), ".png": (b"IEND\xaeB`\x82",)}
+
+
+def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
+    """(w, h) of an image from its header; ValueError naming the file when it is no readable image."""
+    from PIL import Image
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-    return path
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... without the path
+        raise ValueError(f"cannot read the {what} {path}: {_image_damage(path, exc)}") from exc
+
+
+def _image_damage(path: Path, exc: BaseException | None = None) -> str:
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        return "the file is empty (0 bytes); expected a JPEG or PNG image"
+    reason = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+    return f"the file ({size} bytes) is not a complete JPEG or PNG image{reason}; copy or export it again"
+
+
+def check_image_complete(path: str | os.PathLike, what: str = "image") -> None:
+    """Raise ValueError naming ``path`` when a JPEG or PNG file is truncated or damaged.
+
+    Decoders (OpenCV included) accept a JPEG cut after its header and fill the missing rows with grey, so the end
+    marker is checked (cheap); only a file without it is decoded in full by PIL, which fails on real truncation and
+    accepts a complete image with trailing bytes after its end marker."""
+    from PIL import Image
+
+    path = Path(path)
+    ends = _IMAGE_END.get(path.suffix.lower())
+    if ends is None:
+        return
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 64))
+        tail = fh.read().rstrip(b"\x00\r\n\t ")
+    if tail.endswith(ends):
+        return
+    try:
+        im = Image.open(path)
+    except Exception as exc:  # not even a header: empty, random bytes, another format, cut inside the header
+        raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path, exc)}") from exc
+    try:
+        with im:
+            im.load()
+    except Exception as exc:
+        raise ValueError(f"{what} {path} is truncated or damaged: {_image_damage(path, exc)}") from exc
+
+
+def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color") -> np.ndarray:
+    """Read a complete image file as float32 in [0, 1] (8- or 16-bit files).
+
+    ``mode``: "color" -> (H, W, 3) RGB (OpenCV's IMREAD_COLOR: EXIF orientation applied); "gray" -> (H, W);
+    "unchanged" -> the stored channels, colour as RGB and alpha dropped.  Errors name the file and what was expected
+    (missing, empty, truncated, undecodable)."""
+    import cv2
+
+    flags = {"color": cv2.IMREAD_COLOR, "gray": cv2.IMREAD_GRAYSCALE, "unchanged": cv2.IMREAD_UNCHANGED}
+    if mode not in flags:
+        raise ValueError(f"read_image: mode must be one of {sorted(flags)}, got {mode!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    check_image_complete(path, what)  # first: OpenCV would decode a truncated JPEG with grey rows
+    img = cv2.imread(str(path), flags[mode])
+    if img is None:
+        raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path)}")
+    maxval = 65535.0 if img.dtype == np.uint16 else 255.0
+    if img.ndim == 3:
+        img = img[..., :3][..., ::-1]  # BGR(A) -> RGB, alpha dropped
+    return np.ascontiguousarray(img).astype(np.float32) / maxval
 
 
 def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
-    """(H, W, 3) float in [0, 1] -> uint8 RGB."""
+    """(H, W, 3) float in [0, 1] -> uint8 RGB (uint8 input is returned as is)."""
     if isinstance(image, Tensor):
         image = image.detach().float().cpu().numpy()
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        return image
     return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
 
 

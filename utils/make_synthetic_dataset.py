@@ -3,6 +3,7 @@
 Usage (from the repository root):
     python utils/make_synthetic_dataset.py --out data/synthetic
     python utils/make_synthetic_dataset.py --out /tmp/syn --num_identities 4 --num_heldout 1 --image_size 64
+    python utils/make_synthetic_dataset.py --out /tmp/seq --num_frames 8      # sequences: 8 frames per subject
 
 Re-running with the same arguments does nothing; more identities are added without changing existing ones.
 See utils/synthetic.py for what is written.
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subdivision", type=int, default=None,
                    help="subdivision levels of the ground-truth head mesh (default: 0 up to 160 px, 1 up to 400, "
                    "2 up to 1000, else 3)")
+    p.add_argument("--num_frames", type=int, default=1,
+                   help="frames per subject: frame 0 is neutral; frames 1..N-1 get non-neutral FLAME expression, jaw, "
+                   "neck and eye parameters (tracking npz) and their 16 images in timesteps/frame_<t>/images-2x/ "
+                   "(1 = the single neutral frame, byte-identical to datasets written before sequences existed)")
     p.add_argument("--device", default="cpu",
                    help="device that renders the ground truth (cpu keeps the dataset bit-identical across machines; "
                    "auto or cuda is faster for large images)")
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.quiet,
         subdivision=args.subdivision,
         device=device,
+        num_frames=args.num_frames,
     )
     print(f"synthetic dataset ready in {out} ({time.time() - t0:.1f} s): subjects in {out / 'subjects'}, "
           f"FLAME files in {out / 'flame'}, split in {out / 'synthetic_info.json'}")

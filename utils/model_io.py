@@ -1,37 +1,73 @@
 """The self-contained trained model file ``model.pt``: everything needed to render, fit and interpolate identities
-without the training data (config, identity names, codes, template mesh, per-identity face meshes, weights)."""
+without the training data (config, identity names, codes, template mesh, per-identity face meshes, weights).
+
+The file is a flat dict of tensors and plain Python values (no pickled classes), read with
+``torch.load(weights_only=True)`` (utils.io.safe_torch_load), so loading a model from someone else runs no code.
+New entries are added as further keys holding tensors, dicts of tensors or plain values; readers use ``doc.get``
+for keys that older files lack.  ``fingerprint`` is a SHA-256 of the weights (:func:`weights_fingerprint`): it is
+checked on load, and files derived from a model (code.pt) store it to name the model they belong to.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from models.flame import SubdivisionPlan, make_subdivision_plan, subdivide_vertices
+from models.flame import FlameParams, SubdivisionPlan, make_subdivision_plan, subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
 from utils.io import atomic_torch_save, load_tagged
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity)
+MODEL_FORMAT = "identity-field-model"
+
+
+def weights_fingerprint(state_dict: dict[str, Tensor]) -> str:
+    """SHA-256 (hex) of a state dict: every entry's name, dtype, shape and bytes, in sorted name order.
+
+    Equal for equal weights whatever the device they are on or the order of the dict; any changed value, entry,
+    shape or dtype changes it."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict) -> Path:
     """Write model.pt from a trained field and its MultiViewDataset (atomically)."""
+    state = {k: v.detach().cpu() for k, v in field.state_dict().items()}
     doc = {
-        "format": "identity-field-model",
+        "format": MODEL_FORMAT,
         "version": FORMAT_VERSION,
         "config": config,
         "identities": list(data.identities),
-        "state_dict": {k: v.detach().cpu() for k, v in field.state_dict().items()},
+        "state_dict": state,
+        "fingerprint": weights_fingerprint(state),
         "template_base": data.template.detach().cpu(),
         "base_faces": torch.as_tensor(data.base_faces).cpu(),
         "mask_ids": torch.as_tensor(data.mask_ids).cpu(),
         "subdivision": int(data.cfg.subdivision),
         "base_vertices": data.base_vertices.detach().cpu(),
+        # FLAME parameters of each identity's frame, {field: (I, ...) tensor} (models.flame.FlameParams.as_dict),
+        # so that animation knows every identity's FLAME shape and head placement; None when the data had none
+        "flame_params": stack_flame_params(getattr(data, "flame_params", None)),
     }
     return atomic_torch_save(doc, path)
+
+
+def stack_flame_params(params: Sequence[FlameParams] | None) -> dict[str, Tensor] | None:
+    """I FlameParams (T = 1 each) -> {field: (I, ...) plain CPU tensor} (None for None)."""
+    if not params:
+        return None
+    dicts = [p.as_dict() for p in params]
+    return {k: torch.cat([d[k] for d in dicts]) for k in dicts[0]}
 
 
 @dataclass
@@ -45,6 +81,10 @@ class TrainedModel:
         template_base: (M, 3) canonical face-mask vertices; base_faces (F, 3); mask_ids (M,) FLAME vertex ids.
         plan: subdivision plan from level 0 to the network's level.
         config: the full training config (dict).
+        fingerprint: SHA-256 of the weights (weights_fingerprint), as stored in the file and verified on load.
+        path: the file it was loaded from ("" when built otherwise).
+        flame_params: {field: (I, ...) tensor} FLAME parameters of each training identity's frame (shape and head
+            placement, see :meth:`identity_flame`); None in model.pt files written before they were stored.
     """
 
     field: IdentityField
@@ -55,6 +95,9 @@ class TrainedModel:
     mask_ids: np.ndarray
     plan: SubdivisionPlan
     config: dict
+    fingerprint: str = ""
+    path: str = ""
+    flame_params: dict | None = None
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""
@@ -65,18 +108,52 @@ class TrainedModel:
             raise KeyError(f"identity {name!r} is not in the model (it has {self.identities})")
         return self.identities.index(name)
 
+    def identity_flame(self, index: int) -> FlameParams | None:
+        """FLAME parameters (T = 1) of training identity ``index``'s frame; None when model.pt predates them."""
+        if self.flame_params is None:
+            return None
+        return FlameParams.from_dict({k: v[index:index + 1] for k, v in self.flame_params.items()},
+                                     "model.pt flame_params")
+
+    def check_flame(self, flame, flame_dir: str | os.PathLike) -> None:
+        """Raise a clear error when a FlameModel (read from ``flame_dir``) is not the FLAME the model was trained
+        with: the face mask must fit its vertex count and its template must match the model's."""
+        ids = torch.as_tensor(self.mask_ids)
+        if int(ids.max()) >= flame.num_vertices:
+            raise ValueError(f"the model's face mask indexes FLAME vertex {int(ids.max())} but the FLAME model in "
+                             f"{flame_dir} has {flame.num_vertices} vertices: use the FLAME files the model was "
+                             f"trained with (--flame_dir)")
+        if not torch.allclose(flame.v_template[ids].cpu().float(), self.template_base.cpu().float(), atol=1e-4):
+            raise ValueError(f"the FLAME template in {flame_dir} differs from the one the model was trained with: use "
+                             f"the same FLAME files (--flame_dir)")
+
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedModel:
     """Load model.pt (written by training) onto ``device``; clear errors for missing or foreign files."""
-    doc = load_tagged(path, "identity-field-model", "model file", "train one with: bash run_training.sh",
+    doc = load_tagged(path, MODEL_FORMAT, "model file", "train one with: bash run_training.sh",
                       "is not an identity-field model.pt (a training checkpoint? use <out>/model.pt)")
+    required = ("config", "identities", "state_dict", "template_base", "base_faces", "mask_ids", "subdivision",
+                "base_vertices")
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: model file lacks the entries {missing}; export it again with this version")
+    if not isinstance(doc["state_dict"], dict) or not all(isinstance(v, Tensor) for v in doc["state_dict"].values()):
+        raise ValueError(f"{path}: 'state_dict' must map names to tensors")
+    fingerprint = weights_fingerprint(doc["state_dict"])
+    if doc.get("fingerprint") not in (None, fingerprint):  # files of format 1 have none
+        raise ValueError(f"{path}: its weights do not match the fingerprint stored with them (the file was damaged or "
+                         f"edited); use an intact copy of the model or export it again from its training checkpoint")
     mcfg = IdentityFieldConfig.from_dict(doc["config"]["model"])
     level = int(doc["subdivision"])
     faces = doc["base_faces"].numpy()
     plan = make_subdivision_plan(len(doc["template_base"]), faces, level)
     template = subdivide_vertices(doc["template_base"], plan)
     field = IdentityField(mcfg, len(doc["identities"]), template, torch.as_tensor(plan.faces[level]))
-    field.load_state_dict(doc["state_dict"])
+    try:
+        field.load_state_dict(doc["state_dict"])
+    except RuntimeError as exc:  # names/shapes do not fit the stored model config
+        raise ValueError(f"{path}: its weights do not fit the model config stored with them "
+                         f"({str(exc).splitlines()[0]})") from exc
     field.to(device).eval()
     return TrainedModel(
         field=field,
@@ -87,4 +164,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
         mask_ids=doc["mask_ids"].numpy(),
         plan=plan.to(device),
         config=doc["config"],
+        fingerprint=fingerprint,
+        path=str(path),
+        flame_params=doc.get("flame_params"),  # absent in model.pt files written before animation existed
     )

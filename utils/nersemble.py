@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from utils.cameras import Camera, load_camera_params
+from utils.io import image_size, read_image
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
 SERIALS: tuple[str, ...] = (
@@ -81,20 +82,26 @@ def list_subjects(root: str | os.PathLike) -> list[str]:
     return subjects
 
 
-def _read_image(path: Path, what: str, hint: str, size: tuple[int, int] | None, flags: int | None = None) -> np.ndarray:
-    """cv2 read -> float32 in [0, 1], RGB for colour images, resized to ``size`` (w, h) with INTER_AREA if given."""
+def _read_image(path: Path, what: str, hint: str, size: tuple[int, int] | None, mode: str = "color",
+                expected: tuple[int, int] | None = None, uniform: bool = False) -> np.ndarray:
+    """A complete image file (utils.io.read_image) as float32 in [0, 1], RGB for colour, resized to ``size`` (w, h)
+    with INTER_AREA if given.
+
+    ``expected`` (w, h): the size the stored file must have (that of the photo it belongs to), else ValueError naming
+    the file; with ``uniform`` a uniform scaling of it (same aspect ratio, e.g. a half-size mask) is accepted too."""
     import cv2
 
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path} ({hint})")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED if flags is None else flags)
-    if img is None:
-        raise ValueError(f"cannot decode {what} {path} (corrupt or unsupported image file)")
-    maxval = 65535.0 if img.dtype == np.uint16 else 255.0
-    if img.ndim == 3:
-        img = img[..., :3][..., ::-1]  # BGR(A) -> RGB, alpha dropped
-    img = np.ascontiguousarray(img).astype(np.float32) / maxval
-    if size is not None and (img.shape[1], img.shape[0]) != tuple(size):
+    img = read_image(path, what, mode)
+    stored = (img.shape[1], img.shape[0])
+    if expected is not None and stored != tuple(expected):
+        ew, eh = expected
+        if not (uniform and abs(stored[0] * eh - stored[1] * ew) <= max(ew, eh)):
+            raise ValueError(f"{what} {path} is {stored[0]}x{stored[1]} pixels but its photo is {ew}x{eh}: expected "
+                             f"{ew}x{eh}{' (or a uniform scaling of it)' if uniform else ''}; it belongs to another "
+                             f"image size (rewrite it: {hint or 'run the preprocessing again with --overwrite'})")
+    if size is not None and stored != tuple(size):
         img = cv2.resize(img, tuple(size), interpolation=cv2.INTER_AREA)
     return img
 
@@ -215,10 +222,7 @@ class NersembleSubject:
     def image_size(self, serial: str) -> tuple[int, int]:
         """(w, h) of the stored image of ``serial`` (header read only, cached)."""
         if serial not in self._size_cache:
-            from PIL import Image
-
-            with Image.open(self.image_path(serial)) as im:
-                self._size_cache[serial] = im.size
+            self._size_cache[serial] = image_size(self.image_path(serial), f"image of camera {serial}")
         return self._size_cache[serial]
 
     def loaded_size(self, serial: str, scale: float = 1.0) -> tuple[int, int]:
@@ -248,37 +252,36 @@ class NersembleSubject:
 
     def image(self, serial: str, scale: float = 1.0) -> np.ndarray:
         """Photo of camera ``serial``: float32 (H, W, 3) RGB in [0, 1], resized by ``scale`` (INTER_AREA)."""
-        import cv2
-
         path = self.image_path(serial)
         size = self.loaded_size(serial, scale) if scale != 1.0 else None
-        return _read_image(path, f"image of camera {serial}", "NeRSemble photo", size, cv2.IMREAD_COLOR)
+        return _read_image(path, f"image of camera {serial}", "NeRSemble photo", size, "color")
 
     def facemask(self, serial: str, scale: float = 1.0) -> np.ndarray:
         """Projected FLAME face mask of camera ``serial``: float32 (H, W, 1) in [0, 1], at the size of
-        ``image(serial, scale)`` (masks written at another size are resized)."""
-        import cv2
-
+        ``image(serial, scale)`` (a mask stored at a uniform scaling of the photo's size is resized; another aspect
+        ratio is an error)."""
         m = _read_image(
             self.facemask_path(serial),
             f"projected face mask of camera {serial}",
             self._hint("projection_ply"),
             self.loaded_size(serial, scale),
-            cv2.IMREAD_GRAYSCALE,
+            "gray",
+            expected=self.image_size(serial),
+            uniform=True,
         )
         return m[..., None] if m.ndim == 2 else m[..., :1]
 
     def masked_image(self, serial: str, scale: float = 1.0) -> np.ndarray:
         """Face-masked photo (black outside the mask): float32 (H, W, 3).
 
-        Read from ``filled_masked_images`` when present, else computed as image * facemask.
+        Read from ``filled_masked_images`` when present (it must have the photo's size), else computed as
+        image * facemask.
         """
-        import cv2
-
         path = self.masked_image_path(serial)
         if path.is_file():
             size = self.loaded_size(serial, scale)
-            return _read_image(path, f"masked image of camera {serial}", "", size, cv2.IMREAD_COLOR)
+            return _read_image(path, f"masked image of camera {serial}", self._hint("projection_ply") + " --overwrite",
+                               size, "color", expected=self.image_size(serial))
         if not self.facemask_path(serial).is_file():
             raise FileNotFoundError(
                 f"masked image of camera {serial} not found: neither {path} nor the projected face mask "
@@ -297,6 +300,27 @@ class NersembleSubject:
                 f"sequence {self.sequence}; it ships with the NeRSemble annotations)"
             )
         return load_tracking(self.tracking_path)
+
+    def frame_params(self, flame=None):
+        """FLAME parameters of this frame (FlameParams, T = 1): the tracking row of ``self.frame`` (see
+        :func:`tracking_row`).  ``flame``: a FlameModel that bakes VHAP's root pivot into the translation."""
+        params = self.tracking()
+        params = params.frame(tracking_row(self.tracking_path, self.frame, params.num_frames))
+        return flame.bake_root_pivot(params) if flame is not None else params
+
+    def frames(self) -> list[int]:
+        """Indices of the frame folders ``timesteps/frame_<t>`` of this sequence, sorted."""
+        root = self.sequence_dir / "timesteps"
+        if not root.is_dir():
+            raise FileNotFoundError(f"no frame folders: {root} does not exist (sequence {self.sequence} of "
+                                    f"{self.subject_dir})")
+        return sorted(int(p.name[6:]) for p in root.iterdir() if p.is_dir() and p.name.startswith("frame_")
+                      and p.name[6:].isdigit())
+
+    def sequences(self) -> list[str]:
+        """Names of the sequence folders of this subject, sorted."""
+        root = self.subject_dir / "sequences"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
     def _read_mesh(self, path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
         if not path.is_file():
@@ -327,6 +351,37 @@ class NersembleSubject:
         return m
 
 
+def _tracked_frame_ids(path: Path, num_frames: int) -> tuple[str | None, np.ndarray | None]:
+    """(key, (T,) frame numbers) from a tracking file's ``frames`` (NeRSemble) or ``timestep_id`` (VHAP) key;
+    (None, None) when it has neither (or one of another length)."""
+    with np.load(path, allow_pickle=False) as z:
+        key = "frames" if "frames" in z.files else ("timestep_id" if "timestep_id" in z.files else None)
+        ids = np.asarray(z[key]).reshape(-1).astype(np.int64) if key else None
+    return (key, ids) if ids is not None and len(ids) == num_frames else (None, None)
+
+
+def tracking_row(path: str | os.PathLike, frame: int, num_frames: int) -> int:
+    """Row of frame ``frame`` (the ``<t>`` of ``timesteps/frame_<t>``) in a tracking file of ``num_frames`` rows: found
+    in its ``frames``/``timestep_id`` key when present, else the row ``frame`` itself."""
+    path = Path(path)
+    key, ids = _tracked_frame_ids(path, num_frames)
+    if ids is not None:
+        hit = np.nonzero(ids == frame)[0]
+        if len(hit) == 0:
+            raise ValueError(f"{path}: frame {frame} is not tracked (its '{key}' holds "
+                             f"{ids[:5].tolist()}{' ...' if len(ids) > 5 else ''})")
+        return int(hit[0])
+    if not 0 <= frame < num_frames:
+        raise ValueError(f"{path}: frame {frame} out of range (the file has {num_frames} frames)")
+    return frame
+
+
+def tracking_frame_ids(path: str | os.PathLike, num_frames: int) -> np.ndarray:
+    """(T,) frame number of every row of a tracking file: its ``frames``/``timestep_id`` key, else 0..T-1."""
+    ids = _tracked_frame_ids(Path(path), num_frames)[1]
+    return ids if ids is not None else np.arange(num_frames, dtype=np.int64)
+
+
 def read_ply_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Triangle mesh from a PLY file, vertex order preserved: verts (V, 3) float32, faces (F, 3) int64."""
     import trimesh
@@ -338,6 +393,10 @@ def read_ply_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     faces = np.asarray(mesh.faces, dtype=np.int64)
     if verts.ndim != 2 or verts.shape[1] != 3 or len(verts) == 0:
         raise ValueError(f"{path} holds no vertices (expected a triangle mesh PLY)")
+    if not np.isfinite(verts).all():
+        bad = np.nonzero(~np.isfinite(verts).all(1))[0]
+        raise ValueError(f"{path}: {len(bad)} vertices hold NaN or Inf coordinates (first: vertex {bad[0]}); expected "
+                         f"finite positions (was it written from a broken FLAME tracking? run FLAME2PLY.py again)")
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"{path} has faces of shape {faces.shape}, expected (F, 3) triangles")
     return verts, faces

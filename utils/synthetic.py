@@ -6,6 +6,8 @@
     <out>/subjects/<id>/calibration/camera_params.json
     <out>/subjects/<id>/sequences/EXP-1-head/annotations/tracking/FLAME2023_v2/tracked_flame_params.npz
     <out>/subjects/<id>/sequences/EXP-1-head/timesteps/frame_00000/images-2x/cam_<serial>.jpg   (16 cameras)
+    <out>/subjects/<id>/sequences/EXP-1-head/timesteps/frame_<t>/images-2x/...   frames 1..N-1 with num_frames N > 1:
+                                 non-neutral expression, jaw, neck and eyes (sample_frame_params), same head
     <out>/synthetic_info.json    seed, sizes, training / held-out ids (the split), per-identity appearance summary;
                                  written last (while generating, <out>/.synthetic_pending.json claims the folder)
 
@@ -300,6 +302,48 @@ def _sample_appearance(rng: np.random.Generator) -> dict:
     return a
 
 
+# ============================================================================================== sequences
+MOTION_STREAM = 1_000_003  # seeds the frames of a sequence apart from the identity's own streams
+
+
+def sample_frame_params(seed: int, subject_id: str, frame: int, neutral: Any) -> Any:
+    """FLAME parameters (FlameParams, T = 1) of frame ``frame`` >= 1 of a subject's synthetic sequence.
+
+    The identity's shape and head placement (rotation, translation, scale) stay those of its neutral frame
+    ``neutral``; expression, jaw, neck and eyes are drawn afresh for every frame, from a generator seeded by
+    (seed, subject_id, frame) alone, so adding frames never changes existing ones.  Ranges: the first seven
+    expression coefficients (the synthetic FLAME's mouth open, smile, brows raise, frown, pucker, cheek puff, squint;
+    utils/synthetic_flame.py) uniform in [0, 0.8] (mouth open) and [-1, 1], the next 13 N(0, 0.5^2); jaw opening
+    uniform in [0, 0.12] rad about x (+ N(0, 0.01^2) about y and z); neck uniform in [-0.08, 0.08] rad per axis; one
+    gaze for both eyes, yaw in [-0.15, 0.15] and pitch in [-0.1, 0.1] rad."""
+    from dataclasses import replace
+
+    if frame < 1:
+        raise ValueError(f"frame must be >= 1 (frame 0 is the neutral frame), got {frame}")
+    r = np.random.default_rng(np.random.SeedSequence([int(seed), _as_int(subject_id), MOTION_STREAM, int(frame)]))
+    expr = np.zeros((1, neutral.expression.shape[1]))
+    expr[0, 0] = r.uniform(0.0, 0.8)
+    expr[0, 1:7] = r.uniform(-1.0, 1.0, 6)
+    expr[0, 7:20] = r.normal(0.0, 0.5, 13)
+    jaw = np.array([[r.uniform(0.0, 0.12), r.normal(0.0, 0.01), r.normal(0.0, 0.01)]])
+    neck = r.uniform(-0.08, 0.08, (1, 3))
+    gaze = np.array([r.uniform(-0.1, 0.1), r.uniform(-0.15, 0.15), 0.0])
+    eyes = np.tile(gaze, 2)[None]
+    t = lambda a: torch.as_tensor(a, dtype=neutral.expression.dtype)  # noqa: E731
+    return replace(neutral, expression=t(expr), jaw=t(jaw), neck=t(neck), eyes=t(eyes))
+
+
+def sequence_params(identity: SyntheticIdentity, seed: int, num_frames: int) -> Any:
+    """FlameParams (T = num_frames) of a subject's synthetic sequence: frame 0 is the identity's neutral frame,
+    frames 1..T-1 come from :func:`sample_frame_params`."""
+    from models.flame import FlameParams
+
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return FlameParams.cat([identity.params] + [sample_frame_params(seed, identity.subject_id, t, identity.params)
+                                                for t in range(1, num_frames)])
+
+
 # ============================================================================================== texture
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0.0, 1.0)
@@ -517,19 +561,22 @@ class GroundTruthHeads:
         self.edges = np.unique(np.sort(e, axis=1), axis=0)
 
     @torch.no_grad()
-    def vertices(self, identity: SyntheticIdentity) -> Tensor:
-        """(V_L, 3) world-space vertices of the subdivided posed FLAME mesh."""
+    def vertices(self, identity: SyntheticIdentity, params: Any = None) -> Tensor:
+        """(V_L, 3) world-space vertices of the subdivided posed FLAME mesh (of ``params``, FlameParams T = 1 such
+        as a frame of :func:`sequence_params`; default: the identity's neutral frame 0)."""
         from models.flame import subdivide_vertices
 
-        v = self.flame(identity.params)[0].double()
+        v = self.flame(identity.params if params is None else params)[0].double()
         return subdivide_vertices(v, self.plan, self.subdivision)
 
     @torch.no_grad()
-    def cloud(self, identity: SyntheticIdentity) -> GaussianCloud:
-        """The identity's ground-truth Gaussian head in world space (degree-0 SH, N = V_L Gaussians)."""
+    def cloud(self, identity: SyntheticIdentity, params: Any = None) -> GaussianCloud:
+        """The identity's ground-truth Gaussian head in world space (degree-0 SH, N = V_L Gaussians), posed by
+        ``params`` (FlameParams T = 1; default: its neutral frame 0).  The texture lives in canonical space, so it
+        follows the surface; the baked lighting uses the posed normals."""
         from models.flame import vertex_normals
 
-        verts = self.vertices(identity)
+        verts = self.vertices(identity, params)
         n = vertex_normals(verts, torch.as_tensor(self.faces))
         vn = verts.numpy()
         # spacing: mean length of the edges at each vertex
@@ -609,9 +656,14 @@ def render_ground_truth(
 
 
 # ============================================================================================== the dataset
-def _dataset_key(seed: int, image_size: int, subdivision: int) -> dict:
+def _dataset_key(seed: int, image_size: int, subdivision: int, num_frames: int = 1) -> dict:
     return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "image_size": int(image_size),
-            "subdivision": int(subdivision)}
+            "subdivision": int(subdivision), "num_frames": int(num_frames)}
+
+
+def _key_of(info: dict) -> dict:
+    """The dataset key of a synthetic_info.json (files written before sequences existed have one frame)."""
+    return {k: info.get(k, 1 if k == "num_frames" else None) for k in _dataset_key(0, 0, 0)}
 
 
 def read_info(root: str | os.PathLike) -> dict:
@@ -625,12 +677,16 @@ def read_info(root: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def _subject_complete(subject_dir: Path) -> bool:
-    img = subject_dir / "sequences" / DEFAULT_SEQUENCE / "timesteps" / f"frame_{timestep_name(0)}" / "images-2x"
+def _frame_image_dir(subject_dir: Path, frame: int) -> Path:
+    return subject_dir / "sequences" / DEFAULT_SEQUENCE / "timesteps" / f"frame_{timestep_name(frame)}" / "images-2x"
+
+
+def _subject_complete(subject_dir: Path, num_frames: int = 1) -> bool:
     return (
         (subject_dir / CALIBRATION_RELPATH).is_file()
         and (subject_dir / "sequences" / DEFAULT_SEQUENCE / TRACKING_RELPATH).is_file()
-        and all((img / f"cam_{s}.jpg").is_file() for s in SERIALS)
+        and all((_frame_image_dir(subject_dir, t) / f"cam_{s}.jpg").is_file()
+                for t in range(num_frames) for s in SERIALS)
     )
 
 
@@ -653,25 +709,33 @@ def write_subject(
     rig_rng: np.random.Generator,
     device: str | torch.device = "cpu",
     backend: str = "auto",
+    num_frames: int = 1,
+    seed: int = 0,
 ) -> None:
-    """Write one subject folder (calibration, tracking, 16 images-2x JPEGs) in the NeRSemble layout."""
+    """Write one subject folder (calibration, tracking, 16 images-2x JPEGs per frame) in the NeRSemble layout.
+
+    Frame 0 is the identity's neutral frame; frames 1..num_frames-1 (:func:`sequence_params` with the dataset
+    ``seed``) are rendered from the same ground-truth head driven by their FLAME parameters, all in one tracking npz.
+    """
     from models.flame import save_nersemble_tracking
 
     subject_dir = Path(subject_dir)
     calib = make_rig(image_size, rig_rng)
     calib_path = subject_dir / CALIBRATION_RELPATH
     write_camera_params(calib_path, calib)
-    save_nersemble_tracking(subject_dir / "sequences" / DEFAULT_SEQUENCE / TRACKING_RELPATH, identity.params)
+    params = identity.params if num_frames == 1 else sequence_params(identity, seed, num_frames)
+    save_nersemble_tracking(subject_dir / "sequences" / DEFAULT_SEQUENCE / TRACKING_RELPATH, params)
     w, h = image_size_for(image_size)
     # render through the cameras exactly as a reader gets them from the json (ratio 0.5)
     cams = load_camera_params(calib_path, image_size=(w, h), serials=list(SERIALS))
-    cloud = heads.cloud(identity).to(device)
-    out = render_ground_truth(cloud, list(cams.values()), identity, "studio", backend)
-    img_dir = subject_dir / "sequences" / DEFAULT_SEQUENCE / "timesteps" / f"frame_{timestep_name(0)}" / "images-2x"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    images = out["image"].cpu().numpy()
-    for serial, image in zip(cams, images):
-        _write_jpeg(img_dir / f"cam_{serial}.jpg", image)
+    for t in range(num_frames):
+        cloud = heads.cloud(identity, None if t == 0 else params.frame(t)).to(device)
+        out = render_ground_truth(cloud, list(cams.values()), identity, "studio", backend)
+        img_dir = _frame_image_dir(subject_dir, t)
+        img_dir.mkdir(parents=True, exist_ok=True)
+        images = out["image"].cpu().numpy()
+        for serial, image in zip(cams, images):
+            _write_jpeg(img_dir / f"cam_{serial}.jpg", image)
 
 
 def make_synthetic_dataset(
@@ -684,6 +748,7 @@ def make_synthetic_dataset(
     progress: bool = True,
     subdivision: int | None = None,
     device: str | torch.device = "cpu",
+    num_frames: int = 1,
 ) -> Path:
     """Generate (or complete) a synthetic NeRSemble-format dataset; returns ``out``.
 
@@ -698,6 +763,9 @@ def make_synthetic_dataset(
         subdivision: ground-truth mesh subdivision (None: auto_subdivision(image_size): 0 up to 160 px, 1 up to 400,
             2 up to 1000, else 3).
         device: where the ground truth is rendered ("cpu" keeps datasets bit-identical across machines).
+        num_frames: frames of each subject's sequence: frame 0 is neutral, frames 1..N-1 carry non-neutral
+            expression, jaw, neck and eye parameters (:func:`sample_frame_params`); the default 1 writes exactly the
+            single-frame dataset of before (same bytes).
 
     Idempotent: a complete dataset as requested is left untouched; one with the same seed/image_size/subdivision
     is completed (missing subjects rendered, subjects no longer requested removed); synthetic_info.json is
@@ -713,7 +781,11 @@ def make_synthetic_dataset(
     subdivision = auto_subdivision(image_size) if subdivision is None else int(subdivision)
     train_ids, heldout_ids = default_subject_ids(num_identities, num_heldout)
     all_ids = heldout_ids + train_ids
-    key = _dataset_key(seed, image_size, subdivision)
+    if int(num_frames) < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    key = _dataset_key(seed, image_size, subdivision, int(num_frames))
+    # what the json files hold: one frame is left implicit so single-frame datasets stay byte-identical to before
+    stored = {k: v for k, v in key.items() if k != "num_frames" or v != 1}
 
     info_path, pending_path = out / INFO_NAME, out / PENDING_NAME
     old = next((json.loads(p.read_text()) for p in (pending_path, info_path) if p.is_file()), None)
@@ -721,10 +793,10 @@ def make_synthetic_dataset(
         raise FileExistsError(
             f"{out} exists, is not empty and is not a synthetic dataset (no {INFO_NAME}); choose an empty or new folder"
         )
-    if old is not None and (overwrite or {k: old.get(k) for k in key} != key):
+    if old is not None and (overwrite or _key_of(old) != key):
         if not overwrite:
             raise FileExistsError(
-                f"{out} holds a synthetic dataset generated with {({k: old.get(k) for k in key})}, not {key}; "
+                f"{out} holds a synthetic dataset generated with {_key_of(old)}, not {key}; "
                 f"pass --overwrite (overwrite=True) to regenerate it, or choose another --out"
             )
         for name in ("subjects", "flame"):
@@ -739,7 +811,7 @@ def make_synthetic_dataset(
                    "FLAME_mask_vertexID.npy")
     flame_ok = all((flame_dir / f).is_file() for f in flame_files)
     stale = set(old.get("subjects", [])) - set(all_ids) if old else set()
-    todo = [sid for sid in all_ids if not _subject_complete(subjects_dir / sid)]
+    todo = [sid for sid in all_ids if not _subject_complete(subjects_dir / sid, key["num_frames"])]
     if info_path.is_file() and not pending_path.is_file() and flame_ok and not stale and not todo \
             and old.get("subjects") == all_ids and old.get("training_ids") == train_ids:
         return out  # complete and as requested: nothing to do (files untouched)
@@ -747,7 +819,7 @@ def make_synthetic_dataset(
     subjects_dir.mkdir(parents=True, exist_ok=True)
     # claim the folder first; synthetic_info.json is removed until the dataset is complete again (scripts test for
     # it), and an interrupted run leaves the pending file that the next run resumes from
-    pending = dict(key, subjects=sorted(set(old.get("subjects", []) if old else []) | set(all_ids)),
+    pending = dict(stored, subjects=sorted(set(old.get("subjects", []) if old else []) | set(all_ids)),
                    identities=old.get("identities", {}) if old else {})
     _write_json(pending_path, pending)
     info_path.unlink(missing_ok=True)
@@ -774,7 +846,8 @@ def make_synthetic_dataset(
         identity = sample_identity(model, seed, sid)
         tmp = subjects_dir / f".tmp-{sid}"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_subject(tmp, heads, identity, image_size, identity_rngs(seed, sid)["rig"], device)
+        write_subject(tmp, heads, identity, image_size, identity_rngs(seed, sid)["rig"], device,
+                      num_frames=key["num_frames"], seed=seed)
         shutil.rmtree(subjects_dir / sid, ignore_errors=True)
         os.replace(tmp, subjects_dir / sid)  # a subject folder appears only when complete
         summaries[sid] = identity.summary()
@@ -784,7 +857,7 @@ def make_synthetic_dataset(
 
     w, h = image_size_for(image_size)
     info = dict(
-        key,
+        stored,
         format="NeRSemble subject layout (synthetic)",
         image_width=w,
         image_height=h,
@@ -815,9 +888,13 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 # ============================================================================================== reuse for tests
-def load_ground_truth(root: str | os.PathLike, subject_id: str) -> tuple[GaussianCloud, SyntheticIdentity]:
+def load_ground_truth(root: str | os.PathLike, subject_id: str, frame: int = 0, params: Any = None
+                      ) -> tuple[GaussianCloud, SyntheticIdentity]:
     """Rebuild the ground-truth Gaussian head of a generated subject (deterministic; nothing is stored).
 
+    ``frame``: the frame of its sequence (0 = neutral; frames >= 1 as :func:`sample_frame_params` makes them, whether
+    or not the dataset wrote that many); ``params``: FlameParams (T = 1) to pose the head with instead (any motion,
+    e.g. a synthetic driving video).
     Returns:
         (cloud in world space, the identity).  Render it with :func:`render_ground_truth` through any cameras.
     """
@@ -834,7 +911,9 @@ def load_ground_truth(root: str | os.PathLike, subject_id: str) -> tuple[Gaussia
         _HEADS_CACHE[key] = GroundTruthHeads(root / info["flame_dir"], model, info["subdivision"])
     heads = _HEADS_CACHE[key]
     identity = sample_identity(heads.model, info["seed"], subject_id)
-    return heads.cloud(identity), identity
+    if params is None and frame > 0:
+        params = sample_frame_params(info["seed"], subject_id, frame, identity.params)
+    return heads.cloud(identity, params), identity
 
 
 _HEADS_CACHE: dict[tuple, GroundTruthHeads] = {}

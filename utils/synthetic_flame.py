@@ -695,8 +695,10 @@ def landmark_embeddings(model: dict) -> tuple[dict, dict]:
     bc = np.concatenate([brows_nose[1], [p[1] for p in on_margin], outer_lip[1], [p[1] for p in inner_lip]])
     assert len(idx) == 51
     static = {"lmk_face_idx": idx.astype(np.int64), "lmk_b_coords": bc}
-    # dynamic contour: for each yaw bin the 17 jaw-contour points of the silhouette seen from that yaw
-    yaw = np.linspace(-39, 39, 79) * np.pi / 180
+    # dynamic contour: for each yaw bin the 17 jaw-contour points of the silhouette seen from that yaw; rows in the
+    # order of FLAME's file and smplx's lookup: 0..39 degrees, then -1..-39 degrees (the angle is minus the head's
+    # y rotation relative to the camera)
+    yaw = np.r_[np.arange(40), -np.arange(1, 40)] * np.pi / 180
     t = np.linspace(-1, 1, 17)
     didx = np.zeros((79, 17), np.int64)
     dbc = np.zeros((79, 17, 3))

@@ -1,11 +1,12 @@
 """What a single-image fit fits: ``FitTarget`` (the photo, cropped to its face mask, the tracked face-mask vertices and
-every calibrated view for evaluation), built from a NeRSemble subject folder or from one's own photo with its
-calibrated camera and FLAME tracking."""
+every calibrated view for evaluation), built from a NeRSemble subject folder, from one's own photo with its
+calibrated camera and FLAME tracking, or from a photo alone ("in the wild": landmarks -> FLAME and camera,
+utils/landmarks.py and utils/flame_fit.py)."""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from utils.cameras import Camera, load_camera_params
 from utils.dataset import crop_size, crop_view
+from utils.io import read_image
 from utils.model_io import TrainedModel
 from utils.nersemble import NersembleSubject
 from utils.regions import EyeLandmarkEmbedding, embedding_for_flame
@@ -51,6 +53,8 @@ class FitTarget:
         fit_camera_full: the fitted camera for the whole photo (turntable start).
         eye_landmarks: FLAME's eye landmarks on the face mask, for the eye-region metrics (None when the FLAME files
             have no landmark embedding on the mask).
+        flame: the photo's FLAME parameters (models.flame.FlameParams, T = 1; None when unknown), stored in code.pt
+            so that the fitted person can be animated.
     """
 
     name: str
@@ -61,6 +65,25 @@ class FitTarget:
     fit_camera_full: Camera
     source: dict[str, str]
     eye_landmarks: EyeLandmarkEmbedding | None = None
+    wild: "WildFit | None" = None  # photo-only targets: the landmarks and the FLAME fit behind base_vertices
+    flame: Any = None
+
+
+@dataclass
+class WildFit:
+    """How a photo-only target was made: its landmarks, the FLAME + camera fit and the FLAME model used (and the
+    FLAME after the optional photometric refinement).
+
+    photo: (H, W, 3) the whole photo in [0, 1]; mask: (H, W) the face mask used (projected FLAME face mask, within
+    the detector's face outline when there is one)."""
+
+    landmarks: Any  # utils.landmarks.FaceLandmarks
+    fit: Any  # utils.flame_fit.FlameFitResult
+    flame: Any  # models.flame.FlameModel
+    photo: np.ndarray
+    mask: np.ndarray
+    refined: Any = None  # the FlameFitResult after the photometric FLAME stage (fit.refine_flame), else None
+    original_size: tuple[int, int] | None = None  # (width, height) of the photo file when it was scaled for the fit
 
 
 def default_flame_dir(subject_dir: Path) -> Path:
@@ -69,27 +92,34 @@ def default_flame_dir(subject_dir: Path) -> Path:
     return cand if cand.is_dir() else Path("data")
 
 
-def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
-                    frame: int = 0) -> tuple[Tensor, Tensor, Any]:
-    """World-space FLAME vertices (V, 3) of a tracking file and the model's face-mask part (M, 3)."""
-    from models.flame import FlameModel, load_tracking
+def frame_flame(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None, frame: int = 0,
+                flame=None, frame_ids: bool = False) -> tuple[Tensor, Tensor, Any, Any]:
+    """FLAME of one tracked frame: (world-space vertices (V, 3), the model's face-mask part (M, 3), the FlameModel,
+    the frame's FlameParams (T = 1, VHAP's root pivot baked)).
 
-    flame = FlameModel.from_data_dir(flame_dir)
+    ``frame`` picks the row of ``params`` (or of the ``tracking`` file): with ``frame_ids`` the row whose frame number
+    (the npz's ``frames`` key, utils/nersemble.py tracking_row) is ``frame``, else row min(frame, T - 1).
+    ``flame``: an already loaded FlameModel of ``flame_dir``."""
+    from models.flame import FlameModel, load_tracking
+    from utils.nersemble import tracking_row
+
+    flame = flame if flame is not None else FlameModel.from_data_dir(flame_dir)
     if params is None:
         params = load_tracking(tracking, flame=flame)
-    params = params.frame(min(frame, params.num_frames - 1))
-    mask_ids = torch.as_tensor(model.mask_ids)
-    if int(mask_ids.max()) >= flame.num_vertices:
-        raise ValueError(f"the model's face mask indexes FLAME vertex {int(mask_ids.max())} but the FLAME model in "
-                         f"{flame_dir} has {flame.num_vertices} vertices: use the FLAME files the model was trained "
-                         f"with (--flame_dir)")
-    tmpl = flame.v_template[mask_ids].float()
-    if not torch.allclose(tmpl, model.template_base.cpu().float(), atol=1e-4):
-        raise ValueError(f"the FLAME template in {flame_dir} differs from the one the model was trained with: use "
-                         f"the same FLAME files (--flame_dir)")
+    row = tracking_row(tracking, frame, params.num_frames) if frame_ids and tracking is not None \
+        else min(frame, params.num_frames - 1)
+    params = flame.bake_root_pivot(params.frame(row))
+    model.check_flame(flame, flame_dir)
     with torch.no_grad():
         verts = flame(params)[0].float()
-    return verts, verts[mask_ids], flame
+    return verts, verts[torch.as_tensor(model.mask_ids)], flame, params
+
+
+def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, params=None,
+                   frame: int = 0, flame=None) -> tuple[Tensor, Tensor, Any]:
+    """World-space FLAME vertices (V, 3) of a tracking file (or ``params``) and the model's face-mask part (M, 3),
+    and the FlameModel (:func:`frame_flame` without the parameters)."""
+    return frame_flame(model, flame_dir, tracking, params, frame, flame)[:3]
 
 
 def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
@@ -128,12 +158,12 @@ def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.d
         images[s] = subject.masked_image(s, cfg.image_scale)
         masks[s] = subject.facemask(s, cfg.image_scale)
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else default_flame_dir(sdir)
-    _, base, flame = flame_vertices(model, flame_dir, subject.tracking_path, frame=cfg.frame)
+    _, base, flame, params = frame_flame(model, flame_dir, subject.tracking_path, frame=cfg.frame, frame_ids=True)
     fit, views = fit_and_eval_views(serials, images, masks, cams, cfg.camera, cfg.fit, device)
     return FitTarget(name=sdir.name, base_vertices=base.to(device), fit_view=fit, eval_views=views, extra_views=[],
-                     fit_camera_full=cams[cfg.camera].to(device),
-                     source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)},
-                     eye_landmarks=embedding_for_flame(flame, model.mask_ids))
+                     fit_camera_full=cams[cfg.camera].to(device), flame=params,
+                     eye_landmarks=embedding_for_flame(flame, model.mask_ids),
+                     source={"subject_dir": str(sdir), "camera": cfg.camera, "flame_dir": str(flame_dir)})
 
 
 def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera) -> np.ndarray:
@@ -153,22 +183,16 @@ def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: T
 
 
 def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
-    import cv2
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot decode {what} {path} (not an image file OpenCV can read)")
-    img = img.astype(np.float32) / 255.0
-    return img[..., None] if gray else np.ascontiguousarray(img[..., ::-1])
+    """(H, W, 3) RGB or, with ``gray``, (H, W, 1) float32 in [0, 1]; a missing, empty, truncated or undecodable file
+    is an error naming it (utils.io.read_image)."""
+    img = read_image(path, what, "gray" if gray else "color")
+    return img[..., None] if gray else img
 
 
 def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
     """One's own photo (``cfg.image``) with its calibrated camera (``cfg.camera_json`` / ``cfg.camera``) and FLAME
     tracking (``cfg.flame``); the face mask is ``cfg.mask`` or projected from the tracking."""
     import cv2
-    from utils.preprocess.projection_ply import masked_photo
 
     for key, what in (("camera_json", "--camera_json (camera_params.json)"), ("flame", "--flame (tracking npz)")):
         if not getattr(cfg, key):
@@ -193,7 +217,7 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
         photo = cv2.resize(photo, (cams[cfg.camera].width, cams[cfg.camera].height), interpolation=cv2.INTER_AREA)
     cam = cams[cfg.camera]
     flame_dir = Path(cfg.flame_dir) if cfg.flame_dir else Path("data")
-    flame_verts, base, flame = flame_vertices(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
+    flame_verts, base, flame, params = frame_flame(model, flame_dir, Path(cfg.flame), frame=cfg.frame)
     if cfg.mask:
         mask = read_photo(Path(cfg.mask), "face mask (--mask)", gray=True)
         if mask.shape[:2] != (h, w):
@@ -207,12 +231,107 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
     if mask.sum() == 0:
         raise ValueError(f"the face mask of {img_path} is empty: the FLAME tracking {cfg.flame} does not project into "
                          f"camera {cfg.camera} of {json_path} (wrong camera or tracking?)")
+    extra = [View(k, c.to(device)) for k, c in cams.items() if k != cfg.camera]
+    return photo_target(img_path.stem, photo, mask, cam, base, cfg, device, extra,
+                        {"image": str(img_path), "camera_json": str(json_path), "camera": cfg.camera,
+                         "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)},
+                        flame=params, eyes=embedding_for_flame(flame, model.mask_ids))
+
+
+def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, base: Tensor, cfg: "TrackConfig",
+                 device: torch.device, extra: Sequence[View] = (), source: dict | None = None,
+                 wild: WildFit | None = None, flame: Any = None,
+                 eyes: EyeLandmarkEmbedding | None = None) -> FitTarget:
+    """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3);
+    ``flame``: the photo's FlameParams (T = 1); ``eyes``: FLAME's eye landmarks on the face mask (eye metrics)."""
+    from utils.preprocess.projection_ply import masked_photo
+
     masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
-    s = cfg.camera
+    s = cam.name
     fit, views = fit_and_eval_views([s], {s: masked}, {s: mask}, {s: cam}, s, cfg.fit, device)
-    extra = [View(k, c.to(device)) for k, c in cams.items() if k != s]
-    return FitTarget(name=img_path.stem, base_vertices=base.to(device), fit_view=fit, eval_views=views,
-                     extra_views=extra, fit_camera_full=cam.to(device),
-                     source={"image": str(img_path), "camera_json": str(json_path), "camera": s,
-                             "flame": str(cfg.flame), "mask": cfg.mask or "projected", "flame_dir": str(flame_dir)},
-                     eye_landmarks=embedding_for_flame(flame, model.mask_ids))
+    return FitTarget(name=name, base_vertices=base.to(device), fit_view=fit, eval_views=views,
+                     extra_views=list(extra), fit_camera_full=cam.to(device), source=source or {}, wild=wild,
+                     flame=flame, eye_landmarks=eyes)
+
+
+def model_flame_dir(model: TrainedModel, flame_dir: str) -> Path:
+    """FLAME files for a photo-only fit: ``flame_dir`` when given, else those the model was trained with (the
+    training data root's flame/ for the synthetic layout, or its data.flame_dir), else data/."""
+    if flame_dir:
+        return Path(flame_dir)
+    data = (model.config or {}).get("data", {})
+    root = Path(str(data.get("root") or ""))
+    if data.get("root") and (root / "flame").is_dir():
+        return root / "flame"
+    if data.get("flame_dir") and Path(data["flame_dir"]).is_dir():
+        return Path(data["flame_dir"])
+    return Path("data")
+
+
+def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W) float32 {0, 1}: pixels whose centre lies inside ``polygon`` (K, 2) pixel coordinates."""
+    import cv2
+
+    m = np.zeros((height, width), np.uint8)
+    # cv2 treats integer vertex (i, j) as pixel centre (i + 0.5, j + 0.5): shift by -0.5 and draw with sub-pixels
+    pts = np.round((np.asarray(polygon, np.float64) - 0.5) * 16).astype(np.int32)
+    cv2.fillPoly(m, [pts], 1, lineType=cv2.LINE_8, shift=4)
+    return m.astype(np.float32)
+
+
+def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
+    """A photo alone (``cfg.image``): landmarks (mediapipe, or ``cfg.landmarks``), then FLAME and a pinhole camera
+    fitted to them (utils/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
+    with the detector's face outline where there is one."""
+    import cv2
+
+    from utils.flame_fit import LandmarkTargets, fit_flame_to_landmarks
+    from utils.landmarks import detect_landmarks, load_landmarks_file
+
+    img_path = Path(cfg.image)
+    photo = read_photo(img_path, "photo (--image)")
+    h0, w0 = photo.shape[:2]
+    # landmarks at the photo's own resolution (most precise), then the photo is scaled: by --image_scale, and down so
+    # the face is at most --max_face_px high (a model renders no more detail than it was trained with; on a CPU the
+    # fit's time grows with the face's pixels)
+    if cfg.landmarks:
+        lms = load_landmarks_file(cfg.landmarks, (w0, h0))
+    else:
+        lms = detect_landmarks(photo, name=str(img_path), min_face_px=cfg.min_face_px)
+    scale = float(cfg.image_scale)
+    if cfg.max_face_px > 0:
+        scale = min(scale, cfg.max_face_px / max(lms.face_size, 1.0))
+    flame_cfg = cfg.flame_fit
+    if scale != 1.0:
+        w, h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        photo = cv2.resize(photo, (w, h), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        lms = lms.scaled(w / w0, h / h0)
+        # the landmarks' noise floor is in pixels of the photo they were found in
+        flame_cfg = replace(flame_cfg, landmark_sigma_px=flame_cfg.landmark_sigma_px * scale)
+    h, w = photo.shape[:2]
+    flame_dir = model_flame_dir(model, cfg.flame_dir)
+    from models.flame import FlameModel
+
+    flame = FlameModel.from_data_dir(flame_dir)
+    irises = None
+    if len(lms.mesh) >= 478:  # mediapipe's iris centres: 468 and 473; which is the subject's right eye is measured
+        a, b = lms.mesh[468, :2], lms.mesh[473, :2]
+        right = lms.ibug68[36:42].mean(0)
+        irises = np.stack([a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a])[None]
+    targets = LandmarkTargets(torch.as_tensor(lms.ibug68[None], dtype=torch.float32), (w, h),
+                              irises=None if irises is None else torch.as_tensor(irises, dtype=torch.float32))
+    res = fit_flame_to_landmarks(flame, targets, flame_cfg, camera_name=cfg.camera)
+    cam = res.camera
+    flame_verts, base, _, params = frame_flame(model, flame_dir, None, params=res.params, flame=flame)
+    mask = projected_face_mask(model, flame_verts, flame.faces, cam)
+    if len(lms.outline):
+        mask = mask * polygon_mask(lms.outline, w, h)
+    if mask.sum() == 0:
+        raise ValueError(f"the face mask of {img_path} is empty: the FLAME fitted to its landmarks does not project "
+                         f"into the photo")
+    wild = WildFit(landmarks=lms, fit=res, flame=flame, photo=photo, mask=mask,
+                   original_size=None if (w, h) == (w0, h0) else (w0, h0))
+    return photo_target(img_path.stem, photo, mask[..., None], cam, base, cfg, device, (),
+                        {"image": str(img_path), "landmarks": cfg.landmarks or "mediapipe face mesh",
+                         "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir),
+                         "photo_scale": f"{w / w0:.4f}"}, wild, params, embedding_for_flame(flame, model.mask_ids))

@@ -28,12 +28,13 @@ from utils.codes import code_cloud, render_style, save_code
 from utils.config import to_dict
 from utils.device import resolve_device, synchronize
 from utils.evaluation import evaluate_views
-from utils.exports import ExportConfig, export_views, turntable
+from utils.exports import ExportConfig, export_views, export_wild, turntable
 from utils.fitting import FitConfig, fit_identity
+from utils.flame_fit import FlameFitConfig
 from utils.io import atomic_write_json, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
-from utils.targets import load_image_target, load_subject_target
+from utils.targets import load_image_target, load_subject_target, load_wild_target
 
 
 @dataclass
@@ -46,9 +47,13 @@ class TrackConfig:
     sequence: str = "EXP-1-head"  # sequence of the subject folder
     frame: int = 0  # frame index of the sequence
     flame_dir: str = ""  # FLAME files; default: <subject_dir>/../../flame if it exists (synthetic layout), else data/
-    image: str = ""  # one's own photo (instead of --subject_dir); needs --camera_json and --flame
+    image: str = ""  # one's own photo (instead of --subject_dir); alone: landmarks -> FLAME and camera are fitted;
+    #                  with --camera_json and --flame: that calibrated camera and FLAME tracking
     camera_json: str = ""  # NeRSemble-style camera_params.json holding --camera (own-photo mode)
     flame: str = ""  # FLAME tracking npz of the photo, NeRSemble or VHAP format (own-photo mode)
+    landmarks: str = ""  # photo-only mode: (68, 2) iBUG-68 pixel coordinates (.npy or text) instead of the detector
+    min_face_px: float = 64.0  # photo-only mode: smallest face (landmark box height, pixels) that is fitted
+    max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
     mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
     image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
     out: str = "output/tracking"  # output folder
@@ -59,6 +64,7 @@ class TrackConfig:
     progress: bool = True  # tqdm progress bars
     seed: int = 0  # random seed (the fit itself is deterministic)
     fit: FitConfig = field(default_factory=FitConfig)
+    flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # photo-only mode: FLAME from landmarks
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -94,11 +100,13 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         if cfg.image:
             raise ValueError("give either --subject_dir or --image, not both")
         target = load_subject_target(model, cfg, device, subject_dir)
-    elif cfg.image:
+    elif cfg.image and (cfg.camera_json or cfg.flame):
         target = load_image_target(model, cfg, device)
+    elif cfg.image:
+        target = load_wild_target(model, cfg, device)
     else:
-        raise ValueError("nothing to fit: pass --subject_dir DIR (a NeRSemble subject folder) or --image PHOTO "
-                         "--camera_json JSON --flame NPZ (or --all_heldout)")
+        raise ValueError("nothing to fit: pass --image PHOTO (alone, or with its --camera_json JSON and --flame NPZ), "
+                         "--subject_dir DIR (a NeRSemble subject folder) or --all_heldout")
     synchronize(device)
     times["load"] = time.perf_counter() - t0
 
@@ -106,6 +114,15 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
     res = fit_identity(model, target, cfg.fit, cfg.backend, cfg.progress)
     synchronize(device)
     times["fit"] = time.perf_counter() - t0
+    if res.flame_params is not None:  # photo-only: the FLAME refined through the renderer is what gets exported
+        from dataclasses import replace
+
+        from utils.flame_fit import flame_landmarks_2d
+
+        fit0 = target.wild.fit
+        params = res.flame_params.to(fit0.params.device)
+        target.wild.refined = replace(fit0, params=params, landmarks=flame_landmarks_2d(target.wild.flame, params,
+                                                                                         fit0.camera))
 
     t0 = time.perf_counter()
     f = model.field
@@ -143,6 +160,9 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
     if cfg.export.turntable:
         frames = turntable(model, code, target.fit_camera_full, cfg.export, cfg.backend)
         write_video(out / "turntable.mp4", frames, fps=cfg.export.fps)
+    wild = {}
+    if target.wild is not None:
+        wild = export_wild(out, target, renders[0])
     synchronize(device)
     times["export"] = time.perf_counter() - t0
 
@@ -164,6 +184,8 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
         "space": cfg.fit.space, "refine_geometry": bool(cfg.fit.refine_geometry),
         "refine_colour": code.colour is not None, "colour_iterations": res.colour_iterations,
+        "refine_flame": res.flame_params is not None, "flame_loss_history": res.flame_losses,
+        "seconds_fit_flame": res.seconds_flame,
         "colour_loss_history": res.colour_losses,
         "colour_residual_rms": None if code.colour is None else float(code.colour.square().sum(-1).mean().sqrt()),
         "colour_residual_max": None if code.colour is None else float(code.colour.norm(dim=-1).max()),
@@ -175,7 +197,7 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         "num_gaussians": int(f.num_gaussians), "fitted_camera": fit_serial,
         "unseen_views": [v.serial for v in target.eval_views if v.serial != fit_serial],
         "per_view": per_view, "source": target.source, "checkpoint": str(cfg.checkpoint),
-        "device": str(device), "config": to_dict(cfg),
+        "device": str(device), "config": to_dict(cfg), **wild,
     }
     if cfg.export.lpips and metrics.get("lpips_all") is None:
         doc["lpips_note"] = "LPIPS skipped: the optional lpips package (torchvision + VGG weights) is not usable here"

@@ -7,11 +7,12 @@ of B identities is split across ranks, so N ranks take the same steps as one pro
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
+import re
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,13 @@ from tqdm import tqdm
 from models.flame import subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.renderer import render_identities
-from utils.config import to_dict
+from utils.config import Range, check_ranges, to_dict
 from utils.dataset import DataConfig, MultiViewDataset
 from utils.device import resolve_device
-from utils.io import atomic_torch_save, save_image_grid
+from utils.io import (
+    FolderInUseError, FolderLock, UnsafeFileError, atomic_torch_save, atomic_write_json, safe_torch_load,
+    save_image_grid,
+)
 from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
 from utils.model_io import save_model
 from utils.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
@@ -78,6 +82,40 @@ class TrainConfig:
     progress: bool = True  # show tqdm progress bars
 
 
+# Allowed values, checked before anything runs (a bad value must not train for minutes or export an empty model).
+TRAIN_RANGES: dict[str, Range] = {
+    "steps": Range(1), "batch_identities": Range(1), "batch_views": Range(1), "eval_every": Range(1),
+    "eval_identities": Range(0), "log_every": Range(1), "image_every": Range(1), "ckpt_every": Range(1),
+    "keep_checkpoints": Range(1), "seed": Range(0),
+    "data.subdivision": Range(0, 3),  # level 3 of real FLAME: 187,219 vertices; each level has 4x the triangles
+    "data.frame": Range(0), "data.image_scale": Range(0, 1, lo_open=True), "data.crop_margin": Range(0),
+    "data.crop_multiple": Range(1),
+    "model.code_dim": Range(1), "model.style_dim": Range(1), "model.mapping_layers": Range(1), "model.hidden": Range(1),
+    "model.synth_layers": Range(0), "model.feat_dim": Range(0), "model.fourier_freqs": Range(0),
+    "model.gaussians_per_vertex": Range(1), "model.sh_degree": Range(0, 3),
+    "model.init_opacity": Range(0, 1, lo_open=True, hi_open=True),
+    "loss.l1_weight": Range(0), "loss.ssim_weight": Range(0), "loss.lpips_weight": Range(0), "loss.code_reg": Range(0),
+    "loss.offset_reg": Range(0), "loss.scale_reg": Range(0), "loss.eye_weight": Range(0),
+    "optim.lr_network": Range(0), "optim.lr_codes": Range(0), "optim.lr_template": Range(0),
+    "optim.lr_final_ratio": Range(0, 1, lo_open=True), "optim.beta1": Range(0, 1, hi_open=True),
+    "optim.beta2": Range(0, 1, hi_open=True), "optim.grad_clip": Range(0),
+}
+# What a training run writes into --out (a fresh run refuses a folder holding any of them unless told to overwrite).
+RUN_OUTPUTS = ("model.pt", "metrics.json", "eval_heldout_views.png", "checkpoints/ckpt_*.pt",
+               "tb/events.out.tfevents.*")
+CHECKPOINT_KEYS = ("step", "elapsed", "config", "identities", "field", "optimizer", "sampler", "torch_rng")
+
+
+def validate_config(cfg: "TrainConfig") -> None:
+    """Range checks of TRAIN_RANGES (ValueError naming the flag)."""
+    check_ranges(cfg, TRAIN_RANGES)
+
+
+def run_outputs(out: Path) -> list[Path]:
+    """Files of a training run present in the folder ``out`` (see RUN_OUTPUTS)."""
+    return sorted(p for pattern in RUN_OUTPUTS for p in out.glob(pattern) if p.is_file())
+
+
 # ---------------------------------------------------------------------------------------------- distributed
 def _dist_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -120,9 +158,19 @@ class _BatchForward(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """Owns data, network, optimiser, checkpoints and logs of one training run."""
+    """Owns data, network, optimiser, checkpoints and logs of one training run.
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, data: MultiViewDataset | None = None) -> None:
+    The output folder ``cfg.out`` is locked for the process (utils.io.FolderLock) from construction until
+    :meth:`close` (called at the end of :meth:`run`); a fresh run (no ``resume``) refuses a folder that already holds
+    a run (RUN_OUTPUTS) unless ``overwrite``, which first removes those files.  ``resume`` continues from the newest
+    readable checkpoint (older ones are tried when the newest is damaged, with a message).
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, data: MultiViewDataset | None = None,
+                 overwrite: bool = False) -> None:
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+        validate_config(cfg)
         self.cfg = cfg
         self.device, self.rank, self.world = init_distributed(cfg.device)
         self.is_main = self.rank == 0
@@ -138,6 +186,10 @@ class Trainer:
             )
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
+        self.lock = FolderLock(self.out) if self.is_main else None
+        if self.lock is not None:
+            weakref.finalize(self, self.lock.release)
+        self._on_main(lambda: self._claim_output(resume, overwrite))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -190,6 +242,59 @@ class Trainer:
         masks = [eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]), self.data.cameras[i],
                                   self.data.masks[i].float() / 255.0) for i in range(len(self.data))]
         return (torch.stack(masks) > 0.5).to(torch.uint8)
+
+    # ------------------------------------------------------------------ the output folder
+    def _on_main(self, fn):
+        """Run ``fn`` on rank 0 and hand its result to every rank; an error there is raised on every rank (one rank
+        failing alone would leave the others waiting in a collective)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except (OSError, ValueError) as exc:
+                if not self.ddp:
+                    raise
+                error = exc
+        if self.ddp:
+            box = [result, None if error is None else (type(error).__name__, str(error))]
+            dist.broadcast_object_list(box, src=0)
+            result, err = box
+            if err is not None:
+                if error is not None:
+                    raise error
+                kinds = {c.__name__: c for c in (FileExistsError, FolderInUseError, UnsafeFileError, OSError)}
+                raise kinds.get(err[0], ValueError)(err[1])
+        return result
+
+    def _claim_output(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0: lock ``out``; refuse a folder holding another run unless resuming it or told to overwrite."""
+        self.lock.acquire()
+        found = run_outputs(self.out)
+        has_ckpt = any(p.parent == self.ckpt_dir for p in found)
+        # --resume without a checkpoint starts from scratch, as a run killed before its first checkpoint needs (its
+        # logs and metrics are replaced); only a finished run's model.pt, written after its last checkpoint, stops it
+        if not found or (resume and (has_ckpt or not (self.out / "model.pt").is_file())):
+            return
+        if overwrite:
+            for p in found:
+                p.unlink(missing_ok=True)
+            print(f"--overwrite: removed {len(found)} file(s) of the previous run in {self.out}")
+            return
+        names = ", ".join(str(p.relative_to(self.out)) for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        if resume:
+            raise FileExistsError(f"--resume: {self.ckpt_dir} holds no checkpoint, but {self.out} holds the model.pt "
+                                  f"of a finished run ({names}); pass --overwrite (without --resume) to replace it, "
+                                  f"or choose another --out")
+        raise FileExistsError(f"{self.out} already holds a training run ({names}); pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+
+    def close(self) -> None:
+        """Close the logs and release the lock on the output folder."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ schedule and sampling
     def _set_lr(self) -> None:
@@ -330,26 +435,79 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
+        """Write ``ckpt_<step>.pt`` atomically, then delete this run's checkpoints beyond the newest
+        ``keep_checkpoints`` of those at or before the current step (by step number, not by name)."""
         if not self.is_main:
             return None
         path = self.ckpt_dir / f"ckpt_{self.step:08d}.pt"
         atomic_torch_save(self._checkpoint_state(), path)
-        old = sorted(self.ckpt_dir.glob("ckpt_*.pt"))[: -max(1, self.cfg.keep_checkpoints)]
-        for p in old:
+        own = [p for step, p in self.checkpoints() if step <= self.step]
+        for p in own[: -self.cfg.keep_checkpoints]:
             p.unlink(missing_ok=True)
         return path
 
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of the checkpoints in ``ckpt_dir``, by step."""
+        found = []
+        for p in self.ckpt_dir.glob("ckpt_*.pt"):
+            m = re.fullmatch(r"ckpt_(\d+)\.pt", p.name)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.ckpt_dir.glob("ckpt_*.pt"))
-        return found[-1] if found else None
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    @staticmethod
+    def read_checkpoint(path: Path) -> dict:
+        """A checkpoint's state (weights-only load: no code runs); ValueError when unreadable or incomplete."""
+        state = safe_torch_load(path, "training checkpoint")
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ValueError(f"{path} is not a training checkpoint of this project (it lacks {missing})")
+        return state
+
+    def _newest_readable(self) -> tuple[Path, dict] | None:
+        """Rank 0: the newest checkpoint that reads and its state; damaged newer ones are skipped with a message."""
+        ckpts = self.checkpoints()
+        skipped = []
+        for _, path in reversed(ckpts):
+            try:
+                state = self.read_checkpoint(path)
+            except UnsafeFileError:
+                raise  # a payload is not damage: never fall back silently past it
+            except (OSError, ValueError) as exc:
+                skipped.append(f"{path.name} ({exc})")
+                continue
+            if skipped:
+                print(f"--resume: skipped {len(skipped)} unreadable checkpoint(s), newest first: {'; '.join(skipped)}; "
+                      f"resuming from {path.name} instead (the damaged file stays until a new checkpoint of its step "
+                      f"replaces it)")
+            return path, state
+        if ckpts:
+            raise ValueError(f"--resume: none of the {len(ckpts)} checkpoints in {self.ckpt_dir} can be read: "
+                             f"{'; '.join(skipped)}")
+        return None
 
     def _resume(self) -> None:
-        path = self.latest_checkpoint()
-        if path is None:
+        found = None
+
+        def choose() -> str | None:
+            nonlocal found
+            found = self._newest_readable()
+            return None if found is None else str(found[0])
+
+        chosen = self._on_main(choose)  # every rank resumes from the checkpoint that rank 0 chose
+        if chosen is None:
             if self.is_main:
                 print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from scratch")
             return
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        path = Path(chosen)
+        state = found[1] if found is not None else self.read_checkpoint(path)
+        if int(state["step"]) > self.cfg.steps:
+            raise ValueError(f"--resume: {path} is at step {int(state['step'])}, past --steps {self.cfg.steps}; pass "
+                             f"--steps {int(state['step'])} or more to continue it (or --overwrite to start again)")
         if state["identities"] != self.data.identities:
             raise ValueError(
                 f"{path} was trained on identities {state['identities'][:5]}... but the data now gives "
@@ -378,9 +536,7 @@ class Trainer:
         self.history.append(clean)
         doc = dict(clean)
         doc["history"] = self.history
-        tmp = self.out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.out / "metrics.json")
+        atomic_write_json(doc, self.out / "metrics.json")
 
     def export(self) -> Path | None:
         if not self.is_main:
@@ -442,8 +598,7 @@ class Trainer:
             metrics = self.evaluate()
             self.write_metrics(metrics)
         self.export()
-        if self.writer is not None:
-            self.writer.close()
+        self.close()
         if self.ddp:
             dist.barrier()
         return {k: v for k, v in metrics.items() if not k.startswith("_")}

@@ -1,4 +1,4 @@
-"""Posed FLAME meshes of one frame as PLY files, for every subject.
+"""Posed FLAME meshes of one frame (--frame) or several (--frames) as PLY files, for every subject.
 
 From the NeRSemble FLAME tracking (``<subject>/sequences/<seq>/annotations/tracking/FLAME2023_v2/
 tracked_flame_params.npz``) and the FLAME model in --flame_dir, write into ``timesteps/frame_<t>/``:
@@ -26,7 +26,7 @@ from typing import Optional, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.nersemble import NersembleSubject  # noqa: E402
+from utils.nersemble import NersembleSubject, tracking_row  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
     Outputs, add_flame_dir_arg, add_overwrite_arg, add_quiet_arg, add_subject_args, atomic_write, iter_subjects,
     log, make_parser, plan_outputs, script_main,
@@ -75,23 +75,6 @@ def output_paths(subject: NersembleSubject, max_level: int) -> dict[str, Path]:
     return out
 
 
-def tracking_frame_index(subject: NersembleSubject, num_frames: int) -> int:
-    """Row of frame ``subject.frame`` in the tracking file (its ``frames``/``timestep_id`` key when present)."""
-    path = subject.tracking_path
-    with np.load(path, allow_pickle=False) as z:
-        key = "frames" if "frames" in z.files else ("timestep_id" if "timestep_id" in z.files else None)
-        ids = np.asarray(z[key]).reshape(-1) if key else None
-    if ids is not None and len(ids) == num_frames:
-        hit = np.nonzero(ids.astype(np.int64) == subject.frame)[0]
-        if len(hit) == 0:
-            raise ValueError(f"{path}: frame {subject.frame} is not tracked (its '{key}' holds "
-                             f"{ids[:5].tolist()}{' ...' if len(ids) > 5 else ''})")
-        return int(hit[0])
-    if not 0 <= subject.frame < num_frames:
-        raise ValueError(f"{path}: frame {subject.frame} out of range (the file has {num_frames} frames)")
-    return subject.frame
-
-
 class LazyFlame:
     """FlameModel + face-mask topology (models.flame.face_mask_topology), loaded on first use.
 
@@ -122,12 +105,16 @@ def process_subject(subject: NersembleSubject, model: LazyFlame, max_level: int,
     todo = set(plan_outputs(list(paths.values()), overwrite, out, f"{subject.subject_id}: ", verbose))
     if not todo:
         return out
-    params = subject.tracking()  # FileNotFoundError naming the npz when missing
+    params = subject.tracking()  # names the npz when missing, and the key when it holds NaN/Inf
     flame, topo = model.get()
-    params = params.frame(tracking_frame_index(subject, params.num_frames))
+    row = tracking_row(subject.tracking_path, subject.frame, params.num_frames)
+    params = params.frame(row)
     with torch.no_grad():
         verts = flame(params)[0].cpu().numpy().astype(np.float64)  # (V, 3) world
         cano2world = flame.model_to_world(params)[0].cpu().numpy().astype(np.float64)
+    if not (np.isfinite(verts).all() and np.isfinite(cano2world).all()):  # else a misleading subdivision error
+        raise ValueError(f"{subject.tracking_path}: FLAME posed with frame row {row} of this tracking has NaN or Inf "
+                         f"vertices; expected finite tracked parameters of a plausible size (track it again)")
     faces = flame.faces.cpu().numpy()
     mask_ids, mask_faces = topo
     fm_v = verts[mask_ids]

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
+from utils.errors import add_debug_flag, run_main
 from utils.nersemble import DEFAULT_SEQUENCE, NersembleSubject, list_subjects
 
 DEFAULT_FLAME_DIR = "data"
@@ -34,7 +35,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def make_parser(description: Optional[str], prog: Optional[str] = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    add_debug_flag(parser)
+    return parser
 
 
 def add_subject_args(parser: argparse.ArgumentParser, frame: bool = True) -> None:
@@ -48,6 +51,10 @@ def add_subject_args(parser: argparse.ArgumentParser, frame: bool = True) -> Non
     if frame:
         g.add_argument("--frame", type=int, default=0,
                        help="frame (timestep) index; files go to timesteps/frame_<frame:05d>/")
+        g.add_argument("--frames", nargs="+", default=None, metavar="T",
+                       help="several frames instead of --frame: indices, or 'all' for every timesteps/frame_<t> "
+                            "folder of the sequence (a whole NeRSemble sequence, or a synthetic one from "
+                            "make_synthetic_dataset.py --num_frames)")
 
 
 def add_flame_dir_arg(parser: argparse.ArgumentParser) -> None:
@@ -100,11 +107,31 @@ def subjects_of(args: argparse.Namespace) -> list[str]:
     return ids
 
 
+def frames_of(args: argparse.Namespace, subject: NersembleSubject) -> list[int]:
+    """The frames to process for one subject: ``--frames`` (indices, or "all" = every frame folder), else
+    ``--frame``."""
+    frames = getattr(args, "frames", None)
+    if not frames:
+        return [int(getattr(args, "frame", 0))]
+    if [str(f).lower() for f in frames] == ["all"]:
+        found = subject.frames()
+        if not found:
+            raise FileNotFoundError(f"no frame folders (frame_<t>) in {subject.sequence_dir / 'timesteps'}")
+        return found
+    try:
+        return [int(f) for f in frames]
+    except ValueError as exc:
+        raise ValueError(f"--frames takes frame indices or 'all', got {frames}") from exc
+
+
 def iter_subjects(args: argparse.Namespace, desc: str) -> Iterator[NersembleSubject]:
-    """NersembleSubject of each selected subject (frame ``args.frame``), with a tqdm bar."""
+    """NersembleSubject of each selected subject and frame (``--frame``, or each of ``--frames``), with a tqdm bar
+    over the subjects."""
     ids = subjects_of(args)
     for sid in progress(ids, desc=desc, args=args, unit="subject"):
-        yield NersembleSubject(args.data_root, sid, sequence=args.sequence, frame=getattr(args, "frame", 0))
+        first = NersembleSubject(args.data_root, sid, sequence=args.sequence, frame=getattr(args, "frame", 0))
+        for t in frames_of(args, first):
+            yield NersembleSubject(args.data_root, sid, sequence=args.sequence, frame=t)
 
 
 def progress(it: Iterable, desc: str, args: Optional[argparse.Namespace] = None, **kw) -> Iterable:
@@ -161,10 +188,8 @@ def script_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callab
     """Parse ``argv``, run, print the summary; missing inputs exit with status 2 and a one-line message."""
     args = build_parser().parse_args(argv)
     try:
-        out = run(args)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        out = run_main(what, lambda: run(args), argv)
+    except SystemExit as exc:
+        return int(exc.code)
     print(out.summary(what))
     return 0

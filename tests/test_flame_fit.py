@@ -1,0 +1,185 @@
+"""FLAME + camera from 2D landmarks (utils/flame_fit.py) against known truth: the held-out synthetic identity of the
+test dataset seen by cameras the fitter is not told about."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import synthetic_root  # noqa: F401
+from tests.test_fitting import single_thread
+
+
+def _rotation(yaw: float, pitch: float) -> torch.Tensor:
+    from scipy.spatial.transform import Rotation
+
+    return torch.tensor(Rotation.from_euler("YXZ", [yaw, pitch, 0.0], degrees=True).as_matrix(), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def flame_and_truth(synthetic_root):  # noqa: F811
+    from models.flame import FlameModel, load_face_mask, load_tracking
+
+    flame = FlameModel.from_data_dir(synthetic_root / "flame")
+    mask = torch.as_tensor(load_face_mask(synthetic_root / "flame"))
+    npz = (synthetic_root / "subjects" / "017" / "sequences" / "EXP-1-head" / "annotations" / "tracking"
+           / "FLAME2023_v2" / "tracked_flame_params.npz")
+    return flame, mask, load_tracking(npz, flame=flame)
+
+
+def test_landmark_flame_matches_full_flame(flame_and_truth):
+    from dataclasses import replace
+
+    from utils.flame_fit import LandmarkFlame
+
+    flame, _, truth = flame_and_truth
+    g = torch.Generator().manual_seed(0)
+    p = replace(truth, expression=0.5 * torch.randn(1, 100, generator=g), jaw=torch.tensor([[0.15, 0.02, 0.0]]))
+    lf = LandmarkFlame(flame)
+    lm, pupils = lf.forward(p.shape, p.expression, p.neck, p.jaw, p.eyes, torch.eye(3)[None])
+    full = flame.canonical_vertices(p)
+    assert torch.allclose(lm[:, 17:], flame.landmarks(full), atol=1e-6)
+    assert lf.has_contour and torch.isfinite(lm).all()
+    # the pupils are eyeball vertices of the full mesh (right eye: FLAME joint 4 is at -x)
+    assert pupils[0, 0, 0] < 0 < pupils[0, 1, 0]
+    assert lf.num_sub < flame.num_vertices / 2
+
+
+SIZE = (512, 512)  # a realistic photo size: the issue's "1 px noise" is about 1 % of the inter-ocular distance there
+
+
+def _case(flame, truth, yaw, pitch, focal_factor, rng, size=SIZE, noise=1.0):
+    """The identity turned by (yaw, pitch) 0.9 m in front of a camera of focal_factor x the default focal length;
+    its 68 landmarks and 2 pupils projected with ``noise`` px of Gaussian noise (and without: the last value)."""
+    from dataclasses import replace
+
+    from utils.flame_fit import FlameFitConfig, LandmarkFlame, default_focal, make_camera, project
+
+    p = replace(truth, rotation_matrix=_rotation(yaw, pitch)[None], translation=torch.tensor([[0.01, -0.09, -0.9]]),
+                scale=torch.ones(1, 1))
+    focal = default_focal(size, FlameFitConfig()) * focal_factor
+    lf = LandmarkFlame(flame)
+    lm, pupils = lf.forward(p.shape, p.expression, p.neck, p.jaw, p.eyes, p.rotation_matrix)
+    clean = project(torch.cat([lm, pupils], 1), p.rotation_matrix, p.translation, torch.tensor(focal), size)
+    uv = clean + noise * torch.as_tensor(rng.standard_normal(clean.shape), dtype=torch.float32)
+    return p, make_camera(focal, size), uv[:, :68], uv[:, 68:], clean[:, :68]
+
+
+def test_contour_rows_follow_the_head_yaw(flame_and_truth):
+    """smplx's lookup picks row 0..39 for 0..39 degrees of minus the head's yaw and 40..78 for -1..-39 (FLAME's file
+    order); the synthetic embedding must follow it: the looked-up rows hold cheek contour points nearer the
+    silhouette the camera sees than the rows of the opposite turn (measured: 18.8 vs 33.8 mm at yaw -25 deg, 18.0 vs
+    18.0 at +25; the synthetic contour is a curve on the face front, not the true silhouette)."""
+    import cv2
+
+    from utils.flame_fit import LandmarkFlame
+
+    flame, _, truth = flame_and_truth
+    lf = LandmarkFlame(flame)
+    with torch.no_grad():
+        verts = flame.canonical_vertices(truth)[0]
+    faces = flame.faces.numpy()
+    total = {"looked up": 0.0, "opposite turn": 0.0}
+    for yaw in (-25, 25):
+        R = _rotation(float(yaw), 0.0)
+        row = int(lf.contour_rows(R[None], torch.zeros(1, 3))[0])
+        assert row == (-yaw if yaw <= 0 else 39 + yaw), (yaw, row)
+        opposite = 39 - yaw if yaw <= 0 else yaw
+        v = (verts @ R.T)[:, :2].numpy() * np.array([1, -1])
+        lo = v.min(0)
+        px = lambda p: (p - lo) * 4000 + 10  # noqa: E731  (0.25 mm pixels)
+        img = np.zeros((1100, 1100), np.uint8)
+        for tri in px(v[faces]).round().astype(np.int32):
+            cv2.fillConvexPoly(img, tri, 1)
+        edge = cv2.distanceTransform(1 - img, cv2.DIST_L2, 5) + cv2.distanceTransform(img, cv2.DIST_L2, 5)
+        for key, r in (("looked up", row), ("opposite turn", opposite)):
+            with torch.no_grad():
+                lm, _ = lf.forward(truth.shape, truth.expression, truth.neck, truth.jaw, truth.eyes, R[None],
+                                   rows=torch.tensor([r]))
+            q = px((lm[0, :17] @ R.T)[:, :2].numpy() * np.array([1, -1])).round().astype(int)
+            side = list(range(0, 5)) + list(range(12, 17))  # the cheek points, where the silhouette is
+            total[key] += float(edge[q[side, 1], q[side, 0]].mean()) / 4.0
+    assert total["looked up"] < total["opposite turn"] - 5.0, total
+
+
+def test_fit_recovers_face_mask_from_unknown_cameras(flame_and_truth):
+    """The issue's bar: face-mask vertices within 3 mm (mean) of the truth after a similarity alignment, cameras
+    within yaw +-30 deg, pitch +-15 deg, focal length +-20 % of the default, landmarks with 1 px noise (512 px)."""
+    from utils.flame_fit import LandmarkTargets, fit_flame_to_landmarks
+    from utils.geometry import similarity_fit
+
+    flame, mask, truth = flame_and_truth
+    rng = np.random.default_rng(0)
+    cams = [(-30, 5, 0.8), (30, -15, 1.2), (12, 15, 0.9), (-18, -10, 1.1)]
+    errs, px, angs = [], [], []
+    with single_thread():
+        for yaw, pitch, ff in cams:
+            p, cam, uv, irises, _ = _case(flame, truth, yaw, pitch, ff, rng)
+            res = fit_flame_to_landmarks(flame, LandmarkTargets(uv, SIZE, irises=irises))
+            vt, vf = flame(p)[0][mask], flame(res.params)[0][mask]
+            s, R, t = similarity_fit(vf, vt)
+            errs.append(float(((s * vf @ R.T + t) - vt).norm(dim=-1).mean()) * 1000)
+            px.append(float(res.errors[0]))
+            # the fitted pose is the true one up to what the landmarks cannot tell apart (shape vs pose)
+            ang = torch.rad2deg(torch.arccos(((res.params.rotation_matrix[0].T @ p.rotation_matrix[0]).trace() - 1)
+                                             .clamp(-2, 2) / 2))
+            angs.append(float(ang))
+    msg = (f"face-mask error mm per camera {np.round(errs, 2)}, landmark px {np.round(px, 2)}, rotation error deg "
+           f"{np.round(angs, 1)}")
+    print(msg)
+    # Measured (2-core CPU, default config): 2.31 / 2.01 / 2.18 / 3.17 mm (mean 2.42), rotation 2.1 / 2.4 / 4.1 /
+    # 3.9 deg, 1.0-1.2 px; the mean shape alone is 7.1 mm off this identity
+    assert np.mean(errs) < 3.0, msg
+    assert max(angs) < 6, msg
+    assert max(px) < 1.6, msg  # 1 px noise per coordinate: the residual of a good fit is ~1.1 px
+
+
+def test_video_frames_share_one_shape(flame_and_truth):
+    """T frames of one person, shape given: per-frame jaw opening and head turn follow the truth."""
+    from dataclasses import replace
+
+    from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+
+    flame, _, truth = flame_and_truth
+    rng = np.random.default_rng(1)
+    uvs, clean, jaws, yaws = [], [], [0.0, 0.12, 0.25], [-10.0, 0.0, 10.0]
+    for jaw, yaw in zip(jaws, yaws):
+        _, _, uv, _, c = _case(flame, replace(truth, jaw=torch.tensor([[jaw, 0.0, 0.0]])), yaw, 0.0, 1.0, rng)
+        uvs.append(uv)
+        clean.append(c)
+    with single_thread():
+        res = fit_flame_to_landmarks(flame, LandmarkTargets(torch.cat(uvs), SIZE), FlameFitConfig(),
+                                     shape=truth.shape)
+    assert res.params.num_frames == 3 and torch.equal(res.params.shape, truth.shape)
+    # the mouth opening (inner lips 62 / 66) of every frame against the noise-free truth (with 1 px noise per
+    # coordinate the noisy landmarks' opening is itself ~1.4 px off), and the jaw rotation itself
+    opening = lambda lm: (lm[:, 66, 1] - lm[:, 62, 1]).numpy()  # noqa: E731
+    fitted, true_open = opening(res.landmarks), opening(torch.cat(clean))
+    msg = f"opening fitted {fitted.round(2)} true {true_open.round(2)}; jaw {res.params.jaw[:, 0].numpy().round(3)}"
+    # Measured: opening within 0.7 px, jaw within 0.03 rad
+    assert np.abs(fitted - true_open).max() < 1.5, msg
+    assert np.abs(res.params.jaw[:, 0].numpy() - jaws).max() < 0.05, msg
+    fitted_yaw = torch.rad2deg(torch.atan2(res.params.rotation_matrix[:, 0, 2], res.params.rotation_matrix[:, 2, 2]))
+    assert np.abs(fitted_yaw.numpy() - yaws).max() < 3, fitted_yaw
+
+
+def test_outputs_are_nersemble_files(flame_and_truth, tmp_path):
+    """flame_fit.npz and camera_params.json written from a fit load back through the project's own readers."""
+    from models.flame import load_tracking, save_nersemble_tracking
+    from utils.cameras import load_camera_params, write_camera_params
+    from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+
+    flame, _, truth = flame_and_truth
+    _, _, uv, _, _ = _case(flame, truth, 5, 0, 1.0, np.random.default_rng(2), size=(320, 240))
+    res = fit_flame_to_landmarks(flame, LandmarkTargets(uv, (320, 240)), FlameFitConfig(iterations=10))
+    save_nersemble_tracking(tmp_path / "flame_fit.npz", res.params)
+    write_camera_params(tmp_path / "camera_params.json", [res.camera])
+    back = load_tracking(tmp_path / "flame_fit.npz", flame=flame)
+    assert torch.allclose(flame(back), flame(res.params), atol=1e-5)
+    cam = load_camera_params(tmp_path / "camera_params.json", image_size=(320, 240))["222200037"]
+    assert (cam.width, cam.height) == (320, 240) and cam.cx == 160 and cam.cy == 120
+    # the fitted landmarks are where the fitted FLAME projects through the written camera
+    from utils.flame_fit import flame_landmarks_2d
+
+    again = flame_landmarks_2d(flame, back, cam)
+    assert torch.allclose(again[:, 17:], res.landmarks[:, 17:], atol=1e-2)

@@ -1,0 +1,421 @@
+"""Animate any head of a trained identity field with FLAME: the pipeline behind animate.py.
+
+    identity  a training identity of model.pt, a person fitted by track.py (code.pt), or an interpolation between two
+              -> its style, FLAME shape and head placement (model.pt / code.pt store the FLAME parameters of the
+              frame; for files written before they did, FLAME's shape and head pose are fitted to the stored
+              face-mask vertices by linear least squares), colour residual and geometry offsets
+              -> models/animation.py HeadAnimator.identity: the network runs once
+    motion    built-in or file keyframes, a NeRSemble / VHAP tracking file, a NeRSemble subject's sequence, or a
+              video (reenactment) (utils/motion.py), put on the identity with models/animation.py retarget
+    frames    posed in batches of ``batch`` frames (FLAME face-mask rows, subdivision, attachment) and rasterised in
+              one call per batch (render_identities)
+    outputs   animation.mp4 (optionally beside the driving photos / video or the driving identity's renders),
+              frames/frame_<n>.png and ply/frame_<n>.ply on request, motion.npz (the motion as it drove the identity,
+              NeRSemble layout, reusable as --motion) and animation.json
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.animation import POSE_MODES, HeadAnimator, PosableIdentity, retarget
+from models.flame import FlameModel, FlameParams, FlameSubset, save_nersemble_tracking
+from models.renderer import render_identities
+from utils.cameras import Camera
+from utils.codes import FittedCode
+from utils.device import resolve_device, synchronize
+from utils.geometry import similarity_fit
+from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
+from utils.io import atomic_write_json, save_image, to_uint8, write_video
+from utils.model_io import TrainedModel, load_model
+from utils.motion import Motion, load_motion
+from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.reenactment import ReenactConfig, reenact_video
+from utils.targets import View, model_flame_dir
+
+SIDE_BY_SIDE = ("none", "video", "driver")
+
+
+@dataclass
+class AnimationConfig:
+    """Settings of animate.py."""
+
+    checkpoint: str = "output/cpu/model.pt"  # trained model.pt (written by train.py)
+    identity: str = ""  # who is animated: a training identity of the model or a code.pt (default: the first identity)
+    identity_b: str = ""  # optional second identity (name or code.pt): animate the interpolation of the two
+    mix: float = 0.5  # interpolation weight of --identity_b (0: --identity, 1: --identity_b)
+    method: str = "slerp"  # code interpolation with --identity_b: slerp or linear
+    motion: str = "keyframes"  # keyframes (built in), a keyframes .yaml/.json, a tracking .npz (NeRSemble or VHAP),
+    #                            a NeRSemble subject folder (its --sequence), or a video (reenactment)
+    keyframes: list[str] = field(default_factory=list)  # built-in keyframes in order (default: the demo sequence
+    #                            neutral smile neutral open_mouth ... look_right neutral); names: utils/motion.py
+    keyframe_frames: int = 12  # frames from one keyframe to the next
+    sequence: str = "EXP-1-head"  # sequence of a subject-folder motion
+    start: int = 0  # first frame of the motion to use
+    stride: int = 1  # use every stride-th frame of the motion
+    max_frames: int = 0  # at most this many frames (0: all)
+    pose: str = "relative"  # head pose: relative (the motion's head movement relative to its --reference_frame,
+    #                         from the identity's own placement), absolute (the motion's world pose), fixed (the
+    #                         identity's placement; only expression, jaw, neck and eyes move)
+    reference_frame: int = 0  # frame of the (selected) motion whose head pose counts as no movement (pose relative)
+    flame_dir: str = ""  # FLAME files the model was trained with (default: its training data's, else data/)
+    camera_json: str = ""  # optional camera_params.json to render through a calibrated camera
+    camera: str = FRONTAL_SERIAL  # serial of the calibrated camera (also the photos shown with side_by_side video)
+    width: int = 256  # frame width (with --camera_json: the calibrated camera is scaled to this width)
+    height: int = 256  # frame height (ignored with --camera_json: the calibrated aspect is kept)
+    fill: float = 0.8  # frontal camera: fraction of the smaller image side the head fills
+    side_by_side: str = "none"  # none; video: beside the driving photos (a subject's sequence) or video frames;
+    #                             driver: beside renders of the driving identity (--driver) in the same motion
+    driver: str = ""  # driving identity for --side_by_side driver (name or code.pt; default: the motion's subject
+    #                   when it is a training identity of the model)
+    evaluate: bool = False  # motion = a subject's sequence: PSNR / SSIM of every frame against its photos (all
+    #                         cameras, one crop size; needs projection_ply.py --mask_images on those frames), in
+    #                         animation.json (meaningful when the identity is that subject, e.g. its track.py fit)
+    png: bool = False  # also write every frame as frames/frame_<n>.png
+    ply: bool = False  # also write every frame's Gaussians as ply/frame_<n>.ply (standard 3DGS layout)
+    batch: int = 16  # frames posed and rendered per call
+    fps: float = 25.0  # video frame rate (a driving video's own rate when the motion is one)
+    out: str = "output/animation"  # output folder
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
+    progress: bool = True  # tqdm progress bars
+    reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
+
+
+ANIM_FLAGS = ("png", "ply", "progress", "evaluate")
+ANIM_LISTS = ("keyframes",)
+
+
+# ====================================================================================== identities
+def load_flame(model: TrainedModel, flame_dir: Path) -> FlameModel:
+    """The model's FlameModel from ``flame_dir``, with a message that says which folder is expected."""
+    try:
+        flame = FlameModel.from_data_dir(flame_dir)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (animation needs the FLAME files the model was trained with; pass "
+                                f"--flame_dir)") from exc
+    model.check_flame(flame, flame_dir)
+    return flame
+
+
+def fit_flame_to_vertices(face: FlameSubset, vertices: Tensor, iterations: int = 4, ridge: float = 1e-4
+                          ) -> FlameParams:
+    """FLAME shape and head placement of stored face-mask vertices (for model.pt / code.pt files written before they
+    held FLAME parameters): alternately a similarity (Umeyama) and the shape coefficients by ridge-regularised linear
+    least squares, assuming a neutral expression and zero jaw / neck / eye rotation.
+
+    Args:
+        face: the FLAME rows of the face mask (models.flame.FlameSubset).
+        vertices: (M, 3) world-space face-mask vertices.
+    Returns:
+        FlameParams (T = 1) on the vertices' device.  What it cannot explain (expression, pose, fitted offsets) stays
+        as geometry offsets when the vertices are given to HeadAnimator.identity.
+    """
+    dev = vertices.device
+    tmpl = face.template.detach().double().cpu()
+    A = face.shapedirs.detach().double().cpu().reshape(-1, face.shapedirs.shape[-1])  # (M*3, 300)
+    AtA = A.T @ A
+    reg = ridge * torch.trace(AtA) / AtA.shape[0] * torch.eye(AtA.shape[0], dtype=torch.float64)
+    target = vertices.detach().double().cpu()
+    beta = torch.zeros(A.shape[1], dtype=torch.float64)
+    for _ in range(iterations):
+        s, R, t = similarity_fit((tmpl + (A @ beta).view(-1, 3)).float(), target.float())
+        canon = (target - t.double()) @ R.double() / s  # R^T (v - t) / s in row-vector form
+        beta = torch.linalg.solve(AtA + reg, A.T @ (canon - tmpl).reshape(-1))
+    s, R, t = similarity_fit((tmpl + (A @ beta).view(-1, 3)).float(), target.float())
+    p = FlameParams.neutral(1)
+    return replace(p, shape=beta.float()[None], rotation_matrix=R[None], translation=t[None],
+                   scale=torch.full((1, 1), float(s))).to(dev)
+
+
+@dataclass
+class IdentityKey:
+    """One identity as the pose path needs it, resolved without running the network.
+
+    Attributes:
+        code: its FittedCode (style, code, level-0 vertices, colour residual).
+        base: FlameParams (T = 1) of its own frame: stored in model.pt / code.pt, or fitted for older files.
+        offsets: (1, V, 3) geometry offsets from FLAME (HeadAnimator.geometry_offsets), or None.
+        name: a label.
+    """
+
+    code: FittedCode
+    base: FlameParams
+    offsets: Tensor | None
+    name: str
+
+
+def identity_key(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device,
+                 code: FittedCode | None = None) -> IdentityKey:
+    """A training identity (by name) or a code.pt (``code``: already resolved with resolve_key) -> IdentityKey.  Files
+    written before FLAME parameters were stored get FLAME's shape and head pose by least squares, with a warning."""
+    code = resolve_key(model, key, device) if code is None else code
+    base = code.flame
+    if base is None:
+        base = fit_flame_to_vertices(animator.face, code.base_vertices)
+        with torch.no_grad():
+            rms = float((animator.face(base)[0] - code.base_vertices).square().sum(-1).mean().sqrt())
+        what = "model.pt" if key in model.identities else str(key)
+        warnings.warn(f"{what} holds no FLAME parameters for {code.name or key!r} (written before they were stored): "
+                      f"FLAME shape and head pose were fitted to its face-mask vertices by least squares (RMS "
+                      f"residual {1000 * rms:.2f} mm, kept as geometry offsets; the neck and jaw pivots, which "
+                      f"depend on the whole head, are approximate)")
+    base = base.to(animator.device)
+    return IdentityKey(code, base, animator.geometry_offsets(base, code.base_vertices), code.name or key)
+
+
+def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device
+            ) -> tuple[PosableIdentity, FittedCode]:
+    """A training identity (by name) or a code.pt -> (PosableIdentity, its FittedCode); the network runs once."""
+    k = identity_key(animator, model, key, device)
+    head = animator.identity(k.code.w, k.base, colour=k.code.colour, name=k.name)
+    return replace(head, offsets=k.offsets), k.code
+
+
+def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: IdentityKey, b: IdentityKey, mix: float,
+                   method: str, truncation: float = 1.0) -> PosableIdentity:
+    """The interpolation between identities a and b at ``mix`` (0 = a), truncated by ``truncation`` (psi, 1 = none):
+    style and colour residual by utils/interpolation.py blend_style, FLAME shape and geometry offsets linearly (the
+    geometry does not truncate); a's head placement.  The network runs once."""
+    with torch.no_grad():
+        w, colour = blend_style(model, a.code, b.code, mix, method, truncation)
+    base = replace(a.base, shape=lerp(a.base.shape, b.base.shape, mix))
+    head = animator.identity(w, base, colour=colour, name=f"{a.name}+{b.name}@{mix:g}")
+    oa, ob = a.offsets, b.offsets
+    if oa is not None or ob is not None:
+        oa = torch.zeros_like(ob) if oa is None else oa
+        ob = torch.zeros_like(oa) if ob is None else ob
+        head = replace(head, offsets=lerp(oa, ob, mix))
+    return head
+
+
+# ====================================================================================== evaluation
+def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: torch.device, scale: float = 1.0,
+                   margin: float = 0.1, multiple: int = 16) -> list[list[View]]:
+    """Every camera's face-masked photo of several frames of a preprocessed subject sequence (projection_ply.py
+    --mask_images run on those frames), each view cropped around its face mask to ONE crop size for all frames and
+    cameras: PSNR is a mean over the crop, so frames must share the crop size to be comparable (the crop of one frame
+    rounded to a multiple of 16 pixels can differ from another's by a third, i.e. up to 1.8 dB for the same error).
+    Returns per frame a list of View (utils/targets.py) in camera order."""
+    from utils.dataset import crop_size, crop_view
+    from utils.targets import to_tensor_img
+
+    raw = []
+    for f in frames:
+        s = NersembleSubject(subject.root, subject.subject_id, subject.sequence, int(f))
+        serials = s.serials()
+        cams = s.cameras(scale, serials)
+        raw.append([(ser, s.masked_image(ser, scale), s.facemask(ser, scale), cams[ser]) for ser in serials])
+    cw, ch = crop_size([m for views in raw for _, _, m, _ in views], margin, multiple)
+    out = []
+    for views in raw:
+        row = []
+        for ser, img, mask, cam in views:
+            i, m, c = crop_view(img, mask, cam, cw, ch)
+            row.append(View(ser, c.to(device), to_tensor_img(i, device), to_tensor_img(m, device)))
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: FlameParams,
+                      views: Sequence[Sequence[View]], fit_serial: str = "", backend: str = "auto") -> list[dict]:
+    """PSNR / SSIM of ``head`` posed by each frame of ``params`` against that frame's views (:func:`sequence_views`):
+    per frame the metrics of utils/evaluation.py evaluate_cloud ("all" cameras, "unseen" = all but ``fit_serial``,
+    "heldout_cameras" = the protocol's novel views)."""
+    from utils.evaluation import evaluate_cloud
+
+    if params.num_frames != len(views):
+        raise ValueError(f"evaluate_sequence: {params.num_frames} frames of parameters but {len(views)} of views")
+    rows = []
+    for t in range(params.num_frames):
+        metrics, _ = evaluate_cloud(animator.gaussians(head, params.frame(t))[0], views[t], fit_serial, backend)
+        rows.append({k: v for k, v in metrics.items() if k != "per_view"})
+    return rows
+
+
+# ====================================================================================== frames
+def _fit_height(image: np.ndarray, height: int) -> np.ndarray:
+    """uint8 or float (h, w, 3) -> uint8 (height, w * height / h, 3)."""
+    import cv2
+
+    img = to_uint8(image)
+    if img.shape[0] != height:
+        w = max(2, int(round(img.shape[1] * height / img.shape[0])))
+        img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA if img.shape[0] > height else cv2.INTER_LINEAR)
+    return img
+
+
+def _read_video_frames(path: Path, frame_ids: np.ndarray) -> dict[int, np.ndarray]:
+    """RGB uint8 frames of a video at the given indices."""
+    import cv2
+
+    want, out = set(int(i) for i in frame_ids), {}
+    cap = cv2.VideoCapture(str(path))
+    i = 0
+    while want - set(out):
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i in want:
+            out[i] = np.ascontiguousarray(frame[..., ::-1])
+        i += 1
+    cap.release()
+    return out
+
+
+class _Panels:
+    """The right-hand panel of a side-by-side video: driving photos / video frames."""
+
+    def __init__(self, motion: Motion, serial: str, height: int) -> None:
+        self.motion, self.serial, self.height = motion, serial, height
+        self.video = _read_video_frames(motion.video, motion.frame_ids) if motion.video is not None else None
+        self.missing = 0
+
+    def __call__(self, t: int) -> np.ndarray | None:
+        if self.video is not None:
+            img = self.video.get(int(self.motion.frame_ids[t]))
+        else:
+            img = self.motion.photo(t, self.serial)
+        if img is None:
+            self.missing += 1
+            return None
+        return _fit_height(img, self.height)
+
+
+def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, cam: Camera, backend: str):
+    """(B, H, W, 3) images of B frames through one camera and their GaussianCloud (B, N)."""
+    cloud = animator.gaussians(head, params)
+    imgs = render_identities(cloud, [[cam]] * params.num_frames, backend=backend)["image"][:, 0]
+    return imgs.clamp(0, 1), cloud
+
+
+def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
+    """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary."""
+    if cfg.pose not in POSE_MODES:
+        raise ValueError(f"--pose must be one of {POSE_MODES}, got {cfg.pose!r}")
+    if cfg.side_by_side not in SIDE_BY_SIDE:
+        raise ValueError(f"--side_by_side must be one of {SIDE_BY_SIDE}, got {cfg.side_by_side!r}")
+    if cfg.method not in METHODS:
+        raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if model is None:
+        model = load_model(cfg.checkpoint, device)
+    flame_dir = model_flame_dir(model, cfg.flame_dir)
+    flame = load_flame(model, flame_dir)
+    animator = HeadAnimator(model.field, flame, model.mask_ids, model.plan)
+    motion = load_motion(cfg.motion, flame, cfg.keyframes, cfg.keyframe_frames, cfg.sequence,
+                         lambda video: reenact_video(video, flame, cfg.reenact, cfg.start, cfg.stride, cfg.max_frames,
+                                                     cfg.progress))
+    if motion.kind != "video":  # a video's frames were selected while reading it
+        motion = motion.select(cfg.start, cfg.stride, cfg.max_frames)
+    times["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    name = cfg.identity or model.identities[0]
+    head = posable(animator, model, name, device)[0] if not cfg.identity_b else mixed_identity(
+        animator, model, identity_key(animator, model, name, device),
+        identity_key(animator, model, cfg.identity_b, device), cfg.mix, cfg.method)
+    params = retarget(motion.params.to(device), head.base, cfg.pose, cfg.reference_frame)
+    driver = None
+    if cfg.side_by_side == "driver":
+        key = cfg.driver or (motion.subject.subject_id if motion.subject is not None else "")
+        if not key:
+            raise ValueError("--side_by_side driver needs --driver (a training identity or code.pt) when the motion "
+                             "is not a subject's sequence")
+        dhead = posable(animator, model, key, device)[0]
+        driver = (dhead, retarget(motion.params.to(device), dhead.base, cfg.pose, cfg.reference_frame))
+    M = len(model.mask_ids)
+    with torch.no_grad():
+        cam = base_camera(cfg, model.template_base, animator.vertices(head, head.base)[0, :M], device)
+        dcam = None if driver is None else base_camera(cfg, model.template_base,
+                                                       animator.vertices(driver[0], driver[0].base)[0, :M], device)
+    panels = _Panels(motion, cfg.camera, cam.height) if cfg.side_by_side == "video" else None
+    synchronize(device)
+    times["identity"] = time.perf_counter() - t0
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for sub, pattern in (("frames", "frame_*.png"), ("ply", "frame_*.ply")):  # a shorter rerun leaves no stale files
+        for old in (out / sub).glob(pattern):
+            old.unlink()
+    t0 = time.perf_counter()
+    T = params.num_frames
+    frames: list[np.ndarray] = []
+    bar = tqdm(total=T, desc=f"animating {head.name}", unit="frame", disable=not cfg.progress, leave=False)
+    with torch.no_grad():
+        for a in range(0, T, cfg.batch):
+            sel = slice(a, min(T, a + cfg.batch))
+            imgs, cloud = _render(animator, head, params.frames(sel), cam, cfg.backend)
+            dimgs = None if driver is None else _render(animator, driver[0], driver[1].frames(sel), dcam,
+                                                        cfg.backend)[0]
+            for k in range(imgs.shape[0]):
+                n = a + k
+                row = [to_uint8(imgs[k])]
+                if dimgs is not None:
+                    row.append(_fit_height(to_uint8(dimgs[k]), cam.height))
+                elif panels is not None:
+                    panel = panels(n)
+                    row.append(panel if panel is not None else np.zeros_like(row[0]))
+                frame = np.concatenate(row, axis=1)
+                frames.append(frame)
+                if cfg.png:
+                    save_image(out / "frames" / f"frame_{n:05d}.png", frame)
+                if cfg.ply:
+                    cloud[k].save_ply(out / "ply" / f"frame_{n:05d}.ply")
+            bar.update(imgs.shape[0])
+    bar.close()
+    times["render"] = time.perf_counter() - t0
+    if panels is not None and panels.missing:
+        warnings.warn(f"{panels.missing} of {T} frames have no driving photo (camera {cfg.camera}); their panel is "
+                      f"black")
+
+    evaluation = None
+    if cfg.evaluate:
+        if motion.subject is None:
+            raise ValueError("--evaluate needs a subject's sequence as --motion (a subject folder or its tracking npz)")
+        t0 = time.perf_counter()
+        views = sequence_views(motion.subject, motion.frame_ids, device)
+        evaluation = evaluate_sequence(animator, head, params, views, cfg.camera, cfg.backend)
+        times["evaluate"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fps = motion.fps or cfg.fps
+    video = write_video(out / "animation.mp4", frames, fps=fps)
+    motion_path = None
+    scale = params.scale
+    if torch.allclose(scale, scale[:1]):
+        motion_path = out / "motion.npz"
+        save_nersemble_tracking(motion_path, params.to("cpu"), frames=motion.frame_ids)
+    else:
+        warnings.warn("motion.npz not written: the head scale varies over the frames (NeRSemble stores one)")
+    times["write"] = time.perf_counter() - t0
+    summary = {
+        "identity": head.name, "identity_b": cfg.identity_b or None, "mix": cfg.mix if cfg.identity_b else None,
+        "motion": motion.source, "motion_kind": motion.kind, "pose": cfg.pose, "num_frames": T,
+        "frame_ids": [int(i) for i in motion.frame_ids], "fps": fps, "width": int(frames[0].shape[1]),
+        "height": int(frames[0].shape[0]), "side_by_side": cfg.side_by_side, "video": str(video),
+        "motion_npz": None if motion_path is None else str(motion_path), "geometry_offsets": head.offsets is not None,
+        "num_gaussians": int(model.field.num_gaussians), "flame_dir": str(flame_dir), "device": str(device),
+        "seconds": sum(times.values()), "seconds_per_phase": times,
+        "render_fps": T / max(times["render"], 1e-9),
+    }
+    if motion.info:
+        summary["motion_info"] = motion.info
+    if evaluation is not None:
+        summary["evaluation"] = {"per_frame": evaluation, **{f"mean_{k}": float(np.mean([r[k] for r in evaluation]))
+                                                             for k in ("psnr_all", "psnr_unseen", "ssim_all")}}
+    atomic_write_json(summary, out / "animation.json")
+    return summary
