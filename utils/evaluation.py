@@ -28,20 +28,26 @@ def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
-    return evaluate_cloud(code_cloud(model, w, base, colour), views, fit_serial, backend, lpips)
+    return evaluate_cloud(code_cloud(model, w, base, colour), views, fit_serial, backend, lpips,
+                          eyes(base) if eyes is not None else None)
 
 
 @torch.no_grad()
 def evaluate_cloud(cloud: GaussianCloud, views: Sequence[View], fit_serial: str = "", backend: str = "auto",
-                   lpips: bool = False) -> tuple[dict, Tensor]:
+                   lpips: bool = False, eye_points: Tensor | None = None) -> tuple[dict, Tensor]:
     """PSNR / SSIM (/ LPIPS) of any Gaussian cloud (unbatched, e.g. one frame of an animation) on every view with a
-    photo: "all", "unseen" (all but ``fit_serial``) and "heldout_cameras" (the protocol's novel views).
+    photo: "all", "unseen" (all but ``fit_serial``) and "heldout_cameras" (the protocol's novel views); PSNR inside
+    the face mask alone (``psnr_face_*``: the crops' black background left out); with ``eye_points`` (14, 3) (an
+    ``EyeLandmarkEmbedding`` applied to the face-mask vertices) PSNR / SSIM inside the eye regions (``psnr_eyes_*``,
+    ``ssim_eyes_*``; utils/regions.py).
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
     pred = render_batch(cloud, [v.camera for v in views], backend=backend)["image"].clamp(0, 1)
     gt = torch.stack([v.image for v in views])
     p = psnr(pred, gt, reduction="none").float()
+    face = torch.stack([v.mask for v in views])
+    pf = psnr(pred, gt, mask=face, reduction="none").float()
     s = ssim_metric(pred, gt, reduction="none").float()
     lp = lpips_metric(pred, gt, reduction="none") if lpips else None
     unseen = torch.tensor([v.serial != fit_serial for v in views], device=p.device)
@@ -55,12 +61,13 @@ def evaluate_cloud(cloud: GaussianCloud, views: Sequence[View], fit_serial: str 
 
     out = {"psnr_all": mean(p), "ssim_all": mean(s), "psnr_unseen": mean(p, unseen), "ssim_unseen": mean(s, unseen),
            "lpips_all": mean(lp), "lpips_unseen": mean(lp, unseen),
+           "psnr_face_all": mean(pf), "psnr_face_unseen": mean(pf, unseen),
            "psnr_heldout_cameras": mean(p, protocol), "num_views": len(views), "num_unseen_views": int(unseen.sum()),
            "per_view": {v.serial: {"psnr": float(p[i]), "ssim": float(s[i]),
                                    **({"lpips": float(lp[i])} if lp is not None else {})}
                         for i, v in enumerate(views)}}
-    if eyes is not None:
-        masks = eye_region_masks(eyes(base), [v.camera for v in views], torch.stack([v.mask for v in views]))
+    if eye_points is not None:
+        masks = eye_region_masks(eye_points, [v.camera for v in views], face)
         pe, se = region_metrics(pred, gt, masks)
         out.update({"psnr_eyes_all": nanmean(pe), "ssim_eyes_all": nanmean(se),
                     "psnr_eyes_unseen": nanmean(pe[unseen]), "ssim_eyes_unseen": nanmean(se[unseen])})
