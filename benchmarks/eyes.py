@@ -1,15 +1,17 @@
-"""GPU benchmark of the eyes: today's configuration against the fixed one, at full resolution (issue 17).
+"""GPU benchmark of the eyes (issue 17): training configurations and one-view fits at full resolution.
 
 Builds the synthetic problem of benchmarks/bench.py at the real size (1100 x 1604 images-2x, 16 cameras, face-masked
 ground-truth photos rendered on the device from the FLAME-like synthetic heads: almond lid openings, eyeballs set back
-behind overhanging lids), trains the identity field briefly twice on it (``TODAY``: the configuration before the fix,
-``FIXED``: the preset as it is now), evaluates both on the 4 held-out cameras of the training identities (PSNR / SSIM on
-the face mask and inside the eye regions of utils/regions.py) and after a one-view fit of the held-out identity 017,
-and writes
+behind overhanging lids), trains the identity field on it once per training configuration (``preset``, plus
+``--variant``), evaluates each on the 4 held-out cameras of the training identities (PSNR / SSIM on the face mask and
+inside the eye regions of utils/regions.py), then fits the held-out identity 017 from its frontal view with each fit
+configuration (``today``: fit.eye_weight 0, the fit before issue 17; ``fixed``: the fit.yaml defaults; plus
+``--fit_variant``) and evaluates the fits on the 15 unseen views.  Writes
 
-    <out>.md     one table: whole-face and eye-region PSNR / SSIM, their gap, training and fit seconds
-    <out>.json   the same numbers and the environment
-    <out>.png    eye crops side by side, one row per held-out camera: photo | today's render | fixed render
+    <out>.md       one table: whole-face and eye-region PSNR / SSIM, their gap, training and fit seconds
+    <out>.json     the same numbers and the environment
+    <out>.png      eye crops, one row per held-out camera: photo | each training configuration's render
+    <out>_fit.png  eye crops of the held-out identity's protocol cameras: photo | today's fit | the fixed fit
 
     python benchmarks/eyes.py --out benchmarks/results/eyes_h200            # on the GPU machine, about 5 minutes
     python benchmarks/eyes.py --quick --out /tmp/eyes_quick                 # CPU smoke run, tiny sizes
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,9 +39,10 @@ from utils.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 from utils.synthetic import auto_subdivision  # noqa: E402
 from utils.training import TrainConfig, Trainer  # noqa: E402
 
-# Config overrides that give back the configuration before the fix of issue 17, on top of the preset as it is now.
-TODAY: dict[str, object] = {"loss.eye_weight": 0.0}
-FIXED: dict[str, object] = {}  # the preset as it is
+# Training configurations compared (``--variant`` adds more) and one-view fit configurations of each trained model
+# (``--fit_variant`` adds more): "today" gives back the fit before the eye term of issue 17, "fixed" is the preset.
+TRAIN_VARIANTS: dict[str, dict[str, object]] = {"preset": {}}
+FIT_VARIANTS: dict[str, dict[str, object]] = {"today": {"fit.eye_weight": 0.0}, "fixed": {}}
 
 
 def train_variant(name: str, cfg: TrainConfig, data, steps: int) -> tuple[Trainer, dict]:
@@ -63,9 +67,12 @@ def train_variant(name: str, cfg: TrainConfig, data, steps: int) -> tuple[Traine
     return trainer, out
 
 
-def fit_variant(model_path: Path, heldout, eyes, device: torch.device, backend: str, quick: bool = False) -> dict:
+def fit_variant(model_path: Path, heldout, eyes, device: torch.device, backend: str, quick: bool = False,
+                fit_overrides: dict | None = None, prefix: str = "fit") -> tuple[dict, tuple]:
     """One-view fit of the held-out identity (camera 222200037), evaluated on its 15 unseen views (``quick``: a few
-    iterations only, for the CPU smoke run)."""
+    iterations only, for the CPU smoke run); ``fit_overrides``: FitConfig fields (e.g. fit.eye_weight).
+
+    Returns (metrics with keys starting with ``prefix``, (the FitTarget, renders of its eval views (C, h, w, 3)))."""
     from utils.evaluation import evaluate_views
     from utils.fitting import FitConfig, fit_identity
     from utils.model_io import load_model
@@ -77,26 +84,28 @@ def fit_variant(model_path: Path, heldout, eyes, device: torch.device, backend: 
     sync(device)
     t0 = time.perf_counter()
     cfg = FitConfig(iterations=2, min_iterations=1, colour_iterations=1, init="mean_code") if quick else FitConfig()
+    for k, v in (fit_overrides or {}).items():
+        setattr(cfg, k.removeprefix("fit."), v)
     res = fit_identity(model, target, cfg, backend=backend, progress=False)
     sync(device)
     seconds = time.perf_counter() - t0
-    m, _ = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
-                          backend=backend, lpips=False, colour=res.code.colour, eyes=eyes)
-    return {"fit_psnr_unseen": m["psnr_unseen"], "fit_psnr_face_unseen": m["psnr_face_unseen"],
-            "fit_psnr_eyes_unseen": m["psnr_eyes_unseen"], "fit_ssim_eyes_unseen": m["ssim_eyes_unseen"],
-            "fit_eye_gap_unseen_db": m["psnr_face_unseen"] - m["psnr_eyes_unseen"], "fit_seconds": seconds}
+    m, renders = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
+                                backend=backend, lpips=False, colour=res.code.colour, eyes=eyes)
+    out = {"psnr_unseen": m["psnr_unseen"], "psnr_face_unseen": m["psnr_face_unseen"],
+           "psnr_eyes_unseen": m["psnr_eyes_unseen"], "ssim_eyes_unseen": m["ssim_eyes_unseen"],
+           "eye_gap_unseen_db": m["psnr_face_unseen"] - m["psnr_eyes_unseen"], "seconds": seconds,
+           "eye_term_pixels": res.eye_term_pixels}
+    return {f"{prefix}_{k}": v for k, v in out.items()}, (target, renders)
 
 
 @torch.no_grad()
-def eye_crops(trainers: list[Trainer], identity: int = 0, margin: float = 0.15, height: int = 160) -> torch.Tensor:
-    """(H, W, 3) image: per held-out camera one row photo | render of each trainer, cropped to the eye regions."""
-    import torch.nn.functional as F
-
+def training_renders(trainers: list[Trainer], identity: int = 0) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Photos (C, h, w, 3), each trainer's renders (C, h, w, 3) and eye regions (C, h, w, 1) of training identity
+    ``identity`` on the held-out cameras."""
     t0 = trainers[0]
     data = t0.data
-    serials = [s for s in HELDOUT_SERIALS if s in data.serials]
-    ids = data.serial_index(serials)
-    renders = []
+    ids = data.serial_index([s for s in HELDOUT_SERIALS if s in data.serials])
+    renders, gt = [], None
     for tr in trainers:
         verts = tr.vertices(torch.tensor([identity]))
         cloud = tr.field(tr.field.codes.weight[identity : identity + 1], verts)
@@ -104,8 +113,18 @@ def eye_crops(trainers: list[Trainer], identity: int = 0, margin: float = 0.15, 
         renders.append(pred[0].clamp(0, 1))
     lm = t0.eye_landmarks(data.base_vertices[identity])
     masks = eye_region_masks(lm, [data.cameras[identity][i] for i in ids], data.masks[identity, ids].float() / 255)
+    return gt[0], renders, masks
+
+
+@torch.no_grad()
+def eye_crops(photos: Tensor, renders: list[Tensor], masks: Tensor, margin: float = 0.15,
+              height: int = 160) -> Tensor:
+    """(H, W, 3) image: per view one row photo | each render, cropped to the box of the view's eye regions grown by
+    ``margin`` and scaled (nearest neighbour) to ``height`` px.  photos, renders[i]: (C, h, w, 3); masks (C, h, w, 1)."""
+    import torch.nn.functional as F
+
     rows = []
-    for k in range(len(ids)):
+    for k in range(len(photos)):
         ys, xs = torch.nonzero(masks[k, ..., 0] > 0, as_tuple=True)
         if len(xs) == 0:
             continue
@@ -113,7 +132,7 @@ def eye_crops(trainers: list[Trainer], identity: int = 0, margin: float = 0.15, 
         my, mx = int(margin * (ys.max() - ys.min() + 1)) + 2, int(margin * (xs.max() - xs.min() + 1)) + 2
         y0, y1 = max(0, int(ys.min()) - my), min(h, int(ys.max()) + 1 + my)
         x0, x1 = max(0, int(xs.min()) - mx), min(w, int(xs.max()) + 1 + mx)
-        tiles = [gt[0, k]] + [r[k] for r in renders]
+        tiles = [photos[k]] + [r[k] for r in renders]
         tiles = [t[y0:y1, x0:x1].permute(2, 0, 1)[None] for t in tiles]
         scale = height / (y1 - y0)
         size = (height, max(1, round((x1 - x0) * scale)))
@@ -141,86 +160,105 @@ def resume_trainer(out_dir: str, data_root: str) -> Trainer:
     return Trainer(cfg, resume=True)
 
 
+def parse_variants(groups: list[list[str]], defaults: dict[str, dict], flag: str) -> dict[str, dict]:
+    """``defaults`` plus one configuration per ``flag NAME KEY=VALUE ...`` group: {name: {key: value}}."""
+    out = {k: dict(v) for k, v in defaults.items()}
+    for name, *items in groups:
+        if "=" in name or name in out:
+            raise SystemExit(f"{flag} {name}: start with a new name for the configuration, then KEY=VALUE pairs")
+        bad = [x for x in items if "=" not in x]
+        if bad:
+            raise SystemExit(f"{flag} {name}: expected KEY=VALUE pairs after the name, got {bad}")
+        out[name] = {k: _auto(v) for k, v in (x.split("=", 1) for x in items)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/nersemble.yaml", help="training preset (the FIXED configuration)")
+    p.add_argument("--config", default="configs/nersemble.yaml", help="training preset")
     p.add_argument("--identities", type=int, default=8, help="synthetic training identities held on the device")
     p.add_argument("--height", type=int, default=1604, help="image height (width = height * 1100/1604)")
     p.add_argument("--level", type=int, default=2, help="face-mask subdivision level (Gaussians = its vertices)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps of each configuration")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of each training configuration")
     p.add_argument("--batch_identities", type=int, default=4, help="identities per training step")
     p.add_argument("--batch_views", type=int, default=4, help="views per identity and training step")
-    p.add_argument("--today", nargs="*", default=None, metavar="KEY=VALUE",
-                   help=f"overrides that give today's configuration (default: {TODAY})")
-    p.add_argument("--fixed", nargs="*", default=None, metavar="KEY=VALUE",
-                   help=f"overrides of the fixed configuration (default: {FIXED or 'none, the preset'})")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME_OR_KEY=VALUE",
-                   help="an extra configuration to compare (repeatable): a name, then overrides of the preset, e.g. "
-                        "--variant sh1 model.sh_degree=1 loss.eye_weight=1")
+                   help=f"a training configuration to compare besides {list(TRAIN_VARIANTS)} (repeatable): a name, "
+                        "then overrides of the preset, e.g. --variant eyes loss.eye_weight=0.1")
+    p.add_argument("--fit_variant", nargs="+", action="append", default=[], metavar="NAME_OR_KEY=VALUE",
+                   help=f"a one-view fit of each trained model besides {FIT_VARIANTS} (repeatable): a name, then "
+                        "FitConfig overrides, e.g. --fit_variant eyes3 fit.eye_weight=3 (rows fit[eyes3]_*)")
     p.add_argument("--no_fit", action="store_true", help="skip the one-view fits of the held-out identity")
     p.add_argument("--backend", default="auto", help="rasterizer backend")
-    p.add_argument("--out", default="benchmarks/results/eyes", help="output prefix: <out>.md, <out>.json, <out>.png")
+    p.add_argument("--out", default="benchmarks/results/eyes",
+                   help="output prefix: <out>.md, <out>.json, <out>.png (training renders), <out>_fit.png (fits)")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run (2 identities, 96 px, a few steps)")
-    p.add_argument("--runs", nargs=2, default=None, metavar=("TODAY_DIR", "FIXED_DIR"),
-                   help="no training: eye crops (<out>.png) of two finished train.py runs on --data_root")
+    p.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR",
+                   help="no training: eye crops (<out>.png) of finished train.py runs on --data_root")
     p.add_argument("--data_root", default="syn_data", help="dataset of the --runs")
     args = p.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.runs:
-        trainers = [resume_trainer(d, args.data_root) for d in args.runs]
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(Path(args.out).with_suffix(".png"), eye_crops(trainers))
-        print(f"wrote {Path(args.out).with_suffix('.png')}")
+        save_image_grid(out.with_suffix(".png"),
+                        eye_crops(*training_renders([resume_trainer(d, args.data_root) for d in args.runs])))
+        print(f"wrote {out.with_suffix('.png')}")
         return
     device = default_device()
     if args.quick:
         args.identities, args.height, args.level, args.steps = 2, 96, 0, 3
         args.batch_identities, args.batch_views = 2, 2
-
-    def kv(items, default):
-        if items is None:
-            return dict(default)
-        return {k: _auto(v) for k, v in (x.split("=", 1) for x in items)}
-
-    variants = {"today": kv(args.today, TODAY), "fixed": kv(args.fixed, FIXED)}
-    for name, *items in args.variant:
-        if "=" in name or name in variants:
-            raise SystemExit(f"--variant {name}: start with a new name for the configuration, then KEY=VALUE pairs")
-        variants[name] = kv(items, {})
+    variants = parse_variants(args.variant, TRAIN_VARIANTS, "--variant")
+    fits = parse_variants(args.fit_variant, FIT_VARIANTS, "--fit_variant")
     base = {"data.subdivision": args.level, "backend": args.backend, "progress": False, "device": str(device),
             "batch_identities": args.batch_identities, "batch_views": args.batch_views, "steps": args.steps,
             "eval_identities": args.identities}
     cfgs = {n: build_config(TrainConfig, args.config, overrides=dict(base, out=tempfile.mkdtemp(prefix=f"eyes_{n}_"),
                                                                        **o)) for n, o in variants.items()}
+    first = next(iter(cfgs.values()))
     t0 = time.perf_counter()
-    data, heldout = build_problem(args.identities, args.height, args.level, device, cfgs["today"],
+    data, heldout = build_problem(args.identities, args.height, args.level, device, first,
                                   gt_subdivision=auto_subdivision(args.height))  # as make_synthetic_dataset
     setup_s = time.perf_counter() - t0
     print(f"setup (synthetic heads, photos, masks): {setup_s:.1f} s", flush=True)
     eyes = embedding_for_flame(data.flame, data.mask_ids)
     if eyes is None:
         raise RuntimeError("the synthetic FLAME has no eye landmarks on the face mask: cannot measure the eyes")
-    rows, trainers = {}, []
+    rows, trainers, fit_renders = {}, [], {}
     for name, cfg in cfgs.items():
         tr, r = train_variant(name, cfg, data, args.steps)
-        if not args.no_fit:
-            r.update(fit_variant(Path(cfg.out) / "model.pt", heldout, eyes, device, cfg.backend, args.quick))
+        for fname, over in ({} if args.no_fit else fits).items():
+            m, (target, renders) = fit_variant(Path(cfg.out) / "model.pt", heldout, eyes, device, cfg.backend,
+                                               args.quick, over, prefix=f"fit[{fname}]")
+            r.update(m)
+            if not fit_renders.get(fname) and name == next(iter(cfgs)):
+                fit_renders[fname] = (target, renders)
         rows[name] = r
         trainers.append(tr)
-    crops = eye_crops(trainers)
+    save_image_grid(out.with_suffix(".png"), eye_crops(*training_renders(trainers)))
+    if fit_renders:  # the held-out identity's protocol cameras after each fit of the first training configuration
+        target = next(iter(fit_renders.values()))[0]
+        sel = [i for i, v in enumerate(target.eval_views) if v.serial in HELDOUT_SERIALS]
+        photos = torch.stack([target.eval_views[i].image for i in sel])
+        masks = eye_region_masks(eyes(target.base_vertices), [target.eval_views[i].camera for i in sel],
+                                 torch.stack([target.eval_views[i].mask for i in sel]))
+        save_image_grid(out.with_name(out.name + "_fit.png"),
+                        eye_crops(photos, [r[sel] for _, r in fit_renders.values()], masks))
     env = environment(device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image_grid(out.with_suffix(".png"), crops)
-    keys = list(rows["today"])
     names = list(rows)
+    keys = list(rows[names[0]])
     lines = [f"# benchmarks/eyes.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",
              f"{args.config}, level {args.level}, {args.identities} training identities, "
              f"{data.images.shape[-2]}x{data.images.shape[-3]} crops of {args.height} px high views, "
-             f"{args.steps} steps of {args.batch_identities}x{args.batch_views} views; setup {setup_s:.0f} s; "
-             + "; ".join(f"{n} = preset + {variants[n]}" for n in names) + "; "
-             f"eye crops: {out.with_suffix('.png').name} (photo | {' | '.join(names)}, held-out cameras "
-             f"{len(SERIALS) - 12})", "", "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+             f"{args.steps} steps of {args.batch_identities}x{args.batch_views} views; setup {setup_s:.0f} s. "
+             "Training configurations (columns): " + "; ".join(f"{n} = preset + {variants[n]}" for n in names)
+             + ". One-view fits of the held-out identity 017 (rows fit[...]): "
+             + "; ".join(f"{n} = fit.yaml defaults + {o}" for n, o in fits.items())
+             + f". Gaps: face-mask PSNR minus eye-region PSNR. Eye crops: {out.with_suffix('.png').name} (photo | "
+             f"{' | '.join(names)}, training identity 0, held-out cameras) and {out.name}_fit.png (photo | "
+             f"{' | '.join(fit_renders)}, identity 017, held-out cameras)",
+             "", "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(fmt(rows[n].get(k)) for n in names) + " |")
@@ -228,7 +266,7 @@ def main() -> None:
     print(table)
     out.with_suffix(".md").write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps({"env": env, "setup_seconds": setup_s, "variants": variants,
-                                                    "rows": rows}, indent=1, default=str))
+                                                    "fit_variants": fits, "rows": rows}, indent=1, default=str))
 
 
 if __name__ == "__main__":

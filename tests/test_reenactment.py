@@ -75,9 +75,9 @@ def yaw(R: torch.Tensor) -> np.ndarray:
 def test_reenactment_from_detected_landmarks_end_to_end(driving_video, fit_model, tmp_path):  # noqa: F811
     """animate.py --motion driver.mp4 puts the video's motion on training identity 300: landmarks DETECTED by
     mediapipe (the detector finds the synthetic face in every frame, so none is projected), the driver's shape fitted
-    once and held fixed.  The head turn is recovered (r >= 0.95; measured 0.988-0.996).  The expressions are NOT:
-    measured on this video r = 0.60-0.76 jaw, -0.08-0.71 smile, 0.40-0.74 brows raise with 8 / 16 shape frames and
-    100 / 200 iterations (0.79-0.86 / 0.93-0.97 / 0.66-0.79 on another synthetic head).  The detector's points,
+    once and held fixed.  The head turn is recovered (r >= 0.95; measured 0.992).  The expressions are NOT: measured
+    on this video with the Levenberg-Marquardt landmark fit r = 0.57 jaw, 0.75 smile, 0.83 brows raise (the first,
+    L-BFGS fit: 0.60-0.76 / -0.08-0.71 / 0.40-0.74 depending on its settings).  The detector's points,
     mapped to iBUG-68 by a table derived on real faces, do not follow the synthetic face's lips and brows (its mouth
     width correlates r = 0.24 with the truth, its brow height r = 0.11, its inner-lip opening r = 0.76), so the
     issue's 0.9 is missed on detected landmarks of synthetic renders; the fit reaches it on exact landmarks (next

@@ -40,6 +40,7 @@ from utils.device import synchronize
 from utils.geometry import UniformLaplacian, mean_edge_length
 from utils.losses import l1, ssim
 from utils.model_io import TrainedModel
+from utils.regions import eye_region_masks
 
 if TYPE_CHECKING:
     from models.flame import FlameModel, FlameParams
@@ -67,6 +68,12 @@ class FitConfig:
     min_iterations: int = 30  # never stop before this many iterations
     l1_weight: float = 0.8  # weight of L1 (paper: 0.8)
     ssim_weight: float = 0.2  # weight of 1 - SSIM (paper: 0.2)
+    # An extra L1 term inside the fitted view's eye regions (utils/regions.py): the eyes are ~1 % of the face's
+    # pixels, and without it one-view fits at full resolution left the unseen views' eyes 5 dB below the face
+    # (benchmarks/results/eyes_h200.md).  Used only where the regions hold >= eye_min_pixels pixels: on eyes a few
+    # pixels wide (the CPU preset) the term fitted noise and lowered the unseen eyes' PSNR (tests/test_fitting.py).
+    eye_weight: float = 1.0
+    eye_min_pixels: int = 1000  # the eye term is left out when the fitted view's eye regions hold fewer pixels
     style_reg: float = 0.01  # weight of the mean squared distance of w from its start (w space only; 0: off)
     refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
     geometry_lr: float = 2e-4  # Adam learning rate of the vertex offsets, in metres
@@ -115,6 +122,7 @@ class FitResult:
     start_losses: dict[str, float]  # loss of every candidate start on the fitted view
     stopped_early: bool
     start_w: Tensor | None = None  # (S,) style of the starting point
+    eye_term_pixels: int = 0  # pixels of the fitted view's eye regions in the loss (fit.eye_weight; 0: no eye term)
     colour_iterations: int = 0  # iterations of the colour stage (0: not run)
     colour_losses: list[float] = field(default_factory=list)  # its windowed mean photometric loss every check_every
     seconds_code: float = 0.0  # wall time of the code fit (start selection included)
@@ -124,20 +132,35 @@ class FitResult:
     seconds_flame: float = 0.0  # wall time of that stage
 
 
-def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig) -> Tensor:
-    """cfg.l1_weight * L1 + cfg.ssim_weight * (1 - SSIM); pred, gt (h, w, 3) or (C, h, w, 3)."""
+def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = None) -> Tensor:
+    """cfg.l1_weight * L1 + cfg.ssim_weight * (1 - SSIM) (+ cfg.eye_weight * L1 inside ``eyes``, the view's eye
+    regions (h, w, 1) or (C, h, w, 1)); pred, gt (h, w, 3) or (C, h, w, 3)."""
     loss = cfg.l1_weight * l1(pred, gt)
     if cfg.ssim_weight > 0:
         loss = loss + cfg.ssim_weight * (1.0 - ssim(pred, gt))
+    if eyes is not None and cfg.eye_weight > 0:
+        loss = loss + cfg.eye_weight * l1(pred, gt, eyes)
     return loss
+
+
+def fit_view_eyes(target: "FitTarget", cfg: FitConfig) -> Tensor | None:
+    """The fitted view's eye regions (h, w, 1) for ``fit.eye_weight``; None (no eye term) when the weight is 0, the
+    FLAME files give no eye landmarks on the face mask, or the regions hold fewer than ``fit.eye_min_pixels``."""
+    if cfg.eye_weight <= 0 or target.eye_landmarks is None:
+        return None
+    view = target.fit_view
+    mask = view.mask if view.mask is not None else torch.ones_like(view.image[..., :1])
+    eyes = eye_region_masks(target.eye_landmarks(target.base_vertices), [view.camera], mask[None])[0]
+    return eyes if float(eyes.sum()) >= cfg.eye_min_pixels else None
 
 
 
 
 def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
-               backend: str = "auto", name: str = "", progress: bool = False) -> tuple[Tensor, list[float]]:
+               backend: str = "auto", name: str = "", progress: bool = False,
+               eyes: Tensor | None = None) -> tuple[Tensor, list[float]]:
     """The colour stage: a per-vertex RGB residual (M, 3) of the level-0 vertices for the fixed style w and
-    geometry base, fitted to the photo ``gt`` through ``camera``.
+    geometry base, fitted to the photo ``gt`` through ``camera`` (``eyes``: its eye regions, for fit.eye_weight).
 
     Minimises ``photometric + colour_laplacian_weight * mean |L r|^2 + colour_weight * mean |r|^2`` (L: uniform
     Laplacian of the level-0 face-mask mesh) with Adam from r = 0, lr decaying like the code fit.  The Gaussians
@@ -156,7 +179,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         pred = render(with_colour(cloud0, colour_offsets(model, res)), camera, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg)
+        loss = photometric(pred, gt, cfg, eyes)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -247,6 +270,8 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     if cfg.iterations < 0 or cfg.check_every < 1:
         raise ValueError(f"fit.iterations must be >= 0 and fit.check_every >= 1 (got {cfg.iterations}, "
                          f"{cfg.check_every})")
+    if cfg.eye_weight < 0:
+        raise ValueError(f"fit.eye_weight must be >= 0, got {cfg.eye_weight}")
     if cfg.refine_colour and cfg.colour_iterations < 0:
         raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
     t_start = time.perf_counter()
@@ -256,6 +281,7 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     view = target.fit_view
     cam, gt = view.camera, view.image
     base0 = target.base_vertices
+    eyes = fit_view_eyes(target, cfg)
 
     # ---- starting point
     if cfg.init in INITS:
@@ -274,7 +300,7 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     with torch.no_grad():
         for name, (w_c, _) in cands.items():
             pred = render_style(model, w_c, base0, [cam], backend)[0]
-            start_losses[name] = float(photometric(pred, gt, cfg))
+            start_losses[name] = float(photometric(pred, gt, cfg, eyes))
     start = min(start_losses, key=start_losses.get)
     w0, z0 = cands[start]
     var = (w0 if cfg.space == "w" else z0).detach().clone().requires_grad_(True)
@@ -310,7 +336,7 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
             g["lr"] = g["initial_lr"] * mult
         cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
         pred = render(cloud, cam, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg)
+        loss = photometric(pred, gt, cfg, eyes)
         total = loss
         if cfg.space == "w" and cfg.style_reg > 0:
             total = total + cfg.style_reg * (var - w0).square().mean()
@@ -357,7 +383,8 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     colour, colour_losses, seconds_colour = None, [], 0.0
     if cfg.refine_colour and cfg.colour_iterations > 0:
         t0 = time.perf_counter()
-        colour, colour_losses = fit_colour(model, w_fit, base_fit, cam, gt, cfg, backend, target.name, progress)
+        colour, colour_losses = fit_colour(model, w_fit, base_fit, cam, gt, cfg, backend, target.name, progress,
+                                           eyes)
         synchronize(base0.device)
         seconds_colour = time.perf_counter() - t0
     # the FLAME stage moves w off the mapping network's output: no z then
@@ -370,4 +397,5 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
                      colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
                      seconds_code=seconds_code, seconds_colour=seconds_colour, flame_params=flame_params,
-                     flame_losses=flame_losses, seconds_flame=seconds_flame)
+                     flame_losses=flame_losses, seconds_flame=seconds_flame,
+                     eye_term_pixels=0 if eyes is None else int(eyes.sum()))

@@ -180,7 +180,7 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         "psnr_eyes_unseen_mean_code": before.get("psnr_eyes_unseen"),
         "psnr_eyes_unseen_code_only": code_only.get("psnr_eyes_unseen"),
         "psnr_fit_view_code_only": code_only["per_view"][fit_serial]["psnr"],
-        "iterations": res.iterations, "stopped_early": res.stopped_early,
+        "iterations": res.iterations, "stopped_early": res.stopped_early, "eye_term_pixels": res.eye_term_pixels,
         "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
         "space": cfg.fit.space, "refine_geometry": bool(cfg.fit.refine_geometry),
         "refine_colour": code.colour is not None, "colour_iterations": res.colour_iterations,
