@@ -5,8 +5,8 @@ ground-truth photos rendered on the device from the FLAME-like synthetic heads: 
 behind overhanging lids), trains the identity field on it once per training configuration (``preset``, plus
 ``--variant``), evaluates each on the 4 held-out cameras of the training identities (PSNR / SSIM on the face mask and
 inside the eye regions of utils/regions.py), then fits the held-out identity 017 from its frontal view with each fit
-configuration (``today``: fit.eye_weight 0, the fit before issue 17; ``fixed``: the fit.yaml defaults; plus
-``--fit_variant``) and evaluates the fits on the 15 unseen views.  Writes
+configuration (``today``: fit.eye_weight and fit.colour_eye_weight 0, the fit before issue 17; ``fixed``: the
+fit.yaml defaults; plus ``--fit_variant``) and evaluates the fits on the 15 unseen views.  Writes
 
     <out>.md       one table: whole-face and eye-region PSNR / SSIM, their gap, training and fit seconds
     <out>.json     the same numbers and the environment
@@ -34,7 +34,7 @@ from benchmarks.bench import _auto, _fit_target, build_problem, environment, syn
 from utils.config import build_config  # noqa: E402
 from utils.device import default_device  # noqa: E402
 from utils.io import save_image_grid  # noqa: E402
-from utils.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS  # noqa: E402
+from utils.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
 from utils.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 from utils.synthetic import auto_subdivision  # noqa: E402
 from utils.training import TrainConfig, Trainer  # noqa: E402
@@ -42,7 +42,8 @@ from utils.training import TrainConfig, Trainer  # noqa: E402
 # Training configurations compared (``--variant`` adds more) and one-view fit configurations of each trained model
 # (``--fit_variant`` adds more): "today" gives back the fit before the eye term of issue 17, "fixed" is the preset.
 TRAIN_VARIANTS: dict[str, dict[str, object]] = {"preset": {}}
-FIT_VARIANTS: dict[str, dict[str, object]] = {"today": {"fit.eye_weight": 0.0}, "fixed": {}}
+FIT_VARIANTS: dict[str, dict[str, object]] = {"today": {"fit.eye_weight": 0.0, "fit.colour_eye_weight": 0.0},
+                                              "fixed": {}}
 
 
 def train_variant(name: str, cfg: TrainConfig, data, steps: int) -> tuple[Trainer, dict]:
@@ -120,7 +121,8 @@ def training_renders(trainers: list[Trainer], identity: int = 0) -> tuple[Tensor
 def eye_crops(photos: Tensor, renders: list[Tensor], masks: Tensor, margin: float = 0.15,
               height: int = 160) -> Tensor:
     """(H, W, 3) image: per view one row photo | each render, cropped to the box of the view's eye regions grown by
-    ``margin`` and scaled (nearest neighbour) to ``height`` px.  photos, renders[i]: (C, h, w, 3); masks (C, h, w, 1)."""
+    ``margin`` and scaled (nearest neighbour) to ``height`` px.
+    photos, renders[i]: (C, h, w, 3); masks (C, h, w, 1)."""
     import torch.nn.functional as F
 
     rows = []
@@ -231,6 +233,7 @@ def main() -> None:
             m, (target, renders) = fit_variant(Path(cfg.out) / "model.pt", heldout, eyes, device, cfg.backend,
                                                args.quick, over, prefix=f"fit[{fname}]")
             r.update(m)
+            print(f"{name} fit[{fname}]: " + ", ".join(f"{k.split(']_')[1]} {v:.4g}" for k, v in m.items()), flush=True)
             if not fit_renders.get(fname) and name == next(iter(cfgs)):
                 fit_renders[fname] = (target, renders)
         rows[name] = r

@@ -77,7 +77,8 @@ def test_resume_is_bit_for_bit(preprocessed_root, tmp_path):
 def test_outputs_and_metrics(trained_model_dir):
     m = json.loads((trained_model_dir / "metrics.json").read_text())
     for key in ("psnr_heldout_views", "ssim_heldout_views", "psnr_train_views", "steps", "seconds", "device",
-                "psnr_face_heldout_views", "psnr_eyes_heldout_views", "ssim_eyes_heldout_views", "psnr_eyes_train_views"):
+                "psnr_face_heldout_views", "psnr_eyes_heldout_views", "ssim_eyes_heldout_views",
+                "psnr_eyes_train_views"):
         assert key in m
     # inside the face mask alone the error is higher than over the whole crop (black background matches black)
     assert m["psnr_face_heldout_views"] < m["psnr_heldout_views"] and m["psnr_eyes_heldout_views"] > 5

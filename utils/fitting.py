@@ -69,10 +69,14 @@ class FitConfig:
     l1_weight: float = 0.8  # weight of L1 (paper: 0.8)
     ssim_weight: float = 0.2  # weight of 1 - SSIM (paper: 0.2)
     # An extra L1 term inside the fitted view's eye regions (utils/regions.py): the eyes are ~1 % of the face's
-    # pixels, and without it one-view fits at full resolution left the unseen views' eyes 5 dB below the face
-    # (benchmarks/results/eyes_h200.md).  Used only where the regions hold >= eye_min_pixels pixels: on eyes a few
-    # pixels wide (the CPU preset) the term fitted noise and lowered the unseen eyes' PSNR (tests/test_fitting.py).
-    eye_weight: float = 1.0
+    # pixels, and without it one-view fits at full resolution left the unseen views' eyes 4-5.5 dB below the face
+    # and gave them the iris of the nearest training identities.  Weighted lightly in the code stage (a heavier weight
+    # moved the whole head's code: face PSNR -0.1..-0.4 dB) and strongly in the colour stage, whose per-vertex
+    # residual paints the iris without touching the rest of the face (benchmarks/results/eyes_h200_colour.md).  Used
+    # only where the regions hold >= eye_min_pixels pixels: on eyes a few pixels wide (the CPU preset) the term fitted
+    # noise and lowered the unseen eyes' PSNR (tests/test_fitting.py).
+    eye_weight: float = 0.3  # weight of the L1 term inside the photo's eye regions in the code fit (0: off)
+    colour_eye_weight: float = 10.0  # the eye term's weight in the colour stage (0: off)
     eye_min_pixels: int = 1000  # the eye term is left out when the fitted view's eye regions hold fewer pixels
     style_reg: float = 0.01  # weight of the mean squared distance of w from its start (w space only; 0: off)
     refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
@@ -132,21 +136,23 @@ class FitResult:
     seconds_flame: float = 0.0  # wall time of that stage
 
 
-def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = None) -> Tensor:
-    """cfg.l1_weight * L1 + cfg.ssim_weight * (1 - SSIM) (+ cfg.eye_weight * L1 inside ``eyes``, the view's eye
-    regions (h, w, 1) or (C, h, w, 1)); pred, gt (h, w, 3) or (C, h, w, 3)."""
+def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = None,
+                eye_weight: float | None = None) -> Tensor:
+    """cfg.l1_weight * L1 + cfg.ssim_weight * (1 - SSIM) (+ ``eye_weight`` (default cfg.eye_weight) * L1 inside
+    ``eyes``, the view's eye regions (h, w, 1) or (C, h, w, 1)); pred, gt (h, w, 3) or (C, h, w, 3)."""
+    eye_weight = cfg.eye_weight if eye_weight is None else eye_weight
     loss = cfg.l1_weight * l1(pred, gt)
     if cfg.ssim_weight > 0:
         loss = loss + cfg.ssim_weight * (1.0 - ssim(pred, gt))
-    if eyes is not None and cfg.eye_weight > 0:
-        loss = loss + cfg.eye_weight * l1(pred, gt, eyes)
+    if eyes is not None and eye_weight > 0:
+        loss = loss + eye_weight * l1(pred, gt, eyes)
     return loss
 
 
 def fit_view_eyes(target: "FitTarget", cfg: FitConfig) -> Tensor | None:
     """The fitted view's eye regions (h, w, 1) for ``fit.eye_weight``; None (no eye term) when the weight is 0, the
     FLAME files give no eye landmarks on the face mask, or the regions hold fewer than ``fit.eye_min_pixels``."""
-    if cfg.eye_weight <= 0 or target.eye_landmarks is None:
+    if max(cfg.eye_weight, cfg.colour_eye_weight if cfg.refine_colour else 0.0) <= 0 or target.eye_landmarks is None:
         return None
     view = target.fit_view
     mask = view.mask if view.mask is not None else torch.ones_like(view.image[..., :1])
@@ -179,7 +185,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         pred = render(with_colour(cloud0, colour_offsets(model, res)), camera, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg, eyes)
+        loss = photometric(pred, gt, cfg, eyes, cfg.colour_eye_weight)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -270,8 +276,9 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     if cfg.iterations < 0 or cfg.check_every < 1:
         raise ValueError(f"fit.iterations must be >= 0 and fit.check_every >= 1 (got {cfg.iterations}, "
                          f"{cfg.check_every})")
-    if cfg.eye_weight < 0:
-        raise ValueError(f"fit.eye_weight must be >= 0, got {cfg.eye_weight}")
+    if cfg.eye_weight < 0 or cfg.colour_eye_weight < 0:
+        raise ValueError(f"fit.eye_weight and fit.colour_eye_weight must be >= 0, got {cfg.eye_weight}, "
+                         f"{cfg.colour_eye_weight}")
     if cfg.refine_colour and cfg.colour_iterations < 0:
         raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
     t_start = time.perf_counter()

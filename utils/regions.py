@@ -5,8 +5,8 @@ contour 0-16 is in the dynamic embedding), so the eyes are rows 19..30 (iBUG 36-
 corner, two upper-lid points, inner corner, two lower-lid points; iBUG 42-47: the left eye, inner corner first).
 Each eye's six points are projected into the view, filled as a polygon and dilated by ``dilate`` times the eye's
 corner-to-corner width in pixels; an eye whose lid plane faces more than ``max_angle`` degrees away from the camera
-(the far eye of a profile view, seen edge-on or hidden behind the nose) is left out.  The region is intersected with the face mask,
-as the photos are face-masked.
+(the far eye of a profile view, seen edge-on or hidden behind the nose) is left out.  The region is intersected with
+the face mask, as the photos are face-masked.
 
 The landmarks are carried by the face-mask mesh (level-0 vertices), so they follow any face-mask geometry
 (tracking, or a fitted geometry refinement) without the full FLAME mesh: :func:`eye_landmark_embedding` maps
