@@ -42,6 +42,8 @@ from utils.training import TrainConfig, Trainer  # noqa: E402
 # Training configurations compared (``--variant`` adds more) and one-view fit configurations of each trained model
 # (``--fit_variant`` adds more): "today" gives back the fit before the eye term of issue 17, "fixed" is the preset.
 TRAIN_VARIANTS: dict[str, dict[str, object]] = {"preset": {}}
+EYE_GAP_TARGET_DB = 2.0  # issue 17: eye regions within 2 dB of the whole face
+FACE_TOLERANCE_DB = 0.1  # ... with no loss of whole-face PSNR (beyond run-to-run noise) against today's fit
 FIT_VARIANTS: dict[str, dict[str, object]] = {"today": {"fit.eye_weight": 0.0, "fit.colour_eye_weight": 0.0},
                                               "fixed": {}}
 
@@ -270,6 +272,27 @@ def main() -> None:
     out.with_suffix(".md").write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps({"env": env, "setup_seconds": setup_s, "variants": variants,
                                                     "fit_variants": fits, "rows": rows}, indent=1, default=str))
+    failures = [] if args.no_fit or args.quick else check_targets(rows)
+    for f in failures:
+        print(f"EYES BELOW TARGET: {f}")
+    if failures:
+        raise SystemExit(1)
+
+
+def check_targets(rows: dict[str, dict], max_gap_db: float = EYE_GAP_TARGET_DB,
+                  face_tolerance_db: float = FACE_TOLERANCE_DB) -> list[str]:
+    """Issue 17's targets for the fixed fit of every training configuration: the unseen views' eye regions within
+    ``max_gap_db`` of the face-mask PSNR, and no loss of face-mask PSNR against today's fit (beyond
+    ``face_tolerance_db``).  Returns one message per miss."""
+    out = []
+    for name, r in rows.items():
+        gap = r.get("fit[fixed]_eye_gap_unseen_db")
+        face, face_today = r.get("fit[fixed]_psnr_face_unseen"), r.get("fit[today]_psnr_face_unseen")
+        if gap is not None and gap > max_gap_db:
+            out.append(f"{name}: the fixed fit's eyes are {gap:.2f} dB under its face (target <= {max_gap_db} dB)")
+        if face is not None and face_today is not None and face < face_today - face_tolerance_db:
+            out.append(f"{name}: the fixed fit's face PSNR {face:.2f} dB is below today's {face_today:.2f} dB")
+    return out
 
 
 if __name__ == "__main__":
