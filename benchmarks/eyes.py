@@ -70,20 +70,27 @@ def train_variant(name: str, cfg: TrainConfig, data, steps: int) -> tuple[Traine
     return trainer, out
 
 
-def fit_variant(model_path: Path, heldout, eyes, device: torch.device, backend: str, quick: bool = False,
-                fit_overrides: dict | None = None, prefix: str = "fit") -> tuple[dict, tuple]:
-    """One-view fit of the held-out identity (camera 222200037), evaluated on its 15 unseen views (``quick``: a few
-    iterations only, for the CPU smoke run); ``fit_overrides``: FitConfig fields (e.g. fit.eye_weight).
-
-    Returns (metrics with keys starting with ``prefix``, (the FitTarget, renders of its eval views (C, h, w, 3)))."""
-    from utils.evaluation import evaluate_views
-    from utils.fitting import FitConfig, fit_identity
+def heldout_target(model_path: Path, heldout, eyes, device: torch.device):
+    """(the exported model, the FitTarget of the held-out identity: camera 222200037 fitted, all 16 views evaluated,
+    ``eyes`` its eye landmarks)."""
     from utils.model_io import load_model
 
     views, base = heldout
     model = load_model(model_path, device)
     target = _fit_target(model, views, base, FRONTAL_SERIAL, device)
     target.eye_landmarks = eyes
+    return model, target
+
+
+def fit_variant(model, target, device: torch.device, backend: str, quick: bool = False,
+                fit_overrides: dict | None = None, prefix: str = "fit") -> tuple[dict, Tensor]:
+    """One-view fit of the held-out ``target`` (:func:`heldout_target`), evaluated on its 15 unseen views (``quick``:
+    a few iterations only, for the CPU smoke run); ``fit_overrides``: FitConfig fields (e.g. fit.eye_weight).
+
+    Returns (metrics with keys starting with ``prefix``, renders of the target's eval views (C, h, w, 3))."""
+    from utils.evaluation import evaluate_views
+    from utils.fitting import FitConfig, fit_identity
+
     sync(device)
     t0 = time.perf_counter()
     cfg = FitConfig(iterations=2, min_iterations=1, colour_iterations=1, init="mean_code") if quick else FitConfig()
@@ -93,12 +100,12 @@ def fit_variant(model_path: Path, heldout, eyes, device: torch.device, backend: 
     sync(device)
     seconds = time.perf_counter() - t0
     m, renders = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
-                                backend=backend, lpips=False, colour=res.code.colour, eyes=eyes)
+                                backend=backend, lpips=False, colour=res.code.colour, eyes=target.eye_landmarks)
     out = {"psnr_unseen": m["psnr_unseen"], "psnr_face_unseen": m["psnr_face_unseen"],
            "psnr_eyes_unseen": m["psnr_eyes_unseen"], "ssim_eyes_unseen": m["ssim_eyes_unseen"],
            "eye_gap_unseen_db": m["psnr_face_unseen"] - m["psnr_eyes_unseen"], "seconds": seconds,
            "eye_term_pixels": res.eye_term_pixels}
-    return {f"{prefix}_{k}": v for k, v in out.items()}, (target, renders)
+    return {f"{prefix}_{k}": v for k, v in out.items()}, renders
 
 
 @torch.no_grad()
@@ -228,27 +235,30 @@ def main() -> None:
     eyes = embedding_for_flame(data.flame, data.mask_ids)
     if eyes is None:
         raise RuntimeError("the synthetic FLAME has no eye landmarks on the face mask: cannot measure the eyes")
-    rows, trainers, fit_renders = {}, [], {}
+    rows, trainers, fit_renders, target = {}, [], {}, None
     for name, cfg in cfgs.items():
         tr, r = train_variant(name, cfg, data, args.steps)
+        if not args.no_fit:
+            model, variant_target = heldout_target(Path(cfg.out) / "model.pt", heldout, eyes, device)
+            target = target or variant_target  # the crops show the fits of the first training configuration
         for fname, over in ({} if args.no_fit else fits).items():
-            m, (target, renders) = fit_variant(Path(cfg.out) / "model.pt", heldout, eyes, device, cfg.backend,
-                                               args.quick, over, prefix=f"fit[{fname}]")
+            m, renders = fit_variant(model, variant_target, device, cfg.backend, args.quick, over,
+                                     prefix=f"fit[{fname}]")
             r.update(m)
-            print(f"{name} fit[{fname}]: " + ", ".join(f"{k.split(']_')[1]} {v:.4g}" for k, v in m.items()), flush=True)
-            if not fit_renders.get(fname) and name == next(iter(cfgs)):
-                fit_renders[fname] = (target, renders)
+            print(f"{name} fit[{fname}]: " + ", ".join(f"{k.split(']_')[1]} {v:.4g}" for k, v in m.items()),
+                  flush=True)
+            if variant_target is target:
+                fit_renders[fname] = renders
         rows[name] = r
         trainers.append(tr)
     save_image_grid(out.with_suffix(".png"), eye_crops(*training_renders(trainers)))
     if fit_renders:  # the held-out identity's protocol cameras after each fit of the first training configuration
-        target = next(iter(fit_renders.values()))[0]
         sel = [i for i, v in enumerate(target.eval_views) if v.serial in HELDOUT_SERIALS]
         photos = torch.stack([target.eval_views[i].image for i in sel])
         masks = eye_region_masks(eyes(target.base_vertices), [target.eval_views[i].camera for i in sel],
                                  torch.stack([target.eval_views[i].mask for i in sel]))
         save_image_grid(out.with_name(out.name + "_fit.png"),
-                        eye_crops(photos, [r[sel] for _, r in fit_renders.values()], masks))
+                        eye_crops(photos, [r[sel] for r in fit_renders.values()], masks))
     env = environment(device)
     names = list(rows)
     keys = list(rows[names[0]])
