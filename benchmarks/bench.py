@@ -43,6 +43,7 @@ from utils.device import default_device  # noqa: E402
 from utils.mesh_raster import render_mask  # noqa: E402
 from utils.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
 from utils.training import TrainConfig, Trainer  # noqa: E402
+from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 
 REFERENCE_STEPS = 295_680  # single-view steps of the reference training (about 9 h on an RTX 3080)
 
@@ -63,9 +64,11 @@ def reset_peak(device: torch.device) -> None:
 
 
 def build_problem(num_ids: int, height: int, level: int, device: torch.device, cfg: TrainConfig, seed: int = 0,
-                  gt_subdivision: int = 2):
+                  gt_subdivision: int = 2, real_size: bool = False):
     """In-memory synthetic identities -> (MultiViewDataset, held-out identity views for fitting); the ground-truth
-    heads are subdivided ``gt_subdivision`` times."""
+    heads are subdivided ``gt_subdivision`` times.  ``real_size``: the network's mask is the stand-in with the real
+    FLAME mask's counts (benchmarks/real_mask.py) embedded on the synthetic one, so level L gives exactly the real
+    data's Gaussians; mask vertex i then stands for the FLAME vertex nearest to it (animation, eye metrics)."""
     from utils.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity
     from utils.synthetic_flame import make_flame_model, write_flame_files
 
@@ -75,6 +78,17 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     heads = GroundTruthHeads(tmp, model, subdivision=gt_subdivision)
     flame = heads.flame
     mask_ids, mask_faces = face_mask_topology(flame, tmp)
+    to_mask = lambda v: v[..., torch.as_tensor(mask_ids, device=v.device), :]  # noqa: E731
+    template = flame.v_template[torch.as_tensor(mask_ids)].cpu()
+    net_ids, net_faces = mask_ids, mask_faces
+    if real_size:
+        from benchmarks.real_mask import embed_real_size_mask
+
+        stand_in = embed_real_size_mask(template.numpy(), mask_faces)
+        to_mask = lambda v: stand_in(v[..., torch.as_tensor(mask_ids, device=v.device), :])  # noqa: E731
+        template = stand_in(template)
+        net_ids = mask_ids[stand_in.tri_vertices[np.arange(len(stand_in.bary)), stand_in.bary.argmax(1)]]
+        net_faces = stand_in.faces
     full_faces = flame.faces.cpu().numpy()
     all_faces = torch.as_tensor(np.concatenate([full_faces, mask_ids[mask_faces]]), device=device)
     paint = torch.zeros(len(all_faces), dtype=torch.bool, device=device)
@@ -95,7 +109,7 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
         for i, cam in enumerate(cams):
             m = render_mask(verts, all_faces, cam, paint_faces=paint).float()[..., None]
             out.append(((img[i] * m).cpu().numpy(), m.cpu().numpy(), cam))
-        return out, verts[torch.as_tensor(mask_ids, device=device)].cpu()
+        return out, to_mask(verts).cpu()
 
     ids = [f"{300 + i}" for i in range(num_ids)]
     views, base = [], []
@@ -103,9 +117,8 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
         v, b = views_of(sid)
         views.append(v)
         base.append(b)
-    template = flame.v_template[torch.as_tensor(mask_ids)].cpu()
-    data = MultiViewDataset.from_views(cfg.data, ids, list(SERIALS), views, torch.stack(base), template, mask_ids,
-                                       mask_faces, device, flame_params=params)
+    data = MultiViewDataset.from_views(cfg.data, ids, list(SERIALS), views, torch.stack(base), template, net_ids,
+                                       net_faces, device, flame_params=params)
     # the FLAME the problem was made with (its landmark embedding also gives the eye-region metrics): the photo benchmark fits it to the photo's landmarks, animation drives it
     data.flame, data.flame_dir = flame, tmp
     heldout_views, heldout_base = views_of("017")
@@ -399,6 +412,10 @@ def main() -> None:
     p.add_argument("--identities", type=int, default=8, help="synthetic training identities held on the device")
     p.add_argument("--height", type=int, default=1604, help="image height (width = height * 1100/1604)")
     p.add_argument("--level", type=int, default=2, help="face-mask subdivision level (Gaussians = its vertices)")
+    p.add_argument("--gaussians", type=int, default=None, choices=sorted(REAL_MASK_GAUSSIANS.values()),
+                   help="measure at exactly the real FLAME mask's Gaussian count (46987 = level 2, 187219 = level 3): "
+                        "the network's mask becomes a stand-in with the real mask's vertex/edge/face counts "
+                        "(benchmarks/real_mask.py) and --level is set to match; default: the synthetic mask")
     p.add_argument("--warmup", type=int, default=10, help="training steps before timing")
     p.add_argument("--steps", type=int, default=50, help="timed training steps")
     p.add_argument("--train_steps_for_fit", type=int, default=300,
@@ -416,8 +433,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
     device = default_device()
+    if args.gaussians is not None:
+        args.level = {n: lvl for lvl, n in REAL_MASK_GAUSSIANS.items()}[args.gaussians]
     if args.quick:
-        args.identities, args.height, args.level, args.warmup, args.steps = 2, 96, 0, 1, 2
+        args.identities, args.height, args.warmup, args.steps = 2, 96, 1, 2
+        args.level = 0 if args.gaussians is None else args.level
         args.train_steps_for_fit, args.render_repeats = 2, 2
     overrides = {"data.subdivision": args.level, "backend": args.backend, "progress": False,
                  "out": tempfile.mkdtemp(prefix="bench_out_"), "device": str(device)}
@@ -429,7 +449,8 @@ def main() -> None:
         cfg.batch_identities, cfg.batch_views = 2, 2
 
     t0 = time.perf_counter()
-    data, heldout = build_problem(args.identities, args.height, args.level, device, cfg)
+    data, heldout = build_problem(args.identities, args.height, args.level, device, cfg,
+                                  real_size=args.gaussians is not None)
     setup_s = time.perf_counter() - t0
     trainer = Trainer(cfg, data=data)
     rows = {"setup_seconds": setup_s, "gaussians": trainer.field.num_gaussians, "crop": f"{data.crop_size[0]}x{data.crop_size[1]}"}
@@ -463,7 +484,8 @@ def main() -> None:
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",
-             f"config {args.config}, level {args.level}, {args.identities} identities, "
+             f"config {args.config}, level {args.level}"
+             f"{' (real-size mask stand-in)' if args.gaussians else ''}, {args.identities} identities, "
              f"{data.images.shape[-2]}x{data.images.shape[-3]} crops of {cam_full.width}x{cam_full.height} views", "",
              "| metric | value |", "|---|---|"]
     for k, v in rows.items():

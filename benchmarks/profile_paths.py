@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _fit_target, build_problem, environment, sync  # noqa: E402
+from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
 from models.renderer import render, render_batch  # noqa: E402
 from utils.cameras import Camera  # noqa: E402
@@ -72,6 +73,9 @@ def main() -> None:
     p.add_argument("--identities", type=int, default=3, help="synthetic training identities")
     p.add_argument("--height", type=int, default=1604, help="image height (width = height * 1100/1604)")
     p.add_argument("--level", type=int, default=2, help="face-mask subdivision level")
+    p.add_argument("--gaussians", type=int, default=None, choices=sorted(REAL_MASK_GAUSSIANS.values()),
+                   help="profile at exactly the real FLAME mask's Gaussian count (46987 = level 2, 187219 = level 3) "
+                        "on a stand-in mesh of the real mask's size (benchmarks/real_mask.py); sets --level")
     p.add_argument("--train_steps", type=int, default=100, help="training steps before profiling (a non-trivial model)")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per figure")
     p.add_argument("--rows", type=int, default=12, help="profiler table rows")
@@ -165,14 +169,18 @@ def capture_check(device: torch.device) -> list[str]:
 
 def model_paths(args, device: torch.device, sections: set[str]) -> list[str]:
     """Train a model briefly on an in-memory problem, then profile the selected paths."""
+    if args.gaussians is not None:
+        args.level = {n: lvl for lvl, n in REAL_MASK_GAUSSIANS.items()}[args.gaussians]
     if args.quick:
-        args.identities, args.height, args.level, args.train_steps, args.repeats = 2, 96, 0, 2, 2
+        args.identities, args.height, args.train_steps, args.repeats = 2, 96, 2, 2
+        args.level = 0 if args.gaussians is None else args.level
     cfg = build_config(TrainConfig, args.config, overrides={
         "data.subdivision": args.level, "progress": False, "out": tempfile.mkdtemp(prefix="prof_"),
         "device": str(device)})
     if args.quick:
         cfg.batch_identities, cfg.batch_views = 2, 2
-    data, heldout = build_problem(args.identities, args.height, args.level, device, cfg)
+    data, heldout = build_problem(args.identities, args.height, args.level, device, cfg,
+                                  real_size=args.gaussians is not None)
     trainer = Trainer(cfg, data=data)
     for _ in range(args.train_steps):
         trainer.train_step()
