@@ -117,7 +117,7 @@ def ssim_speed(device: torch.device, quick: bool) -> list[str]:
         g = torch.Generator(device=device).manual_seed(0)
         a = torch.rand(shape, device=device, generator=g).requires_grad_(True)
         b = torch.rand(shape, device=device, generator=g)
-        cells, ref = [], None
+        cells, ref, ref_grad = [], None, None
         for bench_mode in (False, True):
             torch.backends.cudnn.benchmark = bench_mode
             for m in SSIM_METHODS:
@@ -125,9 +125,15 @@ def ssim_speed(device: torch.device, quick: bool) -> list[str]:
                     a.grad = None
                     ssim(a, b, method=m).backward()
                 ms = timed(step, 3 if quick else 20, device)
-                val = float(ssim(a, b, method=m))
+                a.grad = None
+                v = ssim(a, b, method=m)
+                v.backward()
+                val, grad = float(v), a.grad.clone()
                 ref = val if ref is None else ref
-                cells.append(f"{ms:.3f}" + ("" if abs(val - ref) < 1e-5 else f" (value {val:.6f} != {ref:.6f})"))
+                ref_grad = grad if ref_grad is None else ref_grad
+                gdiff = float((grad - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-30))
+                cells.append(f"{ms:.3f}" + ("" if abs(val - ref) < 1e-5 else f" (value {val:.6f} != {ref:.6f})")
+                             + ("" if gdiff < 1e-3 else f" (grad rel diff {gdiff:.2g})"))
         torch.backends.cudnn.benchmark = False
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)

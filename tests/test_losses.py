@@ -82,16 +82,19 @@ def test_ssim_matches_reference_formula():
 
 
 def test_ssim_methods_agree_in_value_and_gradient():
-    """The stacked-maps SSIM that CUDA uses by default equals pytorch_msssim, gradients included."""
+    """The stacked-maps SSIM and the fused SSIM's hand-written backward (its torch passes, which are also the Triton
+    kernels' arithmetic) equal pytorch_msssim, gradients included; per-image weights check the backward's scaling."""
     x, y = _img(2, 40, 33, 3), _img(2, 40, 33, 3, seed=7)
+    weights = torch.tensor([0.7, -1.9])
     out = {}
-    for method in ("msssim", "grouped"):
+    for method in ("msssim", "grouped", "fused"):
         xg = x.clone().requires_grad_(True)
         v = ssim(xg, y, reduction="none", method=method)
-        v.sum().backward()
+        (v * weights).sum().backward()
         out[method] = (v.detach(), xg.grad)
-    torch.testing.assert_close(out["grouped"][0], out["msssim"][0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(out["grouped"][1], out["msssim"][1], atol=1e-8, rtol=1e-4)
+    for method in ("grouped", "fused"):
+        torch.testing.assert_close(out[method][0], out["msssim"][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[method][1], out["msssim"][1], atol=1e-8, rtol=1e-4)
     with pytest.raises(ValueError, match="method"):
         ssim(x, y, method="fft")
 

@@ -14,6 +14,8 @@ import torch
 from pytorch_msssim import ssim as _msssim_ssim
 from torch import Tensor
 
+from utils.fused_ssim import fused_ssim, triton_available
+
 log = logging.getLogger(__name__)
 
 __all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "masked_ssim", "lpips_metric"]
@@ -80,8 +82,11 @@ def _gauss_window(window: int, sigma: float, channels: int, device: torch.device
 # maps stacked.  Measured (forward + backward, benchmarks/profile_paths.py): on an H100 the stacked form takes
 # 19.4 ms instead of 37.8 ms for a training batch of 16 crops of 752x912 (most of a training step) and 2.1 ms
 # instead of 3.1 ms for one 592x864 fit crop; on a 2-core CPU pytorch_msssim is faster (5 vs 8 ms for 8 x 66x96).
-# "auto": grouped on CUDA, msssim elsewhere.  All give the same values up to float rounding (tests/test_losses.py).
-SSIM_METHODS = ("auto", "msssim", "grouped")
+# "fused": utils/fused_ssim.py, four Triton passes with a hand-written backward (17.0 -> 2.5 ms for the 16 crops of
+# 896x752 on an H200, benchmarks/results/); on CPU the same passes in torch.
+# "auto": fused on CUDA when Triton is importable (else grouped), msssim elsewhere.  All give the same values up to
+# float rounding (tests/test_losses.py).
+SSIM_METHODS = ("auto", "msssim", "grouped", "fused")
 SSIM_METHOD = "auto"
 
 
@@ -128,10 +133,14 @@ def ssim(pred: Tensor, gt: Tensor, window: int = 11, sigma: float = 1.5, reducti
     if method not in SSIM_METHODS:
         raise ValueError(f"ssim: method must be one of {SSIM_METHODS}, got {method!r}")
     if method == "auto":
-        method = "grouped" if pred.device.type == "cuda" else "msssim"
+        method = "msssim" if pred.device.type != "cuda" else ("fused" if triton_available(pred.device) else "grouped")
+    if method == "fused" and gt.requires_grad:
+        method = "grouped"  # the fused backward gives the prediction a gradient only
     x, y = _to_nchw(pred), _to_nchw(gt)
     win = _gauss_window(window, sigma, C, x.device, x.dtype)
-    if method == "msssim":
+    if method == "fused":
+        per_image = fused_ssim(x, y, win[0, 0, 0]).to(pred.dtype)
+    elif method == "msssim":
         per_image = _msssim_ssim(x, y, data_range=1.0, size_average=False, win=win)  # (N,)
     else:
         per_image = _ssim_per_image(x.contiguous(), y.contiguous(), win[0, 0, 0])
