@@ -429,10 +429,16 @@ def main() -> None:
                    help="comma-separated figures to measure: train (throughput), render (FPS), fit, animate (FPS of a "
                         "FLAME-driven cached identity), reenact (video reenactment throughput; needs mediapipe, not in "
                         "the default), photo (photo-only path on the astronaut; not in the default)")
+    p.add_argument("--tile_size", type=int, default=None,
+                   help="gsplat tile size in pixels for every render (default: models/renderer.py's GSPLAT_TILE_SIZE)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
     device = default_device()
+    if args.tile_size is not None:
+        import models.renderer as renderer
+
+        renderer.GSPLAT_TILE_SIZE = args.tile_size
     if args.gaussians is not None:
         args.level = {n: lvl for lvl, n in REAL_MASK_GAUSSIANS.items()}[args.gaussians]
     if args.quick:

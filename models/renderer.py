@@ -444,11 +444,19 @@ def _gsplat_colors(cloud: GaussianCloud, w2c: Tensor) -> Tensor:
     return (spherical_harmonics(cloud.sh_degree, dirs, shs) + 0.5).clamp_min(0.0)
 
 
+# gsplat's tile size in pixels and its packed mode (measured on an H200 at 46,987 Gaussians and 16 training views of
+# 896x752, benchmarks/train_speed.py: packed was slower, 753 vs 785 views/s); module constants so benchmarks can
+# try other values without a flag on every render call.
+GSPLAT_TILE_SIZE = 16
+GSPLAT_PACKED = False
+
+
 def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Sequence[Camera]],
-                   background: Tensor | None, stacked: tuple[Tensor, Tensor, int, int] | None = None
-                   ) -> dict[str, Tensor]:
+                   background: Tensor | None, stacked: tuple[Tensor, Tensor, int, int] | None = None,
+                   depth: bool = True) -> dict[str, Tensor]:
     """One gsplat call; a batched cloud (B, N, ...) takes B lists of C cameras (outputs (B, C, H, W, ...)).
-    ``stacked``: the cameras' ``stack_cameras`` result when the caller already has it (unbatched cloud only)."""
+    ``stacked``: the cameras' ``stack_cameras`` result when the caller already has it (unbatched cloud only).
+    ``depth=False``: no depth channel is blended (the output's "depth" is then None)."""
     try:
         from gsplat import rasterization
     except ImportError as exc:
@@ -475,12 +483,13 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
         height=H,
         sh_degree=None,
         near_plane=NEAR_PLANE,
-        render_mode="RGB+ED",
+        render_mode="RGB+ED" if depth else "RGB",
         backgrounds=bg,
-        packed=False,  # gsplat 1.5.3 asserts when backgrounds are combined with packed mode
+        packed=GSPLAT_PACKED and bg is None,  # gsplat 1.5.3 asserts when backgrounds are combined with packed mode
+        tile_size=GSPLAT_TILE_SIZE,
         rasterize_mode="classic",
     )
-    return {"image": colors[..., :3], "alpha": alphas, "depth": colors[..., 3:4]}
+    return {"image": colors[..., :3], "alpha": alphas, "depth": colors[..., 3:4] if depth else None}
 
 
 def render_identities(
@@ -488,6 +497,7 @@ def render_identities(
     cameras: Sequence[Sequence[Camera]],
     background: Tensor | None = None,
     backend: str = "auto",
+    depth: bool = True,
 ) -> dict[str, Tensor]:
     """Render B clouds, each through its own C cameras (all of one image size), e.g. B identities of a batch.
 
@@ -496,8 +506,9 @@ def render_identities(
         cameras: B lists of C cameras.
         background: (3,) RGB or None (black).
         backend: as in :func:`render_batch`; gsplat renders all B x C views in one call.
+        depth: False when the caller needs no depth (training): gsplat then skips it and "depth" may be None.
     Returns:
-        {"image": (B, C, H, W, 3), "alpha": (B, C, H, W, 1), "depth": (B, C, H, W, 1)}.
+        {"image": (B, C, H, W, 3), "alpha": (B, C, H, W, 1), "depth": (B, C, H, W, 1) or None}.
     """
     if len(clouds.batch_shape) != 1 or clouds.batch_shape[0] != len(cameras):
         raise ValueError(f"render_identities needs a (B, N, ...) cloud and B camera lists; got batch shape "
@@ -508,7 +519,7 @@ def render_identities(
     if which == "gsplat":
         if background is not None and tuple(background.shape) != (3,):
             raise ValueError(f"background must be a (3,) RGB tensor, got shape {tuple(background.shape)}")
-        return _render_gsplat(clouds, cameras, background)
+        return _render_gsplat(clouds, cameras, background, depth=depth)
     outs = [render_batch(clouds[b], cameras[b], background, which) for b in range(len(cameras))]
     return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 

@@ -118,6 +118,8 @@ def test_clear_errors(preprocessed_root, tmp_path):
     res = subprocess.run([sys.executable, "train.py", "--config", str(bad), "--data_root", str(preprocessed_root)],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "unknown config key 'model.hiden'" in res.stderr
+    with pytest.raises(ValueError, match="--precision must be one of fp32, tf32, bf16"):
+        Trainer(tiny_config(preprocessed_root, tmp_path / "o3", precision="fp16"))
     # LPIPS is optional and not installed in CI: asking for it must fail early and say how to get it.
     with pytest.raises(ValueError, match="pip install lpips"):
         Trainer(tiny_config(preprocessed_root, tmp_path / "o4", **{"loss.lpips_weight": 0.1}))

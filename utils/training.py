@@ -79,6 +79,8 @@ class TrainConfig:
     seed: int = 0  # seed of the network initialisation and of the batch sampler
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
+    precision: str = "tf32"  # CUDA matmuls of the network: fp32, tf32 (TensorFloat-32) or bf16 (autocast); no effect on CPU
+    compile: bool = False  # torch.compile the network's forward (CUDA; the first steps compile for a minute)
     progress: bool = True  # show tqdm progress bars
 
 
@@ -106,9 +108,14 @@ RUN_OUTPUTS = ("model.pt", "metrics.json", "eval_heldout_views.png", "checkpoint
 CHECKPOINT_KEYS = ("step", "elapsed", "config", "identities", "field", "optimizer", "sampler", "torch_rng")
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
 def validate_config(cfg: "TrainConfig") -> None:
-    """Range checks of TRAIN_RANGES (ValueError naming the flag)."""
+    """Range checks of TRAIN_RANGES and the choice fields (ValueError naming the flag)."""
     check_ranges(cfg, TRAIN_RANGES)
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
 
 
 def run_outputs(out: Path) -> list[Path]:
@@ -202,6 +209,13 @@ class Trainer:
         self.eye_landmarks = embedding_for_flame(self.data.flame, self.data.mask_ids)  # None: no eye-region metrics
         self.eye_masks = self._eye_masks() if cfg.loss.eye_weight > 0 else None  # (I, S, h, w, 1) uint8
         self.module: nn.Module = _BatchForward(self.field)
+        if cfg.compile and self.device.type == "cuda":
+            self.module = torch.compile(self.module)
+        if self.device.type == "cuda":
+            # process-wide switch (torch has no per-module one); only the network's matmuls are affected:
+            # the rasterizer and SSIM kernels compute in fp32 regardless
+            torch.backends.cuda.matmul.allow_tf32 = cfg.precision in ("tf32", "bf16")
+            torch.backends.cudnn.allow_tf32 = cfg.precision in ("tf32", "bf16")
         if self.ddp:
             self.module = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -325,14 +339,15 @@ class Trainer:
             return x.to(self.device)
         return x.pin_memory().to(self.device, non_blocking=True)
 
-    def render_views(self, clouds, ids: Tensor, views: Tensor, on_device: tuple[Tensor, Tensor] | None = None
-                     ) -> tuple[Tensor, Tensor]:
+    def render_views(self, clouds, ids: Tensor, views: Tensor, on_device: tuple[Tensor, Tensor] | None = None,
+                     depth: bool = True) -> tuple[Tensor, Tensor]:
         """Render (B, C) views of B identities (one rasterizer call on gsplat); predictions and targets
-        (B, C, h, w, 3).  ``ids``/``views`` on the host; ``on_device``: their device copies if already made."""
+        (B, C, h, w, 3).  ``ids``/``views`` on the host; ``on_device``: their device copies if already made;
+        ``depth=False``: the loss needs no depth channel (gsplat then blends 3 channels instead of 4)."""
         d_ids, d_views = on_device if on_device is not None else (self.to_device(ids), self.to_device(views))
         gt = self.data.images[d_ids[:, None], d_views].float() / 255.0
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
-        return render_identities(clouds, cams, backend=self.cfg.backend)["image"], gt
+        return render_identities(clouds, cams, backend=self.cfg.backend, depth=depth)["image"], gt
 
     def loss_terms(self, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None) -> dict[str, Tensor]:
         """Loss terms of predictions and targets (B, C, h, w, 3); ``eyes`` (B, C, h, w, 1): the views' eye regions."""
@@ -362,8 +377,11 @@ class Trainer:
         sl = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         ids, views = ids[sl], views[sl]
         d_ids, d_views = self.to_device(ids), self.to_device(views)
-        clouds, aux = self.module(d_ids, self.vertices(d_ids))
-        pred, gt = self.render_views(clouds, ids, views, (d_ids, d_views))
+        with torch.autocast("cuda", dtype=torch.bfloat16,
+                            enabled=self.cfg.precision == "bf16" and self.device.type == "cuda"):
+            clouds, aux = self.module(d_ids, self.vertices(d_ids))
+        clouds = clouds.to(torch.float32) if self.cfg.precision == "bf16" else clouds  # the rasterizers take fp32
+        pred, gt = self.render_views(clouds, ids, views, (d_ids, d_views), depth=False)
         eyes = self.eye_masks[d_ids[:, None], d_views].float() if self.eye_masks is not None else None
         terms = self.loss_terms(pred, gt, aux, eyes)
         self.opt.zero_grad(set_to_none=True)
