@@ -145,7 +145,7 @@ def bench_training(trainer: Trainer, warmup: int, steps: int) -> dict:
 
 @torch.no_grad()
 def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.device, repeats: int,
-                 backend: str) -> dict:
+                 backend: str, synth_precision: str = "fp32") -> dict:
     verts = subdivide_vertices(base_vertices[:1].to(device), plan)
     code = field.codes.weight[:1]
     cloud = field(code, verts)[0]
@@ -181,7 +181,12 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
     for prm in field.parameters():
         prm.requires_grad_(False)
     codes = field.codes.weight
-    graphed = GraphedSynthesis(field, verts[0], space="z", requires_grad=False)
+    graphed = GraphedSynthesis(field, verts[0], space="z", requires_grad=False, precision=synth_precision)
+    if synth_precision != "fp32":  # what the lower precision costs in the picture: PSNR against the fp32 network
+        exact = render_batch(field(codes[:1], verts)[0], [cam512], backend=backend)["image"]
+        approx = render_batch(graphed(codes[0]), [cam512], backend=backend)["image"]
+        mse = float(((exact - approx) ** 2).mean())
+        out[f"network_{synth_precision}_psnr_vs_fp32_512x512"] = 10 * np.log10(1.0 / max(mse, 1e-20))
     runs = [("512x512", "eager", cam512), ("512x512", "graphed", cam512),
             (f"{cam_full.width}x{cam_full.height}", "graphed", cam_full.to(device))]
     for size, name, cam in runs:
@@ -431,10 +436,15 @@ def main() -> None:
                         "the default), photo (photo-only path on the astronaut; not in the default)")
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models/renderer.py's GSPLAT_TILE_SIZE)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
+    p.add_argument("--synth_precision", default="fp32", choices=("fp32", "bf16"),
+                   help="precision of the network in the network-in-the-loop render figures (GraphedSynthesis)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
     device = default_device()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.tile_size is not None:
         import models.renderer as renderer
 
@@ -469,7 +479,7 @@ def main() -> None:
     cam_full = heldout[0][SERIALS.index(FRONTAL_SERIAL)][2]
     if "render" in parts:
         rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
-                                 args.render_repeats, cfg.backend))
+                                 args.render_repeats, cfg.backend, args.synth_precision))
     if "animate" in parts:
         rows.update(bench_animation(trainer.field.eval(), data, device, args.render_repeats, cfg.backend))
     if "fit" in parts:

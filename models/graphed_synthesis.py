@@ -66,12 +66,16 @@ class GraphedSynthesis:
         requires_grad: build the backward graph too, so ``loss.backward()`` reaches ``v`` (and the vertices with
             dynamic geometry) through the replayed network.
         use_graphs: None = on CUDA devices; False = always eager.
+        precision: "fp32", or "bf16": the network's matmuls under bf16 autocast on CUDA (outputs stay float32);
+            for display-only paths (viewer, animation), where a new code every frame makes the network the cost.
     """
 
     def __init__(self, field: IdentityField, vertices: Tensor, space: str = "w", requires_grad: bool = True,
-                 dynamic_geometry: bool = False, use_graphs: bool | None = None) -> None:
+                 dynamic_geometry: bool = False, use_graphs: bool | None = None, precision: str = "fp32") -> None:
         if space not in ("w", "z"):
             raise ValueError(f"GraphedSynthesis: space must be 'w' or 'z', got {space!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"GraphedSynthesis: precision must be 'fp32' or 'bf16', got {precision!r}")
         if vertices.dim() != 2 or vertices.shape != (field.num_vertices, 3):
             raise ValueError(f"GraphedSynthesis: vertices must be ({field.num_vertices}, 3), got "
                              f"{tuple(vertices.shape)}")
@@ -87,11 +91,14 @@ class GraphedSynthesis:
             with torch.no_grad():
                 surface = field.surface_frames(verts)
 
+        bf16 = precision == "bf16" and self.device.type == "cuda"
+
         def attributes(v: Tensor, *geometry: Tensor) -> tuple[Tensor, ...]:
-            w = v[None] if space == "w" else field.style(v[None], update_w_avg=False)
-            vv = geometry[0][None] if geometry else verts
-            cloud = field.synthesize(w, vv, surface=surface)[0]
-            return tuple(getattr(cloud, k) for k in _FIELDS)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                w = v[None] if space == "w" else field.style(v[None], update_w_avg=False)
+                vv = geometry[0][None] if geometry else verts
+                cloud = field.synthesize(w, vv, surface=surface)[0]
+            return tuple(getattr(cloud, k).float() for k in _FIELDS)
 
         self._eager = attributes
         self._fn: Callable[..., tuple[Tensor, ...]] = attributes

@@ -55,6 +55,8 @@ def test_clear_errors():
     net, v, _ = _frozen()
     with pytest.raises(ValueError, match="space"):
         GraphedSynthesis(net, v, space="x")
+    with pytest.raises(ValueError, match="precision must be"):
+        GraphedSynthesis(net, v, precision="fp16")
     with pytest.raises(ValueError, match=r"vertices must be"):
         GraphedSynthesis(net, v[:5])
     synth = GraphedSynthesis(net, v)
