@@ -428,20 +428,6 @@ def test_nan_tracking_is_named_at_load_and_in_flame2ply(subject, synthetic_root,
     assert code == 2 and len(err) == 1 and "key 'expression' holds NaN or Inf" in err[0], err
 
 
-def test_truncated_smplx_cache_is_rebuilt(synthetic_root, tmp_path):
-    from models.flame import FlameModel
-
-    flame_dir = tmp_path / "flame"
-    shutil.copytree(synthetic_root / "flame", flame_dir)
-    first = FlameModel.from_data_dir(flame_dir)
-    cached = first.smplx_folder / "FLAME_NEUTRAL.pkl"
-    assert cached.parent.parent == flame_dir / ".smplx_cache"
-    cached.write_bytes(cached.read_bytes()[:500])
-    with pytest.warns(UserWarning, match="rebuilding the smplx cache file"):
-        again = FlameModel.from_data_dir(flame_dir)
-    assert torch.equal(again.flame.shapedirs, first.flame.shapedirs)
-
-
 def test_entry_points_print_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     import interpolate
     import track
