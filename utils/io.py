@@ -300,6 +300,91 @@ class FolderLock:
         self.release()
 
 
+class OutputClaim:
+    """One run's claim on its output folder: the lock first, then the set of files it will write, recorded.
+
+    ``with OutputClaim(out, "animate") as claim:`` locks ``out`` (:class:`FolderLock`: a second run into the same
+    folder stops at once, naming the holder) for the whole run.  ``claim.plan(names, overwrite)`` (paths relative
+    to ``out``) then refuses a folder that holds any of those files, or any file an earlier run of the same tool
+    recorded, unless ``overwrite``; with ``overwrite`` it deletes exactly the files the earlier run recorded as its
+    own and nothing else (a user's ``frames/frame_00001.png`` that this run does not write stays; one it writes is
+    replaced).  The plan is recorded in ``<out>/.<tool>_outputs.json`` before anything is written, so a run killed
+    halfway still owns its partial outputs; ``claim.finish()`` marks the set complete, after its last file.
+    """
+
+    def __init__(self, out: str | os.PathLike, tool: str) -> None:
+        self.out = Path(out)
+        self.tool = tool
+        self.record = self.out / f".{tool}_outputs.json"
+        self.lock = FolderLock(self.out)
+        self.files: list[str] = []
+
+    def __enter__(self) -> "OutputClaim":
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+
+    def _own(self, rel: Any) -> Path:
+        """``out/rel`` for a recorded name: relative, no "..", its folder inside ``out`` (the entry itself is never
+        followed: it is only unlinked)."""
+        norm = os.path.normpath(rel) if isinstance(rel, str) and rel and "\x00" not in rel else ""
+        if not norm or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+            raise UnsafeNameError(f"{self.record}: recorded output {rel!r} is not a path inside {self.out}; delete "
+                                  f"{self.record.name} (and the files you do not want) by hand")
+        path = self.out / norm
+        real_out, real_parent = os.path.realpath(self.out), os.path.realpath(path.parent)
+        if os.path.commonpath([real_out, real_parent]) != real_out:
+            raise UnsafeNameError(f"{self.record}: recorded output {rel!r} lies outside {self.out} (a linked folder?)")
+        return path
+
+    def previous(self) -> list[str]:
+        """The files an earlier run of this tool recorded in ``out`` (checked to lie inside it)."""
+        if not self.record.is_file():
+            return []
+        try:
+            doc = json.loads(self.record.read_text())
+            files = doc["files"]
+            assert isinstance(files, list)
+        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.record} is not a record of {self.tool} outputs ({type(exc).__name__}); delete "
+                             f"it, or choose another --out") from exc
+        for rel in files:
+            self._own(rel)
+        return [str(rel) for rel in files]
+
+    def plan(self, names: Sequence[str], overwrite: bool) -> None:
+        """Claim ``names`` (relative to ``out``): see the class docstring.  FileExistsError naming the folder and
+        some of the files when they exist and ``overwrite`` is not given."""
+        if self.lock._key is None:
+            raise RuntimeError("OutputClaim.plan outside its 'with' block (the folder is not locked)")
+        for rel in names:
+            self._own(rel)
+        previous = self.previous()
+        found = [rel for rel in dict.fromkeys([*names, *previous, self.record.name])
+                 if os.path.lexists(self.out / rel)]
+        if found and not overwrite:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise FileExistsError(f"{self.out} already holds output of an earlier run ({shown}); pass --overwrite to "
+                                  f"replace it, or choose another --out")
+        if overwrite:
+            removed = 0
+            for rel in previous:  # only what an earlier run recorded as its own; never a folder, never followed
+                path = self._own(rel)
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+                    removed += 1
+            if removed:
+                print(f"--overwrite: removed {removed} file(s) of the previous {self.tool} run in {self.out}")
+        self.files = list(names)
+        atomic_write_json({"tool": self.tool, "files": self.files, "finished": False}, self.record)
+
+    def finish(self) -> None:
+        """Mark the set complete (call after the last output is written)."""
+        atomic_write_json({"tool": self.tool, "files": self.files, "finished": True}, self.record)
+
+
 # ---------------------------------------------------------------------------------------------- images
 _IMAGE_END = {".jpg": (b"\xff\xd9",), ".jpeg": (b"\xff\xd9",), ".png": (b"IEND\xaeB`\x82",)}
 
