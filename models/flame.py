@@ -706,26 +706,28 @@ def save_nersemble_tracking(path: PathLike, params: FlameParams, frames: Optiona
         raise ValueError("NeRSemble tracking stores one scale per sequence; params.scale varies over frames")
     R = _np(params.rotation_matrix).astype(np.float64)
     T = R.shape[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, shape=_np(params.shape).astype(np.float32), expression=_np(params.expression).astype(np.float32),
+    from utils.io import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(
+        fh, shape=_np(params.shape).astype(np.float32), expression=_np(params.expression).astype(np.float32),
              rotation=_euler_from_rot(R).astype(np.float32), rotation_matrices=R.astype(np.float32),
              translation=_np(params.translation).astype(np.float32), jaw=_np(params.jaw).astype(np.float32),
              neck=_np(params.neck).astype(np.float32), eyes=_np(params.eyes).astype(np.float32),
              scale=scale[:1, :1].astype(np.float32),
-             frames=np.arange(T, dtype=np.int64) if frames is None else np.asarray(frames))
+             frames=np.arange(T, dtype=np.int64) if frames is None else np.asarray(frames)))
 
 
 def save_vhap_tracking(path: PathLike, shape: np.ndarray, expr: np.ndarray, rotation: np.ndarray,
                        translation: np.ndarray, jaw_pose: np.ndarray, neck_pose: np.ndarray,
                        eyes_pose: np.ndarray) -> None:
     """Write a VHAP-style npz (axis-angle ``rotation`` about the root joint, no scale); used by tests."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, shape=np.asarray(shape, np.float32).reshape(-1), expr=np.asarray(expr, np.float32),
+    from utils.io import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(
+        fh, shape=np.asarray(shape, np.float32).reshape(-1), expr=np.asarray(expr, np.float32),
              rotation=np.asarray(rotation, np.float32), translation=np.asarray(translation, np.float32),
              jaw_pose=np.asarray(jaw_pose, np.float32), neck_pose=np.asarray(neck_pose, np.float32),
-             eyes_pose=np.asarray(eyes_pose, np.float32), timestep_id=np.arange(len(expr)))
+             eyes_pose=np.asarray(eyes_pose, np.float32), timestep_id=np.arange(len(expr))))
 
 
 # ============================================================================ the FLAME module

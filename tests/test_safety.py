@@ -522,3 +522,92 @@ def test_output_claim_deletes_only_its_own_files(tmp_path, case):
                 _run(out, ["animation.mp4"], overwrite=True)
         assert all(p.read_bytes() == b for p, b in user.items())
     assert victim.read_text() == "precious"
+
+
+# ============================================================================ issue 26 class 5: one atomic writer
+def _writers():
+    """(name, file name, write(path)) for every kind of output the project writes."""
+    from models.flame import FlameParams, save_nersemble_tracking
+    from models.gaussians import GaussianCloud
+    from utils.preprocess.common import atomic_write as preprocess_write
+
+    def ply(p):
+        n = 4
+        GaussianCloud(means=torch.rand(n, 3), scales=torch.full((n, 3), 0.01), quats=torch.tensor([[1.0, 0, 0, 0]] * n),
+                      opacities=torch.full((n,), 0.5), sh=torch.rand(n, 1, 3)).save_ply(p)
+
+    return [
+        ("ply", "head.ply", ply),
+        ("png", "grid.png", lambda p: uio.save_image(p, np.full((8, 8, 3), 0.5, np.float32))),
+        ("mp4", "turntable.mp4", lambda p: uio.write_video(p, [np.full((16, 16, 3), 128, np.uint8)] * 3)),
+        ("npz", "motion.npz", lambda p: save_nersemble_tracking(p, FlameParams.neutral(2))),
+        ("json", "metrics.json", lambda p: uio.atomic_write_json({"a": 1}, p)),
+        ("pt", "code.pt", lambda p: uio.atomic_torch_save({"w": torch.ones(3)}, p)),
+        ("preprocess_png", "cam_1.png", lambda p: preprocess_write(
+            p, lambda t: cv2.imwrite(str(t), np.zeros((4, 4, 3), np.uint8)))),
+    ]
+
+
+WRITER_NAMES = ["ply", "png", "mp4", "npz", "json", "pt", "preprocess_png"]
+
+
+def _writer(name):
+    return next(w for w in _writers() if w[0] == name)
+
+
+@pytest.mark.parametrize("plant", ["link_at_final_name", "link_at_old_fixed_temp"])
+@pytest.mark.parametrize("kind", WRITER_NAMES)
+def test_writers_never_follow_a_planted_link(tmp_path, kind, plant):
+    _, name, write = _writer(kind)
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious")
+    link = out / name if plant == "link_at_final_name" else out / f"{name}.tmp"
+    link.symlink_to(outside)
+    write(out / name)
+    assert outside.read_bytes() == b"precious"
+    assert (out / name).is_file() and not (out / name).is_symlink() and (out / name).stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted({name, link.name})  # no temporary left
+
+
+@pytest.mark.parametrize("kind", WRITER_NAMES)
+def test_writers_on_a_full_disk_leave_nothing_and_name_the_file(tmp_path, monkeypatch, kind):
+    """ENOSPC surfacing at fsync (as with delayed allocation): the old file stays, no temporary is left, and the
+    error names the folder and the file."""
+    _, name, write = _writer(kind)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=f"no space left on the device of .*out while writing {name}") as ei:
+        write(out / name)
+    assert ei.value.errno == errno.ENOSPC
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_bytes() == b"old"
+
+
+def test_resume_removes_orphaned_temporaries(tmp_path):
+    """Temporaries of a writer killed by kill -9 (checkpoint, model, PNG) are removed when --resume claims the
+    folder; other files, and a temporary of this very process, stay."""
+    from types import SimpleNamespace
+
+    from utils.training import Trainer
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(parents=True)
+    orphans = [ckpt / ".ckpt_00000200.pt.4242.deadbeef.tmp.pt", out / ".model.pt.77.0123abcd.tmp.pt",
+               out / ".eval_heldout_views.png.5.ffffffff.tmp.png", out / ".metrics.json.9.aaaaaaaa.tmp"]
+    keep = [ckpt / "ckpt_00000100.pt", out / "notes.tmp", out / ".hidden", ckpt / f".x.pt.{os.getpid()}.00000000.tmp"]
+    for p in orphans + keep:
+        p.write_bytes(b"x")
+    fake = SimpleNamespace(lock=uio.FolderLock(out), out=out, ckpt_dir=ckpt)
+    try:
+        Trainer._claim_output(fake, resume=True, overwrite=False)
+    finally:
+        fake.lock.release()
+    assert not any(p.exists() for p in orphans) and all(p.exists() for p in keep)

@@ -20,14 +20,25 @@ from torch import Tensor
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
+# Every output of the project is written under a temporary name unique to the process and call, next to its final
+# name (same folder, so the rename is atomic), created with O_EXCL (never an existing file, never through a planted
+# symlink), flushed to disk and renamed over the final name (a symlink planted there is replaced, not followed).
+# The temporary keeps the final suffix (OpenCV and numpy pick the format from it): ".head.ply.<pid>.<hex>.tmp.ply".
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?:\.[^./]*)?")
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
 def _open_temp(path: Path) -> tuple[IO[bytes], Path]:
     """A new temporary file next to ``path`` whose name is unique to this process and call (two runs writing the
     same file never share a temporary); returned open for binary writing.  Created with the permissions of a plain
     ``open`` (umask applies), so the renamed file gets them too."""
     while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = _temp_name(path)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except FileExistsError:
             continue
         return os.fdopen(fd, "wb"), tmp
@@ -41,11 +52,26 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def _failed(path: Path, tmp: Path, exc: BaseException) -> None:
+    """Remove the temporary after a failed write; raise an OSError naming ``path`` for a full disk or an OS error
+    that does not name it (the original error otherwise)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+    if _is_disk_full(exc):
+        raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name} "
+                      f"(nothing was replaced; the partial file was removed): free some space and run again"
+                      ) from exc
+    if isinstance(exc, OSError) and type(exc).__module__ == "builtins" and str(path) not in str(exc):
+        raise type(exc)(exc.errno, f"could not write {path} ({exc.strerror or exc}; nothing was replaced)") from exc
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fh)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
 
     A crash (kill -9 included) never leaves a half-written ``path``: it holds the old content or the new one.  On any
-    error the temporary file is removed; a full disk (ENOSPC) becomes an OSError naming the folder.
+    error the temporary file is removed; a full disk (ENOSPC) becomes an OSError naming the folder and the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,13 +83,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc):
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name} "
-                          f"(nothing was replaced; the partial file was removed): free some space and run again"
-                          ) from exc
+        _failed(path, tmp, exc)
         raise
     return path
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """:func:`atomic_write` for writers that need a file name (OpenCV's VideoWriter and imwrite, trimesh, ...):
+    ``write(tmp)`` writes the reserved temporary (same suffix as ``path``), which is then flushed and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh, tmp = _open_temp(path)  # reserved with O_EXCL, so the writer opens a file of ours
+    fh.close()
+    try:
+        write(tmp)
+        if tmp.is_symlink() or not tmp.is_file():
+            raise OSError(errno.EIO, f"writing {path} produced no file")
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _failed(path, tmp, exc)
+        raise
+    return path
+
+
+def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that writers of this project (:data:`TEMP_NAME`) left in ``folder`` when killed
+    (kill -9, power loss) and return them.  Call only while holding the folder's :class:`FolderLock`: no other run
+    writes there then, so every such file is an orphan (those of this process are kept)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = TEMP_NAME.fullmatch(p.name)
+            if m and int(m["pid"]) != os.getpid() and (p.is_file() or p.is_symlink()):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 _PLAIN_LEAVES = (Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
@@ -477,11 +537,11 @@ def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
     import cv2
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rgb = to_uint8(image)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
-    return path
+    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"OpenCV could not encode the image {path} (format {path.suffix!r})")
+    return atomic_write(path, lambda fh: fh.write(buf.tobytes()))  # never through a link planted at ``path``
 
 
 def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
@@ -491,12 +551,15 @@ def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float = 25.0) -> Path:
     """Write uint8 RGB frames (H, W, 3) as an MP4 (OpenCV, mp4v codec); sizes are made even for players."""
-    import cv2
-
     if not frames:
         raise ValueError("write_video needs at least one frame")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # encoded into a temporary next to ``path`` and renamed: never a half-written MP4, never through a planted link
+    return atomic_write_path(path, lambda tmp: _encode_video(tmp, frames, fps))
+
+
+def _encode_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
+    import cv2
+
     h, w = frames[0].shape[:2]
     h2, w2 = h - h % 2, w - w % 2
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w2, h2))
@@ -509,4 +572,4 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
             writer.write(cv2.cvtColor(np.ascontiguousarray(f[:h2, :w2]), cv2.COLOR_RGB2BGR))
     finally:
         writer.release()
-    return path
+
