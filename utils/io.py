@@ -414,11 +414,12 @@ class OutputClaim:
             self._own(rel)
         return [str(rel) for rel in files]
 
-    def plan(self, names: Sequence[str], overwrite: bool) -> None:
-        """Claim ``names`` (relative to ``out``): see the class docstring.  FileExistsError naming the folder and
-        some of the files when they exist and ``overwrite`` is not given."""
+    def check(self, names: Sequence[str], overwrite: bool) -> list[str]:
+        """Without ``overwrite``: FileExistsError naming the folder and some of the files when any of ``names``
+        exists or an earlier run's record does (call with no names to stop at once, before the outputs are known).
+        Returns the files the earlier run recorded."""
         if self.lock._key is None:
-            raise RuntimeError("OutputClaim.plan outside its 'with' block (the folder is not locked)")
+            raise RuntimeError("OutputClaim used outside its 'with' block (the folder is not locked)")
         for rel in names:
             self._own(rel)
         previous = self.previous()
@@ -428,6 +429,11 @@ class OutputClaim:
             shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
             raise FileExistsError(f"{self.out} already holds output of an earlier run ({shown}); pass --overwrite to "
                                   f"replace it, or choose another --out")
+        return previous
+
+    def plan(self, names: Sequence[str], overwrite: bool) -> None:
+        """Claim ``names`` (relative to ``out``): see the class docstring and :meth:`check`."""
+        previous = self.check(names, overwrite)
         if overwrite:
             removed = 0
             for rel in previous:  # only what an earlier run recorded as its own; never a folder, never followed
