@@ -320,11 +320,18 @@ def test_subject_ids_from_dataset_json_never_reach_rmtree(tmp_path, where, bad):
     doc = dict({k: v for k, v in key.items() if k != "num_frames"}, subjects=["300", bad], identities={})
     path = out / (PENDING_NAME if where == "pending" else INFO_NAME)
     path.write_text(json.dumps(doc))
+    targets = [victim]  # also the folder the id points at, when it lies in this test's folder
+    if isinstance(bad, str) and "\x00" not in bad and not bad.startswith("/"):
+        target = (out / "subjects" / bad).resolve()
+        if target.is_relative_to(tmp_path):
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "keep.txt").write_text("precious")
+            targets.append(target)
     with pytest.raises(ValueError) as ei:
         make_synthetic_dataset(out, num_identities=1, num_heldout=0, image_size=64, progress=False)
     msg = str(ei.value)
     assert "\n" not in msg and str(path) in msg and "subject id" in msg, msg
-    assert (victim / "keep.txt").read_text() == "precious"
+    assert all((t / "keep.txt").read_text() == "precious" for t in targets)
     assert not Path("/tmp/victim_abs").exists()
 
 
