@@ -450,3 +450,86 @@ def test_flame_files_must_match_the_model(preprocessed_root, fit_model, tmp_path
         pickle.dump(model, fh)
     with pytest.raises(ValueError, match="FLAME template"):
         track(track_cfg(preprocessed_root, fit_model, tmp_path, flame_dir=str(flame)))
+
+
+# ------------------------------------------------------------------ issue 26 class 10: --out claimed first, one set
+def test_fitted_outputs_form_one_finished_set(fitted):
+    out, _ = fitted
+    rec = json.loads((out / ".track_outputs.json").read_text())
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    assert rec["finished"] is True and sorted(rec["files"]) == on_disk, (rec, on_disk)
+
+
+@pytest.mark.parametrize("case", ["earlier_fit", "locked_by_another_process", "user_file_at_a_view_name",
+                                  "all_heldout_earlier_summary"])
+def test_out_is_claimed_before_the_fit(preprocessed_root, fit_model, fitted, tmp_path, monkeypatch, case):  # noqa: F811
+    """A folder track.py may not write ends the run before any fitting (it used to fail 35-45 s in, after the fit,
+    possibly leaving code.pt without metrics.json)."""
+    import subprocess
+    import sys
+
+    import utils.tracking as T
+    from utils.io import FolderInUseError
+
+    def no_fit(*a, **k):
+        raise AssertionError("the fit ran although --out could not be written")
+
+    monkeypatch.setattr(T, "fit_identity", no_fit)
+    out = tmp_path / "o"
+    holder = None
+    if case == "earlier_fit":
+        shutil.copytree(fitted[0], out)
+    elif case == "user_file_at_a_view_name":
+        (out / "views").mkdir(parents=True)
+        (out / "views" / f"cam_{FRONTAL}.png").write_bytes(b"mine")
+    elif case == "all_heldout_earlier_summary":
+        out.mkdir()
+        (out / "summary.md").write_text("mine")
+    else:
+        repo = Path(__file__).resolve().parents[1]
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                                   "from utils.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
+                                   "print('held', flush=True); time.sleep(60)", str(repo), str(out)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file() and p.name != ".lock")
+    try:
+        with pytest.raises(FolderInUseError if holder else FileExistsError):
+            if case.startswith("all_heldout"):
+                T.track_all_heldout(track_cfg(preprocessed_root, fit_model, out, all_heldout=True,
+                                              data_root=str(preprocessed_root)))
+            else:
+                T.track(track_cfg(preprocessed_root, fit_model, out))
+    finally:
+        if holder:
+            holder.kill()
+            holder.wait()
+    after = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file() and p.name != ".lock")
+    assert after == before
+
+
+def test_interrupted_fit_is_unfinished_and_overwrite_replaces_only_its_files(preprocessed_root, fit_model, tmp_path,
+                                                                             monkeypatch):  # noqa: F811
+    import utils.tracking as T
+
+    out = tmp_path / "o"
+    (out / "frames").mkdir(parents=True)
+    (out / "frames" / "frame_00000.png").write_bytes(b"mine")
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "write_video", disk_full)  # dies after code.pt, head.ply and the views
+    with single_thread(), pytest.raises(OSError):
+        T.track(track_cfg(preprocessed_root, fit_model, out, **{"fit.iterations": 2, "fit.colour_iterations": 2}))
+    rec = json.loads((out / ".track_outputs.json").read_text())
+    assert rec["finished"] is False and (out / "code.pt").is_file() and not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        T.track(track_cfg(preprocessed_root, fit_model, out))
+    with single_thread():
+        T.track(track_cfg(preprocessed_root, fit_model, out, overwrite=True,
+                          **{"fit.iterations": 2, "fit.colour_iterations": 2, "export.views": False}))
+    rec = json.loads((out / ".track_outputs.json").read_text())
+    assert rec["finished"] is True and not any((out / "views").glob("*.png"))  # the earlier views were its own
+    assert (out / "frames" / "frame_00000.png").read_bytes() == b"mine"

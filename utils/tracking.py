@@ -31,10 +31,10 @@ from utils.evaluation import evaluate_views
 from utils.exports import ExportConfig, export_views, export_wild, turntable
 from utils.fitting import FitConfig, fit_identity
 from utils.flame_fit import FlameFitConfig
-from utils.io import atomic_write_json, write_video
+from utils.io import OutputClaim, atomic_write_json, atomic_write_text, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
-from utils.targets import load_image_target, load_subject_target, load_wild_target
+from utils.targets import FitTarget, load_image_target, load_subject_target, load_wild_target
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TrackConfig:
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
     progress: bool = True  # tqdm progress bars
     seed: int = 0  # random seed (the fit itself is deterministic)
+    overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
     fit: FitConfig = field(default_factory=FitConfig)
     flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # photo-only mode: FLAME from landmarks
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -70,7 +71,7 @@ class TrackConfig:
 
 TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit.refine_colour",
                  "iterations": "fit.iterations", "init": "fit.init", "space": "fit.space"}
-TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress")
+TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress", "overwrite")
 
 
 def _clean(x: Any) -> Any:
@@ -87,11 +88,32 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
           out: str | os.PathLike | None = None) -> dict:
     """Fit one person (``cfg.subject_dir`` / ``subject_dir``, or ``cfg.image``) and write every output to ``out``.
 
-    Returns the metrics dict that is also written to ``<out>/metrics.json``.
+    Returns the metrics dict that is also written to ``<out>/metrics.json``.  ``out`` is claimed before anything
+    else (utils.io.OutputClaim: locked, and a folder holding files this fit would write, or an earlier fit's, is
+    refused unless ``cfg.overwrite``) so a clash ends the run at once, not after the fit; the outputs are one set
+    whose record ``<out>/.track_outputs.json`` says ``"finished": true`` only after metrics.json, the last file.
     """
+    with OutputClaim(Path(out or cfg.out), "track") as claim:
+        return _track(cfg, model, subject_dir, claim)
+
+
+def track_outputs(cfg: TrackConfig, target: FitTarget) -> list[str]:
+    """The files :func:`track` writes for ``target`` (relative to --out), the finished marker's set."""
+    names = ["code.pt", "metrics.json"] + (["head.ply"] if cfg.export.ply else [])
+    if cfg.export.views:
+        names += [f"views/cam_{v.serial}.png" for v in [*target.eval_views, *target.extra_views]]
+        names += ["grid.png"] if len(target.eval_views) else []
+    names += ["turntable.mp4"] if cfg.export.turntable else []
+    names += ["flame_fit.npz", "camera_params.json", "landmarks.png"] if target.wild is not None else []
+    return names
+
+
+def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.PathLike | None,
+           claim: OutputClaim) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    out = Path(out or cfg.out)
+    out = claim.out
+    claim.check([], cfg.overwrite)  # an earlier fit in --out: stop now, before loading anything (plan follows)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     if model is None:
@@ -107,6 +129,7 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
     else:
         raise ValueError("nothing to fit: pass --image PHOTO (alone, or with its --camera_json JSON and --flame NPZ), "
                          "--subject_dir DIR (a NeRSemble subject folder) or --all_heldout")
+    claim.plan(track_outputs(cfg, target), cfg.overwrite)  # before the fit: a clash costs no fitting time
     synchronize(device)
     times["load"] = time.perf_counter() - t0
 
@@ -203,6 +226,7 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
         doc["lpips_note"] = "LPIPS skipped: the optional lpips package (torchvision + VGG weights) is not usable here"
     doc = _clean(doc)
     atomic_write_json(doc, out / "metrics.json")
+    claim.finish()  # the marker, last: code.pt without a finished record is an interrupted fit
     return doc
 
 
@@ -275,12 +299,15 @@ def markdown_table(rows: Sequence[dict]) -> str:
 def track_all_heldout(cfg: TrackConfig) -> tuple[list[dict], str]:
     """Fit every held-out identity of ``cfg.data_root`` into ``<out>/<id>/``; returns (metrics list, table)."""
     subjects, ids = heldout_subjects(cfg.data_root)
-    model = load_model(cfg.checkpoint, resolve_device(cfg.device))
-    rows = []
-    for sid in tqdm(ids, desc="held-out identities", disable=not cfg.progress):
-        rows.append(track(cfg, model=model, subject_dir=subjects / sid, out=Path(cfg.out) / sid))
-    table = markdown_table(rows)
-    (Path(cfg.out) / "summary.md").write_text(table + "\n")
-    atomic_write_json({"identities": ids, "rows": [{k: v for k, v in r.items() if k not in ("per_view", "config")}
-                                                   for r in rows]}, Path(cfg.out) / "summary.json")
+    with OutputClaim(cfg.out, "track_all_heldout") as claim:  # --out and the summary first, each identity's below
+        claim.plan(["summary.md", "summary.json"], cfg.overwrite)
+        model = load_model(cfg.checkpoint, resolve_device(cfg.device))
+        rows = []
+        for sid in tqdm(ids, desc="held-out identities", disable=not cfg.progress):
+            rows.append(track(cfg, model=model, subject_dir=subjects / sid, out=Path(cfg.out) / sid))
+        table = markdown_table(rows)
+        atomic_write_text(table + "\n", Path(cfg.out) / "summary.md")
+        atomic_write_json({"identities": ids, "rows": [{k: v for k, v in r.items() if k not in ("per_view", "config")}
+                                                       for r in rows]}, Path(cfg.out) / "summary.json")
+        claim.finish()
     return rows, table
