@@ -575,8 +575,8 @@ VIEWPORT = {"width": 1200, "height": 860}  # wide enough that the control panel 
 def chromium_path() -> str:
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("the browser test needs Chromium: apt-get install -y chromium (.ci/run installs it), or set "
-                    "CHROMIUM=/path/to/chromium")
+        pytest.fail("the browser test needs Chromium: `bash scripts/setup.sh --dev` installs Debian's chromium "
+                    "(README's test command), or set CHROMIUM=/path/to/chromium")
     return path
 
 
