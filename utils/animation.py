@@ -31,6 +31,7 @@ from models.flame import FlameModel, FlameParams, FlameSubset, save_nersemble_tr
 from models.renderer import render_identities
 from utils.cameras import Camera
 from utils.codes import FittedCode
+from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
 from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
@@ -88,6 +89,11 @@ class AnimationConfig:
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
     progress: bool = True  # tqdm progress bars
     reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
+
+    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),
+              "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
+              "batch": Range(1), "fps": Range(0, lo_open=True)}
 
 
 ANIM_FLAGS = ("png", "ply", "progress", "evaluate")

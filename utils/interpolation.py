@@ -31,6 +31,7 @@ from models.renderer import render
 from utils.cameras import Camera, load_camera_params
 from utils.device import resolve_device
 from utils.codes import FittedCode, colour_offsets, load_code, with_colour
+from utils.config import Range
 from utils.geometry import head_pose, similarity_fit
 from utils.io import save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
@@ -62,6 +63,10 @@ class InterpolationConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto, torch, gsplat, inria
     progress: bool = True  # tqdm progress bar
+
+    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    RANGES = {"num_default": Range(1), "frames": Range(1), "width": Range(2), "height": Range(2),
+              "fill": Range(0, lo_open=True), "fps": Range(0, lo_open=True)}
 
 
 INTERP_FLAGS = ("loop", "ply", "geometry", "progress")

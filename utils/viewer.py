@@ -61,6 +61,7 @@ from models.flame import EULER_CONVENTION, FlameParams
 from models.gaussians import GaussianCloud
 from utils.animation import IdentityKey, identity_key, load_flame, mixed_identity
 from utils.codes import FittedCode, code_cloud
+from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.geometry import head_pose
 from utils.interpolation import METHODS, blend_style, canonical_vertices, key_label, lerp, resolve_key
@@ -168,6 +169,8 @@ class ViewerConfig:
     ply_dir: str = "output/viewer"  # the page's "Save PLY" button writes here
     method: str = "slerp"  # initial interpolation method: linear or slerp (spherical)
     flame_dir: str = ""  # FLAME files of the model, for the pose sliders ("" = found as animate.py finds them)
+
+    RANGES = {"port": Range(0, 65535)}  # checked with utils.config.check_ranges before the server starts
 
 
 VIEWER_LISTS = ("codes",)
