@@ -35,7 +35,7 @@ from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
 from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
-from utils.io import atomic_write_json, save_image, to_uint8, write_video
+from utils.io import atomic_write_json, cv2_path, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
 from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
@@ -265,7 +265,7 @@ def _read_video_frames(path: Path, frame_ids: np.ndarray) -> dict[int, np.ndarra
     import cv2
 
     want, out = set(int(i) for i in frame_ids), {}
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(cv2_path(path, "video"))
     i = 0
     while want - set(out):
         ok, frame = cap.read()

@@ -240,6 +240,7 @@ def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[
             setattr(args, f"cfg:{key}", None)
     cfg = build_config(cls, getattr(args, "config", None), args, overrides=overrides)
     check_ranges(cfg)  # every numeric flag, before any work (the config's RANGES; NaN / inf never)
+    check_text(cfg)  # and every path: valid UTF-8
     return args, cfg
 
 
@@ -303,6 +304,24 @@ def _get(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def check_text(cfg: Any) -> None:
+    """ValueError naming the flag for the first text value of ``cfg`` (a config dataclass or an argparse Namespace)
+    that is not valid UTF-8.  Such values are paths whose bytes the file system allows but OpenCV crashes on
+    (segfault, no message); refusing them up front is one clear line instead of a crash minutes later."""
+    if dataclasses.is_dataclass(cfg):
+        items = [(name, _get(cfg, name)) for name, *_ in _leaf_fields(type(cfg))]
+    else:
+        items = list(vars(cfg).items())
+    for name, value in items:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"--{name}: {v.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 (OpenCV "
+                                     f"cannot open such paths): rename the file or folder") from None
 
 
 def check_ranges(cfg: Any, ranges: dict[str, Range] | None = None) -> None:

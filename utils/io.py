@@ -303,6 +303,44 @@ def check_image_complete(path: str | os.PathLike, what: str = "image") -> None:
         raise ValueError(f"{what} {path} is truncated or damaged: {_image_damage(path, exc)}") from exc
 
 
+def cv2_path(path: str | os.PathLike, what: str = "file") -> str:
+    """``path`` as the str that OpenCV's path-taking functions (VideoCapture, VideoWriter) get, or ValueError naming
+    it when its name is not valid UTF-8: OpenCV crashes the whole process (segfault, no message) on such a str
+    (undecodable bytes arrive as lone surrogates).  Images never need this: :func:`imread_file` and
+    :func:`imwrite_file` pass bytes, not paths, to OpenCV."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"the {what} path {text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8, which "
+                         f"OpenCV cannot open: rename it (or the folder) with a UTF-8 name") from None
+    return text
+
+
+def imread_file(path: str | os.PathLike, flags: int) -> np.ndarray | None:
+    """``cv2.imread`` for any path: Python reads the bytes, ``cv2.imdecode`` decodes them (same flags, EXIF
+    orientation included), so a file name that is not UTF-8 works instead of crashing OpenCV.  None when the bytes
+    are no image OpenCV decodes (as cv2.imread)."""
+    import cv2
+
+    buf = np.fromfile(os.fspath(path), dtype=np.uint8)
+    if buf.size == 0:
+        return None
+    return cv2.imdecode(buf, flags)
+
+
+def imwrite_file(path: str | os.PathLike, img: np.ndarray, params: Sequence[int] = ()) -> Path:
+    """``cv2.imwrite`` for any path (format from the suffix): ``cv2.imencode`` in memory, then an atomic write of the
+    bytes (:func:`atomic_write`), so a name that is not UTF-8 works and a crash never leaves half a file."""
+    import cv2
+
+    path = Path(path)
+    ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(img), list(params))
+    if not ok:
+        raise OSError(f"OpenCV could not encode the image {path} (format {path.suffix!r})")
+    return atomic_write(path, lambda fh: fh.write(buf.tobytes()))
+
+
 def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color") -> np.ndarray:
     """Read a complete image file as float32 in [0, 1] (8- or 16-bit files).
 
@@ -318,7 +356,7 @@ def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color"
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     check_image_complete(path, what)  # first: OpenCV would decode a truncated JPEG with grey rows
-    img = cv2.imread(str(path), flags[mode])
+    img = imread_file(path, flags[mode])
     if img is None:
         raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path)}")
     maxval = 65535.0 if img.dtype == np.uint16 else 255.0
@@ -341,11 +379,8 @@ def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
     import cv2
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rgb = to_uint8(image)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
-    return path
+    return imwrite_file(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
@@ -363,7 +398,7 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = frames[0].shape[:2]
     h2, w2 = h - h % 2, w - w % 2
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w2, h2))
+    writer = cv2.VideoWriter(cv2_path(path, "video"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w2, h2))
     if not writer.isOpened():
         raise OSError(f"OpenCV could not open a video writer for {path}")
     try:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from models.flame import FlameModel, FlameParams
 from utils.config import Range
 from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+from utils.io import cv2_path
 from utils.motion import Motion
 
 
@@ -55,7 +56,7 @@ def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: in
         raise ValueError(f"video frame selection needs start >= 0, stride >= 1 and max_frames >= 0, got start={start}, "
                          f"stride={stride}, max_frames={max_frames}")
     path = Path(path)
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(cv2_path(path, "video"))
     if not cap.isOpened():
         raise ValueError(f"cannot open the video {path} (a format OpenCV reads: mp4, avi, mov, mkv, webm)")
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0

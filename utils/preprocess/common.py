@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
-from utils.config import Range, check_ranges, check_value
+from utils.config import Range, check_ranges, check_text, check_value
 from utils.errors import add_debug_flag, run_main
 from utils.nersemble import DEFAULT_SEQUENCE, NersembleSubject, list_subjects
 
@@ -199,6 +199,7 @@ def script_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callab
     def checked_run(args: argparse.Namespace) -> Outputs:
         # every numeric flag before any work: NaN / inf never, and the ranges of the flags these scripts share
         check_ranges(args, {k: v for k, v in PREPROCESS_RANGES.items() if hasattr(args, k)})
+        check_text(args)  # paths OpenCV would crash on
         frames = getattr(args, "frames", None)
         if frames and [str(f).lower() for f in frames] != ["all"]:
             try:
