@@ -12,7 +12,9 @@ Pose sliders move the head without running the network (FLAME, subdivision and a
 run it once and keep the pose.  They need the FLAME files the model was trained with (found as animate.py finds them:
 --flame_dir, else the training data's, else data/); without them the page shows no pose sliders and says why.
 
-The server binds 127.0.0.1 unless --host is given; from another machine use an SSH tunnel
+The printed address holds a per-session token (http://127.0.0.1:8080/<token>/): the server refuses every request
+without it, a websocket from a page of another origin, and file names typed in the page outside the model's folder
+and --code_dir.  The server binds 127.0.0.1 unless --host is given; from another machine use an SSH tunnel
 (ssh -L 8080:127.0.0.1:8080 host, then open http://127.0.0.1:8080 there).  It never requests a public share link.
 A missing or mismatched model.pt or code.pt is reported in the terminal and in the page; the server keeps running.
 """
