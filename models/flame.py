@@ -17,16 +17,17 @@ Conventions (design.md section 3):
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import os
 import pickle
+import shutil
 import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import scipy.sparse as sp
@@ -389,61 +390,9 @@ def load_dynamic_embedding(path: PathLike) -> dict:
     return {"lmk_face_idx": idx, "lmk_b_coords": bc}
 
 
-def _atomic_pickle(obj: Any, path: Path) -> None:
-    # write to a temporary name first so a concurrent reader never sees half a file
-    from utils.io import atomic_write
-
-    atomic_write(path, lambda fh: pickle.dump(obj, fh, protocol=4))
-
-
-def _cache_is_valid(path: Path, plain: dict) -> tuple[bool, str]:
-    """Whether the cached smplx pickle ``path`` holds exactly ``plain`` (read through the FLAME allow-list, so a
-    damaged or tampered cache file is detected before smplx opens it with the stock unpickler)."""
-    if not path.is_file():
-        return False, "missing"
-    try:
-        cached = load_pickle_no_chumpy(path)
-    except ValueError as exc:
-        return False, str(exc)
-    same = isinstance(cached, dict) and cached.keys() == plain.keys() and all(
-        isinstance(cached[k], np.ndarray) and cached[k].dtype == v.dtype and np.array_equal(cached[k], v)
-        for k, v in plain.items())
-    return same, "" if same else "its arrays differ from the model's"
-
-
-def _private_temp_dir() -> Path:
-    """A cache folder under the system temp dir that only this user can write (others could otherwise plant a
-    pickle there for smplx to load); a fresh private folder when the usual one is not ours."""
-    base = Path(tempfile.gettempdir()) / f"flame_smplx_cache_{getattr(os, 'getuid', lambda: 'user')()}"
-    try:
-        base.mkdir(mode=0o700, exist_ok=True)
-        st = base.lstat()
-        if hasattr(os, "getuid") and (base.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o022):
-            raise PermissionError(f"{base} is not a private folder of this user")
-        return base
-    except OSError:
-        return Path(tempfile.mkdtemp(prefix="flame_smplx_cache_"))
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def prepare_smplx_folder(model: dict, static_embedding: Optional[dict], key: str,
-                         cache_dir: Optional[PathLike] = None) -> Path:
-    """Write the plain-numpy ``FLAME_NEUTRAL.pkl`` + ``flame_static_embedding.pkl`` that smplx.FLAME reads.
-
-    smplx opens ``<folder>/FLAME_NEUTRAL.pkl`` with the stock unpickler (so no chumpy may remain) and always
-    needs ``<folder>/flame_static_embedding.pkl``.  ``cache_dir/key`` is used when writable, else a private folder
-    of this user in the temp dir.  A cached model file is first read through the FLAME allow-list and compared
-    with ``model``; a truncated, foreign or stale one is rebuilt (with a warning), so smplx never opens a pickle
-    this function has not checked.  The static embedding is written every time.
-    """
-    plain = {
+def _smplx_plain_model(model: dict) -> dict[str, np.ndarray]:
+    """The plain-numpy model dict that smplx.FLAME reads (no chumpy, no sparse matrices)."""
+    return {
         "v_template": np.asarray(model["v_template"], dtype=np.float32),
         "f": np.asarray(model["f"], dtype=np.int64),
         "shapedirs": np.asarray(model["shapedirs"], dtype=np.float32),
@@ -453,28 +402,32 @@ def prepare_smplx_folder(model: dict, static_embedding: Optional[dict], key: str
         "kintree_table": np.asarray(model["kintree_table"], dtype=np.int64),
         "weights": np.asarray(model["weights"], dtype=np.float32),
     }
+
+
+@contextlib.contextmanager
+def smplx_files(model: dict, static_embedding: Optional[dict]) -> Iterator[Path]:
+    """A fresh private folder holding the plain-numpy ``FLAME_NEUTRAL.pkl`` + ``flame_static_embedding.pkl`` that
+    smplx.FLAME reads; removed on exit.
+
+    Why: smplx opens both files with the stock ``pickle.load``, which runs any code a pickle names.  So smplx never
+    gets a file that came with the data or was left on disk by an earlier run (a cache could be replaced between
+    our check and smplx's load): the folder is made by ``mkdtemp`` (mode 0700, unique name, so no one else can
+    plant or swap a file in it), the files are created here with O_EXCL from arrays that already went through the
+    FLAME allow-list, and the folder is deleted as soon as smplx has read them.  No cache is kept (writing the
+    model takes well under a second), so nothing is ever written into the data folder.
+    """
+    plain = _smplx_plain_model(model)
     if static_embedding is None:  # smplx insists on the file; a single dummy landmark keeps it happy
         static_embedding = {"lmk_face_idx": np.zeros(1, np.int64), "lmk_b_coords": np.array([[1.0, 0.0, 0.0]])}
-    candidates = []
-    if cache_dir is not None:
-        candidates.append(Path(cache_dir) / key)
-    candidates.append(None)  # the user's private temp folder, made only when needed
-    last_exc: Optional[Exception] = None
-    for folder in candidates:
-        try:
-            folder = _private_temp_dir() / key if folder is None else folder
-            folder.mkdir(parents=True, exist_ok=True)
-            target = folder / "FLAME_NEUTRAL.pkl"
-            valid, why = _cache_is_valid(target, plain)
-            if not valid:  # derived data: a damaged or stale copy is rebuilt, not an error
-                if why != "missing":
-                    warnings.warn(f"rebuilding the smplx cache file {target} ({why})")
-                _atomic_pickle(plain, target)
-            _atomic_pickle({k: np.asarray(v) for k, v in static_embedding.items()}, folder / STATIC_EMBEDDING)
-            return folder
-        except OSError as exc:  # read-only data folder: fall back to the temp dir
-            last_exc = exc
-    raise OSError(f"could not write the smplx cache folder (tried {[str(c) for c in candidates]}): {last_exc}")
+    static = {k: np.asarray(v) for k, v in static_embedding.items()}
+    folder = Path(tempfile.mkdtemp(prefix="flame_smplx_"))
+    try:
+        for name, obj in (("FLAME_NEUTRAL.pkl", plain), (STATIC_EMBEDDING, static)):
+            with open(folder / name, "xb") as fh:  # "x": O_EXCL, never an existing file or link
+                pickle.dump(obj, fh, protocol=4)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ============================================================================ parameters / tracking
@@ -753,26 +706,28 @@ def save_nersemble_tracking(path: PathLike, params: FlameParams, frames: Optiona
         raise ValueError("NeRSemble tracking stores one scale per sequence; params.scale varies over frames")
     R = _np(params.rotation_matrix).astype(np.float64)
     T = R.shape[0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, shape=_np(params.shape).astype(np.float32), expression=_np(params.expression).astype(np.float32),
+    from utils.io import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(
+        fh, shape=_np(params.shape).astype(np.float32), expression=_np(params.expression).astype(np.float32),
              rotation=_euler_from_rot(R).astype(np.float32), rotation_matrices=R.astype(np.float32),
              translation=_np(params.translation).astype(np.float32), jaw=_np(params.jaw).astype(np.float32),
              neck=_np(params.neck).astype(np.float32), eyes=_np(params.eyes).astype(np.float32),
              scale=scale[:1, :1].astype(np.float32),
-             frames=np.arange(T, dtype=np.int64) if frames is None else np.asarray(frames))
+             frames=np.arange(T, dtype=np.int64) if frames is None else np.asarray(frames)))
 
 
 def save_vhap_tracking(path: PathLike, shape: np.ndarray, expr: np.ndarray, rotation: np.ndarray,
                        translation: np.ndarray, jaw_pose: np.ndarray, neck_pose: np.ndarray,
                        eyes_pose: np.ndarray) -> None:
     """Write a VHAP-style npz (axis-angle ``rotation`` about the root joint, no scale); used by tests."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, shape=np.asarray(shape, np.float32).reshape(-1), expr=np.asarray(expr, np.float32),
+    from utils.io import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(
+        fh, shape=np.asarray(shape, np.float32).reshape(-1), expr=np.asarray(expr, np.float32),
              rotation=np.asarray(rotation, np.float32), translation=np.asarray(translation, np.float32),
              jaw_pose=np.asarray(jaw_pose, np.float32), neck_pose=np.asarray(neck_pose, np.float32),
-             eyes_pose=np.asarray(eyes_pose, np.float32), timestep_id=np.arange(len(expr)))
+             eyes_pose=np.asarray(eyes_pose, np.float32), timestep_id=np.arange(len(expr))))
 
 
 # ============================================================================ the FLAME module
@@ -790,8 +745,7 @@ class FlameModel(nn.Module):
     """
 
     def __init__(self, model_path: PathLike, static_embedding_path: Optional[PathLike] = None,
-                 dynamic_embedding_path: Optional[PathLike] = None, cache_dir: Optional[PathLike] = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dynamic_embedding_path: Optional[PathLike] = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         import smplx  # imported here so that the rest of this module works without smplx
 
@@ -803,16 +757,14 @@ class FlameModel(nn.Module):
         if static is not None and static["lmk_face_idx"].size and static["lmk_face_idx"].max() >= nf:
             raise ValueError(f"{static_embedding_path}: lmk_face_idx refers to face {static['lmk_face_idx'].max()} "
                              f"but the model {model_path} has {nf} faces (embedding of another FLAME version?)")
-        key = _file_digest(model_path)
-        if cache_dir is None:
-            cache_dir = model_path.parent / ".smplx_cache"
-        folder = prepare_smplx_folder(model, static, key, cache_dir)
-        self.smplx_folder = folder
-        # smplx's defaults are 10/10 coefficients: pass the FLAME 2023 sizes explicitly
-        self.flame = smplx.FLAME(model_path=str(folder), num_betas=NUM_SHAPE, num_expression_coeffs=NUM_EXPRESSION,
-                                 create_betas=False, create_expression=False, create_global_orient=False,
-                                 create_neck_pose=False, create_jaw_pose=False, create_leye_pose=False,
-                                 create_reye_pose=False, create_transl=False, dtype=dtype, batch_size=1)
+        # smplx reads only files written just now into a private folder (see smplx_files); smplx's defaults are
+        # 10/10 coefficients: pass the FLAME 2023 sizes explicitly
+        with smplx_files(model, static) as folder:
+            self.flame = smplx.FLAME(model_path=str(folder), num_betas=NUM_SHAPE,
+                                     num_expression_coeffs=NUM_EXPRESSION, create_betas=False,
+                                     create_expression=False, create_global_orient=False, create_neck_pose=False,
+                                     create_jaw_pose=False, create_leye_pose=False, create_reye_pose=False,
+                                     create_transl=False, dtype=dtype, batch_size=1)
         self.register_buffer("faces", torch.as_tensor(model["f"], dtype=torch.long), persistent=False)
         self.register_buffer("v_template", torch.as_tensor(model["v_template"], dtype=dtype), persistent=False)
         if static is not None:

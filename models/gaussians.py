@@ -184,11 +184,10 @@ class GaussianCloud:
         vertex = np.empty(n, dtype=[(name, "f4") for name in names])
         for i, name in enumerate(names):
             vertex[name] = data[:, i]
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        PlyData([PlyElement.describe(vertex, "vertex")]).write(str(tmp))
-        os.replace(tmp, path)
+        from utils.io import atomic_write
+
+        # unique O_EXCL temporary + rename (utils.io): no fixed "head.ply.tmp", never through a planted link
+        atomic_write(path, lambda fh: PlyData([PlyElement.describe(vertex, "vertex")]).write(fh))
 
     @staticmethod
     def load_ply(path: str | os.PathLike, device: str | torch.device = "cpu") -> "GaussianCloud":

@@ -358,3 +358,31 @@ def test_run_animation_sh_passes_arguments(fit_model, tmp_path):  # noqa: F811
         r = subprocess.run(["bash", str(REPO / "run_animation.sh")], capture_output=True, text=True, cwd=tmp_path,
                            env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
         assert r.returncode == 1 and "bash run_training.sh" in r.stderr
+
+
+# ------------------------------------------------------------------ issue 26 class 4: only its own files are deleted
+def test_animate_keeps_frames_and_plys_it_does_not_own(fit_model, tmp_path, capsys):  # noqa: F811
+    import animate
+
+    out = tmp_path / "a"
+    (out / "frames").mkdir(parents=True)
+    (out / "ply").mkdir()
+    user = {out / "frames" / f"frame_{i:05d}.png": b"user png" for i in range(4)}
+    user.update({out / "ply" / f"frame_{i:05d}.ply": b"user ply" for i in range(4)})
+    for p, b in user.items():
+        p.write_bytes(b)
+    base = ["--checkpoint", str(fit_model), "--out", str(out), "--keyframes", "neutral", "smile",
+            "--keyframe_frames", "2", *SMALL]
+    with single_thread():
+        animate.main(base)  # no --png/--ply: frames/ and ply/ are not its business (they used to be emptied)
+    assert all(p.read_bytes() == b for p, b in user.items())
+    for extra in (["--png"], ["--ply"], []):  # would replace the user's files, or its own run: refused
+        with pytest.raises(SystemExit) as ei:
+            animate.main([*base, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ei.value.code == 2 and len(err) == 1 and "--overwrite" in err[0], err
+    assert all(p.read_bytes() == b for p, b in user.items())
+    with single_thread():
+        animate.main([*base, "--png", "--overwrite"])  # 3 frames replace the user's first 3 PNGs, no PLY touched
+    assert (out / "frames" / "frame_00003.png").read_bytes() == b"user png"
+    assert all((out / "ply" / f"frame_{i:05d}.ply").read_bytes() == b"user ply" for i in range(4))

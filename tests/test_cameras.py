@@ -201,3 +201,38 @@ def test_camera_params_bad_intrinsics_fail_instead_of_empty_masks(tmp_path):
     path.write_text(json.dumps({**data, "width": 50, "height": 192}))
     with pytest.raises(ValueError, match="principal point .* outside"):
         load_camera_params(path)
+
+
+# ------------------------------------------------------------------ issue 26 class 3: serials never leave views/
+HOSTILE_SERIALS = ["../../evil", "../evil", "/tmp/evil_abs", "..", "", "a/b", ".x", "x\x00y", "-x"]
+
+
+@pytest.mark.parametrize("bad", HOSTILE_SERIALS, ids=repr)
+def test_unsafe_serial_in_camera_json_is_refused(tmp_path, bad):
+    path, cams = _calib(tmp_path, shared=True)
+    doc = json.loads(path.read_text())
+    doc["world_2_cam"][bad] = doc["world_2_cam"]["222200037"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as ei:
+        load_camera_params(path)
+    assert str(path) in str(ei.value) and "camera serial" in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("bad", HOSTILE_SERIALS + ["link"], ids=repr)
+def test_export_views_stay_inside_views(tmp_path, bad):
+    """views/cam_<serial>.png for a serial that would leave views/, or a planted link: refused, nothing written."""
+    from utils.exports import export_views
+    from utils.io import UnsafeNameError
+
+    out = tmp_path / "out"
+    (out / "views").mkdir(parents=True)
+    outside = tmp_path / "outside.png"
+    if bad == "link":  # a safe serial whose file is a planted symlink to a file outside --out
+        outside.write_bytes(b"precious")
+        (out / "views" / "cam_123.png").symlink_to(outside)
+        bad = "123"
+    with pytest.raises(UnsafeNameError):
+        export_views(out, [], [], [(bad, torch.zeros(4, 4, 3))])
+    assert not (tmp_path / "evil.png").exists() and not (tmp_path / "cam_evil.png").exists()
+    assert not outside.exists() or outside.read_bytes() == b"precious"
+    assert sorted(p.name for p in (out / "views").iterdir()) in ([], ["cam_123.png"])

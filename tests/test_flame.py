@@ -355,3 +355,133 @@ def test_errors(tmp_path, data_dir, model_dict):
     np.savez(tmp_path / "big.npz", **z)
     with pytest.raises(ValueError, match="'shape' has 400 coefficients"):
         F.load_tracking(tmp_path / "big.npz")
+
+
+# ------------------------------------------------------------------ issue 26 class 1: smplx never unpickles data files
+def _chumpy_payload(cmd: str) -> bytes:
+    """A protocol-4 pickle calling ``chumpy.ch.os.system(cmd)``: what the allow-list used to pass for cache files
+    (it lets chumpy names through as stand-ins) and smplx's plain pickle.load then ran."""
+    def s(text: str) -> bytes:
+        b = text.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+
+    return b"\x80\x04" + s("chumpy.ch") + s("os.system") + b"\x93" + s(cmd) + b"\x85R."
+
+
+class _Trojan:
+    """Pickles as ``chumpy.ch.os.system(cmd)`` followed by BUILD with {'x': array}: through the FLAME allow-list
+    (chumpy names become stand-ins) it reads back as ``array``, so a cache check compares equal, while a plain
+    pickle.load runs the command."""
+
+    def __init__(self, cmd: str, array: np.ndarray) -> None:
+        self.cmd, self.array = cmd, array
+
+    def __reduce__(self):
+        return (_Trojan, (self.cmd,), {"x": self.array})
+
+
+def _trojan_pickle(obj: dict) -> bytes:
+    """Pickle ``obj`` with every _Trojan named as chumpy.ch.os.system."""
+    import sys
+    import types
+
+    saved = {k: sys.modules.get(k) for k in ("chumpy", "chumpy.ch")}
+    ch = types.ModuleType("chumpy.ch")
+    ch.os = types.SimpleNamespace(system=_Trojan)
+    sys.modules["chumpy"], sys.modules["chumpy.ch"] = types.ModuleType("chumpy"), ch
+    _Trojan.__module__, _Trojan.__qualname__ = "chumpy.ch", "os.system"
+    try:
+        return pickle.dumps(obj, protocol=4)
+    finally:
+        _Trojan.__module__, _Trojan.__qualname__ = __name__, "_Trojan"
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+class _OsSystem:
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.cmd,))
+
+
+@pytest.fixture
+def fake_chumpy(tmp_path, monkeypatch):
+    """An importable ``chumpy`` package whose ``ch`` module imports os, as the real one does."""
+    pkg = tmp_path / "site" / "chumpy"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ch.py").write_text("import os\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    yield
+    import sys
+
+    for name in ("chumpy.ch", "chumpy"):
+        sys.modules.pop(name, None)
+
+
+SMPLX_CACHE_CASES = ["data_cache_model_chumpy", "data_cache_static_chumpy", "data_cache_model_os_system",
+                     "tmp_cache_model_chumpy", "tmp_cache_static_os_system", "model_file_chumpy",
+                     "static_file_chumpy"]
+
+
+@pytest.mark.parametrize("case", SMPLX_CACHE_CASES)
+def test_smplx_never_unpickles_a_planted_file(case, tmp_path, monkeypatch, model_dict, fake_chumpy):
+    import hashlib
+    import os
+    import tempfile
+
+    d = tmp_path / "flame"
+    S.write_flame_files(d, model_dict)
+    marker = tmp_path / "ran"
+    cmd = f"touch {marker}"
+    payload = _chumpy_payload(cmd) if "chumpy" in case else pickle.dumps(_OsSystem(cmd), protocol=2)
+    if case == "data_cache_model_chumpy":  # the file the former cache check accepted as equal to the model
+        m = F.load_flame_pickle(d / "flame2023.pkl")
+        plain = {k: np.asarray(m[k].toarray() if sp.issparse(m[k]) else m[k], dtype=t) for k, t in (
+            ("v_template", np.float32), ("f", np.int64), ("shapedirs", np.float32), ("posedirs", np.float32),
+            ("J_regressor", np.float32), ("kintree_table", np.int64), ("weights", np.float32))}
+        plain["kintree_table"] = _Trojan(cmd, plain["kintree_table"])
+        payload = _trojan_pickle(plain)
+        (tmp_path / "check.pkl").write_bytes(payload)  # the allow-list reads it as the model's own arrays
+        assert np.array_equal(F.load_pickle_no_chumpy(tmp_path / "check.pkl")["kintree_table"],
+                              plain["kintree_table"].array)
+    if "chumpy" in case:  # the case is live: a plain pickle.load of it runs the command
+        try:
+            pickle.loads(payload)
+        except AttributeError:  # the trojan's BUILD fails on os.system's return value, after it ran
+            pass
+        assert marker.exists()
+        marker.unlink()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    model_file = d / "flame2023.pkl"
+    key = hashlib.sha1(model_file.read_bytes()).hexdigest()[:16]  # the key of the former cache folders
+    name = "FLAME_NEUTRAL.pkl" if "model" in case else F.STATIC_EMBEDDING
+    if case.startswith("data_cache"):
+        (d / ".smplx_cache" / key).mkdir(parents=True)
+        (d / ".smplx_cache" / key / name).write_bytes(payload)
+    elif case.startswith("tmp_cache"):
+        folder = tmp / f"flame_smplx_cache_{os.getuid()}" / key
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(payload)
+    else:  # the data file itself: read through the allow-list, where chumpy names are inert stand-ins
+        (model_file if "model" in case else d / F.STATIC_EMBEDDING).write_bytes(payload)
+    before = sorted(p.relative_to(d) for p in d.rglob("*"))
+    tmp_before = sorted(tmp.iterdir())
+    if case.endswith("_file_chumpy"):
+        with pytest.raises(ValueError, match="flame"):
+            F.FlameModel.from_data_dir(d)
+    else:
+        m = F.FlameModel.from_data_dir(d)
+        assert torch.equal(m.flame.v_template, torch.as_tensor(np.asarray(model_dict["v_template"], np.float32)))
+    assert not marker.exists(), f"{case}: the planted pickle ran"
+    assert sorted(p.relative_to(d) for p in d.rglob("*")) == before, "nothing is written into the data folder"
+    assert sorted(tmp.iterdir()) == tmp_before, "the private folder is removed"

@@ -209,3 +209,30 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--checkpoint", "--identities", "--method", "--frames", "--loop", "--orbit", "--ply", "--width",
                  "--height", "--camera_json", "--camera", "--out", "--geometry", "--space"):
         assert flag in text, flag
+
+
+# ------------------------------------------------------------------ issue 26 class 4: only its own files are deleted
+def test_interpolate_keeps_frames_it_does_not_own(fit_model, tmp_path, capsys):  # noqa: F811
+    """frames/frame_*.png left by the user (ffmpeg's usual naming) are never deleted: a fresh run refuses the folder,
+    --overwrite replaces only the names it writes, and a shorter rerun removes only frames it recorded."""
+    import interpolate
+
+    out = tmp_path / "o"
+    (out / "frames").mkdir(parents=True)
+    user = {out / "frames" / f"frame_{i:05d}.png": f"user {i}".encode() for i in range(8)}
+    for p, b in user.items():
+        p.write_bytes(b)
+    base = ["--checkpoint", str(fit_model), "--identities", "300", "301", "--out", str(out), *SIZE]
+    with pytest.raises(SystemExit) as ei:  # refused: it would replace frame_00000..2
+        interpolate.main([*base, "--frames", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ei.value.code == 2 and len(err) == 1 and "--overwrite" in err[0], err
+    assert all(p.read_bytes() == b for p, b in user.items())
+    interpolate.main([*base, "--frames", "4", "--overwrite"])  # 5 frames of its own replace the user's first 5
+    assert [p.read_bytes() for p in sorted(user)][5:] == [b"user 5", b"user 6", b"user 7"]
+    with pytest.raises(SystemExit):  # its own run is not silently replaced either
+        interpolate.main([*base, "--frames", "2"])
+    interpolate.main([*base, "--frames", "2", "--overwrite"])  # shorter: its frames 3, 4 go, the user's 5-7 stay
+    names = sorted(p.name for p in (out / "frames").iterdir())
+    assert names == [f"frame_{i:05d}.png" for i in (0, 1, 2, 5, 6, 7)], names
+    assert video_frames(out / "interpolation.mp4") == 3

@@ -406,6 +406,32 @@ def test_insta2nersemble(tmp_path):
         i2n.run(i2n.parse_args(["--insta_dir", str(tmp_path), "--actor", "nobody", "--out_root", str(out_root)]))
 
 
+@pytest.mark.parametrize("case", ["file_path_up", "file_path_abs", "exp_path_up", "subject_id", "sequence"])
+def test_insta2nersemble_refuses_paths_leaving_their_folder(tmp_path, case):
+    """Issue 26 class 2: names read from INSTA's transforms (file_path, exp_path) or given as ids stay inside."""
+    from utils.io import UnsafeNameError
+    from utils.preprocess import insta2nersemble as i2n
+
+    fake = make_fake_insta(tmp_path / "insta")
+    secret = tmp_path / "s" / "00002.png"
+    secret.parent.mkdir()
+    secret.write_bytes((fake["actor"] / "images" / "00002.png").read_bytes())
+    meta = fake["meta"]
+    if case.startswith("file_path") or case.startswith("exp_path"):
+        key = case.rsplit("_", 1)[0]
+        meta["frames"][2][key] = "../../s/00002.png" if case.endswith("up") else str(secret)
+        (fake["actor"] / "transforms_train.json").write_text(json.dumps(meta))
+    out_root = tmp_path / "out"
+    args = ["--insta_dir", str(tmp_path / "insta"), "--actor", "actor_a", "--frame", "2", "--out_root",
+            str(out_root), "--subject_id", "../900" if case == "subject_id" else "900"]
+    if case == "sequence":
+        args += ["--sequence", "../../x"]
+    with pytest.raises(UnsafeNameError):
+        i2n.run(i2n.parse_args(args))
+    assert not out_root.exists() or not any(out_root.rglob("*.png"))
+    assert not (tmp_path / "x").exists()
+
+
 # ---------------------------------------------------------------------------------------------- sequences
 def test_frames_all_preprocesses_every_frame(sequence_root):
     """--frames all (run by the sequence fixture) writes the meshes and masks of every frame from its own tracking

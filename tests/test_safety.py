@@ -21,6 +21,7 @@ import torch
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
 from tests.training_fixtures import preprocessed_root, tiny_config, trained_model_dir  # noqa: F401
 from utils import io as uio
+from utils.io import FolderInUseError, OutputClaim, UnsafeNameError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -431,20 +432,6 @@ def test_nan_tracking_is_named_at_load_and_in_flame2ply(subject, synthetic_root,
     assert code == 2 and len(err) == 1 and "key 'expression' holds NaN or Inf" in err[0], err
 
 
-def test_truncated_smplx_cache_is_rebuilt(synthetic_root, tmp_path):
-    from models.flame import FlameModel
-
-    flame_dir = tmp_path / "flame"
-    shutil.copytree(synthetic_root / "flame", flame_dir)
-    first = FlameModel.from_data_dir(flame_dir)
-    cached = first.smplx_folder / "FLAME_NEUTRAL.pkl"
-    assert cached.parent.parent == flame_dir / ".smplx_cache"
-    cached.write_bytes(cached.read_bytes()[:500])
-    with pytest.warns(UserWarning, match="rebuilding the smplx cache file"):
-        again = FlameModel.from_data_dir(flame_dir)
-    assert torch.equal(again.flame.shapedirs, first.flame.shapedirs)
-
-
 def test_entry_points_print_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     import interpolate
     import track
@@ -458,3 +445,172 @@ def test_entry_points_print_one_line_and_debug_shows_the_traceback(tmp_path, cap
         assert ei.value.code == 2 and len(err) == 1 and str(missing) in err[0], err
         with pytest.raises(FileNotFoundError):
             mod.main([*argv, "--debug"])
+
+
+# ============================================================================ issue 26 class 4: the output claim
+
+
+def _user_frames(out: Path, n: int = 5) -> dict[Path, bytes]:
+    """Frames a user (or ffmpeg) left in --out: frames/frame_00000.png ... that no run of ours wrote."""
+    (out / "frames").mkdir(parents=True, exist_ok=True)
+    files = {out / "frames" / f"frame_{i:05d}.png": f"user {i}".encode() for i in range(n)}
+    for p, b in files.items():
+        p.write_bytes(b)
+    return files
+
+
+def _run(out: Path, names: list[str], overwrite: bool = False) -> None:
+    with OutputClaim(out, "tool") as claim:
+        claim.plan(names, overwrite)
+        for rel in names:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(b"ours")
+        claim.finish()
+
+
+FRAMES3 = [f"frames/frame_{i:05d}.png" for i in range(3)]
+CLAIM_CASES = ["user_frames_not_written", "user_frames_clash", "user_frames_clash_overwrite", "rerun_refused",
+               "rerun_overwrite_shorter", "record_dotdot", "record_absolute", "record_linked_folder",
+               "lock_held_by_other_process"]
+
+
+@pytest.mark.parametrize("case", CLAIM_CASES)
+def test_output_claim_deletes_only_its_own_files(tmp_path, case):
+    out = tmp_path / "out"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    user = _user_frames(out, 5)
+    if case == "user_frames_not_written":  # animate without --png: frames/ is not ours, nothing there is touched
+        _run(out, ["animation.mp4"])
+        assert all(p.read_bytes() == b for p, b in user.items())
+    elif case == "user_frames_clash":
+        with pytest.raises(FileExistsError, match="--overwrite"):
+            _run(out, FRAMES3)
+        assert all(p.read_bytes() == b for p, b in user.items())
+    elif case == "user_frames_clash_overwrite":  # asked to: the 3 it writes are replaced, the 2 others stay
+        _run(out, FRAMES3, overwrite=True)
+        assert [p.read_bytes() for p in sorted(user)] == [b"ours"] * 3 + [b"user 3", b"user 4"]
+    elif case == "rerun_refused":
+        _run(out, ["animation.mp4"])
+        with pytest.raises(FileExistsError, match="already holds output of an earlier run"):
+            _run(out, ["animation.mp4"])
+    elif case == "rerun_overwrite_shorter":  # own stale frames go, the user's frame added since stays
+        names = [f"ply/frame_{i:05d}.ply" for i in range(6)]
+        _run(out, names)
+        (out / "ply" / "frame_99999.ply").write_bytes(b"user")
+        _run(out, names[:2], overwrite=True)
+        assert sorted(p.name for p in (out / "ply").iterdir()) == ["frame_00000.ply", "frame_00001.ply",
+                                                                   "frame_99999.ply"]
+        assert all(p.read_bytes() == b for p, b in user.items())
+    else:
+        if case == "lock_held_by_other_process":
+            holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                                       "from utils.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
+                                       "print('held', flush=True); time.sleep(60)", str(REPO), str(out)],
+                                      stdout=subprocess.PIPE, text=True)
+            try:
+                assert holder.stdout.readline().strip() == "held"
+                with pytest.raises(FolderInUseError, match="in use by another run"):
+                    _run(out, FRAMES3, overwrite=True)
+            finally:
+                holder.kill()
+                holder.wait()
+        else:
+            rel = {"record_dotdot": "../victim.txt", "record_absolute": str(victim),
+                   "record_linked_folder": "linked/victim.txt"}[case]
+            if case == "record_linked_folder":
+                (out / "linked").symlink_to(tmp_path, target_is_directory=True)
+            (out / ".tool_outputs.json").write_text(json.dumps({"tool": "tool", "files": [rel], "finished": True}))
+            with pytest.raises(UnsafeNameError):
+                _run(out, ["animation.mp4"], overwrite=True)
+        assert all(p.read_bytes() == b for p, b in user.items())
+    assert victim.read_text() == "precious"
+
+
+# ============================================================================ issue 26 class 5: one atomic writer
+def _writers():
+    """(name, file name, write(path)) for every kind of output the project writes."""
+    from models.flame import FlameParams, save_nersemble_tracking
+    from models.gaussians import GaussianCloud
+    from utils.preprocess.common import atomic_write as preprocess_write
+
+    def ply(p):
+        n = 4
+        GaussianCloud(means=torch.rand(n, 3), scales=torch.full((n, 3), 0.01), quats=torch.tensor([[1.0, 0, 0, 0]] * n),
+                      opacities=torch.full((n,), 0.5), sh=torch.rand(n, 1, 3)).save_ply(p)
+
+    return [
+        ("ply", "head.ply", ply),
+        ("png", "grid.png", lambda p: uio.save_image(p, np.full((8, 8, 3), 0.5, np.float32))),
+        ("mp4", "turntable.mp4", lambda p: uio.write_video(p, [np.full((16, 16, 3), 128, np.uint8)] * 3)),
+        ("npz", "motion.npz", lambda p: save_nersemble_tracking(p, FlameParams.neutral(2))),
+        ("json", "metrics.json", lambda p: uio.atomic_write_json({"a": 1}, p)),
+        ("pt", "code.pt", lambda p: uio.atomic_torch_save({"w": torch.ones(3)}, p)),
+        ("preprocess_png", "cam_1.png", lambda p: preprocess_write(
+            p, lambda t: cv2.imwrite(str(t), np.zeros((4, 4, 3), np.uint8)))),
+    ]
+
+
+WRITER_NAMES = ["ply", "png", "mp4", "npz", "json", "pt", "preprocess_png"]
+
+
+def _writer(name):
+    return next(w for w in _writers() if w[0] == name)
+
+
+@pytest.mark.parametrize("plant", ["link_at_final_name", "link_at_old_fixed_temp"])
+@pytest.mark.parametrize("kind", WRITER_NAMES)
+def test_writers_never_follow_a_planted_link(tmp_path, kind, plant):
+    _, name, write = _writer(kind)
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"precious")
+    link = out / name if plant == "link_at_final_name" else out / f"{name}.tmp"
+    link.symlink_to(outside)
+    write(out / name)
+    assert outside.read_bytes() == b"precious"
+    assert (out / name).is_file() and not (out / name).is_symlink() and (out / name).stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == sorted({name, link.name})  # no temporary left
+
+
+@pytest.mark.parametrize("kind", WRITER_NAMES)
+def test_writers_on_a_full_disk_leave_nothing_and_name_the_file(tmp_path, monkeypatch, kind):
+    """ENOSPC surfacing at fsync (as with delayed allocation): the old file stays, no temporary is left, and the
+    error names the folder and the file."""
+    _, name, write = _writer(kind)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=f"no space left on the device of .*out while writing {name}") as ei:
+        write(out / name)
+    assert ei.value.errno == errno.ENOSPC
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_bytes() == b"old"
+
+
+def test_resume_removes_orphaned_temporaries(tmp_path):
+    """Temporaries of a writer killed by kill -9 (checkpoint, model, PNG) are removed when --resume claims the
+    folder; other files, and a temporary of this very process, stay."""
+    from types import SimpleNamespace
+
+    from utils.training import Trainer
+
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(parents=True)
+    orphans = [ckpt / ".ckpt_00000200.pt.4242.deadbeef.tmp.pt", out / ".model.pt.77.0123abcd.tmp.pt",
+               out / ".eval_heldout_views.png.5.ffffffff.tmp.png", out / ".metrics.json.9.aaaaaaaa.tmp"]
+    keep = [ckpt / "ckpt_00000100.pt", out / "notes.tmp", out / ".hidden", ckpt / f".x.pt.{os.getpid()}.00000000.tmp"]
+    for p in orphans + keep:
+        p.write_bytes(b"x")
+    fake = SimpleNamespace(lock=uio.FolderLock(out), out=out, ckpt_dir=ckpt)
+    try:
+        Trainer._claim_output(fake, resume=True, overwrite=False)
+    finally:
+        fake.lock.release()
+    assert not any(p.exists() for p in orphans) and all(p.exists() for p in keep)

@@ -292,3 +292,85 @@ def test_sequences(synthetic_root, sequence_root):  # noqa: F811
         assert -10 * np.log10(float(((neutral[k] - photo) ** 2).mean())) < 33, s  # the frame really moved
     with pytest.raises(FileExistsError, match="overwrite"):
         make_synthetic_dataset(sequence_root, progress=False, **SYNTHETIC_KW)  # another number of frames
+
+
+# ------------------------------------------------------------------ issue 26 class 2: names from data files stay inside
+HOSTILE_IDS = ["../../victim", "../victim", "/tmp/victim_abs", "..", ".", "", "a/../../victim", "..\\victim",
+               ".hidden", "-rf", 17, None, "sub\x00id"]
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim"
+    victim.mkdir(exist_ok=True)
+    (victim / "keep.txt").write_text("precious")
+    return victim
+
+
+@pytest.mark.parametrize("where", ["pending", "info"])
+@pytest.mark.parametrize("bad", HOSTILE_IDS, ids=repr)
+def test_subject_ids_from_dataset_json_never_reach_rmtree(tmp_path, where, bad):
+    """A downloaded syn_data/ whose json names ``../../victim`` as a stale subject: refused with one line naming the
+    file, before anything is deleted (it used to reach shutil.rmtree)."""
+    from utils.synthetic import INFO_NAME, PENDING_NAME, _dataset_key, auto_subdivision
+
+    victim = _victim(tmp_path)
+    out = tmp_path / "a" / "b" / "syn"
+    (out / "subjects").mkdir(parents=True)
+    key = _dataset_key(0, 64, auto_subdivision(64))
+    doc = dict({k: v for k, v in key.items() if k != "num_frames"}, subjects=["300", bad], identities={})
+    path = out / (PENDING_NAME if where == "pending" else INFO_NAME)
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as ei:
+        make_synthetic_dataset(out, num_identities=1, num_heldout=0, image_size=64, progress=False)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg and "subject id" in msg, msg
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert not Path("/tmp/victim_abs").exists()
+
+
+@pytest.mark.parametrize("key", ["heldout_ids", "training_ids", "subjects"])
+@pytest.mark.parametrize("bad", ["../../victim", "/etc", ".."])
+def test_read_info_refuses_unsafe_ids(tmp_path, key, bad):
+    from utils.tracking import heldout_subjects
+
+    (tmp_path / "subjects").mkdir()
+    doc = {"subjects": ["300"], "training_ids": ["300"], "heldout_ids": ["300"]}
+    doc[key] = [bad]
+    (tmp_path / "synthetic_info.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="synthetic_info.json: subject id"):
+        heldout_subjects(tmp_path)
+
+
+def test_stale_subject_that_is_a_link_out_is_refused(tmp_path):
+    """A safe-looking stale id whose folder is a symlink to elsewhere: refused, the target survives."""
+    from utils.synthetic import PENDING_NAME, _dataset_key, auto_subdivision
+
+    victim = _victim(tmp_path)
+    out = tmp_path / "syn"
+    (out / "subjects").mkdir(parents=True)
+    (out / "subjects" / "999").symlink_to(victim, target_is_directory=True)
+    key = _dataset_key(0, 64, auto_subdivision(64))
+    (out / PENDING_NAME).write_text(json.dumps(dict({k: v for k, v in key.items() if k != "num_frames"},
+                                                    subjects=["999"], identities={})))
+    with pytest.raises(ValueError, match="resolves outside"):
+        make_synthetic_dataset(out, num_identities=1, num_heldout=0, image_size=64, progress=False)
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("field,bad", [("subject_id", "../301"), ("subject_id", "/tmp"), ("sequence", "../../x"),
+                                       ("sequence", ".."), ("serial", "../../../../evil"), ("serial", "/x")])
+def test_subject_paths_refuse_unsafe_names(synthetic_root, field, bad):
+    from utils.io import UnsafeNameError
+
+    root = synthetic_root / "subjects"
+    with pytest.raises(UnsafeNameError):
+        if field == "serial":
+            s = NersembleSubject(root, "300")
+            for fn in (s.image_path, s.facemask_path, s.masked_image_path):
+                try:
+                    fn(bad)
+                except UnsafeNameError:
+                    continue
+                raise AssertionError(f"{fn.__name__} accepted {bad!r}")
+            raise UnsafeNameError("all refused")
+        NersembleSubject(root, **{"subject_id": "300", field: bad})

@@ -35,7 +35,7 @@ from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
 from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
-from utils.io import atomic_write_json, cv2_path, save_image, to_uint8, write_video
+from utils.io import OutputClaim, atomic_write_json, cv2_path, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
 from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
@@ -88,6 +88,7 @@ class AnimationConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
     progress: bool = True  # tqdm progress bars
+    overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
     reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
 
     # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
@@ -96,7 +97,7 @@ class AnimationConfig:
               "batch": Range(1), "fps": Range(0, lo_open=True)}
 
 
-ANIM_FLAGS = ("png", "ply", "progress", "evaluate")
+ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite")
 ANIM_LISTS = ("keyframes",)
 
 
@@ -305,7 +306,15 @@ def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, 
 
 
 def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
-    """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary."""
+    """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary.
+
+    ``cfg.out`` is locked first (a second run into it stops at once); a folder holding files this run writes, or
+    files an earlier animate run recorded, is refused unless ``cfg.overwrite`` (utils.io.OutputClaim)."""
+    with OutputClaim(cfg.out, "animate") as claim:
+        return _animate(cfg, model, claim)
+
+
+def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClaim) -> dict:
     if cfg.pose not in POSE_MODES:
         raise ValueError(f"--pose must be one of {POSE_MODES}, got {cfg.pose!r}")
     if cfg.side_by_side not in SIDE_BY_SIDE:
@@ -354,11 +363,12 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    for sub, pattern in (("frames", "frame_*.png"), ("ply", "frame_*.ply")):  # a shorter rerun leaves no stale files
-        for old in (out / sub).glob(pattern):
-            old.unlink()
-    t0 = time.perf_counter()
     T = params.num_frames
+    # only files of this run, or recorded by an earlier one, are replaced or removed (never a user's frame_*.png)
+    claim.plan(["animation.mp4", "animation.json", "motion.npz"]
+               + [f"frames/frame_{n:05d}.png" for n in range(T) if cfg.png]
+               + [f"ply/frame_{n:05d}.ply" for n in range(T) if cfg.ply], cfg.overwrite)
+    t0 = time.perf_counter()
     frames: list[np.ndarray] = []
     bar = tqdm(total=T, desc=f"animating {head.name}", unit="frame", disable=not cfg.progress, leave=False)
     with torch.no_grad():
@@ -424,4 +434,5 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
         summary["evaluation"] = {"per_frame": evaluation, **{f"mean_{k}": float(np.mean([r[k] for r in evaluation]))
                                                              for k in ("psnr_all", "psnr_unseen", "ssim_all")}}
     atomic_write_json(summary, out / "animation.json")
+    claim.finish()
     return summary

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, safe_name
 from utils.io import image_size as stored_image_size
 
 # Full-resolution NeRSemble frames are 2200 x 3208 (w x h, portrait); calibration refers to them.
@@ -288,6 +288,8 @@ def load_camera_params(
     cams: dict[str, Camera] = {}
     ratios: dict[str, float] = {}
     for serial in wanted:
+        # serials name image files (cam_<serial>.png) that are read and written: one safe component each
+        safe_name(serial, "camera serial", path)
         if serial not in w2c_all:
             raise KeyError(f"camera {serial} is not in {path} (it has {sorted(w2c_all)})")
         if isinstance(intr, dict) and serial not in intr:

@@ -193,7 +193,9 @@ def from_dict(cls: type[T], data: dict, where: str = "checkpoint") -> T:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from utils.io import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)
 
 
 def add_cli_config(parser: argparse.ArgumentParser, cls: type, aliases: dict[str, str] | None = None,

@@ -16,7 +16,7 @@ from utils.cameras import Camera
 from utils.codes import FittedCode, code_cloud
 from utils.config import Range
 from utils.geometry import head_pose, orbit_camera
-from utils.io import save_image, to_uint8
+from utils.io import safe_child, save_image, to_uint8
 from utils.model_io import TrainedModel
 from utils.targets import FitTarget, View
 
@@ -40,10 +40,12 @@ class ExportConfig:
 
 def export_views(out: Path, views: Sequence[View], renders: Tensor, extra: Sequence[tuple[str, Tensor]]) -> None:
     """views/cam_<serial>.png = render | photo, and grid.png: renders in the top row, photos below."""
+    # serials come from camera_params.json / --camera: checked to stay one file name inside views/
     for v, r in zip(views, renders):
-        save_image(out / "views" / f"cam_{v.serial}.png", torch.cat([r, v.image.clamp(0, 1)], dim=1))
+        save_image(safe_child(out / "views", v.serial, "camera serial", "the camera file", "cam_", ".png"),
+                   torch.cat([r, v.image.clamp(0, 1)], dim=1))
     for serial, r in extra:
-        save_image(out / "views" / f"cam_{serial}.png", r)
+        save_image(safe_child(out / "views", serial, "camera serial", "the camera file", "cam_", ".png"), r)
     if len(views):
         grid = torch.cat([torch.cat(list(renders), dim=1), torch.cat([v.image.clamp(0, 1) for v in views], dim=1)], 0)
         save_image(out / "grid.png", grid)

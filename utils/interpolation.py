@@ -15,7 +15,6 @@ linearly like the geometry; a training identity (or a code.pt without one) has a
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from utils.device import resolve_device
 from utils.codes import FittedCode, colour_offsets, load_code, with_colour
 from utils.config import Range
 from utils.geometry import head_pose, similarity_fit
-from utils.io import save_image, to_uint8, write_video
+from utils.io import OutputClaim, atomic_write_json, save_image, to_uint8, write_video
 from utils.model_io import TrainedModel, load_model
 
 METHODS = ("linear", "slerp")
@@ -63,13 +62,14 @@ class InterpolationConfig:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto, torch, gsplat, inria
     progress: bool = True  # tqdm progress bar
+    overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
 
     # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
     RANGES = {"num_default": Range(1), "frames": Range(1), "width": Range(2), "height": Range(2),
               "fill": Range(0, lo_open=True), "fps": Range(0, lo_open=True)}
 
 
-INTERP_FLAGS = ("loop", "ply", "geometry", "progress")
+INTERP_FLAGS = ("loop", "ply", "geometry", "progress", "overwrite")
 INTERP_LISTS = ("identities",)
 
 
@@ -244,7 +244,15 @@ def key_label(key: str) -> str:
 
 def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> dict:
     """Render the morph; writes ``frames/frame_%05d.png``, ``interpolation.mp4``, ``keys.json`` (and
-    ``keyframes/key_<k>_<name>.ply`` with ``cfg.ply``) into ``cfg.out``.  Returns a summary dict."""
+    ``keyframes/key_<k>_<name>.ply`` with ``cfg.ply``) into ``cfg.out``.  Returns a summary dict.
+
+    ``cfg.out`` is locked first (a second run into it stops at once); a folder holding files this run writes, or
+    files an earlier interpolate run recorded, is refused unless ``cfg.overwrite`` (utils.io.OutputClaim)."""
+    with OutputClaim(cfg.out, "interpolate") as claim:
+        return _interpolate(cfg, model, claim)
+
+
+def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: OutputClaim) -> dict:
     if cfg.method not in METHODS:
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.space not in ("auto", "z", "w"):
@@ -269,9 +277,12 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
 
     out = Path(cfg.out)
     frame_dir = out / "frames"
+    plan = schedule(len(keys), cfg.frames, cfg.loop)
+    # only files of this run, or recorded by an earlier one, are replaced or removed (never a user's frame_*.png)
+    claim.plan([f"frames/frame_{n:05d}.png" for n in range(len(plan))] + ["interpolation.mp4", "keys.json"]
+               + [f"keyframes/key_{i:02d}_{key_label(names[i])}.ply"
+                  for n, (i, _, _) in enumerate(plan) if cfg.ply and n % cfg.frames == 0], cfg.overwrite)
     frame_dir.mkdir(parents=True, exist_ok=True)
-    for old in frame_dir.glob("frame_*.png"):  # a shorter rerun must not leave frames of the previous one
-        old.unlink()
     f = model.field.eval()
     for p in f.parameters():
         p.requires_grad_(False)
@@ -279,7 +290,6 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     synth = GraphedSynthesis(f, model.vertices(geo(0, 0, 0.0)), space="w", requires_grad=False,
                              dynamic_geometry=cfg.geometry)
     frames = []
-    plan = schedule(len(keys), cfg.frames, cfg.loop)
     with torch.no_grad():
         for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
             w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
@@ -299,5 +309,6 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,
                "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))],
                "colour_residuals": [k.colour is not None for k in keys]}
-    (out / "keys.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(summary, out / "keys.json")
+    claim.finish()
     return summary

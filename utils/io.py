@@ -20,14 +20,25 @@ from torch import Tensor
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
+# Every output of the project is written under a temporary name unique to the process and call, next to its final
+# name (same folder, so the rename is atomic), created with O_EXCL (never an existing file, never through a planted
+# symlink), flushed to disk and renamed over the final name (a symlink planted there is replaced, not followed).
+# The temporary keeps the final suffix (OpenCV and numpy pick the format from it): ".head.ply.<pid>.<hex>.tmp.ply".
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp(?:\.[^./]*)?")
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+
+
 def _open_temp(path: Path) -> tuple[IO[bytes], Path]:
     """A new temporary file next to ``path`` whose name is unique to this process and call (two runs writing the
     same file never share a temporary); returned open for binary writing.  Created with the permissions of a plain
     ``open`` (umask applies), so the renamed file gets them too."""
     while True:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = _temp_name(path)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         except FileExistsError:
             continue
         return os.fdopen(fd, "wb"), tmp
@@ -41,11 +52,26 @@ def _is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def _failed(path: Path, tmp: Path, exc: BaseException) -> None:
+    """Remove the temporary after a failed write; raise an OSError naming ``path`` for a full disk or an OS error
+    that does not name it (the original error otherwise)."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+    if _is_disk_full(exc):
+        raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name} "
+                      f"(nothing was replaced; the partial file was removed): free some space and run again"
+                      ) from exc
+    if isinstance(exc, OSError) and type(exc).__module__ == "builtins" and str(path) not in str(exc):
+        raise type(exc)(exc.errno, f"could not write {path} ({exc.strerror or exc}; nothing was replaced)") from exc
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fh)`` on a temporary file next to ``path``, flush it to disk, then rename it into place.
 
     A crash (kill -9 included) never leaves a half-written ``path``: it holds the old content or the new one.  On any
-    error the temporary file is removed; a full disk (ENOSPC) becomes an OSError naming the folder.
+    error the temporary file is removed; a full disk (ENOSPC) becomes an OSError naming the folder and the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,13 +83,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if _is_disk_full(exc):
-            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name} "
-                          f"(nothing was replaced; the partial file was removed): free some space and run again"
-                          ) from exc
+        _failed(path, tmp, exc)
         raise
     return path
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """:func:`atomic_write` for writers that need a file name (OpenCV's VideoWriter and imwrite, trimesh, ...):
+    ``write(tmp)`` writes the reserved temporary (same suffix as ``path``), which is then flushed and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh, tmp = _open_temp(path)  # reserved with O_EXCL, so the writer opens a file of ours
+    fh.close()
+    try:
+        write(tmp)
+        if tmp.is_symlink() or not tmp.is_file():
+            raise OSError(errno.EIO, f"writing {path} produced no file")
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _failed(path, tmp, exc)
+        raise
+    return path
+
+
+def remove_orphan_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries that writers of this project (:data:`TEMP_NAME`) left in ``folder`` when killed
+    (kill -9, power loss) and return them.  Call only while holding the folder's :class:`FolderLock`: no other run
+    writes there then, so every such file is an orphan (those of this process are kept)."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = TEMP_NAME.fullmatch(p.name)
+            if m and int(m["pid"]) != os.getpid() and (p.is_file() or p.is_symlink()):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 _PLAIN_LEAVES = (Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
@@ -109,6 +169,57 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------- names from data files
+# One path component: letters, digits and _ . + = @ , - ; not starting with '.' or '-' (no hidden files, no "..",
+# nothing an argument parser reads as a flag), no '/', '\\' or control characters.  NeRSemble's ids ("017"),
+# serials ("222200037"), sequences ("EXP-1-head", "EMO-1-shout+laugh") and frame folders ("frame_00000") all match.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@,-]{0,199}")
+
+
+class UnsafeNameError(ValueError):
+    """A name read from a data file (or a flag) would not stay one file name inside its folder."""
+
+
+def safe_name(name: Any, what: str, source: str | os.PathLike) -> str:
+    """``name`` when it can be used as one path component (see ``SAFE_NAME``), else UnsafeNameError (one line naming
+    ``source``, the file or flag the name came from, and ``what`` it is, e.g. "subject id").
+
+    Why: ids, serials, sequence and frame names in data files (synthetic_info.json, camera_params.json, ...) become
+    folder and file names that are written, read and deleted; ``../x`` or ``/x`` would reach outside the dataset
+    or the output folder."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise UnsafeNameError(
+            f"{source}: {what} {name!r} is not a safe file name (expected letters, digits and _.+=@,- only, not "
+            f"starting with '.' or '-', no '..'); refusing to use it as a path")
+    return name
+
+
+def safe_child(folder: str | os.PathLike, name: Any, what: str, source: str | os.PathLike, prefix: str = "",
+               suffix: str = "") -> Path:
+    """``folder/<prefix><name><suffix>`` after :func:`safe_name`, checked to resolve inside ``folder`` (an existing
+    entry that is a symlink pointing elsewhere is refused too, so a write or delete never follows it out)."""
+    safe_name(name, what, source)
+    folder = Path(folder)
+    child = folder / f"{prefix}{name}{suffix}"
+    real_folder = os.path.realpath(folder)
+    if os.path.dirname(os.path.realpath(child)) != real_folder:
+        raise UnsafeNameError(f"{source}: {what} {name!r}: {child} resolves outside {folder} (a symbolic link?); "
+                              f"refusing to use it")
+    return child
+
+
+def safe_relative(folder: str | os.PathLike, rel: Any, what: str, source: str | os.PathLike) -> Path:
+    """``folder/rel`` for a relative path read from a data file (e.g. INSTA's "images/00000.png"), when it is not
+    absolute and resolves (symlinks included) inside ``folder``; else UnsafeNameError naming ``source``."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel):
+        raise UnsafeNameError(f"{source}: {what} {rel!r} must be a relative path inside {folder}")
+    folder = Path(folder)
+    real_folder, real = os.path.realpath(folder), os.path.realpath(folder / rel)
+    if os.path.commonpath([real_folder, real]) != real_folder:
+        raise UnsafeNameError(f"{source}: {what} {rel!r} resolves outside {folder}; refusing to use it")
+    return folder / rel
 
 
 # ---------------------------------------------------------------------------------------------- safe loading
@@ -249,6 +360,91 @@ class FolderLock:
         self.release()
 
 
+class OutputClaim:
+    """One run's claim on its output folder: the lock first, then the set of files it will write, recorded.
+
+    ``with OutputClaim(out, "animate") as claim:`` locks ``out`` (:class:`FolderLock`: a second run into the same
+    folder stops at once, naming the holder) for the whole run.  ``claim.plan(names, overwrite)`` (paths relative
+    to ``out``) then refuses a folder that holds any of those files, or any file an earlier run of the same tool
+    recorded, unless ``overwrite``; with ``overwrite`` it deletes exactly the files the earlier run recorded as its
+    own and nothing else (a user's ``frames/frame_00001.png`` that this run does not write stays; one it writes is
+    replaced).  The plan is recorded in ``<out>/.<tool>_outputs.json`` before anything is written, so a run killed
+    halfway still owns its partial outputs; ``claim.finish()`` marks the set complete, after its last file.
+    """
+
+    def __init__(self, out: str | os.PathLike, tool: str) -> None:
+        self.out = Path(out)
+        self.tool = tool
+        self.record = self.out / f".{tool}_outputs.json"
+        self.lock = FolderLock(self.out)
+        self.files: list[str] = []
+
+    def __enter__(self) -> "OutputClaim":
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+
+    def _own(self, rel: Any) -> Path:
+        """``out/rel`` for a recorded name: relative, no "..", its folder inside ``out`` (the entry itself is never
+        followed: it is only unlinked)."""
+        norm = os.path.normpath(rel) if isinstance(rel, str) and rel and "\x00" not in rel else ""
+        if not norm or os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+            raise UnsafeNameError(f"{self.record}: recorded output {rel!r} is not a path inside {self.out}; delete "
+                                  f"{self.record.name} (and the files you do not want) by hand")
+        path = self.out / norm
+        real_out, real_parent = os.path.realpath(self.out), os.path.realpath(path.parent)
+        if os.path.commonpath([real_out, real_parent]) != real_out:
+            raise UnsafeNameError(f"{self.record}: recorded output {rel!r} lies outside {self.out} (a linked folder?)")
+        return path
+
+    def previous(self) -> list[str]:
+        """The files an earlier run of this tool recorded in ``out`` (checked to lie inside it)."""
+        if not self.record.is_file():
+            return []
+        try:
+            doc = json.loads(self.record.read_text())
+            files = doc["files"]
+            assert isinstance(files, list)
+        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.record} is not a record of {self.tool} outputs ({type(exc).__name__}); delete "
+                             f"it, or choose another --out") from exc
+        for rel in files:
+            self._own(rel)
+        return [str(rel) for rel in files]
+
+    def plan(self, names: Sequence[str], overwrite: bool) -> None:
+        """Claim ``names`` (relative to ``out``): see the class docstring.  FileExistsError naming the folder and
+        some of the files when they exist and ``overwrite`` is not given."""
+        if self.lock._key is None:
+            raise RuntimeError("OutputClaim.plan outside its 'with' block (the folder is not locked)")
+        for rel in names:
+            self._own(rel)
+        previous = self.previous()
+        found = [rel for rel in dict.fromkeys([*names, *previous, self.record.name])
+                 if os.path.lexists(self.out / rel)]
+        if found and not overwrite:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise FileExistsError(f"{self.out} already holds output of an earlier run ({shown}); pass --overwrite to "
+                                  f"replace it, or choose another --out")
+        if overwrite:
+            removed = 0
+            for rel in previous:  # only what an earlier run recorded as its own; never a folder, never followed
+                path = self._own(rel)
+                if path.is_symlink() or path.is_file():
+                    path.unlink()
+                    removed += 1
+            if removed:
+                print(f"--overwrite: removed {removed} file(s) of the previous {self.tool} run in {self.out}")
+        self.files = list(names)
+        atomic_write_json({"tool": self.tool, "files": self.files, "finished": False}, self.record)
+
+    def finish(self) -> None:
+        """Mark the set complete (call after the last output is written)."""
+        atomic_write_json({"tool": self.tool, "files": self.files, "finished": True}, self.record)
+
+
 # ---------------------------------------------------------------------------------------------- images
 _IMAGE_END = {".jpg": (b"\xff\xd9",), ".jpeg": (b"\xff\xd9",), ".png": (b"IEND\xaeB`\x82",)}
 
@@ -380,7 +576,7 @@ def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
 
     path = Path(path)
     rgb = to_uint8(image)
-    return imwrite_file(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return imwrite_file(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # atomic, never through a link planted at ``path``
 
 
 def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
@@ -390,12 +586,15 @@ def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path
 
 def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float = 25.0) -> Path:
     """Write uint8 RGB frames (H, W, 3) as an MP4 (OpenCV, mp4v codec); sizes are made even for players."""
-    import cv2
-
     if not frames:
         raise ValueError("write_video needs at least one frame")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # encoded into a temporary next to ``path`` and renamed: never a half-written MP4, never through a planted link
+    return atomic_write_path(path, lambda tmp: _encode_video(tmp, frames, fps))
+
+
+def _encode_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
+    import cv2
+
     h, w = frames[0].shape[:2]
     h2, w2 = h - h % 2, w - w % 2
     writer = cv2.VideoWriter(cv2_path(path, "video"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w2, h2))
@@ -408,4 +607,4 @@ def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: floa
             writer.write(cv2.cvtColor(np.ascontiguousarray(f[:h2, :w2]), cv2.COLOR_RGB2BGR))
     finally:
         writer.release()
-    return path
+

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from utils.cameras import Camera, load_camera_params
-from utils.io import image_size, read_image
+from utils.io import image_size, read_image, safe_name
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
 SERIALS: tuple[str, ...] = (
@@ -126,8 +126,10 @@ class NersembleSubject:
         image_folder: str = DEFAULT_IMAGE_FOLDER,
     ) -> None:
         self.root = Path(root)
-        self.subject_id = str(subject_id)
-        self.sequence = sequence
+        # ids and names become folders that are read and written: one safe component each (utils.io.safe_name)
+        self.subject_id = safe_name(str(subject_id), "subject id", self.root)
+        self.sequence = safe_name(sequence, "sequence name", self.root / self.subject_id)
+        safe_name(image_folder, "image folder name", self.root / self.subject_id)
         self.frame = int(frame)
         self.image_folder = image_folder
         self.subject_dir = self.root / self.subject_id
@@ -184,13 +186,15 @@ class NersembleSubject:
         return self.frame_dir / "flame_cano2world.txt"
 
     def facemask_path(self, serial: str) -> Path:
-        return self.frame_dir / "flamemask_proj" / f"cam_{serial}.png"
+        return self.frame_dir / "flamemask_proj" / f"cam_{safe_name(serial, 'camera serial', self.frame_dir)}.png"
 
     def masked_image_path(self, serial: str) -> Path:
-        return self.frame_dir / "filled_masked_images" / f"cam_{serial}.png"
+        return (self.frame_dir / "filled_masked_images"
+                / f"cam_{safe_name(serial, 'camera serial', self.frame_dir)}.png")
 
     def image_path(self, serial: str) -> Path:
         """Path of camera ``serial``'s image (jpg, png or jpeg); FileNotFoundError when none exists."""
+        safe_name(serial, "camera serial", self.image_dir)
         for ext in IMAGE_EXTENSIONS:
             p = self.image_dir / f"cam_{serial}.{ext}"
             if p.is_file():

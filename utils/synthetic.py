@@ -44,7 +44,7 @@ from torch import Tensor
 
 from models.gaussians import GaussianCloud, rotmat_to_quat
 from utils.cameras import Camera, load_camera_params, write_camera_params
-from utils.io import imwrite_file
+from utils.io import atomic_write_json, imwrite_file, safe_child
 from utils.nersemble import (
     CALIBRATION_RELPATH,
     DEFAULT_SEQUENCE,
@@ -667,15 +667,39 @@ def _key_of(info: dict) -> dict:
     return {k: info.get(k, 1 if k == "num_frames" else None) for k in _dataset_key(0, 0, 0)}
 
 
+def _read_dataset_json(path: Path) -> dict:
+    """synthetic_info.json or .synthetic_pending.json, with every subject id checked by :func:`utils.io.safe_name`
+    (the ids become folder names under subjects/ that are read, replaced and deleted: "../x" must never reach
+    shutil.rmtree).  ValueError naming the file for anything else than a JSON object with lists of ids."""
+    from utils.io import safe_name
+
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it or generate the dataset again") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    for key in ("subjects", "training_ids", "heldout_ids"):
+        ids = doc.get(key, [])
+        if not isinstance(ids, list):
+            raise ValueError(f"{path}: {key!r} must be a list of subject ids, got {type(ids).__name__}")
+        for sid in ids:
+            safe_name(sid, f"subject id in {key!r}", path)
+    if not isinstance(doc.get("identities", {}), dict):
+        raise ValueError(f"{path}: 'identities' must be an object")
+    return doc
+
+
 def read_info(root: str | os.PathLike) -> dict:
-    """The synthetic_info.json of a synthetic dataset folder (FileNotFoundError when it is not one)."""
+    """The synthetic_info.json of a synthetic dataset folder (FileNotFoundError when it is not one); subject ids
+    are checked to be safe folder names (ValueError naming the file)."""
     path = Path(root) / INFO_NAME
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: {root} is not a synthetic dataset folder (generate one with "
             f"python utils/make_synthetic_dataset.py --out {root})"
         )
-    return json.loads(path.read_text())
+    return _read_dataset_json(path)
 
 
 def _frame_image_dir(subject_dir: Path, frame: int) -> Path:
@@ -788,7 +812,7 @@ def make_synthetic_dataset(
     stored = {k: v for k, v in key.items() if k != "num_frames" or v != 1}
 
     info_path, pending_path = out / INFO_NAME, out / PENDING_NAME
-    old = next((json.loads(p.read_text()) for p in (pending_path, info_path) if p.is_file()), None)
+    old = next((_read_dataset_json(p) for p in (pending_path, info_path) if p.is_file()), None)
     if out.exists() and old is None and any(out.iterdir()):
         raise FileExistsError(
             f"{out} exists, is not empty and is not a synthetic dataset (no {INFO_NAME}); choose an empty or new folder"
@@ -831,8 +855,8 @@ def make_synthetic_dataset(
         os.replace(tmp, flame_dir)
 
     # drop subjects an earlier run generated that are not requested now (they would join training otherwise)
-    for sid in stale:
-        shutil.rmtree(subjects_dir / sid, ignore_errors=True)
+    for sid in stale:  # ids checked by _read_dataset_json; safe_child also refuses a link pointing out
+        _remove_tree(safe_child(subjects_dir, sid, "subject id", pending_path))
     for leftover in subjects_dir.glob(".tmp-*"):  # interrupted earlier runs
         shutil.rmtree(leftover, ignore_errors=True)
 
@@ -848,7 +872,7 @@ def make_synthetic_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
         write_subject(tmp, heads, identity, image_size, identity_rngs(seed, sid)["rig"], device,
                       num_frames=key["num_frames"], seed=seed)
-        shutil.rmtree(subjects_dir / sid, ignore_errors=True)
+        _remove_tree(subjects_dir / sid)
         os.replace(tmp, subjects_dir / sid)  # a subject folder appears only when complete
         summaries[sid] = identity.summary()
     for sid in all_ids:
@@ -882,9 +906,15 @@ def make_synthetic_dataset(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(data, path)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder of the dataset; a symbolic link in its place is removed itself, never followed."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ============================================================================================== reuse for tests

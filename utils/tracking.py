@@ -32,7 +32,7 @@ from utils.evaluation import evaluate_views
 from utils.exports import ExportConfig, export_views, export_wild, turntable
 from utils.fitting import FitConfig, fit_identity
 from utils.flame_fit import FlameFitConfig
-from utils.io import atomic_write_json, write_video
+from utils.io import atomic_write_json, atomic_write_text, write_video
 from utils.model_io import TrainedModel, load_model
 from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
 from utils.targets import load_image_target, load_subject_target, load_wild_target
@@ -285,7 +285,7 @@ def track_all_heldout(cfg: TrackConfig) -> tuple[list[dict], str]:
     for sid in tqdm(ids, desc="held-out identities", disable=not cfg.progress):
         rows.append(track(cfg, model=model, subject_dir=subjects / sid, out=Path(cfg.out) / sid))
     table = markdown_table(rows)
-    (Path(cfg.out) / "summary.md").write_text(table + "\n")
+    atomic_write_text(table + "\n", Path(cfg.out) / "summary.md")
     atomic_write_json({"identities": ids, "rows": [{k: v for k, v in r.items() if k not in ("per_view", "config")}
                                                    for r in rows]}, Path(cfg.out) / "summary.json")
     return rows, table

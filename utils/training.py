@@ -29,8 +29,8 @@ from utils.config import Range, check_ranges, to_dict
 from utils.dataset import DataConfig, MultiViewDataset
 from utils.device import resolve_device
 from utils.io import (
-    FolderInUseError, FolderLock, UnsafeFileError, atomic_torch_save, atomic_write_json, safe_torch_load,
-    save_image_grid,
+    FolderInUseError, FolderLock, UnsafeFileError, atomic_torch_save, atomic_write_json, remove_orphan_temps,
+    safe_torch_load, save_image_grid,
 )
 from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
 from utils.model_io import save_model
@@ -288,6 +288,11 @@ class Trainer:
     def _claim_output(self, resume: bool, overwrite: bool) -> None:
         """Rank 0: lock ``out``; refuse a folder holding another run unless resuming it or told to overwrite."""
         self.lock.acquire()
+        # temporaries of writers killed halfway (kill -9) in an earlier run: orphans now that the folder is ours
+        orphans = [p for d in (self.out, self.ckpt_dir) for p in remove_orphan_temps(d)]
+        if orphans:
+            print(f"removed {len(orphans)} temporary file(s) left by an interrupted run in {self.out}: "
+                  f"{', '.join(str(p.relative_to(self.out)) for p in orphans[:4])}{' ...' if len(orphans) > 4 else ''}")
         found = run_outputs(self.out)
         has_ckpt = any(p.parent == self.ckpt_dir for p in found)
         # --resume without a checkpoint starts from scratch, as a run killed before its first checkpoint needs (its

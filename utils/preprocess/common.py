@@ -11,7 +11,6 @@ truncated file that a later run would mistake for a finished one.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from utils.config import Range, check_ranges, check_text, check_value
 from utils.errors import add_debug_flag, run_main
+from utils.io import atomic_write_path
 from utils.nersemble import DEFAULT_SEQUENCE, NersembleSubject, list_subjects
 
 DEFAULT_FLAME_DIR = "data"
@@ -167,21 +167,10 @@ def plan_outputs(paths: Sequence[Path], overwrite: bool, outputs: Outputs, label
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], outputs: Optional[Outputs] = None) -> None:
-    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it into place.
-
-    The temporary name keeps the suffix (writers such as cv2.imwrite pick the format from it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        if not tmp.is_file():
-            raise RuntimeError(f"writing {path} produced no file")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it into place
+    (:func:`utils.io.atomic_write_path`: unique O_EXCL temporary with the same suffix, which writers such as
+    cv2.imwrite pick the format from; removed on failure) and record ``path`` in ``outputs``."""
+    atomic_write_path(path, write)
     if outputs is not None:
         outputs.written.append(path)
 

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.cameras import Camera  # noqa: E402
-from utils.io import imread_file, imwrite_file  # noqa: E402
+from utils.io import imread_file, imwrite_file, safe_name  # noqa: E402
 from utils.nersemble import (  # noqa: E402
     CALIBRATION_RELPATH, DEFAULT_IMAGE_FOLDER, DEFAULT_SEQUENCE, FRONTAL_SERIAL, TRACKING_RELPATH, timestep_name,
 )
@@ -125,8 +125,10 @@ def find_frame(actor: Path, frame: int, transforms: Optional[str] = None) -> tup
                      f"{' ...' if len(ids) > 6 else ''})")
 
 
-def _resolve(actor: Path, rel: str, exts: Sequence[str] = ()) -> Path:
-    p = actor / rel
+def _resolve(actor: Path, rel: str, exts: Sequence[str] = (), source: str | Path = "the INSTA transforms") -> Path:
+    from utils.io import safe_relative
+
+    p = safe_relative(actor, rel, "file_path", source)  # a name read from the data stays inside the actor folder
     if p.is_file():
         return p
     for ext in exts:  # INSTA's file_path may omit the extension
@@ -199,8 +201,9 @@ def run(args: argparse.Namespace) -> Outputs:
 
     actor = actor_dir(args)
     meta, fr, tpath = find_frame(actor, args.frame, args.transforms)
-    image_src = _resolve(actor, fr["file_path"], (".png", ".jpg", ".jpeg"))
-    subject = args.subject_id or actor.name
+    image_src = _resolve(actor, fr["file_path"], (".png", ".jpg", ".jpeg"), tpath)
+    subject = safe_name(args.subject_id or actor.name, "subject id", "--subject_id" if args.subject_id else actor)
+    safe_name(args.sequence, "sequence name", "--sequence")
     sdir = Path(args.out_root) / subject
     seq = sdir / "sequences" / args.sequence
     ext = ".jpg" if image_src.suffix.lower() in (".jpg", ".jpeg") else ".png"
@@ -227,6 +230,8 @@ def run(args: argparse.Namespace) -> Outputs:
     resize = (tw, th) != (iw, ih)
     cam = cam.resized(tw, th) if resize else cam
 
+    # read every input first (the FLAME files too), so a refused name leaves no partial subject behind
+    tracked = tracking_params(actor, fr, args.shape_file) if paths["tracking"] in todo else None
     if paths["calib"] in todo:
         atomic_write(paths["calib"], lambda p: write_camera_params(p, {FRONTAL_SERIAL: cam}), out)
     if paths["image"] in todo:
@@ -235,8 +240,8 @@ def run(args: argparse.Namespace) -> Outputs:
             atomic_write(paths["image"], lambda p: _imwrite(p, small), out)
         else:
             atomic_write(paths["image"], lambda p: shutil.copyfile(image_src, p), out)
-    if paths["tracking"] in todo:
-        params, shape = tracking_params(actor, fr, args.shape_file)
+    if tracked is not None:
+        params, shape = tracked
         if shape is None:
             print(f"note: no FLAME shape file for {actor.name} (looked for {', '.join(SHAPE_FILES)}); shape = 0")
         atomic_write(paths["tracking"],
