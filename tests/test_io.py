@@ -74,3 +74,63 @@ def test_entry_points_refuse_non_utf8_paths_with_one_line(tmp_path, script, argv
     err = r.stderr.decode("utf-8", "replace").strip().splitlines()
     assert r.returncode == 2 and len(err) == 1, (r.returncode, err)
     assert "is not valid UTF-8" in err[0] and f"error: {argv[-2]}:" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------- class 8
+def _png_declaring(w: int, h: int) -> bytes:
+    """A small PNG whose header declares w x h pixels (8-bit RGB) with a few compressed rows of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(4 * (3 * w + 1)), 9))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("w,h", [(20000, 20000), (11000, 11000), (120001, 1000)])
+def test_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, w, h):
+    import time
+
+    import cv2
+
+    from utils.io import MAX_IMAGE_PIXELS, imread_file, read_image
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_declaring(w, h))
+    assert path.stat().st_size < 2_000_000 and w * h > MAX_IMAGE_PIXELS
+    t0 = time.perf_counter()
+    for read in (lambda: read_image(path, "photo"), lambda: imread_file(path, cv2.IMREAD_COLOR)):
+        with pytest.raises(ValueError, match=r"bomb\.png.*(declares|megapixels)") as ei:
+            read()
+        assert "\n" not in str(ei.value)
+    assert time.perf_counter() - t0 < 5  # nothing was decoded
+    ok = tmp_path / "ok.png"
+    ok.write_bytes(_png_declaring(64, 4))  # a real (if dull) image of an allowed size still reads
+    assert imread_file(ok, cv2.IMREAD_COLOR).shape == (4, 64, 3)
+
+
+def test_video_stream_writes_frames_as_they_come_and_aborts_cleanly(tmp_path):
+    import cv2
+
+    from utils.io import VideoStream, write_video
+
+    def frames(n):
+        for i in range(n):
+            yield np.full((21, 30, 3), i * 8 % 256, np.uint8)
+
+    path = write_video(tmp_path / "gen.mp4", frames(40), fps=10)  # a generator: one frame in memory at a time
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 40 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 30
+    cap.release()
+    with pytest.raises(ValueError, match="all video frames must be 30x21"):
+        with VideoStream(tmp_path / "bad.mp4", 10) as s:
+            s.write(np.zeros((21, 30, 3), np.uint8))
+            s.write(np.zeros((20, 30, 3), np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.mp4"]  # no bad.mp4, no temporary
+    with pytest.raises(ValueError, match="frame rate"):
+        VideoStream(tmp_path / "x.mp4", float("nan"))
+    with pytest.raises(ValueError, match="at least one frame"):
+        write_video(tmp_path / "empty.mp4", [])
