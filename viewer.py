@@ -12,7 +12,9 @@ Pose sliders move the head without running the network (FLAME, subdivision and a
 run it once and keep the pose.  They need the FLAME files the model was trained with (found as animate.py finds them:
 --flame_dir, else the training data's, else data/); without them the page shows no pose sliders and says why.
 
-The server binds 127.0.0.1 unless --host is given; from another machine use an SSH tunnel
+The printed address holds a per-session token (http://127.0.0.1:8080/<token>/): the server refuses every request
+without it, a websocket from a page of another origin, and file names typed in the page outside the model's folder
+and --code_dir.  The server binds 127.0.0.1 unless --host is given; from another machine use an SSH tunnel
 (ssh -L 8080:127.0.0.1:8080 host, then open http://127.0.0.1:8080 there).  It never requests a public share link.
 A missing or mismatched model.pt or code.pt is reported in the terminal and in the page; the server keeps running.
 """
@@ -27,16 +29,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.config import config_parser, parse_cli_config  # noqa: E402
+from utils.errors import run_main  # noqa: E402
 from utils.viewer import VIEWER_LISTS, HeadViewer, ViewerConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return config_parser(__doc__, ViewerConfig, lists=VIEWER_LISTS, debug=False)
+    return config_parser(__doc__, ViewerConfig, lists=VIEWER_LISTS)
 
 
 def main(argv: list[str] | None = None) -> None:
-    _, cfg = parse_cli_config(build_parser(), ViewerConfig, argv, lists=VIEWER_LISTS)
-    viewer = HeadViewer(cfg)
+    # bad flags or a server that cannot start: one clear line, like every other script (--debug: traceback)
+    viewer, cfg = run_main("viewer.py", lambda: _start(argv), argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server as cleanly as Ctrl-C
     print(f"[viewer] {cfg.checkpoint} on {viewer.url}  (open it in a browser; Ctrl-C stops)", flush=True)
     try:
@@ -46,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         viewer.close()
+
+
+def _start(argv: list[str] | None) -> tuple[HeadViewer, ViewerConfig]:
+    _, cfg = parse_cli_config(build_parser(), ViewerConfig, argv, lists=VIEWER_LISTS)
+    return HeadViewer(cfg), cfg
 
 
 if __name__ == "__main__":

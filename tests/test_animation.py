@@ -386,3 +386,46 @@ def test_animate_keeps_frames_and_plys_it_does_not_own(fit_model, tmp_path, caps
         animate.main([*base, "--png", "--overwrite"])  # 3 frames replace the user's first 3 PNGs, no PLY touched
     assert (out / "frames" / "frame_00003.png").read_bytes() == b"user png"
     assert all((out / "ply" / f"frame_{i:05d}.ply").read_bytes() == b"user ply" for i in range(4))
+
+
+def test_frames_stream_to_the_video_writer(fit_model, tmp_path, monkeypatch):  # noqa: F811
+    """A long motion never holds its frames in memory (a 1e6-frame motion at 256 x 256 kept ~196 GB): each batch is
+    written to the encoder before the next one is rendered, and a failure mid-way leaves no animation.mp4 and no
+    temporary behind."""
+    import animate
+    import utils.animation as ua
+
+    events: list[str] = []
+    real_render, real_write = ua._render, ua.VideoStream.write
+
+    def render(*a, **k):
+        events.append("render")
+        if fail_at[0] and events.count("render") == fail_at[0]:
+            raise RuntimeError("stop here")
+        return real_render(*a, **k)
+
+    def write(self, frame):
+        events.append("write")
+        return real_write(self, frame)
+
+    monkeypatch.setattr(ua, "_render", render)
+    monkeypatch.setattr(ua.VideoStream, "write", write)
+    fail_at = [0]
+    out = tmp_path / "long"
+    args = ["--checkpoint", str(fit_model), "--keyframes", "neutral", "smile", "--keyframe_frames", "12", "--batch", "4",
+            *SMALL]
+    with single_thread():
+        s = animate.main([*args, "--out", str(out)])
+    T = 13
+    assert s["num_frames"] == T and video_frames(out / "animation.mp4") == T
+    assert events.count("render") == 4 and events.count("write") == T
+    assert events[:6] == ["render", "write", "write", "write", "write", "render"]  # batch by batch
+    assert (s["width"], s["height"]) == (40, 48)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    events.clear()
+    fail_at[0] = 3  # the third batch fails: two batches were encoded already
+    with single_thread(), pytest.raises(RuntimeError, match="stop here"):
+        animate.main([*args, "--out", str(tmp_path / "failed")])  # not a user error: it passes run_main
+    assert events.count("write") == 8
+    assert not (tmp_path / "failed" / "animation.mp4").exists()
+    assert not [p for p in (tmp_path / "failed").iterdir() if ".tmp" in p.name]

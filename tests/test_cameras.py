@@ -182,6 +182,27 @@ def test_camera_params_errors(tmp_path):
         write_camera_params(tmp_path / "x.json", [_cam(name="a"), _cam(name="b").scaled(0.5)])
 
 
+def test_camera_params_bad_intrinsics_fail_instead_of_empty_masks(tmp_path):
+    """A zero focal length, or a file without width/height written for frames other than NeRSemble's, used to give
+    cameras that see nothing (empty face masks); both are errors naming the file."""
+    path, cams = _calib(tmp_path, shared=True)
+    data = json.loads(path.read_text())
+    for fx in (0.0, -5.0):
+        data["intrinsics"][0][0] = fx
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=r"camera_params.json: camera \d+: focal lengths must be > 0"):
+            load_camera_params(path)
+    data["intrinsics"] = [[480.0, 0.0, 66.0], [0.0, 480.0, 96.0], [0.0, 0.0, 1.0]]  # for 132x192 frames
+    path.write_text(json.dumps({**data, "width": 132, "height": 192}))
+    assert load_camera_params(path)["222200037"].width == 132
+    path.write_text(json.dumps({k: v for k, v in data.items() if k not in ("width", "height")}))
+    with pytest.raises(ValueError, match="has no 'width'/'height'.*add \"width\" and \"height\""):
+        load_camera_params(path)
+    path.write_text(json.dumps({**data, "width": 50, "height": 192}))
+    with pytest.raises(ValueError, match="principal point .* outside"):
+        load_camera_params(path)
+
+
 # ------------------------------------------------------------------ issue 26 class 3: serials never leave views/
 HOSTILE_SERIALS = ["../../evil", "../evil", "/tmp/evil_abs", "..", "", "a/b", ".x", "x\x00y", "-x"]
 

@@ -104,6 +104,33 @@ def test_several_faces_fit_the_largest(detector):
     assert lm.num_faces == 2 and lm.box[0] >= 512  # Grace Hopper's face
 
 
+def test_small_faces_of_a_group_photo_are_found(detector, detected):
+    """A group photo whose faces are 7-14 % of its height: the face mesh's own (short-range) detector finds none;
+    the full-range detector on tiles finds both, the largest is fitted and the warning says which one (its size and
+    centre) and where the others are.  The crop path's landmarks match the direct ones on a large face."""
+    import cv2
+
+    a = portraits()["astronaut"]  # its face: about 106 px high in 512
+    canvas = np.full((1200, 1800, 3), 90, np.uint8)
+    big = cv2.resize(a, None, fx=1.6, fy=1.6, interpolation=cv2.INTER_AREA)[:700, :700]
+    small = cv2.resize(a, None, fx=1.28, fy=1.28, interpolation=cv2.INTER_AREA)[:600, :600]
+    canvas[100:800, 100:800] = big
+    canvas[400:1000, 1000:1600] = small
+    assert not detector._mesh.process(canvas).multi_face_landmarks  # the case of the report: "no face found"
+    with pytest.warns(UserWarning, match=r"2 faces found; fitting the largest: \d+ px wide, centred at pixel "
+                                         r"\((\d+), (\d+)\) \(others: \d+ px at \(\d+, \d+\)\)") as rec:
+        lm = detector.detect(canvas, "group.png")
+    assert lm.num_faces == 2 and lm.box[2] < 800 and 0.1 < lm.face_size / 1200 < 0.2  # the larger, left face
+    msg = str(rec[0].message)
+    cx, cy = (int(v) for v in msg.split("centred at pixel (")[1].split(")")[0].split(", "))
+    assert lm.box[0] < cx < lm.box[2] and lm.box[1] < cy < lm.box[3]
+    # the same face through the crop path: within half a pixel of the direct mesh on average (106 px face)
+    img, direct = detected["astronaut"]
+    crop = detector.small_faces(np.ascontiguousarray(img))
+    assert len(crop) == 1
+    assert np.abs(crop[0][:, :2] - direct.mesh[:, :2]).mean() < 0.02 * direct.face_size
+
+
 def test_no_face_names_the_file(detector):
     img = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     with pytest.raises(NoFaceError, match=r"no face found in noise\.png \(256x256 pixels\)"):

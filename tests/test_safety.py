@@ -330,6 +330,9 @@ def test_resume_falls_back_past_a_truncated_checkpoint_bit_for_bit(preprocessed_
     (["--eval_every", "0"], "--eval_every must be >= 1, got 0"),
     (["--batch_identities", "0"], "--batch_identities must be >= 1, got 0"),
     (["--data.subdivision", "7"], "--data.subdivision must be >= 0 and <= 3, got 7"),
+    (["--model.w_avg_beta", "nan"], "--model.w_avg_beta must be a finite number (>= 0 and < 1), got nan"),
+    (["--optim.grad_clip", "inf"], "--optim.grad_clip must be a finite number (>= 0), got inf"),
+    (["--model.mapping_lr_mult", "nan"], "--model.mapping_lr_mult must be a finite number, got nan"),  # no Range
 ])
 def test_bad_config_values_fail_up_front(tmp_path, capsys, argv, flag):
     import train

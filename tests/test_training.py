@@ -113,6 +113,8 @@ def test_clear_errors(preprocessed_root, tmp_path):
         Trainer(tiny_config(tmp_path / "nowhere", tmp_path / "o"))
     with pytest.raises(ValueError, match="batch_identities=3 must be divisible|batch_views=99"):
         Trainer(tiny_config(preprocessed_root, tmp_path / "o2", batch_views=99))
+    with pytest.raises(ValueError, match=r"--batch_identities=100 exceeds the \d+ training identities"):
+        Trainer(tiny_config(preprocessed_root, tmp_path / "o3", batch_identities=100))
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  hiden: 3\n")
     res = subprocess.run([sys.executable, "train.py", "--config", str(bad), "--data_root", str(preprocessed_root)],

@@ -441,62 +441,157 @@ def test_without_flame_files_no_pose_sliders_and_the_page_says_why(fit_model, mo
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_code_files_are_reported_in_the_page(viewer, model, tmp_path):
+    """Bad files inside the allowed folders are reported with a fixed phrase (the loader's own message, which can
+    quote a file's bytes, goes to the terminal only); files elsewhere are refused before they are touched."""
     settle(viewer, a=model.identities[0], blend=0.0, truncation=1.0)
     runs, shown = viewer.network_runs, viewer.shown
-    foreign = write_foreign_code(tmp_path / "foreign" / "code.pt", model)
-    for path, words in ((foreign, "code_dim"), (tmp_path / "missing" / "code.pt", "not found"),
-                        (REPO / "README.md", "not a readable code file")):
-        viewer.controls["code_path"].value = str(path)
-        viewer.controls["add_code"].value = True
-        assert viewer.wait_idle(60)
-        top = viewer.messages[0]
-        assert top.startswith("**Error:**") and str(path) in top and words in top, top
-        assert str(path) in viewer.controls["messages"].content
-        assert any(str(path) in line and "error" in line for line in viewer.logs)  # and in the terminal
-        assert str(path) not in viewer.controls["a"].options
+    inside = Path(viewer.cfg.code_dir) / "bad_codes_test"  # --code_dir: files the page may name
+    try:
+        foreign = write_foreign_code(inside / "foreign" / "code.pt", model)
+        junk = inside / "junk" / "code.pt"
+        junk.parent.mkdir(parents=True)
+        junk.write_bytes(b"Q" + bytes(100))
+        outside = tmp_path / "secret" / "code.pt"
+        shutil.copy(foreign, tmp_path / "exists.pt")
+        for path, words in ((foreign, "not a code.pt written by track.py for this model that fits"),
+                            (inside / "missing" / "code.pt", "not found"),
+                            (junk, "(details in the terminal)"),
+                            (REPO / "README.md", "the page may open files only inside"),
+                            (outside, "the page may open files only inside"),
+                            (tmp_path / "exists.pt", "the page may open files only inside")):
+            viewer.controls["code_path"].value = str(path)
+            viewer.controls["add_code"].value = True
+            assert viewer.wait_idle(60)
+            top = viewer.messages[0]
+            assert top.startswith("**Error:**") and str(path) in top and words in top, top
+            assert str(path) in viewer.controls["messages"].content
+            assert any(str(path) in line and "error" in line for line in viewer.logs)  # and in the terminal
+            assert str(path) not in viewer.controls["a"].options
+        page = viewer.controls["messages"].content
+        assert "code_dim" not in page and "'Q'" not in page  # the loaders' own words stay in the terminal
+        assert any("code_dim" in line for line in viewer.logs)
+        # the same phrase whether a file outside exists or not: the page learns nothing about it
+        assert viewer.messages[0].replace(str(tmp_path / "exists.pt"), "X") == \
+            viewer.messages[1].replace(str(outside), "X")
+    finally:
+        shutil.rmtree(inside, ignore_errors=True)
     assert viewer.shown is shown and viewer.network_runs == runs  # the head on screen stays
     settle(viewer, a=model.identities[1])  # and the server keeps serving
     assert viewer.shown[1].a == model.identities[1]
 
 
 def test_add_good_code_file_selects_it(viewer, rig, fitted_code, tmp_path):  # noqa: F811
-    copy = tmp_path / "p2" / "code.pt"
+    copy = Path(viewer.cfg.code_dir) / "p2_copy_test" / "code.pt"
     copy.parent.mkdir()
-    shutil.copy(fitted_code, copy)
-    viewer.controls["code_path"].value = str(copy)
-    viewer.controls["add_code"].value = True
-    assert viewer.wait_idle(60)
-    assert str(copy) in viewer.controls["a"].options and viewer.shown[1].a == str(copy)
-    assert_same_cloud(viewer.cloud, head_of(rig, str(fitted_code)))
+    try:
+        shutil.copy(fitted_code, copy)
+        viewer.controls["code_path"].value = str(copy)
+        viewer.controls["add_code"].value = True
+        assert viewer.wait_idle(60)
+        assert str(copy) in viewer.controls["a"].options and viewer.shown[1].a == str(copy)
+        assert_same_cloud(viewer.cloud, head_of(rig, str(fitted_code)))
+    finally:
+        shutil.rmtree(copy.parent)
+
+
+def test_non_finite_slider_values_are_refused(viewer, model):
+    """A page (or a websocket client) can send any number: NaN or out-of-range values put the slider back to its last
+    good value and never reach the network (a NaN blend gave an all-NaN head saved under a clean name)."""
+    settle(viewer, a=model.identities[0], b=model.identities[1], blend=0.25, truncation=1.0)
+    good = viewer.shown
+    for name, bad in (("blend", float("nan")), ("truncation", float("inf")), ("blend", 7.0), ("jaw", float("-inf")),
+                      ("method", "cubic")):
+        viewer.controls[name].value = bad
+        assert viewer.wait_idle(60)
+        assert "ignored " + name in viewer.messages[0], viewer.messages[0]
+        value = viewer.controls[name].value
+        assert value == good[1].method if name == "method" else math.isfinite(value), (name, value)
+        assert viewer.shown[1] == good[1] and torch.isfinite(viewer.cloud.means).all()
+    path = viewer.save_ply()
+    assert path is not None and "nan" not in path.name.lower() and "inf" not in path.name.lower()
 
 
 def test_missing_or_foreign_model_keeps_the_server_up(fit_model, tmp_path):  # noqa: F811
     from utils.viewer import HeadViewer, ViewerConfig
 
     logs: list[str] = []
-    v = HeadViewer(ViewerConfig(checkpoint=str(tmp_path / "none" / "model.pt"), code_dir="", port=0, device="cpu",
+    folder = tmp_path / "models"  # the model's folder: the page may open files here
+    v = HeadViewer(ViewerConfig(checkpoint=str(folder / "model.pt"), code_dir="", port=0, device="cpu",
                                 codes=[str(tmp_path / "gone.pt")]), log=logs.append)
     try:
         assert v.wait_idle(60) and v.shown is None
         assert "No model loaded" in v.controls["stats"].content
         assert v.animator is None and not v.controls["pose_folder"].visible  # no model: no pose sliders either
         page = v.controls["messages"].content
-        assert "model file not found" in page and str(tmp_path / "none" / "model.pt") in page
+        assert "not found" in page and str(folder / "model.pt") in page
         assert any("model file not found" in line for line in logs)
         with urllib.request.urlopen(v.url, timeout=30) as r:  # the page is still served
             assert r.status == 200
-        bad = tmp_path / "foreign.pt"
+        folder.mkdir()
+        bad = folder / "foreign.pt"
         torch.save({"format": "something-else"}, bad)
         v.controls["model_path"].value = str(bad)
         v.controls["load_model"].value = True
-        assert v.wait_idle(60) and "is not an identity-field model.pt" in v.messages[0]
-        v.controls["model_path"].value = str(fit_model)  # then the right file, from the page
+        assert v.wait_idle(60) and "not a model.pt written by train.py that fits" in v.messages[0]
+        assert any("is not an identity-field model.pt" in line for line in logs)
+        v.controls["model_path"].value = str(fit_model)  # a model elsewhere: refused from the page
+        v.controls["load_model"].value = True
+        assert v.wait_idle(60) and "the page may open files only inside" in v.messages[0] and v.shown is None
+        shutil.copy(fit_model, folder / "model.pt")  # then the right file in the model's folder, from the page
+        v.controls["model_path"].value = str(folder / "model.pt")
         v.controls["load_model"].value = True
         assert v.wait_idle(60) and v.shown is not None and v.network_runs == 1
         assert v.animator is not None and v.controls["pose_folder"].visible  # its FLAME files found: sliders shown
         assert "gone.pt" in "".join(v.messages) and "not found" in "".join(v.messages)  # --codes checked then
     finally:
         v.close()
+
+
+# ------------------------------------------------------------------------------------------------ access control
+def test_check_request_token_host_and_origin():
+    from utils.viewer import check_request
+
+    tok = "T0k3n"
+    H = {"Host": "127.0.0.1:8080"}
+    assert check_request(f"/{tok}/", H, tok, "127.0.0.1") == (None, "/")
+    assert check_request(f"/{tok}/x.js?a=1", H, tok, "127.0.0.1") == (None, "/x.js?a=1")
+    ws = {**H, "Upgrade": "websocket"}
+    assert check_request(f"/{tok}", {**ws, "Origin": "http://127.0.0.1:8080"}, tok, "127.0.0.1")[0] is None
+    assert check_request(f"/{tok}", ws, tok, "127.0.0.1")[0] is None  # no Origin: not a browser, has the token
+    for path, headers in ((f"/", H), ("/x/", H), (f"/{tok}x/", H), (f"/{tok[:-1]}/", H),
+                          (f"/{tok}/", {"Host": "evil.example:8080"}),  # DNS rebinding
+                          (f"/{tok}", {**ws, "Origin": "http://evil.example"}),
+                          (f"/{tok}", {**ws, "Origin": "null"}),
+                          (f"/{tok}", {**ws, "Origin": "http://127.0.0.1:9999"})):
+        assert check_request(path, headers, tok, "127.0.0.1")[0] is not None, (path, headers)
+    # bound to every interface: any Host, but a browser websocket still needs its own origin
+    assert check_request(f"/{tok}/", {"Host": "10.0.0.5:8080"}, tok, "0.0.0.0")[0] is None
+    assert check_request(f"/{tok}", {"Host": "10.0.0.5:8080", "Upgrade": "websocket",
+                                     "Origin": "http://evil.example"}, tok, "0.0.0.0")[0] is not None
+
+
+def test_live_server_needs_the_token_and_its_own_origin(viewer):
+    import urllib.error
+
+    from websockets.sync.client import connect
+
+    import viser
+
+    assert viewer.url.endswith(f"/{viewer.token}/") and len(viewer.token) >= 16
+    with urllib.request.urlopen(viewer.url, timeout=30) as r:
+        assert r.status == 200
+    base = viewer.url.split("/")[2]
+    for url in (f"http://{base}/", f"http://{base}/wrong/"):
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(url, timeout=30)
+        assert ei.value.code == 403
+    proto = [f"viser-v{viser.__version__}"]
+    with connect(f"ws://{base}/{viewer.token}", origin=f"http://{base}", subprotocols=proto, open_timeout=30):
+        pass
+    for path, origin in (("/", f"http://{base}"), (f"/{viewer.token}", "http://evil.example")):
+        with pytest.raises(Exception, match="403"):
+            with connect(f"ws://{base}{path}", origin=origin, subprotocols=proto, open_timeout=30):
+                pass
 
 
 # ------------------------------------------------------------------------------------------------ safe defaults
@@ -575,8 +670,8 @@ VIEWPORT = {"width": 1200, "height": 860}  # wide enough that the control panel 
 def chromium_path() -> str:
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("the browser test needs Chromium: apt-get install -y chromium (.ci/run installs it), or set "
-                    "CHROMIUM=/path/to/chromium")
+        pytest.fail("the browser test needs Chromium: `bash scripts/setup.sh --dev` installs Debian's chromium "
+                    "(README's test command), or set CHROMIUM=/path/to/chromium")
     return path
 
 

@@ -31,10 +31,11 @@ from models.flame import FlameModel, FlameParams, FlameSubset, save_nersemble_tr
 from models.renderer import render_identities
 from utils.cameras import Camera
 from utils.codes import FittedCode
+from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
 from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
-from utils.io import OutputClaim, atomic_write_json, save_image, to_uint8, write_video
+from utils.io import OutputClaim, VideoStream, atomic_write_json, cv2_path, save_image, to_uint8
 from utils.model_io import TrainedModel, load_model
 from utils.motion import Motion, load_motion
 from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
@@ -89,6 +90,11 @@ class AnimationConfig:
     progress: bool = True  # tqdm progress bars
     overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
     reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
+
+    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),
+              "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
+              "batch": Range(1), "fps": Range(0, lo_open=True)}
 
 
 ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite")
@@ -260,7 +266,7 @@ def _read_video_frames(path: Path, frame_ids: np.ndarray) -> dict[int, np.ndarra
     import cv2
 
     want, out = set(int(i) for i in frame_ids), {}
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(cv2_path(path, "video"))
     i = 0
     while want - set(out):
         ok, frame = cap.read()
@@ -363,29 +369,36 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
                + [f"frames/frame_{n:05d}.png" for n in range(T) if cfg.png]
                + [f"ply/frame_{n:05d}.ply" for n in range(T) if cfg.ply], cfg.overwrite)
     t0 = time.perf_counter()
-    frames: list[np.ndarray] = []
+    fps = motion.fps or cfg.fps
+    # frames go straight to the encoder: memory stays one batch of frames whatever the motion's length
+    stream = VideoStream(out / "animation.mp4", fps)
     bar = tqdm(total=T, desc=f"animating {head.name}", unit="frame", disable=not cfg.progress, leave=False)
-    with torch.no_grad():
-        for a in range(0, T, cfg.batch):
-            sel = slice(a, min(T, a + cfg.batch))
-            imgs, cloud = _render(animator, head, params.frames(sel), cam, cfg.backend)
-            dimgs = None if driver is None else _render(animator, driver[0], driver[1].frames(sel), dcam,
-                                                        cfg.backend)[0]
-            for k in range(imgs.shape[0]):
-                n = a + k
-                row = [to_uint8(imgs[k])]
-                if dimgs is not None:
-                    row.append(_fit_height(to_uint8(dimgs[k]), cam.height))
-                elif panels is not None:
-                    panel = panels(n)
-                    row.append(panel if panel is not None else np.zeros_like(row[0]))
-                frame = np.concatenate(row, axis=1)
-                frames.append(frame)
-                if cfg.png:
-                    save_image(out / "frames" / f"frame_{n:05d}.png", frame)
-                if cfg.ply:
-                    cloud[k].save_ply(out / "ply" / f"frame_{n:05d}.ply")
-            bar.update(imgs.shape[0])
+    try:
+        with torch.no_grad():
+            for a in range(0, T, cfg.batch):
+                sel = slice(a, min(T, a + cfg.batch))
+                imgs, cloud = _render(animator, head, params.frames(sel), cam, cfg.backend)
+                dimgs = None if driver is None else _render(animator, driver[0], driver[1].frames(sel), dcam,
+                                                            cfg.backend)[0]
+                for k in range(imgs.shape[0]):
+                    n = a + k
+                    row = [to_uint8(imgs[k])]
+                    if dimgs is not None:
+                        row.append(_fit_height(to_uint8(dimgs[k]), cam.height))
+                    elif panels is not None:
+                        panel = panels(n)
+                        row.append(panel if panel is not None else np.zeros_like(row[0]))
+                    frame = np.concatenate(row, axis=1)
+                    stream.write(frame)
+                    if cfg.png:
+                        save_image(out / "frames" / f"frame_{n:05d}.png", frame)
+                    if cfg.ply:
+                        cloud[k].save_ply(out / "ply" / f"frame_{n:05d}.ply")
+                bar.update(imgs.shape[0])
+        video = stream.close()  # (the time of encoding counts as rendering: it happens frame by frame)
+    except BaseException:
+        stream.abort()  # no half-written animation.mp4 left behind
+        raise
     bar.close()
     times["render"] = time.perf_counter() - t0
     if panels is not None and panels.missing:
@@ -402,8 +415,6 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         times["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    fps = motion.fps or cfg.fps
-    video = write_video(out / "animation.mp4", frames, fps=fps)
     motion_path = None
     scale = params.scale
     if torch.allclose(scale, scale[:1]):
@@ -415,8 +426,8 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
     summary = {
         "identity": head.name, "identity_b": cfg.identity_b or None, "mix": cfg.mix if cfg.identity_b else None,
         "motion": motion.source, "motion_kind": motion.kind, "pose": cfg.pose, "num_frames": T,
-        "frame_ids": [int(i) for i in motion.frame_ids], "fps": fps, "width": int(frames[0].shape[1]),
-        "height": int(frames[0].shape[0]), "side_by_side": cfg.side_by_side, "video": str(video),
+        "frame_ids": [int(i) for i in motion.frame_ids], "fps": fps, "width": int(stream.size[0]),
+        "height": int(stream.size[1]), "side_by_side": cfg.side_by_side, "video": str(video),
         "motion_npz": None if motion_path is None else str(motion_path), "geometry_offsets": head.offsets is not None,
         "num_gaussians": int(model.field.num_gaussians), "flame_dir": str(flame_dir), "device": str(device),
         "seconds": sum(times.values()), "seconds_per_phase": times,

@@ -221,6 +221,26 @@ def _matrix(value, shape: tuple[int, int], path: Path, key: str) -> np.ndarray:
     return m
 
 
+def _check_intrinsics(K: np.ndarray, calib_w: int, calib_h: int, size_given: bool, path: Path, serial: str) -> None:
+    """ValueError naming the file unless K is a pinhole matrix of the calibration frames: positive focal lengths
+    and the principal point inside the frame.  Without "width"/"height" the frames are assumed to be NeRSemble's
+    2200 x 3208, and a principal point far from their centre means the file was written for other frames (scaling
+    it as if it were NeRSemble's puts the face outside the image and gives empty face masks)."""
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+    if fx <= 0 or fy <= 0:
+        raise ValueError(f"{path}: camera {serial}: focal lengths must be > 0 pixels, got fx={fx:g}, fy={fy:g}")
+    if not np.allclose(K[2], (0.0, 0.0, 1.0)):
+        raise ValueError(f"{path}: camera {serial}: the intrinsics' last row must be [0, 0, 1], got {K[2].tolist()}")
+    lo, hi = (0.0, 1.0) if size_given else (0.2, 0.8)
+    if not (lo * calib_w < cx < hi * calib_w and lo * calib_h < cy < hi * calib_h):
+        if size_given:
+            raise ValueError(f"{path}: camera {serial}: principal point ({cx:g}, {cy:g}) lies outside the "
+                             f"{calib_w}x{calib_h} calibration frame given by 'width'/'height'")
+        raise ValueError(f"{path} has no 'width'/'height', so its intrinsics are taken to be for NeRSemble's "
+                         f"{calib_w}x{calib_h} frames, but camera {serial}'s principal point ({cx:g}, {cy:g}) is far "
+                         f"from their centre: add \"width\" and \"height\" (the calibration images' size in pixels)")
+
+
 def load_camera_params(
     path: str | os.PathLike,
     image_size: tuple[int, int] | Mapping[str, tuple[int, int]] | None = None,
@@ -277,6 +297,7 @@ def load_camera_params(
         K = _matrix(intr[serial] if isinstance(intr, dict) else intr, (3, 3), path,
                     f"intrinsics[{serial!r}]" if isinstance(intr, dict) else "'intrinsics'")
         w2c = _matrix(w2c_all[serial], (4, 4), path, f"world_2_cam[{serial!r}]")
+        _check_intrinsics(K, calib_w, calib_h, "width" in data and "height" in data, path, serial)
         if image_size is None and image_dir is None:
             size = (calib_w, calib_h)
         elif isinstance(image_size, Mapping):

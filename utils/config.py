@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import re
 import typing
 from pathlib import Path
@@ -239,7 +240,10 @@ def parse_cli_config(parser: argparse.ArgumentParser, cls: type, argv: Sequence[
         if isinstance(val, list):  # nargs="+": split any comma lists, keep the strings as given
             overrides[key] = [p for v in val for p in str(v).split(",") if p]
             setattr(args, f"cfg:{key}", None)
-    return args, build_config(cls, getattr(args, "config", None), args, overrides=overrides)
+    cfg = build_config(cls, getattr(args, "config", None), args, overrides=overrides)
+    check_ranges(cfg)  # every numeric flag, before any work (the config's RANGES; NaN / inf never)
+    check_text(cfg)  # and every path: valid UTF-8
+    return args, cfg
 
 
 class Range(typing.NamedTuple):
@@ -264,12 +268,75 @@ class Range(typing.NamedTuple):
         return " and ".join(parts) or "a number"
 
 
-def check_ranges(cfg: Any, ranges: dict[str, Range]) -> None:
-    """Raise ValueError naming the flag for the first dotted key of ``cfg`` whose value lies outside its Range
-    (checked before any work starts, so a bad value never runs for minutes or writes an empty result)."""
-    for name, rng in ranges.items():
-        obj = cfg
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        if isinstance(obj, bool) or not isinstance(obj, (int, float)) or obj != obj or not rng.contains(obj):
-            raise ValueError(f"--{name} must be {rng.describe()}, got {obj!r}")
+def check_value(name: str, value: Any, rng: Range | None = None) -> None:
+    """ValueError naming ``--name`` unless ``value`` is a finite number (in ``rng`` when given) or None (unset).
+
+    NaN and +-inf are refused for every numeric flag: no flag of this project means anything with them, and they
+    pass every ``<`` / ``>`` test silently (a NaN decay gave an all-NaN average style; inf hung loops)."""
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_value(name, v, rng)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if rng is None:
+            return
+        raise ValueError(f"--{name} must be a number ({rng.describe()}), got {value!r}")
+    bounds = rng.describe() if rng is not None and (rng.lo is not None or rng.hi is not None) else ""
+    if not math.isfinite(value):
+        raise ValueError(f"--{name} must be a finite number{f' ({bounds})' if bounds else ''}, got {value!r}")
+    if bounds and not rng.contains(value):
+        raise ValueError(f"--{name} must be {bounds}, got {value!r}")
+
+
+def config_ranges(cls: type, prefix: str = "") -> dict[str, Range]:
+    """The ``RANGES`` class attributes of the dataclass ``cls`` and of its nested dataclass fields, as dotted keys
+    (a config declares its own allowed values next to its fields; the nested ones come along)."""
+    out = {f"{prefix}{k}": v for k, v in (getattr(cls, "RANGES", None) or {}).items()}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name)
+        if dataclasses.is_dataclass(tp):
+            out.update(config_ranges(tp, f"{prefix}{f.name}."))
+    return out
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_text(cfg: Any) -> None:
+    """ValueError naming the flag for the first text value of ``cfg`` (a config dataclass or an argparse Namespace)
+    that is not valid UTF-8.  Such values are paths whose bytes the file system allows but OpenCV crashes on
+    (segfault, no message); refusing them up front is one clear line instead of a crash minutes later."""
+    if dataclasses.is_dataclass(cfg):
+        items = [(name, _get(cfg, name)) for name, *_ in _leaf_fields(type(cfg))]
+    else:
+        items = list(vars(cfg).items())
+    for name, value in items:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"--{name}: {v.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 (OpenCV "
+                                     f"cannot open such paths): rename the file or folder") from None
+
+
+def check_ranges(cfg: Any, ranges: dict[str, Range] | None = None) -> None:
+    """Raise ValueError naming the flag for the first numeric value of ``cfg`` that is NaN / inf or lies outside its
+    Range (checked before any work starts, so a bad value never runs for minutes or writes an empty result).
+
+    ``cfg``: a config dataclass (every numeric leaf is checked; Ranges: the classes' ``RANGES`` plus ``ranges``) or
+    an argparse Namespace (its float / int attributes, and ``ranges``).  None means unset and is not checked."""
+    ranges = dict(ranges or {})
+    if dataclasses.is_dataclass(cfg):
+        ranges = {**config_ranges(type(cfg)), **ranges}
+        names = [name for name, *_ in _leaf_fields(type(cfg))]
+    else:
+        names = [k for k, v in vars(cfg).items() if isinstance(v, (int, float, list, tuple))]
+    for name in dict.fromkeys([*names, *ranges]):
+        check_value(name, _get(cfg, name), ranges.get(name))

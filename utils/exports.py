@@ -14,6 +14,7 @@ from torch import Tensor
 from models.renderer import render_batch
 from utils.cameras import Camera
 from utils.codes import FittedCode, code_cloud
+from utils.config import Range
 from utils.geometry import head_pose, orbit_camera
 from utils.io import safe_child, save_image, to_uint8
 from utils.model_io import TrainedModel
@@ -32,6 +33,9 @@ class ExportConfig:
     turntable_size: int = 256  # turntable frame height in pixels (width from the fitted camera's aspect)
     fps: float = 25.0  # video frame rate
     lpips: bool = True  # compute LPIPS when the optional lpips package works here (skipped with a message else)
+
+    RANGES = {"turntable_frames": Range(1), "turntable_degrees": Range(0), "turntable_size": Range(2),
+              "fps": Range(0, lo_open=True)}
 
 
 def export_views(out: Path, views: Sequence[View], renders: Tensor, extra: Sequence[tuple[str, Tensor]]) -> None:

@@ -36,6 +36,7 @@ from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
 from utils.cameras import Camera
 from utils.codes import FittedCode, colour_offsets, load_code, render_style, with_colour
+from utils.config import Range
 from utils.device import synchronize
 from utils.geometry import UniformLaplacian, mean_edge_length
 from utils.losses import l1, ssim
@@ -100,6 +101,16 @@ class FitConfig:
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
     cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
+
+    RANGES = {"iterations": Range(1), "lr": Range(0, lo_open=True), "lr_final_ratio": Range(0, 1, lo_open=True),
+              "beta1": Range(0, 1, hi_open=True), "beta2": Range(0, 1, hi_open=True), "check_every": Range(1),
+              "patience": Range(1), "min_rel_improvement": Range(0), "min_iterations": Range(0),
+              "l1_weight": Range(0), "ssim_weight": Range(0), "eye_weight": Range(0), "colour_eye_weight": Range(0),
+              "eye_min_pixels": Range(0), "style_reg": Range(0), "geometry_lr": Range(0),
+              "laplacian_weight": Range(0), "offset_weight": Range(0), "colour_iterations": Range(0),
+              "colour_lr": Range(0), "colour_laplacian_weight": Range(0), "colour_weight": Range(0),
+              "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
+              "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1)}
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from models.flame import NUM_EXPRESSION, NUM_SHAPE, FlameModel, FlameParams, axis_angle_to_matrix
 from utils.cameras import Camera
+from utils.config import Range
 
 # world -> camera of the fitted camera: the camera frame with y and z flipped (see the module docstring)
 W2C = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
@@ -84,6 +85,16 @@ class FlameFitConfig:
     temporal_std_translation: float = 0.05  # std of the head translation's change between frames, head distances
     temporal_std_jaw: float = 0.1  # std of the jaw and eye rotations' change between frames, radians
     temporal_std_expression: float = 1.0  # std of the expression coefficients' change between frames
+
+    RANGES = {"focal": Range(0), "focal_ratio": Range(0, lo_open=True), "focal_std": Range(0, lo_open=True),
+              "rigid_iterations": Range(0), "iterations": Range(0), "num_shape": Range(0), "num_expression": Range(0),
+              "landmark_sigma_px": Range(0, lo_open=True), "landmark_sigma_iod": Range(0),
+              "shape_std": Range(0, lo_open=True), "expression_std": Range(0, lo_open=True),
+              "jaw_std": Range(0, lo_open=True), "eyes_std": Range(0, lo_open=True), "robust_k": Range(0, lo_open=True),
+              "rigid_robust_scale": Range(0, lo_open=True), "contour_weight": Range(0), "iris_weight": Range(0),
+              "temporal_weight": Range(0), "temporal_std_rotation": Range(0, lo_open=True),
+              "temporal_std_translation": Range(0, lo_open=True), "temporal_std_jaw": Range(0, lo_open=True),
+              "temporal_std_expression": Range(0, lo_open=True)}
 
 
 @dataclass

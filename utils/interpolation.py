@@ -30,8 +30,9 @@ from models.renderer import render
 from utils.cameras import Camera, load_camera_params
 from utils.device import resolve_device
 from utils.codes import FittedCode, colour_offsets, load_code, with_colour
+from utils.config import Range
 from utils.geometry import head_pose, similarity_fit
-from utils.io import OutputClaim, atomic_write_json, save_image, to_uint8, write_video
+from utils.io import OutputClaim, VideoStream, atomic_write_json, save_image, to_uint8
 from utils.model_io import TrainedModel, load_model
 
 METHODS = ("linear", "slerp")
@@ -62,6 +63,10 @@ class InterpolationConfig:
     backend: str = "auto"  # rasterizer: auto, torch, gsplat, inria
     progress: bool = True  # tqdm progress bar
     overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
+
+    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    RANGES = {"num_default": Range(1), "frames": Range(1), "width": Range(2), "height": Range(2),
+              "fill": Range(0, lo_open=True), "fps": Range(0, lo_open=True)}
 
 
 INTERP_FLAGS = ("loop", "ply", "geometry", "progress", "overwrite")
@@ -284,8 +289,7 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
     # a new style every frame through the frozen network at batch 1: replayed from CUDA graphs on a GPU
     synth = GraphedSynthesis(f, model.vertices(geo(0, 0, 0.0)), space="w", requires_grad=False,
                              dynamic_geometry=cfg.geometry)
-    frames = []
-    with torch.no_grad():
+    with VideoStream(out / "interpolation.mp4", cfg.fps) as stream, torch.no_grad():  # one frame in memory
         for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
             w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
             cloud = synth(w, model.vertices(geo(i, j, t))) if cfg.geometry else synth(w)
@@ -296,10 +300,10 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
             cam = orbit(cam0, centre.to(device), R[:, 1].to(device), deg)
             img = render(cloud, cam, backend=cfg.backend)["image"].clamp(0, 1)
             save_image(frame_dir / f"frame_{n:05d}.png", img)
-            frames.append(to_uint8(img))
+            stream.write(to_uint8(img))
             if cfg.ply and n % cfg.frames == 0:  # frame k * frames shows key k exactly (t = 0)
                 cloud.save_ply(out / "keyframes" / f"key_{i:02d}_{key_label(names[i])}.ply")
-    video = write_video(out / "interpolation.mp4", frames, fps=cfg.fps)
+    video = stream.path  # written and renamed into place when the with block ended
     summary = {"keys": names, "space": space, "method": cfg.method, "frames_per_transition": cfg.frames,
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,
                "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))],

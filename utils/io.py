@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -12,7 +13,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -460,6 +461,7 @@ def image_size(path: str | os.PathLike, what: str = "image") -> tuple[int, int]:
     from PIL import Image
 
     path = Path(path)
+    check_image_pixels(path, what)  # a declared size too large to decode is refused here already, by name
     try:
         with Image.open(path) as im:
             return im.size
@@ -505,6 +507,72 @@ def check_image_complete(path: str | os.PathLike, what: str = "image") -> None:
         raise ValueError(f"{what} {path} is truncated or damaged: {_image_damage(path, exc)}") from exc
 
 
+def cv2_path(path: str | os.PathLike, what: str = "file") -> str:
+    """``path`` as the str that OpenCV's path-taking functions (VideoCapture, VideoWriter) get, or ValueError naming
+    it when its name is not valid UTF-8: OpenCV crashes the whole process (segfault, no message) on such a str
+    (undecodable bytes arrive as lone surrogates).  Images never need this: :func:`imread_file` and
+    :func:`imwrite_file` pass bytes, not paths, to OpenCV."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"the {what} path {text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8, which "
+                         f"OpenCV cannot open: rename it (or the folder) with a UTF-8 name") from None
+    return text
+
+
+MAX_IMAGE_PIXELS = 120_000_000  # larger images are refused before decoding (a 120-megapixel RGB photo: 360 MB)
+
+
+def check_image_pixels(path: str | os.PathLike, what: str = "image") -> None:
+    """ValueError naming the file when its header declares more than MAX_IMAGE_PIXELS pixels (width x height, read
+    from the header without decoding): a small file can declare a huge image (a 389 KB PNG of 20000 x 20000 pixels
+    allocated ~10 GB when decoded), and every decoder allocates the declared size first."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as exc:  # PIL's own limit (2 x its MAX_IMAGE_PIXELS) is below ours too
+        raise ValueError(f"{what} {path}: {exc}; this project decodes at most {MAX_IMAGE_PIXELS / 1e6:.0f} "
+                         f"megapixels: scale the image down first") from None
+    except Exception:  # not an image PIL knows: the decoder reports it (with the path)
+        return
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{what} {path} declares {w}x{h} pixels ({w * h / 1e6:.0f} megapixels), more than the "
+                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels this project decodes (refused before decoding): "
+                         f"scale the image down first")
+
+
+def imread_file(path: str | os.PathLike, flags: int) -> np.ndarray | None:
+    """``cv2.imread`` for any path: Python reads the bytes, ``cv2.imdecode`` decodes them (same flags, EXIF
+    orientation included), so a file name that is not UTF-8 works instead of crashing OpenCV.  None when the bytes
+    are no image OpenCV decodes (as cv2.imread)."""
+    import cv2
+
+    check_image_pixels(path)  # before any decoder allocates the declared size
+    buf = np.fromfile(os.fspath(path), dtype=np.uint8)
+    if buf.size == 0:
+        return None
+    return cv2.imdecode(buf, flags)
+
+
+def imwrite_file(path: str | os.PathLike, img: np.ndarray, params: Sequence[int] = ()) -> Path:
+    """``cv2.imwrite`` for any path (format from the suffix): ``cv2.imencode`` in memory, then an atomic write of the
+    bytes (:func:`atomic_write`), so a name that is not UTF-8 works and a crash never leaves half a file."""
+    import cv2
+
+    path = Path(path)
+    ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(img), list(params))
+    if not ok:
+        raise OSError(f"OpenCV could not encode the image {path} (format {path.suffix!r})")
+    return atomic_write(path, lambda fh: fh.write(buf.tobytes()))
+
+
 def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color") -> np.ndarray:
     """Read a complete image file as float32 in [0, 1] (8- or 16-bit files).
 
@@ -519,8 +587,9 @@ def read_image(path: str | os.PathLike, what: str = "image", mode: str = "color"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    check_image_complete(path, what)  # first: OpenCV would decode a truncated JPEG with grey rows
-    img = cv2.imread(str(path), flags[mode])
+    check_image_pixels(path, what)  # first: a decompression bomb is refused before anything decodes it
+    check_image_complete(path, what)  # OpenCV would decode a truncated JPEG with grey rows
+    img = imread_file(path, flags[mode])
     if img is None:
         raise ValueError(f"cannot decode the {what} {path}: {_image_damage(path)}")
     maxval = 65535.0 if img.dtype == np.uint16 else 255.0
@@ -544,10 +613,7 @@ def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
 
     path = Path(path)
     rgb = to_uint8(image)
-    ok, buf = cv2.imencode(path.suffix or ".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise OSError(f"OpenCV could not encode the image {path} (format {path.suffix!r})")
-    return atomic_write(path, lambda fh: fh.write(buf.tobytes()))  # never through a link planted at ``path``
+    return imwrite_file(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))  # atomic, never through a link planted at ``path``
 
 
 def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:
@@ -555,27 +621,87 @@ def save_image_grid(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path
     return save_image(path, image)
 
 
-def write_video(path: str | os.PathLike, frames: Sequence[np.ndarray], fps: float = 25.0) -> Path:
-    """Write uint8 RGB frames (H, W, 3) as an MP4 (OpenCV, mp4v codec); sizes are made even for players."""
-    if not frames:
-        raise ValueError("write_video needs at least one frame")
-    # encoded into a temporary next to ``path`` and renamed: never a half-written MP4, never through a planted link
-    return atomic_write_path(path, lambda tmp: _encode_video(tmp, frames, fps))
-
-
-def _encode_video(path: Path, frames: Sequence[np.ndarray], fps: float) -> None:
-    import cv2
-
-    h, w = frames[0].shape[:2]
-    h2, w2 = h - h % 2, w - w % 2
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w2, h2))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV could not open a video writer for {path}")
-    try:
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = 25.0) -> Path:
+    """Write uint8 RGB frames (H, W, 3) as an MP4 (OpenCV, mp4v codec); sizes are made even for players.  ``frames``
+    may be any iterable (a generator keeps one frame in memory at a time; see :class:`VideoStream`)."""
+    with VideoStream(path, fps) as stream:
         for f in frames:
-            if f.shape[:2] != (h, w):
-                raise ValueError(f"all video frames must be {w}x{h}, got {f.shape[1]}x{f.shape[0]}")
-            writer.write(cv2.cvtColor(np.ascontiguousarray(f[:h2, :w2]), cv2.COLOR_RGB2BGR))
-    finally:
-        writer.release()
+            stream.write(f)
+    if not stream.count:
+        raise ValueError("write_video needs at least one frame")
+    return stream.path
+
+
+class VideoStream:
+    """An MP4 written one frame at a time (a long motion never holds its frames in memory: a 1e6-frame motion at
+    256 x 256 would be 196 GB).  Encoded into a temporary next to ``path`` (unique, O_EXCL, same suffix) and renamed
+    by :meth:`close`; leaving the ``with`` block on an error removes the temporary, so there is never a half-written
+    MP4 and never a write through a link planted at ``path``.
+
+    ``write(frame)``: (H, W, 3) uint8 RGB, every frame of one size (odd sizes are cropped to even ones)."""
+
+    def __init__(self, path: str | os.PathLike, fps: float = 25.0) -> None:
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            raise ValueError(f"video frame rate must be a finite number > 0, got {fps!r}")
+        self.path, self.fps = Path(path), float(fps)
+        self.count = 0
+        self.size: tuple[int, int] | None = None  # (w, h) of the frames given
+        self._writer = None
+        self._tmp: Path | None = None
+
+    def write(self, frame: np.ndarray) -> None:
+        import cv2
+
+        h, w = frame.shape[:2]
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh, self._tmp = _open_temp(self.path)  # reserved with O_EXCL: the encoder opens a file of ours
+            fh.close()
+            self.size = (w, h)
+            self._writer = cv2.VideoWriter(cv2_path(self._tmp, "video"), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
+                                           (w - w % 2, h - h % 2))
+            if not self._writer.isOpened():
+                raise OSError(f"OpenCV could not open a video writer for {self.path}")
+        if (w, h) != self.size:
+            raise ValueError(f"all video frames must be {self.size[0]}x{self.size[1]}, got {w}x{h}")
+        w2, h2 = w - w % 2, h - h % 2
+        self._writer.write(cv2.cvtColor(np.ascontiguousarray(frame[:h2, :w2]), cv2.COLOR_RGB2BGR))
+        self.count += 1
+
+    def close(self) -> Path:
+        """Finish the video and rename it into place; returns its path."""
+        if self._writer is None:
+            raise ValueError(f"{self.path}: a video needs at least one frame")
+        self._writer.release()
+        self._writer = None
+        tmp, self._tmp = self._tmp, None
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            _failed(self.path, tmp, exc)
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the video: the temporary is removed, ``path`` is left as it was."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __enter__(self) -> "VideoStream":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._writer is not None:
+            self.close()
 

@@ -33,6 +33,8 @@ IBUG_STATIC = slice(17, 68)  # the 51 points of FLAME's static embedding
 IBUG_CONTOUR = slice(0, 17)  # the jaw contour (FLAME's dynamic embedding)
 NUM_MESH = 468  # mediapipe face-mesh points without the iris refinement
 MIN_FACE_PX = 64  # default smallest face (height of the landmark box, pixels) that is fitted
+MIN_SEARCH_PX = 32  # small faces: detector boxes smaller than this are ignored (half the default MIN_FACE_PX)
+CROP_PX = 256  # small faces (LandmarkDetector.small_faces): each face's crop is scaled to this many pixels
 
 INSTALL_HINT = ("face landmarks need mediapipe 0.10.21 (the last release that bundles the face-mesh model): "
                 "pip install -r requirements-landmarks.txt --no-deps  (see README, 'A head from any photo')")
@@ -249,9 +251,16 @@ class LandmarkDetector:
                                                      refine_landmarks=refine, min_detection_confidence=min_confidence,
                                                      min_tracking_confidence=min_confidence)
         self._oval = _face_oval_loop()
+        self._refine, self._min_confidence, self._static = refine, min_confidence, static_images
+        self._max_faces = max_faces
+        self._finder = None  # full-range face detector and a one-face mesh for crops: made on first use (small_faces)
+        self._crop_mesh = None
 
     def close(self) -> None:
         self._mesh.close()
+        for extra in (self._finder, self._crop_mesh):
+            if extra is not None:
+                extra.close()
 
     def __enter__(self) -> "LandmarkDetector":
         return self
@@ -268,6 +277,77 @@ class LandmarkDetector:
         for lm in res.multi_face_landmarks or []:
             a = np.array([[p.x, p.y, p.z] for p in lm.landmark], dtype=np.float64)
             faces.append(a * np.array([w, h, w]))
+        if not self._static:  # video: the tiled search (about 1 s a frame on a CPU) would dominate the frame rate
+            return faces
+        # photos: the faces the mesh's own detector missed too (small faces of a group photo), so that the faces
+        # counted and the one fitted are every face of the photo
+        boxes = [_mesh_box(m) for m in faces]
+        for m in self.small_faces(rgb):
+            if all(_overlap(_mesh_box(m), b) < 0.3 for b in boxes):
+                faces.append(m)
+                boxes.append(_mesh_box(m))
+        return faces
+
+    def _face_boxes(self, rgb: np.ndarray) -> list[tuple[float, float, float]]:
+        """(centre x, centre y, size) in pixels of the faces the full-range detector finds, largest first.  The
+        detector sees a 192-pixel version of its input, so the photo is also searched in overlapping square tiles
+        of 1/2 and 1/4 of its shorter side (a face 7 % of the photo's height is 13 pixels in the whole photo, 54 in
+        a quarter tile); boxes found twice are merged (the larger kept)."""
+        h, w = rgb.shape[:2]
+        short = min(h, w)
+        boxes: list[tuple[float, float, float, float]] = []  # x0, y0, x1, y1, pixels of the photo
+        for side in (short, short // 2, short // 4):
+            if side < 96 and boxes:
+                break
+            step = max(1, side // 2)
+            for ty in sorted({*range(0, max(1, h - side + 1), step), max(0, h - side)}):
+                for tx in sorted({*range(0, max(1, w - side + 1), step), max(0, w - side)}):
+                    tile = np.ascontiguousarray(rgb[ty:ty + side, tx:tx + side])
+                    th, tw = tile.shape[:2]
+                    for det in self._finder.process(tile).detections or []:
+                        b = det.location_data.relative_bounding_box
+                        boxes.append((tx + b.xmin * tw, ty + b.ymin * th, tx + (b.xmin + b.width) * tw,
+                                      ty + (b.ymin + b.height) * th))
+        # too small to be fitted (and where the detector finds texture, e.g. a badge, as a face)
+        boxes = [b for b in boxes if max(b[2] - b[0], b[3] - b[1]) >= MIN_SEARCH_PX]
+        boxes.sort(key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        kept: list[tuple[float, float, float, float]] = []
+        for b in boxes:
+            if all(_overlap(b, k) < 0.3 for k in kept):
+                kept.append(b)
+        return [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, max(b[2] - b[0], b[3] - b[1])) for b in kept]
+
+    def small_faces(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """Faces the face mesh's own detector misses when they are small (its short-range model looks for faces that fill a good
+        part of the image: in a group photo of 1800x1200 pixels, faces 85 pixels high were not found).  mediapipe's
+        full-range face detector finds the faces' boxes; each box, grown to twice its size and scaled to
+        CROP_PX pixels, goes through a one-face mesh, and the mesh is mapped back to the photo's pixels.
+
+        rgb: (H, W, 3) uint8.  Returns the meshes as :meth:`detect_all` (pixels of the photo)."""
+        mp = _import_mediapipe()
+        if self._finder is None:
+            self._finder = mp.solutions.face_detection.FaceDetection(model_selection=1,
+                                                                     min_detection_confidence=self._min_confidence)
+            self._crop_mesh = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                                              refine_landmarks=self._refine,
+                                                              min_detection_confidence=self._min_confidence)
+        import cv2
+
+        h, w = rgb.shape[:2]
+        faces = []
+        for cx, cy, size in self._face_boxes(rgb)[: self._max_faces]:
+            side = 2.0 * size
+            x0, y0 = cx - side / 2, cy - side / 2
+            # the crop as an affine warp: parts outside the photo are black, the crop is CROP_PX square
+            s = CROP_PX / side
+            crop = cv2.warpAffine(rgb, np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float32), (CROP_PX, CROP_PX),
+                                  flags=cv2.INTER_AREA if s < 1 else cv2.INTER_CUBIC)
+            res = self._crop_mesh.process(np.ascontiguousarray(crop))
+            for lm in res.multi_face_landmarks or []:
+                a = np.array([[p.x, p.y, p.z] for p in lm.landmark], dtype=np.float64) * CROP_PX / s
+                a[:, 0] += x0
+                a[:, 1] += y0
+                faces.append(a)
         return faces
 
     def detect(self, image: np.ndarray, name: str = "image") -> FaceLandmarks:
@@ -288,8 +368,12 @@ class LandmarkDetector:
         areas = [(b[2] - b[0]) * (b[3] - b[1]) for b in map(box, faces)]
         k = int(np.argmax(areas))
         if len(faces) > 1:
-            warnings.warn(f"{name}: {len(faces)} faces found; fitting the largest "
-                          f"({box(faces[k])[2] - box(faces[k])[0]:.0f} px wide)", stacklevel=2)
+            x0, y0, x1, y1 = box(faces[k])
+            others = ", ".join(f"{b[2] - b[0]:.0f} px at ({(b[0] + b[2]) / 2:.0f}, {(b[1] + b[3]) / 2:.0f})"
+                               for i, b in enumerate(map(box, faces)) if i != k)
+            warnings.warn(f"{name}: {len(faces)} faces found; fitting the largest: {x1 - x0:.0f} px wide, centred at "
+                          f"pixel ({(x0 + x1) / 2:.0f}, {(y0 + y1) / 2:.0f}) (others: {others}); crop the photo to "
+                          f"choose another", stacklevel=2)
         mesh = faces[k]
         b = box(mesh)
         size = b[3] - b[1]
@@ -298,6 +382,19 @@ class LandmarkDetector:
                                     f"is {self.min_face_px:.0f}: use a larger or closer crop of the face")
         return FaceLandmarks(mesh=mesh, ibug68=mediapipe_to_ibug68(mesh[:NUM_MESH, :2]), box=b, image_size=(w, h),
                              num_faces=len(faces), name=name, outline=mesh[self._oval, :2])
+
+
+def _mesh_box(m: np.ndarray) -> tuple[float, float, float, float]:
+    return float(m[:, 0].min()), float(m[:, 1].min()), float(m[:, 0].max()), float(m[:, 1].max())
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over the smaller box's area of two (x0, y0, x1, y1) boxes (a face found in two tiles, or a
+    part of a face found in a tile that cuts it, overlaps its other box by most of the smaller one)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    small = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / max(small, 1e-9)
 
 
 def detect_landmarks(image: np.ndarray, name: str = "image", min_face_px: float = MIN_FACE_PX) -> FaceLandmarks:

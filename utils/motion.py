@@ -176,6 +176,8 @@ class Motion:
     def select(self, start: int = 0, stride: int = 1, max_frames: int = 0) -> "Motion":
         """Frames start, start + stride, ... (at most ``max_frames``; 0 = all)."""
         T = self.params.num_frames
+        if max_frames < 0:  # [: -1] would silently drop the last frame
+            raise ValueError(f"--max_frames must be >= 0 (0: all frames), got {max_frames}")
         if not 0 <= start < T or stride < 1:
             raise ValueError(f"frame selection start={start}, stride={stride} is empty for a motion of {T} frames")
         idx = list(range(start, T, stride))[: max_frames or None]

@@ -27,7 +27,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.flame import FlameModel, FlameParams
+from utils.config import Range
 from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+from utils.io import cv2_path
 from utils.motion import Motion
 
 
@@ -41,6 +43,8 @@ class ReenactConfig:
     min_face_px: float = 40.0  # smallest usable face (height of its landmark box, pixels); smaller: no face
     flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # the landmark fit (utils/flame_fit.py)
 
+    RANGES = {"shape_frames": Range(1), "chunk": Range(1), "min_face_px": Range(1)}
+
 
 def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: int = 0
                ) -> tuple[list[np.ndarray], np.ndarray, float]:
@@ -48,8 +52,11 @@ def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: in
     ... (at most ``max_frames``; 0 = all)."""
     import cv2
 
+    if start < 0 or stride < 1 or max_frames < 0:
+        raise ValueError(f"video frame selection needs start >= 0, stride >= 1 and max_frames >= 0, got start={start}, "
+                         f"stride={stride}, max_frames={max_frames}")
     path = Path(path)
-    cap = cv2.VideoCapture(str(path))
+    cap = cv2.VideoCapture(cv2_path(path, "video"))
     if not cap.isOpened():
         raise ValueError(f"cannot open the video {path} (a format OpenCV reads: mp4, avi, mov, mkv, webm)")
     fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from models.gaussians import GaussianCloud, rotmat_to_quat
 from utils.cameras import Camera, load_camera_params, write_camera_params
-from utils.io import atomic_write_json, safe_child
+from utils.io import atomic_write_json, imwrite_file, safe_child
 from utils.nersemble import (
     CALIBRATION_RELPATH,
     DEFAULT_SEQUENCE,
@@ -722,8 +722,7 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]
     if hasattr(cv2, "IMWRITE_JPEG_SAMPLING_FACTOR"):  # 4:4:4: no chroma blur on tiny images
         params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-    if not cv2.imwrite(str(path), np.ascontiguousarray(u8), params):
-        raise OSError(f"could not write {path}")
+    imwrite_file(path, u8, params)
 
 
 def write_subject(

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from utils.codes import code_cloud, render_style, save_code
 from utils.config import to_dict
+from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.evaluation import evaluate_views
 from utils.exports import ExportConfig, export_views, export_wild, turntable
@@ -67,6 +68,10 @@ class TrackConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # photo-only mode: FLAME from landmarks
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    RANGES = {"frame": Range(0), "min_face_px": Range(1), "max_face_px": Range(0),
+              "image_scale": Range(0, lo_open=True), "seed": Range(0)}
 
 
 TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit.refine_colour",

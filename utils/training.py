@@ -96,6 +96,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.synth_layers": Range(0), "model.feat_dim": Range(0), "model.fourier_freqs": Range(0),
     "model.gaussians_per_vertex": Range(1), "model.sh_degree": Range(0, 3),
     "model.init_opacity": Range(0, 1, lo_open=True, hi_open=True),
+    "model.w_avg_beta": Range(0, 1, hi_open=True),  # EMA decay; 1 would keep the average style at zero
     "loss.l1_weight": Range(0), "loss.ssim_weight": Range(0), "loss.lpips_weight": Range(0), "loss.code_reg": Range(0),
     "loss.offset_reg": Range(0), "loss.scale_reg": Range(0), "loss.eye_weight": Range(0),
     "optim.lr_network": Range(0), "optim.lr_codes": Range(0), "optim.lr_template": Range(0),
@@ -204,6 +205,10 @@ class Trainer:
         self.data = data if data is not None else MultiViewDataset(
             cfg.data, self.device, progress=cfg.progress and self.is_main)
         template = subdivide_vertices(self.data.template, self.data.plan)
+        if cfg.batch_identities > len(self.data):
+            # each identity would be rendered several times a step (a batch of 100 over 4 identities: ~100 renders)
+            raise ValueError(f"--batch_identities={cfg.batch_identities} exceeds the {len(self.data)} training "
+                             f"identities of {cfg.data.root}: use at most {len(self.data)}")
         self.field = IdentityField(cfg.model, len(self.data), template, self.data.faces).to(self.device)
         self.plan = self.data.plan.to(self.device)
         self.eye_landmarks = embedding_for_flame(self.data.flame, self.data.mask_ids)  # None: no eye-region metrics

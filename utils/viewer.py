@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
+import secrets
 import sys
 import threading
 import time
@@ -61,6 +63,7 @@ from models.flame import EULER_CONVENTION, FlameParams
 from models.gaussians import GaussianCloud
 from utils.animation import IdentityKey, identity_key, load_flame, mixed_identity
 from utils.codes import FittedCode, code_cloud
+from utils.config import Range
 from utils.device import resolve_device, synchronize
 from utils.geometry import head_pose
 from utils.interpolation import METHODS, blend_style, canonical_vertices, key_label, lerp, resolve_key
@@ -169,6 +172,8 @@ class ViewerConfig:
     method: str = "slerp"  # initial interpolation method: linear or slerp (spherical)
     flame_dir: str = ""  # FLAME files of the model, for the pose sliders ("" = found as animate.py finds them)
 
+    RANGES = {"port": Range(0, 65535)}  # checked with utils.config.check_ranges before the server starts
+
 
 VIEWER_LISTS = ("codes",)
 
@@ -237,6 +242,119 @@ class DisplayFrame:
                 "opacities": c.opacities.numpy()[:, None].astype(np.float32)}
 
 
+# ---------------------------------------------------------------------------------------------- access control
+# viser accepts a websocket from any page and any local process: a web page the user visits could connect to
+# http://127.0.0.1:8080 and drive the viewer (open files, load a model.pt).  Every request must carry a per-session
+# token in its path (the URL the viewer prints: http://host:port/<token>/), and a websocket from a browser must come
+# from a page served by this server (its Origin is the Host it connected to, and that host is one this server is
+# served as).  viser 1.1.1 has no hook for this: its websockets server is created with a process_request function
+# of its own; ``_token_gate`` wraps it for the duration of the ViserServer constructor (which returns only once the
+# server is listening), so every handshake passes the gate first.
+_SERVE_PATCH = threading.Lock()
+
+
+def _forbidden(text: str):
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    body = (text + "\n").encode()
+    return Response(403, "Forbidden", Headers({"Content-Type": "text/plain; charset=utf-8",
+                                                "Content-Length": str(len(body))}), body)
+
+
+def _host_name(netloc: str) -> str:
+    """'127.0.0.1:8080' -> '127.0.0.1', '[::1]:8080' -> '::1', 'localhost' -> 'localhost' (lower case)."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].split("]")[0]
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def check_request(path: str, headers, token: str, host: str) -> tuple[str | None, str]:
+    """(refusal or None, the path with the token removed) for one HTTP or websocket request to the viewer.
+
+    ``path``: the request target; ``headers``: its headers (Host, Origin, Upgrade); ``token``: the session token;
+    ``host``: the address the server binds (--host).  Refused: a path that does not start with /<token>; a Host that
+    is not a name of this server (DNS rebinding: a page of another site whose name resolves to 127.0.0.1), unless it
+    binds every interface; a browser websocket (it always sends Origin) whose Origin is not http://<Host>."""
+    import hmac
+    from urllib.parse import urlsplit
+
+    target, _, query = path.partition("?")
+    first, _, rest = target.lstrip("/").partition("/")
+    if not hmac.compare_digest(first.encode(), token.encode()):
+        return "this viewer needs the address it printed (http://host:port/<session token>/)", path
+    hosts, origins = _all(headers, "Host"), _all(headers, "Origin")
+    if len(hosts) != 1 or len(origins) > 1:
+        return "malformed request (one Host header, at most one Origin)", path
+    req_host, origin = hosts[0], (origins[0] if origins else None)
+    if host not in ("0.0.0.0", "::", "") and _host_name(req_host) not in _served_names(host):
+        return f"unknown host {req_host!r}", path
+    if headers.get("Upgrade", "").lower() == "websocket" and origin is not None:
+        o = urlsplit(origin)
+        if o.scheme not in ("http", "https") or o.netloc.lower() != req_host.lower():
+            return f"websocket from another origin ({origin!r}) refused", path
+    return None, "/" + rest + (f"?{query}" if query else "")
+
+
+def _all(headers, name: str) -> list[str]:
+    return list(headers.get_all(name)) if hasattr(headers, "get_all") else \
+        ([headers[name]] if headers.get(name) is not None else [])
+
+
+def _served_names(host: str) -> set[str]:
+    names = {host.lower().strip("[]")}
+    if is_loopback(host):
+        names |= {"127.0.0.1", "localhost", "::1"}
+    return names
+
+
+def _token_gate(token: str, host: str):
+    """A replacement of websockets.asyncio.server.serve that puts :func:`check_request` in front of viser's own
+    process_request (the static page), handing it the path without the token."""
+    import dataclasses as dc
+
+    import websockets.asyncio.server as wss
+
+    real = wss.serve
+
+    def serve(handler, *args, process_request=None, **kwargs):
+        def gate(connection, request):
+            refusal, path = check_request(request.path, request.headers, token, host)
+            if refusal is not None:
+                return _forbidden(f"identity-field viewer: {refusal}")
+            if process_request is None:
+                return None
+            return process_request(connection, dc.replace(request, path=path))
+
+        return real(handler, *args, process_request=gate, **kwargs)
+
+    return real, serve
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside one of ``roots``."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError):
+        return False
+    return any(real == r or real.is_relative_to(r) for r in roots)
+
+
+def page_error(exc: BaseException, kind: str) -> str:
+    """What the page says about a file that could not be used: a fixed phrase per kind of failure, never the
+    loader's own text (which can quote a file's bytes); the terminal gets the full message."""
+    from utils.io import UnsafeFileError
+
+    if isinstance(exc, FileNotFoundError):
+        return "not found"
+    if isinstance(exc, UnsafeFileError):
+        return "refused: it holds Python objects, not only tensors (loading it could run code)"
+    if isinstance(exc, (ValueError, KeyError, IndexError)):
+        return f"not a {kind} that fits (details in the terminal)"
+    return f"cannot be read as a {kind} (details in the terminal)"
+
+
 class HeadViewer:
     """A viser server showing a trained identity field (see the module docstring).
 
@@ -262,7 +380,18 @@ class HeadViewer:
             self._log(f"[viewer] WARNING: serving on {cfg.host}: anyone who can reach this machine on the network can "
                       f"open the viewer (and save PLYs on this machine); use --host 127.0.0.1 and an SSH tunnel "
                       f"(ssh -L {cfg.port}:127.0.0.1:{cfg.port} host) to keep it private")
-        self.server = viser.ViserServer(host=cfg.host, port=cfg.port, label="Identity field", verbose=False)
+        self.token = secrets.token_urlsafe(16)  # this session's: in the printed URL, required by every request
+        import websockets.asyncio.server as wss
+
+        with _SERVE_PATCH:  # viser creates its websockets server inside the constructor: gate it (_token_gate)
+            real, wss.serve = _token_gate(self.token, cfg.host)
+            try:
+                self.server = viser.ViserServer(host=cfg.host, port=cfg.port, label="Identity field", verbose=False)
+            finally:
+                wss.serve = real
+        # files the page may name (Files folder): inside the model's folder and --code_dir only
+        self.file_roots = [Path(os.path.realpath(Path(cfg.checkpoint).parent))] + \
+            ([Path(os.path.realpath(cfg.code_dir))] if cfg.code_dir else [])
         # Never contact viser's public share service: the page's share button is hidden, and a share request that a
         # page sends anyway (the server handles them on its thread pool) is refused here.
         self.server.request_share_url = self._refuse_share  # type: ignore[method-assign]
@@ -297,6 +426,10 @@ class HeadViewer:
 
         self.controls: dict = {}
         self._build_gui()
+        # the last valid value of each control (restored when a client sends one that is not: _slider)
+        self._good: dict[str, float | str] = {name: h.value for name, h in self.controls.items()
+                                               if name in ("blend", "truncation", "method")
+                                               or name in {pc.name for pc in POSE_CONTROLS}}
         self._given_codes = list(cfg.codes) + [str(p) for p in find_codes(cfg.code_dir)]  # offered with any model
         self._load_model(cfg.checkpoint)
         self._worker = threading.Thread(target=self._serve_forever, name="viewer-worker", daemon=True)
@@ -308,7 +441,7 @@ class HeadViewer:
     def url(self) -> str:
         host = self.server.get_host()
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else (f"[{host}]" if ":" in host else host)
-        return f"http://{shown}:{self.server.get_port()}"
+        return f"http://{shown}:{self.server.get_port()}/{self.token}/"
 
     @property
     def cloud(self) -> GaussianCloud | None:
@@ -405,8 +538,10 @@ class HeadViewer:
         for name in ("a", "b", "blend", "method", "truncation") + tuple(pc.name for pc in POSE_CONTROLS):
             c[name].on_update(lambda _event: self.request())
         c["preset"].on_update(lambda _event: self._apply_keyframe(c["preset"].value))
-        c["add_code"].on_click(lambda _e: self.submit(lambda p=c["code_path"].value: self._add_code(p, select=True)))
-        c["load_model"].on_click(lambda _e: self.submit(lambda p=c["model_path"].value: self._load_model(p)))
+        c["add_code"].on_click(lambda _e: self.submit(lambda p=c["code_path"].value: self._add_code(
+            p, select=True, from_page=True)))
+        c["load_model"].on_click(lambda _e: self.submit(lambda p=c["model_path"].value: self._load_model(
+            p, from_page=True)))
         c["save_ply"].on_click(lambda _e: self.save_ply())
 
     def _state(self) -> ViewState | None:
@@ -414,9 +549,36 @@ class HeadViewer:
         with self._controls_lock:
             if self.model is None or c["a"].value not in self.sources or c["b"].value not in self.sources:
                 return None
-            pose = () if self.animator is None else tuple(float(c[pc.name].value) for pc in POSE_CONTROLS)
-            return ViewState(self.sources[c["a"].value], self.sources[c["b"].value], float(c["blend"].value),
-                             str(c["method"].value), float(c["truncation"].value), pose)
+            if c["method"].value in METHODS:
+                self._good["method"] = c["method"].value
+            else:
+                self._reject("method", c["method"].value)
+            names = ("blend", "truncation") + (() if self.animator is None else tuple(pc.name for pc in POSE_CONTROLS))
+            values = {name: self._slider(name) for name in names}
+            pose = () if self.animator is None else tuple(values[pc.name] for pc in POSE_CONTROLS)
+            return ViewState(self.sources[c["a"].value], self.sources[c["b"].value], values["blend"],
+                             str(c["method"].value), values["truncation"], pose)
+
+    def _slider(self, name: str) -> float:
+        """A slider's value if it is a finite number inside the slider's range; else (a page or websocket client can
+        send anything, e.g. NaN, which gave a NaN head saved under a clean name) the slider is put back to its
+        last good value, the page says so, and that value is used."""
+        h = self.controls[name]
+        try:
+            v = float(h.value)
+        except (TypeError, ValueError):
+            v = math.nan
+        if math.isfinite(v) and h.min <= v <= h.max:
+            self._good[name] = v
+            return v
+        return self._reject(name, h.value)
+
+    def _reject(self, name: str, value) -> float | str:
+        good = self._good.get(name, METHODS[0] if name == "method" else 0.0)
+        self._message(f"ignored {name} = {str(value)[:40]!r}: not a value of this control; kept {good!r}",
+                      error=True)
+        self.controls[name].value = good
+        return good
 
     def _apply_keyframe(self, name: str) -> None:
         """Set every pose slider to keyframe ``name`` at once (one head served for all), then rest the dropdown."""
@@ -432,9 +594,10 @@ class HeadViewer:
                 self.controls[pc.name].value = v
         self.controls["preset"].value = PRESET_PROMPT  # so that the same keyframe can be picked again
 
-    def _message(self, text: str, error: bool = False) -> None:
-        """Show ``text`` in the page (newest first) and print it to the terminal."""
-        self._log(f"[viewer] {'error: ' if error else ''}{text}")
+    def _message(self, text: str, error: bool = False, detail: str = "") -> None:
+        """Show ``text`` in the page (newest first) and print it to the terminal, with ``detail`` (a loader's own
+        message, which can quote a file's bytes) in the terminal only."""
+        self._log(f"[viewer] {'error: ' if error else ''}{text}{f' ({detail})' if detail else ''}")
         with self._msg_lock:
             self.messages = ([f"**Error:** {text}" if error else text] + self.messages)[:MAX_MESSAGES]
             self.controls["messages"].content = "\n\n".join(self.messages)
@@ -444,13 +607,28 @@ class HeadViewer:
         return None
 
     # ------------------------------------------------------------------------------------------ worker jobs
-    def _load_model(self, path: str) -> None:
+    def _page_path_allowed(self, path: str, kind: str) -> bool:
+        """A path typed in the page must lie inside the model's folder or --code_dir (checked before the file is
+        touched, so the page learns nothing about files elsewhere); False after saying so."""
+        if path and _inside(Path(path), self.file_roots):
+            return True
+        self._message(f"cannot open {path or 'an empty path'} as a {kind}: the page may open files only inside "
+                      f"{' or '.join(str(r) for r in self.file_roots)} (the model's folder and --code_dir)",
+                      error=True)
+        return False
+
+    def _load_model(self, path: str, from_page: bool = False) -> None:
         """Load model.pt; on success offer its identities, the code files of the command line and those added in the
-        page (each checked against this model)."""
+        page (each checked against this model).  ``from_page``: typed in the page (restricted to the model's folder
+        and --code_dir)."""
+        path = str(path).strip()
+        if from_page and not self._page_path_allowed(path, "model.pt"):
+            return
         try:
             model = load_model(path, self.device)
         except Exception as exc:  # the server must stay up: report any failure of a user-given file
-            self._message(f"cannot load the model: {exc}", error=True)
+            self._message(f"cannot load the model {path}: {page_error(exc, 'model.pt written by train.py')}",
+                          error=True, detail=str(exc))
             if self.model is None:
                 self.controls["stats"].content = f"**No model loaded** ({path}); train one with `bash run_training.sh`"
             return
@@ -478,9 +656,12 @@ class HeadViewer:
         for name in ("pose_folder", "expression_folder"):
             self.controls[name].visible = self.animator is not None
 
-    def _add_code(self, path: str, select: bool, refresh: bool = True) -> None:
-        """Offer a code.pt (checked against the model now, so a bad file is reported when it is given)."""
+    def _add_code(self, path: str, select: bool, refresh: bool = True, from_page: bool = False) -> None:
+        """Offer a code.pt (checked against the model now, so a bad file is reported when it is given).
+        ``from_page``: typed in the page (restricted to the model's folder and --code_dir)."""
         path = str(path).strip()
+        if from_page and path and not self._page_path_allowed(path, "code.pt"):
+            return
         if self.model is None:
             self._message(f"cannot add {path or 'a code.pt'}: no model is loaded", error=True)
             return
@@ -496,7 +677,8 @@ class HeadViewer:
                 self._pose_key(path)  # now, so that a file the pose path cannot use is reported when it is given
         except Exception as exc:  # the server must stay up: report any failure of a user-given file
             self._keys.pop(path, None)
-            self._message(f"cannot use {path}: {exc}", error=True)
+            self._message(f"cannot use {path}: {page_error(exc, 'code.pt written by track.py for this model')}",
+                          error=True, detail=str(exc))
             return
         self.sources[path] = path
         if refresh:
@@ -526,11 +708,11 @@ class HeadViewer:
                 try:
                     job()
                 except Exception as exc:  # keep serving whatever a job ran into
-                    self._message(f"{type(exc).__name__}: {exc}", error=True)
+                    self._message(f"a request failed ({type(exc).__name__})", error=True, detail=str(exc))
             try:
                 self._update()
             except Exception as exc:  # keep serving: the next change may well work
-                self._message(f"update failed: {type(exc).__name__}: {exc}", error=True)
+                self._message(f"update failed ({type(exc).__name__})", error=True, detail=str(exc))
             with self._cond:
                 self._served = max(self._served, target)
                 self._cond.notify_all()

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
+from utils.config import Range, check_ranges, check_text, check_value
 from utils.errors import add_debug_flag, run_main
 from utils.io import atomic_write_path
 from utils.nersemble import DEFAULT_SEQUENCE, NersembleSubject, list_subjects
@@ -119,9 +120,11 @@ def frames_of(args: argparse.Namespace, subject: NersembleSubject) -> list[int]:
             raise FileNotFoundError(f"no frame folders (frame_<t>) in {subject.sequence_dir / 'timesteps'}")
         return found
     try:
-        return [int(f) for f in frames]
+        out = [int(f) for f in frames]
     except ValueError as exc:
         raise ValueError(f"--frames takes frame indices or 'all', got {frames}") from exc
+    check_value("frames", out, Range(0))
+    return out
 
 
 def iter_subjects(args: argparse.Namespace, desc: str) -> Iterator[NersembleSubject]:
@@ -172,12 +175,31 @@ def atomic_write(path: Path, write: Callable[[Path], None], outputs: Optional[Ou
         outputs.written.append(path)
 
 
+# Allowed values of the numeric flags of the preprocessing scripts (each script has some of them).
+PREPROCESS_RANGES = {"frame": Range(0), "out_frame": Range(0), "img_width": Range(1), "img_height": Range(1),
+                     "img_scale": Range(0, lo_open=True), "blur": Range(0), "max_level": Range(0)}
+
+
 def script_main(build_parser: Callable[[], argparse.ArgumentParser], run: Callable[[argparse.Namespace], Outputs],
                 what: str, argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv``, run, print the summary; missing inputs exit with status 2 and a one-line message."""
     args = build_parser().parse_args(argv)
+
+    def checked_run(args: argparse.Namespace) -> Outputs:
+        # every numeric flag before any work: NaN / inf never, and the ranges of the flags these scripts share
+        check_ranges(args, {k: v for k, v in PREPROCESS_RANGES.items() if hasattr(args, k)})
+        check_text(args)  # paths OpenCV would crash on
+        frames = getattr(args, "frames", None)
+        if frames and [str(f).lower() for f in frames] != ["all"]:
+            try:
+                check_value("frames", [int(f) for f in frames], Range(0))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(str(exc) if str(exc).startswith("--frames") else
+                                 f"--frames takes frame indices >= 0 or 'all', got {frames}") from exc
+        return run(args)
+
     try:
-        out = run_main(what, lambda: run(args), argv)
+        out = run_main(what, lambda: checked_run(args), argv)
     except SystemExit as exc:
         return int(exc.code)
     print(out.summary(what))

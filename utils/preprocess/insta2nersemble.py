@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.cameras import Camera  # noqa: E402
-from utils.io import safe_name  # noqa: E402
+from utils.io import imread_file, imwrite_file, safe_name  # noqa: E402
 from utils.nersemble import (  # noqa: E402
     CALIBRATION_RELPATH, DEFAULT_IMAGE_FOLDER, DEFAULT_SEQUENCE, FRONTAL_SERIAL, TRACKING_RELPATH, timestep_name,
 )
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> Outputs:
         return out
 
     cam = insta_camera(meta, fr, args.convention)
-    img = cv2.imread(str(image_src), cv2.IMREAD_UNCHANGED)
+    img = imread_file(image_src, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ValueError(f"cannot decode the INSTA image {image_src}")
     ih, iw = img.shape[:2]
@@ -251,10 +251,7 @@ def run(args: argparse.Namespace) -> Outputs:
 
 
 def _imwrite(path: Path, img: np.ndarray) -> None:
-    import cv2
-
-    if not cv2.imwrite(str(path), img):
-        raise OSError(f"cv2 could not write {path}")
+    imwrite_file(path, img)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.cameras import Camera  # noqa: E402
+from utils.io import imwrite_file  # noqa: E402
 from utils.mesh_raster import render_mask  # noqa: E402
 from utils.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
@@ -126,11 +127,8 @@ def soft_mask(mask: np.ndarray, blur: float) -> np.ndarray:
 
 def _write_png(path: Path, img: np.ndarray) -> None:
     """uint8 (H, W) gray or (H, W, 3) RGB -> PNG."""
-    import cv2
-
     arr = img[..., ::-1] if img.ndim == 3 else img
-    if not cv2.imwrite(str(path), np.ascontiguousarray(arr)):
-        raise OSError(f"cv2 could not write {path}")
+    imwrite_file(path, arr)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
