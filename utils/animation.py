@@ -31,6 +31,7 @@ from models.flame import FlameModel, FlameParams, FlameSubset, save_nersemble_tr
 from models.renderer import render_identities
 from utils.cameras import Camera
 from utils.codes import FittedCode
+from utils.config import Range, check_ranges
 from utils.device import resolve_device, synchronize
 from utils.geometry import similarity_fit
 from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
@@ -88,9 +89,20 @@ class AnimationConfig:
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
     progress: bool = True  # tqdm progress bars
     reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
+    stream: bool = False  # live driving (utils/streaming.py): the --motion video, or a camera device index (e.g. 0),
+    #                       tracked and rendered frame by frame, written as it goes; prints the latency distribution
+    stream_workers: int = 1  # --stream: landmark detector threads (1-32), overlapped with the FLAME fit and render;
+    #                          more than 1 only when detection is the bottleneck: each thread's mediapipe (video mode)
+    #                          then tracks from every W-th frame, which detects differently (README)
+    stream_queue: int = 4  # --stream: frames each bounded queue between the stages holds (1-256)
+    stream_fit_device: str = "cpu"  # --stream: device of the per-frame FLAME fit: cpu, auto (= --device), cuda[:N]
+    stream_iterations: int = 10  # --stream: Levenberg-Marquardt iterations per warm-started frame (1-200)
+    stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would
 
 
-ANIM_FLAGS = ("png", "ply", "progress", "evaluate")
+ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "stream", "stream_realtime")
+STREAM_RANGES = {"stream_workers": Range(1, 32), "stream_queue": Range(1, 256), "stream_iterations": Range(1, 200),
+                 "reenact.shape_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0)}
 ANIM_LISTS = ("keyframes",)
 
 
@@ -308,6 +320,13 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
+    if cfg.stream:  # live driving: frame by frame (utils/streaming.py)
+        from utils.streaming import animate_stream
+
+        check_ranges(cfg, STREAM_RANGES)
+        return animate_stream(cfg, model)
+    if cfg.motion.strip().isdigit():
+        raise ValueError(f"--motion {cfg.motion}: a camera device index needs --stream")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
