@@ -13,6 +13,13 @@ tilt, look_left, look_right (utils/motion.py: jaw / neck / eyes are FLAME joints
 synthetic FLAME's named expression components, see README).  A keyframes file (.yaml/.json) lists built-in names
 and/or mappings {name, expression: {index: value}, jaw: [x, y, z], neck: [...], eyes: [...]}.
 
+Live driving (--stream, utils/streaming.py): a video file or a camera device index as --motion is tracked and
+rendered frame by frame (landmark threads overlapped with the FLAME fit and the render, bounded queues, frames in
+order), the MP4 written as it goes; at the end the per-frame latency distribution and the sustained frame rate:
+
+    python animate.py --identity 300 --motion driver.mp4 --stream --side_by_side video
+    python animate.py --identity 300 --motion 0 --stream --max_frames 300     # camera 0 (Ctrl-C stops it)
+
 Writes <out>/animation.mp4, <out>/motion.npz (the motion as it drove the identity, NeRSemble layout, reusable as
 --motion), <out>/animation.json, and with --png / --ply <out>/frames/frame_<n>.png / <out>/ply/frame_<n>.ply.
 """
@@ -40,6 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(argv: list[str] | None) -> dict:
     _, cfg = parse_cli_config(build_parser(), AnimationConfig, argv, lists=ANIM_LISTS)
     summary = animate(cfg)
+    if "stream" in summary:
+        from utils.streaming import format_summary
+
+        print(format_summary(summary))
     print(f"{summary['num_frames']} frames of {summary['identity']} driven by {summary['motion']} "
           f"({summary['render_fps']:.1f} frames/s posed and rendered) -> {summary['video']}")
     return summary

@@ -354,6 +354,85 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
             "reenact_jaw_r": r(p.jaw[:, 0].cpu(), truth.jaw[:, 0])}
 
 
+def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = 30.0, seed: int = 0):
+    """(MP4 path, true FlameParams): a synthetic head (identity 301 of a fresh synthetic FLAME) driven through
+    ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``."""
+    from models.animation import retarget
+    from utils.io import to_uint8, write_video
+    from utils.motion import load_motion
+    from utils.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
+    from utils.synthetic_flame import make_flame_model
+
+    model = make_flame_model(seed)
+    heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
+    ident = sample_identity(model, seed, "301")
+    truth = retarget(load_motion("keyframes", heads.flame, REENACT_KEYS, per_transition).params, ident.params)
+    c = heads.flame(ident.params)[0].mean(0).tolist()
+    cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), size, size, fov_y_deg=30).to(device)
+    video = []
+    for i in range(truth.num_frames):
+        cloud = heads.cloud(ident, truth.frame(i)).to(device)
+        video.append(to_uint8(render_ground_truth(cloud, [cam], ident, "studio")["image"][0]))
+    return write_video(Path(tempfile.mkdtemp(prefix="bench_stream_")) / "driver.mp4", video, fps=fps), truth
+
+
+def motion_correlations(params, truth) -> dict:
+    """Correlations over the frames of a recovered motion with the truth: jaw opening, smile / brows raise
+    (expression 1 / 2) and head turn (yaw relative to the first frame; the truth's neck yaw plus its head yaw)."""
+    def yaw(R):
+        rel = R[0].T @ R
+        return torch.atan2(rel[:, 0, 2], rel[:, 2, 2]).cpu().numpy()
+
+    r = lambda a, b: float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])  # noqa: E731
+    true_turn = yaw(truth.rotation_matrix.cpu()) + truth.neck[:, 1].cpu().numpy()
+    return {"jaw": r(params.jaw[:, 0].cpu(), truth.jaw[:, 0].cpu()),
+            "smile": r(params.expression[:, 1].cpu(), truth.expression[:, 1].cpu()),
+            "brows": r(params.expression[:, 2].cpu(), truth.expression[:, 2].cpu()),
+            "turn": r(yaw(params.rotation_matrix.cpu()), true_turn)}
+
+
+def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
+                 per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 10,
+                 shape_frames: int = 16) -> dict:
+    """Live driving (animate.py --stream, utils/streaming.py) on a synthetic driving video (:func:`driving_video`,
+    ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the sustained frame rate and
+    the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as it decodes (latency
+    then includes waiting behind the bounded queues), once more paced at the video's 30 fps as a camera delivers it
+    (the first configuration), and the jaw / smile / brows / head-turn correlations with the truth next to the
+    batch path's (utils/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the driver's shape on
+    ``shape_frames`` frames (the batch path spread over the video, the stream on its first ones)."""
+    from models.flame import load_tracking
+    from utils.animation import AnimationConfig, animate
+    from utils.reenactment import ReenactConfig, reenact_video
+
+    path, truth = driving_video(data, device, per_transition, size)
+    t = time.perf_counter()
+    reenact = ReenactConfig(shape_frames=shape_frames)
+    batch = reenact_video(path, data.flame, reenact, progress=False)
+    rows = {"stream_video": f"{truth.num_frames} frames {size}x{size} @30fps, render {render}x{render}",
+            "stream_batch_fps_end_to_end": truth.num_frames / (time.perf_counter() - t)}
+    rb = motion_correlations(batch.params, truth)
+    rows.update({f"stream_batch_r_{k}": v for k, v in rb.items()})
+    runs = [(w, d, False) for d in fit_devices for w in workers] + [(workers[0], fit_devices[0], True)]
+    for w, d, paced in runs:
+        out = Path(tempfile.mkdtemp(prefix="bench_stream_out_"))
+        cfg = AnimationConfig(checkpoint=str(model_path), motion=str(path), stream=True, stream_workers=w,
+                              stream_fit_device=d, stream_iterations=iterations, stream_realtime=paced,
+                              width=render, height=render, out=str(out), device=str(device), progress=False,
+                              reenact=reenact, flame_dir=str(data.flame_dir))
+        s = animate(cfg)["stream"]
+        rs = motion_correlations(load_tracking(out / "motion.npz"), truth)
+        key = f"stream_{w}w_fit_{d.replace(':', '')}{'_paced30' if paced else ''}"
+        lat = s["latency_ms_steady"]
+        rows.update({f"{key}_sustained_fps": s["sustained_fps"], f"{key}_latency_ms_p50": lat["p50"],
+                     f"{key}_latency_ms_p90": lat["p90"], f"{key}_latency_ms_p99": lat["p99"],
+                     f"{key}_latency_ms_max_all_frames": s["latency_ms_all"]["max"],
+                     **{f"{key}_stage_ms_{k[:-2]}": v for k, v in s["stage_ms_mean"].items()},
+                     **{f"{key}_r_{k}": v for k, v in rs.items()},
+                     f"{key}_min_r_minus_batch": min(rs[k] - rb[k] for k in rb)})
+    return rows
+
+
 def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend: str, repeats: int = 3,
                 max_face_px: float = 0.0) -> dict:
     """Photo to fitted head on skimage's astronaut: track()'s load phase (detection, FLAME + camera fit, face mask,
@@ -433,7 +512,14 @@ def main() -> None:
     p.add_argument("--parts", default="train,render,fit,animate",
                    help="comma-separated figures to measure: train (throughput), render (FPS), fit, animate (FPS of a "
                         "FLAME-driven cached identity), reenact (video reenactment throughput; needs mediapipe, not in "
-                        "the default), photo (photo-only path on the astronaut; not in the default)")
+                        "the default), photo (photo-only path on the astronaut; not in the default), stream (live driving: "
+                        "animate.py --stream's sustained fps and latency distribution; needs mediapipe, not in the "
+                        "default)")
+    p.add_argument("--stream_workers", default="1,2,4",
+                   help="--parts stream: comma-separated landmark-thread counts to measure (each 1-32)")
+    p.add_argument("--stream_fit_devices", default="cpu,auto",
+                   help="--parts stream: comma-separated devices of the per-frame FLAME fit (cpu, auto = the "
+                        "benchmark's device, cuda, cuda:N)")
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models/renderer.py's GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
@@ -493,6 +579,19 @@ def main() -> None:
     if "reenact" in parts:
         rows.update(bench_reenactment(data, device, per_transition=3 if args.quick else 12,
                                       size=256 if args.quick else 512))
+    if "stream" in parts:
+        try:
+            workers = [int(w) for w in args.stream_workers.split(",") if w]
+        except ValueError:
+            p.error(f"--stream_workers must be comma-separated integers, got {args.stream_workers!r}")
+        if not workers or not all(1 <= w <= 32 for w in workers):
+            p.error(f"--stream_workers must be integers in 1-32, got {args.stream_workers!r}")
+        fit_devices = [d for d in args.stream_fit_devices.split(",") if d]
+        if not fit_devices:
+            p.error("--stream_fit_devices must name at least one device")
+        rows.update(bench_stream(Path(cfg.out) / "model.pt", data, device, workers, fit_devices,
+                                 per_transition=3 if args.quick else 12, size=256 if args.quick else 512,
+                                 render=64 if args.quick else 512, shape_frames=8 if args.quick else 16))
     if "photo" in parts:
         # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
         rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,

@@ -90,14 +90,24 @@ class AnimationConfig:
     progress: bool = True  # tqdm progress bars
     overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
     reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
+    stream: bool = False  # live driving (utils/streaming.py): the --motion video, or a camera device index (e.g. 0),
+    #                       tracked and rendered frame by frame, written as it goes; prints the latency distribution
+    stream_workers: int = 1  # --stream: landmark detector threads (1-32), overlapped with the FLAME fit and render;
+    #                          more than 1 only when detection is the bottleneck: each thread's mediapipe (video mode)
+    #                          then tracks from every W-th frame, which detects differently (README)
+    stream_queue: int = 4  # --stream: frames each bounded queue between the stages holds (1-256)
+    stream_fit_device: str = "cpu"  # --stream: device of the per-frame FLAME fit: cpu, auto (= --device), cuda[:N]
+    stream_iterations: int = 10  # --stream: Levenberg-Marquardt iterations per warm-started frame (1-200)
+    stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would
 
     # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
     RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),
               "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
-              "batch": Range(1), "fps": Range(0, lo_open=True)}
+              "batch": Range(1), "fps": Range(0, lo_open=True), "stream_workers": Range(1, 32),
+              "stream_queue": Range(1, 256), "stream_iterations": Range(1, 200), "reenact.shape_frames": Range(1)}
 
 
-ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite")
+ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite", "stream", "stream_realtime")
 ANIM_LISTS = ("keyframes",)
 
 
@@ -323,6 +333,12 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
+    if cfg.stream:  # live driving: frame by frame (utils/streaming.py)
+        from utils.streaming import animate_stream
+
+        return animate_stream(cfg, model)
+    if cfg.motion.strip().isdigit():
+        raise ValueError(f"--motion {cfg.motion}: a camera device index needs --stream")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)

@@ -85,6 +85,10 @@ class FlameFitConfig:
     temporal_std_translation: float = 0.05  # std of the head translation's change between frames, head distances
     temporal_std_jaw: float = 0.1  # std of the jaw and eye rotations' change between frames, radians
     temporal_std_expression: float = 1.0  # std of the expression coefficients' change between frames
+    wide_stage: bool = True  # run the non-rigid stage first with the wide robust scale (off: warm-started tracking)
+    max_rejections: int = 0  # give up after this many rejected LM steps in a row (0: until the damping reaches 1e10)
+    tolerance: float = 1e-6  # stop a stage when an accepted step lowers the loss by less than this fraction
+    contour_passes: int = 3  # most narrow-scale solves, re-looking up the jaw-contour rows after each
 
     RANGES = {"focal": Range(0), "focal_ratio": Range(0, lo_open=True), "focal_std": Range(0, lo_open=True),
               "rigid_iterations": Range(0), "iterations": Range(0), "num_shape": Range(0), "num_expression": Range(0),
@@ -311,7 +315,9 @@ def _whiten(r: Tensor, w: Tensor, scale: Tensor, sigma: Tensor) -> Tensor:
 
 
 def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: FlameFitConfig | None = None,
-                           shape: Tensor | None = None, camera_name: str = "222200037") -> FlameFitResult:
+                           shape: Tensor | None = None, camera_name: str = "222200037", init: FlameParams | None = None,
+                           previous: FlameParams | None = None, landmark_flame: "LandmarkFlame | None" = None
+                           ) -> FlameFitResult:
     """Fit FLAME (one shape; per frame expression, jaw, eyes, head rotation and translation) and one focal length to
     the landmarks of T frames.
 
@@ -329,12 +335,18 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         cfg: FlameFitConfig.
         shape: (1, 300) a known identity shape, kept fixed (e.g. fitted on a neutral frame); None: fitted.
         camera_name: serial of the fitted camera (the NeRSemble frontal camera by default).
+        init: FlameParams (1 or T frames) to start from instead of PnP's rigid pose of the mean face (a warm start,
+            e.g. the previous frame of a video: :class:`FrameTracker`); its head pose, expression, jaw and eyes.
+        previous: FlameParams (1 frame) of the frame BEFORE the first target frame: the frame-to-frame prior then
+            also ties the first frame to it (smoothing that only looks backwards, for streaming).
+        landmark_flame: a :class:`LandmarkFlame` of ``flame`` built once by the caller (per-frame fits skip its
+            construction).
     Returns:
         FlameFitResult (params on ``flame``'s device; camera on the CPU).
     """
     cfg = cfg or FlameFitConfig()
     t_start = time.perf_counter()
-    lf = LandmarkFlame(flame)
+    lf = landmark_flame if landmark_flame is not None else LandmarkFlame(flame)
     dev, dt = lf.device, lf.dtype
     T = targets.num_frames
     size = tuple(int(s) for s in targets.image_size)
@@ -362,15 +374,23 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     # ---- initial pose per frame: PnP of the mean face's static landmarks
     zeros3 = torch.zeros(T, 3, dtype=dt, device=dev)
     with torch.no_grad():
-        lm0, _ = lf.forward(torch.zeros(1, NUM_SHAPE, dtype=dt, device=dev),
+        lm0, _ = (None, None) if init is not None else lf.forward(torch.zeros(1, NUM_SHAPE, dtype=dt, device=dev),
                             torch.zeros(T, NUM_EXPRESSION, dtype=dt, device=dev), zeros3, zeros3,
                             torch.zeros(T, 6, dtype=dt, device=dev), torch.eye(3, dtype=dt, device=dev).repeat(T, 1, 1))
     rot0, trans0 = [], []
-    for i in range(T):
-        R, t = _pnp_init(lm0[i, 17:].cpu().numpy(), pts[i, 17:].cpu().numpy(), f0, size)
-        rot0.append(_rotvec(R))
-        trans0.append(t)
+    if init is not None:  # warm start: the given head pose (one frame is repeated over the T frames)
+        ip = init.to("cpu", torch.float64)
+        pick = [min(i, ip.num_frames - 1) for i in range(T)]
+        rot0 = [_rotvec(ip.rotation_matrix[i].numpy()) for i in pick]
+        trans0 = [ip.translation[i].numpy() for i in pick]
+    else:
+        for i in range(T):
+            R, t = _pnp_init(lm0[i, 17:].cpu().numpy(), pts[i, 17:].cpu().numpy(), f0, size)
+            rot0.append(_rotvec(R))
+            trans0.append(t)
     depth = float(np.mean([-t[2] for t in trans0]))
+    if not depth > 0:
+        raise ValueError(f"fit_flame_to_landmarks: the starting head is not in front of the camera (depth {depth})")
 
     # ---- the solver's vector: T per-frame blocks [rotation 3, translation 3 (in head distances: one scale suits any
     # scene), expression, jaw 3, eyes 6 (with irises)], then the shared [shape, log focal length].  Shape and
@@ -422,7 +442,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
                  (1.0 / cfg.eyes_std, n_eyes)])
     d_s = block([(c_shape[0].double().cpu() / cfg.shape_std, ns), (1.0 / cfg.focal_std, s_sizes[1])])
     tw = None
-    if T > 1 and cfg.temporal_weight > 0:
+    if (T > 1 or previous is not None) and cfg.temporal_weight > 0:
         tw = math.sqrt(cfg.temporal_weight) * block([
             (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
             (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3),
@@ -435,6 +455,22 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     X[:, 0:3] = torch.as_tensor(np.array(rot0))
     X[:, 3:6] = torch.as_tensor(np.array(trans0) / depth)
     Y = torch.zeros(Qs, dtype=torch.float64)  # shared variables
+
+    def variables(p: FlameParams, rows: list[int]) -> Tensor:
+        """(len(rows), Qf) solver variables of frames ``rows`` of ``p`` (the inverse of the read-out at the end)."""
+        p = p.to("cpu", torch.float64)
+        out = torch.zeros(len(rows), Qf, dtype=torch.float64)
+        out[:, 0:3] = torch.as_tensor(np.array([_rotvec(p.rotation_matrix[i].numpy()) for i in rows]))
+        out[:, 3:6] = p.translation[rows] / depth
+        out[:, 6:6 + ne] = p.expression[rows, :ne] / ce
+        out[:, 6 + ne:9 + ne] = p.jaw[rows]
+        if n_eyes:
+            out[:, 9 + ne:] = p.eyes[rows]
+        return out
+
+    if init is not None:
+        X = variables(init, [min(i, init.num_frames - 1) for i in range(T)])
+    X_prev = None if previous is None or tw is None else variables(previous, [previous.num_frames - 1])[0]
 
     def data_terms(Xv: Tensor, Yv: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, jac: bool):
         """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
@@ -463,6 +499,8 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         c = r.square().sum() + (d_f * Xv).square().sum() + (d_s * Yv).square().sum()
         if tw is not None:
             c = c + ((Xv[1:] - Xv[:-1]) * tw).square().sum()
+        if X_prev is not None:
+            c = c + ((Xv[0] - X_prev) * tw).square().sum()
         return float(c)
 
     def solve(free_f: Tensor, free_s: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, max_iter: int
@@ -480,6 +518,10 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         if tw is not None:
             deg = torch.full((T, 1), 2.0, dtype=torch.float64)
             deg[0] = deg[-1] = 1.0
+            if T == 1:
+                deg[0] = 0.0
+            if X_prev is not None:
+                deg[0] += 1.0
             tdiag = deg * tw[fi].square()
         lam = 1e-3
         r, Jf, Js = data_terms(X, Y, rows, scale, rigid, True)
@@ -492,13 +534,17 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
                 gt = torch.zeros_like(X)
                 gt[1:] += diff
                 gt[:-1] -= diff
+                if X_prev is not None:
+                    gt[0] += (X[0] - X_prev) * tw.square()
                 gf = gf + gt[:, fi]
             gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
             A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
             B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
             C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
             improved = False
-            while lam < 1e10:
+            tries = 0
+            while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
+                tries += 1
                 Ad = A + torch.diag_embed(lam * A.diagonal(dim1=1, dim2=2).clamp_min(1e-9))
                 Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
                 L = torch.linalg.cholesky(Ad)
@@ -521,7 +567,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
                 break
             X, Y, rel = Xn, Yn, (c - cn) / max(c, 1e-30)
             c = cn
-            if rel < 1e-6:
+            if rel < cfg.tolerance:
                 break
             r, Jf, Js = data_terms(X, Y, rows, scale, rigid, True)
         return c / n_points
@@ -538,10 +584,12 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     if cfg.rigid_iterations > 0:
         losses["rigid"] = solve(pose_f, no_s, contour_rows(), scale_wide, True, cfg.rigid_iterations)
     if cfg.iterations > 0:
-        n = max(1, cfg.iterations // 2)
-        losses["non_rigid_wide"] = solve(all_f, all_s, contour_rows(), scale_wide, False, n)
+        n = max(1, cfg.iterations // 2) if cfg.wide_stage else cfg.iterations
+        if cfg.wide_stage:
+            losses["non_rigid_wide"] = solve(all_f, all_s, contour_rows(), scale_wide, False, n)
         rows = contour_rows()
-        for _ in range(3):  # the contour rows jump with the head's yaw: solve again until they stay
+        for _ in range(max(1, cfg.contour_passes)):  # the contour rows jump with the head's yaw: solve again until
+            # they stay
             losses["non_rigid"] = solve(all_f, all_s, rows, scale_narrow, False, n)
             new = contour_rows()
             if rows is None or torch.equal(new, rows):
@@ -569,6 +617,91 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         errors = (uv[:, 17:] - pts[:, 17:]).norm(dim=-1).mean(-1)
     return FlameFitResult(params=params, camera=make_camera(focal, size, camera_name), landmarks=uv.detach(),
                           errors=errors.detach(), losses=losses, seconds=time.perf_counter() - t_start)
+
+
+class FrameTracker:
+    """FLAME tracking of a video stream, one frame at a time, with the person's shape and the focal length known
+    (:meth:`calibrate`): the streaming counterpart of utils/reenactment.py's chunked batch fit.
+
+    Each frame's fit (:func:`fit_flame_to_landmarks` with T = 1) is warm-started from the previous frame's result and
+    its frame-to-frame prior (the batch fit's ``temporal_std_*``) ties it to that frame only: the smoothing looks
+    backwards, so a frame's parameters are final as soon as it is fitted (a batch fit's smoothing also pulls every
+    frame towards the next one).  The first frame starts cold (PnP, rigid stage); a frame without a face holds the
+    previous frame's parameters.
+
+    Args:
+        flame: the FLAME model the landmarks are fitted with (its device runs the fit's FLAME; the solver is on the CPU).
+        image_size: (w, h) of the frames.
+        shape: (1, 300) the person's FLAME shape, held fixed.
+        focal: focal length in pixels, held fixed.
+        cfg: the landmark fit's settings (as the batch fit's ``reenact.flame_fit``).
+        bias: (68, 2) the detector's systematic per-landmark offset on this face (pixels), subtracted from every frame.
+        iterations: Levenberg-Marquardt iterations of the warm-started frames (0: ``cfg.iterations``); the cold first
+            frame uses ``cfg``'s.
+    """
+
+    def __init__(self, flame: FlameModel, image_size: tuple[int, int], shape: Tensor, focal: float,
+                 cfg: FlameFitConfig | None = None, bias: Tensor | None = None, iterations: int = 0) -> None:
+        cfg = cfg or FlameFitConfig()
+        if iterations < 0:
+            raise ValueError(f"FrameTracker: iterations must be >= 0, got {iterations}")
+        self.flame = flame
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.shape = shape.detach().reshape(1, NUM_SHAPE).to("cpu", torch.float32)
+        self.focal = float(focal)
+        self.cold_cfg = replace(cfg, focal=self.focal, fit_focal=False)
+        # a warm start is close to the optimum: no rigid stage, no wide-scale stage, an iteration that cannot improve
+        # stops after a few rejected steps instead of raising the damping to 1e10 (most of the time otherwise), a
+        # looser stopping tolerance, and at most one re-solve after the jaw-contour rows moved (not up to two; with
+        # none, the rows lag a frame and the head turn with them: r 0.978 instead of 0.999 on the test motion)
+        self.warm_cfg = replace(self.cold_cfg, rigid_iterations=0, iterations=iterations or cfg.iterations,
+                                wide_stage=False, max_rejections=3, tolerance=1e-4, contour_passes=2)
+        self.bias = torch.zeros(68, 2) if bias is None else bias.detach().reshape(68, 2).to("cpu", torch.float32)
+        self.lf = LandmarkFlame(flame)
+        self.previous: FlameParams | None = None  # (1 frame, CPU) the last frame's parameters
+        self.frames = 0  # frames tracked (with or without a face)
+
+    @classmethod
+    def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
+                  cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0
+                  ) -> tuple["FrameTracker", dict]:
+        """The tracker of one person from N frames with a face (the first ones of a stream): one FLAME fit of all N
+        (shared shape and, as ``cfg`` says, focal length), and the detector's mean per-landmark offset on this face
+        (the static landmarks' mean residual, as the batch fit's ``bias_correction``).
+
+        Args:
+            points: (N, 68, 2) iBUG-68 pixels; irises: (N, 2, 2) or None.
+        Returns:
+            (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
+        cfg = cfg or FlameFitConfig()
+        t0 = time.perf_counter()
+        first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg)
+        bias = torch.zeros(68, 2)
+        if bias_correction:
+            bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)
+        tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), cfg, bias, iterations)
+        info = {"focal_px": float(first.camera.fx), "calibration_frames": int(points.shape[0]),
+                "detector_offset_rms_px": float(bias[17:].norm(dim=-1).square().mean().sqrt()),
+                "seconds": time.perf_counter() - t0}
+        return tracker, info
+
+    def step(self, points: Tensor | None, irises: Tensor | None = None) -> tuple[FlameParams, float]:
+        """Track the next frame: points (68, 2) iBUG-68 pixels (None: no face in this frame), irises (2, 2) or None.
+        Returns (FlameParams, 1 frame on the CPU, NeRSemble pose convention, scale 1; mean static-landmark error in
+        pixels, NaN for a held frame)."""
+        self.frames += 1
+        if points is None:
+            if self.previous is None:
+                raise ValueError("FrameTracker.step: no face in the first frame to track (nothing to hold)")
+            return self.previous, float("nan")
+        pts = points.detach().reshape(1, 68, 2).to("cpu", torch.float32) - self.bias
+        iris = None if irises is None else irises.detach().reshape(1, 2, 2).to("cpu", torch.float32)
+        cfg = self.cold_cfg if self.previous is None else self.warm_cfg
+        res = fit_flame_to_landmarks(self.flame, LandmarkTargets(pts, self.image_size, irises=iris), cfg,
+                                     shape=self.shape, init=self.previous, previous=self.previous,
+                                     landmark_flame=self.lf)
+        self.previous = res.params.to("cpu")
+        return self.previous, float(res.errors[0])
 
 
 def flame_landmarks_2d(flame: FlameModel, params: FlameParams, camera: Camera) -> Tensor:

@@ -1,0 +1,515 @@
+"""Live driving: a video file or a camera drives a head of the field frame by frame (``animate.py --motion video.mp4
+--stream``, ``--motion 0 --stream`` for camera 0), the streaming counterpart of utils/reenactment.py's batch path.
+
+    reader      one thread: frames from OpenCV (a file, optionally paced at its frame rate as a camera delivers it, or
+                a camera device index), into one bounded queue per landmark worker (frame n -> worker n mod W)
+    landmarks   W threads, each with its own mediapipe face mesh in video mode (utils/landmarks.py): iBUG-68 points
+                and iris centres, into a bounded output queue; frames are put back in order by their index.  Video
+                mode tracks from the last frame the detector saw, so with W > 1 each detector sees every W-th frame
+                and its points differ from one detector's (measured on tests/test_streaming.py's video: 1.05 px mean,
+                10 px max, smile r 0.708 instead of 0.799): W = 1 (the default) unless detection is the bottleneck
+    fit         the calling thread: the first ``reenact.shape_frames`` frames with a face calibrate the person (FLAME
+                shape, focal length, the detector's per-landmark offset: utils/flame_fit.py FrameTracker.calibrate),
+                then every frame is fitted on its own, warm-started from the previous frame with a temporal prior
+                that looks only backwards (FrameTracker.step); a frame without a face holds the previous frame
+    render      one thread: the motion put on the identity (models/animation.py retarget, relative to the first frame
+                with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
+                driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
+
+Every queue is bounded (``stream_queue`` frames per stage), so a slow stage holds the reader back instead of
+buffering the video.  Per frame the latency from its read to its encoded frame is kept; the summary has its
+distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+STOP = object()  # end of a queue's stream
+
+
+@dataclass
+class Detected:
+    """One frame after the landmark stage.
+
+    Attributes:
+        index: position in the stream (0, 1, ...); frame_id: the frame's index in the video (start / stride applied).
+        rgb: (H, W, 3) uint8 RGB frame.  t_read: perf_counter() when it was read.
+        points: (68, 2) iBUG-68 pixels or None (no usable face); irises: (2, 2) pixels (subject's right, left) or None.
+        landmark_s: seconds the detector took.
+    """
+
+    index: int
+    frame_id: int
+    rgb: np.ndarray
+    t_read: float
+    points: Tensor | None = None
+    irises: Tensor | None = None
+    landmark_s: float = 0.0
+
+
+def is_camera(motion: str) -> bool:
+    """A ``--motion`` that names a camera device index (digits only, e.g. "0")."""
+    return motion.strip().isdigit()
+
+
+class FrameSource:
+    """Frames of a video file or a camera (OpenCV), as (frame_id, RGB uint8) in order.
+
+    Args:
+        motion: a video path or a camera device index ("0").
+        start, stride, max_frames: frames start, start + stride, ... (at most max_frames; 0 = all / until the camera
+            stops).
+        realtime: a file is delivered at its frame rate (as a camera would), not as fast as it decodes.
+    """
+
+    def __init__(self, motion: str, start: int = 0, stride: int = 1, max_frames: int = 0,
+                 realtime: bool = False) -> None:
+        import cv2
+
+        self.camera = is_camera(motion)
+        if self.camera:
+            self.cap = cv2.VideoCapture(int(motion))
+            if not self.cap.isOpened():
+                raise ValueError(f"--motion {motion}: OpenCV cannot open camera device {int(motion)} (no such "
+                                 f"device, or no permission; list the devices with v4l2-ctl --list-devices)")
+        else:
+            path = Path(motion)
+            if not path.is_file():
+                raise FileNotFoundError(f"--motion {motion}: no such video file (or a camera device index: digits)")
+            self.cap = cv2.VideoCapture(str(path))
+            if not self.cap.isOpened():
+                raise ValueError(f"--motion {motion}: OpenCV cannot open this video (a format OpenCV reads: mp4, avi, "
+                                 f"mov, mkv, webm)")
+        self.fps = float(self.cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
+        self.name = f"camera {int(motion)}" if self.camera else str(motion)
+        self.start, self.stride, self.max_frames = int(start), int(stride), int(max_frames)
+        self.realtime = bool(realtime) and not self.camera  # a camera paces itself
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        i = n = 0
+        t0 = time.perf_counter()
+        while not self.max_frames or n < self.max_frames:
+            ok, frame = self.cap.read()
+            if not ok:
+                break
+            if i >= self.start and (i - self.start) % self.stride == 0:
+                if self.realtime:  # frame n of the selection is due n / fps seconds after the first
+                    wait = t0 + n / self.fps * self.stride - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                yield i, np.ascontiguousarray(frame[..., ::-1])
+                n += 1
+            i += 1
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+def mediapipe_detector(min_face_px: float) -> Callable[[np.ndarray, str], tuple[Tensor | None, Tensor | None]]:
+    """A per-thread landmark function: RGB frame -> (points (68, 2) or None, irises (2, 2) or None), mediapipe's face
+    mesh in video mode (the same conversion as utils/reenactment.py detect_video_landmarks)."""
+    from utils.landmarks import LandmarkDetector, LandmarkError
+
+    det = LandmarkDetector(static_images=False, min_face_px=min_face_px)
+
+    def detect(rgb: np.ndarray, name: str) -> tuple[Tensor | None, Tensor | None]:
+        try:
+            lm = det.detect(rgb, name)
+        except LandmarkError:
+            return None, None
+        pts = torch.as_tensor(lm.ibug68, dtype=torch.float32)
+        iris = None
+        if len(lm.mesh) >= 478:  # iris centres 468 and 473; which one is the subject's right eye is measured
+            a, b = lm.mesh[468, :2], lm.mesh[473, :2]
+            right = lm.ibug68[36:42].mean(0)
+            pair = [a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a]
+            iris = torch.as_tensor(np.stack(pair), dtype=torch.float32)
+        return pts, iris
+
+    detect.close = det.close  # type: ignore[attr-defined]
+    return detect
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Blocking put that gives up when ``stop`` is set (so no thread hangs on a full queue at shutdown)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def landmark_stream(frames: Iterator[tuple[int, np.ndarray]], make_detector: Callable[[], Callable],
+                    workers: int = 2, queue_size: int = 4) -> Iterator[Detected]:
+    """Frames (frame_id, RGB) -> Detected frames IN ORDER, landmarks found by ``workers`` threads (each with its own
+    detector from ``make_detector``; frame n goes to worker n mod workers) behind bounded queues of ``queue_size``
+    frames.  An error in any thread is raised here; closing the generator stops the threads."""
+    if workers < 1 or queue_size < 1:
+        raise ValueError(f"landmark_stream: workers and queue_size must be >= 1, got {workers}, {queue_size}")
+    stop = threading.Event()
+    inboxes = [queue.Queue(maxsize=queue_size) for _ in range(workers)]
+    outbox: queue.Queue = queue.Queue(maxsize=queue_size * workers)
+
+    def reader() -> None:
+        try:
+            for n, (fid, rgb) in enumerate(frames):
+                if not _put(inboxes[n % workers], Detected(n, int(fid), rgb, time.perf_counter()), stop):
+                    return
+        except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
+            _put(outbox, exc, stop)
+        finally:
+            for q in inboxes:
+                _put(q, STOP, stop)
+
+    def worker(k: int) -> None:
+        detect = None
+        try:
+            detect = make_detector()
+            while not stop.is_set():
+                try:
+                    item = inboxes[k].get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if item is STOP:
+                    break
+                t = time.perf_counter()
+                item.points, item.irises = detect(item.rgb, f"frame {item.frame_id}")
+                item.landmark_s = time.perf_counter() - t
+                if not _put(outbox, item, stop):
+                    return
+        except BaseException as exc:  # noqa: BLE001
+            _put(outbox, exc, stop)
+        finally:
+            if detect is not None and hasattr(detect, "close"):
+                detect.close()
+            _put(outbox, STOP, stop)
+
+    threads = [threading.Thread(target=reader, name="stream-reader", daemon=True)]
+    threads += [threading.Thread(target=worker, args=(k,), name=f"stream-landmarks-{k}", daemon=True)
+                for k in range(workers)]
+    for t in threads:
+        t.start()
+    pending: dict[int, Detected] = {}  # arrived out of order (bounded by the frames in flight)
+    nxt, done = 0, 0
+    try:
+        while done < workers or pending:
+            while nxt in pending:
+                yield pending.pop(nxt)
+                nxt += 1
+            if done == workers:
+                if pending:  # a gap that will never fill (cannot happen unless a worker dropped a frame)
+                    raise RuntimeError(f"landmark_stream: frame {nxt} never arrived (have {sorted(pending)[:5]})")
+                break
+            item = outbox.get()
+            if item is STOP:
+                done += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                pending[item.index] = item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=5.0)
+
+
+def percentiles(x: list[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / max / mean of ``x`` (NaN when empty)."""
+    if not x:
+        return {k: float("nan") for k in ("p50", "p90", "p99", "max", "mean")}
+    a = np.asarray(x, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max()), "mean": float(a.mean())}
+
+
+class VideoStreamWriter:
+    """An MP4 written frame by frame (OpenCV, mp4v) into a temporary file beside ``path``, moved onto ``path`` by
+    :meth:`close` (atomic: a crash never leaves a truncated animation.mp4 in its place)."""
+
+    def __init__(self, path: str | Path, fps: float) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self.fps, self.writer, self.size, self.frames = float(fps), None, None, 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        import cv2
+
+        h, w = rgb.shape[:2]
+        if self.writer is None:
+            self.size = (w - w % 2, h - h % 2)  # even sizes for players
+            self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, self.size)
+            if not self.writer.isOpened():
+                raise OSError(f"OpenCV could not open a video writer for {self.tmp}")
+        if (w - w % 2, h - h % 2) != self.size:
+            raise ValueError(f"all video frames must be {self.size[0]}x{self.size[1]}, got {w}x{h}")
+        self.writer.write(cv2.cvtColor(np.ascontiguousarray(rgb[:self.size[1], :self.size[0]]), cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def close(self, keep: bool = True) -> Path | None:
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+        if keep and self.frames and self.tmp.is_file():
+            self.tmp.replace(self.path)
+            return self.path
+        self.tmp.unlink(missing_ok=True)
+        return None
+
+
+def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Callable] | None = None) -> dict:
+    """animate.py --stream: drive one identity (utils/animation.py AnimationConfig) by a video file or camera frame
+    by frame (see the module docstring); writes animation.mp4, motion.npz and animation.json into ``cfg.out`` and
+    returns the summary (with ``stream``: latency distribution, sustained fps, stage times).  ``make_detector``
+    replaces mediapipe (tests)."""
+    from models.animation import retarget
+    from models.flame import FlameParams, save_nersemble_tracking
+    from models.renderer import render_identities
+    from utils.animation import _fit_height, identity_key, load_flame, mixed_identity, posable
+    from utils.device import resolve_device, synchronize
+    from utils.flame_fit import FrameTracker
+    from utils.interpolation import base_camera
+    from utils.io import atomic_write_json, save_image, to_uint8
+    from utils.model_io import load_model
+    from utils.targets import model_flame_dir
+
+    if cfg.side_by_side not in ("none", "video"):
+        raise ValueError(f"--stream supports --side_by_side none or video, got {cfg.side_by_side!r}")
+    if cfg.evaluate:
+        raise ValueError("--evaluate needs a subject's sequence (batch mode), not --stream")
+    if cfg.pose == "relative" and cfg.reference_frame != 0:
+        raise ValueError("--stream: the reference of --pose relative is the first frame with a face; "
+                         f"--reference_frame must be 0, got {cfg.reference_frame}")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    fit_device = device if cfg.stream_fit_device == "auto" else resolve_device(cfg.stream_fit_device)
+    source = FrameSource(cfg.motion, cfg.start, cfg.stride, cfg.max_frames, cfg.stream_realtime)
+    try:
+        if model is None:
+            model = load_model(cfg.checkpoint, device)
+        flame_dir = model_flame_dir(model, cfg.flame_dir)
+        flame = load_flame(model, flame_dir)
+        from models.animation import HeadAnimator
+
+        animator = HeadAnimator(model.field, flame, model.mask_ids, model.plan)
+        fit_flame = flame if fit_device == flame.v_template.device else copy.deepcopy(flame).to(fit_device)
+        name = cfg.identity or model.identities[0]
+        head = posable(animator, model, name, device)[0] if not cfg.identity_b else mixed_identity(
+            animator, model, identity_key(animator, model, name, device),
+            identity_key(animator, model, cfg.identity_b, device), cfg.mix, cfg.method)
+        M = len(model.mask_ids)
+        with torch.no_grad():
+            cam = base_camera(cfg, model.template_base, animator.vertices(head, head.base)[0, :M], device)
+        pose_graph = animator.graphed(head, num_frames=1)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for sub, pattern in (("frames", "frame_*.png"), ("ply", "frame_*.ply")):
+            for old in (out / sub).glob(pattern):
+                old.unlink()
+        writer = VideoStreamWriter(out / "animation.mp4", source.fps)
+        synchronize(device)
+        times["setup"] = time.perf_counter() - t0
+        if make_detector is None:
+            mediapipe_detector(cfg.reenact.min_face_px).close()  # fail here, with the install hint, not in a thread
+            make_detector = lambda: mediapipe_detector(cfg.reenact.min_face_px)  # noqa: E731
+
+        # ---- the render stage (its own thread): in-order (index, Detected, params or None) -> encoded frame
+        render_q: queue.Queue = queue.Queue(maxsize=cfg.stream_queue)
+        stop = threading.Event()
+        records: list[dict] = []
+        failure: list[BaseException] = []
+        state: dict[str, Any] = {"reference": None}
+
+        def render_loop() -> None:
+            try:
+                while True:
+                    item = render_q.get()
+                    if item is STOP:
+                        return
+                    det, motion = item
+                    t = time.perf_counter()
+                    if motion is None:  # before the first face: the identity as it is
+                        params = head.base
+                    elif cfg.pose == "relative":
+                        pair = FlameParams.cat([state["reference"], motion]).to(device)
+                        params = retarget(pair, head.base, "relative", 0).frame(1)
+                    else:
+                        params = retarget(motion.to(device), head.base, cfg.pose, 0)
+                    with torch.no_grad():
+                        cloud = pose_graph(params)
+                        img = render_identities(cloud, [[cam]], backend=cfg.backend)["image"][0, 0].clamp(0, 1)
+                        frame = to_uint8(img)
+                    if cfg.side_by_side == "video":
+                        frame = np.concatenate([frame, _fit_height(det.rgb, cam.height)], axis=1)
+                    t_render = time.perf_counter() - t
+                    writer.write(frame)
+                    if cfg.png:
+                        save_image(out / "frames" / f"frame_{det.index:05d}.png", frame)
+                    if cfg.ply:
+                        cloud[0].save_ply(out / "ply" / f"frame_{det.index:05d}.ply")
+                    t_done = time.perf_counter()
+                    records[det.index].update(render_s=t_render, write_s=t_done - t - t_render, t_done=t_done,
+                                              latency_s=t_done - det.t_read)
+                    state.setdefault("motion", []).append(params.to("cpu"))
+            except BaseException as exc:  # noqa: BLE001  (raised again by the fit thread)
+                failure.append(exc)
+                stop.set()
+
+        renderer = threading.Thread(target=render_loop, name="stream-render", daemon=True)
+        renderer.start()
+
+        def send(det: Detected, motion: FlameParams | None) -> None:
+            if failure:
+                raise failure[0]
+            if not _put(render_q, (det, motion), stop):
+                raise failure[0] if failure else RuntimeError("render stage stopped")
+
+        # ---- the fit stage (this thread)
+        tracker: FrameTracker | None = None
+        calib: list[Detected] = []  # frames held until the person is calibrated
+        calib_info: dict = {}
+        frame_ids: list[int] = []
+        errors: list[float] = []
+        with_face = 0
+        size: tuple[int, int] | None = None
+
+        def track(det: Detected, calibrating: bool) -> None:
+            nonlocal with_face
+            t = time.perf_counter()
+            params, err = (None, float("nan"))
+            if det.points is not None or tracker.previous is not None:
+                params, err = tracker.step(det.points, det.irises)
+                if state["reference"] is None and det.points is not None:
+                    state["reference"] = params
+            with_face += det.points is not None
+            errors.append(err)
+            records[det.index].update(fit_s=time.perf_counter() - t, calibration=calibrating)
+            send(det, params)
+
+        stream = landmark_stream(iter(source), make_detector, cfg.stream_workers, cfg.stream_queue)
+        t_start = time.perf_counter()
+        try:
+            for det in stream:
+                records.append({"index": det.index, "frame_id": det.frame_id, "t_read": det.t_read,
+                                "landmark_s": det.landmark_s})
+                frame_ids.append(det.frame_id)
+                h, w = det.rgb.shape[:2]
+                if size is None:
+                    size = (w, h)
+                elif size != (w, h):
+                    raise ValueError(f"{source.name}: frame {det.frame_id} is {w}x{h}, the first was "
+                                     f"{size[0]}x{size[1]}")
+                if tracker is not None:
+                    track(det, False)
+                    continue
+                calib.append(det)
+                faces = [d for d in calib if d.points is not None]
+                if len(faces) >= cfg.reenact.shape_frames:
+                    tracker, calib_info = _calibrate(fit_flame, faces, size, cfg)
+                    for d in calib:
+                        track(d, True)
+                    calib = []
+            if tracker is None:  # the stream ended before shape_frames frames with a face
+                faces = [d for d in calib if d.points is not None]
+                if not faces:
+                    raise ValueError(f"no face in any frame of {source.name} (the detector needs a clearly visible, "
+                                     f"roughly frontal face that fills a good part of the frame)")
+                tracker, calib_info = _calibrate(fit_flame, faces, size, cfg)
+                for d in calib:
+                    track(d, True)
+        except KeyboardInterrupt:  # a camera runs until interrupted: keep what was written
+            warnings.warn("interrupted: the video holds the frames streamed so far")
+        finally:
+            stream.close()
+            _put(render_q, STOP, stop)
+            renderer.join()
+        if failure:
+            raise failure[0]
+        synchronize(device)
+        times["stream"] = time.perf_counter() - t_start
+    except BaseException:
+        if "writer" in locals():
+            writer.close(keep=False)
+        raise
+    finally:
+        source.close()
+    video = writer.close()
+    if video is None:
+        raise ValueError(f"{source.name}: no frames to use (start {cfg.start}, stride {cfg.stride})")
+
+    t0 = time.perf_counter()
+    params = FlameParams.cat(state["motion"])
+    motion_path = out / "motion.npz"
+    save_nersemble_tracking(motion_path, params, frames=np.asarray(frame_ids[:params.num_frames]))
+    times["write"] = time.perf_counter() - t0
+    done = [r for r in records if "t_done" in r]
+    steady = [r for r in done if not r.get("calibration", False)]
+    lat_ms = lambda rs: percentiles([1000.0 * r["latency_s"] for r in rs])  # noqa: E731
+    span = (steady[-1]["t_done"] - steady[0]["t_done"]) if len(steady) > 1 else 0.0
+    stream_summary = {
+        "frames": len(done), "calibration_frames": len(done) - len(steady), "workers": cfg.stream_workers,
+        "queue": cfg.stream_queue, "fit_device": str(fit_device), "render_device": str(device),
+        "realtime": bool(source.realtime), "camera": source.camera,
+        "latency_ms_steady": lat_ms(steady), "latency_ms_all": lat_ms(done),
+        "sustained_fps": (len(steady) - 1) / span if span > 0 else float("nan"),
+        "end_to_end_fps": len(done) / max(done[-1]["t_done"] - done[0]["t_read"], 1e-9),
+        "stage_ms_mean": {k: 1000.0 * float(np.mean([r[k] for r in steady or done]))
+                          for k in ("landmark_s", "fit_s", "render_s", "write_s")},
+        "calibration_s": calib_info.get("seconds", 0.0),
+    }
+    summary = {
+        "identity": head.name, "identity_b": cfg.identity_b or None, "mix": cfg.mix if cfg.identity_b else None,
+        "motion": source.name, "motion_kind": "camera" if source.camera else "video", "pose": cfg.pose,
+        "num_frames": len(done), "frame_ids": [int(i) for i in frame_ids[:len(done)]], "fps": source.fps,
+        "width": int(writer.size[0]), "height": int(writer.size[1]), "side_by_side": cfg.side_by_side,
+        "video": str(video), "motion_npz": str(motion_path), "num_gaussians": int(model.field.num_gaussians),
+        "flame_dir": str(flame_dir), "device": str(device), "seconds": sum(times.values()),
+        "seconds_per_phase": times, "render_fps": stream_summary["end_to_end_fps"],
+        "motion_info": {"focal_px": calib_info.get("focal_px"), "frames_with_face": with_face, "frames": len(done),
+                        "detector_offset_rms_px": calib_info.get("detector_offset_rms_px"),
+                        "landmark_error_px": [None if math.isnan(e) else e for e in errors]},
+        "stream": stream_summary,
+    }
+    atomic_write_json(summary, out / "animation.json")
+    return summary
+
+
+def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any):
+    """FrameTracker.calibrate on the held frames with a face (irises only when every one has them)."""
+    from utils.flame_fit import FrameTracker
+
+    pts = torch.stack([d.points for d in faces])
+    iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None
+    return FrameTracker.calibrate(flame, pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
+                                  cfg.stream_iterations)
+
+
+def format_summary(s: dict) -> str:
+    """The lines animate.py prints at the end of a stream."""
+    st = s["stream"]
+    a, b = st["latency_ms_steady"], st["latency_ms_all"]
+    sm = st["stage_ms_mean"]
+    return (f"streamed {st['frames']} frames ({st['calibration_frames']} held for calibration, "
+            f"{st['calibration_s']:.2f} s), {st['workers']} landmark workers, fit on {st['fit_device']}, "
+            f"render on {st['render_device']}{', paced at the source rate' if st['realtime'] else ''}\n"
+            f"  sustained {st['sustained_fps']:.1f} frames/s (end to end {st['end_to_end_fps']:.1f} frames/s)\n"
+            f"  latency ms after calibration: p50 {a['p50']:.1f}  p90 {a['p90']:.1f}  p99 {a['p99']:.1f}  "
+            f"max {a['max']:.1f}; all frames: p50 {b['p50']:.1f}  p90 {b['p90']:.1f}  p99 {b['p99']:.1f}\n"
+            f"  stage ms (mean): landmarks {sm['landmark_s']:.1f}  fit {sm['fit_s']:.1f}  "
+            f"render {sm['render_s']:.1f}  write {sm['write_s']:.1f}")
+
