@@ -62,10 +62,9 @@ class IdentityFieldConfig:
     init_rgb: float = 0.5  # initial grey level of every Gaussian (0.5 = mid-grey, SH DC = 0)
     head_init_std: float = 1e-2  # effective weight std of the output head (small, not zero, so gradients reach
     #                              every layer from the first step while Gaussians start on their vertices)
-    filter_3d: float = 0.2  # Mip-Splatting 3D filter variance in training px^2 (models/mip_filter.py; 0: off); needs
-    #                         the per-vertex sampling rate of the training cameras (set_sampling_rate, in model.pt)
-    filter_2d: float = 0.1  # Mip-Splatting 2D mip filter in px^2 used to train and render (0: 3DGS's 0.3 px^2
-    #                         dilation without opacity compensation)
+    filter_3d: float = 0.2  # Mip-Splatting 3D filter variance, training px^2 (0: off); models/mip_filter.py
+    filter_3d_surface: bool = True  # 3D filter opacity compensation over the two largest axes only (false: all 3)
+    filter_2d: float = 0.1  # Mip-Splatting 2D mip filter, px^2 (0: 3DGS's 0.3 px^2 dilation, no compensation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -520,7 +519,8 @@ class IdentityField(nn.Module):
         if self.filter_variance is not None:  # Mip-Splatting 3D filter: a per-vertex constant, no extra pass
             from models.mip_filter import apply_3d_filter
 
-            scales, opac = apply_3d_filter(scales, opac, self.filter_variance.to(scales.dtype)[None, :, None])
+            scales, opac = apply_3d_filter(scales, opac, self.filter_variance.to(scales.dtype)[None, :, None],
+                                           surface=cfg.filter_3d_surface)
 
         N = V * K
         cloud = GaussianCloud(

@@ -79,12 +79,20 @@ def filter_variance(rate: Tensor, filter_3d: float = FILTER_3D) -> Tensor:
     return torch.where(rate > 0, filter_3d / (r * r), torch.zeros_like(r))
 
 
-def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor) -> tuple[Tensor, Tensor]:
+def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor, surface: bool = False
+                    ) -> tuple[Tensor, Tensor]:
     """Convolve Gaussians with an isotropic 3D Gaussian of ``variance``: ``Sigma + variance I``.
 
     Sigma = R diag(s^2) R^T, so the sum keeps R and adds the variance to every squared scale.  Opacity is scaled by
     ``sqrt(det Sigma / det Sigma')`` = prod_i s_i / sqrt(s_i^2 + variance) (the filtered Gaussian has the same
-    integral).
+    3D integral; Mip-Splatting).
+
+    ``surface=True``: the product runs over the two largest axes only.  A rasterised Gaussian's alpha is its
+    *projected* 2D footprint, and for a flat, surface-attached Gaussian seen face-on that footprint is spanned by
+    its two large (tangent) axes: thickening the flat normal axis by the filter does not spread its 2D mass, yet
+    the full 3D ratio divides its opacity by ``sqrt(1 + variance / s_normal^2)`` (-> 0 for a flat disc), which
+    leaves see-through surfaces and holes when the head is magnified.  Compensating over the tangent axes keeps
+    the face-on 2D integral exactly (per-Gaussian constant, so it still bakes into a PLY).
 
     Args:
         scales: (..., N, 3) standard deviations; opacities: (..., N); variance: (..., N) or broadcastable, >= 0.
@@ -94,7 +102,10 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor) -> tupl
     var = variance.to(scales.dtype).unsqueeze(-1)
     s2 = scales * scales
     filtered = s2 + var
-    ratio = (s2 / filtered).prod(-1)  # det Sigma / det Sigma' (per axis, no catastrophic product of tiny numbers)
+    per_axis = s2 / filtered  # increasing in s: the smallest axis has the smallest ratio
+    ratio = per_axis.prod(-1)  # det Sigma / det Sigma' (per axis, no catastrophic product of tiny numbers)
+    if surface:
+        ratio = ratio / per_axis.min(-1).values.clamp_min(1e-30)  # leave the flat (normal) axis out
     return filtered.sqrt(), opacities * ratio.sqrt()
 
 

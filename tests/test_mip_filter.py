@@ -39,6 +39,13 @@ def test_apply_3d_filter_adds_variance_and_keeps_the_integral():
     # integral of o * exp(-x^T S^-1 x / 2) is o * sqrt(det S) (2 pi)^1.5: unchanged by the filter
     assert torch.allclose(o * torch.linalg.det(cov_f).sqrt(), c.opacities * torch.linalg.det(cov).sqrt(), rtol=1e-10)
     assert bool((o <= c.opacities).all()) and bool((s >= c.scales).all())
+    # surface variant: the ratio over the two largest axes (a flat disc keeps its face-on 2D integral)
+    disc = torch.tensor([[1e-2, 2e-2, 1e-6]], dtype=F64)
+    s_d, o_d = apply_3d_filter(disc, torch.tensor([0.9], dtype=F64), torch.tensor([1e-4], dtype=F64), surface=True)
+    assert o_d.item() == pytest.approx(0.9 * float((disc[0, :2] / s_d[0, :2]).prod()), rel=1e-12)
+    assert o_d.item() * float(s_d[0, :2].prod()) == pytest.approx(0.9 * float(disc[0, :2].prod()), rel=1e-12)
+    _, o_full = apply_3d_filter(disc, torch.tensor([0.9], dtype=F64), torch.tensor([1e-4], dtype=F64))
+    assert o_full.item() < 1e-3  # the full 3D ratio all but erases a flat disc
     # zero variance: identity
     s0, o0 = apply_3d_filter(c.scales, c.opacities, torch.zeros(50, dtype=F64))
     assert torch.equal(s0, c.scales) and torch.allclose(o0, c.opacities)
@@ -64,8 +71,8 @@ def test_identity_field_applies_the_3d_filter_in_its_output_path():
     from tests.test_identity_field import _mesh  # noqa: PLC0415  (the identity-field tests' small mesh)
 
     verts, faces = _mesh()
-    field = IdentityField(IdentityFieldConfig(code_dim=8, style_dim=16, hidden=16, feat_dim=4, filter_3d=0.2),
-                          2, verts, faces)
+    field = IdentityField(IdentityFieldConfig(code_dim=8, style_dim=16, hidden=16, feat_dim=4, filter_3d=0.2,
+                                              filter_3d_surface=False), 2, verts, faces)
     ids = torch.tensor([0, 1])
     base = field(ids, verts)
     rate = torch.full((field.num_vertices,), 50.0)

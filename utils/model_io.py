@@ -153,7 +153,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     model_cfg = dict(doc["config"]["model"])
     rate = doc.get("sampling_rate")
     if "filter_2d" not in model_cfg:  # trained before the Mip-Splatting filters: render it as it was trained
-        model_cfg.update(filter_3d=0.0, filter_2d=0.0)
+        model_cfg.update(filter_3d=0.0, filter_2d=0.0, filter_3d_surface=False)
     if rate is None and model_cfg.get("filter_3d", 0) > 0:
         print(f"[model] {path}: no stored sampling rate (written before format 4): the 3D smoothing filter is off")
     mcfg = IdentityFieldConfig.from_dict(model_cfg)
