@@ -19,13 +19,6 @@ def _cam(width=40, height=32, eye=(0.0, 0.0, 1.0), f=60.0) -> Camera:
     return Camera.look_at(eye, (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), width, height, fx=f, fy=f)
 
 
-@pytest.fixture(autouse=True)
-def _restore_filter():
-    old = R.FILTER_2D
-    yield
-    R.FILTER_2D = old
-
-
 # ------------------------------------------------------------------------------------------------- 3D filter
 def test_apply_3d_filter_adds_variance_and_keeps_the_integral():
     g = torch.Generator().manual_seed(0)
