@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=0, help="at most N held-out cameras per identity (0: all)")
     p.add_argument("--backend", default="torch", help="renderer backend (torch on a CPU)")
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (atomically)")
+    p.add_argument("--filter_2d", action="append", default=[],
+                   help="LABEL=EPS: render that model with this 2D filter instead of its stored one (0: classic)")
     p.add_argument("--save_images", default="", help="folder for one view per model and scale: render | GT | holes")
     return p
 
@@ -107,13 +109,18 @@ def _eye_masks(data, base_vertices, cams, face):
 
 @torch.no_grad()
 def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: int, n_views: int,
-            backend: str, save_images: str = "") -> dict:
+            backend: str, save_images: str = "", filter_2d: dict[str, float] | None = None) -> dict:
     results: dict = {"scales": scales, "models": {}, "hole_alpha": HOLE_ALPHA}
     first = load_model(next(iter(models.values())))
     views = _face_views(data_root, first, n_ids)
     gt_cache: dict = {}
     for label, path in models.items():
         model = load_model(path)
+        if filter_2d and label in filter_2d:  # an experiment: another 2D filter than the model's
+            from models.mip_filter import set_render_filter
+
+            set_render_filter(filter_2d[label])
+            model.filter_2d = filter_2d[label] or None
         rows = {}
         for s in scales:
             t0 = time.perf_counter()
@@ -191,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             raise SystemExit(f"--model {label}: {path} not found")
         models[label] = path
-    res = measure(models, args.data_root, args.scales, args.identities, args.views, args.backend, args.save_images)
+    f2d = {}
+    for spec in args.filter_2d:
+        label, _, val = spec.partition("=")
+        if label not in models:
+            raise SystemExit(f"--filter_2d {spec!r}: no --model labelled {label!r}")
+        f2d[label] = float(val)
+    res = measure(models, args.data_root, args.scales, args.identities, args.views, args.backend, args.save_images,
+                  f2d)
     res["machine"] = f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, backend {args.backend}"
     md = to_markdown(res)
     print(md)
