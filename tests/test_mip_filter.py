@@ -160,6 +160,11 @@ def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(tra
     filt = m.field(m.field.codes.weight[:1], verts)[0]
     # the stored rate is the training cameras' focal / depth: a Gaussian is at least sqrt(0.2) training px wide
     assert bool((filt.scales.min(-1).values * rate >= math.sqrt(0.2) * (1 - 1e-4)).all())
+    # a PLY export carries the filtered Gaussians (the filter baked into scales and opacities)
+    filt.save_ply(tmp_path / "head.ply")
+    back = GaussianCloud.load_ply(tmp_path / "head.ply")
+    assert torch.allclose(back.scales, filt.scales, rtol=1e-5) and torch.allclose(back.opacities, filt.opacities,
+                                                                                   atol=1e-5)
     # a file of format 3 (no rate, no filter keys in its config): loads, says so in one line, renders unfiltered
     old = dict(doc)
     old.pop("sampling_rate")
