@@ -65,6 +65,7 @@ class IdentityFieldConfig:
     filter_3d: float = 0.2  # Mip-Splatting 3D filter variance, training px^2 (0: off); models/mip_filter.py
     filter_3d_surface: bool = True  # 3D filter opacity compensation over the two largest axes only (false: all 3)
     filter_2d: float = 0.1  # Mip-Splatting 2D mip filter, px^2 (0: 3DGS's 0.3 px^2 dilation, no compensation)
+    render_filter_2d: float = 0.3  # 2D mip filter (px^2) the tools render a trained model with (0: filter_2d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -154,7 +154,8 @@ def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(tra
     rate = doc["sampling_rate"]
     assert rate.ndim == 1 and bool((rate > 0).all())
     m = load_model(path)
-    assert m.filter_2d == pytest.approx(0.1) and R.FILTER_2D == pytest.approx(0.1)
+    assert m.config["model"]["filter_2d"] == pytest.approx(0.1)  # trained with 0.1 px^2, rendered with 0.3 px^2
+    assert m.filter_2d == pytest.approx(0.3) and R.FILTER_2D == pytest.approx(0.3)
     assert torch.equal(m.field.sampling_rate, rate) and m.field.filter_variance is not None
     verts = m.vertices(m.base_vertices[:1])
     filt = m.field(m.field.codes.weight[:1], verts)[0]

@@ -89,8 +89,9 @@ class TrainedModel:
         path: the file it was loaded from ("" when built otherwise).
         flame_params: {field: (I, ...) tensor} FLAME parameters of each training identity's frame (shape and head
             placement, see :meth:`identity_flame`); None in model.pt files written before they were stored.
-        filter_2d: the 2D mip filter (px^2) the model was trained with, None for 3DGS's classic dilation (the
-            renderer's default is set to it on load, models.mip_filter.set_render_filter).
+        filter_2d: the 2D mip filter (px^2) the model is rendered with (its config's render_filter_2d, else the
+            filter_2d it was trained with), None for 3DGS's classic dilation (the renderer's default is set to it on
+            load, models.mip_filter.set_render_filter).
     """
 
     field: IdentityField
@@ -153,7 +154,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     model_cfg = dict(doc["config"]["model"])
     rate = doc.get("sampling_rate")
     if "filter_2d" not in model_cfg:  # trained before the Mip-Splatting filters: render it as it was trained
-        model_cfg.update(filter_3d=0.0, filter_2d=0.0, filter_3d_surface=False)
+        model_cfg.update(filter_3d=0.0, filter_2d=0.0, filter_3d_surface=False, render_filter_2d=0.0)
     if rate is None and model_cfg.get("filter_3d", 0) > 0:
         print(f"[model] {path}: no stored sampling rate (written before format 4): the 3D smoothing filter is off")
     mcfg = IdentityFieldConfig.from_dict(model_cfg)
@@ -175,7 +176,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     field.to(device).eval()
     if field.filter_variance is not None:
         field.filter_variance = field.filter_variance.to(device)
-    filter_2d = mcfg.filter_2d if mcfg.filter_2d > 0 else None
+    # Rendered with render_filter_2d (benchmarks/results/multiscale_cpu_render_eps.md: a model trained with 0.1 px^2
+    # and rendered with 0.3 px^2 scored higher at every scale); a model trained with the classic dilation keeps it.
+    filter_2d = (mcfg.render_filter_2d or mcfg.filter_2d) if mcfg.filter_2d > 0 else None
     set_render_filter(filter_2d)  # every tool renders the model with the 2D filter it was trained with
     return TrainedModel(
         field=field,
