@@ -221,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip torch-backend cases with more pixel-Gaussian candidates than this")
     ap.add_argument("--time-budget", type=float, default=6.0, help="seconds of timed repeats per case at most")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--filter_2d", type=float, default=0.0,
+                    help="compare the backends with Mip-Splatting's 2D mip filter of this many px^2 (gsplat's "
+                         "antialiased mode, e.g. 0.1; inria: only 0.3 and only builds with 'antialiasing'); "
+                         "0: classic 0.3 px^2 dilation")
     args = ap.parse_args(argv)
+    R.FILTER_2D = args.filter_2d if args.filter_2d > 0 else None  # every backend of every case renders with it
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     chunk = 1 << 26 if dev.type == "cuda" else 1 << 22  # bigger chunks on a GPU: fewer launches
     env = environment(dev)
     print(f"device: {env['device']}; driver {env['driver']}; torch {env['torch']}; gsplat {env['gsplat']}")
-    print(f"backends: {[v[0] for v in variants]}; reference: {ref_label}; SH degree {args.sh_degree}", flush=True)
+    print(f"backends: {[v[0] for v in variants]}; reference: {ref_label}; SH degree {args.sh_degree}; 2D filter "
+          f"{'classic 0.3 px^2 dilation' if R.FILTER_2D is None else f'antialiased {R.FILTER_2D} px^2'}", flush=True)
 
     rows = []
     t_all = time.perf_counter()
@@ -309,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_all
 
     table = format_table(rows, ref_label, env, elapsed)
+    if R.FILTER_2D is not None:
+        table = f"2D filter: antialiased, eps2d = {R.FILTER_2D} px^2 (--filter_2d)\n\n" + table
     if dev.type == "cpu":
         line = cpu_memory_check(torch.get_num_threads())
         print(line)

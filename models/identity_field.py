@@ -62,6 +62,10 @@ class IdentityFieldConfig:
     init_rgb: float = 0.5  # initial grey level of every Gaussian (0.5 = mid-grey, SH DC = 0)
     head_init_std: float = 1e-2  # effective weight std of the output head (small, not zero, so gradients reach
     #                              every layer from the first step while Gaussians start on their vertices)
+    filter_3d: float = 0.2  # Mip-Splatting 3D filter variance, training px^2 (0: off); models/mip_filter.py
+    filter_3d_surface: bool = True  # 3D filter opacity compensation over the two largest axes only (false: all 3)
+    filter_2d: float = 0.1  # Mip-Splatting 2D mip filter, px^2 (0: 3DGS's 0.3 px^2 dilation, no compensation)
+    render_filter_2d: float = 0.3  # 2D mip filter (px^2) the tools render a trained model with (0: filter_2d)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -364,7 +368,29 @@ class IdentityField(nn.Module):
                                 + [math.log(cfg.init_scale_mult * cfg.init_normal_scale_ratio)])
         self.register_buffer("log_scale_init", log_init, persistent=False)
         self.register_buffer("gaussian_vertex_ids", torch.arange(V).repeat_interleave(self.K), persistent=False)
+        # Mip-Splatting 3D filter: per-vertex world-space variance cfg.filter_3d / nu^2 (V,), or None (off) until the
+        # training cameras' sampling rate is set.  Not in the state dict (model.pt stores the rate itself, so the
+        # weights and their fingerprint are unchanged).
+        self.register_buffer("filter_variance", None, persistent=False)
+        self.sampling_rate: Tensor | None = None
         self.opacity_logit_init = math.log(cfg.init_opacity / (1 - cfg.init_opacity))
+
+    # ------------------------------------------------------------------ Mip-Splatting 3D filter
+    def set_sampling_rate(self, rate: Tensor | None) -> None:
+        """Switch the 3D filter on with the per-vertex maximal sampling rate ``rate`` (V,) (px per world unit,
+        models.mip_filter.sampling_rate), or off with None (also off when ``cfg.filter_3d`` is 0)."""
+        from models.mip_filter import filter_variance
+
+        if rate is None or self.cfg.filter_3d <= 0:
+            self.sampling_rate, self.filter_variance = (None if rate is None else rate.detach().float().cpu()), None
+            return
+        rate = torch.as_tensor(rate).detach().float()
+        if rate.shape != (self.num_vertices,) or not bool(torch.isfinite(rate).all()) or bool((rate <= 0).any()):
+            raise ValueError(f"IdentityField.set_sampling_rate: expected ({self.num_vertices},) positive finite rates, "
+                             f"got shape {tuple(rate.shape)}")
+        self.sampling_rate = rate.cpu()
+        dev = self.template_verts.device
+        self.filter_variance = filter_variance(rate, self.cfg.filter_3d).to(dev)
 
     # ------------------------------------------------------------------ small helpers
     def _channel_slices(self) -> dict[str, slice]:
@@ -491,6 +517,11 @@ class IdentityField(nn.Module):
 
         opac = torch.sigmoid(raw[..., sl["opacity"]].squeeze(-1) + self.opacity_logit_init)
         sh = raw[..., sl["sh"]].reshape(B, V, K, self.num_sh, 3)
+        if self.filter_variance is not None:  # Mip-Splatting 3D filter: a per-vertex constant, no extra pass
+            from models.mip_filter import apply_3d_filter
+
+            scales, opac = apply_3d_filter(scales, opac, self.filter_variance.to(scales.dtype)[None, :, None],
+                                           surface=cfg.filter_3d_surface)
 
         N = V * K
         cloud = GaussianCloud(

@@ -5,8 +5,8 @@ Public functions:
     render_batch(cloud, cameras, background=None, backend="auto") -> the same with a leading camera dimension
 
 Backends:
-    "torch"  pure PyTorch EWA splatting (CPU and GPU; what CI runs).  Same math as gsplat's classic mode: 0.3 px
-             dilation, opacity-aware boxes, alpha = min(MAX_ALPHA, o exp(-sigma)) skipped when sigma < 0 or
+    "torch"  pure PyTorch EWA splatting (CPU and GPU; what CI runs).  Same math as gsplat's classic mode (0.3 px
+             dilation) or, with ``filter_2d``, its antialiased mode, opacity-aware boxes, alpha = min(MAX_ALPHA, o exp(-sigma)) skipped when sigma < 0 or
              alpha < 1/255, a pixel stops before the Gaussian that would take its transmittance to <= 1e-4.
              Work is laid out as Gaussian-tile pairs x TILE*TILE pixels, all cameras at once, with transmittance
              from a float64 segment-wise cumsum of log(1 - alpha) and a hand-written backward pass
@@ -34,6 +34,12 @@ TRANSMITTANCE_STOP = 1e-4
 # set ``renderer.MAX_ALPHA = 0.999`` to match gsplat; the torch backend only.
 MAX_ALPHA = 0.99
 BLUR_EPS = 0.3  # screen-space dilation (px^2) that keeps every footprint at least about a pixel wide
+# The 2D filter used when a call passes no ``filter_2d``: None = 3DGS's classic BLUR_EPS dilation (no opacity change);
+# a number eps = Mip-Splatting's 2D mip filter (gsplat's "antialiased" mode): covariance + eps I with opacity times
+# sqrt(det S / det(S + eps I)).  Process-wide like MAX_ALPHA; the tools set it from the loaded model
+# (models.mip_filter.set_render_filter), training passes its own value explicitly.
+FILTER_2D: float | None = None
+_DEFAULT = object()  # "use FILTER_2D"
 TILE = 4  # torch backend tile side; small tiles waste few pixel-Gaussian candidates on a CPU
 # Per-candidate floats kept from forward for backward (2 per candidate); beyond this they are recomputed per chunk.
 STORE_LIMIT_BYTES = 1 << 30
@@ -112,6 +118,17 @@ def _validate(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tenso
             raise TypeError(f"render expects Camera objects, got {type(cam).__name__}")
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+
+        warnings.warn(msg)
+
+
 def available_backends() -> list[str]:
     """Backends usable on this machine right now (gsplat/inria need CUDA)."""
     out = ["torch"]
@@ -145,13 +162,29 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- torch
-def _project_cameras(cloud: GaussianCloud, cameras: Sequence[Camera]) -> dict[str, Tensor]:
-    """EWA projection of every Gaussian into C cameras at once (classic 3DGS math, as in gsplat's pinhole path).
+def _resolve_filter(filter_2d) -> float | None:
+    """The 2D filter of one call: the module default for ``_DEFAULT``; None or 0 = classic dilation."""
+    f = FILTER_2D if filter_2d is _DEFAULT else filter_2d
+    if f is None or f == 0:
+        return None
+    f = float(f)
+    if not (f > 0 and math.isfinite(f)):
+        raise ValueError(f"filter_2d must be a positive variance in px^2 (or None for the classic 0.3 px^2 "
+                         f"dilation), got {f}")
+    return f
+
+
+def _project_cameras(cloud: GaussianCloud, cameras: Sequence[Camera], filter_2d: float | None = None
+                     ) -> dict[str, Tensor]:
+    """EWA projection of every Gaussian into C cameras at once (3DGS math, as in gsplat's pinhole path).
+
+    ``filter_2d``: None = classic mode (covariance + BLUR_EPS I); eps = antialiased mode (covariance + eps I and
+    opacity times sqrt(det S / det(S + eps I)), gsplat's ``rasterize_mode="antialiased"``).
 
     Returns a dict of tensors with a leading camera dimension:
-        means2d (C, N, 2) pixel centres, conic (C, N, 3) [A, B, C] of the inverse 2D covariance (dilated by
-        BLUR_EPS), depth (C, N) camera-space z, colors (C, N, 3) SH colour seen from each camera, opac (C, N),
-        radii (C, N, 2) integer half-sizes of the opacity-aware bounding box (0 = culled).
+        means2d (C, N, 2) pixel centres, conic (C, N, 3) [A, B, C] of the inverse dilated 2D covariance,
+        depth (C, N) camera-space z, colors (C, N, 3) SH colour seen from each camera, opac (C, N) (compensated in
+        antialiased mode), radii (C, N, 2) integer half-sizes of the opacity-aware bounding box (0 = culled).
     """
     dev, dt = cloud.means.device, cloud.means.dtype
     K, w2c, W, H = stack_cameras([c.to(dev) for c in cameras])
@@ -178,9 +211,10 @@ def _project_cameras(cloud: GaussianCloud, cameras: Sequence[Camera]) -> dict[st
     M = quat_to_rotmat(cloud.quats) * cloud.scales.unsqueeze(-2)  # (N, 3, 3) = R S, so Sigma = M M^T
     T = torch.matmul(torch.matmul(J, R.unsqueeze(1)), M.unsqueeze(0))  # (C, N, 2, 3) = J W R S
     cov2d = torch.matmul(T, T.transpose(-1, -2))  # (C, N, 2, 2) = J W Sigma W^T J^T
-    a = cov2d[..., 0, 0] + BLUR_EPS
+    eps = BLUR_EPS if filter_2d is None else filter_2d
+    a = cov2d[..., 0, 0] + eps
     b = cov2d[..., 0, 1]
-    c = cov2d[..., 1, 1] + BLUR_EPS
+    c = cov2d[..., 1, 1] + eps
     det = a * c - b * b
     ok = in_front & (det > 0)
     det_s = torch.where(ok, det, torch.ones_like(det))
@@ -188,6 +222,9 @@ def _project_cameras(cloud: GaussianCloud, cameras: Sequence[Camera]) -> dict[st
     means2d = torch.stack([fx * x / zs + cx, fy * y / zs + cy], -1)
 
     opac = cloud.opacities.unsqueeze(0).expand(len(cameras), -1)
+    if filter_2d is not None:  # Mip-Splatting's 2D mip filter keeps each footprint's integral: opacity compensation
+        det_orig = cov2d[..., 0, 0] * cov2d[..., 1, 1] - b * b
+        opac = opac * torch.sqrt((det_orig / det_s).clamp_min(0.0))
     with torch.no_grad():
         ok = ok & (opac >= ALPHA_THRESHOLD)
         # Opacity-aware box: beyond it every alpha is under 1/255, so culling there changes nothing.
@@ -400,12 +437,13 @@ class _TileRaster(torch.autograd.Function):
 
 
 def _rasterize_torch(
-    cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None, budget: int
+    cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None, budget: int,
+    filter_2d: float | None = None,
 ) -> dict[str, Tensor]:
     """Render C cameras of one size with the pure-PyTorch tile rasterizer; returns (C, H, W, ...) tensors."""
     C, N = len(cameras), len(cloud)
     W, H = cameras[0].width, cameras[0].height
-    proj = _project_cameras(cloud, cameras)
+    proj = _project_cameras(cloud, cameras, filter_2d)
     dev, dt = cloud.means.device, cloud.means.dtype
     means2d = proj["means2d"].reshape(C * N, 2)
     plan = _TilePlan(
@@ -453,10 +491,11 @@ GSPLAT_PACKED = False
 
 def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Sequence[Camera]],
                    background: Tensor | None, stacked: tuple[Tensor, Tensor, int, int] | None = None,
-                   depth: bool = True) -> dict[str, Tensor]:
+                   depth: bool = True, filter_2d: float | None = None) -> dict[str, Tensor]:
     """One gsplat call; a batched cloud (B, N, ...) takes B lists of C cameras (outputs (B, C, H, W, ...)).
     ``stacked``: the cameras' ``stack_cameras`` result when the caller already has it (unbatched cloud only).
-    ``depth=False``: no depth channel is blended (the output's "depth" is then None)."""
+    ``depth=False``: no depth channel is blended (the output's "depth" is then None).
+    ``filter_2d``: None = ``rasterize_mode="classic"`` (eps2d 0.3), else "antialiased" with ``eps2d=filter_2d``."""
     try:
         from gsplat import rasterization
     except ImportError as exc:
@@ -487,7 +526,8 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
         backgrounds=bg,
         packed=GSPLAT_PACKED and bg is None,  # gsplat 1.5.3 asserts when backgrounds are combined with packed mode
         tile_size=GSPLAT_TILE_SIZE,
-        rasterize_mode="classic",
+        rasterize_mode="classic" if filter_2d is None else "antialiased",
+        eps2d=BLUR_EPS if filter_2d is None else filter_2d,
     )
     return {"image": colors[..., :3], "alpha": alphas, "depth": colors[..., 3:4] if depth else None}
 
@@ -498,6 +538,7 @@ def render_identities(
     background: Tensor | None = None,
     backend: str = "auto",
     depth: bool = True,
+    filter_2d=_DEFAULT,
 ) -> dict[str, Tensor]:
     """Render B clouds, each through its own C cameras (all of one image size), e.g. B identities of a batch.
 
@@ -507,6 +548,7 @@ def render_identities(
         background: (3,) RGB or None (black).
         backend: as in :func:`render_batch`; gsplat renders all B x C views in one call.
         depth: False when the caller needs no depth (training): gsplat then skips it and "depth" may be None.
+        filter_2d: as in :func:`render_batch`.
     Returns:
         {"image": (B, C, H, W, 3), "alpha": (B, C, H, W, 1), "depth": (B, C, H, W, 1) or None}.
     """
@@ -519,8 +561,8 @@ def render_identities(
     if which == "gsplat":
         if background is not None and tuple(background.shape) != (3,):
             raise ValueError(f"background must be a (3,) RGB tensor, got shape {tuple(background.shape)}")
-        return _render_gsplat(clouds, cameras, background, depth=depth)
-    outs = [render_batch(clouds[b], cameras[b], background, which) for b in range(len(cameras))]
+        return _render_gsplat(clouds, cameras, background, depth=depth, filter_2d=_resolve_filter(filter_2d))
+    outs = [render_batch(clouds[b], cameras[b], background, which, filter_2d=filter_2d) for b in range(len(cameras))]
     return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -563,8 +605,12 @@ def _inria_inputs(cloud: GaussianCloud) -> dict[str, Tensor]:
     }
 
 
-def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None) -> dict[str, Tensor]:
+def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None,
+                  filter_2d: float | None = None) -> dict[str, Tensor]:
     """Render C cameras one by one with ``diff_gaussian_rasterization``; returns (C, H, W, ...) tensors.
+
+    ``filter_2d``: the 2D mip filter needs a build with the ``antialiasing`` setting (graphdeco's rasterizer since
+    2024), whose kernel has the dilation fixed at 0.3 px^2 with the same opacity compensation; older builds raise.
 
     Two passes per camera: SH colour over the background, then the precomputed colour (1, z, 0) over black, whose
     channels are the accumulated alpha and alpha-weighted camera-space depth (the kernel returns neither in every
@@ -579,6 +625,14 @@ def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: T
             "cuda_rasterizer/rasterizer_impl.h on new CUDA toolkits) and `pip install --no-build-isolation .` it"
         ) from exc
     dev = cloud.device
+    has_aa = "antialiasing" in GaussianRasterizationSettings._fields
+    if filter_2d is not None and not has_aa:
+        raise RuntimeError("the installed diff_gaussian_rasterization has no 'antialiasing' setting, so it cannot apply "
+                           "the model's 2D mip filter: install graphdeco-inria/diff-gaussian-rasterization from 2024 "
+                           "or later, or render with backend='gsplat' or 'torch'")
+    if filter_2d is not None and abs(filter_2d - 0.3) > 1e-9:
+        _warn_once(f"inria backend: its antialiasing kernel dilates by a fixed 0.3 px^2, not the model's "
+                   f"{filter_2d} px^2 (use gsplat or torch for the exact filter)")
     g = _inria_inputs(cloud)
     bg = torch.zeros(3, device=dev) if background is None else background.to(dev, torch.float32)
     black = torch.zeros(3, device=dev)
@@ -602,7 +656,7 @@ def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: T
             campos=cam.center.to(dev, torch.float32),
             prefiltered=False,
             debug=False,
-            **({"antialiasing": False} if "antialiasing" in GaussianRasterizationSettings._fields else {}),
+            **({"antialiasing": filter_2d is not None} if has_aa else {}),
         )
         common = {"opacities": g["opacities"], "scales": g["scales"], "rotations": g["quats"], "cov3D_precomp": None}
         # means2D only receives the kernel's screen-space gradient (NDC units), which nothing here uses.
@@ -628,6 +682,7 @@ def render_batch(
     background: Tensor | None = None,
     backend: str = "auto",
     chunk_elements: int = 1 << 22,
+    filter_2d=_DEFAULT,
 ) -> dict[str, Tensor]:
     """Render one Gaussian cloud through several cameras of one image size.
 
@@ -638,6 +693,8 @@ def render_batch(
         backend: "auto", "torch", "gsplat" or "inria".
         chunk_elements: torch backend only: pixel-Gaussian candidates evaluated at once (bounds the working
             memory: roughly 100 bytes per candidate; whole tiles per chunk).
+        filter_2d: screen-space filter: None = 3DGS's classic 0.3 px^2 dilation; eps > 0 = Mip-Splatting's 2D mip
+            filter of eps px^2 with opacity compensation (gsplat's antialiased mode); omitted = ``FILTER_2D``.
     Returns:
         dict with
             image: (C, H, W, 3) colour,
@@ -650,17 +707,19 @@ def render_batch(
         raise ValueError("render_batch needs at least one camera")
     _validate(cloud, cameras, background)
     which = _pick_backend(backend, cloud.device)
+    f2d = _resolve_filter(filter_2d)
     if which == "gsplat":
         stacked = stack_cameras([c.to(cloud.device) for c in cameras])  # raises on mixed image sizes
-        return _render_gsplat(cloud, cameras, background, stacked)
+        return _render_gsplat(cloud, cameras, background, stacked, filter_2d=f2d)
     stack_cameras(cameras)  # raises on mixed image sizes
     if which == "inria":
-        return _render_inria(cloud, cameras, background)
-    return _rasterize_torch(cloud, cameras, background, chunk_elements)
+        return _render_inria(cloud, cameras, background, f2d)
+    return _rasterize_torch(cloud, cameras, background, chunk_elements, f2d)
 
 
 def render(
-    cloud: GaussianCloud, camera: Camera, background: Tensor | None = None, backend: str = "auto"
+    cloud: GaussianCloud, camera: Camera, background: Tensor | None = None, backend: str = "auto",
+    filter_2d=_DEFAULT,
 ) -> dict[str, Tensor]:
     """Render one Gaussian cloud through one camera.
 
@@ -669,8 +728,9 @@ def render(
         camera: the Camera (image size camera.width x camera.height).
         background: (3,) RGB behind the Gaussians, or None for black.
         backend: "auto", "torch", "gsplat" or "inria".
+        filter_2d: as in :func:`render_batch`.
     Returns:
         {"image": (H, W, 3), "alpha": (H, W, 1), "depth": (H, W, 1)}, differentiable w.r.t. the cloud.
     """
-    out = render_batch(cloud, [camera], background, backend)
+    out = render_batch(cloud, [camera], background, backend, filter_2d=filter_2d)
     return {k: v[0] for k, v in out.items()}

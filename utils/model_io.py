@@ -21,9 +21,11 @@ from torch import Tensor
 
 from models.flame import FlameParams, SubdivisionPlan, make_subdivision_plan, subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
+from models.mip_filter import set_render_filter
 from utils.io import atomic_torch_save, load_tagged
 
-FORMAT_VERSION = 3  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity)
+FORMAT_VERSION = 4  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity);
+#                    4: adds "sampling_rate" (per-vertex maximal sampling rate of the training cameras, Mip-Splatting)
 MODEL_FORMAT = "identity-field-model"
 
 
@@ -58,6 +60,8 @@ def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict
         # FLAME parameters of each identity's frame, {field: (I, ...) tensor} (models.flame.FlameParams.as_dict),
         # so that animation knows every identity's FLAME shape and head placement; None when the data had none
         "flame_params": stack_flame_params(getattr(data, "flame_params", None)),
+        # (V,) px per world unit: the Mip-Splatting 3D filter's sampling rate (models/mip_filter.py); None: no filter
+        "sampling_rate": None if field.sampling_rate is None else field.sampling_rate.detach().float().cpu(),
     }
     return atomic_torch_save(doc, path)
 
@@ -85,6 +89,9 @@ class TrainedModel:
         path: the file it was loaded from ("" when built otherwise).
         flame_params: {field: (I, ...) tensor} FLAME parameters of each training identity's frame (shape and head
             placement, see :meth:`identity_flame`); None in model.pt files written before they were stored.
+        filter_2d: the 2D mip filter (px^2) the model is rendered with (its config's render_filter_2d, else the
+            filter_2d it was trained with), None for 3DGS's classic dilation (the renderer's default is set to it on
+            load, models.mip_filter.set_render_filter).
     """
 
     field: IdentityField
@@ -98,6 +105,7 @@ class TrainedModel:
     fingerprint: str = ""
     path: str = ""
     flame_params: dict | None = None
+    filter_2d: float | None = None
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""
@@ -143,7 +151,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     if doc.get("fingerprint") not in (None, fingerprint):  # files of format 1 have none
         raise ValueError(f"{path}: its weights do not match the fingerprint stored with them (the file was damaged or "
                          f"edited); use an intact copy of the model or export it again from its training checkpoint")
-    mcfg = IdentityFieldConfig.from_dict(doc["config"]["model"])
+    model_cfg = dict(doc["config"]["model"])
+    rate = doc.get("sampling_rate")
+    if "filter_2d" not in model_cfg:  # trained before the Mip-Splatting filters: render it as it was trained
+        model_cfg.update(filter_3d=0.0, filter_2d=0.0, filter_3d_surface=False, render_filter_2d=0.0)
+    if rate is None and model_cfg.get("filter_3d", 0) > 0:
+        print(f"[model] {path}: no stored sampling rate (written before format 4): the 3D smoothing filter is off")
+    mcfg = IdentityFieldConfig.from_dict(model_cfg)
     level = int(doc["subdivision"])
     faces = doc["base_faces"].numpy()
     plan = make_subdivision_plan(len(doc["template_base"]), faces, level)
@@ -154,7 +168,18 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     except RuntimeError as exc:  # names/shapes do not fit the stored model config
         raise ValueError(f"{path}: its weights do not fit the model config stored with them "
                          f"({str(exc).splitlines()[0]})") from exc
+    if rate is not None:
+        if not isinstance(rate, Tensor) or tuple(rate.shape) != (field.num_vertices,):
+            raise ValueError(f"{path}: 'sampling_rate' must be a ({field.num_vertices},) tensor, got "
+                             f"{getattr(rate, 'shape', type(rate).__name__)}")
+        field.set_sampling_rate(rate)
     field.to(device).eval()
+    if field.filter_variance is not None:
+        field.filter_variance = field.filter_variance.to(device)
+    # Rendered with render_filter_2d (benchmarks/results/multiscale_cpu_render_eps.md: a model trained with 0.1 px^2
+    # and rendered with 0.3 px^2 scored higher at every scale); a model trained with the classic dilation keeps it.
+    filter_2d = (mcfg.render_filter_2d or mcfg.filter_2d) if mcfg.filter_2d > 0 else None
+    set_render_filter(filter_2d)  # every tool renders the model with the 2D filter it was trained with
     return TrainedModel(
         field=field,
         identities=list(doc["identities"]),
@@ -167,4 +192,5 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
         fingerprint=fingerprint,
         path=str(path),
         flame_params=doc.get("flame_params"),  # absent in model.pt files written before animation existed
+        filter_2d=filter_2d,
     )

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from models.flame import subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
+from models.mip_filter import sampling_rate
 from models.renderer import render_identities
 from utils.config import Range, check_ranges, to_dict
 from utils.dataset import DataConfig, MultiViewDataset
@@ -95,7 +96,8 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.code_dim": Range(1), "model.style_dim": Range(1), "model.mapping_layers": Range(1), "model.hidden": Range(1),
     "model.synth_layers": Range(0), "model.feat_dim": Range(0), "model.fourier_freqs": Range(0),
     "model.gaussians_per_vertex": Range(1), "model.sh_degree": Range(0, 3),
-    "model.init_opacity": Range(0, 1, lo_open=True, hi_open=True),
+    "model.init_opacity": Range(0, 1, lo_open=True, hi_open=True), "model.filter_3d": Range(0),
+    "model.filter_2d": Range(0),
     "model.w_avg_beta": Range(0, 1, hi_open=True),  # EMA decay; 1 would keep the average style at zero
     "loss.l1_weight": Range(0), "loss.ssim_weight": Range(0), "loss.lpips_weight": Range(0), "loss.code_reg": Range(0),
     "loss.offset_reg": Range(0), "loss.scale_reg": Range(0), "loss.eye_weight": Range(0),
@@ -211,6 +213,11 @@ class Trainer:
                              f"identities of {cfg.data.root}: use at most {len(self.data)}")
         self.field = IdentityField(cfg.model, len(self.data), template, self.data.faces).to(self.device)
         self.plan = self.data.plan.to(self.device)
+        if cfg.model.filter_3d > 0:  # Mip-Splatting: each vertex's highest sampling rate in the training views
+            tr = self.data.serial_index(self.data.train_serials)
+            verts = subdivide_vertices(self.data.base_vertices, self.plan)
+            self.field.set_sampling_rate(sampling_rate(verts, [[cams[v] for v in tr] for cams in self.data.cameras]))
+        self.filter_2d = cfg.model.filter_2d if cfg.model.filter_2d > 0 else None  # None: classic 0.3 px^2 dilation
         self.eye_landmarks = embedding_for_flame(self.data.flame, self.data.mask_ids)  # None: no eye-region metrics
         self.eye_masks = self._eye_masks() if cfg.loss.eye_weight > 0 else None  # (I, S, h, w, 1) uint8
         self.module: nn.Module = _BatchForward(self.field)
@@ -357,7 +364,8 @@ class Trainer:
         d_ids, d_views = on_device if on_device is not None else (self.to_device(ids), self.to_device(views))
         gt = self.data.images[d_ids[:, None], d_views].float() / 255.0
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
-        return render_identities(clouds, cams, backend=self.cfg.backend, depth=depth)["image"], gt
+        out = render_identities(clouds, cams, backend=self.cfg.backend, depth=depth, filter_2d=self.filter_2d)
+        return out["image"], gt
 
     def loss_terms(self, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None) -> dict[str, Tensor]:
         """Loss terms of predictions and targets (B, C, h, w, 3); ``eyes`` (B, C, h, w, 1): the views' eye regions."""

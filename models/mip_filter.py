@@ -1,0 +1,117 @@
+"""Mip-Splatting's filters (Yu et al., CVPR 2024) for the identity field: heads that hold up at any size.
+
+Two filters, both set once per model:
+
+* **3D smoothing filter.**  Every Gaussian gets a minimum world-space size from the highest sampling rate at which
+  the training cameras saw it: ``Sigma' = Sigma + (k / nu^2) I`` with ``nu = focal / depth`` (pixels per metre) the
+  largest over the training views that see its vertex.  Opacity is scaled by ``sqrt(det Sigma / det Sigma')`` so
+  that the Gaussian's integral (its "mass") is unchanged.  ``k`` is a variance in *training pixels squared*
+  (Mip-Splatting: 0.2).  The filter is a per-Gaussian constant: the identity field applies it in its output path
+  (:meth:`models.identity_field.IdentityField.attach`), so every backend, every tool and every PLY export sees the
+  filtered Gaussians, and a Gaussian can no longer shrink below what the training cameras could resolve (the cause
+  of the stripes and holes of a head rendered larger than it was trained).
+* **2D mip filter.**  In place of 3DGS's fixed 0.3 px^2 screen-space dilation, a box-filter-like dilation of
+  ``eps`` px^2 whose opacity is compensated by ``sqrt(det S / det (S + eps I))`` (gsplat's
+  ``rasterize_mode="antialiased"``; Mip-Splatting: 0.1).  It lives in the renderer (``models/renderer.py``,
+  ``filter_2d``); see :func:`set_render_filter`.
+
+Because the Gaussians of vertex v of every identity are the "same" Gaussian of one network, the sampling rate is
+per vertex: the maximum over the training identities and their training cameras.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from utils.cameras import Camera
+
+FILTER_3D = 0.2  # Mip-Splatting's 3D filter variance, in training pixels^2 (its code: sqrt(0.2) * depth / focal)
+FILTER_2D = 0.1  # Mip-Splatting's 2D mip filter variance in pixels^2 (3DGS's dilation is 0.3)
+# A view "sees" a vertex when it projects inside the image grown by this fraction on each side (Mip-Splatting uses
+# the same guard band: a vertex just outside a crop is still sampled at that rate by the neighbouring pixels).
+GUARD = 0.15
+
+
+@torch.no_grad()
+def sampling_rate(vertices: Tensor, cameras: Sequence[Sequence[Camera]], near: float = 0.01) -> Tensor:
+    """Per-vertex maximal sampling rate nu (pixels per world unit) of the training views.
+
+    Args:
+        vertices: (I, V, 3) world-space vertices of I identities (the subdivided face mask the Gaussians sit on).
+        cameras: I lists of that identity's training cameras.
+        near: vertices closer than this to a camera (camera-space z) do not count.
+    Returns:
+        (V,) float32 on the vertices' device: max over identities and cameras that see the vertex of
+        ``max(fx, fy) / z``.  Vertices that no view sees get the smallest rate of the seen ones (the largest
+        filter), as Mip-Splatting does; ValueError when no vertex is seen at all.
+    """
+    if vertices.dim() != 3 or vertices.shape[-1] != 3:
+        raise ValueError(f"sampling_rate: vertices must be (I, V, 3), got {tuple(vertices.shape)}")
+    if len(cameras) != vertices.shape[0]:
+        raise ValueError(f"sampling_rate: {vertices.shape[0]} identities but {len(cameras)} camera lists")
+    v = vertices.double()
+    nu = torch.zeros(v.shape[1], dtype=torch.float64, device=v.device)
+    for i, cams in enumerate(cameras):
+        for cam in cams:
+            w2c = cam.w2c.to(v.device, torch.float64)
+            pc = v[i] @ w2c[:3, :3].T + w2c[:3, 3]
+            z = pc[:, 2]
+            zs = z.clamp_min(near)
+            u = cam.fx * pc[:, 0] / zs + cam.cx
+            y = cam.fy * pc[:, 1] / zs + cam.cy
+            seen = (z > near) & (u >= -GUARD * cam.width) & (u <= (1 + GUARD) * cam.width) \
+                & (y >= -GUARD * cam.height) & (y <= (1 + GUARD) * cam.height)
+            rate = torch.where(seen, max(float(cam.fx), float(cam.fy)) / zs, torch.zeros_like(zs))
+            nu = torch.maximum(nu, rate)
+    seen = nu > 0
+    if not bool(seen.any()):
+        raise ValueError("sampling_rate: no training camera sees any vertex (check the cameras and the vertices)")
+    nu = torch.where(seen, nu, nu[seen].min())
+    return nu.float()
+
+
+def filter_variance(rate: Tensor, filter_3d: float = FILTER_3D) -> Tensor:
+    """(...,) sampling rates nu (px per world unit) -> (...,) world-space variance ``filter_3d / nu^2`` of the 3D
+    filter (0 where the rate is 0: no filter)."""
+    r = rate.clamp_min(1e-12)
+    return torch.where(rate > 0, filter_3d / (r * r), torch.zeros_like(r))
+
+
+def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor, surface: bool = False
+                    ) -> tuple[Tensor, Tensor]:
+    """Convolve Gaussians with an isotropic 3D Gaussian of ``variance``: ``Sigma + variance I``.
+
+    Sigma = R diag(s^2) R^T, so the sum keeps R and adds the variance to every squared scale.  Opacity is scaled by
+    ``sqrt(det Sigma / det Sigma')`` = prod_i s_i / sqrt(s_i^2 + variance) (the filtered Gaussian has the same
+    3D integral; Mip-Splatting).
+
+    ``surface=True``: the product runs over the two largest axes only.  A rasterised Gaussian's alpha is its
+    *projected* 2D footprint, and for a flat, surface-attached Gaussian seen face-on that footprint is spanned by
+    its two large (tangent) axes: thickening the flat normal axis by the filter does not spread its 2D mass, yet
+    the full 3D ratio divides its opacity by ``sqrt(1 + variance / s_normal^2)`` (-> 0 for a flat disc), which
+    leaves see-through surfaces and holes when the head is magnified.  Compensating over the tangent axes keeps
+    the face-on 2D integral exactly (per-Gaussian constant, so it still bakes into a PLY).
+
+    Args:
+        scales: (..., N, 3) standard deviations; opacities: (..., N); variance: (..., N) or broadcastable, >= 0.
+    Returns:
+        (scales (..., N, 3), opacities (..., N)), differentiable.
+    """
+    var = variance.to(scales.dtype).unsqueeze(-1)
+    s2 = scales * scales
+    filtered = s2 + var
+    per_axis = s2 / filtered  # increasing in s: the smallest axis has the smallest ratio
+    ratio = per_axis.prod(-1)  # det Sigma / det Sigma' (per axis, no catastrophic product of tiny numbers)
+    if surface:
+        ratio = ratio / per_axis.min(-1).values.clamp_min(1e-30)  # leave the flat (normal) axis out
+    return filtered.sqrt(), opacities * ratio.sqrt()
+
+
+def set_render_filter(filter_2d: float | None) -> None:
+    """Make ``filter_2d`` (px^2; None or 0: 3DGS's classic 0.3 px^2 dilation without compensation) the renderer's
+    process-wide default 2D filter, as the tools do when they load a model (models.renderer.FILTER_2D)."""
+    from models import renderer
+
+    renderer.FILTER_2D = float(filter_2d) if filter_2d else None

@@ -1,0 +1,186 @@
+"""Tests of models/mip_filter.py and the Mip-Splatting filters in the renderer and the identity field."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models import renderer as R
+from models.gaussians import GaussianCloud, quat_to_rotmat, random_cloud
+from models.identity_field import IdentityField, IdentityFieldConfig
+from models.mip_filter import apply_3d_filter, filter_variance, sampling_rate, set_render_filter
+from utils.cameras import Camera, stack_cameras
+
+F64 = torch.float64
+
+
+def _cam(width=40, height=32, eye=(0.0, 0.0, 1.0), f=60.0) -> Camera:
+    return Camera.look_at(eye, (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), width, height, fx=f, fy=f)
+
+
+# ------------------------------------------------------------------------------------------------- 3D filter
+def test_apply_3d_filter_adds_variance_and_keeps_the_integral():
+    g = torch.Generator().manual_seed(0)
+    c = random_cloud(50, generator=g).to(dtype=F64)
+    var = torch.rand(50, generator=g, dtype=F64) * 1e-4
+    s, o = apply_3d_filter(c.scales, c.opacities, var)
+    rot = quat_to_rotmat(c.quats)
+    cov = rot @ torch.diag_embed(c.scales ** 2) @ rot.transpose(-1, -2)
+    cov_f = rot @ torch.diag_embed(s ** 2) @ rot.transpose(-1, -2)
+    assert torch.allclose(cov_f, cov + var[:, None, None] * torch.eye(3, dtype=F64), atol=1e-14)
+    # integral of o * exp(-x^T S^-1 x / 2) is o * sqrt(det S) (2 pi)^1.5: unchanged by the filter
+    assert torch.allclose(o * torch.linalg.det(cov_f).sqrt(), c.opacities * torch.linalg.det(cov).sqrt(), rtol=1e-10)
+    assert bool((o <= c.opacities).all()) and bool((s >= c.scales).all())
+    # surface variant: the ratio over the two largest axes (a flat disc keeps its face-on 2D integral)
+    disc = torch.tensor([[1e-2, 2e-2, 1e-6]], dtype=F64)
+    s_d, o_d = apply_3d_filter(disc, torch.tensor([0.9], dtype=F64), torch.tensor([1e-4], dtype=F64), surface=True)
+    assert o_d.item() == pytest.approx(0.9 * float((disc[0, :2] / s_d[0, :2]).prod()), rel=1e-12)
+    assert o_d.item() * float(s_d[0, :2].prod()) == pytest.approx(0.9 * float(disc[0, :2].prod()), rel=1e-12)
+    _, o_full = apply_3d_filter(disc, torch.tensor([0.9], dtype=F64), torch.tensor([1e-4], dtype=F64))
+    assert o_full.item() < 1e-3  # the full 3D ratio all but erases a flat disc
+    # zero variance: identity
+    s0, o0 = apply_3d_filter(c.scales, c.opacities, torch.zeros(50, dtype=F64))
+    assert torch.equal(s0, c.scales) and torch.allclose(o0, c.opacities)
+
+
+def test_sampling_rate_is_focal_over_depth_of_the_closest_seeing_camera():
+    verts = torch.tensor([[[0.0, 0.0, 0.0], [0.01, 0.0, 0.0], [5.0, 0.0, 0.0]]])  # last: outside every view
+    near, far = _cam(eye=(0, 0, 1.0), f=60.0), _cam(eye=(0, 0, 2.0), f=100.0)
+    nu = sampling_rate(verts, [[near, far]])
+    assert nu[0].item() == pytest.approx(60.0, rel=1e-6)  # 60 / 1 beats 100 / 2
+    assert nu[1].item() == pytest.approx(60.0, rel=1e-6)
+    assert nu[2].item() == pytest.approx(float(nu[:2].min()))  # unseen: the smallest seen rate (largest filter)
+    # a camera behind the vertices sees nothing; the max over identities is taken
+    verts2 = torch.cat([verts, verts * 0.5])
+    nu2 = sampling_rate(verts2, [[near], [_cam(eye=(0, 0, 0.5), f=60.0)]])
+    assert nu2[0].item() == pytest.approx(120.0, rel=1e-6)
+    with pytest.raises(ValueError, match="no training camera"):
+        sampling_rate(verts, [[Camera.look_at((0, 0, 1.0), (0, 0, 2.0))]])  # looks away from them
+    assert torch.allclose(filter_variance(torch.tensor([10.0, 0.0]), 0.2), torch.tensor([0.002, 0.0]))
+
+
+def test_identity_field_applies_the_3d_filter_in_its_output_path():
+    from tests.test_identity_field import _mesh  # noqa: PLC0415  (the identity-field tests' small mesh)
+
+    verts, faces = _mesh()
+    field = IdentityField(IdentityFieldConfig(code_dim=8, style_dim=16, hidden=16, feat_dim=4, filter_3d=0.2,
+                                              filter_3d_surface=False), 2, verts, faces)
+    ids = torch.tensor([0, 1])
+    base = field(ids, verts)
+    rate = torch.full((field.num_vertices,), 50.0)
+    field.set_sampling_rate(rate)
+    filt = field(ids, verts)
+    var = 0.2 / 50.0 ** 2
+    assert torch.allclose(filt.scales, (base.scales ** 2 + var).sqrt(), rtol=1e-5)
+    ratio = (base.scales ** 2 / (base.scales ** 2 + var)).prod(-1).sqrt()
+    assert torch.allclose(filt.opacities, base.opacities * ratio, rtol=1e-5)
+    assert torch.equal(filt.means, base.means)
+    assert "filter_variance" not in field.state_dict()  # weights (and their fingerprint) unchanged
+    field.set_sampling_rate(None)
+    assert torch.equal(field(ids, verts).scales, base.scales)
+    with pytest.raises(ValueError, match="positive finite"):
+        field.set_sampling_rate(torch.zeros(field.num_vertices))
+
+
+# ------------------------------------------------------------------------------------------------- 2D filter
+def _gsplat_reference(cloud: GaussianCloud, cams: list[Camera], eps: float, antialiased: bool):
+    """gsplat's own pure-PyTorch projection (gsplat.cuda._torch_impl, runs on CPU)."""
+    from gsplat.cuda._torch_impl import _fully_fused_projection
+
+    K, w2c, W, H = stack_cameras(cams)
+    covars = cloud.covariances()
+    return _fully_fused_projection(cloud.means, covars, w2c.to(cloud.means), K.to(cloud.means), W, H, eps2d=eps,
+                                   calc_compensations=antialiased)
+
+
+@pytest.mark.parametrize("eps,antialiased", [(0.3, False), (0.1, True), (0.3, True)])
+def test_torch_projection_matches_gsplat_reference(eps, antialiased):
+    pytest.importorskip("gsplat")
+    g = torch.Generator().manual_seed(1)
+    cloud = random_cloud(200, radius=0.1, scale_range=(1e-4, 0.01), generator=g).to(dtype=F64)
+    cams = [_cam(), _cam(eye=(0.3, 0.1, 0.9), f=80.0)]
+    radii, means2d, depths, conics, comp = _gsplat_reference(cloud, cams, eps, antialiased)
+    proj = R._project_cameras(cloud, cams, eps if antialiased else None)
+    ok = (proj["radii"][..., 0] > 0) & (radii[..., 0] > 0)
+    assert int(ok.sum()) > 250
+    assert torch.allclose(proj["means2d"][ok], means2d[ok], atol=1e-9)
+    assert torch.allclose(proj["conic"][ok], conics[ok], rtol=1e-9, atol=1e-9)
+    want = cloud.opacities.expand_as(ok) * (comp if antialiased else 1.0)
+    assert torch.allclose(proj["opac"][ok], want[ok], rtol=1e-9)
+    if antialiased:  # tiny Gaussians lose most of their opacity, large ones almost none
+        assert float(comp[ok].min()) < 0.2 and float(comp[ok].max()) > 0.5
+
+
+def test_2d_filter_keeps_a_tiny_gaussians_integral_and_default_follows_set_render_filter():
+    cam = _cam(width=33, height=33, f=60.0)
+    tiny = GaussianCloud.from_rgb(torch.zeros(1, 3), torch.tensor([[1.0, 0, 0, 0]]), torch.full((1, 3), 1e-5),
+                                  torch.tensor([0.9]), torch.ones(1, 3))
+    classic = R.render(tiny, cam, backend="torch", filter_2d=None)["alpha"].sum()
+    aa = R.render(tiny, cam, backend="torch", filter_2d=0.1)["alpha"].sum()
+    # classic dilation paints 0.9 * 2 pi 0.3 px^2 of alpha, the compensated filter ~the Gaussian's own tiny integral
+    assert float(classic) == pytest.approx(0.9 * 2 * math.pi * 0.3, rel=0.05)
+    assert float(aa) < 1e-3 * float(classic)
+    set_render_filter(0.1)
+    assert torch.equal(R.render(tiny, cam, backend="torch")["alpha"].sum(), aa)
+    set_render_filter(None)
+    assert torch.equal(R.render(tiny, cam, backend="torch")["alpha"].sum(), classic)
+    with pytest.raises(ValueError, match="filter_2d"):
+        R.render(tiny, cam, backend="torch", filter_2d=-1.0)
+
+
+def test_2d_filter_gradients_flow_to_scales_and_opacities():
+    g = torch.Generator().manual_seed(2)
+    cloud = random_cloud(30, radius=0.05, scale_range=(1e-4, 0.005), generator=g)
+    scales = cloud.scales.clone().requires_grad_(True)
+    opac = cloud.opacities.clone().requires_grad_(True)
+    c = GaussianCloud(cloud.means, cloud.quats, scales, opac, cloud.sh)
+    R.render(c, _cam(), backend="torch", filter_2d=0.1)["image"].sum().backward()
+    assert scales.grad is not None and float(scales.grad.abs().sum()) > 0
+    assert opac.grad is not None and float(opac.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------------- model.pt
+from tests.training_fixtures import preprocessed_root, trained_model_dir  # noqa: E402,F401
+
+
+def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(trained_model_dir, tmp_path, capsys):
+    from utils.io import safe_torch_load
+    from utils.model_io import FORMAT_VERSION, load_model
+
+    path = trained_model_dir / "model.pt"
+    doc = safe_torch_load(path, "model file")
+    assert doc["version"] == FORMAT_VERSION == 4
+    rate = doc["sampling_rate"]
+    assert rate.ndim == 1 and bool((rate > 0).all())
+    m = load_model(path)
+    assert m.config["model"]["filter_2d"] == pytest.approx(0.1)  # trained with 0.1 px^2, rendered with 0.3 px^2
+    assert m.filter_2d == pytest.approx(0.3) and R.FILTER_2D == pytest.approx(0.3)
+    assert torch.equal(m.field.sampling_rate, rate) and m.field.filter_variance is not None
+    verts = m.vertices(m.base_vertices[:1])
+    filt = m.field(m.field.codes.weight[:1], verts)[0]
+    # the stored rate is the training cameras' focal / depth: a Gaussian is at least sqrt(0.2) training px wide
+    assert bool((filt.scales.min(-1).values * rate >= math.sqrt(0.2) * (1 - 1e-4)).all())
+    # a PLY export carries the filtered Gaussians (the filter baked into scales and opacities)
+    filt.save_ply(tmp_path / "head.ply")
+    back = GaussianCloud.load_ply(tmp_path / "head.ply")
+    assert torch.allclose(back.scales, filt.scales, rtol=1e-5) and torch.allclose(back.opacities, filt.opacities,
+                                                                                   atol=1e-5)
+    # a file of format 3 (no rate, no filter keys in its config): loads, says so in one line, renders unfiltered
+    old = dict(doc)
+    old.pop("sampling_rate")
+    old["version"] = 3
+    old["config"] = {**doc["config"], "model": {k: v for k, v in doc["config"]["model"].items()
+                                                 if k not in ("filter_3d", "filter_2d")}}
+    torch.save(old, tmp_path / "old.pt")
+    capsys.readouterr()
+    m3 = load_model(tmp_path / "old.pt")
+    assert m3.field.filter_variance is None and m3.filter_2d is None and R.FILTER_2D is None
+    plain = m3.field(m3.field.codes.weight[:1], verts)[0]
+    assert bool((plain.scales < filt.scales).all())
+    # a format-3 file whose config asks for the filter (trained with it but exported without the rate): a notice
+    old["config"] = doc["config"]
+    torch.save(old, tmp_path / "old2.pt")
+    load_model(tmp_path / "old2.pt")
+    out = capsys.readouterr().out
+    assert out.count("no stored sampling rate") == 1
