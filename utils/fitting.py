@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from models.flame import FlameModel, FlameParams
     from utils.targets import FitTarget
 
-INITS = ("auto", "mean_code", "w_avg", "mean_w")
+INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
 SPACES = ("w", "z")
 
 
@@ -56,7 +56,9 @@ class FitConfig:
     """Optimisation of one identity (the network stays frozen)."""
 
     space: str = "w"  # optimised vector: w (style, more expressive) or z (latent code, stays on the code manifold)
-    init: str = "auto"  # start: mean_code, w_avg, mean_w (mean training style), auto (best on the photo), or a code.pt
+    init: str = "auto"  # start: encoder (the model's feed-forward encoder on the photo), mean (= mean_code), w_avg,
+    #                     mean_w (mean training style), best (the best of them on the photo), auto (encoder when the
+    #                     model has one, else best), or a code.pt
     iterations: int = 100  # maximum Adam iterations
     lr: float = 0.2  # Adam learning rate of the code / style
     lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
@@ -103,9 +105,11 @@ class FitConfig:
 
 
 @torch.no_grad()
-def start_candidates(model: TrainedModel, space: str) -> dict[str, tuple[Tensor, Tensor | None]]:
+def start_candidates(model: TrainedModel, space: str, target: "FitTarget | None" = None
+                     ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Starting points {name: (w (S,), z (D,) or None)}: in z space only the mean code; in w space also the tracked
-    average style ``w_avg`` and the mean of the training identities' styles."""
+    average style ``w_avg``, the mean of the training identities' styles and, when the model has an encoder and a
+    ``target`` is given, the encoder's prediction from the target's photo (``encoder``)."""
     f = model.field
     z_mean = f.mean_code()
     out = {"mean_code": (f.style(z_mean[None], update_w_avg=False)[0], z_mean)}
@@ -113,7 +117,35 @@ def start_candidates(model: TrainedModel, space: str) -> dict[str, tuple[Tensor,
         if float(f.mapping.w_avg.abs().sum()) > 0:  # w_avg stays zero in a model that was never trained
             out["w_avg"] = (f.mapping.w_avg.clone(), None)
         out["mean_w"] = (f.style(f.codes.weight, update_w_avg=False).mean(0), None)
+        enc = getattr(model, "encoder", None)
+        if enc is not None and target is not None:
+            view = target.fit_view
+            mask = view.mask if view.mask is not None else (view.image.sum(-1, keepdim=True) > 0).float()
+            out["encoder"] = (enc.predict(view.image, mask).to(z_mean), None)
     return out
+
+
+def resolve_init(model: TrainedModel, cfg: "FitConfig", cands: dict[str, tuple[Tensor, Tensor | None]]
+                 ) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """The candidates fit.init asks for (one, or all for best).  ``encoder`` without a usable encoder (none in the
+    model, a damaged one, or fit.space z) falls back to the mean code with a one-line notice."""
+    import sys
+
+    init = {"mean": "mean_code"}.get(cfg.init, cfg.init)
+    if init == "auto":
+        init = "encoder" if "encoder" in cands else "best"
+    if init == "best":
+        return cands
+    if init == "encoder" and "encoder" not in cands:
+        why = (getattr(model, "encoder_notice", "") or "the model has no encoder (train one: python train.py "
+               "--encoder_only --checkpoint MODEL.pt)") if cfg.space == "w" else "fit.space z (it predicts w)"
+        print(f"notice: fit.init=encoder: {why.removeprefix('notice: ')}; starting from the mean code",
+              file=sys.stderr)
+        init = "mean_code"
+    if init not in cands:
+        raise ValueError(f"fit.init={cfg.init!r} is not available for fit.space={cfg.space!r} "
+                         f"(available: {sorted(cands)})")
+    return {init: cands[init]}
 
 
 # ====================================================================================== fitting
@@ -292,12 +324,9 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
 
     # ---- starting point
     if cfg.init in INITS:
-        cands = start_candidates(model, cfg.space)
-        if cfg.init != "auto":
-            if cfg.init not in cands:
-                raise ValueError(f"fit.init={cfg.init!r} is not available for fit.space={cfg.space!r} "
-                                 f"(available: {sorted(cands)})")
-            cands = {cfg.init: cands[cfg.init]}
+        # the encoder runs only when the start may be it
+        wants_encoder = cfg.init in ("auto", "encoder", "best")
+        cands = resolve_init(model, cfg, start_candidates(model, cfg.space, target if wants_encoder else None))
     else:  # a code.pt to start from (e.g. a previous fit)
         c = load_code(cfg.init, model, base0.device)
         if cfg.space == "z" and c.z is None:
