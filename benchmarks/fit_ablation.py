@@ -14,15 +14,26 @@ fit.iterations or fit.crop_margin):
     no_early_stop every code iteration (fit.patience 1000)
     long_code     the code stage alone for 300 iterations, no early stop (what the code stage can reach)
     eye_off       no eye term in either stage (fit.eye_weight 0, fit.colour_eye_weight 0)
-    eye_forced    the eye term whatever the eye regions' size (fit.eye_min_pixels 0)
+    eye_threshold the eye term before issue 25: full weight, left out below 1,000 eye pixels (fit.eye_min_pixels 1000,
+                  fit.eye_pixels 0, fit.colour_eye_pixels 0)
+    eye_unscaled  the eye term at full weight whatever the eye regions' size (fit.eye_min_pixels 0, fit.eye_pixels 0,
+                  fit.colour_eye_pixels 0)
     style_reg0    no pull of w towards its start (fit.style_reg 0)
     init_mean     start from the mean code (not the best of mean code / w_avg / mean style)
     z_space       fit the code z instead of the style w
     crop_wide     fitted view cropped with a 25 % margin (fit.crop_margin 0.25; the evaluation crops follow)
     colour_only   no code stage (fit.iterations 0): the colour residual on the starting style
+    init_best     start from the best of mean code / w_avg / mean style (/ encoder) on the photo
+    encoder_alone the encoder's prediction alone (no iterations, no colour stage)
+    encoder_code  the code stage from the encoder's prediction, no colour stage
+    encoder_half  the fit from the encoder's prediction with half the code iterations (50, no early stop before)
+    encoder_fit   the whole fit from the encoder's prediction
+(the encoder variants are left out of the default set; pick them with --variants or --encoder_variants)
 
 Besides the variants it reports where the mean code's and the preset fit's squared error sits on the unseen views:
-the share inside the eye regions, on the 1-pixel silhouette ring of the face mask, and elsewhere in the face mask.
+the share inside the eye regions, on the 1-pixel silhouette ring of the face mask, and elsewhere in the face mask;
+and, as a diagnostic (not the protocol's metric), the gain when every render is clipped to its view's face mask
+("clipped gain"; the mean code's clipped PSNR in brackets).
 
     python benchmarks/fit_ablation.py --checkpoint output/cpu/model.pt --data_root syn_data \\
         --out benchmarks/results/fit_ablation_cpu                                      # 2 identities, ~2 min on CPU
@@ -60,13 +71,21 @@ VARIANTS: dict[str, dict[str, object]] = {
     "no_early_stop": {"fit.patience": 1000},
     "long_code": {"fit.refine_colour": False, "fit.iterations": 300, "fit.patience": 1000},
     "eye_off": {"fit.eye_weight": 0.0, "fit.colour_eye_weight": 0.0},
-    "eye_forced": {"fit.eye_min_pixels": 0},
+    "eye_threshold": {"fit.eye_min_pixels": 1000, "fit.eye_pixels": 0, "fit.colour_eye_pixels": 0},
+    "eye_unscaled": {"fit.eye_min_pixels": 0, "fit.eye_pixels": 0, "fit.colour_eye_pixels": 0},
     "style_reg0": {"fit.style_reg": 0.0},
     "init_mean": {"fit.init": "mean_code"},
     "z_space": {"fit.space": "z"},
     "crop_wide": {"fit.crop_margin": 0.25},
     "colour_only": {"fit.iterations": 0},
+    "init_best": {"fit.init": "best"},
+    "encoder_alone": {"fit.init": "encoder", "fit.iterations": 0, "fit.refine_colour": False},
+    "encoder_code": {"fit.init": "encoder", "fit.refine_colour": False},
+    "encoder_half": {"fit.init": "encoder", "fit.iterations": 50, "fit.min_iterations": 50},
+    "encoder_fit": {"fit.init": "encoder"},
 }
+# the variants of the encoder (models/encoder.py), run only with --encoder_variants (the model needs an encoder)
+ENCODER_VARIANTS = ("init_best", "encoder_alone", "encoder_code", "encoder_half", "encoder_fit")
 CROP_KEYS = ("fit.crop_margin", "fit.crop_multiple")
 
 
@@ -81,6 +100,18 @@ def parse_value(text: str):
         except ValueError:
             pass
     return text
+
+
+@torch.no_grad()
+def clipped_psnr(pred: torch.Tensor, views, unseen: torch.Tensor) -> float:
+    """Mean unseen-view PSNR of the renders (C, h, w, 3) multiplied by each view's face mask, i.e. with the splats
+    clipped to the tracked face mask's silhouette as the photos are (a diagnostic of the silhouette ring's share,
+    not the protocol's metric)."""
+    from utils.losses import psnr
+
+    gt = torch.stack([v.image for v in views])
+    mask = torch.stack([v.mask for v in views])
+    return float(psnr(pred * mask, gt, reduction="none")[unseen].mean())
 
 
 @torch.no_grad()
@@ -108,7 +139,10 @@ def run(args: argparse.Namespace) -> dict:
     model = load_model(args.checkpoint, device)
     subjects, ids = heldout_subjects(args.data_root)
     ids = args.ids or ids
-    variants = {k: VARIANTS[k] for k in (args.variants or VARIANTS)}
+    names = args.variants or [k for k in VARIANTS if k not in ENCODER_VARIANTS]
+    if args.encoder_variants:
+        names = list(dict.fromkeys(list(names) + list(ENCODER_VARIANTS)))
+    variants = {k: VARIANTS[k] for k in names}
     for spec in args.variant or []:
         variants[spec[0]] = {kv.split("=", 1)[0]: parse_value(kv.split("=", 1)[1]) for kv in spec[1:]}
     base = {"checkpoint": str(args.checkpoint), "progress": False, "backend": args.backend}
@@ -134,6 +168,7 @@ def run(args: argparse.Namespace) -> dict:
                 unseen = torch.tensor([v.serial != fit_serial for v in target.eval_views])
                 rows["mean_code"] = {**{k: m.get(k) for k in ("psnr_unseen", "psnr_face_unseen", "psnr_eyes_unseen",
                                                               "psnr_all")},
+                                     "psnr_unseen_clipped": clipped_psnr(pred, target.eval_views, unseen),
                                      **error_shares(pred, target.eval_views, eyes(target.base_vertices), unseen)}
             t0 = time.perf_counter()
             res = fit_identity(model, target, cfg.fit, args.backend, progress=False)
@@ -145,8 +180,9 @@ def run(args: argparse.Namespace) -> dict:
                        stopped_early=res.stopped_early, start=res.start, eye_term_pixels=res.eye_term_pixels,
                        colour_iterations=res.colour_iterations, seconds=seconds,
                        fit_crop=[target.fit_view.camera.width, target.fit_view.camera.height])
+            unseen = torch.tensor([v.serial != fit_serial for v in target.eval_views])
+            row["psnr_unseen_clipped"] = clipped_psnr(pred, target.eval_views, unseen)
             if name == "preset":
-                unseen = torch.tensor([v.serial != fit_serial for v in target.eval_views])
                 row.update(error_shares(pred, target.eval_views, eyes(res.code.base_vertices), unseen))
             if key != (None, None):  # another crop: its own mean-code reference on the same crops
                 with torch.no_grad():
@@ -155,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
                                        args.backend, False, eyes=eyes)
                 row["mean_code_same_crop"] = {k: mm.get(k) for k in ("psnr_unseen", "psnr_face_unseen",
                                                                      "psnr_eyes_unseen")}
+                row["mean_code_same_crop"]["psnr_unseen_clipped"] = float("nan")
             rows[name] = row
             print(f"{sid} {name}: unseen {row['psnr_unseen']:.2f} face {row['psnr_face_unseen']:.2f} eyes "
                   f"{row['psnr_eyes_unseen']:.2f} ({row['iterations']} it, {seconds:.1f} s)", flush=True)
@@ -173,18 +210,18 @@ def markdown(res: dict) -> str:
     for sid, rows in res["identities"].items():
         ref = rows["mean_code"]
         lines += [f"#### {sid}", "",
-                  "| variant | PSNR unseen | gain dB | face PSNR | face gain | eye PSNR | eye gain | fitted view | "
-                  "code it | eye px | s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  "| variant | PSNR unseen | gain dB | face PSNR | face gain | eye PSNR | eye gain | clipped gain | "
+                  "fitted view | code it | eye px | s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
                   f"| mean code | {ref['psnr_unseen']:.2f} | | {ref['psnr_face_unseen']:.2f} | | "
-                  f"{ref['psnr_eyes_unseen']:.2f} | | | | | |"]
+                  f"{ref['psnr_eyes_unseen']:.2f} | | ({ref['psnr_unseen_clipped']:.2f}) | | | | |"]
         for name, r in rows.items():
             if name == "mean_code":
                 continue
             lines.append(f"| {name} | {r['psnr_unseen']:.2f} | {gain(r, ref, 'psnr_unseen'):+.2f} | "
                          f"{r['psnr_face_unseen']:.2f} | {gain(r, ref, 'psnr_face_unseen'):+.2f} | "
                          f"{r['psnr_eyes_unseen']:.2f} | {gain(r, ref, 'psnr_eyes_unseen'):+.2f} | "
-                         f"{r['psnr_fit_view']:.2f} | {r['iterations']} | {r['eye_term_pixels']} | "
+                         f"{gain(r, ref, 'psnr_unseen_clipped'):+.2f} | {r['psnr_fit_view']:.2f} | {r['iterations']} | {r['eye_term_pixels']} | "
                          f"{r['seconds']:.1f} |")
         if "share_ring" in rows.get("preset", {}):
             p = rows["preset"]
@@ -211,9 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_root", default="syn_data", help="dataset with held-out identities (synthetic_info.json)")
     p.add_argument("--ids", nargs="*", default=None, help="identities to fit (default: every held-out one)")
     p.add_argument("--variants", nargs="*", default=None, choices=sorted(VARIANTS),
-                   help="built-in variants to run (default: all)")
+                   help="built-in variants to run (default: all but the encoder variants)")
     p.add_argument("--variant", nargs="+", action="append", metavar="NAME KEY=VALUE",
                    help="an extra variant: a name and TrackConfig overrides (repeatable)")
+    p.add_argument("--encoder_variants", action="store_true",
+                   help="also run the encoder variants (init_best, encoder_alone, encoder_code, encoder_half, "
+                        "encoder_fit); the model needs an encoder (train.py --encoder_only)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--backend", default="auto", help="rasterizer backend")
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")

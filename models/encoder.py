@@ -6,7 +6,7 @@ face mask of the tracked or landmark-fitted head, so the encoder is told where t
 ``size`` x ``size`` pixels and stacks RGB and mask into 4 channels; the same function, with random jitter, makes the
 training inputs (utils/encoder_training.py), so training and use see the same crops.
 
-The backbone is a small ResNet (written here; nothing is downloaded): a stride-2 stem, four stages of two basic
+The backbone is a small ResNet (written here; nothing is downloaded): a stride-2 stem, four stages of basic
 residual blocks (GroupNorm, so a batch of one behaves as in training), global average pooling and a linear head.
 The head predicts the style in units of the training styles' spread: ``w = w_mean + w_std * head(features)``, with
 ``w_mean`` / ``w_std`` (S,) the mean and per-channel standard deviation of the styles the encoder was trained on
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 class EncoderConfig:
     """Architecture of the encoder (stored in model.pt beside its weights)."""
 
-    size: int = 64  # input crops are size x size pixels
-    channels: list[int] = field(default_factory=lambda: [32, 64, 96, 128])  # widths of the four residual stages
-    blocks: int = 2  # residual blocks per stage
+    size: int = 48  # input crops are size x size pixels
+    channels: list[int] = field(default_factory=lambda: [24, 48, 64, 96])  # widths of the residual stages
+    blocks: int = 1  # residual blocks per stage
     margin: float = 0.1  # the crop is the face mask's bounding box grown by this fraction per side, made square
     style_dim: int = 128  # output size (the identity field's style_dim)
 
