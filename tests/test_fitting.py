@@ -109,7 +109,9 @@ def test_fit_beats_mean_code_on_unseen_views(fitted):
     colour_fit_gain = m["psnr_fit_view"] - m["psnr_fit_view_code_only"]
     assert gain >= 2.0, msg
     assert fit_gain >= 3.0, msg
-    assert colour_fit_gain >= 1.0 and colour_gain >= -0.25, (colour_fit_gain, colour_gain, msg)
+    # With the residual held at zero on the mask's boundary rings (fit.colour_boundary_rings 2, issue 25) the colour
+    # stage gains the fitted view less (measured +0.86 dB) and the unseen views more (+0.09 dB, was -0.05 dB).
+    assert colour_fit_gain >= 0.5 and colour_gain >= -0.1, (colour_fit_gain, colour_gain, msg)
     assert m["ssim_unseen"] > m["ssim_unseen_mean_code"], msg
 
 

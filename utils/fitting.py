@@ -97,7 +97,7 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
-    colour_boundary_rings: int = 0  # the residual is held at 0 on the face mask's open boundary and this many vertex
+    colour_boundary_rings: int = 2  # the residual is held at 0 on the face mask's open boundary and this many vertex
     #                                 rings inside it minus one (0: nowhere): the Gaussians there straddle the mask's
     #                                 silhouette, and brightening them spills colour onto the black background
     refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
