@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         help_text = _field_comments(owner).get(f.name, "")
         group.add_argument(f"--encoder.{name}", dest=f"enc:{name}", default=None,
-                           metavar=getattr(tp, "__name__", "VALUE").upper(), help=f"{help_text} (default: {default!r})".replace("%", "%%"))
+                           metavar=getattr(tp, "__name__", "VALUE").upper(),
+                           help=f"{help_text} (default: {default!r})".replace("%", "%%"))
     return parser
 
 

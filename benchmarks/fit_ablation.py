@@ -49,7 +49,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -221,7 +220,8 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {r['psnr_unseen']:.2f} | {gain(r, ref, 'psnr_unseen'):+.2f} | "
                          f"{r['psnr_face_unseen']:.2f} | {gain(r, ref, 'psnr_face_unseen'):+.2f} | "
                          f"{r['psnr_eyes_unseen']:.2f} | {gain(r, ref, 'psnr_eyes_unseen'):+.2f} | "
-                         f"{gain(r, ref, 'psnr_unseen_clipped'):+.2f} | {r['psnr_fit_view']:.2f} | {r['iterations']} | {r['eye_term_pixels']} | "
+                         f"{gain(r, ref, 'psnr_unseen_clipped'):+.2f} | {r['psnr_fit_view']:.2f} | "
+                         f"{r['iterations']} | {r['eye_term_pixels']} | "
                          f"{r['seconds']:.1f} |")
         if "share_ring" in rows.get("preset", {}):
             p = rows["preset"]

@@ -57,9 +57,9 @@ class FitConfig:
     """Optimisation of one identity (the network stays frozen)."""
 
     space: str = "w"  # optimised vector: w (style, more expressive) or z (latent code, stays on the code manifold)
-    init: str = "auto"  # start: encoder (the model's feed-forward encoder on the photo), mean (= mean_code), w_avg,
-    #                     mean_w (mean training style), best (the best of them on the photo), auto (encoder when the
-    #                     model has one, else best), or a code.pt
+    # start: encoder (the model's feed-forward encoder on the photo), mean (= mean_code), w_avg, mean_w (the mean
+    # training style), best (the best of them on the photo), auto (the encoder when the model has one, else best)
+    init: str = "auto"  # start: encoder, mean, best, auto (encoder if present, else best), w_avg, mean_w, a code.pt
     iterations: int = 100  # maximum Adam iterations
     lr: float = 0.2  # Adam learning rate of the code / style
     lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
@@ -97,9 +97,9 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
-    colour_boundary_rings: int = 2  # the residual is held at 0 on the face mask's open boundary and this many vertex
-    #                                 rings inside it minus one (0: nowhere): the Gaussians there straddle the mask's
-    #                                 silhouette, and brightening them spills colour onto the black background
+    # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
+    # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
+    colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
     refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
     # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
     # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
