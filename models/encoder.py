@@ -30,7 +30,8 @@ class EncoderConfig:
     channels: list[int] = field(default_factory=lambda: [24, 48, 64, 96])  # widths of the residual stages
     blocks: int = 1  # residual blocks per stage
     margin: float = 0.1  # the crop is the face mask's bounding box grown by this fraction per side, made square
-    style_dim: int = 128  # output size (the identity field's style_dim)
+    style_dim: int = 128  # output size (the identity field's style_dim, or its code_dim for space z)
+    space: str = "w"  # output: the style w, or the code z (mapped to w by the field's frozen mapping network)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +44,8 @@ class EncoderConfig:
             raise ValueError(f"encoder config has unknown keys {unknown} (known: {sorted(names)})")
         out = cls(**d)
         out.channels = list(out.channels)
+        if out.space not in ("w", "z"):
+            raise ValueError(f"encoder config: space must be 'w' or 'z', got {out.space!r}")
         return out
 
 

@@ -182,3 +182,32 @@ def test_train_py_encoder_only(fit_model, preprocessed_root, tmp_path):  # noqa:
     assert model.encoder is not None and model.encoder.cfg.size == 32
     with pytest.raises(SystemExit):
         train.main(["--encoder_only", "--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_encoder_of_the_code_z(fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    """encoder.arch.space z: the encoder predicts the code, the fit's start is its style through the mapping network
+    (and the code itself in fit.space z)."""
+    from utils.config import from_dict
+    from utils.dataset import DataConfig, MultiViewDataset
+    from utils.encoder_training import train_encoder
+    from utils.fitting import start_candidates
+    from utils.model_io import add_encoder, load_model
+    from utils.targets import load_subject_target
+
+    path = tmp_path / "model.pt"
+    shutil.copy(fit_model, path)
+    model = load_model(path)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    with single_thread():
+        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+        enc, _ = train_encoder(model, data, tiny_encoder_config(steps=3, samples=2, **{"arch.space": "z"}),
+                               progress=False)
+        add_encoder(path, enc)
+        model = load_model(path)
+        assert model.encoder.cfg.space == "z" and model.encoder.cfg.style_dim == model.field.cfg.code_dim
+        target = load_subject_target(model, track_cfg(preprocessed_root, path, tmp_path), torch.device("cpu"))
+        for space in ("w", "z"):
+            w, z = start_candidates(model, space, target)["encoder"]
+            assert z.shape == (model.field.cfg.code_dim,)
+            assert torch.allclose(w, model.field.style(z[None], update_w_avg=False)[0])

@@ -16,8 +16,8 @@ photo-only path crops around a fitted camera's projection): the window's centre 
 side, its side by up to ``scale_jitter``; colours by a per-channel gain of up to ``colour_jitter`` and an exposure
 factor of up to ``exposure_jitter`` (inside the face mask; the background stays black).
 
-Loss: mean squared error of the predicted style in units of the training styles' per-channel spread (the encoder's
-``w_std``); AdamW, cosine learning-rate decay.
+Loss: mean squared error of the predicted style (or, with ``arch.space z``, code) in units of the targets' per-channel
+spread (the encoder's ``w_std``); AdamW, cosine learning-rate decay.
 """
 from __future__ import annotations
 
@@ -58,15 +58,15 @@ class EncoderTrainConfig:
 
 @torch.no_grad()
 def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generator, backend: str,
-                progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Renders of ``cfg.samples`` sampled identities: (images (N, h, w, 3) uint8, masks (N, h, w, 1) uint8,
-    styles (N, S)), N = samples * views_per_sample; each face-masked with its view's mask."""
+    styles (N, S), codes (N, D)), N = samples * views_per_sample; each face-masked with its view's mask."""
     dev = data.images.device
     codes = field_.codes.weight.detach()
     I = codes.shape[0]
     spread = codes.std(0) if I > 1 else torch.ones_like(codes[0])
     train_ids = torch.as_tensor(data.serial_index(data.train_serials))
-    imgs, masks, styles = [], [], []
+    imgs, masks, styles, zs = [], [], [], []
     for _ in tqdm(range(cfg.samples), desc="encoder: rendering", disable=not progress, leave=False):
         k = min(cfg.mix, I)
         pick = torch.randperm(I, generator=gen)[:k]
@@ -84,7 +84,8 @@ def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generato
         imgs.append((img * 255).round().to(torch.uint8))
         masks.append(m)
         styles.append(w.expand(len(v), -1))
-    return torch.cat(imgs), torch.cat(masks), torch.cat(styles)
+        zs.append(z[None].expand(len(v), -1))
+    return torch.cat(imgs), torch.cat(masks), torch.cat(styles), torch.cat(zs)
 
 
 def jittered_batch(images: Tensor, masks: Tensor, cfg: EncoderTrainConfig, gen: torch.Generator) -> Tensor:
@@ -127,14 +128,17 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     I = len(data.identities)
     p_img = data.images[:, train_ids].flatten(0, 1)
     p_msk = data.masks[:, train_ids].flatten(0, 1)
-    p_w = w_ids[:, None].expand(I, len(train_ids), -1).flatten(0, 1)
+    # regression targets: the styles w, or (arch.space z) the codes z
+    t_ids = w_ids if cfg.arch.space == "w" else f.codes.weight.detach()
+    p_w = t_ids[:, None].expand(I, len(train_ids), -1).flatten(0, 1)
     if cfg.samples > 0:
-        r_img, r_msk, r_w = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
+        r_img, r_msk, r_w, r_z = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
+        r_w = r_w if cfg.arch.space == "w" else r_z
     else:
         r_img, r_msk, r_w = p_img[:0], p_msk[:0], p_w[:0]
     t_render = time.perf_counter() - t0
     all_w = torch.cat([p_w, r_w])
-    arch = EncoderConfig.from_dict({**cfg.arch.to_dict(), "style_dim": int(w_ids.shape[1])})
+    arch = EncoderConfig.from_dict({**cfg.arch.to_dict(), "style_dim": int(t_ids.shape[1])})
     enc = StyleEncoder(arch).to(dev)
     enc.w_mean.copy_(all_w.mean(0))
     enc.w_std.copy_(all_w.std(0).clamp_min(1e-3 * float(all_w.std(0).mean()) + 1e-8))

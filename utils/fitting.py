@@ -116,9 +116,9 @@ class FitConfig:
 @torch.no_grad()
 def start_candidates(model: TrainedModel, space: str, target: "FitTarget | None" = None
                      ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Starting points {name: (w (S,), z (D,) or None)}: in z space only the mean code; in w space also the tracked
-    average style ``w_avg``, the mean of the training identities' styles and, when the model has an encoder and a
-    ``target`` is given, the encoder's prediction from the target's photo (``encoder``)."""
+    """Starting points {name: (w (S,), z (D,) or None)}: the mean code; in w space also the tracked average style
+    ``w_avg`` and the mean of the training identities' styles; when the model has an encoder and a ``target`` is
+    given, the encoder's prediction from the target's photo (``encoder``; in z space only an encoder of z)."""
     f = model.field
     z_mean = f.mean_code()
     out = {"mean_code": (f.style(z_mean[None], update_w_avg=False)[0], z_mean)}
@@ -126,18 +126,20 @@ def start_candidates(model: TrainedModel, space: str, target: "FitTarget | None"
         if float(f.mapping.w_avg.abs().sum()) > 0:  # w_avg stays zero in a model that was never trained
             out["w_avg"] = (f.mapping.w_avg.clone(), None)
         out["mean_w"] = (f.style(f.codes.weight, update_w_avg=False).mean(0), None)
-        enc = getattr(model, "encoder", None)
-        if enc is not None and target is not None:
-            view = target.fit_view
-            mask = view.mask if view.mask is not None else (view.image.sum(-1, keepdim=True) > 0).float()
-            out["encoder"] = (enc.predict(view.image, mask).to(z_mean), None)
+    enc = getattr(model, "encoder", None)
+    if enc is not None and target is not None and (space == "w" or enc.cfg.space == "z"):
+        view = target.fit_view
+        mask = view.mask if view.mask is not None else (view.image.sum(-1, keepdim=True) > 0).float()
+        pred = enc.predict(view.image, mask).to(z_mean)
+        # an encoder of the code z (EncoderConfig.space) gives its style through the mapping network
+        out["encoder"] = (pred, None) if enc.cfg.space == "w" else (f.style(pred[None], update_w_avg=False)[0], pred)
     return out
 
 
 def resolve_init(model: TrainedModel, cfg: "FitConfig", cands: dict[str, tuple[Tensor, Tensor | None]]
                  ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """The candidates fit.init asks for (one, or all for best).  ``encoder`` without a usable encoder (none in the
-    model, a damaged one, or fit.space z) falls back to the mean code with a one-line notice."""
+    model, a damaged one, or an encoder of w with fit.space z) falls back to the mean code with a one-line notice."""
     import sys
 
     init = {"mean": "mean_code"}.get(cfg.init, cfg.init)
@@ -147,7 +149,8 @@ def resolve_init(model: TrainedModel, cfg: "FitConfig", cands: dict[str, tuple[T
         return cands
     if init == "encoder" and "encoder" not in cands:
         why = (getattr(model, "encoder_notice", "") or "the model has no encoder (train one: python train.py "
-               "--encoder_only --checkpoint MODEL.pt)") if cfg.space == "w" else "fit.space z (it predicts w)"
+               "--encoder_only --checkpoint MODEL.pt)") if cfg.space == "w" or getattr(model, "encoder", None) is None \
+            else "fit.space z needs an encoder of z (encoder.arch.space z); this one predicts w"
         print(f"notice: fit.init=encoder: {why.removeprefix('notice: ')}; starting from the mean code",
               file=sys.stderr)
         init = "mean_code"
