@@ -6,16 +6,24 @@
 Every key of the YAML preset can be overridden on the command line (see --help). Under torchrun the same command
 trains on several GPUs/nodes (see README.md, "Distributed training"). The output folder is locked while a run
 writes to it; a fresh run refuses a folder that already holds a run (--resume continues it, --overwrite replaces it).
+
+The feed-forward encoder (photo crop -> style, models/encoder.py) is trained after the field, with the field frozen:
+
+    python train.py --config configs/cpu.yaml --data_root DIR --out DIR --encoder [--encoder.steps N ...]
+    python train.py --encoder_only --checkpoint DIR/model.pt [--data_root DIR]      # add one to a trained model
+
+Either way model.pt gains an "encoder" entry (older model.pt files, without one, load as before).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import add_config_args, build_config  # noqa: E402
+from utils.config import _field_comments, _leaf_fields, _parse_value, add_config_args, build_config  # noqa: E402
 from utils.errors import add_debug_flag, run_main  # noqa: E402
 from utils.training import TrainConfig, Trainer  # noqa: E402
 
@@ -31,9 +39,68 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --out (its model.pt, metrics.json, checkpoints and logs are "
                              "deleted); without it a fresh run refuses a folder that holds a run")
+    parser.add_argument("--encoder", action="store_true",
+                        help="after the field, train the feed-forward encoder (photo crop -> style) and store it in "
+                             "model.pt (settings: --encoder.KEY VALUE)")
+    parser.add_argument("--encoder_only", action="store_true",
+                        help="train only the encoder for the trained model --checkpoint (default <out>/model.pt) on "
+                             "its training data (--data_root, default the one it was trained on) and store it there")
+    parser.add_argument("--checkpoint", default=None, help="with --encoder_only: the model.pt to add an encoder to")
     add_debug_flag(parser)
     add_config_args(parser, TrainConfig, aliases=ALIASES)
+    from utils.encoder_training import EncoderTrainConfig
+
+    group = parser.add_argument_group("encoder training (--encoder / --encoder_only)")
+    for name, f, tp, owner in _leaf_fields(EncoderTrainConfig):
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        help_text = _field_comments(owner).get(f.name, "")
+        group.add_argument(f"--encoder.{name}", dest=f"enc:{name}", default=None,
+                           metavar=getattr(tp, "__name__", "VALUE").upper(),
+                           help=f"{help_text} (default: {default!r})".replace("%", "%%"))
     return parser
+
+
+def encoder_config(args: argparse.Namespace):
+    """EncoderTrainConfig from the --encoder.KEY flags."""
+    from utils.encoder_training import EncoderTrainConfig
+
+    types = {name: tp for name, _, tp, _ in _leaf_fields(EncoderTrainConfig)}
+    over = {k[4:]: _parse_value(v, types[k[4:]], "encoder." + k[4:]) for k, v in vars(args).items()
+            if k.startswith("enc:") and v is not None}
+    return build_config(EncoderTrainConfig, overrides=over)
+
+
+def run_encoder(args: argparse.Namespace, cfg, trainer=None) -> dict:
+    """Train the encoder for <out>/model.pt (or --checkpoint) and store it there."""
+    import torch
+
+    from utils.config import from_dict
+    from utils.dataset import DataConfig, MultiViewDataset
+    from utils.device import resolve_device
+    from utils.encoder_training import train_encoder
+    from utils.model_io import add_encoder, load_model
+
+    path = Path(args.checkpoint) if args.checkpoint else Path(cfg.out) / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path} (--checkpoint; train the field first)")
+    device = trainer.device if trainer is not None else resolve_device(cfg.device)
+    model = load_model(path, device)
+    if trainer is not None:
+        data = trainer.data
+    else:
+        dcfg = from_dict(DataConfig, dict(model.config.get("data", {})), f"{path} data config")
+        if args.__dict__.get("cfg:data.root"):
+            dcfg.root = args.__dict__["cfg:data.root"]
+        if args.__dict__.get("cfg:data.flame_dir"):
+            dcfg.flame_dir = args.__dict__["cfg:data.flame_dir"]
+        data = MultiViewDataset(dcfg, device, identities=model.identities, progress=cfg.progress)
+    ecfg = encoder_config(args)
+    with torch.enable_grad():
+        enc, stats = train_encoder(model, data, ecfg, progress=cfg.progress, log=print)
+    add_encoder(path, enc)
+    print(f"encoder: {stats['encoder_photos']} photos + {stats['encoder_renders']} renders, {ecfg.steps} steps, "
+          f"final loss {stats['encoder_losses'][-1]:.4f}, {stats['encoder_seconds']:.0f} s -> {path}")
+    return stats
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,7 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     def work() -> dict:
         cfg = build_config(TrainConfig, args.config, args)
-        return Trainer(cfg, resume=args.resume, overwrite=args.overwrite).run()
+        if args.encoder_only:
+            return run_encoder(args, cfg)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        metrics = trainer.run()
+        if args.encoder:
+            metrics.update(run_encoder(args, cfg, trainer))
+        return metrics
 
     try:
         return run_main("train.py", work, argv)  # bad data or config: one clear line, no traceback

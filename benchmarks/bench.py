@@ -525,6 +525,14 @@ def main() -> None:
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
     p.add_argument("--synth_precision", default="fp32", choices=("fp32", "bf16"),
                    help="precision of the network in the network-in-the-loop render figures (GraphedSynthesis)")
+    p.add_argument("--encoder", action="store_true",
+                   help="train the feed-forward encoder after the field (utils/encoder_training.py), store it in "
+                        "model.pt and time the fit from it: fit_encoder_alone_* (encoder only, no iterations), "
+                        "fit_encoder_* (encoder + the default fit + colour), fit_encoder_half_* (half the code "
+                        "iterations), fit_mean_* (the mean-code start); the photo part then starts from it too")
+    p.add_argument("--encoder_steps", type=int, default=2000, help="encoder training steps (with --encoder)")
+    p.add_argument("--encoder_samples", type=int, default=512,
+                   help="sampled identities rendered for encoder training (with --encoder)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -562,6 +570,19 @@ def main() -> None:
     for _ in range(args.train_steps_for_fit):
         trainer.train_step()
     trainer.export()
+    if args.encoder:
+        from utils.encoder_training import EncoderTrainConfig, train_encoder
+        from utils.model_io import add_encoder, load_model
+
+        ecfg = EncoderTrainConfig(steps=2 if args.quick else args.encoder_steps,
+                                  samples=2 if args.quick else args.encoder_samples, backend=cfg.backend)
+        sync(device)
+        enc, stats = train_encoder(load_model(Path(cfg.out) / "model.pt", device), data, ecfg, progress=False)
+        sync(device)
+        add_encoder(Path(cfg.out) / "model.pt", enc)
+        rows.update({"encoder_train_seconds": stats["encoder_seconds"],
+                     "encoder_render_seconds": stats["encoder_render_seconds"],
+                     "encoder_final_loss": stats["encoder_losses"][-1]})
     cam_full = heldout[0][SERIALS.index(FRONTAL_SERIAL)][2]
     if "render" in parts:
         rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
@@ -573,6 +594,14 @@ def main() -> None:
         for spec in args.fit_variant:
             name, _, kvs = spec.partition(":")
             variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        if args.encoder:
+            from utils.fitting import FitConfig
+
+            half = max(1, FitConfig().iterations // 2)
+            variants.update({"encoder_alone": {"init": "encoder", "iterations": 0, "refine_colour": False},
+                             "encoder": {"init": "encoder"},
+                             "encoder_half": {"init": "encoder", "iterations": half, "min_iterations": half},
+                             "mean": {"init": "mean"}})
         fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
                         long_iterations=20 if args.quick else 1000, variants=variants)
         rows.update({f"fit_{k}": v for k, v in fit.items()})

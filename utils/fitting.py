@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from models.flame import FlameModel, FlameParams
     from utils.targets import FitTarget
 
-INITS = ("auto", "mean_code", "w_avg", "mean_w")
+INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
 SPACES = ("w", "z")
 
 
@@ -57,7 +58,9 @@ class FitConfig:
     """Optimisation of one identity (the network stays frozen)."""
 
     space: str = "w"  # optimised vector: w (style, more expressive) or z (latent code, stays on the code manifold)
-    init: str = "auto"  # start: mean_code, w_avg, mean_w (mean training style), auto (best on the photo), or a code.pt
+    # start: encoder (the model's feed-forward encoder on the photo), mean (= mean_code), w_avg, mean_w (the mean
+    # training style), best (the best of them on the photo), auto (the encoder when the model has one, else best)
+    init: str = "auto"  # start: encoder, mean, best, auto (encoder if present, else best), w_avg, mean_w, a code.pt
     iterations: int = 100  # maximum Adam iterations
     lr: float = 0.2  # Adam learning rate of the code / style
     lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
@@ -73,12 +76,17 @@ class FitConfig:
     # pixels, and without it one-view fits at full resolution left the unseen views' eyes 4-5.5 dB below the face
     # and gave them the iris of the nearest training identities.  Weighted lightly in the code stage (a heavier weight
     # moved the whole head's code: face PSNR -0.1..-0.4 dB) and strongly in the colour stage, whose per-vertex
-    # residual paints the iris without touching the rest of the face (benchmarks/results/eyes_h200_colour.md).  Used
-    # only where the regions hold >= eye_min_pixels pixels: on eyes a few pixels wide (the CPU preset) the term fitted
-    # noise and lowered the unseen eyes' PSNR (tests/test_fitting.py).
+    # residual paints the iris without touching the rest of the face (benchmarks/results/eyes_h200_colour.md).
+    # The term is a mean over the eye pixels, so on a small face each eye pixel weighs more: at eyes a few pixels
+    # wide (CPU preset, ~70x100 photos) the colour stage's full weight fitted noise and lowered the unseen eyes'
+    # PSNR.  Rather than switching the term off below a size (it was off below 1,000 eye pixels), each stage's weight
+    # is scaled by min(1, eye pixels / its *_eye_pixels): a fixed weight per eye pixel on small faces, the full weight
+    # on large ones (benchmarks/fit_ablation.py, tests/test_fitting.py).
     eye_weight: float = 0.3  # weight of the L1 term inside the photo's eye regions in the code fit (0: off)
     colour_eye_weight: float = 10.0  # the eye term's weight in the colour stage (0: off)
-    eye_min_pixels: int = 1000  # the eye term is left out when the fitted view's eye regions hold fewer pixels
+    eye_pixels: int = 0  # code stage: the eye weight is scaled by min(1, eye pixels / this) (0: never scaled)
+    colour_eye_pixels: int = 4000  # colour stage: colour_eye_weight scaled by min(1, eye pixels / this) (0: never)
+    eye_min_pixels: int = 0  # the eye term is left out when the fitted view's eye regions hold fewer pixels (0: never)
     style_reg: float = 0.01  # weight of the mean squared distance of w from its start (w space only; 0: off)
     refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
     geometry_lr: float = 2e-4  # Adam learning rate of the vertex offsets, in metres
@@ -90,6 +98,9 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
+    # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
+    # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
+    colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
     refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
     # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
     # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
@@ -114,9 +125,11 @@ class FitConfig:
 
 
 @torch.no_grad()
-def start_candidates(model: TrainedModel, space: str) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Starting points {name: (w (S,), z (D,) or None)}: in z space only the mean code; in w space also the tracked
-    average style ``w_avg`` and the mean of the training identities' styles."""
+def start_candidates(model: TrainedModel, space: str, target: "FitTarget | None" = None
+                     ) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Starting points {name: (w (S,), z (D,) or None)}: the mean code; in w space also the tracked average style
+    ``w_avg`` and the mean of the training identities' styles; when the model has an encoder and a ``target`` is
+    given, the encoder's prediction from the target's photo (``encoder``; in z space only an encoder of z)."""
     f = model.field
     z_mean = f.mean_code()
     out = {"mean_code": (f.style(z_mean[None], update_w_avg=False)[0], z_mean)}
@@ -124,7 +137,38 @@ def start_candidates(model: TrainedModel, space: str) -> dict[str, tuple[Tensor,
         if float(f.mapping.w_avg.abs().sum()) > 0:  # w_avg stays zero in a model that was never trained
             out["w_avg"] = (f.mapping.w_avg.clone(), None)
         out["mean_w"] = (f.style(f.codes.weight, update_w_avg=False).mean(0), None)
+    enc = getattr(model, "encoder", None)
+    if enc is not None and target is not None and (space == "w" or enc.cfg.space == "z"):
+        view = target.fit_view
+        mask = view.mask if view.mask is not None else (view.image.sum(-1, keepdim=True) > 0).float()
+        pred = enc.predict(view.image, mask).to(z_mean)
+        # an encoder of the code z (EncoderConfig.space) gives its style through the mapping network
+        out["encoder"] = (pred, None) if enc.cfg.space == "w" else (f.style(pred[None], update_w_avg=False)[0], pred)
     return out
+
+
+def resolve_init(model: TrainedModel, cfg: "FitConfig", cands: dict[str, tuple[Tensor, Tensor | None]]
+                 ) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """The candidates fit.init asks for (one, or all for best).  ``encoder`` without a usable encoder (none in the
+    model, a damaged one, or an encoder of w with fit.space z) falls back to the mean code with a one-line notice."""
+    import sys
+
+    init = {"mean": "mean_code"}.get(cfg.init, cfg.init)
+    if init == "auto":
+        init = "encoder" if "encoder" in cands else "best"
+    if init == "best":
+        return cands
+    if init == "encoder" and "encoder" not in cands:
+        why = (getattr(model, "encoder_notice", "") or "the model has no encoder (train one: python train.py "
+               "--encoder_only --checkpoint MODEL.pt)") if cfg.space == "w" or getattr(model, "encoder", None) is None \
+            else "fit.space z needs an encoder of z (encoder.arch.space z); this one predicts w"
+        print(f"notice: fit.init=encoder: {why.removeprefix('notice: ')}; starting from the mean code",
+              file=sys.stderr)
+        init = "mean_code"
+    if init not in cands:
+        raise ValueError(f"fit.init={cfg.init!r} is not available for fit.space={cfg.space!r} "
+                         f"(available: {sorted(cands)})")
+    return {init: cands[init]}
 
 
 # ====================================================================================== fitting
@@ -160,15 +204,26 @@ def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = 
     return loss
 
 
+def scaled_eye_weight(weight: float, eyes: Tensor | None, full_pixels: int) -> float:
+    """``weight`` * min(1, eye pixels / ``full_pixels``) (``full_pixels`` 0: ``weight``); 0 without ``eyes``."""
+    if eyes is None:
+        return 0.0
+    if full_pixels <= 0:
+        return float(weight)
+    return float(weight) * min(1.0, float(eyes.sum()) / full_pixels)
+
+
 def fit_view_eyes(target: "FitTarget", cfg: FitConfig) -> Tensor | None:
     """The fitted view's eye regions (h, w, 1) for ``fit.eye_weight``; None (no eye term) when the weight is 0, the
-    FLAME files give no eye landmarks on the face mask, or the regions hold fewer than ``fit.eye_min_pixels``."""
+    FLAME files give no eye landmarks on the face mask, the regions are empty or hold fewer than
+    ``fit.eye_min_pixels``."""
     if max(cfg.eye_weight, cfg.colour_eye_weight if cfg.refine_colour else 0.0) <= 0 or target.eye_landmarks is None:
         return None
     view = target.fit_view
     mask = view.mask if view.mask is not None else torch.ones_like(view.image[..., :1])
     eyes = eye_region_masks(target.eye_landmarks(target.base_vertices), [view.camera], mask[None])[0]
-    return eyes if float(eyes.sum()) >= cfg.eye_min_pixels else None
+    n = float(eyes.sum())
+    return eyes if n > 0 and n >= cfg.eye_min_pixels else None
 
 
 
@@ -188,15 +243,20 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         cloud0 = model.field.synthesize(w[None], model.vertices(base)[None])[0].detach()
     res = torch.zeros_like(base, requires_grad=True)
     lap = UniformLaplacian(len(base), model.base_faces, base.device)
+    free = None
+    if cfg.colour_boundary_rings > 0:
+        free = (~boundary_rings(len(base), model.base_faces, cfg.colour_boundary_rings)).to(base.device)[:, None]
     fused = {"fused": True} if base.device.type == "cuda" else {}
     opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2), **fused)
     n = cfg.colour_iterations
+    eye_w = scaled_eye_weight(cfg.colour_eye_weight, eyes, cfg.colour_eye_pixels)
     acc = torch.zeros((), device=base.device)
     losses: list[float] = []
     for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
-        pred = render(with_colour(cloud0, colour_offsets(model, res)), camera, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg, eyes, cfg.colour_eye_weight)
+        r = res if free is None else res * free
+        pred = render(with_colour(cloud0, colour_offsets(model, r)), camera, backend=backend)["image"]
+        loss = photometric(pred, gt, cfg, eyes, eye_w)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -210,7 +270,24 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
             if not math.isfinite(cur):
                 raise FloatingPointError(f"colour stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
                                          f"fit.colour_lr")
-    return res.detach(), losses
+    out = res.detach() if free is None else (res * free).detach()
+    return out, losses
+
+
+def boundary_rings(num_vertices: int, faces: np.ndarray, rings: int) -> Tensor:
+    """(M,) bool: the vertices of the mesh's open boundary (edges of one triangle) and of the ``rings - 1`` vertex
+    rings inside it."""
+    f = np.asarray(faces, dtype=np.int64)
+    e = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), axis=1)
+    uniq, count = np.unique(e, axis=0, return_counts=True)
+    sel = np.zeros(num_vertices, bool)
+    sel[uniq[count == 1].ravel()] = True
+    for _ in range(rings - 1):
+        grow = sel.copy()
+        grow[uniq[sel[uniq[:, 0]], 1]] = True
+        grow[uniq[sel[uniq[:, 1]], 0]] = True
+        sel = grow
+    return torch.from_numpy(sel)
 
 
 def refine_flame(model: TrainedModel, w: Tensor, flame: "FlameModel", params: "FlameParams", camera: Camera,
@@ -287,9 +364,10 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     if cfg.iterations < 0 or cfg.check_every < 1:
         raise ValueError(f"fit.iterations must be >= 0 and fit.check_every >= 1 (got {cfg.iterations}, "
                          f"{cfg.check_every})")
-    if cfg.eye_weight < 0 or cfg.colour_eye_weight < 0:
-        raise ValueError(f"fit.eye_weight and fit.colour_eye_weight must be >= 0, got {cfg.eye_weight}, "
-                         f"{cfg.colour_eye_weight}")
+    if min(cfg.eye_weight, cfg.colour_eye_weight, cfg.eye_pixels, cfg.colour_eye_pixels, cfg.eye_min_pixels) < 0:
+        raise ValueError(f"fit.eye_weight, fit.colour_eye_weight, fit.eye_pixels, fit.colour_eye_pixels and "
+                         f"fit.eye_min_pixels must be >= 0, got {cfg.eye_weight}, {cfg.colour_eye_weight}, "
+                         f"{cfg.eye_pixels}, {cfg.colour_eye_pixels}, {cfg.eye_min_pixels}")
     if cfg.refine_colour and cfg.colour_iterations < 0:
         raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
     t_start = time.perf_counter()
@@ -300,15 +378,13 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     cam, gt = view.camera, view.image
     base0 = target.base_vertices
     eyes = fit_view_eyes(target, cfg)
+    code_eye_w = scaled_eye_weight(cfg.eye_weight, eyes, cfg.eye_pixels)
 
     # ---- starting point
     if cfg.init in INITS:
-        cands = start_candidates(model, cfg.space)
-        if cfg.init != "auto":
-            if cfg.init not in cands:
-                raise ValueError(f"fit.init={cfg.init!r} is not available for fit.space={cfg.space!r} "
-                                 f"(available: {sorted(cands)})")
-            cands = {cfg.init: cands[cfg.init]}
+        # the encoder runs only when the start may be it
+        wants_encoder = cfg.init in ("auto", "encoder", "best")
+        cands = resolve_init(model, cfg, start_candidates(model, cfg.space, target if wants_encoder else None))
     else:  # a code.pt to start from (e.g. a previous fit)
         c = load_code(cfg.init, model, base0.device)
         if cfg.space == "z" and c.z is None:
@@ -318,7 +394,7 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
     with torch.no_grad():
         for name, (w_c, _) in cands.items():
             pred = render_style(model, w_c, base0, [cam], backend)[0]
-            start_losses[name] = float(photometric(pred, gt, cfg, eyes))
+            start_losses[name] = float(photometric(pred, gt, cfg, eyes, code_eye_w))
     start = min(start_losses, key=start_losses.get)
     w0, z0 = cands[start]
     var = (w0 if cfg.space == "w" else z0).detach().clone().requires_grad_(True)
@@ -354,7 +430,7 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
             g["lr"] = g["initial_lr"] * mult
         cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
         pred = render(cloud, cam, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg, eyes)
+        loss = photometric(pred, gt, cfg, eyes, code_eye_w)
         total = loss
         if cfg.space == "w" and cfg.style_reg > 0:
             total = total + cfg.style_reg * (var - w0).square().mean()

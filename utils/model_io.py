@@ -6,6 +6,11 @@ The file is a flat dict of tensors and plain Python values (no pickled classes),
 New entries are added as further keys holding tensors, dicts of tensors or plain values; readers use ``doc.get``
 for keys that older files lack.  ``fingerprint`` is a SHA-256 of the weights (:func:`weights_fingerprint`): it is
 checked on load, and files derived from a model (code.pt) store it to name the model they belong to.
+
+Optional entries (older files lack them and load as before): ``"encoder"``, the feed-forward encoder photo -> style
+(models/encoder.py: {"config", "state_dict"}, with ``"encoder_fingerprint"`` over its weights).  A damaged or
+unfitting encoder does not stop the model from loading: it is left out with a one-line notice, and fits start
+from the mean code as without one.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -42,8 +47,9 @@ def weights_fingerprint(state_dict: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict) -> Path:
-    """Write model.pt from a trained field and its MultiViewDataset (atomically)."""
+def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict, encoder=None) -> Path:
+    """Write model.pt from a trained field and its MultiViewDataset (atomically); ``encoder``: an optional
+    models.encoder.StyleEncoder stored beside the field."""
     state = {k: v.detach().cpu() for k, v in field.state_dict().items()}
     doc = {
         "format": MODEL_FORMAT,
@@ -63,7 +69,47 @@ def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict
         # (V,) px per world unit: the Mip-Splatting 3D filter's sampling rate (models/mip_filter.py); None: no filter
         "sampling_rate": None if field.sampling_rate is None else field.sampling_rate.detach().float().cpu(),
     }
+    if encoder is not None:
+        doc.update(encoder_entries(encoder))
     return atomic_torch_save(doc, path)
+
+
+def encoder_entries(encoder) -> dict:
+    """model.pt keys of an encoder: "encoder" ({"config", "state_dict"}) and "encoder_fingerprint"."""
+    from models.encoder import encoder_state
+
+    state = encoder_state(encoder)
+    return {"encoder": state, "encoder_fingerprint": weights_fingerprint(state["state_dict"])}
+
+
+def add_encoder(path: str | os.PathLike, encoder) -> Path:
+    """Store ``encoder`` in an existing model.pt (replacing any encoder it holds; atomically).  The field's weights
+    and fingerprint are untouched, so code.pt files fitted with the model still belong to it."""
+    doc = load_tagged(path, MODEL_FORMAT, "model file", "train one with: bash run_training.sh",
+                      "is not an identity-field model.pt (a training checkpoint? use <out>/model.pt)")
+    doc.update(encoder_entries(encoder))
+    return atomic_torch_save(doc, path)
+
+
+def load_encoder_entry(doc: dict, path: str | os.PathLike, device: torch.device | str):
+    """(encoder or None, notice): the optional encoder of a model.pt document; a damaged one gives (None, a
+    one-line notice naming the file) instead of an error, so the model still loads (fits then start from the mean
+    code)."""
+    if doc.get("encoder") is None:
+        return None, ""
+    from models.encoder import encoder_from_state
+
+    try:
+        entry = doc["encoder"]
+        sd = entry.get("state_dict") if isinstance(entry, dict) else None
+        if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+            raise ValueError("its 'state_dict' must map names to tensors")
+        if doc.get("encoder_fingerprint") != weights_fingerprint(sd):
+            raise ValueError("its weights do not match their fingerprint (damaged or edited)")
+        return encoder_from_state(entry, device), ""
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        return None, (f"notice: {path}: the encoder is not usable ({exc}); fits start without it (fit.init "
+                      f"mean_code / best). Retrain it with: python train.py --encoder_only --checkpoint {path}")
 
 
 def stack_flame_params(params: Sequence[FlameParams] | None) -> dict[str, Tensor] | None:
@@ -92,6 +138,8 @@ class TrainedModel:
         filter_2d: the 2D mip filter (px^2) the model is rendered with (its config's render_filter_2d, else the
             filter_2d it was trained with), None for 3DGS's classic dilation (the renderer's default is set to it on
             load, models.mip_filter.set_render_filter).
+        encoder: the feed-forward encoder photo crop -> style (models/encoder.py), None when the file has none or it
+            is damaged (then ``encoder_notice`` says why, in one line).
     """
 
     field: IdentityField
@@ -106,6 +154,8 @@ class TrainedModel:
     path: str = ""
     flame_params: dict | None = None
     filter_2d: float | None = None
+    encoder: Any = None  # models.encoder.StyleEncoder (eval mode, on the device) or None
+    encoder_notice: str = ""  # why a stored encoder was left out ("" when none was stored or it loaded)
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""
@@ -180,6 +230,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     # and rendered with 0.3 px^2 scored higher at every scale); a model trained with the classic dilation keeps it.
     filter_2d = (mcfg.render_filter_2d or mcfg.filter_2d) if mcfg.filter_2d > 0 else None
     set_render_filter(filter_2d)  # every tool renders the model with the 2D filter it was trained with
+    encoder, notice = load_encoder_entry(doc, path, device)
+    if notice:
+        import sys
+
+        print(notice, file=sys.stderr)
     return TrainedModel(
         field=field,
         identities=list(doc["identities"]),
@@ -193,4 +248,6 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
         path=str(path),
         flame_params=doc.get("flame_params"),  # absent in model.pt files written before animation existed
         filter_2d=filter_2d,
+        encoder=encoder,  # absent in model.pt files written before the encoder existed
+        encoder_notice=notice,
     )

@@ -1,0 +1,213 @@
+"""The feed-forward encoder (models/encoder.py), its training (utils/encoder_training.py), its place in model.pt
+(utils/model_io.py) and the fit's start from it (utils/fitting.py fit.init), on the tiny synthetic dataset with the
+small fit model of tests/test_fitting.py."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_fitting import get_fit_model, single_thread, track_cfg
+from tests.training_fixtures import preprocessed_root  # noqa: F401
+
+ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4, "lr": 3e-3,
+                 "arch.size": 32, "arch.channels": [16, 24, 32, 32], "arch.blocks": 1}
+
+
+def tiny_encoder_config(**over):
+    from utils.config import build_config
+    from utils.encoder_training import EncoderTrainConfig
+
+    return build_config(EncoderTrainConfig, overrides={**ENC_OVERRIDES, **over})
+
+
+@pytest.fixture(scope="module")
+def fit_model(tmp_path_factory) -> Path:
+    return get_fit_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def encoder_model(fit_model, preprocessed_root, tmp_path_factory):  # noqa: F811
+    """A copy of the fit model with a tiny encoder trained on its data: (model.pt path, stats)."""
+    from utils.config import from_dict
+    from utils.dataset import DataConfig, MultiViewDataset
+    from utils.encoder_training import train_encoder
+    from utils.model_io import add_encoder, load_model
+
+    path = tmp_path_factory.mktemp("encoder") / "model.pt"
+    shutil.copy(fit_model, path)
+    model = load_model(path)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    with single_thread():
+        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+        enc, stats = train_encoder(model, data, tiny_encoder_config(), progress=False)
+    add_encoder(path, enc)
+    return path, stats
+
+
+def test_encoder_input_crops_the_mask_box():
+    from models.encoder import encoder_input, mask_boxes
+
+    img = torch.zeros(2, 40, 30, 3)
+    mask = torch.zeros(2, 40, 30, 1)
+    mask[0, 10:20, 5:15] = 1  # a 10x10 box
+    img[0, 10:20, 5:15] = torch.tensor([1.0, 0.5, 0.25])
+    assert mask_boxes(mask)[0].tolist() == [5.0, 10.0, 15.0, 20.0]
+    assert mask_boxes(mask)[1].tolist() == [0.0, 0.0, 30.0, 40.0]  # empty mask: the whole image
+    x = encoder_input(img, mask, 16, margin=0.0)
+    assert x.shape == (2, 4, 16, 16)
+    # margin 0: the square window is the box itself, the mask channel is 1 inside (away from the edges)
+    assert torch.allclose(x[0, 3, 2:-2, 2:-2], torch.ones(12, 12)) and torch.allclose(x[0, 0, 8, 8], torch.tensor(1.0))
+    # margin 0.5: the box fills the middle half of the window (bilinear edges)
+    y = encoder_input(img, mask, 16, margin=0.5)
+    assert float(y[0, 3, 0, 0]) == 0 and float(y[0, 3, 8, 8]) == 1
+    assert 0.2 < float(y[0, 3].mean()) < 0.3
+    # a window moved right by a quarter of its side (5 px of the image, 4 px of the crop): the box moves left
+    z = encoder_input(img, mask, 16, margin=0.5, shift=torch.tensor([[0.25, 0.0], [0.0, 0.0]]))
+    assert float(y[0, 3, 8, 1]) == 0 and float(z[0, 3, 8, 2]) == 1
+    assert float(y[0, 3, 8, 9]) == 1 and float(z[0, 3, 8, 11]) == 0
+
+
+def test_encoder_shapes_and_mean_start():
+    from models.encoder import EncoderConfig, StyleEncoder, encoder_from_state, encoder_state
+
+    enc = StyleEncoder(EncoderConfig(size=32, channels=[8, 8, 16, 16], blocks=1, style_dim=12))
+    enc.w_mean.copy_(torch.arange(12.0))
+    x = torch.rand(3, 4, 32, 32)
+    w = enc(x)
+    assert w.shape == (3, 12) and torch.allclose(w, torch.arange(12.0).expand(3, 12))  # zero head: the mean style
+    with pytest.raises(ValueError, match="expects"):
+        enc(torch.rand(3, 3, 32, 32))
+    again = encoder_from_state(encoder_state(enc))
+    assert torch.equal(again(x), w)
+    bad = encoder_state(enc)
+    bad["state_dict"]["head.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ValueError, match="do not fit"):
+        encoder_from_state(bad)
+
+
+def test_encoder_trains_round_trips_and_beats_the_mean_code(encoder_model, fit_model, preprocessed_root):  # noqa: F811
+    from utils.evaluation import evaluate_views
+    from utils.fitting import start_candidates
+    from utils.model_io import load_model
+    from utils.targets import load_subject_target
+
+    path, stats = encoder_model
+    assert stats["encoder_losses"][-1] < 0.8 * stats["encoder_losses"][0], stats["encoder_losses"]
+    model = load_model(path)
+    assert model.encoder is not None and model.encoder_notice == ""
+    assert model.fingerprint == load_model(fit_model).fingerprint  # the field is untouched
+    cfg = track_cfg(preprocessed_root, path, path.parent / "track")
+    with single_thread():
+        target = load_subject_target(model, cfg, torch.device("cpu"))  # held-out identity 017
+        cands = start_candidates(model, "w", target)
+        psnr = {}
+        for name in ("mean_code", "encoder"):
+            m, _ = evaluate_views(model, cands[name][0], target.base_vertices, target.eval_views,
+                                  target.fit_view.serial, lpips=False)
+            psnr[name] = m["psnr_unseen"]
+    # round trip: the stored encoder predicts what it predicted before saving (same crops, same weights)
+    w2 = load_model(path).encoder.predict(target.fit_view.image, target.fit_view.mask)
+    assert torch.allclose(w2, cands["encoder"][0], atol=1e-5)
+    assert psnr["encoder"] > psnr["mean_code"] + 0.3, psnr
+
+
+def test_fit_init_encoder_mean_best(encoder_model, preprocessed_root, tmp_path):  # noqa: F811
+    from utils.fitting import fit_identity
+    from utils.model_io import load_model
+    from utils.targets import load_subject_target
+
+    path, _ = encoder_model
+    model = load_model(path)
+    cfg = track_cfg(preprocessed_root, path, tmp_path, **{"fit.iterations": 0, "fit.refine_colour": False})
+    with single_thread():
+        target = load_subject_target(model, cfg, torch.device("cpu"))
+        starts = {}
+        for init in ("auto", "encoder", "mean", "best"):
+            cfg.fit.init = init
+            res = fit_identity(model, target, cfg.fit, progress=False)
+            starts[init] = (res.start, sorted(res.start_losses))
+    assert starts["auto"][0] == "encoder" and starts["encoder"] == ("encoder", ["encoder"])
+    assert starts["mean"] == ("mean_code", ["mean_code"])
+    assert starts["best"][1] == ["encoder", "mean_code", "mean_w", "w_avg"]
+
+
+def test_corrupt_or_missing_encoder_falls_back(encoder_model, fit_model, preprocessed_root, tmp_path,  # noqa: F811
+                                               capsys):
+    from utils.fitting import fit_identity
+    from utils.io import atomic_torch_save, safe_torch_load
+    from utils.model_io import load_model
+    from utils.targets import load_subject_target
+
+    path, _ = encoder_model
+    bad = tmp_path / "model.pt"
+    doc = safe_torch_load(path, "model file")
+    doc["encoder"]["state_dict"]["head.bias"] = doc["encoder"]["state_dict"]["head.bias"] + 1.0  # fingerprint fails
+    atomic_torch_save(doc, bad)
+    capsys.readouterr()
+    model = load_model(bad)
+    err = capsys.readouterr().err
+    assert model.encoder is None and "encoder is not usable" in model.encoder_notice
+    assert err.count("\n") == 1 and str(bad) in err  # one line naming the file
+    old = load_model(fit_model)  # a model.pt without an encoder (written before it existed) loads as before
+    assert old.encoder is None and old.encoder_notice == ""
+    cfg = track_cfg(preprocessed_root, bad, tmp_path, **{"fit.iterations": 0, "fit.refine_colour": False,
+                                                         "fit.init": "encoder"})
+    with single_thread():
+        for m in (model, old):
+            target = load_subject_target(m, cfg, torch.device("cpu"))
+            capsys.readouterr()
+            res = fit_identity(m, target, cfg.fit, progress=False)
+            err = capsys.readouterr().err
+            assert res.start == "mean_code" and err.count("\n") == 1 and "starting from the mean code" in err
+        cfg.fit.init = "auto"  # without an encoder: the best of the old candidates, as before
+        res = fit_identity(old, target, cfg.fit, progress=False)
+        assert sorted(res.start_losses) == ["mean_code", "mean_w", "w_avg"]
+
+
+def test_train_py_encoder_only(fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    import train
+    from utils.model_io import load_model
+
+    path = tmp_path / "model.pt"
+    shutil.copy(fit_model, path)
+    with single_thread():
+        train.main(["--encoder_only", "--checkpoint", str(path), "--data_root", str(preprocessed_root),
+                    "--progress", "false", "--encoder.steps", "3", "--encoder.samples", "2", "--encoder.batch", "4",
+                    "--encoder.arch.size", "32", "--encoder.arch.channels", "[8,8,8,8]"])
+    model = load_model(path)
+    assert model.encoder is not None and model.encoder.cfg.size == 32
+    with pytest.raises(SystemExit):
+        train.main(["--encoder_only", "--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_encoder_of_the_code_z(fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    """encoder.arch.space z: the encoder predicts the code, the fit's start is its style through the mapping network
+    (and the code itself in fit.space z)."""
+    from utils.config import from_dict
+    from utils.dataset import DataConfig, MultiViewDataset
+    from utils.encoder_training import train_encoder
+    from utils.fitting import start_candidates
+    from utils.model_io import add_encoder, load_model
+    from utils.targets import load_subject_target
+
+    path = tmp_path / "model.pt"
+    shutil.copy(fit_model, path)
+    model = load_model(path)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    with single_thread():
+        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+        enc, _ = train_encoder(model, data, tiny_encoder_config(steps=3, samples=2, **{"arch.space": "z"}),
+                               progress=False)
+        add_encoder(path, enc)
+        model = load_model(path)
+        assert model.encoder.cfg.space == "z" and model.encoder.cfg.style_dim == model.field.cfg.code_dim
+        target = load_subject_target(model, track_cfg(preprocessed_root, path, tmp_path), torch.device("cpu"))
+        for space in ("w", "z"):
+            w, z = start_candidates(model, space, target)["encoder"]
+            assert z.shape == (model.field.cfg.code_dim,)
+            assert torch.allclose(w, model.field.style(z[None], update_w_avg=False)[0])

@@ -1,0 +1,175 @@
+"""Training of the feed-forward encoder (models/encoder.py) after the identity field, with the field frozen.
+
+Training pairs (crop -> style w), each batch drawn from two pools:
+
+    photos   the training identities' face-masked photos from every training camera (the dataset's views), target
+             the identity's trained style ``field.style(codes[i])``;
+    renders  sampled identities rendered by the frozen field: a code mixed from ``mix`` training codes (Dirichlet
+             weights) plus Gaussian noise of ``noise`` times the codes' spread, on the geometry and through the
+             training cameras of a random training identity, face-masked with that view's mask; target the mixed
+             code's style.  They are rendered once (``samples`` identities x ``views_per_sample`` views) before
+             the loop: the held-out identities are new people, and 24 training identities alone are too few points
+             for a regression to generalise from.
+
+Every crop is jittered as a fit's crop varies (utils/targets.py crops the photo tightly to its face mask; the
+photo-only path crops around a fitted camera's projection): the window's centre by up to ``crop_jitter`` of its
+side, its side by up to ``scale_jitter``; colours by a per-channel gain of up to ``colour_jitter`` and an exposure
+factor of up to ``exposure_jitter`` (inside the face mask; the background stays black).
+
+Loss: mean squared error of the predicted style (or, with ``arch.space z``, code) in units of the targets' per-channel
+spread (the encoder's ``w_std``); AdamW, cosine learning-rate decay.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.encoder import EncoderConfig, StyleEncoder, encoder_input
+from models.flame import subdivide_vertices
+from models.renderer import render_batch
+
+
+@dataclass
+class EncoderTrainConfig:
+    """Encoder training (``train.py --encoder`` / ``--encoder_only``)."""
+
+    steps: int = 1500  # optimiser steps
+    batch: int = 32  # crops per step
+    lr: float = 2e-3  # AdamW learning rate (cosine decay to 5 % of it)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    samples: int = 256  # sampled identities rendered as training data (0: photos only)
+    views_per_sample: int = 4  # training cameras each sampled identity is rendered through
+    mix: int = 3  # training codes mixed into each sampled identity
+    noise: float = 0.5  # Gaussian noise added to a mixed code, in units of the codes' per-channel spread
+    photo_fraction: float = 0.5  # share of each batch taken from the training identities' photos
+    crop_jitter: float = 0.05  # crop centre shift, fraction of the crop side
+    scale_jitter: float = 0.1  # crop side scaled by a factor in [1 - x, 1 + x]
+    colour_jitter: float = 0.1  # per-channel colour gain in [1 - x, 1 + x]
+    exposure_jitter: float = 0.2  # exposure factor in [1 - x, 1 + x]
+    seed: int = 0  # random seed
+    backend: str = "auto"  # rasterizer of the renders
+    arch: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+@torch.no_grad()
+def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generator, backend: str,
+                progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Renders of ``cfg.samples`` sampled identities: (images (N, h, w, 3) uint8, masks (N, h, w, 1) uint8,
+    styles (N, S), codes (N, D)), N = samples * views_per_sample; each face-masked with its view's mask."""
+    dev = data.images.device
+    codes = field_.codes.weight.detach()
+    I = codes.shape[0]
+    spread = codes.std(0) if I > 1 else torch.ones_like(codes[0])
+    train_ids = torch.as_tensor(data.serial_index(data.train_serials))
+    imgs, masks, styles, zs = [], [], [], []
+    for _ in tqdm(range(cfg.samples), desc="encoder: rendering", disable=not progress, leave=False):
+        k = min(cfg.mix, I)
+        pick = torch.randperm(I, generator=gen)[:k]
+        a = torch.distributions.Dirichlet(torch.ones(k)).sample()  # seeded through torch.manual_seed below
+        z = (a.to(dev)[:, None] * codes[pick.to(dev)]).sum(0)
+        z = z + cfg.noise * spread * torch.randn(z.shape, generator=gen).to(dev)
+        w = field_.style(z[None], update_w_avg=False)
+        i = int(torch.randint(I, (1,), generator=gen))
+        v = train_ids[torch.randperm(len(train_ids), generator=gen)[:cfg.views_per_sample]]
+        verts = subdivide_vertices(data.base_vertices[i][None], plan)
+        cloud = field_.synthesize(w, verts)[0]
+        img = render_batch(cloud, [data.cameras[i][int(j)] for j in v], backend=backend)["image"]
+        m = data.masks[i, v.to(dev)]
+        img = img.clamp(0, 1) * (m.float() / 255)
+        imgs.append((img * 255).round().to(torch.uint8))
+        masks.append(m)
+        styles.append(w.expand(len(v), -1))
+        zs.append(z[None].expand(len(v), -1))
+    return torch.cat(imgs), torch.cat(masks), torch.cat(styles), torch.cat(zs)
+
+
+def jittered_batch(images: Tensor, masks: Tensor, cfg: EncoderTrainConfig, gen: torch.Generator) -> Tensor:
+    """uint8 images (B, h, w, 3), masks (B, h, w, 1) -> jittered encoder crops (B, 4, size, size)."""
+    B, dev = len(images), images.device
+
+    def uni(*shape: int) -> Tensor:
+        return (torch.rand(*shape, generator=gen) * 2 - 1).to(dev)
+
+    m = masks.float() / 255
+    img = images.float() / 255
+    gain = (1 + cfg.colour_jitter * uni(B, 1, 1, 3)) * (1 + cfg.exposure_jitter * uni(B, 1, 1, 1))
+    img = (img * gain).clamp(0, 1) * m
+    return encoder_input(img, m, cfg.arch.size, cfg.arch.margin, shift=cfg.crop_jitter * uni(B, 2),
+                         scale=1 + cfg.scale_jitter * uni(B))
+
+
+def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, log=None) -> tuple[StyleEncoder, dict]:
+    """Train an encoder for the frozen field of ``model`` (utils.model_io.TrainedModel) on ``data`` (its
+    MultiViewDataset, identities in the model's order).  Returns (encoder in eval mode, stats)."""
+    if list(data.identities) != list(model.identities):
+        raise ValueError(f"encoder training: the dataset's identities {data.identities} are not the model's "
+                         f"{model.identities} (train the encoder on the data the field was trained on)")
+    if cfg.steps < 1 or cfg.batch < 1 or not 0 <= cfg.photo_fraction <= 1:
+        raise ValueError(f"encoder training: steps and batch must be >= 1 and photo_fraction in [0, 1] (got "
+                         f"{cfg.steps}, {cfg.batch}, {cfg.photo_fraction})")
+    if cfg.samples == 0 and cfg.photo_fraction < 1:
+        raise ValueError("encoder training: encoder.samples 0 (no renders) needs encoder.photo_fraction 1")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    f = model.field.eval()
+    dev = data.images.device
+    for p in f.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        w_ids = f.style(f.codes.weight, update_w_avg=False)  # (I, S)
+    # training photos: every (identity, training camera)
+    train_ids = torch.as_tensor(data.serial_index(data.train_serials), device=dev)
+    I = len(data.identities)
+    p_img = data.images[:, train_ids].flatten(0, 1)
+    p_msk = data.masks[:, train_ids].flatten(0, 1)
+    # regression targets: the styles w, or (arch.space z) the codes z
+    t_ids = w_ids if cfg.arch.space == "w" else f.codes.weight.detach()
+    p_w = t_ids[:, None].expand(I, len(train_ids), -1).flatten(0, 1)
+    if cfg.samples > 0:
+        r_img, r_msk, r_w, r_z = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
+        r_w = r_w if cfg.arch.space == "w" else r_z
+    else:
+        r_img, r_msk, r_w = p_img[:0], p_msk[:0], p_w[:0]
+    t_render = time.perf_counter() - t0
+    all_w = torch.cat([p_w, r_w])
+    arch = EncoderConfig.from_dict({**cfg.arch.to_dict(), "style_dim": int(t_ids.shape[1])})
+    enc = StyleEncoder(arch).to(dev)
+    enc.w_mean.copy_(all_w.mean(0))
+    enc.w_std.copy_(all_w.std(0).clamp_min(1e-3 * float(all_w.std(0).mean()) + 1e-8))
+    opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_photo = round(cfg.batch * cfg.photo_fraction) if len(r_img) else cfg.batch
+    losses: list[float] = []
+    acc, k = 0.0, 0
+    enc.train()
+    for step in tqdm(range(cfg.steps), desc="encoder", disable=not progress, leave=False, dynamic_ncols=True):
+        opt.param_groups[0]["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        pi = torch.randint(len(p_img), (n_photo,), generator=gen).to(dev)
+        ri = torch.randint(max(1, len(r_img)), (cfg.batch - n_photo,), generator=gen).to(dev)
+        imgs = torch.cat([p_img[pi], r_img[ri]])
+        msks = torch.cat([p_msk[pi], r_msk[ri]])
+        target = torch.cat([p_w[pi], r_w[ri]])
+        x = jittered_batch(imgs, msks, cfg, gen)
+        pred = enc(x)
+        loss = ((pred - target) / enc.w_std).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc, k = acc + float(loss.detach()), k + 1
+        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
+            losses.append(acc / k)
+            if log is not None:
+                log(f"encoder step {step + 1}/{cfg.steps}: loss {acc / k:.4f}")
+            acc, k = 0.0, 0
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"encoder training diverged (loss {losses[-1]}) at step {step + 1}; lower "
+                                         f"encoder.lr")
+    enc.eval()
+    stats = {"encoder_losses": losses, "encoder_seconds": time.perf_counter() - t0,
+             "encoder_render_seconds": t_render, "encoder_photos": len(p_img), "encoder_renders": len(r_img)}
+    return enc, stats
