@@ -33,12 +33,12 @@ def clip(tmp_path_factory):
     return root, frames, lm
 
 
-def _run(fit_model, root, frames, lm, out):  # noqa: F811
+def _run(fit_model, root, frames, lm, out, progress=False):  # noqa: F811
     from track import main
 
     with single_thread():
         return main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm),
-                     "--flame_dir", str(root / "flame"), "--out", str(out), *FAST])
+                     "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, "--progress", str(progress).lower()])
 
 
 def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
@@ -76,9 +76,10 @@ def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
         if int(p.stem.split("_")[1]) in held:
             img = rng.integers(0, 256, img.shape, dtype=np.uint8)
         cv2.imwrite(str(noisy / p.name), img)
-    m2 = _run(fit_model, root, noisy, lm, tmp_path / "b")
+    m2 = _run(fit_model, root, noisy, lm, tmp_path / "b", progress=True)  # progress: held-out PSNR is monitored
     a, b = torch.load(out / "code.pt"), torch.load(tmp_path / "b" / "code.pt")
     assert torch.equal(a["w"], b["w"]) and torch.equal(a["colour"], b["colour"])
+    assert len(m2["heldout_psnr_history"]) >= 1 and m["heldout_psnr_history"] == []
     assert m2["psnr_face_train"] == m["psnr_face_train"] and m2["psnr_face_heldout"] < m["psnr_face_heldout"] - 3
 
 
@@ -92,6 +93,10 @@ def test_bad_inputs(clip, fit_model, tmp_path):  # noqa: F811
     empty.write_bytes(b"")
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(fit_model), "--video", str(empty), "--out", str(tmp_path / "o1"), *FAST])
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(corrupt), "--out", str(tmp_path / "o1"), *FAST])
     nan = tmp_path / "nan.npy"
     np.save(nan, np.full((CLIP_FRAMES, 68, 2), np.nan, np.float32))
     with pytest.raises(SystemExit):
@@ -137,3 +142,30 @@ def test_synthetic_clip_landmarks_land_on_face(clip):
     assert (pts[..., 0] > 0).all() and (pts[..., 0] < w).all() and (pts[..., 1] > 0).all() and (pts[..., 1] < h).all()
     nose_x = pts[:, 30, 0]
     assert nose_x.max() - nose_x.min() > 0.1 * w  # the nose tip sweeps sideways with the yaw
+
+
+def test_video_file_input(clip, fit_model, tmp_path, capsys):  # noqa: F811
+    """--video: an MP4 of the clip goes through the same pipeline (frames read with OpenCV); the bad-input line
+    names the file."""
+    import cv2
+
+    from track import main
+    from utils.io import write_video
+
+    root, frames, lm = clip
+    video = tmp_path / "clip.mp4"
+    write_video(video, [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(frames.iterdir())],
+                fps=10)
+    with single_thread():
+        m = main(["--checkpoint", str(fit_model), "--video", str(video), "--landmarks", str(lm), "--flame_dir",
+                  str(root / "flame"), "--out", str(tmp_path / "v"), *FAST, "--fit.iterations", "10",
+                  "--fit.colour_iterations", "0", "--export.turntable", "false"])
+    assert m["frames"] == CLIP_FRAMES and np.isfinite(m["psnr_face_heldout"]) and not m["refine_colour"]
+    assert (tmp_path / "v" / "heldout.mp4").is_file() and not (tmp_path / "v" / "turntable.mp4").exists()
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.load(lm)[:3])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(video), "--landmarks", str(bad), "--flame_dir",
+              str(root / "flame"), "--out", str(tmp_path / "w"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "bad.npy" in err and "(12, 68, 2)" in err and "(3, 68, 2)" in err and not (tmp_path / "w").exists()

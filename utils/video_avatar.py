@@ -20,7 +20,8 @@ track.py's video mode, built from the reenactment tracker (utils/reenactment.py)
               first, so a failing run leaves nothing half-written in --out
 
 Not yet here (issue 23): per-Gaussian position / scale / opacity residuals, photometric refinement of the per-frame
-FLAME, pivotal tuning, LPIPS, the detector's face outline in the masks, real footage.
+FLAME, pivotal tuning, LPIPS, the detector's face outline in the masks, real footage.  The progress bar shows the
+held-out frames' PSNR (code only) at every early-stopping check; it is read, never used to steer the fit.
 """
 from __future__ import annotations
 
@@ -100,11 +101,13 @@ def _batches(n: int, batch: int, seed: int = 0):
 
 
 def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, batch: int = 4,
-                    backend: str = "auto", progress: bool = True, name: str = "video"
-                    ) -> tuple[Tensor, dict]:
+                    backend: str = "auto", progress: bool = True, name: str = "video",
+                    monitor: FrameTargets | None = None) -> tuple[Tensor, dict]:
     """The style w (S,) of one person from many frames: Adam on w from the best start (mean code / w_avg / mean
     training style, by the mean loss over the frames), ``batch`` frames per step (each rendered on its own tracked
-    vertices), cfg's loss, lr schedule, style regulariser and early stopping.  Returns (w, info)."""
+    vertices), cfg's loss, lr schedule, style regulariser and early stopping.  ``monitor``: held-out frames whose
+    face-mask PSNR is shown in the progress bar and recorded at every check (read only: it never steers the fit).
+    Returns (w, info)."""
     f = model.field.eval()
     for p in f.parameters():
         p.requires_grad_(False)
@@ -124,6 +127,7 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
     opt = torch.optim.Adam([var], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     verts = [model.vertices(b) for b in frames.bases]  # fixed geometry per frame: subdivided once
     losses: list[float] = []
+    monitor_psnr: list[float] = []
     best, bad, it, acc, stopped = float("inf"), 0, 0, 0.0, False
     batches = _batches(n, max(1, batch))
     bar = tqdm(total=cfg.iterations, desc=f"fitting {name} ({n} frames)", disable=not progress, leave=False)
@@ -147,7 +151,12 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
             cur = acc / cfg.check_every
             acc = 0.0
             losses.append(cur)
-            bar.set_postfix(loss=f"{cur:.4f}")
+            post = {"loss": f"{cur:.4f}"}
+            if monitor is not None and monitor.views:
+                mon, _ = evaluate_frames(model, var.detach(), monitor, range(len(monitor.views)), None, backend)
+                monitor_psnr.append(mon["psnr_face"])
+                post["heldout_psnr"] = f"{mon['psnr_face']:.2f}"
+            bar.set_postfix(post)
             if not math.isfinite(cur):
                 raise FloatingPointError(f"video fit diverged (loss {cur}) at iteration {it}; lower fit.lr")
             if cur < best * (1 - cfg.min_rel_improvement):
@@ -159,7 +168,8 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
                 break
     bar.close()
     return var.detach().clone(), {"start": start, "start_losses": start_losses, "iterations": it,
-                                  "loss_history": losses, "stopped_early": stopped}
+                                  "loss_history": losses, "stopped_early": stopped,
+                                  "heldout_psnr_history": monitor_psnr}
 
 
 def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: FitConfig, batch: int = 4,
@@ -251,8 +261,8 @@ def track_video(cfg: "TrackConfig") -> dict:
     if cfg.landmarks:  # (T, 68, 2) pixels; NaN rows: no face in that frame
         pts = torch.as_tensor(np.load(cfg.landmarks), dtype=torch.float32)
         if tuple(pts.shape) != (T, 68, 2):
-            raise ValueError(f"--landmarks {cfg.landmarks}: expected (T, 68, 2) iBUG-68 pixels for the {T} frames of "
-                             f"{src}, got {tuple(pts.shape)}")
+            raise ValueError(f"--landmarks {cfg.landmarks}: expected ({T}, 68, 2) iBUG-68 pixels (one row per frame "
+                             f"of {src}), got {tuple(pts.shape)}")
         irises, found = None, torch.isfinite(pts).all(-1).all(-1)
     else:
         pts, irises, found = detect_video_landmarks(frames, cfg.min_face_px, cfg.progress)
@@ -292,8 +302,9 @@ def track_video(cfg: "TrackConfig") -> dict:
 
     # ---- fit: style on many frames, then the colour residual
     t0 = time.perf_counter()
+    held_set = FrameTargets([views[t] for t in held], [bases[t] for t in held])  # monitored only (progress bar)
     w_fit, fit_info = fit_video_style(model, train_set, cfg.fit, cfg.video_batch, cfg.backend, cfg.progress,
-                                      Path(src).stem)
+                                      Path(src).stem, held_set if cfg.progress else None)
     times["fit_style"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     colour, colour_losses = None, []
@@ -349,6 +360,7 @@ def track_video(cfg: "TrackConfig") -> dict:
             "per_frame_psnr_face_heldout": dict(zip(map(str, held), m_held["per_frame_psnr_face"])),
             "lpips_note": "LPIPS not computed in video mode yet",
             "iterations": fit_info["iterations"], "start": fit_info["start"], "loss_history": fit_info["loss_history"],
+            "heldout_psnr_history": fit_info["heldout_psnr_history"],
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
