@@ -64,7 +64,7 @@ def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
     code = load_code(out / "code.pt", load_model(fit_model, "cpu"))
     assert code.colour is not None and code.flame is not None and code.meta["source"] == "video"
     track = np.load(out / "flame_fit.npz")
-    assert len(track["expression"]) == CLIP_FRAMES
+    assert len(track["expression"]) == CLIP_FRAMES and list(track["frames"]) == list(range(CLIP_FRAMES))
     # held-out frames never reach the fit: noise in their images changes nothing the fit produces
     noisy = tmp_path / "noisy_frames"
     noisy.mkdir()

@@ -250,9 +250,10 @@ def track_video(cfg: "TrackConfig") -> dict:
             raise FileNotFoundError(f"video not found: {cfg.video} (--video)")
         if Path(cfg.video).stat().st_size == 0:
             raise ValueError(f"{cfg.video} is empty (0 bytes): not a video (--video)")
-        frames, _, fps = read_video(cfg.video, 0, cfg.stride, cfg.max_frames)
+        frames, frame_ids, fps = read_video(cfg.video, 0, cfg.stride, cfg.max_frames)
     else:
         frames, fps = read_frame_folder(cfg.frames, cfg.stride, cfg.max_frames), cfg.export.fps
+        frame_ids = np.arange(len(frames)) * max(1, cfg.stride)  # index among the folder's images
     T = len(frames)
     h, w = frames[0].shape[:2]
     model = load_model(cfg.checkpoint, device)
@@ -339,7 +340,7 @@ def track_video(cfg: "TrackConfig") -> dict:
                                 "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
                           colour=colour, flame=fparams[ref])
         save_code(tmp / "code.pt", code, model, cfg.checkpoint)
-        save_nersemble_tracking(tmp / "flame_fit.npz", params, frames=np.arange(T))
+        save_nersemble_tracking(tmp / "flame_fit.npz", params, frames=np.asarray(frame_ids))  # source frame numbers
         write_camera_params(tmp / "camera_params.json", {"video": cam})
         side = [np.concatenate([to_uint8(allf.views[k].image), to_uint8(r)], axis=1) for k, r in zip(hi, r_held)]
         write_video(tmp / "heldout.mp4", side, fps=max(1.0, min(fps, 10.0)))
