@@ -6,6 +6,13 @@ small regularised per-vertex colour residual; --refine_colour false for the code
     python track.py --checkpoint model.pt --image me.jpg --camera_json camera_params.json --camera 222200037 \\
         --flame tracked_flame_params.npz [--mask me_mask.png] --flame_dir data --out output/me
     python track.py --all_heldout --data_root syn_data --checkpoint output/cpu/model.pt --out output/tracking
+    python track.py --checkpoint output/cpu/model.pt --video clip.mp4 --out output/me      # an avatar from a video
+    python track.py --checkpoint output/cpu/model.pt --frames frames/ [--landmarks lm.npy] --out output/me
+
+Video mode (--video / --frames, utils/video_avatar.py) tracks every frame (landmarks -> FLAME, one shape and
+camera), fits the style and the colour residual on many frames, holds out every --heldout_every-th frame and the last
+--heldout_tail of the clip, and writes code.pt, flame_fit.npz, camera_params.json, metrics.json (PSNR/SSIM in the
+face mask on held-out and training frames), heldout.mp4 (real | avatar) and turntable.mp4.
 
 Writes code.pt, head.ply, views/cam_<serial>.png, grid.png, turntable.mp4 and metrics.json into --out (with
 --all_heldout: one folder per identity, summary.md / summary.json, and the Markdown table on stdout).  A photo alone
@@ -35,6 +42,14 @@ def main(argv: list[str] | None = None):
 
 def _run(argv: list[str] | None):
     _, cfg = parse_cli_config(build_parser(), TrackConfig, argv)
+    if cfg.video or cfg.frames:
+        from utils.video_avatar import track_video
+
+        m = track_video(cfg)
+        print(", ".join(f"{k}={m[k]}" for k in ("frames", "frames_skipped_no_face", "psnr_face_heldout",
+                                                 "psnr_face_train", "psnr_face_heldout_mean_code", "ssim_heldout",
+                                                 "iterations", "seconds")), f"-> {cfg.out}")
+        return m
     if cfg.all_heldout:
         rows, table = track_all_heldout(cfg)
         print(table)

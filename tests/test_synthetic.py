@@ -381,3 +381,49 @@ def test_subject_paths_refuse_unsafe_names(synthetic_root, field, bad):
                 raise AssertionError(f"{fn.__name__} accepted {bad!r}")
             raise UnsafeNameError("all refused")
         NersembleSubject(root, **{"subject_id": "300", field: bad})
+
+
+def test_head_turn_sequence(synthetic_root, tmp_path):  # noqa: F811
+    """--motion head_turn: a held-out identity's frames 1..N-1 turn the whole head (+-35 deg yaw, +-15 deg pitch about
+    its centre) on top of the expressions; frame 0 is byte-identical to the single-frame dataset's; every camera's
+    image of a turned frame is the ground-truth head posed by the stored tracking (the other cameras: true novel
+    views of the frontal camera's monocular video)."""
+    from scipy.spatial.transform import Rotation
+
+    from utils.make_synthetic_dataset import main
+    from utils.synthetic import head_turn_angles
+
+    n = 8
+    out = tmp_path / "turn"
+    kw = dict(SYNTHETIC_KW, num_identities=0)
+    assert main(["--out", str(out), "--num_identities", "0", "--num_heldout", "1", "--image_size",
+                 str(kw["image_size"]), "--num_frames", str(n), "--motion", "head_turn", "--quiet"]) == 0
+    info = read_info(out)
+    assert info["motion"] == "head_turn" and info["num_frames"] == n and "motion" not in read_info(synthetic_root)
+    img0 = SEQ / "timesteps" / "frame_00000" / "images-2x"
+    assert _tree(synthetic_root / "subjects" / "017" / img0) == _tree(out / "subjects" / "017" / img0)
+    seq = NersembleSubject(out / "subjects", "017").tracking()
+    assert seq.num_frames == n
+    yaws = []
+    for t in range(1, n):
+        rel = (seq.rotation_matrix[t] @ seq.rotation_matrix[0].T).double().numpy()
+        yaw, pitch = head_turn_angles(t, n)
+        want = Rotation.from_euler("YXZ", [yaw, pitch, 0.0], degrees=True).as_matrix()
+        assert np.abs(rel - want).max() < 1e-4, t
+        yaws.append(yaw)
+        assert float(seq.expression[t].abs().max()) > 1e-3  # the expressions stay
+    assert max(yaws) > 30 and min(yaws) < -30
+    assert max(abs(head_turn_angles(t, n)[1]) for t in range(n)) > 12
+    t = 2  # yaw ~ +35 degrees: the rendered images are the head posed by the stored tracking, and really turned
+    subj = NersembleSubject(out / "subjects", "017", frame=t)
+    cams = subj.cameras(serials=[FRONTAL_SERIAL, HELDOUT_SERIALS[0]])
+    cloud, identity = load_ground_truth(out, "017", params=seq.frame(t))
+    still, _ = load_ground_truth(out, "017", frame=t)  # the same expression without the turn
+    got = render_ground_truth(cloud, list(cams.values()), identity)["image"]
+    unturned = render_ground_truth(still, list(cams.values()), identity)["image"]
+    for k, s in enumerate(cams):
+        photo = torch.from_numpy(subj.image(s))
+        assert -10 * np.log10(float(((got[k] - photo) ** 2).mean())) > 33, s
+        assert -10 * np.log10(float(((unturned[k] - photo) ** 2).mean())) < 25, s
+    with pytest.raises(ValueError, match="motion"):
+        make_synthetic_dataset(tmp_path / "bad", progress=False, num_frames=2, motion="spin", **kw)

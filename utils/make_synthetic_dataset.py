@@ -4,6 +4,8 @@ Usage (from the repository root):
     python utils/make_synthetic_dataset.py --out data/synthetic
     python utils/make_synthetic_dataset.py --out /tmp/syn --num_identities 4 --num_heldout 1 --image_size 64
     python utils/make_synthetic_dataset.py --out /tmp/seq --num_frames 8      # sequences: 8 frames per subject
+    python utils/make_synthetic_dataset.py --out /tmp/turn --num_identities 0 --num_heldout 1 --num_frames 30 \
+        --motion head_turn                          # held-out identity 017 turning its head (a monocular video)
 
 Re-running with the same arguments does nothing; more identities are added without changing existing ones.
 See utils/synthetic.py for what is written.
@@ -49,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames per subject: frame 0 is neutral; frames 1..N-1 get non-neutral FLAME expression, jaw, "
                    "neck and eye parameters (tracking npz) and their 16 images in timesteps/frame_<t>/images-2x/ "
                    "(1 = the single neutral frame, byte-identical to datasets written before sequences existed)")
+    p.add_argument("--motion", default="expressions", choices=["expressions", "head_turn"],
+                   help="what frames 1..N-1 carry: expressions (expression, jaw, neck, eyes) or head_turn (the same "
+                   "plus a global head rotation, +-35 deg yaw and +-15 deg pitch over the clip: the frontal "
+                   "camera's frames form a monocular head-turning video, the other 15 cameras are novel views)")
     p.add_argument("--device", default="cpu",
                    help="device that renders the ground truth (cpu keeps the dataset bit-identical across machines; "
                    "auto or cuda is faster for large images)")
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         subdivision=args.subdivision,
         device=device,
         num_frames=args.num_frames,
+        motion=args.motion,
     )
     print(f"synthetic dataset ready in {out} ({time.time() - t0:.1f} s): subjects in {out / 'subjects'}, "
           f"FLAME files in {out / 'flame'}, split in {out / 'synthetic_info.json'}")

@@ -334,15 +334,47 @@ def sample_frame_params(seed: int, subject_id: str, frame: int, neutral: Any) ->
     return replace(neutral, expression=t(expr), jaw=t(jaw), neck=t(neck), eyes=t(eyes))
 
 
-def sequence_params(identity: SyntheticIdentity, seed: int, num_frames: int) -> Any:
+MOTIONS = ("expressions", "head_turn")  # what frames 1..N-1 of a sequence carry (see sequence_params)
+HEAD_TURN_YAW_DEG = 35.0  # head_turn: peak global yaw (degrees) over the clip
+HEAD_TURN_PITCH_DEG = 15.0  # head_turn: peak global pitch (degrees)
+
+
+def head_turn_angles(frame: int, num_frames: int) -> tuple[float, float]:
+    """(yaw, pitch) in degrees of frame ``frame`` of a head-turning sequence of ``num_frames`` frames: one full yaw
+    sweep (0 -> +35 -> 0 -> -35 -> 0) and two pitch periods over the clip, so a monocular video sees the face from
+    both sides and from above and below; frame 0 is (0, 0)."""
+    phase = 2.0 * math.pi * frame / max(1, num_frames)
+    return HEAD_TURN_YAW_DEG * math.sin(phase), HEAD_TURN_PITCH_DEG * math.sin(2.0 * phase)
+
+
+def head_turned(params: Any, yaw: float, pitch: float, pivot: np.ndarray) -> Any:
+    """``params`` (FlameParams, T = 1, rotate_about_root False) with the whole head additionally rotated by (yaw,
+    pitch) degrees about the world point ``pivot`` (3,) (the head's centre): R' = Q R, t' = Q (t - p) + p."""
+    from dataclasses import replace
+
+    Q = torch.as_tensor(_rotation(yaw, pitch, 0.0), dtype=params.rotation_matrix.dtype)
+    p = torch.as_tensor(np.asarray(pivot, np.float64), dtype=params.translation.dtype)
+    return replace(params, rotation_matrix=Q @ params.rotation_matrix,
+                   translation=(params.translation - p) @ Q.T + p)
+
+
+def sequence_params(identity: SyntheticIdentity, seed: int, num_frames: int, motion: str = "expressions",
+                    pivot: np.ndarray | None = None) -> Any:
     """FlameParams (T = num_frames) of a subject's synthetic sequence: frame 0 is the identity's neutral frame,
-    frames 1..T-1 come from :func:`sample_frame_params`."""
+    frames 1..T-1 come from :func:`sample_frame_params`; with ``motion="head_turn"`` they are also globally rotated
+    about ``pivot`` (the head's world centre, (3,)) by :func:`head_turn_angles` (+-35 deg yaw, +-15 deg pitch)."""
     from models.flame import FlameParams
 
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    return FlameParams.cat([identity.params] + [sample_frame_params(seed, identity.subject_id, t, identity.params)
-                                                for t in range(1, num_frames)])
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+    frames = [sample_frame_params(seed, identity.subject_id, t, identity.params) for t in range(1, num_frames)]
+    if motion == "head_turn":
+        if pivot is None:
+            raise ValueError("motion='head_turn' needs the head's world centre (pivot)")
+        frames = [head_turned(f, *head_turn_angles(t, num_frames), pivot) for t, f in enumerate(frames, 1)]
+    return FlameParams.cat([identity.params] + frames)
 
 
 # ============================================================================================== texture
@@ -657,14 +689,16 @@ def render_ground_truth(
 
 
 # ============================================================================================== the dataset
-def _dataset_key(seed: int, image_size: int, subdivision: int, num_frames: int = 1) -> dict:
+def _dataset_key(seed: int, image_size: int, subdivision: int, num_frames: int = 1,
+                 motion: str = "expressions") -> dict:
     return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "image_size": int(image_size),
-            "subdivision": int(subdivision), "num_frames": int(num_frames)}
+            "subdivision": int(subdivision), "num_frames": int(num_frames), "motion": str(motion)}
 
 
 def _key_of(info: dict) -> dict:
     """The dataset key of a synthetic_info.json (files written before sequences existed have one frame)."""
-    return {k: info.get(k, 1 if k == "num_frames" else None) for k in _dataset_key(0, 0, 0)}
+    defaults = {"num_frames": 1, "motion": "expressions"}  # left implicit in files written before they existed
+    return {k: info.get(k, defaults.get(k)) for k in _dataset_key(0, 0, 0)}
 
 
 def _read_dataset_json(path: Path) -> dict:
@@ -735,6 +769,7 @@ def write_subject(
     backend: str = "auto",
     num_frames: int = 1,
     seed: int = 0,
+    motion: str = "expressions",
 ) -> None:
     """Write one subject folder (calibration, tracking, 16 images-2x JPEGs per frame) in the NeRSemble layout.
 
@@ -747,7 +782,12 @@ def write_subject(
     calib = make_rig(image_size, rig_rng)
     calib_path = subject_dir / CALIBRATION_RELPATH
     write_camera_params(calib_path, calib)
-    params = identity.params if num_frames == 1 else sequence_params(identity, seed, num_frames)
+    pivot = None
+    if motion == "head_turn":  # rotate about the centre of the neutral head's bounding box (world space)
+        with torch.no_grad():
+            v = heads.flame(identity.params)[0].double().numpy()
+        pivot = 0.5 * (v.min(0) + v.max(0))
+    params = identity.params if num_frames == 1 else sequence_params(identity, seed, num_frames, motion, pivot)
     save_nersemble_tracking(subject_dir / "sequences" / DEFAULT_SEQUENCE / TRACKING_RELPATH, params)
     w, h = image_size_for(image_size)
     # render through the cameras exactly as a reader gets them from the json (ratio 0.5)
@@ -773,6 +813,7 @@ def make_synthetic_dataset(
     subdivision: int | None = None,
     device: str | torch.device = "cpu",
     num_frames: int = 1,
+    motion: str = "expressions",
 ) -> Path:
     """Generate (or complete) a synthetic NeRSemble-format dataset; returns ``out``.
 
@@ -790,6 +831,9 @@ def make_synthetic_dataset(
         num_frames: frames of each subject's sequence: frame 0 is neutral, frames 1..N-1 carry non-neutral
             expression, jaw, neck and eye parameters (:func:`sample_frame_params`); the default 1 writes exactly the
             single-frame dataset of before (same bytes).
+        motion: "expressions" (default) or "head_turn": frames 1..N-1 also turn the whole head (+-35 deg yaw,
+            +-15 deg pitch about its centre, :func:`head_turn_angles`), so the frontal camera's frames form a
+            monocular head-turning video and the other 15 cameras are novel views of every frame.
 
     Idempotent: a complete dataset as requested is left untouched; one with the same seed/image_size/subdivision
     is completed (missing subjects rendered, subjects no longer requested removed); synthetic_info.json is
@@ -807,9 +851,13 @@ def make_synthetic_dataset(
     all_ids = heldout_ids + train_ids
     if int(num_frames) < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    key = _dataset_key(seed, image_size, subdivision, int(num_frames))
-    # what the json files hold: one frame is left implicit so single-frame datasets stay byte-identical to before
-    stored = {k: v for k, v in key.items() if k != "num_frames" or v != 1}
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
+    key = _dataset_key(seed, image_size, subdivision, int(num_frames), motion)
+    # what the json files hold: one frame and the default motion are left implicit so datasets written before they
+    # existed stay byte-identical
+    stored = {k: v for k, v in key.items() if not (k == "num_frames" and v == 1)
+              and not (k == "motion" and v == "expressions")}
 
     info_path, pending_path = out / INFO_NAME, out / PENDING_NAME
     old = next((_read_dataset_json(p) for p in (pending_path, info_path) if p.is_file()), None)
@@ -871,7 +919,7 @@ def make_synthetic_dataset(
         tmp = subjects_dir / f".tmp-{sid}"
         shutil.rmtree(tmp, ignore_errors=True)
         write_subject(tmp, heads, identity, image_size, identity_rngs(seed, sid)["rig"], device,
-                      num_frames=key["num_frames"], seed=seed)
+                      num_frames=key["num_frames"], seed=seed, motion=motion)
         _remove_tree(subjects_dir / sid)
         os.replace(tmp, subjects_dir / sid)  # a subject folder appears only when complete
         summaries[sid] = identity.summary()

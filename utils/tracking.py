@@ -52,9 +52,16 @@ class TrackConfig:
     #                  with --camera_json and --flame: that calibrated camera and FLAME tracking
     camera_json: str = ""  # NeRSemble-style camera_params.json holding --camera (own-photo mode)
     flame: str = ""  # FLAME tracking npz of the photo, NeRSemble or VHAP format (own-photo mode)
-    landmarks: str = ""  # photo-only mode: (68, 2) iBUG-68 pixel coordinates (.npy or text) instead of the detector
-    min_face_px: float = 64.0  # photo-only mode: smallest face (landmark box height, pixels) that is fitted
+    landmarks: str = ""  # iBUG-68 pixels instead of the detector: photo (68, 2) .npy/text; video (T, 68, 2) .npy
+    min_face_px: float = 64.0  # photo-only and video modes: smallest face (landmark box height, pixels) that is fitted
     max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
+    video: str = ""  # a video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/video_avatar.py)
+    frames: str = ""  # instead of --video: a folder of frames (images sorted by name)
+    stride: int = 1  # video mode: use every stride-th frame
+    max_frames: int = 0  # video mode: at most this many frames (0: all)
+    heldout_every: int = 8  # video mode: every k-th frame is held out (never fitted; 0: none)
+    heldout_tail: float = 0.1  # video mode: the last fraction of the clip is held out too
+    video_batch: int = 4  # video mode: frames per Adam step of the fit
     mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
     image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
     out: str = "output/tracking"  # output folder

@@ -1,0 +1,171 @@
+"""A personal avatar from a monocular video (utils/video_avatar.py, track.py --frames / --video) on a tiny synthetic
+head-turning clip (make_synthetic_dataset --motion head_turn, the frontal camera's frames): the whole command end to
+end, held-out frames that never reach the fit, and the fit beating the mean code on them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.fixtures import SYNTHETIC_KW
+from tests.test_fitting import fit_model, single_thread  # noqa: F401
+from tests.training_fixtures import preprocessed_root  # noqa: F401
+
+CLIP_FRAMES = 12
+FAST = ["--progress", "false", "--device", "cpu", "--flame_fit.iterations", "20", "--fit.iterations", "30",
+        "--fit.colour_iterations", "10", "--export.turntable_frames", "4", "--export.turntable_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """(dataset root, frames folder, landmarks .npy) of identity 017 turning its head over CLIP_FRAMES frames."""
+    from utils.synthetic import make_synthetic_dataset
+    from utils.video_avatar import synthetic_clip
+
+    root = tmp_path_factory.mktemp("turn") / "data"
+    kw = dict(SYNTHETIC_KW, num_identities=0, num_heldout=1)
+    with single_thread():
+        make_synthetic_dataset(root, progress=False, num_frames=CLIP_FRAMES, motion="head_turn", **kw)
+        frames, lm = synthetic_clip(root, "017", root.parent / "clip")
+    return root, frames, lm
+
+
+def _run(fit_model, root, frames, lm, out, progress=False):  # noqa: F811
+    from track import main
+
+    with single_thread():
+        return main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm),
+                     "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, "--progress", str(progress).lower()])
+
+
+def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
+    """Outputs exist and load like any fitted code; the split follows the rule; held-out frames do not influence
+    the fit (replacing their images by noise leaves code.pt bit-identical); held-out PSNR beats the mean code's."""
+    from utils.codes import load_code
+    from utils.model_io import load_model
+
+    root, frames, lm = clip
+    m = _run(fit_model, root, frames, lm, tmp_path / "a")
+    out = tmp_path / "a"
+    for name in ("code.pt", "flame_fit.npz", "camera_params.json", "metrics.json", "heldout.mp4", "turntable.mp4"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(tmp_path.glob(".*tmp*")), "the temporary output folder was left behind"
+    doc = json.loads((out / "metrics.json").read_text())
+    held, train = doc["heldout_frames"], doc["train_frames"]
+    assert held == [7, 10, 11] and not set(held) & set(train) and len(held) + len(train) == CLIP_FRAMES
+    assert doc["frames_skipped_no_face"] == 0
+    assert doc["seconds"] < 90, doc["seconds_per_phase"]  # the whole command, 1 thread, shared 2-core CPU
+    for k in ("psnr_face_heldout", "psnr_face_train", "psnr_face_heldout_mean_code", "ssim_heldout"):
+        assert np.isfinite(m[k]), k
+    assert m["psnr_face_heldout"] > m["psnr_face_heldout_mean_code"], m
+    code = load_code(out / "code.pt", load_model(fit_model, "cpu"))
+    assert code.colour is not None and code.flame is not None and code.meta["source"] == "video"
+    track = np.load(out / "flame_fit.npz")
+    assert len(track["expression"]) == CLIP_FRAMES and list(track["frames"]) == list(range(CLIP_FRAMES))
+    # held-out frames never reach the fit: noise in their images changes nothing the fit produces
+    noisy = tmp_path / "noisy_frames"
+    noisy.mkdir()
+    rng = np.random.default_rng(0)
+    import cv2
+
+    for p in sorted(frames.iterdir()):
+        img = cv2.imread(str(p))
+        if int(p.stem.split("_")[1]) in held:
+            img = rng.integers(0, 256, img.shape, dtype=np.uint8)
+        cv2.imwrite(str(noisy / p.name), img)
+    m2 = _run(fit_model, root, noisy, lm, tmp_path / "b", progress=True)  # progress: held-out PSNR is monitored
+    a, b = torch.load(out / "code.pt"), torch.load(tmp_path / "b" / "code.pt")
+    assert torch.equal(a["w"], b["w"]) and torch.equal(a["colour"], b["colour"])
+    assert len(m2["heldout_psnr_history"]) >= 1 and m["heldout_psnr_history"] == []
+    assert m2["psnr_face_train"] == m["psnr_face_train"] and m2["psnr_face_heldout"] < m["psnr_face_heldout"] - 3
+
+
+def test_bad_inputs(clip, fit_model, tmp_path):  # noqa: F811
+    """One clear line naming the input, nothing written to --out: a zero-length video, no face in any frame, a clip
+    too short to hold out frames."""
+    from track import main
+
+    root, frames, lm = clip
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(empty), "--out", str(tmp_path / "o1"), *FAST])
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(corrupt), "--out", str(tmp_path / "o1"), *FAST])
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((CLIP_FRAMES, 68, 2), np.nan, np.float32))
+    with pytest.raises(SystemExit):
+        _run(fit_model, root, frames, nan, tmp_path / "o2")
+    short = tmp_path / "short"
+    short.mkdir()
+    for p in sorted(frames.iterdir())[:1]:
+        (short / p.name).write_bytes(p.read_bytes())
+    lm1 = tmp_path / "lm1.npy"
+    np.save(lm1, np.load(lm)[:1])
+    with pytest.raises(SystemExit):
+        _run(fit_model, root, short, lm1, tmp_path / "o3")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_split_frames():
+    from utils.video_avatar import split_frames
+
+    found = np.ones(20, bool)
+    found[3] = False
+    train, held = split_frames(found, 8, 0.1)
+    assert held == [7, 15, 18, 19] and 3 not in train and len(train) == 15
+    assert split_frames(found, 0, 0.0)[1] == []
+
+
+def test_track_help_documents_video_flags():
+    from track import build_parser
+
+    text = build_parser().format_help()
+    for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks"):
+        assert flag in text, flag
+
+
+def test_synthetic_clip_landmarks_land_on_face(clip):
+    """The projected ground-truth landmarks of the clip lie inside the images and move with the head turn."""
+    root, frames, lm = clip
+    pts = np.load(lm)
+    assert pts.shape == (CLIP_FRAMES, 68, 2) and np.isfinite(pts).all()
+    img = next(iter(sorted(Path(frames).iterdir())))
+    import cv2
+
+    h, w = cv2.imread(str(img)).shape[:2]
+    assert (pts[..., 0] > 0).all() and (pts[..., 0] < w).all() and (pts[..., 1] > 0).all() and (pts[..., 1] < h).all()
+    nose_x = pts[:, 30, 0]
+    assert nose_x.max() - nose_x.min() > 0.1 * w  # the nose tip sweeps sideways with the yaw
+
+
+def test_video_file_input(clip, fit_model, tmp_path, capsys):  # noqa: F811
+    """--video: an MP4 of the clip goes through the same pipeline (frames read with OpenCV); the bad-input line
+    names the file."""
+    import cv2
+
+    from track import main
+    from utils.io import write_video
+
+    root, frames, lm = clip
+    video = tmp_path / "clip.mp4"
+    write_video(video, [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(frames.iterdir())],
+                fps=10)
+    with single_thread():
+        m = main(["--checkpoint", str(fit_model), "--video", str(video), "--landmarks", str(lm), "--flame_dir",
+                  str(root / "flame"), "--out", str(tmp_path / "v"), *FAST, "--fit.iterations", "10",
+                  "--fit.colour_iterations", "0", "--export.turntable", "false"])
+    assert m["frames"] == CLIP_FRAMES and np.isfinite(m["psnr_face_heldout"]) and not m["refine_colour"]
+    assert (tmp_path / "v" / "heldout.mp4").is_file() and not (tmp_path / "v" / "turntable.mp4").exists()
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.load(lm)[:3])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(video), "--landmarks", str(bad), "--flame_dir",
+              str(root / "flame"), "--out", str(tmp_path / "w"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "bad.npy" in err and "(12, 68, 2)" in err and "(3, 68, 2)" in err and not (tmp_path / "w").exists()

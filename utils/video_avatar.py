@@ -1,0 +1,442 @@
+"""A personal avatar from a monocular video (``track.py --video clip.mp4`` / ``--frames DIR``): the pipeline behind
+track.py's video mode, built from the reenactment tracker (utils/reenactment.py) and the single-image fit's pieces
+(utils/fitting.py, utils/targets.py, utils/evaluation.py).
+
+    frames    the video's frames (``max_frames``, ``stride``) or the images of a folder (sorted by name)
+    tracking  landmarks per frame (mediapipe video mode, or ``--landmarks`` (T, 68, 2) .npy), then one FLAME shape and
+              one pinhole camera for the clip and per-frame expression / jaw / eyes / head pose (the reenactment
+              path, :func:`utils.reenactment.fit_video_motion`); frames without a face are skipped and counted
+    masks     per frame the model's face-mask triangles projected from the tracked FLAME (z-buffered against the
+              head), as the photo path does
+    split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
+              tracked (so that they can be rendered) but never enter the fit
+    fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
+              own tracked face-mask vertices), loss and schedule of the single-image fit; then the regularised
+              per-vertex colour residual (the colour stage of utils/fitting.py) on batches of training frames
+    outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
+              NeRSemble tracking layout), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM in the
+              face mask on held-out and training frames, for the fit, the code alone and the mean code),
+              heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder
+              first, so a failing run leaves nothing half-written in --out
+
+Not yet here (issue 23): per-Gaussian position / scale / opacity residuals, photometric refinement of the per-frame
+FLAME, pivotal tuning, LPIPS, the detector's face outline in the masks, real footage.  The progress bar shows the
+held-out frames' PSNR (code only) at every early-stopping check; it is read, never used to steer the fit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.renderer import render
+from utils.codes import FittedCode, code_cloud, colour_offsets, save_code, with_colour
+from utils.evaluation import evaluate_cloud
+from utils.fitting import FitConfig, photometric, start_candidates
+from utils.geometry import UniformLaplacian
+from utils.model_io import TrainedModel
+from utils.targets import View
+
+if TYPE_CHECKING:
+    from utils.tracking import TrackConfig
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+# ====================================================================================== inputs
+def read_frame_folder(folder: str | os.PathLike, stride: int = 1, max_frames: int = 0) -> list[np.ndarray]:
+    """RGB uint8 frames (H, W, 3) of the images in ``folder`` (sorted by file name), every ``stride``-th."""
+    from utils.io import read_image, to_uint8
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"frame folder not found: {folder} (--frames expects a folder of images)")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)[::max(1, stride)]
+    if max_frames:
+        files = files[:max_frames]
+    if not files:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}) to use as frames (--frames)")
+    frames = [to_uint8(read_image(p, "frame (--frames)")) for p in files]
+    if any(f.shape != frames[0].shape for f in frames):
+        raise ValueError(f"{folder}: the frames must all have one size (got {sorted({f.shape for f in frames})})")
+    return frames
+
+
+def split_frames(found: np.ndarray, heldout_every: int, heldout_tail: float) -> tuple[list[int], list[int]]:
+    """(training frames, held-out frames) among the frames with a face (``found`` (T,) bool): held out are every
+    ``heldout_every``-th frame (frames k-1, 2k-1, ...; 0: none) and the last ``heldout_tail`` fraction of the clip."""
+    T = len(found)
+    tail = T - int(math.ceil(heldout_tail * T)) if heldout_tail > 0 else T
+    held = [t for t in range(T) if found[t] and ((heldout_every > 0 and (t + 1) % heldout_every == 0) or t >= tail)]
+    train = [t for t in range(T) if found[t] and t not in held]
+    return train, held
+
+
+# ====================================================================================== fitting
+@dataclass
+class FrameTargets:
+    """The frames of one clip that a fit sees: views (cropped to one size: camera, masked image (h, w, 3), face mask
+    (h, w, 1)) and their tracked level-0 face-mask vertices (each (M, 3))."""
+
+    views: list[View]
+    bases: list[Tensor]
+
+
+def _batches(n: int, batch: int, seed: int = 0):
+    """Endless batches of frame indices: shuffled passes over range(n), ``batch`` at a time."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g).tolist()
+        for a in range(0, n, batch):
+            yield perm[a:a + batch]
+
+
+def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, batch: int = 4,
+                    backend: str = "auto", progress: bool = True, name: str = "video",
+                    monitor: FrameTargets | None = None) -> tuple[Tensor, dict]:
+    """The style w (S,) of one person from many frames: Adam on w from the best start (mean code / w_avg / mean
+    training style, by the mean loss over the frames), ``batch`` frames per step (each rendered on its own tracked
+    vertices), cfg's loss, lr schedule, style regulariser and early stopping.  ``monitor``: held-out frames whose
+    face-mask PSNR is shown in the progress bar and recorded at every check (read only: it never steers the fit).
+    Returns (w, info)."""
+    f = model.field.eval()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    n = len(frames.views)
+    cands = start_candidates(model, "w")
+    probe = list(range(0, n, max(1, n // 8)))[:8]  # a spread of frames scores the start points
+    start_losses = {}
+    with torch.no_grad():
+        for k, (w_c, _) in cands.items():
+            start_losses[k] = float(np.mean([float(photometric(render(code_cloud(model, w_c, frames.bases[i]),
+                                                                         frames.views[i].camera, backend=backend)
+                                                                  ["image"], frames.views[i].image, cfg, None))
+                                             for i in probe]))
+    start = min(start_losses, key=start_losses.get)
+    w0 = cands[start][0].detach()
+    var = w0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([var], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    verts = [model.vertices(b) for b in frames.bases]  # fixed geometry per frame: subdivided once
+    losses: list[float] = []
+    monitor_psnr: list[float] = []
+    best, bad, it, acc, stopped = float("inf"), 0, 0, 0.0, False
+    batches = _batches(n, max(1, batch))
+    bar = tqdm(total=cfg.iterations, desc=f"fitting {name} ({n} frames)", disable=not progress, leave=False)
+    while it < cfg.iterations:
+        opt.param_groups[0]["lr"] = cfg.lr * cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
+        idx = next(batches)
+        raw = f.synthesize_raw(var[None])  # the network once per step; the frames differ only in geometry
+        loss = 0.0
+        for i in idx:
+            cloud = f.attach(raw, verts[i][None])[0]
+            pred = render(cloud, frames.views[i].camera, backend=backend)["image"]
+            loss = loss + photometric(pred, frames.views[i].image, cfg, None) / len(idx)
+        total = loss + cfg.style_reg * (var - w0).square().mean()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        acc += float(loss.detach())
+        it += 1
+        bar.update(1)
+        if it % cfg.check_every == 0:
+            cur = acc / cfg.check_every
+            acc = 0.0
+            losses.append(cur)
+            post = {"loss": f"{cur:.4f}"}
+            if monitor is not None and monitor.views:
+                mon, _ = evaluate_frames(model, var.detach(), monitor, range(len(monitor.views)), None, backend)
+                monitor_psnr.append(mon["psnr_face"])
+                post["heldout_psnr"] = f"{mon['psnr_face']:.2f}"
+            bar.set_postfix(post)
+            if not math.isfinite(cur):
+                raise FloatingPointError(f"video fit diverged (loss {cur}) at iteration {it}; lower fit.lr")
+            if cur < best * (1 - cfg.min_rel_improvement):
+                best, bad = cur, 0
+            else:
+                best, bad = min(best, cur), bad + 1
+            if bad >= cfg.patience and it >= cfg.min_iterations:
+                stopped = True
+                break
+    bar.close()
+    return var.detach().clone(), {"start": start, "start_losses": start_losses, "iterations": it,
+                                  "loss_history": losses, "stopped_early": stopped,
+                                  "heldout_psnr_history": monitor_psnr}
+
+
+def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: FitConfig, batch: int = 4,
+                     backend: str = "auto", progress: bool = True) -> tuple[Tensor, list[float]]:
+    """The colour stage of utils/fitting.py on many frames: a per-vertex RGB residual (M, 3) of the level-0 vertices
+    for the fixed style w, ``batch`` training frames per Adam step, photometric loss plus the same Laplacian
+    smoothness and L2 pull towards zero (the prior).  The Gaussians of every frame are synthesised once."""
+    with torch.no_grad():
+        raw = model.field.synthesize_raw(w[None])
+        clouds = [model.field.attach(raw, model.vertices(b)[None])[0].detach() for b in frames.bases]
+    base = frames.bases[0]
+    res = torch.zeros_like(base, requires_grad=True)
+    lap = UniformLaplacian(len(base), model.base_faces, base.device)
+    opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2))
+    n, losses, acc = cfg.colour_iterations, [], 0.0
+    batches = _batches(len(clouds), max(1, batch), seed=1)
+    for it in tqdm(range(n), desc="colour", disable=not progress, leave=False):
+        opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
+        idx = next(batches)
+        off = colour_offsets(model, res)
+        loss = sum(photometric(render(with_colour(clouds[i], off), frames.views[i].camera, backend=backend)["image"],
+                               frames.views[i].image, cfg, None) for i in idx) / len(idx)
+        total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        acc += float(loss.detach())
+        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
+            losses.append(acc / ((it % cfg.check_every) + 1))
+            acc = 0.0
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"video colour stage diverged at iteration {it + 1}; lower fit.colour_lr")
+    return res.detach(), losses
+
+
+@torch.no_grad()
+def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: Sequence[int],
+                    colour: Tensor | None = None, backend: str = "auto") -> tuple[dict, list[Tensor]]:
+    """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx``; (metrics with a
+    per-frame list, renders (h, w, 3) per frame)."""
+    pf, p, s, renders = [], [], [], []
+    for i in idx:
+        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour), [frames.views[i]], backend=backend)
+        pf.append(m["psnr_face_all"])
+        p.append(m["psnr_all"])
+        s.append(m["ssim_all"])
+        renders.append(r[0])
+    mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
+    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "per_frame_psnr_face": pf}, renders
+
+
+# ====================================================================================== the pipeline
+def track_video(cfg: "TrackConfig") -> dict:
+    """track.py --video / --frames: track, fit, evaluate and export into ``cfg.out`` (see the module docstring).
+    Returns the metrics dict written to metrics.json."""
+    from models.flame import FlameModel, save_nersemble_tracking
+    from utils.cameras import write_camera_params
+    from utils.dataset import crop_size, crop_view
+    from utils.device import resolve_device
+    from utils.exports import turntable
+    from utils.flame_fit import make_camera
+    from utils.io import atomic_write_json, to_uint8, write_video
+    from utils.model_io import load_model
+    from utils.preprocess.projection_ply import masked_photo
+    from utils.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
+    from utils.targets import frame_flame, model_flame_dir, projected_face_mask, to_tensor_img
+    from utils.tracking import _clean
+
+    if bool(cfg.video) == bool(cfg.frames):
+        raise ValueError("give exactly one of --video FILE and --frames DIR")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    src = cfg.video or cfg.frames
+    if cfg.video:
+        if not Path(cfg.video).is_file():
+            raise FileNotFoundError(f"video not found: {cfg.video} (--video)")
+        if Path(cfg.video).stat().st_size == 0:
+            raise ValueError(f"{cfg.video} is empty (0 bytes): not a video (--video)")
+        frames, frame_ids, fps = read_video(cfg.video, 0, cfg.stride, cfg.max_frames)
+    else:
+        frames, fps = read_frame_folder(cfg.frames, cfg.stride, cfg.max_frames), cfg.export.fps
+        frame_ids = np.arange(len(frames)) * max(1, cfg.stride)  # index among the folder's images
+    T = len(frames)
+    h, w = frames[0].shape[:2]
+    model = load_model(cfg.checkpoint, device)
+    flame_dir = model_flame_dir(model, cfg.flame_dir)
+    flame = FlameModel.from_data_dir(flame_dir)
+    if cfg.landmarks:  # (T, 68, 2) pixels; NaN rows: no face in that frame
+        pts = torch.as_tensor(np.load(cfg.landmarks), dtype=torch.float32)
+        if tuple(pts.shape) != (T, 68, 2):
+            raise ValueError(f"--landmarks {cfg.landmarks}: expected ({T}, 68, 2) iBUG-68 pixels (one row per frame "
+                             f"of {src}), got {tuple(pts.shape)}")
+        irises, found = None, torch.isfinite(pts).all(-1).all(-1)
+    else:
+        pts, irises, found = detect_video_landmarks(frames, cfg.min_face_px, cfg.progress)
+    if not bool(found.any()):
+        raise ValueError(f"{src}: no face in any of its {T} frames (the detector needs a clearly visible face at "
+                         f"least --min_face_px={cfg.min_face_px:g} px high)")
+    train, held = split_frames(found.numpy(), cfg.heldout_every, cfg.heldout_tail)
+    if not train or not held:
+        raise ValueError(f"{src}: {int(found.sum())} of {T} frames have a face, too few to hold out frames (every "
+                         f"{cfg.heldout_every}th and the last {cfg.heldout_tail:.0%}) and still fit; use a longer clip")
+    rcfg = ReenactConfig(min_face_px=cfg.min_face_px, flame_fit=cfg.flame_fit)
+    params, info = fit_video_motion(flame, pts, irises, found, (w, h), rcfg, cfg.progress)
+    params = params.to("cpu")
+    cam = make_camera(info["focal_px"], (w, h), name="video")
+    times["track"] = time.perf_counter() - t0
+
+    # ---- per-frame targets: projected face mask, masked photo, one crop size for all frames
+    t0 = time.perf_counter()
+    used = sorted(train + held)
+    photos, masks, bases, fparams = {}, {}, {}, {}
+    for t in used:
+        verts, base, _, p = frame_flame(model, flame_dir, None, params=params, frame=t, flame=flame)
+        m = projected_face_mask(model, verts, flame.faces, cam)[..., None]
+        if m.sum() == 0:
+            raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame")
+        photos[t] = masked_photo(frames[t].astype(np.float32) / 255.0, m[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
+        masks[t], bases[t], fparams[t] = m.astype(np.float32), base.to(device), p
+    cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
+    views = {}
+    for t in used:
+        i, m, c = crop_view(photos[t], masks[t], cam, cw, ch)
+        views[t] = View(f"frame_{t:05d}", c.to(device), to_tensor_img(i, device), to_tensor_img(m, device))
+    allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
+    pos = {t: k for k, t in enumerate(used)}
+    train_set = FrameTargets([views[t] for t in train], [bases[t] for t in train])  # held-out frames never enter
+    times["targets"] = time.perf_counter() - t0
+
+    # ---- fit: style on many frames, then the colour residual
+    t0 = time.perf_counter()
+    held_set = FrameTargets([views[t] for t in held], [bases[t] for t in held])  # monitored only (progress bar)
+    w_fit, fit_info = fit_video_style(model, train_set, cfg.fit, cfg.video_batch, cfg.backend, cfg.progress,
+                                      Path(src).stem, held_set if cfg.progress else None)
+    times["fit_style"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    colour, colour_losses = None, []
+    if cfg.fit.refine_colour and cfg.fit.colour_iterations > 0:
+        colour, colour_losses = fit_video_colour(model, w_fit, train_set, cfg.fit, cfg.video_batch, cfg.backend,
+                                                 cfg.progress)
+    times["fit_colour"] = time.perf_counter() - t0
+
+    # ---- evaluate on held-out and training frames: the fit, the code alone, the mean code
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        w_mean = model.field.style(model.field.mean_code()[None], update_w_avg=False)[0]
+    hi, ti = [pos[t] for t in held], [pos[t] for t in train]
+    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend)
+    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend)
+    c_held, _ = evaluate_frames(model, w_fit, allf, hi, None, cfg.backend)
+    b_held, _ = evaluate_frames(model, w_mean, allf, hi, None, cfg.backend)
+    b_train, _ = evaluate_frames(model, w_mean, allf, ti, None, cfg.backend)
+    times["evaluate"] = time.perf_counter() - t0
+
+    # ---- outputs: everything into a temporary folder, then moved into --out
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    tmp = out.parent / f".{out.name}.tmp-video"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        ref = train[0]  # the code's frame: the first training frame (its FLAME is the person's shape and placement)
+        code = FittedCode(w=w_fit, z=None, base_vertices=bases[ref], name=Path(src).stem,
+                          meta={"start": fit_info["start"], "space": "w", "refine_geometry": False,
+                                "refine_flame": False, "refine_colour": colour is not None, "source": "video",
+                                "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
+                          colour=colour, flame=fparams[ref])
+        save_code(tmp / "code.pt", code, model, cfg.checkpoint)
+        save_nersemble_tracking(tmp / "flame_fit.npz", params, frames=np.asarray(frame_ids))  # source frame numbers
+        write_camera_params(tmp / "camera_params.json", {"video": cam})
+        side = [np.concatenate([to_uint8(allf.views[k].image), to_uint8(r)], axis=1) for k, r in zip(hi, r_held)]
+        write_video(tmp / "heldout.mp4", side, fps=max(1.0, min(fps, 10.0)))
+        if cfg.export.turntable:
+            write_video(tmp / "turntable.mp4", turntable(model, code, cam.to(device), cfg.export, cfg.backend),
+                        fps=cfg.export.fps)
+        times["export"] = time.perf_counter() - t0
+        doc = _clean({
+            "identity": Path(src).stem, "source": str(src), "frames": T, "frames_with_face": int(found.sum()),
+            "frames_skipped_no_face": int(T - found.sum()), "train_frames": train, "heldout_frames": held,
+            "heldout_rule": {"every": cfg.heldout_every, "tail": cfg.heldout_tail},
+            "psnr_face_heldout": m_held["psnr_face"], "psnr_face_train": m_train["psnr_face"],
+            "ssim_heldout": m_held["ssim"], "ssim_train": m_train["ssim"],
+            "psnr_heldout": m_held["psnr"], "psnr_train": m_train["psnr"],
+            "psnr_face_heldout_code_only": c_held["psnr_face"],
+            "psnr_face_heldout_mean_code": b_held["psnr_face"], "psnr_face_train_mean_code": b_train["psnr_face"],
+            "ssim_heldout_mean_code": b_held["ssim"],
+            "per_frame_psnr_face_heldout": dict(zip(map(str, held), m_held["per_frame_psnr_face"])),
+            "lpips_note": "LPIPS not computed in video mode yet",
+            "iterations": fit_info["iterations"], "start": fit_info["start"], "loss_history": fit_info["loss_history"],
+            "heldout_psnr_history": fit_info["heldout_psnr_history"],
+            "colour_loss_history": colour_losses, "refine_colour": colour is not None,
+            "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
+            "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
+            "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
+            "device": str(device), "checkpoint": str(cfg.checkpoint),
+        })
+        atomic_write_json(doc, tmp / "metrics.json")
+        out.mkdir(parents=True, exist_ok=True)
+        for p in tmp.iterdir():
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return doc
+
+
+# ====================================================================================== synthetic clips (tests)
+def synthetic_clip(root: str | os.PathLike, subject: str, out_dir: str | os.PathLike, serial: str | None = None
+                   ) -> tuple[Path, Path]:
+    """A monocular clip of a synthetic sequence (``make_synthetic_dataset.py --num_frames N --motion head_turn``):
+    camera ``serial``'s (default the frontal one) image of every frame as ``<out_dir>/frames/frame_<t>.png`` and
+    the ground-truth FLAME landmarks projected into it as ``<out_dir>/landmarks.npy`` (T, 68, 2) (the detector finds
+    no face in images this small).  Returns (frames folder, landmarks file)."""
+    import cv2
+
+    from models.flame import FlameModel
+    from utils.flame_fit import flame_landmarks_2d
+    from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+
+    serial = serial or FRONTAL_SERIAL
+    root, out_dir = Path(root), Path(out_dir)
+    flame = FlameModel.from_data_dir(root / "flame")
+    seq = NersembleSubject(root / "subjects", subject).tracking()
+    fdir = out_dir / "frames"
+    fdir.mkdir(parents=True, exist_ok=True)
+    pts = []
+    for t in range(seq.num_frames):
+        subj = NersembleSubject(root / "subjects", subject, frame=t)
+        img = subj.image(serial)
+        cam = subj.cameras(serials=[serial])[serial]
+        cv2.imwrite(str(fdir / f"frame_{t:05d}.png"), cv2.cvtColor(np.ascontiguousarray(
+            (np.clip(img, 0, 1) * 255).round().astype(np.uint8)), cv2.COLOR_RGB2BGR))
+        pts.append(flame_landmarks_2d(flame, flame.bake_root_pivot(seq.frame(t)), cam)[0].cpu().numpy())
+    lm = out_dir / "landmarks.npy"
+    np.save(lm, np.stack(pts).astype(np.float32))
+    return fdir, lm
+
+
+@torch.no_grad()
+def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.PathLike, subject: str,
+                      frames: Sequence[int], skip_serial: str | None = None, backend: str = "auto") -> float:
+    """Mean PSNR in the face mask of ``code`` (style + colour residual) rendered on the ground-truth FLAME of
+    ``frames`` of a synthetic subject through every rig camera but ``skip_serial`` (the video's camera), against the
+    ground-truth images: how well the fitted identity generalises to views the video never showed."""
+    from models.flame import FlameModel
+    from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+    from utils.preprocess.projection_ply import masked_photo
+    from utils.targets import frame_flame, projected_face_mask
+
+    root = Path(root)
+    skip_serial = skip_serial or FRONTAL_SERIAL
+    flame = FlameModel.from_data_dir(root / "flame")
+    seq = NersembleSubject(root / "subjects", subject).tracking()
+    dev = code.w.device
+    vals = []
+    for t in frames:
+        subj = NersembleSubject(root / "subjects", subject, frame=t)
+        serials = [s for s in subj.serials() if s != skip_serial]
+        cams = subj.cameras(serials=serials)
+        verts, base, _, _ = frame_flame(model, root / "flame", None, params=seq, frame=t, flame=flame)
+        for s in serials:
+            m = projected_face_mask(model, verts, flame.faces, cams[s])
+            if m.sum() < 16:
+                continue
+            gt = masked_photo(subj.image(s).astype(np.float32), m, (0.0, 0.0, 0.0)).astype(np.float32)
+            v = View(s, cams[s].to(dev), torch.from_numpy(gt).to(dev), torch.from_numpy(m[..., None]).to(dev))
+            res, _ = evaluate_cloud(code_cloud(model, code.w, base.to(dev), code.colour), [v], backend=backend)
+            vals.append(res["psnr_face_all"])
+    return float(np.mean(vals))
