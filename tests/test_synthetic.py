@@ -427,3 +427,20 @@ def test_head_turn_sequence(synthetic_root, tmp_path):  # noqa: F811
         assert -10 * np.log10(float(((unturned[k] - photo) ** 2).mean())) < 25, s
     with pytest.raises(ValueError, match="motion"):
         make_synthetic_dataset(tmp_path / "bad", progress=False, num_frames=2, motion="spin", **kw)
+
+
+def test_ground_truth_ignores_the_process_wide_render_filter(synthetic_root, monkeypatch):  # noqa: F811
+    """load_model sets the renderer's process-wide 2D filter to a Mip-Splatting model's (issue 21); the generator's
+    ground truth must stay 3DGS's classic rendering whatever model was loaded before in the same process (a dataset
+    generated after a model was loaded used to differ from the same dataset generated fresh)."""
+    import models.renderer as R
+
+    subj = NersembleSubject(synthetic_root / "subjects", "300")
+    cams = list(subj.cameras(serials=[FRONTAL_SERIAL]).values())
+    cloud, identity = load_ground_truth(synthetic_root, "300")
+    monkeypatch.setattr(R, "FILTER_2D", None)
+    classic = render_ground_truth(cloud, cams, identity)["image"]
+    monkeypatch.setattr(R, "FILTER_2D", 0.3)
+    assert torch.equal(render_ground_truth(cloud, cams, identity)["image"], classic)
+    assert not torch.equal(R.render_batch(cloud, [c.to(cloud.device) for c in cams])["image"],
+                           R.render_batch(cloud, [c.to(cloud.device) for c in cams], filter_2d=None)["image"])

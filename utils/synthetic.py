@@ -675,7 +675,9 @@ def render_ground_truth(
 
     cameras = [c.to(cloud.device) for c in cameras]
     bg = background if isinstance(background, Tensor) else None
-    out = render_batch(cloud, cameras, background=bg, backend=backend)
+    # Ground truth is always 3DGS's classic rendering: the process-wide 2D filter that load_model sets for a
+    # Mip-Splatting model (models.mip_filter.set_render_filter) must not change the data.
+    out = render_batch(cloud, cameras, background=bg, backend=backend, filter_2d=None)
     if isinstance(background, str):
         if background != "studio":
             raise ValueError(f"background must be 'studio', None or a (3,) tensor, got {background!r}")
