@@ -317,24 +317,9 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
     expressions; ``per_transition`` frames each) is rendered to a ``size`` x ``size`` MP4, then timed from the file to
     the FLAME motion (utils/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
     the correlation of the recovered head turn and jaw opening with the truth."""
-    from models.animation import retarget
-    from utils.io import to_uint8, write_video
-    from utils.motion import load_motion
     from utils.reenactment import reenact_video
-    from utils.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
-    from utils.synthetic_flame import make_flame_model
 
-    model = make_flame_model(seed)
-    heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
-    ident = sample_identity(model, seed, "301")
-    truth = retarget(load_motion("keyframes", heads.flame, REENACT_KEYS, per_transition).params, ident.params)
-    c = heads.flame(ident.params)[0].mean(0).tolist()
-    cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), size, size, fov_y_deg=30).to(device)
-    video = []
-    for i in range(truth.num_frames):
-        cloud = heads.cloud(ident, truth.frame(i)).to(device)
-        video.append(to_uint8(render_ground_truth(cloud, [cam], ident, "studio")["image"][0]))
-    path = write_video(Path(tempfile.mkdtemp(prefix="bench_reenact_")) / "driver.mp4", video, fps=25)
+    path, truth = driving_video(data, device, per_transition, size, fps=25, seed=seed)
     sync(device)
     t = time.perf_counter()
     motion = reenact_video(path, data.flame, progress=False)
