@@ -355,6 +355,16 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: "FlameModel", params: "F
     return p, var.detach().clone(), base, losses
 
 
+
+def plateau(cur: float, best: float, bad: int, it: int, cfg: FitConfig) -> tuple[float, int, bool]:
+    """One early-stopping test of a windowed loss ``cur`` at iteration ``it``: (best so far, tests in a row without
+    ``cfg.min_rel_improvement``, whether to stop: ``cfg.patience`` such tests and at least ``cfg.min_iterations``)."""
+    if cur < best * (1 - cfg.min_rel_improvement):
+        best, bad = cur, 0
+    else:
+        best, bad = min(best, cur), bad + 1
+    return best, bad, bad >= cfg.patience and it >= cfg.min_iterations
+
 def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backend: str = "auto",
                  progress: bool = True) -> FitResult:
     """Fit a style (or code) and optionally vertex offsets to ``target.fit_view``, then (``fit.refine_colour``)
@@ -449,12 +459,8 @@ def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backe
             bar.set_postfix(loss=f"{cur:.4f}")
             if not math.isfinite(cur):
                 raise FloatingPointError(f"fit of {target.name} diverged (loss {cur}) at iteration {it}; lower fit.lr")
-            if cur < best * (1 - cfg.min_rel_improvement):
-                best, bad = cur, 0
-            else:
-                best, bad = min(best, cur), bad + 1
-            if bad >= cfg.patience and it >= cfg.min_iterations:
-                stopped = True
+            best, bad, stopped = plateau(cur, best, bad, it, cfg)
+            if stopped:
                 break
     bar.close()
     with torch.no_grad():

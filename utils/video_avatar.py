@@ -41,7 +41,7 @@ from tqdm import tqdm
 from models.renderer import render
 from utils.codes import FittedCode, code_cloud, colour_offsets, save_code, with_colour
 from utils.evaluation import evaluate_cloud
-from utils.fitting import FitConfig, photometric, start_candidates
+from utils.fitting import FitConfig, photometric, plateau, start_candidates
 from utils.geometry import UniformLaplacian
 from utils.model_io import TrainedModel
 from utils.targets import View
@@ -159,12 +159,8 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
             bar.set_postfix(post)
             if not math.isfinite(cur):
                 raise FloatingPointError(f"video fit diverged (loss {cur}) at iteration {it}; lower fit.lr")
-            if cur < best * (1 - cfg.min_rel_improvement):
-                best, bad = cur, 0
-            else:
-                best, bad = min(best, cur), bad + 1
-            if bad >= cfg.patience and it >= cfg.min_iterations:
-                stopped = True
+            best, bad, stopped = plateau(cur, best, bad, it, cfg)
+            if stopped:
                 break
     bar.close()
     return var.detach().clone(), {"start": start, "start_losses": start_losses, "iterations": it,
