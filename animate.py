@@ -13,7 +13,7 @@ tilt, look_left, look_right (utils/motion.py: jaw / neck / eyes are FLAME joints
 synthetic FLAME's named expression components, see README).  A keyframes file (.yaml/.json) lists built-in names
 and/or mappings {name, expression: {index: value}, jaw: [x, y, z], neck: [...], eyes: [...]}.
 
-Live driving (--stream, utils/streaming.py): a video file or a camera device index as --motion is tracked and
+Live driving (--stream, utils/apps/animate/stream.py): a video file or a camera device index as --motion is tracked and
 rendered frame by frame (landmark threads overlapped with the FLAME fit and the render, bounded queues, frames in
 order), the MP4 written as it goes; at the end the per-frame latency distribution and the sustained frame rate:
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.animation import ANIM_FLAGS, ANIM_LISTS, AnimationConfig, animate  # noqa: E402
-from utils.config import config_parser, parse_cli_config  # noqa: E402
-from utils.errors import run_main  # noqa: E402
+from utils.apps.animate.pipeline import ANIM_FLAGS, ANIM_LISTS, AnimationConfig, animate  # noqa: E402
+from utils.core.config import config_parser, parse_cli_config  # noqa: E402
+from utils.core.errors import run_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def _run(argv: list[str] | None) -> dict:
     _, cfg = parse_cli_config(build_parser(), AnimationConfig, argv, lists=ANIM_LISTS)
     summary = animate(cfg)
     if "stream" in summary:
-        from utils.streaming import format_summary
+        from utils.apps.animate.stream import format_summary
 
         print(format_summary(summary))
     print(f"{summary['num_frames']} frames of {summary['identity']} driven by {summary['motion']} "

@@ -9,7 +9,7 @@ small regularised per-vertex colour residual; --refine_colour false for the code
     python track.py --checkpoint output/cpu/model.pt --video clip.mp4 --out output/me      # an avatar from a video
     python track.py --checkpoint output/cpu/model.pt --frames frames/ [--landmarks lm.npy] --out output/me
 
-Video mode (--video / --frames, utils/video_avatar.py) tracks every frame (landmarks -> FLAME, one shape and
+Video mode (--video / --frames, utils/apps/track/video.py) tracks every frame (landmarks -> FLAME, one shape and
 camera), fits the style and the colour residual on many frames, holds out every --heldout_every-th frame and the last
 --heldout_tail of the clip, and writes code.pt, flame_fit.npz, camera_params.json, metrics.json (PSNR/SSIM in the
 face mask on held-out and training frames), heldout.mp4 (real | avatar) and turntable.mp4.
@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import config_parser, parse_cli_config  # noqa: E402
-from utils.errors import run_main  # noqa: E402
-from utils.tracking import TRACK_ALIASES, TRACK_FLAGS, TrackConfig, track, track_all_heldout  # noqa: E402
+from utils.core.config import config_parser, parse_cli_config  # noqa: E402
+from utils.core.errors import run_main  # noqa: E402
+from utils.apps.track.pipeline import TRACK_ALIASES, TRACK_FLAGS, TrackConfig, track, track_all_heldout  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None):
 def _run(argv: list[str] | None):
     _, cfg = parse_cli_config(build_parser(), TrackConfig, argv)
     if cfg.video or cfg.frames:
-        from utils.video_avatar import track_video
+        from utils.apps.track.video import track_video
 
         m = track_video(cfg)
         print(", ".join(f"{k}={m[k]}" for k in ("frames", "frames_skipped_no_face", "psnr_face_heldout",

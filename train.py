@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.config import _field_comments, _leaf_fields, _parse_value, add_config_args, build_config  # noqa: E402
-from utils.errors import add_debug_flag, run_main  # noqa: E402
-from utils.training import TrainConfig, Trainer  # noqa: E402
+from utils.core.config import _field_comments, _leaf_fields, _parse_value, add_config_args, build_config  # noqa: E402
+from utils.core.errors import add_debug_flag, run_main  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 ALIASES = {"data_root": "data.root", "flame_dir": "data.flame_dir"}
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="with --encoder_only: the model.pt to add an encoder to")
     add_debug_flag(parser)
     add_config_args(parser, TrainConfig, aliases=ALIASES)
-    from utils.encoder_training import EncoderTrainConfig
+    from utils.apps.train.encoder import EncoderTrainConfig
 
     group = parser.add_argument_group("encoder training (--encoder / --encoder_only)")
     for name, f, tp, owner in _leaf_fields(EncoderTrainConfig):
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def encoder_config(args: argparse.Namespace):
     """EncoderTrainConfig from the --encoder.KEY flags."""
-    from utils.encoder_training import EncoderTrainConfig
+    from utils.apps.train.encoder import EncoderTrainConfig
 
     types = {name: tp for name, _, tp, _ in _leaf_fields(EncoderTrainConfig)}
     over = {k[4:]: _parse_value(v, types[k[4:]], "encoder." + k[4:]) for k, v in vars(args).items()
@@ -74,11 +74,11 @@ def run_encoder(args: argparse.Namespace, cfg, trainer=None) -> dict:
     """Train the encoder for <out>/model.pt (or --checkpoint) and store it there."""
     import torch
 
-    from utils.config import from_dict
-    from utils.dataset import DataConfig, MultiViewDataset
-    from utils.device import resolve_device
-    from utils.encoder_training import train_encoder
-    from utils.model_io import add_encoder, load_model
+    from utils.core.config import from_dict
+    from utils.data.dataset import DataConfig, MultiViewDataset
+    from utils.core.device import resolve_device
+    from utils.apps.train.encoder import train_encoder
+    from utils.data.model_file import add_encoder, load_model
 
     path = Path(args.checkpoint) if args.checkpoint else Path(cfg.out) / "model.pt"
     if not path.is_file():

@@ -8,7 +8,7 @@ the face mask subdivided to ``--level``. Then measures
   * single-image fit: wall seconds from a loaded model to the fitted result, PSNR on the unseen views;
   * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop;
   * animation: FPS of a cached identity driven by FLAME (FLAME face-mask rows + subdivision + attachment +
-    rasterizer in the loop, models/animation.py) at 512x512, one frame per call and 16 per call.
+    rasterizer in the loop, models/posing.py) at 512x512, one frame per call and 16 per call.
   * video reenactment (``--parts reenact``, needs mediapipe): frames per second from a driving MP4 (a synthetic head
     rendered through the keyframes at 512x512) to its FLAME motion: landmarks per frame and the FLAME fit;
   * photo to head (``--parts photo``, needs mediapipe and scikit-image): track.py's photo-only path on
@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
 from models.renderer import render_batch, render_identities  # noqa: E402
-from utils.cameras import Camera  # noqa: E402
-from utils.config import build_config  # noqa: E402
-from utils.dataset import MultiViewDataset  # noqa: E402
-from utils.device import default_device  # noqa: E402
-from utils.mesh_raster import render_mask  # noqa: E402
-from utils.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
-from utils.training import TrainConfig, Trainer  # noqa: E402
+from models.camera import Camera  # noqa: E402
+from utils.core.config import build_config  # noqa: E402
+from utils.data.dataset import MultiViewDataset  # noqa: E402
+from utils.core.device import default_device  # noqa: E402
+from models.mesh_raster import render_mask  # noqa: E402
+from utils.data.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 
 REFERENCE_STEPS = 295_680  # single-view steps of the reference training (about 9 h on an RTX 3080)
@@ -69,8 +69,8 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     heads are subdivided ``gt_subdivision`` times.  ``real_size``: the network's mask is the stand-in with the real
     FLAME mask's counts (benchmarks/real_mask.py) embedded on the synthetic one, so level L gives exactly the real
     data's Gaussians; mask vertex i then stands for the FLAME vertex nearest to it (animation, eye metrics)."""
-    from utils.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity
-    from utils.synthetic_flame import make_flame_model, write_flame_files
+    from utils.data.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity
+    from utils.data.synthetic_flame import make_flame_model, write_flame_files
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_flame_"))
     model = make_flame_model(seed)
@@ -211,7 +211,7 @@ def bench_animation(field, data, device: torch.device, repeats: int, backend: st
     """FPS of a cached identity (network run once) driven through the built-in keyframes at 512x512: per frame FLAME
     (face-mask rows), subdivision, attachment and the rasterizer; one frame per call (replayed from a CUDA graph, and
     eagerly) and 16 frames per call (one graph replay and one rasterizer call for 16 frames)."""
-    from models.animation import HeadAnimator, retarget
+    from models.posing import HeadAnimator, retarget
     from utils.motion import load_motion
 
     animator = HeadAnimator(field, data.flame.to(device), data.mask_ids, data.plan)
@@ -249,8 +249,8 @@ def bench_animation(field, data, device: torch.device, repeats: int, backend: st
 def _fit_target(model, views, base, fit_serial: str, device: torch.device):
     """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask,
     every view cropped to one common window, as track.py does with files."""
-    from utils.dataset import DataConfig, crop_size, crop_view
-    from utils.targets import FitTarget, View
+    from utils.data.dataset import DataConfig, crop_size, crop_view
+    from utils.apps.track.targets import FitTarget, View
 
     dc = DataConfig()
 
@@ -273,9 +273,9 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
     PSNR on the 15 unseen views for both.  ``variants``: {name: FitConfig overrides} timed the same way (schedule
     studies); each gets ``<name>_*`` rows and its gap to the long fit."""
-    from utils.fitting import FitConfig, fit_identity
+    from utils.apps.track.fit import FitConfig, fit_identity
     from utils.evaluation import evaluate_views
-    from utils.model_io import load_model
+    from utils.data.model_file import load_model
 
     views, base = heldout
     model = load_model(model_path, device)
@@ -315,9 +315,9 @@ REENACT_KEYS = ("neutral", "open_mouth", "head_turn_left", "smile", "head_turn_r
 def bench_reenactment(data, device: torch.device, per_transition: int = 12, size: int = 512, seed: int = 0) -> dict:
     """Video reenactment throughput: a synthetic head driven through keyframes (``REENACT_KEYS``: head turns, jaw,
     expressions; ``per_transition`` frames each) is rendered to a ``size`` x ``size`` MP4, then timed from the file to
-    the FLAME motion (utils/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
+    the FLAME motion (utils/face/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
     the correlation of the recovered head turn and jaw opening with the truth."""
-    from utils.reenactment import reenact_video
+    from utils.face.reenactment import reenact_video
 
     path, truth = driving_video(data, device, per_transition, size, fps=25, seed=seed)
     sync(device)
@@ -342,11 +342,11 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
 def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = 30.0, seed: int = 0):
     """(MP4 path, true FlameParams): a synthetic head (identity 301 of a fresh synthetic FLAME) driven through
     ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``."""
-    from models.animation import retarget
-    from utils.io import to_uint8, write_video
+    from models.posing import retarget
+    from utils.core.io import to_uint8, write_video
     from utils.motion import load_motion
-    from utils.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
-    from utils.synthetic_flame import make_flame_model
+    from utils.data.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
+    from utils.data.synthetic_flame import make_flame_model
 
     model = make_flame_model(seed)
     heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
@@ -379,16 +379,16 @@ def motion_correlations(params, truth) -> dict:
 def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
                  per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 10,
                  shape_frames: int = 16) -> dict:
-    """Live driving (animate.py --stream, utils/streaming.py) on a synthetic driving video (:func:`driving_video`,
+    """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video (:func:`driving_video`,
     ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the sustained frame rate and
     the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as it decodes (latency
     then includes waiting behind the bounded queues), once more paced at the video's 30 fps as a camera delivers it
     (the first configuration), and the jaw / smile / brows / head-turn correlations with the truth next to the
-    batch path's (utils/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the driver's shape on
+    batch path's (utils/face/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the driver's shape on
     ``shape_frames`` frames (the batch path spread over the video, the stream on its first ones)."""
     from models.flame import load_tracking
-    from utils.animation import AnimationConfig, animate
-    from utils.reenactment import ReenactConfig, reenact_video
+    from utils.apps.animate.pipeline import AnimationConfig, animate
+    from utils.face.reenactment import ReenactConfig, reenact_video
 
     path, truth = driving_video(data, device, per_transition, size)
     t = time.perf_counter()
@@ -426,8 +426,8 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     import cv2
     import skimage.data
 
-    from utils.model_io import load_model
-    from utils.tracking import TrackConfig, track
+    from utils.data.model_file import load_model
+    from utils.apps.track.pipeline import TrackConfig, track
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_photo_"))
     photo = tmp / "astronaut.png"
@@ -511,7 +511,7 @@ def main() -> None:
     p.add_argument("--synth_precision", default="fp32", choices=("fp32", "bf16"),
                    help="precision of the network in the network-in-the-loop render figures (GraphedSynthesis)")
     p.add_argument("--encoder", action="store_true",
-                   help="train the feed-forward encoder after the field (utils/encoder_training.py), store it in "
+                   help="train the feed-forward encoder after the field (utils/apps/train/encoder.py), store it in "
                         "model.pt and time the fit from it: fit_encoder_alone_* (encoder only, no iterations), "
                         "fit_encoder_* (encoder + the default fit + colour), fit_encoder_half_* (half the code "
                         "iterations), fit_mean_* (the mean-code start); the photo part then starts from it too")
@@ -556,8 +556,8 @@ def main() -> None:
         trainer.train_step()
     trainer.export()
     if args.encoder:
-        from utils.encoder_training import EncoderTrainConfig, train_encoder
-        from utils.model_io import add_encoder, load_model
+        from utils.apps.train.encoder import EncoderTrainConfig, train_encoder
+        from utils.data.model_file import add_encoder, load_model
 
         ecfg = EncoderTrainConfig(steps=2 if args.quick else args.encoder_steps,
                                   samples=2 if args.quick else args.encoder_samples, backend=cfg.backend)
@@ -580,7 +580,7 @@ def main() -> None:
             name, _, kvs = spec.partition(":")
             variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
         if args.encoder:
-            from utils.fitting import FitConfig
+            from utils.apps.track.fit import FitConfig
 
             half = max(1, FitConfig().iterations // 2)
             variants.update({"encoder_alone": {"init": "encoder", "iterations": 0, "refine_colour": False},

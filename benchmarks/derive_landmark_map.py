@@ -1,4 +1,4 @@
-"""One-off derivation of utils/landmarks.py's IBUG68_FROM_MEDIAPIPE (mediapipe face mesh -> iBUG-68 points).
+"""One-off derivation of utils/face/landmarks.py's IBUG68_FROM_MEDIAPIPE (mediapipe face mesh -> iBUG-68 points).
 
     pip install dlib-bin==20.0.1 face_recognition_models==0.1.3 scikit-image   # this script only, never the project
     python benchmarks/derive_landmark_map.py [--out benchmarks/results/landmark_map.md]
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.landmarks import NUM_IBUG, NUM_MESH, LandmarkDetector  # noqa: E402
+from utils.face.landmarks import NUM_IBUG, NUM_MESH, LandmarkDetector  # noqa: E402
 
 REGIONS = {"jaw contour 0-16": range(0, 17), "brows 17-26": range(17, 27), "nose 27-35": range(27, 36),
            "eyes 36-47": range(36, 48), "outer lips 48-59": range(48, 60), "inner lips 60-67": range(60, 68)}
@@ -70,7 +70,7 @@ def dlib_points(img: np.ndarray, detector, predictor) -> np.ndarray | None:
         return None
     r = max(rects, key=lambda b: b.width() * b.height())
     shape = predictor(img, dlib.rectangle(r.left(), r.top(), r.right(), r.bottom()))
-    # dlib's integer part coordinates index pixels; +0.5 puts them at pixel centres like utils/cameras.py
+    # dlib's integer part coordinates index pixels; +0.5 puts them at pixel centres like models/camera.py
     return np.array([[p.x + 0.5, p.y + 0.5] for p in shape.parts()], dtype=np.float64)
 
 

@@ -4,7 +4,7 @@ Builds the synthetic problem of benchmarks/bench.py at the real size (1100 x 160
 ground-truth photos rendered on the device from the FLAME-like synthetic heads: almond lid openings, eyeballs set back
 behind overhanging lids), trains the identity field on it once per training configuration (``preset``, plus
 ``--variant``), evaluates each on the 4 held-out cameras of the training identities (PSNR / SSIM on the face mask and
-inside the eye regions of utils/regions.py), then fits the held-out identity 017 from its frontal view with each fit
+inside the eye regions of utils/face/regions.py), then fits the held-out identity 017 from its frontal view with each fit
 configuration (``today``: fit.eye_weight and fit.colour_eye_weight 0, the fit before issue 17; ``fixed``: the
 fit.yaml defaults; plus ``--fit_variant``) and evaluates the fits on the 15 unseen views.  Writes
 
@@ -31,13 +31,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _auto, _fit_target, build_problem, environment, sync  # noqa: E402
-from utils.config import build_config  # noqa: E402
-from utils.device import default_device  # noqa: E402
-from utils.io import save_image_grid  # noqa: E402
-from utils.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
-from utils.regions import embedding_for_flame, eye_region_masks  # noqa: E402
-from utils.synthetic import auto_subdivision  # noqa: E402
-from utils.training import TrainConfig, Trainer  # noqa: E402
+from utils.core.config import build_config  # noqa: E402
+from utils.core.device import default_device  # noqa: E402
+from utils.core.io import save_image_grid  # noqa: E402
+from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
+from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
+from utils.data.synthetic import auto_subdivision  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 # Training configurations compared (``--variant`` adds more) and one-view fit configurations of each trained model
 # (``--fit_variant`` adds more): "today" gives back the fit before the eye term of issue 17, "fixed" is the preset.
@@ -73,7 +73,7 @@ def train_variant(name: str, cfg: TrainConfig, data, steps: int) -> tuple[Traine
 def heldout_target(model_path: Path, heldout, eyes, device: torch.device):
     """(the exported model, the FitTarget of the held-out identity: camera 222200037 fitted, all 16 views evaluated,
     ``eyes`` its eye landmarks)."""
-    from utils.model_io import load_model
+    from utils.data.model_file import load_model
 
     views, base = heldout
     model = load_model(model_path, device)
@@ -89,7 +89,7 @@ def fit_variant(model, target, device: torch.device, backend: str, quick: bool =
 
     Returns (metrics with keys starting with ``prefix``, renders of the target's eval views (C, h, w, 3))."""
     from utils.evaluation import evaluate_views
-    from utils.fitting import FitConfig, fit_identity
+    from utils.apps.track.fit import FitConfig, fit_identity
 
     sync(device)
     t0 = time.perf_counter()
@@ -161,7 +161,7 @@ def eye_crops(photos: Tensor, renders: list[Tensor], masks: Tensor, margin: floa
 
 def resume_trainer(out_dir: str, data_root: str) -> Trainer:
     """A Trainer restored from the latest checkpoint of a finished run in ``out_dir`` (its data from ``data_root``)."""
-    from utils.config import from_dict
+    from utils.core.config import from_dict
 
     ckpts = sorted((Path(out_dir) / "checkpoints").glob("ckpt_*.pt"))
     if not ckpts:

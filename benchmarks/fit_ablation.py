@@ -2,7 +2,7 @@
 
 Fits every held-out identity of ``--data_root`` (017 and 030 on the synthetic data) from camera 222200037 with the
 model ``--checkpoint`` once per fit variant and evaluates every variant on the unseen views: whole-image PSNR,
-face-mask PSNR (the crop's black background left out) and eye-region PSNR (utils/regions.py), each beside the mean
+face-mask PSNR (the crop's black background left out) and eye-region PSNR (utils/face/regions.py), each beside the mean
 code's, and the gain over the mean code.  The targets (photo crops, tracked vertices) are built once per crop
 setting and reused by every variant.
 
@@ -53,15 +53,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.config import build_config  # noqa: E402
-from utils.device import resolve_device  # noqa: E402
+from utils.core.config import build_config  # noqa: E402
+from utils.core.device import resolve_device  # noqa: E402
 from utils.evaluation import evaluate_views  # noqa: E402
-from utils.fitting import fit_identity  # noqa: E402
-from utils.io import atomic_write_json, atomic_write_text  # noqa: E402
-from utils.model_io import load_model  # noqa: E402
-from utils.regions import eye_region_masks  # noqa: E402
-from utils.targets import load_subject_target  # noqa: E402
-from utils.tracking import TrackConfig, heldout_subjects  # noqa: E402
+from utils.apps.track.fit import fit_identity  # noqa: E402
+from utils.core.io import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.data.model_file import load_model  # noqa: E402
+from utils.face.regions import eye_region_masks  # noqa: E402
+from utils.apps.track.targets import load_subject_target  # noqa: E402
+from utils.apps.track.pipeline import TrackConfig, heldout_subjects  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, object]] = {

@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
 echo "== warm-up (gsplat compiles its CUDA code on first use)"
 SECONDS=0
 python3 -c "
-import torch; from models.gaussians import random_cloud; from models.renderer import render; from utils.cameras import Camera
+import torch; from models.gaussians import random_cloud; from models.renderer import render; from models.camera import Camera
 c = random_cloud(1000, center=(0,0,0)); dev = 'cuda' if torch.cuda.is_available() else 'cpu'
 print(render(c.to(dev), Camera.look_at((0,0,.6),(0,0,0),(0,1,0),64,64).to(dev))['image'].mean().item())" 2>&1 | tail -2
 echo "warm-up: ${SECONDS}s"

@@ -14,7 +14,7 @@ Per scale it reports, inside each view's projected face mask (the face-mask mesh
   (a band that is 10-20 % of a 64 px face at 1x); this measures the holes in the surface itself;
 * ``psnr_inner``: PSNR inside that eroded mask (at 1/4 and 1/2 scale the rim is a third of a 10-20 px face, and
   a model's alpha there decides the plain PSNR);
-* ``psnr_eyes``: PSNR inside the eye regions (utils/regions.py) when the data has FLAME's eye landmarks.
+* ``psnr_eyes``: PSNR inside the eye regions (utils/face/regions.py) when the data has FLAME's eye landmarks.
 
 Each model renders with the filters stored with it (``load_model`` sets the renderer's 2D filter; the identity field
 applies its 3D filter).  Usage (repository root)::
@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.renderer import render_batch  # noqa: E402
 from utils.losses import psnr, ssim_metric  # noqa: E402
-from utils.mesh_raster import render_mask  # noqa: E402
-from utils.model_io import load_model  # noqa: E402
+from models.mesh_raster import render_mask  # noqa: E402
+from utils.data.model_file import load_model  # noqa: E402
 
 HOLE_ALPHA = 0.9
 
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _face_views(data_root: str, model, n_ids: int):
     """Per identity: (name, index, held-out cropped cameras at 1x, GT cloud, face-mask mesh vertices)."""
-    from utils.dataset import DataConfig, MultiViewDataset
-    from utils.synthetic import load_ground_truth
+    from utils.data.dataset import DataConfig, MultiViewDataset
+    from utils.data.synthetic import load_ground_truth
 
     dcfg = DataConfig(**{**model.config["data"], "root": data_root, "flame_dir": "data"})
     # all identities, so that the crop window is the one the model was trained on (it depends on every face mask)
@@ -101,7 +101,7 @@ def _save_strip(path: Path, pred: Tensor, gt: Tensor, alpha: Tensor, face: Tenso
 
 
 def _eye_masks(data, base_vertices, cams, face):
-    from utils.regions import embedding_for_flame, eye_region_masks
+    from utils.face.regions import embedding_for_flame, eye_region_masks
 
     emb = embedding_for_flame(data.flame, data.mask_ids)
     if emb is None:

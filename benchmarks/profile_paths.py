@@ -24,12 +24,12 @@ from benchmarks.bench import _fit_target, build_problem, environment, sync  # no
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
 from models.renderer import render, render_batch  # noqa: E402
-from utils.cameras import Camera  # noqa: E402
-from utils.config import build_config  # noqa: E402
-from utils.device import default_device  # noqa: E402
-from utils.fitting import FitConfig, photometric  # noqa: E402
-from utils.nersemble import FRONTAL_SERIAL  # noqa: E402
-from utils.training import TrainConfig, Trainer  # noqa: E402
+from models.camera import Camera  # noqa: E402
+from utils.core.config import build_config  # noqa: E402
+from utils.core.device import default_device  # noqa: E402
+from utils.apps.track.fit import FitConfig, photometric  # noqa: E402
+from utils.data.nersemble import FRONTAL_SERIAL  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -251,7 +251,7 @@ def fit_paths(trainer, heldout, device, quick, section, report) -> None:
     cfg = trainer.cfg
     model_path = Path(cfg.out) / "model.pt"
     trainer.export()
-    from utils.model_io import load_model
+    from utils.data.model_file import load_model
 
     model = load_model(model_path, device)
     for prm in model.field.parameters():

@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
 
 import models.renderer as R  # noqa: E402
 from models.gaussians import GaussianCloud, random_cloud  # noqa: E402
-from utils.cameras import Camera  # noqa: E402
-from utils.device import default_device  # noqa: E402
+from models.camera import Camera  # noqa: E402
+from utils.core.device import default_device  # noqa: E402
 
 GRAD_NAMES = ("means", "quats", "scales", "opacities", "sh")
 PSNR_TARGET = 40.0  # dB, every backend row against the reference
@@ -347,7 +347,7 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads({threads})
 from models.gaussians import random_cloud
 from models.renderer import render
-from utils.cameras import Camera
+from models.camera import Camera
 c = random_cloud(20000, generator=torch.Generator().manual_seed(0))
 for t in (c.means, c.quats, c.scales, c.opacities, c.sh):
     t.requires_grad_(True)

@@ -5,7 +5,7 @@
     python benchmarks/wild_figure.py output/photo/astronaut docs/astronaut_fit.png
 
 The turntable frames shown are those nearest the yaw angles of ``--angles`` (degrees), found from the run's
-metrics.json (export.turntable_frames / turntable_degrees: the swing of utils/exports.py's turntable).
+metrics.json (export.turntable_frames / turntable_degrees: the swing of utils/apps/track/export.py's turntable).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import numpy as np
 
 
 def turntable_angles(frames: int, degrees: float) -> np.ndarray:
-    """Yaw of every turntable frame, as utils.exports.turntable makes them."""
+    """Yaw of every turntable frame, as utils.apps.track.export.turntable makes them."""
     if degrees >= 360:
         return np.array([360.0 * i / frames for i in range(frames)])
     return np.array([0.5 * degrees * math.sin(2 * math.pi * i / frames) for i in range(frames)])

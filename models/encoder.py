@@ -4,7 +4,7 @@ The input is what a single-image fit sees: the photo, face-masked on black, plus
 face mask of the tracked or landmark-fitted head, so the encoder is told where the face is and how it is posed).
 :func:`encoder_input` cuts a square window around the mask's bounding box (grown by ``margin``), resamples it to
 ``size`` x ``size`` pixels and stacks RGB and mask into 4 channels; the same function, with random jitter, makes the
-training inputs (utils/encoder_training.py), so training and use see the same crops.
+training inputs (utils/apps/train/encoder.py), so training and use see the same crops.
 
 The backbone is a small ResNet (written here; nothing is downloaded): a stride-2 stem, four stages of basic
 residual blocks (GroupNorm, so a batch of one behaves as in training), global average pooling and a linear head.

@@ -706,7 +706,7 @@ def save_nersemble_tracking(path: PathLike, params: FlameParams, frames: Optiona
         raise ValueError("NeRSemble tracking stores one scale per sequence; params.scale varies over frames")
     R = _np(params.rotation_matrix).astype(np.float64)
     T = R.shape[0]
-    from utils.io import atomic_write
+    from utils.core.io import atomic_write
 
     atomic_write(path, lambda fh: np.savez(
         fh, shape=_np(params.shape).astype(np.float32), expression=_np(params.expression).astype(np.float32),
@@ -721,7 +721,7 @@ def save_vhap_tracking(path: PathLike, shape: np.ndarray, expr: np.ndarray, rota
                        translation: np.ndarray, jaw_pose: np.ndarray, neck_pose: np.ndarray,
                        eyes_pose: np.ndarray) -> None:
     """Write a VHAP-style npz (axis-angle ``rotation`` about the root joint, no scale); used by tests."""
-    from utils.io import atomic_write
+    from utils.core.io import atomic_write
 
     atomic_write(path, lambda fh: np.savez(
         fh, shape=np.asarray(shape, np.float32).reshape(-1), expr=np.asarray(expr, np.float32),
@@ -853,7 +853,7 @@ class FlameSubset(nn.Module):
     only, with the joints regressed through precomputed (5, 3, K) regressions of the shape and expression
     blendshapes.  Written out rather than calling smplx because smplx's ``lbs`` walks the kinematic chain by indexing
     a Python list with device tensors (one host synchronisation per joint on a GPU, which also rules out CUDA-graph
-    capture) and always poses every vertex and the landmarks; the per-frame animation path (models/animation.py)
+    capture) and always poses every vertex and the landmarks; the per-frame animation path (models/posing.py)
     needs neither.  Built from a FlameModel's smplx buffers, so both use the same model data.
     """
 

@@ -184,9 +184,9 @@ class GaussianCloud:
         vertex = np.empty(n, dtype=[(name, "f4") for name in names])
         for i, name in enumerate(names):
             vertex[name] = data[:, i]
-        from utils.io import atomic_write
+        from utils.core.io import atomic_write
 
-        # unique O_EXCL temporary + rename (utils.io): no fixed "head.ply.tmp", never through a planted link
+        # unique O_EXCL temporary + rename (utils.core.io): no fixed "head.ply.tmp", never through a planted link
         atomic_write(path, lambda fh: PlyData([PlyElement.describe(vertex, "vertex")]).write(fh))
 
     @staticmethod

@@ -481,7 +481,7 @@ class IdentityField(nn.Module):
         """Place the network's raw output on posed vertices: the pose-dependent half of :meth:`synthesize`.
 
         The raw output does not depend on the pose, so an animation runs the network once per identity and calls
-        this for every frame (models/animation.py).
+        this for every frame (models/posing.py).
 
         Args:
             raw: (B, V, K, C) from :meth:`synthesize_raw`, or (1, V, K, C) shared by all B posed meshes.

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from utils.cameras import Camera
+from models.camera import Camera
 
 FILTER_3D = 0.2  # Mip-Splatting's 3D filter variance, in training pixels^2 (its code: sqrt(0.2) * depth / focal)
 FILTER_2D = 0.1  # Mip-Splatting's 2D mip filter variance in pixels^2 (3DGS's dilation is 0.3)

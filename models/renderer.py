@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from models.gaussians import GaussianCloud, quat_to_rotmat
-from utils.cameras import Camera, stack_cameras
+from models.camera import Camera, stack_cameras
 
 NEAR_PLANE = 0.01
 ALPHA_THRESHOLD = 1.0 / 255.0

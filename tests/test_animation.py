@@ -1,4 +1,4 @@
-"""Animation (models/animation.py pose path, utils/animation.py pipeline, animate.py, run_animation.sh) on the tiny
+"""Animation (models/posing.py pose path, utils/apps/animate/pipeline.py pipeline, animate.py, run_animation.sh) on the tiny
 synthetic data: attachment and rigidity of the driven Gaussians, the network running once per identity, the FLAME
 parameters that model.pt / code.pt store (and the fallback for older files), quality on unseen non-neutral frames of
 the synthetic sequences, and the command line end to end."""
@@ -25,10 +25,10 @@ SMALL = ["--width", "40", "--height", "48", "--progress", "false", "--device", "
 @pytest.fixture(scope="module")
 def rig(fit_model):  # noqa: F811
     """(model, HeadAnimator) of the shared small fit model."""
-    from models.animation import HeadAnimator
-    from utils.animation import load_flame
-    from utils.model_io import load_model
-    from utils.targets import model_flame_dir
+    from models.posing import HeadAnimator
+    from utils.apps.animate.pipeline import load_flame
+    from utils.data.model_file import load_model
+    from utils.apps.track.targets import model_flame_dir
 
     model = load_model(fit_model)
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
@@ -65,7 +65,7 @@ def test_model_pt_stores_flame_params_of_every_identity(rig):
 
 
 def test_network_runs_once_and_the_base_pose_is_the_static_head(rig, monkeypatch):
-    from utils.codes import code_cloud
+    from utils.data.code_file import code_cloud
 
     model, animator = rig
     w, head = training_head(model, animator)
@@ -160,7 +160,7 @@ def test_rigid_head_motion_moves_every_gaussian_rigidly(rig):
 
 
 def test_retarget_modes():
-    from models.animation import retarget
+    from models.posing import retarget
 
     motion, base = strong_motion(4, seed=4), strong_motion(1, seed=5)
     base = replace(base, shape=torch.randn(1, 300))
@@ -197,10 +197,10 @@ def test_old_files_without_flame_parameters(rig, fit_model, tmp_path):  # noqa: 
     """model.pt written before FLAME parameters were stored: FLAME shape and head pose are fitted to the stored
     vertices by least squares (a warning says so), the residual rides along as geometry offsets (the neutral pose is
     reproduced); a code.pt of version 2 (no "flame") still loads."""
-    from models.animation import retarget
-    from utils.animation import posable
-    from utils.codes import FittedCode, load_code, save_code
-    from utils.model_io import load_model
+    from models.posing import retarget
+    from utils.apps.animate.pipeline import posable
+    from utils.data.code_file import FittedCode, load_code, save_code
+    from utils.data.model_file import load_model
 
     model, animator = rig
     doc = torch.load(fit_model, map_location="cpu", weights_only=False)
@@ -238,7 +238,7 @@ def test_old_files_without_flame_parameters(rig, fit_model, tmp_path):  # noqa: 
 @pytest.fixture(scope="module")
 def tracked_017(sequence_root, fit_model, tmp_path_factory):  # noqa: F811
     """track.py's fit of the held-out identity 017 from its neutral frame 0 (frontal camera): code.pt."""
-    from utils.tracking import track
+    from utils.apps.track.pipeline import track
 
     out = tmp_path_factory.mktemp("animate_track") / "017"
     cfg = track_cfg(sequence_root, fit_model, out, **{"export.turntable": False, "export.views": False,
@@ -252,12 +252,12 @@ def test_driven_renders_match_unseen_frames(rig, sequence_root, tracked_017):  #
     """Training identities and a track.py-fitted held-out identity, driven by the tracking of the unseen non-neutral
     frames 1..N-1 of their synthetic sequences: PSNR against those frames' face-masked photos on all 16 cameras is
     within 1 dB of the same identity's neutral-frame novel-view PSNR (training identities: the 4 held-out cameras;
-    the fitted one: the 15 cameras it did not see).  One crop size for all frames (utils/animation.py
+    the fitted one: the 15 cameras it did not see).  One crop size for all frames (utils/apps/animate/pipeline.py
     sequence_views).  Control: the undriven neutral head against the same frames is clearly worse, so the
     comparison sees the driving."""
-    from models.animation import retarget
-    from utils.animation import evaluate_sequence, posable, sequence_views
-    from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+    from models.posing import retarget
+    from utils.apps.animate.pipeline import evaluate_sequence, posable, sequence_views
+    from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 
     model, animator = rig
     report = []
@@ -334,9 +334,9 @@ def test_cli_sequence_interpolation_side_by_side_and_evaluate(fit_model, sequenc
 
 
 def test_cli_errors_and_help(fit_model, tmp_path, capsys):  # noqa: F811
-    """Bad input ends in one line naming what is wrong and exit status 2 (utils/errors.py); every flag in --help."""
+    """Bad input ends in one line naming what is wrong and exit status 2 (utils/core/errors.py); every flag in --help."""
     import animate
-    from utils.animation import AnimationConfig
+    from utils.apps.animate.pipeline import AnimationConfig
 
     base = ["--checkpoint", str(fit_model), "--out", str(tmp_path / "x"), *SMALL]
     for extra, msg in ((["--identity", "999"], "neither a training identity"),
@@ -405,7 +405,7 @@ def test_frames_stream_to_the_video_writer(fit_model, tmp_path, monkeypatch):  #
     written to the encoder before the next one is rendered, and a failure mid-way leaves no animation.mp4 and no
     temporary behind."""
     import animate
-    import utils.animation as ua
+    import utils.apps.animate.pipeline as ua
 
     events: list[str] = []
     real_render, real_write = ua._render, ua.VideoStream.write

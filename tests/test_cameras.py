@@ -1,4 +1,4 @@
-"""Tests of utils/cameras.py: projection, derived cameras, look_at conventions, camera_params.json I/O."""
+"""Tests of models/camera.py: projection, derived cameras, look_at conventions, camera_params.json I/O."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.cameras import Camera, NERSEMBLE_CALIB_SIZE, load_camera_params, stack_cameras, write_camera_params
+from models.camera import Camera, NERSEMBLE_CALIB_SIZE, load_camera_params, stack_cameras, write_camera_params
 
 
 def _w2c(angle_deg=20.0, t=(0.1, -0.05, 1.5)) -> torch.Tensor:
@@ -221,8 +221,8 @@ def test_unsafe_serial_in_camera_json_is_refused(tmp_path, bad):
 @pytest.mark.parametrize("bad", HOSTILE_SERIALS + ["link"], ids=repr)
 def test_export_views_stay_inside_views(tmp_path, bad):
     """views/cam_<serial>.png for a serial that would leave views/, or a planted link: refused, nothing written."""
-    from utils.exports import export_views
-    from utils.io import UnsafeNameError
+    from utils.apps.track.export import export_views
+    from utils.core.io import UnsafeNameError
 
     out = tmp_path / "out"
     (out / "views").mkdir(parents=True)

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from utils.config import add_config_args, build_config, from_dict, to_dict
+from utils.core.config import add_config_args, build_config, from_dict, to_dict
 
 
 @dataclass
@@ -67,7 +67,7 @@ def test_dict_round_trip():
 def test_check_ranges_every_numeric_leaf_and_class_ranges():
     import math
 
-    from utils.config import Range, check_ranges
+    from utils.core.config import Range, check_ranges
 
     @dataclass
     class Sub:

@@ -36,7 +36,7 @@ def _train(root: Path, out: Path, nproc: int, *extra: str) -> dict:
 
 def test_two_gloo_ranks_match_one_process(preprocessed_root, tmp_path):
     from tests.training_fixtures import tiny_config
-    from utils.training import Trainer
+    from utils.apps.train.trainer import Trainer
 
     initial = Trainer(tiny_config(preprocessed_root, tmp_path / "init", device="cpu")).field.state_dict()
     single = _train(preprocessed_root, tmp_path / "single", 1)["state_dict"]

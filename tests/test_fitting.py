@@ -1,4 +1,4 @@
-"""Single-image fitting (utils/fitting.py, track.py) on the tiny synthetic dataset.
+"""Single-image fitting (utils/apps/track/fit.py, track.py) on the tiny synthetic dataset.
 
 The 20-step session model is too blurry for the fit to matter, so this module trains its own small model (the tiny
 preset with a wider network, ~120 steps, about 10-20 s on 2 cores) and fits the held-out identity "017" from its
@@ -48,8 +48,8 @@ def subject_paths(root: Path, sid: str = "017") -> dict[str, Path]:
 
 
 def track_cfg(root: Path, checkpoint: Path, out: Path, **over):
-    from utils.config import build_config
-    from utils.tracking import TrackConfig
+    from utils.core.config import build_config
+    from utils.apps.track.pipeline import TrackConfig
 
     base = {"checkpoint": str(checkpoint), "subject_dir": str(subject_paths(root)["subject"]), "out": str(out),
             "progress": False, "fit.iterations": FIT_ITERATIONS, "export.turntable_frames": 6,
@@ -65,7 +65,7 @@ def get_fit_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.getbasetemp() / "shared_fit_model"
     if not (out / "model.pt").is_file():
         from tests.training_fixtures import get_preprocessed_root
-        from utils.training import Trainer
+        from utils.apps.train.trainer import Trainer
 
         with single_thread():
             Trainer(tiny_config(get_preprocessed_root(tmp_path_factory), out, steps=FIT_MODEL_STEPS,
@@ -81,7 +81,7 @@ def fit_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fitted(preprocessed_root, fit_model, tmp_path_factory):  # noqa: F811
     """One full track() run on the held-out identity: (output folder, metrics)."""
-    from utils.tracking import track
+    from utils.apps.track.pipeline import track
 
     out = tmp_path_factory.mktemp("track") / "017"
     with single_thread():
@@ -119,8 +119,8 @@ def test_fit_beats_mean_code_on_unseen_views(fitted):
 
 def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):
     from models.gaussians import SH_C0, GaussianCloud
-    from utils.codes import colour_offsets, load_code
-    from utils.model_io import load_model
+    from utils.data.code_file import colour_offsets, load_code
+    from utils.data.model_file import load_model
 
     out, m = fitted
     model = load_model(fit_model)
@@ -140,9 +140,9 @@ def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):
 
 def test_colour_residual_reproduces_metrics_after_reload(fitted, fit_model, preprocessed_root):  # noqa: F811
     from utils.evaluation import evaluate_views
-    from utils.codes import load_code
-    from utils.targets import load_subject_target
-    from utils.model_io import load_model
+    from utils.data.code_file import load_code
+    from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
 
     out, m = fitted
     model = load_model(fit_model)
@@ -164,9 +164,9 @@ def test_eye_term_of_the_fit(preprocessed_root, fit_model, tmp_path):
     at full weight it fitted noise: measured unseen eye PSNR 28.15 dB without the term, 27.90 scaled (4,000 px),
     24.77 at full weight; a term at full weight lowers the unseen eyes, the scaled one does not (within 0.4 dB)."""
     from utils.evaluation import evaluate_views
-    from utils.fitting import fit_identity, fit_view_eyes, photometric, scaled_eye_weight
-    from utils.model_io import load_model
-    from utils.targets import load_subject_target
+    from utils.apps.track.fit import fit_identity, fit_view_eyes, photometric, scaled_eye_weight
+    from utils.data.model_file import load_model
+    from utils.apps.track.targets import load_subject_target
 
     model = load_model(fit_model)
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path)
@@ -202,9 +202,9 @@ def test_eye_term_of_the_fit(preprocessed_root, fit_model, tmp_path):
 
 
 def test_colour_stage_off_and_regularised(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import fit_colour, fit_identity
-    from utils.targets import load_subject_target
-    from utils.model_io import load_model
+    from utils.apps.track.fit import fit_colour, fit_identity
+    from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
 
     model = load_model(fit_model)
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path, **{"fit.iterations": 5, "fit.min_iterations": 5,
@@ -228,8 +228,8 @@ def test_colour_stage_off_and_regularised(preprocessed_root, fit_model, tmp_path
 
 def test_code_without_colour_still_loads(fit_model, tmp_path):
     """code.pt files written before the colour stage (version 1, no "colour" entry) load with colour None."""
-    from utils.codes import FittedCode, load_code, save_code
-    from utils.model_io import load_model
+    from utils.data.code_file import FittedCode, load_code, save_code
+    from utils.data.model_file import load_model
 
     model = load_model(fit_model)
     w = model.field.mapping.w_avg.clone()
@@ -261,7 +261,7 @@ def test_metrics_json_fields(fitted):
     assert doc["start"] in ("mean_code", "w_avg", "mean_w")
     if doc["lpips_all"] is None:
         assert "lpips_note" in doc
-    # the eye regions (utils/regions.py) beside the face-mask figures; the eyes are harder than the face on average
+    # the eye regions (utils/face/regions.py) beside the face-mask figures; the eyes are harder than the face on average
     for key in ("psnr_eyes_all", "psnr_eyes_unseen", "ssim_eyes_all", "ssim_eyes_unseen",
                 "psnr_eyes_unseen_mean_code", "psnr_eyes_unseen_code_only"):
         assert isinstance(doc[key], float), key
@@ -273,7 +273,7 @@ def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):
     from plyfile import PlyData
 
     from models.gaussians import GaussianCloud
-    from utils.model_io import load_model
+    from utils.data.model_file import load_model
 
     out, _ = fitted
     props = [p.name for p in PlyData.read(str(out / "head.ply"))["vertex"].properties]
@@ -288,9 +288,9 @@ def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):
 def test_views_turntable_and_code(fitted, fit_model):
     import cv2
 
-    from utils.codes import load_code
-    from utils.model_io import load_model
-    from utils.nersemble import SERIALS
+    from utils.data.code_file import load_code
+    from utils.data.model_file import load_model
+    from utils.data.nersemble import SERIALS
 
     out, _ = fitted
     for s in SERIALS:
@@ -310,9 +310,9 @@ def test_views_turntable_and_code(fitted, fit_model):
 
 
 def test_refine_geometry_moves_vertices_a_little(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.fitting import fit_identity
-    from utils.targets import load_subject_target
-    from utils.model_io import load_model
+    from utils.apps.track.fit import fit_identity
+    from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
 
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path, **{"fit.refine_geometry": True, "fit.iterations": 10,
                                                                "fit.min_iterations": 10})
@@ -345,9 +345,9 @@ def test_cli_own_photo_with_projected_mask(preprocessed_root, fit_model, tmp_pat
     assert not (out / "turntable.mp4").exists() and (out / "code.pt").is_file()
 
     # the projected mask is the one preprocessing made (same functions)
-    from utils.targets import projected_face_mask, flame_vertices
-    from utils.model_io import load_model
-    from utils.nersemble import NersembleSubject
+    from utils.apps.track.targets import projected_face_mask, flame_vertices
+    from utils.data.model_file import load_model
+    from utils.data.nersemble import NersembleSubject
 
     model = load_model(fit_model)
     verts, _, flame = flame_vertices(model, preprocessed_root / "flame", p["tracking"])
@@ -387,7 +387,7 @@ def test_help_documents_every_flag(capsys):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_image_path(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.tracking import track
+    from utils.apps.track.pipeline import track
 
     p = subject_paths(preprocessed_root)
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path, subject_dir="", image=str(tmp_path / "nope.jpg"),
@@ -402,7 +402,7 @@ def test_bad_image_path(preprocessed_root, fit_model, tmp_path):  # noqa: F811
 
 
 def test_camera_missing_from_json(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.tracking import track
+    from utils.apps.track.pipeline import track
 
     p = subject_paths(preprocessed_root)
     photo = p["frame"] / "images-2x" / f"cam_{FRONTAL}.jpg"
@@ -416,8 +416,8 @@ def test_camera_missing_from_json(preprocessed_root, fit_model, tmp_path):  # no
 
 
 def test_wrong_checkpoint_files(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.tracking import track
-    from utils.model_io import load_model
+    from utils.apps.track.pipeline import track
+    from utils.data.model_file import load_model
 
     # a training checkpoint is not a model.pt
     ckpt = sorted((fit_model.parent / "checkpoints").glob("ckpt_*.pt"))[-1]
@@ -435,7 +435,7 @@ def test_wrong_checkpoint_files(preprocessed_root, fit_model, tmp_path):  # noqa
 
 def write_foreign_code(path: Path, model) -> Path:
     """A code.pt as a model with code_dim 16 (another config) would write it."""
-    from utils.codes import FittedCode, save_code
+    from utils.data.code_file import FittedCode, save_code
 
     f = model.field
     save_code(path, FittedCode(w=torch.zeros(f.cfg.style_dim), z=torch.zeros(16),
@@ -448,7 +448,7 @@ def write_foreign_code(path: Path, model) -> Path:
 
 
 def test_flame_files_must_match_the_model(preprocessed_root, fit_model, tmp_path):  # noqa: F811
-    from utils.tracking import track
+    from utils.apps.track.pipeline import track
 
     # a FLAME folder whose template differs from the training one
     flame = tmp_path / "flame"
@@ -481,8 +481,8 @@ def test_out_is_claimed_before_the_fit(preprocessed_root, fit_model, fitted, tmp
     import subprocess
     import sys
 
-    import utils.tracking as T
-    from utils.io import FolderInUseError
+    import utils.apps.track.pipeline as T
+    from utils.core.io import FolderInUseError
 
     def no_fit(*a, **k):
         raise AssertionError("the fit ran although --out could not be written")
@@ -501,7 +501,7 @@ def test_out_is_claimed_before_the_fit(preprocessed_root, fit_model, fitted, tmp
     else:
         repo = Path(__file__).resolve().parents[1]
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                   "from utils.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
+                                   "from utils.core.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
                                    "print('held', flush=True); time.sleep(60)", str(repo), str(out)],
                                   stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "held"
@@ -523,7 +523,7 @@ def test_out_is_claimed_before_the_fit(preprocessed_root, fit_model, fitted, tmp
 
 def test_interrupted_fit_is_unfinished_and_overwrite_replaces_only_its_files(preprocessed_root, fit_model, tmp_path,
                                                                              monkeypatch):  # noqa: F811
-    import utils.tracking as T
+    import utils.apps.track.pipeline as T
 
     out = tmp_path / "o"
     (out / "frames").mkdir(parents=True)
@@ -551,9 +551,9 @@ def test_interrupted_fit_is_unfinished_and_overwrite_replaces_only_its_files(pre
 def test_colour_boundary_rings(preprocessed_root, fit_model, tmp_path):  # noqa: F811
     """fit.colour_boundary_rings holds the colour residual at zero on the face mask's open boundary (and rings inside
     it): the Gaussians there straddle the silhouette, and colour on them spills onto the black background."""
-    from utils.fitting import boundary_rings, fit_colour, fit_identity
-    from utils.model_io import load_model
-    from utils.targets import load_subject_target
+    from utils.apps.track.fit import boundary_rings, fit_colour, fit_identity
+    from utils.data.model_file import load_model
+    from utils.apps.track.targets import load_subject_target
 
     # a 3x3 grid of vertices (8 triangles): the 8 outer vertices are the boundary, the centre is one ring inside
     faces = np.array([[0, 1, 4], [0, 4, 3], [1, 2, 5], [1, 5, 4], [3, 4, 7], [3, 7, 6], [4, 5, 8], [4, 8, 7]])

@@ -1,4 +1,4 @@
-"""Tests of models/flame.py on the synthetic FLAME-format model (utils/synthetic_flame.py)."""
+"""Tests of models/flame.py on the synthetic FLAME-format model (utils/data/synthetic_flame.py)."""
 from __future__ import annotations
 
 import pickle
@@ -12,7 +12,7 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from models import flame as F
-from utils import synthetic_flame as S
+from utils.data import synthetic_flame as S
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""FLAME + camera from 2D landmarks (utils/flame_fit.py) against known truth: the held-out synthetic identity of the
+"""FLAME + camera from 2D landmarks (utils/face/flame_fit.py) against known truth: the held-out synthetic identity of the
 test dataset seen by cameras the fitter is not told about."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def flame_and_truth(synthetic_root):  # noqa: F811
 def test_landmark_flame_matches_full_flame(flame_and_truth):
     from dataclasses import replace
 
-    from utils.flame_fit import LandmarkFlame
+    from utils.face.flame_fit import LandmarkFlame
 
     flame, _, truth = flame_and_truth
     g = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def _case(flame, truth, yaw, pitch, focal_factor, rng, size=SIZE, noise=1.0):
     its 68 landmarks and 2 pupils projected with ``noise`` px of Gaussian noise (and without: the last value)."""
     from dataclasses import replace
 
-    from utils.flame_fit import FlameFitConfig, LandmarkFlame, default_focal, make_camera, project
+    from utils.face.flame_fit import FlameFitConfig, LandmarkFlame, default_focal, make_camera, project
 
     p = replace(truth, rotation_matrix=_rotation(yaw, pitch)[None], translation=torch.tensor([[0.01, -0.09, -0.9]]),
                 scale=torch.ones(1, 1))
@@ -72,7 +72,7 @@ def test_contour_rows_follow_the_head_yaw(flame_and_truth):
     18.0 at +25; the synthetic contour is a curve on the face front, not the true silhouette)."""
     import cv2
 
-    from utils.flame_fit import LandmarkFlame
+    from utils.face.flame_fit import LandmarkFlame
 
     flame, _, truth = flame_and_truth
     lf = LandmarkFlame(flame)
@@ -105,8 +105,8 @@ def test_contour_rows_follow_the_head_yaw(flame_and_truth):
 def test_fit_recovers_face_mask_from_unknown_cameras(flame_and_truth):
     """The issue's bar: face-mask vertices within 3 mm (mean) of the truth after a similarity alignment, cameras
     within yaw +-30 deg, pitch +-15 deg, focal length +-20 % of the default, landmarks with 1 px noise (512 px)."""
-    from utils.flame_fit import LandmarkTargets, fit_flame_to_landmarks
-    from utils.geometry import similarity_fit
+    from utils.face.flame_fit import LandmarkTargets, fit_flame_to_landmarks
+    from models.geometry import similarity_fit
 
     flame, mask, truth = flame_and_truth
     rng = np.random.default_rng(0)
@@ -138,7 +138,7 @@ def test_video_frames_share_one_shape(flame_and_truth):
     """T frames of one person, shape given: per-frame jaw opening and head turn follow the truth."""
     from dataclasses import replace
 
-    from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+    from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 
     flame, _, truth = flame_and_truth
     rng = np.random.default_rng(1)
@@ -166,8 +166,8 @@ def test_video_frames_share_one_shape(flame_and_truth):
 def test_outputs_are_nersemble_files(flame_and_truth, tmp_path):
     """flame_fit.npz and camera_params.json written from a fit load back through the project's own readers."""
     from models.flame import load_tracking, save_nersemble_tracking
-    from utils.cameras import load_camera_params, write_camera_params
-    from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+    from models.camera import load_camera_params, write_camera_params
+    from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 
     flame, _, truth = flame_and_truth
     _, _, uv, _, _ = _case(flame, truth, 5, 0, 1.0, np.random.default_rng(2), size=(320, 240))
@@ -179,7 +179,7 @@ def test_outputs_are_nersemble_files(flame_and_truth, tmp_path):
     cam = load_camera_params(tmp_path / "camera_params.json", image_size=(320, 240))["222200037"]
     assert (cam.width, cam.height) == (320, 240) and cam.cx == 160 and cam.cy == 120
     # the fitted landmarks are where the fitted FLAME projects through the written camera
-    from utils.flame_fit import flame_landmarks_2d
+    from utils.face.flame_fit import flame_landmarks_2d
 
     again = flame_landmarks_2d(flame, back, cam)
     assert torch.allclose(again[:, 17:], res.landmarks[:, 17:], atol=1e-2)
@@ -215,11 +215,11 @@ def _correlations(params, truths) -> dict[str, float]:
 def test_frame_tracker_matches_the_batch_fit_and_only_looks_back(flame_and_truth):
     """FrameTracker (streaming): calibrated on the first 6 frames, then one frame at a time, warm-started from the
     previous frame with a backward-only temporal prior.  Its jaw / smile / brows / head-turn correlations with the
-    truth are within 0.02 of the batch fit's (utils/reenactment.py fit_video_motion, which smooths both ways), and a
+    truth are within 0.02 of the batch fit's (utils/face/reenactment.py fit_video_motion, which smooths both ways), and a
     frame's result does not depend on later frames (changing frames 10.. leaves frames 0..9 bit-identical)."""
     from models.flame import FlameParams
-    from utils.flame_fit import FlameFitConfig, FrameTracker
-    from utils.reenactment import ReenactConfig, fit_video_motion
+    from utils.face.flame_fit import FlameFitConfig, FrameTracker
+    from utils.face.reenactment import ReenactConfig, fit_video_motion
 
     flame, _, truth = flame_and_truth
     T = 16

@@ -1,4 +1,4 @@
-"""Latent-space interpolation (utils/interpolation.py, interpolate.py): maths, frame counts, video, PLYs, errors."""
+"""Latent-space interpolation (utils/apps/interpolate.py, interpolate.py): maths, frame counts, video, PLYs, errors."""
 from __future__ import annotations
 
 import math
@@ -38,8 +38,8 @@ def key_colour(base: torch.Tensor) -> torch.Tensor:
 def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
     """A code.pt as track.py writes it (w-space fit, its own base vertices, a colour residual), without running a
     fit."""
-    from utils.codes import FittedCode, save_code
-    from utils.model_io import load_model
+    from utils.data.code_file import FittedCode, save_code
+    from utils.data.model_file import load_model
 
     model = load_model(fit_model)
     f = model.field
@@ -52,7 +52,7 @@ def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
 
 # ------------------------------------------------------------------------------------------------ maths
 def test_slerp_and_lerp():
-    from utils.interpolation import lerp, slerp
+    from utils.apps.interpolate import lerp, slerp
 
     a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
     assert torch.allclose(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
@@ -64,7 +64,7 @@ def test_slerp_and_lerp():
 
 
 def test_schedule_and_frame_counts():
-    from utils.interpolation import num_frames, schedule
+    from utils.apps.interpolate import num_frames, schedule
 
     assert num_frames(3, 4, loop=False) == 9 and num_frames(3, 4, loop=True) == 12
     plan = schedule(3, 2, loop=True)
@@ -77,9 +77,9 @@ def test_schedule_and_frame_counts():
 
 
 def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
-    from utils.geometry import head_pose
-    from utils.interpolation import GeometryInterpolator, resolve_key
-    from utils.model_io import load_model
+    from models.geometry import head_pose
+    from utils.apps.interpolate import GeometryInterpolator, resolve_key
+    from utils.data.model_file import load_model
 
     model = load_model(fit_model)
     keys = [resolve_key(model, name, torch.device("cpu")) for name in model.identities[:2]]
@@ -93,8 +93,8 @@ def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
 
 
 def test_colour_residuals_interpolate_linearly(fit_model, fitted_code):  # noqa: F811
-    from utils.interpolation import interpolate_colours, resolve_key
-    from utils.model_io import load_model
+    from utils.apps.interpolate import interpolate_colours, resolve_key
+    from utils.data.model_file import load_model
 
     model = load_model(fit_model)
     cpu = torch.device("cpu")
@@ -126,8 +126,8 @@ def test_loop_with_fitted_code_frames_video_and_plys(fit_model, fitted_code, tmp
     assert len(GaussianCloud.load_ply(out / "keyframes" / "key_02_017.ply")) > 0
     # the fitted key's frame carries its colour residual (colours do not depend on the geometry), a training key none
     from models.gaussians import SH_C0
-    from utils.codes import colour_offsets, load_code
-    from utils.model_io import load_model
+    from utils.data.code_file import colour_offsets, load_code
+    from utils.data.model_file import load_model
 
     model = load_model(fit_model)
     code = load_code(fitted_code, model)
@@ -156,7 +156,7 @@ def test_no_loop_linear_z_space_and_still_camera(fit_model, tmp_path):  # noqa: 
 def test_calibrated_camera(fit_model, preprocessed_root, tmp_path):  # noqa: F811
     import cv2
 
-    from utils.interpolation import InterpolationConfig, interpolate
+    from utils.apps.interpolate import InterpolationConfig, interpolate
 
     calib = preprocessed_root / "subjects" / "300" / "calibration" / "camera_params.json"
     cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", "301"], frames=1, camera_json=str(calib),
@@ -172,7 +172,7 @@ def test_calibrated_camera(fit_model, preprocessed_root, tmp_path):  # noqa: F81
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_unknown_identity_and_missing_code(fit_model, tmp_path):  # noqa: F811
-    from utils.interpolation import InterpolationConfig, interpolate
+    from utils.apps.interpolate import InterpolationConfig, interpolate
 
     cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", "nobody"], out=str(tmp_path),
                               progress=False)
@@ -187,8 +187,8 @@ def test_unknown_identity_and_missing_code(fit_model, tmp_path):  # noqa: F811
 
 
 def test_code_from_another_model_config(fit_model, tmp_path):  # noqa: F811
-    from utils.interpolation import InterpolationConfig, interpolate
-    from utils.model_io import load_model
+    from utils.apps.interpolate import InterpolationConfig, interpolate
+    from utils.data.model_file import load_model
 
     path = write_foreign_code(tmp_path / "other" / "code.pt", load_model(fit_model))
     cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", str(path)], out=str(tmp_path / "o"),

@@ -1,4 +1,4 @@
-"""utils/io.py images and videos with file names that are not UTF-8: OpenCV crashed (segfault, exit 139, no message)
+"""utils/core/io.py images and videos with file names that are not UTF-8: OpenCV crashed (segfault, exit 139, no message)
 on such paths; images now go through bytes (imdecode / imencode), video paths and command-line paths are refused
 with one line naming them."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_images_with_non_utf8_names_round_trip(tmp_path):
     code = r'''
 import os, sys, numpy as np
-from utils.io import read_image, save_image, imwrite_file, imread_file
+from utils.core.io import read_image, save_image, imwrite_file, imread_file
 import cv2
 d = os.fsdecode(os.fsencode(sys.argv[1]) + b"/caf\xe9-\xff")
 os.makedirs(d)
@@ -49,7 +49,7 @@ print("ok")
 def test_video_paths_that_are_not_utf8_are_refused(tmp_path):
     code = r'''
 import os, sys, numpy as np
-from utils.io import write_video
+from utils.core.io import write_video
 p = os.fsdecode(os.fsencode(sys.argv[1]) + b"/v\xff.mp4")
 try:
     write_video(p, [np.zeros((8, 8, 3), np.uint8)])
@@ -96,7 +96,7 @@ def test_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, w, h):
 
     import cv2
 
-    from utils.io import MAX_IMAGE_PIXELS, imread_file, read_image
+    from utils.core.io import MAX_IMAGE_PIXELS, imread_file, read_image
 
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_declaring(w, h))
@@ -115,7 +115,7 @@ def test_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, w, h):
 def test_video_stream_writes_frames_as_they_come_and_aborts_cleanly(tmp_path):
     import cv2
 
-    from utils.io import VideoStream, write_video
+    from utils.core.io import VideoStream, write_video
 
     def frames(n):
         for i in range(n):

@@ -1,4 +1,4 @@
-"""Face landmarks (utils/landmarks.py): mediapipe face mesh -> iBUG-68 on the two public-domain portraits that ship in
+"""Face landmarks (utils/face/landmarks.py): mediapipe face mesh -> iBUG-68 on the two public-domain portraits that ship in
 packages (scikit-image's astronaut, matplotlib's grace_hopper), the semantics of the derived mapping table, and the
 errors for photos that cannot be fitted."""
 from __future__ import annotations
@@ -8,8 +8,16 @@ import warnings
 import numpy as np
 import pytest
 
-from utils.landmarks import (IBUG68_FROM_MEDIAPIPE, FaceTooSmallError, LandmarkDetector, NoFaceError, draw_landmarks,
-                             load_landmarks_file, mapping_matrix, reprojection_error)
+from utils.face.landmarks import (
+    IBUG68_FROM_MEDIAPIPE,
+    FaceTooSmallError,
+    LandmarkDetector,
+    NoFaceError,
+    draw_landmarks,
+    load_landmarks_file,
+    mapping_matrix,
+    reprojection_error,
+)
 
 # iBUG-68 mirror pairs by the annotation's definition (contour 0..16 reversed, brows 17..21 <-> 26..22, nostrils,
 # eye corners and lids, lip corners and lids); self-mirrored points map to themselves

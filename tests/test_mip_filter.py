@@ -10,7 +10,7 @@ from models import renderer as R
 from models.gaussians import GaussianCloud, quat_to_rotmat, random_cloud
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import apply_3d_filter, filter_variance, sampling_rate, set_render_filter
-from utils.cameras import Camera, stack_cameras
+from models.camera import Camera, stack_cameras
 
 F64 = torch.float64
 
@@ -145,8 +145,8 @@ from tests.training_fixtures import preprocessed_root, trained_model_dir  # noqa
 
 
 def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(trained_model_dir, tmp_path, capsys):
-    from utils.io import safe_torch_load
-    from utils.model_io import FORMAT_VERSION, load_model
+    from utils.core.io import safe_torch_load
+    from utils.data.model_file import FORMAT_VERSION, load_model
 
     path = trained_model_dir / "model.pt"
     doc = safe_torch_load(path, "model file")

@@ -1,4 +1,4 @@
-"""NeRSemble subject reader (utils/nersemble.py) on the synthetic dataset and on hand-made preprocessing outputs."""
+"""NeRSemble subject reader (utils/data/nersemble.py) on the synthetic dataset and on hand-made preprocessing outputs."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,7 @@ import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
 from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
-from utils.nersemble import (
+from utils.data.nersemble import (
     DEFAULT_SEQUENCE,
     FRONTAL_SERIAL,
     HELDOUT_IDENTITIES,
@@ -22,7 +22,7 @@ from utils.nersemble import (
     read_ply_mesh,
     timestep_name,
 )
-from utils.synthetic import image_size_for
+from utils.data.synthetic import image_size_for
 
 H = 64
 W = image_size_for(H)[0]
@@ -194,7 +194,7 @@ def test_preprocessing_outputs_are_read(subject_copy):
 
 def test_any_frame_of_a_sequence(sequence_root, tmp_path):  # noqa: F811
     from tests.training_fixtures import SEQUENCE_FRAMES
-    from utils.nersemble import tracking_frame_ids, tracking_row
+    from utils.data.nersemble import tracking_frame_ids, tracking_row
 
     s = NersembleSubject(sequence_root / "subjects", "300", frame=2)
     assert s.frames() == list(range(SEQUENCE_FRAMES)) and s.sequences() == [DEFAULT_SEQUENCE]

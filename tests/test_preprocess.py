@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
-from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECT = "300"
@@ -24,7 +24,7 @@ SUBJECT = "300"
 @pytest.fixture(scope="session")
 def syn(tmp_path_factory) -> Path:
     """A synthetic dataset: <syn>/flame, <syn>/subjects/{300,301}."""
-    from utils.synthetic import make_synthetic_dataset
+    from utils.data.synthetic import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("syn_preprocess")
     make_synthetic_dataset(out / "data", num_identities=2, num_heldout=0, image_size=64, progress=False)
@@ -183,7 +183,7 @@ def test_flame2ply_missing_tracking(syn, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- projection_ply
 def test_projection_outputs_and_coverage(prepared, syn):
-    from utils.synthetic import load_ground_truth, render_ground_truth
+    from utils.data.synthetic import load_ground_truth, render_ground_truth
 
     data_root, _, res = prepared
     s = NersembleSubject(data_root, SUBJECT)
@@ -214,7 +214,7 @@ def test_projection_outputs_and_coverage(prepared, syn):
 
 def test_projection_occlusion_head_vs_face(prepared):
     """The face mask is inside the head silhouette; from the back camera-like side views the head hides it."""
-    from utils.mesh_raster import render_mask
+    from models.mesh_raster import render_mask
     from utils.preprocess.projection_ply import load_meshes
 
     data_root, _, _ = prepared
@@ -230,7 +230,7 @@ def test_projection_occlusion_head_vs_face(prepared):
     center = torch.as_tensor(hv).mean(0)
     front = cam.center - center
     back_eye = (center - front).tolist()
-    from utils.cameras import Camera
+    from models.camera import Camera
 
     back = Camera(cam.K, _look_at_w2c(back_eye, center.tolist()), cam.width, cam.height)
     assert render_mask(hv, hf, back).any()  # the head is in view
@@ -409,7 +409,7 @@ def test_insta2nersemble(tmp_path):
 @pytest.mark.parametrize("case", ["file_path_up", "file_path_abs", "exp_path_up", "subject_id", "sequence"])
 def test_insta2nersemble_refuses_paths_leaving_their_folder(tmp_path, case):
     """Issue 26 class 2: names read from INSTA's transforms (file_path, exp_path) or given as ids stay inside."""
-    from utils.io import UnsafeNameError
+    from utils.core.io import UnsafeNameError
     from utils.preprocess import insta2nersemble as i2n
 
     fake = make_fake_insta(tmp_path / "insta")

@@ -1,4 +1,4 @@
-"""Video reenactment (utils/reenactment.py, animate.py --motion video.mp4) on a rendered synthetic video: a synthetic
+"""Video reenactment (utils/face/reenactment.py, animate.py --motion video.mp4) on a rendered synthetic video: a synthetic
 head driven by a known smooth FLAME motion (jaw opening, smile, brows raise, head turn), rendered to an MP4, and the
 motion recovered from it (landmarks -> FLAME with the shape held fixed) compared with the truth over the frames."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def true_motion(base):
 
 
 def camera():
-    from utils.cameras import Camera
+    from models.camera import Camera
 
     return Camera.look_at((0.0, 0.03, 0.55), (0.0, 0.03, 0.0), (0, 1, 0), SIZE, SIZE, fov_y_deg=30, name="video")
 
@@ -48,8 +48,8 @@ def camera():
 @pytest.fixture(scope="module")
 def driving_video(sequence_root, tmp_path_factory):  # noqa: F811
     """(MP4 path, true FlameParams): the ground-truth head of subject 301 driven by :func:`true_motion`."""
-    from utils.io import to_uint8, write_video
-    from utils.synthetic import load_ground_truth, render_ground_truth
+    from utils.core.io import to_uint8, write_video
+    from utils.data.synthetic import load_ground_truth, render_ground_truth
 
     _, identity = load_ground_truth(sequence_root, "301")
     truth = true_motion(identity.params)
@@ -108,8 +108,8 @@ def test_reenactment_fit_recovers_jaw_and_expressions_from_exact_landmarks(drivi
     brows raise (expression coefficients 1 and 2; 0 is the synthetic FLAME's mouth opening, which the jaw drives here)
     and the head turn with r >= 0.9 over the frames."""
     from models.flame import FlameModel
-    from utils.flame_fit import FlameFitConfig, flame_landmarks_2d
-    from utils.reenactment import ReenactConfig, fit_video_motion
+    from utils.face.flame_fit import FlameFitConfig, flame_landmarks_2d
+    from utils.face.reenactment import ReenactConfig, fit_video_motion
 
     _, truth = driving_video
     flame = FlameModel.from_data_dir(sequence_root / "flame")

@@ -1,4 +1,4 @@
-"""Eye regions (utils/regions.py): landmark embedding on the face mask, masks per view, metrics inside them."""
+"""Eye regions (utils/face/regions.py): landmark embedding on the face mask, masks per view, metrics inside them."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
 from utils.losses import masked_ssim, psnr, ssim
-from utils.regions import (
+from utils.face.regions import (
     EYE_ROWS,
     _polygon_region,
     embedding_for_flame,
@@ -22,7 +22,7 @@ from utils.regions import (
 def face(synthetic_root):
     """FLAME model, mask ids, the embedding and identity 300's posed FLAME vertices and cameras."""
     from models.flame import FlameModel, face_mask_topology
-    from utils.nersemble import NersembleSubject
+    from utils.data.nersemble import NersembleSubject
 
     flame = FlameModel.from_data_dir(synthetic_root / "flame")
     mask_ids, _ = face_mask_topology(flame, synthetic_root / "flame")
@@ -66,9 +66,9 @@ def test_polygon_region():
 
 
 def test_eye_masks_cover_the_eyes_and_skip_hidden_ones(face, synthetic_root):
-    from utils.mesh_raster import render_mask
-    from utils.nersemble import FRONTAL_SERIAL
-    from utils.synthetic_flame import make_flame_model
+    from models.mesh_raster import render_mask
+    from utils.data.nersemble import FRONTAL_SERIAL
+    from utils.data.synthetic_flame import make_flame_model
 
     flame, mask_ids, emb, verts, cams = face
     lm = emb(verts[torch.as_tensor(mask_ids)])

@@ -12,7 +12,7 @@ import torch
 
 from models.gaussians import GaussianCloud, random_cloud, rgb_to_sh0
 from models.renderer import available_backends, render, render_batch
-from utils.cameras import Camera
+from models.camera import Camera
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64
@@ -314,7 +314,7 @@ def test_memory_bound_fwd_bwd_in_child_process():
         torch.set_num_threads(2)
         from models.gaussians import random_cloud
         from models.renderer import render
-        from utils.cameras import Camera
+        from models.camera import Camera
         c = random_cloud(6000, generator=torch.Generator().manual_seed(0))
         for t in (c.means, c.quats, c.scales, c.opacities, c.sh):
             t.requires_grad_(True)

@@ -20,8 +20,8 @@ import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
 from tests.training_fixtures import preprocessed_root, tiny_config, trained_model_dir  # noqa: F401
-from utils import io as uio
-from utils.io import FolderInUseError, OutputClaim, UnsafeNameError
+from utils.core import io as uio
+from utils.core.io import FolderInUseError, OutputClaim, UnsafeNameError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def _with_payload(doc: dict, marker: Path, path: Path) -> Path:
 
 
 def test_model_pt_payload_is_refused(trained_model_dir, tmp_path):
-    from utils.model_io import load_model
+    from utils.data.model_file import load_model
 
     marker = tmp_path / "ran"
     doc = torch.load(trained_model_dir / "model.pt", weights_only=True)  # what we write is weights-only readable
@@ -106,7 +106,7 @@ def test_model_pt_payload_is_refused(trained_model_dir, tmp_path):
 
 
 def test_code_pt_payload_is_refused(tmp_path):
-    from utils.codes import CODE_FORMAT, load_code
+    from utils.data.code_file import CODE_FORMAT, load_code
 
     marker = tmp_path / "ran"
     doc = {"format": CODE_FORMAT, "version": 2, "name": "x", "w": torch.zeros(4), "z": None,
@@ -118,7 +118,7 @@ def test_code_pt_payload_is_refused(tmp_path):
 
 
 def test_checkpoint_payload_is_refused(trained_model_dir, preprocessed_root, tmp_path):
-    from utils.training import Trainer
+    from utils.apps.train.trainer import Trainer
 
     out = tmp_path / "run"
     shutil.copytree(trained_model_dir / "checkpoints", out / "checkpoints")
@@ -133,7 +133,7 @@ def test_checkpoint_payload_is_refused(trained_model_dir, preprocessed_root, tmp
 
 
 def test_model_fingerprint(trained_model_dir, tmp_path):
-    from utils.model_io import load_model, weights_fingerprint
+    from utils.data.model_file import load_model, weights_fingerprint
 
     doc = torch.load(trained_model_dir / "model.pt", weights_only=True)
     assert doc["fingerprint"] == weights_fingerprint(doc["state_dict"]) == load_model(
@@ -154,8 +154,8 @@ def test_model_fingerprint(trained_model_dir, tmp_path):
 
 def test_code_pt_names_the_model_it_was_fitted_with(trained_model_dir, tmp_path):
     """A code.pt fitted with another model of the same config is refused, naming both files."""
-    from utils.codes import FittedCode, load_code, save_code
-    from utils.model_io import load_model, weights_fingerprint
+    from utils.data.code_file import FittedCode, load_code, save_code
+    from utils.data.model_file import load_model, weights_fingerprint
 
     model_a = load_model(trained_model_dir / "model.pt")
     doc = torch.load(trained_model_dir / "model.pt", weights_only=True)
@@ -229,7 +229,7 @@ def test_disk_full_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
         uio.atomic_torch_save({"x": torch.zeros(10000)}, target)
     assert ei.value.errno == errno.ENOSPC
     assert [p.name for p in target.parent.iterdir()] == [target.name] and target.read_bytes() == before
-    from utils.errors import error_line
+    from utils.core.errors import error_line
 
     assert error_line(ei.value).startswith("no space left on the device of")  # one line, no "[Errno 28]"
 
@@ -244,7 +244,7 @@ def _train_cli(root: Path, out: Path, *extra: str, timeout: int = 300) -> subpro
 def test_second_run_into_a_locked_folder_is_refused(preprocessed_root, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from utils.io import FolderLock; "
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from utils.core.io import FolderLock; "
          f"FolderLock({str(out)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -263,7 +263,7 @@ def test_second_run_into_a_locked_folder_is_refused(preprocessed_root, tmp_path)
 
 
 def test_fresh_run_refuses_a_finished_run_and_overwrite_replaces_it(trained_model_dir, preprocessed_root, tmp_path):
-    from utils.training import Trainer
+    from utils.apps.train.trainer import Trainer
 
     out = tmp_path / "run"
     shutil.copytree(trained_model_dir, out)
@@ -281,7 +281,7 @@ def test_fresh_run_refuses_a_finished_run_and_overwrite_replaces_it(trained_mode
 
 
 def test_pruning_keeps_this_runs_newest_steps(preprocessed_root, tmp_path):
-    from utils.training import Trainer
+    from utils.apps.train.trainer import Trainer
 
     tr = Trainer(tiny_config(preprocessed_root, tmp_path / "run", keep_checkpoints=2))
     tr.ckpt_dir.mkdir(parents=True)
@@ -297,7 +297,7 @@ def test_pruning_keeps_this_runs_newest_steps(preprocessed_root, tmp_path):
 
 
 def test_resume_falls_back_past_a_truncated_checkpoint_bit_for_bit(preprocessed_root, tmp_path, capsys):
-    from utils.training import Trainer
+    from utils.apps.train.trainer import Trainer
 
     out = tmp_path / "run"
     ref = Trainer(tiny_config(preprocessed_root, out, steps=4, ckpt_every=2, eval_every=4))
@@ -347,14 +347,14 @@ def test_bad_config_values_fail_up_front(tmp_path, capsys, argv, flag):
 
 @pytest.fixture
 def subject(synthetic_root, tmp_path):
-    from utils.nersemble import NersembleSubject
+    from utils.data.nersemble import NersembleSubject
 
     shutil.copytree(synthetic_root / "subjects" / "300", tmp_path / "300")
     return NersembleSubject(tmp_path, "300")
 
 
 def test_damaged_images_are_named(subject):
-    from utils.nersemble import FRONTAL_SERIAL
+    from utils.data.nersemble import FRONTAL_SERIAL
 
     path = subject.image_path(FRONTAL_SERIAL)
     good = path.read_bytes()
@@ -374,7 +374,7 @@ def test_damaged_images_are_named(subject):
 
 
 def test_wrong_size_masked_image_is_named(subject):
-    from utils.nersemble import FRONTAL_SERIAL
+    from utils.data.nersemble import FRONTAL_SERIAL
 
     w, h = subject.image_size(FRONTAL_SERIAL)
     masked = subject.masked_image_path(FRONTAL_SERIAL)
@@ -390,8 +390,8 @@ def test_wrong_size_masked_image_is_named(subject):
 
 
 def test_bad_camera_params_name_file_and_key(subject):
-    from utils.cameras import load_camera_params
-    from utils.nersemble import FRONTAL_SERIAL
+    from models.camera import load_camera_params
+    from utils.data.nersemble import FRONTAL_SERIAL
 
     path = subject.calibration_path
     data = json.loads(path.read_text())
@@ -505,7 +505,7 @@ def test_output_claim_deletes_only_its_own_files(tmp_path, case):
     else:
         if case == "lock_held_by_other_process":
             holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                       "from utils.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
+                                       "from utils.core.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
                                        "print('held', flush=True); time.sleep(60)", str(REPO), str(out)],
                                       stdout=subprocess.PIPE, text=True)
             try:
@@ -598,7 +598,7 @@ def test_resume_removes_orphaned_temporaries(tmp_path):
     folder; other files, and a temporary of this very process, stay."""
     from types import SimpleNamespace
 
-    from utils.training import Trainer
+    from utils.apps.train.trainer import Trainer
 
     out = tmp_path / "run"
     ckpt = out / "checkpoints"

@@ -1,4 +1,4 @@
-"""Live driving (utils/streaming.py, animate.py --motion video.mp4 --stream): the landmark stage's threads keep frames
+"""Live driving (utils/apps/animate/stream.py, animate.py --motion video.mp4 --stream): the landmark stage's threads keep frames
 in order behind bounded queues, and the streamed reenactment of tests/test_reenactment.py's synthetic driving video
 (a synthetic head driven by a known smooth motion, rendered to an MP4) recovers the motion within 0.02 of the batch
 path's correlations, writing every frame in order."""
@@ -21,7 +21,7 @@ def test_landmark_stream_keeps_order_and_bounds_the_frames_in_flight():
     """Three workers with random per-frame delays: frames come out in order with their ids, the reader never runs
     more than the queues hold ahead of the consumer, each worker gets frames n mod 3, and a detector error is raised
     in the consumer."""
-    from utils.streaming import landmark_stream
+    from utils.apps.animate.stream import landmark_stream
 
     N, W, Q = 40, 3, 2
     read = [0]
@@ -74,12 +74,12 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
     smile / brows / head-turn correlations with the true motion are at most 0.02 below the batch path's, the MP4
     holds every frame, and frame n's driving panel is driving frame n (PNG, exact).  One landmark thread: mediapipe's
     video mode tracks from the frame it saw last, so W threads (each seeing every W-th frame) detect differently --
-    measured on this video with 2 threads: smile r 0.708 against 0.799 with one (utils/streaming.py)."""
+    measured on this video with 2 threads: smile r 0.708 against 0.799 with one (utils/apps/animate/stream.py)."""
     import cv2
 
     import animate
     from models.flame import load_tracking
-    from utils.animation import _fit_height
+    from utils.apps.animate.pipeline import _fit_height
 
     path, truth = driving_video
     common = ["--checkpoint", str(fit_model), "--identity", "300", "--motion", str(path), *SMALL,

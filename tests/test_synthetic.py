@@ -10,9 +10,9 @@ import torch
 
 from tests.fixtures import SYNTHETIC_KW, synthetic_root  # noqa: F401  (pytest fixture)
 from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
-from utils.cameras import load_camera_params
-from utils.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS, NersembleSubject, list_subjects
-from utils.synthetic import (
+from models.camera import load_camera_params
+from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS, NersembleSubject, list_subjects
+from utils.data.synthetic import (
     image_size_for,
     load_ground_truth,
     make_rig,
@@ -195,7 +195,7 @@ def test_deterministic_and_incremental(tmp_path, monkeypatch):
     assert (a / "synthetic_info.json").is_file() and not (a / ".synthetic_pending.json").exists()
     assert _tree(a / "subjects") == _tree(b / "subjects")
     # an interrupted run: no synthetic_info.json (scripts test for it); the next run resumes and matches
-    import utils.synthetic as syn
+    import utils.data.synthetic as syn
 
     real_write = syn.write_subject
 
@@ -217,7 +217,7 @@ def test_deterministic_and_incremental(tmp_path, monkeypatch):
     make_synthetic_dataset(a, num_identities=1, **kw)
     assert list_subjects(a / "subjects") == ["300"]
     # another dataset seed gives another identity for the same id
-    from utils.synthetic_flame import make_flame_model
+    from utils.data.synthetic_flame import make_flame_model
 
     model = make_flame_model(0)
     p3, p4 = (sample_identity(model, seed, "300") for seed in (3, 4))
@@ -311,7 +311,7 @@ def _victim(tmp_path: Path) -> Path:
 def test_subject_ids_from_dataset_json_never_reach_rmtree(tmp_path, where, bad):
     """A downloaded syn_data/ whose json names ``../../victim`` as a stale subject: refused with one line naming the
     file, before anything is deleted (it used to reach shutil.rmtree)."""
-    from utils.synthetic import INFO_NAME, PENDING_NAME, _dataset_key, auto_subdivision
+    from utils.data.synthetic import INFO_NAME, PENDING_NAME, _dataset_key, auto_subdivision
 
     victim = _victim(tmp_path)
     out = tmp_path / "a" / "b" / "syn"
@@ -338,7 +338,7 @@ def test_subject_ids_from_dataset_json_never_reach_rmtree(tmp_path, where, bad):
 @pytest.mark.parametrize("key", ["heldout_ids", "training_ids", "subjects"])
 @pytest.mark.parametrize("bad", ["../../victim", "/etc", ".."])
 def test_read_info_refuses_unsafe_ids(tmp_path, key, bad):
-    from utils.tracking import heldout_subjects
+    from utils.apps.track.pipeline import heldout_subjects
 
     (tmp_path / "subjects").mkdir()
     doc = {"subjects": ["300"], "training_ids": ["300"], "heldout_ids": ["300"]}
@@ -350,7 +350,7 @@ def test_read_info_refuses_unsafe_ids(tmp_path, key, bad):
 
 def test_stale_subject_that_is_a_link_out_is_refused(tmp_path):
     """A safe-looking stale id whose folder is a symlink to elsewhere: refused, the target survives."""
-    from utils.synthetic import PENDING_NAME, _dataset_key, auto_subdivision
+    from utils.data.synthetic import PENDING_NAME, _dataset_key, auto_subdivision
 
     victim = _victim(tmp_path)
     out = tmp_path / "syn"
@@ -367,7 +367,7 @@ def test_stale_subject_that_is_a_link_out_is_refused(tmp_path):
 @pytest.mark.parametrize("field,bad", [("subject_id", "../301"), ("subject_id", "/tmp"), ("sequence", "../../x"),
                                        ("sequence", ".."), ("serial", "../../../../evil"), ("serial", "/x")])
 def test_subject_paths_refuse_unsafe_names(synthetic_root, field, bad):
-    from utils.io import UnsafeNameError
+    from utils.core.io import UnsafeNameError
 
     root = synthetic_root / "subjects"
     with pytest.raises(UnsafeNameError):
@@ -391,7 +391,7 @@ def test_head_turn_sequence(synthetic_root, tmp_path):  # noqa: F811
     from scipy.spatial.transform import Rotation
 
     from utils.make_synthetic_dataset import main
-    from utils.synthetic import head_turn_angles
+    from utils.data.synthetic import head_turn_angles
 
     n = 8
     out = tmp_path / "turn"

@@ -1,4 +1,4 @@
-"""The synthetic FLAME's eyes and mouth as FLAME shapes them (utils/synthetic_flame.py): almond lid openings a few
+"""The synthetic FLAME's eyes and mouth as FLAME shapes them (utils/data/synthetic_flame.py): almond lid openings a few
 millimetres high, eyeballs set back behind overhanging lids and seen only through the openings, lips that meet at
 rest and part when the jaw opens, landmarks on the lid and lip margins."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models import flame as F
-from utils import synthetic_flame as S
-from utils.cameras import Camera
-from utils.mesh_raster import render_mask
-from utils.regions import _polygon_region
+from utils.data import synthetic_flame as S
+from models.camera import Camera
+from models.mesh_raster import render_mask
+from utils.face.regions import _polygon_region
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.training_fixtures import preprocessed_root, tiny_config, trained_model_dir  # noqa: F401
-from utils.training import Trainer
+from utils.apps.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_eye_weight_adds_an_eye_region_term(preprocessed_root, tmp_path):
     terms = tr.train_step()
     assert float(terms["l1_eyes"]) > 0
     # a dataset without FLAME's landmarks (built in memory) cannot weight the eyes: a clear error
-    from utils.dataset import MultiViewDataset
+    from utils.data.dataset import MultiViewDataset
 
     d = tr.data
     views = [[(d.images[i, s].float().numpy() / 255, d.masks[i, s].float().numpy() / 255, d.cameras[i][s])
@@ -92,9 +92,9 @@ def test_model_pt_loads_in_fresh_process_and_renders(trained_model_dir, tmp_path
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-from utils.model_io import load_model
+from utils.data.model_file import load_model
 from models.renderer import render
-from utils.cameras import Camera
+from models.camera import Camera
 m = load_model({str(trained_model_dir / 'model.pt')!r})
 verts = m.vertices(m.base_vertices[:1])
 cloud = m.field(m.field.codes.weight[:1], verts)[0]

@@ -1,4 +1,4 @@
-"""A personal avatar from a monocular video (utils/video_avatar.py, track.py --frames / --video) on a tiny synthetic
+"""A personal avatar from a monocular video (utils/apps/track/video.py, track.py --frames / --video) on a tiny synthetic
 head-turning clip (make_synthetic_dataset --motion head_turn, the frontal camera's frames): the whole command end to
 end, held-out frames that never reach the fit, and the fit beating the mean code on them."""
 from __future__ import annotations
@@ -22,8 +22,8 @@ FAST = ["--progress", "false", "--device", "cpu", "--flame_fit.iterations", "20"
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """(dataset root, frames folder, landmarks .npy) of identity 017 turning its head over CLIP_FRAMES frames."""
-    from utils.synthetic import make_synthetic_dataset
-    from utils.video_avatar import synthetic_clip
+    from utils.data.synthetic import make_synthetic_dataset
+    from utils.apps.track.video import synthetic_clip
 
     root = tmp_path_factory.mktemp("turn") / "data"
     kw = dict(SYNTHETIC_KW, num_identities=0, num_heldout=1)
@@ -44,8 +44,8 @@ def _run(fit_model, root, frames, lm, out, progress=False):  # noqa: F811
 def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
     """Outputs exist and load like any fitted code; the split follows the rule; held-out frames do not influence
     the fit (replacing their images by noise leaves code.pt bit-identical); held-out PSNR beats the mean code's."""
-    from utils.codes import load_code
-    from utils.model_io import load_model
+    from utils.data.code_file import load_code
+    from utils.data.model_file import load_model
 
     root, frames, lm = clip
     m = _run(fit_model, root, frames, lm, tmp_path / "a")
@@ -113,7 +113,7 @@ def test_bad_inputs(clip, fit_model, tmp_path):  # noqa: F811
 
 
 def test_split_frames():
-    from utils.video_avatar import split_frames
+    from utils.apps.track.video import split_frames
 
     found = np.ones(20, bool)
     found[3] = False
@@ -150,7 +150,7 @@ def test_video_file_input(clip, fit_model, tmp_path, capsys):  # noqa: F811
     import cv2
 
     from track import main
-    from utils.io import write_video
+    from utils.core.io import write_video
 
     root, frames, lm = clip
     video = tmp_path / "clip.mp4"

@@ -1,4 +1,4 @@
-"""The browser viewer (utils/viewer.py, viewer.py, run_viewer.sh): controls -> served Gaussians from Python (identity
+"""The browser viewer (utils/apps/viewer.py, viewer.py, run_viewer.sh): controls -> served Gaussians from Python (identity
 controls run the network, pose sliders only the FLAME pose path), update coalescing, errors in the page, safe defaults,
 and the page itself in a real headless Chromium."""
 from __future__ import annotations
@@ -31,8 +31,8 @@ def flat_head(model, key: str):
     """Without the pose path: the Gaussians of one identity (training name or code.pt) in FLAME's canonical frame, as
     the library makes them (code_cloud on the identity's vertices brought into the canonical frame, colour residual
     included)."""
-    from utils.codes import code_cloud
-    from utils.interpolation import canonical_vertices, resolve_key
+    from utils.data.code_file import code_cloud
+    from utils.apps.interpolate import canonical_vertices, resolve_key
 
     k = resolve_key(model, key, torch.device("cpu"))
     with torch.no_grad():
@@ -40,11 +40,11 @@ def flat_head(model, key: str):
 
 
 def head_of(rig, key: str, params=None):
-    """With the pose path: one identity (training name or code.pt) as animate.py poses it (utils/animation.py
+    """With the pose path: one identity (training name or code.pt) as animate.py poses it (utils/apps/animate/pipeline.py
     posable: the network once, then HeadAnimator.gaussians) with FLAME parameters ``params`` (default: the neutral
     face in FLAME's canonical frame, i.e. head rotation I, translation 0, scale 1)."""
     from models.flame import FlameParams
-    from utils.animation import posable
+    from utils.apps.animate.pipeline import posable
 
     model, animator = rig
     with warnings.catch_warnings():
@@ -78,7 +78,7 @@ def served_matches(v, cloud) -> None:
 
 @pytest.fixture(scope="module")
 def viewer(fit_model, fitted_code, tmp_path_factory):  # noqa: F811
-    from utils.viewer import HeadViewer, ViewerConfig
+    from utils.apps.viewer import HeadViewer, ViewerConfig
 
     logs: list[str] = []
     cfg = ViewerConfig(checkpoint=str(fit_model), code_dir=str(fitted_code.parent.parent), port=0, device="auto",
@@ -92,7 +92,7 @@ def viewer(fit_model, fitted_code, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def model(fit_model):  # noqa: F811
-    from utils.model_io import load_model
+    from utils.data.model_file import load_model
 
     return load_model(fit_model)
 
@@ -100,15 +100,15 @@ def model(fit_model):  # noqa: F811
 @pytest.fixture(scope="module")
 def rig(model):
     """(model, HeadAnimator) with the model's FLAME files, found as the viewer finds them."""
-    from models.animation import HeadAnimator
-    from utils.animation import load_flame
-    from utils.targets import model_flame_dir
+    from models.posing import HeadAnimator
+    from utils.apps.animate.pipeline import load_flame
+    from utils.apps.track.targets import model_flame_dir
 
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
 
 
 def neutral() -> dict[str, float]:
-    from utils.viewer import POSE_CONTROLS
+    from utils.apps.viewer import POSE_CONTROLS
 
     return {pc.name: 0.0 for pc in POSE_CONTROLS}
 
@@ -198,7 +198,7 @@ def test_slerp_and_linear_differ_midway(viewer, model):
 
 def test_truncation_zero_is_the_average_style(viewer, rig, fitted_code):  # noqa: F811
     from models.flame import FlameParams
-    from utils.animation import identity_key
+    from utils.apps.animate.pipeline import identity_key
 
     model, animator = rig
     for key in (model.identities[1], str(fitted_code)):
@@ -216,10 +216,10 @@ def test_truncation_zero_is_the_average_style(viewer, rig, fitted_code):  # noqa
 
 
 def held_burst(viewer, monkeypatch, held: str, slider: str, values: list[float]) -> int:
-    """Set control ``slider`` to values[0] and hold the worker inside ``utils.viewer.<held>`` until values[1:] have
+    """Set control ``slider`` to values[0] and hold the worker inside ``utils.apps.viewer.<held>`` until values[1:] have
     all been set from a thread pool (like viser's callback pool), then let it go and wait until the viewer is idle.
     Returns the most calls of ``held`` that ran at once."""
-    import utils.viewer as uv
+    import utils.apps.viewer as uv
 
     gate, entered, active, overlap = threading.Event(), threading.Event(), [0], []
     real = getattr(uv, held)
@@ -256,9 +256,9 @@ def fast_drag(viewer, slider: str, values: list[float]) -> None:
 def test_burst_of_slider_updates_coalesces(viewer, rig, monkeypatch):
     """A drag's events arrive on a thread pool while the network runs: one run at a time, stale values skipped, the
     last value served."""
-    import utils.viewer as uv
+    import utils.apps.viewer as uv
     from models.flame import FlameParams
-    from utils.animation import identity_key
+    from utils.apps.animate.pipeline import identity_key
 
     model, animator = rig
     settle(viewer, a=model.identities[0], b=model.identities[1], method="slerp", truncation=1.0, blend=0.0)
@@ -361,7 +361,7 @@ def test_identity_changes_keep_the_pose_and_run_the_network_once(posing, rig, fi
 def test_burst_of_pose_updates_ends_on_the_last_value(posing, rig, monkeypatch):
     """100 head-yaw events from a thread pool while a pose update is held: one update at a time, then one update for
     the 99 later values, the last value served, the network never run."""
-    import utils.viewer as uv
+    import utils.apps.viewer as uv
     from models.flame import FlameParams
 
     model = rig[0]
@@ -386,7 +386,7 @@ def test_burst_of_pose_updates_ends_on_the_last_value(posing, rig, monkeypatch):
 
 def test_keyframe_dropdown_sets_the_sliders(posing, rig, monkeypatch):
     from utils.motion import KEYFRAMES, keyframe_params
-    from utils.viewer import PRESET_PROMPT, keyframe_pose
+    from utils.apps.viewer import PRESET_PROMPT, keyframe_pose
 
     model = rig[0]
     v = posing
@@ -416,7 +416,7 @@ def test_save_ply_names_the_pose(posing, rig):
 
 
 def test_without_flame_files_no_pose_sliders_and_the_page_says_why(fit_model, model, tmp_path):  # noqa: F811
-    from utils.viewer import HeadViewer, ViewerConfig
+    from utils.apps.viewer import HeadViewer, ViewerConfig
 
     logs: list[str] = []
     empty = tmp_path / "no_flame"
@@ -512,7 +512,7 @@ def test_non_finite_slider_values_are_refused(viewer, model):
 
 
 def test_missing_or_foreign_model_keeps_the_server_up(fit_model, tmp_path):  # noqa: F811
-    from utils.viewer import HeadViewer, ViewerConfig
+    from utils.apps.viewer import HeadViewer, ViewerConfig
 
     logs: list[str] = []
     folder = tmp_path / "models"  # the model's folder: the page may open files here
@@ -549,7 +549,7 @@ def test_missing_or_foreign_model_keeps_the_server_up(fit_model, tmp_path):  # n
 
 # ------------------------------------------------------------------------------------------------ access control
 def test_check_request_token_host_and_origin():
-    from utils.viewer import check_request
+    from utils.apps.viewer import check_request
 
     tok = "T0k3n"
     H = {"Host": "127.0.0.1:8080"}
@@ -596,7 +596,7 @@ def test_live_server_needs_the_token_and_its_own_origin(viewer):
 
 # ------------------------------------------------------------------------------------------------ safe defaults
 def test_loopback_by_default_warns_otherwise_and_never_shares(viewer):
-    from utils.viewer import ViewerConfig, is_loopback
+    from utils.apps.viewer import ViewerConfig, is_loopback
 
     assert ViewerConfig().host == "127.0.0.1" and viewer.server.get_host() == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
@@ -608,7 +608,7 @@ def test_loopback_by_default_warns_otherwise_and_never_shares(viewer):
 
 
 def test_other_host_prints_a_warning(tmp_path):
-    from utils.viewer import HeadViewer, ViewerConfig
+    from utils.apps.viewer import HeadViewer, ViewerConfig
 
     logs: list[str] = []
     v = HeadViewer(ViewerConfig(checkpoint=str(tmp_path / "none.pt"), code_dir="", host="0.0.0.0", port=0,
@@ -714,8 +714,8 @@ def poll(page, ok, timeout: float = 40.0) -> np.ndarray:
 def reference_render(viewer, width: int, height: int) -> np.ndarray:
     """The served head through the page's initial camera, by the project's own rasterizer."""
     from models.renderer import render
-    from utils.cameras import Camera
-    from utils.viewer import VIEW_DISTANCE, VIEW_FOV_DEG
+    from models.camera import Camera
+    from utils.apps.viewer import VIEW_DISTANCE, VIEW_FOV_DEG
 
     centre = torch.tensor(viewer.frame.centre, dtype=torch.float32)
     eye = centre + torch.tensor([0.0, 0.0, VIEW_DISTANCE / viewer.frame.scale])

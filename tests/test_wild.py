@@ -47,7 +47,7 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
     assert np.isfinite(m["psnr_photo_in_mask"]) and 0 < m["ssim_photo"] <= 1
     assert m["num_views"] == 1 and m["psnr_unseen"] is None
     from models.flame import load_tracking
-    from utils.cameras import load_camera_params
+    from models.camera import load_camera_params
 
     img = cv2.imread(str(photo))
     cams = load_camera_params(out / "camera_params.json", image_size=(img.shape[1], img.shape[0]))
@@ -71,11 +71,11 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
     distance ("depth-aligned"); rotation, shape and the position in the image are left as fitted."""
     from models.flame import FlameModel, load_tracking
     from utils.evaluation import evaluate_views
-    from utils.flame_fit import W2C, flame_landmarks_2d, with_scale_about
-    from utils.model_io import load_model
-    from utils.nersemble import NersembleSubject
-    from utils.targets import flame_vertices, load_subject_target
-    from utils.tracking import track
+    from utils.face.flame_fit import W2C, flame_landmarks_2d, with_scale_about
+    from utils.data.model_file import load_model
+    from utils.data.nersemble import NersembleSubject
+    from utils.apps.track.targets import flame_vertices, load_subject_target
+    from utils.apps.track.pipeline import track
 
     p = subject_paths(preprocessed_root)
     flame_dir = preprocessed_root / "flame"
@@ -123,8 +123,8 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
 def test_photo_only_errors(fit_model, preprocessed_root, tmp_path):  # noqa: F811
     import cv2
 
-    from utils.landmarks import NoFaceError
-    from utils.tracking import track
+    from utils.face.landmarks import NoFaceError
+    from utils.apps.track.pipeline import track
 
     noise = tmp_path / "noise.png"
     cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))

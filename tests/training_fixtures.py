@@ -39,8 +39,8 @@ def get_preprocessed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(root: Path, out: Path, **overrides):
     """configs/tiny.yaml on ``root`` writing to ``out``, with dotted-key ``overrides``."""
-    from utils.config import build_config
-    from utils.training import TrainConfig
+    from utils.core.config import build_config
+    from utils.apps.train.trainer import TrainConfig
 
     repo = Path(__file__).resolve().parents[1]
     base = {"data.root": str(root), "out": str(out), "progress": False}
@@ -50,7 +50,7 @@ def tiny_config(root: Path, out: Path, **overrides):
 
 def get_trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "model" not in _CACHE:
-        from utils.training import Trainer
+        from utils.apps.train.trainer import Trainer
 
         out = tmp_path_factory.mktemp("trained_model")
         Trainer(tiny_config(get_preprocessed_root(tmp_path_factory), out, steps=20)).run()
@@ -65,7 +65,7 @@ def get_sequence_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "seq" not in _CACHE:
         from tests.fixtures import SYNTHETIC_KW
         from utils.preprocess import FLAME2PLY, projection_ply
-        from utils.synthetic import make_synthetic_dataset
+        from utils.data.synthetic import make_synthetic_dataset
 
         root = tmp_path_factory.mktemp("sequences") / "data"
         make_synthetic_dataset(root, progress=False, num_frames=SEQUENCE_FRAMES, **SYNTHETIC_KW)

@@ -9,12 +9,12 @@ from torch import Tensor
 
 from models.gaussians import GaussianCloud
 from models.renderer import render_batch
-from utils.codes import code_cloud
+from utils.data.code_file import code_cloud
 from utils.losses import lpips_metric, psnr, ssim_metric
-from utils.model_io import TrainedModel
-from utils.nersemble import HELDOUT_SERIALS
-from utils.regions import EyeLandmarkEmbedding, eye_region_masks, nanmean, region_metrics
-from utils.targets import View
+from utils.data.model_file import TrainedModel
+from utils.data.nersemble import HELDOUT_SERIALS
+from utils.face.regions import EyeLandmarkEmbedding, eye_region_masks, nanmean, region_metrics
+from utils.apps.track.targets import View
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence
     """PSNR / SSIM (/ LPIPS) of style w (plus the colour residual ``colour`` (M, 3), e.g. ``code.colour``) on
     every view with a photo; "all" and "unseen" (all but ``fit_serial``).  With ``eyes`` (the eye landmarks on the
     face mask, ``FitTarget.eye_landmarks``) also PSNR / SSIM inside the eye regions (``psnr_eyes_*``,
-    ``ssim_eyes_*``; utils/regions.py) of the landmarks on ``base``.
+    ``ssim_eyes_*``; utils/face/regions.py) of the landmarks on ``base``.
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
@@ -39,7 +39,7 @@ def evaluate_cloud(cloud: GaussianCloud, views: Sequence[View], fit_serial: str 
     photo: "all", "unseen" (all but ``fit_serial``) and "heldout_cameras" (the protocol's novel views); PSNR inside
     the face mask alone (``psnr_face_*``: the crops' black background left out); with ``eye_points`` (14, 3) (an
     ``EyeLandmarkEmbedding`` applied to the face-mask vertices) PSNR / SSIM inside the eye regions (``psnr_eyes_*``,
-    ``ssim_eyes_*``; utils/regions.py).
+    ``ssim_eyes_*``; utils/face/regions.py).
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """

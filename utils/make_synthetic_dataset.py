@@ -8,7 +8,7 @@ Usage (from the repository root):
         --motion head_turn                          # held-out identity 017 turning its head (a monocular video)
 
 Re-running with the same arguments does nothing; more identities are added without changing existing ones.
-See utils/synthetic.py for what is written.
+See utils/data/synthetic.py for what is written.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 # Scripts run from the repository root; make the project importable when started as utils/make_synthetic_dataset.py.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.synthetic import (  # noqa: E402
+from utils.data.synthetic import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_HELDOUT,
     DEFAULT_NUM_IDENTITIES,
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from utils.device import resolve_device
+    from utils.core.device import resolve_device
 
     device = resolve_device(args.device)
     t0 = time.time()

@@ -4,12 +4,12 @@
     a keyframes file     YAML / JSON: built-in names and/or keyframes of the same form (:func:`read_keyframes_file`)
     a tracking file      a NeRSemble ``tracked_flame_params.npz`` of any sequence (all its frames) or a VHAP npz
     a NeRSemble subject  ``<root>/<id>``: the tracking of one of its sequences, and its photos for a side-by-side video
-    a video              reenactment: FLAME fitted to the landmarks of every frame (utils/reenactment.py)
+    a video              reenactment: FLAME fitted to the landmarks of every frame (utils/face/reenactment.py)
 
 Keyframe values are FLAME parameters: ``jaw``, ``neck`` (axis-angle, radians, about FLAME's x right-to-left of the
 subject, y up, z out of the face) and ``eyes`` (left eye then right eye) are FLAME joints and mean the same on every
 FLAME; ``expression`` coefficients do not: the expression keyframes (smile, raised brows, frown, pucker) are written
-for the expression basis of the embedded synthetic FLAME (utils/synthetic_flame.py: components 0-6 are mouth open,
+for the expression basis of the embedded synthetic FLAME (utils/data/synthetic_flame.py: components 0-6 are mouth open,
 smile, brows raise, frown, pucker, cheek puff, squint).  FLAME 2023's expression space is a PCA basis whose components
 carry no such names, so on real FLAME those keyframes show some expression, not necessarily the named one; write a
 keyframes file with the coefficients you want there.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from models.flame import NUM_EXPRESSION, FlameParams, load_tracking
-from utils.nersemble import CALIBRATION_RELPATH, TRACKING_RELPATH, NersembleSubject, tracking_frame_ids
+from utils.data.nersemble import CALIBRATION_RELPATH, TRACKING_RELPATH, NersembleSubject, tracking_frame_ids
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 KEYFRAME_EXTENSIONS = (".yaml", ".yml", ".json")
@@ -97,8 +97,8 @@ def keyframe_params(keys: Sequence[Keyframe], frames_per_transition: int) -> Fla
     """FlameParams of an animation through ``keys``: ``frames_per_transition`` frames from each key to the next, eased
     (0.5 - 0.5 cos) so that the motion starts and stops smoothly at every key, plus the last key:
     frames_per_transition * (K - 1) + 1 frames.  Identity head placement (rotation I, translation 0, scale 1) and zero
-    shape: :func:`models.animation.retarget` puts it on an identity."""
-    from utils.interpolation import lerp, schedule
+    shape: :func:`models.posing.retarget` puts it on an identity."""
+    from utils.apps.interpolate import lerp, schedule
 
     keys = list(keys)
     if len(keys) == 1:
@@ -219,7 +219,7 @@ def load_motion(source: str, flame: Any, keyframes: Sequence[str] = (), frames_p
             keyframes file (.yaml/.yml/.json), a tracking .npz (NeRSemble or VHAP), a NeRSemble subject folder (the
             tracking of ``sequence``), or a video file.
         flame: the FlameModel (bakes VHAP's root pivot).
-        reenact: for a video, a callable ``(video path) -> Motion`` (utils/reenactment.py); None: videos are refused.
+        reenact: for a video, a callable ``(video path) -> Motion`` (utils/face/reenactment.py); None: videos are refused.
     """
     path = Path(source)
     if source == "keyframes":
@@ -236,7 +236,7 @@ def load_motion(source: str, flame: Any, keyframes: Sequence[str] = (), frames_p
             raise FileNotFoundError(f"driving video not found: {path}")
         if reenact is None:
             raise ValueError(f"{path}: video reenactment is not available here (it needs the landmark detector and "
-                             f"the FLAME landmark fit, utils/landmarks.py and utils/flame_fit.py)")
+                             f"the FLAME landmark fit, utils/face/landmarks.py and utils/face/flame_fit.py)")
         return reenact(path)
     if path.is_dir():
         if not (path / CALIBRATION_RELPATH).is_file():

@@ -26,7 +26,7 @@ from typing import Optional, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.nersemble import NersembleSubject, tracking_row  # noqa: E402
+from utils.data.nersemble import NersembleSubject, tracking_row  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
     Outputs, add_flame_dir_arg, add_overwrite_arg, add_quiet_arg, add_subject_args, atomic_write, iter_subjects,
     log, make_parser, plan_outputs, script_main,

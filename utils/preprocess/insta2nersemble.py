@@ -42,10 +42,15 @@ from typing import Optional, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.cameras import Camera  # noqa: E402
-from utils.io import imread_file, imwrite_file, safe_name  # noqa: E402
-from utils.nersemble import (  # noqa: E402
-    CALIBRATION_RELPATH, DEFAULT_IMAGE_FOLDER, DEFAULT_SEQUENCE, FRONTAL_SERIAL, TRACKING_RELPATH, timestep_name,
+from models.camera import Camera  # noqa: E402
+from utils.core.io import imread_file, imwrite_file, safe_name  # noqa: E402
+from utils.data.nersemble import (
+    CALIBRATION_RELPATH,
+    DEFAULT_IMAGE_FOLDER,
+    DEFAULT_SEQUENCE,
+    FRONTAL_SERIAL,
+    TRACKING_RELPATH,
+    timestep_name,
 )
 from utils.preprocess.common import (  # noqa: E402
     Outputs, add_overwrite_arg, atomic_write, make_parser, plan_outputs, script_main,
@@ -126,7 +131,7 @@ def find_frame(actor: Path, frame: int, transforms: Optional[str] = None) -> tup
 
 
 def _resolve(actor: Path, rel: str, exts: Sequence[str] = (), source: str | Path = "the INSTA transforms") -> Path:
-    from utils.io import safe_relative
+    from utils.core.io import safe_relative
 
     p = safe_relative(actor, rel, "file_path", source)  # a name read from the data stays inside the actor folder
     if p.is_file():
@@ -197,7 +202,7 @@ def run(args: argparse.Namespace) -> Outputs:
     import cv2
 
     from models.flame import save_nersemble_tracking
-    from utils.cameras import write_camera_params
+    from models.camera import write_camera_params
 
     actor = actor_dir(args)
     meta, fr, tpath = find_frame(actor, args.frame, args.transforms)

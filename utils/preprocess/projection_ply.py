@@ -28,10 +28,10 @@ from typing import Optional, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.cameras import Camera  # noqa: E402
-from utils.io import imwrite_file  # noqa: E402
-from utils.mesh_raster import render_mask  # noqa: E402
-from utils.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
+from models.camera import Camera  # noqa: E402
+from utils.core.io import imwrite_file  # noqa: E402
+from models.mesh_raster import render_mask  # noqa: E402
+from utils.data.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
     Outputs, add_overwrite_arg, add_quiet_arg, add_subject_args, atomic_write, iter_subjects, make_parser,
     plan_outputs, progress, script_main,
@@ -192,7 +192,7 @@ def process_subject(subject: NersembleSubject, args: argparse.Namespace, device:
 
 
 def run(args: argparse.Namespace) -> Outputs:
-    from utils.device import default_device
+    from utils.core.device import default_device
 
     if isinstance(args.bg_color, str):  # argparse applies `type` to string defaults, direct callers may not
         args.bg_color = parse_bg_color(args.bg_color)

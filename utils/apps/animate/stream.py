@@ -1,18 +1,18 @@
 """Live driving: a video file or a camera drives a head of the field frame by frame (``animate.py --motion video.mp4
---stream``, ``--motion 0 --stream`` for camera 0), the streaming counterpart of utils/reenactment.py's batch path.
+--stream``, ``--motion 0 --stream`` for camera 0), the streaming counterpart of utils/face/reenactment.py's batch path.
 
     reader      one thread: frames from OpenCV (a file, optionally paced at its frame rate as a camera delivers it, or
                 a camera device index), into one bounded queue per landmark worker (frame n -> worker n mod W)
-    landmarks   W threads, each with its own mediapipe face mesh in video mode (utils/landmarks.py): iBUG-68 points
+    landmarks   W threads, each with its own mediapipe face mesh in video mode (utils/face/landmarks.py): iBUG-68 points
                 and iris centres, into a bounded output queue; frames are put back in order by their index.  Video
                 mode tracks from the last frame the detector saw, so with W > 1 each detector sees every W-th frame
                 and its points differ from one detector's (measured on tests/test_streaming.py's video: 1.05 px mean,
                 10 px max, smile r 0.708 instead of 0.799): W = 1 (the default) unless detection is the bottleneck
     fit         the calling thread: the first ``reenact.shape_frames`` frames with a face calibrate the person (FLAME
-                shape, focal length, the detector's per-landmark offset: utils/flame_fit.py FrameTracker.calibrate),
+                shape, focal length, the detector's per-landmark offset: utils/face/flame_fit.py FrameTracker.calibrate),
                 then every frame is fitted on its own, warm-started from the previous frame with a temporal prior
                 that looks only backwards (FrameTracker.step); a frame without a face holds the previous frame
-    render      one thread: the motion put on the identity (models/animation.py retarget, relative to the first frame
+    render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
 
@@ -119,8 +119,8 @@ class FrameSource:
 
 def mediapipe_detector(min_face_px: float) -> Callable[[np.ndarray, str], tuple[Tensor | None, Tensor | None]]:
     """A per-thread landmark function: RGB frame -> (points (68, 2) or None, irises (2, 2) or None), mediapipe's face
-    mesh in video mode (the same conversion as utils/reenactment.py detect_video_landmarks)."""
-    from utils.landmarks import LandmarkDetector, LandmarkError
+    mesh in video mode (the same conversion as utils/face/reenactment.py detect_video_landmarks)."""
+    from utils.face.landmarks import LandmarkDetector, LandmarkError
 
     det = LandmarkDetector(static_images=False, min_face_px=min_face_px)
 
@@ -272,20 +272,20 @@ class VideoStreamWriter:
 
 
 def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Callable] | None = None) -> dict:
-    """animate.py --stream: drive one identity (utils/animation.py AnimationConfig) by a video file or camera frame
+    """animate.py --stream: drive one identity (utils/apps/animate/pipeline.py AnimationConfig) by a video file or camera frame
     by frame (see the module docstring); writes animation.mp4, motion.npz and animation.json into ``cfg.out`` and
     returns the summary (with ``stream``: latency distribution, sustained fps, stage times).  ``make_detector``
     replaces mediapipe (tests)."""
-    from models.animation import retarget
+    from models.posing import retarget
     from models.flame import FlameParams, save_nersemble_tracking
     from models.renderer import render_identities
-    from utils.animation import _fit_height, identity_key, load_flame, mixed_identity, posable
-    from utils.device import resolve_device, synchronize
-    from utils.flame_fit import FrameTracker
-    from utils.interpolation import base_camera
-    from utils.io import atomic_write_json, save_image, to_uint8
-    from utils.model_io import load_model
-    from utils.targets import model_flame_dir
+    from utils.apps.animate.pipeline import _fit_height, identity_key, load_flame, mixed_identity, posable
+    from utils.core.device import resolve_device, synchronize
+    from utils.face.flame_fit import FrameTracker
+    from utils.apps.interpolate import base_camera
+    from utils.core.io import atomic_write_json, save_image, to_uint8
+    from utils.data.model_file import load_model
+    from utils.apps.track.targets import model_flame_dir
 
     if cfg.side_by_side not in ("none", "video"):
         raise ValueError(f"--stream supports --side_by_side none or video, got {cfg.side_by_side!r}")
@@ -304,7 +304,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
             model = load_model(cfg.checkpoint, device)
         flame_dir = model_flame_dir(model, cfg.flame_dir)
         flame = load_flame(model, flame_dir)
-        from models.animation import HeadAnimator
+        from models.posing import HeadAnimator
 
         animator = HeadAnimator(model.field, flame, model.mask_ids, model.plan)
         fit_flame = flame if fit_device == flame.v_template.device else copy.deepcopy(flame).to(fit_device)
@@ -491,7 +491,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
 
 def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any):
     """FrameTracker.calibrate on the held frames with a face (irises only when every one has them)."""
-    from utils.flame_fit import FrameTracker
+    from utils.face.flame_fit import FrameTracker
 
     pts = torch.stack([d.points for d in faces])
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None

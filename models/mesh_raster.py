@@ -1,7 +1,7 @@
 """Z-buffered triangle rasterization of a mesh into a pinhole camera (CPU or GPU, pure PyTorch).
 
 Used by the preprocessing (utils/preprocess/projection_ply.py) to project the FLAME face mask into every camera,
-with the rest of the head as occluder.  Conventions follow utils/cameras.py: OpenCV camera (x right, y down,
+with the rest of the head as occluder.  Conventions follow models/camera.py: OpenCV camera (x right, y down,
 z forward), pixel (i, j) covers [j, j+1) x [i, i+1) and is sampled at its centre (j + 0.5, i + 0.5).
 
 How it works (vectorised, no Python loop over triangles): every triangle is projected, the integer pixel
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.cameras import Camera
+from models.camera import Camera
 
 ArrayLike = Union[np.ndarray, Tensor]
 

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
-from utils.cameras import Camera, load_camera_params
-from utils.device import resolve_device
-from utils.codes import FittedCode, colour_offsets, load_code, with_colour
-from utils.config import Range
-from utils.geometry import head_pose, similarity_fit
-from utils.io import OutputClaim, VideoStream, atomic_write_json, save_image, to_uint8
-from utils.model_io import TrainedModel, load_model
+from models.camera import Camera, load_camera_params
+from utils.core.device import resolve_device
+from utils.data.code_file import FittedCode, colour_offsets, load_code, with_colour
+from utils.core.config import Range
+from models.geometry import head_pose, similarity_fit
+from utils.core.io import OutputClaim, VideoStream, atomic_write_json, save_image, to_uint8
+from utils.data.model_file import TrainedModel, load_model
 
 METHODS = ("linear", "slerp")
 
@@ -64,7 +64,7 @@ class InterpolationConfig:
     progress: bool = True  # tqdm progress bar
     overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
 
-    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"num_default": Range(1), "frames": Range(1), "width": Range(2), "height": Range(2),
               "fill": Range(0, lo_open=True), "fps": Range(0, lo_open=True)}
 
@@ -247,7 +247,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     ``keyframes/key_<k>_<name>.ply`` with ``cfg.ply``) into ``cfg.out``.  Returns a summary dict.
 
     ``cfg.out`` is locked first (a second run into it stops at once); a folder holding files this run writes, or
-    files an earlier interpolate run recorded, is refused unless ``cfg.overwrite`` (utils.io.OutputClaim)."""
+    files an earlier interpolate run recorded, is refused unless ``cfg.overwrite`` (utils.core.io.OutputClaim)."""
     with OutputClaim(cfg.out, "interpolate") as claim:
         return _interpolate(cfg, model, claim)
 

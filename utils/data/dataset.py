@@ -18,8 +18,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.flame import FlameModel, face_mask_topology, make_subdivision_plan
-from utils.cameras import Camera
-from utils.nersemble import HELDOUT_IDENTITIES, HELDOUT_SERIALS, NersembleSubject, list_subjects
+from models.camera import Camera
+from utils.data.nersemble import HELDOUT_IDENTITIES, HELDOUT_SERIALS, NersembleSubject, list_subjects
 
 
 @dataclass

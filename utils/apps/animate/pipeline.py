@@ -4,9 +4,9 @@
               -> its style, FLAME shape and head placement (model.pt / code.pt store the FLAME parameters of the
               frame; for files written before they did, FLAME's shape and head pose are fitted to the stored
               face-mask vertices by linear least squares), colour residual and geometry offsets
-              -> models/animation.py HeadAnimator.identity: the network runs once
+              -> models/posing.py HeadAnimator.identity: the network runs once
     motion    built-in or file keyframes, a NeRSemble / VHAP tracking file, a NeRSemble subject's sequence, or a
-              video (reenactment) (utils/motion.py), put on the identity with models/animation.py retarget
+              video (reenactment) (utils/motion.py), put on the identity with models/posing.py retarget
     frames    posed in batches of ``batch`` frames (FLAME face-mask rows, subdivision, attachment) and rasterised in
               one call per batch (render_identities)
     outputs   animation.mp4 (optionally beside the driving photos / video or the driving identity's renders),
@@ -26,21 +26,21 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.animation import POSE_MODES, HeadAnimator, PosableIdentity, retarget
+from models.posing import POSE_MODES, HeadAnimator, PosableIdentity, retarget
 from models.flame import FlameModel, FlameParams, FlameSubset, save_nersemble_tracking
 from models.renderer import render_identities
-from utils.cameras import Camera
-from utils.codes import FittedCode
-from utils.config import Range
-from utils.device import resolve_device, synchronize
-from utils.geometry import similarity_fit
-from utils.interpolation import METHODS, base_camera, blend_style, lerp, resolve_key
-from utils.io import OutputClaim, VideoStream, atomic_write_json, cv2_path, save_image, to_uint8
-from utils.model_io import TrainedModel, load_model
+from models.camera import Camera
+from utils.data.code_file import FittedCode
+from utils.core.config import Range
+from utils.core.device import resolve_device, synchronize
+from models.geometry import similarity_fit
+from utils.apps.interpolate import METHODS, base_camera, blend_style, lerp, resolve_key
+from utils.core.io import OutputClaim, VideoStream, atomic_write_json, cv2_path, save_image, to_uint8
+from utils.data.model_file import TrainedModel, load_model
 from utils.motion import Motion, load_motion
-from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
-from utils.reenactment import ReenactConfig, reenact_video
-from utils.targets import View, model_flame_dir
+from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.face.reenactment import ReenactConfig, reenact_video
+from utils.apps.track.targets import View, model_flame_dir
 
 SIDE_BY_SIDE = ("none", "video", "driver")
 
@@ -89,8 +89,8 @@ class AnimationConfig:
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
     progress: bool = True  # tqdm progress bars
     overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
-    reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/reenactment.py)
-    stream: bool = False  # live driving (utils/streaming.py): the --motion video, or a camera device index (e.g. 0),
+    reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/face/reenactment.py)
+    stream: bool = False  # live driving (utils/apps/animate/stream.py): the --motion video, or a camera device index (e.g. 0),
     #                       tracked and rendered frame by frame, written as it goes; prints the latency distribution
     stream_workers: int = 1  # --stream: landmark detector threads (1-32), overlapped with the FLAME fit and render;
     #                          more than 1 only when detection is the bottleneck: each thread's mediapipe (video mode)
@@ -100,7 +100,7 @@ class AnimationConfig:
     stream_iterations: int = 10  # --stream: Levenberg-Marquardt iterations per warm-started frame (1-200)
     stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would
 
-    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),
               "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
               "batch": Range(1), "fps": Range(0, lo_open=True), "stream_workers": Range(1, 32),
@@ -200,7 +200,7 @@ def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch
 def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: IdentityKey, b: IdentityKey, mix: float,
                    method: str, truncation: float = 1.0) -> PosableIdentity:
     """The interpolation between identities a and b at ``mix`` (0 = a), truncated by ``truncation`` (psi, 1 = none):
-    style and colour residual by utils/interpolation.py blend_style, FLAME shape and geometry offsets linearly (the
+    style and colour residual by utils/apps/interpolate.py blend_style, FLAME shape and geometry offsets linearly (the
     geometry does not truncate); a's head placement.  The network runs once."""
     with torch.no_grad():
         w, colour = blend_style(model, a.code, b.code, mix, method, truncation)
@@ -221,9 +221,9 @@ def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: tor
     --mask_images run on those frames), each view cropped around its face mask to ONE crop size for all frames and
     cameras: PSNR is a mean over the crop, so frames must share the crop size to be comparable (the crop of one frame
     rounded to a multiple of 16 pixels can differ from another's by a third, i.e. up to 1.8 dB for the same error).
-    Returns per frame a list of View (utils/targets.py) in camera order."""
-    from utils.dataset import crop_size, crop_view
-    from utils.targets import to_tensor_img
+    Returns per frame a list of View (utils/apps/track/targets.py) in camera order."""
+    from utils.data.dataset import crop_size, crop_view
+    from utils.apps.track.targets import to_tensor_img
 
     raw = []
     for f in frames:
@@ -319,7 +319,7 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
     """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary.
 
     ``cfg.out`` is locked first (a second run into it stops at once); a folder holding files this run writes, or
-    files an earlier animate run recorded, is refused unless ``cfg.overwrite`` (utils.io.OutputClaim)."""
+    files an earlier animate run recorded, is refused unless ``cfg.overwrite`` (utils.core.io.OutputClaim)."""
     with OutputClaim(cfg.out, "animate") as claim:
         return _animate(cfg, model, claim)
 
@@ -333,8 +333,8 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
-    if cfg.stream:  # live driving: frame by frame (utils/streaming.py)
-        from utils.streaming import animate_stream
+    if cfg.stream:  # live driving: frame by frame (utils/apps/animate/stream.py)
+        from utils.apps.animate.stream import animate_stream
 
         return animate_stream(cfg, model)
     if cfg.motion.strip().isdigit():

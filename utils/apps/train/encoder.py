@@ -11,7 +11,7 @@ Training pairs (crop -> style w), each batch drawn from two pools:
              the loop: the held-out identities are new people, and 24 training identities alone are too few points
              for a regression to generalise from.
 
-Every crop is jittered as a fit's crop varies (utils/targets.py crops the photo tightly to its face mask; the
+Every crop is jittered as a fit's crop varies (utils/apps/track/targets.py crops the photo tightly to its face mask; the
 photo-only path crops around a fitted camera's projection): the window's centre by up to ``crop_jitter`` of its
 side, its side by up to ``scale_jitter``; colours by a per-channel gain of up to ``colour_jitter`` and an exposure
 factor of up to ``exposure_jitter`` (inside the face mask; the background stays black).
@@ -104,7 +104,7 @@ def jittered_batch(images: Tensor, masks: Tensor, cfg: EncoderTrainConfig, gen: 
 
 
 def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, log=None) -> tuple[StyleEncoder, dict]:
-    """Train an encoder for the frozen field of ``model`` (utils.model_io.TrainedModel) on ``data`` (its
+    """Train an encoder for the frozen field of ``model`` (utils.data.model_file.TrainedModel) on ``data`` (its
     MultiViewDataset, identities in the model's order).  Returns (encoder in eval mode, stats)."""
     if list(data.identities) != list(model.identities):
         raise ValueError(f"encoder training: the dataset's identities {data.identities} are not the model's "

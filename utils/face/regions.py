@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.cameras import Camera
+from models.camera import Camera
 from utils.losses import masked_ssim, psnr
 
 # Rows of the 51 static landmarks (iBUG 17-67): eyes iBUG 36-47, nose bridge top iBUG 27, nose base iBUG 33.

@@ -2,7 +2,7 @@
 
 ``make_synthetic_dataset(out, ...)`` writes::
 
-    <out>/flame/                 FLAME-format model files (utils.synthetic_flame.write_flame_files)
+    <out>/flame/                 FLAME-format model files (utils.data.synthetic_flame.write_flame_files)
     <out>/subjects/<id>/calibration/camera_params.json
     <out>/subjects/<id>/sequences/EXP-1-head/annotations/tracking/FLAME2023_v2/tracked_flame_params.npz
     <out>/subjects/<id>/sequences/EXP-1-head/timesteps/frame_00000/images-2x/cam_<serial>.jpg   (16 cameras)
@@ -43,9 +43,9 @@ import torch
 from torch import Tensor
 
 from models.gaussians import GaussianCloud, rotmat_to_quat
-from utils.cameras import Camera, load_camera_params, write_camera_params
-from utils.io import atomic_write_json, imwrite_file, safe_child
-from utils.nersemble import (
+from models.camera import Camera, load_camera_params, write_camera_params
+from utils.core.io import atomic_write_json, imwrite_file, safe_child
+from utils.data.nersemble import (
     CALIBRATION_RELPATH,
     DEFAULT_SEQUENCE,
     FRONTAL_SERIAL,
@@ -221,10 +221,10 @@ def sample_identity(model: Mapping, seed: int, subject_id: str) -> SyntheticIden
     """Sample shape, pose and appearance of identity ``subject_id`` (deterministic for (seed, subject_id)).
 
     Args:
-        model: the synthetic FLAME model dict (utils.synthetic_flame.make_flame_model).
+        model: the synthetic FLAME model dict (utils.data.synthetic_flame.make_flame_model).
     """
     from models.flame import FlameParams
-    from utils.synthetic_flame import sample_identity_params
+    from utils.data.synthetic_flame import sample_identity_params
 
     rngs = identity_rngs(seed, subject_id)
     p = sample_identity_params(rngs["shape"])
@@ -314,7 +314,7 @@ def sample_frame_params(seed: int, subject_id: str, frame: int, neutral: Any) ->
     ``neutral``; expression, jaw, neck and eyes are drawn afresh for every frame, from a generator seeded by
     (seed, subject_id, frame) alone, so adding frames never changes existing ones.  Ranges: the first seven
     expression coefficients (the synthetic FLAME's mouth open, smile, brows raise, frown, pucker, cheek puff, squint;
-    utils/synthetic_flame.py) uniform in [0, 0.8] (mouth open) and [-1, 1], the next 13 N(0, 0.5^2); jaw opening
+    utils/data/synthetic_flame.py) uniform in [0, 0.8] (mouth open) and [-1, 1], the next 13 N(0, 0.5^2); jaw opening
     uniform in [0, 0.12] rad about x (+ N(0, 0.01^2) about y and z); neck uniform in [-0.08, 0.08] rad per axis; one
     gaze for both eyes, yaw in [-0.15, 0.15] and pitch in [-0.1, 0.1] rad."""
     from dataclasses import replace
@@ -401,7 +401,7 @@ class _Anchors:
 
 
 def _anchors(model: Mapping) -> _Anchors:
-    from utils.synthetic_flame import face_regions, semantic_regions
+    from utils.data.synthetic_flame import face_regions, semantic_regions
 
     v = np.asarray(model["v_template"], dtype=np.float64)
     sem = semantic_regions(model)
@@ -438,7 +438,7 @@ def albedo(canonical: np.ndarray, soft: Mapping[str, np.ndarray], anchors: _Anch
     Args:
         canonical: (V, 3) template positions of the (subdivided) vertices (texture space).
         soft: soft region weights (V,) in [0, 1]: "eyes", "ears", "lips", "nose", "face_features", and (optional)
-            "lash", "lid_fold", "mouth_inside" (utils.synthetic_flame.painting_masks).
+            "lash", "lid_fold", "mouth_inside" (utils.data.synthetic_flame.painting_masks).
         anchors: canonical feature locations.
         app: appearance parameters from sample_identity.
     Returns:
@@ -555,14 +555,14 @@ class GroundTruthHeads:
     Args:
         flame_dir: folder with the FLAME-format files (read through models.flame.FlameModel, so the written files
             are what the heads are built from).
-        model: the model dict (utils.synthetic_flame.make_flame_model) the files were written from; it carries
+        model: the model dict (utils.data.synthetic_flame.make_flame_model) the files were written from; it carries
             the semantic regions.
         subdivision: midpoint subdivision levels of the whole head mesh (1 Gaussian per vertex).
     """
 
     def __init__(self, flame_dir: str | os.PathLike, model: Mapping, subdivision: int = 1) -> None:
         from models.flame import FlameModel, make_subdivision_plan, mouth_closing_faces, subdivision_matrix
-        from utils.synthetic_flame import face_regions, painting_masks, semantic_regions
+        from utils.data.synthetic_flame import face_regions, painting_masks, semantic_regions
 
         self.flame = FlameModel.from_data_dir(flame_dir)
         self.model = model
@@ -704,10 +704,10 @@ def _key_of(info: dict) -> dict:
 
 
 def _read_dataset_json(path: Path) -> dict:
-    """synthetic_info.json or .synthetic_pending.json, with every subject id checked by :func:`utils.io.safe_name`
+    """synthetic_info.json or .synthetic_pending.json, with every subject id checked by :func:`utils.core.io.safe_name`
     (the ids become folder names under subjects/ that are read, replaced and deleted: "../x" must never reach
     shutil.rmtree).  ValueError naming the file for anything else than a JSON object with lists of ids."""
-    from utils.io import safe_name
+    from utils.core.io import safe_name
 
     try:
         doc = json.loads(path.read_text())
@@ -843,7 +843,7 @@ def make_synthetic_dataset(
     """
     from tqdm import tqdm
 
-    from utils.synthetic_flame import make_flame_model, write_flame_files
+    from utils.data.synthetic_flame import make_flame_model, write_flame_files
 
     out = Path(out)
     image_size = int(image_size)
@@ -978,7 +978,7 @@ def load_ground_truth(root: str | os.PathLike, subject_id: str, frame: int = 0, 
     Returns:
         (cloud in world space, the identity).  Render it with :func:`render_ground_truth` through any cameras.
     """
-    from utils.synthetic_flame import make_flame_model
+    from utils.data.synthetic_flame import make_flame_model
 
     root = Path(root)
     info = read_info(root)

@@ -3,13 +3,13 @@ pipeline behind track.py (config, load, fit, evaluate, export, all held-out iden
 
 Pipeline (``track``)::
 
-    load     model.pt (frozen IdentityField) + the photo, its camera and FLAME tracking (utils/targets.py: a NeRSemble
+    load     model.pt (frozen IdentityField) + the photo, its camera and FLAME tracking (utils/apps/track/targets.py: a NeRSemble
              subject folder, or one's own image + camera_params.json + tracking npz); face-masked, cropped
-    fit      the style (or code), then the colour residual (utils/fitting.py)
+    fit      the style (or code), then the colour residual (utils/apps/track/fit.py)
     evaluate PSNR / SSIM (/ LPIPS) on every calibrated view with a photo, over all views and over the unseen ones
              (utils/evaluation.py), for the fitted identity, for the code alone and for the mean code ("before")
-    export   code.pt (utils/codes.py), head.ply (3DGS layout), views/cam_<serial>.png (render | photo), grid.png,
-             turntable.mp4 (utils/exports.py), metrics.json
+    export   code.pt (utils/data/code_file.py), head.ply (3DGS layout), views/cam_<serial>.png (render | photo), grid.png,
+             turntable.mp4 (utils/apps/track/export.py), metrics.json
 """
 from __future__ import annotations
 
@@ -24,18 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.codes import code_cloud, render_style, save_code
-from utils.config import to_dict
-from utils.config import Range
-from utils.device import resolve_device, synchronize
+from utils.data.code_file import code_cloud, render_style, save_code
+from utils.core.config import to_dict
+from utils.core.config import Range
+from utils.core.device import resolve_device, synchronize
 from utils.evaluation import evaluate_views
-from utils.exports import ExportConfig, export_views, export_wild, turntable
-from utils.fitting import FitConfig, fit_identity
-from utils.flame_fit import FlameFitConfig
-from utils.io import OutputClaim, atomic_write_json, atomic_write_text, write_video
-from utils.model_io import TrainedModel, load_model
-from utils.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
-from utils.targets import FitTarget, load_image_target, load_subject_target, load_wild_target
+from utils.apps.track.export import ExportConfig, export_views, export_wild, turntable
+from utils.apps.track.fit import FitConfig, fit_identity
+from utils.face.flame_fit import FlameFitConfig
+from utils.core.io import OutputClaim, atomic_write_json, atomic_write_text, write_video
+from utils.data.model_file import TrainedModel, load_model
+from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
+from utils.apps.track.targets import FitTarget, load_image_target, load_subject_target, load_wild_target
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TrackConfig:
     landmarks: str = ""  # iBUG-68 pixels instead of the detector: photo (68, 2) .npy/text; video (T, 68, 2) .npy
     min_face_px: float = 64.0  # photo-only and video modes: smallest face (landmark box height, pixels) that is fitted
     max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
-    video: str = ""  # a video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/video_avatar.py)
+    video: str = ""  # a video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/apps/track/video.py)
     frames: str = ""  # instead of --video: a folder of frames (images sorted by name)
     stride: int = 1  # video mode: use every stride-th frame
     max_frames: int = 0  # video mode: at most this many frames (0: all)
@@ -76,7 +76,7 @@ class TrackConfig:
     flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # photo-only mode: FLAME from landmarks
     export: ExportConfig = field(default_factory=ExportConfig)
 
-    # allowed values of the numeric keys (checked with utils.config.check_ranges before any work; NaN / inf never)
+    # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"frame": Range(0), "min_face_px": Range(1), "max_face_px": Range(0),
               "image_scale": Range(0, lo_open=True), "seed": Range(0)}
 
@@ -101,7 +101,7 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
     """Fit one person (``cfg.subject_dir`` / ``subject_dir``, or ``cfg.image``) and write every output to ``out``.
 
     Returns the metrics dict that is also written to ``<out>/metrics.json``.  ``out`` is claimed before anything
-    else (utils.io.OutputClaim: locked, and a folder holding files this fit would write, or an earlier fit's, is
+    else (utils.core.io.OutputClaim: locked, and a folder holding files this fit would write, or an earlier fit's, is
     refused unless ``cfg.overwrite``) so a clash ends the run at once, not after the fit; the outputs are one set
     whose record ``<out>/.track_outputs.json`` says ``"finished": true`` only after metrics.json, the last file.
     """
@@ -152,7 +152,7 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
     if res.flame_params is not None:  # photo-only: the FLAME refined through the renderer is what gets exported
         from dataclasses import replace
 
-        from utils.flame_fit import flame_landmarks_2d
+        from utils.face.flame_fit import flame_landmarks_2d
 
         fit0 = target.wild.fit
         params = res.flame_params.to(fit0.params.device)
@@ -245,7 +245,7 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
 def heldout_subjects(data_root: str | os.PathLike) -> tuple[Path, list[str]]:
     """(subjects folder, held-out ids) of a dataset: a synthetic dataset folder (its synthetic_info.json
     "heldout_ids") or a folder of NeRSemble subjects (the protocol's held-out ids that are present)."""
-    from utils.nersemble import list_subjects
+    from utils.data.nersemble import list_subjects
 
     root = Path(data_root)
     if not root.is_dir():
@@ -253,7 +253,7 @@ def heldout_subjects(data_root: str | os.PathLike) -> tuple[Path, list[str]]:
     subjects = root / "subjects" if (root / "subjects").is_dir() else root
     info = root / "synthetic_info.json"
     if info.is_file():
-        from utils.synthetic import read_info
+        from utils.data.synthetic import read_info
 
         ids = list(read_info(root).get("heldout_ids", []))
     else:

@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 
 from models.renderer import render_batch
-from utils.cameras import Camera
-from utils.codes import FittedCode, code_cloud
-from utils.config import Range
-from utils.geometry import head_pose, orbit_camera
-from utils.io import safe_child, save_image, to_uint8
-from utils.model_io import TrainedModel
-from utils.targets import FitTarget, View
+from models.camera import Camera
+from utils.data.code_file import FittedCode, code_cloud
+from utils.core.config import Range
+from models.geometry import head_pose, orbit_camera
+from utils.core.io import safe_child, save_image, to_uint8
+from utils.data.model_file import TrainedModel
+from utils.apps.track.targets import FitTarget, View
 
 
 @dataclass
@@ -88,9 +88,9 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     photometric FLAME stage the files and the drawing hold the refined FLAME; ``landmark_error_*`` stay those of the
     landmark fit (``landmark_error_iod_refined``: after the refinement)."""
     from models.flame import save_nersemble_tracking
-    from utils.cameras import write_camera_params
-    from utils.io import save_image
-    from utils.landmarks import draw_landmarks, reprojection_error
+    from models.camera import write_camera_params
+    from utils.core.io import save_image
+    from utils.face.landmarks import draw_landmarks, reprojection_error
     from utils.losses import psnr, ssim_metric
 
     wild = target.wild

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.cameras import Camera
+from models.camera import Camera
 
 
 def similarity_fit(template: Tensor, vertices: Tensor) -> tuple[float, Tensor, Tensor]:

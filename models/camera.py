@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.io import atomic_write_text, safe_name
-from utils.io import image_size as stored_image_size
+from utils.core.io import atomic_write_text, safe_name
+from utils.core.io import image_size as stored_image_size
 
 # Full-resolution NeRSemble frames are 2200 x 3208 (w x h, portrait); calibration refers to them.
 NERSEMBLE_CALIB_SIZE = (2200, 3208)

@@ -1,12 +1,12 @@
 """The single-image fit: a new person's style (or code) and, optionally, a per-vertex colour residual, with the trained
-identity field frozen (the pipeline around it, loading, evaluation and exports, is utils/tracking.py).
+identity field frozen (the pipeline around it, loading, evaluation and exports, is utils/apps/track/pipeline.py).
 
     fit     Adam on the style w (or the code z) from a start point (mean code / w_avg / mean training style, or the
             best of them on the photo), loss 0.8 * L1 + 0.2 * (1 - SSIM), exponential lr decay, early stopping on a
             loss plateau; optionally small regularised offsets of the base vertices (``fit.refine_geometry``)
     flame   (``fit.refine_flame``, photo-only fits) the head pose, expression and jaw of the FLAME fitted to the
             landmarks, jointly with the style, through the renderer (the face mask vertices follow FLAME each step):
-            corrects the pose the landmarks leave uncertain (a few degrees, see utils/flame_fit.py)
+            corrects the pose the landmarks leave uncertain (a few degrees, see utils/face/flame_fit.py)
     colour  (``fit.refine_colour``, on by default) with the fitted code fixed, Adam on a per-vertex RGB residual of
             the level-0 face-mask vertices (upsampled through the subdivision like the geometry, added to the
             Gaussians' SH DC term), same photometric loss plus a mesh-Laplacian smoothness and an L2 penalty: detail
@@ -35,18 +35,18 @@ from tqdm import tqdm
 
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
-from utils.cameras import Camera
-from utils.codes import FittedCode, colour_offsets, load_code, render_style, with_colour
-from utils.config import Range
-from utils.device import synchronize
-from utils.geometry import UniformLaplacian, mean_edge_length
+from models.camera import Camera
+from utils.data.code_file import FittedCode, colour_offsets, load_code, render_style, with_colour
+from utils.core.config import Range
+from utils.core.device import synchronize
+from models.geometry import UniformLaplacian, mean_edge_length
 from utils.losses import l1, ssim
-from utils.model_io import TrainedModel
-from utils.regions import eye_region_masks
+from utils.data.model_file import TrainedModel
+from utils.face.regions import eye_region_masks
 
 if TYPE_CHECKING:
     from models.flame import FlameModel, FlameParams
-    from utils.targets import FitTarget
+    from utils.apps.track.targets import FitTarget
 
 INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
 SPACES = ("w", "z")
@@ -72,7 +72,7 @@ class FitConfig:
     min_iterations: int = 30  # never stop before this many iterations
     l1_weight: float = 0.8  # weight of L1 (paper: 0.8)
     ssim_weight: float = 0.2  # weight of 1 - SSIM (paper: 0.2)
-    # An extra L1 term inside the fitted view's eye regions (utils/regions.py): the eyes are ~1 % of the face's
+    # An extra L1 term inside the fitted view's eye regions (utils/face/regions.py): the eyes are ~1 % of the face's
     # pixels, and without it one-view fits at full resolution left the unseen views' eyes 4-5.5 dB below the face
     # and gave them the iris of the nearest training identities.  Weighted lightly in the code stage (a heavier weight
     # moved the whole head's code: face PSNR -0.1..-0.4 dB) and strongly in the colour stage, whose per-vertex

@@ -14,9 +14,9 @@ from torch import Tensor
 from models.flame import FlameParams
 from models.gaussians import SH_C0, GaussianCloud
 from models.renderer import render_batch
-from utils.cameras import Camera
-from utils.io import atomic_torch_save, load_tagged
-from utils.model_io import TrainedModel
+from models.camera import Camera
+from utils.core.io import atomic_torch_save, load_tagged
+from utils.data.model_file import TrainedModel
 
 CODE_FORMAT = "identity-field-code"
 CODE_VERSION = 4  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
@@ -80,7 +80,7 @@ def save_code(path: str | os.PathLike, code: FittedCode, model: TrainedModel, ch
         "colour": None if code.colour is None else code.colour.detach().cpu(),
         "flame": None if code.flame is None else code.flame.as_dict(),  # plain tensors (FlameParams.as_dict)
         "checkpoint": str(checkpoint), "signature": model_signature(model), "meta": code.meta,
-        "model_fingerprint": model.fingerprint,  # SHA-256 of the weights it was fitted with (utils.model_io)
+        "model_fingerprint": model.fingerprint,  # SHA-256 of the weights it was fitted with (utils.data.model_file)
     }
     return atomic_torch_save(doc, path)
 

@@ -1,6 +1,6 @@
 """FLAME and a pinhole camera from 2D face landmarks (one photo, or the T frames of a video with one identity).
 
-``fit_flame_to_landmarks`` fits, to iBUG-68 points (utils/landmarks.py; FLAME's 51 static landmarks = iBUG 17..67,
+``fit_flame_to_landmarks`` fits, to iBUG-68 points (utils/face/landmarks.py; FLAME's 51 static landmarks = iBUG 17..67,
 the 17 jaw-contour points 0..16 through FLAME's optional dynamic embedding) and optionally the two iris centres:
 
     rigid      head rotation and translation (the mean shape, neutral face), started from OpenCV's PnP solution
@@ -46,8 +46,8 @@ import torch
 from torch import Tensor
 
 from models.flame import NUM_EXPRESSION, NUM_SHAPE, FlameModel, FlameParams, axis_angle_to_matrix
-from utils.cameras import Camera
-from utils.config import Range
+from models.camera import Camera
+from utils.core.config import Range
 
 # world -> camera of the fitted camera: the camera frame with y and z flipped (see the module docstring)
 W2C = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
@@ -621,7 +621,7 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
 
 class FrameTracker:
     """FLAME tracking of a video stream, one frame at a time, with the person's shape and the focal length known
-    (:meth:`calibrate`): the streaming counterpart of utils/reenactment.py's chunked batch fit.
+    (:meth:`calibrate`): the streaming counterpart of utils/face/reenactment.py's chunked batch fit.
 
     Each frame's fit (:func:`fit_flame_to_landmarks` with T = 1) is warm-started from the previous frame's result and
     its frame-to-frame prior (the batch fit's ``temporal_std_*``) ties it to that frame only: the smoothing looks

@@ -1,7 +1,7 @@
 """What a single-image fit fits: ``FitTarget`` (the photo, cropped to its face mask, the tracked face-mask vertices and
 every calibrated view for evaluation), built from a NeRSemble subject folder, from one's own photo with its
 calibrated camera and FLAME tracking, or from a photo alone ("in the wild": landmarks -> FLAME and camera,
-utils/landmarks.py and utils/flame_fit.py)."""
+utils/face/landmarks.py and utils/face/flame_fit.py)."""
 from __future__ import annotations
 
 import json
@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.cameras import Camera, load_camera_params
-from utils.dataset import crop_size, crop_view
-from utils.io import read_image
-from utils.model_io import TrainedModel
-from utils.nersemble import NersembleSubject
-from utils.regions import EyeLandmarkEmbedding, embedding_for_flame
+from models.camera import Camera, load_camera_params
+from utils.data.dataset import crop_size, crop_view
+from utils.core.io import read_image
+from utils.data.model_file import TrainedModel
+from utils.data.nersemble import NersembleSubject
+from utils.face.regions import EyeLandmarkEmbedding, embedding_for_flame
 
 if TYPE_CHECKING:
-    from utils.fitting import FitConfig
-    from utils.tracking import TrackConfig
+    from utils.apps.track.fit import FitConfig
+    from utils.apps.track.pipeline import TrackConfig
 
 
 @dataclass
@@ -77,8 +77,8 @@ class WildFit:
     photo: (H, W, 3) the whole photo in [0, 1]; mask: (H, W) the face mask used (projected FLAME face mask, within
     the detector's face outline when there is one)."""
 
-    landmarks: Any  # utils.landmarks.FaceLandmarks
-    fit: Any  # utils.flame_fit.FlameFitResult
+    landmarks: Any  # utils.face.landmarks.FaceLandmarks
+    fit: Any  # utils.face.flame_fit.FlameFitResult
     flame: Any  # models.flame.FlameModel
     photo: np.ndarray
     mask: np.ndarray
@@ -98,10 +98,10 @@ def frame_flame(model: TrainedModel, flame_dir: Path, tracking: Path | None, par
     the frame's FlameParams (T = 1, VHAP's root pivot baked)).
 
     ``frame`` picks the row of ``params`` (or of the ``tracking`` file): with ``frame_ids`` the row whose frame number
-    (the npz's ``frames`` key, utils/nersemble.py tracking_row) is ``frame``, else row min(frame, T - 1).
+    (the npz's ``frames`` key, utils/data/nersemble.py tracking_row) is ``frame``, else row min(frame, T - 1).
     ``flame``: an already loaded FlameModel of ``flame_dir``."""
     from models.flame import FlameModel, load_tracking
-    from utils.nersemble import tracking_row
+    from utils.data.nersemble import tracking_row
 
     flame = flame if flame is not None else FlameModel.from_data_dir(flame_dir)
     if params is None:
@@ -169,7 +169,7 @@ def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.d
 def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera) -> np.ndarray:
     """Face mask of a photo from its FLAME tracking, as preprocessing makes it (utils/preprocess/projection_ply.py):
     the model's face-mask triangles z-buffered against the whole FLAME head.  Returns (H, W) float32 in {0, 1}."""
-    from utils.mesh_raster import render_mask
+    from models.mesh_raster import render_mask
     from utils.preprocess.projection_ply import soft_mask
 
     fm_v = flame_verts[torch.as_tensor(model.mask_ids)]
@@ -184,7 +184,7 @@ def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: T
 
 def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
     """(H, W, 3) RGB or, with ``gray``, (H, W, 1) float32 in [0, 1]; a missing, empty, truncated or undecodable file
-    is an error naming it (utils.io.read_image)."""
+    is an error naming it (utils.core.io.read_image)."""
     img = read_image(path, what, "gray" if gray else "color")
     return img[..., None] if gray else img
 
@@ -281,12 +281,12 @@ def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
     """A photo alone (``cfg.image``): landmarks (mediapipe, or ``cfg.landmarks``), then FLAME and a pinhole camera
-    fitted to them (utils/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
+    fitted to them (utils/face/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
     with the detector's face outline where there is one."""
     import cv2
 
-    from utils.flame_fit import LandmarkTargets, fit_flame_to_landmarks
-    from utils.landmarks import detect_landmarks, load_landmarks_file
+    from utils.face.flame_fit import LandmarkTargets, fit_flame_to_landmarks
+    from utils.face.landmarks import detect_landmarks, load_landmarks_file
 
     img_path = Path(cfg.image)
     photo = read_photo(img_path, "photo (--image)")

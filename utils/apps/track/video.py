@@ -1,18 +1,18 @@
 """A personal avatar from a monocular video (``track.py --video clip.mp4`` / ``--frames DIR``): the pipeline behind
-track.py's video mode, built from the reenactment tracker (utils/reenactment.py) and the single-image fit's pieces
-(utils/fitting.py, utils/targets.py, utils/evaluation.py).
+track.py's video mode, built from the reenactment tracker (utils/face/reenactment.py) and the single-image fit's pieces
+(utils/apps/track/fit.py, utils/apps/track/targets.py, utils/evaluation.py).
 
     frames    the video's frames (``max_frames``, ``stride``) or the images of a folder (sorted by name)
     tracking  landmarks per frame (mediapipe video mode, or ``--landmarks`` (T, 68, 2) .npy), then one FLAME shape and
               one pinhole camera for the clip and per-frame expression / jaw / eyes / head pose (the reenactment
-              path, :func:`utils.reenactment.fit_video_motion`); frames without a face are skipped and counted
+              path, :func:`utils.face.reenactment.fit_video_motion`); frames without a face are skipped and counted
     masks     per frame the model's face-mask triangles projected from the tracked FLAME (z-buffered against the
               head), as the photo path does
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
               own tracked face-mask vertices), loss and schedule of the single-image fit; then the regularised
-              per-vertex colour residual (the colour stage of utils/fitting.py) on batches of training frames
+              per-vertex colour residual (the colour stage of utils/apps/track/fit.py) on batches of training frames
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
               NeRSemble tracking layout), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM in the
               face mask on held-out and training frames, for the fit, the code alone and the mean code),
@@ -39,15 +39,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.renderer import render
-from utils.codes import FittedCode, code_cloud, colour_offsets, save_code, with_colour
+from utils.data.code_file import FittedCode, code_cloud, colour_offsets, save_code, with_colour
 from utils.evaluation import evaluate_cloud
-from utils.fitting import FitConfig, photometric, plateau, start_candidates
-from utils.geometry import UniformLaplacian
-from utils.model_io import TrainedModel
-from utils.targets import View
+from utils.apps.track.fit import FitConfig, photometric, plateau, start_candidates
+from models.geometry import UniformLaplacian
+from utils.data.model_file import TrainedModel
+from utils.apps.track.targets import View
 
 if TYPE_CHECKING:
-    from utils.tracking import TrackConfig
+    from utils.apps.track.pipeline import TrackConfig
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -55,7 +55,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # ====================================================================================== inputs
 def read_frame_folder(folder: str | os.PathLike, stride: int = 1, max_frames: int = 0) -> list[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of the images in ``folder`` (sorted by file name), every ``stride``-th."""
-    from utils.io import read_image, to_uint8
+    from utils.core.io import read_image, to_uint8
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -170,7 +170,7 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
 
 def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: FitConfig, batch: int = 4,
                      backend: str = "auto", progress: bool = True) -> tuple[Tensor, list[float]]:
-    """The colour stage of utils/fitting.py on many frames: a per-vertex RGB residual (M, 3) of the level-0 vertices
+    """The colour stage of utils/apps/track/fit.py on many frames: a per-vertex RGB residual (M, 3) of the level-0 vertices
     for the fixed style w, ``batch`` training frames per Adam step, photometric loss plus the same Laplacian
     smoothness and L2 pull towards zero (the prior).  The Gaussians of every frame are synthesised once."""
     with torch.no_grad():
@@ -222,17 +222,17 @@ def track_video(cfg: "TrackConfig") -> dict:
     """track.py --video / --frames: track, fit, evaluate and export into ``cfg.out`` (see the module docstring).
     Returns the metrics dict written to metrics.json."""
     from models.flame import FlameModel, save_nersemble_tracking
-    from utils.cameras import write_camera_params
-    from utils.dataset import crop_size, crop_view
-    from utils.device import resolve_device
-    from utils.exports import turntable
-    from utils.flame_fit import make_camera
-    from utils.io import atomic_write_json, to_uint8, write_video
-    from utils.model_io import load_model
+    from models.camera import write_camera_params
+    from utils.data.dataset import crop_size, crop_view
+    from utils.core.device import resolve_device
+    from utils.apps.track.export import turntable
+    from utils.face.flame_fit import make_camera
+    from utils.core.io import atomic_write_json, to_uint8, write_video
+    from utils.data.model_file import load_model
     from utils.preprocess.projection_ply import masked_photo
-    from utils.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
-    from utils.targets import frame_flame, model_flame_dir, projected_face_mask, to_tensor_img
-    from utils.tracking import _clean
+    from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
+    from utils.apps.track.targets import frame_flame, model_flame_dir, projected_face_mask, to_tensor_img
+    from utils.apps.track.pipeline import _clean
 
     if bool(cfg.video) == bool(cfg.frames):
         raise ValueError("give exactly one of --video FILE and --frames DIR")
@@ -383,8 +383,8 @@ def synthetic_clip(root: str | os.PathLike, subject: str, out_dir: str | os.Path
     import cv2
 
     from models.flame import FlameModel
-    from utils.flame_fit import flame_landmarks_2d
-    from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+    from utils.face.flame_fit import flame_landmarks_2d
+    from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 
     serial = serial or FRONTAL_SERIAL
     root, out_dir = Path(root), Path(out_dir)
@@ -412,9 +412,9 @@ def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.Path
     ``frames`` of a synthetic subject through every rig camera but ``skip_serial`` (the video's camera), against the
     ground-truth images: how well the fitted identity generalises to views the video never showed."""
     from models.flame import FlameModel
-    from utils.nersemble import FRONTAL_SERIAL, NersembleSubject
+    from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
     from utils.preprocess.projection_ply import masked_photo
-    from utils.targets import frame_flame, projected_face_mask
+    from utils.apps.track.targets import frame_flame, projected_face_mask
 
     root = Path(root)
     skip_serial = skip_serial or FRONTAL_SERIAL

@@ -26,16 +26,22 @@ from models.flame import subdivide_vertices
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import sampling_rate
 from models.renderer import render_identities
-from utils.config import Range, check_ranges, to_dict
-from utils.dataset import DataConfig, MultiViewDataset
-from utils.device import resolve_device
-from utils.io import (
-    FolderInUseError, FolderLock, UnsafeFileError, atomic_torch_save, atomic_write_json, remove_orphan_temps,
-    safe_torch_load, save_image_grid,
+from utils.core.config import Range, check_ranges, to_dict
+from utils.data.dataset import DataConfig, MultiViewDataset
+from utils.core.device import resolve_device
+from utils.core.io import (
+    FolderInUseError,
+    FolderLock,
+    UnsafeFileError,
+    atomic_torch_save,
+    atomic_write_json,
+    remove_orphan_temps,
+    safe_torch_load,
+    save_image_grid,
 )
 from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
-from utils.model_io import save_model
-from utils.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
+from utils.data.model_file import save_model
+from utils.face.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
 
 
 @dataclass
@@ -47,7 +53,7 @@ class LossConfig:
     code_reg: float = 0.0  # weight of the mean squared code norm (the paper's cs_reg_weight)
     offset_reg: float = 1e-3  # weight of the squared Gaussian offsets (edge units): keeps Gaussians on the surface
     scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
-    eye_weight: float = 0.0  # weight of an extra L1 term inside each view's eye regions (utils/regions.py; 0: off)
+    eye_weight: float = 0.0  # weight of an extra L1 term inside each view's eye regions (utils/face/regions.py; 0: off)
 
 
 @dataclass
@@ -170,7 +176,7 @@ class _BatchForward(nn.Module):
 class Trainer:
     """Owns data, network, optimiser, checkpoints and logs of one training run.
 
-    The output folder ``cfg.out`` is locked for the process (utils.io.FolderLock) from construction until
+    The output folder ``cfg.out`` is locked for the process (utils.core.io.FolderLock) from construction until
     :meth:`close` (called at the end of :meth:`run`); a fresh run (no ``resume``) refuses a folder that already holds
     a run (RUN_OUTPUTS) unless ``overwrite``, which first removes those files.  ``resume`` continues from the newest
     readable checkpoint (older ones are tried when the newest is damaged, with a message).
@@ -415,7 +421,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """PSNR/SSIM on held-out cameras and on training cameras of the first ``eval_identities`` identities: of the
         face-masked crops (``psnr_*``, ``ssim_*``), of the face-mask pixels alone (``psnr_face_*``) and of the eye
-        regions (``psnr_eyes_*``, ``ssim_eyes_*``; utils/regions.py)."""
+        regions (``psnr_eyes_*``, ``ssim_eyes_*``; utils/face/regions.py)."""
         self.field.eval()
         n = len(self.data) if self.cfg.eval_identities <= 0 else min(self.cfg.eval_identities, len(self.data))
         ids = torch.arange(n)
@@ -436,7 +442,7 @@ class Trainer:
                 s_all.append(ssim(pred, gt[0], reduction="none"))
                 face = self.data.masks[i, serial_ids].float() / 255.0
                 pf_all.append(psnr(pred, gt[0], mask=face, reduction="none"))  # inside the face mask only
-                if self.eye_landmarks is not None:  # the same views inside the eye regions (utils/regions.py)
+                if self.eye_landmarks is not None:  # the same views inside the eye regions (utils/face/regions.py)
                     masks = eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]),
                                              [self.data.cameras[i][v] for v in serial_ids], face)
                     pe, se = region_metrics(pred, gt[0], masks)

@@ -16,7 +16,7 @@ per-frame path is captured into a CUDA graph (:meth:`HeadAnimator.graphed`).
 
 API (used by animate.py and meant for interactive viewers, e.g. expression / jaw / head-pose sliders)::
 
-    animator = HeadAnimator.from_model(model, flame)          # model.pt (utils/model_io.py) + its FLAME files
+    animator = HeadAnimator.from_model(model, flame)          # model.pt (utils/data/model_file.py) + its FLAME files
     head = animator.identity(w, base_params, base_vertices, colour)   # runs the network once: a PosableIdentity
     motion = FlameParams.neutral(T); motion.jaw[:, 0] = 0.2   # any expression / jaw / neck / eyes values
     cloud = animator.gaussians(head, retarget(motion, head.base))    # GaussianCloud (T, N), no network
@@ -131,7 +131,7 @@ class HeadAnimator(nn.Module):
 
     @classmethod
     def from_model(cls, model: Any, flame: FlameModel, flame_dir: str = "") -> "HeadAnimator":
-        """From a loaded model.pt (utils.model_io.TrainedModel); checks that ``flame`` is the model's FLAME."""
+        """From a loaded model.pt (utils.data.model_file.TrainedModel); checks that ``flame`` is the model's FLAME."""
         model.check_flame(flame, flame_dir or str(getattr(flame, "model_path", "the FLAME files")))
         return cls(model.field, flame, model.mask_ids, model.plan)
 
@@ -162,7 +162,7 @@ class HeadAnimator(nn.Module):
             raise ValueError("HeadAnimator.identity: bake VHAP's root pivot first (FlameModel.bake_root_pivot)")
         raw = self.field.synthesize_raw(w.to(dev).reshape(1, -1)).float()  # (1, V, K, C)
         if colour is not None:
-            # with_colour (utils/codes.py) adds offsets / SH_C0 to the DC term after the network; the DC term is the
+            # with_colour (utils/data/code_file.py) adds offsets / SH_C0 to the DC term after the network; the DC term is the
             # raw channel itself, so adding it here gives the same numbers and costs nothing per frame
             per_vertex = subdivide_vertices(colour.to(dev).float(), self.plan)  # (V, 3)
             raw = raw.clone()

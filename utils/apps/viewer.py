@@ -22,9 +22,9 @@ subnormal with a few bits of precision; in head-radius units it is about 1e-4.  
 (view-independent; viser 1.1 takes no spherical harmonics).
 
 Pose sliders (expression, jaw, eyes, neck, head pose; :data:`POSE_CONTROLS`) drive the head through the FLAME pose
-path (models/animation.py), in two stages::
+path (models/posing.py), in two stages::
 
-    identity  ViewState.identity (keys, blend, method, truncation) --utils/animation.py mixed_identity--> a
+    identity  ViewState.identity (keys, blend, method, truncation) --utils/apps/animate/pipeline.py mixed_identity--> a
               PosableIdentity: the network runs ONCE (style blended and truncated, FLAME shape and geometry offsets
               blended), cached until the identity changes
     pose      ViewState.pose (the sliders) --pose_params--> FlameParams --HeadAnimator.gaussians--> the head
@@ -58,18 +58,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.animation import HeadAnimator, PosableIdentity
+from models.posing import HeadAnimator, PosableIdentity
 from models.flame import EULER_CONVENTION, FlameParams
 from models.gaussians import GaussianCloud
-from utils.animation import IdentityKey, identity_key, load_flame, mixed_identity
-from utils.codes import FittedCode, code_cloud
-from utils.config import Range
-from utils.device import resolve_device, synchronize
-from utils.geometry import head_pose
-from utils.interpolation import METHODS, blend_style, canonical_vertices, key_label, lerp, resolve_key
-from utils.model_io import TrainedModel, load_model
+from utils.apps.animate.pipeline import IdentityKey, identity_key, load_flame, mixed_identity
+from utils.data.code_file import FittedCode, code_cloud
+from utils.core.config import Range
+from utils.core.device import resolve_device, synchronize
+from models.geometry import head_pose
+from utils.apps.interpolate import METHODS, blend_style, canonical_vertices, key_label, lerp, resolve_key
+from utils.data.model_file import TrainedModel, load_model
 from utils.motion import KEYFRAMES, Keyframe, keyframe_params
-from utils.targets import model_flame_dir
+from utils.apps.track.targets import model_flame_dir
 
 NO_MODEL = "(no model loaded)"
 MAX_MESSAGES = 6  # messages kept in the page (newest first)
@@ -172,7 +172,7 @@ class ViewerConfig:
     method: str = "slerp"  # initial interpolation method: linear or slerp (spherical)
     flame_dir: str = ""  # FLAME files of the model, for the pose sliders ("" = found as animate.py finds them)
 
-    RANGES = {"port": Range(0, 65535)}  # checked with utils.config.check_ranges before the server starts
+    RANGES = {"port": Range(0, 65535)}  # checked with utils.core.config.check_ranges before the server starts
 
 
 VIEWER_LISTS = ("codes",)
@@ -344,7 +344,7 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
 def page_error(exc: BaseException, kind: str) -> str:
     """What the page says about a file that could not be used: a fixed phrase per kind of failure, never the
     loader's own text (which can quote a file's bytes); the terminal gets the full message."""
-    from utils.io import UnsafeFileError
+    from utils.core.io import UnsafeFileError
 
     if isinstance(exc, FileNotFoundError):
         return "not found"

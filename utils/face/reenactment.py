@@ -2,18 +2,18 @@
 video.mp4``, one person's head driven by another person's video).
 
     frames      the video's frames (``start`` / ``stride`` / ``max_frames`` of them), RGB
-    landmarks   mediapipe face mesh in video mode (utils/landmarks.py): iBUG-68 points and the iris centres per frame;
+    landmarks   mediapipe face mesh in video mode (utils/face/landmarks.py): iBUG-68 points and the iris centres per frame;
                 a frame without a usable face gets zero weight (its points, copied from the nearest frame with a face,
                 only seed the fit) and is filled by the temporal smoothness
-    shape       utils/flame_fit.py on ``shape_frames`` frames spread over the video: the person's FLAME shape (one for
+    shape       utils/face/flame_fit.py on ``shape_frames`` frames spread over the video: the person's FLAME shape (one for
                 all frames), the focal length, and the detector's systematic per-landmark offset on this face (the
                 mean residual of the static landmarks), which is subtracted from every frame: what varies over the
                 frames is then what FLAME explains by expression, jaw, eyes and pose
-    motion      utils/flame_fit.py on all frames, in chunks of ``chunk`` frames, with that shape and focal length held
+    motion      utils/face/flame_fit.py on all frames, in chunks of ``chunk`` frames, with that shape and focal length held
                 fixed: expression, jaw and eye rotations and head pose per frame, with temporal smoothness
 
 The result is a utils/motion.py Motion (kind "video") in the fitted camera's world (NeRSemble head-pose convention):
-``models.animation.retarget`` puts it on any identity, relative to the video's first frame by default.
+``models.posing.retarget`` puts it on any identity, relative to the video's first frame by default.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.flame import FlameModel, FlameParams
-from utils.config import Range
-from utils.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
-from utils.io import cv2_path
+from utils.core.config import Range
+from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+from utils.core.io import cv2_path
 from utils.motion import Motion
 
 
@@ -41,7 +41,7 @@ class ReenactConfig:
     chunk: int = 120  # frames fitted together (temporal smoothness acts within a chunk)
     bias_correction: bool = True  # subtract the detector's mean per-landmark offset from the shape fit's residuals
     min_face_px: float = 40.0  # smallest usable face (height of its landmark box, pixels); smaller: no face
-    flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # the landmark fit (utils/flame_fit.py)
+    flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # the landmark fit (utils/face/flame_fit.py)
 
     RANGES = {"shape_frames": Range(1), "chunk": Range(1), "min_face_px": Range(1)}
 
@@ -81,7 +81,7 @@ def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, 
                            ) -> tuple[Tensor, Tensor | None, Tensor]:
     """iBUG-68 points (T, 68, 2), iris centres (T, 2, 2) (subject's right eye, then left; None without irises) and a
     (T,) bool of the frames with a face, from mediapipe's face mesh in video mode.  Frames without a face get NaN."""
-    from utils.landmarks import LandmarkDetector, LandmarkError
+    from utils.face.landmarks import LandmarkDetector, LandmarkError
 
     T = len(frames)
     pts = torch.full((T, 68, 2), float("nan"))

@@ -16,7 +16,7 @@ the zero-padded five-digit frame index (``"00000"`` for frame 0, so the frame fo
     flamemask_proj/cam_<serial>.png   face mask projected into each camera       (projection_ply.py)
     filled_masked_images/cam_<serial>.png  photo with everything outside the face mask black (projection_ply.py)
 
-Images come back as float32 (H, W, 3) RGB in [0, 1]; cameras follow utils/cameras.py (OpenCV, K in pixels of the
+Images come back as float32 (H, W, 3) RGB in [0, 1]; cameras follow models/camera.py (OpenCV, K in pixels of the
 image actually returned).  Every missing file raises FileNotFoundError naming the file, what it is and which
 script produces it.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.cameras import Camera, load_camera_params
-from utils.io import image_size, read_image, safe_name
+from models.camera import Camera, load_camera_params
+from utils.core.io import image_size, read_image, safe_name
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
 SERIALS: tuple[str, ...] = (
@@ -84,7 +84,7 @@ def list_subjects(root: str | os.PathLike) -> list[str]:
 
 def _read_image(path: Path, what: str, hint: str, size: tuple[int, int] | None, mode: str = "color",
                 expected: tuple[int, int] | None = None, uniform: bool = False) -> np.ndarray:
-    """A complete image file (utils.io.read_image) as float32 in [0, 1], RGB for colour, resized to ``size`` (w, h)
+    """A complete image file (utils.core.io.read_image) as float32 in [0, 1], RGB for colour, resized to ``size`` (w, h)
     with INTER_AREA if given.
 
     ``expected`` (w, h): the size the stored file must have (that of the photo it belongs to), else ValueError naming
@@ -126,7 +126,7 @@ class NersembleSubject:
         image_folder: str = DEFAULT_IMAGE_FOLDER,
     ) -> None:
         self.root = Path(root)
-        # ids and names become folders that are read and written: one safe component each (utils.io.safe_name)
+        # ids and names become folders that are read and written: one safe component each (utils.core.io.safe_name)
         self.subject_id = safe_name(str(subject_id), "subject id", self.root)
         self.sequence = safe_name(sequence, "sequence name", self.root / self.subject_id)
         safe_name(image_folder, "image folder name", self.root / self.subject_id)

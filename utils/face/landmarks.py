@@ -15,7 +15,7 @@ error, in units of the inter-ocular distance, was kept.  dlib is used by that sc
 iBUG 17..67 are FLAME's 51 static landmarks (``flame_static_embedding.pkl``); 0..16 the jaw contour (FLAME's
 optional dynamic embedding).
 
-Conventions: pixel coordinates x right, y down, pixel centres at +0.5 (utils/cameras.py); subject's right = image
+Conventions: pixel coordinates x right, y down, pixel centres at +0.5 (models/camera.py); subject's right = image
 left in a frontal photo (iBUG 36 is the outer corner of the subject's right eye).
 """
 from __future__ import annotations

@@ -193,7 +193,7 @@ def from_dict(cls: type[T], data: dict, where: str = "checkpoint") -> T:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    from utils.io import atomic_write_text
+    from utils.core.io import atomic_write_text
 
     atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)
 
@@ -216,8 +216,8 @@ def config_parser(description: str | None, cls: type, config_default: str | None
                   aliases: dict[str, str] | None = None, flags: Sequence[str] = (), lists: Sequence[str] = (),
                   debug: bool = True) -> argparse.ArgumentParser:
     """The parser of an entry point: ``--config`` (a YAML preset, ``config_default`` when given), ``--debug`` (see
-    utils/errors.py) and one flag per key of the dataclass ``cls`` (:func:`add_cli_config`)."""
-    from utils.errors import add_debug_flag
+    utils/core/errors.py) and one flag per key of the dataclass ``cls`` (:func:`add_cli_config`)."""
+    from utils.core.errors import add_debug_flag
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if config_default is None:
