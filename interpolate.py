@@ -17,9 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils.apps.interpolate import (  # noqa: E402
+    INTERP_FLAGS,
+    INTERP_LISTS,
+    InterpolationConfig,
+    interpolate,
+)
 from utils.core.config import config_parser, parse_cli_config  # noqa: E402
 from utils.core.errors import run_main  # noqa: E402
-from utils.apps.interpolate import INTERP_FLAGS, INTERP_LISTS, InterpolationConfig, interpolate  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

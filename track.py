@@ -27,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils.apps.track.config import TRACK_ALIASES, TRACK_FLAGS, TrackConfig  # noqa: E402
+from utils.apps.track.pipeline import track, track_all_heldout
 from utils.core.config import config_parser, parse_cli_config  # noqa: E402
 from utils.core.errors import run_main  # noqa: E402
-from utils.apps.track.pipeline import TRACK_ALIASES, TRACK_FLAGS, TrackConfig, track, track_all_heldout  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

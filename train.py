@@ -23,9 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from utils.core.config import _field_comments, _leaf_fields, _parse_value, add_config_args, build_config  # noqa: E402
-from utils.core.errors import add_debug_flag, run_main  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
+from utils.core.config import (  # noqa: E402
+    _field_comments,
+    _leaf_fields,
+    _parse_value,
+    add_config_args,
+    build_config,
+)
+from utils.core.errors import add_debug_flag, run_main  # noqa: E402
 
 ALIASES = {"data_root": "data.root", "flame_dir": "data.flame_dir"}
 
@@ -74,10 +80,10 @@ def run_encoder(args: argparse.Namespace, cfg, trainer=None) -> dict:
     """Train the encoder for <out>/model.pt (or --checkpoint) and store it there."""
     import torch
 
-    from utils.core.config import from_dict
-    from utils.data.dataset import DataConfig, MultiViewDataset
-    from utils.core.device import resolve_device
     from utils.apps.train.encoder import train_encoder
+    from utils.core.config import from_dict
+    from utils.core.device import resolve_device
+    from utils.data.dataset import DataConfig, MultiViewDataset
     from utils.data.model_file import add_encoder, load_model
 
     path = Path(args.checkpoint) if args.checkpoint else Path(cfg.out) / "model.pt"

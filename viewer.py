@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils.apps.viewer import VIEWER_LISTS, HeadViewer, ViewerConfig  # noqa: E402
 from utils.core.config import config_parser, parse_cli_config  # noqa: E402
 from utils.core.errors import run_main  # noqa: E402
-from utils.apps.viewer import VIEWER_LISTS, HeadViewer, ViewerConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,16 +34,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
-from models.renderer import render_batch, render_identities  # noqa: E402
-from models.camera import Camera  # noqa: E402
-from utils.core.config import build_config  # noqa: E402
-from utils.data.dataset import MultiViewDataset  # noqa: E402
-from utils.core.device import default_device  # noqa: E402
-from models.mesh_raster import render_mask  # noqa: E402
-from utils.data.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
-from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+from models.camera import Camera  # noqa: E402
+from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
+from models.mesh_raster import render_mask  # noqa: E402
+from models.renderer import render_batch, render_identities  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
+from utils.core.config import build_config  # noqa: E402
+from utils.core.device import default_device  # noqa: E402
+from utils.data.dataset import MultiViewDataset  # noqa: E402
+from utils.data.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
 
 REFERENCE_STEPS = 295_680  # single-view steps of the reference training (about 9 h on an RTX 3080)
 
@@ -69,7 +69,12 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     heads are subdivided ``gt_subdivision`` times.  ``real_size``: the network's mask is the stand-in with the real
     FLAME mask's counts (benchmarks/real_mask.py) embedded on the synthetic one, so level L gives exactly the real
     data's Gaussians; mask vertex i then stands for the FLAME vertex nearest to it (animation, eye metrics)."""
-    from utils.data.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity
+    from utils.data.synthetic import (
+        GroundTruthHeads,
+        make_rig,
+        render_ground_truth,
+        sample_identity,
+    )
     from utils.data.synthetic_flame import make_flame_model, write_flame_files
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_flame_"))
@@ -249,8 +254,9 @@ def bench_animation(field, data, device: torch.device, repeats: int, backend: st
 def _fit_target(model, views, base, fit_serial: str, device: torch.device):
     """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask,
     every view cropped to one common window, as track.py does with files."""
+    from utils.apps.track.targets import FitTarget
     from utils.data.dataset import DataConfig, crop_size, crop_view
-    from utils.apps.track.targets import FitTarget, View
+    from utils.evaluation import View
 
     dc = DataConfig()
 
@@ -273,9 +279,10 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
     PSNR on the 15 unseen views for both.  ``variants``: {name: FitConfig overrides} timed the same way (schedule
     studies); each gets ``<name>_*`` rows and its gap to the long fit."""
-    from utils.apps.track.fit import FitConfig, fit_identity
-    from utils.evaluation import evaluate_views
+    from utils.apps.track.config import FitConfig
+    from utils.apps.track.fit import fit_identity
     from utils.data.model_file import load_model
+    from utils.evaluation import evaluate_views
 
     views, base = heldout
     model = load_model(model_path, device)
@@ -344,9 +351,13 @@ def driving_video(data, device: torch.device, per_transition: int, size: int, fp
     ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``."""
     from models.posing import retarget
     from utils.core.io import to_uint8, write_video
-    from utils.motion import load_motion
-    from utils.data.synthetic import GroundTruthHeads, render_ground_truth, sample_identity
+    from utils.data.synthetic import (
+        GroundTruthHeads,
+        render_ground_truth,
+        sample_identity,
+    )
     from utils.data.synthetic_flame import make_flame_model
+    from utils.motion import load_motion
 
     model = make_flame_model(seed)
     heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
@@ -426,8 +437,9 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     import cv2
     import skimage.data
 
+    from utils.apps.track.config import TrackConfig
+    from utils.apps.track.pipeline import track
     from utils.data.model_file import load_model
-    from utils.apps.track.pipeline import TrackConfig, track
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_photo_"))
     photo = tmp / "astronaut.png"
@@ -580,7 +592,7 @@ def main() -> None:
             name, _, kvs = spec.partition(":")
             variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
         if args.encoder:
-            from utils.apps.track.fit import FitConfig
+            from utils.apps.track.config import FitConfig
 
             half = max(1, FitConfig().iterations // 2)
             variants.update({"encoder_alone": {"init": "encoder", "iterations": 0, "refine_colour": False},

@@ -31,13 +31,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _auto, _fit_target, build_problem, environment, sync  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
 from utils.core.io import save_image_grid  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
-from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 from utils.data.synthetic import auto_subdivision  # noqa: E402
-from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
+from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 
 # Training configurations compared (``--variant`` adds more) and one-view fit configurations of each trained model
 # (``--fit_variant`` adds more): "today" gives back the fit before the eye term of issue 17, "fixed" is the preset.
@@ -88,8 +88,9 @@ def fit_variant(model, target, device: torch.device, backend: str, quick: bool =
     a few iterations only, for the CPU smoke run); ``fit_overrides``: FitConfig fields (e.g. fit.eye_weight).
 
     Returns (metrics with keys starting with ``prefix``, renders of the target's eval views (C, h, w, 3))."""
+    from utils.apps.track.config import FitConfig
+    from utils.apps.track.fit import fit_identity
     from utils.evaluation import evaluate_views
-    from utils.apps.track.fit import FitConfig, fit_identity
 
     sync(device)
     t0 = time.perf_counter()

@@ -22,14 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _fit_target, build_problem, environment, sync  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+from models.camera import Camera  # noqa: E402
 from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
 from models.renderer import render, render_batch  # noqa: E402
-from models.camera import Camera  # noqa: E402
+from utils.apps.track.config import FitConfig  # noqa: E402
+from utils.apps.track.fit import photometric
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
-from utils.apps.track.fit import FitConfig, photometric  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL  # noqa: E402
-from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -47,7 +48,8 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 def profile(fn, repeats: int, device: torch.device, rows: int, sort: str = "self_cpu_time_total"
             ) -> tuple[str, float, int]:
     """(top-ops table, kernel ms per call, kernels per call) of ``repeats`` calls of fn."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()

@@ -37,8 +37,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import models.renderer as R  # noqa: E402
-from models.gaussians import GaussianCloud, random_cloud  # noqa: E402
 from models.camera import Camera  # noqa: E402
+from models.gaussians import GaussianCloud, random_cloud  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
 
 GRAD_NAMES = ("means", "quats", "scales", "opacities", "sh")

@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import build_problem  # noqa: E402
-from utils.core.config import build_config  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer, init_distributed  # noqa: E402
+from utils.core.config import build_config  # noqa: E402
 
 
 def run(args) -> None:

@@ -29,9 +29,9 @@ import models.renderer as renderer  # noqa: E402
 import utils.losses as losses  # noqa: E402
 from benchmarks.bench import build_problem, environment, sync  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
-from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 # name -> (config overrides, SSIM method, gsplat tile size, gsplat packed)
 VARIANTS: dict[str, tuple[dict, str, int, bool]] = {

@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from utils.apps.track.video import novel_camera_psnr
     from utils.data.code_file import FittedCode, load_code
     from utils.data.model_file import load_model
-    from utils.apps.track.video import novel_camera_psnr
 
     model = load_model(args.checkpoint, "cpu")
     vm = json.loads((Path(args.video_fit) / "metrics.json").read_text())

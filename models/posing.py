@@ -35,7 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.flame import FlameModel, FlameParams, FlameSubset, SubdivisionPlan, subdivide_vertices
+from models.flame import (
+    FlameModel,
+    FlameParams,
+    FlameSubset,
+    SubdivisionPlan,
+    subdivide_vertices,
+)
 from models.gaussians import SH_C0, GaussianCloud
 from models.graphed_synthesis import capture_forward
 from models.identity_field import IdentityField

@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from models.gaussians import GaussianCloud, quat_to_rotmat
 from models.camera import Camera, stack_cameras
+from models.gaussians import GaussianCloud, quat_to_rotmat
 
 NEAR_PLANE = 0.01
 ALPHA_THRESHOLD = 1.0 / 255.0
@@ -617,7 +617,10 @@ def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: T
     version; the depth some forks return is inverse depth).
     """
     try:
-        from diff_gaussian_rasterization import GaussianRasterizationSettings, GaussianRasterizer
+        from diff_gaussian_rasterization import (
+            GaussianRasterizationSettings,
+            GaussianRasterizer,
+        )
     except ImportError as exc:
         raise ImportError(
             "the inria backend needs diff_gaussian_rasterization, which is not on PyPI: clone "

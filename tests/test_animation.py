@@ -26,9 +26,9 @@ SMALL = ["--width", "40", "--height", "48", "--progress", "false", "--device", "
 def rig(fit_model):  # noqa: F811
     """(model, HeadAnimator) of the shared small fit model."""
     from models.posing import HeadAnimator
-    from utils.apps.animate.pipeline import load_flame
+    from utils.identity import load_flame
     from utils.data.model_file import load_model
-    from utils.apps.track.targets import model_flame_dir
+    from utils.identity import model_flame_dir
 
     model = load_model(fit_model)
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
@@ -198,7 +198,7 @@ def test_old_files_without_flame_parameters(rig, fit_model, tmp_path):  # noqa: 
     vertices by least squares (a warning says so), the residual rides along as geometry offsets (the neutral pose is
     reproduced); a code.pt of version 2 (no "flame") still loads."""
     from models.posing import retarget
-    from utils.apps.animate.pipeline import posable
+    from utils.identity import posable
     from utils.data.code_file import FittedCode, load_code, save_code
     from utils.data.model_file import load_model
 
@@ -256,7 +256,8 @@ def test_driven_renders_match_unseen_frames(rig, sequence_root, tracked_017):  #
     sequence_views).  Control: the undriven neutral head against the same frames is clearly worse, so the
     comparison sees the driving."""
     from models.posing import retarget
-    from utils.apps.animate.pipeline import evaluate_sequence, posable, sequence_views
+    from utils.apps.animate.pipeline import evaluate_sequence, sequence_views
+    from utils.identity import posable
     from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 
     model, animator = rig

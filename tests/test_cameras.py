@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from models.camera import Camera, NERSEMBLE_CALIB_SIZE, load_camera_params, stack_cameras, write_camera_params
+from models.camera import Camera, stack_cameras
+from utils.data.camera_params import NERSEMBLE_CALIB_SIZE, load_camera_params, write_camera_params
 
 
 def _w2c(angle_deg=20.0, t=(0.1, -0.05, 1.5)) -> torch.Tensor:

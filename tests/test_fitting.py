@@ -49,7 +49,7 @@ def subject_paths(root: Path, sid: str = "017") -> dict[str, Path]:
 
 def track_cfg(root: Path, checkpoint: Path, out: Path, **over):
     from utils.core.config import build_config
-    from utils.apps.track.pipeline import TrackConfig
+    from utils.apps.track.config import TrackConfig
 
     base = {"checkpoint": str(checkpoint), "subject_dir": str(subject_paths(root)["subject"]), "out": str(out),
             "progress": False, "fit.iterations": FIT_ITERATIONS, "export.turntable_frames": 6,

@@ -166,7 +166,7 @@ def test_video_frames_share_one_shape(flame_and_truth):
 def test_outputs_are_nersemble_files(flame_and_truth, tmp_path):
     """flame_fit.npz and camera_params.json written from a fit load back through the project's own readers."""
     from models.flame import load_tracking, save_nersemble_tracking
-    from models.camera import load_camera_params, write_camera_params
+    from utils.data.camera_params import load_camera_params, write_camera_params
     from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 
     flame, _, truth = flame_and_truth

@@ -52,7 +52,7 @@ def fitted_code(fit_model, tmp_path_factory):  # noqa: F811
 
 # ------------------------------------------------------------------------------------------------ maths
 def test_slerp_and_lerp():
-    from utils.apps.interpolate import lerp, slerp
+    from utils.identity import lerp, slerp
 
     a, b = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])
     assert torch.allclose(slerp(a, b, 0.0), a) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
@@ -64,7 +64,7 @@ def test_slerp_and_lerp():
 
 
 def test_schedule_and_frame_counts():
-    from utils.apps.interpolate import num_frames, schedule
+    from utils.identity import num_frames, schedule
 
     assert num_frames(3, 4, loop=False) == 9 and num_frames(3, 4, loop=True) == 12
     plan = schedule(3, 2, loop=True)
@@ -78,7 +78,8 @@ def test_schedule_and_frame_counts():
 
 def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
     from models.geometry import head_pose
-    from utils.apps.interpolate import GeometryInterpolator, resolve_key
+    from utils.apps.interpolate import GeometryInterpolator
+    from utils.identity import resolve_key
     from utils.data.model_file import load_model
 
     model = load_model(fit_model)
@@ -93,7 +94,7 @@ def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
 
 
 def test_colour_residuals_interpolate_linearly(fit_model, fitted_code):  # noqa: F811
-    from utils.apps.interpolate import interpolate_colours, resolve_key
+    from utils.identity import interpolate_colours, resolve_key
     from utils.data.model_file import load_model
 
     model = load_model(fit_model)

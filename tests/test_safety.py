@@ -390,7 +390,7 @@ def test_wrong_size_masked_image_is_named(subject):
 
 
 def test_bad_camera_params_name_file_and_key(subject):
-    from models.camera import load_camera_params
+    from utils.data.camera_params import load_camera_params
     from utils.data.nersemble import FRONTAL_SERIAL
 
     path = subject.calibration_path

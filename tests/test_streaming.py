@@ -79,7 +79,7 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
 
     import animate
     from models.flame import load_tracking
-    from utils.apps.animate.pipeline import _fit_height
+    from utils.core.io import fit_height
 
     path, truth = driving_video
     common = ["--checkpoint", str(fit_model), "--identity", "300", "--motion", str(path), *SMALL,
@@ -119,7 +119,7 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
     for n in range(T):
         ok, bgr = cap.read()
         assert ok
-        want = _fit_height(np.ascontiguousarray(bgr[..., ::-1]), 48)
+        want = fit_height(np.ascontiguousarray(bgr[..., ::-1]), 48)
         png = cv2.imread(str(tmp_path / "stream" / "frames" / f"frame_{n:05d}.png"))[..., ::-1]
         assert png.shape == (48, 40 + 48, 3)
         assert np.array_equal(png[:, 40:], want), f"frame {n}: the driving panel is not driving frame {n}"

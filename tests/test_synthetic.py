@@ -10,7 +10,7 @@ import torch
 
 from tests.fixtures import SYNTHETIC_KW, synthetic_root  # noqa: F401  (pytest fixture)
 from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
-from models.camera import load_camera_params
+from utils.data.camera_params import load_camera_params
 from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS, NersembleSubject, list_subjects
 from utils.data.synthetic import (
     image_size_for,

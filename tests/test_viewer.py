@@ -32,7 +32,7 @@ def flat_head(model, key: str):
     the library makes them (code_cloud on the identity's vertices brought into the canonical frame, colour residual
     included)."""
     from utils.data.code_file import code_cloud
-    from utils.apps.interpolate import canonical_vertices, resolve_key
+    from utils.identity import canonical_vertices, resolve_key
 
     k = resolve_key(model, key, torch.device("cpu"))
     with torch.no_grad():
@@ -44,7 +44,7 @@ def head_of(rig, key: str, params=None):
     posable: the network once, then HeadAnimator.gaussians) with FLAME parameters ``params`` (default: the neutral
     face in FLAME's canonical frame, i.e. head rotation I, translation 0, scale 1)."""
     from models.flame import FlameParams
-    from utils.apps.animate.pipeline import posable
+    from utils.identity import posable
 
     model, animator = rig
     with warnings.catch_warnings():
@@ -101,8 +101,8 @@ def model(fit_model):  # noqa: F811
 def rig(model):
     """(model, HeadAnimator) with the model's FLAME files, found as the viewer finds them."""
     from models.posing import HeadAnimator
-    from utils.apps.animate.pipeline import load_flame
-    from utils.apps.track.targets import model_flame_dir
+    from utils.identity import load_flame
+    from utils.identity import model_flame_dir
 
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
 
@@ -198,7 +198,7 @@ def test_slerp_and_linear_differ_midway(viewer, model):
 
 def test_truncation_zero_is_the_average_style(viewer, rig, fitted_code):  # noqa: F811
     from models.flame import FlameParams
-    from utils.apps.animate.pipeline import identity_key
+    from utils.identity import identity_key
 
     model, animator = rig
     for key in (model.identities[1], str(fitted_code)):
@@ -258,7 +258,7 @@ def test_burst_of_slider_updates_coalesces(viewer, rig, monkeypatch):
     last value served."""
     import utils.apps.viewer as uv
     from models.flame import FlameParams
-    from utils.apps.animate.pipeline import identity_key
+    from utils.identity import identity_key
 
     model, animator = rig
     settle(viewer, a=model.identities[0], b=model.identities[1], method="slerp", truncation=1.0, blend=0.0)

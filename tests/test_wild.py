@@ -47,7 +47,7 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
     assert np.isfinite(m["psnr_photo_in_mask"]) and 0 < m["ssim_photo"] <= 1
     assert m["num_views"] == 1 and m["psnr_unseen"] is None
     from models.flame import load_tracking
-    from models.camera import load_camera_params
+    from utils.data.camera_params import load_camera_params
 
     img = cv2.imread(str(photo))
     cams = load_camera_params(out / "camera_params.json", image_size=(img.shape[1], img.shape[0]))

@@ -2,19 +2,47 @@
 on the face mask and inside the eye regions."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from models.camera import Camera
 from models.gaussians import GaussianCloud
 from models.renderer import render_batch
 from utils.data.code_file import code_cloud
-from utils.losses import lpips_metric, psnr, ssim_metric
 from utils.data.model_file import TrainedModel
 from utils.data.nersemble import HELDOUT_SERIALS
-from utils.face.regions import EyeLandmarkEmbedding, eye_region_masks, nanmean, region_metrics
-from utils.apps.track.targets import View
+from utils.face.regions import (
+    EyeLandmarkEmbedding,
+    eye_region_masks,
+    nanmean,
+    region_metrics,
+)
+from utils.losses import lpips_metric, psnr, ssim_metric
+
+
+@dataclass
+class View:
+    """One calibrated view, cropped around the face mask.
+
+    image: (h, w, 3) face-masked photo on black (or None when the camera has no photo), mask: (h, w, 1) or None,
+    camera: the cropped Camera (or the full one when there is no photo), serial: camera name.
+    """
+
+    serial: str
+    camera: Camera
+    image: Tensor | None = None
+    mask: Tensor | None = None
+
+
+
+
+def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
+    """(h, w, c) float image array -> a float32 tensor on ``device`` (a View's image or mask)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
 
 
 @torch.no_grad()

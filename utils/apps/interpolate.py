@@ -16,7 +16,6 @@ linearly like the geometry; a training identity (or a code.pt without one) has a
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,17 +24,34 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.camera import Camera
+from models.geometry import head_pose, similarity_fit
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
-from models.camera import Camera, load_camera_params
-from utils.core.device import resolve_device
-from utils.data.code_file import FittedCode, colour_offsets, load_code, with_colour
 from utils.core.config import Range
-from models.geometry import head_pose, similarity_fit
-from utils.core.io import OutputClaim, VideoStream, atomic_write_json, save_image, to_uint8
+from utils.core.device import resolve_device
+from utils.core.io import (
+    OutputClaim,
+    VideoStream,
+    atomic_write_json,
+    save_image,
+    to_uint8,
+)
+from utils.data.code_file import FittedCode, colour_offsets, with_colour
 from utils.data.model_file import TrainedModel, load_model
-
-METHODS = ("linear", "slerp")
+from utils.identity import (
+    METHODS,
+    base_camera,
+    canonical_vertices,
+    code_space,
+    interpolate_codes,
+    interpolate_colours,
+    key_label,
+    lerp,
+    num_frames,
+    resolve_key,
+    schedule,
+)
 
 
 @dataclass
@@ -73,116 +89,6 @@ INTERP_FLAGS = ("loop", "ply", "geometry", "progress", "overwrite")
 INTERP_LISTS = ("identities",)
 
 
-# ====================================================================================== math
-def lerp(a: Tensor, b: Tensor, t: float) -> Tensor:
-    """(1 - t) a + t b for vectors / arrays of any shape."""
-    return a + (b - a) * t
-
-
-def slerp(a: Tensor, b: Tensor, t: float, eps: float = 1e-7) -> Tensor:
-    """Spherical interpolation of two vectors (D,): the direction moves along the great circle at constant speed, the
-    length is interpolated linearly (so codes of different norms still interpolate smoothly).  Falls back to lerp for
-    (nearly) parallel or zero vectors."""
-    na, nb = a.norm(), b.norm()
-    if float(na) < eps or float(nb) < eps:
-        return lerp(a, b, t)
-    ua, ub = a / na, b / nb
-    cos = float((ua * ub).sum().clamp(-1.0, 1.0))
-    omega = math.acos(cos)
-    if omega < 1e-4 or math.pi - omega < 1e-4:  # parallel: lerp; antiparallel: the great circle is undefined
-        return lerp(a, b, t)
-    direction = (math.sin((1 - t) * omega) * ua + math.sin(t * omega) * ub) / math.sin(omega)
-    return direction * lerp(na, nb, t)
-
-
-def num_frames(num_keys: int, frames: int, loop: bool) -> int:
-    """Frames of a video over ``num_keys`` keys with ``frames`` per transition (see the module docstring)."""
-    if num_keys < 2:
-        raise ValueError(f"interpolation needs at least 2 key identities, got {num_keys}")
-    if frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {frames}")
-    return frames * num_keys if loop else frames * (num_keys - 1) + 1
-
-
-def schedule(num_keys: int, frames: int, loop: bool) -> list[tuple[int, int, float]]:
-    """(key i, key j, t) of every frame: the frame shows (1 - t) key i + t key j."""
-    n_trans = num_keys if loop else num_keys - 1
-    out = [(k, (k + 1) % num_keys, f / frames) for k in range(n_trans) for f in range(frames)]
-    if not loop:
-        out.append((num_keys - 1, num_keys - 1, 0.0))
-    assert len(out) == num_frames(num_keys, frames, loop)
-    return out
-
-
-# ====================================================================================== keys
-def resolve_key(model: TrainedModel, key: str, device: torch.device) -> FittedCode:
-    """A training identity (by name) or a fitted code.pt -> FittedCode (w, z or None, base vertices (M, 3))."""
-    if key in model.identities:
-        i = model.identity_index(key)
-        with torch.no_grad():
-            z = model.field.codes.weight[i].detach()
-            w = model.field.style(z[None], update_w_avg=False)[0]
-        return FittedCode(w=w, z=z, base_vertices=model.base_vertices[i].detach(), name=key,
-                          flame=None if model.flame_params is None else model.identity_flame(i).to(device))
-    p = Path(key)
-    if p.is_file():
-        return load_code(p, model, device)
-    if p.suffix == ".pt" or os.sep in key:
-        raise FileNotFoundError(f"fitted code not found: {p} (a code.pt written by track.py)")
-    shown = model.identities[:10]
-    raise ValueError(f"{key!r} is neither a training identity of the model (it has {len(model.identities)}: "
-                     f"{shown}{' ...' if len(model.identities) > 10 else ''}) nor a code.pt file")
-
-
-def interpolate_codes(keys: Sequence[FittedCode], i: int, j: int, t: float, method: str, space: str,
-                      field_) -> Tensor:
-    """Style (S,) of the frame between keys i and j at t (in z space the code is interpolated, then mapped)."""
-    fn = slerp if method == "slerp" else lerp
-    if space == "z":
-        z = fn(keys[i].z, keys[j].z, t)
-        return field_.style(z[None], update_w_avg=False)[0]
-    return fn(keys[i].w, keys[j].w, t)
-
-
-def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) -> Tensor | None:
-    """Colour residual (M, 3) of the frame between keys i and j at t: linear, a key without one counts as zero;
-    None when neither key has one."""
-    a, b = keys[i].colour, keys[j].colour
-    if a is None and b is None:
-        return None
-    a = torch.zeros_like(b) if a is None else a
-    b = torch.zeros_like(a) if b is None else b
-    return lerp(a, b, t)
-
-
-def blend_style(model: TrainedModel, a: FittedCode, b: FittedCode, t: float, method: str, truncation: float = 1.0
-                ) -> tuple[Tensor, Tensor | None]:
-    """Style (S,) and colour residual ((M, 3) or None) of the identity between a and b at t (0 = a, 1 = b): codes
-    interpolated with ``method`` in z when both keys have one, else in w, the colour residual linearly; then pulled
-    towards the average style ``w_avg`` by ``truncation`` (psi: 1 = none, 0 = the average style), which scales the
-    colour residual (a correction of the fitted style) with it."""
-    keys = (a, b)
-    w = interpolate_codes(keys, 0, 1, t, method, code_space(keys), model.field)
-    colour = interpolate_colours(keys, 0, 1, t)
-    if truncation != 1.0:
-        w = model.field.mapping.w_avg.to(w).lerp(w, truncation)
-        colour = None if colour is None else colour * truncation
-    return w, colour
-
-
-def canonical_vertices(template: Tensor, base: Tensor) -> Tensor:
-    """World-space vertices base (M, 3) brought into FLAME's canonical frame of ``template`` (M, 3): the similarity
-    (scale, rotation, translation) that best maps the template onto them, undone."""
-    s, R, t = similarity_fit(template, base)
-    R, t = R.to(base), t.to(base)
-    return ((base - t) @ R) / s  # R^T (v - t) / s, row-vector form
-
-
-def code_space(keys: Sequence[FittedCode]) -> str:
-    """"z" when every key has a latent code (interpolate codes, then map), else "w" (interpolate styles)."""
-    return "z" if all(k.z is not None for k in keys) else "w"
-
-
 class GeometryInterpolator:
     """Interpolates key geometries in FLAME's canonical frame and poses the result like the first key."""
 
@@ -213,33 +119,6 @@ def orbit(camera: Camera, centre: Tensor, up: Tensor, degrees: float) -> Camera:
     M[:3, 3] = c - Rot @ c
     w2c = camera.w2c.double().cpu() @ torch.linalg.inv(M)  # new c2w = M @ c2w
     return Camera(camera.K.cpu(), w2c.float(), camera.width, camera.height, camera.name).to(camera.device)
-
-
-def base_camera(cfg: InterpolationConfig, template: Tensor, base: Tensor, device: torch.device) -> Camera:
-    """The still camera: a calibrated one from ``cfg.camera_json`` scaled to ``cfg.width``, else a frontal look_at
-    camera 1 m in front of the face (FLAME's +z axis) framing the head."""
-    if cfg.camera_json:
-        path = Path(cfg.camera_json)
-        try:
-            cam = load_camera_params(path, serials=[cfg.camera])[cfg.camera]
-        except KeyError as exc:
-            raise ValueError(f"camera {cfg.camera!r} is not in {path}: {exc.args[0] if exc.args else exc}") from exc
-        return cam.scaled(cfg.width / cam.width).to(device)
-    if cfg.width < 2 or cfg.height < 2:
-        raise ValueError(f"--width and --height must be >= 2, got {cfg.width}x{cfg.height}")
-    centre, R, radius = head_pose(template, base)
-    eye = centre + R[:, 2] * 1.0
-    f = 0.5 * min(cfg.width, cfg.height) * cfg.fill * 1.0 / max(radius, 1e-9)
-    return Camera.look_at(eye.tolist(), centre.tolist(), R[:, 1].tolist(), cfg.width, cfg.height, fx=f, fy=f,
-                          name="frontal").to(device)
-
-
-# ====================================================================================== the whole video
-def key_label(key: str) -> str:
-    """File-name-safe label of a key: the identity name, or for a track.py output (.../<name>/code.pt) its folder."""
-    p = Path(key)
-    raw = p.parent.name if p.name == "code.pt" and p.parent.name else p.stem
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in raw) or "key"
 
 
 def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> dict:

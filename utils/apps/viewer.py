@@ -58,18 +58,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.posing import HeadAnimator, PosableIdentity
 from models.flame import EULER_CONVENTION, FlameParams
 from models.gaussians import GaussianCloud
-from utils.apps.animate.pipeline import IdentityKey, identity_key, load_flame, mixed_identity
-from utils.data.code_file import FittedCode, code_cloud
+from models.geometry import head_pose
+from models.posing import HeadAnimator, PosableIdentity
 from utils.core.config import Range
 from utils.core.device import resolve_device, synchronize
-from models.geometry import head_pose
-from utils.apps.interpolate import METHODS, blend_style, canonical_vertices, key_label, lerp, resolve_key
+from utils.data.code_file import FittedCode, code_cloud
 from utils.data.model_file import TrainedModel, load_model
+from utils.identity import (
+    METHODS,
+    IdentityKey,
+    blend_style,
+    canonical_vertices,
+    identity_key,
+    key_label,
+    lerp,
+    load_flame,
+    mixed_identity,
+    model_flame_dir,
+    resolve_key,
+)
 from utils.motion import KEYFRAMES, Keyframe, keyframe_params
-from utils.apps.track.targets import model_flame_dir
 
 NO_MODEL = "(no model loaded)"
 MAX_MESSAGES = 6  # messages kept in the page (newest first)

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 # ---------------------------------------------------------------------------------------------- atomic writes
 # Every output of the project is written under a temporary name unique to the process and call, next to its final
 # name (same folder, so the rename is atomic), created with O_EXCL (never an existing file, never through a planted
@@ -605,6 +604,17 @@ def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image
     return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+
+
+def fit_height(image: np.ndarray, height: int) -> np.ndarray:
+    """uint8 or float (h, w, 3) -> uint8 (height, w * height / h, 3)."""
+    import cv2
+
+    img = to_uint8(image)
+    if img.shape[0] != height:
+        w = max(2, int(round(img.shape[1] * height / img.shape[0])))
+        img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA if img.shape[0] > height else cv2.INTER_LINEAR)
+    return img
 
 
 def save_image(path: str | os.PathLike, image: Tensor | np.ndarray) -> Path:

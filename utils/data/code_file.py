@@ -11,10 +11,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from models.camera import Camera
 from models.flame import FlameParams
 from models.gaussians import SH_C0, GaussianCloud
 from models.renderer import render_batch
-from models.camera import Camera
 from utils.core.io import atomic_torch_save, load_tagged
 from utils.data.model_file import TrainedModel
 

@@ -17,9 +17,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.flame import FlameModel, face_mask_topology, make_subdivision_plan
 from models.camera import Camera
-from utils.data.nersemble import HELDOUT_IDENTITIES, HELDOUT_SERIALS, NersembleSubject, list_subjects
+from models.flame import FlameModel, face_mask_topology, make_subdivision_plan
+from utils.data.nersemble import (
+    HELDOUT_IDENTITIES,
+    HELDOUT_SERIALS,
+    NersembleSubject,
+    list_subjects,
+)
 
 
 @dataclass

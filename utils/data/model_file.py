@@ -24,7 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.flame import FlameParams, SubdivisionPlan, make_subdivision_plan, subdivide_vertices
+from models.flame import (
+    FlameParams,
+    SubdivisionPlan,
+    make_subdivision_plan,
+    subdivide_vertices,
+)
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import set_render_filter
 from utils.core.io import atomic_torch_save, load_tagged

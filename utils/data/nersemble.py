@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.camera import Camera, load_camera_params
+from models.camera import Camera
 from utils.core.io import image_size, read_image, safe_name
+from utils.data.camera_params import load_camera_params
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
 SERIALS: tuple[str, ...] = (

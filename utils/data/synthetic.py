@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.camera import Camera
 from models.gaussians import GaussianCloud, rotmat_to_quat
-from models.camera import Camera, load_camera_params, write_camera_params
 from utils.core.io import atomic_write_json, imwrite_file, safe_child
+from utils.data.camera_params import load_camera_params, write_camera_params
 from utils.data.nersemble import (
     CALIBRATION_RELPATH,
     DEFAULT_SEQUENCE,
@@ -561,8 +562,17 @@ class GroundTruthHeads:
     """
 
     def __init__(self, flame_dir: str | os.PathLike, model: Mapping, subdivision: int = 1) -> None:
-        from models.flame import FlameModel, make_subdivision_plan, mouth_closing_faces, subdivision_matrix
-        from utils.data.synthetic_flame import face_regions, painting_masks, semantic_regions
+        from models.flame import (
+            FlameModel,
+            make_subdivision_plan,
+            mouth_closing_faces,
+            subdivision_matrix,
+        )
+        from utils.data.synthetic_flame import (
+            face_regions,
+            painting_masks,
+            semantic_regions,
+        )
 
         self.flame = FlameModel.from_data_dir(flame_dir)
         self.model = model

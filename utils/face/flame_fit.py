@@ -45,8 +45,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.flame import NUM_EXPRESSION, NUM_SHAPE, FlameModel, FlameParams, axis_angle_to_matrix
 from models.camera import Camera
+from models.flame import (
+    NUM_EXPRESSION,
+    NUM_SHAPE,
+    FlameModel,
+    FlameParams,
+    axis_angle_to_matrix,
+)
 from utils.core.config import Range
 
 # world -> camera of the fitted camera: the camera frame with y and z flipped (see the module docstring)

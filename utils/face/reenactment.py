@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from models.flame import FlameModel, FlameParams
 from utils.core.config import Range
-from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 from utils.core.io import cv2_path
+from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 from utils.motion import Motion
 
 

@@ -28,8 +28,17 @@ import torch  # noqa: E402
 
 from utils.data.nersemble import NersembleSubject, tracking_row  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
-    Outputs, add_flame_dir_arg, add_overwrite_arg, add_quiet_arg, add_subject_args, atomic_write, iter_subjects,
-    log, make_parser, plan_outputs, script_main,
+    Outputs,
+    add_flame_dir_arg,
+    add_overwrite_arg,
+    add_quiet_arg,
+    add_subject_args,
+    atomic_write,
+    iter_subjects,
+    log,
+    make_parser,
+    plan_outputs,
+    script_main,
 )
 
 MAX_LEVEL = 3

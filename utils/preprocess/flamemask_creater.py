@@ -20,7 +20,13 @@ from typing import Optional, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 
 from utils.preprocess.common import (  # noqa: E402
-    Outputs, add_flame_dir_arg, add_overwrite_arg, atomic_write, make_parser, plan_outputs, script_main,
+    Outputs,
+    add_flame_dir_arg,
+    add_overwrite_arg,
+    atomic_write,
+    make_parser,
+    plan_outputs,
+    script_main,
 )
 
 

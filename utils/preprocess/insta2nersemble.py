@@ -53,7 +53,12 @@ from utils.data.nersemble import (
     timestep_name,
 )
 from utils.preprocess.common import (  # noqa: E402
-    Outputs, add_overwrite_arg, atomic_write, make_parser, plan_outputs, script_main,
+    Outputs,
+    add_overwrite_arg,
+    atomic_write,
+    make_parser,
+    plan_outputs,
+    script_main,
 )
 
 TRANSFORM_FILES = ("transforms.json", "transforms_train.json", "transforms_val.json", "transforms_test.json")
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> Outputs:
     import cv2
 
     from models.flame import save_nersemble_tracking
-    from models.camera import write_camera_params
+    from utils.data.camera_params import write_camera_params
 
     actor = actor_dir(args)
     meta, fr, tpath = find_frame(actor, args.frame, args.transforms)

@@ -29,12 +29,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.camera import Camera  # noqa: E402
-from utils.core.io import imwrite_file  # noqa: E402
 from models.mesh_raster import render_mask  # noqa: E402
+from utils.core.io import imwrite_file  # noqa: E402
 from utils.data.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
-    Outputs, add_overwrite_arg, add_quiet_arg, add_subject_args, atomic_write, iter_subjects, make_parser,
-    plan_outputs, progress, script_main,
+    Outputs,
+    add_overwrite_arg,
+    add_quiet_arg,
+    add_subject_args,
+    atomic_write,
+    iter_subjects,
+    make_parser,
+    plan_outputs,
+    progress,
+    script_main,
 )
 
 MASK_TYPES = ("facemask", "head")

@@ -17,30 +17,44 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
-from models.posing import POSE_MODES, HeadAnimator, PosableIdentity, retarget
-from models.flame import FlameModel, FlameParams, FlameSubset, save_nersemble_tracking
-from models.renderer import render_identities
 from models.camera import Camera
-from utils.data.code_file import FittedCode
+from models.flame import FlameParams, save_nersemble_tracking
+from models.posing import POSE_MODES, HeadAnimator, PosableIdentity, retarget
+from models.renderer import render_identities
+from utils.apps.animate.stream import animate_stream
 from utils.core.config import Range
 from utils.core.device import resolve_device, synchronize
-from models.geometry import similarity_fit
-from utils.apps.interpolate import METHODS, base_camera, blend_style, lerp, resolve_key
-from utils.core.io import OutputClaim, VideoStream, atomic_write_json, cv2_path, save_image, to_uint8
+from utils.core.io import (
+    OutputClaim,
+    VideoStream,
+    atomic_write_json,
+    cv2_path,
+    fit_height,
+    save_image,
+    to_uint8,
+)
 from utils.data.model_file import TrainedModel, load_model
-from utils.motion import Motion, load_motion
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.evaluation import View
 from utils.face.reenactment import ReenactConfig, reenact_video
-from utils.apps.track.targets import View, model_flame_dir
+from utils.identity import (
+    METHODS,
+    base_camera,
+    identity_key,
+    load_flame,
+    mixed_identity,
+    model_flame_dir,
+    posable,
+)
+from utils.motion import Motion, load_motion
 
 SIDE_BY_SIDE = ("none", "video", "driver")
 
@@ -111,109 +125,6 @@ ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite", "stream", "stre
 ANIM_LISTS = ("keyframes",)
 
 
-# ====================================================================================== identities
-def load_flame(model: TrainedModel, flame_dir: Path) -> FlameModel:
-    """The model's FlameModel from ``flame_dir``, with a message that says which folder is expected."""
-    try:
-        flame = FlameModel.from_data_dir(flame_dir)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (animation needs the FLAME files the model was trained with; pass "
-                                f"--flame_dir)") from exc
-    model.check_flame(flame, flame_dir)
-    return flame
-
-
-def fit_flame_to_vertices(face: FlameSubset, vertices: Tensor, iterations: int = 4, ridge: float = 1e-4
-                          ) -> FlameParams:
-    """FLAME shape and head placement of stored face-mask vertices (for model.pt / code.pt files written before they
-    held FLAME parameters): alternately a similarity (Umeyama) and the shape coefficients by ridge-regularised linear
-    least squares, assuming a neutral expression and zero jaw / neck / eye rotation.
-
-    Args:
-        face: the FLAME rows of the face mask (models.flame.FlameSubset).
-        vertices: (M, 3) world-space face-mask vertices.
-    Returns:
-        FlameParams (T = 1) on the vertices' device.  What it cannot explain (expression, pose, fitted offsets) stays
-        as geometry offsets when the vertices are given to HeadAnimator.identity.
-    """
-    dev = vertices.device
-    tmpl = face.template.detach().double().cpu()
-    A = face.shapedirs.detach().double().cpu().reshape(-1, face.shapedirs.shape[-1])  # (M*3, 300)
-    AtA = A.T @ A
-    reg = ridge * torch.trace(AtA) / AtA.shape[0] * torch.eye(AtA.shape[0], dtype=torch.float64)
-    target = vertices.detach().double().cpu()
-    beta = torch.zeros(A.shape[1], dtype=torch.float64)
-    for _ in range(iterations):
-        s, R, t = similarity_fit((tmpl + (A @ beta).view(-1, 3)).float(), target.float())
-        canon = (target - t.double()) @ R.double() / s  # R^T (v - t) / s in row-vector form
-        beta = torch.linalg.solve(AtA + reg, A.T @ (canon - tmpl).reshape(-1))
-    s, R, t = similarity_fit((tmpl + (A @ beta).view(-1, 3)).float(), target.float())
-    p = FlameParams.neutral(1)
-    return replace(p, shape=beta.float()[None], rotation_matrix=R[None], translation=t[None],
-                   scale=torch.full((1, 1), float(s))).to(dev)
-
-
-@dataclass
-class IdentityKey:
-    """One identity as the pose path needs it, resolved without running the network.
-
-    Attributes:
-        code: its FittedCode (style, code, level-0 vertices, colour residual).
-        base: FlameParams (T = 1) of its own frame: stored in model.pt / code.pt, or fitted for older files.
-        offsets: (1, V, 3) geometry offsets from FLAME (HeadAnimator.geometry_offsets), or None.
-        name: a label.
-    """
-
-    code: FittedCode
-    base: FlameParams
-    offsets: Tensor | None
-    name: str
-
-
-def identity_key(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device,
-                 code: FittedCode | None = None) -> IdentityKey:
-    """A training identity (by name) or a code.pt (``code``: already resolved with resolve_key) -> IdentityKey.  Files
-    written before FLAME parameters were stored get FLAME's shape and head pose by least squares, with a warning."""
-    code = resolve_key(model, key, device) if code is None else code
-    base = code.flame
-    if base is None:
-        base = fit_flame_to_vertices(animator.face, code.base_vertices)
-        with torch.no_grad():
-            rms = float((animator.face(base)[0] - code.base_vertices).square().sum(-1).mean().sqrt())
-        what = "model.pt" if key in model.identities else str(key)
-        warnings.warn(f"{what} holds no FLAME parameters for {code.name or key!r} (written before they were stored): "
-                      f"FLAME shape and head pose were fitted to its face-mask vertices by least squares (RMS "
-                      f"residual {1000 * rms:.2f} mm, kept as geometry offsets; the neck and jaw pivots, which "
-                      f"depend on the whole head, are approximate)")
-    base = base.to(animator.device)
-    return IdentityKey(code, base, animator.geometry_offsets(base, code.base_vertices), code.name or key)
-
-
-def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch.device
-            ) -> tuple[PosableIdentity, FittedCode]:
-    """A training identity (by name) or a code.pt -> (PosableIdentity, its FittedCode); the network runs once."""
-    k = identity_key(animator, model, key, device)
-    head = animator.identity(k.code.w, k.base, colour=k.code.colour, name=k.name)
-    return replace(head, offsets=k.offsets), k.code
-
-
-def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: IdentityKey, b: IdentityKey, mix: float,
-                   method: str, truncation: float = 1.0) -> PosableIdentity:
-    """The interpolation between identities a and b at ``mix`` (0 = a), truncated by ``truncation`` (psi, 1 = none):
-    style and colour residual by utils/apps/interpolate.py blend_style, FLAME shape and geometry offsets linearly (the
-    geometry does not truncate); a's head placement.  The network runs once."""
-    with torch.no_grad():
-        w, colour = blend_style(model, a.code, b.code, mix, method, truncation)
-    base = replace(a.base, shape=lerp(a.base.shape, b.base.shape, mix))
-    head = animator.identity(w, base, colour=colour, name=f"{a.name}+{b.name}@{mix:g}")
-    oa, ob = a.offsets, b.offsets
-    if oa is not None or ob is not None:
-        oa = torch.zeros_like(ob) if oa is None else oa
-        ob = torch.zeros_like(oa) if ob is None else ob
-        head = replace(head, offsets=lerp(oa, ob, mix))
-    return head
-
-
 # ====================================================================================== evaluation
 def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: torch.device, scale: float = 1.0,
                    margin: float = 0.1, multiple: int = 16) -> list[list[View]]:
@@ -223,7 +134,7 @@ def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: tor
     rounded to a multiple of 16 pixels can differ from another's by a third, i.e. up to 1.8 dB for the same error).
     Returns per frame a list of View (utils/apps/track/targets.py) in camera order."""
     from utils.data.dataset import crop_size, crop_view
-    from utils.apps.track.targets import to_tensor_img
+    from utils.evaluation import to_tensor_img
 
     raw = []
     for f in frames:
@@ -257,18 +168,6 @@ def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: Fla
         metrics, _ = evaluate_cloud(animator.gaussians(head, params.frame(t))[0], views[t], fit_serial, backend)
         rows.append({k: v for k, v in metrics.items() if k != "per_view"})
     return rows
-
-
-# ====================================================================================== frames
-def _fit_height(image: np.ndarray, height: int) -> np.ndarray:
-    """uint8 or float (h, w, 3) -> uint8 (height, w * height / h, 3)."""
-    import cv2
-
-    img = to_uint8(image)
-    if img.shape[0] != height:
-        w = max(2, int(round(img.shape[1] * height / img.shape[0])))
-        img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA if img.shape[0] > height else cv2.INTER_LINEAR)
-    return img
 
 
 def _read_video_frames(path: Path, frame_ids: np.ndarray) -> dict[int, np.ndarray]:
@@ -305,7 +204,7 @@ class _Panels:
         if img is None:
             self.missing += 1
             return None
-        return _fit_height(img, self.height)
+        return fit_height(img, self.height)
 
 
 def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, cam: Camera, backend: str):
@@ -334,7 +233,6 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
     if cfg.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
     if cfg.stream:  # live driving: frame by frame (utils/apps/animate/stream.py)
-        from utils.apps.animate.stream import animate_stream
 
         return animate_stream(cfg, model)
     if cfg.motion.strip().isdigit():
@@ -400,7 +298,7 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
                     n = a + k
                     row = [to_uint8(imgs[k])]
                     if dimgs is not None:
-                        row.append(_fit_height(to_uint8(dimgs[k]), cam.height))
+                        row.append(fit_height(to_uint8(dimgs[k]), cam.height))
                     elif panels is not None:
                         panel = panels(n)
                         row.append(panel if panel is not None else np.zeros_like(row[0]))

@@ -36,6 +36,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.flame import FlameParams, save_nersemble_tracking
+from models.posing import retarget
+from models.renderer import render_identities
+from utils.core.device import resolve_device, synchronize
+from utils.core.io import atomic_write_json, fit_height, save_image, to_uint8
+from utils.data.model_file import load_model
+from utils.face.flame_fit import FrameTracker
+from utils.identity import (
+    base_camera,
+    identity_key,
+    load_flame,
+    mixed_identity,
+    model_flame_dir,
+    posable,
+)
+
 STOP = object()  # end of a queue's stream
 
 
@@ -276,16 +292,6 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
     by frame (see the module docstring); writes animation.mp4, motion.npz and animation.json into ``cfg.out`` and
     returns the summary (with ``stream``: latency distribution, sustained fps, stage times).  ``make_detector``
     replaces mediapipe (tests)."""
-    from models.posing import retarget
-    from models.flame import FlameParams, save_nersemble_tracking
-    from models.renderer import render_identities
-    from utils.apps.animate.pipeline import _fit_height, identity_key, load_flame, mixed_identity, posable
-    from utils.core.device import resolve_device, synchronize
-    from utils.face.flame_fit import FrameTracker
-    from utils.apps.interpolate import base_camera
-    from utils.core.io import atomic_write_json, save_image, to_uint8
-    from utils.data.model_file import load_model
-    from utils.apps.track.targets import model_flame_dir
 
     if cfg.side_by_side not in ("none", "video"):
         raise ValueError(f"--stream supports --side_by_side none or video, got {cfg.side_by_side!r}")
@@ -355,7 +361,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
                         img = render_identities(cloud, [[cam]], backend=cfg.backend)["image"][0, 0].clamp(0, 1)
                         frame = to_uint8(img)
                     if cfg.side_by_side == "video":
-                        frame = np.concatenate([frame, _fit_height(det.rgb, cam.height)], axis=1)
+                        frame = np.concatenate([frame, fit_height(det.rgb, cam.height)], axis=1)
                     t_render = time.perf_counter() - t
                     writer.write(frame)
                     if cfg.png:

@@ -3,7 +3,6 @@ photo-only fit, the fitted FLAME and camera (flame_fit.npz, camera_params.json) 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -11,31 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.renderer import render_batch
 from models.camera import Camera
-from utils.data.code_file import FittedCode, code_cloud
-from utils.core.config import Range
 from models.geometry import head_pose, orbit_camera
+from models.renderer import render_batch
+from utils.apps.track.config import ExportConfig
+from utils.apps.track.targets import FitTarget
 from utils.core.io import safe_child, save_image, to_uint8
+from utils.data.code_file import FittedCode, code_cloud
 from utils.data.model_file import TrainedModel
-from utils.apps.track.targets import FitTarget, View
-
-
-@dataclass
-class ExportConfig:
-    """What ``track`` writes besides code.pt and metrics.json."""
-
-    ply: bool = True  # head.ply, the fitted Gaussians in the standard 3DGS layout
-    views: bool = True  # views/cam_<serial>.png (render | photo) and grid.png
-    turntable: bool = True  # turntable.mp4
-    turntable_frames: int = 60  # frames of the turntable video
-    turntable_degrees: float = 120.0  # yaw range: >= 360 a full turn, else a swing of +-degrees/2 and back
-    turntable_size: int = 256  # turntable frame height in pixels (width from the fitted camera's aspect)
-    fps: float = 25.0  # video frame rate
-    lpips: bool = True  # compute LPIPS when the optional lpips package works here (skipped with a message else)
-
-    RANGES = {"turntable_frames": Range(1), "turntable_degrees": Range(0), "turntable_size": Range(2),
-              "fps": Range(0, lo_open=True)}
+from utils.evaluation import View
 
 
 def export_views(out: Path, views: Sequence[View], renders: Tensor, extra: Sequence[tuple[str, Tensor]]) -> None:
@@ -88,8 +71,8 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     photometric FLAME stage the files and the drawing hold the refined FLAME; ``landmark_error_*`` stay those of the
     landmark fit (``landmark_error_iod_refined``: after the refinement)."""
     from models.flame import save_nersemble_tracking
-    from models.camera import write_camera_params
     from utils.core.io import save_image
+    from utils.data.camera_params import write_camera_params
     from utils.face.landmarks import draw_landmarks, reprojection_error
     from utils.losses import psnr, ssim_metric
 

@@ -26,106 +26,34 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.camera import Camera
+from models.flame import FlameModel, FlameParams
+from models.geometry import UniformLaplacian, mean_edge_length
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
-from models.camera import Camera
-from utils.data.code_file import FittedCode, colour_offsets, load_code, render_style, with_colour
-from utils.core.config import Range
+from utils.apps.track.config import INITS, SPACES, FitConfig
+from utils.apps.track.targets import FitTarget
 from utils.core.device import synchronize
-from models.geometry import UniformLaplacian, mean_edge_length
-from utils.losses import l1, ssim
+from utils.data.code_file import (
+    FittedCode,
+    colour_offsets,
+    load_code,
+    render_style,
+    with_colour,
+)
 from utils.data.model_file import TrainedModel
 from utils.face.regions import eye_region_masks
-
-if TYPE_CHECKING:
-    from models.flame import FlameModel, FlameParams
-    from utils.apps.track.targets import FitTarget
-
-INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
-SPACES = ("w", "z")
-
-
-# ====================================================================================== configuration
-@dataclass
-class FitConfig:
-    """Optimisation of one identity (the network stays frozen)."""
-
-    space: str = "w"  # optimised vector: w (style, more expressive) or z (latent code, stays on the code manifold)
-    # start: encoder (the model's feed-forward encoder on the photo), mean (= mean_code), w_avg, mean_w (the mean
-    # training style), best (the best of them on the photo), auto (the encoder when the model has one, else best)
-    init: str = "auto"  # start: encoder, mean, best, auto (encoder if present, else best), w_avg, mean_w, a code.pt
-    iterations: int = 100  # maximum Adam iterations
-    lr: float = 0.2  # Adam learning rate of the code / style
-    lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
-    beta1: float = 0.9  # Adam beta1
-    beta2: float = 0.99  # Adam beta2
-    check_every: int = 10  # early-stopping test every k iterations (the only host synchronisation of the loop)
-    patience: int = 2  # stop after this many tests in a row without min_rel_improvement of the windowed loss
-    min_rel_improvement: float = 0.005  # relative loss improvement that counts as progress
-    min_iterations: int = 30  # never stop before this many iterations
-    l1_weight: float = 0.8  # weight of L1 (paper: 0.8)
-    ssim_weight: float = 0.2  # weight of 1 - SSIM (paper: 0.2)
-    # An extra L1 term inside the fitted view's eye regions (utils/face/regions.py): the eyes are ~1 % of the face's
-    # pixels, and without it one-view fits at full resolution left the unseen views' eyes 4-5.5 dB below the face
-    # and gave them the iris of the nearest training identities.  Weighted lightly in the code stage (a heavier weight
-    # moved the whole head's code: face PSNR -0.1..-0.4 dB) and strongly in the colour stage, whose per-vertex
-    # residual paints the iris without touching the rest of the face (benchmarks/results/eyes_h200_colour.md).
-    # The term is a mean over the eye pixels, so on a small face each eye pixel weighs more: at eyes a few pixels
-    # wide (CPU preset, ~70x100 photos) the colour stage's full weight fitted noise and lowered the unseen eyes'
-    # PSNR.  Rather than switching the term off below a size (it was off below 1,000 eye pixels), each stage's weight
-    # is scaled by min(1, eye pixels / its *_eye_pixels): a fixed weight per eye pixel on small faces, the full weight
-    # on large ones (benchmarks/fit_ablation.py, tests/test_fitting.py).
-    eye_weight: float = 0.3  # weight of the L1 term inside the photo's eye regions in the code fit (0: off)
-    colour_eye_weight: float = 10.0  # the eye term's weight in the colour stage (0: off)
-    eye_pixels: int = 0  # code stage: the eye weight is scaled by min(1, eye pixels / this) (0: never scaled)
-    colour_eye_pixels: int = 4000  # colour stage: colour_eye_weight scaled by min(1, eye pixels / this) (0: never)
-    eye_min_pixels: int = 0  # the eye term is left out when the fitted view's eye regions hold fewer pixels (0: never)
-    style_reg: float = 0.01  # weight of the mean squared distance of w from its start (w space only; 0: off)
-    refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
-    geometry_lr: float = 2e-4  # Adam learning rate of the vertex offsets, in metres
-    laplacian_weight: float = 100.0  # weight of the squared uniform Laplacian of the offsets (edge-length units)
-    offset_weight: float = 1.0  # weight of the squared offsets (edge-length units)
-    refine_colour: bool = True  # after the code fit: a regularised per-vertex RGB residual of the level-0 vertices
-    #                             (upsampled like the geometry, added to the Gaussians' colour; network not re-run)
-    colour_iterations: int = 40  # Adam iterations of the colour stage (a fixed count; 0 skips the stage)
-    colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
-    colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
-    colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
-    # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
-    # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
-    colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
-    refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
-    # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
-    # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
-    flame_iterations: int = 30  # Adam iterations of the refine_flame stage (0 skips it)
-    flame_lr: float = 0.002  # refine_flame: Adam lr of head rotation (rad), translation (head distances) and jaw
-    flame_expression_lr: float = 0.02  # refine_flame: Adam lr of the expression coefficients (standard deviations)
-    flame_style_lr: float = 0.01  # refine_flame: Adam lr of the style w refined with the head (0: w stays fixed)
-    flame_prior: float = 1e-4  # refine_flame: weight of |expression|^2 + |jaw / 0.2 rad|^2
-    crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
-    crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
-    cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
-
-    RANGES = {"iterations": Range(1), "lr": Range(0, lo_open=True), "lr_final_ratio": Range(0, 1, lo_open=True),
-              "beta1": Range(0, 1, hi_open=True), "beta2": Range(0, 1, hi_open=True), "check_every": Range(1),
-              "patience": Range(1), "min_rel_improvement": Range(0), "min_iterations": Range(0),
-              "l1_weight": Range(0), "ssim_weight": Range(0), "eye_weight": Range(0), "colour_eye_weight": Range(0),
-              "eye_min_pixels": Range(0), "style_reg": Range(0), "geometry_lr": Range(0),
-              "laplacian_weight": Range(0), "offset_weight": Range(0), "colour_iterations": Range(0),
-              "colour_lr": Range(0), "colour_laplacian_weight": Range(0), "colour_weight": Range(0),
-              "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
-              "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1)}
+from utils.losses import l1, ssim
 
 
 @torch.no_grad()
-def start_candidates(model: TrainedModel, space: str, target: "FitTarget | None" = None
+def start_candidates(model: TrainedModel, space: str, target: FitTarget | None = None
                      ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Starting points {name: (w (S,), z (D,) or None)}: the mean code; in w space also the tracked average style
     ``w_avg`` and the mean of the training identities' styles; when the model has an encoder and a ``target`` is
@@ -147,7 +75,7 @@ def start_candidates(model: TrainedModel, space: str, target: "FitTarget | None"
     return out
 
 
-def resolve_init(model: TrainedModel, cfg: "FitConfig", cands: dict[str, tuple[Tensor, Tensor | None]]
+def resolve_init(model: TrainedModel, cfg: FitConfig, cands: dict[str, tuple[Tensor, Tensor | None]]
                  ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """The candidates fit.init asks for (one, or all for best).  ``encoder`` without a usable encoder (none in the
     model, a damaged one, or an encoder of w with fit.space z) falls back to the mean code with a one-line notice."""
@@ -213,7 +141,7 @@ def scaled_eye_weight(weight: float, eyes: Tensor | None, full_pixels: int) -> f
     return float(weight) * min(1.0, float(eyes.sum()) / full_pixels)
 
 
-def fit_view_eyes(target: "FitTarget", cfg: FitConfig) -> Tensor | None:
+def fit_view_eyes(target: FitTarget, cfg: FitConfig) -> Tensor | None:
     """The fitted view's eye regions (h, w, 1) for ``fit.eye_weight``; None (no eye term) when the weight is 0, the
     FLAME files give no eye landmarks on the face mask, the regions are empty or hold fewer than
     ``fit.eye_min_pixels``."""
@@ -224,8 +152,6 @@ def fit_view_eyes(target: "FitTarget", cfg: FitConfig) -> Tensor | None:
     eyes = eye_region_masks(target.eye_landmarks(target.base_vertices), [view.camera], mask[None])[0]
     n = float(eyes.sum())
     return eyes if n > 0 and n >= cfg.eye_min_pixels else None
-
-
 
 
 def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
@@ -290,9 +216,9 @@ def boundary_rings(num_vertices: int, faces: np.ndarray, rings: int) -> Tensor:
     return torch.from_numpy(sel)
 
 
-def refine_flame(model: TrainedModel, w: Tensor, flame: "FlameModel", params: "FlameParams", camera: Camera,
+def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: FlameParams, camera: Camera,
                  gt: Tensor, cfg: FitConfig, backend: str = "auto", name: str = "", progress: bool = False
-                 ) -> tuple["FlameParams", Tensor, Tensor, list[float]]:
+                 ) -> tuple[FlameParams, Tensor, Tensor, list[float]]:
     """The FLAME stage: head rotation (a rotation applied before the fitted one), translation, expression and jaw of
     ``params`` (one frame), jointly with the style ``w`` (S,), fitted to the photo ``gt`` (h, w, 3) through
     ``camera`` with the network frozen; the face-mask vertices are re-evaluated from FLAME every iteration.
@@ -319,7 +245,7 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: "FlameModel", params: "F
                             {"params": [var], "lr": cfg.flame_style_lr}], betas=(cfg.beta1, cfg.beta2), **fused)
     jaw_std = torch.tensor([0.2, 0.02, 0.02], device=dev)
 
-    def posed() -> "FlameParams":
+    def posed() -> FlameParams:
         return replace(p0, rotation_matrix=axis_angle_to_matrix(d_rot) @ p0.rotation_matrix,
                        translation=p0.translation + d_t * dist, expression=expr, jaw=jaw)
 
@@ -355,7 +281,6 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: "FlameModel", params: "F
     return p, var.detach().clone(), base, losses
 
 
-
 def plateau(cur: float, best: float, bad: int, it: int, cfg: FitConfig) -> tuple[float, int, bool]:
     """One early-stopping test of a windowed loss ``cur`` at iteration ``it``: (best so far, tests in a row without
     ``cfg.min_rel_improvement``, whether to stop: ``cfg.patience`` such tests and at least ``cfg.min_iterations``)."""
@@ -365,7 +290,7 @@ def plateau(cur: float, best: float, bad: int, it: int, cfg: FitConfig) -> tuple
         best, bad = min(best, cur), bad + 1
     return best, bad, bad >= cfg.patience and it >= cfg.min_iterations
 
-def fit_identity(model: TrainedModel, target: "FitTarget", cfg: FitConfig, backend: str = "auto",
+def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend: str = "auto",
                  progress: bool = True) -> FitResult:
     """Fit a style (or code) and optionally vertex offsets to ``target.fit_view``, then (``fit.refine_colour``)
     a per-vertex colour residual with the code fixed (:func:`fit_colour`); the network stays frozen."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,66 +23,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.data.code_file import code_cloud, render_style, save_code
+from utils.apps.track.config import TrackConfig
+from utils.apps.track.export import export_views, export_wild, turntable
+from utils.apps.track.fit import fit_identity
+from utils.apps.track.targets import (
+    FitTarget,
+    load_image_target,
+    load_subject_target,
+    load_wild_target,
+)
 from utils.core.config import to_dict
-from utils.core.config import Range
 from utils.core.device import resolve_device, synchronize
-from utils.evaluation import evaluate_views
-from utils.apps.track.export import ExportConfig, export_views, export_wild, turntable
-from utils.apps.track.fit import FitConfig, fit_identity
-from utils.face.flame_fit import FlameFitConfig
 from utils.core.io import OutputClaim, atomic_write_json, atomic_write_text, write_video
+from utils.data.code_file import code_cloud, render_style, save_code
 from utils.data.model_file import TrainedModel, load_model
-from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_IDENTITIES
-from utils.apps.track.targets import FitTarget, load_image_target, load_subject_target, load_wild_target
-
-
-@dataclass
-class TrackConfig:
-    """Inputs, outputs and settings of ``track.py``."""
-
-    checkpoint: str = "output/cpu/model.pt"  # trained model.pt (written by train.py)
-    subject_dir: str = ""  # a NeRSemble subject folder (<root>/<id>); the photo is camera --camera of it
-    camera: str = FRONTAL_SERIAL  # serial of the camera whose photo is fitted
-    sequence: str = "EXP-1-head"  # sequence of the subject folder
-    frame: int = 0  # frame index of the sequence
-    flame_dir: str = ""  # FLAME files; default: <subject_dir>/../../flame if it exists (synthetic layout), else data/
-    image: str = ""  # one's own photo (instead of --subject_dir); alone: landmarks -> FLAME and camera are fitted;
-    #                  with --camera_json and --flame: that calibrated camera and FLAME tracking
-    camera_json: str = ""  # NeRSemble-style camera_params.json holding --camera (own-photo mode)
-    flame: str = ""  # FLAME tracking npz of the photo, NeRSemble or VHAP format (own-photo mode)
-    landmarks: str = ""  # iBUG-68 pixels instead of the detector: photo (68, 2) .npy/text; video (T, 68, 2) .npy
-    min_face_px: float = 64.0  # photo-only and video modes: smallest face (landmark box height, pixels) that is fitted
-    max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
-    video: str = ""  # a video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/apps/track/video.py)
-    frames: str = ""  # instead of --video: a folder of frames (images sorted by name)
-    stride: int = 1  # video mode: use every stride-th frame
-    max_frames: int = 0  # video mode: at most this many frames (0: all)
-    heldout_every: int = 8  # video mode: every k-th frame is held out (never fitted; 0: none)
-    heldout_tail: float = 0.1  # video mode: the last fraction of the clip is held out too
-    video_batch: int = 4  # video mode: frames per Adam step of the fit
-    mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
-    image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
-    out: str = "output/tracking"  # output folder
-    all_heldout: bool = False  # fit every held-out identity of --data_root and print a Markdown table
-    data_root: str = "syn_data"  # dataset for --all_heldout (a synthetic dataset folder or NeRSemble subjects)
-    device: str = "auto"  # auto, cpu, cuda or cuda:N
-    backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
-    progress: bool = True  # tqdm progress bars
-    seed: int = 0  # random seed (the fit itself is deterministic)
-    overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
-    fit: FitConfig = field(default_factory=FitConfig)
-    flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # photo-only mode: FLAME from landmarks
-    export: ExportConfig = field(default_factory=ExportConfig)
-
-    # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
-    RANGES = {"frame": Range(0), "min_face_px": Range(1), "max_face_px": Range(0),
-              "image_scale": Range(0, lo_open=True), "seed": Range(0)}
-
-
-TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit.refine_colour",
-                 "iterations": "fit.iterations", "init": "fit.init", "space": "fit.space"}
-TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress", "overwrite")
+from utils.data.nersemble import HELDOUT_IDENTITIES
+from utils.evaluation import evaluate_views
 
 
 def _clean(x: Any) -> Any:

@@ -8,36 +8,22 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from models.camera import Camera, load_camera_params
-from utils.data.dataset import crop_size, crop_view
+from models.camera import Camera
+from utils.apps.track.config import FitConfig, TrackConfig
 from utils.core.io import read_image
+from utils.data.camera_params import load_camera_params
+from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel
 from utils.data.nersemble import NersembleSubject
+from utils.evaluation import View, to_tensor_img
 from utils.face.regions import EyeLandmarkEmbedding, embedding_for_flame
-
-if TYPE_CHECKING:
-    from utils.apps.track.fit import FitConfig
-    from utils.apps.track.pipeline import TrackConfig
-
-
-@dataclass
-class View:
-    """One calibrated view, cropped around the face mask.
-
-    image: (h, w, 3) face-masked photo on black (or None when the camera has no photo), mask: (h, w, 1) or None,
-    camera: the cropped Camera (or the full one when there is no photo), serial: camera name.
-    """
-
-    serial: str
-    camera: Camera
-    image: Tensor | None = None
-    mask: Tensor | None = None
+from utils.identity import model_flame_dir
 
 
 @dataclass
@@ -122,12 +108,8 @@ def flame_vertices(model: TrainedModel, flame_dir: Path, tracking: Path | None, 
     return frame_flame(model, flame_dir, tracking, params, frame, flame)[:3]
 
 
-def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
-
-
 def fit_and_eval_views(serials: Sequence[str], images: dict, masks: dict, cams: dict, fit_serial: str,
-                        cfg: "FitConfig", device: torch.device) -> tuple[View, list[View]]:
+                        cfg: FitConfig, device: torch.device) -> tuple[View, list[View]]:
     """Crop the fitted view tightly and every view (incl. the fitted one) to one common size, as training does."""
     fw, fh = crop_size([masks[fit_serial]], cfg.crop_margin, cfg.crop_multiple)
     fi, fm, fc = crop_view(images[fit_serial], masks[fit_serial], cams[fit_serial], fw, fh)
@@ -140,7 +122,7 @@ def fit_and_eval_views(serials: Sequence[str], images: dict, masks: dict, cams: 
     return fit, views
 
 
-def load_subject_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device,
+def load_subject_target(model: TrainedModel, cfg: TrackConfig, device: torch.device,
                         subject_dir: str | os.PathLike | None = None) -> FitTarget:
     """The photo of camera ``cfg.camera`` of a NeRSemble subject folder (preprocessed: face masks present), plus
     every other calibrated view with a photo for evaluation."""
@@ -189,7 +171,7 @@ def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
     return img[..., None] if gray else img
 
 
-def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
+def load_image_target(model: TrainedModel, cfg: TrackConfig, device: torch.device) -> FitTarget:
     """One's own photo (``cfg.image``) with its calibrated camera (``cfg.camera_json`` / ``cfg.camera``) and FLAME
     tracking (``cfg.flame``); the face mask is ``cfg.mask`` or projected from the tracking."""
     import cv2
@@ -238,7 +220,7 @@ def load_image_target(model: TrainedModel, cfg: "TrackConfig", device: torch.dev
                         flame=params, eyes=embedding_for_flame(flame, model.mask_ids))
 
 
-def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, base: Tensor, cfg: "TrackConfig",
+def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, base: Tensor, cfg: TrackConfig,
                  device: torch.device, extra: Sequence[View] = (), source: dict | None = None,
                  wild: WildFit | None = None, flame: Any = None,
                  eyes: EyeLandmarkEmbedding | None = None) -> FitTarget:
@@ -254,20 +236,6 @@ def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, ba
                      flame=flame, eye_landmarks=eyes)
 
 
-def model_flame_dir(model: TrainedModel, flame_dir: str) -> Path:
-    """FLAME files for a photo-only fit: ``flame_dir`` when given, else those the model was trained with (the
-    training data root's flame/ for the synthetic layout, or its data.flame_dir), else data/."""
-    if flame_dir:
-        return Path(flame_dir)
-    data = (model.config or {}).get("data", {})
-    root = Path(str(data.get("root") or ""))
-    if data.get("root") and (root / "flame").is_dir():
-        return root / "flame"
-    if data.get("flame_dir") and Path(data["flame_dir"]).is_dir():
-        return Path(data["flame_dir"])
-    return Path("data")
-
-
 def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
     """(H, W) float32 {0, 1}: pixels whose centre lies inside ``polygon`` (K, 2) pixel coordinates."""
     import cv2
@@ -279,7 +247,7 @@ def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def load_wild_target(model: TrainedModel, cfg: "TrackConfig", device: torch.device) -> FitTarget:
+def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device) -> FitTarget:
     """A photo alone (``cfg.image``): landmarks (mediapipe, or ``cfg.landmarks``), then FLAME and a pinhole camera
     fitted to them (utils/face/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
     with the detector's face outline where there is one."""

@@ -29,25 +29,28 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.renderer import render
-from utils.data.code_file import FittedCode, code_cloud, colour_offsets, save_code, with_colour
-from utils.evaluation import evaluate_cloud
-from utils.apps.track.fit import FitConfig, photometric, plateau, start_candidates
 from models.geometry import UniformLaplacian
+from models.renderer import render
+from utils.apps.track.config import FitConfig, TrackConfig
+from utils.apps.track.fit import photometric, plateau, start_candidates
+from utils.data.code_file import (
+    FittedCode,
+    code_cloud,
+    colour_offsets,
+    save_code,
+    with_colour,
+)
 from utils.data.model_file import TrainedModel
-from utils.apps.track.targets import View
-
-if TYPE_CHECKING:
-    from utils.apps.track.pipeline import TrackConfig
+from utils.evaluation import View, evaluate_cloud
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -218,21 +221,28 @@ def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: S
 
 
 # ====================================================================================== the pipeline
-def track_video(cfg: "TrackConfig") -> dict:
+def track_video(cfg: TrackConfig) -> dict:
     """track.py --video / --frames: track, fit, evaluate and export into ``cfg.out`` (see the module docstring).
     Returns the metrics dict written to metrics.json."""
     from models.flame import FlameModel, save_nersemble_tracking
-    from models.camera import write_camera_params
-    from utils.data.dataset import crop_size, crop_view
-    from utils.core.device import resolve_device
     from utils.apps.track.export import turntable
-    from utils.face.flame_fit import make_camera
-    from utils.core.io import atomic_write_json, to_uint8, write_video
-    from utils.data.model_file import load_model
-    from utils.preprocess.projection_ply import masked_photo
-    from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
-    from utils.apps.track.targets import frame_flame, model_flame_dir, projected_face_mask, to_tensor_img
     from utils.apps.track.pipeline import _clean
+    from utils.apps.track.targets import frame_flame, projected_face_mask
+    from utils.core.device import resolve_device
+    from utils.core.io import atomic_write_json, to_uint8, write_video
+    from utils.data.camera_params import write_camera_params
+    from utils.data.dataset import crop_size, crop_view
+    from utils.data.model_file import load_model
+    from utils.evaluation import to_tensor_img
+    from utils.face.flame_fit import make_camera
+    from utils.face.reenactment import (
+        ReenactConfig,
+        detect_video_landmarks,
+        fit_video_motion,
+        read_video,
+    )
+    from utils.identity import model_flame_dir
+    from utils.preprocess.projection_ply import masked_photo
 
     if bool(cfg.video) == bool(cfg.frames):
         raise ValueError("give exactly one of --video FILE and --frames DIR")
@@ -383,8 +393,8 @@ def synthetic_clip(root: str | os.PathLike, subject: str, out_dir: str | os.Path
     import cv2
 
     from models.flame import FlameModel
-    from utils.face.flame_fit import flame_landmarks_2d
     from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
+    from utils.face.flame_fit import flame_landmarks_2d
 
     serial = serial or FRONTAL_SERIAL
     root, out_dir = Path(root), Path(out_dir)
@@ -412,9 +422,9 @@ def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.Path
     ``frames`` of a synthetic subject through every rig camera but ``skip_serial`` (the video's camera), against the
     ground-truth images: how well the fitted identity generalises to views the video never showed."""
     from models.flame import FlameModel
+    from utils.apps.track.targets import frame_flame, projected_face_mask
     from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
     from utils.preprocess.projection_ply import masked_photo
-    from utils.apps.track.targets import frame_flame, projected_face_mask
 
     root = Path(root)
     skip_serial = skip_serial or FRONTAL_SERIAL

@@ -27,7 +27,6 @@ from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import sampling_rate
 from models.renderer import render_identities
 from utils.core.config import Range, check_ranges, to_dict
-from utils.data.dataset import DataConfig, MultiViewDataset
 from utils.core.device import resolve_device
 from utils.core.io import (
     FolderInUseError,
@@ -39,9 +38,15 @@ from utils.core.io import (
     safe_torch_load,
     save_image_grid,
 )
-from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
+from utils.data.dataset import DataConfig, MultiViewDataset
 from utils.data.model_file import save_model
-from utils.face.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
+from utils.face.regions import (
+    embedding_for_flame,
+    eye_region_masks,
+    nanmean,
+    region_metrics,
+)
+from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Configuration of track.py: the fit of one identity (FitConfig), what is written (ExportConfig) and the
+inputs and outputs of a run (TrackConfig), as plain dataclasses that every stage of the tracking application
+(targets, fit, export, pipeline, video) imports from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from utils.core.config import Range
+from utils.data.nersemble import FRONTAL_SERIAL
+from utils.face.flame_fit import FlameFitConfig
+
+INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
+
+
+SPACES = ("w", "z")
+
+
+@dataclass
+class FitConfig:
+    """Optimisation of one identity (the network stays frozen)."""
+
+    space: str = "w"  # optimised vector: w (style, more expressive) or z (latent code, stays on the code manifold)
+    # start: encoder (the model's feed-forward encoder on the photo), mean (= mean_code), w_avg, mean_w (the mean
+    # training style), best (the best of them on the photo), auto (the encoder when the model has one, else best)
+    init: str = "auto"  # start: encoder, mean, best, auto (encoder if present, else best), w_avg, mean_w, a code.pt
+    iterations: int = 100  # maximum Adam iterations
+    lr: float = 0.2  # Adam learning rate of the code / style
+    lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.99  # Adam beta2
+    check_every: int = 10  # early-stopping test every k iterations (the only host synchronisation of the loop)
+    patience: int = 2  # stop after this many tests in a row without min_rel_improvement of the windowed loss
+    min_rel_improvement: float = 0.005  # relative loss improvement that counts as progress
+    min_iterations: int = 30  # never stop before this many iterations
+    l1_weight: float = 0.8  # weight of L1 (paper: 0.8)
+    ssim_weight: float = 0.2  # weight of 1 - SSIM (paper: 0.2)
+    # An extra L1 term inside the fitted view's eye regions (utils/face/regions.py): the eyes are ~1 % of the face's
+    # pixels, and without it one-view fits at full resolution left the unseen views' eyes 4-5.5 dB below the face
+    # and gave them the iris of the nearest training identities.  Weighted lightly in the code stage (a heavier weight
+    # moved the whole head's code: face PSNR -0.1..-0.4 dB) and strongly in the colour stage, whose per-vertex
+    # residual paints the iris without touching the rest of the face (benchmarks/results/eyes_h200_colour.md).
+    # The term is a mean over the eye pixels, so on a small face each eye pixel weighs more: at eyes a few pixels
+    # wide (CPU preset, ~70x100 photos) the colour stage's full weight fitted noise and lowered the unseen eyes'
+    # PSNR.  Rather than switching the term off below a size (it was off below 1,000 eye pixels), each stage's weight
+    # is scaled by min(1, eye pixels / its *_eye_pixels): a fixed weight per eye pixel on small faces, the full weight
+    # on large ones (benchmarks/fit_ablation.py, tests/test_fitting.py).
+    eye_weight: float = 0.3  # weight of the L1 term inside the photo's eye regions in the code fit (0: off)
+    colour_eye_weight: float = 10.0  # the eye term's weight in the colour stage (0: off)
+    eye_pixels: int = 0  # code stage: the eye weight is scaled by min(1, eye pixels / this) (0: never scaled)
+    colour_eye_pixels: int = 4000  # colour stage: colour_eye_weight scaled by min(1, eye pixels / this) (0: never)
+    eye_min_pixels: int = 0  # the eye term is left out when the fitted view's eye regions hold fewer pixels (0: never)
+    style_reg: float = 0.01  # weight of the mean squared distance of w from its start (w space only; 0: off)
+    refine_geometry: bool = False  # also optimise small offsets of the base (level-0) face-mask vertices
+    geometry_lr: float = 2e-4  # Adam learning rate of the vertex offsets, in metres
+    laplacian_weight: float = 100.0  # weight of the squared uniform Laplacian of the offsets (edge-length units)
+    offset_weight: float = 1.0  # weight of the squared offsets (edge-length units)
+    refine_colour: bool = True  # after the code fit: a regularised per-vertex RGB residual of the level-0 vertices
+    #                             (upsampled like the geometry, added to the Gaussians' colour; network not re-run)
+    colour_iterations: int = 40  # Adam iterations of the colour stage (a fixed count; 0 skips the stage)
+    colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
+    colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
+    colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
+    # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
+    # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
+    colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
+    refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
+    # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
+    # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
+    flame_iterations: int = 30  # Adam iterations of the refine_flame stage (0 skips it)
+    flame_lr: float = 0.002  # refine_flame: Adam lr of head rotation (rad), translation (head distances) and jaw
+    flame_expression_lr: float = 0.02  # refine_flame: Adam lr of the expression coefficients (standard deviations)
+    flame_style_lr: float = 0.01  # refine_flame: Adam lr of the style w refined with the head (0: w stays fixed)
+    flame_prior: float = 1e-4  # refine_flame: weight of |expression|^2 + |jaw / 0.2 rad|^2
+    crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
+    crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
+    cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
+
+    RANGES = {"iterations": Range(1), "lr": Range(0, lo_open=True), "lr_final_ratio": Range(0, 1, lo_open=True),
+              "beta1": Range(0, 1, hi_open=True), "beta2": Range(0, 1, hi_open=True), "check_every": Range(1),
+              "patience": Range(1), "min_rel_improvement": Range(0), "min_iterations": Range(0),
+              "l1_weight": Range(0), "ssim_weight": Range(0), "eye_weight": Range(0), "colour_eye_weight": Range(0),
+              "eye_min_pixels": Range(0), "style_reg": Range(0), "geometry_lr": Range(0),
+              "laplacian_weight": Range(0), "offset_weight": Range(0), "colour_iterations": Range(0),
+              "colour_lr": Range(0), "colour_laplacian_weight": Range(0), "colour_weight": Range(0),
+              "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
+              "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1)}
+
+
+
+@dataclass
+class ExportConfig:
+    """What ``track`` writes besides code.pt and metrics.json."""
+
+    ply: bool = True  # head.ply, the fitted Gaussians in the standard 3DGS layout
+    views: bool = True  # views/cam_<serial>.png (render | photo) and grid.png
+    turntable: bool = True  # turntable.mp4
+    turntable_frames: int = 60  # frames of the turntable video
+    turntable_degrees: float = 120.0  # yaw range: >= 360 a full turn, else a swing of +-degrees/2 and back
+    turntable_size: int = 256  # turntable frame height in pixels (width from the fitted camera's aspect)
+    fps: float = 25.0  # video frame rate
+    lpips: bool = True  # compute LPIPS when the optional lpips package works here (skipped with a message else)
+
+    RANGES = {"turntable_frames": Range(1), "turntable_degrees": Range(0), "turntable_size": Range(2),
+              "fps": Range(0, lo_open=True)}
+
+
+
+@dataclass
+class TrackConfig:
+    """Inputs, outputs and settings of ``track.py``."""
+
+    checkpoint: str = "output/cpu/model.pt"  # trained model.pt (written by train.py)
+    subject_dir: str = ""  # a NeRSemble subject folder (<root>/<id>); the photo is camera --camera of it
+    camera: str = FRONTAL_SERIAL  # serial of the camera whose photo is fitted
+    sequence: str = "EXP-1-head"  # sequence of the subject folder
+    frame: int = 0  # frame index of the sequence
+    flame_dir: str = ""  # FLAME files; default: <subject_dir>/../../flame if it exists (synthetic layout), else data/
+    image: str = ""  # one's own photo (instead of --subject_dir); alone: landmarks -> FLAME and camera are fitted;
+    #                  with --camera_json and --flame: that calibrated camera and FLAME tracking
+    camera_json: str = ""  # NeRSemble-style camera_params.json holding --camera (own-photo mode)
+    flame: str = ""  # FLAME tracking npz of the photo, NeRSemble or VHAP format (own-photo mode)
+    landmarks: str = ""  # iBUG-68 pixels instead of the detector: photo (68, 2) .npy/text; video (T, 68, 2) .npy
+    min_face_px: float = 64.0  # photo-only and video modes: smallest face (landmark box height, pixels) that is fitted
+    max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
+    video: str = ""  # a video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/apps/track/video.py)
+    frames: str = ""  # instead of --video: a folder of frames (images sorted by name)
+    stride: int = 1  # video mode: use every stride-th frame
+    max_frames: int = 0  # video mode: at most this many frames (0: all)
+    heldout_every: int = 8  # video mode: every k-th frame is held out (never fitted; 0: none)
+    heldout_tail: float = 0.1  # video mode: the last fraction of the clip is held out too
+    video_batch: int = 4  # video mode: frames per Adam step of the fit
+    mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
+    image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
+    out: str = "output/tracking"  # output folder
+    all_heldout: bool = False  # fit every held-out identity of --data_root and print a Markdown table
+    data_root: str = "syn_data"  # dataset for --all_heldout (a synthetic dataset folder or NeRSemble subjects)
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
+    progress: bool = True  # tqdm progress bars
+    seed: int = 0  # random seed (the fit itself is deterministic)
+    overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
+    fit: FitConfig = field(default_factory=FitConfig)
+    flame_fit: FlameFitConfig = field(default_factory=FlameFitConfig)  # photo-only mode: FLAME from landmarks
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
+    RANGES = {"frame": Range(0), "min_face_px": Range(1), "max_face_px": Range(0),
+              "image_scale": Range(0, lo_open=True), "seed": Range(0)}
+
+
+TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit.refine_colour",
+                 "iterations": "fit.iterations", "init": "fit.init", "space": "fit.space"}
+
+
+TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress", "overwrite")
