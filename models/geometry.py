@@ -1,11 +1,13 @@
 """Small geometry helpers shared by fitting, exports, interpolation and animation: similarity (Umeyama) fits, head
-pose, rotations about an axis, orbit cameras, a uniform mesh Laplacian and the mean edge length."""
+pose, rotations about an axis, orbit cameras, a uniform mesh Laplacian, the mean edge length and vertex normals."""
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.camera import Camera
@@ -96,3 +98,38 @@ def mean_edge_length(vertices: Tensor, faces: np.ndarray) -> float:
     f = torch.as_tensor(np.asarray(faces), dtype=torch.long, device=vertices.device)
     e = vertices[f[:, [1, 2, 0]]] - vertices[f]
     return float(e.norm(dim=-1).mean())
+
+
+def safe_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Unit vectors along the last dim; finite gradients even for zero vectors."""
+    return x * x.square().sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
+
+
+def _summed_face_normals(verts: Tensor, faces: Tensor) -> Tensor:
+    """verts (..., V, 3), faces (F, 3) long -> (..., V, 3): per vertex, the sum of its faces' normals, each as long as
+    twice the face's area (so the sum is area-weighted)."""
+    v0, v1, v2 = verts[..., faces[:, 0], :], verts[..., faces[:, 1], :], verts[..., faces[:, 2], :]
+    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (..., F, 3), length = 2 * area -> area weighting for free
+    n = torch.zeros_like(verts)
+    for i in range(3):  # three corners, not a loop over vertices
+        n = n.index_add(-2, faces[:, i], fn)
+    return n
+
+
+# Two area-weighted normals, the same up to rounding: they normalise differently (x / |x| vs x * rsqrt(|x|^2)), which
+# changes the last bit of ~60 % of the normals, and each call site's bits must stay as they are.
+def vertex_normals(verts: Tensor, faces: Union[Tensor, np.ndarray]) -> Tensor:
+    """Area-weighted unit vertex normals: verts (..., V, 3), faces (F,3) (numpy or torch) -> (..., V, 3).
+
+    Winding is FLAME's (counter-clockwise seen from outside), so normals point out of the head.  Normalised with
+    ``F.normalize``: the numbers the synthetic datasets (utils/data/synthetic.py) are generated with."""
+    f = torch.as_tensor(np.asarray(faces) if not isinstance(faces, Tensor) else faces, device=verts.device).long()
+    return F.normalize(_summed_face_normals(verts, f), dim=-1, eps=1e-12)
+
+
+def area_weighted_vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
+    """verts (..., V, 3), faces (F, 3) long -> unit normals (..., V, 3), each the area-weighted mean of its faces'.
+
+    Normalised with :func:`safe_normalize` (finite gradients for a zero normal): the numbers the identity field
+    (models/identity_field.py) is trained with."""
+    return safe_normalize(_summed_face_normals(verts, faces))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.gaussians import SH_C0, GaussianCloud, rotmat_to_quat
+from models.geometry import area_weighted_vertex_normals, safe_normalize
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -207,21 +208,6 @@ class ModulatedLinear(nn.Module):
 
 
 # ====================================================================================== geometry helpers
-def _safe_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """Unit vectors along the last dim; finite gradients even for zero vectors."""
-    return x * x.square().sum(-1, keepdim=True).clamp_min(eps * eps).rsqrt()
-
-
-def area_weighted_vertex_normals(verts: Tensor, faces: Tensor) -> Tensor:
-    """verts (..., V, 3), faces (F, 3) long -> unit normals (..., V, 3), each the area-weighted mean of its faces'."""
-    v0, v1, v2 = verts[..., faces[:, 0], :], verts[..., faces[:, 1], :], verts[..., faces[:, 2], :]
-    fn = torch.cross(v1 - v0, v2 - v0, dim=-1)  # (..., F, 3), length = 2 * area -> area weighting for free
-    n = torch.zeros_like(verts)
-    for i in range(3):  # three corners, not a loop over vertices
-        n = n.index_add(-2, faces[:, i], fn)
-    return _safe_normalize(n)
-
-
 def quat_multiply(q1: Tensor, q2: Tensor) -> Tensor:
     """Hamilton product of (..., 4) w, x, y, z quaternions, so that R(q1 * q2) = R(q1) @ R(q2)."""
     w1, x1, y1, z1 = q1.unbind(-1)
@@ -442,7 +428,7 @@ class IdentityField(nn.Module):
         alt = torch.where((n[..., :1].abs() < 0.9), eye[0], eye[1])
         alt = torch.cross(n, alt.expand_as(n), dim=-1)
         ok = t.square().sum(-1, keepdim=True) > 1e-20 * e1.square().sum(-1, keepdim=True).clamp_min(1e-30)
-        t = _safe_normalize(torch.where(ok, t, alt))
+        t = safe_normalize(torch.where(ok, t, alt))
         b = torch.cross(n, t, dim=-1)  # right-handed: t x b = n
         frames = torch.stack([t, b, n], dim=-1)
         d = vertices[:, self.edges[:, 0]] - vertices[:, self.edges[:, 1]]
@@ -511,9 +497,9 @@ class IdentityField(nn.Module):
         log_scale_delta = raw[..., sl["scale"]]
         scales = torch.exp(log_scale_delta + self.log_scale_init.to(raw.dtype) + torch.log(el))
 
-        q_local = _safe_normalize(raw[..., sl["quat"]])
+        q_local = safe_normalize(raw[..., sl["quat"]])
         q_frame = rotmat_to_quat(frames).unsqueeze(2)  # (B, V, 1, 4)
-        quats = _safe_normalize(quat_multiply(q_frame, q_local))
+        quats = safe_normalize(quat_multiply(q_frame, q_local))
 
         opac = torch.sigmoid(raw[..., sl["opacity"]].squeeze(-1) + self.opacity_logit_init)
         sh = raw[..., sl["sh"]].reshape(B, V, K, self.num_sh, 3)

@@ -1,4 +1,4 @@
-"""Tests of models/flame.py on the synthetic FLAME-format model (utils/data/synthetic_flame.py)."""
+"""Tests of models/flame/ on the synthetic FLAME-format model (utils/data/synthetic_flame.py)."""
 from __future__ import annotations
 
 import pickle
