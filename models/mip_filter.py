@@ -12,7 +12,7 @@ Two filters, both set once per model:
   of the stripes and holes of a head rendered larger than it was trained).
 * **2D mip filter.**  In place of 3DGS's fixed 0.3 px^2 screen-space dilation, a box-filter-like dilation of
   ``eps`` px^2 whose opacity is compensated by ``sqrt(det S / det (S + eps I))`` (gsplat's
-  ``rasterize_mode="antialiased"``; Mip-Splatting: 0.1).  It lives in the renderer (``models/renderer.py``,
+  ``rasterize_mode="antialiased"``; Mip-Splatting: 0.1).  It lives in the renderer (``models/renderer/``,
   ``filter_2d``); see :func:`set_render_filter`.
 
 Because the Gaussians of vertex v of every identity are the "same" Gaussian of one network, the sampling rate is
