@@ -65,6 +65,9 @@ def eval_sh(sh: Tensor, dirs: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------- checks
 def _validate(cloud: GaussianCloud, cameras: Sequence[Camera], background: Tensor | None) -> None:
+    """Raise a clear error for anything render_batch cannot render: an unbatched, non-empty cloud of SH degree
+    <= 3 with finite values (checked on a CPU, on a GPU only with ``settings.CHECK_FINITE_ON_GPU``), a (3,)
+    background or None, Camera objects."""
     if not isinstance(cloud, GaussianCloud):
         raise TypeError(f"render expects a GaussianCloud, got {type(cloud).__name__}")
     if len(cloud.batch_shape) != 0:
@@ -88,6 +91,7 @@ _WARNED: set[str] = set()
 
 
 def _warn_once(msg: str) -> None:
+    """``warnings.warn(msg)`` the first time this process sees ``msg`` (one per render call would flood a log)."""
     if msg not in _WARNED:
         _WARNED.add(msg)
         warnings.warn(msg)
@@ -107,6 +111,8 @@ def available_backends() -> list[str]:
 
 
 def _pick_backend(backend: str, device: torch.device) -> str:
+    """The backend that renders a cloud on ``device``: "auto" resolved, unknown names and CUDA-only backends on a CPU
+    refused."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown render backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
