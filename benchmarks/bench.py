@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
-from models.mesh_raster import render_mask  # noqa: E402
+from models.renderer.mesh_raster import render_mask  # noqa: E402
 from models.renderer import render_batch, render_identities  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
@@ -518,7 +518,7 @@ def main() -> None:
                    help="--parts stream: comma-separated devices of the per-frame FLAME fit (cpu, auto = the "
                         "benchmark's device, cuda, cuda:N)")
     p.add_argument("--tile_size", type=int, default=None,
-                   help="gsplat tile size in pixels for every render (default: models/renderer.py's GSPLAT_TILE_SIZE)")
+                   help="gsplat tile size in pixels for every render (default: models.renderer.GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
     p.add_argument("--synth_precision", default="fp32", choices=("fp32", "bf16"),
                    help="precision of the network in the network-in-the-loop render figures (GraphedSynthesis)")

@@ -38,7 +38,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.mesh_raster import render_mask  # noqa: E402
+from models.renderer.mesh_raster import render_mask  # noqa: E402
 from models.renderer import render_batch  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
 from utils.losses import psnr, ssim_metric  # noqa: E402

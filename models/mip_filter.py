@@ -12,7 +12,7 @@ Two filters, both set once per model:
   of the stripes and holes of a head rendered larger than it was trained).
 * **2D mip filter.**  In place of 3DGS's fixed 0.3 px^2 screen-space dilation, a box-filter-like dilation of
   ``eps`` px^2 whose opacity is compensated by ``sqrt(det S / det (S + eps I))`` (gsplat's
-  ``rasterize_mode="antialiased"``; Mip-Splatting: 0.1).  It lives in the renderer (``models/renderer.py``,
+  ``rasterize_mode="antialiased"``; Mip-Splatting: 0.1).  It lives in the renderer (``models/renderer/``,
   ``filter_2d``); see :func:`set_render_filter`.
 
 Because the Gaussians of vertex v of every identity are the "same" Gaussian of one network, the sampling rate is
@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from models import renderer
 from models.camera import Camera
 
 FILTER_3D = 0.2  # Mip-Splatting's 3D filter variance, in training pixels^2 (its code: sqrt(0.2) * depth / focal)
@@ -112,6 +113,4 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor, surface
 def set_render_filter(filter_2d: float | None) -> None:
     """Make ``filter_2d`` (px^2; None or 0: 3DGS's classic 0.3 px^2 dilation without compensation) the renderer's
     process-wide default 2D filter, as the tools do when they load a model (models.renderer.FILTER_2D)."""
-    from models import renderer
-
     renderer.FILTER_2D = float(filter_2d) if filter_2d else None

@@ -1,11 +1,12 @@
-"""Tests of models/mesh_raster.py: coverage convention, z-buffer, occlusion masks, agreement with ray casting, speed."""
+"""Tests of models/renderer/mesh_raster.py: coverage convention, z-buffer, occlusion masks, agreement with ray casting,
+speed."""
 import time
 
 import numpy as np
 import torch
 
 from models.camera import Camera
-from models.mesh_raster import rasterize, render_mask
+from models.renderer.mesh_raster import rasterize, render_mask
 
 
 def pinhole(width: int, height: int, f: float = 10.0, cx: float = 0.0, cy: float = 0.0) -> Camera:

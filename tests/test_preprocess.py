@@ -214,7 +214,7 @@ def test_projection_outputs_and_coverage(prepared, syn):
 
 def test_projection_occlusion_head_vs_face(prepared):
     """The face mask is inside the head silhouette; from the back camera-like side views the head hides it."""
-    from models.mesh_raster import render_mask
+    from models.renderer.mesh_raster import render_mask
     from utils.preprocess.projection_ply import load_meshes
 
     data_root, _, _ = prepared

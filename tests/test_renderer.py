@@ -1,4 +1,4 @@
-"""Tests of models/renderer.py (torch backend on CPU) against independent closed-form computations."""
+"""Tests of models/renderer/ (torch backend on CPU) against independent closed-form computations."""
 from __future__ import annotations
 
 import math
@@ -195,6 +195,30 @@ def test_opaque_near_gaussian_hides_far_one():
     for cloud in (GaussianCloud.cat([near, far]), GaussianCloud.cat([far, near])):  # order in the cloud is irrelevant
         px = render(cloud, cam, backend="torch")["image"][12, 12]
         assert px[0] > 0.98 and px[2] < 0.011  # 0.99 cap: 1% of the far colour leaks through
+
+
+def test_settings_assigned_on_the_package_reach_the_backends(monkeypatch):
+    """``models.renderer.X = v`` (and monkeypatch) sets models.renderer.settings, which the backends read per call."""
+    import models.renderer as R
+    from models.renderer import settings
+
+    cam = _cam(24, 24, cx=12.5, cy=12.5)
+    cloud = _one((0.0, 0.0, 0.0), (0.05, 0.05, 0.05), opacity=0.999)
+    assert float(render(cloud, cam, backend="torch")["alpha"][12, 12]) == pytest.approx(0.99)
+    with monkeypatch.context() as m:
+        m.setattr(R, "MAX_ALPHA", 0.5)
+        assert settings.MAX_ALPHA == 0.5 and R.MAX_ALPHA == 0.5
+        assert float(render(cloud, cam, backend="torch")["alpha"][12, 12]) == pytest.approx(0.5)
+        m.setattr(R, "FILTER_2D", 0.7)
+        from models.renderer import FILTER_2D
+
+        assert FILTER_2D == 0.7
+        img = render(cloud, cam, backend="torch")["image"]
+        torch.testing.assert_close(img, render(cloud, cam, backend="torch", filter_2d=0.7)["image"], rtol=0, atol=0)
+        assert not torch.equal(img, render(cloud, cam, backend="torch", filter_2d=None)["image"])
+    assert settings.MAX_ALPHA == 0.99 and settings.FILTER_2D is None and R.MAX_ALPHA == 0.99
+    with pytest.raises(AttributeError, match="NO_SUCH_SETTING"):
+        R.NO_SUCH_SETTING  # noqa: B018
 
 
 def test_background_and_alpha_consistency():

@@ -10,7 +10,7 @@ import torch
 from models import flame as F
 from utils.data import synthetic_flame as S
 from models.camera import Camera
-from models.mesh_raster import render_mask
+from models.renderer.mesh_raster import render_mask
 from utils.face.regions import _polygon_region
 
 

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.camera import Camera  # noqa: E402
-from models.mesh_raster import render_mask  # noqa: E402
+from models.renderer.mesh_raster import render_mask  # noqa: E402
 from utils.core.io import imwrite_file  # noqa: E402
 from utils.data.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402

@@ -151,7 +151,7 @@ def load_subject_target(model: TrainedModel, cfg: TrackConfig, device: torch.dev
 def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera) -> np.ndarray:
     """Face mask of a photo from its FLAME tracking, as preprocessing makes it (utils/preprocess/projection_ply.py):
     the model's face-mask triangles z-buffered against the whole FLAME head.  Returns (H, W) float32 in {0, 1}."""
-    from models.mesh_raster import render_mask
+    from models.renderer.mesh_raster import render_mask
     from utils.preprocess.projection_ply import soft_mask
 
     fm_v = flame_verts[torch.as_tensor(model.mask_ids)]
