@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ T = TypeVar("T")
 
 def _dist_info() -> tuple[int, int, int]:
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
 
 
