@@ -23,14 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from utils.apps.train.distributed import shutdown_distributed  # noqa: E402
+from utils.apps.train.encoder import EncoderTrainConfig, add_trained_encoder  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
-from utils.core.config import (  # noqa: E402
-    _field_comments,
-    _leaf_fields,
-    _parse_value,
-    add_config_args,
-    build_config,
-)
+from utils.core.config import _field_comments, _leaf_fields, _parse_value, add_config_args, build_config  # noqa: E402
 from utils.core.errors import add_debug_flag, run_main  # noqa: E402
 
 ALIASES = {"data_root": "data.root", "flame_dir": "data.flame_dir"}
@@ -54,8 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None, help="with --encoder_only: the model.pt to add an encoder to")
     add_debug_flag(parser)
     add_config_args(parser, TrainConfig, aliases=ALIASES)
-    from utils.apps.train.encoder import EncoderTrainConfig
-
     group = parser.add_argument_group("encoder training (--encoder / --encoder_only)")
     for name, f, tp, owner in _leaf_fields(EncoderTrainConfig):
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
@@ -66,47 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def encoder_config(args: argparse.Namespace):
+def encoder_config(args: argparse.Namespace) -> EncoderTrainConfig:
     """EncoderTrainConfig from the --encoder.KEY flags."""
-    from utils.apps.train.encoder import EncoderTrainConfig
-
     types = {name: tp for name, _, tp, _ in _leaf_fields(EncoderTrainConfig)}
     over = {k[4:]: _parse_value(v, types[k[4:]], "encoder." + k[4:]) for k, v in vars(args).items()
             if k.startswith("enc:") and v is not None}
     return build_config(EncoderTrainConfig, overrides=over)
 
 
-def run_encoder(args: argparse.Namespace, cfg, trainer=None) -> dict:
+def run_encoder(args: argparse.Namespace, cfg: TrainConfig, trainer: Trainer | None = None) -> dict:
     """Train the encoder for <out>/model.pt (or --checkpoint) and store it there."""
-    import torch
-
-    from utils.apps.train.encoder import train_encoder
-    from utils.core.config import from_dict
-    from utils.core.device import resolve_device
-    from utils.data.dataset import DataConfig, MultiViewDataset
-    from utils.data.model_file import add_encoder, load_model
-
     path = Path(args.checkpoint) if args.checkpoint else Path(cfg.out) / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path} (--checkpoint; train the field first)")
-    device = trainer.device if trainer is not None else resolve_device(cfg.device)
-    model = load_model(path, device)
     if trainer is not None:
-        data = trainer.data
-    else:
-        dcfg = from_dict(DataConfig, dict(model.config.get("data", {})), f"{path} data config")
-        if args.__dict__.get("cfg:data.root"):
-            dcfg.root = args.__dict__["cfg:data.root"]
-        if args.__dict__.get("cfg:data.flame_dir"):
-            dcfg.flame_dir = args.__dict__["cfg:data.flame_dir"]
-        data = MultiViewDataset(dcfg, device, identities=model.identities, progress=cfg.progress)
-    ecfg = encoder_config(args)
-    with torch.enable_grad():
-        enc, stats = train_encoder(model, data, ecfg, progress=cfg.progress, log=print)
-    add_encoder(path, enc)
-    print(f"encoder: {stats['encoder_photos']} photos + {stats['encoder_renders']} renders, {ecfg.steps} steps, "
-          f"final loss {stats['encoder_losses'][-1]:.4f}, {stats['encoder_seconds']:.0f} s -> {path}")
-    return stats
+        return add_trained_encoder(path, encoder_config(args), trainer.device, cfg.progress, data=trainer.data)
+    return add_trained_encoder(path, encoder_config(args), cfg.device, cfg.progress,
+                               data_root=args.__dict__.get("cfg:data.root"),
+                               flame_dir=args.__dict__.get("cfg:data.flame_dir"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,10 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         return run_main("train.py", work, argv)  # bad data or config: one clear line, no traceback
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
 """The feed-forward encoder (models/encoder.py), its training (utils/apps/train/encoder.py), its place in model.pt
 (utils/data/model_file.py) and the fit's start from it (utils/apps/track/fit.py fit.init), on the tiny synthetic dataset with the
-small fit model of tests/test_fitting.py."""
+small fit model of tests/training_fixtures.py."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_fitting import get_fit_model, single_thread, track_cfg
-from tests.training_fixtures import preprocessed_root  # noqa: F401
+from tests.test_fitting import track_cfg
+from tests.training_fixtures import fit_model, preprocessed_root, single_thread  # noqa: F401
 
 ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4, "lr": 3e-3,
                  "arch.size": 32, "arch.channels": [16, 24, 32, 32], "arch.blocks": 1}
@@ -21,11 +20,6 @@ def tiny_encoder_config(**over):
     from utils.apps.train.encoder import EncoderTrainConfig
 
     return build_config(EncoderTrainConfig, overrides={**ENC_OVERRIDES, **over})
-
-
-@pytest.fixture(scope="module")
-def fit_model(tmp_path_factory) -> Path:
-    return get_fit_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

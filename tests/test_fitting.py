@@ -1,13 +1,12 @@
 """Single-image fitting (utils/apps/track/fit.py, track.py) on the tiny synthetic dataset.
 
-The 20-step session model is too blurry for the fit to matter, so this module trains its own small model (the tiny
-preset with a wider network, ~120 steps, about 10-20 s on 2 cores) and fits the held-out identity "017" from its
-frontal photo.  Everything runs single-threaded: these workloads are far too small for intra-op threads, which only
-cost time (a lot of it when the 2 cores are shared).
+The 20-step session model is too blurry for the fit to matter, so these tests use the session's small fit model
+(tests/training_fixtures.py ``fit_model``: the tiny preset with a wider network, ~120 steps, about 10-20 s on 2 cores)
+and fit the held-out identity "017" from its frontal photo.  Everything runs single-threaded: these workloads are far
+too small for intra-op threads, which only cost time (a lot of it when the 2 cores are shared).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from dataclasses import replace
@@ -17,26 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.training_fixtures import preprocessed_root, tiny_config  # noqa: F401
+from tests.training_fixtures import (  # noqa: F401  (fixtures, and names other test modules import from here)
+    fit_model,
+    get_fit_model,
+    preprocessed_root,
+    single_thread,
+    tiny_config,
+)
 
-FIT_MODEL_OVERRIDES = {
-    "model.code_dim": 24, "model.style_dim": 64, "model.hidden": 64, "batch_views": 4,
-    "optim.lr_network": 5e-3, "optim.lr_codes": 3e-2, "optim.lr_template": 1e-2,
-    "eval_every": 100000, "ckpt_every": 100000, "seed": 0,
-}
-FIT_MODEL_STEPS = 120
 FIT_ITERATIONS = 40
 FRONTAL = "222200037"
-
-
-@contextlib.contextmanager
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def subject_paths(root: Path, sid: str = "017") -> dict[str, Path]:
@@ -57,25 +46,6 @@ def track_cfg(root: Path, checkpoint: Path, out: Path, **over):
     base.update(over)
     repo = Path(__file__).resolve().parents[1]
     return build_config(TrackConfig, repo / "configs" / "fit.yaml", overrides=base)
-
-
-def get_fit_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """model.pt of a small model trained a bit longer than the session fixture.  Cached on disk under the session's
-    base temp folder, so tests/test_interpolation.py shares it whichever module object imports this function."""
-    out = tmp_path_factory.getbasetemp() / "shared_fit_model"
-    if not (out / "model.pt").is_file():
-        from tests.training_fixtures import get_preprocessed_root
-        from utils.apps.train.trainer import Trainer
-
-        with single_thread():
-            Trainer(tiny_config(get_preprocessed_root(tmp_path_factory), out, steps=FIT_MODEL_STEPS,
-                                **FIT_MODEL_OVERRIDES)).run()
-    return out / "model.pt"
-
-
-@pytest.fixture(scope="session")
-def fit_model(tmp_path_factory) -> Path:
-    return get_fit_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +87,7 @@ def test_fit_beats_mean_code_on_unseen_views(fitted):
     assert m["ssim_unseen"] > m["ssim_unseen_mean_code"], msg
 
 
-def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):
+def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):  # noqa: F811
     from models.gaussians import SH_C0, GaussianCloud
     from utils.data.code_file import colour_offsets, load_code
     from utils.data.model_file import load_model
@@ -157,7 +127,7 @@ def test_colour_residual_reproduces_metrics_after_reload(fitted, fit_model, prep
     assert alone["psnr_unseen"] == pytest.approx(m["psnr_unseen_code_only"], abs=1e-3)
 
 
-def test_eye_term_of_the_fit(preprocessed_root, fit_model, tmp_path):
+def test_eye_term_of_the_fit(preprocessed_root, fit_model, tmp_path):  # noqa: F811
     """fit.eye_weight / fit.colour_eye_weight add an L1 term inside the fitted view's eye regions at every image size,
     each stage's weight scaled by min(1, eye pixels / fit.eye_pixels, fit.colour_eye_pixels).  At this fixture's
     44x64 photos (32 px crops, 29 eye pixels) the term is on (it was left out below 1,000 eye pixels), scaled down;
@@ -226,7 +196,7 @@ def test_colour_stage_off_and_regularised(preprocessed_root, fit_model, tmp_path
     assert 0 < norms[1] < 0.5 * norms[0], norms
 
 
-def test_code_without_colour_still_loads(fit_model, tmp_path):
+def test_code_without_colour_still_loads(fit_model, tmp_path):  # noqa: F811
     """code.pt files written before the colour stage (version 1, no "colour" entry) load with colour None."""
     from utils.data.code_file import FittedCode, load_code, save_code
     from utils.data.model_file import load_model
@@ -269,7 +239,7 @@ def test_metrics_json_fields(fitted):
     assert sum("psnr_eyes" in v for v in doc["per_view"].values()) == 16
 
 
-def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):
+def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):  # noqa: F811
     from plyfile import PlyData
 
     from models.gaussians import GaussianCloud
@@ -285,7 +255,7 @@ def test_head_ply_is_3dgs_and_loads_back(fitted, fit_model):
     cloud.check_finite()
 
 
-def test_views_turntable_and_code(fitted, fit_model):
+def test_views_turntable_and_code(fitted, fit_model):  # noqa: F811
     import cv2
 
     from utils.data.code_file import load_code

@@ -3,6 +3,8 @@
 ``preprocessed_root``: a copy of the tiny synthetic dataset (tests/fixtures.py) with FLAME2PLY and projection_ply run
 on it (face masks and masked images present), i.e. ready for training.
 ``trained_model_dir``: a folder with ``model.pt`` trained for a few steps with configs/tiny.yaml on it.
+``fit_model``: the ``model.pt`` of a small model trained longer (FIT_MODEL_STEPS steps, FIT_MODEL_OVERRIDES), sharp
+enough for fitting, encoder and interpolation tests to matter; trained once per session, single-threaded.
 ``sequence_root``: the same tiny dataset with ``SEQUENCE_FRAMES`` frames per subject (frames 1.. non-neutral; frame 0
 byte-identical to the single-frame one, so models trained there apply), preprocessed on every frame.
 
@@ -11,10 +13,12 @@ trained_model_dir  # noqa: F401``. Both are cached per session and must be treat
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.fixtures import get_synthetic_root
 
@@ -58,6 +62,37 @@ def get_trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _CACHE["model"]
 
 
+FIT_MODEL_OVERRIDES = {
+    "model.code_dim": 24, "model.style_dim": 64, "model.hidden": 64, "batch_views": 4,
+    "optim.lr_network": 5e-3, "optim.lr_codes": 3e-2, "optim.lr_template": 1e-2,
+    "eval_every": 100000, "ckpt_every": 100000, "seed": 0,
+}
+FIT_MODEL_STEPS = 120
+
+
+@contextlib.contextmanager
+def single_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def get_fit_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model.pt of a small model trained a bit longer than the session fixture.  Cached on disk under the session's
+    base temp folder, so every test module shares it whichever module object imports this function."""
+    out = tmp_path_factory.getbasetemp() / "shared_fit_model"
+    if not (out / "model.pt").is_file():
+        from utils.apps.train.trainer import Trainer
+
+        with single_thread():
+            Trainer(tiny_config(get_preprocessed_root(tmp_path_factory), out, steps=FIT_MODEL_STEPS,
+                                **FIT_MODEL_OVERRIDES)).run()
+    return out / "model.pt"
+
+
 SEQUENCE_FRAMES = 3
 
 
@@ -91,3 +126,8 @@ def preprocessed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return get_trained_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def fit_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return get_fit_model(tmp_path_factory)

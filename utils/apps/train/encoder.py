@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -32,6 +33,10 @@ from tqdm import tqdm
 from models.encoder import EncoderConfig, StyleEncoder, encoder_input
 from models.flame import subdivide_vertices
 from models.renderer import render_batch
+from utils.core.config import from_dict
+from utils.core.device import resolve_device
+from utils.data.dataset import DataConfig, MultiViewDataset
+from utils.data.model_file import add_encoder, load_model
 
 
 @dataclass
@@ -173,3 +178,29 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     stats = {"encoder_losses": losses, "encoder_seconds": time.perf_counter() - t0,
              "encoder_render_seconds": t_render, "encoder_photos": len(p_img), "encoder_renders": len(r_img)}
     return enc, stats
+
+
+def add_trained_encoder(path: Path, ecfg: EncoderTrainConfig, device: str | torch.device, progress: bool,
+                        data: MultiViewDataset | None = None, data_root: str | None = None,
+                        flame_dir: str | None = None) -> dict:
+    """Train the encoder for the trained model ``path`` (model.pt) and store it there; returns train_encoder's stats.
+
+    ``data``: the training data already loaded (the Trainer's); else the data the model was trained on is read
+    again, from ``data_root``/``flame_dir`` when given.  ``device``: a torch.device or a --device setting."""
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path} (--checkpoint; train the field first)")
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    model = load_model(path, device)
+    if data is None:
+        dcfg = from_dict(DataConfig, dict(model.config.get("data", {})), f"{path} data config")
+        if data_root:
+            dcfg.root = data_root
+        if flame_dir:
+            dcfg.flame_dir = flame_dir
+        data = MultiViewDataset(dcfg, device, identities=model.identities, progress=progress)
+    with torch.enable_grad():
+        enc, stats = train_encoder(model, data, ecfg, progress=progress, log=print)
+    add_encoder(path, enc)
+    print(f"encoder: {stats['encoder_photos']} photos + {stats['encoder_renders']} renders, {ecfg.steps} steps, "
+          f"final loss {stats['encoder_losses'][-1]:.4f}, {stats['encoder_seconds']:.0f} s -> {path}")
+    return stats
