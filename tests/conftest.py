@@ -1,12 +1,5 @@
-import os
-import sys
-
-# Tests import the project as the scripts do: from the repository root.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import pytest  # noqa: E402
+# The repository root is on sys.path through pyproject.toml's [tool.pytest.ini_options] pythonpath.
+import pytest
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,5 @@
-"""Reader for NeRSemble subject folders as the identity-field paper used them (design.md section 4).
+"""Reader for NeRSemble subject folders as the identity-field paper used them (16 cameras, the
+FLAME 2023 tracking of each sequence, the face-mask crops the preprocessing scripts write).
 
 Layout of one subject (``<root>/<subject_id>``)::
 

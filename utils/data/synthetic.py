@@ -1,4 +1,5 @@
-"""Synthetic NeRSemble-format dataset rendered from known ground-truth Gaussian heads (design.md section 6).
+"""Synthetic NeRSemble-format dataset rendered from known ground-truth Gaussian heads (the same files and
+layout as a preprocessed NeRSemble subject, utils/data/nersemble.py, so every script runs on it unchanged).
 
 ``make_synthetic_dataset(out, ...)`` writes::
 

@@ -1,7 +1,7 @@
 """A synthetic FLAME-format head model (no real FLAME is needed for tests or the embedded dataset).
 
-``make_flame_model(seed)`` returns a dict with the keys and shape semantics of FLAME 2023 (section 4 of
-design.md) on a coarse mesh (~2.9k vertices): a head built by ray-marching a smooth implicit surface (an
+``make_flame_model(seed)`` returns a dict with the keys and shape semantics of FLAME 2023 (300 shape and
+100 expression components, 5 joints, the face-mask and landmark files) on a coarse mesh (~2.9k vertices): a head built by ray-marching a smooth implicit surface (an
 ellipsoid skull merged with a neck cylinder, nose, brows, cheeks, lips, chin and ear bumps, eye sockets)
 from an icosphere, with FLAME-like openings (mouth slit, two eye holes, open neck bottom) and two separate
 eyeball spheres like FLAME.  Metres, FLAME axes: y up, +z the direction the face looks; the subject's left
