@@ -281,7 +281,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
     from models.renderer import render_identities
     from utils.apps.animate.pipeline import _fit_height, identity_key, load_flame, mixed_identity, posable
     from utils.core.device import resolve_device, synchronize
-    from utils.face.flame_fit import FrameTracker
+    from utils.face.frame_tracker import FrameTracker
     from utils.apps.interpolate import base_camera
     from utils.core.io import atomic_write_json, save_image, to_uint8
     from utils.data.model_file import load_model
@@ -491,7 +491,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
 
 def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any):
     """FrameTracker.calibrate on the held frames with a face (irises only when every one has them)."""
-    from utils.face.flame_fit import FrameTracker
+    from utils.face.frame_tracker import FrameTracker
 
     pts = torch.stack([d.points for d in faces])
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None
