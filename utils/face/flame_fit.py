@@ -232,6 +232,9 @@ class FitProblem:
     d_s: Tensor  # (Qs,) prior weights of the shared variables
     tw: Tensor | None  # (Qf,) weights of the frame-to-frame changes, or None: no temporal prior
     n_points: float  # total point weight (the reported loss is per point)
+    frame_of: Tensor  # (T,) frame indices
+    sel: Tensor  # (T * K, K) row b = t * K + k picks residual k of frame t (the Jacobian batch of :func:`_data_terms`)
+    idx_rep: Tensor  # (T * K,) the frame of each row of that batch
     X: Tensor  # (T, Qf) per-frame variables
     Y: Tensor  # (Qs,) shared variables
     X_prev: Tensor | None = None  # (Qf,) the variables of the frame before the first one (``previous``)
@@ -355,6 +358,8 @@ def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
             (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
             (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3),
             (1.0 / cfg.temporal_std_jaw, n_eyes)])
+    K = FitProblem.K
+    frame_of = torch.arange(T, device=dev)
     X = torch.zeros(T, sum(f_sizes), dtype=torch.float64)
     X[:, 0:3] = torch.as_tensor(np.array(rot0))
     X[:, 3:6] = torch.as_tensor(np.array(trans0) / depth)
@@ -363,7 +368,8 @@ def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
                    scale_wide=torch.full_like(sigma, cfg.rigid_robust_scale), irises=irises, f0=f0,
                    static_only=(torch.arange(68, device=dev) >= 17).to(dt), depth=depth, fixed_shape=fixed_shape,
                    ns=ns, ne=ne, c_shape=c_shape, c_expr=c_expr, n_eyes=n_eyes, f_sizes=f_sizes, s_sizes=s_sizes,
-                   d_f=d_f, d_s=d_s, tw=tw, n_points=float(wts.sum().clamp_min(1.0)), X=X,
+                   d_f=d_f, d_s=d_s, tw=tw, n_points=float(wts.sum().clamp_min(1.0)), frame_of=frame_of,
+                   sel=torch.eye(K, dtype=dt, device=dev).repeat(T, 1), idx_rep=frame_of.repeat_interleave(K), X=X,
                    Y=torch.zeros(sum(s_sizes), dtype=torch.float64))
     if init is not None:
         p.X = _variables(p, init, [min(i, init.num_frames - 1) for i in range(T)])
@@ -405,14 +411,11 @@ def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scal
     """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
     backward pass through a batch that repeats every frame once per residual (frames are independent given the
     shared variables, which every row gets a copy of)."""
-    T, K, dev, dt = p.T, p.K, p.dev, p.dt
-    frame_of = torch.arange(T, device=dev)
-    F, S = Xv.to(dev, dt), Yv.to(dev, dt)[None].expand(T, -1)
+    T, K, dev, sel, idx_rep = p.T, p.K, p.dev, p.sel, p.idx_rep
+    F, S = Xv.to(dev, p.dt), Yv.to(dev, p.dt)[None].expand(T, -1)
     if not jac:
         with torch.no_grad():
-            return _frame_residuals(p, F, S, frame_of, rows, scale, rigid)[0].double().cpu(), None, None
-    sel = torch.eye(K, dtype=dt, device=dev).repeat(T, 1)  # row b = t * K + k picks residual k of frame t
-    idx_rep = frame_of.repeat_interleave(K)
+            return _frame_residuals(p, F, S, p.frame_of, rows, scale, rigid)[0].double().cpu(), None, None
     rs, jfs, jss = [], [], []
     step = max(1, 4096 // K)  # frames per backward pass (bounds the memory of long videos)
     for a in range(0, T, step):
@@ -550,7 +553,7 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
     with torch.no_grad():
         rows = _contour_rows(p)
         F, S = p.X.to(dev, dt), p.Y.to(dev, dt)[None]
-        _, uv = _frame_residuals(p, F, S.expand(T, -1), torch.arange(T, device=dev), rows, p.scale_narrow, False)
+        _, uv = _frame_residuals(p, F, S.expand(T, -1), p.frame_of, rows, p.scale_narrow, False)
         rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
         beta_n, log_f = S.split(p.s_sizes, 1)
         focal = p.f0 * (float(torch.exp(log_f)) if p.cfg.fit_focal else 1.0)
