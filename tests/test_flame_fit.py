@@ -218,7 +218,8 @@ def test_frame_tracker_matches_the_batch_fit_and_only_looks_back(flame_and_truth
     truth are within 0.02 of the batch fit's (utils/face/reenactment.py fit_video_motion, which smooths both ways), and a
     frame's result does not depend on later frames (changing frames 10.. leaves frames 0..9 bit-identical)."""
     from models.flame import FlameParams
-    from utils.face.flame_fit import FlameFitConfig, FrameTracker
+    from utils.face.flame_fit import FlameFitConfig
+    from utils.face.frame_tracker import FrameTracker
     from utils.face.reenactment import ReenactConfig, fit_video_motion
 
     flame, _, truth = flame_and_truth

@@ -134,3 +134,28 @@ def test_video_stream_writes_frames_as_they_come_and_aborts_cleanly(tmp_path):
         VideoStream(tmp_path / "x.mp4", float("nan"))
     with pytest.raises(ValueError, match="at least one frame"):
         write_video(tmp_path / "empty.mp4", [])
+
+
+def test_read_video_frames_by_range_and_by_index(tmp_path):
+    """The one video reader (utils/core/io.py read_video_frames): frames by start / stride / max_frames or by index
+    (those past the end left out), RGB, with the file's frame rate; an unreadable file and an empty selection are
+    ValueErrors that name the file."""
+    from utils.core.io import read_video_frames, write_video
+
+    colour = [(i * 20, 255 - i * 20, 128) for i in range(10)]  # RGB per frame, far apart after mp4v
+    path = write_video(tmp_path / "v.mp4", [np.full((16, 24, 3), c, np.uint8) for c in colour], fps=12)
+    frames, ids, fps = read_video_frames(path, start=1, stride=3)
+    assert ids.tolist() == [1, 4, 7] and ids.dtype == np.int64 and fps == 12.0
+    assert frames[0].shape == (16, 24, 3) and frames[0].dtype == np.uint8
+    assert all(np.abs(f.reshape(-1, 3).mean(0) - colour[i]).max() < 12 for f, i in zip(frames, ids))  # RGB, not BGR
+    assert read_video_frames(path, max_frames=4)[1].tolist() == [0, 1, 2, 3]
+    frames, ids, _ = read_video_frames(path, frame_ids=np.array([8, 2, 2, 30]))
+    assert ids.tolist() == [2, 8] and len(frames) == 2
+    assert read_video_frames(path, frame_ids=[])[1].tolist() == []
+    with pytest.raises(ValueError, match="no frames to use"):
+        read_video_frames(path, start=10)
+    with pytest.raises(ValueError, match="start >= 0"):
+        read_video_frames(path, stride=0)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="cannot open the video"):
+        read_video_frames(tmp_path / "bad.mp4")

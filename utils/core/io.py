@@ -642,6 +642,42 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     return stream.path
 
 
+def read_video_frames(path: str | os.PathLike, frame_ids: Sequence[int] | np.ndarray | None = None, start: int = 0,
+                      stride: int = 1, max_frames: int = 0) -> tuple[list[np.ndarray], np.ndarray, float]:
+    """Frames of a video file (OpenCV, read in order) -> (RGB uint8 frames (H, W, 3), their indices in the video (N,)
+    int64, frames per second (25 when the file does not say)).
+
+    Which frames: ``frame_ids`` (indices; reading stops after the last one wanted, those past the video's end are left
+    out), else start, start + stride, ... (at most ``max_frames``; 0 = all; a ValueError when none is left).  A file
+    OpenCV cannot open is a ValueError.  (:class:`VideoStream` is the writer.)"""
+    import cv2
+
+    if start < 0 or stride < 1 or max_frames < 0:
+        raise ValueError(f"video frame selection needs start >= 0, stride >= 1 and max_frames >= 0, got start={start}, "
+                         f"stride={stride}, max_frames={max_frames}")
+    path = Path(path)
+    cap = cv2.VideoCapture(cv2_path(path, "video"))
+    if not cap.isOpened():
+        raise ValueError(f"cannot open the video {path} (a format OpenCV reads: mp4, avi, mov, mkv, webm)")
+    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
+    want = None if frame_ids is None else {int(i) for i in frame_ids}
+    frames, ids, i = [], [], 0
+    try:
+        while (not max_frames or len(frames) < max_frames) and (want is None or len(ids) < len(want)):
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if (i in want) if want is not None else (i >= start and (i - start) % stride == 0):
+                frames.append(np.ascontiguousarray(frame[..., ::-1]))  # BGR -> RGB
+                ids.append(i)
+            i += 1
+    finally:
+        cap.release()
+    if not frames and want is None:
+        raise ValueError(f"{path}: no frames to use (the video has {i} frames; start {start}, stride {stride})")
+    return frames, np.asarray(ids, dtype=np.int64), fps
+
+
 class VideoStream:
     """An MP4 written one frame at a time (a long motion never holds its frames in memory: a 1e6-frame motion at
     256 x 256 would be 196 GB).  Encoded into a temporary next to ``path`` (unique, O_EXCL, same suffix) and renamed

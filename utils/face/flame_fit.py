@@ -31,9 +31,12 @@ with and without it (2.23 mm mean), and on the held-out identity's photo (true f
 put the head 7 % too close, costing 3 dB on the unseen views (tests/test_wild.py).  A wrong focal length mostly changes
 the fitted distance, not the fitted face.
 
-Speed: FLAME is evaluated only at the vertices the landmarks need (plus 5 virtual vertices that carry the joints: the
-joint regressor is linear in the shape, so it folds into their blendshapes), with smplx's own ``lbs`` -- exactly
-FLAME, a few hundred instead of 5,023 vertices, and no per-call copy of the blendshape tensor.
+Speed: FLAME is evaluated only at the vertices the landmarks need (utils/face/landmark_flame.py ``LandmarkFlame``).
+
+Code: :func:`fit_flame_to_landmarks` runs one function per stage on a shared :class:`FitProblem` (targets, starting
+pose, variable layout and priors: :func:`_make_problem`; :func:`_rigid_stage`; :func:`_non_rigid_stage`;
+:func:`_assemble_result`), all solved by :func:`_levenberg_marquardt`.  The streaming tracker built on it is
+utils/face/frame_tracker.py.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ from models.flame import (
     axis_angle_to_matrix,
 )
 from utils.core.config import Range
+from utils.face.landmark_flame import LandmarkFlame, project
 
 # world -> camera of the fitted camera: the camera frame with y and z flipped (see the module docstring)
 W2C = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
@@ -154,131 +158,6 @@ def make_camera(focal: float, image_size: tuple[int, int], name: str = "22220003
     return Camera(K, W2C.clone(), w, h, name)
 
 
-class LandmarkFlame:
-    """FLAME evaluated only where the landmarks live (static, dynamic contour, pupils), batched over frames.
-
-    ``forward`` returns (T, 68, 3) iBUG landmarks in FLAME model space (contour rows selected per frame by the head's
-    rotation relative to the camera through smplx's lookup; NaN without a dynamic embedding) and (T, 2, 3) pupils
-    (subject's right, left)."""
-
-    def __init__(self, flame: FlameModel) -> None:
-        from smplx.utils import find_joint_kin_chain
-
-        if not flame.has_landmarks or flame.lmk_faces_idx.numel() != 51:
-            raise ValueError(f"{flame.model_path}: fitting to iBUG landmarks needs the 51-point static embedding "
-                             f"(flame_static_embedding.pkl), found "
-                             f"{flame.lmk_faces_idx.numel() if flame.has_landmarks else 0} points")
-        sm = flame.flame
-        dev, dt = flame.v_template.device, flame.v_template.dtype
-        faces = flame.faces
-        static_tri = faces[flame.lmk_faces_idx]  # (51, 3)
-        dyn = flame.dynamic_embedding
-        parts = [static_tri.reshape(-1)]
-        if dyn is not None:
-            self.dyn_faces = torch.as_tensor(dyn["lmk_face_idx"], device=dev)  # (B, 17)
-            self.dyn_bary = torch.as_tensor(dyn["lmk_b_coords"], dtype=dt, device=dev)  # (B, 17, 3)
-            parts.append(faces[self.dyn_faces].reshape(-1))
-        weights = sm.lbs_weights
-        v0 = sm.v_template
-        pupils = []
-        for j in (4, 3):  # right eye (joint 4) then left eye (joint 3): the front-most vertex of each eyeball
-            ids = torch.nonzero(weights[:, j] > 0.99).reshape(-1)
-            if len(ids) == 0:
-                raise ValueError(f"{flame.model_path}: no eyeball vertices for joint {j}")
-            pupils.append(ids[torch.argmax(v0[ids, 2])])
-        self.has_pupils = True
-        parts.append(torch.stack(pupils))
-        sub, inv = torch.unique(torch.cat(parts), return_inverse=True)
-        n_static = static_tri.numel()
-        self.static_tri = inv[:n_static].reshape(51, 3)
-        off = n_static
-        if dyn is not None:
-            n_dyn = self.dyn_faces.numel() * 3
-            self.dyn_tri = inv[off:off + n_dyn].reshape(*self.dyn_faces.shape, 3)  # (B, 17, 3) sub-vertex ids
-            off += n_dyn
-        self.pupils = inv[off:off + 2]
-        self.static_bary = flame.lmk_bary_coords.to(dt)
-        self.has_contour = dyn is not None
-        # sub-model: the selected vertices plus 5 virtual vertices at the joints (J = J_reg @ (T + S beta) is linear)
-        J_reg = sm.J_regressor  # (5, V)
-        sd = torch.cat([sm.shapedirs, sm.expr_dirs], dim=-1)  # (V, 3, 400)
-        self.v_template = torch.cat([v0[sub], J_reg @ v0])
-        self.shapedirs = torch.cat([sd[sub], torch.einsum("jv,vck->jck", J_reg, sd)])
-        V = v0.shape[0]
-        pd = sm.posedirs.reshape(-1, V, 3)  # smplx keeps (P, V * 3)
-        self.posedirs = torch.cat([pd[:, sub], torch.zeros(pd.shape[0], 5, 3, dtype=dt, device=dev)], 1).reshape(
-            pd.shape[0], -1)
-        self.J_regressor = torch.cat([torch.zeros(5, len(sub), dtype=dt, device=dev), torch.eye(5, dtype=dt,
-                                                                                                   device=dev)], 1)
-        self.lbs_weights = torch.cat([weights[sub], torch.eye(5, dtype=dt, device=dev)])
-        self.parents = sm.parents
-        self.neck_kin_chain = torch.as_tensor(find_joint_kin_chain(1, sm.parents), device=dev)
-        self.num_sub = len(sub)
-        self.device, self.dtype = dev, dt
-        # RMS landmark displacement of each blendshape (metres per coefficient), for the fit's preconditioning
-        self.basis_rms = self.shapedirs[:len(sub)].square().sum(1).mean(0).sqrt()  # (400,)
-
-    def shaped(self, shape: Tensor) -> "LandmarkFlame":
-        """A copy with the identity ``shape`` (1, 300) folded into the template: its forward takes ``shape=None`` and
-        evaluates only the 100 expression blendshapes (a quarter of the work; for fits with a known shape)."""
-        from copy import copy
-
-        out = copy(self)
-        sd = self.shapedirs
-        out.v_template = self.v_template + sd[..., :NUM_SHAPE] @ shape.reshape(-1).to(sd)
-        out.shapedirs = sd[..., NUM_SHAPE:].contiguous()
-        return out
-
-    def forward(self, shape: Tensor | None, expression: Tensor, neck: Tensor, jaw: Tensor, eyes: Tensor,
-                rotation: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """shape (1 or T, 300) (None after :meth:`shaped`), expression (T, 100), neck / jaw (T, 3), eyes (T, 6) (left,
-        right eye), rotation (T, 3, 3) the head's rotation relative to the camera (for the contour lookup), or
-        ``rows`` (T,) the contour rows to use (:meth:`contour_rows`) -> (landmarks (T, 68, 3), pupils (T, 2, 3)) in
-        model space."""
-        from smplx.lbs import lbs
-
-        T = expression.shape[0]
-        zeros = torch.zeros(T, 3, dtype=self.dtype, device=self.device)
-        pose = torch.cat([zeros, neck, jaw, eyes[:, :3], eyes[:, 3:]], dim=1)
-        betas = expression if shape is None else torch.cat([shape.expand(T, -1), expression], dim=1)
-        verts, _ = lbs(betas, pose, self.v_template, self.shapedirs, self.posedirs, self.J_regressor, self.parents,
-                       self.lbs_weights)
-        verts = verts[:, :self.num_sub]
-        static = (verts[:, self.static_tri] * self.static_bary[None, ..., None]).sum(-2)  # (T, 51, 3)
-        if self.has_contour:
-            rows = self.contour_rows(rotation, neck) if rows is None else rows
-            corners = torch.gather(verts, 1, self.dyn_tri[rows].reshape(T, -1, 1).expand(-1, -1, 3))
-            contour = (corners.reshape(T, 17, 3, 3) * self.dyn_bary[rows][..., None]).sum(-2)
-        else:
-            contour = torch.full((T, 17, 3), float("nan"), dtype=self.dtype, device=self.device)
-        return torch.cat([contour, static], dim=1), verts[:, self.pupils]
-
-    def contour_rows(self, rotation: Tensor, neck: Tensor) -> Tensor:
-        """(T,) row of the dynamic embedding per frame: smplx's own lookup (find_dynamic_lmk_idx_and_bcoords, fed
-        a table of row numbers), from the y rotation of the neck chain with the head's rotation relative to the
-        camera (rotation (T, 3, 3), OpenGL camera axes as in :data:`W2C`'s world) as its global pose."""
-        from smplx.lbs import find_dynamic_lmk_idx_and_bcoords
-
-        T = rotation.shape[0]
-        full = torch.eye(3, dtype=self.dtype, device=self.device).repeat(T, 5, 1, 1)
-        full[:, 0] = rotation.detach()
-        full[:, 1] = axis_angle_to_matrix(neck.detach())
-        table = torch.arange(self.dyn_faces.shape[0], device=self.device)[:, None]
-        rows, _ = find_dynamic_lmk_idx_and_bcoords(full.new_zeros(T, 1, 3), full.reshape(T, -1), table,
-                                                   self.dyn_bary, self.neck_kin_chain, pose2rot=False)
-        return rows[:, 0]
-
-
-def project(points: Tensor, R: Tensor, t: Tensor, focal: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """Model-space points (T, L, 3) through the head pose (R (T, 3, 3), t (T, 3)) and the fitted camera
-    (:func:`make_camera`) -> pixels (T, L, 2)."""
-    w, h = image_size
-    world = points @ R.transpose(1, 2) + t[:, None]
-    x, y, z = world.unbind(-1)
-    z = (-z).clamp_min(1e-3)  # camera looks down world -z
-    return torch.stack([focal * x / z + w / 2.0, focal * (-y) / z + h / 2.0], dim=-1)
-
-
 def geman_mcclure(r2: Tensor, scale: float | Tensor) -> Tensor:
     """rho(r) = s^2 r^2 / (r^2 + s^2) of squared residuals r2: quadratic near 0, saturates at s^2."""
     s2 = scale * scale
@@ -320,42 +199,72 @@ def _whiten(r: Tensor, w: Tensor, scale: Tensor, sigma: Tensor) -> Tensor:
     return r * f[..., None]
 
 
-def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: FlameFitConfig | None = None,
-                           shape: Tensor | None = None, camera_name: str = "222200037", init: FlameParams | None = None,
-                           previous: FlameParams | None = None, landmark_flame: "LandmarkFlame | None" = None
-                           ) -> FlameFitResult:
-    """Fit FLAME (one shape; per frame expression, jaw, eyes, head rotation and translation) and one focal length to
-    the landmarks of T frames.
+@dataclass
+class FitProblem:
+    """The shared state of one landmark fit (what its stages read, and the solver's variables they update).
 
-    The loss (a MAP estimate, see :class:`FlameFitConfig`) is a sum of squares: whitened robust landmark residuals,
-    the priors as standard scores and, for T > 1, the frame-to-frame changes.  It is minimised by scipy's
-    trust-region least-squares solver (``scipy.optimize.least_squares``, method "trf") with the exact Jacobian from
-    autograd: frames are independent given the shared shape and focal length, so one backward pass through a batch
-    that repeats every frame once per residual yields every frame's Jacobian block.  Stages: rigid (head rotation and
-    translation, static points, wide robust scale), then everything with the wide scale, then with the narrow one
-    (``robust_k`` sigmas); the contour rows are looked up between stages.
+    The solver's vector: T per-frame blocks X (T, Qf) = [rotation 3 (axis-angle), translation 3 (in head distances
+    ``depth``: one scale suits any scene), expression ne, jaw 3, eyes 6 (with irises)], then the shared Y (Qs,) =
+    [shape ns, log focal length (with ``fit_focal``)].  Shape and expression are preconditioned: coefficient =
+    variable * c (``c_shape``, ``c_expr``), one variable unit moving the landmarks ~5 mm RMS.  X and Y are float64 on
+    the CPU; FLAME runs on ``dev`` in ``dt``."""
 
-    Args:
-        flame: the FLAME model (with its 51-point static embedding; the dynamic one adds the contour).
-        targets: LandmarkTargets: points (T, 68, 2) pixels, image_size (w, h), weights (T, 68), irises (T, 2, 2).
-        cfg: FlameFitConfig.
-        shape: (1, 300) a known identity shape, kept fixed (e.g. fitted on a neutral frame); None: fitted.
-        camera_name: serial of the fitted camera (the NeRSemble frontal camera by default).
-        init: FlameParams (1 or T frames) to start from instead of PnP's rigid pose of the mean face (a warm start,
-            e.g. the previous frame of a video: :class:`FrameTracker`); its head pose, expression, jaw and eyes.
-        previous: FlameParams (1 frame) of the frame BEFORE the first target frame: the frame-to-frame prior then
-            also ties the first frame to it (smoothing that only looks backwards, for streaming).
-        landmark_flame: a :class:`LandmarkFlame` of ``flame`` built once by the caller (per-frame fits skip its
-            construction).
-    Returns:
-        FlameFitResult (params on ``flame``'s device; camera on the CPU).
-    """
-    cfg = cfg or FlameFitConfig()
-    t_start = time.perf_counter()
-    lf = landmark_flame if landmark_flame is not None else LandmarkFlame(flame)
+    cfg: FlameFitConfig
+    lf: LandmarkFlame  # the landmark sub-model of FLAME
+    lf_eval: LandmarkFlame  # what the residuals evaluate: ``lf``, or with a known shape folded into its template
+    dev: torch.device
+    dt: torch.dtype
+    T: int  # frames
+    size: tuple[int, int]  # image (width, height)
+    pts: Tensor  # (T, 68, 2) target points, pixels (missing ones zeroed; their weight is 0)
+    wts: Tensor  # (T, 68) point weights (contour scaled by ``contour_weight``)
+    iod: Tensor  # (T,) inter-ocular distance, pixels
+    sigma: Tensor  # (T, 1) landmark noise in IOD units
+    scale_narrow: Tensor  # (T, 1) robust scale of the final non-rigid runs
+    scale_wide: Tensor  # (T, 1) robust scale of the rigid stage and the first non-rigid run
+    irises: Tensor | None  # (T, 2, 2) iris centres, pixels (None: not fitted)
+    f0: float  # default focal length, pixels
+    static_only: Tensor  # (68,) 1 for the static points, 0 for the contour (the rigid stage's mask)
+    depth: float  # mean starting head distance (the unit of the translation variables)
+    fixed_shape: Tensor | None  # (1, 300) a known shape, or None: fitted
+    ns: int  # shape coefficients fitted
+    ne: int  # expression coefficients fitted
+    c_shape: Tensor  # (1, ns) shape preconditioner
+    c_expr: Tensor  # (1, ne) expression preconditioner
+    n_eyes: int  # 6 with irises, else 0
+    f_sizes: list[int]  # sizes of the per-frame blocks
+    s_sizes: list[int]  # sizes of the shared blocks
+    d_f: Tensor  # (Qf,) prior weights of the per-frame variables (standard scores d * x)
+    d_s: Tensor  # (Qs,) prior weights of the shared variables
+    tw: Tensor | None  # (Qf,) weights of the frame-to-frame changes, or None: no temporal prior
+    n_points: float  # total point weight (the reported loss is per point)
+    frame_of: Tensor  # (T,) frame indices
+    sel: Tensor  # (T * K, K) row b = t * K + k picks residual k of frame t (the Jacobian batch of :func:`_data_terms`)
+    idx_rep: Tensor  # (T * K,) the frame of each row of that batch
+    X: Tensor  # (T, Qf) per-frame variables
+    Y: Tensor  # (Qs,) shared variables
+    X_prev: Tensor | None = None  # (Qf,) the variables of the frame before the first one (``previous``)
+    K: int = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
+
+    @property
+    def fit_shape(self) -> bool:
+        return self.fixed_shape is None
+
+    @property
+    def Qf(self) -> int:
+        return sum(self.f_sizes)
+
+    @property
+    def Qs(self) -> int:
+        return sum(self.s_sizes)
+
+
+def _target_terms(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConfig
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The targets as the fit weighs them -> pts (T, 68, 2) (NaN zeroed), wts (T, 68), iod (T,), sigma (T, 1) the
+    landmark noise per frame in IOD units, irises (T, 2, 2) or None."""
     dev, dt = lf.device, lf.dtype
     T = targets.num_frames
-    size = tuple(int(s) for s in targets.image_size)
     pts = targets.points.to(dev, dt)
     if pts.shape[1:] != (68, 2):
         raise ValueError(f"landmark targets must be (T, 68, 2) iBUG points, got {tuple(pts.shape)}")
@@ -367,17 +276,20 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         wts[:, :17] *= cfg.contour_weight
     pts = torch.nan_to_num(pts)
     iod = (pts[:, 36] - pts[:, 45]).norm(dim=-1).clamp_min(1.0)  # (T,)
-    # landmark noise per frame in IOD units, and the robust scales (wide: rigid stage and first non-rigid run)
     sigma = (cfg.landmark_sigma_px / iod).clamp_min(cfg.landmark_sigma_iod)[:, None]  # (T, 1)
-    scale_narrow = cfg.robust_k * sigma
-    scale_wide = torch.full_like(sigma, cfg.rigid_robust_scale)
     irises = None
     if targets.irises is not None and cfg.iris_weight > 0:
         irises = targets.irises.to(dev, dt)
-    f0 = default_focal(size, cfg)
-    static_only = (torch.arange(68, device=dev) >= 17).to(dt)
+    return pts, wts, iod, sigma, irises
 
-    # ---- initial pose per frame: PnP of the mean face's static landmarks
+
+def _initial_pose(lf: LandmarkFlame, pts: Tensor, init: FlameParams | None, focal: float, size: tuple[int, int]
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """Starting head pose per frame: ``init``'s (one frame is repeated over the T frames), else OpenCV's PnP of the
+    mean face's static landmarks to pts (T, 68, 2) -> (T rotation vectors (3,), T translations (3,), the mean head
+    distance)."""
+    dev, dt = lf.device, lf.dtype
+    T = pts.shape[0]
     zeros3 = torch.zeros(T, 3, dtype=dt, device=dev)
     with torch.no_grad():
         lm0, _ = (None, None) if init is not None else lf.forward(torch.zeros(1, NUM_SHAPE, dtype=dt, device=dev),
@@ -391,16 +303,48 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
         trans0 = [ip.translation[i].numpy() for i in pick]
     else:
         for i in range(T):
-            R, t = _pnp_init(lm0[i, 17:].cpu().numpy(), pts[i, 17:].cpu().numpy(), f0, size)
+            R, t = _pnp_init(lm0[i, 17:].cpu().numpy(), pts[i, 17:].cpu().numpy(), focal, size)
             rot0.append(_rotvec(R))
             trans0.append(t)
     depth = float(np.mean([-t[2] for t in trans0]))
     if not depth > 0:
         raise ValueError(f"fit_flame_to_landmarks: the starting head is not in front of the camera (depth {depth})")
+    return rot0, trans0, depth
 
-    # ---- the solver's vector: T per-frame blocks [rotation 3, translation 3 (in head distances: one scale suits any
-    # scene), expression, jaw 3, eyes 6 (with irises)], then the shared [shape, log focal length].  Shape and
-    # expression are preconditioned: coefficient = variable * c, one variable unit moving the landmarks ~5 mm RMS
+
+def _stacked(parts: list) -> Tensor:
+    """Per-variable weights (float64): each part (a value or a (1,) / (n,) tensor, n) repeated to n entries, then
+    concatenated."""
+    return torch.cat([torch.as_tensor(p, dtype=torch.float64).reshape(-1).expand(n) for p, n in parts])
+
+
+def _variables(p: FitProblem, params: FlameParams, rows: list[int]) -> Tensor:
+    """(len(rows), Qf) solver variables of frames ``rows`` of ``params`` (the inverse of :func:`_assemble_result`'s
+    read-out)."""
+    ne, ce = p.ne, p.c_expr[0].double().cpu()
+    params = params.to("cpu", torch.float64)
+    out = torch.zeros(len(rows), p.Qf, dtype=torch.float64)
+    out[:, 0:3] = torch.as_tensor(np.array([_rotvec(params.rotation_matrix[i].numpy()) for i in rows]))
+    out[:, 3:6] = params.translation[rows] / p.depth
+    out[:, 6:6 + ne] = params.expression[rows, :ne] / ce
+    out[:, 6 + ne:9 + ne] = params.jaw[rows]
+    if p.n_eyes:
+        out[:, 9 + ne:] = params.eyes[rows]
+    return out
+
+
+def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConfig, shape: Tensor | None,
+                  init: FlameParams | None, previous: FlameParams | None) -> FitProblem:
+    """The fit's state before its first stage: weighted targets, robust scales, the starting pose (PnP or ``init``),
+    the variable layout, the priors as standard scores (d * x) and, for T > 1 or with ``previous``, the weights of the
+    frame-to-frame changes ((x[t + 1] - x[t]) * tw over the per-frame blocks)."""
+    dev, dt = lf.device, lf.dtype
+    T = targets.num_frames
+    size = tuple(int(s) for s in targets.image_size)
+    pts, wts, iod, sigma, irises = _target_terms(lf, targets, cfg)
+    f0 = default_focal(size, cfg)
+    rot0, trans0, depth = _initial_pose(lf, pts, init, f0, size)
+
     fit_shape = shape is None
     fixed_shape = None if fit_shape else shape.to(dev, dt).reshape(1, NUM_SHAPE)
     c_all = (0.005 / lf.basis_rms.clamp_min(1e-9)).clamp(max=10.0)
@@ -409,305 +353,274 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     n_eyes = 6 if irises is not None else 0
     f_sizes = [3, 3, ne, 3, n_eyes]
     s_sizes = [ns, 1 if cfg.fit_focal else 0]
-    Qf, Qs = sum(f_sizes), sum(s_sizes)
-    lf_eval = lf if fit_shape else lf.shaped(fixed_shape)  # a known shape is folded into the template once
-    K = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
-
-    def frame_residuals(F: Tensor, S: Tensor, idx: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool
-                        ) -> tuple[Tensor, Tensor]:
-        """(B, K) whitened residuals and (B, 68, 2) fitted landmarks (pixels) of frames ``idx`` (B,) for parameter
-        rows F (B, Qf), S (B, Qs): every row is evaluated on its own (what the Jacobian trick needs)."""
-        B = F.shape[0]
-        rot, trans, psi_n, jaw, eyes = F.split(f_sizes, 1)
-        beta_n, log_f = S.split(s_sizes, 1)
-        shp = None if not fit_shape else torch.cat([beta_n * c_shape, beta_n.new_zeros(B, NUM_SHAPE - ns)], 1)
-        expr = torch.cat([psi_n * c_expr, psi_n.new_zeros(B, NUM_EXPRESSION - ne)], 1)
-        eyes = eyes if n_eyes else F.new_zeros(B, 6)
-        focal = f0 * (torch.exp(log_f) if cfg.fit_focal else F.new_ones(B, 1))  # (B, 1)
-        R = axis_angle_to_matrix(rot)
-        lm, pupils = lf_eval.forward(shp, expr, F.new_zeros(B, 3), jaw, eyes, R, None if rows is None else rows[idx])
-        t = trans * depth
-        uv = project(lm, R, t, focal, size)
-        w = wts[idx] * static_only if rigid else wts[idx]
-        res = _whiten((torch.nan_to_num(uv) - pts[idx]) / iod[idx, None, None], w, scale[idx], sigma[idx])
-        if irises is not None and not rigid:
-            uv_p = project(pupils, R, t, focal, size)
-            ri = _whiten((uv_p - irises[idx]) / iod[idx, None, None], torch.full_like(uv_p[..., 0], cfg.iris_weight),
-                         scale[idx], sigma[idx])
-        else:
-            ri = res.new_zeros(B, 2, 2)
-        return torch.cat([res, ri], 1).reshape(B, K), uv
-
-    # ---- the linear residuals: priors as standard scores (d * x) and, for T > 1, the frame-to-frame changes
-    # ((x[t + 1] - x[t]) * tw over the per-frame blocks)
-    def block(parts: list) -> Tensor:
-        return torch.cat([torch.as_tensor(p, dtype=torch.float64).reshape(-1).expand(n) for p, n in parts])
 
     ce = c_expr[0].double().cpu()
-    d_f = block([(0.0, 6), (ce / cfg.expression_std, ne), (1.0 / (cfg.jaw_std * torch.tensor([1.0, 0.1, 0.1])), 3),
-                 (1.0 / cfg.eyes_std, n_eyes)])
-    d_s = block([(c_shape[0].double().cpu() / cfg.shape_std, ns), (1.0 / cfg.focal_std, s_sizes[1])])
+    d_f = _stacked([(0.0, 6), (ce / cfg.expression_std, ne),
+                    (1.0 / (cfg.jaw_std * torch.tensor([1.0, 0.1, 0.1])), 3), (1.0 / cfg.eyes_std, n_eyes)])
+    d_s = _stacked([(c_shape[0].double().cpu() / cfg.shape_std, ns), (1.0 / cfg.focal_std, s_sizes[1])])
     tw = None
     if (T > 1 or previous is not None) and cfg.temporal_weight > 0:
-        tw = math.sqrt(cfg.temporal_weight) * block([
+        tw = math.sqrt(cfg.temporal_weight) * _stacked([
             (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
             (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3),
             (1.0 / cfg.temporal_std_jaw, n_eyes)])
-    n_points = float(wts.sum().clamp_min(1.0))
+    K = FitProblem.K
     frame_of = torch.arange(T, device=dev)
-    sel = torch.eye(K, dtype=dt, device=dev).repeat(T, 1)  # row b = t * K + k picks residual k of frame t
-    idx_rep = frame_of.repeat_interleave(K)
-    X = torch.zeros(T, Qf, dtype=torch.float64)  # per-frame variables (solver state, float64 on the CPU)
+    X = torch.zeros(T, sum(f_sizes), dtype=torch.float64)
     X[:, 0:3] = torch.as_tensor(np.array(rot0))
     X[:, 3:6] = torch.as_tensor(np.array(trans0) / depth)
-    Y = torch.zeros(Qs, dtype=torch.float64)  # shared variables
-
-    def variables(p: FlameParams, rows: list[int]) -> Tensor:
-        """(len(rows), Qf) solver variables of frames ``rows`` of ``p`` (the inverse of the read-out at the end)."""
-        p = p.to("cpu", torch.float64)
-        out = torch.zeros(len(rows), Qf, dtype=torch.float64)
-        out[:, 0:3] = torch.as_tensor(np.array([_rotvec(p.rotation_matrix[i].numpy()) for i in rows]))
-        out[:, 3:6] = p.translation[rows] / depth
-        out[:, 6:6 + ne] = p.expression[rows, :ne] / ce
-        out[:, 6 + ne:9 + ne] = p.jaw[rows]
-        if n_eyes:
-            out[:, 9 + ne:] = p.eyes[rows]
-        return out
-
+    p = FitProblem(cfg=cfg, lf=lf, lf_eval=lf if fit_shape else lf.shaped(fixed_shape), dev=dev, dt=dt, T=T, size=size,
+                   pts=pts, wts=wts, iod=iod, sigma=sigma, scale_narrow=cfg.robust_k * sigma,
+                   scale_wide=torch.full_like(sigma, cfg.rigid_robust_scale), irises=irises, f0=f0,
+                   static_only=(torch.arange(68, device=dev) >= 17).to(dt), depth=depth, fixed_shape=fixed_shape,
+                   ns=ns, ne=ne, c_shape=c_shape, c_expr=c_expr, n_eyes=n_eyes, f_sizes=f_sizes, s_sizes=s_sizes,
+                   d_f=d_f, d_s=d_s, tw=tw, n_points=float(wts.sum().clamp_min(1.0)), frame_of=frame_of,
+                   sel=torch.eye(K, dtype=dt, device=dev).repeat(T, 1), idx_rep=frame_of.repeat_interleave(K), X=X,
+                   Y=torch.zeros(sum(s_sizes), dtype=torch.float64))
     if init is not None:
-        X = variables(init, [min(i, init.num_frames - 1) for i in range(T)])
-    X_prev = None if previous is None or tw is None else variables(previous, [previous.num_frames - 1])[0]
+        p.X = _variables(p, init, [min(i, init.num_frames - 1) for i in range(T)])
+    if previous is not None and tw is not None:
+        p.X_prev = _variables(p, previous, [previous.num_frames - 1])[0]
+    return p
 
-    def data_terms(Xv: Tensor, Yv: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, jac: bool):
-        """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
-        backward pass through a batch that repeats every frame once per residual (frames are independent given the
-        shared variables, which every row gets a copy of)."""
-        F, S = Xv.to(dev, dt), Yv.to(dev, dt)[None].expand(T, -1)
-        if not jac:
-            with torch.no_grad():
-                return frame_residuals(F, S, frame_of, rows, scale, rigid)[0].double().cpu(), None, None
-        rs, jfs, jss = [], [], []
-        step = max(1, 4096 // K)  # frames per backward pass (bounds the memory of long videos)
-        for a in range(0, T, step):
-            n = min(step, T - a)
-            Fr = F[a:a + n].repeat_interleave(K, 0).requires_grad_(True)
-            Sr = S[a:a + n].repeat_interleave(K, 0).requires_grad_(True)
-            with torch.enable_grad():
-                r, _ = frame_residuals(Fr, Sr, idx_rep[:n * K] + a, rows, scale, rigid)
-                (r * sel[:n * K]).sum().backward()
-            rs.append(r.detach()[torch.arange(n * K, device=dev), torch.arange(K, device=dev).repeat(n)])
-            jfs.append(Fr.grad)
-            jss.append(Sr.grad if Sr.grad is not None else torch.zeros_like(Sr))  # Qs = 0: no shared variables
-        return (torch.cat(rs).reshape(T, K).double().cpu(), torch.cat(jfs).reshape(T, K, Qf).double().cpu(),
-                torch.cat(jss).reshape(T, K, Qs).double().cpu())
 
-    def cost(r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
-        c = r.square().sum() + (d_f * Xv).square().sum() + (d_s * Yv).square().sum()
-        if tw is not None:
-            c = c + ((Xv[1:] - Xv[:-1]) * tw).square().sum()
+def _frame_residuals(p: FitProblem, F: Tensor, S: Tensor, idx: Tensor, rows: Tensor | None, scale: Tensor,
+                     rigid: bool) -> tuple[Tensor, Tensor]:
+    """(B, K) whitened residuals and (B, 68, 2) fitted landmarks (pixels) of frames ``idx`` (B,) for parameter rows
+    F (B, Qf), S (B, Qs): every row is evaluated on its own (what the Jacobian trick of :func:`_data_terms` needs).
+    ``rigid``: static points only, no irises."""
+    B = F.shape[0]
+    rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
+    beta_n, log_f = S.split(p.s_sizes, 1)
+    shp = None if not p.fit_shape else torch.cat([beta_n * p.c_shape, beta_n.new_zeros(B, NUM_SHAPE - p.ns)], 1)
+    expr = torch.cat([psi_n * p.c_expr, psi_n.new_zeros(B, NUM_EXPRESSION - p.ne)], 1)
+    eyes = eyes if p.n_eyes else F.new_zeros(B, 6)
+    focal = p.f0 * (torch.exp(log_f) if p.cfg.fit_focal else F.new_ones(B, 1))  # (B, 1)
+    R = axis_angle_to_matrix(rot)
+    lm, pupils = p.lf_eval.forward(shp, expr, F.new_zeros(B, 3), jaw, eyes, R, None if rows is None else rows[idx])
+    t = trans * p.depth
+    uv = project(lm, R, t, focal, p.size)
+    w = p.wts[idx] * p.static_only if rigid else p.wts[idx]
+    iod = p.iod[idx, None, None]
+    res = _whiten((torch.nan_to_num(uv) - p.pts[idx]) / iod, w, scale[idx], p.sigma[idx])
+    if p.irises is not None and not rigid:
+        uv_p = project(pupils, R, t, focal, p.size)
+        ri = _whiten((uv_p - p.irises[idx]) / iod, torch.full_like(uv_p[..., 0], p.cfg.iris_weight), scale[idx],
+                     p.sigma[idx])
+    else:
+        ri = res.new_zeros(B, 2, 2)
+    return torch.cat([res, ri], 1).reshape(B, p.K), uv
+
+
+def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, jac: bool
+                ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
+    backward pass through a batch that repeats every frame once per residual (frames are independent given the
+    shared variables, which every row gets a copy of)."""
+    T, K, dev, sel, idx_rep = p.T, p.K, p.dev, p.sel, p.idx_rep
+    F, S = Xv.to(dev, p.dt), Yv.to(dev, p.dt)[None].expand(T, -1)
+    if not jac:
+        with torch.no_grad():
+            return _frame_residuals(p, F, S, p.frame_of, rows, scale, rigid)[0].double().cpu(), None, None
+    rs, jfs, jss = [], [], []
+    step = max(1, 4096 // K)  # frames per backward pass (bounds the memory of long videos)
+    for a in range(0, T, step):
+        n = min(step, T - a)
+        Fr = F[a:a + n].repeat_interleave(K, 0).requires_grad_(True)
+        Sr = S[a:a + n].repeat_interleave(K, 0).requires_grad_(True)
+        with torch.enable_grad():
+            r, _ = _frame_residuals(p, Fr, Sr, idx_rep[:n * K] + a, rows, scale, rigid)
+            (r * sel[:n * K]).sum().backward()
+        rs.append(r.detach()[torch.arange(n * K, device=dev), torch.arange(K, device=dev).repeat(n)])
+        jfs.append(Fr.grad)
+        jss.append(Sr.grad if Sr.grad is not None else torch.zeros_like(Sr))  # Qs = 0: no shared variables
+    return (torch.cat(rs).reshape(T, K).double().cpu(), torch.cat(jfs).reshape(T, K, p.Qf).double().cpu(),
+            torch.cat(jss).reshape(T, K, p.Qs).double().cpu())
+
+
+def _cost(p: FitProblem, r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
+    """The loss: data residuals r (T, K) plus the priors of Xv (T, Qf), Yv (Qs,) and the frame-to-frame changes."""
+    c = r.square().sum() + (p.d_f * Xv).square().sum() + (p.d_s * Yv).square().sum()
+    if p.tw is not None:
+        c = c + ((Xv[1:] - Xv[:-1]) * p.tw).square().sum()
+    if p.X_prev is not None:
+        c = c + ((Xv[0] - p.X_prev) * p.tw).square().sum()
+    return float(c)
+
+
+def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Tensor | None, scale: Tensor,
+                         rigid: bool, max_iter: int) -> float:
+    """Levenberg-Marquardt on the variables ``free_f`` (Qf,) / ``free_s`` (Qs,) (bool) of p.X, p.Y (updated); returns
+    the final loss per point.  Hand-written rather than scipy.optimize.least_squares: its dense trust-region step takes
+    an SVD of the whole Jacobian per iteration (seconds here), while the normal equations of this problem have an
+    arrow shape -- one small block per frame plus the shared shape -- solved through the Schur complement of the
+    shared block in milliseconds.  For T > 1 the step neglects the frame-to-frame coupling of the temporal prior (its
+    gradient is exact, so every accepted step still lowers the true loss)."""
+    cfg, T, tw, X_prev, X, Y = p.cfg, p.T, p.tw, p.X_prev, p.X, p.Y
+    fi, si = torch.nonzero(free_f)[:, 0], torch.nonzero(free_s)[:, 0]
+    df2, ds2 = p.d_f[fi].square(), p.d_s[si].square()
+    tdiag = torch.zeros(T, len(fi), dtype=torch.float64)
+    if tw is not None:
+        deg = torch.full((T, 1), 2.0, dtype=torch.float64)
+        deg[0] = deg[-1] = 1.0
+        if T == 1:
+            deg[0] = 0.0
         if X_prev is not None:
-            c = c + ((Xv[0] - X_prev) * tw).square().sum()
-        return float(c)
-
-    def solve(free_f: Tensor, free_s: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, max_iter: int
-              ) -> float:
-        """Levenberg-Marquardt on the variables ``free_f`` (Qf,) / ``free_s`` (Qs,) (bool) of X, Y in place; returns
-        the final loss.  Hand-written rather than scipy.optimize.least_squares: its dense trust-region step takes an
-        SVD of the whole Jacobian per iteration (seconds here), while the normal equations of this problem have an
-        arrow shape -- one small block per frame plus the shared shape -- solved through the Schur complement of the
-        shared block in milliseconds.  For T > 1 the step neglects the frame-to-frame coupling of the temporal
-        prior (its gradient is exact, so every accepted step still lowers the true loss)."""
-        nonlocal X, Y
-        fi, si = torch.nonzero(free_f)[:, 0], torch.nonzero(free_s)[:, 0]
-        df2, ds2 = d_f[fi].square(), d_s[si].square()
-        tdiag = torch.zeros(T, len(fi), dtype=torch.float64)
+            deg[0] += 1.0
+        tdiag = deg * tw[fi].square()
+    lam = 1e-3
+    r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
+    c = _cost(p, r, X, Y)
+    for _ in range(max_iter):
+        Jf_, Js_ = Jf[..., fi], Js[..., si]
+        gf = torch.einsum("tkq,tk->tq", Jf_, r) + df2 * X[:, fi]
         if tw is not None:
-            deg = torch.full((T, 1), 2.0, dtype=torch.float64)
-            deg[0] = deg[-1] = 1.0
-            if T == 1:
-                deg[0] = 0.0
+            diff = (X[1:] - X[:-1]) * tw.square()
+            gt = torch.zeros_like(X)
+            gt[1:] += diff
+            gt[:-1] -= diff
             if X_prev is not None:
-                deg[0] += 1.0
-            tdiag = deg * tw[fi].square()
-        lam = 1e-3
-        r, Jf, Js = data_terms(X, Y, rows, scale, rigid, True)
-        c = cost(r, X, Y)
-        for _ in range(max_iter):
-            Jf_, Js_ = Jf[..., fi], Js[..., si]
-            gf = torch.einsum("tkq,tk->tq", Jf_, r) + df2 * X[:, fi]
-            if tw is not None:
-                diff = (X[1:] - X[:-1]) * tw.square()
-                gt = torch.zeros_like(X)
-                gt[1:] += diff
-                gt[:-1] -= diff
-                if X_prev is not None:
-                    gt[0] += (X[0] - X_prev) * tw.square()
-                gf = gf + gt[:, fi]
-            gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
-            A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
-            B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
-            C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
-            improved = False
-            tries = 0
-            while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
-                tries += 1
-                Ad = A + torch.diag_embed(lam * A.diagonal(dim1=1, dim2=2).clamp_min(1e-9))
-                Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
-                L = torch.linalg.cholesky(Ad)
-                AiB = torch.cholesky_solve(B, L)
-                Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
-                Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
-                ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig)) if len(si) else gs.new_zeros(0)
-                dx = -Aig - (AiB @ ds[:, None])[..., 0] if len(si) else -Aig
-                Xn, Yn = X.clone(), Y.clone()
-                Xn[:, fi] += dx
-                Yn[si] += ds
-                rn, _, _ = data_terms(Xn, Yn, rows, scale, rigid, False)
-                cn = cost(rn, Xn, Yn)
-                if math.isfinite(cn) and cn < c:
-                    improved = True
-                    lam = max(lam / 3.0, 1e-7)
-                    break
-                lam *= 4.0
-            if not improved:
+                gt[0] += (X[0] - X_prev) * tw.square()
+            gf = gf + gt[:, fi]
+        gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
+        A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
+        B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
+        C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
+        improved = False
+        tries = 0
+        while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
+            tries += 1
+            Ad = A + torch.diag_embed(lam * A.diagonal(dim1=1, dim2=2).clamp_min(1e-9))
+            Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
+            L = torch.linalg.cholesky(Ad)
+            AiB = torch.cholesky_solve(B, L)
+            Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
+            Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
+            ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig)) if len(si) else gs.new_zeros(0)
+            dx = -Aig - (AiB @ ds[:, None])[..., 0] if len(si) else -Aig
+            Xn, Yn = X.clone(), Y.clone()
+            Xn[:, fi] += dx
+            Yn[si] += ds
+            rn, _, _ = _data_terms(p, Xn, Yn, rows, scale, rigid, False)
+            cn = _cost(p, rn, Xn, Yn)
+            if math.isfinite(cn) and cn < c:
+                improved = True
+                lam = max(lam / 3.0, 1e-7)
                 break
-            X, Y, rel = Xn, Yn, (c - cn) / max(c, 1e-30)
-            c = cn
-            if rel < cfg.tolerance:
-                break
-            r, Jf, Js = data_terms(X, Y, rows, scale, rigid, True)
-        return c / n_points
+            lam *= 4.0
+        if not improved:
+            break
+        X, Y, rel = Xn, Yn, (c - cn) / max(c, 1e-30)
+        p.X, p.Y = X, Y
+        c = cn
+        if rel < cfg.tolerance:
+            break
+        r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
+    return c / p.n_points
 
-    def contour_rows() -> Tensor | None:
-        if not lf.has_contour:
-            return None
-        return lf.contour_rows(axis_angle_to_matrix(X[:, :3].to(dev, dt)), zeros3)
 
-    losses = {}
-    pose_f = torch.arange(Qf) < 6
-    all_f, all_s = torch.ones(Qf, dtype=torch.bool), torch.ones(Qs, dtype=torch.bool)
-    no_s = torch.zeros(Qs, dtype=torch.bool)
-    if cfg.rigid_iterations > 0:
-        losses["rigid"] = solve(pose_f, no_s, contour_rows(), scale_wide, True, cfg.rigid_iterations)
-    if cfg.iterations > 0:
-        n = max(1, cfg.iterations // 2) if cfg.wide_stage else cfg.iterations
-        if cfg.wide_stage:
-            losses["non_rigid_wide"] = solve(all_f, all_s, contour_rows(), scale_wide, False, n)
-        rows = contour_rows()
-        for _ in range(max(1, cfg.contour_passes)):  # the contour rows jump with the head's yaw: solve again until
-            # they stay
-            losses["non_rigid"] = solve(all_f, all_s, rows, scale_narrow, False, n)
-            new = contour_rows()
-            if rows is None or torch.equal(new, rows):
-                break
-            rows = new
-    if not all(math.isfinite(v) for v in losses.values()):
-        raise FloatingPointError(f"FLAME landmark fit diverged (losses {losses})")
+def _contour_rows(p: FitProblem) -> Tensor | None:
+    """(T,) jaw-contour rows of the dynamic embedding for the current head rotations (None without one)."""
+    if not p.lf.has_contour:
+        return None
+    zeros3 = torch.zeros(p.T, 3, dtype=p.dt, device=p.dev)
+    return p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), zeros3)
 
+
+def _rigid_stage(p: FitProblem) -> float:
+    """Head rotation and translation only (the mean shape, neutral face): static points, wide robust scale."""
+    pose_f = torch.arange(p.Qf) < 6
+    no_s = torch.zeros(p.Qs, dtype=torch.bool)
+    return _levenberg_marquardt(p, pose_f, no_s, _contour_rows(p), p.scale_wide, True, p.cfg.rigid_iterations)
+
+
+def _non_rigid_stage(p: FitProblem, losses: dict[str, float]) -> None:
+    """Every variable (pose, expression, jaw, eyes, shape, focal): first with the wide robust scale (``wide_stage``),
+    then with the narrow one, solved again while the jaw-contour rows (which jump with the head's yaw) move, at most
+    ``contour_passes`` times.  Writes the losses ``non_rigid_wide`` and ``non_rigid``."""
+    cfg = p.cfg
+    all_f, all_s = torch.ones(p.Qf, dtype=torch.bool), torch.ones(p.Qs, dtype=torch.bool)
+    n = max(1, cfg.iterations // 2) if cfg.wide_stage else cfg.iterations
+    if cfg.wide_stage:
+        losses["non_rigid_wide"] = _levenberg_marquardt(p, all_f, all_s, _contour_rows(p), p.scale_wide, False, n)
+    rows = _contour_rows(p)
+    for _ in range(max(1, cfg.contour_passes)):
+        losses["non_rigid"] = _levenberg_marquardt(p, all_f, all_s, rows, p.scale_narrow, False, n)
+        new = _contour_rows(p)
+        if rows is None or torch.equal(new, rows):
+            break
+        rows = new
+
+
+def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, t_start: float) -> FlameFitResult:
+    """The solver's variables read out as FlameParams (scale 1, zero neck), the fitted camera, the fitted landmarks
+    (pixels; contour NaN without a dynamic embedding) and the per-frame static-landmark error."""
+    T, dev, dt = p.T, p.dev, p.dt
     with torch.no_grad():
-        rows = contour_rows()
-        F, S = X.to(dev, dt), Y.to(dev, dt)[None]
-        _, uv = frame_residuals(F, S.expand(T, -1), frame_of, rows, scale_narrow, False)
-        rot, trans, psi_n, jaw, eyes = F.split(f_sizes, 1)
-        beta_n, log_f = S.split(s_sizes, 1)
-        focal = f0 * (float(torch.exp(log_f)) if cfg.fit_focal else 1.0)
-        shp = fixed_shape if not fit_shape else torch.cat([beta_n * c_shape, beta_n.new_zeros(1, NUM_SHAPE - ns)], 1)
-        expr = torch.cat([psi_n * c_expr, psi_n.new_zeros(T, NUM_EXPRESSION - ne)], 1)
+        rows = _contour_rows(p)
+        F, S = p.X.to(dev, dt), p.Y.to(dev, dt)[None]
+        _, uv = _frame_residuals(p, F, S.expand(T, -1), p.frame_of, rows, p.scale_narrow, False)
+        rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
+        beta_n, log_f = S.split(p.s_sizes, 1)
+        focal = p.f0 * (float(torch.exp(log_f)) if p.cfg.fit_focal else 1.0)
+        shp = p.fixed_shape if not p.fit_shape else torch.cat([beta_n * p.c_shape,
+                                                               beta_n.new_zeros(1, NUM_SHAPE - p.ns)], 1)
+        expr = torch.cat([psi_n * p.c_expr, psi_n.new_zeros(T, NUM_EXPRESSION - p.ne)], 1)
         params = FlameParams(shape=shp.clone(), expression=expr.clone(),
-                             rotation_matrix=axis_angle_to_matrix(rot).clone(), translation=(trans * depth).clone(),
+                             rotation_matrix=axis_angle_to_matrix(rot).clone(), translation=(trans * p.depth).clone(),
                              jaw=jaw.clone(), neck=torch.zeros(T, 3, dtype=dt, device=dev),
-                             eyes=eyes.clone() if n_eyes else torch.zeros(T, 6, dtype=dt, device=dev),
+                             eyes=eyes.clone() if p.n_eyes else torch.zeros(T, 6, dtype=dt, device=dev),
                              scale=torch.ones(T, 1, dtype=dt, device=dev))
-        if not lf.has_contour:
+        if not p.lf.has_contour:
             uv[:, :17] = float("nan")
-        errors = (uv[:, 17:] - pts[:, 17:]).norm(dim=-1).mean(-1)
-    return FlameFitResult(params=params, camera=make_camera(focal, size, camera_name), landmarks=uv.detach(),
+        errors = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1).mean(-1)
+    return FlameFitResult(params=params, camera=make_camera(focal, p.size, camera_name), landmarks=uv.detach(),
                           errors=errors.detach(), losses=losses, seconds=time.perf_counter() - t_start)
 
 
-class FrameTracker:
-    """FLAME tracking of a video stream, one frame at a time, with the person's shape and the focal length known
-    (:meth:`calibrate`): the streaming counterpart of utils/face/reenactment.py's chunked batch fit.
+def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: FlameFitConfig | None = None,
+                           shape: Tensor | None = None, camera_name: str = "222200037", init: FlameParams | None = None,
+                           previous: FlameParams | None = None, landmark_flame: "LandmarkFlame | None" = None
+                           ) -> FlameFitResult:
+    """Fit FLAME (one shape; per frame expression, jaw, eyes, head rotation and translation) and one focal length to
+    the landmarks of T frames.
 
-    Each frame's fit (:func:`fit_flame_to_landmarks` with T = 1) is warm-started from the previous frame's result and
-    its frame-to-frame prior (the batch fit's ``temporal_std_*``) ties it to that frame only: the smoothing looks
-    backwards, so a frame's parameters are final as soon as it is fitted (a batch fit's smoothing also pulls every
-    frame towards the next one).  The first frame starts cold (PnP, rigid stage); a frame without a face holds the
-    previous frame's parameters.
+    The loss (a MAP estimate, see :class:`FlameFitConfig`) is a sum of squares: whitened robust landmark residuals,
+    the priors as standard scores and, for T > 1, the frame-to-frame changes.  It is minimised by Levenberg-Marquardt
+    (:func:`_levenberg_marquardt`) with the exact Jacobian from autograd: frames are independent given the shared
+    shape and focal length, so one backward pass through a batch that repeats every frame once per residual yields
+    every frame's Jacobian block.  Stages: the starting pose (:func:`_initial_pose`: PnP or ``init``), rigid
+    (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale), then everything with the
+    wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`); the contour rows are looked
+    up between stages.
 
     Args:
-        flame: the FLAME model the landmarks are fitted with (its device runs the fit's FLAME; the solver is on the CPU).
-        image_size: (w, h) of the frames.
-        shape: (1, 300) the person's FLAME shape, held fixed.
-        focal: focal length in pixels, held fixed.
-        cfg: the landmark fit's settings (as the batch fit's ``reenact.flame_fit``).
-        bias: (68, 2) the detector's systematic per-landmark offset on this face (pixels), subtracted from every frame.
-        iterations: Levenberg-Marquardt iterations of the warm-started frames (0: ``cfg.iterations``); the cold first
-            frame uses ``cfg``'s.
+        flame: the FLAME model (with its 51-point static embedding; the dynamic one adds the contour).
+        targets: LandmarkTargets: points (T, 68, 2) pixels, image_size (w, h), weights (T, 68), irises (T, 2, 2).
+        cfg: FlameFitConfig.
+        shape: (1, 300) a known identity shape, kept fixed (e.g. fitted on a neutral frame); None: fitted.
+        camera_name: serial of the fitted camera (the NeRSemble frontal camera by default).
+        init: FlameParams (1 or T frames) to start from instead of PnP's rigid pose of the mean face (a warm start,
+            e.g. the previous frame of a video: utils/face/frame_tracker.py); its head pose, expression, jaw and eyes.
+        previous: FlameParams (1 frame) of the frame BEFORE the first target frame: the frame-to-frame prior then
+            also ties the first frame to it (smoothing that only looks backwards, for streaming).
+        landmark_flame: a :class:`LandmarkFlame` of ``flame`` built once by the caller (per-frame fits skip its
+            construction).
+    Returns:
+        FlameFitResult (params on ``flame``'s device; camera on the CPU).
     """
-
-    def __init__(self, flame: FlameModel, image_size: tuple[int, int], shape: Tensor, focal: float,
-                 cfg: FlameFitConfig | None = None, bias: Tensor | None = None, iterations: int = 0) -> None:
-        cfg = cfg or FlameFitConfig()
-        if iterations < 0:
-            raise ValueError(f"FrameTracker: iterations must be >= 0, got {iterations}")
-        self.flame = flame
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.shape = shape.detach().reshape(1, NUM_SHAPE).to("cpu", torch.float32)
-        self.focal = float(focal)
-        self.cold_cfg = replace(cfg, focal=self.focal, fit_focal=False)
-        # a warm start is close to the optimum: no rigid stage, no wide-scale stage, an iteration that cannot improve
-        # stops after a few rejected steps instead of raising the damping to 1e10 (most of the time otherwise), a
-        # looser stopping tolerance, and at most one re-solve after the jaw-contour rows moved (not up to two; with
-        # none, the rows lag a frame and the head turn with them: r 0.978 instead of 0.999 on the test motion)
-        self.warm_cfg = replace(self.cold_cfg, rigid_iterations=0, iterations=iterations or cfg.iterations,
-                                wide_stage=False, max_rejections=3, tolerance=1e-4, contour_passes=2)
-        self.bias = torch.zeros(68, 2) if bias is None else bias.detach().reshape(68, 2).to("cpu", torch.float32)
-        self.lf = LandmarkFlame(flame)
-        self.previous: FlameParams | None = None  # (1 frame, CPU) the last frame's parameters
-        self.frames = 0  # frames tracked (with or without a face)
-
-    @classmethod
-    def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
-                  cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0
-                  ) -> tuple["FrameTracker", dict]:
-        """The tracker of one person from N frames with a face (the first ones of a stream): one FLAME fit of all N
-        (shared shape and, as ``cfg`` says, focal length), and the detector's mean per-landmark offset on this face
-        (the static landmarks' mean residual, as the batch fit's ``bias_correction``).
-
-        Args:
-            points: (N, 68, 2) iBUG-68 pixels; irises: (N, 2, 2) or None.
-        Returns:
-            (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
-        cfg = cfg or FlameFitConfig()
-        t0 = time.perf_counter()
-        first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg)
-        bias = torch.zeros(68, 2)
-        if bias_correction:
-            bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)
-        tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), cfg, bias, iterations)
-        info = {"focal_px": float(first.camera.fx), "calibration_frames": int(points.shape[0]),
-                "detector_offset_rms_px": float(bias[17:].norm(dim=-1).square().mean().sqrt()),
-                "seconds": time.perf_counter() - t0}
-        return tracker, info
-
-    def step(self, points: Tensor | None, irises: Tensor | None = None) -> tuple[FlameParams, float]:
-        """Track the next frame: points (68, 2) iBUG-68 pixels (None: no face in this frame), irises (2, 2) or None.
-        Returns (FlameParams, 1 frame on the CPU, NeRSemble pose convention, scale 1; mean static-landmark error in
-        pixels, NaN for a held frame)."""
-        self.frames += 1
-        if points is None:
-            if self.previous is None:
-                raise ValueError("FrameTracker.step: no face in the first frame to track (nothing to hold)")
-            return self.previous, float("nan")
-        pts = points.detach().reshape(1, 68, 2).to("cpu", torch.float32) - self.bias
-        iris = None if irises is None else irises.detach().reshape(1, 2, 2).to("cpu", torch.float32)
-        cfg = self.cold_cfg if self.previous is None else self.warm_cfg
-        res = fit_flame_to_landmarks(self.flame, LandmarkTargets(pts, self.image_size, irises=iris), cfg,
-                                     shape=self.shape, init=self.previous, previous=self.previous,
-                                     landmark_flame=self.lf)
-        self.previous = res.params.to("cpu")
-        return self.previous, float(res.errors[0])
+    cfg = cfg or FlameFitConfig()
+    t_start = time.perf_counter()
+    lf = landmark_flame if landmark_flame is not None else LandmarkFlame(flame)
+    p = _make_problem(lf, targets, cfg, shape, init, previous)
+    losses: dict[str, float] = {}
+    if cfg.rigid_iterations > 0:
+        losses["rigid"] = _rigid_stage(p)
+    if cfg.iterations > 0:
+        _non_rigid_stage(p, losses)
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise FloatingPointError(f"FLAME landmark fit diverged (losses {losses})")
+    return _assemble_result(p, losses, camera_name, t_start)
 
 
 def flame_landmarks_2d(flame: FlameModel, params: FlameParams, camera: Camera) -> Tensor:

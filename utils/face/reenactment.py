@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.flame import FlameModel, FlameParams
 from utils.core.config import Range
-from utils.core.io import cv2_path
+from utils.core.io import read_video_frames
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 from utils.motion import Motion
 
@@ -49,32 +49,8 @@ class ReenactConfig:
 def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: int = 0
                ) -> tuple[list[np.ndarray], np.ndarray, float]:
     """(RGB uint8 frames (H, W, 3), their indices in the video, frames per second) of frames start, start + stride,
-    ... (at most ``max_frames``; 0 = all)."""
-    import cv2
-
-    if start < 0 or stride < 1 or max_frames < 0:
-        raise ValueError(f"video frame selection needs start >= 0, stride >= 1 and max_frames >= 0, got start={start}, "
-                         f"stride={stride}, max_frames={max_frames}")
-    path = Path(path)
-    cap = cv2.VideoCapture(cv2_path(path, "video"))
-    if not cap.isOpened():
-        raise ValueError(f"cannot open the video {path} (a format OpenCV reads: mp4, avi, mov, mkv, webm)")
-    fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
-    frames, ids, i = [], [], 0
-    try:
-        while not max_frames or len(frames) < max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            if i >= start and (i - start) % stride == 0:
-                frames.append(np.ascontiguousarray(frame[..., ::-1]))
-                ids.append(i)
-            i += 1
-    finally:
-        cap.release()
-    if not frames:
-        raise ValueError(f"{path}: no frames to use (the video has {i} frames; start {start}, stride {stride})")
-    return frames, np.asarray(ids, dtype=np.int64), fps
+    ... (at most ``max_frames``; 0 = all): :func:`utils.core.io.read_video_frames`."""
+    return read_video_frames(path, start=start, stride=stride, max_frames=max_frames)
 
 
 def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True

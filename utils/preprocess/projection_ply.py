@@ -30,8 +30,9 @@ import torch  # noqa: E402
 
 from models.camera import Camera  # noqa: E402
 from models.renderer.mesh_raster import render_mask  # noqa: E402
-from utils.core.io import imwrite_file  # noqa: E402
+from utils.core.io import imwrite_file, to_uint8  # noqa: E402
 from utils.data.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
+from utils.face.masks import masked_photo, soft_mask  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
     Outputs,
     add_overwrite_arg,
@@ -123,30 +124,10 @@ def output_size(cam: Camera, img_scale: float, img_width: Optional[int], img_hei
     return max(1, round(cam.width * img_height / cam.height)), int(img_height)
 
 
-def soft_mask(mask: np.ndarray, blur: float) -> np.ndarray:
-    """(H, W) bool -> (H, W) float32 in [0, 1], Gaussian-blurred with sigma ``blur`` pixels when > 0."""
-    import cv2
-
-    m = mask.astype(np.float32)
-    if blur > 0:
-        m = cv2.GaussianBlur(m, (0, 0), sigmaX=float(blur), sigmaY=float(blur), borderType=cv2.BORDER_CONSTANT)
-    return np.clip(m, 0.0, 1.0)
-
-
 def _write_png(path: Path, img: np.ndarray) -> None:
     """uint8 (H, W) gray or (H, W, 3) RGB -> PNG."""
     arr = img[..., ::-1] if img.ndim == 3 else img
     imwrite_file(path, arr)
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
-def masked_photo(image: np.ndarray, mask: np.ndarray, bg: Sequence[float]) -> np.ndarray:
-    """image (H, W, 3) float [0, 1], mask (H, W) float [0, 1] -> image * mask + bg * (1 - mask)."""
-    m = mask[..., None]
-    return image * m + np.asarray(bg, dtype=np.float32)[None, None] * (1.0 - m)
 
 
 def load_meshes(subject: NersembleSubject, mask_type: str, level: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:

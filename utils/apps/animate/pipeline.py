@@ -36,8 +36,8 @@ from utils.core.io import (
     OutputClaim,
     VideoStream,
     atomic_write_json,
-    cv2_path,
     fit_height,
+    read_video_frames,
     save_image,
     to_uint8,
 )
@@ -170,22 +170,6 @@ def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: Fla
     return rows
 
 
-def _read_video_frames(path: Path, frame_ids: np.ndarray) -> dict[int, np.ndarray]:
-    """RGB uint8 frames of a video at the given indices."""
-    import cv2
-
-    want, out = set(int(i) for i in frame_ids), {}
-    cap = cv2.VideoCapture(cv2_path(path, "video"))
-    i = 0
-    while want - set(out):
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if i in want:
-            out[i] = np.ascontiguousarray(frame[..., ::-1])
-        i += 1
-    cap.release()
-    return out
 
 
 class _Panels:
@@ -193,7 +177,10 @@ class _Panels:
 
     def __init__(self, motion: Motion, serial: str, height: int) -> None:
         self.motion, self.serial, self.height = motion, serial, height
-        self.video = _read_video_frames(motion.video, motion.frame_ids) if motion.video is not None else None
+        self.video = None  # frame index in the video -> RGB uint8 frame
+        if motion.video is not None:
+            frames, ids, _ = read_video_frames(motion.video, frame_ids=motion.frame_ids)
+            self.video = dict(zip(ids.tolist(), frames))
         self.missing = 0
 
     def __call__(self, t: int) -> np.ndarray | None:

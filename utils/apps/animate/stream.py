@@ -9,7 +9,7 @@
                 and its points differ from one detector's (measured on tests/test_streaming.py's video: 1.05 px mean,
                 10 px max, smile r 0.708 instead of 0.799): W = 1 (the default) unless detection is the bottleneck
     fit         the calling thread: the first ``reenact.shape_frames`` frames with a face calibrate the person (FLAME
-                shape, focal length, the detector's per-landmark offset: utils/face/flame_fit.py FrameTracker.calibrate),
+                shape, focal length, the detector's per-landmark offset: utils/face/frame_tracker.py FrameTracker.calibrate),
                 then every frame is fitted on its own, warm-started from the previous frame with a temporal prior
                 that looks only backwards (FrameTracker.step); a frame without a face holds the previous frame
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
@@ -42,7 +42,7 @@ from models.renderer import render_identities
 from utils.core.device import resolve_device, synchronize
 from utils.core.io import atomic_write_json, fit_height, save_image, to_uint8
 from utils.data.model_file import load_model
-from utils.face.flame_fit import FrameTracker
+from utils.face.frame_tracker import FrameTracker
 from utils.identity import (
     base_camera,
     identity_key,
@@ -497,7 +497,6 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
 
 def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any):
     """FrameTracker.calibrate on the held frames with a face (irises only when every one has them)."""
-    from utils.face.flame_fit import FrameTracker
 
     pts = torch.stack([d.points for d in faces])
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None

@@ -152,7 +152,7 @@ def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: T
     """Face mask of a photo from its FLAME tracking, as preprocessing makes it (utils/preprocess/projection_ply.py):
     the model's face-mask triangles z-buffered against the whole FLAME head.  Returns (H, W) float32 in {0, 1}."""
     from models.renderer.mesh_raster import render_mask
-    from utils.preprocess.projection_ply import soft_mask
+    from utils.face.masks import soft_mask
 
     fm_v = flame_verts[torch.as_tensor(model.mask_ids)]
     fm_f = torch.as_tensor(model.base_faces, dtype=torch.long)
@@ -226,7 +226,7 @@ def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, ba
                  eyes: EyeLandmarkEmbedding | None = None) -> FitTarget:
     """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3);
     ``flame``: the photo's FlameParams (T = 1); ``eyes``: FLAME's eye landmarks on the face mask (eye metrics)."""
-    from utils.preprocess.projection_ply import masked_photo
+    from utils.face.masks import masked_photo
 
     masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
     s = cam.name

@@ -242,7 +242,7 @@ def track_video(cfg: TrackConfig) -> dict:
         read_video,
     )
     from utils.identity import model_flame_dir
-    from utils.preprocess.projection_ply import masked_photo
+    from utils.face.masks import masked_photo
 
     if bool(cfg.video) == bool(cfg.frames):
         raise ValueError("give exactly one of --video FILE and --frames DIR")
@@ -424,7 +424,7 @@ def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.Path
     from models.flame import FlameModel
     from utils.apps.track.targets import frame_flame, projected_face_mask
     from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
-    from utils.preprocess.projection_ply import masked_photo
+    from utils.face.masks import masked_photo
 
     root = Path(root)
     skip_serial = skip_serial or FRONTAL_SERIAL

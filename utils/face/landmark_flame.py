@@ -1,0 +1,140 @@
+"""FLAME evaluated only at the vertices its landmarks need, and the pinhole projection the landmark fit uses.
+
+``LandmarkFlame`` is exactly FLAME (smplx's own ``lbs``) restricted to the vertices under the 51 static landmarks, the
+17-point dynamic jaw contour and the two pupils, plus 5 virtual vertices that carry the joints (the joint regressor is
+linear in the shape, so it folds into their blendshapes): a few hundred instead of 5,023 vertices, and no per-call copy
+of the blendshape tensor.  Used by utils/face/flame_fit.py (fitting) and to draw or make landmark targets.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models.flame import NUM_SHAPE, FlameModel, axis_angle_to_matrix
+
+
+class LandmarkFlame:
+    """FLAME evaluated only where the landmarks live (static, dynamic contour, pupils), batched over frames.
+
+    ``forward`` returns (T, 68, 3) iBUG landmarks in FLAME model space (contour rows selected per frame by the head's
+    rotation relative to the camera through smplx's lookup; NaN without a dynamic embedding) and (T, 2, 3) pupils
+    (subject's right, left)."""
+
+    def __init__(self, flame: FlameModel) -> None:
+        from smplx.utils import find_joint_kin_chain
+
+        if not flame.has_landmarks or flame.lmk_faces_idx.numel() != 51:
+            raise ValueError(f"{flame.model_path}: fitting to iBUG landmarks needs the 51-point static embedding "
+                             f"(flame_static_embedding.pkl), found "
+                             f"{flame.lmk_faces_idx.numel() if flame.has_landmarks else 0} points")
+        sm = flame.flame
+        dev, dt = flame.v_template.device, flame.v_template.dtype
+        faces = flame.faces
+        static_tri = faces[flame.lmk_faces_idx]  # (51, 3)
+        dyn = flame.dynamic_embedding
+        parts = [static_tri.reshape(-1)]
+        if dyn is not None:
+            self.dyn_faces = torch.as_tensor(dyn["lmk_face_idx"], device=dev)  # (B, 17)
+            self.dyn_bary = torch.as_tensor(dyn["lmk_b_coords"], dtype=dt, device=dev)  # (B, 17, 3)
+            parts.append(faces[self.dyn_faces].reshape(-1))
+        weights = sm.lbs_weights
+        v0 = sm.v_template
+        pupils = []
+        for j in (4, 3):  # right eye (joint 4) then left eye (joint 3): the front-most vertex of each eyeball
+            ids = torch.nonzero(weights[:, j] > 0.99).reshape(-1)
+            if len(ids) == 0:
+                raise ValueError(f"{flame.model_path}: no eyeball vertices for joint {j}")
+            pupils.append(ids[torch.argmax(v0[ids, 2])])
+        self.has_pupils = True
+        parts.append(torch.stack(pupils))
+        sub, inv = torch.unique(torch.cat(parts), return_inverse=True)
+        n_static = static_tri.numel()
+        self.static_tri = inv[:n_static].reshape(51, 3)
+        off = n_static
+        if dyn is not None:
+            n_dyn = self.dyn_faces.numel() * 3
+            self.dyn_tri = inv[off:off + n_dyn].reshape(*self.dyn_faces.shape, 3)  # (B, 17, 3) sub-vertex ids
+            off += n_dyn
+        self.pupils = inv[off:off + 2]
+        self.static_bary = flame.lmk_bary_coords.to(dt)
+        self.has_contour = dyn is not None
+        # sub-model: the selected vertices plus 5 virtual vertices at the joints (J = J_reg @ (T + S beta) is linear)
+        J_reg = sm.J_regressor  # (5, V)
+        sd = torch.cat([sm.shapedirs, sm.expr_dirs], dim=-1)  # (V, 3, 400)
+        self.v_template = torch.cat([v0[sub], J_reg @ v0])
+        self.shapedirs = torch.cat([sd[sub], torch.einsum("jv,vck->jck", J_reg, sd)])
+        V = v0.shape[0]
+        pd = sm.posedirs.reshape(-1, V, 3)  # smplx keeps (P, V * 3)
+        self.posedirs = torch.cat([pd[:, sub], torch.zeros(pd.shape[0], 5, 3, dtype=dt, device=dev)], 1).reshape(
+            pd.shape[0], -1)
+        self.J_regressor = torch.cat([torch.zeros(5, len(sub), dtype=dt, device=dev), torch.eye(5, dtype=dt,
+                                                                                                   device=dev)], 1)
+        self.lbs_weights = torch.cat([weights[sub], torch.eye(5, dtype=dt, device=dev)])
+        self.parents = sm.parents
+        self.neck_kin_chain = torch.as_tensor(find_joint_kin_chain(1, sm.parents), device=dev)
+        self.num_sub = len(sub)
+        self.device, self.dtype = dev, dt
+        # RMS landmark displacement of each blendshape (metres per coefficient), for the fit's preconditioning
+        self.basis_rms = self.shapedirs[:len(sub)].square().sum(1).mean(0).sqrt()  # (400,)
+
+    def shaped(self, shape: Tensor) -> "LandmarkFlame":
+        """A copy with the identity ``shape`` (1, 300) folded into the template: its forward takes ``shape=None`` and
+        evaluates only the 100 expression blendshapes (a quarter of the work; for fits with a known shape)."""
+        from copy import copy
+
+        out = copy(self)
+        sd = self.shapedirs
+        out.v_template = self.v_template + sd[..., :NUM_SHAPE] @ shape.reshape(-1).to(sd)
+        out.shapedirs = sd[..., NUM_SHAPE:].contiguous()
+        return out
+
+    def forward(self, shape: Tensor | None, expression: Tensor, neck: Tensor, jaw: Tensor, eyes: Tensor,
+                rotation: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """shape (1 or T, 300) (None after :meth:`shaped`), expression (T, 100), neck / jaw (T, 3), eyes (T, 6) (left,
+        right eye), rotation (T, 3, 3) the head's rotation relative to the camera (for the contour lookup), or
+        ``rows`` (T,) the contour rows to use (:meth:`contour_rows`) -> (landmarks (T, 68, 3), pupils (T, 2, 3)) in
+        model space."""
+        from smplx.lbs import lbs
+
+        T = expression.shape[0]
+        zeros = torch.zeros(T, 3, dtype=self.dtype, device=self.device)
+        pose = torch.cat([zeros, neck, jaw, eyes[:, :3], eyes[:, 3:]], dim=1)
+        betas = expression if shape is None else torch.cat([shape.expand(T, -1), expression], dim=1)
+        verts, _ = lbs(betas, pose, self.v_template, self.shapedirs, self.posedirs, self.J_regressor, self.parents,
+                       self.lbs_weights)
+        verts = verts[:, :self.num_sub]
+        static = (verts[:, self.static_tri] * self.static_bary[None, ..., None]).sum(-2)  # (T, 51, 3)
+        if self.has_contour:
+            rows = self.contour_rows(rotation, neck) if rows is None else rows
+            corners = torch.gather(verts, 1, self.dyn_tri[rows].reshape(T, -1, 1).expand(-1, -1, 3))
+            contour = (corners.reshape(T, 17, 3, 3) * self.dyn_bary[rows][..., None]).sum(-2)
+        else:
+            contour = torch.full((T, 17, 3), float("nan"), dtype=self.dtype, device=self.device)
+        return torch.cat([contour, static], dim=1), verts[:, self.pupils]
+
+    def contour_rows(self, rotation: Tensor, neck: Tensor) -> Tensor:
+        """(T,) row of the dynamic embedding per frame: smplx's own lookup (find_dynamic_lmk_idx_and_bcoords, fed
+        a table of row numbers), from the y rotation of the neck chain with the head's rotation relative to the
+        camera (rotation (T, 3, 3), OpenGL camera axes as in the world of utils/face/flame_fit.py's ``W2C``) as its
+        global pose."""
+        from smplx.lbs import find_dynamic_lmk_idx_and_bcoords
+
+        T = rotation.shape[0]
+        full = torch.eye(3, dtype=self.dtype, device=self.device).repeat(T, 5, 1, 1)
+        full[:, 0] = rotation.detach()
+        full[:, 1] = axis_angle_to_matrix(neck.detach())
+        table = torch.arange(self.dyn_faces.shape[0], device=self.device)[:, None]
+        rows, _ = find_dynamic_lmk_idx_and_bcoords(full.new_zeros(T, 1, 3), full.reshape(T, -1), table,
+                                                   self.dyn_bary, self.neck_kin_chain, pose2rot=False)
+        return rows[:, 0]
+
+
+def project(points: Tensor, R: Tensor, t: Tensor, focal: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Model-space points (T, L, 3) through the head pose (R (T, 3, 3), t (T, 3)) and the fitted camera
+    (utils/face/flame_fit.py ``make_camera``: principal point at the image centre, looking down world -z)
+    -> pixels (T, L, 2)."""
+    w, h = image_size
+    world = points @ R.transpose(1, 2) + t[:, None]
+    x, y, z = world.unbind(-1)
+    z = (-z).clamp_min(1e-3)  # camera looks down world -z
+    return torch.stack([focal * x / z + w / 2.0, focal * (-y) / z + h / 2.0], dim=-1)
