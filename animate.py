@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.apps.animate.pipeline import ANIM_FLAGS, ANIM_LISTS, AnimationConfig, animate  # noqa: E402
+from utils.apps.animate.stream import format_summary  # noqa: E402
 from utils.core.config import config_parser, parse_cli_config  # noqa: E402
 from utils.core.errors import run_main  # noqa: E402
 
@@ -48,7 +49,6 @@ def _run(argv: list[str] | None) -> dict:
     _, cfg = parse_cli_config(build_parser(), AnimationConfig, argv, lists=ANIM_LISTS)
     summary = animate(cfg)
     if "stream" in summary:
-        from utils.apps.animate.stream import format_summary
 
         print(format_summary(summary))
     print(f"{summary['num_frames']} frames of {summary['identity']} driven by {summary['motion']} "

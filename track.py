@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from utils.apps.track.config import TRACK_ALIASES, TRACK_FLAGS, TrackConfig  # noqa: E402
 from utils.apps.track.pipeline import track, track_all_heldout
+from utils.apps.track.video import track_video  # noqa: E402
 from utils.core.config import config_parser, parse_cli_config  # noqa: E402
 from utils.core.errors import run_main  # noqa: E402
 
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None):
 def _run(argv: list[str] | None):
     _, cfg = parse_cli_config(build_parser(), TrackConfig, argv)
     if cfg.video or cfg.frames:
-        from utils.apps.track.video import track_video
 
         m = track_video(cfg)
         print(", ".join(f"{k}={m[k]}" for k in ("frames", "frames_skipped_no_face", "psnr_face_heldout",

@@ -34,16 +34,56 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+import models.renderer as renderer  # noqa: E402
+from benchmarks.real_mask import (
+    REAL_MASK_GAUSSIANS,  # noqa: E402
+    embed_real_size_mask,  # noqa: E402
+)
 from models.camera import Camera  # noqa: E402
-from models.flame import face_mask_topology, subdivide_vertices  # noqa: E402
-from models.renderer.mesh_raster import render_mask  # noqa: E402
+from models.flame import (  # noqa: E402
+    face_mask_topology,
+    load_tracking,  # noqa: E402
+    subdivide_vertices,
+)
+from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
+from models.posing import HeadAnimator, retarget  # noqa: E402
 from models.renderer import render_batch, render_identities  # noqa: E402
+from models.renderer.mesh_raster import render_mask  # noqa: E402
+from utils.apps.animate.pipeline import AnimationConfig, animate  # noqa: E402
+from utils.apps.track.config import (
+    FitConfig,  # noqa: E402
+    TrackConfig,  # noqa: E402
+)
+from utils.apps.track.fit import fit_identity  # noqa: E402
+from utils.apps.track.pipeline import track  # noqa: E402
+from utils.apps.track.targets import FitTarget  # noqa: E402
+from utils.apps.train.encoder import EncoderTrainConfig, train_encoder  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
-from utils.data.dataset import MultiViewDataset  # noqa: E402
+from utils.core.io import to_uint8, write_video  # noqa: E402
+from utils.data.dataset import (  # noqa: E402
+    DataConfig,
+    MultiViewDataset,  # noqa: E402
+    crop_size,
+    crop_view,
+)
+from utils.data.model_file import (
+    add_encoder,  # noqa: E402
+    load_model,  # noqa: E402
+)
 from utils.data.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
+from utils.data.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity  # noqa: E402
+from utils.data.synthetic_flame import make_flame_model, write_flame_files  # noqa: E402
+from utils.evaluation import (
+    View,  # noqa: E402
+    evaluate_views,  # noqa: E402
+)
+from utils.face.reenactment import (
+    ReenactConfig,  # noqa: E402
+    reenact_video,  # noqa: E402
+)
+from utils.motion import load_motion  # noqa: E402
 
 REFERENCE_STEPS = 295_680  # single-view steps of the reference training (about 9 h on an RTX 3080)
 
@@ -69,13 +109,6 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     heads are subdivided ``gt_subdivision`` times.  ``real_size``: the network's mask is the stand-in with the real
     FLAME mask's counts (benchmarks/real_mask.py) embedded on the synthetic one, so level L gives exactly the real
     data's Gaussians; mask vertex i then stands for the FLAME vertex nearest to it (animation, eye metrics)."""
-    from utils.data.synthetic import (
-        GroundTruthHeads,
-        make_rig,
-        render_ground_truth,
-        sample_identity,
-    )
-    from utils.data.synthetic_flame import make_flame_model, write_flame_files
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_flame_"))
     model = make_flame_model(seed)
@@ -87,7 +120,6 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     template = flame.v_template[torch.as_tensor(mask_ids)].cpu()
     net_ids, net_faces = mask_ids, mask_faces
     if real_size:
-        from benchmarks.real_mask import embed_real_size_mask
 
         stand_in = embed_real_size_mask(template.numpy(), mask_faces)
         to_mask = lambda v: stand_in(v[..., torch.as_tensor(mask_ids, device=v.device), :])  # noqa: E731
@@ -181,7 +213,6 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
     sync(device)
     out["fps_cached_512x512_batch16"] = 16 * max(1, repeats // 16) / (time.perf_counter() - t)
     # network in the loop (interpolation): a new code every frame, eagerly and replayed from CUDA graphs
-    from models.graphed_synthesis import GraphedSynthesis
 
     for prm in field.parameters():
         prm.requires_grad_(False)
@@ -216,8 +247,6 @@ def bench_animation(field, data, device: torch.device, repeats: int, backend: st
     """FPS of a cached identity (network run once) driven through the built-in keyframes at 512x512: per frame FLAME
     (face-mask rows), subdivision, attachment and the rasterizer; one frame per call (replayed from a CUDA graph, and
     eagerly) and 16 frames per call (one graph replay and one rasterizer call for 16 frames)."""
-    from models.posing import HeadAnimator, retarget
-    from utils.motion import load_motion
 
     animator = HeadAnimator(field, data.flame.to(device), data.mask_ids, data.plan)
     w = field.style(field.codes.weight[:1], update_w_avg=False)[0]
@@ -254,9 +283,6 @@ def bench_animation(field, data, device: torch.device, repeats: int, backend: st
 def _fit_target(model, views, base, fit_serial: str, device: torch.device):
     """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask,
     every view cropped to one common window, as track.py does with files."""
-    from utils.apps.track.targets import FitTarget
-    from utils.data.dataset import DataConfig, crop_size, crop_view
-    from utils.evaluation import View
 
     dc = DataConfig()
 
@@ -279,10 +305,6 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
     PSNR on the 15 unseen views for both.  ``variants``: {name: FitConfig overrides} timed the same way (schedule
     studies); each gets ``<name>_*`` rows and its gap to the long fit."""
-    from utils.apps.track.config import FitConfig
-    from utils.apps.track.fit import fit_identity
-    from utils.data.model_file import load_model
-    from utils.evaluation import evaluate_views
 
     views, base = heldout
     model = load_model(model_path, device)
@@ -324,7 +346,6 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
     expressions; ``per_transition`` frames each) is rendered to a ``size`` x ``size`` MP4, then timed from the file to
     the FLAME motion (utils/face/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
     the correlation of the recovered head turn and jaw opening with the truth."""
-    from utils.face.reenactment import reenact_video
 
     path, truth = driving_video(data, device, per_transition, size, fps=25, seed=seed)
     sync(device)
@@ -349,15 +370,6 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
 def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = 30.0, seed: int = 0):
     """(MP4 path, true FlameParams): a synthetic head (identity 301 of a fresh synthetic FLAME) driven through
     ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``."""
-    from models.posing import retarget
-    from utils.core.io import to_uint8, write_video
-    from utils.data.synthetic import (
-        GroundTruthHeads,
-        render_ground_truth,
-        sample_identity,
-    )
-    from utils.data.synthetic_flame import make_flame_model
-    from utils.motion import load_motion
 
     model = make_flame_model(seed)
     heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
@@ -397,9 +409,6 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     (the first configuration), and the jaw / smile / brows / head-turn correlations with the truth next to the
     batch path's (utils/face/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the driver's shape on
     ``shape_frames`` frames (the batch path spread over the video, the stream on its first ones)."""
-    from models.flame import load_tracking
-    from utils.apps.animate.pipeline import AnimationConfig, animate
-    from utils.face.reenactment import ReenactConfig, reenact_video
 
     path, truth = driving_video(data, device, per_transition, size)
     t = time.perf_counter()
@@ -437,9 +446,6 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     import cv2
     import skimage.data
 
-    from utils.apps.track.config import TrackConfig
-    from utils.apps.track.pipeline import track
-    from utils.data.model_file import load_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_photo_"))
     photo = tmp / "astronaut.png"
@@ -537,7 +543,6 @@ def main() -> None:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.tile_size is not None:
-        import models.renderer as renderer
 
         renderer.GSPLAT_TILE_SIZE = args.tile_size
     if args.gaussians is not None:
@@ -568,8 +573,6 @@ def main() -> None:
         trainer.train_step()
     trainer.export()
     if args.encoder:
-        from utils.apps.train.encoder import EncoderTrainConfig, train_encoder
-        from utils.data.model_file import add_encoder, load_model
 
         ecfg = EncoderTrainConfig(steps=2 if args.quick else args.encoder_steps,
                                   samples=2 if args.quick else args.encoder_samples, backend=cfg.backend)
@@ -592,7 +595,6 @@ def main() -> None:
             name, _, kvs = spec.partition(":")
             variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
         if args.encoder:
-            from utils.apps.track.config import FitConfig
 
             half = max(1, FitConfig().iterations // 2)
             variants.update({"encoder_alone": {"init": "encoder", "iterations": 0, "refine_colour": False},

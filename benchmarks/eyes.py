@@ -31,12 +31,19 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _auto, _fit_target, build_problem, environment, sync  # noqa: E402
+from utils.apps.track.config import FitConfig  # noqa: E402
+from utils.apps.track.fit import fit_identity  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
-from utils.core.config import build_config  # noqa: E402
+from utils.core.config import (
+    build_config,  # noqa: E402
+    from_dict,  # noqa: E402
+)
 from utils.core.device import default_device  # noqa: E402
 from utils.core.io import save_image_grid  # noqa: E402
+from utils.data.model_file import load_model  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
 from utils.data.synthetic import auto_subdivision  # noqa: E402
+from utils.evaluation import evaluate_views  # noqa: E402
 from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 
 # Training configurations compared (``--variant`` adds more) and one-view fit configurations of each trained model
@@ -73,7 +80,6 @@ def train_variant(name: str, cfg: TrainConfig, data, steps: int) -> tuple[Traine
 def heldout_target(model_path: Path, heldout, eyes, device: torch.device):
     """(the exported model, the FitTarget of the held-out identity: camera 222200037 fitted, all 16 views evaluated,
     ``eyes`` its eye landmarks)."""
-    from utils.data.model_file import load_model
 
     views, base = heldout
     model = load_model(model_path, device)
@@ -88,9 +94,6 @@ def fit_variant(model, target, device: torch.device, backend: str, quick: bool =
     a few iterations only, for the CPU smoke run); ``fit_overrides``: FitConfig fields (e.g. fit.eye_weight).
 
     Returns (metrics with keys starting with ``prefix``, renders of the target's eval views (C, h, w, 3))."""
-    from utils.apps.track.config import FitConfig
-    from utils.apps.track.fit import fit_identity
-    from utils.evaluation import evaluate_views
 
     sync(device)
     t0 = time.perf_counter()
@@ -162,7 +165,6 @@ def eye_crops(photos: Tensor, renders: list[Tensor], masks: Tensor, margin: floa
 
 def resume_trainer(out_dir: str, data_root: str) -> Trainer:
     """A Trainer restored from the latest checkpoint of a finished run in ``out_dir`` (its data from ``data_root``)."""
-    from utils.core.config import from_dict
 
     ckpts = sorted((Path(out_dir) / "checkpoints").glob("ckpt_*.pt"))
     if not ckpts:

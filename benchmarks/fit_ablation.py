@@ -63,6 +63,7 @@ from utils.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
 from utils.evaluation import evaluate_views  # noqa: E402
 from utils.face.regions import eye_region_masks  # noqa: E402
+from utils.losses import psnr  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, object]] = {
@@ -107,7 +108,6 @@ def clipped_psnr(pred: torch.Tensor, views, unseen: torch.Tensor) -> float:
     """Mean unseen-view PSNR of the renders (C, h, w, 3) multiplied by each view's face mask, i.e. with the splats
     clipped to the tracked face mask's silhouette as the photos are (a diagnostic of the silhouette ring's share,
     not the protocol's metric)."""
-    from utils.losses import psnr
 
     gt = torch.stack([v.image for v in views])
     mask = torch.stack([v.mask for v in views])

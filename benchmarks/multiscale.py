@@ -38,9 +38,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.renderer.mesh_raster import render_mask  # noqa: E402
+from models import renderer as R  # noqa: E402
+from models.mip_filter import set_render_filter  # noqa: E402
 from models.renderer import render_batch  # noqa: E402
+from models.renderer.mesh_raster import render_mask  # noqa: E402
+from utils.data.dataset import DataConfig, MultiViewDataset  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
+from utils.data.synthetic import load_ground_truth  # noqa: E402
+from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 from utils.losses import psnr, ssim_metric  # noqa: E402
 
 HOLE_ALPHA = 0.9
@@ -66,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _face_views(data_root: str, model, n_ids: int):
     """Per identity: (name, index, held-out cropped cameras at 1x, GT cloud, face-mask mesh vertices)."""
-    from utils.data.dataset import DataConfig, MultiViewDataset
-    from utils.data.synthetic import load_ground_truth
 
     dcfg = DataConfig(**{**model.config["data"], "root": data_root, "flame_dir": "data"})
     # all identities, so that the crop window is the one the model was trained on (it depends on every face mask)
@@ -101,7 +104,6 @@ def _save_strip(path: Path, pred: Tensor, gt: Tensor, alpha: Tensor, face: Tenso
 
 
 def _eye_masks(data, base_vertices, cams, face):
-    from utils.face.regions import embedding_for_flame, eye_region_masks
 
     emb = embedding_for_flame(data.flame, data.mask_ids)
     if emb is None:
@@ -119,7 +121,6 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
     for label, path in models.items():
         model = load_model(path)
         if filter_2d and label in filter_2d:  # an experiment: another 2D filter than the model's
-            from models.mip_filter import set_render_filter
 
             set_render_filter(filter_2d[label])
             model.filter_2d = filter_2d[label] or None
@@ -132,7 +133,6 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                 cams_s = [c.scaled(s) for c in (cams[:n_views] if n_views else cams)]
                 key = (name, s)
                 if key not in gt_cache:
-                    from models import renderer as R
 
                     saved, R.FILTER_2D = R.FILTER_2D, None  # the generator renders with the classic dilation
                     gt = render_batch(gt_cloud, cams_s, backend=backend)

@@ -24,13 +24,16 @@ from benchmarks.bench import _fit_target, build_problem, environment, sync  # no
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
+from models.identity_field import IdentityField, IdentityFieldConfig  # noqa: E402
 from models.renderer import render, render_batch  # noqa: E402
 from utils.apps.track.config import FitConfig  # noqa: E402
 from utils.apps.track.fit import photometric
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
+from utils.data.model_file import load_model  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL  # noqa: E402
+from utils.losses import SSIM_METHODS, ssim  # noqa: E402
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -107,7 +110,6 @@ def main() -> None:
 
 def ssim_speed(device: torch.device, quick: bool) -> list[str]:
     """fwd+bwd milliseconds of every SSIM implementation at the fit (1 crop) and training (16 crops) shapes."""
-    from utils.losses import SSIM_METHODS, ssim
 
     shapes = {"fit 1x864x592": (1, 864, 592, 3), "train 16x912x752": (16, 912, 752, 3)}
     if quick:
@@ -146,7 +148,6 @@ def capture_check(device: torch.device) -> list[str]:
     """Graph capture of the frozen field with moving geometry and gradients (the fit with geometry refinement)."""
     import trimesh
 
-    from models.identity_field import IdentityField, IdentityFieldConfig
 
     m = trimesh.creation.icosphere(subdivisions=4, radius=0.1)
     v = torch.tensor(m.vertices, dtype=torch.float32, device=device) + torch.tensor([0.0, 0.0, 0.5], device=device)
@@ -253,7 +254,6 @@ def fit_paths(trainer, heldout, device, quick, section, report) -> None:
     cfg = trainer.cfg
     model_path = Path(cfg.out) / "model.pt"
     trainer.export()
-    from utils.data.model_file import load_model
 
     model = load_model(model_path, device)
     for prm in model.field.parameters():

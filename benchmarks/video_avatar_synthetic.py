@@ -16,6 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+from utils.apps.track.video import novel_camera_psnr
+from utils.data.code_file import FittedCode, load_code
+from utils.data.model_file import load_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -32,9 +36,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from utils.apps.track.video import novel_camera_psnr
-    from utils.data.code_file import FittedCode, load_code
-    from utils.data.model_file import load_model
 
     model = load_model(args.checkpoint, "cpu")
     vm = json.loads((Path(args.video_fit) / "metrics.json").read_text())

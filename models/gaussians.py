@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from utils.core.io import atomic_write
+
 # Zeroth-order real spherical harmonic, 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814
 
@@ -184,7 +186,6 @@ class GaussianCloud:
         vertex = np.empty(n, dtype=[(name, "f4") for name in names])
         for i, name in enumerate(names):
             vertex[name] = data[:, i]
-        from utils.core.io import atomic_write
 
         # unique O_EXCL temporary + rename (utils.core.io): no fixed "head.ply.tmp", never through a planted link
         atomic_write(path, lambda fh: PlyData([PlyElement.describe(vertex, "vertex")]).write(fh))

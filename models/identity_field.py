@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from models.gaussians import SH_C0, GaussianCloud, rotmat_to_quat
 from models.geometry import area_weighted_vertex_normals, safe_normalize
+from models.mip_filter import apply_3d_filter, filter_variance
 
 _SQRT2 = math.sqrt(2.0)
 
@@ -365,7 +366,6 @@ class IdentityField(nn.Module):
     def set_sampling_rate(self, rate: Tensor | None) -> None:
         """Switch the 3D filter on with the per-vertex maximal sampling rate ``rate`` (V,) (px per world unit,
         models.mip_filter.sampling_rate), or off with None (also off when ``cfg.filter_3d`` is 0)."""
-        from models.mip_filter import filter_variance
 
         if rate is None or self.cfg.filter_3d <= 0:
             self.sampling_rate, self.filter_variance = (None if rate is None else rate.detach().float().cpu()), None
@@ -504,7 +504,6 @@ class IdentityField(nn.Module):
         opac = torch.sigmoid(raw[..., sl["opacity"]].squeeze(-1) + self.opacity_logit_init)
         sh = raw[..., sl["sh"]].reshape(B, V, K, self.num_sh, 3)
         if self.filter_variance is not None:  # Mip-Splatting 3D filter: a per-vertex constant, no extra pass
-            from models.mip_filter import apply_3d_filter
 
             scales, opac = apply_3d_filter(scales, opac, self.filter_variance.to(scales.dtype)[None, :, None],
                                            surface=cfg.filter_3d_surface)

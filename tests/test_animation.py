@@ -26,9 +26,8 @@ SMALL = ["--width", "40", "--height", "48", "--progress", "false", "--device", "
 def rig(fit_model):  # noqa: F811
     """(model, HeadAnimator) of the shared small fit model."""
     from models.posing import HeadAnimator
-    from utils.identity import load_flame
     from utils.data.model_file import load_model
-    from utils.identity import model_flame_dir
+    from utils.identity import load_flame, model_flame_dir
 
     model = load_model(fit_model)
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
@@ -198,9 +197,9 @@ def test_old_files_without_flame_parameters(rig, fit_model, tmp_path):  # noqa: 
     vertices by least squares (a warning says so), the residual rides along as geometry offsets (the neutral pose is
     reproduced); a code.pt of version 2 (no "flame") still loads."""
     from models.posing import retarget
-    from utils.identity import posable
     from utils.data.code_file import FittedCode, load_code, save_code
     from utils.data.model_file import load_model
+    from utils.identity import posable
 
     model, animator = rig
     doc = torch.load(fit_model, map_location="cpu", weights_only=False)
@@ -257,8 +256,8 @@ def test_driven_renders_match_unseen_frames(rig, sequence_root, tracked_017):  #
     comparison sees the driving."""
     from models.posing import retarget
     from utils.apps.animate.pipeline import evaluate_sequence, sequence_views
-    from utils.identity import posable
     from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
+    from utils.identity import posable
 
     model, animator = rig
     report = []

@@ -16,8 +16,8 @@ ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4
 
 
 def tiny_encoder_config(**over):
-    from utils.core.config import build_config
     from utils.apps.train.encoder import EncoderTrainConfig
+    from utils.core.config import build_config
 
     return build_config(EncoderTrainConfig, overrides={**ENC_OVERRIDES, **over})
 
@@ -25,9 +25,9 @@ def tiny_encoder_config(**over):
 @pytest.fixture(scope="module")
 def encoder_model(fit_model, preprocessed_root, tmp_path_factory):  # noqa: F811
     """A copy of the fit model with a tiny encoder trained on its data: (model.pt path, stats)."""
+    from utils.apps.train.encoder import train_encoder
     from utils.core.config import from_dict
     from utils.data.dataset import DataConfig, MultiViewDataset
-    from utils.apps.train.encoder import train_encoder
     from utils.data.model_file import add_encoder, load_model
 
     path = tmp_path_factory.mktemp("encoder") / "model.pt"
@@ -84,10 +84,10 @@ def test_encoder_shapes_and_mean_start():
 
 
 def test_encoder_trains_round_trips_and_beats_the_mean_code(encoder_model, fit_model, preprocessed_root):  # noqa: F811
-    from utils.evaluation import evaluate_views
     from utils.apps.track.fit import start_candidates
-    from utils.data.model_file import load_model
     from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
+    from utils.evaluation import evaluate_views
 
     path, stats = encoder_model
     assert stats["encoder_losses"][-1] < 0.8 * stats["encoder_losses"][0], stats["encoder_losses"]
@@ -111,8 +111,8 @@ def test_encoder_trains_round_trips_and_beats_the_mean_code(encoder_model, fit_m
 
 def test_fit_init_encoder_mean_best(encoder_model, preprocessed_root, tmp_path):  # noqa: F811
     from utils.apps.track.fit import fit_identity
-    from utils.data.model_file import load_model
     from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
 
     path, _ = encoder_model
     model = load_model(path)
@@ -132,9 +132,9 @@ def test_fit_init_encoder_mean_best(encoder_model, preprocessed_root, tmp_path):
 def test_corrupt_or_missing_encoder_falls_back(encoder_model, fit_model, preprocessed_root, tmp_path,  # noqa: F811
                                                capsys):
     from utils.apps.track.fit import fit_identity
+    from utils.apps.track.targets import load_subject_target
     from utils.core.io import atomic_torch_save, safe_torch_load
     from utils.data.model_file import load_model
-    from utils.apps.track.targets import load_subject_target
 
     path, _ = encoder_model
     bad = tmp_path / "model.pt"
@@ -181,12 +181,12 @@ def test_train_py_encoder_only(fit_model, preprocessed_root, tmp_path):  # noqa:
 def test_encoder_of_the_code_z(fit_model, preprocessed_root, tmp_path):  # noqa: F811
     """encoder.arch.space z: the encoder predicts the code, the fit's start is its style through the mapping network
     (and the code itself in fit.space z)."""
+    from utils.apps.track.fit import start_candidates
+    from utils.apps.track.targets import load_subject_target
+    from utils.apps.train.encoder import train_encoder
     from utils.core.config import from_dict
     from utils.data.dataset import DataConfig, MultiViewDataset
-    from utils.apps.train.encoder import train_encoder
-    from utils.apps.track.fit import start_candidates
     from utils.data.model_file import add_encoder, load_model
-    from utils.apps.track.targets import load_subject_target
 
     path = tmp_path / "model.pt"
     shutil.copy(fit_model, path)

@@ -37,8 +37,8 @@ def subject_paths(root: Path, sid: str = "017") -> dict[str, Path]:
 
 
 def track_cfg(root: Path, checkpoint: Path, out: Path, **over):
-    from utils.core.config import build_config
     from utils.apps.track.config import TrackConfig
+    from utils.core.config import build_config
 
     base = {"checkpoint": str(checkpoint), "subject_dir": str(subject_paths(root)["subject"]), "out": str(out),
             "progress": False, "fit.iterations": FIT_ITERATIONS, "export.turntable_frames": 6,
@@ -109,10 +109,10 @@ def test_colour_residual_is_small_saved_and_in_head_ply(fitted, fit_model):  # n
 
 
 def test_colour_residual_reproduces_metrics_after_reload(fitted, fit_model, preprocessed_root):  # noqa: F811
-    from utils.evaluation import evaluate_views
-    from utils.data.code_file import load_code
     from utils.apps.track.targets import load_subject_target
+    from utils.data.code_file import load_code
     from utils.data.model_file import load_model
+    from utils.evaluation import evaluate_views
 
     out, m = fitted
     model = load_model(fit_model)
@@ -133,10 +133,10 @@ def test_eye_term_of_the_fit(preprocessed_root, fit_model, tmp_path):  # noqa: F
     44x64 photos (32 px crops, 29 eye pixels) the term is on (it was left out below 1,000 eye pixels), scaled down;
     at full weight it fitted noise: measured unseen eye PSNR 28.15 dB without the term, 27.90 scaled (4,000 px),
     24.77 at full weight; a term at full weight lowers the unseen eyes, the scaled one does not (within 0.4 dB)."""
-    from utils.evaluation import evaluate_views
     from utils.apps.track.fit import fit_identity, fit_view_eyes, photometric, scaled_eye_weight
-    from utils.data.model_file import load_model
     from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
+    from utils.evaluation import evaluate_views
 
     model = load_model(fit_model)
     cfg = track_cfg(preprocessed_root, fit_model, tmp_path)
@@ -315,7 +315,7 @@ def test_cli_own_photo_with_projected_mask(preprocessed_root, fit_model, tmp_pat
     assert not (out / "turntable.mp4").exists() and (out / "code.pt").is_file()
 
     # the projected mask is the one preprocessing made (same functions)
-    from utils.apps.track.targets import projected_face_mask, flame_vertices
+    from utils.apps.track.targets import flame_vertices, projected_face_mask
     from utils.data.model_file import load_model
     from utils.data.nersemble import NersembleSubject
 
@@ -423,8 +423,9 @@ def test_flame_files_must_match_the_model(preprocessed_root, fit_model, tmp_path
     # a FLAME folder whose template differs from the training one
     flame = tmp_path / "flame"
     shutil.copytree(preprocessed_root / "flame", flame)
-    from models.flame import MODEL_FILENAMES, load_flame_pickle  # noqa: F401
     import pickle
+
+    from models.flame import MODEL_FILENAMES, load_flame_pickle  # noqa: F401
 
     pkl = next(flame / n for n in MODEL_FILENAMES if (flame / n).is_file())
     model = load_flame_pickle(pkl, validate=False)
@@ -522,8 +523,8 @@ def test_colour_boundary_rings(preprocessed_root, fit_model, tmp_path):  # noqa:
     """fit.colour_boundary_rings holds the colour residual at zero on the face mask's open boundary (and rings inside
     it): the Gaussians there straddle the silhouette, and colour on them spills onto the black background."""
     from utils.apps.track.fit import boundary_rings, fit_colour, fit_identity
-    from utils.data.model_file import load_model
     from utils.apps.track.targets import load_subject_target
+    from utils.data.model_file import load_model
 
     # a 3x3 grid of vertices (8 triangles): the 8 outer vertices are the boundary, the centre is one ring inside
     faces = np.array([[0, 1, 4], [0, 4, 3], [1, 2, 5], [1, 5, 4], [3, 4, 7], [3, 7, 6], [4, 5, 8], [4, 8, 7]])

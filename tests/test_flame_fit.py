@@ -105,8 +105,8 @@ def test_contour_rows_follow_the_head_yaw(flame_and_truth):
 def test_fit_recovers_face_mask_from_unknown_cameras(flame_and_truth):
     """The issue's bar: face-mask vertices within 3 mm (mean) of the truth after a similarity alignment, cameras
     within yaw +-30 deg, pitch +-15 deg, focal length +-20 % of the default, landmarks with 1 px noise (512 px)."""
-    from utils.face.flame_fit import LandmarkTargets, fit_flame_to_landmarks
     from models.geometry import similarity_fit
+    from utils.face.flame_fit import LandmarkTargets, fit_flame_to_landmarks
 
     flame, mask, truth = flame_and_truth
     rng = np.random.default_rng(0)

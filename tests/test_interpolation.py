@@ -79,8 +79,8 @@ def test_schedule_and_frame_counts():
 def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
     from models.geometry import head_pose
     from utils.apps.interpolate import GeometryInterpolator
-    from utils.identity import resolve_key
     from utils.data.model_file import load_model
+    from utils.identity import resolve_key
 
     model = load_model(fit_model)
     keys = [resolve_key(model, name, torch.device("cpu")) for name in model.identities[:2]]
@@ -94,8 +94,8 @@ def test_geometry_interpolation_keeps_pose(fit_model):  # noqa: F811
 
 
 def test_colour_residuals_interpolate_linearly(fit_model, fitted_code):  # noqa: F811
-    from utils.identity import interpolate_colours, resolve_key
     from utils.data.model_file import load_model
+    from utils.identity import interpolate_colours, resolve_key
 
     model = load_model(fit_model)
     cpu = torch.device("cpu")
@@ -111,7 +111,6 @@ def test_colour_residuals_interpolate_linearly(fit_model, fitted_code):  # noqa:
 # ------------------------------------------------------------------------------------------------ videos
 def test_loop_with_fitted_code_frames_video_and_plys(fit_model, fitted_code, tmp_path):  # noqa: F811
     import interpolate
-
     from models.gaussians import GaussianCloud
 
     out = tmp_path / "loop"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from models import renderer as R
+from models.camera import Camera, stack_cameras
 from models.gaussians import GaussianCloud, quat_to_rotmat, random_cloud
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import apply_3d_filter, filter_variance, sampling_rate, set_render_filter
-from models.camera import Camera, stack_cameras
 
 F64 = torch.float64
 

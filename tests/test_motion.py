@@ -63,8 +63,8 @@ def test_keyframes_file(tmp_path, flame):
 
 def test_tracking_files_and_subject_folders(synthetic_root, flame, tmp_path):  # noqa: F811
     from models.flame import FlameParams, save_nersemble_tracking, save_vhap_tracking
-    from utils.motion import load_motion
     from utils.data.nersemble import TRACKING_RELPATH
+    from utils.motion import load_motion
 
     subject = synthetic_root / "subjects" / "300"
     m = load_motion(str(subject), flame)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
-from utils.losses import masked_ssim, psnr, ssim
 from utils.face.regions import (
     EYE_ROWS,
     _polygon_region,
@@ -16,6 +15,7 @@ from utils.face.regions import (
     eye_region_masks,
     region_metrics,
 )
+from utils.losses import masked_ssim, psnr, ssim
 
 
 @pytest.fixture(scope="module")

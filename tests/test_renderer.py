@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
+from models.camera import Camera
 from models.gaussians import GaussianCloud, random_cloud, rgb_to_sh0
 from models.renderer import available_backends, render, render_batch
-from models.camera import Camera
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64

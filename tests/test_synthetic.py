@@ -390,8 +390,8 @@ def test_head_turn_sequence(synthetic_root, tmp_path):  # noqa: F811
     views of the frontal camera's monocular video)."""
     from scipy.spatial.transform import Rotation
 
-    from utils.make_synthetic_dataset import main
     from utils.data.synthetic import head_turn_angles
+    from utils.make_synthetic_dataset import main
 
     n = 8
     out = tmp_path / "turn"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models import flame as F
-from utils.data import synthetic_flame as S
 from models.camera import Camera
 from models.renderer.mesh_raster import render_mask
+from utils.data import synthetic_flame as S
 from utils.face.regions import _polygon_region
 
 

@@ -22,8 +22,8 @@ FAST = ["--progress", "false", "--device", "cpu", "--flame_fit.iterations", "20"
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     """(dataset root, frames folder, landmarks .npy) of identity 017 turning its head over CLIP_FRAMES frames."""
-    from utils.data.synthetic import make_synthetic_dataset
     from utils.apps.track.video import synthetic_clip
+    from utils.data.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("turn") / "data"
     kw = dict(SYNTHETIC_KW, num_identities=0, num_heldout=1)

@@ -101,8 +101,7 @@ def model(fit_model):  # noqa: F811
 def rig(model):
     """(model, HeadAnimator) with the model's FLAME files, found as the viewer finds them."""
     from models.posing import HeadAnimator
-    from utils.identity import load_flame
-    from utils.identity import model_flame_dir
+    from utils.identity import load_flame, model_flame_dir
 
     return model, HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
 
@@ -385,8 +384,8 @@ def test_burst_of_pose_updates_ends_on_the_last_value(posing, rig, monkeypatch):
 
 
 def test_keyframe_dropdown_sets_the_sliders(posing, rig, monkeypatch):
-    from utils.motion import KEYFRAMES, keyframe_params
     from utils.apps.viewer import PRESET_PROMPT, keyframe_pose
+    from utils.motion import KEYFRAMES, keyframe_params
 
     model = rig[0]
     v = posing
@@ -573,9 +572,8 @@ def test_check_request_token_host_and_origin():
 def test_live_server_needs_the_token_and_its_own_origin(viewer):
     import urllib.error
 
-    from websockets.sync.client import connect
-
     import viser
+    from websockets.sync.client import connect
 
     assert viewer.url.endswith(f"/{viewer.token}/") and len(viewer.token) >= 16
     with urllib.request.urlopen(viewer.url, timeout=30) as r:
@@ -713,8 +711,8 @@ def poll(page, ok, timeout: float = 40.0) -> np.ndarray:
 
 def reference_render(viewer, width: int, height: int) -> np.ndarray:
     """The served head through the page's initial camera, by the project's own rasterizer."""
-    from models.renderer import render
     from models.camera import Camera
+    from models.renderer import render
     from utils.apps.viewer import VIEW_DISTANCE, VIEW_FOV_DEG
 
     centre = torch.tensor(viewer.frame.centre, dtype=torch.float32)

@@ -70,12 +70,12 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
     that one degree of freedom is also aligned: the fitted scene scaled about the camera to the true face-mask
     distance ("depth-aligned"); rotation, shape and the position in the image are left as fitted."""
     from models.flame import FlameModel, load_tracking
-    from utils.evaluation import evaluate_views
-    from utils.face.flame_fit import W2C, flame_landmarks_2d, with_scale_about
+    from utils.apps.track.pipeline import track
+    from utils.apps.track.targets import flame_vertices, load_subject_target
     from utils.data.model_file import load_model
     from utils.data.nersemble import NersembleSubject
-    from utils.apps.track.targets import flame_vertices, load_subject_target
-    from utils.apps.track.pipeline import track
+    from utils.evaluation import evaluate_views
+    from utils.face.flame_fit import W2C, flame_landmarks_2d, with_scale_about
 
     p = subject_paths(preprocessed_root)
     flame_dir = preprocessed_root / "flame"
@@ -123,8 +123,8 @@ def test_image_only_path_vs_calibrated_fit(fit_model, preprocessed_root, tmp_pat
 def test_photo_only_errors(fit_model, preprocessed_root, tmp_path):  # noqa: F811
     import cv2
 
-    from utils.face.landmarks import NoFaceError
     from utils.apps.track.pipeline import track
+    from utils.face.landmarks import NoFaceError
 
     noise = tmp_path / "noise.png"
     cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))

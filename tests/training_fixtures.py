@@ -43,8 +43,8 @@ def get_preprocessed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(root: Path, out: Path, **overrides):
     """configs/tiny.yaml on ``root`` writing to ``out``, with dotted-key ``overrides``."""
-    from utils.core.config import build_config
     from utils.apps.train.trainer import TrainConfig
+    from utils.core.config import build_config
 
     repo = Path(__file__).resolve().parents[1]
     base = {"data.root": str(root), "out": str(out), "progress": False}
@@ -99,8 +99,8 @@ SEQUENCE_FRAMES = 3
 def get_sequence_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "seq" not in _CACHE:
         from tests.fixtures import SYNTHETIC_KW
-        from utils.preprocess import FLAME2PLY, projection_ply
         from utils.data.synthetic import make_synthetic_dataset
+        from utils.preprocess import FLAME2PLY, projection_ply
 
         root = tmp_path_factory.mktemp("sequences") / "data"
         make_synthetic_dataset(root, progress=False, num_frames=SEQUENCE_FRAMES, **SYNTHETIC_KW)

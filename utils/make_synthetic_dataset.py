@@ -20,6 +20,7 @@ import time
 # Scripts run from the repository root; make the project importable when started as utils/make_synthetic_dataset.py.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.core.device import resolve_device
 from utils.data.synthetic import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_HELDOUT,
@@ -66,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from utils.core.device import resolve_device
 
     device = resolve_device(args.device)
     t0 = time.time()

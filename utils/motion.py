@@ -33,6 +33,7 @@ from utils.data.nersemble import (
     NersembleSubject,
     tracking_frame_ids,
 )
+from utils.identity import lerp, schedule
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 KEYFRAME_EXTENSIONS = (".yaml", ".yml", ".json")
@@ -103,7 +104,6 @@ def keyframe_params(keys: Sequence[Keyframe], frames_per_transition: int) -> Fla
     (0.5 - 0.5 cos) so that the motion starts and stops smoothly at every key, plus the last key:
     frames_per_transition * (K - 1) + 1 frames.  Identity head placement (rotation I, translation 0, scale 1) and zero
     shape: :func:`models.posing.retarget` puts it on an identity."""
-    from utils.identity import lerp, schedule
 
     keys = list(keys)
     if len(keys) == 1:

@@ -18,6 +18,9 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from utils.core.errors import add_debug_flag
+from utils.core.io import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -193,7 +196,6 @@ def from_dict(cls: type[T], data: dict, where: str = "checkpoint") -> T:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    from utils.core.io import atomic_write_text
 
     atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)
 
@@ -217,7 +219,6 @@ def config_parser(description: str | None, cls: type, config_default: str | None
                   debug: bool = True) -> argparse.ArgumentParser:
     """The parser of an entry point: ``--config`` (a YAML preset, ``config_default`` when given), ``--debug`` (see
     utils/core/errors.py) and one flag per key of the dataclass ``cls`` (:func:`add_cli_config`)."""
-    from utils.core.errors import add_debug_flag
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if config_default is None:

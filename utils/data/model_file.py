@@ -33,6 +33,8 @@ from models.flame import (
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import set_render_filter
 from utils.core.io import atomic_torch_save, load_tagged
+from models.encoder import encoder_state
+from models.encoder import encoder_from_state
 
 FORMAT_VERSION = 4  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity);
 #                    4: adds "sampling_rate" (per-vertex maximal sampling rate of the training cameras, Mip-Splatting)
@@ -81,7 +83,6 @@ def save_model(path: str | os.PathLike, field: IdentityField, data, config: dict
 
 def encoder_entries(encoder) -> dict:
     """model.pt keys of an encoder: "encoder" ({"config", "state_dict"}) and "encoder_fingerprint"."""
-    from models.encoder import encoder_state
 
     state = encoder_state(encoder)
     return {"encoder": state, "encoder_fingerprint": weights_fingerprint(state["state_dict"])}
@@ -102,7 +103,6 @@ def load_encoder_entry(doc: dict, path: str | os.PathLike, device: torch.device 
     code)."""
     if doc.get("encoder") is None:
         return None, ""
-    from models.encoder import encoder_from_state
 
     try:
         entry = doc["encoder"]

@@ -34,6 +34,7 @@ from torch import Tensor
 from models.camera import Camera
 from utils.core.io import image_size, read_image, safe_name
 from utils.data.camera_params import load_camera_params
+from models.flame import load_tracking
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
 SERIALS: tuple[str, ...] = (
@@ -298,7 +299,6 @@ class NersembleSubject:
     # ------------------------------------------------------------------ FLAME data
     def tracking(self):
         """FLAME tracking of the sequence (models.flame.FlameParams, all frames of the npz)."""
-        from models.flame import load_tracking
 
         if not self.tracking_path.is_file():
             raise FileNotFoundError(

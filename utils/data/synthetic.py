@@ -57,6 +57,18 @@ from utils.data.nersemble import (
     TRACKING_RELPATH,
     timestep_name,
 )
+from models.flame import FlameParams
+from utils.data.synthetic_flame import sample_identity_params
+from utils.data.synthetic_flame import face_regions, semantic_regions
+from models.flame import FlameModel, make_subdivision_plan, mouth_closing_faces, subdivision_matrix
+from utils.data.synthetic_flame import face_regions, painting_masks, semantic_regions
+from models.flame import subdivide_vertices
+from models.flame import vertex_normals
+from models.renderer import render_batch
+from utils.core.io import safe_name
+from models.flame import save_nersemble_tracking
+from utils.data.synthetic_flame import make_flame_model, write_flame_files
+from utils.data.synthetic_flame import make_flame_model
 
 GENERATOR_VERSION = 2  # 2: FLAME-like eyes (almond lid openings, eyeballs set back) and mouth (lips that part)
 INFO_NAME = "synthetic_info.json"  # written last: its presence means the dataset is complete
@@ -225,8 +237,6 @@ def sample_identity(model: Mapping, seed: int, subject_id: str) -> SyntheticIden
     Args:
         model: the synthetic FLAME model dict (utils.data.synthetic_flame.make_flame_model).
     """
-    from models.flame import FlameParams
-    from utils.data.synthetic_flame import sample_identity_params
 
     rngs = identity_rngs(seed, subject_id)
     p = sample_identity_params(rngs["shape"])
@@ -365,7 +375,6 @@ def sequence_params(identity: SyntheticIdentity, seed: int, num_frames: int, mot
     """FlameParams (T = num_frames) of a subject's synthetic sequence: frame 0 is the identity's neutral frame,
     frames 1..T-1 come from :func:`sample_frame_params`; with ``motion="head_turn"`` they are also globally rotated
     about ``pivot`` (the head's world centre, (3,)) by :func:`head_turn_angles` (+-35 deg yaw, +-15 deg pitch)."""
-    from models.flame import FlameParams
 
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -403,7 +412,6 @@ class _Anchors:
 
 
 def _anchors(model: Mapping) -> _Anchors:
-    from utils.data.synthetic_flame import face_regions, semantic_regions
 
     v = np.asarray(model["v_template"], dtype=np.float64)
     sem = semantic_regions(model)
@@ -563,17 +571,6 @@ class GroundTruthHeads:
     """
 
     def __init__(self, flame_dir: str | os.PathLike, model: Mapping, subdivision: int = 1) -> None:
-        from models.flame import (
-            FlameModel,
-            make_subdivision_plan,
-            mouth_closing_faces,
-            subdivision_matrix,
-        )
-        from utils.data.synthetic_flame import (
-            face_regions,
-            painting_masks,
-            semantic_regions,
-        )
 
         self.flame = FlameModel.from_data_dir(flame_dir)
         self.model = model
@@ -608,7 +605,6 @@ class GroundTruthHeads:
     def vertices(self, identity: SyntheticIdentity, params: Any = None) -> Tensor:
         """(V_L, 3) world-space vertices of the subdivided posed FLAME mesh (of ``params``, FlameParams T = 1 such
         as a frame of :func:`sequence_params`; default: the identity's neutral frame 0)."""
-        from models.flame import subdivide_vertices
 
         v = self.flame(identity.params if params is None else params)[0].double()
         return subdivide_vertices(v, self.plan, self.subdivision)
@@ -618,7 +614,6 @@ class GroundTruthHeads:
         """The identity's ground-truth Gaussian head in world space (degree-0 SH, N = V_L Gaussians), posed by
         ``params`` (FlameParams T = 1; default: its neutral frame 0).  The texture lives in canonical space, so it
         follows the surface; the baked lighting uses the posed normals."""
-        from models.flame import vertex_normals
 
         verts = self.vertices(identity, params)
         n = vertex_normals(verts, torch.as_tensor(self.faces))
@@ -682,7 +677,6 @@ def render_ground_truth(
     Returns:
         {"image": (C, H, W, 3), "alpha": (C, H, W, 1), "depth": (C, H, W, 1)} on the cloud's device.
     """
-    from models.renderer import render_batch
 
     cameras = [c.to(cloud.device) for c in cameras]
     bg = background if isinstance(background, Tensor) else None
@@ -718,7 +712,6 @@ def _read_dataset_json(path: Path) -> dict:
     """synthetic_info.json or .synthetic_pending.json, with every subject id checked by :func:`utils.core.io.safe_name`
     (the ids become folder names under subjects/ that are read, replaced and deleted: "../x" must never reach
     shutil.rmtree).  ValueError naming the file for anything else than a JSON object with lists of ids."""
-    from utils.core.io import safe_name
 
     try:
         doc = json.loads(path.read_text())
@@ -789,7 +782,6 @@ def write_subject(
     Frame 0 is the identity's neutral frame; frames 1..num_frames-1 (:func:`sequence_params` with the dataset
     ``seed``) are rendered from the same ground-truth head driven by their FLAME parameters, all in one tracking npz.
     """
-    from models.flame import save_nersemble_tracking
 
     subject_dir = Path(subject_dir)
     calib = make_rig(image_size, rig_rng)
@@ -854,7 +846,6 @@ def make_synthetic_dataset(
     """
     from tqdm import tqdm
 
-    from utils.data.synthetic_flame import make_flame_model, write_flame_files
 
     out = Path(out)
     image_size = int(image_size)
@@ -989,7 +980,6 @@ def load_ground_truth(root: str | os.PathLike, subject_id: str, frame: int = 0, 
     Returns:
         (cloud in world space, the identity).  Render it with :func:`render_ground_truth` through any cameras.
     """
-    from utils.data.synthetic_flame import make_flame_model
 
     root = Path(root)
     info = read_info(root)

@@ -24,6 +24,7 @@ from typing import Union
 
 import numpy as np
 import scipy.sparse as sp
+from models.flame import boundary_loops
 
 PathLike = Union[str, os.PathLike]
 
@@ -216,7 +217,6 @@ def _ring_patch(v: np.ndarray, faces: np.ndarray, centre: np.ndarray, axes: tupl
     ``rings[margin_index]``), ``margin_index``, ``theta`` (angles of the margin ring), and per new vertex (in the
     order of ``rings``) ``t`` (0 at the margin and behind it, 1 at the cut) and ``vertex_theta`` (its angle).
     """
-    from models.flame import boundary_loops
 
     c = v[faces].mean(1)
     inside = (((c[:, 0] - centre[0]) / axes[0]) ** 2 + ((c[:, 1] - centre[1]) / axes[1]) ** 2 < 1) & (c[:, 2] > 0.03)

@@ -30,6 +30,7 @@ from models.flame import FlameModel, FlameParams
 from utils.core.config import Range
 from utils.core.io import read_video_frames
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+from utils.face.landmarks import LandmarkDetector, LandmarkError
 from utils.motion import Motion
 
 
@@ -57,7 +58,6 @@ def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, 
                            ) -> tuple[Tensor, Tensor | None, Tensor]:
     """iBUG-68 points (T, 68, 2), iris centres (T, 2, 2) (subject's right eye, then left; None without irises) and a
     (T,) bool of the frames with a face, from mediapipe's face mesh in video mode.  Frames without a face get NaN."""
-    from utils.face.landmarks import LandmarkDetector, LandmarkError
 
     T = len(frames)
     pts = torch.full((T, 68, 2), float("nan"))

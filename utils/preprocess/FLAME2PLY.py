@@ -26,6 +26,7 @@ from typing import Optional, Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from models.flame import FlameModel, face_mask_topology, subdivide
 from utils.data.nersemble import NersembleSubject, tracking_row  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402
     Outputs,
@@ -95,7 +96,6 @@ class LazyFlame:
 
     def get(self):
         if self._flame is None:
-            from models.flame import FlameModel, face_mask_topology
 
             self._flame = FlameModel.from_data_dir(self.flame_dir)
             if self.close_mouth and not (self.flame_dir / "FLAME_masks.pkl").is_file():
@@ -107,7 +107,6 @@ class LazyFlame:
 def process_subject(subject: NersembleSubject, model: LazyFlame, max_level: int, overwrite: bool,
                     verbose: bool = True) -> Outputs:
     """Write the meshes of one subject/frame (only the missing ones unless ``overwrite``)."""
-    from models.flame import subdivide
 
     out = Outputs()
     paths = output_paths(subject, max_level)

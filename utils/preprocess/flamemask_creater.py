@@ -19,6 +19,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from models.flame import FACE_MASK_REGIONS, FLAME_URL, MASK_VERTEX_IDS, MASKS_PKL, load_pickle_no_chumpy
 from utils.preprocess.common import (  # noqa: E402
     Outputs,
     add_flame_dir_arg,
@@ -31,7 +32,6 @@ from utils.preprocess.common import (  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from models.flame import FACE_MASK_REGIONS, MASK_VERTEX_IDS, MASKS_PKL
 
     p = make_parser(__doc__, prog="flamemask_creater.py")
     add_flame_dir_arg(p)
@@ -50,7 +50,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def mask_vertex_ids(masks_pkl: Path, regions: Sequence[str]) -> np.ndarray:
     """(M,) sorted unique int64 vertex ids: the union of ``regions`` of ``masks_pkl``."""
-    from models.flame import FLAME_URL, load_pickle_no_chumpy
 
     masks_pkl = Path(masks_pkl)
     if not masks_pkl.is_file():
@@ -70,7 +69,6 @@ def mask_vertex_ids(masks_pkl: Path, regions: Sequence[str]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> Outputs:
-    from models.flame import MASK_VERTEX_IDS, MASKS_PKL
 
     flame_dir = Path(args.flame_dir)
     pkl = Path(args.masks_pkl) if args.masks_pkl else flame_dir / MASKS_PKL

@@ -43,7 +43,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.camera import Camera  # noqa: E402
-from utils.core.io import imread_file, imwrite_file, safe_name  # noqa: E402
+from models.flame import NUM_EXPRESSION, NUM_SHAPE, FlameParams, save_nersemble_tracking
+from utils.core.io import imread_file, imwrite_file, safe_name, safe_relative  # noqa: E402
+from utils.data.camera_params import write_camera_params
 from utils.data.nersemble import (
     CALIBRATION_RELPATH,
     DEFAULT_IMAGE_FOLDER,
@@ -136,7 +138,6 @@ def find_frame(actor: Path, frame: int, transforms: Optional[str] = None) -> tup
 
 
 def _resolve(actor: Path, rel: str, exts: Sequence[str] = (), source: str | Path = "the INSTA transforms") -> Path:
-    from utils.core.io import safe_relative
 
     p = safe_relative(actor, rel, "file_path", source)  # a name read from the data stays inside the actor folder
     if p.is_file():
@@ -182,7 +183,6 @@ def read_coeffs(path: Path, n: int, what: str) -> np.ndarray:
 
 def tracking_params(actor: Path, fr: dict, shape_file: Optional[str] = None):
     """FlameParams (T=1) in the NeRSemble convention from INSTA's per-frame files."""
-    from models.flame import NUM_EXPRESSION, NUM_SHAPE, FlameParams
 
     d = {k: v.numpy() for k, v in vars(FlameParams.neutral(1)).items() if isinstance(v, torch.Tensor)}
     if "exp_path" in fr:
@@ -206,8 +206,6 @@ def tracking_params(actor: Path, fr: dict, shape_file: Optional[str] = None):
 def run(args: argparse.Namespace) -> Outputs:
     import cv2
 
-    from models.flame import save_nersemble_tracking
-    from utils.data.camera_params import write_camera_params
 
     actor = actor_dir(args)
     meta, fr, tpath = find_frame(actor, args.frame, args.transforms)

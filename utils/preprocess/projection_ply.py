@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 from models.camera import Camera  # noqa: E402
 from models.renderer.mesh_raster import render_mask  # noqa: E402
+from utils.core.device import default_device
 from utils.core.io import imwrite_file, to_uint8  # noqa: E402
 from utils.data.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
 from utils.face.masks import masked_photo, soft_mask  # noqa: E402
@@ -181,7 +182,6 @@ def process_subject(subject: NersembleSubject, args: argparse.Namespace, device:
 
 
 def run(args: argparse.Namespace) -> Outputs:
-    from utils.core.device import default_device
 
     if isinstance(args.bg_color, str):  # argparse applies `type` to string defaults, direct callers may not
         args.bg_color = parse_bg_color(args.bg_color)

@@ -41,9 +41,10 @@ from utils.core.io import (
     save_image,
     to_uint8,
 )
+from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
-from utils.evaluation import View
+from utils.evaluation import View, evaluate_cloud, to_tensor_img
 from utils.face.reenactment import ReenactConfig, reenact_video
 from utils.identity import (
     METHODS,
@@ -133,8 +134,6 @@ def sequence_views(subject: NersembleSubject, frames: Sequence[int], device: tor
     cameras: PSNR is a mean over the crop, so frames must share the crop size to be comparable (the crop of one frame
     rounded to a multiple of 16 pixels can differ from another's by a third, i.e. up to 1.8 dB for the same error).
     Returns per frame a list of View (utils/apps/track/targets.py) in camera order."""
-    from utils.data.dataset import crop_size, crop_view
-    from utils.evaluation import to_tensor_img
 
     raw = []
     for f in frames:
@@ -159,7 +158,6 @@ def evaluate_sequence(animator: HeadAnimator, head: PosableIdentity, params: Fla
     """PSNR / SSIM of ``head`` posed by each frame of ``params`` against that frame's views (:func:`sequence_views`):
     per frame the metrics of utils/evaluation.py evaluate_cloud ("all" cameras, "unseen" = all but ``fit_serial``,
     "heldout_cameras" = the protocol's novel views)."""
-    from utils.evaluation import evaluate_cloud
 
     if params.num_frames != len(views):
         raise ValueError(f"evaluate_sequence: {params.num_frames} frames of parameters but {len(views)} of views")

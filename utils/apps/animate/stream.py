@@ -37,12 +37,13 @@ import torch
 from torch import Tensor
 
 from models.flame import FlameParams, save_nersemble_tracking
-from models.posing import retarget
+from models.posing import HeadAnimator, retarget
 from models.renderer import render_identities
 from utils.core.device import resolve_device, synchronize
 from utils.core.io import atomic_write_json, fit_height, save_image, to_uint8
 from utils.data.model_file import load_model
 from utils.face.frame_tracker import FrameTracker
+from utils.face.landmarks import LandmarkDetector, LandmarkError
 from utils.identity import (
     base_camera,
     identity_key,
@@ -136,7 +137,6 @@ class FrameSource:
 def mediapipe_detector(min_face_px: float) -> Callable[[np.ndarray, str], tuple[Tensor | None, Tensor | None]]:
     """A per-thread landmark function: RGB frame -> (points (68, 2) or None, irises (2, 2) or None), mediapipe's face
     mesh in video mode (the same conversion as utils/face/reenactment.py detect_video_landmarks)."""
-    from utils.face.landmarks import LandmarkDetector, LandmarkError
 
     det = LandmarkDetector(static_images=False, min_face_px=min_face_px)
 
@@ -310,7 +310,6 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
             model = load_model(cfg.checkpoint, device)
         flame_dir = model_flame_dir(model, cfg.flame_dir)
         flame = load_flame(model, flame_dir)
-        from models.posing import HeadAnimator
 
         animator = HeadAnimator(model.field, flame, model.mask_ids, model.plan)
         fit_flame = flame if fit_device == flame.v_template.device else copy.deepcopy(flame).to(fit_device)

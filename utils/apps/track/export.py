@@ -11,14 +11,18 @@ import torch
 from torch import Tensor
 
 from models.camera import Camera
+from models.flame import save_nersemble_tracking
 from models.geometry import head_pose, orbit_camera
 from models.renderer import render_batch
 from utils.apps.track.config import ExportConfig
 from utils.apps.track.targets import FitTarget
 from utils.core.io import safe_child, save_image, to_uint8
+from utils.data.camera_params import write_camera_params
 from utils.data.code_file import FittedCode, code_cloud
 from utils.data.model_file import TrainedModel
 from utils.evaluation import View
+from utils.face.landmarks import draw_landmarks, reprojection_error
+from utils.losses import psnr, ssim_metric
 
 
 def export_views(out: Path, views: Sequence[View], renders: Tensor, extra: Sequence[tuple[str, Tensor]]) -> None:
@@ -70,11 +74,6 @@ def export_wild(out: Path, target: FitTarget, render: Tensor) -> dict:
     against the photo inside the face mask, the fitted focal length and head distance, faces found.  With the
     photometric FLAME stage the files and the drawing hold the refined FLAME; ``landmark_error_*`` stay those of the
     landmark fit (``landmark_error_iod_refined``: after the refinement)."""
-    from models.flame import save_nersemble_tracking
-    from utils.core.io import save_image
-    from utils.data.camera_params import write_camera_params
-    from utils.face.landmarks import draw_landmarks, reprojection_error
-    from utils.losses import psnr, ssim_metric
 
     wild = target.wild
     fit = wild.refined if wild.refined is not None else wild.fit  # what the head was fitted with

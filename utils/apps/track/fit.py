@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models.camera import Camera
-from models.flame import FlameModel, FlameParams
+from models.flame import FlameModel, FlameParams, axis_angle_to_matrix
 from models.geometry import UniformLaplacian, mean_edge_length
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
@@ -227,7 +227,6 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: Flam
     Adam.  Returns (refined FlameParams, refined style (S,), face-mask vertices (M, 3), windowed losses)."""
     from dataclasses import replace
 
-    from models.flame import axis_angle_to_matrix
 
     dev = w.device
     flame = flame.to(dev)

@@ -37,8 +37,10 @@ from utils.core.device import resolve_device, synchronize
 from utils.core.io import OutputClaim, atomic_write_json, atomic_write_text, write_video
 from utils.data.code_file import code_cloud, render_style, save_code
 from utils.data.model_file import TrainedModel, load_model
-from utils.data.nersemble import HELDOUT_IDENTITIES
+from utils.data.nersemble import HELDOUT_IDENTITIES, list_subjects
+from utils.data.synthetic import read_info
 from utils.evaluation import evaluate_views
+from utils.face.flame_fit import flame_landmarks_2d
 
 
 def _clean(x: Any) -> Any:
@@ -107,7 +109,6 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
     if res.flame_params is not None:  # photo-only: the FLAME refined through the renderer is what gets exported
         from dataclasses import replace
 
-        from utils.face.flame_fit import flame_landmarks_2d
 
         fit0 = target.wild.fit
         params = res.flame_params.to(fit0.params.device)
@@ -200,7 +201,6 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
 def heldout_subjects(data_root: str | os.PathLike) -> tuple[Path, list[str]]:
     """(subjects folder, held-out ids) of a dataset: a synthetic dataset folder (its synthetic_info.json
     "heldout_ids") or a folder of NeRSemble subjects (the protocol's held-out ids that are present)."""
-    from utils.data.nersemble import list_subjects
 
     root = Path(data_root)
     if not root.is_dir():
@@ -208,7 +208,6 @@ def heldout_subjects(data_root: str | os.PathLike) -> tuple[Path, list[str]]:
     subjects = root / "subjects" if (root / "subjects").is_dir() else root
     info = root / "synthetic_info.json"
     if info.is_file():
-        from utils.data.synthetic import read_info
 
         ids = list(read_info(root).get("heldout_ids", []))
     else:

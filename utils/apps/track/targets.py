@@ -15,13 +15,18 @@ import torch
 from torch import Tensor
 
 from models.camera import Camera
+from models.flame import FlameModel, load_tracking
+from models.renderer.mesh_raster import render_mask
 from utils.apps.track.config import FitConfig, TrackConfig
 from utils.core.io import read_image
 from utils.data.camera_params import load_camera_params
 from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel
-from utils.data.nersemble import NersembleSubject
+from utils.data.nersemble import NersembleSubject, tracking_row
 from utils.evaluation import View, to_tensor_img
+from utils.face.flame_fit import LandmarkTargets, fit_flame_to_landmarks
+from utils.face.landmarks import detect_landmarks, load_landmarks_file
+from utils.face.masks import masked_photo, soft_mask
 from utils.face.regions import EyeLandmarkEmbedding, embedding_for_flame
 from utils.identity import model_flame_dir
 
@@ -86,8 +91,6 @@ def frame_flame(model: TrainedModel, flame_dir: Path, tracking: Path | None, par
     ``frame`` picks the row of ``params`` (or of the ``tracking`` file): with ``frame_ids`` the row whose frame number
     (the npz's ``frames`` key, utils/data/nersemble.py tracking_row) is ``frame``, else row min(frame, T - 1).
     ``flame``: an already loaded FlameModel of ``flame_dir``."""
-    from models.flame import FlameModel, load_tracking
-    from utils.data.nersemble import tracking_row
 
     flame = flame if flame is not None else FlameModel.from_data_dir(flame_dir)
     if params is None:
@@ -151,8 +154,6 @@ def load_subject_target(model: TrainedModel, cfg: TrackConfig, device: torch.dev
 def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera) -> np.ndarray:
     """Face mask of a photo from its FLAME tracking, as preprocessing makes it (utils/preprocess/projection_ply.py):
     the model's face-mask triangles z-buffered against the whole FLAME head.  Returns (H, W) float32 in {0, 1}."""
-    from models.renderer.mesh_raster import render_mask
-    from utils.face.masks import soft_mask
 
     fm_v = flame_verts[torch.as_tensor(model.mask_ids)]
     fm_f = torch.as_tensor(model.base_faces, dtype=torch.long)
@@ -226,7 +227,6 @@ def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, ba
                  eyes: EyeLandmarkEmbedding | None = None) -> FitTarget:
     """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3);
     ``flame``: the photo's FlameParams (T = 1); ``eyes``: FLAME's eye landmarks on the face mask (eye metrics)."""
-    from utils.face.masks import masked_photo
 
     masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
     s = cam.name
@@ -253,8 +253,6 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
     with the detector's face outline where there is one."""
     import cv2
 
-    from utils.face.flame_fit import LandmarkTargets, fit_flame_to_landmarks
-    from utils.face.landmarks import detect_landmarks, load_landmarks_file
 
     img_path = Path(cfg.image)
     photo = read_photo(img_path, "photo (--image)")
@@ -278,7 +276,6 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
         flame_cfg = replace(flame_cfg, landmark_sigma_px=flame_cfg.landmark_sigma_px * scale)
     h, w = photo.shape[:2]
     flame_dir = model_flame_dir(model, cfg.flame_dir)
-    from models.flame import FlameModel
 
     flame = FlameModel.from_data_dir(flame_dir)
     irises = None

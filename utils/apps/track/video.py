@@ -38,10 +38,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.flame import FlameModel, save_nersemble_tracking
 from models.geometry import UniformLaplacian
 from models.renderer import render
 from utils.apps.track.config import FitConfig, TrackConfig
+from utils.apps.track.export import turntable
 from utils.apps.track.fit import photometric, plateau, start_candidates
+from utils.apps.track.pipeline import _clean
+from utils.apps.track.targets import frame_flame, projected_face_mask
+from utils.core.device import resolve_device
+from utils.core.io import atomic_write_json, read_image, to_uint8, write_video
+from utils.data.camera_params import write_camera_params
 from utils.data.code_file import (
     FittedCode,
     code_cloud,
@@ -49,8 +56,14 @@ from utils.data.code_file import (
     save_code,
     with_colour,
 )
-from utils.data.model_file import TrainedModel
-from utils.evaluation import View, evaluate_cloud
+from utils.data.dataset import crop_size, crop_view
+from utils.data.model_file import TrainedModel, load_model
+from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
+from utils.evaluation import View, evaluate_cloud, to_tensor_img
+from utils.face.flame_fit import flame_landmarks_2d, make_camera
+from utils.face.masks import masked_photo
+from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
+from utils.identity import model_flame_dir
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -58,7 +71,6 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # ====================================================================================== inputs
 def read_frame_folder(folder: str | os.PathLike, stride: int = 1, max_frames: int = 0) -> list[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of the images in ``folder`` (sorted by file name), every ``stride``-th."""
-    from utils.core.io import read_image, to_uint8
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -224,25 +236,6 @@ def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: S
 def track_video(cfg: TrackConfig) -> dict:
     """track.py --video / --frames: track, fit, evaluate and export into ``cfg.out`` (see the module docstring).
     Returns the metrics dict written to metrics.json."""
-    from models.flame import FlameModel, save_nersemble_tracking
-    from utils.apps.track.export import turntable
-    from utils.apps.track.pipeline import _clean
-    from utils.apps.track.targets import frame_flame, projected_face_mask
-    from utils.core.device import resolve_device
-    from utils.core.io import atomic_write_json, to_uint8, write_video
-    from utils.data.camera_params import write_camera_params
-    from utils.data.dataset import crop_size, crop_view
-    from utils.data.model_file import load_model
-    from utils.evaluation import to_tensor_img
-    from utils.face.flame_fit import make_camera
-    from utils.face.reenactment import (
-        ReenactConfig,
-        detect_video_landmarks,
-        fit_video_motion,
-        read_video,
-    )
-    from utils.identity import model_flame_dir
-    from utils.face.masks import masked_photo
 
     if bool(cfg.video) == bool(cfg.frames):
         raise ValueError("give exactly one of --video FILE and --frames DIR")
@@ -392,9 +385,6 @@ def synthetic_clip(root: str | os.PathLike, subject: str, out_dir: str | os.Path
     no face in images this small).  Returns (frames folder, landmarks file)."""
     import cv2
 
-    from models.flame import FlameModel
-    from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
-    from utils.face.flame_fit import flame_landmarks_2d
 
     serial = serial or FRONTAL_SERIAL
     root, out_dir = Path(root), Path(out_dir)
@@ -421,10 +411,6 @@ def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.Path
     """Mean PSNR in the face mask of ``code`` (style + colour residual) rendered on the ground-truth FLAME of
     ``frames`` of a synthetic subject through every rig camera but ``skip_serial`` (the video's camera), against the
     ground-truth images: how well the fitted identity generalises to views the video never showed."""
-    from models.flame import FlameModel
-    from utils.apps.track.targets import frame_flame, projected_face_mask
-    from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
-    from utils.face.masks import masked_photo
 
     root = Path(root)
     skip_serial = skip_serial or FRONTAL_SERIAL
