@@ -216,10 +216,10 @@ def test_truncation_zero_is_the_average_style(viewer, rig, fitted_code):  # noqa
 
 
 def held_burst(viewer, monkeypatch, held: str, slider: str, values: list[float]) -> int:
-    """Set control ``slider`` to values[0] and hold the worker inside ``utils.apps.viewer.<held>`` until values[1:] have
-    all been set from a thread pool (like viser's callback pool), then let it go and wait until the viewer is idle.
-    Returns the most calls of ``held`` that ran at once."""
-    import utils.apps.viewer as uv
+    """Set control ``slider`` to values[0] and hold the worker inside ``utils.apps.viewer.server.<held>`` until
+    values[1:] have all been set from a thread pool (like viser's callback pool), then let it go and wait until the
+    viewer is idle.  Returns the most calls of ``held`` that ran at once."""
+    import utils.apps.viewer.server as uv
 
     gate, entered, active, overlap = threading.Event(), threading.Event(), [0], []
     real = getattr(uv, held)
@@ -256,7 +256,7 @@ def fast_drag(viewer, slider: str, values: list[float]) -> None:
 def test_burst_of_slider_updates_coalesces(viewer, rig, monkeypatch):
     """A drag's events arrive on a thread pool while the network runs: one run at a time, stale values skipped, the
     last value served."""
-    import utils.apps.viewer as uv
+    import utils.apps.viewer.server as uv
     from models.flame import FlameParams
     from utils.identity import identity_key
 
