@@ -116,63 +116,19 @@ class DisplayFrame:
                 "opacities": c.opacities.numpy()[:, None].astype(np.float32)}
 
 
-class ViewerSession:
-    """A trained identity field served one head at a time (see the module docstring), without a page.
+class CoalescingWorker:
+    """One worker thread that serves update requests from any thread, coalesced (see the module docstring): requests
+    only bump a counter; the worker runs the queued jobs, then ONE :meth:`_update` for every request that arrived
+    meanwhile.  Subclasses define :meth:`_update` and :meth:`_failed` (an exception of a job or an update; the worker
+    keeps serving)."""
 
-    The page (server.HeadViewer) overrides the hooks: :meth:`_state` (the controls' values), :meth:`_show_splats`,
-    :meth:`_show_stats`, :meth:`_show_messages`, :meth:`_show_pose_controls`, :meth:`_refresh_sources` and
-    :meth:`_select_a`.  Headless, the head shown is the one of ``view`` (set it, then :meth:`request`).
-
-    Test hooks: :meth:`wait_idle`, ``network_runs`` (updates that ran the network), ``updates`` (heads served),
-    ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last, canonical metres),
-    ``shown`` (that head and its ViewState), ``messages`` (newest first).
-    """
-
-    def __init__(self, cfg: ViewerConfig, log: Callable[[str], None] | None = None) -> None:
-        if cfg.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
-        self.cfg = cfg
-        self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
-        self.device = resolve_device(cfg.device)
-        # files the page may name (Files folder): inside the model's folder and --code_dir only
-        self.file_roots = [Path(os.path.realpath(Path(cfg.checkpoint).parent))] + \
-            ([Path(os.path.realpath(cfg.code_dir))] if cfg.code_dir else [])
-
-        self.model: TrainedModel | None = None
-        self.frame: DisplayFrame | None = None
-        self.sources: dict[str, str] = {}  # dropdown label -> key (training identity name or code.pt path)
-        self._keys: dict[str, FittedCode] = {}  # resolved keys of the current model
-        self.animator: HeadAnimator | None = None  # the pose path of the current model (None: no FLAME files)
-        self._pose_keys: dict[str, IdentityKey] = {}  # keys resolved for the pose path (no network)
-        self.view: ViewState | None = None  # the head to show when no page supplies the controls' values (_state)
-        self.shown: tuple[GaussianCloud, ViewState] | None = None  # the head in the page and its state
-        self.messages: list[str] = []
-        self._msg_lock = threading.Lock()
-        self.network_runs = 0
-        self.updates = 0
-        # (ViewState.identity, network output: a PosableIdentity, or a GaussianCloud without the pose path), cached
-        self._identity: tuple[tuple, PosableIdentity | GaussianCloud] | None = None
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._requested = 0
         self._served = 0
         self._jobs: list[Callable[[], None]] = []
         self._closing = False
-        self._given_codes: list[str] = []
         self._worker: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Load ``cfg.checkpoint`` (and the code files offered with any model), start the worker, serve a head."""
-        self._given_codes = list(self.cfg.codes) + [str(p) for p in find_codes(self.cfg.code_dir)]
-        self._load_model(self.cfg.checkpoint)
-        self._worker = threading.Thread(target=self._serve_forever, name="viewer-worker", daemon=True)
-        self._worker.start()
-        self.request()
-
-    # ------------------------------------------------------------------------------------------ public
-    @property
-    def cloud(self) -> GaussianCloud | None:
-        """The head served last (canonical frame, metres)."""
-        return None if self.shown is None else self.shown[0]
 
     def request(self) -> None:
         """Ask the worker for an update (cheap; any thread)."""
@@ -197,13 +153,102 @@ class ViewerSession:
                 self._cond.wait(left)
         return True
 
-    def close(self) -> None:
+    def _start_worker(self) -> None:
+        """Start the worker thread and ask it for a first update."""
+        self._worker = threading.Thread(target=self._serve_forever, name="viewer-worker", daemon=True)
+        self._worker.start()
+        self.request()
+
+    def _stop_worker(self) -> None:
         """Stop the worker (after the job or update it is running)."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._worker is not None:
             self._worker.join(timeout=30)
+
+    def _serve_forever(self) -> None:
+        while True:
+            with self._cond:
+                while self._served >= self._requested and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                target, jobs, self._jobs = self._requested, self._jobs, []
+            for job in jobs:
+                try:
+                    job()
+                except Exception as exc:  # keep serving whatever a job ran into
+                    self._failed("a request", exc)
+            try:
+                self._update()
+            except Exception as exc:  # keep serving: the next change may well work
+                self._failed("update", exc)
+            with self._cond:
+                self._served = max(self._served, target)
+                self._cond.notify_all()
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        raise NotImplementedError
+
+
+class ViewerSession(CoalescingWorker):
+    """A trained identity field served one head at a time (see the module docstring), without a page.
+
+    The page (server.HeadViewer) overrides the hooks: :meth:`_state` (the controls' values), :meth:`_show_splats`,
+    :meth:`_show_stats`, :meth:`_show_messages`, :meth:`_show_pose_controls`, :meth:`_refresh_sources` and
+    :meth:`_select_a`.  Headless, the head shown is the one of ``view`` (set it, then :meth:`request`).
+
+    Test hooks: :meth:`wait_idle` (CoalescingWorker), ``network_runs`` (updates that ran the network), ``updates`` (heads served),
+    ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last, canonical metres),
+    ``shown`` (that head and its ViewState), ``messages`` (newest first).
+    """
+
+    def __init__(self, cfg: ViewerConfig, log: Callable[[str], None] | None = None) -> None:
+        if cfg.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
+        super().__init__()
+        self.cfg = cfg
+        self._log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.device = resolve_device(cfg.device)
+        # files the page may name (Files folder): inside the model's folder and --code_dir only
+        self.file_roots = [Path(os.path.realpath(Path(cfg.checkpoint).parent))] + \
+            ([Path(os.path.realpath(cfg.code_dir))] if cfg.code_dir else [])
+
+        self.model: TrainedModel | None = None
+        self.frame: DisplayFrame | None = None
+        self.sources: dict[str, str] = {}  # dropdown label -> key (training identity name or code.pt path)
+        self._keys: dict[str, FittedCode] = {}  # resolved keys of the current model
+        self.animator: HeadAnimator | None = None  # the pose path of the current model (None: no FLAME files)
+        self._pose_keys: dict[str, IdentityKey] = {}  # keys resolved for the pose path (no network)
+        self.view: ViewState | None = None  # the head to show when no page supplies the controls' values (_state)
+        self.shown: tuple[GaussianCloud, ViewState] | None = None  # the head in the page and its state
+        self.messages: list[str] = []
+        self._msg_lock = threading.Lock()
+        self.network_runs = 0
+        self.updates = 0
+        # (ViewState.identity, network output: a PosableIdentity, or a GaussianCloud without the pose path), cached
+        self._identity: tuple[tuple, PosableIdentity | GaussianCloud] | None = None
+        self._given_codes: list[str] = []
+
+    def start(self) -> None:
+        """Load ``cfg.checkpoint`` (and the code files offered with any model), start the worker, serve a head."""
+        self._given_codes = list(self.cfg.codes) + [str(p) for p in find_codes(self.cfg.code_dir)]
+        self._load_model(self.cfg.checkpoint)
+        self._start_worker()
+
+    # ------------------------------------------------------------------------------------------ public
+    @property
+    def cloud(self) -> GaussianCloud | None:
+        """The head served last (canonical frame, metres)."""
+        return None if self.shown is None else self.shown[0]
+
+    def close(self) -> None:
+        """Stop the worker (after the job or update it is running)."""
+        self._stop_worker()
 
     def save_ply(self) -> Path | None:
         """Write the head on screen (canonical frame, metres) as a 3DGS PLY into ``cfg.ply_dir``."""
@@ -339,28 +384,9 @@ class ViewerSession:
         if select:
             self._select_a(path)
 
-
     # ------------------------------------------------------------------------------------------ updates
-    def _serve_forever(self) -> None:
-        while True:
-            with self._cond:
-                while self._served >= self._requested and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                target, jobs, self._jobs = self._requested, self._jobs, []
-            for job in jobs:
-                try:
-                    job()
-                except Exception as exc:  # keep serving whatever a job ran into
-                    self._message(f"a request failed ({type(exc).__name__})", error=True, detail=str(exc))
-            try:
-                self._update()
-            except Exception as exc:  # keep serving: the next change may well work
-                self._message(f"update failed ({type(exc).__name__})", error=True, detail=str(exc))
-            with self._cond:
-                self._served = max(self._served, target)
-                self._cond.notify_all()
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._message(f"{what} failed ({type(exc).__name__})", error=True, detail=str(exc))
 
     def _key(self, key: str) -> FittedCode:
         if key not in self._keys:
