@@ -1,6 +1,6 @@
-"""The browser viewer (utils/apps/viewer.py, viewer.py, run_viewer.sh): controls -> served Gaussians from Python (identity
-controls run the network, pose sliders only the FLAME pose path), update coalescing, errors in the page, safe defaults,
-and the page itself in a real headless Chromium."""
+"""The browser viewer (utils/apps/viewer/, viewer.py, run_viewer.sh): controls -> served Gaussians from Python
+(identity controls run the network, pose sliders only the FLAME pose path), update coalescing, errors in the page, safe
+defaults, and the page itself in a real headless Chromium."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -40,8 +40,8 @@ def flat_head(model, key: str):
 
 
 def head_of(rig, key: str, params=None):
-    """With the pose path: one identity (training name or code.pt) as animate.py poses it (utils/apps/animate/pipeline.py
-    posable: the network once, then HeadAnimator.gaussians) with FLAME parameters ``params`` (default: the neutral
+    """With the pose path: one identity (training name or code.pt) as animate.py poses it (utils/identity.py posable:
+    the network once, then HeadAnimator.gaussians) with FLAME parameters ``params`` (default: the neutral
     face in FLAME's canonical frame, i.e. head rotation I, translation 0, scale 1)."""
     from models.flame import FlameParams
     from utils.identity import posable
@@ -215,13 +215,14 @@ def test_truncation_zero_is_the_average_style(viewer, rig, fitted_code):  # noqa
 
 
 def held_burst(viewer, monkeypatch, held: str, slider: str, values: list[float]) -> int:
-    """Set control ``slider`` to values[0] and hold the worker inside ``utils.apps.viewer.<held>`` until values[1:] have
-    all been set from a thread pool (like viser's callback pool), then let it go and wait until the viewer is idle.
-    Returns the most calls of ``held`` that ran at once."""
-    import utils.apps.viewer as uv
+    """Set control ``slider`` to values[0] and hold the worker inside ``utils.apps.viewer.session.<held>`` (the
+    worker's update calls it through that module) until values[1:] have all been set from a thread pool (like viser's
+    callback pool), then let it go and wait until the viewer is idle.  Returns the most calls of ``held`` that ran at
+    once."""
+    import utils.apps.viewer.session as session
 
     gate, entered, active, overlap = threading.Event(), threading.Event(), [0], []
-    real = getattr(uv, held)
+    real = getattr(session, held)
 
     def slow(*args, **kwargs):  # the first call is held until the whole burst has arrived
         active[0] += 1
@@ -233,7 +234,7 @@ def held_burst(viewer, monkeypatch, held: str, slider: str, values: list[float])
         finally:
             active[0] -= 1
 
-    monkeypatch.setattr(uv, held, slow)
+    monkeypatch.setattr(session, held, slow)
     handle = viewer.controls[slider]
     handle.value = values[0]
     assert entered.wait(30)
@@ -241,7 +242,7 @@ def held_burst(viewer, monkeypatch, held: str, slider: str, values: list[float])
         list(pool.map(lambda x: setattr(handle, "value", x), values[1:]))
     gate.set()
     assert viewer.wait_idle(60)
-    monkeypatch.setattr(uv, held, real)
+    monkeypatch.setattr(session, held, real)
     return max(overlap)
 
 
@@ -255,9 +256,8 @@ def fast_drag(viewer, slider: str, values: list[float]) -> None:
 def test_burst_of_slider_updates_coalesces(viewer, rig, monkeypatch):
     """A drag's events arrive on a thread pool while the network runs: one run at a time, stale values skipped, the
     last value served."""
-    import utils.apps.viewer as uv
     from models.flame import FlameParams
-    from utils.identity import identity_key
+    from utils.identity import identity_key, mixed_identity
 
     model, animator = rig
     settle(viewer, a=model.identities[0], b=model.identities[1], method="slerp", truncation=1.0, blend=0.0)
@@ -273,7 +273,7 @@ def test_burst_of_slider_updates_coalesces(viewer, rig, monkeypatch):
     assert viewer.shown[1].blend == values[0]
     a, b = (identity_key(animator, model, k, torch.device("cpu")) for k in model.identities[:2])
     with torch.no_grad():
-        head = uv.mixed_identity(animator, model, a, b, values[0], "slerp", 1.0)
+        head = mixed_identity(animator, model, a, b, values[0], "slerp", 1.0)
         assert_same_cloud(viewer.cloud, animator.gaussians(head, FlameParams.neutral(1))[0])
     assert viewer.network_runs - runs0 <= 10, viewer.network_runs - runs0
 
@@ -436,6 +436,29 @@ def test_without_flame_files_no_pose_sliders_and_the_page_says_why(fit_model, mo
         assert_same_cloud(v.cloud, flat_head(model, model.identities[1]))
     finally:
         v.close()
+
+
+def test_headless_session_serves_its_view_without_a_page(fit_model, rig, tmp_path):  # noqa: F811
+    """ViewerSession (the viewer without viser) serves the head of its ``view``: the page's head, saved as the page
+    saves it; importing it starts no web stack."""
+    from utils.apps.viewer import POSE_CONTROLS, ViewerConfig, ViewerSession, ViewState
+
+    model = rig[0]
+    logs: list[str] = []
+    s = ViewerSession(ViewerConfig(checkpoint=str(fit_model), code_dir="", device="cpu", ply_dir=str(tmp_path)),
+                      log=logs.append)
+    s.start()
+    try:
+        assert s.wait_idle(60) and s.shown is None and s.animator is not None  # no view yet: nothing served
+        s.view = ViewState(model.identities[1], model.identities[0], 0.0, "slerp", 1.0, (0.0,) * len(POSE_CONTROLS))
+        s.request()
+        assert s.wait_idle(60) and s.network_runs == 1 and s.updates == 1
+        assert_same_cloud(s.cloud, head_of(rig, model.identities[1]))
+        assert s.save_ply() == tmp_path / f"head_{model.identities[1]}.ply"
+    finally:
+        s.close()
+    code = "import sys, utils.apps.viewer.session; assert 'viser' not in sys.modules, 'viser imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
 # ------------------------------------------------------------------------------------------------ errors
