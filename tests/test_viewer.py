@@ -580,7 +580,7 @@ def test_check_request_token_host_and_origin():
     ws = {**H, "Upgrade": "websocket"}
     assert check_request(f"/{tok}", {**ws, "Origin": "http://127.0.0.1:8080"}, tok, "127.0.0.1")[0] is None
     assert check_request(f"/{tok}", ws, tok, "127.0.0.1")[0] is None  # no Origin: not a browser, has the token
-    for path, headers in ((f"/", H), ("/x/", H), (f"/{tok}x/", H), (f"/{tok[:-1]}/", H),
+    for path, headers in (("/", H), ("/x/", H), (f"/{tok}x/", H), (f"/{tok[:-1]}/", H),
                           (f"/{tok}/", {"Host": "evil.example:8080"}),  # DNS rebinding
                           (f"/{tok}", {**ws, "Origin": "http://evil.example"}),
                           (f"/{tok}", {**ws, "Origin": "null"}),

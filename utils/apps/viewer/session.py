@@ -202,8 +202,8 @@ class ViewerSession(CoalescingWorker):
     :meth:`_show_stats`, :meth:`_show_messages`, :meth:`_show_pose_controls`, :meth:`_refresh_sources` and
     :meth:`_select_a`.  Headless, the head shown is the one of ``view`` (set it, then :meth:`request`).
 
-    Test hooks: :meth:`wait_idle` (CoalescingWorker), ``network_runs`` (updates that ran the network), ``updates`` (heads served),
-    ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last, canonical metres),
+    Test hooks: :meth:`wait_idle` (CoalescingWorker), ``network_runs`` (updates that ran the network), ``updates``
+    (heads served), ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last, canonical metres),
     ``shown`` (that head and its ViewState), ``messages`` (newest first).
     """
 
