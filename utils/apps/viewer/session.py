@@ -203,8 +203,8 @@ class ViewerSession(CoalescingWorker):
     :meth:`_select_a`.  Headless, the head shown is the one of ``view`` (set it, then :meth:`request`).
 
     Test hooks: :meth:`wait_idle` (CoalescingWorker), ``network_runs`` (updates that ran the network), ``updates``
-    (heads served), ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last, canonical metres),
-    ``shown`` (that head and its ViewState), ``messages`` (newest first).
+    (heads served), ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last,
+    canonical metres), ``shown`` (that head and its ViewState), ``messages`` (newest first).
     """
 
     def __init__(self, cfg: ViewerConfig, log: Callable[[str], None] | None = None) -> None:
