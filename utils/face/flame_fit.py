@@ -18,7 +18,7 @@ instead of being tuned: the same settings fit synthetic landmarks with 1 px nois
 Solver: Levenberg-Marquardt with autograd Jacobians (converges in 10-20 iterations where a first-order method needed
 hundreds and stopped short of the optimum; see :func:`fit_flame_to_landmarks`).
 
-Conventions (models/flame.py, NeRSemble): FLAME runs with zero global rotation; the head pose is the similarity
+Conventions (models/flame/params.py, NeRSemble): FLAME runs with zero global rotation; the head pose is the similarity
 ``world = scale * R @ v + t`` (``FlameParams``; scale stays 1: the shape prior fixes the head's metric size).  The
 world frame is the camera frame turned to FLAME's axes: the camera sits at the origin, ``w2c = diag(1, -1, -1)``
 (OpenCV camera looking down world -z, world y up), so a head looking straight into the camera has R = identity.
