@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from utils.apps.track.video import novel_camera_psnr
-from utils.data.code_file import FittedCode, load_code
-from utils.data.model_file import load_model
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.apps.track.video import novel_camera_psnr  # noqa: E402
+from utils.data.code_file import FittedCode, load_code  # noqa: E402
+from utils.data.model_file import load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
