@@ -1,0 +1,20 @@
+"""Every benchmark script starts from any folder and documents its flags: ``python benchmarks/<name>.py --help``
+(the scripts put the repository root on sys.path themselves; a project import above that line fails here)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_benchmark_help(name, tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), "--help"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert run.returncode == 0, f"benchmarks/{name} --help failed:\n{run.stderr[-3000:]}"
+    assert "usage:" in run.stdout
