@@ -156,7 +156,8 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
         base.append(b)
     data = MultiViewDataset.from_views(cfg.data, ids, list(SERIALS), views, torch.stack(base), template, net_ids,
                                        net_faces, device, flame_params=params)
-    # the FLAME the problem was made with (its landmark embedding also gives the eye-region metrics): the photo benchmark fits it to the photo's landmarks, animation drives it
+    # the FLAME the problem was made with (its landmark embedding also gives the eye-region metrics): the photo
+    # benchmark fits it to the photo's landmarks, animation drives it
     data.flame, data.flame_dir = flame, tmp
     heldout_views, heldout_base = views_of("017")
     return data, (heldout_views, heldout_base)
@@ -344,8 +345,8 @@ REENACT_KEYS = ("neutral", "open_mouth", "head_turn_left", "smile", "head_turn_r
 def bench_reenactment(data, device: torch.device, per_transition: int = 12, size: int = 512, seed: int = 0) -> dict:
     """Video reenactment throughput: a synthetic head driven through keyframes (``REENACT_KEYS``: head turns, jaw,
     expressions; ``per_transition`` frames each) is rendered to a ``size`` x ``size`` MP4, then timed from the file to
-    the FLAME motion (utils/face/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed); also
-    the correlation of the recovered head turn and jaw opening with the truth."""
+    the FLAME motion (utils/face/reenactment.py: mediapipe landmarks per frame, FLAME fit with the shape held fixed);
+    also the correlation of the recovered head turn and jaw opening with the truth."""
 
     path, truth = driving_video(data, device, per_transition, size, fps=25, seed=seed)
     sync(device)
@@ -402,13 +403,13 @@ def motion_correlations(params, truth) -> dict:
 def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
                  per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 10,
                  shape_frames: int = 16) -> dict:
-    """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video (:func:`driving_video`,
-    ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the sustained frame rate and
-    the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as it decodes (latency
-    then includes waiting behind the bounded queues), once more paced at the video's 30 fps as a camera delivers it
-    (the first configuration), and the jaw / smile / brows / head-turn correlations with the truth next to the
-    batch path's (utils/face/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the driver's shape on
-    ``shape_frames`` frames (the batch path spread over the video, the stream on its first ones)."""
+    """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video
+    (:func:`driving_video`, ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the
+    sustained frame rate and the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as
+    it decodes (latency then includes waiting behind the bounded queues), once more paced at the video's 30 fps as a
+    camera delivers it (the first configuration), and the jaw / smile / brows / head-turn correlations with the truth
+    next to the batch path's (utils/face/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the
+    driver's shape on ``shape_frames`` frames (the batch path spread over the video, the stream on its first ones)."""
 
     path, truth = driving_video(data, device, per_transition, size)
     t = time.perf_counter()
@@ -515,9 +516,9 @@ def main() -> None:
     p.add_argument("--parts", default="train,render,fit,animate",
                    help="comma-separated figures to measure: train (throughput), render (FPS), fit, animate (FPS of a "
                         "FLAME-driven cached identity), reenact (video reenactment throughput; needs mediapipe, not in "
-                        "the default), photo (photo-only path on the astronaut; not in the default), stream (live driving: "
-                        "animate.py --stream's sustained fps and latency distribution; needs mediapipe, not in the "
-                        "default)")
+                        "the default), photo (photo-only path on the astronaut; not in the default), stream (live "
+                        "driving: animate.py --stream's sustained fps and latency distribution; needs mediapipe, not "
+                        "in the default)")
     p.add_argument("--stream_workers", default="1,2,4",
                    help="--parts stream: comma-separated landmark-thread counts to measure (each 1-32)")
     p.add_argument("--stream_fit_devices", default="cpu,auto",
@@ -565,7 +566,8 @@ def main() -> None:
                                   real_size=args.gaussians is not None)
     setup_s = time.perf_counter() - t0
     trainer = Trainer(cfg, data=data)
-    rows = {"setup_seconds": setup_s, "gaussians": trainer.field.num_gaussians, "crop": f"{data.crop_size[0]}x{data.crop_size[1]}"}
+    rows = {"setup_seconds": setup_s, "gaussians": trainer.field.num_gaussians,
+            "crop": f"{data.crop_size[0]}x{data.crop_size[1]}"}
     parts = set(args.parts.split(","))
     if "train" in parts:
         rows.update({f"train_{k}": v for k, v in bench_training(trainer, args.warmup, args.steps).items()})

@@ -4,8 +4,8 @@ Builds the synthetic problem of benchmarks/bench.py at the real size (1100 x 160
 ground-truth photos rendered on the device from the FLAME-like synthetic heads: almond lid openings, eyeballs set back
 behind overhanging lids), trains the identity field on it once per training configuration (``preset``, plus
 ``--variant``), evaluates each on the 4 held-out cameras of the training identities (PSNR / SSIM on the face mask and
-inside the eye regions of utils/face/regions.py), then fits the held-out identity 017 from its frontal view with each fit
-configuration (``today``: fit.eye_weight and fit.colour_eye_weight 0, the fit before issue 17; ``fixed``: the
+inside the eye regions of utils/face/regions.py), then fits the held-out identity 017 from its frontal view with each
+fit configuration (``today``: fit.eye_weight and fit.colour_eye_weight 0, the fit before issue 17; ``fixed``: the
 fit.yaml defaults; plus ``--fit_variant``) and evaluates the fits on the 15 unseen views.  Writes
 
     <out>.md       one table: whole-face and eye-region PSNR / SSIM, their gap, training and fit seconds

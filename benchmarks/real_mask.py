@@ -165,7 +165,7 @@ def embed_real_size_mask(template: np.ndarray, faces: np.ndarray, eye_radius_fra
     half = len(sphere) // 2
     tri_ids, bary, offset = [sheet_tri], [sheet_bary], [np.zeros((len(uv), 3))]
     for e in range(2):
-        surface = (eye_bary[e][:, None] * tri[eye_tri[e]]).sum(0)
+        # each eyeball vertex sits on the eye's surface point (its triangle and barycentrics) plus a constant offset
         tri_ids.append(np.full(half, eye_tri[e]))
         bary.append(np.repeat(eye_bary[e][None], half, 0))
         offset.append(np.array([0.0, 0.0, -1.2 * r]) + r * sphere[e * half:(e + 1) * half])

@@ -137,7 +137,13 @@ class GaussianCloud:
         if len(degrees) != 1:
             raise ValueError(f"cannot concatenate clouds of different SH degrees {sorted(degrees)}")
         return GaussianCloud(
-            **{f.name: torch.cat([getattr(c, f.name) for c in clouds], dim=-3 if f.name == "sh" else (-1 if f.name == "opacities" else -2)) for f in fields(GaussianCloud)}
+            **{
+                f.name: torch.cat(
+                    [getattr(c, f.name) for c in clouds],
+                    dim=-3 if f.name == "sh" else (-1 if f.name == "opacities" else -2),
+                )
+                for f in fields(GaussianCloud)
+            }
         )
 
     @staticmethod
@@ -253,9 +259,12 @@ def rotmat_to_quat(R: Tensor) -> Tensor:
     cands = torch.stack(
         [
             torch.stack([1 + tr, m[:, 2, 1] - m[:, 1, 2], m[:, 0, 2] - m[:, 2, 0], m[:, 1, 0] - m[:, 0, 1]], -1),
-            torch.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2], m[:, 0, 1] + m[:, 1, 0], m[:, 0, 2] + m[:, 2, 0]], -1),
-            torch.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0], 1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], m[:, 1, 2] + m[:, 2, 1]], -1),
-            torch.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1], 1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1),
+            torch.stack([m[:, 2, 1] - m[:, 1, 2], 1 + m[:, 0, 0] - m[:, 1, 1] - m[:, 2, 2],
+                         m[:, 0, 1] + m[:, 1, 0], m[:, 0, 2] + m[:, 2, 0]], -1),
+            torch.stack([m[:, 0, 2] - m[:, 2, 0], m[:, 0, 1] + m[:, 1, 0],
+                         1 - m[:, 0, 0] + m[:, 1, 1] - m[:, 2, 2], m[:, 1, 2] + m[:, 2, 1]], -1),
+            torch.stack([m[:, 1, 0] - m[:, 0, 1], m[:, 0, 2] + m[:, 2, 0], m[:, 1, 2] + m[:, 2, 1],
+                         1 - m[:, 0, 0] - m[:, 1, 1] + m[:, 2, 2]], -1),
         ],
         dim=1,
     )  # (M, 4 candidates, 4); the candidate with the largest diagonal term is numerically stable

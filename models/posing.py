@@ -168,8 +168,8 @@ class HeadAnimator(nn.Module):
             raise ValueError("HeadAnimator.identity: bake VHAP's root pivot first (FlameModel.bake_root_pivot)")
         raw = self.field.synthesize_raw(w.to(dev).reshape(1, -1)).float()  # (1, V, K, C)
         if colour is not None:
-            # with_colour (utils/data/code_file.py) adds offsets / SH_C0 to the DC term after the network; the DC term is the
-            # raw channel itself, so adding it here gives the same numbers and costs nothing per frame
+            # with_colour (utils/data/code_file.py) adds offsets / SH_C0 to the DC term after the network; the DC term
+            # is the raw channel itself, so adding it here gives the same numbers and costs nothing per frame
             per_vertex = subdivide_vertices(colour.to(dev).float(), self.plan)  # (V, 3)
             raw = raw.clone()
             raw[..., self._dc] += (per_vertex / SH_C0)[None, :, None, :]

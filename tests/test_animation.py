@@ -1,5 +1,5 @@
-"""Animation (models/posing.py pose path, utils/apps/animate/pipeline.py pipeline, animate.py, run_animation.sh) on the tiny
-synthetic data: attachment and rigidity of the driven Gaussians, the network running once per identity, the FLAME
+"""Animation (models/posing.py pose path, utils/apps/animate/pipeline.py pipeline, animate.py, run_animation.sh) on the
+tiny synthetic data: attachment and rigidity of the driven Gaussians, the network running once per identity, the FLAME
 parameters that model.pt / code.pt store (and the fallback for older files), quality on unseen non-neutral frames of
 the synthetic sequences, and the command line end to end."""
 from __future__ import annotations
@@ -334,7 +334,8 @@ def test_cli_sequence_interpolation_side_by_side_and_evaluate(fit_model, sequenc
 
 
 def test_cli_errors_and_help(fit_model, tmp_path, capsys):  # noqa: F811
-    """Bad input ends in one line naming what is wrong and exit status 2 (utils/core/errors.py); every flag in --help."""
+    """Bad input ends in one line naming what is wrong and exit status 2 (utils/core/errors.py); every flag in
+    --help."""
     import animate
     from utils.apps.animate.pipeline import AnimationConfig
 
@@ -424,8 +425,8 @@ def test_frames_stream_to_the_video_writer(fit_model, tmp_path, monkeypatch):  #
     monkeypatch.setattr(ua.VideoStream, "write", write)
     fail_at = [0]
     out = tmp_path / "long"
-    args = ["--checkpoint", str(fit_model), "--keyframes", "neutral", "smile", "--keyframe_frames", "12", "--batch", "4",
-            *SMALL]
+    args = ["--checkpoint", str(fit_model), "--keyframes", "neutral", "smile", "--keyframe_frames", "12",
+            "--batch", "4", *SMALL]
     with single_thread():
         s = animate.main([*args, "--out", str(out)])
     T = 13

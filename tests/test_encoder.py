@@ -1,6 +1,6 @@
 """The feed-forward encoder (models/encoder.py), its training (utils/apps/train/encoder.py), its place in model.pt
-(utils/data/model_file.py) and the fit's start from it (utils/apps/track/fit.py fit.init), on the tiny synthetic dataset with the
-small fit model of tests/training_fixtures.py."""
+(utils/data/model_file.py) and the fit's start from it (utils/apps/track/fit.py fit.init), on the tiny synthetic dataset
+with the small fit model of tests/training_fixtures.py."""
 from __future__ import annotations
 
 import shutil

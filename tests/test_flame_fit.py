@@ -1,5 +1,5 @@
-"""FLAME + camera from 2D landmarks (utils/face/flame_fit.py) against known truth: the held-out synthetic identity of the
-test dataset seen by cameras the fitter is not told about."""
+"""FLAME + camera from 2D landmarks (utils/face/flame_fit.py) against known truth: the held-out synthetic identity of
+the test dataset seen by cameras the fitter is not told about."""
 from __future__ import annotations
 
 import numpy as np
@@ -215,8 +215,8 @@ def _correlations(params, truths) -> dict[str, float]:
 def test_frame_tracker_matches_the_batch_fit_and_only_looks_back(flame_and_truth):
     """FrameTracker (streaming): calibrated on the first 6 frames, then one frame at a time, warm-started from the
     previous frame with a backward-only temporal prior.  Its jaw / smile / brows / head-turn correlations with the
-    truth are within 0.02 of the batch fit's (utils/face/reenactment.py fit_video_motion, which smooths both ways), and a
-    frame's result does not depend on later frames (changing frames 10.. leaves frames 0..9 bit-identical)."""
+    truth are within 0.02 of the batch fit's (utils/face/reenactment.py fit_video_motion, which smooths both ways), and
+    a frame's result does not depend on later frames (changing frames 10.. leaves frames 0..9 bit-identical)."""
     from models.flame import FlameParams
     from utils.face.flame_fit import FlameFitConfig
     from utils.face.frame_tracker import FrameTracker

@@ -183,7 +183,7 @@ def test_equalized_lr_scaling():
     assert layer.bias.grad is not None
     # Mapping layers of the field use the configured multiplier.
     net, _, _ = _field(mapping_lr_mult=0.01)
-    assert all(l.lr_mult == 0.01 for l in net.mapping.layers)
+    assert all(mapping_layer.lr_mult == 0.01 for mapping_layer in net.mapping.layers)
 
 
 def test_modulated_linear_matches_textbook_form():

@@ -1,6 +1,6 @@
-"""utils/core/io.py images and videos with file names that are not UTF-8: OpenCV crashed (segfault, exit 139, no message)
-on such paths; images now go through bytes (imdecode / imencode), video paths and command-line paths are refused
-with one line naming them."""
+"""utils/core/io.py images and videos with file names that are not UTF-8: OpenCV crashed (segfault, exit 139, no
+message) on such paths; images now go through bytes (imdecode / imencode), video paths and command-line paths are
+refused with one line naming them."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     # in a child process: a regression is a segfault, which must fail this test, not kill pytest
     return subprocess.run([sys.executable, "-c", code, os.fsencode(tmp_path).decode("utf-8", "surrogateescape")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_images_with_non_utf8_names_round_trip(tmp_path):

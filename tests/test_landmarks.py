@@ -1,5 +1,5 @@
-"""Face landmarks (utils/face/landmarks.py): mediapipe face mesh -> iBUG-68 on the two public-domain portraits that ship in
-packages (scikit-image's astronaut, matplotlib's grace_hopper), the semantics of the derived mapping table, and the
+"""Face landmarks (utils/face/landmarks.py): mediapipe face mesh -> iBUG-68 on the two public-domain portraits that ship
+in packages (scikit-image's astronaut, matplotlib's grace_hopper), the semantics of the derived mapping table, and the
 errors for photos that cannot be fitted."""
 from __future__ import annotations
 

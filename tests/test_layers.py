@@ -157,7 +157,8 @@ def test_no_sys_path_edits_in_library_modules():
     for pkg in ("models", "utils"):
         for f in (REPO / pkg).rglob("*.py"):
             rel = f.relative_to(REPO).as_posix()
-            if rel in entry or rel.startswith("utils/preprocess/") and f.name != "common.py" and f.name != "__init__.py":
+            if rel in entry or (rel.startswith("utils/preprocess/")
+                                and f.name != "common.py" and f.name != "__init__.py"):
                 continue  # the preprocessing CLIs are entry scripts run by path
             if "sys.path.insert" in f.read_text(encoding="utf-8") or "sys.path.append" in f.read_text(encoding="utf-8"):
                 bad.append(rel)

@@ -1,4 +1,5 @@
-"""NeRSemble subject reader (utils/data/nersemble.py) on the synthetic dataset and on hand-made preprocessing outputs."""
+"""NeRSemble subject reader (utils/data/nersemble.py) on the synthetic dataset and on hand-made preprocessing
+outputs."""
 from __future__ import annotations
 
 import shutil

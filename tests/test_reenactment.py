@@ -1,6 +1,7 @@
-"""Video reenactment (utils/face/reenactment.py, animate.py --motion video.mp4) on a rendered synthetic video: a synthetic
-head driven by a known smooth FLAME motion (jaw opening, smile, brows raise, head turn), rendered to an MP4, and the
-motion recovered from it (landmarks -> FLAME with the shape held fixed) compared with the truth over the frames."""
+"""Video reenactment (utils/face/reenactment.py, animate.py --motion video.mp4) on a rendered synthetic video: a
+synthetic head driven by a known smooth FLAME motion (jaw opening, smile, brows raise, head turn), rendered to an MP4,
+and the motion recovered from it (landmarks -> FLAME with the shape held fixed) compared with the truth over the
+frames."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
-"""Live driving (utils/apps/animate/stream.py, animate.py --motion video.mp4 --stream): the landmark stage's threads keep frames
-in order behind bounded queues, and the streamed reenactment of tests/test_reenactment.py's synthetic driving video
-(a synthetic head driven by a known smooth motion, rendered to an MP4) recovers the motion within 0.02 of the batch
-path's correlations, writing every frame in order."""
+"""Live driving (utils/apps/animate/stream.py, animate.py --motion video.mp4 --stream): the landmark stage's threads
+keep frames in order behind bounded queues, and the streamed reenactment of tests/test_reenactment.py's synthetic
+driving video (a synthetic head driven by a known smooth motion, rendered to an MP4) recovers the motion within 0.02 of
+the batch path's correlations, writing every frame in order."""
 from __future__ import annotations
 
 import threading

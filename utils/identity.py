@@ -137,8 +137,8 @@ def code_space(keys: Sequence[FittedCode]) -> str:
 
 def base_camera(cfg: Any, template: Tensor, base: Tensor, device: torch.device) -> Camera:
     """The still camera of ``cfg`` (any config with camera_json, camera, width, height and fill: interpolate.py's,
-    animate.py's, the viewer's): a calibrated one from ``cfg.camera_json`` scaled to ``cfg.width``, else a frontal look_at
-    camera 1 m in front of the face (FLAME's +z axis) framing the head."""
+    animate.py's, the viewer's): a calibrated one from ``cfg.camera_json`` scaled to ``cfg.width``, else a frontal
+    look_at camera 1 m in front of the face (FLAME's +z axis) framing the head."""
     if cfg.camera_json:
         path = Path(cfg.camera_json)
         try:

@@ -65,7 +65,8 @@ _WIN_CACHE: dict[tuple, Tensor] = {}
 
 
 def _gauss_window(window: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The (C, 1, 1, window) separable Gaussian that pytorch_msssim expects, cached per device (no per-step H2D copy)."""
+    """The (C, 1, 1, window) separable Gaussian that pytorch_msssim expects, cached per device (no per-step H2D
+    copy)."""
     key = (window, float(sigma), channels, str(device), dtype)
     win = _WIN_CACHE.get(key)
     if win is None:

@@ -224,7 +224,8 @@ def load_motion(source: str, flame: Any, keyframes: Sequence[str] = (), frames_p
             keyframes file (.yaml/.yml/.json), a tracking .npz (NeRSemble or VHAP), a NeRSemble subject folder (the
             tracking of ``sequence``), or a video file.
         flame: the FlameModel (bakes VHAP's root pivot).
-        reenact: for a video, a callable ``(video path) -> Motion`` (utils/face/reenactment.py); None: videos are refused.
+        reenact: for a video, a callable ``(video path) -> Motion`` (utils/face/reenactment.py); None: videos are
+            refused.
     """
     path = Path(source)
     if source == "keyframes":

@@ -77,9 +77,9 @@ def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: T
     dev = cloud.device
     has_aa = "antialiasing" in GaussianRasterizationSettings._fields
     if filter_2d is not None and not has_aa:
-        raise RuntimeError("the installed diff_gaussian_rasterization has no 'antialiasing' setting, so it cannot apply "
-                           "the model's 2D mip filter: install graphdeco-inria/diff-gaussian-rasterization from 2024 "
-                           "or later, or render with backend='gsplat' or 'torch'")
+        raise RuntimeError("the installed diff_gaussian_rasterization has no 'antialiasing' setting, so it cannot "
+                           "apply the model's 2D mip filter: install graphdeco-inria/diff-gaussian-rasterization from "
+                           "2024 or later, or render with backend='gsplat' or 'torch'")
     if filter_2d is not None and abs(filter_2d - 0.3) > 1e-9:
         _warn_once(f"inria backend: its antialiasing kernel dilates by a fixed 0.3 px^2, not the model's "
                    f"{filter_2d} px^2 (use gsplat or torch for the exact filter)")

@@ -146,7 +146,8 @@ class _TilePlan:
             self.row_seg = torch.repeat_interleave(torch.arange(len(seg_len), device=dev), seg_len)
             tid = torch.arange(self.n_tiles, device=dev) % per_cam
             half = 0.5 * (tile - 1)
-            self.tile_origin = torch.stack([tid % self.tiles_x, tid // self.tiles_x], -1).to(m.dtype) * tile + 0.5 + half
+            tile_xy = torch.stack([tid % self.tiles_x, tid // self.tiles_x], -1).to(m.dtype)
+            self.tile_origin = tile_xy * tile + 0.5 + half
             # Chunks of whole tiles with at most `budget` pixel-Gaussian candidates each (a bigger tile goes alone).
             cum = torch.cumsum(seg_len * (tile * tile), 0).tolist()
             starts_l, self.chunks = self.seg_start.tolist(), []

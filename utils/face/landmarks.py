@@ -318,9 +318,9 @@ class LandmarkDetector:
         return [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, max(b[2] - b[0], b[3] - b[1])) for b in kept]
 
     def small_faces(self, rgb: np.ndarray) -> list[np.ndarray]:
-        """Faces the face mesh's own detector misses when they are small (its short-range model looks for faces that fill a good
-        part of the image: in a group photo of 1800x1200 pixels, faces 85 pixels high were not found).  mediapipe's
-        full-range face detector finds the faces' boxes; each box, grown to twice its size and scaled to
+        """Faces the face mesh's own detector misses when they are small (its short-range model looks for faces that
+        fill a good part of the image: in a group photo of 1800x1200 pixels, faces 85 pixels high were not found).
+        mediapipe's full-range face detector finds the faces' boxes; each box, grown to twice its size and scaled to
         CROP_PX pixels, goes through a one-face mesh, and the mesh is mapped back to the photo's pixels.
 
         rgb: (H, W, 3) uint8.  Returns the meshes as :meth:`detect_all` (pixels of the photo)."""

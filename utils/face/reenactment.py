@@ -2,15 +2,15 @@
 video.mp4``, one person's head driven by another person's video).
 
     frames      the video's frames (``start`` / ``stride`` / ``max_frames`` of them), RGB
-    landmarks   mediapipe face mesh in video mode (utils/face/landmarks.py): iBUG-68 points and the iris centres per frame;
-                a frame without a usable face gets zero weight (its points, copied from the nearest frame with a face,
-                only seed the fit) and is filled by the temporal smoothness
-    shape       utils/face/flame_fit.py on ``shape_frames`` frames spread over the video: the person's FLAME shape (one for
-                all frames), the focal length, and the detector's systematic per-landmark offset on this face (the
+    landmarks   mediapipe face mesh in video mode (utils/face/landmarks.py): iBUG-68 points and the iris centres per
+                frame; a frame without a usable face gets zero weight (its points, copied from the nearest frame with a
+                face, only seed the fit) and is filled by the temporal smoothness
+    shape       utils/face/flame_fit.py on ``shape_frames`` frames spread over the video: the person's FLAME shape (one
+                for all frames), the focal length, and the detector's systematic per-landmark offset on this face (the
                 mean residual of the static landmarks), which is subtracted from every frame: what varies over the
                 frames is then what FLAME explains by expression, jaw, eyes and pose
-    motion      utils/face/flame_fit.py on all frames, in chunks of ``chunk`` frames, with that shape and focal length held
-                fixed: expression, jaw and eye rotations and head pose per frame, with temporal smoothness
+    motion      utils/face/flame_fit.py on all frames, in chunks of ``chunk`` frames, with that shape and focal length
+                held fixed: expression, jaw and eye rotations and head pose per frame, with temporal smoothness
 
 The result is a utils/motion.py Motion (kind "video") in the fitted camera's world (NeRSemble head-pose convention):
 ``models.posing.retarget`` puts it on any identity, relative to the video's first frame by default.

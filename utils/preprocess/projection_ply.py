@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bg_color", type=parse_bg_color, default="black",
                    help="background of the masked images: black, white, gray, 'R,G,B' in 0-255, or '0.5,0.5,0.5'")
     p.add_argument("--serials", nargs="+", default=None, help="cameras to process (default: every image present)")
-    p.add_argument("--device", default=None, help="torch device for rasterization (when not given: cuda if available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device for rasterization (when not given: cuda if available, else cpu)")
     add_overwrite_arg(p)
     add_quiet_arg(p)
     return p
@@ -131,7 +132,8 @@ def _write_png(path: Path, img: np.ndarray) -> None:
     imwrite_file(path, arr)
 
 
-def load_meshes(subject: NersembleSubject, mask_type: str, level: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+def load_meshes(subject: NersembleSubject, mask_type: str,
+                level: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Mesh to rasterize: verts (V, 3), faces (F, 3), paint (F,) bool or None (= every face paints)."""
     head_v, head_f = subject.flame_mesh()
     if mask_type == "head":

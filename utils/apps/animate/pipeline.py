@@ -105,8 +105,9 @@ class AnimationConfig:
     progress: bool = True  # tqdm progress bars
     overwrite: bool = False  # replace the outputs of an earlier run in --out (only files it recorded are deleted)
     reenact: ReenactConfig = field(default_factory=ReenactConfig)  # a video as --motion (utils/face/reenactment.py)
-    stream: bool = False  # live driving (utils/apps/animate/stream.py): the --motion video, or a camera device index (e.g. 0),
-    #                       tracked and rendered frame by frame, written as it goes; prints the latency distribution
+    stream: bool = False  # live driving: the --motion video, or a camera device index (e.g. 0), tracked and rendered
+    #                       frame by frame, written as it goes; prints the latency distribution
+    #                       (utils/apps/animate/stream.py)
     stream_workers: int = 1  # --stream: landmark detector threads (1-32), overlapped with the FLAME fit and render;
     #                          more than 1 only when detection is the bottleneck: each thread's mediapipe (video mode)
     #                          then tracks from every W-th frame, which detects differently (README)

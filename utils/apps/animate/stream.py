@@ -9,9 +9,10 @@
                 and its points differ from one detector's (measured on tests/test_streaming.py's video: 1.05 px mean,
                 10 px max, smile r 0.708 instead of 0.799): W = 1 (the default) unless detection is the bottleneck
     fit         the calling thread: the first ``reenact.shape_frames`` frames with a face calibrate the person (FLAME
-                shape, focal length, the detector's per-landmark offset: utils/face/frame_tracker.py FrameTracker.calibrate),
-                then every frame is fitted on its own, warm-started from the previous frame with a temporal prior
-                that looks only backwards (FrameTracker.step); a frame without a face holds the previous frame
+                shape, focal length, the detector's per-landmark offset: utils/face/frame_tracker.py
+                FrameTracker.calibrate), then every frame is fitted on its own, warm-started from the previous frame
+                with a temporal prior that looks only backwards (FrameTracker.step); a frame without a face holds the
+                previous frame
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
@@ -288,10 +289,10 @@ class VideoStreamWriter:
 
 
 def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Callable] | None = None) -> dict:
-    """animate.py --stream: drive one identity (utils/apps/animate/pipeline.py AnimationConfig) by a video file or camera frame
-    by frame (see the module docstring); writes animation.mp4, motion.npz and animation.json into ``cfg.out`` and
-    returns the summary (with ``stream``: latency distribution, sustained fps, stage times).  ``make_detector``
-    replaces mediapipe (tests)."""
+    """animate.py --stream: drive one identity (utils/apps/animate/pipeline.py AnimationConfig) by a video file or
+    camera frame by frame (see the module docstring); writes animation.mp4, motion.npz and animation.json into
+    ``cfg.out`` and returns the summary (with ``stream``: latency distribution, sustained fps, stage times).
+    ``make_detector`` replaces mediapipe (tests)."""
 
     if cfg.side_by_side not in ("none", "video"):
         raise ValueError(f"--stream supports --side_by_side none or video, got {cfg.side_by_side!r}")

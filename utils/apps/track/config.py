@@ -123,7 +123,7 @@ class TrackConfig:
     landmarks: str = ""  # iBUG-68 pixels instead of the detector: photo (68, 2) .npy/text; video (T, 68, 2) .npy
     min_face_px: float = 64.0  # photo-only and video modes: smallest face (landmark box height, pixels) that is fitted
     max_face_px: float = 0.0  # photo-only mode: after detection, scale the photo down to a face this high (px; 0: keep)
-    video: str = ""  # a video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/apps/track/video.py)
+    video: str = ""  # video of one person (mp4, avi, ...): an avatar fitted on many frames (utils/apps/track/video.py)
     frames: str = ""  # instead of --video: a folder of frames (images sorted by name)
     stride: int = 1  # video mode: use every stride-th frame
     max_frames: int = 0  # video mode: at most this many frames (0: all)

@@ -3,13 +3,13 @@ pipeline behind track.py (config, load, fit, evaluate, export, all held-out iden
 
 Pipeline (``track``)::
 
-    load     model.pt (frozen IdentityField) + the photo, its camera and FLAME tracking (utils/apps/track/targets.py: a NeRSemble
-             subject folder, or one's own image + camera_params.json + tracking npz); face-masked, cropped
+    load     model.pt (frozen IdentityField) + the photo, its camera and FLAME tracking (utils/apps/track/targets.py: a
+             NeRSemble subject folder, or one's own image + camera_params.json + tracking npz); face-masked, cropped
     fit      the style (or code), then the colour residual (utils/apps/track/fit.py)
     evaluate PSNR / SSIM (/ LPIPS) on every calibrated view with a photo, over all views and over the unseen ones
              (utils/evaluation.py), for the fitted identity, for the code alone and for the mean code ("before")
-    export   code.pt (utils/data/code_file.py), head.ply (3DGS layout), views/cam_<serial>.png (render | photo), grid.png,
-             turntable.mp4 (utils/apps/track/export.py), metrics.json
+    export   code.pt (utils/data/code_file.py), head.ply (3DGS layout), views/cam_<serial>.png (render | photo),
+             grid.png, turntable.mp4 (utils/apps/track/export.py), metrics.json
 """
 from __future__ import annotations
 

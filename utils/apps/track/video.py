@@ -185,8 +185,8 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
 
 def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: FitConfig, batch: int = 4,
                      backend: str = "auto", progress: bool = True) -> tuple[Tensor, list[float]]:
-    """The colour stage of utils/apps/track/fit.py on many frames: a per-vertex RGB residual (M, 3) of the level-0 vertices
-    for the fixed style w, ``batch`` training frames per Adam step, photometric loss plus the same Laplacian
+    """The colour stage of utils/apps/track/fit.py on many frames: a per-vertex RGB residual (M, 3) of the level-0
+    vertices for the fixed style w, ``batch`` training frames per Adam step, photometric loss plus the same Laplacian
     smoothness and L2 pull towards zero (the prior).  The Gaussians of every frame are synthesised once."""
     with torch.no_grad():
         raw = model.field.synthesize_raw(w[None])

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0  # seed of the network initialisation and of the batch sampler
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto (gsplat on CUDA, else torch), torch, gsplat, inria
-    precision: str = "tf32"  # CUDA matmuls of the network: fp32, tf32 (TensorFloat-32) or bf16 (autocast); no effect on CPU
+    precision: str = "tf32"  # network matmuls on CUDA: fp32, tf32 (TensorFloat-32) or bf16 (autocast); no effect on CPU
     compile: bool = False  # torch.compile the network's forward (CUDA; the first steps compile for a minute)
     progress: bool = True  # show tqdm progress bars
 

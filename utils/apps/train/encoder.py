@@ -68,18 +68,18 @@ def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generato
     styles (N, S), codes (N, D)), N = samples * views_per_sample; each face-masked with its view's mask."""
     dev = data.images.device
     codes = field_.codes.weight.detach()
-    I = codes.shape[0]
-    spread = codes.std(0) if I > 1 else torch.ones_like(codes[0])
+    n_identities = codes.shape[0]
+    spread = codes.std(0) if n_identities > 1 else torch.ones_like(codes[0])
     train_ids = torch.as_tensor(data.serial_index(data.train_serials))
     imgs, masks, styles, zs = [], [], [], []
     for _ in tqdm(range(cfg.samples), desc="encoder: rendering", disable=not progress, leave=False):
-        k = min(cfg.mix, I)
-        pick = torch.randperm(I, generator=gen)[:k]
+        k = min(cfg.mix, n_identities)
+        pick = torch.randperm(n_identities, generator=gen)[:k]
         a = torch.distributions.Dirichlet(torch.ones(k)).sample()  # seeded through torch.manual_seed below
         z = (a.to(dev)[:, None] * codes[pick.to(dev)]).sum(0)
         z = z + cfg.noise * spread * torch.randn(z.shape, generator=gen).to(dev)
         w = field_.style(z[None], update_w_avg=False)
-        i = int(torch.randint(I, (1,), generator=gen))
+        i = int(torch.randint(n_identities, (1,), generator=gen))
         v = train_ids[torch.randperm(len(train_ids), generator=gen)[:cfg.views_per_sample]]
         verts = subdivide_vertices(data.base_vertices[i][None], plan)
         cloud = field_.synthesize(w, verts)[0]
@@ -130,12 +130,12 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
         w_ids = f.style(f.codes.weight, update_w_avg=False)  # (I, S)
     # training photos: every (identity, training camera)
     train_ids = torch.as_tensor(data.serial_index(data.train_serials), device=dev)
-    I = len(data.identities)
+    n_identities = len(data.identities)
     p_img = data.images[:, train_ids].flatten(0, 1)
     p_msk = data.masks[:, train_ids].flatten(0, 1)
     # regression targets: the styles w, or (arch.space z) the codes z
     t_ids = w_ids if cfg.arch.space == "w" else f.codes.weight.detach()
-    p_w = t_ids[:, None].expand(I, len(train_ids), -1).flatten(0, 1)
+    p_w = t_ids[:, None].expand(n_identities, len(train_ids), -1).flatten(0, 1)
     if cfg.samples > 0:
         r_img, r_msk, r_w, r_z = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
         r_w = r_w if cfg.arch.space == "w" else r_z

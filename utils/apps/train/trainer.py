@@ -259,10 +259,10 @@ class Trainer:
     def sample_batch(self) -> tuple[Tensor, Tensor]:
         """Global batch: identity ids (B,) and training-camera ids (B, C), same on every rank."""
         B, C = self.cfg.batch_identities, self.cfg.batch_views
-        I = len(self.data)
-        ids = torch.randperm(I, generator=self.sampler)[: min(B, I)]
-        if B > I:
-            ids = torch.cat([ids, torch.randint(I, (B - I,), generator=self.sampler)])
+        n_identities = len(self.data)
+        ids = torch.randperm(n_identities, generator=self.sampler)[: min(B, n_identities)]
+        if B > n_identities:
+            ids = torch.cat([ids, torch.randint(n_identities, (B - n_identities,), generator=self.sampler)])
         views = torch.stack([torch.randperm(len(self.train_ids), generator=self.sampler)[:C] for _ in range(B)])
         return ids, self.train_ids[views]
 
