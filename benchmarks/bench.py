@@ -557,6 +557,12 @@ def main() -> None:
     for kv in args.set:
         k, v = kv.split("=", 1)
         overrides[k] = _auto(v)
+    parts = set(args.parts.split(","))
+    if args.gaussians is not None and "photo" in parts:
+        # the photo path fits FLAME to landmarks and projects FLAME's own face mask; the real-size stand-in mesh is
+        # not FLAME's (its model.pt refuses the FLAME files), so this pair measured nothing before failing at the end
+        p.error("--parts photo needs the FLAME-topology mask; leave --gaussians out for it (the real-size stand-in "
+                "is not FLAME's mesh)")
     cfg = build_config(TrainConfig, args.config, overrides=overrides)
     if args.quick:
         cfg.batch_identities, cfg.batch_views = 2, 2
@@ -568,7 +574,6 @@ def main() -> None:
     trainer = Trainer(cfg, data=data)
     rows = {"setup_seconds": setup_s, "gaussians": trainer.field.num_gaussians,
             "crop": f"{data.crop_size[0]}x{data.crop_size[1]}"}
-    parts = set(args.parts.split(","))
     if "train" in parts:
         rows.update({f"train_{k}": v for k, v in bench_training(trainer, args.warmup, args.steps).items()})
     for _ in range(args.train_steps_for_fit):

@@ -19,3 +19,12 @@ def test_benchmark_help(name, tmp_path):
                          cwd=tmp_path, timeout=120)
     assert run.returncode == 0, f"benchmarks/{name} --help failed:\n{run.stderr[-3000:]}"
     assert "usage:" in run.stdout
+
+
+def test_bench_refuses_photo_with_the_real_size_stand_in(tmp_path):
+    """--parts photo projects FLAME's own face mask, which the --gaussians stand-in mesh is not: refused up front
+    (it used to train and fit first, then fail in the photo part)."""
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gaussians", "46987", "--parts",
+                          "fit,photo"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2
+    assert "--parts photo needs the FLAME-topology mask" in run.stderr
