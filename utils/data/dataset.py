@@ -120,7 +120,8 @@ class MultiViewDataset:
             if cfg.exclude_heldout_identities:
                 identities = [s for s in identities if s not in set(cfg.heldout_identities)]
         if not identities:
-            raise ValueError(f"no training identities in {root} (after excluding held-out ids {cfg.heldout_identities})")
+            raise ValueError(f"no training identities in {root} "
+                             f"(after excluding held-out ids {cfg.heldout_identities})")
         self.identities = list(identities)
         self.flame = FlameModel.from_data_dir(flame_dir)
         self.mask_ids, self.base_faces = face_mask_topology(self.flame, flame_dir, cfg.close_mouth)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.encoder import encoder_from_state, encoder_state
 from models.flame import (
     FlameParams,
     SubdivisionPlan,
@@ -33,8 +34,6 @@ from models.flame import (
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import set_render_filter
 from utils.core.io import atomic_torch_save, load_tagged
-from models.encoder import encoder_state
-from models.encoder import encoder_from_state
 
 FORMAT_VERSION = 4  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity);
 #                    4: adds "sampling_rate" (per-vertex maximal sampling rate of the training cameras, Mip-Splatting)

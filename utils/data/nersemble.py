@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from models.camera import Camera
+from models.flame import load_tracking
 from utils.core.io import image_size, read_image, safe_name
 from utils.data.camera_params import load_camera_params
-from models.flame import load_tracking
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
 SERIALS: tuple[str, ...] = (

@@ -44,8 +44,19 @@ import torch
 from torch import Tensor
 
 from models.camera import Camera
+from models.flame import (
+    FlameModel,
+    FlameParams,
+    make_subdivision_plan,
+    mouth_closing_faces,
+    save_nersemble_tracking,
+    subdivide_vertices,
+    subdivision_matrix,
+    vertex_normals,
+)
 from models.gaussians import GaussianCloud, rotmat_to_quat
-from utils.core.io import atomic_write_json, imwrite_file, safe_child
+from models.renderer import render_batch
+from utils.core.io import atomic_write_json, imwrite_file, safe_child, safe_name
 from utils.data.camera_params import load_camera_params, write_camera_params
 from utils.data.nersemble import (
     CALIBRATION_RELPATH,
@@ -57,18 +68,14 @@ from utils.data.nersemble import (
     TRACKING_RELPATH,
     timestep_name,
 )
-from models.flame import FlameParams
-from utils.data.synthetic_flame import sample_identity_params
-from utils.data.synthetic_flame import face_regions, semantic_regions
-from models.flame import FlameModel, make_subdivision_plan, mouth_closing_faces, subdivision_matrix
-from utils.data.synthetic_flame import face_regions, painting_masks, semantic_regions
-from models.flame import subdivide_vertices
-from models.flame import vertex_normals
-from models.renderer import render_batch
-from utils.core.io import safe_name
-from models.flame import save_nersemble_tracking
-from utils.data.synthetic_flame import make_flame_model, write_flame_files
-from utils.data.synthetic_flame import make_flame_model
+from utils.data.synthetic_flame import (
+    face_regions,
+    make_flame_model,
+    painting_masks,
+    sample_identity_params,
+    semantic_regions,
+    write_flame_files,
+)
 
 GENERATOR_VERSION = 2  # 2: FLAME-like eyes (almond lid openings, eyeballs set back) and mouth (lips that part)
 INFO_NAME = "synthetic_info.json"  # written last: its presence means the dataset is complete

@@ -1,11 +1,12 @@
 """A synthetic FLAME-format head model (no real FLAME is needed for tests or the embedded dataset).
 
-``make_flame_model(seed)`` returns a dict with the keys and shape semantics of FLAME 2023 (300 shape and
-100 expression components, 5 joints, the face-mask and landmark files) on a coarse mesh (~2.9k vertices): a head built by ray-marching a smooth implicit surface (an
-ellipsoid skull merged with a neck cylinder, nose, brows, cheeks, lips, chin and ear bumps, eye sockets)
-from an icosphere, with FLAME-like openings (mouth slit, two eye holes, open neck bottom) and two separate
-eyeball spheres like FLAME.  Metres, FLAME axes: y up, +z the direction the face looks; the subject's left
-is +x (FLAME joint 3 = left eye).  Joints: 0 global (neck base), 1 neck, 2 jaw, 3 left eye, 4 right eye.
+``make_flame_model(seed)`` returns a dict with the keys and shape semantics of FLAME 2023 (300 shape and 100
+expression components, 5 joints, the face-mask and landmark files) on a coarse mesh (~2.9k vertices): a head built
+by ray-marching a smooth implicit surface (an ellipsoid skull merged with a neck cylinder, nose, brows, cheeks,
+lips, chin and ear bumps, eye sockets) from an icosphere, with FLAME-like openings (mouth slit, two eye holes, open
+neck bottom) and two separate eyeball spheres like FLAME.  Metres, FLAME axes: y up, +z the direction the face
+looks; the subject's left is +x (FLAME joint 3 = left eye).  Joints: 0 global (neck base), 1 neck, 2 jaw, 3 left
+eye, 4 right eye.
 
 ``write_flame_files(out_dir, model)`` writes the real file formats: flame2023.pkl (its ``shapedirs`` is
 pickled exactly as a chumpy ``Ch`` object so the chumpy-free loader is exercised), flame_static_embedding.pkl,
@@ -24,6 +25,7 @@ from typing import Union
 
 import numpy as np
 import scipy.sparse as sp
+
 from models.flame import boundary_loops
 
 PathLike = Union[str, os.PathLike]
@@ -684,7 +686,8 @@ def landmark_embeddings(model: dict) -> tuple[dict, dict]:
     pts += [(0.0, y) for y in np.linspace(0.085, NOSE_Y - 0.006, 4)]
     pts += [(xx, NOSE_Y - 0.012) for xx in np.linspace(-0.012, 0.012, 5)]
     brows_nose = _front_face_hit(v, f, np.array(pts), exclude=eyes_faces)
-    outer_lip = np.array([(0.026 * np.cos(a), MOUTH_Y + 0.011 * np.sin(a)) for a in np.linspace(np.pi, -np.pi, 13)[:12]])
+    lip_angles = np.linspace(np.pi, -np.pi, 13)[:12]
+    outer_lip = np.array([(0.026 * np.cos(a), MOUTH_Y + 0.011 * np.sin(a)) for a in lip_angles])
     outer_lip = _front_face_hit(v, f, outer_lip, exclude=eyes_faces)
     # eyes and inner lips lie on the lid and lip margins: iBUG 36-41 (right eye, -x) and 42-47 start at the corner
     # on the image's left (-x), run along the upper margin, then back along the lower one; 60-67 likewise
