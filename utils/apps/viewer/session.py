@@ -44,6 +44,7 @@ canonical frame by a similarity (:func:`identity_head`).
 """
 from __future__ import annotations
 
+import abc
 import os
 import sys
 import threading
@@ -116,7 +117,7 @@ class DisplayFrame:
                 "opacities": c.opacities.numpy()[:, None].astype(np.float32)}
 
 
-class CoalescingWorker:
+class CoalescingWorker(abc.ABC):
     """One worker thread that serves update requests from any thread, coalesced (see the module docstring): requests
     only bump a counter; the worker runs the queued jobs, then ONE :meth:`_update` for every request that arrived
     meanwhile.  Subclasses define :meth:`_update` and :meth:`_failed` (an exception of a job or an update; the worker
@@ -188,11 +189,13 @@ class CoalescingWorker:
                 self._served = max(self._served, target)
                 self._cond.notify_all()
 
+    @abc.abstractmethod
     def _update(self) -> None:
-        raise NotImplementedError
+        """Serve the newest state (runs on the worker thread, once per batch of requests)."""
 
+    @abc.abstractmethod
     def _failed(self, what: str, exc: Exception) -> None:
-        raise NotImplementedError
+        """Report an exception of a job or an update (``what`` names which); the worker keeps serving."""
 
 
 class ViewerSession(CoalescingWorker):
