@@ -157,10 +157,11 @@ def test_no_sys_path_edits_in_library_modules():
     for pkg in ("models", "utils"):
         for f in (REPO / pkg).rglob("*.py"):
             rel = f.relative_to(REPO).as_posix()
-            if rel in entry or (rel.startswith("utils/preprocess/")
-                                and f.name != "common.py" and f.name != "__init__.py"):
+            cli = rel.startswith("utils/preprocess/") and f.name not in ("common.py", "__init__.py")
+            if rel in entry or cli:
                 continue  # the preprocessing CLIs are entry scripts run by path
-            if "sys.path.insert" in f.read_text(encoding="utf-8") or "sys.path.append" in f.read_text(encoding="utf-8"):
+            text = f.read_text(encoding="utf-8")
+            if "sys.path.insert" in text or "sys.path.append" in text:
                 bad.append(rel)
     assert not bad, f"library modules that edit sys.path: {bad}"
 
