@@ -1,4 +1,4 @@
-"""Tests of models/flame/ on the synthetic FLAME-format model (utils/data/synthetic_flame.py)."""
+"""Tests of models/flame/ on the synthetic FLAME-format model (utils/data/synthetic/flame_model.py)."""
 from __future__ import annotations
 
 import pickle
@@ -12,7 +12,7 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from models import flame as F
-from utils.data import synthetic_flame as S
+from utils.data.synthetic import flame_model as S
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""The synthetic FLAME's eyes and mouth as FLAME shapes them (utils/data/synthetic_flame.py): almond lid openings a few
-millimetres high, eyeballs set back behind overhanging lids and seen only through the openings, lips that meet at
-rest and part when the jaw opens, landmarks on the lid and lip margins."""
+"""The synthetic FLAME's eyes and mouth as FLAME shapes them (utils/data/synthetic/flame_model.py): almond lid
+openings a few millimetres high, eyeballs set back behind overhanging lids and seen only through the openings, lips
+that meet at rest and part when the jaw opens, landmarks on the lid and lip margins."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from models import flame as F
 from models.camera import Camera
 from models.renderer.mesh_raster import render_mask
-from utils.data import synthetic_flame as S
+from utils.data.synthetic import flame_model as S
 from utils.face.regions import _polygon_region
 
 

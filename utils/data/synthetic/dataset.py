@@ -3,7 +3,7 @@ layout as a preprocessed NeRSemble subject, utils/data/nersemble.py, so every sc
 
 ``make_synthetic_dataset(out, ...)`` writes::
 
-    <out>/flame/                 FLAME-format model files (utils.data.synthetic_flame.write_flame_files)
+    <out>/flame/                 FLAME-format model files (utils.data.synthetic.flame_model.write_flame_files)
     <out>/subjects/<id>/calibration/camera_params.json
     <out>/subjects/<id>/sequences/EXP-1-head/annotations/tracking/FLAME2023_v2/tracked_flame_params.npz
     <out>/subjects/<id>/sequences/EXP-1-head/timesteps/frame_00000/images-2x/cam_<serial>.jpg   (16 cameras)
@@ -58,17 +58,17 @@ from utils.data.nersemble import (
     timestep_name,
 )
 from models.flame import FlameParams
-from utils.data.synthetic_flame import sample_identity_params
-from utils.data.synthetic_flame import face_regions, semantic_regions
+from utils.data.synthetic.flame_model import sample_identity_params
+from utils.data.synthetic.flame_model import face_regions, semantic_regions
 from models.flame import FlameModel, make_subdivision_plan, mouth_closing_faces, subdivision_matrix
-from utils.data.synthetic_flame import face_regions, painting_masks, semantic_regions
+from utils.data.synthetic.flame_model import face_regions, painting_masks, semantic_regions
 from models.flame import subdivide_vertices
 from models.flame import vertex_normals
 from models.renderer import render_batch
 from utils.core.io import safe_name
 from models.flame import save_nersemble_tracking
-from utils.data.synthetic_flame import make_flame_model, write_flame_files
-from utils.data.synthetic_flame import make_flame_model
+from utils.data.synthetic.flame_model import make_flame_model, write_flame_files
+from utils.data.synthetic.flame_model import make_flame_model
 
 GENERATOR_VERSION = 2  # 2: FLAME-like eyes (almond lid openings, eyeballs set back) and mouth (lips that part)
 INFO_NAME = "synthetic_info.json"  # written last: its presence means the dataset is complete
@@ -235,7 +235,7 @@ def sample_identity(model: Mapping, seed: int, subject_id: str) -> SyntheticIden
     """Sample shape, pose and appearance of identity ``subject_id`` (deterministic for (seed, subject_id)).
 
     Args:
-        model: the synthetic FLAME model dict (utils.data.synthetic_flame.make_flame_model).
+        model: the synthetic FLAME model dict (utils.data.synthetic.flame_model.make_flame_model).
     """
 
     rngs = identity_rngs(seed, subject_id)
@@ -326,7 +326,7 @@ def sample_frame_params(seed: int, subject_id: str, frame: int, neutral: Any) ->
     ``neutral``; expression, jaw, neck and eyes are drawn afresh for every frame, from a generator seeded by
     (seed, subject_id, frame) alone, so adding frames never changes existing ones.  Ranges: the first seven
     expression coefficients (the synthetic FLAME's mouth open, smile, brows raise, frown, pucker, cheek puff, squint;
-    utils/data/synthetic_flame.py) uniform in [0, 0.8] (mouth open) and [-1, 1], the next 13 N(0, 0.5^2); jaw opening
+    utils/data/synthetic/flame_model.py) uniform in [0, 0.8] (mouth open) and [-1, 1], the next 13 N(0, 0.5^2); jaw opening
     uniform in [0, 0.12] rad about x (+ N(0, 0.01^2) about y and z); neck uniform in [-0.08, 0.08] rad per axis; one
     gaze for both eyes, yaw in [-0.15, 0.15] and pitch in [-0.1, 0.1] rad."""
     from dataclasses import replace
@@ -448,7 +448,7 @@ def albedo(canonical: np.ndarray, soft: Mapping[str, np.ndarray], anchors: _Anch
     Args:
         canonical: (V, 3) template positions of the (subdivided) vertices (texture space).
         soft: soft region weights (V,) in [0, 1]: "eyes", "ears", "lips", "nose", "face_features", and (optional)
-            "lash", "lid_fold", "mouth_inside" (utils.data.synthetic_flame.painting_masks).
+            "lash", "lid_fold", "mouth_inside" (utils.data.synthetic.flame_model.painting_masks).
         anchors: canonical feature locations.
         app: appearance parameters from sample_identity.
     Returns:
@@ -565,7 +565,7 @@ class GroundTruthHeads:
     Args:
         flame_dir: folder with the FLAME-format files (read through models.flame.FlameModel, so the written files
             are what the heads are built from).
-        model: the model dict (utils.data.synthetic_flame.make_flame_model) the files were written from; it carries
+        model: the model dict (utils.data.synthetic.flame_model.make_flame_model) the files were written from; it carries
             the semantic regions.
         subdivision: midpoint subdivision levels of the whole head mesh (1 Gaussian per vertex).
     """
