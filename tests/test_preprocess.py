@@ -183,7 +183,8 @@ def test_flame2ply_missing_tracking(syn, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- projection_ply
 def test_projection_outputs_and_coverage(prepared, syn):
-    from utils.data.synthetic.dataset import load_ground_truth, render_ground_truth
+    from utils.data.synthetic.dataset import load_ground_truth
+    from utils.data.synthetic.render import render_ground_truth
 
     data_root, _, res = prepared
     s = NersembleSubject(data_root, SUBJECT)
