@@ -3,7 +3,7 @@ layout as a preprocessed NeRSemble subject, utils/data/nersemble.py, so every sc
 
 ``make_synthetic_dataset(out, ...)`` writes::
 
-    <out>/flame/                 FLAME-format model files (utils.data.synthetic.flame_model.write_flame_files)
+    <out>/flame/                 FLAME-format model files (utils.data.synthetic.flame_files.write_flame_files)
     <out>/subjects/<id>/calibration/camera_params.json
     <out>/subjects/<id>/sequences/EXP-1-head/annotations/tracking/FLAME2023_v2/tracked_flame_params.npz
     <out>/subjects/<id>/sequences/EXP-1-head/timesteps/frame_00000/images-2x/cam_<serial>.jpg   (16 cameras)
@@ -43,10 +43,8 @@ from utils.data.nersemble import (
     TRACKING_RELPATH,
     timestep_name,
 )
-from utils.data.synthetic.flame_model import (
-    make_flame_model,
-    write_flame_files,
-)
+from utils.data.synthetic.flame_files import write_flame_files
+from utils.data.synthetic.flame_model import make_flame_model
 from utils.data.synthetic.identity import SyntheticIdentity, identity_rngs, sample_identity
 from utils.data.synthetic.motion import MOTIONS, sample_frame_params, sequence_params
 from utils.data.synthetic.render import GroundTruthHeads, render_ground_truth

@@ -15,9 +15,7 @@ import numpy as np
 from models.flame import (
     FlameParams,
 )
-from utils.data.synthetic.flame_model import (
-    sample_identity_params,
-)
+from utils.data.synthetic.flame_model import sample_identity_params
 
 # Appearance palettes (linear-ish sRGB in [0, 1]).
 SKIN_TONES = np.array(

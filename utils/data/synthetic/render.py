@@ -24,11 +24,7 @@ from models.flame import (
 )
 from models.gaussians import GaussianCloud, rotmat_to_quat
 from models.renderer import render_batch
-from utils.data.synthetic.flame_model import (
-    face_regions,
-    painting_masks,
-    semantic_regions,
-)
+from utils.data.synthetic.flame_regions import face_regions, painting_masks, semantic_regions
 from utils.data.synthetic.identity import SyntheticIdentity, _as_int
 from utils.data.synthetic.texture import _anchors, albedo
 

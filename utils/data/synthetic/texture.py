@@ -9,10 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from utils.data.synthetic.flame_model import (
-    face_regions,
-    semantic_regions,
-)
+from utils.data.synthetic.flame_regions import face_regions, semantic_regions
 
 SCLERA = np.array([0.93, 0.90, 0.86])
 PUPIL = np.array([0.02, 0.02, 0.02])
@@ -77,7 +74,7 @@ def albedo(canonical: np.ndarray, soft: Mapping[str, np.ndarray], anchors: _Anch
     Args:
         canonical: (V, 3) template positions of the (subdivided) vertices (texture space).
         soft: soft region weights (V,) in [0, 1]: "eyes", "ears", "lips", "nose", "face_features", and (optional)
-            "lash", "lid_fold", "mouth_inside" (utils.data.synthetic.flame_model.painting_masks).
+            "lash", "lid_fold", "mouth_inside" (utils.data.synthetic.flame_regions.painting_masks).
         anchors: canonical feature locations.
         app: appearance parameters from sample_identity.
     Returns:
