@@ -9,15 +9,11 @@ from typing import Mapping
 
 import numpy as np
 
+from utils.data.synthetic.flame_mesh import _smoothstep
 from utils.data.synthetic.flame_regions import face_regions, semantic_regions
 
 SCLERA = np.array([0.93, 0.90, 0.86])
 PUPIL = np.array([0.02, 0.02, 0.02])
-
-
-def _smoothstep(x: np.ndarray) -> np.ndarray:
-    x = np.clip(x, 0.0, 1.0)
-    return x * x * (3 - 2 * x)
 
 
 @dataclass
