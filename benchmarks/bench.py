@@ -73,8 +73,11 @@ from utils.data.model_file import (
     load_model,  # noqa: E402
 )
 from utils.data.nersemble import FRONTAL_SERIAL, SERIALS  # noqa: E402
-from utils.data.synthetic import GroundTruthHeads, make_rig, render_ground_truth, sample_identity  # noqa: E402
-from utils.data.synthetic_flame import make_flame_model, write_flame_files  # noqa: E402
+from utils.data.synthetic.flame_files import write_flame_files  # noqa: E402
+from utils.data.synthetic.flame_model import make_flame_model  # noqa: E402
+from utils.data.synthetic.identity import sample_identity  # noqa: E402
+from utils.data.synthetic.render import GroundTruthHeads, render_ground_truth  # noqa: E402
+from utils.data.synthetic.rig import make_rig  # noqa: E402
 from utils.evaluation import (
     View,  # noqa: E402
     evaluate_views,  # noqa: E402

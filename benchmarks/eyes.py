@@ -42,7 +42,7 @@ from utils.core.device import default_device  # noqa: E402
 from utils.core.io import save_image_grid  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
-from utils.data.synthetic import auto_subdivision  # noqa: E402
+from utils.data.synthetic.rig import auto_subdivision  # noqa: E402
 from utils.evaluation import evaluate_views  # noqa: E402
 from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 

@@ -44,7 +44,7 @@ from models.renderer import render_batch  # noqa: E402
 from models.renderer.mesh_raster import render_mask  # noqa: E402
 from utils.data.dataset import DataConfig, MultiViewDataset  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
-from utils.data.synthetic import load_ground_truth  # noqa: E402
+from utils.data.synthetic.dataset import load_ground_truth  # noqa: E402
 from utils.face.regions import embedding_for_flame, eye_region_masks  # noqa: E402
 from utils.losses import psnr, ssim_metric  # noqa: E402
 

@@ -122,7 +122,7 @@ def vertex_normals(verts: Tensor, faces: Union[Tensor, np.ndarray]) -> Tensor:
     """Area-weighted unit vertex normals: verts (..., V, 3), faces (F,3) (numpy or torch) -> (..., V, 3).
 
     Winding is FLAME's (counter-clockwise seen from outside), so normals point out of the head.  Normalised with
-    ``F.normalize``: the numbers the synthetic datasets (utils/data/synthetic.py) are generated with."""
+    ``F.normalize``: the numbers the synthetic datasets (utils/data/synthetic/render.py) are generated with."""
     f = torch.as_tensor(np.asarray(faces) if not isinstance(faces, Tensor) else faces, device=verts.device).long()
     return F.normalize(_summed_face_normals(verts, f), dim=-1, eps=1e-12)
 

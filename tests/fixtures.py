@@ -24,7 +24,7 @@ _CACHE: dict[str, Path] = {}
 def get_synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Generate (once per session) and return the tiny synthetic dataset folder."""
     if "root" not in _CACHE:
-        from utils.data.synthetic import make_synthetic_dataset
+        from utils.data.synthetic.dataset import make_synthetic_dataset
 
         root = tmp_path_factory.mktemp("synthetic_dataset")
         make_synthetic_dataset(root, progress=False, **SYNTHETIC_KW)

@@ -1,4 +1,4 @@
-"""Tests of models/flame/ on the synthetic FLAME-format model (utils/data/synthetic_flame.py)."""
+"""Tests of models/flame/ on the synthetic FLAME-format model (utils/data/synthetic/flame_*.py)."""
 from __future__ import annotations
 
 import pickle
@@ -12,18 +12,21 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from models import flame as F
-from utils.data import synthetic_flame as S
+from utils.data.synthetic.flame_files import FLAME_KEYS, write_flame_files
+from utils.data.synthetic.flame_mesh import HEAD_C
+from utils.data.synthetic.flame_model import make_flame_model, sample_identity_params
+from utils.data.synthetic.flame_regions import face_mask_ids
 
 
 @pytest.fixture(scope="module")
 def model_dict():
-    return S.make_flame_model(seed=0)
+    return make_flame_model(seed=0)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, model_dict):
     d = tmp_path_factory.mktemp("flame")
-    S.write_flame_files(d, model_dict)
+    write_flame_files(d, model_dict)
     return d
 
 
@@ -96,8 +99,8 @@ def test_forward_matches_numpy_lbs(flame, model_dict):
 
 def test_identities_differ_visibly(flame):
     rng = np.random.default_rng(0)
-    a = F.FlameParams.from_numpy(S.sample_identity_params(rng))
-    b = F.FlameParams.from_numpy(S.sample_identity_params(rng))
+    a = F.FlameParams.from_numpy(sample_identity_params(rng))
+    b = F.FlameParams.from_numpy(sample_identity_params(rng))
     d = (flame(a) - flame(b))[0].norm(dim=-1)
     assert 0.003 < d.mean().item() < 0.03 and d.max().item() > 0.008
 
@@ -125,7 +128,7 @@ def test_chumpy_style_pickle(data_dir, model_dict):
 
 
 def test_npz_and_posedirs_layouts(tmp_path, model_dict):
-    m = {k: model_dict[k] for k in S.FLAME_KEYS if k in model_dict}
+    m = {k: model_dict[k] for k in FLAME_KEYS if k in model_dict}
     V = len(m["v_template"])
     ref = F.validate_flame_dict(dict(m), "x")["posedirs"]
     for pd in (m["posedirs"].reshape(V * 3, 36), m["posedirs"].reshape(V * 3, 36).T):
@@ -265,7 +268,7 @@ def test_face_mask_submesh_and_mouth(data_dir, model_dict):
 
 def test_subdivision(model_dict):
     v, f = model_dict["v_template"], model_dict["f"].astype(np.int64)
-    ids = S.face_mask_ids(model_dict)
+    ids = face_mask_ids(model_dict)
     sv, sf, _ = F.face_mask_submesh(v, f, ids)
     levels, plan = F.subdivide(sv, sf, 2, return_plan=True)
     n_edges = len(np.unique(np.sort(sf[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), 1), axis=0))
@@ -290,7 +293,7 @@ def test_vertex_normals_point_outward(flame, model_dict):
     assert n.shape == v.shape
     torch.testing.assert_close(n.norm(dim=-1), torch.ones(v.shape[:2]), atol=1e-5, rtol=0)
     skin = torch.arange(v.shape[1]) < model_dict["num_skin_vertices"]
-    centre = torch.tensor(S.HEAD_C, dtype=v.dtype)
+    centre = torch.tensor(HEAD_C, dtype=v.dtype)
     head = skin & (v[0, :, 1] > 0.06)  # skull part: star-shaped around the centre
     outward = ((v[0, head] - centre) * n[0, head]).sum(-1)
     assert (outward > 0).float().mean() > 0.97
@@ -321,7 +324,7 @@ def test_errors(tmp_path, data_dir, model_dict):
     with pytest.raises(ValueError, match="flame2023.pkl.*truncated"):
         F.load_flame_pickle(tmp_path / "flame2023.pkl")
     # missing / misshaped keys
-    m = {k: model_dict[k] for k in S.FLAME_KEYS if k in model_dict}
+    m = {k: model_dict[k] for k in FLAME_KEYS if k in model_dict}
     bad = dict(m)
     del bad["weights"]
     with open(tmp_path / "bad.pkl", "wb") as fh:
@@ -438,7 +441,7 @@ def test_smplx_never_unpickles_a_planted_file(case, tmp_path, monkeypatch, model
     import tempfile
 
     d = tmp_path / "flame"
-    S.write_flame_files(d, model_dict)
+    write_flame_files(d, model_dict)
     marker = tmp_path / "ran"
     cmd = f"touch {marker}"
     payload = _chumpy_payload(cmd) if "chumpy" in case else pickle.dumps(_OsSystem(cmd), protocol=2)

@@ -23,7 +23,7 @@ from utils.data.nersemble import (
     read_ply_mesh,
     timestep_name,
 )
-from utils.data.synthetic import image_size_for
+from utils.data.synthetic.rig import image_size_for
 
 H = 64
 W = image_size_for(H)[0]

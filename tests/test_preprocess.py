@@ -24,7 +24,7 @@ SUBJECT = "300"
 @pytest.fixture(scope="session")
 def syn(tmp_path_factory) -> Path:
     """A synthetic dataset: <syn>/flame, <syn>/subjects/{300,301}."""
-    from utils.data.synthetic import make_synthetic_dataset
+    from utils.data.synthetic.dataset import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("syn_preprocess")
     make_synthetic_dataset(out / "data", num_identities=2, num_heldout=0, image_size=64, progress=False)
@@ -183,7 +183,8 @@ def test_flame2ply_missing_tracking(syn, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- projection_ply
 def test_projection_outputs_and_coverage(prepared, syn):
-    from utils.data.synthetic import load_ground_truth, render_ground_truth
+    from utils.data.synthetic.dataset import load_ground_truth
+    from utils.data.synthetic.render import render_ground_truth
 
     data_root, _, res = prepared
     s = NersembleSubject(data_root, SUBJECT)

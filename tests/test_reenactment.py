@@ -50,7 +50,8 @@ def camera():
 def driving_video(sequence_root, tmp_path_factory):  # noqa: F811
     """(MP4 path, true FlameParams): the ground-truth head of subject 301 driven by :func:`true_motion`."""
     from utils.core.io import to_uint8, write_video
-    from utils.data.synthetic import load_ground_truth, render_ground_truth
+    from utils.data.synthetic.dataset import load_ground_truth
+    from utils.data.synthetic.render import render_ground_truth
 
     _, identity = load_ground_truth(sequence_root, "301")
     truth = true_motion(identity.params)

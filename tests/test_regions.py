@@ -68,7 +68,7 @@ def test_polygon_region():
 def test_eye_masks_cover_the_eyes_and_skip_hidden_ones(face, synthetic_root):
     from models.renderer.mesh_raster import render_mask
     from utils.data.nersemble import FRONTAL_SERIAL
-    from utils.data.synthetic_flame import make_flame_model
+    from utils.data.synthetic.flame_model import make_flame_model
 
     flame, mask_ids, emb, verts, cams = face
     lm = emb(verts[torch.as_tensor(mask_ids)])

@@ -12,15 +12,10 @@ from tests.fixtures import SYNTHETIC_KW, synthetic_root  # noqa: F401  (pytest f
 from tests.training_fixtures import sequence_root  # noqa: F401  (pytest fixture)
 from utils.data.camera_params import load_camera_params
 from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS, SERIALS, NersembleSubject, list_subjects
-from utils.data.synthetic import (
-    image_size_for,
-    load_ground_truth,
-    make_rig,
-    make_synthetic_dataset,
-    read_info,
-    render_ground_truth,
-    sample_identity,
-)
+from utils.data.synthetic.dataset import load_ground_truth, make_synthetic_dataset, read_info
+from utils.data.synthetic.identity import sample_identity
+from utils.data.synthetic.render import render_ground_truth
+from utils.data.synthetic.rig import image_size_for, make_rig
 
 SEQ = Path("sequences") / "EXP-1-head"
 
@@ -195,7 +190,7 @@ def test_deterministic_and_incremental(tmp_path, monkeypatch):
     assert (a / "synthetic_info.json").is_file() and not (a / ".synthetic_pending.json").exists()
     assert _tree(a / "subjects") == _tree(b / "subjects")
     # an interrupted run: no synthetic_info.json (scripts test for it); the next run resumes and matches
-    import utils.data.synthetic as syn
+    import utils.data.synthetic.dataset as syn
 
     real_write = syn.write_subject
 
@@ -217,7 +212,7 @@ def test_deterministic_and_incremental(tmp_path, monkeypatch):
     make_synthetic_dataset(a, num_identities=1, **kw)
     assert list_subjects(a / "subjects") == ["300"]
     # another dataset seed gives another identity for the same id
-    from utils.data.synthetic_flame import make_flame_model
+    from utils.data.synthetic.flame_model import make_flame_model
 
     model = make_flame_model(0)
     p3, p4 = (sample_identity(model, seed, "300") for seed in (3, 4))
@@ -311,7 +306,8 @@ def _victim(tmp_path: Path) -> Path:
 def test_subject_ids_from_dataset_json_never_reach_rmtree(tmp_path, where, bad):
     """A downloaded syn_data/ whose json names ``../../victim`` as a stale subject: refused with one line naming the
     file, before anything is deleted (it used to reach shutil.rmtree)."""
-    from utils.data.synthetic import INFO_NAME, PENDING_NAME, _dataset_key, auto_subdivision
+    from utils.data.synthetic.dataset import INFO_NAME, PENDING_NAME, _dataset_key
+    from utils.data.synthetic.rig import auto_subdivision
 
     victim = _victim(tmp_path)
     out = tmp_path / "a" / "b" / "syn"
@@ -350,7 +346,8 @@ def test_read_info_refuses_unsafe_ids(tmp_path, key, bad):
 
 def test_stale_subject_that_is_a_link_out_is_refused(tmp_path):
     """A safe-looking stale id whose folder is a symlink to elsewhere: refused, the target survives."""
-    from utils.data.synthetic import PENDING_NAME, _dataset_key, auto_subdivision
+    from utils.data.synthetic.dataset import PENDING_NAME, _dataset_key
+    from utils.data.synthetic.rig import auto_subdivision
 
     victim = _victim(tmp_path)
     out = tmp_path / "syn"
@@ -390,7 +387,7 @@ def test_head_turn_sequence(synthetic_root, tmp_path):  # noqa: F811
     views of the frontal camera's monocular video)."""
     from scipy.spatial.transform import Rotation
 
-    from utils.data.synthetic import head_turn_angles
+    from utils.data.synthetic.motion import head_turn_angles
     from utils.make_synthetic_dataset import main
 
     n = 8

@@ -1,6 +1,6 @@
-"""The synthetic FLAME's eyes and mouth as FLAME shapes them (utils/data/synthetic_flame.py): almond lid openings a few
-millimetres high, eyeballs set back behind overhanging lids and seen only through the openings, lips that meet at
-rest and part when the jaw opens, landmarks on the lid and lip margins."""
+"""The synthetic FLAME's eyes and mouth as FLAME shapes them (utils/data/synthetic/flame_mesh.py, flame_model.py,
+flame_regions.py): almond lid openings a few millimetres high, eyeballs set back behind overhanging lids and seen
+only through the openings, lips that meet at rest and part when the jaw opens, landmarks on the lid and lip margins."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,19 +10,22 @@ import torch
 from models import flame as F
 from models.camera import Camera
 from models.renderer.mesh_raster import render_mask
-from utils.data import synthetic_flame as S
+from utils.data.synthetic.flame_files import write_flame_files
+from utils.data.synthetic.flame_mesh import eye_centres
+from utils.data.synthetic.flame_model import make_flame_model
+from utils.data.synthetic.flame_regions import face_mask_ids, face_regions, semantic_regions
 from utils.face.regions import _polygon_region
 
 
 @pytest.fixture(scope="module")
 def model():
-    return S.make_flame_model(0)
+    return make_flame_model(0)
 
 
 @pytest.fixture(scope="module")
 def flame(tmp_path_factory, model):
     d = tmp_path_factory.mktemp("synthetic_flame")
-    S.write_flame_files(d, model)
+    write_flame_files(d, model)
     return F.FlameModel.from_data_dir(d)
 
 
@@ -51,7 +54,7 @@ def test_eyeballs_set_back_behind_overhanging_lids(model):
         eye = v[model["eyeball_ids"][k]]
         c = np.asarray(model["J_regressor"][3 + k] @ v)[0]  # the eye joint ...
         r = np.linalg.norm(eye - c, axis=1)
-        assert np.ptp(r) < 1e-9 and np.allclose(c, S.eye_centres()[k])  # ... is the eyeball's centre
+        assert np.ptp(r) < 1e-9 and np.allclose(c, eye_centres()[k])  # ... is the eyeball's centre
         r = r.mean()
         m, info = _margin(model, name)
         # the lid margins stand 2-4 mm off the eyeball all around the opening (radially from its centre) ...
@@ -101,10 +104,10 @@ def test_lips_meet_and_part_when_the_jaw_opens(flame, model):
     assert float(gap[1]) > 0.010  # ... parted by the jaw
     assert float((upper[1] - upper[0]).norm()) < 0.001  # the upper lip stays
     # the face mask's closing triangles still close the mouth, open or not
-    regions = S.face_regions(model)
+    regions = face_regions(model)
     faces = model["f"].astype(np.int64)
     extra = F.mouth_closing_faces(model["v_template"], faces, regions["lips"])
-    ids = S.face_mask_ids(model)
+    ids = face_mask_ids(model)
     _, open_f, _ = F.face_mask_submesh(model["v_template"], faces, ids)
     _, closed_f, _ = F.face_mask_submesh(model["v_template"], faces, ids, extra_faces=extra)
     assert len(F.boundary_loops(closed_f)) == len(F.boundary_loops(open_f)) - 1
@@ -130,13 +133,13 @@ def test_landmarks_on_lid_and_lip_margins(flame, model):
 
 
 def test_regions_hold_the_new_features(model):
-    regions = S.face_regions(model)
-    mask = set(S.face_mask_ids(model).tolist())
+    regions = face_regions(model)
+    mask = set(face_mask_ids(model).tolist())
     for name in ("left_eye", "right_eye", "mouth"):
         info = model["patches"][name]
         for ring in info["rings"]:
             assert set(ring.tolist()) <= mask, name  # the whole patch is in the face mask
     assert set(model["patches"]["mouth"]["rings"][-1].tolist()) <= set(regions["lips"].tolist())
-    sem = S.semantic_regions(model)
+    sem = semantic_regions(model)
     keys = ("skin", "hair", "eyes", "brows", "lips", "nose", "lids", "mouth")
     assert (sum(sem[k].astype(int) for k in keys) == 1).all()  # disjoint and complete

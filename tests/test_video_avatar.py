@@ -23,7 +23,7 @@ FAST = ["--progress", "false", "--device", "cpu", "--flame_fit.iterations", "20"
 def clip(tmp_path_factory):
     """(dataset root, frames folder, landmarks .npy) of identity 017 turning its head over CLIP_FRAMES frames."""
     from utils.apps.track.video import synthetic_clip
-    from utils.data.synthetic import make_synthetic_dataset
+    from utils.data.synthetic.dataset import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("turn") / "data"
     kw = dict(SYNTHETIC_KW, num_identities=0, num_heldout=1)

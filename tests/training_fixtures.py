@@ -99,7 +99,7 @@ SEQUENCE_FRAMES = 3
 def get_sequence_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "seq" not in _CACHE:
         from tests.fixtures import SYNTHETIC_KW
-        from utils.data.synthetic import make_synthetic_dataset
+        from utils.data.synthetic.dataset import make_synthetic_dataset
         from utils.preprocess import FLAME2PLY, projection_ply
 
         root = tmp_path_factory.mktemp("sequences") / "data"

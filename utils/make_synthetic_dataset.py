@@ -8,7 +8,7 @@ Usage (from the repository root):
         --motion head_turn                          # held-out identity 017 turning its head (a monocular video)
 
 Re-running with the same arguments does nothing; more identities are added without changing existing ones.
-See utils/data/synthetic.py for what is written.
+See utils/data/synthetic/dataset.py for what is written.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.core.device import resolve_device
-from utils.data.synthetic import (
+from utils.data.synthetic.dataset import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_HELDOUT,
     DEFAULT_NUM_IDENTITIES,

@@ -9,10 +9,10 @@
 Keyframe values are FLAME parameters: ``jaw``, ``neck`` (axis-angle, radians, about FLAME's x right-to-left of the
 subject, y up, z out of the face) and ``eyes`` (left eye then right eye) are FLAME joints and mean the same on every
 FLAME; ``expression`` coefficients do not: the expression keyframes (smile, raised brows, frown, pucker) are written
-for the expression basis of the embedded synthetic FLAME (utils/data/synthetic_flame.py: components 0-6 are mouth open,
-smile, brows raise, frown, pucker, cheek puff, squint).  FLAME 2023's expression space is a PCA basis whose components
-carry no such names, so on real FLAME those keyframes show some expression, not necessarily the named one; write a
-keyframes file with the coefficients you want there.
+for the expression basis of the embedded synthetic FLAME (utils/data/synthetic/flame_model.py: components 0-6 are
+mouth open, smile, brows raise, frown, pucker, cheek puff, squint).  FLAME 2023's expression space is a PCA basis
+whose components carry no such names, so on real FLAME those keyframes show some expression, not necessarily the
+named one; write a keyframes file with the coefficients you want there.
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from utils.core.io import OutputClaim, atomic_write_json, atomic_write_text, wri
 from utils.data.code_file import code_cloud, render_style, save_code
 from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import HELDOUT_IDENTITIES, list_subjects
-from utils.data.synthetic import read_info
+from utils.data.synthetic.dataset import read_info
 from utils.evaluation import evaluate_views
 from utils.face.flame_fit import flame_landmarks_2d
 
