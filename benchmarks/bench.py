@@ -61,7 +61,8 @@ from utils.apps.train.encoder import EncoderTrainConfig, train_encoder  # noqa: 
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
-from utils.core.io import to_uint8, write_video  # noqa: E402
+from utils.core.images import to_uint8  # noqa: E402
+from utils.core.video import write_video
 from utils.data.dataset import (  # noqa: E402
     DataConfig,
     MultiViewDataset,  # noqa: E402

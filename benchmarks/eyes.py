@@ -39,7 +39,7 @@ from utils.core.config import (
     from_dict,  # noqa: E402
 )
 from utils.core.device import default_device  # noqa: E402
-from utils.core.io import save_image_grid  # noqa: E402
+from utils.core.images import save_image_grid  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL, HELDOUT_SERIALS  # noqa: E402
 from utils.data.synthetic.rig import auto_subdivision  # noqa: E402

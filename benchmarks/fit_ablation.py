@@ -57,9 +57,9 @@ from utils.apps.track.config import TrackConfig  # noqa: E402
 from utils.apps.track.fit import fit_identity  # noqa: E402
 from utils.apps.track.pipeline import heldout_subjects
 from utils.apps.track.targets import load_subject_target  # noqa: E402
+from utils.core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import resolve_device  # noqa: E402
-from utils.core.io import atomic_write_json, atomic_write_text  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
 from utils.evaluation import evaluate_views  # noqa: E402
 from utils.face.regions import eye_region_masks  # noqa: E402

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from utils.core.io import atomic_write
+from utils.core.atomic import atomic_write
 
 # Zeroth-order real spherical harmonic, 1 / (2 sqrt(pi)).
 SH_C0 = 0.28209479177387814
@@ -193,7 +193,7 @@ class GaussianCloud:
         for i, name in enumerate(names):
             vertex[name] = data[:, i]
 
-        # unique O_EXCL temporary + rename (utils.core.io): no fixed "head.ply.tmp", never through a planted link
+        # unique O_EXCL temporary + rename (utils.core.atomic): no fixed "head.ply.tmp", never through a planted link
         atomic_write(path, lambda fh: PlyData([PlyElement.describe(vertex, "vertex")]).write(fh))
 
     @staticmethod

@@ -223,7 +223,7 @@ def test_unsafe_serial_in_camera_json_is_refused(tmp_path, bad):
 def test_export_views_stay_inside_views(tmp_path, bad):
     """views/cam_<serial>.png for a serial that would leave views/, or a planted link: refused, nothing written."""
     from utils.apps.track.export import export_views
-    from utils.core.io import UnsafeNameError
+    from utils.core.names import UnsafeNameError
 
     out = tmp_path / "out"
     (out / "views").mkdir(parents=True)

@@ -133,7 +133,7 @@ def test_corrupt_or_missing_encoder_falls_back(encoder_model, fit_model, preproc
                                                capsys):
     from utils.apps.track.fit import fit_identity
     from utils.apps.track.targets import load_subject_target
-    from utils.core.io import atomic_torch_save, safe_torch_load
+    from utils.core.torch_files import atomic_torch_save, safe_torch_load
     from utils.data.model_file import load_model
 
     path, _ = encoder_model

@@ -453,7 +453,7 @@ def test_out_is_claimed_before_the_fit(preprocessed_root, fit_model, fitted, tmp
     import sys
 
     import utils.apps.track.pipeline as T
-    from utils.core.io import FolderInUseError
+    from utils.core.locks import FolderInUseError
 
     def no_fit(*a, **k):
         raise AssertionError("the fit ran although --out could not be written")
@@ -472,7 +472,7 @@ def test_out_is_claimed_before_the_fit(preprocessed_root, fit_model, fitted, tmp
     else:
         repo = Path(__file__).resolve().parents[1]
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                   "from utils.core.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
+                                   "from utils.core.locks import FolderLock; FolderLock(sys.argv[2]).acquire(); "
                                    "print('held', flush=True); time.sleep(60)", str(repo), str(out)],
                                   stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "held"

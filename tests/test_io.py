@@ -1,4 +1,5 @@
-"""utils/core/io.py images and videos with file names that are not UTF-8: OpenCV crashed (segfault, exit 139, no
+"""utils/core/images.py and utils/core/video.py: images and videos with file names that are not UTF-8: OpenCV
+crashed (segfault, exit 139, no
 message) on such paths; images now go through bytes (imdecode / imencode), video paths and command-line paths are
 refused with one line naming them."""
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_images_with_non_utf8_names_round_trip(tmp_path):
     code = r'''
 import os, sys, numpy as np
-from utils.core.io import read_image, save_image, imwrite_file, imread_file
+from utils.core.images import read_image, save_image, imwrite_file, imread_file
 import cv2
 d = os.fsdecode(os.fsencode(sys.argv[1]) + b"/caf\xe9-\xff")
 os.makedirs(d)
@@ -50,7 +51,7 @@ print("ok")
 def test_video_paths_that_are_not_utf8_are_refused(tmp_path):
     code = r'''
 import os, sys, numpy as np
-from utils.core.io import write_video
+from utils.core.video import write_video
 p = os.fsdecode(os.fsencode(sys.argv[1]) + b"/v\xff.mp4")
 try:
     write_video(p, [np.zeros((8, 8, 3), np.uint8)])
@@ -97,7 +98,7 @@ def test_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, w, h):
 
     import cv2
 
-    from utils.core.io import MAX_IMAGE_PIXELS, imread_file, read_image
+    from utils.core.images import MAX_IMAGE_PIXELS, imread_file, read_image
 
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_declaring(w, h))
@@ -116,7 +117,7 @@ def test_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, w, h):
 def test_video_stream_writes_frames_as_they_come_and_aborts_cleanly(tmp_path):
     import cv2
 
-    from utils.core.io import VideoStream, write_video
+    from utils.core.video import VideoStream, write_video
 
     def frames(n):
         for i in range(n):
@@ -138,10 +139,10 @@ def test_video_stream_writes_frames_as_they_come_and_aborts_cleanly(tmp_path):
 
 
 def test_read_video_frames_by_range_and_by_index(tmp_path):
-    """The one video reader (utils/core/io.py read_video_frames): frames by start / stride / max_frames or by index
+    """The one video reader (utils/core/video.py read_video_frames): frames by start / stride / max_frames or by index
     (those past the end left out), RGB, with the file's frame rate; an unreadable file and an empty selection are
     ValueErrors that name the file."""
-    from utils.core.io import read_video_frames, write_video
+    from utils.core.video import read_video_frames, write_video
 
     colour = [(i * 20, 255 - i * 20, 128) for i in range(10)]  # RGB per frame, far apart after mp4v
     path = write_video(tmp_path / "v.mp4", [np.full((16, 24, 3), c, np.uint8) for c in colour], fps=12)

@@ -145,7 +145,7 @@ from tests.training_fixtures import preprocessed_root, trained_model_dir  # noqa
 
 
 def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(trained_model_dir, tmp_path, capsys):
-    from utils.core.io import safe_torch_load
+    from utils.core.torch_files import safe_torch_load
     from utils.data.model_file import FORMAT_VERSION, load_model
 
     path = trained_model_dir / "model.pt"

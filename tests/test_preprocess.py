@@ -410,7 +410,7 @@ def test_insta2nersemble(tmp_path):
 @pytest.mark.parametrize("case", ["file_path_up", "file_path_abs", "exp_path_up", "subject_id", "sequence"])
 def test_insta2nersemble_refuses_paths_leaving_their_folder(tmp_path, case):
     """Issue 26 class 2: names read from INSTA's transforms (file_path, exp_path) or given as ids stay inside."""
-    from utils.core.io import UnsafeNameError
+    from utils.core.names import UnsafeNameError
     from utils.preprocess import insta2nersemble as i2n
 
     fake = make_fake_insta(tmp_path / "insta")

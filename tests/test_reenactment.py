@@ -49,7 +49,8 @@ def camera():
 @pytest.fixture(scope="module")
 def driving_video(sequence_root, tmp_path_factory):  # noqa: F811
     """(MP4 path, true FlameParams): the ground-truth head of subject 301 driven by :func:`true_motion`."""
-    from utils.core.io import to_uint8, write_video
+    from utils.core.images import to_uint8
+    from utils.core.video import write_video
     from utils.data.synthetic.dataset import load_ground_truth
     from utils.data.synthetic.render import render_ground_truth
 

@@ -20,8 +20,13 @@ import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401  (pytest fixture)
 from tests.training_fixtures import preprocessed_root, tiny_config, trained_model_dir  # noqa: F401
-from utils.core import io as uio
-from utils.core.io import FolderInUseError, OutputClaim, UnsafeNameError
+from utils.core import atomic
+from utils.core.atomic import atomic_write, atomic_write_json
+from utils.core.images import save_image
+from utils.core.locks import FolderInUseError, FolderLock, OutputClaim
+from utils.core.names import UnsafeNameError
+from utils.core.torch_files import UnsafeFileError, atomic_torch_save
+from utils.core.video import write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +105,7 @@ def test_model_pt_payload_is_refused(trained_model_dir, tmp_path):
     marker = tmp_path / "ran"
     doc = torch.load(trained_model_dir / "model.pt", weights_only=True)  # what we write is weights-only readable
     bad = _with_payload(doc, marker, tmp_path / "model.pt")
-    with pytest.raises(uio.UnsafeFileError, match=r"model\.pt: refused to load this model file: .*getattr"):
+    with pytest.raises(UnsafeFileError, match=r"model\.pt: refused to load this model file: .*getattr"):
         load_model(bad)
     assert not marker.exists()
 
@@ -112,7 +117,7 @@ def test_code_pt_payload_is_refused(tmp_path):
     doc = {"format": CODE_FORMAT, "version": 2, "name": "x", "w": torch.zeros(4), "z": None,
            "base_vertices": torch.zeros(5, 3), "colour": None, "meta": {}}
     bad = _with_payload(doc, marker, tmp_path / "code.pt")
-    with pytest.raises(uio.UnsafeFileError, match=r"code\.pt: refused to load this code file"):
+    with pytest.raises(UnsafeFileError, match=r"code\.pt: refused to load this code file"):
         load_code(bad)
     assert not marker.exists()
 
@@ -127,7 +132,7 @@ def test_checkpoint_payload_is_refused(trained_model_dir, preprocessed_root, tmp
     marker = tmp_path / "ran"
     _with_payload(state, marker, newest)
     # a payload is no damage: resume refuses it instead of falling back past it
-    with pytest.raises(uio.UnsafeFileError, match=rf"{newest.name}: refused to load this training checkpoint"):
+    with pytest.raises(UnsafeFileError, match=rf"{newest.name}: refused to load this training checkpoint"):
         Trainer(tiny_config(preprocessed_root, out, steps=20), resume=True)
     assert not marker.exists()
 
@@ -182,9 +187,9 @@ def test_atomic_writes_use_unique_temporary_names(tmp_path):
 
     def outer(fh):  # a second writer of the same file while the first is half-way
         fh.write(b"first")
-        uio.atomic_torch_save({"x": torch.ones(2)}, target)
+        atomic_torch_save({"x": torch.ones(2)}, target)
 
-    uio.atomic_write(target, outer)  # with a shared ".tmp" name the inner write would have taken the outer's file
+    atomic_write(target, outer)  # with a shared ".tmp" name the inner write would have taken the outer's file
     assert target.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
@@ -192,16 +197,16 @@ def test_atomic_writes_use_unique_temporary_names(tmp_path):
 def test_only_plain_objects_are_written(tmp_path):
     """What atomic_torch_save writes, torch.load(weights_only=True) reads; anything else is refused at write time."""
     doc = {"format": "x", "w": torch.ones(2), "meta": {"cfg": [1, 2.5, "a", None, (True,)]}, "dt": torch.float16}
-    path = uio.atomic_torch_save(doc, tmp_path / "ok.pt")
+    path = atomic_torch_save(doc, tmp_path / "ok.pt")
     assert torch.load(path, weights_only=True)["meta"] == doc["meta"]
     with pytest.raises(TypeError, match=r"\['meta'\]\['score'\]: numpy\.float32 is not a tensor or plain value"):
-        uio.atomic_torch_save({"meta": {"score": np.float32(1)}}, tmp_path / "bad.pt")
+        atomic_torch_save({"meta": {"score": np.float32(1)}}, tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
 
 
 def test_disk_full_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
     target = tmp_path / "ckpts" / "ckpt_00000003.pt"
-    uio.atomic_torch_save({"x": torch.zeros(3)}, target)
+    atomic_torch_save({"x": torch.zeros(3)}, target)
     before = target.read_bytes()
 
     class FullDisk:  # a file on a disk that fills up after 100 bytes
@@ -223,10 +228,10 @@ def test_disk_full_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
         def __exit__(self, *a):
             self.fh.close()
 
-    real = uio._open_temp
-    monkeypatch.setattr(uio, "_open_temp", lambda p: (lambda fh, tmp: (FullDisk(fh), tmp))(*real(p)))
+    real = atomic._open_temp  # atomic_torch_save writes through utils.core.atomic.atomic_write
+    monkeypatch.setattr(atomic, "_open_temp", lambda p: (lambda fh, tmp: (FullDisk(fh), tmp))(*real(p)))
     with pytest.raises(OSError, match=r"no space left on the device of .*ckpts while writing ckpt_00000003\.pt") as ei:
-        uio.atomic_torch_save({"x": torch.zeros(10000)}, target)
+        atomic_torch_save({"x": torch.zeros(10000)}, target)
     assert ei.value.errno == errno.ENOSPC
     assert [p.name for p in target.parent.iterdir()] == [target.name] and target.read_bytes() == before
     from utils.core.errors import error_line
@@ -244,8 +249,9 @@ def _train_cli(root: Path, out: Path, *extra: str, timeout: int = 300) -> subpro
 def test_second_run_into_a_locked_folder_is_refused(preprocessed_root, tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); from utils.core.io import FolderLock; "
-         f"FolderLock({str(out)!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+         f"from utils.core.locks import FolderLock; FolderLock({str(out)!r}).acquire(); print('held', flush=True); "
+         f"sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -258,7 +264,7 @@ def test_second_run_into_a_locked_folder_is_refused(preprocessed_root, tmp_path)
         holder.stdin.close()
         holder.wait(timeout=30)
     # the kernel dropped the lock with its holder: the folder is free again
-    with uio.FolderLock(out):
+    with FolderLock(out):
         pass
 
 
@@ -505,7 +511,7 @@ def test_output_claim_deletes_only_its_own_files(tmp_path, case):
     else:
         if case == "lock_held_by_other_process":
             holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                                       "from utils.core.io import FolderLock; FolderLock(sys.argv[2]).acquire(); "
+                                       "from utils.core.locks import FolderLock; FolderLock(sys.argv[2]).acquire(); "
                                        "print('held', flush=True); time.sleep(60)", str(REPO), str(out)],
                                       stdout=subprocess.PIPE, text=True)
             try:
@@ -541,11 +547,11 @@ def _writers():
 
     return [
         ("ply", "head.ply", ply),
-        ("png", "grid.png", lambda p: uio.save_image(p, np.full((8, 8, 3), 0.5, np.float32))),
-        ("mp4", "turntable.mp4", lambda p: uio.write_video(p, [np.full((16, 16, 3), 128, np.uint8)] * 3)),
+        ("png", "grid.png", lambda p: save_image(p, np.full((8, 8, 3), 0.5, np.float32))),
+        ("mp4", "turntable.mp4", lambda p: write_video(p, [np.full((16, 16, 3), 128, np.uint8)] * 3)),
         ("npz", "motion.npz", lambda p: save_nersemble_tracking(p, FlameParams.neutral(2))),
-        ("json", "metrics.json", lambda p: uio.atomic_write_json({"a": 1}, p)),
-        ("pt", "code.pt", lambda p: uio.atomic_torch_save({"w": torch.ones(3)}, p)),
+        ("json", "metrics.json", lambda p: atomic_write_json({"a": 1}, p)),
+        ("pt", "code.pt", lambda p: atomic_torch_save({"w": torch.ones(3)}, p)),
         ("preprocess_png", "cam_1.png", lambda p: preprocess_write(
             p, lambda t: cv2.imwrite(str(t), np.zeros((4, 4, 3), np.uint8)))),
     ]
@@ -608,7 +614,7 @@ def test_resume_removes_orphaned_temporaries(tmp_path):
     keep = [ckpt / "ckpt_00000100.pt", out / "notes.tmp", out / ".hidden", ckpt / f".x.pt.{os.getpid()}.00000000.tmp"]
     for p in orphans + keep:
         p.write_bytes(b"x")
-    fake = SimpleNamespace(lock=uio.FolderLock(out), out=out, ckpt_dir=ckpt)
+    fake = SimpleNamespace(lock=FolderLock(out), out=out, ckpt_dir=ckpt)
     try:
         Trainer._claim_output(fake, resume=True, overwrite=False)
     finally:

@@ -79,7 +79,7 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
 
     import animate
     from models.flame import load_tracking
-    from utils.core.io import fit_height
+    from utils.core.images import fit_height
 
     path, truth = driving_video
     common = ["--checkpoint", str(fit_model), "--identity", "300", "--motion", str(path), *SMALL,

@@ -364,7 +364,7 @@ def test_stale_subject_that_is_a_link_out_is_refused(tmp_path):
 @pytest.mark.parametrize("field,bad", [("subject_id", "../301"), ("subject_id", "/tmp"), ("sequence", "../../x"),
                                        ("sequence", ".."), ("serial", "../../../../evil"), ("serial", "/x")])
 def test_subject_paths_refuse_unsafe_names(synthetic_root, field, bad):
-    from utils.core.io import UnsafeNameError
+    from utils.core.names import UnsafeNameError
 
     root = synthetic_root / "subjects"
     with pytest.raises(UnsafeNameError):

@@ -150,7 +150,7 @@ def test_video_file_input(clip, fit_model, tmp_path, capsys):  # noqa: F811
     import cv2
 
     from track import main
-    from utils.core.io import write_video
+    from utils.core.video import write_video
 
     root, frames, lm = clip
     video = tmp_path / "clip.mp4"

@@ -28,7 +28,7 @@ from models.flame.params import (
     _rot_from_euler,
     axis_angle_to_matrix,
 )
-from utils.core.io import atomic_write
+from utils.core.atomic import atomic_write
 
 _NERSEMBLE_KEYS = ("shape", "expression", "translation", "jaw", "neck", "eyes")
 _VHAP_KEYS = ("shape", "expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")

@@ -28,15 +28,12 @@ from models.camera import Camera
 from models.geometry import head_pose, similarity_fit
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
+from utils.core.atomic import atomic_write_json
 from utils.core.config import Range
 from utils.core.device import resolve_device
-from utils.core.io import (
-    OutputClaim,
-    VideoStream,
-    atomic_write_json,
-    save_image,
-    to_uint8,
-)
+from utils.core.images import save_image, to_uint8
+from utils.core.locks import OutputClaim
+from utils.core.video import VideoStream
 from utils.data.code_file import FittedCode, colour_offsets, with_colour
 from utils.data.model_file import TrainedModel, load_model
 from utils.identity import (
@@ -126,7 +123,7 @@ def interpolate(cfg: InterpolationConfig, model: TrainedModel | None = None) -> 
     ``keyframes/key_<k>_<name>.ply`` with ``cfg.ply``) into ``cfg.out``.  Returns a summary dict.
 
     ``cfg.out`` is locked first (a second run into it stops at once); a folder holding files this run writes, or
-    files an earlier interpolate run recorded, is refused unless ``cfg.overwrite`` (utils.core.io.OutputClaim)."""
+    files an earlier interpolate run recorded, is refused unless ``cfg.overwrite`` (utils.core.locks.OutputClaim)."""
     with OutputClaim(cfg.out, "interpolate") as claim:
         return _interpolate(cfg, model, claim)
 

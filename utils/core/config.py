@@ -18,8 +18,8 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from utils.core.atomic import atomic_write_text
 from utils.core.errors import add_debug_flag
-from utils.core.io import atomic_write_text
 
 T = TypeVar("T")
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from models.camera import Camera
-from utils.core.io import atomic_write_text, safe_name
-from utils.core.io import image_size as stored_image_size
+from utils.core.atomic import atomic_write_text
+from utils.core.images import image_size as stored_image_size
+from utils.core.names import safe_name
 
 # Full-resolution NeRSemble frames are 2200 x 3208 (w x h, portrait); calibration refers to them.
 NERSEMBLE_CALIB_SIZE = (2200, 3208)

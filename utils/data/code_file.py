@@ -15,7 +15,7 @@ from models.camera import Camera
 from models.flame import FlameParams
 from models.gaussians import SH_C0, GaussianCloud
 from models.renderer import render_batch
-from utils.core.io import atomic_torch_save, load_tagged
+from utils.core.torch_files import atomic_torch_save, load_tagged
 from utils.data.model_file import TrainedModel
 
 CODE_FORMAT = "identity-field-code"

@@ -2,7 +2,8 @@
 without the training data (config, identity names, codes, template mesh, per-identity face meshes, weights).
 
 The file is a flat dict of tensors and plain Python values (no pickled classes), read with
-``torch.load(weights_only=True)`` (utils.core.io.safe_torch_load), so loading a model from someone else runs no code.
+``torch.load(weights_only=True)`` (utils.core.torch_files.safe_torch_load), so loading a model from someone else
+runs no code.
 New entries are added as further keys holding tensors, dicts of tensors or plain values; readers use ``doc.get``
 for keys that older files lack.  ``fingerprint`` is a SHA-256 of the weights (:func:`weights_fingerprint`): it is
 checked on load, and files derived from a model (code.pt) store it to name the model they belong to.
@@ -33,7 +34,7 @@ from models.flame import (
 )
 from models.identity_field import IdentityField, IdentityFieldConfig
 from models.mip_filter import set_render_filter
-from utils.core.io import atomic_torch_save, load_tagged
+from utils.core.torch_files import atomic_torch_save, load_tagged
 
 FORMAT_VERSION = 4  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity);
 #                    4: adds "sampling_rate" (per-vertex maximal sampling rate of the training cameras, Mip-Splatting)

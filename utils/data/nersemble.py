@@ -33,7 +33,8 @@ from torch import Tensor
 
 from models.camera import Camera
 from models.flame import load_tracking
-from utils.core.io import image_size, read_image, safe_name
+from utils.core.images import image_size, read_image
+from utils.core.names import safe_name
 from utils.data.camera_params import load_camera_params
 
 # The 16 NeRSemble cameras; the list index is the camera id used by the paper.
@@ -87,8 +88,8 @@ def list_subjects(root: str | os.PathLike) -> list[str]:
 
 def _read_image(path: Path, what: str, hint: str, size: tuple[int, int] | None, mode: str = "color",
                 expected: tuple[int, int] | None = None, uniform: bool = False) -> np.ndarray:
-    """A complete image file (utils.core.io.read_image) as float32 in [0, 1], RGB for colour, resized to ``size`` (w, h)
-    with INTER_AREA if given.
+    """A complete image file (utils.core.images.read_image) as float32 in [0, 1], RGB for colour, resized to ``size``
+    (w, h) with INTER_AREA if given.
 
     ``expected`` (w, h): the size the stored file must have (that of the photo it belongs to), else ValueError naming
     the file; with ``uniform`` a uniform scaling of it (same aspect ratio, e.g. a half-size mask) is accepted too."""
@@ -129,7 +130,7 @@ class NersembleSubject:
         image_folder: str = DEFAULT_IMAGE_FOLDER,
     ) -> None:
         self.root = Path(root)
-        # ids and names become folders that are read and written: one safe component each (utils.core.io.safe_name)
+        # ids and names become folders that are read and written: one safe component each (utils.core.names.safe_name)
         self.subject_id = safe_name(str(subject_id), "subject id", self.root)
         self.sequence = safe_name(sequence, "sequence name", self.root / self.subject_id)
         safe_name(image_folder, "image folder name", self.root / self.subject_id)

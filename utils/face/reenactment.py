@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.flame import FlameModel, FlameParams
 from utils.core.config import Range
-from utils.core.io import read_video_frames
+from utils.core.video import read_video_frames
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 from utils.face.landmarks import LandmarkDetector, LandmarkError
 from utils.motion import Motion
@@ -50,7 +50,7 @@ class ReenactConfig:
 def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: int = 0
                ) -> tuple[list[np.ndarray], np.ndarray, float]:
     """(RGB uint8 frames (H, W, 3), their indices in the video, frames per second) of frames start, start + stride,
-    ... (at most ``max_frames``; 0 = all): :func:`utils.core.io.read_video_frames`."""
+    ... (at most ``max_frames``; 0 = all): :func:`utils.core.video.read_video_frames`."""
     return read_video_frames(path, start=start, stride=stride, max_frames=max_frames)
 
 

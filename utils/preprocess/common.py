@@ -18,9 +18,9 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
+from utils.core.atomic import atomic_write_path
 from utils.core.config import Range, check_ranges, check_text, check_value
 from utils.core.errors import add_debug_flag, run_main
-from utils.core.io import atomic_write_path
 from utils.data.nersemble import DEFAULT_SEQUENCE, NersembleSubject, list_subjects
 
 DEFAULT_FLAME_DIR = "data"
@@ -168,7 +168,7 @@ def plan_outputs(paths: Sequence[Path], overwrite: bool, outputs: Outputs, label
 
 def atomic_write(path: Path, write: Callable[[Path], None], outputs: Optional[Outputs] = None) -> None:
     """Call ``write(tmp)`` for a temporary file next to ``path``, then rename it into place
-    (:func:`utils.core.io.atomic_write_path`: unique O_EXCL temporary with the same suffix, which writers such as
+    (:func:`utils.core.atomic.atomic_write_path`: unique O_EXCL temporary with the same suffix, which writers such as
     cv2.imwrite pick the format from; removed on failure) and record ``path`` in ``outputs``."""
     atomic_write_path(path, write)
     if outputs is not None:

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 
 from models.camera import Camera  # noqa: E402
 from models.flame import NUM_EXPRESSION, NUM_SHAPE, FlameParams, save_nersemble_tracking
-from utils.core.io import imread_file, imwrite_file, safe_name, safe_relative  # noqa: E402
+from utils.core.images import imread_file, imwrite_file  # noqa: E402
+from utils.core.names import safe_name, safe_relative
 from utils.data.camera_params import write_camera_params
 from utils.data.nersemble import (
     CALIBRATION_RELPATH,

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.renderer.mesh_raster import render_mask  # noqa: E402
 from utils.core.device import default_device
-from utils.core.io import imwrite_file, to_uint8  # noqa: E402
+from utils.core.images import imwrite_file, to_uint8  # noqa: E402
 from utils.data.nersemble import FACEMASK_SUFFIX, NersembleSubject  # noqa: E402
 from utils.face.masks import masked_photo, soft_mask  # noqa: E402
 from utils.preprocess.common import (  # noqa: E402

@@ -30,17 +30,12 @@ from models.flame import FlameParams, save_nersemble_tracking
 from models.posing import POSE_MODES, HeadAnimator, PosableIdentity, retarget
 from models.renderer import render_identities
 from utils.apps.animate.stream import animate_stream
+from utils.core.atomic import atomic_write_json
 from utils.core.config import Range
 from utils.core.device import resolve_device, synchronize
-from utils.core.io import (
-    OutputClaim,
-    VideoStream,
-    atomic_write_json,
-    fit_height,
-    read_video_frames,
-    save_image,
-    to_uint8,
-)
+from utils.core.images import fit_height, save_image, to_uint8
+from utils.core.locks import OutputClaim
+from utils.core.video import VideoStream, read_video_frames
 from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
@@ -204,7 +199,7 @@ def animate(cfg: AnimationConfig, model: TrainedModel | None = None) -> dict:
     """Animate one identity with one motion; writes into ``cfg.out`` (see the module docstring); returns a summary.
 
     ``cfg.out`` is locked first (a second run into it stops at once); a folder holding files this run writes, or
-    files an earlier animate run recorded, is refused unless ``cfg.overwrite`` (utils.core.io.OutputClaim)."""
+    files an earlier animate run recorded, is refused unless ``cfg.overwrite`` (utils.core.locks.OutputClaim)."""
     with OutputClaim(cfg.out, "animate") as claim:
         return _animate(cfg, model, claim)
 

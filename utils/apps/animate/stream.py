@@ -40,8 +40,9 @@ from torch import Tensor
 from models.flame import FlameParams, save_nersemble_tracking
 from models.posing import HeadAnimator, retarget
 from models.renderer import render_identities
+from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device, synchronize
-from utils.core.io import atomic_write_json, fit_height, save_image, to_uint8
+from utils.core.images import fit_height, save_image, to_uint8
 from utils.data.model_file import load_model
 from utils.face.frame_tracker import FrameTracker
 from utils.face.landmarks import LandmarkDetector, LandmarkError

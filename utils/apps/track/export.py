@@ -16,7 +16,8 @@ from models.geometry import head_pose, orbit_camera
 from models.renderer import render_batch
 from utils.apps.track.config import ExportConfig
 from utils.apps.track.targets import FitTarget
-from utils.core.io import safe_child, save_image, to_uint8
+from utils.core.images import save_image, to_uint8
+from utils.core.names import safe_child
 from utils.data.camera_params import write_camera_params
 from utils.data.code_file import FittedCode, code_cloud
 from utils.data.model_file import TrainedModel

@@ -32,9 +32,11 @@ from utils.apps.track.targets import (
     load_subject_target,
     load_wild_target,
 )
+from utils.core.atomic import atomic_write_json, atomic_write_text
 from utils.core.config import to_dict
 from utils.core.device import resolve_device, synchronize
-from utils.core.io import OutputClaim, atomic_write_json, atomic_write_text, write_video
+from utils.core.locks import OutputClaim
+from utils.core.video import write_video
 from utils.data.code_file import code_cloud, render_style, save_code
 from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import HELDOUT_IDENTITIES, list_subjects
@@ -58,7 +60,7 @@ def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str 
     """Fit one person (``cfg.subject_dir`` / ``subject_dir``, or ``cfg.image``) and write every output to ``out``.
 
     Returns the metrics dict that is also written to ``<out>/metrics.json``.  ``out`` is claimed before anything
-    else (utils.core.io.OutputClaim: locked, and a folder holding files this fit would write, or an earlier fit's, is
+    else (utils.core.locks.OutputClaim: locked, and a folder holding files this fit would write, or an earlier fit's, is
     refused unless ``cfg.overwrite``) so a clash ends the run at once, not after the fit; the outputs are one set
     whose record ``<out>/.track_outputs.json`` says ``"finished": true`` only after metrics.json, the last file.
     """

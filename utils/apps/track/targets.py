@@ -18,7 +18,7 @@ from models.camera import Camera
 from models.flame import FlameModel, load_tracking
 from models.renderer.mesh_raster import render_mask
 from utils.apps.track.config import FitConfig, TrackConfig
-from utils.core.io import read_image
+from utils.core.images import read_image
 from utils.data.camera_params import load_camera_params
 from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel
@@ -167,7 +167,7 @@ def projected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: T
 
 def read_photo(path: Path, what: str, gray: bool = False) -> np.ndarray:
     """(H, W, 3) RGB or, with ``gray``, (H, W, 1) float32 in [0, 1]; a missing, empty, truncated or undecodable file
-    is an error naming it (utils.core.io.read_image)."""
+    is an error naming it (utils.core.images.read_image)."""
     img = read_image(path, what, "gray" if gray else "color")
     return img[..., None] if gray else img
 

@@ -46,8 +46,10 @@ from utils.apps.track.export import turntable
 from utils.apps.track.fit import photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import frame_flame, projected_face_mask
+from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
-from utils.core.io import atomic_write_json, read_image, to_uint8, write_video
+from utils.core.images import read_image, to_uint8
+from utils.core.video import write_video
 from utils.data.camera_params import write_camera_params
 from utils.data.code_file import (
     FittedCode,

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from utils.apps.train.distributed import on_main
+from utils.core.atomic import remove_orphan_temps
 from utils.core.config import to_dict
-from utils.core.io import FolderLock, UnsafeFileError, atomic_torch_save, remove_orphan_temps, safe_torch_load
+from utils.core.locks import FolderLock
+from utils.core.torch_files import UnsafeFileError, atomic_torch_save, safe_torch_load
 
 # What a training run writes into --out (a fresh run refuses a folder holding any of them unless told to overwrite).
 RUN_OUTPUTS = ("model.pt", "metrics.json", "eval_heldout_views.png", "checkpoints/ckpt_*.pt",

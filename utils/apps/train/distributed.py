@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from models.identity_field import IdentityField
 from utils.core.device import resolve_device
-from utils.core.io import FolderInUseError, UnsafeFileError
+from utils.core.locks import FolderInUseError
+from utils.core.torch_files import UnsafeFileError
 
 T = TypeVar("T")
 

@@ -41,8 +41,10 @@ from utils.apps.train.checkpoints import (
 )
 from utils.apps.train.config import PRECISIONS, TRAIN_RANGES, LossConfig, OptimConfig, TrainConfig, validate_config
 from utils.apps.train.distributed import device_name, init_distributed, launched_by_torchrun, on_main, training_module
+from utils.core.atomic import atomic_write_json
 from utils.core.config import to_dict
-from utils.core.io import FolderLock, atomic_write_json, save_image_grid
+from utils.core.images import save_image_grid
+from utils.core.locks import FolderLock
 from utils.data.dataset import MultiViewDataset
 from utils.data.model_file import save_model
 from utils.face.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
@@ -185,7 +187,7 @@ def log_eval(writer, metrics: dict, step: int, out: Path) -> None:
 class Trainer:
     """Owns data, network, optimiser, checkpoints and logs of one training run.
 
-    The output folder ``cfg.out`` is locked for the process (utils.core.io.FolderLock) from construction until
+    The output folder ``cfg.out`` is locked for the process (utils.core.locks.FolderLock) from construction until
     :meth:`close` (called at the end of :meth:`run`); a fresh run (no ``resume``) refuses a folder that already holds
     a run (RUN_OUTPUTS) unless ``overwrite``, which first removes those files.  ``resume`` continues from the newest
     readable checkpoint (older ones are tried when the newest is damaged, with a message).

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
-from utils.core.io import UnsafeFileError
+from utils.core.torch_files import UnsafeFileError
 
 T = TypeVar("T")
 _SERVE_PATCH = threading.Lock()

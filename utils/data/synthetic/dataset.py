@@ -31,7 +31,9 @@ from models.flame import (
     save_nersemble_tracking,
 )
 from models.gaussians import GaussianCloud
-from utils.core.io import atomic_write_json, imwrite_file, safe_child, safe_name
+from utils.core.atomic import atomic_write_json
+from utils.core.images import imwrite_file
+from utils.core.names import safe_child, safe_name
 from utils.data.camera_params import load_camera_params, write_camera_params
 from utils.data.nersemble import (
     CALIBRATION_RELPATH,
@@ -82,9 +84,10 @@ def _key_of(info: dict) -> dict:
 
 
 def _read_dataset_json(path: Path) -> dict:
-    """synthetic_info.json or .synthetic_pending.json, with every subject id checked by :func:`utils.core.io.safe_name`
-    (the ids become folder names under subjects/ that are read, replaced and deleted: "../x" must never reach
-    shutil.rmtree).  ValueError naming the file for anything else than a JSON object with lists of ids."""
+    """synthetic_info.json or .synthetic_pending.json, with every subject id checked by
+    :func:`utils.core.names.safe_name` (the ids become folder names under subjects/ that are read, replaced and
+    deleted: "../x" must never reach shutil.rmtree).
+    ValueError naming the file for anything else than a JSON object with lists of ids."""
 
     try:
         doc = json.loads(path.read_text())
