@@ -98,6 +98,6 @@ class FrameTracker:
         cfg = self.cold_cfg if self.previous is None else self.warm_cfg
         res = fit_flame_to_landmarks(self.flame, LandmarkTargets(pts, self.image_size, irises=iris), cfg,
                                      shape=self.shape, init=self.previous, previous=self.previous,
-                                     landmark_flame=self.lf)
+                                     landmark_flame=self.lf, tracking=True)
         self.previous = res.params.to("cpu")
         return self.previous, float(res.errors[0])

@@ -77,16 +77,88 @@ class LandmarkFlame:
         # RMS landmark displacement of each blendshape (metres per coefficient), for the fit's preconditioning
         self.basis_rms = self.shapedirs[:len(sub)].square().sum(1).mean(0).sqrt()  # (400,)
 
-    def shaped(self, shape: Tensor) -> "LandmarkFlame":
+    def shaped(self, shape: Tensor, cache: bool = False) -> "LandmarkFlame":
         """A copy with the identity ``shape`` (1, 300) folded into the template: its forward takes ``shape=None`` and
-        evaluates only the 100 expression blendshapes (a quarter of the work; for fits with a known shape)."""
+        evaluates only the 100 expression blendshapes (a quarter of the work; for fits with a known shape).
+        ``cache``: keep the copy and return it again for an equal shape (the per-frame tracker's fits)."""
         from copy import copy
 
+        key = getattr(self, "_shaped_cache", None)
+        if cache and key is not None and key[0].shape == shape.shape and torch.equal(key[0], shape):
+            return key[1]
         out = copy(self)
         sd = self.shapedirs
         out.v_template = self.v_template + sd[..., :NUM_SHAPE] @ shape.reshape(-1).to(sd)
         out.shapedirs = sd[..., NUM_SHAPE:].contiguous()
+        out.shape_folded = True
+        # what posed_with_jacobian gathers per call, laid out once: the pose correctives of the jaw and eye joints
+        # (3 joints, 9 rotation-matrix entries, V, 3) and the joints' expression blendshapes (5, 3, 100)
+        V = out.v_template.shape[0]
+        out.posedirs_jaw_eyes = self.posedirs.reshape(4, 9, V, 3)[1:].contiguous()
+        out.joint_dirs = out.shapedirs[self.num_sub:]
+        out.joint_template = out.v_template[self.num_sub:]
+        out._shaped_cache = None
+        if cache:
+            self._shaped_cache = (shape.detach().clone(), out)
         return out
+
+    shape_folded = False  # True on the copies made by :meth:`shaped`
+
+    def corners(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Sub-model vertex ids (T, 70, 3) and barycentric weights (T, 70, 3) of the 68 iBUG landmarks (contour rows
+        ``rows`` (T,), then the static ones) and the 2 pupils (one vertex, weight 1): the points of :meth:`forward`."""
+        T = rows.shape[0]
+        dev = self.static_tri.device
+        ids = torch.cat([self.dyn_tri[rows], self.static_tri.expand(T, -1, -1),
+                         self.pupils.reshape(1, 2, 1).expand(T, -1, 3)], 1)
+        one = torch.tensor([1.0, 0.0, 0.0], dtype=self.dtype, device=dev).expand(T, 2, 3)
+        bary = torch.cat([self.dyn_bary[rows], self.static_bary.expand(T, -1, -1), one], 1)
+        return ids, bary
+
+    def posed_with_jacobian(self, expression: Tensor, jaw: Tensor, eyes: Tensor, rows: Tensor, jacobian: bool = True
+                            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The 68 landmarks and 2 pupils of :meth:`forward` (model space, zero neck) with their exact Jacobians,
+        written out instead of taken by autograd: only on a :meth:`shaped` copy and with contour rows ``rows`` (T,).
+
+        With the global and neck rotations zero, smplx's linear blend skinning of a vertex v (shaped + pose
+        correctives) reduces to x = v + sum_k w_k (R_k - I)(v - J_k) over the jaw and eye joints k, so x is linear in
+        the expression (through v and the joints J_k) and only the three joint rotations enter non-linearly
+        (their derivative: :func:`rotation_jacobian`).
+
+        expression (T, E) (the first E <= 100 coefficients; the rest are zero), jaw (T, 3), eyes (T, 6) (left, right)
+        -> points (T, 70, 3), d points / d expression (T, 70, 3, E), d points / d (jaw, eyes) (T, 70, 3, 9)
+        (None without ``jacobian``)."""
+        from smplx.lbs import batch_rodrigues
+
+        if not self.shape_folded or not self.has_contour:
+            raise ValueError("LandmarkFlame.posed_with_jacobian needs a shaped() copy with a dynamic contour embedding")
+        T, E = expression.shape
+        ids, bary = self.corners(rows)  # (T, 70, 3)
+        ids, bary = ids.reshape(T, -1), bary.reshape(T, 70, 3)
+        Sd = self.shapedirs[..., :E][ids]  # (T, N, 3, E) expression blendshapes of the corners
+        SJ = self.joint_dirs[2:, :, :E]  # (3, 3, E) of the jaw and eye joints
+        v = self.v_template[ids] + torch.einsum("tnae,te->tna", Sd, expression)  # (T, N, 3) shaped corners
+        J = self.joint_template[2:] + torch.einsum("kae,te->tka", SJ, expression)  # (T, 3, 3) joint positions
+        aa = torch.stack([jaw, eyes[:, :3], eyes[:, 3:]], 1).reshape(-1, 3)  # (T * 3, 3)
+        R = batch_rodrigues(aa).reshape(T, 3, 3, 3)
+        eye3 = torch.eye(3, dtype=v.dtype, device=v.device)
+        D = R - eye3  # (T, k, 3, 3)
+        P = self.posedirs_jaw_eyes[:, :, ids]  # (k, 9, T, N, 3)
+        v = v + torch.einsum("tki,kitna->tna", D.reshape(T, 3, 9), P)  # + pose correctives (the neck's are zero)
+        w = self.lbs_weights[ids][..., 2:]  # (T, N, k) skinning weights of the jaw and eye joints
+        x = v + torch.einsum("tnk,tkab,tnkb->tna", w, D, v[:, :, None] - J[:, None])
+        pts = (x.reshape(T, 70, 3, 3) * bary[..., None]).sum(2)
+        if not jacobian:
+            return pts, None, None
+        A = eye3 + torch.einsum("tnk,tkab->tnab", w, D)  # (T, N, 3, 3) d x / d v
+        dx_e = torch.einsum("tnab,tnbe->tnae", A, Sd) - torch.einsum("tnk,tkab,kbe->tnae", w, D, SJ)
+        dR = rotation_jacobian(aa, R.reshape(-1, 3, 3)).reshape(T, 3, 3, 3, 3)  # d R / d axis-angle per joint
+        dv = torch.einsum("tkip,kitna->tkpna", dR.reshape(T, 3, 9, 3), P)  # (T, k, 3, N, 3) pose correctives
+        dx_p = torch.einsum("tnab,tkpnb->tnakp", A, dv) + torch.einsum("tnk,tkabp,tnkb->tnakp", w, dR,
+                                                                        v[:, :, None] - J[:, None])
+        d_e = (dx_e.reshape(T, 70, 3, 3, E) * bary[:, :, :, None, None]).sum(2)
+        d_p = (dx_p.reshape(T, 70, 3, 3, 9) * bary[:, :, :, None, None]).sum(2)
+        return pts, d_e, d_p
 
     def forward(self, shape: Tensor | None, expression: Tensor, neck: Tensor, jaw: Tensor, eyes: Tensor,
                 rotation: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -127,6 +199,26 @@ class LandmarkFlame:
         rows, _ = find_dynamic_lmk_idx_and_bcoords(full.new_zeros(T, 1, 3), full.reshape(T, -1), table,
                                                    self.dyn_bary, self.neck_kin_chain, pose2rot=False)
         return rows[:, 0]
+
+
+def _skew(v: Tensor) -> Tensor:
+    """(..., 3) -> (..., 3, 3) cross-product matrices [v]x."""
+    x, y, z = v.unbind(-1)
+    o = torch.zeros_like(x)
+    return torch.stack([o, -z, y, z, o, -x, -y, x, o], -1).reshape(v.shape + (3,))
+
+
+def rotation_jacobian(aa: Tensor, R: Tensor) -> Tensor:
+    """d R / d aa of the Rodrigues rotation R (N, 3, 3) of axis-angle vectors aa (N, 3) -> (N, 3, 3, 3), the last
+    index the parameter: dR/d aa_i = ((aa_i [aa]x + [aa x (I - R) e_i]x) / |aa|^2) R (Gallego & Yezzi, "A compact
+    formula for the derivative of a 3-D rotation in exponential coordinates", 2015), [e_i]x at |aa| ~ 0."""
+    n2 = aa.square().sum(-1)[:, None, None, None]  # (N, 1, 1, 1)
+    eye = torch.eye(3, dtype=aa.dtype, device=aa.device)
+    ImR_e = (eye - R).transpose(1, 2)  # (N, i, 3): row i = (I - R) e_i
+    M = aa[:, :, None, None] * _skew(aa)[:, None] + _skew(torch.cross(aa[:, None].expand_as(ImR_e), ImR_e, dim=-1))
+    small = n2 < 1e-12
+    gen = torch.where(small, _skew(eye).expand(aa.shape[0], -1, -1, -1), M / torch.where(small, 1.0, n2))
+    return (gen @ R[:, None]).permute(0, 2, 3, 1)
 
 
 def project(points: Tensor, R: Tensor, t: Tensor, focal: Tensor, image_size: tuple[int, int]) -> Tensor:
