@@ -104,7 +104,10 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor, surface
     s2 = scales * scales
     filtered = s2 + var
     per_axis = s2 / filtered  # increasing in s: the smallest axis has the smallest ratio
-    ratio = per_axis.prod(-1)  # det Sigma / det Sigma' (per axis, no catastrophic product of tiny numbers)
+    # det Sigma / det Sigma' (per axis, no catastrophic product of tiny numbers).  Written out rather than
+    # ``prod(-1)``: prod's backward counts zeros with a host sync (``.item()``), which stalls every training step
+    # and makes CUDA-graph capture of the backward fail (cudaErrorStreamCaptureUnsupported).
+    ratio = per_axis[..., 0] * per_axis[..., 1] * per_axis[..., 2]
     if surface:
         ratio = ratio / per_axis.min(-1).values.clamp_min(1e-30)  # leave the flat (normal) axis out
     return filtered.sqrt(), opacities * ratio.sqrt()
