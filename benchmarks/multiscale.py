@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (atomically)")
     p.add_argument("--filter_2d", action="append", default=[],
                    help="LABEL=EPS: render that model with this 2D filter instead of its stored one (0: classic)")
+    p.add_argument("--compensation", action="append", default=[],
+                   help="LABEL=MODE: render that model's 2D filter with this opacity compensation (opacity or "
+                        "optical_depth) instead of its stored render_compensation")
     p.add_argument("--save_images", default="", help="folder for one view per model and scale: render | GT | holes")
     return p
 
@@ -113,7 +116,8 @@ def _eye_masks(data, base_vertices, cams, face):
 
 @torch.no_grad()
 def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: int, n_views: int,
-            backend: str, save_images: str = "", filter_2d: dict[str, float] | None = None) -> dict:
+            backend: str, save_images: str = "", filter_2d: dict[str, float] | None = None,
+            compensation: dict[str, str] | None = None) -> dict:
     results: dict = {"scales": scales, "models": {}, "hole_alpha": HOLE_ALPHA}
     first = load_model(next(iter(models.values())))
     views = _face_views(data_root, first, n_ids)
@@ -124,6 +128,8 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
 
             set_render_filter(filter_2d[label])
             model.filter_2d = filter_2d[label] or None
+        if compensation and label in compensation:  # an experiment: another opacity compensation of the 2D filter
+            set_render_filter(R.FILTER_2D, compensation[label])
         rows = {}
         for s in scales:
             t0 = time.perf_counter()
@@ -171,6 +177,7 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                   f"inner {row['holes_inner']:.4f} "
                   f"(gt {row['gt_holes']:.4f}) eyes {row['psnr_eyes']} [{row['seconds']:.0f} s]", flush=True)
         results["models"][label] = {"path": str(path), "filter_2d": model.filter_2d,
+                                    "compensation": R.FILTER_2D_COMPENSATION if model.filter_2d else None,
                                     "filter_3d": model.field.cfg.filter_3d if model.field.filter_variance is not None
                                     else 0.0, "rows": rows}
     return results
@@ -210,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         if label not in models:
             raise SystemExit(f"--filter_2d {spec!r}: no --model labelled {label!r}")
         f2d[label] = float(val)
+    comp = {}
+    for spec in args.compensation:
+        label, _, mode = spec.partition("=")
+        if label not in models:
+            raise SystemExit(f"--compensation {spec!r}: no --model labelled {label!r}")
+        comp[label] = mode
     res = measure(models, args.data_root, args.scales, args.identities, args.views, args.backend, args.save_images,
-                  f2d)
+                  f2d, comp)
     res["machine"] = f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, backend {args.backend}"
     md = to_markdown(res)
     print(md)
