@@ -24,8 +24,8 @@ class LossConfig:
     offset_reg: float = 1e-3  # weight of the squared Gaussian offsets (edge units): keeps Gaussians on the surface
     scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
     eye_weight: float = 0.0  # weight of an extra L1 term inside each view's eye regions (utils/face/regions.py; 0: off)
-    alpha_weight: float = 0.0  # weight of mean |rendered alpha - face mask| (an opaque surface inside the mask; 0: off)
-    rim_band: int = 0  # training pixels just outside the face mask left unsupervised (colour and alpha; 0: none)
+    alpha_weight: float = 0.0  # weight of mean |rendered alpha - face mask| (opaque inside the mask; cpu preset 0.1)
+    rim_band: int = 0  # training px just outside the face mask left unsupervised (colour, alpha; cpu preset 1)
 
 
 @dataclass
