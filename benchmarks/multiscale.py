@@ -14,7 +14,12 @@ Per scale it reports, inside each view's projected face mask (the face-mask mesh
   (a band that is 10-20 % of a 64 px face at 1x); this measures the holes in the surface itself;
 * ``psnr_inner``: PSNR inside that eroded mask (at 1/4 and 1/2 scale the rim is a third of a 10-20 px face, and
   a model's alpha there decides the plain PSNR);
-* ``psnr_eyes``: PSNR inside the eye regions (utils/face/regions.py) when the data has FLAME's eye landmarks.
+* ``psnr_eyes``: PSNR inside the eye regions (utils/face/regions.py) when the data has FLAME's eye landmarks;
+* ``ring_alpha``: the mean rendered alpha in the ring of ``ceil(scale)`` pixels just outside the face mask (how far a
+  model paints past the mask's rim; the ground truth's head goes on there, the masked training photos are black);
+* ``psnr_area`` (``--area_gt N``, scales below 1 only): face PSNR against the ground truth rendered at N times the
+  scale and area-averaged down (Mip-Splatting's zoom-out ground truth), next to ``psnr``'s ground truth rendered
+  directly at the low resolution with 3DGS's classic 0.3 px^2 dilation.
 
 Each model renders with the filters stored with it (``load_model`` sets the renderer's 2D filter; the identity field
 applies its 3D filter).  Usage (repository root)::
@@ -65,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="write OUT.json and OUT.md (atomically)")
     p.add_argument("--filter_2d", action="append", default=[],
                    help="LABEL=EPS: render that model with this 2D filter instead of its stored one (0: classic)")
+    p.add_argument("--compensation", action="append", default=[],
+                   help="LABEL=MODE: render that model's 2D filter with this opacity compensation (opacity or "
+                        "optical_depth) instead of its stored render_compensation")
+    p.add_argument("--area_gt", type=int, default=0,
+                   help="also score scales below 1 against the GT rendered at N x the scale and area-averaged (0: off)")
     p.add_argument("--save_images", default="", help="folder for one view per model and scale: render | GT | holes")
     return p
 
@@ -113,7 +123,8 @@ def _eye_masks(data, base_vertices, cams, face):
 
 @torch.no_grad()
 def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: int, n_views: int,
-            backend: str, save_images: str = "", filter_2d: dict[str, float] | None = None) -> dict:
+            backend: str, save_images: str = "", filter_2d: dict[str, float] | None = None,
+            compensation: dict[str, str] | None = None, area_gt: int = 0) -> dict:
     results: dict = {"scales": scales, "models": {}, "hole_alpha": HOLE_ALPHA}
     first = load_model(next(iter(models.values())))
     views = _face_views(data_root, first, n_ids)
@@ -124,11 +135,13 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
 
             set_render_filter(filter_2d[label])
             model.filter_2d = filter_2d[label] or None
+        if compensation and label in compensation:  # an experiment: another opacity compensation of the 2D filter
+            set_render_filter(R.FILTER_2D, compensation[label])
         rows = {}
         for s in scales:
             t0 = time.perf_counter()
             acc = {"psnr": [], "psnr_inner": [], "ssim": [], "holes": [], "holes_inner": [], "gt_holes": [],
-                   "psnr_eyes": []}
+                   "psnr_eyes": [], "ring_alpha": [], "psnr_area": []}
             for name, idx, cams, gt_cloud, base, data in views:
                 cams_s = [c.scaled(s) for c in (cams[:n_views] if n_views else cams)]
                 key = (name, s)
@@ -139,14 +152,28 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                     R.FILTER_2D = saved
                     face = torch.stack([render_mask(base, data.base_faces, c) for c in cams_s]).unsqueeze(-1).float()
                     eyes = _eye_masks(data, base, cams_s, face)
-                    gt_cache[key] = (gt["image"].clamp(0, 1), gt["alpha"], face, _erode(face, math.ceil(s)), eyes)
-                gimg, galpha, face, inner, eyes = gt_cache[key]
+                    r = math.ceil(s)  # one training pixel
+                    ring = F.max_pool2d(face.permute(0, 3, 1, 2), 2 * r + 1, stride=1, padding=r).permute(0, 2, 3, 1)
+                    area = None
+                    if area_gt and s < 1:
+
+                        saved, R.FILTER_2D = R.FILTER_2D, None
+                        big_cams = [c.scaled(s * area_gt) for c in (cams[:n_views] if n_views else cams)]
+                        big = render_batch(gt_cloud, big_cams, backend=backend)["image"].clamp(0, 1)
+                        R.FILTER_2D = saved
+                        area = F.avg_pool2d(big.permute(0, 3, 1, 2), area_gt).permute(0, 2, 3, 1)
+                    gt_cache[key] = (gt["image"].clamp(0, 1), gt["alpha"], face, _erode(face, math.ceil(s)), eyes,
+                                     ring - face, area)
+                gimg, galpha, face, inner, eyes, ring, area = gt_cache[key]
                 verts = model.vertices(model.base_vertices[idx:idx + 1])
                 cloud = model.field(model.field.codes.weight[idx:idx + 1], verts)[0]
                 out = render_batch(cloud, cams_s, backend=backend)
                 pred, alpha = out["image"].clamp(0, 1), out["alpha"]
                 acc["psnr"] += psnr(pred, gimg, mask=face, reduction="none").tolist()
                 acc["psnr_inner"] += psnr(pred, gimg, mask=inner, reduction="none").tolist()
+                acc["ring_alpha"] += ((alpha * ring).sum((1, 2, 3)) / ring.sum((1, 2, 3)).clamp_min(1)).tolist()
+                if area is not None and area.shape == pred.shape:
+                    acc["psnr_area"] += psnr(pred, area, mask=face, reduction="none").tolist()
                 if min(pred.shape[1:3]) >= 11:
                     acc["ssim"] += ssim_metric(pred * face, gimg * face, reduction="none").tolist()
                 n_face = face.sum((1, 2, 3)).clamp_min(1)
@@ -171,6 +198,7 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                   f"inner {row['holes_inner']:.4f} "
                   f"(gt {row['gt_holes']:.4f}) eyes {row['psnr_eyes']} [{row['seconds']:.0f} s]", flush=True)
         results["models"][label] = {"path": str(path), "filter_2d": model.filter_2d,
+                                    "compensation": R.FILTER_2D_COMPENSATION if model.filter_2d else None,
                                     "filter_3d": model.field.cfg.filter_3d if model.field.filter_variance is not None
                                     else 0.0, "rows": rows}
     return results
@@ -180,8 +208,9 @@ def to_markdown(res: dict) -> str:
     labels = list(res["models"])
     ref = labels[0]
     lines = ["| model | scale | size | PSNR face (dB) | d PSNR vs " + ref + " | PSNR, rim excluded | SSIM "
-             "| holes (alpha<0.9) | holes, rim excluded | GT holes | PSNR eyes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| holes (alpha<0.9) | holes, rim excluded | GT holes | PSNR eyes | alpha, ring outside mask "
+             "| PSNR vs area-averaged GT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, p: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
     for lab in labels:
         for s, r in res["models"][lab]["rows"].items():
@@ -190,7 +219,7 @@ def to_markdown(res: dict) -> str:
                          f"{r['psnr_inner']:.2f} | "
                          f"{fmt(r['ssim'], 4)} | {100 * r['holes']:.2f} % | {100 * r['holes_inner']:.2f} % | "
                          f"{100 * r['gt_holes']:.2f} % | "
-                         f"{fmt(r['psnr_eyes'], 2)} |")
+                         f"{fmt(r['psnr_eyes'], 2)} | {fmt(r.get('ring_alpha'), 3)} | {fmt(r.get('psnr_area'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -210,8 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         if label not in models:
             raise SystemExit(f"--filter_2d {spec!r}: no --model labelled {label!r}")
         f2d[label] = float(val)
+    comp = {}
+    for spec in args.compensation:
+        label, _, mode = spec.partition("=")
+        if label not in models:
+            raise SystemExit(f"--compensation {spec!r}: no --model labelled {label!r}")
+        comp[label] = mode
     res = measure(models, args.data_root, args.scales, args.identities, args.views, args.backend, args.save_images,
-                  f2d)
+                  f2d, comp, args.area_gt)
     res["machine"] = f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, backend {args.backend}"
     md = to_markdown(res)
     print(md)

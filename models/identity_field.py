@@ -68,6 +68,7 @@ class IdentityFieldConfig:
     filter_3d_surface: bool = True  # 3D filter opacity compensation over the two largest axes only (false: all 3)
     filter_2d: float = 0.1  # Mip-Splatting 2D mip filter, px^2 (0: 3DGS's 0.3 px^2 dilation, no compensation)
     render_filter_2d: float = 0.3  # 2D mip filter (px^2) the tools render a trained model with (0: filter_2d)
+    render_compensation: str = "optical_depth"  # its opacity compensation: optical_depth or opacity (renderer settings)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -113,7 +113,13 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor, surface
     return filtered.sqrt(), opacities * ratio.sqrt()
 
 
-def set_render_filter(filter_2d: float | None) -> None:
+def set_render_filter(filter_2d: float | None, compensation: str | None = None) -> None:
     """Make ``filter_2d`` (px^2; None or 0: 3DGS's classic 0.3 px^2 dilation without compensation) the renderer's
-    process-wide default 2D filter, as the tools do when they load a model (models.renderer.FILTER_2D)."""
+    process-wide default 2D filter, as the tools do when they load a model (models.renderer.FILTER_2D), and, when
+    given, its opacity ``compensation`` ("opacity" or "optical_depth": models.renderer.FILTER_2D_COMPENSATION)."""
+    if compensation is not None and compensation not in renderer.settings.COMPENSATIONS:
+        raise ValueError(f"2D filter compensation must be one of {renderer.settings.COMPENSATIONS}, got "
+                         f"{compensation!r}")
     renderer.FILTER_2D = float(filter_2d) if filter_2d else None
+    if compensation is not None:
+        renderer.FILTER_2D_COMPENSATION = compensation

@@ -131,3 +131,37 @@ def test_module_does_not_import_torchvision():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=__file__.rsplit("/tests/", 1)[0], check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_rim_band_is_the_ring_outside_the_mask():
+    from utils.losses import rim_band
+
+    mask = torch.zeros(2, 3, 9, 9, 1)
+    mask[:, :, 3:6, 3:6] = 1  # a 3x3 square
+    band = rim_band(mask, 1)
+    assert band.shape == mask.shape and band.dtype == mask.dtype
+    assert float(band.sum()) == 2 * 3 * (25 - 9)  # the 5x5 square around it minus the square
+    assert float((band * mask).sum()) == 0  # never inside the mask
+    assert float(rim_band(mask, 2).sum()) == 2 * 3 * (49 - 9)
+    assert float(rim_band(mask, 0).abs().sum()) == 0
+    with pytest.raises(ValueError, match="width must be >= 0"):
+        rim_band(mask, -1)
+
+
+def test_coverage_loss_value_gradient_and_ignored_pixels():
+    from utils.losses import coverage_loss, rim_band
+
+    mask = torch.zeros(1, 8, 8, 1)
+    mask[:, 2:6, 2:6] = 1
+    alpha = (mask * 0.75).requires_grad_(True)  # a see-through surface inside the mask, nothing outside
+    loss = coverage_loss(alpha, mask)
+    assert math.isclose(float(loss), 0.25 * 16 / 64, rel_tol=1e-6)
+    loss.backward()
+    assert float(alpha.grad[0, 3, 3, 0]) < 0  # gradient descent raises alpha inside the mask
+    # alpha spilling into the ignored ring costs nothing; the same spill further out does
+    band = rim_band(mask, 1)
+    spill = mask + band
+    assert float(coverage_loss(spill, mask, band)) == 0
+    assert float(coverage_loss(spill, mask)) > 0
+    with pytest.raises(ValueError, match="alpha and mask must both be"):
+        coverage_loss(torch.zeros(1, 8, 8, 3), torch.zeros(1, 8, 8, 3))

@@ -184,6 +184,7 @@ def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(tra
     m = load_model(path)
     assert m.config["model"]["filter_2d"] == pytest.approx(0.1)  # trained with 0.1 px^2, rendered with 0.3 px^2
     assert m.filter_2d == pytest.approx(0.3) and R.FILTER_2D == pytest.approx(0.3)
+    assert R.FILTER_2D_COMPENSATION == "optical_depth"  # the model's render_compensation
     assert torch.equal(m.field.sampling_rate, rate) and m.field.filter_variance is not None
     verts = m.vertices(m.base_vertices[:1])
     filt = m.field(m.field.codes.weight[:1], verts)[0]
@@ -212,3 +213,41 @@ def test_model_pt_stores_the_sampling_rate_and_old_files_load_without_filter(tra
     load_model(tmp_path / "old2.pt")
     out = capsys.readouterr().out
     assert out.count("no stored sampling rate") == 1
+
+
+def test_optical_depth_compensation_keeps_an_opaque_surface_opaque_when_zoomed_out(monkeypatch):
+    """``FILTER_2D_COMPENSATION``: "opacity" (o r) and "optical_depth" (1 - (1 - o)^r) agree for a faint Gaussian;
+    for an opaque surface of overlapping Gaussians seen from far away (every footprint far below the filter),
+    o r lets the composited alpha sink while 1 - (1 - o)^r keeps it near 1."""
+    from models.renderer.common import compensate_opacity
+
+    o, r = torch.tensor([0.01, 0.9, 0.99]), torch.tensor(0.2)
+    faint_od, faint_op = compensate_opacity(o, r, "optical_depth")[0], compensate_opacity(o, r, "opacity")[0]
+    assert float(faint_od) == pytest.approx(float(faint_op), rel=0.01)
+    assert bool((compensate_opacity(o, r, "optical_depth") >= compensate_opacity(o, r, "opacity")).all())
+    assert float(compensate_opacity(o, torch.tensor(1.0), "optical_depth")[1]) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="FILTER_2D_COMPENSATION must be one of"):
+        compensate_opacity(o, r, "area")
+    # a 20x20 grid of opaque (0.95) Gaussians 1 mm apart, 1 mm wide: a surface; seen from 2 m at 60 px focal its
+    # Gaussians are ~0.03 px, the whole patch under a pixel
+    n = 20
+    g = torch.linspace(-0.01, 0.01, n)
+    xy = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    means = torch.cat([xy, torch.zeros(len(xy), 1)], 1)
+    quats = torch.tensor([[1.0, 0, 0, 0]]).expand(len(xy), 4)
+    surf = GaussianCloud.from_rgb(means, quats, torch.full((len(xy), 3), 1e-3), torch.full((len(xy),), 0.95),
+                                  torch.ones(len(xy), 3))
+    far = _cam(width=9, height=9, eye=(0.0, 0.0, 2.0), f=60.0)
+    near = _cam(width=41, height=41, eye=(0.0, 0.0, 0.05), f=600.0)
+    peak = {}
+    for mode in R.settings.COMPENSATIONS:
+        monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", mode)
+        peak[mode] = float(R.render(surf, far, backend="torch", filter_2d=0.3)["alpha"].max())
+        # close up the footprints dwarf the filter: both modes give the same image
+        peak[mode, "near"] = R.render(surf, near, backend="torch", filter_2d=0.3)["alpha"]
+    assert peak["optical_depth"] > 0.9 > peak["opacity"] + 0.1, peak
+    assert torch.allclose(peak["optical_depth", "near"], peak["opacity", "near"], atol=0.02)
+    set_render_filter(0.3, "optical_depth")
+    assert R.FILTER_2D == pytest.approx(0.3) and R.FILTER_2D_COMPENSATION == "optical_depth"
+    with pytest.raises(ValueError, match="compensation must be one of"):
+        set_render_filter(0.3, "box")

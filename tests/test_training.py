@@ -56,6 +56,35 @@ def test_eye_term_closes_the_eye_gap(preprocessed_root, tmp_path):
     assert on["psnr_heldout_views"] - on["psnr_eyes_heldout_views"] <= 1.0, on
 
 
+def test_alpha_weight_and_rim_band(preprocessed_root, tmp_path):
+    """loss.alpha_weight asks for an opaque surface inside the face mask; loss.rim_band leaves the ring just
+    outside the mask unsupervised (no gradient reaches the prediction there)."""
+    from utils.apps.train.trainer import loss_terms
+
+    tr = Trainer(tiny_config(preprocessed_root, tmp_path, **{"loss.alpha_weight": 0.5, "loss.rim_band": 1}))
+    terms = tr.train_step()
+    assert 0 < float(terms["alpha"]) < 1
+    # loss_terms on a hand-made batch: one 16x16 view, the mask a 4x4 square
+    lc = tr.cfg.loss
+    mask = torch.zeros(1, 1, 16, 16, 1)
+    mask[..., 6:10, 6:10, :] = 1
+    gt = mask.expand(1, 1, 16, 16, 3) * 0.5
+    pred = torch.full((1, 1, 16, 16, 3), 0.3, requires_grad=True)
+    alpha = torch.full((1, 1, 16, 16, 1), 0.6, requires_grad=True)
+    aux = {"offset": torch.zeros(1, 4, 3), "log_scale_delta": torch.zeros(1, 4, 3), }
+    out = loss_terms(lc, pred, gt, aux, alpha=alpha, mask=mask)
+    out["loss"].backward()
+    band = torch.zeros(16, 16, dtype=torch.bool)
+    band[5:11, 5:11] = True
+    band[6:10, 6:10] = False
+    assert float(pred.grad[0, 0][band].abs().sum()) == 0  # the ring: no colour gradient
+    assert float(alpha.grad[0, 0][band].abs().sum()) == 0  # ... and no alpha gradient
+    assert float(pred.grad[0, 0, 0, 0].abs().sum()) > 0  # beyond it: black is still asked for
+    assert float(alpha.grad[0, 0, 7, 7, 0]) < 0  # inside the mask: alpha is pushed up
+    with pytest.raises(ValueError, match="need the views' face masks"):
+        loss_terms(lc, pred, gt, aux, alpha=alpha)
+
+
 def _losses(cfg, steps):
     tr = Trainer(cfg, resume=True)
     return [float(tr.train_step()["loss"]) for _ in range(steps - tr.step)], tr

@@ -11,6 +11,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from pytorch_msssim import ssim as _msssim_ssim
 from torch import Tensor
 
@@ -18,7 +19,8 @@ from utils.fused_ssim import fused_ssim, triton_available
 
 log = logging.getLogger(__name__)
 
-__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "masked_ssim", "lpips_metric"]
+__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "masked_ssim", "lpips_metric", "rim_band",
+           "coverage_loss"]
 
 
 # ------------------------------------------------------------------ shape helpers
@@ -59,6 +61,40 @@ def l1(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
         return diff.mean()
     m = _check_mask(mask, pred, "l1")
     return (diff * m).sum() / (m.expand_as(diff).sum()).clamp_min(1.0)
+
+
+def rim_band(mask: Tensor, width: int) -> Tensor:
+    """The ring of pixels just outside a face mask: ``mask`` (..., H, W, 1) in {0, 1} dilated by ``width`` pixels
+    (square neighbourhood) minus the mask itself; same shape and dtype (0 everywhere when ``width`` is 0).
+
+    Why: the projected face mask cuts a surface that goes on (forehead, cheeks, neck) at a hard, pixel-centre-sampled
+    edge.  The photo is black just outside it, so supervising those pixels teaches the model's alpha to fall off
+    *inside* the mask's true (sub-pixel) edge, which shows as a band of see-through rim when the head is rendered
+    larger, and as a dark, faded rim on a face of a few pixels.
+    """
+    if width < 0:
+        raise ValueError(f"rim_band: width must be >= 0 pixels, got {width}")
+    if width == 0:
+        return torch.zeros_like(mask)
+    m = mask.reshape(-1, *mask.shape[-3:]).movedim(-1, 1)  # (N, 1, H, W)
+    grown = F.max_pool2d(m.float(), 2 * width + 1, stride=1, padding=width)
+    return (grown - m.float()).clamp_min(0).movedim(1, -1).reshape(mask.shape).to(mask.dtype)
+
+
+def coverage_loss(alpha: Tensor, mask: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Mean |alpha - mask| (scalar) of rendered alpha (..., H, W, 1) against the face mask (..., H, W, 1), over the
+    pixels where ``ignore`` (same shape; e.g. :func:`rim_band`) is 0.
+
+    Why: on photos masked onto black only colour x alpha is supervised, so a model can trade opacity for brighter
+    colour and leave a see-through surface; that translucency does not hold when the head is rendered at another
+    size (the overlap of its Gaussians changes), which shows as holes and a faded face.  This term asks for an
+    opaque surface inside the mask.
+    """
+    if alpha.shape != mask.shape or alpha.shape[-1] != 1:
+        raise ValueError(f"coverage_loss: alpha and mask must both be (..., H, W, 1), got {tuple(alpha.shape)} and "
+                         f"{tuple(mask.shape)}")
+    keep = None if ignore is None else 1.0 - ignore.to(alpha.dtype)
+    return l1(alpha, mask.to(alpha.dtype), keep)
 
 
 _WIN_CACHE: dict[tuple, Tensor] = {}

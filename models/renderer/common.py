@@ -142,3 +142,20 @@ def _resolve_filter(filter_2d) -> float | None:
         raise ValueError(f"filter_2d must be a positive variance in px^2 (or None for the classic 0.3 px^2 "
                          f"dilation), got {f}")
     return f
+
+
+def compensate_opacity(opac: Tensor, ratio: Tensor, mode: str | None = None) -> Tensor:
+    """The 2D mip filter's opacity compensation (see ``settings.FILTER_2D_COMPENSATION``, the default of ``mode``).
+
+    Args:
+        opac: (..., N) opacities in (0, 1); ratio: broadcastable, sqrt(det S / det(S + eps I)) in [0, 1].
+    Returns:
+        (..., N) compensated opacities, differentiable in both.
+    """
+    mode = settings.FILTER_2D_COMPENSATION if mode is None else mode
+    if mode == "opacity":
+        return opac * ratio
+    if mode == "optical_depth":
+        # 1 - (1 - o)^r with o capped at the rasterizer's largest alpha (finite optical depth and gradient)
+        return -torch.expm1(ratio * torch.log1p(-opac.clamp_max(settings.MAX_ALPHA)))
+    raise ValueError(f"models.renderer.FILTER_2D_COMPENSATION must be one of {settings.COMPENSATIONS}, got {mode!r}")

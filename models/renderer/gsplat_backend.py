@@ -13,7 +13,7 @@ from torch import Tensor
 from models.camera import Camera, stack_cameras
 from models.gaussians import GaussianCloud
 from models.renderer import settings
-from models.renderer.common import _C0
+from models.renderer.common import _C0, _warn_once
 
 
 def _gsplat_colors(cloud: GaussianCloud, w2c: Tensor) -> Tensor:
@@ -53,6 +53,11 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
         (W, H), = sizes
     else:
         K, w2c, W, H = stacked if stacked is not None else stack_cameras([c.to(cloud.device) for c in cameras])
+    if filter_2d is not None and settings.FILTER_2D_COMPENSATION != "opacity":
+        # gsplat 1.5.3 multiplies opacities by its compensation inside rasterization(); the optical-depth form
+        # needs a per-camera opacity there (not yet done: the GPU renders zoomed-out heads with "opacity")
+        _warn_once(f"gsplat backend: the 2D filter compensates opacity (o r), not by "
+                   f"{settings.FILTER_2D_COMPENSATION!r} (use torch for that compensation)")
     bg = None if background is None else background.to(cloud.means).expand(*K.shape[:-2], 3)
     colors, alphas, _ = rasterization(
         means=cloud.means,

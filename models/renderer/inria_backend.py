@@ -13,6 +13,7 @@ from torch import Tensor
 
 from models.camera import Camera
 from models.gaussians import GaussianCloud
+from models.renderer import settings as render_settings
 from models.renderer.common import _warn_once
 
 
@@ -83,6 +84,9 @@ def _render_inria(cloud: GaussianCloud, cameras: Sequence[Camera], background: T
     if filter_2d is not None and abs(filter_2d - 0.3) > 1e-9:
         _warn_once(f"inria backend: its antialiasing kernel dilates by a fixed 0.3 px^2, not the model's "
                    f"{filter_2d} px^2 (use gsplat or torch for the exact filter)")
+    if filter_2d is not None and render_settings.FILTER_2D_COMPENSATION != "opacity":
+        _warn_once(f"inria backend: its antialiasing kernel compensates opacity (o r), not by "
+                   f"{render_settings.FILTER_2D_COMPENSATION!r} (use torch for that compensation)")
     g = _inria_inputs(cloud)
     bg = torch.zeros(3, device=dev) if background is None else background.to(dev, torch.float32)
     black = torch.zeros(3, device=dev)

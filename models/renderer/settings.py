@@ -18,6 +18,15 @@ BLUR_EPS = 0.3  # screen-space dilation (px^2) that keeps every footprint at lea
 # sqrt(det S / det(S + eps I)).  Process-wide like MAX_ALPHA; the tools set it from the loaded model
 # (models.mip_filter.set_render_filter), training passes its own value explicitly.
 FILTER_2D: float | None = None
+# How the 2D mip filter compensates a footprint's opacity o by the determinant ratio r = sqrt(det S / det(S + eps I)):
+# "opacity": o r (Mip-Splatting, gsplat's antialiased mode: keeps a single faint Gaussian's integral);
+# "optical_depth": 1 - (1 - o)^r (scales the Gaussian's optical depth -log(1 - o) by r instead).  The two agree for
+# faint Gaussians (o r for small o); for an opaque surface seen smaller than it was trained, many footprints overlap
+# and "opacity" lets their composited alpha sink below 1 (1 - (1 - o r)^k < 1 - (1 - o)^(r k)), a see-through,
+# darkened face on a few pixels; "optical_depth" keeps an opaque surface opaque.  The torch backend honours both;
+# gsplat and inria apply their built-in "opacity" (a one-time notice).  The tools set it from the loaded model.
+FILTER_2D_COMPENSATION: str = "opacity"
+COMPENSATIONS = ("opacity", "optical_depth")
 TILE = 4  # torch backend tile side; small tiles waste few pixel-Gaussian candidates on a CPU
 # Per-candidate floats kept from forward for backward (2 per candidate); beyond this they are recomputed per chunk.
 STORE_LIMIT_BYTES = 1 << 30

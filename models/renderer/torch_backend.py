@@ -19,7 +19,7 @@ from torch import Tensor
 from models.camera import Camera, stack_cameras
 from models.gaussians import GaussianCloud, quat_to_rotmat
 from models.renderer import settings
-from models.renderer.common import eval_sh
+from models.renderer.common import compensate_opacity, eval_sh
 
 _LOG_T_STOP = math.log(settings.TRANSMITTANCE_STOP)
 
@@ -74,7 +74,7 @@ def _project_cameras(cloud: GaussianCloud, cameras: Sequence[Camera], filter_2d:
     opac = cloud.opacities.unsqueeze(0).expand(len(cameras), -1)
     if filter_2d is not None:  # Mip-Splatting's 2D mip filter keeps each footprint's integral: opacity compensation
         det_orig = cov2d[..., 0, 0] * cov2d[..., 1, 1] - b * b
-        opac = opac * torch.sqrt((det_orig / det_s).clamp_min(0.0))
+        opac = compensate_opacity(opac, torch.sqrt((det_orig / det_s).clamp_min(0.0)))
     with torch.no_grad():
         ok = ok & (opac >= settings.ALPHA_THRESHOLD)
         # Opacity-aware box: beyond it every alpha is under 1/255, so culling there changes nothing.

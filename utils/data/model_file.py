@@ -234,7 +234,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     # Rendered with render_filter_2d (benchmarks/results/multiscale_cpu_render_eps.md: a model trained with 0.1 px^2
     # and rendered with 0.3 px^2 scored higher at every scale); a model trained with the classic dilation keeps it.
     filter_2d = (mcfg.render_filter_2d or mcfg.filter_2d) if mcfg.filter_2d > 0 else None
-    set_render_filter(filter_2d)  # every tool renders the model with the 2D filter it was trained with
+    set_render_filter(filter_2d, mcfg.render_compensation)  # every tool renders the model with its 2D filter
     encoder, notice = load_encoder_entry(doc, path, device)
     if notice:
         import sys

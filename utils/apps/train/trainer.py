@@ -48,7 +48,7 @@ from utils.core.locks import FolderLock
 from utils.data.dataset import MultiViewDataset
 from utils.data.model_file import save_model
 from utils.face.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
-from utils.losses import l1, lpips_available, lpips_loss, psnr, ssim
+from utils.losses import coverage_loss, l1, lpips_available, lpips_loss, psnr, rim_band, ssim
 
 # names importers take from here (train.py, benchmarks/, tests/): the run's config and the distributed entry points
 __all__ = ["CHECKPOINT_KEYS", "PRECISIONS", "RUN_OUTPUTS", "TRAIN_RANGES", "LossConfig", "OptimConfig", "TrainConfig",
@@ -129,12 +129,28 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
-def loss_terms(lc: LossConfig, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None) -> dict[str, Tensor]:
+def loss_terms(lc: LossConfig, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None,
+               alpha: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
     """Loss terms of predictions and targets (B, C, h, w, 3) weighted by ``lc``; ``eyes`` (B, C, h, w, 1): the
-    views' eye regions; ``aux``: the field's forward extras (for its regularisers).  ``loss``: the weighted total."""
+    views' eye regions; ``aux``: the field's forward extras (for its regularisers); ``alpha`` (B, C, h, w, 1): the
+    rendered alpha and ``mask`` (B, C, h, w, 1) in {0, 1}: the views' face masks (needed by ``lc.alpha_weight``
+    and ``lc.rim_band``).  ``loss``: the weighted total."""
+    if (lc.alpha_weight > 0 or lc.rim_band > 0) and mask is None:
+        raise ValueError("loss.alpha_weight / loss.rim_band need the views' face masks (loss_terms(mask=...))")
+    band = rim_band(mask, lc.rim_band) if lc.rim_band > 0 else None
+    if band is not None:
+        # the ring just outside the mask is no data (the surface goes on there; the photo is black only because it
+        # was cut): the target's value there stands in for the prediction, so no gradient flows from it
+        pred = torch.where(band > 0, gt, pred)
     terms = {"l1": l1(pred, gt), "ssim": ssim(pred.flatten(0, 1), gt.flatten(0, 1))}
+    if lc.alpha_weight > 0:
+        if alpha is None:
+            raise ValueError("loss.alpha_weight needs the rendered alpha (loss_terms(alpha=...))")
+        terms["alpha"] = coverage_loss(alpha, mask, band)
     regs = IdentityField.regularizers(aux)
     total = lc.l1_weight * terms["l1"] + lc.ssim_weight * (1.0 - terms["ssim"])
+    if "alpha" in terms:
+        total = total + lc.alpha_weight * terms["alpha"]
     if eyes is not None and lc.eye_weight > 0:
         terms["l1_eyes"] = l1(pred, gt, eyes)
         total = total + lc.eye_weight * terms["l1_eyes"]
@@ -274,16 +290,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def render_views(self, clouds, ids: Tensor, views: Tensor, on_device: tuple[Tensor, Tensor] | None = None,
-                     depth: bool = True) -> tuple[Tensor, Tensor]:
+                     depth: bool = True, with_alpha: bool = False):
         """Render (B, C) views of B identities (one rasterizer call on gsplat); predictions and targets
         (B, C, h, w, 3).  ``ids``/``views`` on the host; ``on_device``: their device copies if already made;
-        ``depth=False``: the loss needs no depth channel (gsplat then blends 3 channels instead of 4)."""
+        ``depth=False``: the loss needs no depth channel (gsplat then blends 3 channels instead of 4);
+        ``with_alpha``: also return the rendered alpha (B, C, h, w, 1) as a third value."""
         if on_device is None:
             on_device = (to_device(ids, self.device), to_device(views, self.device))
         d_ids, d_views = on_device
         gt = self.data.images[d_ids[:, None], d_views].float() / 255.0
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
         out = render_identities(clouds, cams, backend=self.cfg.backend, depth=depth, filter_2d=self.filter_2d)
+        if with_alpha:
+            return out["image"], gt, out["alpha"]
         return out["image"], gt
 
     def train_step(self) -> dict[str, Tensor]:
@@ -299,9 +318,12 @@ class Trainer:
                             enabled=self.cfg.precision == "bf16" and self.device.type == "cuda"):
             clouds, aux = self.module(d_ids, self.vertices(d_ids))
         clouds = clouds.to(torch.float32) if self.cfg.precision == "bf16" else clouds  # the rasterizers take fp32
-        pred, gt = self.render_views(clouds, ids, views, (d_ids, d_views), depth=False)
+        pred, gt, alpha = self.render_views(clouds, ids, views, (d_ids, d_views), depth=False, with_alpha=True)
         eyes = self.eye_masks[d_ids[:, None], d_views].float() if self.eye_masks is not None else None
-        terms = loss_terms(self.cfg.loss, pred, gt, aux, eyes)
+        lc = self.cfg.loss
+        mask = (self.data.masks[d_ids[:, None], d_views] > 127).float() if lc.alpha_weight > 0 or lc.rim_band > 0 \
+            else None
+        terms = loss_terms(lc, pred, gt, aux, eyes, alpha, mask)
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.cfg.optim.grad_clip > 0:
