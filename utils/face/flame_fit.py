@@ -96,10 +96,9 @@ class FlameFitConfig:
     temporal_std_jaw: float = 0.1  # std of the jaw and eye rotations' change between frames, radians
     temporal_std_expression: float = 1.0  # std of the expression coefficients' change between frames
     wide_stage: bool = True  # run the non-rigid stage first with the wide robust scale (off: warm-started tracking)
-    # wide_stage off: run it anyway when the median static-landmark error at the start exceeds this many narrow robust
-    # scales (the motion outran the warm start; beyond the scale the robust loss has almost no gradient and the narrow
-    # solve stalls where it started: measured on a keyframe video, a tracker stuck at 29 px); 0: never
-    far_start: float = 1.0
+    # far_start: the motion outran the warm start; beyond the robust scale the loss has almost no gradient and the
+    # narrow solve stalls where it started (measured on a keyframe video: a tracker stuck at 29 px)
+    far_start: float = 1.0  # wide_stage off: run it anyway if the start's median error > this many robust scales
     max_rejections: int = 0  # give up after this many rejected LM steps in a row (0: until the damping reaches 1e10)
     tolerance: float = 1e-6  # stop a stage when an accepted step lowers the loss by less than this fraction
     contour_passes: int = 3  # most narrow-scale solves, re-looking up the jaw-contour rows after each
