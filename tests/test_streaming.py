@@ -148,3 +148,57 @@ def test_stream_flags_are_checked(fit_model, tmp_path, capsys):  # noqa: F811
     for flag in ("--stream ", "--stream_workers", "--stream_queue", "--stream_fit_device", "--stream_iterations",
                  "--stream_realtime"):
         assert flag in text, flag
+
+
+class _FakeCapture:
+    """cv2.VideoCapture stand-in: a camera that opens (``opens``) and delivers ``frames`` 8x6 BGR frames."""
+
+    opened: list = []
+
+    def __init__(self, source, opens: bool = True, frames: int = 3):
+        _FakeCapture.opened.append(source)
+        self.source, self.opens, self.left = source, opens, frames
+
+    def isOpened(self):  # noqa: N802  (OpenCV's name)
+        return self.opens
+
+    def get(self, prop):
+        return 30.0
+
+    def read(self):
+        if self.left <= 0:
+            return False, None
+        self.left -= 1
+        frame = np.zeros((6, 8, 3), dtype=np.uint8)
+        frame[..., 0] = 10 * self.left  # B: the RGB frame's last channel
+        return True, frame
+
+    def release(self):
+        self.left = 0
+
+
+def test_camera_index_opens_that_device_and_a_missing_one_fails_in_one_line(monkeypatch, tmp_path, capsys):
+    """--motion 3 --stream opens OpenCV camera device 3 (an int, not a file named "3"); a device that does not open
+    stops animate.py with one line naming the index before the model is read (the checkpoint here does not exist); an
+    opened camera delivers its frames in order as RGB, paced by the camera itself (never by --stream_realtime)."""
+    import cv2
+
+    import animate
+    from utils.apps.animate.stream import FrameSource
+
+    _FakeCapture.opened = []
+    monkeypatch.setattr(cv2, "VideoCapture", lambda src: _FakeCapture(src, opens=False))
+    with pytest.raises(SystemExit):
+        animate.main(["--checkpoint", str(tmp_path / "never_read.pt"), "--out", str(tmp_path / "o"), "--motion", "3",
+                      "--stream", "--progress", "false", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert _FakeCapture.opened == [3]
+    assert "camera device 3" in err and "--motion 3" in err and len(err.splitlines()) == 1, err
+
+    monkeypatch.setattr(cv2, "VideoCapture", lambda src: _FakeCapture(src, opens=True, frames=3))
+    src = FrameSource("1", realtime=True)
+    got = list(src)
+    src.close()
+    assert _FakeCapture.opened[-1] == 1 and src.camera and not src.realtime and src.name == "camera 1"
+    assert [i for i, _ in got] == [0, 1, 2] and got[0][1].shape == (6, 8, 3)
+    assert [int(rgb[0, 0, 2]) for _, rgb in got] == [20, 10, 0]  # BGR -> RGB, in the order read

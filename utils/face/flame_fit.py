@@ -96,6 +96,9 @@ class FlameFitConfig:
     temporal_std_jaw: float = 0.1  # std of the jaw and eye rotations' change between frames, radians
     temporal_std_expression: float = 1.0  # std of the expression coefficients' change between frames
     wide_stage: bool = True  # run the non-rigid stage first with the wide robust scale (off: warm-started tracking)
+    # far_start: the motion outran the warm start; beyond the robust scale the loss has almost no gradient and the
+    # narrow solve stalls where it started (measured on a keyframe video: a tracker stuck at 29 px)
+    far_start: float = 1.0  # wide_stage off: run it anyway if the start's median error > this many robust scales
     max_rejections: int = 0  # give up after this many rejected LM steps in a row (0: until the damping reaches 1e10)
     tolerance: float = 1e-6  # stop a stage when an accepted step lowers the loss by less than this fraction
     contour_passes: int = 3  # most narrow-scale solves, re-looking up the jaw-contour rows after each
@@ -108,7 +111,7 @@ class FlameFitConfig:
               "rigid_robust_scale": Range(0, lo_open=True), "contour_weight": Range(0), "iris_weight": Range(0),
               "temporal_weight": Range(0), "temporal_std_rotation": Range(0, lo_open=True),
               "temporal_std_translation": Range(0, lo_open=True), "temporal_std_jaw": Range(0, lo_open=True),
-              "temporal_std_expression": Range(0, lo_open=True)}
+              "temporal_std_expression": Range(0, lo_open=True), "far_start": Range(0)}
 
 
 @dataclass
@@ -603,14 +606,27 @@ def _rigid_stage(p: FitProblem) -> float:
     return _levenberg_marquardt(p, pose_f, no_s, _contour_rows(p), p.scale_wide, True, p.cfg.rigid_iterations)
 
 
+def _far_start(p: FitProblem) -> float:
+    """The largest over the frames of the median static-landmark error at the current variables, in narrow robust
+    scales (how far a warm start is from its targets: above 1, most points sit where the robust loss is flat)."""
+    with torch.no_grad():
+        F, S = p.X.to(p.dev, p.dt), p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
+        _, uv = _frame_residuals(p, F, S, p.frame_of, _contour_rows(p), p.scale_narrow, False)
+        err = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1) / p.iod[:, None]  # (T, 51) IOD units
+        err = torch.where(p.wts[:, 17:] > 0, err, torch.full_like(err, float("nan")))
+        return float((err.nanmedian(dim=1).values / p.scale_narrow[:, 0]).nan_to_num(0.0).max())
+
+
 def _non_rigid_stage(p: FitProblem, losses: dict[str, float]) -> None:
-    """Every variable (pose, expression, jaw, eyes, shape, focal): first with the wide robust scale (``wide_stage``),
-    then with the narrow one, solved again while the jaw-contour rows (which jump with the head's yaw) move, at most
-    ``contour_passes`` times.  Writes the losses ``non_rigid_wide`` and ``non_rigid``."""
+    """Every variable (pose, expression, jaw, eyes, shape, focal): first with the wide robust scale (``wide_stage``, or
+    a start more than ``far_start`` narrow scales away: :func:`_far_start`), then with the narrow one, solved again
+    while the jaw-contour rows (which jump with the head's yaw) move, at most ``contour_passes`` times.
+    Writes the losses ``non_rigid_wide`` (when the wide stage ran) and ``non_rigid``."""
     cfg = p.cfg
     all_f, all_s = torch.ones(p.Qf, dtype=torch.bool), torch.ones(p.Qs, dtype=torch.bool)
-    n = max(1, cfg.iterations // 2) if cfg.wide_stage else cfg.iterations
-    if cfg.wide_stage:
+    wide = cfg.wide_stage or (cfg.far_start > 0 and _far_start(p) > cfg.far_start)
+    n = max(1, cfg.iterations // 2) if wide else cfg.iterations
+    if wide:
         losses["non_rigid_wide"] = _levenberg_marquardt(p, all_f, all_s, _contour_rows(p), p.scale_wide, False, n)
     rows = _contour_rows(p)
     for _ in range(max(1, cfg.contour_passes)):

@@ -49,9 +49,10 @@ class FrameTracker:
         self.shape = shape.detach().reshape(1, NUM_SHAPE).to("cpu", torch.float32)
         self.focal = float(focal)
         self.cold_cfg = replace(cfg, focal=self.focal, fit_focal=False)
-        # a warm start is close to the optimum: no rigid stage, no wide-scale stage, an iteration that cannot improve
-        # stops after a few rejected steps instead of raising the damping to 1e10 (most of the time otherwise), a
-        # looser stopping tolerance, and at most one re-solve after the jaw-contour rows moved (not up to two; with
+        # a warm start is close to the optimum: no rigid stage, no wide-scale stage unless the motion outran the warm
+        # start (cfg.far_start: on a keyframe video the narrow solve alone stalled at 29 px), an iteration that cannot
+        # improve stops after a few rejected steps instead of raising the damping to 1e10 (most of the time otherwise),
+        # a looser stopping tolerance, and at most one re-solve after the jaw-contour rows moved (not up to two; with
         # none, the rows lag a frame and the head turn with them: r 0.978 instead of 0.999 on the test motion)
         self.warm_cfg = replace(self.cold_cfg, rigid_iterations=0, iterations=iterations or cfg.iterations,
                                 wide_stage=False, max_rejections=3, tolerance=1e-4, contour_passes=2)
