@@ -16,8 +16,8 @@ from tests.training_fixtures import preprocessed_root  # noqa: F401
 
 CLIP_FRAMES = 12
 FAST = ["--progress", "false", "--device", "cpu", "--flame_fit.iterations", "20", "--fit.iterations", "30",
-        "--fit.colour_iterations", "10", "--video_refine.iterations", "10", "--export.turntable_frames", "4",
-        "--export.turntable_size", "32"]
+        "--fit.colour_iterations", "10", "--video_refine.iterations", "10", "--video_refine.flame", "true",
+        "--export.turntable_frames", "4", "--export.turntable_size", "32"]
 
 
 @pytest.fixture(scope="module")

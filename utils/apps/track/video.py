@@ -320,7 +320,7 @@ def track_video(cfg: TrackConfig) -> dict:
         refined = refine_video(model, w_fit, flame, train, held, fparams, {t: views[t] for t in train}, cfg.fit,
                                cfg.video_refine, cfg.video_batch, cfg.backend, cfg.progress,
                                {t: views[t] for t in held} if cfg.progress else None)
-        colour, gaussians, colour_losses = refined.colour, refined.gaussians, refined.losses
+        w_fit, colour, gaussians, colour_losses = refined.w, refined.colour, refined.gaussians, refined.losses
         bases.update({t: b.to(device) for t, b in refined.bases.items()})
         fparams.update({t: p.to("cpu") for t, p in refined.params.items()})
         allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])

@@ -2,7 +2,8 @@
 fixed, jointly and with Adam, on batches of training frames,
 
     colour     the per-vertex RGB residual of the level-0 face-mask vertices (the colour stage of
-               utils/apps/track/fit.py: Laplacian smoothness + L2 towards zero, fit.colour_* settings)
+               utils/apps/track/fit.py: Laplacian smoothness + L2 towards zero, fit.colour_* settings; unlike the
+               photo's, not held at zero on the mask's boundary rings: that cost the novel views 0.02-0.09 dB here)
     gaussians  a per-Gaussian residual (V, K, 7) of the network's pre-activation position offset, log-scale and
                opacity (models.identity_field.RESIDUAL_CHANNELS, IdentityField.add_residual): L2 towards zero (the
                prior: the frozen network's Gaussians) per group plus a Laplacian smoothness over the subdivided mesh
@@ -46,10 +47,12 @@ JAW_SIGMA = 0.05
 
 @dataclass
 class RefineResult:
-    """What the refinement gives: colour (M, 3) or None, gaussians (V, K, 7) or None, FlameParams (T = 1) and level-0
+    """What the refinement gives: the style w (S,) (refined with ``style_lr`` > 0, else the input), colour (M, 3)
+    or None, gaussians (V, K, 7) or None, FlameParams (T = 1) and level-0
     face-mask vertices (M, 3) of every frame (training frames refined, held-out frames corrected from their
     neighbours), losses, held-out PSNR history (progress bar only) and the corrections' sizes."""
 
+    w: Tensor
     colour: Tensor | None
     gaussians: Tensor | None
     params: dict[int, FlameParams]
@@ -74,10 +77,11 @@ class _FrameCorrections(torch.nn.Module):
     """Corrections of the tracked FLAME of n frames: rotation (axis-angle, applied before the tracked rotation),
     translation (in camera distances), expression and jaw; zero at the start."""
 
-    def __init__(self, params: FlameParams, distance: float, rot: bool, trans: bool, expr: bool, jaw: bool) -> None:
+    def __init__(self, params: FlameParams, distance: float, rot: bool, trans: bool, expr: bool, jaw: bool,
+                 zero_mean: bool = False) -> None:
         super().__init__()
         n, dev = params.num_frames, params.device
-        self.params, self.distance = params, distance
+        self.params, self.distance, self.zero_mean = params, distance, zero_mean
         self.rot = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=rot)
         self.trans = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=trans)
         self.expr = torch.nn.Parameter(torch.zeros_like(params.expression), requires_grad=expr)
@@ -85,17 +89,26 @@ class _FrameCorrections(torch.nn.Module):
 
     def posed(self, idx: Tensor | list[int] | None = None, values: dict[str, Tensor] | None = None) -> FlameParams:
         """The corrected FlameParams of frames ``idx`` (all: None), with ``values`` instead of the parameters."""
-        v = values or {"rot": self.rot, "trans": self.trans, "expr": self.expr, "jaw": self.jaw}
+        v = values or self.values()
         p = self.params if idx is None else self.params.frames(idx)
         pick = (lambda x: x) if idx is None or values is not None else (lambda x: x[idx])
         return replace(p, rotation_matrix=axis_angle_to_matrix(pick(v["rot"])) @ p.rotation_matrix,
                        translation=p.translation + pick(v["trans"]) * self.distance,
                        expression=p.expression + pick(v["expr"]), jaw=p.jaw + pick(v["jaw"]))
 
+    def values(self) -> dict[str, Tensor]:
+        """The corrections (n, ...) by name; with ``zero_mean`` the head rotation and translation minus their mean
+        over the frames (a common shift of every frame's head would trade off against the per-Gaussian residual)."""
+        v = {"rot": self.rot, "trans": self.trans, "expr": self.expr, "jaw": self.jaw}
+        if self.zero_mean:
+            v["rot"], v["trans"] = self.rot - self.rot.mean(0), self.trans - self.trans.mean(0)
+        return v
+
     def prior(self, idx: list[int]) -> Tensor:
         """Mean over frames ``idx`` of the squared corrections in units of their scales (ROT_SIGMA, ...)."""
-        return ((self.rot[idx] / ROT_SIGMA).square().sum(-1) + (self.trans[idx] / TRANS_SIGMA).square().sum(-1)
-                + (self.expr[idx] / EXPR_SIGMA).square().sum(-1) + (self.jaw[idx] / JAW_SIGMA).square().sum(-1)).mean()
+        v = self.values()
+        return ((v["rot"][idx] / ROT_SIGMA).square().sum(-1) + (v["trans"][idx] / TRANS_SIGMA).square().sum(-1)
+                + (v["expr"][idx] / EXPR_SIGMA).square().sum(-1) + (v["jaw"][idx] / JAW_SIGMA).square().sum(-1)).mean()
 
 
 def _batches(n: int, batch: int, seed: int):
@@ -140,9 +153,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     distance = float((cam0.center.to(dev) - tp.translation[0]).norm())
     fl = cfg.flame and cfg.iterations > 0
     corr = _FrameCorrections(tp, distance, fl and cfg.flame_rotation, fl and cfg.flame_translation,
-                             fl and cfg.flame_expression, fl and cfg.flame_jaw).to(dev)
+                             fl and cfg.flame_expression, fl and cfg.flame_jaw, cfg.flame_zero_mean).to(dev)
+    wvar = w.detach().clone().requires_grad_(cfg.style_lr > 0)
     with torch.no_grad():
-        raw0 = f.synthesize_raw(w[None]).float()  # (1, V, K, C): the style is fixed, the network runs once
+        raw0 = f.synthesize_raw(w[None]).float()  # (1, V, K, C): with the style fixed the network runs once
     M = len(model.mask_ids)
     colour = torch.zeros(M, 3, device=dev, requires_grad=bool(fit.refine_colour))
     gauss = torch.zeros(f.num_vertices, f.K, len(RESIDUAL_CHANNELS), device=dev, requires_grad=bool(cfg.gaussians))
@@ -151,6 +165,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         groups.append({"params": [colour], "lr": fit.colour_lr})
     if cfg.gaussians:
         groups.append({"params": [gauss], "lr": cfg.gaussian_lr})
+    if cfg.style_lr > 0:
+        groups.append({"params": [wvar], "lr": cfg.style_lr})
     if fl:
         groups += [{"params": [corr.rot, corr.jaw], "lr": cfg.flame_lr},
                    {"params": [corr.trans], "lr": cfg.flame_lr},
@@ -162,7 +178,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     gw = torch.tensor([cfg.offset_weight] * 3 + [cfg.scale_weight] * 3 + [cfg.opacity_weight], device=dev)
 
     def clouds(params_b: FlameParams, col: Tensor | None, gs: Tensor | None) -> GaussianCloud:
-        raw = raw0 if gs is None else f.add_residual(raw0, gs)
+        raw = f.synthesize_raw(wvar[None]).float() if cfg.style_lr > 0 else raw0
+        raw = raw if gs is None else f.add_residual(raw, gs)
         c = f.attach(raw, model.vertices(face(params_b)))  # (B, N)
         return c if col is None else with_colour(c, colour_offsets(model, col))
 
@@ -171,7 +188,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         if not held:
             return {}
         hp = FlameParams.cat([params[t].to(dev) for t in held])
-        vals = {"rot": corr.rot, "trans": corr.trans, "expr": corr.expr, "jaw": corr.jaw}
+        vals = corr.values()
         if cfg.heldout_correction == "interpolate":
             vals = {k: interpolate_corrections(train, held, v) for k, v in vals.items()}
         else:  # "none": the landmark tracking as is
@@ -182,7 +199,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
 
     @torch.no_grad()
     def monitor_psnr() -> float:
-        hp, col, gs = held_params(), colour if fit.refine_colour else None, gauss if cfg.gaussians else None
+        hp, gs, col = held_params(), gauss if cfg.gaussians else None, colour if fit.refine_colour else None
         vals = [evaluate_cloud(clouds(hp[t], col, gs)[0], [monitor[t]], backend=backend)[0]["psnr_face_all"]
                 for t in held]
         return float(np.mean(vals))
@@ -197,7 +214,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * mult
         idx = next(batches)
-        c = clouds(corr.posed(idx), colour if fit.refine_colour else None, gauss if cfg.gaussians else None)
+        col = colour if fit.refine_colour else None
+        c = clouds(corr.posed(idx), col, gauss if cfg.gaussians else None)
         out = render_identities(c, [[views[train[i]].camera] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
@@ -211,6 +229,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                      + cfg.gaussian_laplacian_weight * lapv(gv.reshape(f.num_vertices, -1)).square().sum(-1).mean())
         if fl:
             total = total + cfg.flame_prior * corr.prior(idx)
+        if cfg.style_lr > 0:
+            total = total + fit.style_reg * (wvar - w).square().mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -235,10 +255,11 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         out_params = {t: replace(p, **{k: getattr(p, k).detach().clone() for k in FlameParams._TENSORS
                                        if k != "shape"}) for t, p in out_params.items()}
         bases = {t: face(p)[0] for t, p in out_params.items()}
-        stats = {"rotation_deg_mean": float(corr.rot.norm(dim=-1).mean()) * 180 / math.pi,
-                 "rotation_deg_max": float(corr.rot.norm(dim=-1).max()) * 180 / math.pi,
-                 "translation_mm_mean": 1000 * float((corr.trans * distance).norm(dim=-1).mean()),
-                 "expression_rms": float(corr.expr.square().mean().sqrt()),
-                 "jaw_rad_mean": float(corr.jaw.norm(dim=-1).mean())}
-    return RefineResult(colour.detach() if fit.refine_colour and n else None,
+        cv = corr.values()
+        stats = {"rotation_deg_mean": float(cv["rot"].norm(dim=-1).mean()) * 180 / math.pi,
+                 "rotation_deg_max": float(cv["rot"].norm(dim=-1).max()) * 180 / math.pi,
+                 "translation_mm_mean": 1000 * float((cv["trans"] * distance).norm(dim=-1).mean()),
+                 "expression_rms": float(cv["expr"].square().mean().sqrt()),
+                 "jaw_rad_mean": float(cv["jaw"].norm(dim=-1).mean())}
+    return RefineResult(wvar.detach().clone(), colour.detach() if fit.refine_colour and n else None,
                         gauss.detach() if cfg.gaussians and n else None, out_params, bases, losses, hist, stats)
