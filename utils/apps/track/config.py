@@ -111,7 +111,8 @@ class VideoRefineConfig:
     """Video mode: the per-subject refinement after the style fit (utils/apps/track/video_refine.py), with the style
     fixed: the colour residual (fit.refine_colour, fit.colour_* weights), a per-Gaussian position-offset / log-scale /
     opacity residual and every training frame's FLAME, jointly on batches of training frames.  iterations 0: the
-    colour stage alone (fit.colour_iterations), as before the refinement existed."""
+    colour stage alone (fit.colour_iterations), as before the refinement existed; fit.refine_colour false or
+    fit.colour_iterations 0 leave the colour residual out of both."""
 
     iterations: int = 120  # Adam steps of the joint refinement (0: off)
     batch: int = 0  # training frames per step (0: --video_batch)

@@ -158,10 +158,11 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     with torch.no_grad():
         raw0 = f.synthesize_raw(w[None]).float()  # (1, V, K, C): with the style fixed the network runs once
     M = len(model.mask_ids)
-    colour = torch.zeros(M, 3, device=dev, requires_grad=bool(fit.refine_colour))
+    use_colour = bool(fit.refine_colour and fit.colour_iterations > 0)  # fit.colour_iterations 0: no colour residual
+    colour = torch.zeros(M, 3, device=dev, requires_grad=use_colour)
     gauss = torch.zeros(f.num_vertices, f.K, len(RESIDUAL_CHANNELS), device=dev, requires_grad=bool(cfg.gaussians))
     groups = []
-    if fit.refine_colour:
+    if use_colour:
         groups.append({"params": [colour], "lr": fit.colour_lr})
     if cfg.gaussians:
         groups.append({"params": [gauss], "lr": cfg.gaussian_lr})
@@ -199,7 +200,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
 
     @torch.no_grad()
     def monitor_psnr() -> float:
-        hp, gs, col = held_params(), gauss if cfg.gaussians else None, colour if fit.refine_colour else None
+        hp, gs, col = held_params(), gauss if cfg.gaussians else None, colour if use_colour else None
         vals = [evaluate_cloud(clouds(hp[t], col, gs)[0], [monitor[t]], backend=backend)[0]["psnr_face_all"]
                 for t in held]
         return float(np.mean(vals))
@@ -214,14 +215,14 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * mult
         idx = next(batches)
-        col = colour if fit.refine_colour else None
+        col = colour if use_colour else None
         c = clouds(corr.posed(idx), col, gauss if cfg.gaussians else None)
         out = render_identities(c, [[views[train[i]].camera] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
         loss = photometric(pred, gt, fit, None)
         total = loss
-        if fit.refine_colour:
+        if use_colour:
             total = total + lap0.penalty(colour, fit.colour_laplacian_weight, fit.colour_weight)
         if cfg.gaussians:
             gv = gauss.reshape(f.num_vertices, -1, len(RESIDUAL_CHANNELS))
@@ -261,5 +262,5 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                  "translation_mm_mean": 1000 * float((cv["trans"] * distance).norm(dim=-1).mean()),
                  "expression_rms": float(cv["expr"].square().mean().sqrt()),
                  "jaw_rad_mean": float(cv["jaw"].norm(dim=-1).mean())}
-    return RefineResult(wvar.detach().clone(), colour.detach() if fit.refine_colour and n else None,
+    return RefineResult(wvar.detach().clone(), colour.detach() if use_colour and n else None,
                         gauss.detach() if cfg.gaussians and n else None, out_params, bases, losses, hist, stats)
