@@ -85,6 +85,10 @@ class IdentityFieldConfig:
 
 
 # ====================================================================================== building blocks
+# channels of a per-Gaussian residual (IdentityField.add_residual): offset (pre-tanh), log-scale, opacity logit
+RESIDUAL_CHANNELS = ("offset_x", "offset_y", "offset_z", "log_scale_x", "log_scale_y", "log_scale_z", "opacity_logit")
+
+
 def normalize_2nd_moment(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     """x * rsqrt(mean(x^2) + eps) along ``dim`` (StyleGAN's pixel/code norm)."""
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
@@ -437,6 +441,23 @@ class IdentityField(nn.Module):
         acc = torch.zeros(vertices.shape[:-1], dtype=vertices.dtype, device=vertices.device)
         acc = acc.index_add(1, self.edges[:, 0], elen).index_add(1, self.edges[:, 1], elen)
         return frames, acc * self.inv_degree.to(vertices.dtype)
+
+    # ------------------------------------------------------------------ per-Gaussian residuals
+    def add_residual(self, raw: Tensor, residual: Tensor | None) -> Tensor:
+        """``raw`` (B, V, K, C) plus a per-Gaussian residual (V, K, 7) of a fitted person (track.py's video
+        refinement, ``FittedCode.gaussians``), in the pre-activation channels of :meth:`attach`: position offset (3,
+        before the tanh: edge units in the vertex's tangent frame, so it rides the surface when posed), log-scale (3)
+        and opacity logit (1) (:data:`RESIDUAL_CHANNELS`).  ``residual`` None returns ``raw`` itself."""
+        if residual is None:
+            return raw
+        if tuple(residual.shape) != (self.num_vertices, self.K, len(RESIDUAL_CHANNELS)):
+            raise ValueError(f"IdentityField: a per-Gaussian residual must be ({self.num_vertices}, {self.K}, "
+                             f"{len(RESIDUAL_CHANNELS)}) ({', '.join(RESIDUAL_CHANNELS)}), got {tuple(residual.shape)}")
+        sl, r = self._sl, residual.to(raw.dtype)
+        full = torch.cat([r[..., 0:3], raw.new_zeros(*r.shape[:2], 3 * self.num_sh), r[..., 3:6],
+                          raw.new_zeros(*r.shape[:2], 4), r[..., 6:7]], dim=-1)  # the order of _channel_slices
+        assert sl["opacity"].stop == full.shape[-1] and sl["scale"].start == 3 + 3 * self.num_sh
+        return raw + full
 
     # ------------------------------------------------------------------ forward
     def synthesize_raw(self, w: Tensor) -> Tensor:

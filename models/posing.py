@@ -4,7 +4,8 @@ Every Gaussian rides its own vertex of the subdivided face mask in that vertex's
 output does not depend on the pose (``IdentityField.synthesize_raw``).  So a head is animated by running the network
 ONCE per identity and, per frame, only FLAME (the face-mask rows), the subdivision and the attachment::
 
-    identity   style w --network (once)--> raw output (1, V, K, C)  [+ colour residual folded into the SH DC term]
+    identity   style w --network (once)--> raw output (1, V, K, C)  [+ colour residual folded into the SH DC term,
+               + per-Gaussian offset / log-scale / opacity residual (IdentityField.add_residual)]
                FLAME parameters of the identity's own frame ``base`` (its shape (1, 300) and head placement)
                geometry offsets (1, V, 3): fitted vertex offsets in the base frame's surface frames, edge units
     T frames   FlameParams (expression, jaw, neck, eyes, rotation, translation, scale; the identity's shape)
@@ -57,7 +58,8 @@ class PosableIdentity:
     """An identity ready to be posed (:meth:`HeadAnimator.identity`).
 
     Attributes:
-        raw: (1, V, K, C) the network's raw output for the identity's style (colour residual folded in).
+        raw: (1, V, K, C) the network's raw output for the identity's style (colour and per-Gaussian residuals
+            folded in).
         base: FlameParams (T = 1) of the identity's own frame: its FLAME shape, head placement and expression.
         offsets: (1, V, 3) geometry offsets of the subdivided vertices from FLAME's, in the surface frames of the base
             frame, in units of the local edge length (None: the identity's geometry is FLAME's).
@@ -148,7 +150,7 @@ class HeadAnimator(nn.Module):
     # ------------------------------------------------------------------ identities
     @torch.no_grad()
     def identity(self, w: Tensor, base: FlameParams, base_vertices: Tensor | None = None,
-                 colour: Tensor | None = None, name: str = "") -> PosableIdentity:
+                 colour: Tensor | None = None, name: str = "", gaussians: Tensor | None = None) -> PosableIdentity:
         """Run the network once for style ``w`` and keep what posing needs.
 
         Args:
@@ -159,6 +161,8 @@ class HeadAnimator(nn.Module):
                 their difference to FLAME is kept as geometry offsets that ride the surface.
             colour: (M, 3) per-vertex RGB residual of the level-0 vertices (track.py's colour stage).
             name: a label.
+            gaussians: (V, K, 7) per-Gaussian residual of the position offset, log-scale and opacity (track.py's
+                video refinement, ``IdentityField.add_residual``): in the raw output, so it costs nothing per frame.
         """
         dev = self.device
         base = base.to(dev)
@@ -173,6 +177,8 @@ class HeadAnimator(nn.Module):
             per_vertex = subdivide_vertices(colour.to(dev).float(), self.plan)  # (V, 3)
             raw = raw.clone()
             raw[..., self._dc] += (per_vertex / SH_C0)[None, :, None, :]
+        if gaussians is not None:
+            raw = self.field.add_residual(raw, gaussians.to(dev).float())
         offsets = None if base_vertices is None else self.geometry_offsets(base, base_vertices)
         return PosableIdentity(raw=raw, base=base, offsets=offsets, name=name)
 

@@ -236,3 +236,30 @@ def test_interpolate_keeps_frames_it_does_not_own(fit_model, tmp_path, capsys): 
     names = sorted(p.name for p in (out / "frames").iterdir())
     assert names == [f"frame_{i:05d}.png" for i in (0, 1, 2, 5, 6, 7)], names
     assert video_frames(out / "interpolation.mp4") == 3
+
+
+def test_per_gaussian_residual_reaches_the_frames(fit_model, tmp_path):  # noqa: F811
+    """A code.pt with a per-Gaussian residual (track.py's video refinement): its key frame's Gaussians carry it
+    (opacity, which does not depend on the pose, equals code_cloud's with the residual)."""
+    import interpolate
+    from models.gaussians import GaussianCloud
+    from utils.data.code_file import FittedCode, code_cloud, save_code
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model)
+    f = model.field
+    with torch.no_grad():
+        w = f.style(f.codes.weight, update_w_avg=False).mean(0)
+    base = model.base_vertices.mean(0)
+    g = torch.zeros(f.num_vertices, f.K, 7)
+    g[..., 6] = torch.linspace(-2.0, 2.0, f.num_vertices)[:, None]  # opacity logits
+    path = save_code(tmp_path / "g" / "code.pt", FittedCode(w, None, base, "g", gaussians=g), model, str(fit_model))
+    out = tmp_path / "out"
+    with single_thread():
+        s = interpolate.main(["--checkpoint", str(fit_model), "--identities", str(path), "300", "--frames", "2",
+                              "--ply", "--out", str(out), *SIZE])
+    assert s["gaussian_residuals"] == [True, False]
+    got = GaussianCloud.load_ply(out / "keyframes" / "key_00_g.ply").opacities
+    with torch.no_grad():
+        want, plain = code_cloud(model, w, base, None, g).opacities, code_cloud(model, w, base).opacities
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, plain, atol=1e-2)

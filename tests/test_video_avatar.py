@@ -16,7 +16,8 @@ from tests.training_fixtures import preprocessed_root  # noqa: F401
 
 CLIP_FRAMES = 12
 FAST = ["--progress", "false", "--device", "cpu", "--flame_fit.iterations", "20", "--fit.iterations", "30",
-        "--fit.colour_iterations", "10", "--export.turntable_frames", "4", "--export.turntable_size", "32"]
+        "--fit.colour_iterations", "10", "--video_refine.iterations", "10", "--video_refine.flame", "true",
+        "--export.turntable_frames", "4", "--export.turntable_size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,23 @@ def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
     for k in ("psnr_face_heldout", "psnr_face_train", "psnr_face_heldout_mean_code", "ssim_heldout"):
         assert np.isfinite(m[k]), k
     assert m["psnr_face_heldout"] > m["psnr_face_heldout_mean_code"], m
-    code = load_code(out / "code.pt", load_model(fit_model, "cpu"))
+    model = load_model(fit_model, "cpu")
+    code = load_code(out / "code.pt", model)
     assert code.colour is not None and code.flame is not None and code.meta["source"] == "video"
+    # the refinement: a per-Gaussian residual that changes the render, training frames' FLAME corrected
+    assert code.gaussians is not None and code.meta["refine_gaussians"] and code.meta["refine_flame"]
+    assert float(code.gaussians.abs().max()) > 1e-4 and m["refine"]["flame_correction"]["rotation_deg_mean"] > 0
+    from utils.data.code_file import code_cloud
+
+    with torch.no_grad():
+        a = code_cloud(model, code.w, code.base_vertices, code.colour, code.gaussians)
+        b = code_cloud(model, code.w, code.base_vertices, code.colour)
+    assert (a.means - b.means).abs().max() > 0 and (a.scales - b.scales).abs().max() > 0
     track = np.load(out / "flame_fit.npz")
     assert len(track["expression"]) == CLIP_FRAMES and list(track["frames"]) == list(range(CLIP_FRAMES))
+    refined = np.load(out / "flame_refined.npz")
+    assert list(refined["frames"]) == list(range(CLIP_FRAMES))
+    assert not np.allclose(refined["expression"][train], track["expression"][train])
     # held-out frames never reach the fit: noise in their images changes nothing the fit produces
     noisy = tmp_path / "noisy_frames"
     noisy.mkdir()
@@ -79,6 +93,11 @@ def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
     m2 = _run(fit_model, root, noisy, lm, tmp_path / "b", progress=True)  # progress: held-out PSNR is monitored
     a, b = torch.load(out / "code.pt"), torch.load(tmp_path / "b" / "code.pt")
     assert torch.equal(a["w"], b["w"]) and torch.equal(a["colour"], b["colour"])
+    assert torch.equal(a["gaussians"], b["gaussians"])
+    assert torch.equal(a["flame"]["expression"], b["flame"]["expression"])
+    ra, rb = np.load(out / "flame_refined.npz"), np.load(tmp_path / "b" / "flame_refined.npz")
+    assert all(np.array_equal(ra[k], rb[k]) for k in ra.files)  # held-out frames' pose too: from neighbours only
+    assert len(m2["refine"]["heldout_psnr_history"]) >= 1 and m["refine"]["heldout_psnr_history"] == []
     assert len(m2["heldout_psnr_history"]) >= 1 and m["heldout_psnr_history"] == []
     assert m2["psnr_face_train"] == m["psnr_face_train"] and m2["psnr_face_heldout"] < m["psnr_face_heldout"] - 3
 
@@ -169,3 +188,59 @@ def test_video_file_input(clip, fit_model, tmp_path, capsys):  # noqa: F811
               str(root / "flame"), "--out", str(tmp_path / "w"), *FAST])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "bad.npy" in err and "(12, 68, 2)" in err and "(3, 68, 2)" in err and not (tmp_path / "w").exists()
+
+
+def test_gaussian_residual_round_trip(fit_model, tmp_path):  # noqa: F811
+    """A per-Gaussian residual (position offset, log-scale, opacity) survives code.pt, changes the Gaussians it
+    should (not the colour), gives the same Gaussians through the pose path (animate.py, the viewer) as through
+    code_cloud, blends like the colour residual; a code.pt of version 4 (no residual) still loads."""
+    from models.posing import HeadAnimator
+    from utils.data.code_file import FittedCode, code_cloud, load_code, save_code
+    from utils.data.model_file import load_model
+    from utils.identity import blend_gaussians, load_flame, model_flame_dir
+
+    model = load_model(fit_model)
+    f = model.field
+    with torch.no_grad():
+        w = f.style(f.codes.weight[:1], update_w_avg=False)[0]
+    base, flame = model.base_vertices[0], model.identity_flame(0)
+    g = 0.3 * torch.randn(f.num_vertices, f.K, 7, generator=torch.Generator().manual_seed(0))
+    save_code(tmp_path / "code.pt", FittedCode(w=w, z=None, base_vertices=base, name="x", flame=flame, gaussians=g),
+              model, str(fit_model))
+    back = load_code(tmp_path / "code.pt", model)
+    assert torch.equal(back.gaussians, g)
+    with torch.no_grad():
+        a, b = code_cloud(model, w, base, None, back.gaussians), code_cloud(model, w, base)
+        animator = HeadAnimator.from_model(model, load_flame(model, model_flame_dir(model, "")))
+        posed = animator.gaussians(animator.identity(w, flame, base, gaussians=back.gaussians), flame)
+    for k in ("means", "scales", "opacities"):
+        assert (getattr(a, k) - getattr(b, k)).abs().max() > 1e-3, k
+        assert torch.allclose(getattr(posed, k)[0], getattr(a, k), atol=1e-4), k
+    assert torch.equal(a.sh, b.sh) and torch.allclose(a.quats, b.quats)
+    plain = FittedCode(w=w, z=None, base_vertices=base)
+    assert torch.equal(blend_gaussians(back, plain, 0.0), g)
+    assert float(blend_gaussians(back, plain, 1.0).abs().max()) == 0
+    assert blend_gaussians(plain, plain, 0.5) is None
+    doc = torch.load(tmp_path / "code.pt", weights_only=False)
+    del doc["gaussians"]
+    doc["version"] = 4
+    torch.save(doc, tmp_path / "old.pt")
+    old = load_code(tmp_path / "old.pt", model)
+    assert old.gaussians is None and torch.equal(old.w, w)
+    doc["gaussians"] = torch.zeros(3, 7)
+    torch.save(doc, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_code(tmp_path / "bad.pt", model)
+
+
+def test_refinement_rejects_heldout_views_and_interpolates_corrections():
+    """refine_video takes the training frames' views only; held-out corrections come from neighbours in time."""
+    from utils.apps.track.config import FitConfig, VideoRefineConfig
+    from utils.apps.track.video_refine import interpolate_corrections, refine_video
+
+    with pytest.raises(ValueError, match="training frames"):
+        refine_video(None, torch.zeros(4), None, [0, 1], [2], {}, {0: None, 1: None, 2: None}, FitConfig(),
+                     VideoRefineConfig(), 2)
+    vals = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    out = interpolate_corrections([0, 2, 6], [1, 4, 9], vals)
+    assert torch.allclose(out, torch.tensor([[1.0, 2.0], [3.0, 4.0], [4.0, 5.0]]))

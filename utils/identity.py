@@ -107,6 +107,24 @@ def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) ->
     return lerp(a, b, t)
 
 
+def interpolate_gaussians(keys: Sequence[FittedCode], i: int, j: int, t: float) -> Tensor | None:
+    """Per-Gaussian residual (V, K, 7) between keys i and j at t, like :func:`interpolate_colours`: linear, a key
+    without one counts as zero; None when neither key has one."""
+    a, b = keys[i].gaussians, keys[j].gaussians
+    if a is None and b is None:
+        return None
+    a = torch.zeros_like(b) if a is None else a
+    b = torch.zeros_like(a) if b is None else b
+    return lerp(a, b, t)
+
+
+def blend_gaussians(a: FittedCode, b: FittedCode, t: float, truncation: float = 1.0) -> Tensor | None:
+    """The per-Gaussian residual of the identity between a and b at t (see :func:`blend_style`): linear, scaled by
+    ``truncation`` like the colour residual (both correct the fitted style)."""
+    g = interpolate_gaussians((a, b), 0, 1, t)
+    return g if g is None or truncation == 1.0 else g * truncation
+
+
 def blend_style(model: TrainedModel, a: FittedCode, b: FittedCode, t: float, method: str, truncation: float = 1.0
                 ) -> tuple[Tensor, Tensor | None]:
     """Style (S,) and colour residual ((M, 3) or None) of the identity between a and b at t (0 = a, 1 = b): codes
@@ -258,7 +276,7 @@ def posable(animator: HeadAnimator, model: TrainedModel, key: str, device: torch
             ) -> tuple[PosableIdentity, FittedCode]:
     """A training identity (by name) or a code.pt -> (PosableIdentity, its FittedCode); the network runs once."""
     k = identity_key(animator, model, key, device)
-    head = animator.identity(k.code.w, k.base, colour=k.code.colour, name=k.name)
+    head = animator.identity(k.code.w, k.base, colour=k.code.colour, name=k.name, gaussians=k.code.gaussians)
     return replace(head, offsets=k.offsets), k.code
 
 
@@ -270,7 +288,8 @@ def mixed_identity(animator: HeadAnimator, model: TrainedModel, a: IdentityKey, 
     with torch.no_grad():
         w, colour = blend_style(model, a.code, b.code, mix, method, truncation)
     base = replace(a.base, shape=lerp(a.base.shape, b.base.shape, mix))
-    head = animator.identity(w, base, colour=colour, name=f"{a.name}+{b.name}@{mix:g}")
+    head = animator.identity(w, base, colour=colour, name=f"{a.name}+{b.name}@{mix:g}",
+                             gaussians=blend_gaussians(a.code, b.code, mix, truncation))
     oa, ob = a.offsets, b.offsets
     if oa is not None or ob is not None:
         oa = torch.zeros_like(ob) if oa is None else oa

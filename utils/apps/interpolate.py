@@ -11,7 +11,9 @@ Codes: linear or spherical (slerp) interpolation, in z (the latent code; needs e
 style).  Geometry: every key's base vertices are brought into FLAME's canonical frame (similarity fit to the
 template), interpolated there and placed in the first key's head pose, so a morph changes the face, not the pose.
 Colour residuals (the per-vertex RGB residual of track.py's colour stage, stored in code.pt) are interpolated
-linearly like the geometry; a training identity (or a code.pt without one) has a zero residual.
+linearly like the geometry; a training identity (or a code.pt without one) has a zero residual.  Per-Gaussian
+residuals (position offset, log-scale, opacity; track.py's video refinement) likewise, added to the network's output
+before the Gaussians are attached (those frames run the network eagerly, without CUDA graphs).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from utils.identity import (
     code_space,
     interpolate_codes,
     interpolate_colours,
+    interpolate_gaussians,
     key_label,
     lerp,
     num_frames,
@@ -168,7 +171,12 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
     with VideoStream(out / "interpolation.mp4", cfg.fps) as stream, torch.no_grad():  # one frame in memory
         for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
             w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
-            cloud = synth(w, model.vertices(geo(i, j, t))) if cfg.geometry else synth(w)
+            gaussians = interpolate_gaussians(keys, i, j, t)
+            if gaussians is not None:  # per-Gaussian residuals (video fits) enter before the attachment: no graph
+                cloud = f.attach(f.add_residual(f.synthesize_raw(w[None]), gaussians),
+                                 model.vertices(geo(i, j, t))[None])[0]
+            else:
+                cloud = synth(w, model.vertices(geo(i, j, t))) if cfg.geometry else synth(w)
             colour = interpolate_colours(keys, i, j, t)
             if colour is not None:
                 cloud = with_colour(cloud, colour_offsets(model, colour))
@@ -183,7 +191,8 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
     summary = {"keys": names, "space": space, "method": cfg.method, "frames_per_transition": cfg.frames,
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,
                "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))],
-               "colour_residuals": [k.colour is not None for k in keys]}
+               "colour_residuals": [k.colour is not None for k in keys],
+               "gaussian_residuals": [k.gaussians is not None for k in keys]}
     atomic_write_json(summary, out / "keys.json")
     claim.finish()
     return summary

@@ -14,13 +14,14 @@ from torch import Tensor
 from models.camera import Camera
 from models.flame import FlameParams
 from models.gaussians import SH_C0, GaussianCloud
+from models.identity_field import RESIDUAL_CHANNELS
 from models.renderer import render_batch
 from utils.core.torch_files import atomic_torch_save, load_tagged
 from utils.data.model_file import TrainedModel
 
 CODE_FORMAT = "identity-field-code"
-CODE_VERSION = 4  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
-#                    the fitted frame ("flame"); older files still load
+CODE_VERSION = 5  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
+#                    the fitted frame ("flame"); 5: optional per-Gaussian residual ("gaussians"); older files still load
 
 
 @dataclass
@@ -30,7 +31,10 @@ class FittedCode:
     per-vertex RGB residual of the colour stage on the level-0 vertices (None: no residual, e.g. a training identity
     or a code-only fit; render every FittedCode through :func:`code_cloud` so that it is applied), and ``flame``: the
     FLAME parameters (models.flame.FlameParams, T = 1) of the fitted photo's frame, i.e. the person's FLAME shape and
-    head placement, which animation drives (None: unknown, e.g. a code.pt written before they were stored)."""
+    head placement, which animation drives (None: unknown, e.g. a code.pt written before they were stored), and
+    ``gaussians`` (V, K, 7): a per-Gaussian residual of the network's pre-activation position offset, log-scale and
+    opacity (``models.identity_field.RESIDUAL_CHANNELS``, added by ``IdentityField.add_residual``; track.py's video
+    refinement; None: none)."""
 
     w: Tensor
     z: Tensor | None
@@ -39,6 +43,7 @@ class FittedCode:
     meta: dict = field(default_factory=dict)
     colour: Tensor | None = None
     flame: FlameParams | None = None
+    gaussians: Tensor | None = None
 
 
 def colour_offsets(model: TrainedModel, colour: Tensor) -> Tensor:
@@ -57,9 +62,15 @@ def with_colour(cloud: GaussianCloud, offsets: Tensor | None) -> GaussianCloud:
                          torch.cat([dc, cloud.sh[..., 1:, :]], dim=-2))
 
 
-def code_cloud(model: TrainedModel, w: Tensor, base: Tensor, colour: Tensor | None = None) -> GaussianCloud:
-    """The Gaussians (unbatched) of style w (S,) on level-0 vertices base (M, 3), plus the colour residual (M, 3)."""
-    cloud = model.field.synthesize(w[None], model.vertices(base)[None])[0]
+def code_cloud(model: TrainedModel, w: Tensor, base: Tensor, colour: Tensor | None = None,
+               gaussians: Tensor | None = None) -> GaussianCloud:
+    """The Gaussians (unbatched) of style w (S,) on level-0 vertices base (M, 3), plus the colour residual (M, 3)
+    and the per-Gaussian residual (V, K, 7) (``FittedCode.gaussians``)."""
+    if gaussians is None:
+        cloud = model.field.synthesize(w[None], model.vertices(base)[None])[0]
+    else:
+        raw = model.field.add_residual(model.field.synthesize_raw(w[None]), gaussians)
+        cloud = model.field.attach(raw, model.vertices(base)[None])[0]
     return cloud if colour is None else with_colour(cloud, colour_offsets(model, colour))
 
 
@@ -78,6 +89,7 @@ def save_code(path: str | os.PathLike, code: FittedCode, model: TrainedModel, ch
         "w": code.w.detach().cpu(), "z": None if code.z is None else code.z.detach().cpu(),
         "base_vertices": code.base_vertices.detach().cpu(),
         "colour": None if code.colour is None else code.colour.detach().cpu(),
+        "gaussians": None if code.gaussians is None else code.gaussians.detach().cpu(),
         "flame": None if code.flame is None else code.flame.as_dict(),  # plain tensors (FlameParams.as_dict)
         "checkpoint": str(checkpoint), "signature": model_signature(model), "meta": code.meta,
         "model_fingerprint": model.fingerprint,  # SHA-256 of the weights it was fitted with (utils.data.model_file)
@@ -121,17 +133,24 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
     z, colour = doc.get("z"), doc.get("colour")  # version 1 files hold no colour residual
     flame = doc.get("flame")  # version 1 and 2 files hold no FLAME parameters
     base = doc["base_vertices"].float().to(device)
+    gaussians = doc.get("gaussians")  # version 1 to 4 files hold no per-Gaussian residual
+    if gaussians is not None and model is not None:
+        want = (model.field.num_vertices, model.field.K, len(RESIDUAL_CHANNELS))
+        if tuple(gaussians.shape) != want:
+            raise ValueError(f"{path}: per-Gaussian residual of shape {tuple(gaussians.shape)} does not match the "
+                             f"model's {want} (Gaussians per vertex x channels); fit it again with this model")
     if colour is not None and tuple(colour.shape) != tuple(base.shape):
         raise ValueError(f"{path}: colour residual of shape {tuple(colour.shape)} does not match the base vertices "
                          f"{tuple(base.shape)}")
     return FittedCode(w=doc["w"].float().to(device), z=None if z is None else z.float().to(device),
                       base_vertices=base, name=str(doc.get("name", path.stem)), meta=dict(doc.get("meta", {})),
                       colour=None if colour is None else colour.float().to(device),
-                      flame=None if flame is None else FlameParams.from_dict(flame, str(path)).to(device))
+                      flame=None if flame is None else FlameParams.from_dict(flame, str(path)).to(device),
+                      gaussians=None if gaussians is None else gaussians.float().to(device))
 
 
 def render_style(model: TrainedModel, w: Tensor, base: Tensor, cameras: Sequence[Camera], backend: str = "auto",
-                 colour: Tensor | None = None) -> Tensor:
-    """Images (C, h, w, 3) of style w (S,) on level-0 vertices base (M, 3) (plus the colour residual (M, 3))
-    through cameras of one size."""
-    return render_batch(code_cloud(model, w, base, colour), list(cameras), backend=backend)["image"]
+                 colour: Tensor | None = None, gaussians: Tensor | None = None) -> Tensor:
+    """Images (C, h, w, 3) of style w (S,) on level-0 vertices base (M, 3) (plus the colour residual (M, 3) and the
+    per-Gaussian residual (V, K, 7)) through cameras of one size."""
+    return render_batch(code_cloud(model, w, base, colour, gaussians), list(cameras), backend=backend)["image"]

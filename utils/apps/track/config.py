@@ -107,6 +107,48 @@ class ExportConfig:
 
 
 @dataclass
+class VideoRefineConfig:
+    """Video mode: the per-subject refinement after the style fit (utils/apps/track/video_refine.py), with the style
+    fixed: the colour residual (fit.refine_colour, fit.colour_* weights), a per-Gaussian position-offset / log-scale /
+    opacity residual and every training frame's FLAME, jointly on batches of training frames.  iterations 0: the
+    colour stage alone (fit.colour_iterations), as before the refinement existed; fit.refine_colour false or
+    fit.colour_iterations 0 leave the colour residual out of both."""
+
+    iterations: int = 120  # Adam steps of the joint refinement (0: off)
+    batch: int = 0  # training frames per step (0: --video_batch)
+    gaussians: bool = True  # per-Gaussian residual of the pre-activation position offset, log-scale and opacity
+    gaussian_lr: float = 0.05  # its Adam learning rate (pre-activation units); decays like fit.lr
+    offset_weight: float = 1.0  # L2 pull of the offset residual towards zero (pre-tanh, edge units)
+    scale_weight: float = 1.0  # L2 pull of the log-scale residual towards zero
+    opacity_weight: float = 0.1  # L2 pull of the opacity-logit residual towards zero
+    gaussian_laplacian_weight: float = 1.0  # squared uniform Laplacian of the residual over the subdivided mesh
+    # refine the training frames' FLAME photometrically (corrections of the landmark tracking).  Off by default: on
+    # the synthetic clip (exact landmarks) it raised the held-out frames' PSNR by 0.3-0.4 dB but lowered the novel
+    # cameras' by 0.1-0.2 dB (benchmarks/results/video_avatar_refine_cpu.md); worth trying on noisy real tracking
+    flame: bool = False  # photometric per-frame FLAME refinement of the training frames (see above)
+    flame_rotation: bool = True  # ... their head rotation
+    flame_translation: bool = True  # ... their head translation
+    flame_expression: bool = True  # ... their expression coefficients
+    flame_jaw: bool = True  # ... their jaw rotation
+    flame_lr: float = 0.002  # Adam lr of the rotation (rad), translation (camera distances) and jaw corrections
+    flame_expression_lr: float = 0.02  # Adam lr of the expression corrections (standard deviations)
+    flame_prior: float = 1e-2  # weight of the corrections' squared size in units of 2 deg, 1 percent of the camera
+    #                            distance, 0.3 expression std and 0.05 rad jaw (the pull towards the landmark fit)
+    flame_zero_mean: bool = False  # the head rotation / translation corrections minus their mean over the frames
+    style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
+    heldout_correction: str = "interpolate"  # held-out frames' FLAME: "interpolate" (tracking + the neighbouring
+    #                                          training frames' corrections, interpolated in time) or "none" (tracking)
+
+    RANGES = {"iterations": Range(0), "batch": Range(0), "gaussian_lr": Range(0), "offset_weight": Range(0),
+              "scale_weight": Range(0), "opacity_weight": Range(0), "gaussian_laplacian_weight": Range(0),
+              "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
+              "style_lr": Range(0)}
+
+
+HELDOUT_CORRECTIONS = ("interpolate", "none")
+
+
+@dataclass
 class TrackConfig:
     """Inputs, outputs and settings of ``track.py``."""
 
@@ -130,6 +172,7 @@ class TrackConfig:
     heldout_every: int = 8  # video mode: every k-th frame is held out (never fitted; 0: none)
     heldout_tail: float = 0.1  # video mode: the last fraction of the clip is held out too
     video_batch: int = 4  # video mode: frames per Adam step of the fit
+    video_refine: VideoRefineConfig = field(default_factory=VideoRefineConfig)  # video mode: the refinement stage
     mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
     image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
     out: str = "output/tracking"  # output folder

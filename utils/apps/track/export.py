@@ -55,7 +55,7 @@ def turntable(model: TrainedModel, code: FittedCode, start_camera: Camera, cfg: 
     else:
         angles = [0.5 * cfg.turntable_degrees * math.sin(2 * math.pi * i / n) for i in range(n)]
     cams = [orbit_camera(centre.cpu(), up.cpu(), eye0.cpu(), a, W, H, radius).to(base.device) for a in angles]
-    cloud = code_cloud(model, code.w, base, code.colour)
+    cloud = code_cloud(model, code.w, base, code.colour, code.gaussians)
     frames = []
     for i in range(0, n, chunk):
         imgs = render_batch(cloud, cams[i:i + chunk], backend=backend)["image"].clamp(0, 1)

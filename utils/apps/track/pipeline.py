@@ -142,7 +142,7 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
     save_code(out / "code.pt", code, model, cfg.checkpoint)
     if cfg.export.ply:
         with torch.no_grad():
-            code_cloud(model, code.w, code.base_vertices, code.colour).save_ply(out / "head.ply")
+            code_cloud(model, code.w, code.base_vertices, code.colour, code.gaussians).save_ply(out / "head.ply")
     if cfg.export.views:
         extra = []
         with torch.no_grad():

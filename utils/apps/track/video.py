@@ -11,17 +11,20 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
-              own tracked face-mask vertices), loss and schedule of the single-image fit; then the regularised
-              per-vertex colour residual (the colour stage of utils/apps/track/fit.py) on batches of training frames
+              own tracked face-mask vertices), loss and schedule of the single-image fit; then the refinement
+              (utils/apps/track/video_refine.py, ``video_refine``): the regularised per-vertex colour residual, a
+              per-Gaussian position-offset / log-scale / opacity residual and every training frame's FLAME, jointly
+              on batches of training frames (``video_refine.iterations 0``: the colour residual alone)
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
-              NeRSemble tracking layout), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM in the
+              NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
+              refinement), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM in the
               face mask on held-out and training frames, for the fit, the code alone and the mean code),
               heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder
               first, so a failing run leaves nothing half-written in --out
 
-Not yet here (issue 23): per-Gaussian position / scale / opacity residuals, photometric refinement of the per-frame
-FLAME, pivotal tuning, LPIPS, the detector's face outline in the masks, real footage.  The progress bar shows the
-held-out frames' PSNR (code only) at every early-stopping check; it is read, never used to steer the fit.
+Not yet here (issue 23): pivotal tuning, refining the shared camera, LPIPS, the detector's face outline in the masks,
+real footage.  The progress bars show the held-out frames' PSNR (the style fit's: code only) at every check; it is
+read, never used to steer the fit.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from models.flame import FlameModel, save_nersemble_tracking
+from models.flame import FlameModel, FlameParams, save_nersemble_tracking
 from models.geometry import UniformLaplacian
 from models.renderer import render
 from utils.apps.track.config import FitConfig, TrackConfig
@@ -46,6 +49,7 @@ from utils.apps.track.export import turntable
 from utils.apps.track.fit import photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import frame_flame, projected_face_mask
+from utils.apps.track.video_refine import refine_video
 from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
 from utils.core.images import read_image, to_uint8
@@ -220,12 +224,14 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
 
 @torch.no_grad()
 def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: Sequence[int],
-                    colour: Tensor | None = None, backend: str = "auto") -> tuple[dict, list[Tensor]]:
-    """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx``; (metrics with a
-    per-frame list, renders (h, w, 3) per frame)."""
+                    colour: Tensor | None = None, backend: str = "auto", gaussians: Tensor | None = None
+                    ) -> tuple[dict, list[Tensor]]:
+    """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx`` (with the colour
+    residual (M, 3) and the per-Gaussian residual (V, K, 7)); (metrics with a per-frame list, renders (h, w, 3))."""
     pf, p, s, renders = [], [], [], []
     for i in idx:
-        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour), [frames.views[i]], backend=backend)
+        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour, gaussians), [frames.views[i]],
+                              backend=backend)
         pf.append(m["psnr_face_all"])
         p.append(m["psnr_all"])
         s.append(m["ssim_all"])
@@ -309,19 +315,28 @@ def track_video(cfg: TrackConfig) -> dict:
                                       Path(src).stem, held_set if cfg.progress else None)
     times["fit_style"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    colour, colour_losses = None, []
-    if cfg.fit.refine_colour and cfg.fit.colour_iterations > 0:
+    colour, colour_losses, gaussians, refined = None, [], None, None
+    if cfg.video_refine.iterations > 0:  # colour, per-Gaussian and per-frame FLAME refinement, jointly
+        refined = refine_video(model, w_fit, flame, train, held, fparams, {t: views[t] for t in train}, cfg.fit,
+                               cfg.video_refine, cfg.video_batch, cfg.backend, cfg.progress,
+                               {t: views[t] for t in held} if cfg.progress else None)
+        w_fit, colour, gaussians, colour_losses = refined.w, refined.colour, refined.gaussians, refined.losses
+        bases.update({t: b.to(device) for t, b in refined.bases.items()})
+        fparams.update({t: p.to("cpu") for t, p in refined.params.items()})
+        allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
+        times["fit_refine"] = time.perf_counter() - t0
+    elif cfg.fit.refine_colour and cfg.fit.colour_iterations > 0:
         colour, colour_losses = fit_video_colour(model, w_fit, train_set, cfg.fit, cfg.video_batch, cfg.backend,
                                                  cfg.progress)
-    times["fit_colour"] = time.perf_counter() - t0
+        times["fit_colour"] = time.perf_counter() - t0
 
     # ---- evaluate on held-out and training frames: the fit, the code alone, the mean code
     t0 = time.perf_counter()
     with torch.no_grad():
         w_mean = model.field.style(model.field.mean_code()[None], update_w_avg=False)[0]
     hi, ti = [pos[t] for t in held], [pos[t] for t in train]
-    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend)
-    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend)
+    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend, gaussians)
+    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend, gaussians)
     c_held, _ = evaluate_frames(model, w_fit, allf, hi, None, cfg.backend)
     b_held, _ = evaluate_frames(model, w_mean, allf, hi, None, cfg.backend)
     b_train, _ = evaluate_frames(model, w_mean, allf, ti, None, cfg.backend)
@@ -337,11 +352,15 @@ def track_video(cfg: TrackConfig) -> dict:
         ref = train[0]  # the code's frame: the first training frame (its FLAME is the person's shape and placement)
         code = FittedCode(w=w_fit, z=None, base_vertices=bases[ref], name=Path(src).stem,
                           meta={"start": fit_info["start"], "space": "w", "refine_geometry": False,
-                                "refine_flame": False, "refine_colour": colour is not None, "source": "video",
-                                "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
-                          colour=colour, flame=fparams[ref])
+                                "refine_flame": refined is not None and cfg.video_refine.flame,
+                                "refine_colour": colour is not None, "refine_gaussians": gaussians is not None,
+                                "source": "video", "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
+                          colour=colour, flame=fparams[ref], gaussians=gaussians)
         save_code(tmp / "code.pt", code, model, cfg.checkpoint)
         save_nersemble_tracking(tmp / "flame_fit.npz", params, frames=np.asarray(frame_ids))  # source frame numbers
+        if refined is not None:  # the frames with a face, after the refinement (held-out: corrected from neighbours)
+            save_nersemble_tracking(tmp / "flame_refined.npz", FlameParams.cat([fparams[t] for t in used]),
+                                    frames=np.asarray(frame_ids)[used])
         write_camera_params(tmp / "camera_params.json", {"video": cam})
         side = [np.concatenate([to_uint8(allf.views[k].image), to_uint8(r)], axis=1) for k, r in zip(hi, r_held)]
         write_video(tmp / "heldout.mp4", side, fps=max(1.0, min(fps, 10.0)))
@@ -364,6 +383,12 @@ def track_video(cfg: TrackConfig) -> dict:
             "iterations": fit_info["iterations"], "start": fit_info["start"], "loss_history": fit_info["loss_history"],
             "heldout_psnr_history": fit_info["heldout_psnr_history"],
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
+            "refine_gaussians": gaussians is not None, "refine": None if refined is None else {
+                "iterations": cfg.video_refine.iterations, "flame": cfg.video_refine.flame,
+                "heldout_correction": cfg.video_refine.heldout_correction, "loss_history": refined.losses,
+                "heldout_psnr_history": refined.heldout_psnr_history, "flame_correction": refined.correction,
+                "gaussian_residual_rms": None if gaussians is None else
+                [float(x) for x in gaussians.reshape(-1, gaussians.shape[-1]).square().mean(0).sqrt()]},
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
@@ -431,6 +456,7 @@ def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.Path
                 continue
             gt = masked_photo(subj.image(s).astype(np.float32), m, (0.0, 0.0, 0.0)).astype(np.float32)
             v = View(s, cams[s].to(dev), torch.from_numpy(gt).to(dev), torch.from_numpy(m[..., None]).to(dev))
-            res, _ = evaluate_cloud(code_cloud(model, code.w, base.to(dev), code.colour), [v], backend=backend)
+            res, _ = evaluate_cloud(code_cloud(model, code.w, base.to(dev), code.colour, code.gaussians), [v],
+                                    backend=backend)
             vals.append(res["psnr_face_all"])
     return float(np.mean(vals))

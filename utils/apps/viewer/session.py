@@ -68,6 +68,7 @@ from utils.data.model_file import TrainedModel, load_model
 from utils.identity import (
     METHODS,
     IdentityKey,
+    blend_gaussians,
     blend_style,
     canonical_vertices,
     identity_key,
@@ -96,7 +97,7 @@ def identity_head(model: TrainedModel, a: FittedCode, b: FittedCode, blend: floa
     the fitted style) with it; the geometry is the identity's FLAME shape and stays."""
     w, colour = blend_style(model, a, b, blend, method, truncation)
     base = lerp(*(canonical_vertices(model.template_base, k.base_vertices) for k in (a, b)), blend)
-    return code_cloud(model, w, base, colour)
+    return code_cloud(model, w, base, colour, blend_gaussians(a, b, blend, truncation))
 
 
 class DisplayFrame:

@@ -1,0 +1,266 @@
+"""Per-subject refinement of a video fit (track.py --video / --frames, issue 23), after the style fit: with the style w
+fixed, jointly and with Adam, on batches of training frames,
+
+    colour     the per-vertex RGB residual of the level-0 face-mask vertices (the colour stage of
+               utils/apps/track/fit.py: Laplacian smoothness + L2 towards zero, fit.colour_* settings; unlike the
+               photo's, not held at zero on the mask's boundary rings: that cost the novel views 0.02-0.09 dB here)
+    gaussians  a per-Gaussian residual (V, K, 7) of the network's pre-activation position offset, log-scale and
+               opacity (models.identity_field.RESIDUAL_CHANNELS, IdentityField.add_residual): L2 towards zero (the
+               prior: the frozen network's Gaussians) per group plus a Laplacian smoothness over the subdivided mesh
+    flame      every training frame's head rotation, translation, expression and jaw, as corrections of the
+               landmark tracking, regularised towards it (a landmark fit is off by a few degrees); the shared
+               camera stays as tracked (its focal length changes every frame's projection: not cheap)
+
+Each step renders ``batch`` training frames, each on its own (refined) FLAME, with one ``render_identities`` call.
+Held-out frames are never read by the fit: their images reach only the progress bar's PSNR (under no_grad, never
+used to steer anything), and their FLAME is the landmark tracking plus the correction of the neighbouring training
+frames interpolated in time (``heldout_correction``): their own pixels never move their pose.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from models.flame import FlameModel, FlameParams, FlameSubset, axis_angle_to_matrix
+from models.gaussians import GaussianCloud
+from models.geometry import UniformLaplacian
+from models.identity_field import RESIDUAL_CHANNELS
+from models.renderer import render_identities
+from utils.apps.track.config import HELDOUT_CORRECTIONS, FitConfig, VideoRefineConfig
+from utils.apps.track.fit import photometric
+from utils.data.code_file import colour_offsets, with_colour
+from utils.data.model_file import TrainedModel
+from utils.evaluation import View, evaluate_cloud
+
+# scales of the FLAME corrections in the prior (one standard deviation each): 2 degrees of head rotation, 1 % of the
+# camera distance of translation, 0.3 standard deviations of an expression coefficient, 0.05 rad of jaw rotation
+ROT_SIGMA = math.radians(2.0)
+TRANS_SIGMA = 0.01
+EXPR_SIGMA = 0.3
+JAW_SIGMA = 0.05
+
+
+@dataclass
+class RefineResult:
+    """What the refinement gives: the style w (S,) (refined with ``style_lr`` > 0, else the input), colour (M, 3)
+    or None, gaussians (V, K, 7) or None, FlameParams (T = 1) and level-0
+    face-mask vertices (M, 3) of every frame (training frames refined, held-out frames corrected from their
+    neighbours), losses, held-out PSNR history (progress bar only) and the corrections' sizes."""
+
+    w: Tensor
+    colour: Tensor | None
+    gaussians: Tensor | None
+    params: dict[int, FlameParams]
+    bases: dict[int, Tensor]
+    losses: list[float] = field(default_factory=list)
+    heldout_psnr_history: list[float] = field(default_factory=list)
+    correction: dict = field(default_factory=dict)
+
+
+def interpolate_corrections(train: list[int], held: list[int], values: Tensor) -> Tensor:
+    """(len(held), ...) per-frame corrections of the held-out frames: ``values`` (len(train), ...) of the training
+    frames linearly interpolated in frame number (constant beyond the first / last training frame)."""
+    if not held:
+        return values.new_zeros((0, *values.shape[1:]))
+    x = np.asarray(train, dtype=np.float64)
+    flat = values.detach().reshape(len(train), -1).cpu().numpy()
+    out = np.stack([np.interp(np.asarray(held, dtype=np.float64), x, flat[:, j]) for j in range(flat.shape[1])], 1)
+    return torch.as_tensor(out, dtype=values.dtype, device=values.device).reshape(len(held), *values.shape[1:])
+
+
+class _FrameCorrections(torch.nn.Module):
+    """Corrections of the tracked FLAME of n frames: rotation (axis-angle, applied before the tracked rotation),
+    translation (in camera distances), expression and jaw; zero at the start."""
+
+    def __init__(self, params: FlameParams, distance: float, rot: bool, trans: bool, expr: bool, jaw: bool,
+                 zero_mean: bool = False) -> None:
+        super().__init__()
+        n, dev = params.num_frames, params.device
+        self.params, self.distance, self.zero_mean = params, distance, zero_mean
+        self.rot = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=rot)
+        self.trans = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=trans)
+        self.expr = torch.nn.Parameter(torch.zeros_like(params.expression), requires_grad=expr)
+        self.jaw = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=jaw)
+
+    def posed(self, idx: Tensor | list[int] | None = None, values: dict[str, Tensor] | None = None) -> FlameParams:
+        """The corrected FlameParams of frames ``idx`` (all: None), with ``values`` instead of the parameters."""
+        v = values or self.values()
+        p = self.params if idx is None else self.params.frames(idx)
+        pick = (lambda x: x) if idx is None or values is not None else (lambda x: x[idx])
+        return replace(p, rotation_matrix=axis_angle_to_matrix(pick(v["rot"])) @ p.rotation_matrix,
+                       translation=p.translation + pick(v["trans"]) * self.distance,
+                       expression=p.expression + pick(v["expr"]), jaw=p.jaw + pick(v["jaw"]))
+
+    def values(self) -> dict[str, Tensor]:
+        """The corrections (n, ...) by name; with ``zero_mean`` the head rotation and translation minus their mean
+        over the frames (a common shift of every frame's head would trade off against the per-Gaussian residual)."""
+        v = {"rot": self.rot, "trans": self.trans, "expr": self.expr, "jaw": self.jaw}
+        if self.zero_mean:
+            v["rot"], v["trans"] = self.rot - self.rot.mean(0), self.trans - self.trans.mean(0)
+        return v
+
+    def prior(self, idx: list[int]) -> Tensor:
+        """Mean over frames ``idx`` of the squared corrections in units of their scales (ROT_SIGMA, ...)."""
+        v = self.values()
+        return ((v["rot"][idx] / ROT_SIGMA).square().sum(-1) + (v["trans"][idx] / TRANS_SIGMA).square().sum(-1)
+                + (v["expr"][idx] / EXPR_SIGMA).square().sum(-1) + (v["jaw"][idx] / JAW_SIGMA).square().sum(-1)).mean()
+
+
+def _batches(n: int, batch: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(n, generator=g).tolist()
+        for a in range(0, n, batch):
+            yield perm[a:a + batch]
+
+
+def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[int], held: list[int],
+                 params: dict[int, FlameParams], views: dict[int, View],
+                 fit: FitConfig, cfg: VideoRefineConfig, batch: int, backend: str = "auto", progress: bool = True,
+                 monitor: dict[int, View] | None = None) -> RefineResult:
+    """The refinement of the module docstring for style ``w`` (S,).
+
+    Args:
+        train, held: frame numbers of the training and held-out frames.
+        params: FlameParams (T = 1, root pivot baked) of every frame in train + held (the landmark tracking).
+        views: the TRAINING frames' views (camera, masked photo (h, w, 3), face mask): the only pixels the fit reads.
+        fit: the fit's settings (loss, colour stage weights, Adam betas, lr decay, check_every).
+        cfg: this stage's settings (VideoRefineConfig).
+        batch: training frames per step (``cfg.batch`` when > 0, else this).
+        monitor: held-out views whose face-mask PSNR the progress bar shows (read only).
+    Returns:
+        RefineResult.
+    """
+    if set(views) != set(train) or set(views) & set(held):
+        raise ValueError("refine_video: views must be exactly the training frames (held-out pixels never reach the "
+                         "fit)")
+    if cfg.heldout_correction not in HELDOUT_CORRECTIONS:
+        raise ValueError(f"video_refine.heldout_correction must be one of {HELDOUT_CORRECTIONS}, got "
+                         f"{cfg.heldout_correction!r}")
+    dev = w.device
+    f = model.field.eval()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    batch = cfg.batch if cfg.batch > 0 else max(1, batch)
+    face = FlameSubset(flame, model.mask_ids).to(dev)
+    tp = FlameParams.cat([params[t].to(dev) for t in train])
+    cam0 = views[train[0]].camera
+    distance = float((cam0.center.to(dev) - tp.translation[0]).norm())
+    fl = cfg.flame and cfg.iterations > 0
+    corr = _FrameCorrections(tp, distance, fl and cfg.flame_rotation, fl and cfg.flame_translation,
+                             fl and cfg.flame_expression, fl and cfg.flame_jaw, cfg.flame_zero_mean).to(dev)
+    wvar = w.detach().clone().requires_grad_(cfg.style_lr > 0)
+    with torch.no_grad():
+        raw0 = f.synthesize_raw(w[None]).float()  # (1, V, K, C): with the style fixed the network runs once
+    M = len(model.mask_ids)
+    use_colour = bool(fit.refine_colour and fit.colour_iterations > 0)  # fit.colour_iterations 0: no colour residual
+    colour = torch.zeros(M, 3, device=dev, requires_grad=use_colour)
+    gauss = torch.zeros(f.num_vertices, f.K, len(RESIDUAL_CHANNELS), device=dev, requires_grad=bool(cfg.gaussians))
+    groups = []
+    if use_colour:
+        groups.append({"params": [colour], "lr": fit.colour_lr})
+    if cfg.gaussians:
+        groups.append({"params": [gauss], "lr": cfg.gaussian_lr})
+    if cfg.style_lr > 0:
+        groups.append({"params": [wvar], "lr": cfg.style_lr})
+    if fl:
+        groups += [{"params": [corr.rot, corr.jaw], "lr": cfg.flame_lr},
+                   {"params": [corr.trans], "lr": cfg.flame_lr},
+                   {"params": [corr.expr], "lr": cfg.flame_expression_lr}]
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    lap0 = UniformLaplacian(M, model.base_faces, dev)
+    lapv = UniformLaplacian(f.num_vertices, f.faces.cpu().numpy(), dev) if cfg.gaussians else None
+    gw = torch.tensor([cfg.offset_weight] * 3 + [cfg.scale_weight] * 3 + [cfg.opacity_weight], device=dev)
+
+    def clouds(params_b: FlameParams, col: Tensor | None, gs: Tensor | None) -> GaussianCloud:
+        raw = f.synthesize_raw(wvar[None]).float() if cfg.style_lr > 0 else raw0
+        raw = raw if gs is None else f.add_residual(raw, gs)
+        c = f.attach(raw, model.vertices(face(params_b)))  # (B, N)
+        return c if col is None else with_colour(c, colour_offsets(model, col))
+
+    def held_params() -> dict[int, FlameParams]:
+        """Held-out frames: tracked FLAME + the training frames' corrections interpolated in time."""
+        if not held:
+            return {}
+        hp = FlameParams.cat([params[t].to(dev) for t in held])
+        vals = corr.values()
+        if cfg.heldout_correction == "interpolate":
+            vals = {k: interpolate_corrections(train, held, v) for k, v in vals.items()}
+        else:  # "none": the landmark tracking as is
+            vals = {k: torch.zeros((len(held), *v.shape[1:]), device=dev) for k, v in vals.items()}
+        hc = _FrameCorrections(hp, distance, False, False, False, False)
+        p = hc.posed(None, vals)
+        return {t: p.frame(i) for i, t in enumerate(held)}
+
+    @torch.no_grad()
+    def monitor_psnr() -> float:
+        hp, gs, col = held_params(), gauss if cfg.gaussians else None, colour if use_colour else None
+        vals = [evaluate_cloud(clouds(hp[t], col, gs)[0], [monitor[t]], backend=backend)[0]["psnr_face_all"]
+                for t in held]
+        return float(np.mean(vals))
+
+    n = cfg.iterations if groups else 0
+    opt = torch.optim.Adam(groups, betas=(fit.beta1, fit.beta2)) if n else None
+    losses, hist, acc = [], [], 0.0
+    batches = _batches(len(train), batch, seed=2)
+    bar = tqdm(range(n), desc=f"refining ({len(train)} frames)", disable=not progress, leave=False)
+    for it in bar:
+        mult = fit.lr_final_ratio ** (it / max(1, n - 1))
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * mult
+        idx = next(batches)
+        col = colour if use_colour else None
+        c = clouds(corr.posed(idx), col, gauss if cfg.gaussians else None)
+        out = render_identities(c, [[views[train[i]].camera] for i in idx], backend=backend, depth=False)
+        pred = out["image"][:, 0]  # (B, h, w, 3)
+        gt = torch.stack([views[train[i]].image for i in idx])
+        loss = photometric(pred, gt, fit, None)
+        total = loss
+        if use_colour:
+            total = total + lap0.penalty(colour, fit.colour_laplacian_weight, fit.colour_weight)
+        if cfg.gaussians:
+            gv = gauss.reshape(f.num_vertices, -1, len(RESIDUAL_CHANNELS))
+            total = (total + (gv.square() * gw).sum(-1).mean()
+                     + cfg.gaussian_laplacian_weight * lapv(gv.reshape(f.num_vertices, -1)).square().sum(-1).mean())
+        if fl:
+            total = total + cfg.flame_prior * corr.prior(idx)
+        if cfg.style_lr > 0:
+            total = total + fit.style_reg * (wvar - w).square().mean()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        acc += float(loss.detach())
+        if (it + 1) % fit.check_every == 0 or it + 1 == n:
+            losses.append(acc / ((it % fit.check_every) + 1))
+            acc = 0.0
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"video refinement diverged at iteration {it + 1}; lower "
+                                         f"--video_refine.gaussian_lr / --video_refine.flame_lr / --fit.colour_lr")
+            post = {"loss": f"{losses[-1]:.4f}"}
+            if monitor:
+                hist.append(monitor_psnr())
+                post["heldout_psnr"] = f"{hist[-1]:.2f}"
+            bar.set_postfix(post)
+    bar.close()
+
+    with torch.no_grad():
+        ptrain = corr.posed()
+        out_params = {t: ptrain.frame(i) for i, t in enumerate(train)}
+        out_params.update(held_params())
+        out_params = {t: replace(p, **{k: getattr(p, k).detach().clone() for k in FlameParams._TENSORS
+                                       if k != "shape"}) for t, p in out_params.items()}
+        bases = {t: face(p)[0] for t, p in out_params.items()}
+        cv = corr.values()
+        stats = {"rotation_deg_mean": float(cv["rot"].norm(dim=-1).mean()) * 180 / math.pi,
+                 "rotation_deg_max": float(cv["rot"].norm(dim=-1).max()) * 180 / math.pi,
+                 "translation_mm_mean": 1000 * float((cv["trans"] * distance).norm(dim=-1).mean()),
+                 "expression_rms": float(cv["expr"].square().mean().sqrt()),
+                 "jaw_rad_mean": float(cv["jaw"].norm(dim=-1).mean())}
+    return RefineResult(wvar.detach().clone(), colour.detach() if use_colour and n else None,
+                        gauss.detach() if cfg.gaussians and n else None, out_params, bases, losses, hist, stats)
