@@ -205,3 +205,67 @@ def test_encoder_of_the_code_z(fit_model, preprocessed_root, tmp_path):  # noqa:
             w, z = start_candidates(model, space, target)["encoder"]
             assert z.shape == (model.field.cfg.code_dim,)
             assert torch.allclose(w, model.field.style(z[None], update_w_avg=False)[0])
+
+
+def test_gaussian_samples_reach_past_the_training_styles(fit_model, preprocessed_root):  # noqa: F811
+    """encoder.gauss_fraction: sampled identities drawn from the Gaussian of the training styles, their deviation
+    from its mean proportional to encoder.gauss_scale (same seed, no noise), rendered face-masked; no code (NaN)."""
+    from utils.apps.train.encoder import render_bank
+    from utils.core.config import from_dict
+    from utils.data.dataset import DataConfig, MultiViewDataset
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    f = model.field
+    with single_thread(), torch.no_grad():
+        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+        mean = f.style(f.codes.weight, update_w_avg=False).mean(0)
+        banks = {}
+        for scale in (0.5, 3.0):
+            cfg = tiny_encoder_config(samples=3, views_per_sample=1, gauss_fraction=1.0, gauss_scale=scale, noise=0.0)
+            torch.manual_seed(0)
+            banks[scale] = render_bank(f, data, model.plan, cfg, torch.Generator().manual_seed(1), "auto")
+    imgs, masks, w_small, z = banks[0.5]
+    w_big = banks[3.0][2]
+    assert imgs.shape[0] == 3 and bool(torch.isnan(z).all())
+    assert torch.allclose(w_big - mean, 6 * (w_small - mean), atol=1e-4)
+    assert float(imgs[masks.expand_as(imgs) > 0].float().mean()) > 5  # rendered inside the face mask
+    assert int(imgs[masks.expand_as(imgs) == 0].max()) == 0  # black outside it
+
+
+def test_output_metric_predicts_the_gaussians_change(fit_model):  # noqa: F811
+    """loss gaussians: d^T M d is (up to one scale) the mean squared change of the Gaussians' colour and opacity when
+    the style moves by d spreads; M symmetric, positive semi-definite, trace S."""
+    from utils.apps.train.encoder import output_metric
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model)
+    f = model.field
+    sl = f._channel_slices()
+    with single_thread(), torch.no_grad():
+        W = f.style(f.codes.weight, update_w_avg=False)
+        std = W.std(0)
+        M = output_metric(f, W, std, tiny_encoder_config(metric_identities=len(W)), torch.Generator().manual_seed(0))
+        S = W.shape[1]
+        assert M.shape == (S, S) and torch.allclose(M, M.T, atol=1e-4 * S)
+        assert abs(float(torch.diagonal(M).sum()) - S) < 1e-3 * S
+        assert float(torch.linalg.eigvalsh(M.double()).min()) > -1e-4 * S
+
+        def outputs(w):
+            raw = f.synthesize_raw(w)
+            return torch.cat([raw[..., sl["sh"]], torch.sigmoid(raw[..., sl["opacity"]] + f.opacity_logit_init)], -1)
+
+        gen = torch.Generator().manual_seed(2)
+        evecs = torch.linalg.eigh(M.double())[1].float()
+        # the most and the least visible direction of the metric, and two random ones
+        dirs = [evecs[:, -1], evecs[:, 0], torch.randn(S, generator=gen), torch.randn(S, generator=gen)]
+        pred, real = [], []
+        for d in dirs:
+            d = 0.05 * d / d.norm()
+            pred.append(float(d @ M @ d))
+            real.append(sum(float((outputs(w[None] + d * std) - outputs(w[None])).square().mean()) for w in W))
+    ratio = torch.tensor(real) / torch.tensor(pred).clamp_min(1e-12)
+    assert real[0] > 20 * real[1]  # the metric's top direction changes the Gaussians far more than its last one
+    assert float(ratio[[0, 2, 3]].max() / ratio[[0, 2, 3]].min()) < 1.3, (real, pred)

@@ -4,20 +4,25 @@ Training pairs (crop -> style w), each batch drawn from two pools:
 
     photos   the training identities' face-masked photos from every training camera (the dataset's views), target
              the identity's trained style ``field.style(codes[i])``;
-    renders  sampled identities rendered by the frozen field: a code mixed from ``mix`` training codes (Dirichlet
-             weights) plus Gaussian noise of ``noise`` times the codes' spread, on the geometry and through the
-             training cameras of a random training identity, face-masked with that view's mask; target the mixed
-             code's style.  They are rendered once (``samples`` identities x ``views_per_sample`` views) before
-             the loop: the held-out identities are new people, and 24 training identities alone are too few points
-             for a regression to generalise from.
+    renders  sampled identities rendered by the frozen field, on the geometry and through the training cameras of a
+             random training identity, face-masked with that view's mask; target the sampled style.  A sampled
+             identity is either a code mixed from ``mix`` training codes (Dirichlet weights) plus Gaussian noise of
+             ``noise`` times the codes' spread, or (share ``gauss_fraction``) a draw from the Gaussian of the
+             training styles, spread ``gauss_scale``; a share ``residual_fraction`` of them carries a real photo's
+             residual (the training photo minus the field's render of that identity, same camera) so that the
+             renders look like photos of people the field cannot express exactly.  They are rendered once
+             (``samples`` identities x ``views_per_sample`` views) before the loop: the held-out identities are new
+             people, and 24 training identities alone are too few points for a regression to generalise from.
 
 Every crop is jittered as a fit's crop varies (utils/apps/track/targets.py crops the photo tightly to its face mask; the
 photo-only path crops around a fitted camera's projection): the window's centre by up to ``crop_jitter`` of its
 side, its side by up to ``scale_jitter``; colours by a per-channel gain of up to ``colour_jitter`` and an exposure
 factor of up to ``exposure_jitter`` (inside the face mask; the background stays black).
 
-Loss: mean squared error of the predicted style (or, with ``arch.space z``, code) in units of the targets' per-channel
-spread (the encoder's ``w_std``); AdamW, cosine learning-rate decay.
+Loss (``loss``): "w", the mean squared error of the predicted style (or, with ``arch.space z``, code) in units of the
+targets' per-channel spread (the encoder's ``w_std``); or "gaussians", the error in the metric of the frozen field's
+output Gaussians (their colour and opacity, linearised in w, :func:`output_metric`; 90 % of that response lies in 33
+of the CPU preset's 128 style channels) plus ``w_weight`` times the "w" loss.  AdamW, cosine learning-rate decay.
 """
 from __future__ import annotations
 
@@ -43,19 +48,28 @@ from utils.data.model_file import add_encoder, load_model
 class EncoderTrainConfig:
     """Encoder training (``train.py --encoder`` / ``--encoder_only``)."""
 
-    steps: int = 1500  # optimiser steps
+    steps: int = 2000  # optimiser steps
     batch: int = 32  # crops per step
     lr: float = 2e-3  # AdamW learning rate (cosine decay to 5 % of it)
     weight_decay: float = 1e-4  # AdamW weight decay
-    samples: int = 256  # sampled identities rendered as training data (0: photos only)
-    views_per_sample: int = 4  # training cameras each sampled identity is rendered through
+    samples: int = 1024  # sampled identities rendered as training data (0: photos only)
+    views_per_sample: int = 2  # training cameras each sampled identity is rendered through
     mix: int = 3  # training codes mixed into each sampled identity
     noise: float = 0.5  # Gaussian noise added to a mixed code, in units of the codes' per-channel spread
+    gauss_fraction: float = 0.5  # share of the sampled identities drawn from a Gaussian of the training styles instead
+    gauss_scale: float = 1.2  # that Gaussian's spread relative to the training styles' (> 1: more distinct people)
+    residual_fraction: float = 1.0  # share of the sampled identities' renders given a photo's residual: the photo of
+    #                                 the geometry's identity through that camera minus the field's render of it
     photo_fraction: float = 0.5  # share of each batch taken from the training identities' photos
     crop_jitter: float = 0.05  # crop centre shift, fraction of the crop side
     scale_jitter: float = 0.1  # crop side scaled by a factor in [1 - x, 1 + x]
     colour_jitter: float = 0.1  # per-channel colour gain in [1 - x, 1 + x]
     exposure_jitter: float = 0.2  # exposure factor in [1 - x, 1 + x]
+    loss: str = "w"  # "w": squared error in units of the styles' spread; "gaussians": in the metric of the frozen
+    #                 field's output Gaussians (colour and opacity, linearised in w; output_metric), plus w_weight
+    #                 times the "w" loss
+    w_weight: float = 0.1  # with loss "gaussians": weight of the plain squared error (keeps unseen directions in check)
+    metric_identities: int = 4  # with loss "gaussians": training styles the Jacobian is averaged over
     seed: int = 0  # random seed
     backend: str = "auto"  # rasterizer of the renders
     arch: EncoderConfig = field(default_factory=EncoderConfig)
@@ -65,32 +79,106 @@ class EncoderTrainConfig:
 def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generator, backend: str,
                 progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Renders of ``cfg.samples`` sampled identities: (images (N, h, w, 3) uint8, masks (N, h, w, 1) uint8,
-    styles (N, S), codes (N, D)), N = samples * views_per_sample; each face-masked with its view's mask."""
+    styles (N, S), codes (N, D)), N = samples * views_per_sample; each face-masked with its view's mask.
+
+    A share ``1 - gauss_fraction`` of them mixes ``mix`` training codes (Dirichlet weights) plus ``noise`` times the
+    codes' per-channel spread; the rest is drawn from the Gaussian of the training identities in the encoder's
+    output space (their mean and the span of their deviations, spread times ``gauss_scale``, plus the same noise
+    in that space's units): mixtures lie inside the training identities' hull and shrink towards their mean, while
+    new people lie as far out as the training ones or further.  A Gaussian sample of w has no code: its row of
+    codes is NaN (only an encoder of z uses the codes, and it samples z).
+
+    A share ``residual_fraction`` of the samples gets, on each view, the residual of a real photo: the training
+    photo of the identity whose geometry it is rendered on, through the same camera, minus the field's render of
+    that identity's trained style.  Renders of the field alone are smooth and exactly representable; a new person's
+    photo is neither (the encoder met such photos only for the 24 training identities, whose styles it learns by
+    heart), so without it the encoder has never been asked to look past what the field cannot express."""
     dev = data.images.device
     codes = field_.codes.weight.detach()
     n_identities = codes.shape[0]
     spread = codes.std(0) if n_identities > 1 else torch.ones_like(codes[0])
+    styles_ids = field_.style(codes, update_w_avg=False)
+    # the Gaussian's space: the encoder's output (styles w, or codes z)
+    g_pts = codes if cfg.arch.space == "z" else styles_ids
+    g_mean = g_pts.mean(0)
+    g_dev = (g_pts - g_mean) / math.sqrt(max(1, n_identities - 1))  # (I, S): cov = g_dev^T g_dev
+    g_spread = g_pts.std(0) if n_identities > 1 else torch.ones_like(g_mean)
     train_ids = torch.as_tensor(data.serial_index(data.train_serials))
+    residual = None
+    if cfg.residual_fraction > 0:  # (I, T, h, w, 3): photo minus the field's render, every training camera
+        residual = []
+        for i in range(n_identities):
+            verts = subdivide_vertices(data.base_vertices[i][None], plan)
+            img = render_batch(field_.synthesize(styles_ids[i:i + 1], verts)[0],
+                               [data.cameras[i][int(j)] for j in train_ids], backend=backend)["image"].clamp(0, 1)
+            m = data.masks[i, train_ids.to(dev)].float() / 255
+            residual.append(data.images[i, train_ids.to(dev)].float() / 255 - img * m)
+        residual = torch.stack(residual)
     imgs, masks, styles, zs = [], [], [], []
     for _ in tqdm(range(cfg.samples), desc="encoder: rendering", disable=not progress, leave=False):
-        k = min(cfg.mix, n_identities)
-        pick = torch.randperm(n_identities, generator=gen)[:k]
-        a = torch.distributions.Dirichlet(torch.ones(k)).sample()  # seeded through torch.manual_seed below
-        z = (a.to(dev)[:, None] * codes[pick.to(dev)]).sum(0)
-        z = z + cfg.noise * spread * torch.randn(z.shape, generator=gen).to(dev)
-        w = field_.style(z[None], update_w_avg=False)
+        if float(torch.rand((), generator=gen)) < cfg.gauss_fraction:
+            eps = torch.randn(n_identities, generator=gen).to(dev)
+            x = g_mean + cfg.gauss_scale * (eps @ g_dev)
+            x = x + cfg.noise * g_spread * torch.randn(x.shape, generator=gen).to(dev)
+            if cfg.arch.space == "z":
+                z, w = x, field_.style(x[None], update_w_avg=False)
+            else:
+                z, w = torch.full_like(codes[0], float("nan")), x[None]
+        else:
+            k = min(cfg.mix, n_identities)
+            pick = torch.randperm(n_identities, generator=gen)[:k]
+            a = torch.distributions.Dirichlet(torch.ones(k)).sample()  # seeded through torch.manual_seed below
+            z = (a.to(dev)[:, None] * codes[pick.to(dev)]).sum(0)
+            z = z + cfg.noise * spread * torch.randn(z.shape, generator=gen).to(dev)
+            w = field_.style(z[None], update_w_avg=False)
         i = int(torch.randint(n_identities, (1,), generator=gen))
-        v = train_ids[torch.randperm(len(train_ids), generator=gen)[:cfg.views_per_sample]]
+        pos = torch.randperm(len(train_ids), generator=gen)[:cfg.views_per_sample]
+        v = train_ids[pos]
         verts = subdivide_vertices(data.base_vertices[i][None], plan)
         cloud = field_.synthesize(w, verts)[0]
         img = render_batch(cloud, [data.cameras[i][int(j)] for j in v], backend=backend)["image"]
         m = data.masks[i, v.to(dev)]
         img = img.clamp(0, 1) * (m.float() / 255)
+        if residual is not None and float(torch.rand((), generator=gen)) < cfg.residual_fraction:
+            img = (img + residual[i, pos.to(dev)]).clamp(0, 1) * (m.float() / 255)
         imgs.append((img * 255).round().to(torch.uint8))
         masks.append(m)
         styles.append(w.expand(len(v), -1))
         zs.append(z[None].expand(len(v), -1))
     return torch.cat(imgs), torch.cat(masks), torch.cat(styles), torch.cat(zs)
+
+
+@torch.no_grad()
+def output_metric(field_, w_ref: Tensor, w_std: Tensor, cfg: EncoderTrainConfig, gen: torch.Generator) -> Tensor:
+    """(S, S) metric M of the style, in units of ``w_std`` (S,): the frozen field's Gaussians change their colour
+    (SH coefficients) and opacity by about ``d^T M d`` (mean square over Gaussians and channels) when the style moves
+    by ``d * w_std``.  Directions of w that the field ignores weigh nothing, so the encoder spends its capacity on
+    what the renders show.
+
+    M = mean over ``metric_identities`` training styles ``w_ref[i]`` of J^T J / outputs, with J the Jacobian of
+    the Gaussians' SH coefficients and opacities w.r.t. the normalised style (central differences of 0.25 spread
+    per channel; the network alone, no rendering).  Scaled to trace(M) = S (the plain squared error is M = I)."""
+    S, dev = w_ref.shape[1], w_ref.device
+    sl = field_._channel_slices()
+    h = 0.25
+    M = torch.zeros(S, S, device=dev, dtype=torch.float64)
+    pick = torch.randperm(w_ref.shape[0], generator=gen)[:max(1, cfg.metric_identities)].tolist()
+
+    def outputs(w: Tensor) -> Tensor:  # (B, S) -> (B, V * K * (3 num_sh + 1))
+        raw = field_.synthesize_raw(w)
+        opac = torch.sigmoid(raw[..., sl["opacity"]] + field_.opacity_logit_init)
+        return torch.cat([raw[..., sl["sh"]], opac], -1).flatten(1)
+
+    eye = torch.diag(h * w_std)  # (S, S): row k moves channel k by h spreads
+    for i in pick:
+        cols = []
+        for k0 in range(0, S, 32):  # 32 directions per network call
+            d = eye[k0:k0 + 32]
+            cols.append((outputs(w_ref[i] + d) - outputs(w_ref[i] - d)) / (2 * h))
+        J = torch.cat(cols).double()  # (S, outputs)
+        M += J @ J.T / J.shape[1]
+    M = M / len(pick)
+    return (M * (S / float(torch.diagonal(M).sum().clamp_min(1e-30)))).float()
 
 
 def jittered_batch(images: Tensor, masks: Tensor, cfg: EncoderTrainConfig, gen: torch.Generator) -> Tensor:
@@ -117,6 +205,13 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     if cfg.steps < 1 or cfg.batch < 1 or not 0 <= cfg.photo_fraction <= 1:
         raise ValueError(f"encoder training: steps and batch must be >= 1 and photo_fraction in [0, 1] (got "
                          f"{cfg.steps}, {cfg.batch}, {cfg.photo_fraction})")
+    if cfg.loss not in ("w", "gaussians") or (cfg.loss == "gaussians" and cfg.arch.space != "w"):
+        raise ValueError(f"encoder training: encoder.loss must be 'w' or 'gaussians' (the latter for an encoder of w, "
+                         f"encoder.arch.space w), got {cfg.loss!r} with space {cfg.arch.space!r}")
+    if not 0 <= cfg.gauss_fraction <= 1 or cfg.gauss_scale <= 0 or not 0 <= cfg.residual_fraction <= 1:
+        raise ValueError(f"encoder training: encoder.gauss_fraction and encoder.residual_fraction must lie in [0, 1] "
+                         f"and encoder.gauss_scale be > 0 (got {cfg.gauss_fraction}, {cfg.residual_fraction}, "
+                         f"{cfg.gauss_scale})")
     if cfg.samples == 0 and cfg.photo_fraction < 1:
         raise ValueError("encoder training: encoder.samples 0 (no renders) needs encoder.photo_fraction 1")
     t0 = time.perf_counter()
@@ -147,6 +242,9 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     enc = StyleEncoder(arch).to(dev)
     enc.w_mean.copy_(all_w.mean(0))
     enc.w_std.copy_(all_w.std(0).clamp_min(1e-3 * float(all_w.std(0).mean()) + 1e-8))
+    metric = None
+    if cfg.loss == "gaussians":
+        metric = output_metric(f, w_ids, enc.w_std, cfg, gen)  # (S, S), trace S
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_photo = round(cfg.batch * cfg.photo_fraction) if len(r_img) else cfg.batch
     losses: list[float] = []
@@ -161,7 +259,10 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
         target = torch.cat([p_w[pi], r_w[ri]])
         x = jittered_batch(imgs, msks, cfg, gen)
         pred = enc(x)
-        loss = ((pred - target) / enc.w_std).square().mean()
+        err = (pred - target) / enc.w_std  # (B, S)
+        loss = err.square().mean()
+        if metric is not None:  # e^T M e / S: the mean squared change of the Gaussians' colour and opacity
+            loss = cfg.w_weight * loss + ((err @ metric) * err).sum(1).mean() / err.shape[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
