@@ -54,15 +54,33 @@ def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: in
     return read_video_frames(path, start=start, stride=stride, max_frames=max_frames)
 
 
-def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True
-                           ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """iBUG-68 points (T, 68, 2), iris centres (T, 2, 2) (subject's right eye, then left; None without irises) and a
-    (T,) bool of the frames with a face, from mediapipe's face mesh in video mode.  Frames without a face get NaN."""
+@dataclass
+class VideoFaces:
+    """What the face detector found in a video's frames.
+
+    Attributes:
+        points: (T, 68, 2) iBUG-68 pixels, NaN rows where ``found`` is False.
+        irises: (T, 2, 2) iris centres (subject's right eye, then left), or None when no frame has irises.
+        found: (T,) bool, the frames with a usable face.
+        outlines: per frame the detector's face outline polygon (K, 2) pixels ((0, 2) without a face): what the
+            face masks are clipped to (the projected FLAME face mask reaches into hair and background).
+    """
+
+    points: Tensor
+    irises: Tensor | None
+    found: Tensor
+    outlines: list[np.ndarray]
+
+
+def detect_video_faces(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True) -> VideoFaces:
+    """Landmarks, iris centres and face outlines of every frame (mediapipe's face mesh in video mode); frames
+    without a face (or with one under ``min_face_px`` pixels high) get NaN points and an empty outline."""
 
     T = len(frames)
     pts = torch.full((T, 68, 2), float("nan"))
     irises = torch.full((T, 2, 2), float("nan"))
     found = torch.zeros(T, dtype=torch.bool)
+    outlines = [np.zeros((0, 2), np.float32) for _ in range(T)]
     with LandmarkDetector(static_images=False, min_face_px=min_face_px) as det:
         for t, frame in enumerate(tqdm(frames, desc="landmarks", unit="frame", disable=not progress, leave=False)):
             try:
@@ -71,12 +89,22 @@ def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, 
                 continue
             pts[t] = torch.as_tensor(lm.ibug68, dtype=torch.float32)
             found[t] = True
+            outlines[t] = np.asarray(lm.outline, np.float32).reshape(-1, 2)
             if len(lm.mesh) >= 478:  # iris centres 468 and 473; which one is the subject's right eye is measured
                 a, b = lm.mesh[468, :2], lm.mesh[473, :2]
                 right = lm.ibug68[36:42].mean(0)
                 pair = [a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a]
                 irises[t] = torch.as_tensor(np.stack(pair), dtype=torch.float32)
-    return pts, (irises if bool(torch.isfinite(irises).all(-1).all(-1).any()) else None), found
+    return VideoFaces(pts, irises if bool(torch.isfinite(irises).all(-1).all(-1).any()) else None, found, outlines)
+
+
+def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True
+                           ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """iBUG-68 points (T, 68, 2), iris centres (T, 2, 2) (subject's right eye, then left; None without irises) and a
+    (T,) bool of the frames with a face, from mediapipe's face mesh in video mode (:func:`detect_video_faces`
+    without the outlines).  Frames without a face get NaN."""
+    faces = detect_video_faces(frames, min_face_px, progress)
+    return faces.points, faces.irises, faces.found
 
 
 def _seeded(x: Tensor | None, found: Tensor) -> tuple[Tensor | None, Tensor]:

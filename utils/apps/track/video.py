@@ -7,7 +7,8 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               one pinhole camera for the clip and per-frame expression / jaw / eyes / head pose (the reenactment
               path, :func:`utils.face.reenactment.fit_video_motion`); frames without a face are skipped and counted
     masks     per frame the model's face-mask triangles projected from the tracked FLAME (z-buffered against the
-              head), as the photo path does
+              head), intersected with the detector's face outline when the landmarks come from the detector (as the
+              photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks the projected mask
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
@@ -45,7 +46,7 @@ from utils.apps.track.config import FitConfig, TrackConfig
 from utils.apps.track.export import turntable
 from utils.apps.track.fit import photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
-from utils.apps.track.targets import frame_flame, projected_face_mask
+from utils.apps.track.targets import detected_face_mask, frame_flame, projected_face_mask
 from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
 from utils.core.images import read_image, to_uint8
@@ -64,7 +65,7 @@ from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 from utils.evaluation import View, evaluate_cloud, to_tensor_img
 from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
-from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
+from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -266,8 +267,10 @@ def track_video(cfg: TrackConfig) -> dict:
             raise ValueError(f"--landmarks {cfg.landmarks}: expected ({T}, 68, 2) iBUG-68 pixels (one row per frame "
                              f"of {src}), got {tuple(pts.shape)}")
         irises, found = None, torch.isfinite(pts).all(-1).all(-1)
+        outlines = None  # no detector outline: the projected FLAME face mask alone
     else:
-        pts, irises, found = detect_video_landmarks(frames, cfg.min_face_px, cfg.progress)
+        faces = detect_video_faces(frames, cfg.min_face_px, cfg.progress)
+        pts, irises, found, outlines = faces.points, faces.irises, faces.found, faces.outlines
     if not bool(found.any()):
         raise ValueError(f"{src}: no face in any of its {T} frames (the detector needs a clearly visible face at "
                          f"least --min_face_px={cfg.min_face_px:g} px high)")
@@ -281,15 +284,17 @@ def track_video(cfg: TrackConfig) -> dict:
     cam = make_camera(info["focal_px"], (w, h), name="video")
     times["track"] = time.perf_counter() - t0
 
-    # ---- per-frame targets: projected face mask, masked photo, one crop size for all frames
+    # ---- per-frame targets: face mask (projected FLAME face mask within the detector's outline, as the photo path
+    # does), masked photo, one crop size for all frames
     t0 = time.perf_counter()
     used = sorted(train + held)
     photos, masks, bases, fparams = {}, {}, {}, {}
     for t in used:
         verts, base, _, p = frame_flame(model, flame_dir, None, params=params, frame=t, flame=flame)
-        m = projected_face_mask(model, verts, flame.faces, cam)[..., None]
+        m = detected_face_mask(model, verts, flame.faces, cam, None if outlines is None else outlines[t])[..., None]
         if m.sum() == 0:
-            raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame")
+            raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame (or misses the "
+                             f"detector's face outline there)")
         photos[t] = masked_photo(frames[t].astype(np.float32) / 255.0, m[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
         masks[t], bases[t], fparams[t] = m.astype(np.float32), base.to(device), p
     cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
@@ -366,6 +371,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
+            "mask": "projected FLAME face mask" + (" within the detector's face outline" if outlines else ""),
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "device": str(device), "checkpoint": str(cfg.checkpoint),
         })
