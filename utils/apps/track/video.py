@@ -8,21 +8,24 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               path, :func:`utils.face.reenactment.fit_video_motion`); frames without a face are skipped and counted
     masks     per frame the model's face-mask triangles projected from the tracked FLAME (z-buffered against the
               head), intersected with the detector's face outline when the landmarks come from the detector (as the
-              photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks the projected mask
+              photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks: the projected
+              mask alone
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
               own tracked face-mask vertices), loss and schedule of the single-image fit; then the regularised
               per-vertex colour residual (the colour stage of utils/apps/track/fit.py) on batches of training frames
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
-              NeRSemble tracking layout), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM in the
-              face mask on held-out and training frames, for the fit, the code alone and the mean code),
+              NeRSemble tracking layout), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM / LPIPS in
+              the face mask on held-out and training frames, for the fit, the code alone and the mean code),
               heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder
               first, so a failing run leaves nothing half-written in --out
 
 Not yet here (issue 23): per-Gaussian position / scale / opacity residuals, photometric refinement of the per-frame
-FLAME, pivotal tuning, LPIPS, the detector's face outline in the masks, real footage.  The progress bar shows the
-held-out frames' PSNR (code only) at every early-stopping check; it is read, never used to steer the fit.
+FLAME, pivotal tuning.  LPIPS needs the optional lpips package with torchvision and their ImageNet backbone weights
+(downloaded once by torchvision; metrics.json records null and the reason where that is not possible).  The
+progress bar shows the held-out frames' PSNR (code only) at every early-stopping check; it is read, never used to
+steer the fit.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
+from utils.losses import lpips_metric, lpips_unavailable_reason
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -221,18 +225,35 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
 
 @torch.no_grad()
 def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: Sequence[int],
-                    colour: Tensor | None = None, backend: str = "auto") -> tuple[dict, list[Tensor]]:
-    """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx``; (metrics with a
-    per-frame list, renders (h, w, 3) per frame)."""
-    pf, p, s, renders = [], [], [], []
+                    colour: Tensor | None = None, backend: str = "auto", lpips: bool = False
+                    ) -> tuple[dict, list[Tensor]]:
+    """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx``; with ``lpips`` also
+    the mean LPIPS (VGG; utils/losses.py lpips_metric) inside the face mask (render and photo both multiplied by the
+    frame's mask, so that only the face is compared), None when the optional lpips package is not usable here.
+    Returns (metrics with a per-frame list, renders (h, w, 3) per frame)."""
+    pf, p, s, lp, renders = [], [], [], [], []
     for i in idx:
-        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour), [frames.views[i]], backend=backend)
+        v = frames.views[i]
+        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour), [v], backend=backend)
         pf.append(m["psnr_face_all"])
         p.append(m["psnr_all"])
         s.append(m["ssim_all"])
         renders.append(r[0])
+        d = lpips_metric(r[0] * v.mask, v.image * v.mask) if lpips else None
+        if d is not None:
+            lp.append(float(d))
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "per_frame_psnr_face": pf}, renders
+    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "lpips": mean(lp) if lp else None,
+            "per_frame_psnr_face": pf}, renders
+
+
+def _lpips_note(cfg: TrackConfig, held: dict) -> str:
+    """What metrics.json's lpips_* values are, or why they are null."""
+    if not cfg.export.lpips:
+        return "LPIPS not computed (--export.lpips false)"
+    if held["lpips"] is None:
+        return lpips_unavailable_reason() or "LPIPS not computed"
+    return "LPIPS (VGG, the lpips package) of render and photo, both multiplied by the frame's face mask"
 
 
 # ====================================================================================== the pipeline
@@ -325,8 +346,8 @@ def track_video(cfg: TrackConfig) -> dict:
     with torch.no_grad():
         w_mean = model.field.style(model.field.mean_code()[None], update_w_avg=False)[0]
     hi, ti = [pos[t] for t in held], [pos[t] for t in train]
-    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend)
-    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend)
+    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend, cfg.export.lpips)
+    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend, cfg.export.lpips)
     c_held, _ = evaluate_frames(model, w_fit, allf, hi, None, cfg.backend)
     b_held, _ = evaluate_frames(model, w_mean, allf, hi, None, cfg.backend)
     b_train, _ = evaluate_frames(model, w_mean, allf, ti, None, cfg.backend)
@@ -365,7 +386,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "psnr_face_heldout_mean_code": b_held["psnr_face"], "psnr_face_train_mean_code": b_train["psnr_face"],
             "ssim_heldout_mean_code": b_held["ssim"],
             "per_frame_psnr_face_heldout": dict(zip(map(str, held), m_held["per_frame_psnr_face"])),
-            "lpips_note": "LPIPS not computed in video mode yet",
+            "lpips_heldout": m_held["lpips"], "lpips_train": m_train["lpips"], "lpips_note": _lpips_note(cfg, m_held),
             "iterations": fit_info["iterations"], "start": fit_info["start"], "loss_history": fit_info["loss_history"],
             "heldout_psnr_history": fit_info["heldout_psnr_history"],
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
