@@ -83,3 +83,45 @@ def test_video_masks_use_detector_outlines(clip, fit_model, tmp_path, monkeypatc
     assert "outline" in a["mask"] and "outline" not in b["mask"]
     assert json.loads((tmp_path / "outline" / "metrics.json").read_text())["mask"] == a["mask"]
     assert a["crop"][1] < b["crop"][1], (a["crop"], b["crop"])
+
+
+def test_detect_video_faces_outlines_and_small_faces():
+    """The detector's outline of a real portrait surrounds its landmarks; faces under min_face_px are counted with
+    their size (the video path's error message says how far the clip is from usable)."""
+    import cv2
+
+    from tests.test_landmarks import portraits
+    from utils.apps.track.targets import polygon_mask
+    from utils.face.reenactment import detect_video_faces
+
+    img = portraits()["grace_hopper"]
+    frames = [img, img]
+    faces = detect_video_faces(frames, min_face_px=40, progress=False)
+    assert faces.found.all() and faces.too_small == 0
+    h, w = img.shape[:2]
+    for t in range(2):
+        assert len(faces.outlines[t]) >= 20
+        inside = polygon_mask(faces.outlines[t], w, h)
+        nose = faces.points[t, 30].round().long()
+        assert inside[int(nose[1]), int(nose[0])] == 1 and 0.05 < inside.mean() < 0.6
+    small = [cv2.resize(img, (w // 4, h // 4), interpolation=cv2.INTER_AREA)] * 2
+    few = detect_video_faces(small, min_face_px=1000, progress=False)
+    assert not few.found.any() and few.too_small == 2 and 20 < few.largest_too_small_px < 1000
+    assert all(len(o) == 0 for o in few.outlines)
+
+
+def test_video_too_small_faces_error(fit_model, tmp_path, capsys):  # noqa: F811
+    """A clip whose faces are all under --min_face_px: one line naming the file, the size found and the flag;
+    nothing written to --out."""
+    from tests.test_landmarks import portraits
+    from track import main
+    from utils.core.video import write_video
+
+    video = tmp_path / "far.mp4"
+    write_video(video, [portraits()["grace_hopper"]] * 3, fps=5)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(video), "--min_face_px", "2000", "--out",
+              str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "far.mp4" in err and "too small" in err and "--min_face_px=2000" in err, err
+    assert not (tmp_path / "o").exists()

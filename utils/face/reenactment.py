@@ -30,7 +30,7 @@ from models.flame import FlameModel, FlameParams
 from utils.core.config import Range
 from utils.core.video import read_video_frames
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
-from utils.face.landmarks import LandmarkDetector, LandmarkError
+from utils.face.landmarks import FaceTooSmallError, LandmarkDetector, LandmarkError
 from utils.motion import Motion
 
 
@@ -64,12 +64,17 @@ class VideoFaces:
         found: (T,) bool, the frames with a usable face.
         outlines: per frame the detector's face outline polygon (K, 2) pixels ((0, 2) without a face): what the
             face masks are clipped to (the projected FLAME face mask reaches into hair and background).
+        too_small: frames whose face was found but is under ``min_face_px`` (counted among the frames without one).
+        largest_too_small_px: the tallest of those faces (pixels, forehead to chin; 0 when none), for the error
+            message that tells how far the clip is from usable.
     """
 
     points: Tensor
     irises: Tensor | None
     found: Tensor
     outlines: list[np.ndarray]
+    too_small: int = 0
+    largest_too_small_px: float = 0.0
 
 
 def detect_video_faces(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True) -> VideoFaces:
@@ -81,10 +86,14 @@ def detect_video_faces(frames: list[np.ndarray], min_face_px: float = 40.0, prog
     irises = torch.full((T, 2, 2), float("nan"))
     found = torch.zeros(T, dtype=torch.bool)
     outlines = [np.zeros((0, 2), np.float32) for _ in range(T)]
+    too_small, largest_small = 0, 0.0
     with LandmarkDetector(static_images=False, min_face_px=min_face_px) as det:
         for t, frame in enumerate(tqdm(frames, desc="landmarks", unit="frame", disable=not progress, leave=False)):
             try:
                 lm = det.detect(frame, f"frame {t}")
+            except FaceTooSmallError as exc:
+                too_small, largest_small = too_small + 1, max(largest_small, exc.size)
+                continue
             except LandmarkError:
                 continue
             pts[t] = torch.as_tensor(lm.ibug68, dtype=torch.float32)
@@ -95,7 +104,8 @@ def detect_video_faces(frames: list[np.ndarray], min_face_px: float = 40.0, prog
                 right = lm.ibug68[36:42].mean(0)
                 pair = [a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a]
                 irises[t] = torch.as_tensor(np.stack(pair), dtype=torch.float32)
-    return VideoFaces(pts, irises if bool(torch.isfinite(irises).all(-1).all(-1).any()) else None, found, outlines)
+    return VideoFaces(pts, irises if bool(torch.isfinite(irises).all(-1).all(-1).any()) else None, found, outlines,
+                      too_small, largest_small)
 
 
 def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True

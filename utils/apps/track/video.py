@@ -288,11 +288,16 @@ def track_video(cfg: TrackConfig) -> dict:
             raise ValueError(f"--landmarks {cfg.landmarks}: expected ({T}, 68, 2) iBUG-68 pixels (one row per frame "
                              f"of {src}), got {tuple(pts.shape)}")
         irises, found = None, torch.isfinite(pts).all(-1).all(-1)
-        outlines = None  # no detector outline: the projected FLAME face mask alone
+        outlines, too_small = None, ""  # no detector outline: the projected FLAME face mask alone
     else:
         faces = detect_video_faces(frames, cfg.min_face_px, cfg.progress)
         pts, irises, found, outlines = faces.points, faces.irises, faces.found, faces.outlines
+        too_small = (f"; in {faces.too_small} of them the face found is too small (at most "
+                     f"{faces.largest_too_small_px:.0f} px high, under --min_face_px={cfg.min_face_px:g}): use a "
+                     f"closer or higher-resolution clip" if faces.too_small else "")
     if not bool(found.any()):
+        if too_small:
+            raise ValueError(f"{src}: no usable face in any of its {T} frames{too_small}")
         raise ValueError(f"{src}: no face in any of its {T} frames (the detector needs a clearly visible face at "
                          f"least --min_face_px={cfg.min_face_px:g} px high)")
     train, held = split_frames(found.numpy(), cfg.heldout_every, cfg.heldout_tail)
