@@ -19,8 +19,8 @@ from utils.fused_ssim import fused_ssim, triton_available
 
 log = logging.getLogger(__name__)
 
-__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "masked_ssim", "lpips_metric", "rim_band",
-           "coverage_loss"]
+__all__ = ["l1", "ssim", "photometric_loss", "psnr", "ssim_metric", "masked_ssim", "lpips_metric",
+           "lpips_unavailable_reason", "rim_band", "coverage_loss"]
 
 
 # ------------------------------------------------------------------ shape helpers
@@ -250,6 +250,12 @@ _LPIPS_UNAVAILABLE: list[str] = []
 def lpips_available(net: str = "vgg") -> bool:
     """Whether LPIPS can be computed here (imports ``lpips`` lazily and loads its weights once)."""
     return _get_lpips(net, torch.device("cpu")) is not None
+
+
+def lpips_unavailable_reason() -> str | None:
+    """Why LPIPS could not be computed here (the message logged when loading it failed), or None when it has not
+    failed (not tried yet, or working)."""
+    return _LPIPS_UNAVAILABLE[0] if _LPIPS_UNAVAILABLE else None
 
 
 def _get_lpips(net: str, device: torch.device):

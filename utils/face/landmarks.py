@@ -122,7 +122,11 @@ class NoFaceError(LandmarkError):
 
 
 class FaceTooSmallError(LandmarkError):
-    pass
+    """A face was found but is under the minimum size; ``size``: its height in pixels (forehead to chin)."""
+
+    def __init__(self, message: str, size: float = 0.0):
+        super().__init__(message)
+        self.size = float(size)
 
 
 @dataclass
@@ -379,7 +383,7 @@ class LandmarkDetector:
         size = b[3] - b[1]
         if size < self.min_face_px:
             raise FaceTooSmallError(f"the face in {name} is {size:.0f} pixels high (forehead to chin), the minimum "
-                                    f"is {self.min_face_px:.0f}: use a larger or closer crop of the face")
+                                    f"is {self.min_face_px:.0f}: use a larger or closer crop of the face", size)
         return FaceLandmarks(mesh=mesh, ibug68=mediapipe_to_ibug68(mesh[:NUM_MESH, :2]), box=b, image_size=(w, h),
                              num_faces=len(faces), name=name, outline=mesh[self._oval, :2])
 

@@ -30,7 +30,7 @@ from models.flame import FlameModel, FlameParams
 from utils.core.config import Range
 from utils.core.video import read_video_frames
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
-from utils.face.landmarks import LandmarkDetector, LandmarkError
+from utils.face.landmarks import FaceTooSmallError, LandmarkDetector, LandmarkError
 from utils.motion import Motion
 
 
@@ -54,29 +54,67 @@ def read_video(path: str | Path, start: int = 0, stride: int = 1, max_frames: in
     return read_video_frames(path, start=start, stride=stride, max_frames=max_frames)
 
 
-def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True
-                           ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """iBUG-68 points (T, 68, 2), iris centres (T, 2, 2) (subject's right eye, then left; None without irises) and a
-    (T,) bool of the frames with a face, from mediapipe's face mesh in video mode.  Frames without a face get NaN."""
+@dataclass
+class VideoFaces:
+    """What the face detector found in a video's frames.
+
+    Attributes:
+        points: (T, 68, 2) iBUG-68 pixels, NaN rows where ``found`` is False.
+        irises: (T, 2, 2) iris centres (subject's right eye, then left), or None when no frame has irises.
+        found: (T,) bool, the frames with a usable face.
+        outlines: per frame the detector's face outline polygon (K, 2) pixels ((0, 2) without a face): what the
+            face masks are clipped to (the projected FLAME face mask reaches into hair and background).
+        too_small: frames whose face was found but is under ``min_face_px`` (counted among the frames without one).
+        largest_too_small_px: the tallest of those faces (pixels, forehead to chin; 0 when none), for the error
+            message that tells how far the clip is from usable.
+    """
+
+    points: Tensor
+    irises: Tensor | None
+    found: Tensor
+    outlines: list[np.ndarray]
+    too_small: int = 0
+    largest_too_small_px: float = 0.0
+
+
+def detect_video_faces(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True) -> VideoFaces:
+    """Landmarks, iris centres and face outlines of every frame (mediapipe's face mesh in video mode); frames
+    without a face (or with one under ``min_face_px`` pixels high) get NaN points and an empty outline."""
 
     T = len(frames)
     pts = torch.full((T, 68, 2), float("nan"))
     irises = torch.full((T, 2, 2), float("nan"))
     found = torch.zeros(T, dtype=torch.bool)
+    outlines = [np.zeros((0, 2), np.float32) for _ in range(T)]
+    too_small, largest_small = 0, 0.0
     with LandmarkDetector(static_images=False, min_face_px=min_face_px) as det:
         for t, frame in enumerate(tqdm(frames, desc="landmarks", unit="frame", disable=not progress, leave=False)):
             try:
                 lm = det.detect(frame, f"frame {t}")
+            except FaceTooSmallError as exc:
+                too_small, largest_small = too_small + 1, max(largest_small, exc.size)
+                continue
             except LandmarkError:
                 continue
             pts[t] = torch.as_tensor(lm.ibug68, dtype=torch.float32)
             found[t] = True
+            outlines[t] = np.asarray(lm.outline, np.float32).reshape(-1, 2)
             if len(lm.mesh) >= 478:  # iris centres 468 and 473; which one is the subject's right eye is measured
                 a, b = lm.mesh[468, :2], lm.mesh[473, :2]
                 right = lm.ibug68[36:42].mean(0)
                 pair = [a, b] if np.linalg.norm(a - right) < np.linalg.norm(b - right) else [b, a]
                 irises[t] = torch.as_tensor(np.stack(pair), dtype=torch.float32)
-    return pts, (irises if bool(torch.isfinite(irises).all(-1).all(-1).any()) else None), found
+    return VideoFaces(pts, irises if bool(torch.isfinite(irises).all(-1).all(-1).any()) else None, found, outlines,
+                      too_small, largest_small)
+
+
+def detect_video_landmarks(frames: list[np.ndarray], min_face_px: float = 40.0, progress: bool = True
+                           ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """iBUG-68 points (T, 68, 2), iris centres (T, 2, 2) (subject's right eye, then left; None without irises) and a
+    (T,) bool of the frames with a face, from mediapipe's face mesh in video mode (:func:`detect_video_faces`
+    without the outlines).  Frames without a face get NaN."""
+    faces = detect_video_faces(frames, min_face_px, progress)
+    return faces.points, faces.irises, faces.found
 
 
 def _seeded(x: Tensor | None, found: Tensor) -> tuple[Tensor | None, Tensor]:

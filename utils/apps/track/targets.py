@@ -247,6 +247,18 @@ def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
+def detected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera,
+                       outline: np.ndarray | None = None) -> np.ndarray:
+    """The face mask of a photo or video frame tracked from detected landmarks: the projected FLAME face mask
+    (:func:`projected_face_mask`) intersected with the detector's face outline ``outline`` (K, 2) pixels, which keeps
+    hair, ears and background out where the FLAME face mask reaches beyond the face; None or an empty outline: the
+    projected mask alone.  Returns (H, W) float32 in {0, 1} at ``camera``'s size."""
+    mask = projected_face_mask(model, flame_verts, flame_faces, camera)
+    if outline is not None and len(outline) >= 3:
+        mask = mask * polygon_mask(outline, camera.width, camera.height)
+    return mask
+
+
 def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device) -> FitTarget:
     """A photo alone (``cfg.image``): landmarks (mediapipe, or ``cfg.landmarks``), then FLAME and a pinhole camera
     fitted to them (utils/face/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
@@ -288,9 +300,7 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
     res = fit_flame_to_landmarks(flame, targets, flame_cfg, camera_name=cfg.camera)
     cam = res.camera
     flame_verts, base, _, params = frame_flame(model, flame_dir, None, params=res.params, flame=flame)
-    mask = projected_face_mask(model, flame_verts, flame.faces, cam)
-    if len(lms.outline):
-        mask = mask * polygon_mask(lms.outline, w, h)
+    mask = detected_face_mask(model, flame_verts, flame.faces, cam, lms.outline)
     if mask.sum() == 0:
         raise ValueError(f"the face mask of {img_path} is empty: the FLAME fitted to its landmarks does not project "
                          f"into the photo")

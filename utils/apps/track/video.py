@@ -7,7 +7,9 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               one pinhole camera for the clip and per-frame expression / jaw / eyes / head pose (the reenactment
               path, :func:`utils.face.reenactment.fit_video_motion`); frames without a face are skipped and counted
     masks     per frame the model's face-mask triangles projected from the tracked FLAME (z-buffered against the
-              head), as the photo path does
+              head), intersected with the detector's face outline when the landmarks come from the detector (as the
+              photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks: the projected
+              mask alone
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
@@ -17,14 +19,15 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               on batches of training frames (``video_refine.iterations 0``: the colour residual alone)
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
               NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
-              refinement), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM in the
-              face mask on held-out and training frames, for the fit, the code alone and the mean code),
-              heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder
-              first, so a failing run leaves nothing half-written in --out
+              refinement), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM / LPIPS in the face
+              mask on held-out and training frames, for the fit, the code alone and the mean code), heldout.mp4
+              (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder first, so a
+              failing run leaves nothing half-written in --out
 
-Not yet here (issue 23): pivotal tuning, refining the shared camera, LPIPS, the detector's face outline in the masks,
-real footage.  The progress bars show the held-out frames' PSNR (the style fit's: code only) at every check; it is
-read, never used to steer the fit.
+Not yet here (issue 23): pivotal tuning, refining the shared camera.  LPIPS needs the optional lpips package with
+torchvision and their ImageNet backbone weights (downloaded once by torchvision; metrics.json records null and the
+reason where that is not possible).  The progress bars show the held-out frames' PSNR (the style fit's: code only)
+at every check; it is read, never used to steer the fit.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from utils.apps.track.config import FitConfig, TrackConfig
 from utils.apps.track.export import turntable
 from utils.apps.track.fit import photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
-from utils.apps.track.targets import frame_flame, projected_face_mask
+from utils.apps.track.targets import detected_face_mask, frame_flame, projected_face_mask
 from utils.apps.track.video_refine import refine_video
 from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
@@ -68,8 +71,9 @@ from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 from utils.evaluation import View, evaluate_cloud, to_tensor_img
 from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
-from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video
+from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
+from utils.losses import lpips_metric, lpips_unavailable_reason
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -224,20 +228,36 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
 
 @torch.no_grad()
 def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: Sequence[int],
-                    colour: Tensor | None = None, backend: str = "auto", gaussians: Tensor | None = None
-                    ) -> tuple[dict, list[Tensor]]:
+                    colour: Tensor | None = None, backend: str = "auto", gaussians: Tensor | None = None,
+                    lpips: bool = False) -> tuple[dict, list[Tensor]]:
     """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx`` (with the colour
-    residual (M, 3) and the per-Gaussian residual (V, K, 7)); (metrics with a per-frame list, renders (h, w, 3))."""
-    pf, p, s, renders = [], [], [], []
+    residual (M, 3) and the per-Gaussian residual (V, K, 7)); with ``lpips`` also the mean LPIPS (VGG;
+    utils/losses.py lpips_metric) inside the face mask (render and photo both multiplied by the frame's mask, so that
+    only the face is compared), None when the optional lpips package is not usable here.
+    Returns (metrics with a per-frame list, renders (h, w, 3) per frame)."""
+    pf, p, s, lp, renders = [], [], [], [], []
     for i in idx:
-        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour, gaussians), [frames.views[i]],
-                              backend=backend)
+        v = frames.views[i]
+        m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour, gaussians), [v], backend=backend)
         pf.append(m["psnr_face_all"])
         p.append(m["psnr_all"])
         s.append(m["ssim_all"])
         renders.append(r[0])
+        d = lpips_metric(r[0] * v.mask, v.image * v.mask) if lpips else None
+        if d is not None:
+            lp.append(float(d))
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "per_frame_psnr_face": pf}, renders
+    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "lpips": mean(lp) if lp else None,
+            "per_frame_psnr_face": pf}, renders
+
+
+def _lpips_note(cfg: TrackConfig, held: dict) -> str:
+    """What metrics.json's lpips_* values are, or why they are null."""
+    if not cfg.export.lpips:
+        return "LPIPS not computed (--export.lpips false)"
+    if held["lpips"] is None:
+        return lpips_unavailable_reason() or "LPIPS not computed"
+    return "LPIPS (VGG, the lpips package) of render and photo, both multiplied by the frame's face mask"
 
 
 # ====================================================================================== the pipeline
@@ -272,9 +292,16 @@ def track_video(cfg: TrackConfig) -> dict:
             raise ValueError(f"--landmarks {cfg.landmarks}: expected ({T}, 68, 2) iBUG-68 pixels (one row per frame "
                              f"of {src}), got {tuple(pts.shape)}")
         irises, found = None, torch.isfinite(pts).all(-1).all(-1)
+        outlines, too_small = None, ""  # no detector outline: the projected FLAME face mask alone
     else:
-        pts, irises, found = detect_video_landmarks(frames, cfg.min_face_px, cfg.progress)
+        faces = detect_video_faces(frames, cfg.min_face_px, cfg.progress)
+        pts, irises, found, outlines = faces.points, faces.irises, faces.found, faces.outlines
+        too_small = (f"; in {faces.too_small} of them the face found is too small (at most "
+                     f"{faces.largest_too_small_px:.0f} px high, under --min_face_px={cfg.min_face_px:g}): use a "
+                     f"closer or higher-resolution clip" if faces.too_small else "")
     if not bool(found.any()):
+        if too_small:
+            raise ValueError(f"{src}: no usable face in any of its {T} frames{too_small}")
         raise ValueError(f"{src}: no face in any of its {T} frames (the detector needs a clearly visible face at "
                          f"least --min_face_px={cfg.min_face_px:g} px high)")
     train, held = split_frames(found.numpy(), cfg.heldout_every, cfg.heldout_tail)
@@ -287,15 +314,17 @@ def track_video(cfg: TrackConfig) -> dict:
     cam = make_camera(info["focal_px"], (w, h), name="video")
     times["track"] = time.perf_counter() - t0
 
-    # ---- per-frame targets: projected face mask, masked photo, one crop size for all frames
+    # ---- per-frame targets: face mask (projected FLAME face mask within the detector's outline, as the photo path
+    # does), masked photo, one crop size for all frames
     t0 = time.perf_counter()
     used = sorted(train + held)
     photos, masks, bases, fparams = {}, {}, {}, {}
     for t in used:
         verts, base, _, p = frame_flame(model, flame_dir, None, params=params, frame=t, flame=flame)
-        m = projected_face_mask(model, verts, flame.faces, cam)[..., None]
+        m = detected_face_mask(model, verts, flame.faces, cam, None if outlines is None else outlines[t])[..., None]
         if m.sum() == 0:
-            raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame")
+            raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame (or misses the "
+                             f"detector's face outline there)")
         photos[t] = masked_photo(frames[t].astype(np.float32) / 255.0, m[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
         masks[t], bases[t], fparams[t] = m.astype(np.float32), base.to(device), p
     cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
@@ -335,8 +364,8 @@ def track_video(cfg: TrackConfig) -> dict:
     with torch.no_grad():
         w_mean = model.field.style(model.field.mean_code()[None], update_w_avg=False)[0]
     hi, ti = [pos[t] for t in held], [pos[t] for t in train]
-    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend, gaussians)
-    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend, gaussians)
+    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend, gaussians, cfg.export.lpips)
+    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend, gaussians, cfg.export.lpips)
     c_held, _ = evaluate_frames(model, w_fit, allf, hi, None, cfg.backend)
     b_held, _ = evaluate_frames(model, w_mean, allf, hi, None, cfg.backend)
     b_train, _ = evaluate_frames(model, w_mean, allf, ti, None, cfg.backend)
@@ -379,7 +408,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "psnr_face_heldout_mean_code": b_held["psnr_face"], "psnr_face_train_mean_code": b_train["psnr_face"],
             "ssim_heldout_mean_code": b_held["ssim"],
             "per_frame_psnr_face_heldout": dict(zip(map(str, held), m_held["per_frame_psnr_face"])),
-            "lpips_note": "LPIPS not computed in video mode yet",
+            "lpips_heldout": m_held["lpips"], "lpips_train": m_train["lpips"], "lpips_note": _lpips_note(cfg, m_held),
             "iterations": fit_info["iterations"], "start": fit_info["start"], "loss_history": fit_info["loss_history"],
             "heldout_psnr_history": fit_info["heldout_psnr_history"],
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
@@ -391,6 +420,7 @@ def track_video(cfg: TrackConfig) -> dict:
                 [float(x) for x in gaussians.reshape(-1, gaussians.shape[-1]).square().mean(0).sqrt()]},
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
+            "mask": "projected FLAME face mask" + (" within the detector's face outline" if outlines else ""),
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "device": str(device), "checkpoint": str(cfg.checkpoint),
         })

@@ -1,0 +1,127 @@
+"""Face masks of the video path (utils/apps/track/video.py, utils/apps/track/targets.py detected_face_mask): the
+projected FLAME face mask intersected with the detector's face outline, as the photo path does; the synthetic path
+(--landmarks, no outline) keeps the projected mask alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_fitting import fit_model, single_thread  # noqa: F401
+from tests.test_video_avatar import CLIP_FRAMES, FAST, clip  # noqa: F401
+from tests.training_fixtures import preprocessed_root  # noqa: F401
+
+
+def _frame0(root, fit_model):  # noqa: F811
+    """(model, FLAME vertices (V, 3), FLAME faces, camera) of frame 0 of the synthetic clip (frontal camera)."""
+    from models.flame import FlameModel
+    from utils.apps.track.targets import frame_flame
+    from utils.data.model_file import load_model
+    from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
+
+    model = load_model(fit_model, "cpu")
+    flame = FlameModel.from_data_dir(root / "flame")
+    subj = NersembleSubject(root / "subjects", "017", frame=0)
+    cam = subj.cameras(serials=[FRONTAL_SERIAL])[FRONTAL_SERIAL]
+    verts, _, _, _ = frame_flame(model, root / "flame", None, params=subj.tracking(), frame=0, flame=flame)
+    return model, verts, flame.faces, cam
+
+
+def test_detected_face_mask_is_within_outline(clip, fit_model):  # noqa: F811
+    """The mask is the projected face mask where the outline covers it and empty elsewhere; no (or an empty) outline
+    gives the projected mask unchanged."""
+    from utils.apps.track.targets import detected_face_mask, polygon_mask, projected_face_mask
+
+    root, _, _ = clip
+    model, verts, faces, cam = _frame0(root, fit_model)
+    full = projected_face_mask(model, verts, faces, cam)
+    assert full.sum() > 50
+    assert np.array_equal(detected_face_mask(model, verts, faces, cam, None), full)
+    assert np.array_equal(detected_face_mask(model, verts, faces, cam, np.zeros((0, 2))), full)
+    ys, xs = np.nonzero(full)
+    x_mid = float(np.median(xs))  # an outline over the left half of the face's box
+    outline = np.array([[xs.min() - 1, ys.min() - 1], [x_mid, ys.min() - 1], [x_mid, ys.max() + 1],
+                        [xs.min() - 1, ys.max() + 1]], np.float32)
+    cut = detected_face_mask(model, verts, faces, cam, outline)
+    inside = polygon_mask(outline, cam.width, cam.height)
+    assert np.array_equal(cut, full * inside)
+    assert 0.3 * full.sum() < cut.sum() < 0.8 * full.sum()
+    assert cut[:, int(np.ceil(x_mid)) + 1:].sum() == 0  # nothing right of the outline
+
+
+def test_video_masks_use_detector_outlines(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
+    """Without --landmarks the detector's outlines clip every frame's mask: with outlines over the upper part of the
+    face only, the crop (fitted to the masks) is shorter than with the projected masks alone, and metrics.json says
+    which masks were used."""
+    import json
+
+    import utils.apps.track.video as video
+    from track import main
+    from utils.face.reenactment import VideoFaces
+
+    root, frames, lm = clip
+    pts = np.load(lm)
+    # the outline of each frame: the landmarks' box from the brows down to the nose tip (ibug 30)
+    outlines = []
+    for p in pts:
+        x0, y0, x1 = p[:, 0].min() - 2, p[17:27, 1].min() - 40, p[:, 0].max() + 2
+        y1 = p[30, 1]
+        outlines.append(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32))
+    calls = []
+
+    def fake_detector(fr, min_face_px, progress):  # the detector's answer on real footage; these frames are tiny
+        calls.append(len(fr))
+        return VideoFaces(torch.as_tensor(pts), None, torch.ones(len(fr), dtype=torch.bool), outlines)
+
+    monkeypatch.setattr(video, "detect_video_faces", fake_detector)
+    args = ["--checkpoint", str(fit_model), "--frames", str(frames), "--flame_dir", str(root / "flame"), *FAST,
+            "--fit.iterations", "10", "--fit.colour_iterations", "0", "--export.turntable", "false"]
+    with single_thread():
+        a = main([*args, "--out", str(tmp_path / "outline")])
+        b = main([*args, "--landmarks", str(lm), "--out", str(tmp_path / "projected")])
+    assert calls == [CLIP_FRAMES]  # the detector ran only without --landmarks
+    assert "outline" in a["mask"] and "outline" not in b["mask"]
+    assert json.loads((tmp_path / "outline" / "metrics.json").read_text())["mask"] == a["mask"]
+    assert a["crop"][1] < b["crop"][1], (a["crop"], b["crop"])
+
+
+def test_detect_video_faces_outlines_and_small_faces():
+    """The detector's outline of a real portrait surrounds its landmarks; faces under min_face_px are counted with
+    their size (the video path's error message says how far the clip is from usable)."""
+    import cv2
+
+    from tests.test_landmarks import portraits
+    from utils.apps.track.targets import polygon_mask
+    from utils.face.reenactment import detect_video_faces
+
+    img = portraits()["grace_hopper"]
+    frames = [img, img]
+    faces = detect_video_faces(frames, min_face_px=40, progress=False)
+    assert faces.found.all() and faces.too_small == 0
+    h, w = img.shape[:2]
+    for t in range(2):
+        assert len(faces.outlines[t]) >= 20
+        inside = polygon_mask(faces.outlines[t], w, h)
+        nose = faces.points[t, 30].round().long()
+        assert inside[int(nose[1]), int(nose[0])] == 1 and 0.05 < inside.mean() < 0.6
+    small = [cv2.resize(img, (w // 4, h // 4), interpolation=cv2.INTER_AREA)] * 2
+    few = detect_video_faces(small, min_face_px=1000, progress=False)
+    assert not few.found.any() and few.too_small == 2 and 20 < few.largest_too_small_px < 1000
+    assert all(len(o) == 0 for o in few.outlines)
+
+
+def test_video_too_small_faces_error(fit_model, tmp_path, capsys):  # noqa: F811
+    """A clip whose faces are all under --min_face_px: one line naming the file, the size found and the flag;
+    nothing written to --out."""
+    from tests.test_landmarks import portraits
+    from track import main
+    from utils.core.video import write_video
+
+    video = tmp_path / "far.mp4"
+    write_video(video, [portraits()["grace_hopper"]] * 3, fps=5)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(fit_model), "--video", str(video), "--min_face_px", "2000", "--out",
+              str(tmp_path / "o"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "far.mp4" in err and "too small" in err and "--min_face_px=2000" in err, err
+    assert not (tmp_path / "o").exists()
