@@ -62,7 +62,7 @@ def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
     # phase's time is recorded and the total is their sum
     phases = doc["seconds_per_phase"]
     assert {"track", "targets", "fit_style", "evaluate", "export"} <= set(phases) and min(phases.values()) > 0, phases
-    assert abs(sum(phases.values()) - doc["seconds"]) < 1e-6, (phases, doc["seconds"])
+    assert abs(sum(phases.values()) - doc["seconds"]) < 1e-3, (phases, doc["seconds"])  # both rounded in the file
     for k in ("psnr_face_heldout", "psnr_face_train", "psnr_face_heldout_mean_code", "ssim_heldout"):
         assert np.isfinite(m[k]), k
     assert m["psnr_face_heldout"] > m["psnr_face_heldout_mean_code"], m
