@@ -99,7 +99,11 @@ def interpolate_codes(keys: Sequence[FittedCode], i: int, j: int, t: float, meth
 def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) -> Tensor | None:
     """Colour residual (M, 3) of the frame between keys i and j at t: linear, a key without one counts as zero;
     None when neither key has one."""
-    a, b = keys[i].colour, keys[j].colour
+    return _lerp_residual(keys[i].colour, keys[j].colour, t)
+
+
+def _lerp_residual(a: Tensor | None, b: Tensor | None, t: float) -> Tensor | None:
+    """lerp of two optional residuals of one shape, a missing one counting as zero; None when both are missing."""
     if a is None and b is None:
         return None
     a = torch.zeros_like(b) if a is None else a
@@ -110,12 +114,7 @@ def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) ->
 def interpolate_gaussians(keys: Sequence[FittedCode], i: int, j: int, t: float) -> Tensor | None:
     """Per-Gaussian residual (V, K, 7) between keys i and j at t, like :func:`interpolate_colours`: linear, a key
     without one counts as zero; None when neither key has one."""
-    a, b = keys[i].gaussians, keys[j].gaussians
-    if a is None and b is None:
-        return None
-    a = torch.zeros_like(b) if a is None else a
-    b = torch.zeros_like(a) if b is None else b
-    return lerp(a, b, t)
+    return _lerp_residual(keys[i].gaussians, keys[j].gaussians, t)
 
 
 def blend_gaussians(a: FittedCode, b: FittedCode, t: float, truncation: float = 1.0) -> Tensor | None:

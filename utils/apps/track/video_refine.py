@@ -207,7 +207,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
 
     n = cfg.iterations if groups else 0
     opt = torch.optim.Adam(groups, betas=(fit.beta1, fit.beta2)) if n else None
-    losses, hist, acc = [], [], 0.0
+    losses, hist = [], []
+    acc = torch.zeros((), device=w.device)  # windowed loss kept on the device: one host sync per check
     batches = _batches(len(train), batch, seed=2)
     bar = tqdm(range(n), desc=f"refining ({len(train)} frames)", disable=not progress, leave=False)
     for it in bar:
@@ -235,10 +236,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc += float(loss.detach())
+        acc = acc + loss.detach()
         if (it + 1) % fit.check_every == 0 or it + 1 == n:
-            losses.append(acc / ((it % fit.check_every) + 1))
-            acc = 0.0
+            losses.append(float(acc) / ((it % fit.check_every) + 1))  # the one host sync of the window
+            acc = torch.zeros_like(acc)
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"video refinement diverged at iteration {it + 1}; lower "
                                          f"--video_refine.gaussian_lr / --video_refine.flame_lr / --fit.colour_lr")
