@@ -95,6 +95,11 @@ def _face_views(data_root: str, model, n_ids: int):
     return out
 
 
+def _cpu(out: dict) -> dict:
+    """A renderer's output dict with its tensors on the CPU."""
+    return {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in out.items()}
+
+
 def _erode(mask: Tensor, r: int) -> Tensor:
     """(C, H, W, 1) 0/1 mask eroded by r pixels (square structuring element)."""
     m = mask.permute(0, 3, 1, 2)
@@ -126,6 +131,8 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
             backend: str, save_images: str = "", filter_2d: dict[str, float] | None = None,
             compensation: dict[str, str] | None = None, area_gt: int = 0) -> dict:
     results: dict = {"scales": scales, "models": {}, "hole_alpha": HOLE_ALPHA}
+    # the models and the metrics stay on the CPU; the CUDA backends get each cloud on the GPU for the render only
+    dev = torch.device("cuda" if backend in ("gsplat", "inria") else "cpu")
     first = load_model(next(iter(models.values())))
     views = _face_views(data_root, first, n_ids)
     gt_cache: dict = {}
@@ -148,7 +155,7 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                 if key not in gt_cache:
 
                     saved, R.FILTER_2D = R.FILTER_2D, None  # the generator renders with the classic dilation
-                    gt = render_batch(gt_cloud, cams_s, backend=backend)
+                    gt = _cpu(render_batch(gt_cloud.to(dev), cams_s, backend=backend))
                     R.FILTER_2D = saved
                     face = torch.stack([render_mask(base, data.base_faces, c) for c in cams_s]).unsqueeze(-1).float()
                     eyes = _eye_masks(data, base, cams_s, face)
@@ -159,7 +166,7 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
 
                         saved, R.FILTER_2D = R.FILTER_2D, None
                         big_cams = [c.scaled(s * area_gt) for c in (cams[:n_views] if n_views else cams)]
-                        big = render_batch(gt_cloud, big_cams, backend=backend)["image"].clamp(0, 1)
+                        big = _cpu(render_batch(gt_cloud.to(dev), big_cams, backend=backend))["image"].clamp(0, 1)
                         R.FILTER_2D = saved
                         area = F.avg_pool2d(big.permute(0, 3, 1, 2), area_gt).permute(0, 2, 3, 1)
                     gt_cache[key] = (gt["image"].clamp(0, 1), gt["alpha"], face, _erode(face, math.ceil(s)), eyes,
@@ -167,7 +174,7 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                 gimg, galpha, face, inner, eyes, ring, area = gt_cache[key]
                 verts = model.vertices(model.base_vertices[idx:idx + 1])
                 cloud = model.field(model.field.codes.weight[idx:idx + 1], verts)[0]
-                out = render_batch(cloud, cams_s, backend=backend)
+                out = _cpu(render_batch(cloud.to(dev), cams_s, backend=backend))
                 pred, alpha = out["image"].clamp(0, 1), out["alpha"]
                 acc["psnr"] += psnr(pred, gimg, mask=face, reduction="none").tolist()
                 acc["psnr_inner"] += psnr(pred, gimg, mask=inner, reduction="none").tolist()

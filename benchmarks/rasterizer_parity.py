@@ -225,8 +225,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="compare the backends with Mip-Splatting's 2D mip filter of this many px^2 (gsplat's "
                          "antialiased mode, e.g. 0.1; inria: only 0.3 and only builds with 'antialiasing'); "
                          "0: classic 0.3 px^2 dilation")
+    ap.add_argument("--compensation", default="opacity", choices=R.COMPENSATIONS,
+                    help="the 2D filter's opacity compensation (models.renderer.FILTER_2D_COMPENSATION): 'opacity' "
+                         "= o r (gsplat's antialiased mode), 'optical_depth' = 1 - (1 - o)^r (what the tools render "
+                         "a trained model with; gsplat then runs its projection / tile / rasterize steps separately)")
     args = ap.parse_args(argv)
     R.FILTER_2D = args.filter_2d if args.filter_2d > 0 else None  # every backend of every case renders with it
+    R.FILTER_2D_COMPENSATION = args.compensation
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(dev)
     print(f"device: {env['device']}; driver {env['driver']}; torch {env['torch']}; gsplat {env['gsplat']}")
     print(f"backends: {[v[0] for v in variants]}; reference: {ref_label}; SH degree {args.sh_degree}; 2D filter "
-          f"{'classic 0.3 px^2 dilation' if R.FILTER_2D is None else f'antialiased {R.FILTER_2D} px^2'}", flush=True)
+          f"{'classic 0.3 px^2 dilation' if R.FILTER_2D is None else f'antialiased {R.FILTER_2D} px^2'}"
+          f"{'' if R.FILTER_2D is None else f', compensation {R.FILTER_2D_COMPENSATION}'}", flush=True)
 
     rows = []
     t_all = time.perf_counter()
@@ -316,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = format_table(rows, ref_label, env, elapsed)
     if R.FILTER_2D is not None:
-        table = f"2D filter: antialiased, eps2d = {R.FILTER_2D} px^2 (--filter_2d)\n\n" + table
+        table = (f"2D filter: antialiased, eps2d = {R.FILTER_2D} px^2 (--filter_2d), opacity compensation "
+                 f"{R.FILTER_2D_COMPENSATION} (--compensation)\n\n" + table)
     if dev.type == "cpu":
         line = cpu_memory_check(torch.get_num_threads())
         print(line)

@@ -251,3 +251,39 @@ def test_optical_depth_compensation_keeps_an_opaque_surface_opaque_when_zoomed_o
     assert R.FILTER_2D == pytest.approx(0.3) and R.FILTER_2D_COMPENSATION == "optical_depth"
     with pytest.raises(ValueError, match="compensation must be one of"):
         set_render_filter(0.3, "box")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat runs on CUDA only: run this file on the GPU machine")
+def test_gsplat_matches_torch_in_both_compensation_modes_on_cuda(monkeypatch):
+    """gsplat's "optical_depth" path (its projection / tile / rasterize steps run separately, the compensation in
+    between) gives the torch backend's images, alphas, depths and gradients; in "opacity" mode rasterization() does.
+    The zoomed-out opaque patch of the CPU test above tells the two modes apart on gsplat too."""
+    pytest.importorskip("gsplat")
+    monkeypatch.setattr(R, "MAX_ALPHA", 0.999)  # gsplat's largest alpha
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    cloud = random_cloud(3000, radius=0.12, scale_range=(5e-4, 0.008), generator=g).to(dev)
+    cams = [_cam(64, 48, f=90.0), _cam(64, 48, eye=(0.4, 0.1, 0.9), f=60.0)]
+    bg = torch.tensor([0.2, 0.3, 0.4], device=dev)
+    alphas = {}
+    for mode in R.settings.COMPENSATIONS:
+        monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", mode)
+        res = {}
+        for backend in ("torch", "gsplat"):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (cloud.means, cloud.scales, cloud.opacities,
+                                                                         cloud.sh)]
+            c = GaussianCloud(leaves[0], cloud.quats, leaves[1], leaves[2], leaves[3])
+            out = R.render_batch(c, cams, bg, backend=backend, filter_2d=0.3)
+            w = torch.linspace(0.5, 1.5, out["image"].numel(), device=dev).reshape(out["image"].shape)
+            ((out["image"] * w).sum() + out["alpha"].sum()).backward()
+            res[backend] = (out, [t.grad for t in leaves])
+        (ot, gt), (og, gg) = res["torch"], res["gsplat"]
+        assert float((ot["image"] - og["image"]).abs().max()) < 4e-3, mode
+        assert float((ot["alpha"] - og["alpha"]).abs().max()) < 4e-3, mode
+        both = (ot["alpha"] > 0.5) & (og["alpha"] > 0.5)
+        assert int(both.sum()) > 300 and torch.allclose(ot["depth"][both], og["depth"][both], atol=1e-3), mode
+        for a, b in zip(gt, gg):
+            assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.999, mode
+        alphas[mode] = og["alpha"]
+    assert float((alphas["optical_depth"] - alphas["opacity"]).abs().max()) > 0.01  # the new path is not the old
+    assert bool((alphas["optical_depth"] >= alphas["opacity"] - 1e-4).all())

@@ -5,6 +5,7 @@ work without it.  Its tile size and packed mode are ``settings.GSPLAT_TILE_SIZE`
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 from models.camera import Camera, stack_cameras
 from models.gaussians import GaussianCloud
 from models.renderer import settings
-from models.renderer.common import _C0, _warn_once
+from models.renderer.common import _C0, compensate_opacity
 
 
 def _gsplat_colors(cloud: GaussianCloud, w2c: Tensor) -> Tensor:
@@ -39,7 +40,8 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
     """One gsplat call; a batched cloud (B, N, ...) takes B lists of C cameras (outputs (B, C, H, W, ...)).
     ``stacked``: the cameras' ``stack_cameras`` result when the caller already has it (unbatched cloud only).
     ``depth=False``: no depth channel is blended (the output's "depth" is then None).
-    ``filter_2d``: None = ``rasterize_mode="classic"`` (eps2d 0.3), else "antialiased" with ``eps2d=filter_2d``."""
+    ``filter_2d``: None = ``rasterize_mode="classic"`` (eps2d 0.3), else "antialiased" with ``eps2d=filter_2d`` and
+    the opacity compensation ``settings.FILTER_2D_COMPENSATION`` (see ``_rasterize_compensated``)."""
     try:
         from gsplat import rasterization  # optional CUDA dependency, imported only when this backend runs
     except ImportError as exc:
@@ -53,30 +55,69 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
         (W, H), = sizes
     else:
         K, w2c, W, H = stacked if stacked is not None else stack_cameras([c.to(cloud.device) for c in cameras])
-    if filter_2d is not None and settings.FILTER_2D_COMPENSATION != "opacity":
-        # gsplat 1.5.3 multiplies opacities by its compensation inside rasterization(); the optical-depth form
-        # needs a per-camera opacity there (not yet done: the GPU renders zoomed-out heads with "opacity")
-        _warn_once(f"gsplat backend: the 2D filter compensates opacity (o r), not by "
-                   f"{settings.FILTER_2D_COMPENSATION!r} (use torch for that compensation)")
     bg = None if background is None else background.to(cloud.means).expand(*K.shape[:-2], 3)
-    colors, alphas, _ = rasterization(
-        means=cloud.means,
-        quats=cloud.quats,
-        scales=cloud.scales,
-        opacities=cloud.opacities,
-        colors=_gsplat_colors(cloud, w2c),
-        viewmats=w2c,
-        Ks=K,
-        width=W,
-        height=H,
-        sh_degree=None,
-        near_plane=settings.NEAR_PLANE,
-        render_mode="RGB+ED" if depth else "RGB",
-        backgrounds=bg,
-        # gsplat 1.5.3 asserts when backgrounds are combined with packed mode
-        packed=settings.GSPLAT_PACKED and bg is None,
-        tile_size=settings.GSPLAT_TILE_SIZE,
-        rasterize_mode="classic" if filter_2d is None else "antialiased",
-        eps2d=settings.BLUR_EPS if filter_2d is None else filter_2d,
-    )
+    colors = _gsplat_colors(cloud, w2c)
+    if filter_2d is not None and settings.FILTER_2D_COMPENSATION != "opacity":
+        colors, alphas = _rasterize_compensated(cloud, colors, w2c, K, W, H, bg, depth, filter_2d)
+    else:
+        colors, alphas, _ = rasterization(
+            means=cloud.means,
+            quats=cloud.quats,
+            scales=cloud.scales,
+            opacities=cloud.opacities,
+            colors=colors,
+            viewmats=w2c,
+            Ks=K,
+            width=W,
+            height=H,
+            sh_degree=None,
+            near_plane=settings.NEAR_PLANE,
+            render_mode="RGB+ED" if depth else "RGB",
+            backgrounds=bg,
+            # gsplat 1.5.3 asserts when backgrounds are combined with packed mode
+            packed=settings.GSPLAT_PACKED and bg is None,
+            tile_size=settings.GSPLAT_TILE_SIZE,
+            rasterize_mode="classic" if filter_2d is None else "antialiased",
+            eps2d=settings.BLUR_EPS if filter_2d is None else filter_2d,
+        )
     return {"image": colors[..., :3], "alpha": alphas, "depth": colors[..., 3:4] if depth else None}
+
+
+def _rasterize_compensated(cloud: GaussianCloud, colors: Tensor, w2c: Tensor, K: Tensor, W: int, H: int,
+                           bg: Tensor | None, depth: bool, filter_2d: float) -> tuple[Tensor, Tensor]:
+    """gsplat's antialiased rasterization with the opacity compensation ``settings.FILTER_2D_COMPENSATION`` other
+    than gsplat's built-in ``o r`` (e.g. "optical_depth": ``1 - (1 - o)^r``).
+
+    ``rasterization()`` multiplies the opacities by its compensation r internally, so this spells out its unpacked
+    pipeline with gsplat's public CUDA wrappers (projection with ``calc_compensations``, tile intersection, offsets,
+    rasterization) and compensates in between; every step stays differentiable through gsplat's own kernels.
+
+    Args:
+        colors: (..., N, 3) or (..., C, N, 3) RGB per Gaussian; w2c: (..., C, 4, 4); K: (..., C, 3, 3);
+        bg: (..., C, 3) or None; filter_2d: the 2D filter's variance eps in px^2.
+    Returns:
+        colors (..., C, H, W, 3 or 4: RGB and, with ``depth``, the expected depth), alphas (..., C, H, W, 1).
+    """
+    from gsplat import fully_fused_projection, isect_offset_encode, isect_tiles, rasterize_to_pixels
+
+    radii, means2d, depths, conics, ratio = fully_fused_projection(
+        cloud.means, None, cloud.quats, cloud.scales, w2c, K, W, H, eps2d=filter_2d, near_plane=settings.NEAR_PLANE,
+        calc_compensations=True,
+        # radii from the raw opacity: 1 - (1 - o)^r <= o for r <= 1, so the bound stays conservative
+        opacities=cloud.opacities)
+    opac = compensate_opacity(cloud.opacities.unsqueeze(-2), ratio)  # (..., C, N)
+    if colors.dim() == means2d.dim() - 1:  # per-Gaussian colour: one copy per camera
+        colors = colors.unsqueeze(-3).expand(*means2d.shape[:-1], colors.shape[-1])
+    if depth:
+        colors = torch.cat([colors, depths.unsqueeze(-1)], -1)
+        bg = None if bg is None else torch.cat([bg, torch.zeros_like(bg[..., :1])], -1)
+    tile = settings.GSPLAT_TILE_SIZE
+    tw, th = math.ceil(W / tile), math.ceil(H / tile)
+    _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile, tw, th)
+    image_dims = means2d.shape[:-2]  # (..., C)
+    offsets = isect_offset_encode(isect_ids, math.prod(image_dims), tw, th).reshape(*image_dims, th, tw)
+    out, alphas = rasterize_to_pixels(means2d, conics, colors, opac, W, H, tile, offsets, flatten_ids,
+                                      backgrounds=bg)
+    if depth:  # accumulated depth -> expected depth, as rasterization()'s "RGB+ED"
+        out = torch.cat([out[..., :3], out[..., 3:] / alphas.clamp_min(1e-10)], -1)
+    return out, alphas

@@ -23,8 +23,9 @@ FILTER_2D: float | None = None
 # "optical_depth": 1 - (1 - o)^r (scales the Gaussian's optical depth -log(1 - o) by r instead).  The two agree for
 # faint Gaussians (o r for small o); for an opaque surface seen smaller than it was trained, many footprints overlap
 # and "opacity" lets their composited alpha sink below 1 (1 - (1 - o r)^k < 1 - (1 - o)^(r k)), a see-through,
-# darkened face on a few pixels; "optical_depth" keeps an opaque surface opaque.  The torch backend honours both;
-# gsplat and inria apply their built-in "opacity" (a one-time notice).  The tools set it from the loaded model.
+# darkened face on a few pixels; "optical_depth" keeps an opaque surface opaque.  torch and gsplat honour both (gsplat
+# runs its pipeline's steps itself for "optical_depth"); inria applies its kernel's built-in "opacity" (a one-time
+# notice).  The tools set it from the loaded model.
 FILTER_2D_COMPENSATION: str = "opacity"
 COMPENSATIONS = ("opacity", "optical_depth")
 TILE = 4  # torch backend tile side; small tiles waste few pixel-Gaussian candidates on a CPU
