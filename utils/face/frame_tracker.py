@@ -3,18 +3,74 @@
 ``FrameTracker`` is the streaming counterpart of utils/face/reenactment.py's chunked batch fit: each frame is one
 :func:`utils.face.flame_fit.fit_flame_to_landmarks` call (T = 1) with the person's shape and focal length held fixed
 (:meth:`FrameTracker.calibrate`) and a frame-to-frame prior that looks only backwards.
+
+The shape the first frames calibrate is refined as the stream goes on (:class:`ShapeRefineConfig`): the batch path
+fits the shape on frames spread over the whole video, and a shape from the first (near-frontal, neutral) frames alone
+fits turned, nodding or brow-raising frames with a wrong face whose error the expression absorbs (measured on the
+benchmark's keyframe videos: brows correlation 0.16-0.37 against the batch path's 0.59-0.72).  So the tracker keeps a
+few of the frames it has tracked, chosen to differ in head pose, jaw and expression, and re-solves the shape (and the
+detector offset) on them, a few Levenberg-Marquardt iterations per tracked frame, never looking ahead.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from models.flame import NUM_SHAPE, FlameModel, FlameParams
-from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+from utils.core.config import Range
+from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, ShapeRefinement, fit_flame_to_landmarks
 from utils.face.landmark_flame import LandmarkFlame
+
+
+@dataclass
+class ShapeRefineConfig:
+    """How a stream's FLAME shape and detector offset keep improving after the first frames calibrated them
+    (``stream_refine.*`` keys of animate.py; :class:`FrameTracker`).
+
+    The tracker keeps up to ``frames`` tracked frames that differ most from each other (greedy max-min: a new frame
+    replaces one of the two closest kept frames when it is farther from the rest than they are from each other; the
+    first frame with a face, the reference of ``--pose relative``, always stays), in units where one unit is
+    ``rotation_unit`` of head rotation, ``jaw_unit`` of jaw opening or ``expression_unit`` of one of the first
+    ``expression_dims`` expression coefficients.  Whenever that set changed, the shape is solved again on it
+    (utils/face/flame_fit.py ShapeRefinement: all its frames and the shape together, warm-started), at most
+    ``iterations_per_frame`` Levenberg-Marquardt iterations during each tracked frame, and swapped in when done; with
+    ``continuity`` the expression change the new shape gives the reference frame is removed from later frames (a swap
+    otherwise shifts every expression at once).
+
+    Off by default: measured on bench.py's keyframe videos (benchmarks/stream_tracking.py, 2-core CPU container) it
+    raises the brows and head-turn correlations (quick video brows 0.372 -> 0.508, 85-frame video brows 0.158 ->
+    0.261, turn 0.943 -> 0.967) but not to the batch path's (0.715, 0.586, 0.999), costs the 85-frame video's jaw
+    (0.908 -> 0.752: each swap changes the jaw's scale) and multiplies the per-frame fit time (p50 17.5 -> 138 ms
+    there, 2 iterations of a 16-frame solve per frame)."""
+
+    frames: int = 0  # frames kept for the shape (16 measured; 0: off, the first frames' shape as before)
+    iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
+    iterations_per_frame: int = 2  # of those, at most this many run while one frame is tracked (bounds its cost)
+    min_distance: float = 1.0  # a frame closer than this to a kept one is not kept (while fewer than ``frames``)
+    rotation_unit: float = 0.05  # radians of head rotation that count as one unit of difference
+    jaw_unit: float = 0.05  # radians of jaw opening that count as one unit
+    expression_unit: float = 0.5  # expression coefficient change that counts as one unit
+    expression_dims: int = 10  # expression coefficients compared (the first ones: FLAME orders them by variance)
+    continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
+
+    RANGES = {"frames": Range(0), "iterations": Range(1), "iterations_per_frame": Range(1),
+              "min_distance": Range(0), "rotation_unit": Range(0, lo_open=True), "jaw_unit": Range(0, lo_open=True),
+              "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100)}
+
+
+@dataclass
+class _Kept:
+    """One frame kept for the shape: raw points (68, 2) (detector offset NOT removed), irises (2, 2) or None, its
+    parameters (1 frame, CPU; the last solve's or its tracked fit's), its diversity feature (D,)."""
+
+    points: Tensor
+    irises: Tensor | None
+    params: FlameParams
+    feature: Tensor
+    index: int = 0  # the frame's position in the stream (the solve takes the kept frames in stream order)
 
 
 class FrameTracker:
@@ -37,10 +93,18 @@ class FrameTracker:
         bias: (68, 2) the detector's systematic per-landmark offset on this face (pixels), subtracted from every frame.
         iterations: Levenberg-Marquardt iterations of the warm-started frames (0: ``cfg.iterations``); the cold first
             frame uses ``cfg``'s.
+        refine: how the shape and detector offset keep improving on the frames tracked so far
+            (:class:`ShapeRefineConfig`); None (or ``frames`` 0): held fixed.
+        bias_correction: with ``refine``, re-estimate the detector offset with the shape (as the calibration does).
+
+    Attributes (besides the settings): ``reference`` the parameters of the first frame with a face under the current
+    shape (re-fitted when the shape changes: ``--pose relative`` measures head motion from it), ``shape_updates`` the
+    shapes swapped in, ``refine_seconds`` the time spent re-solving, ``kept`` the frames kept for the shape.
     """
 
     def __init__(self, flame: FlameModel, image_size: tuple[int, int], shape: Tensor, focal: float,
-                 cfg: FlameFitConfig | None = None, bias: Tensor | None = None, iterations: int = 0) -> None:
+                 cfg: FlameFitConfig | None = None, bias: Tensor | None = None, iterations: int = 0,
+                 refine: ShapeRefineConfig | None = None, bias_correction: bool = True) -> None:
         cfg = cfg or FlameFitConfig()
         if iterations < 0:
             raise ValueError(f"FrameTracker: iterations must be >= 0, got {iterations}")
@@ -60,11 +124,22 @@ class FrameTracker:
         self.lf = LandmarkFlame(flame)
         self.previous: FlameParams | None = None  # (1 frame, CPU) the last frame's parameters
         self.frames = 0  # frames tracked (with or without a face)
+        self.refine = refine if refine is not None and refine.frames > 0 else None
+        self.bias_correction = bool(bias_correction)
+        self.reference: FlameParams | None = None  # (1 frame, CPU) the first frame with a face, current shape
+        self.kept: list[_Kept] = []  # kept[0] is the reference frame
+        self.changed = False  # the kept frames changed since the running / last solve started
+        self.solve: ShapeRefinement | None = None  # the re-solve in progress
+        self.solve_frames: list[_Kept] = []  # the kept frames it solves (entries may leave self.kept meanwhile)
+        self.shape_updates = 0
+        self.refine_seconds = 0.0
+        self.first_reference: FlameParams | None = None  # the reference frame as first fitted (first shape)
+        self.offset: Tensor | None = None  # (1, 100) expression offset removed from the output (``continuity``)
 
     @classmethod
     def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
-                  cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0
-                  ) -> tuple["FrameTracker", dict]:
+                  cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,
+                  refine: ShapeRefineConfig | None = None) -> tuple["FrameTracker", dict]:
         """The tracker of one person from N frames with a face (the first ones of a stream): one FLAME fit of all N
         (shared shape and, as ``cfg`` says, focal length), and the detector's mean per-landmark offset on this face
         (the static landmarks' mean residual, as the batch fit's ``bias_correction``).
@@ -79,7 +154,8 @@ class FrameTracker:
         bias = torch.zeros(68, 2)
         if bias_correction:
             bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)
-        tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), cfg, bias, iterations)
+        tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), cfg, bias, iterations, refine,
+                      bias_correction)
         info = {"focal_px": float(first.camera.fx), "calibration_frames": int(points.shape[0]),
                 "detector_offset_rms_px": float(bias[17:].norm(dim=-1).square().mean().sqrt()),
                 "seconds": time.perf_counter() - t0}
@@ -87,18 +163,116 @@ class FrameTracker:
 
     def step(self, points: Tensor | None, irises: Tensor | None = None) -> tuple[FlameParams, float]:
         """Track the next frame: points (68, 2) iBUG-68 pixels (None: no face in this frame), irises (2, 2) or None.
-        Returns (FlameParams, 1 frame on the CPU, NeRSemble pose convention, scale 1; mean static-landmark error in
-        pixels, NaN for a held frame)."""
+        With ``refine``, first advance the shape's re-solve by at most ``iterations_per_frame`` iterations (swapping
+        the new shape in when it is done), then fit this frame, then consider keeping it for the next re-solve.
+        Returns (FlameParams, 1 frame on the CPU, NeRSemble pose convention, scale 1, ``shape`` the shape it was fitted
+        with; mean static-landmark error in pixels, NaN for a held frame)."""
         self.frames += 1
         if points is None:
             if self.previous is None:
                 raise ValueError("FrameTracker.step: no face in the first frame to track (nothing to hold)")
             return self.previous, float("nan")
-        pts = points.detach().reshape(1, 68, 2).to("cpu", torch.float32) - self.bias
-        iris = None if irises is None else irises.detach().reshape(1, 2, 2).to("cpu", torch.float32)
+        raw = points.detach().reshape(68, 2).to("cpu", torch.float32)
+        iris = None if irises is None else irises.detach().reshape(2, 2).to("cpu", torch.float32)
+        if self.refine is not None:
+            self._advance_refinement()
         cfg = self.cold_cfg if self.previous is None else self.warm_cfg
-        res = fit_flame_to_landmarks(self.flame, LandmarkTargets(pts, self.image_size, irises=iris), cfg,
-                                     shape=self.shape, init=self.previous, previous=self.previous,
-                                     landmark_flame=self.lf, tracking=True)
+        res = self._fit(raw, iris, cfg, self.previous, self.previous)
         self.previous = res.params.to("cpu")
-        return self.previous, float(res.errors[0])
+        if self.reference is None:
+            self.reference = self.first_reference = self.previous
+        if self.refine is not None:
+            self._consider(raw, iris, self.previous)
+        if self.offset is None:
+            return self.previous, float(res.errors[0])
+        return replace(self.previous, expression=self.previous.expression - self.offset), float(res.errors[0])
+
+    def _fit(self, raw: Tensor, iris: Tensor | None, cfg: FlameFitConfig, init: FlameParams | None,
+             previous: FlameParams | None):
+        """One frame's fit (raw points (68, 2), the detector offset removed here) with the current shape."""
+        pts = raw[None] - self.bias
+        return fit_flame_to_landmarks(self.flame, LandmarkTargets(pts, self.image_size,
+                                                                  irises=None if iris is None else iris[None]),
+                                      cfg, shape=self.shape, init=init, previous=previous, landmark_flame=self.lf,
+                                      tracking=True)
+
+    # ------------------------------------------------------------------ the shape refined on the frames seen so far
+    def _feature(self, params: FlameParams) -> Tensor:
+        """(D,) what the kept frames should differ in: head rotation (axis-angle), jaw opening and the first
+        expression coefficients, in :class:`ShapeRefineConfig`'s units."""
+        from scipy.spatial.transform import Rotation
+
+        rc = self.refine
+        rot = Rotation.from_matrix(params.rotation_matrix[0].double().numpy()).as_rotvec()
+        return torch.cat([torch.as_tensor(rot, dtype=torch.float64) / rc.rotation_unit,
+                          params.jaw[0, :1].double() / rc.jaw_unit,
+                          params.expression[0, :rc.expression_dims].double() / rc.expression_unit])
+
+    def _consider(self, raw: Tensor, iris: Tensor | None, params: FlameParams) -> None:
+        """Keep this frame if it widens the kept frames' spread (greedy max-min, see :class:`ShapeRefineConfig`)."""
+        item = _Kept(raw, iris, params, self._feature(params), self.frames)
+        if not self.kept:  # the reference frame: kept for good
+            self.kept.append(item)
+            return
+        feats = torch.stack([k.feature for k in self.kept])  # (N, D)
+        d_new = (feats - item.feature).norm(dim=1)  # (N,)
+        if len(self.kept) < self.refine.frames:
+            if float(d_new.min()) >= self.refine.min_distance:
+                self.kept.append(item)
+                self.changed = True
+            return
+        if len(self.kept) < 2:  # frames 1: the reference alone, nothing to replace
+            return
+        # full: the closest pair's member (never the reference) that the new frame would replace
+        dist = torch.cdist(feats, feats)
+        dist.fill_diagonal_(float("inf"))
+        nearest = dist.min(dim=1).values  # (N,)
+        nearest[0] = float("inf")
+        victim = int(nearest.argmin())
+        others = torch.cat([d_new[:victim], d_new[victim + 1:]])
+        if float(others.min()) > float(nearest[victim]):
+            self.kept[victim] = item
+            self.changed = True
+
+    def _advance_refinement(self) -> None:
+        """Start a re-solve when the kept frames changed, run at most ``iterations_per_frame`` of its iterations,
+        and swap its shape (and detector offset) in when it is done."""
+        t = time.perf_counter()
+        if self.solve is None and self.changed and len(self.kept) >= 2:
+            # in stream order: the solve ties consecutive kept frames by the frame-to-frame prior, as the batch
+            # path's shape fit does its spread frames (without it the shape stayed near the first frames' one:
+            # quick keyframe video brows 0.43 instead of 0.66 on the same 8 frames)
+            frames = sorted(self.kept, key=lambda k: k.index)
+            irises = None
+            if all(k.irises is not None for k in frames):
+                irises = torch.stack([k.irises for k in frames])
+            init = FlameParams.cat([replace(k.params, shape=self.shape) for k in frames])
+            self.solve = ShapeRefinement(self.lf, LandmarkTargets(torch.stack([k.points for k in frames]),
+                                                                  self.image_size, irises=irises),
+                                         self.warm_cfg, self.shape, init, self.refine.iterations)
+            self.solve_frames = frames
+            self.changed = False
+        if self.solve is not None and self.solve.advance(self.refine.iterations_per_frame):
+            res = self.solve.result()
+            self.solve = None
+            if bool(torch.isfinite(res.params.shape).all()) and bool(torch.isfinite(res.landmarks[:, 17:]).all()):
+                self._swap(res)
+        self.refine_seconds += time.perf_counter() - t
+
+    def _swap(self, res) -> None:
+        """The re-solve's shape and detector offset become the tracker's; its frames keep their solved parameters;
+        the reference frame is fitted again with them (so relative head motion is measured under one shape)."""
+        params = res.params.to("cpu")
+        self.shape = params.shape.detach().reshape(1, NUM_SHAPE).to(torch.float32)
+        if self.bias_correction:
+            pts = torch.stack([k.points for k in self.solve_frames])
+            self.bias = torch.zeros(68, 2)
+            self.bias[17:] = (pts - res.landmarks.cpu().to(pts.dtype))[:, 17:].mean(0)
+        for i, k in enumerate(self.solve_frames):
+            k.params = params.frame(i)
+        ref = self.kept[0]
+        fit = self._fit(ref.points, ref.irises, self.warm_cfg, ref.params, None)
+        self.reference = fit.params.to("cpu")
+        if self.refine.continuity:  # the reference frame's expression stays what it was first fitted as
+            self.offset = self.reference.expression - self.first_reference.expression
+        self.shape_updates += 1

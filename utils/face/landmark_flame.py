@@ -102,6 +102,20 @@ class LandmarkFlame:
             self._shaped_cache = (shape.detach().clone(), out)
         return out
 
+    def free_shape(self) -> "LandmarkFlame":
+        """A :meth:`shaped` copy of the mean shape whose blendshape columns are the 100 expression blendshapes THEN
+        the 300 shape blendshapes: :meth:`posed_with_jacobian` given (T, 100 + S) coefficients [expression, shape]
+        returns the landmarks' Jacobian with respect to the first S shape coefficients as well (the shape enters
+        exactly as an expression does: through the shaped vertices and the joints).  For landmark fits that refine
+        the shape with closed-form Jacobians (utils/face/flame_fit.py ``ShapeRefinement``).  Built once, cached."""
+        out = getattr(self, "_free_shape", None)
+        if out is None:
+            out = self.shaped(torch.zeros(1, NUM_SHAPE, dtype=self.dtype, device=self.device))
+            out.shapedirs = torch.cat([self.shapedirs[..., NUM_SHAPE:], self.shapedirs[..., :NUM_SHAPE]], -1)
+            out.joint_dirs = out.shapedirs[self.num_sub:]
+            self._free_shape = out
+        return out
+
     shape_folded = False  # True on the copies made by :meth:`shaped`
 
     def corners(self, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,7 +139,8 @@ class LandmarkFlame:
         the expression (through v and the joints J_k) and only the three joint rotations enter non-linearly
         (their derivative: :func:`rotation_jacobian`).
 
-        expression (T, E) (the first E <= 100 coefficients; the rest are zero), jaw (T, 3), eyes (T, 6) (left, right)
+        expression (T, E) (the first E <= 100 coefficients, the rest zero; on a :meth:`free_shape` copy E <= 400: the
+        100 expression coefficients, then the first E - 100 shape coefficients), jaw (T, 3), eyes (T, 6) (left, right)
         -> points (T, 70, 3), d points / d expression (T, 70, 3, E), d points / d (jaw, eyes) (T, 70, 3, 9)
         (None without ``jacobian``)."""
         from smplx.lbs import batch_rodrigues

@@ -40,6 +40,7 @@ from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 from utils.evaluation import View, evaluate_cloud, to_tensor_img
+from utils.face.frame_tracker import ShapeRefineConfig
 from utils.face.reenactment import ReenactConfig, reenact_video
 from utils.identity import (
     METHODS,
@@ -110,12 +111,18 @@ class AnimationConfig:
     stream_fit_device: str = "cpu"  # --stream: device of the per-frame FLAME fit: cpu, auto (= --device), cuda[:N]
     stream_iterations: int = 10  # --stream: Levenberg-Marquardt iterations per warm-started frame (1-200)
     stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would
+    stream_threads: int = 1  # --stream: torch intra-op CPU threads while it streams, restored after (0: torch's)
+    #                          the per-frame fit's tensors are tiny (one frame, ~70 points), so extra threads mostly add
+    #                          wake-ups and compete with the landmark threads (the GPU machine: 16 cores)
+    stream_refine: ShapeRefineConfig = field(default_factory=ShapeRefineConfig)  # --stream: the shape refined on
+    #                          frames kept for their pose / expression diversity (utils/face/frame_tracker.py)
 
     # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),
               "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
               "batch": Range(1), "fps": Range(0, lo_open=True), "stream_workers": Range(1, 32),
-              "stream_queue": Range(1, 256), "stream_iterations": Range(1, 200), "reenact.shape_frames": Range(1)}
+              "stream_queue": Range(1, 256), "stream_iterations": Range(1, 200), "stream_threads": Range(0, 256),
+              "reenact.shape_frames": Range(1)}
 
 
 ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite", "stream", "stream_realtime")

@@ -12,7 +12,9 @@
                 shape, focal length, the detector's per-landmark offset: utils/face/frame_tracker.py
                 FrameTracker.calibrate), then every frame is fitted on its own, warm-started from the previous frame
                 with a temporal prior that looks only backwards (FrameTracker.step); a frame without a face holds the
-                previous frame
+                previous frame.  The shape and detector offset keep improving on frames kept for their diversity in
+                pose and expression (``stream_refine``, FrameTracker's ShapeRefineConfig: a few solver iterations
+                per frame, never looking ahead).  Torch runs this stage's CPU work on ``stream_threads`` threads
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
@@ -29,7 +31,7 @@ import queue
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -304,6 +306,18 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
                          f"--reference_frame must be 0, got {cfg.reference_frame}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    if cfg.stream_threads > 0:  # the per-frame tensors are tiny: more threads mostly add wake-ups (and compete with
+        torch.set_num_threads(cfg.stream_threads)  # the landmark threads); restored at the end
+    try:
+        return _animate_stream(cfg, model, make_detector, times, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] | None, times: dict[str, float],
+                    t0: float) -> dict:
+    """animate_stream's body (run with the stream's torch thread count)."""
     device = resolve_device(cfg.device)
     fit_device = device if cfg.stream_fit_device == "auto" else resolve_device(cfg.stream_fit_device)
     source = FrameSource(cfg.motion, cfg.start, cfg.stride, cfg.max_frames, cfg.stream_realtime)
@@ -340,7 +354,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
         stop = threading.Event()
         records: list[dict] = []
         failure: list[BaseException] = []
-        state: dict[str, Any] = {"reference": None}
+        state: dict[str, Any] = {}
 
         def render_loop() -> None:
             try:
@@ -348,12 +362,12 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
                     item = render_q.get()
                     if item is STOP:
                         return
-                    det, motion = item
+                    det, motion, reference = item
                     t = time.perf_counter()
                     if motion is None:  # before the first face: the identity as it is
                         params = head.base
-                    elif cfg.pose == "relative":
-                        pair = FlameParams.cat([state["reference"], motion]).to(device)
+                    elif cfg.pose == "relative":  # (the driver's shape does not drive: the reference's is put on)
+                        pair = FlameParams.cat([reference, replace(motion, shape=reference.shape)]).to(device)
                         params = retarget(pair, head.base, "relative", 0).frame(1)
                     else:
                         params = retarget(motion.to(device), head.base, cfg.pose, 0)
@@ -380,10 +394,10 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
         renderer = threading.Thread(target=render_loop, name="stream-render", daemon=True)
         renderer.start()
 
-        def send(det: Detected, motion: FlameParams | None) -> None:
+        def send(det: Detected, motion: FlameParams | None, reference: FlameParams | None) -> None:
             if failure:
                 raise failure[0]
-            if not _put(render_q, (det, motion), stop):
+            if not _put(render_q, (det, motion, reference), stop):
                 raise failure[0] if failure else RuntimeError("render stage stopped")
 
         # ---- the fit stage (this thread)
@@ -401,12 +415,11 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
             params, err = (None, float("nan"))
             if det.points is not None or tracker.previous is not None:
                 params, err = tracker.step(det.points, det.irises)
-                if state["reference"] is None and det.points is not None:
-                    state["reference"] = params
             with_face += det.points is not None
             errors.append(err)
             records[det.index].update(fit_s=time.perf_counter() - t, calibration=calibrating)
-            send(det, params)
+            # the reference of --pose relative: the first frame with a face, fitted again whenever the shape changes
+            send(det, params, tracker.reference)
 
         stream = landmark_stream(iter(source), make_detector, cfg.stream_workers, cfg.stream_queue)
         t_start = time.perf_counter()
@@ -477,7 +490,13 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
         "end_to_end_fps": len(done) / max(done[-1]["t_done"] - done[0]["t_read"], 1e-9),
         "stage_ms_mean": {k: 1000.0 * float(np.mean([r[k] for r in steady or done]))
                           for k in ("landmark_s", "fit_s", "render_s", "write_s")},
+        # the fit stage per frame (FrameTracker.step, shape refinement included), frames after calibration
+        "fit_ms_steady": percentiles([1000.0 * r["fit_s"] for r in steady]),
         "calibration_s": calib_info.get("seconds", 0.0),
+        "torch_threads": torch.get_num_threads(),
+        "shape_updates": tracker.shape_updates if tracker is not None else 0,
+        "shape_frames_kept": len(tracker.kept) if tracker is not None else 0,
+        "shape_refine_s": tracker.refine_seconds if tracker is not None else 0.0,
     }
     summary = {
         "identity": head.name, "identity_b": cfg.identity_b or None, "mix": cfg.mix if cfg.identity_b else None,
@@ -502,7 +521,7 @@ def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: An
     pts = torch.stack([d.points for d in faces])
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None
     return FrameTracker.calibrate(flame, pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
-                                  cfg.stream_iterations)
+                                  cfg.stream_iterations, cfg.stream_refine)
 
 
 def format_summary(s: dict) -> str:
@@ -517,5 +536,8 @@ def format_summary(s: dict) -> str:
             f"  latency ms after calibration: p50 {a['p50']:.1f}  p90 {a['p90']:.1f}  p99 {a['p99']:.1f}  "
             f"max {a['max']:.1f}; all frames: p50 {b['p50']:.1f}  p90 {b['p90']:.1f}  p99 {b['p99']:.1f}\n"
             f"  stage ms (mean): landmarks {sm['landmark_s']:.1f}  fit {sm['fit_s']:.1f}  "
-            f"render {sm['render_s']:.1f}  write {sm['write_s']:.1f}")
+            f"render {sm['render_s']:.1f}  write {sm['write_s']:.1f}\n"
+            f"  fit ms after calibration: p50 {st['fit_ms_steady']['p50']:.1f}  p90 {st['fit_ms_steady']['p90']:.1f}  "
+            f"p99 {st['fit_ms_steady']['p99']:.1f} (torch threads {st['torch_threads']}; shape refined "
+            f"{st['shape_updates']} times on {st['shape_frames_kept']} kept frames, {st['shape_refine_s']:.2f} s)")
 

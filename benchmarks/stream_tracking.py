@@ -1,0 +1,142 @@
+"""Streamed vs batch FLAME tracking on bench.py's keyframe driving videos, landmarks detected once (issue 24).
+
+The measurement behind benchmarks/README.md's "streamed vs batch correlations" tables, without the renderer and with
+the landmarks cached, so tracker variants compare frame for frame on the same points:
+
+    video       bench.py ``driving_video`` (a synthetic head through ``REENACT_KEYS``; quick: 3 frames per transition at
+                256x256 = 22 frames, full: 12 at 512x512 = 85 frames), mediapipe video-mode landmarks detected once
+                (one thread, as ``--stream_workers 1``) and cached in ``--cache``/video_<per>_<size>/data.pt
+    batch       utils/face/reenactment.py ``fit_video_motion`` (the shape from ``shape_frames`` frames spread over the
+                video), cached as batch_<shape_frames>.pt
+    stream      utils/face/frame_tracker.py ``FrameTracker`` as animate.py --stream runs it: calibrated on the first
+                ``shape_frames`` frames, then one frame at a time (``stream_iterations`` 10), with the shape refined on
+                kept frames (``--refine_frames``; 0: the first frames' shape only); head rotation measured from the
+                tracker's reference frame as ``--pose relative`` does
+
+Prints jaw / smile / brows / head-turn correlations with the truth (bench.py ``motion_correlations``) of both, their
+differences, and the per-frame ``FrameTracker.step`` time (wall, and process CPU time) p50 / p90 / p99 after the first
+frame.  Example (the quick video, default refinement, and without it):
+
+    python benchmarks/stream_tracking.py --video quick --refine_frames 16 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench import driving_video, motion_correlations  # noqa: E402
+from models.flame import FlameModel, FlameParams  # noqa: E402
+from utils.face.flame_fit import FlameFitConfig  # noqa: E402
+from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
+from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
+
+VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16)}  # frames per transition, size, shape_frames (as bench.py)
+
+
+def cached_video(cache: Path, per: int, size: int) -> dict:
+    """{truth, points, irises, found, size} of the driving video (made and detected once, then loaded)."""
+    from utils.data.synthetic.flame_files import write_flame_files
+    from utils.data.synthetic.flame_model import make_flame_model
+
+    root = cache / "flame"
+    if not (root.is_dir() and any(root.iterdir())):
+        root.mkdir(parents=True, exist_ok=True)
+        write_flame_files(root, make_flame_model(0), 0)
+    path = cache / f"video_{per}_{size}" / "data.pt"
+    if not path.is_file():
+        video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size)
+        frames, _, _ = read_video(video)
+        pts, iris, found = detect_video_landmarks(frames, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (size, size)}, path)
+    return torch.load(path, weights_only=False)
+
+
+def relative_to_reference(params: list[FlameParams], references: list[FlameParams]) -> FlameParams:
+    """Each frame's head rotation relative to the reference frame it was sent with (what --pose relative renders,
+    up to the identity's own placement); one shape (the driver's shape does not drive)."""
+    out = []
+    for p, r in zip(params, references):
+        out.append(replace(p, shape=params[0].shape, rotation_matrix=r.rotation_matrix.transpose(1, 2)
+                           @ p.rotation_matrix))
+    return FlameParams.cat(out)
+
+
+def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10) -> dict:
+    pts, iris, size = d["points"], d["irises"], d["size"]
+    n = shape_frames
+    t = time.perf_counter()
+    tracker, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size, FlameFitConfig(),
+                                        True, iterations, refine)
+    calib_s = time.perf_counter() - t
+    out, refs, wall, cpu = [], [], [], []
+    for i in range(pts.shape[0]):
+        t, c = time.perf_counter(), time.process_time()
+        p, _ = tracker.step(pts[i], None if iris is None else iris[i])
+        wall.append(1000.0 * (time.perf_counter() - t))
+        cpu.append(1000.0 * (time.process_time() - c))
+        out.append(p)
+        refs.append(tracker.reference)
+    q = lambda x: [float(np.percentile(np.asarray(x[1:]), k)) for k in (50, 90, 99)]  # noqa: E731
+    return {"r": motion_correlations(relative_to_reference(out, refs), d["truth"]), "fit_ms_wall_p50_p90_p99": q(wall),
+            "fit_ms_cpu_p50_p90_p99": q(cpu), "fit_ms_wall_max": max(wall[1:]), "calibration_s": calib_s,
+            "shape_updates": tracker.shape_updates, "kept": len(tracker.kept), "refine_s": tracker.refine_seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick", help="bench.py's quick or full driving video")
+    ap.add_argument("--cache", default="output/stream_tracking",
+                    help="folder of the cached videos, landmarks and batch fits")
+    ap.add_argument("--refine_frames", type=int, nargs="+", default=[16],
+                    help="stream runs: ShapeRefineConfig.frames of each (0: no refinement, the first frames' shape)")
+    ap.add_argument("--iterations_per_frame", type=int, default=ShapeRefineConfig.iterations_per_frame,
+                    help="ShapeRefineConfig.iterations_per_frame")
+    ap.add_argument("--refine_iterations", type=int, default=ShapeRefineConfig.iterations,
+                    help="ShapeRefineConfig.iterations")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--json", default="", help="also write the results here")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    per, size, shape_frames = VIDEOS[a.video]
+    cache = Path(a.cache)
+    d = cached_video(cache, per, size)
+    flame = FlameModel.from_data_dir(cache / "flame")
+    bpath = cache / f"video_{per}_{size}" / f"batch_{shape_frames}.pt"
+    if not bpath.is_file():
+        batch, _ = fit_video_motion(flame, d["points"], d["irises"], d["found"], d["size"],
+                                    ReenactConfig(shape_frames=shape_frames), progress=False)
+        torch.save(batch.to("cpu"), bpath)
+    rb = motion_correlations(torch.load(bpath, weights_only=False), d["truth"])
+    fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn"))  # noqa: E731
+    print(f"{a.video} video ({d['truth'].num_frames} frames): jaw / smile / brows / turn")
+    print(f"  batch                  {fmt(rb)}")
+    results = {"video": a.video, "batch": rb, "stream": {}}
+    for frames in a.refine_frames:
+        refine = ShapeRefineConfig(frames=frames, iterations_per_frame=a.iterations_per_frame,
+                                   iterations=a.refine_iterations)
+        s = run_stream(flame, d, shape_frames, refine)
+        results["stream"][str(frames)] = s
+        diff = min(s["r"][k] - rb[k] for k in rb)
+        w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]
+        print(f"  stream, refine {frames:2d}      {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
+              f"{s['shape_updates']}, kept {s['kept']})\n"
+              f"      fit ms p50/p90/p99 wall {w[0]:.1f} / {w[1]:.1f} / {w[2]:.1f}, cpu {c[0]:.1f} / {c[1]:.1f} / "
+              f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s; calibration "
+              f"{s['calibration_s']:.1f} s", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
