@@ -18,7 +18,7 @@ def test_pivotal_tuning_is_baked_into_code(clip, fit_model, tmp_path, monkeypatc
     """track.py --frames with network tuning: the tuned network's raw output for the fitted style equals the shared
     network's plus code.pt's (V, K, C) residual; the shared weights are bit-identical afterwards; the residual moves
     colour (which the 7-channel residual cannot); code.pt loads and renders the same through code_cloud and the pose
-    path; it blends with a plain code and with a 7-channel one."""
+    path; it blends with a plain code and with a 7-channel one.  The shared FLAME shape is refined (default)."""
     from models.identity_field import IdentityField
     from models.posing import HeadAnimator
     from track import main
@@ -70,5 +70,14 @@ def test_pivotal_tuning_is_baked_into_code(clip, fit_model, tmp_path, monkeypatc
     assert tuple(mid.shape) == tuple(code.gaussians.shape)
     assert torch.allclose(mid[..., sh], 0.5 * code.gaussians[..., sh])
     assert torch.allclose(mid[..., 0:3], 0.5 * code.gaussians[..., 0:3] + 0.5)
+    # the shared FLAME shape (--video_refine.flame_shape, on by default) is refined: one shape for every frame,
+    # held-out ones included, moved away from the landmark fit, and code.pt's FLAME carries it
+    import numpy as np
+
+    track, refined = np.load(out / "flame_fit.npz"), np.load(out / "flame_refined.npz")
+    assert code.meta["refine_shape"] and m["refine"]["flame_correction"]["shape_norm"] > 1e-4
+    assert np.abs(refined["shape"] - track["shape"]).max() > 1e-5
+    assert np.allclose(code.flame.shape.cpu().numpy().reshape(-1), refined["shape"].reshape(-1), atol=1e-6)
+    assert np.array_equal(refined["expression"], track["expression"])  # per-frame corrections stay off
     with pytest.raises(ValueError, match="per-Gaussian residual"):
         f.add_residual(f.synthesize_raw(code.w[None]), torch.zeros(f.num_vertices, f.K, 5))

@@ -385,6 +385,7 @@ def track_video(cfg: TrackConfig) -> dict:
         code = FittedCode(w=w_fit, z=None, base_vertices=bases[ref], name=Path(src).stem,
                           meta={"start": fit_info["start"], "space": "w", "refine_geometry": False,
                                 "refine_flame": refined is not None and cfg.video_refine.flame,
+                                "refine_shape": refined is not None and cfg.video_refine.flame_shape,
                                 "refine_colour": colour is not None, "refine_gaussians": gaussians is not None,
                                 "refine_network": refined is not None and cfg.video_refine.network_lr > 0,
                                 "source": "video", "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
@@ -418,6 +419,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
             "refine_gaussians": gaussians is not None, "refine": None if refined is None else {
                 "iterations": cfg.video_refine.iterations, "flame": cfg.video_refine.flame,
+                "flame_shape": cfg.video_refine.flame_shape,
                 "network_lr": cfg.video_refine.network_lr, "network_weight": cfg.video_refine.network_weight,
                 "heldout_correction": cfg.video_refine.heldout_correction, "loss_history": refined.losses,
                 "heldout_psnr_history": refined.heldout_psnr_history, "flame_correction": refined.correction,
