@@ -135,9 +135,9 @@ class VideoRefineConfig:
     flame_prior: float = 1e-2  # weight of the corrections' squared size in units of 2 deg, 1 percent of the camera
     #                            distance, 0.3 expression std and 0.05 rad jaw (the pull towards the landmark fit)
     # the clip's one FLAME shape, shared by every frame, refined photometrically (independent of --video_refine.flame):
-    # on the synthetic clip novel cameras +0.76 dB (7 frames), held-out frames -0.13 dB
+    # on the synthetic clip novel cameras +0.86 dB, held-out frames -0.13 dB
     # (benchmarks/results/video_avatar_shape_cpu_2026-12-05.md)
-    flame_shape: bool = True
+    flame_shape: bool = True  # refine the clip's one FLAME shape photometrically (shared by all frames)
     flame_shape_lr: float = 0.01  # Adam lr of the shape correction (shape standard deviations; prior sigma 1)
     flame_zero_mean: bool = False  # the head rotation / translation corrections minus their mean over the frames
     style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
