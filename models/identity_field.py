@@ -94,6 +94,21 @@ def normalize_2nd_moment(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
+def full_residual(residual: Tensor, channels: int) -> Tensor:
+    """A per-Gaussian residual (..., 7) (:data:`RESIDUAL_CHANNELS`) spread into all ``channels`` raw channels of
+    :meth:`IdentityField.attach` (offset 3, SH 3 * num_sh, log-scale 3, quaternion 4, opacity 1; zeros in the SH
+    and quaternion channels); a residual that already has ``channels`` channels is returned as it is."""
+    if residual.shape[-1] == channels:
+        return residual
+    n_sh3 = channels - 3 - 3 - 4 - 1  # 3 * num_sh
+    if residual.shape[-1] != len(RESIDUAL_CHANNELS) or n_sh3 < 3 or n_sh3 % 3:
+        raise ValueError(f"full_residual: expected a (..., {len(RESIDUAL_CHANNELS)}) or (..., {channels}) residual, "
+                         f"got {tuple(residual.shape)}")
+    z = residual.new_zeros
+    lead = residual.shape[:-1]
+    return torch.cat([residual[..., 0:3], z(*lead, n_sh3), residual[..., 3:6], z(*lead, 4), residual[..., 6:7]], -1)
+
+
 class EqualizedLinear(nn.Module):
     """Fully connected layer with equalized learning rate (Karras et al.).
 
@@ -444,20 +459,20 @@ class IdentityField(nn.Module):
 
     # ------------------------------------------------------------------ per-Gaussian residuals
     def add_residual(self, raw: Tensor, residual: Tensor | None) -> Tensor:
-        """``raw`` (B, V, K, C) plus a per-Gaussian residual (V, K, 7) of a fitted person (track.py's video
-        refinement, ``FittedCode.gaussians``), in the pre-activation channels of :meth:`attach`: position offset (3,
-        before the tanh: edge units in the vertex's tangent frame, so it rides the surface when posed), log-scale (3)
-        and opacity logit (1) (:data:`RESIDUAL_CHANNELS`).  ``residual`` None returns ``raw`` itself."""
+        """``raw`` (B, V, K, C) plus a per-Gaussian residual of a fitted person (track.py's video refinement,
+        ``FittedCode.gaussians``), either (V, K, 7) in the pre-activation channels of :meth:`attach` position offset
+        (3, before the tanh: edge units in the vertex's tangent frame, so it rides the surface when posed), log-scale
+        (3) and opacity logit (1) (:data:`RESIDUAL_CHANNELS`), or (V, K, C) in every raw channel (a pivotal-tuning
+        delta: the tuned network's output minus this one's, which also moves colour and rotation).  ``residual``
+        None returns ``raw`` itself."""
         if residual is None:
             return raw
-        if tuple(residual.shape) != (self.num_vertices, self.K, len(RESIDUAL_CHANNELS)):
+        if tuple(residual.shape) not in ((self.num_vertices, self.K, len(RESIDUAL_CHANNELS)),
+                                         (self.num_vertices, self.K, self.channels)):
             raise ValueError(f"IdentityField: a per-Gaussian residual must be ({self.num_vertices}, {self.K}, "
-                             f"{len(RESIDUAL_CHANNELS)}) ({', '.join(RESIDUAL_CHANNELS)}), got {tuple(residual.shape)}")
-        sl, r = self._sl, residual.to(raw.dtype)
-        full = torch.cat([r[..., 0:3], raw.new_zeros(*r.shape[:2], 3 * self.num_sh), r[..., 3:6],
-                          raw.new_zeros(*r.shape[:2], 4), r[..., 6:7]], dim=-1)  # the order of _channel_slices
-        assert sl["opacity"].stop == full.shape[-1] and sl["scale"].start == 3 + 3 * self.num_sh
-        return raw + full
+                             f"{len(RESIDUAL_CHANNELS)}) ({', '.join(RESIDUAL_CHANNELS)}) or ({self.num_vertices}, "
+                             f"{self.K}, {self.channels}) (every raw channel), got {tuple(residual.shape)}")
+        return raw + full_residual(residual.to(raw.dtype), self.channels)
 
     # ------------------------------------------------------------------ forward
     def synthesize_raw(self, w: Tensor) -> Tensor:

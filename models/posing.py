@@ -161,8 +161,9 @@ class HeadAnimator(nn.Module):
                 their difference to FLAME is kept as geometry offsets that ride the surface.
             colour: (M, 3) per-vertex RGB residual of the level-0 vertices (track.py's colour stage).
             name: a label.
-            gaussians: (V, K, 7) per-Gaussian residual of the position offset, log-scale and opacity (track.py's
-                video refinement, ``IdentityField.add_residual``): in the raw output, so it costs nothing per frame.
+            gaussians: (V, K, 7) per-Gaussian residual of the position offset, log-scale and opacity, or (V, K, C)
+                of every raw channel (pivotal tuning) (track.py's video refinement, ``IdentityField.add_residual``):
+                in the raw output, so it costs nothing per frame.
         """
         dev = self.device
         base = base.to(dev)

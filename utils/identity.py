@@ -18,6 +18,7 @@ from torch import Tensor
 from models.camera import Camera
 from models.flame import FlameModel, FlameParams, FlameSubset
 from models.geometry import head_pose, similarity_fit
+from models.identity_field import full_residual
 from models.posing import HeadAnimator, PosableIdentity
 from utils.data.camera_params import load_camera_params
 from utils.data.code_file import FittedCode, load_code
@@ -103,16 +104,21 @@ def interpolate_colours(keys: Sequence[FittedCode], i: int, j: int, t: float) ->
 
 
 def _lerp_residual(a: Tensor | None, b: Tensor | None, t: float) -> Tensor | None:
-    """lerp of two optional residuals of one shape, a missing one counting as zero; None when both are missing."""
+    """lerp of two optional residuals of one shape, a missing one counting as zero; None when both are missing.
+    A per-Gaussian residual of 7 channels meeting one of every raw channel (pivotal tuning) is spread into those
+    channels first (models.identity_field.full_residual)."""
     if a is None and b is None:
         return None
+    if a is not None and b is not None and a.shape != b.shape:
+        c = max(a.shape[-1], b.shape[-1])
+        a, b = full_residual(a, c), full_residual(b, c)
     a = torch.zeros_like(b) if a is None else a
     b = torch.zeros_like(a) if b is None else b
     return lerp(a, b, t)
 
 
 def interpolate_gaussians(keys: Sequence[FittedCode], i: int, j: int, t: float) -> Tensor | None:
-    """Per-Gaussian residual (V, K, 7) between keys i and j at t, like :func:`interpolate_colours`: linear, a key
+    """Per-Gaussian residual (V, K, 7 or C) between keys i and j at t, like :func:`interpolate_colours`: linear, a key
     without one counts as zero; None when neither key has one."""
     return _lerp_residual(keys[i].gaussians, keys[j].gaussians, t)
 

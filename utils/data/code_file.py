@@ -34,7 +34,8 @@ class FittedCode:
     head placement, which animation drives (None: unknown, e.g. a code.pt written before they were stored), and
     ``gaussians`` (V, K, 7): a per-Gaussian residual of the network's pre-activation position offset, log-scale and
     opacity (``models.identity_field.RESIDUAL_CHANNELS``, added by ``IdentityField.add_residual``; track.py's video
-    refinement; None: none)."""
+    refinement; None: none), or (V, K, C) in every raw channel (the video refinement with pivotal tuning: the tuned
+    network's output for ``w`` minus the model's, so that the model itself stays as it is)."""
 
     w: Tensor
     z: Tensor | None
@@ -65,7 +66,7 @@ def with_colour(cloud: GaussianCloud, offsets: Tensor | None) -> GaussianCloud:
 def code_cloud(model: TrainedModel, w: Tensor, base: Tensor, colour: Tensor | None = None,
                gaussians: Tensor | None = None) -> GaussianCloud:
     """The Gaussians (unbatched) of style w (S,) on level-0 vertices base (M, 3), plus the colour residual (M, 3)
-    and the per-Gaussian residual (V, K, 7) (``FittedCode.gaussians``)."""
+    and the per-Gaussian residual (V, K, 7) or (V, K, C) (``FittedCode.gaussians``)."""
     if gaussians is None:
         cloud = model.field.synthesize(w[None], model.vertices(base)[None])[0]
     else:
@@ -135,10 +136,12 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
     base = doc["base_vertices"].float().to(device)
     gaussians = doc.get("gaussians")  # version 1 to 4 files hold no per-Gaussian residual
     if gaussians is not None and model is not None:
-        want = (model.field.num_vertices, model.field.K, len(RESIDUAL_CHANNELS))
-        if tuple(gaussians.shape) != want:
+        f = model.field
+        want = [(f.num_vertices, f.K, len(RESIDUAL_CHANNELS)), (f.num_vertices, f.K, f.channels)]
+        if tuple(gaussians.shape) not in want:
             raise ValueError(f"{path}: per-Gaussian residual of shape {tuple(gaussians.shape)} does not match the "
-                             f"model's {want} (Gaussians per vertex x channels); fit it again with this model")
+                             f"model's {want[0]} or {want[1]} (vertices x Gaussians per vertex x channels); fit it "
+                             f"again with this model")
     if colour is not None and tuple(colour.shape) != tuple(base.shape):
         raise ValueError(f"{path}: colour residual of shape {tuple(colour.shape)} does not match the base vertices "
                          f"{tuple(base.shape)}")

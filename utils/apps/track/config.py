@@ -134,15 +134,27 @@ class VideoRefineConfig:
     flame_expression_lr: float = 0.02  # Adam lr of the expression corrections (standard deviations)
     flame_prior: float = 1e-2  # weight of the corrections' squared size in units of 2 deg, 1 percent of the camera
     #                            distance, 0.3 expression std and 0.05 rad jaw (the pull towards the landmark fit)
+    # the clip's one FLAME shape, shared by every frame, refined photometrically (independent of --video_refine.flame):
+    # on the synthetic clip novel cameras +0.86 dB, held-out frames -0.13 dB
+    # (benchmarks/results/video_avatar_shape_cpu_2026-12-05.md)
+    flame_shape: bool = True  # refine the clip's one FLAME shape photometrically (shared by all frames)
+    flame_shape_lr: float = 0.01  # Adam lr of the shape correction (shape standard deviations; prior sigma 1)
     flame_zero_mean: bool = False  # the head rotation / translation corrections minus their mean over the frames
     style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
+    # pivotal tuning (issue 23): the synthesis network (its layers, head and template features; not the mapping)
+    # tuned for this person at a low lr jointly with the rest; code.pt stores the result as a (V, K, C) per-Gaussian
+    # residual of every raw channel (tuned output minus the model's for the fitted style), so the model file stays
+    # shared and animate.py / interpolate.py / the viewer apply it like any per-Gaussian residual
+    network_lr: float = 0.0  # Adam lr of the tuned network's weights (0: off)
+    network_weight: float = 0.0  # L2 pull of the tuned network's raw output towards the model's (per channel mean)
     heldout_correction: str = "interpolate"  # held-out frames' FLAME: "interpolate" (tracking + the neighbouring
     #                                          training frames' corrections, interpolated in time) or "none" (tracking)
 
     RANGES = {"iterations": Range(0), "batch": Range(0), "gaussian_lr": Range(0), "offset_weight": Range(0),
               "scale_weight": Range(0), "opacity_weight": Range(0), "gaussian_laplacian_weight": Range(0),
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
-              "style_lr": Range(0)}
+              "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
+              "flame_shape_lr": Range(0)}
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")

@@ -24,7 +24,9 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder first, so a
               failing run leaves nothing half-written in --out
 
-Not yet here (issue 23): pivotal tuning, refining the shared camera.  LPIPS needs the optional lpips package with
+Pivotal tuning (``video_refine.network_lr`` > 0) is baked into code.pt as a per-Gaussian residual of every raw channel
+(utils/apps/track/video_refine.py), so the shared model file is never changed.  Not yet here (issue 23): refining the
+shared camera.  LPIPS needs the optional lpips package with
 torchvision and their ImageNet backbone weights (downloaded once by torchvision; metrics.json records null and the
 reason where that is not possible).  The progress bars show the held-out frames' PSNR (the style fit's: code only)
 at every check; it is read, never used to steer the fit.
@@ -383,7 +385,9 @@ def track_video(cfg: TrackConfig) -> dict:
         code = FittedCode(w=w_fit, z=None, base_vertices=bases[ref], name=Path(src).stem,
                           meta={"start": fit_info["start"], "space": "w", "refine_geometry": False,
                                 "refine_flame": refined is not None and cfg.video_refine.flame,
+                                "refine_shape": refined is not None and cfg.video_refine.flame_shape,
                                 "refine_colour": colour is not None, "refine_gaussians": gaussians is not None,
+                                "refine_network": refined is not None and cfg.video_refine.network_lr > 0,
                                 "source": "video", "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
                           colour=colour, flame=fparams[ref], gaussians=gaussians)
         save_code(tmp / "code.pt", code, model, cfg.checkpoint)
@@ -415,6 +419,8 @@ def track_video(cfg: TrackConfig) -> dict:
             "colour_loss_history": colour_losses, "refine_colour": colour is not None,
             "refine_gaussians": gaussians is not None, "refine": None if refined is None else {
                 "iterations": cfg.video_refine.iterations, "flame": cfg.video_refine.flame,
+                "flame_shape": cfg.video_refine.flame_shape,
+                "network_lr": cfg.video_refine.network_lr, "network_weight": cfg.video_refine.network_weight,
                 "heldout_correction": cfg.video_refine.heldout_correction, "loss_history": refined.losses,
                 "heldout_psnr_history": refined.heldout_psnr_history, "flame_correction": refined.correction,
                 "gaussian_residual_rms": None if gaussians is None else
