@@ -326,7 +326,8 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
         sync(device)
         seconds = time.perf_counter() - t0
         metrics, _ = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
-                                    backend=backend, lpips=False, colour=res.code.colour)
+                                    backend=backend, lpips=False, colour=res.code.colour,
+                                    gaussians=res.code.gaussians)
         start, _ = evaluate_views(model, res.start_w, target.base_vertices, target.eval_views, FRONTAL_SERIAL,
                                   backend=backend, lpips=False)
         out[f"{name}_seconds"] = seconds

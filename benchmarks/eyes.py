@@ -104,7 +104,8 @@ def fit_variant(model, target, device: torch.device, backend: str, quick: bool =
     sync(device)
     seconds = time.perf_counter() - t0
     m, renders = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
-                                backend=backend, lpips=False, colour=res.code.colour, eyes=target.eye_landmarks)
+                                backend=backend, lpips=False, colour=res.code.colour, eyes=target.eye_landmarks,
+                                gaussians=res.code.gaussians)
     out = {"psnr_unseen": m["psnr_unseen"], "psnr_face_unseen": m["psnr_face_unseen"],
            "psnr_eyes_unseen": m["psnr_eyes_unseen"], "ssim_eyes_unseen": m["ssim_eyes_unseen"],
            "eye_gap_unseen_db": m["psnr_face_unseen"] - m["psnr_eyes_unseen"], "seconds": seconds,

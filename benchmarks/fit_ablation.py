@@ -23,6 +23,8 @@ fit.iterations or fit.crop_margin):
     z_space       fit the code z instead of the style w
     crop_wide     fitted view cropped with a 25 % margin (fit.crop_margin 0.25; the evaluation crops follow)
     colour_only   no code stage (fit.iterations 0): the colour residual on the starting style
+    rim_off       no rim stage (fit.refine_rim false): the fit as it was before the rim stage
+    rim_only      the code stage and the rim stage, no colour stage
     init_best     start from the best of mean code / w_avg / mean style (/ encoder) on the photo
     encoder_alone the encoder's prediction alone (no iterations, no colour stage)
     encoder_code  the code stage from the encoder's prediction, no colour stage
@@ -79,6 +81,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "z_space": {"fit.space": "z"},
     "crop_wide": {"fit.crop_margin": 0.25},
     "colour_only": {"fit.iterations": 0},
+    "rim_off": {"fit.refine_rim": False},
+    "rim_only": {"fit.refine_colour": False},
     "init_best": {"fit.init": "best"},
     "encoder_alone": {"fit.init": "encoder", "fit.iterations": 0, "fit.refine_colour": False},
     "encoder_code": {"fit.init": "encoder", "fit.refine_colour": False},
@@ -174,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
             res = fit_identity(model, target, cfg.fit, args.backend, progress=False)
             seconds = time.perf_counter() - t0
             m, pred = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, fit_serial,
-                                     args.backend, False, res.code.colour, eyes)
+                                     args.backend, False, res.code.colour, eyes, res.code.gaussians)
             row = {k: m.get(k) for k in ("psnr_unseen", "psnr_face_unseen", "psnr_eyes_unseen", "psnr_all")}
             row.update(psnr_fit_view=m["per_view"][fit_serial]["psnr"], iterations=res.iterations,
                        stopped_early=res.stopped_early, start=res.start, eye_term_pixels=res.eye_term_pixels,

@@ -48,15 +48,16 @@ def to_tensor_img(a: np.ndarray, device: torch.device) -> Tensor:
 @torch.no_grad()
 def evaluate_views(model: TrainedModel, w: Tensor, base: Tensor, views: Sequence[View], fit_serial: str,
                    backend: str = "auto", lpips: bool = True, colour: Tensor | None = None,
-                   eyes: EyeLandmarkEmbedding | None = None) -> tuple[dict, Tensor]:
-    """PSNR / SSIM (/ LPIPS) of style w (plus the colour residual ``colour`` (M, 3), e.g. ``code.colour``) on
+                   eyes: EyeLandmarkEmbedding | None = None, gaussians: Tensor | None = None) -> tuple[dict, Tensor]:
+    """PSNR / SSIM (/ LPIPS) of style w (plus the colour residual ``colour`` (M, 3), e.g. ``code.colour``, and the
+    per-Gaussian residual ``gaussians`` (V, K, 7), ``code.gaussians``) on
     every view with a photo; "all" and "unseen" (all but ``fit_serial``).  With ``eyes`` (the eye landmarks on the
     face mask, ``FitTarget.eye_landmarks``) also PSNR / SSIM inside the eye regions (``psnr_eyes_*``,
     ``ssim_eyes_*``; utils/face/regions.py) of the landmarks on ``base``.
 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
-    return evaluate_cloud(code_cloud(model, w, base, colour), views, fit_serial, backend, lpips,
+    return evaluate_cloud(code_cloud(model, w, base, colour, gaussians), views, fit_serial, backend, lpips,
                           eyes(base) if eyes is not None else None)
 
 

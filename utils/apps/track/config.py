@@ -64,6 +64,18 @@ class FitConfig:
     # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
     # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
     colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
+    # The photos are black outside the face mask; a model trained with loss.rim_band (CPU preset) paints its boundary
+    # Gaussians a pixel or two past it, and on the unseen views that ring held most of a fit's whole-image error
+    # (benchmarks/results/fit_ablation_cpu_rim_2026-12-05.md).  The rim stage fits, on the photo, one opacity-logit and
+    # one log-scale shift per ring of the mask's open boundary, shared along the whole boundary (utils/apps/track/fit.py
+    # fit_rim), stored as the code's per-Gaussian residual (FittedCode.gaussians).  Off by default: on the rim model
+    # (2026-12-05) it lowered the unseen views' face-mask PSNR by 2.3 / 2.4 dB (a fainter rim darkens the face's edge)
+    # and left the whole image within 0.1 dB; the code stage already pulls the spill back (see that results file).
+    refine_rim: bool = False  # after the code fit: the rim stage (off: it did not help, see below)
+    rim_rings: int = 2  # rings of the subdivided mesh from the open boundary that get a correction (one per ring)
+    rim_iterations: int = 30  # Adam iterations of the rim stage (0 skips it)
+    rim_lr: float = 0.1  # Adam lr of the shifts (logit / log units); decays like fit.lr
+    rim_weight: float = 0.001  # weight of the mean squared shift (keeps it small when the photo says little)
     refine_flame: bool = False  # photo-only: after the code fit, refine FLAME pose/expression/jaw photometrically
     # (jointly with the style, through the renderer; off by default: on the synthetic test it raised the fitted view's
     # PSNR but moved the head away from the true pose and lowered the unseen views', see README)
@@ -84,7 +96,8 @@ class FitConfig:
               "laplacian_weight": Range(0), "offset_weight": Range(0), "colour_iterations": Range(0),
               "colour_lr": Range(0), "colour_laplacian_weight": Range(0), "colour_weight": Range(0),
               "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
-              "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1)}
+              "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1),
+              "rim_rings": Range(0), "rim_iterations": Range(0), "rim_lr": Range(0), "rim_weight": Range(0)}
 
 
 
@@ -208,4 +221,5 @@ TRACK_ALIASES = {"refine_geometry": "fit.refine_geometry", "refine_colour": "fit
                  "iterations": "fit.iterations", "init": "fit.init", "space": "fit.space"}
 
 
-TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "progress", "overwrite")
+TRACK_FLAGS = ("all_heldout", "fit.refine_geometry", "fit.refine_colour", "fit.refine_rim", "progress",
+               "overwrite")

@@ -42,6 +42,7 @@ from utils.apps.track.targets import FitTarget
 from utils.core.device import synchronize
 from utils.data.code_file import (
     FittedCode,
+    code_cloud,
     colour_offsets,
     load_code,
     render_style,
@@ -117,6 +118,10 @@ class FitResult:
     flame_params: "FlameParams | None" = None  # photo-only fits: the FLAME after the photometric refinement
     flame_losses: list[float] = field(default_factory=list)  # its windowed photometric loss every check_every
     seconds_flame: float = 0.0  # wall time of that stage
+    rim_iterations: int = 0  # iterations of the rim stage (0: not run)
+    rim_params: Tensor | None = None  # (R, 2) its opacity-logit and log-scale shift per boundary ring
+    rim_losses: list[float] = field(default_factory=list)  # its windowed photometric loss every check_every
+    seconds_rim: float = 0.0  # wall time of the rim stage
 
 
 def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = None,
@@ -156,9 +161,10 @@ def fit_view_eyes(target: FitTarget, cfg: FitConfig) -> Tensor | None:
 
 def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
                backend: str = "auto", name: str = "", progress: bool = False,
-               eyes: Tensor | None = None) -> tuple[Tensor, list[float]]:
+               eyes: Tensor | None = None, gaussians: Tensor | None = None) -> tuple[Tensor, list[float]]:
     """The colour stage: a per-vertex RGB residual (M, 3) of the level-0 vertices for the fixed style w and
-    geometry base, fitted to the photo ``gt`` through ``camera`` (``eyes``: its eye regions, for fit.eye_weight).
+    geometry base, fitted to the photo ``gt`` through ``camera`` (``eyes``: its eye regions, for fit.eye_weight;
+    ``gaussians``: a per-Gaussian residual (V, K, 7) kept fixed, e.g. the rim stage's).
 
     Minimises ``photometric + colour_laplacian_weight * mean |L r|^2 + colour_weight * mean |r|^2`` (L: uniform
     Laplacian of the level-0 face-mask mesh) with Adam from r = 0, lr decaying like the code fit.  The Gaussians
@@ -166,7 +172,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     loop synchronises with the host only every ``check_every`` iterations.  Returns (residual, windowed losses).
     """
     with torch.no_grad():
-        cloud0 = model.field.synthesize(w[None], model.vertices(base)[None])[0].detach()
+        cloud0 = code_cloud(model, w, base, gaussians=gaussians).detach()
     res = torch.zeros_like(base, requires_grad=True)
     lap = UniformLaplacian(len(base), model.base_faces, base.device)
     free = None
@@ -214,6 +220,75 @@ def boundary_rings(num_vertices: int, faces: np.ndarray, rings: int) -> Tensor:
         grow[uniq[sel[uniq[:, 1]], 0]] = True
         sel = grow
     return torch.from_numpy(sel)
+
+
+def boundary_ring_index(num_vertices: int, faces: np.ndarray, rings: int) -> Tensor:
+    """(num_vertices,) long: each vertex's ring from the mesh's open boundary (0: on it, 1: the next ring inwards,
+    ...) for rings < ``rings``, else -1."""
+    idx = torch.full((num_vertices,), -1, dtype=torch.long)
+    prev = torch.zeros(num_vertices, dtype=torch.bool)
+    for r in range(rings):
+        cur = boundary_rings(num_vertices, faces, r + 1)
+        idx[cur & ~prev] = r
+        prev = cur
+    return idx
+
+
+def rim_residual(params: Tensor, ring: Tensor, K: int) -> Tensor:
+    """The per-Gaussian residual (V, K, 7) (models.identity_field.RESIDUAL_CHANNELS) of the rim corrections
+    ``params`` (R, 2): ring r's Gaussians get ``params[r, 0]`` on their opacity logit and ``params[r, 1]`` on their
+    three log-scales; ``ring`` (V,) from :func:`boundary_ring_index` (-1: no correction)."""
+    sel = (ring >= 0).to(params.dtype)[:, None]  # (V, 1)
+    p = params[ring.clamp_min(0)] * sel  # (V, 2)
+    per_vertex = torch.cat([p.new_zeros(len(ring), 3), p[:, 1:2].expand(-1, 3), p[:, 0:1]], dim=1)  # (V, 7)
+    return per_vertex[:, None, :].expand(-1, K, -1)
+
+
+def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
+            backend: str = "auto", name: str = "", progress: bool = False) -> tuple[Tensor, Tensor, list[float]]:
+    """The rim stage: with the style w (S,) and the geometry base (M, 3) fixed, one opacity-logit shift and one
+    log-scale shift per ring of the face mask's open boundary (``fit.rim_rings`` rings of the subdivided mesh), shared
+    by all Gaussians of the ring, fitted to the photo ``gt`` (h, w, 3) through ``camera``.
+
+    Why: the photos are black outside the face mask, but a model trained with ``loss.rim_band`` (the CPU preset)
+    paints its boundary Gaussians a pixel or two past the mask; the whole-image error of a fit was mostly that ring
+    (benchmarks/results/fit_ablation_cpu_*.md).  A style cannot remove it.  The photo's own edge (its face against
+    the black outside) says how far the rim should reach; a few parameters shared along the whole boundary carry
+    that to the parts of the rim the photo does not show (the sides of the face seen from other cameras), which a
+    per-vertex correction fitted on one view could not.
+
+    Minimises ``photometric + rim_weight * mean params^2`` with Adam from zero (lr decaying like fit.lr), the network
+    run once.  Returns (params (R, 2), residual (V, K, 7), windowed losses)."""
+    f = model.field
+    ring = boundary_ring_index(f.num_vertices, f.faces.cpu().numpy(), cfg.rim_rings).to(base.device)
+    verts = model.vertices(base)[None]
+    with torch.no_grad():
+        raw = f.synthesize_raw(w[None]).to(verts.dtype)
+        surface = f.surface_frames(verts)
+    params = torch.zeros(cfg.rim_rings, 2, device=base.device, requires_grad=True)
+    fused = {"fused": True} if base.device.type == "cuda" else {}
+    opt = torch.optim.Adam([params], lr=cfg.rim_lr, betas=(cfg.beta1, cfg.beta2), **fused)
+    n = cfg.rim_iterations
+    acc = torch.zeros((), device=base.device)
+    losses: list[float] = []
+    for it in tqdm(range(n), desc=f"rim {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
+        opt.param_groups[0]["lr"] = cfg.rim_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
+        cloud = f.attach(f.add_residual(raw, rim_residual(params, ring, f.K)), verts, surface)[0]
+        loss = photometric(render(cloud, camera, backend=backend)["image"], gt, cfg, eye_weight=0.0)
+        total = loss + cfg.rim_weight * params.square().mean()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        acc = acc + loss.detach()
+        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
+            cur = float(acc) / ((it % cfg.check_every) + 1)  # the one host sync of the loop
+            acc = torch.zeros_like(acc)
+            losses.append(cur)
+            if not math.isfinite(cur):
+                raise FloatingPointError(f"rim stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
+                                         f"fit.rim_lr")
+    params = params.detach()
+    return params, rim_residual(params, ring, f.K).contiguous(), losses
 
 
 def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: FlameParams, camera: Camera,
@@ -403,12 +478,21 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         synchronize(base0.device)
         seconds_flame = time.perf_counter() - t0
 
+    # ---- rim stage: code and geometry fixed, how far the Gaussians on the mask's open boundary reach
+    rim_params, gaussians, rim_losses, seconds_rim = None, None, [], 0.0
+    if cfg.refine_rim and cfg.rim_iterations > 0 and cfg.rim_rings > 0:
+        t0 = time.perf_counter()
+        rim_params, gaussians, rim_losses = fit_rim(model, w_fit, base_fit, cam, gt, cfg, backend, target.name,
+                                                    progress)
+        synchronize(base0.device)
+        seconds_rim = time.perf_counter() - t0
+
     # ---- colour stage: code and geometry fixed, a regularised per-vertex RGB residual
     colour, colour_losses, seconds_colour = None, [], 0.0
     if cfg.refine_colour and cfg.colour_iterations > 0:
         t0 = time.perf_counter()
         colour, colour_losses = fit_colour(model, w_fit, base_fit, cam, gt, cfg, backend, target.name, progress,
-                                           eyes)
+                                           eyes, gaussians)
         synchronize(base0.device)
         seconds_colour = time.perf_counter() - t0
     # the FLAME stage moves w off the mapping network's output: no z then
@@ -416,10 +500,15 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
                       base_vertices=base_fit, name=target.name,
                       meta={"start": start, "space": cfg.space, "refine_geometry": bool(cfg.refine_geometry),
                             "refine_flame": flame_params is not None, "refine_colour": colour is not None,
+                            "refine_rim": rim_params is not None,
+                            "rim_params": None if rim_params is None else rim_params.cpu().tolist(),
                             "tracked_base_vertices": base0.detach().cpu()},
-                      colour=colour, flame=target.flame if flame_params is None else flame_params.to("cpu"))
+                      colour=colour, flame=target.flame if flame_params is None else flame_params.to("cpu"),
+                      gaussians=gaussians)
     return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
                      colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
                      seconds_code=seconds_code, seconds_colour=seconds_colour, flame_params=flame_params,
                      flame_losses=flame_losses, seconds_flame=seconds_flame,
-                     eye_term_pixels=0 if eyes is None else int(eyes.sum()))
+                     eye_term_pixels=0 if eyes is None else int(eyes.sum()),
+                     rim_iterations=cfg.rim_iterations if rim_params is not None else 0, rim_params=rim_params,
+                     rim_losses=rim_losses, seconds_rim=seconds_rim)

@@ -127,9 +127,11 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
     code = res.code
     eyes = target.eye_landmarks
     metrics, renders = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
-                                      cfg.export.lpips, code.colour, eyes)
+                                      cfg.export.lpips, code.colour, eyes, code.gaussians)
+    # the code alone: no colour residual, no rim correction
     code_only, _ = evaluate_views(model, code.w, code.base_vertices, target.eval_views, fit_serial, cfg.backend,
-                                  False, eyes=eyes) if code.colour is not None else (dict(metrics), None)
+                                  False, eyes=eyes) if code.colour is not None or code.gaussians is not None \
+        else (dict(metrics), None)
     before, _ = evaluate_views(model, w_mean, target.base_vertices, target.eval_views, fit_serial, cfg.backend, False,
                                eyes=eyes)
     start_m, _ = evaluate_views(model, w_start, target.base_vertices, target.eval_views, fit_serial, cfg.backend,
@@ -177,6 +179,9 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
         "start": res.start, "start_losses": res.start_losses, "loss_history": res.losses,
         "space": cfg.fit.space, "refine_geometry": bool(cfg.fit.refine_geometry),
         "refine_colour": code.colour is not None, "colour_iterations": res.colour_iterations,
+        "refine_rim": res.rim_params is not None, "rim_iterations": res.rim_iterations,
+        "rim_params": None if res.rim_params is None else res.rim_params.cpu().tolist(),
+        "rim_loss_history": res.rim_losses, "seconds_fit_rim": res.seconds_rim,
         "refine_flame": res.flame_params is not None, "flame_loss_history": res.flame_losses,
         "seconds_fit_flame": res.seconds_flame,
         "colour_loss_history": res.colour_losses,
