@@ -182,8 +182,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2), **fused)
     n = cfg.colour_iterations
     eye_w = scaled_eye_weight(cfg.colour_eye_weight, eyes, cfg.colour_eye_pixels)
-    acc = torch.zeros((), device=base.device)
-    losses: list[float] = []
+    window = LossWindow(base.device, cfg.check_every, f"colour stage of {name}", "lower fit.colour_lr")
     for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         r = res if free is None else res * free
@@ -193,17 +192,9 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc = acc + loss.detach()
-        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
-            k = (it % cfg.check_every) + 1
-            cur = float(acc) / k  # the one host sync of the loop
-            acc = torch.zeros_like(acc)
-            losses.append(cur)
-            if not math.isfinite(cur):
-                raise FloatingPointError(f"colour stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
-                                         f"fit.colour_lr")
+        window.add(loss, it + 1, last=it + 1 == n)
     out = res.detach() if free is None else (res * free).detach()
-    return out, losses
+    return out, window.losses
 
 
 def boundary_rings(num_vertices: int, faces: np.ndarray, rings: int) -> Tensor:
@@ -269,8 +260,7 @@ def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Te
     fused = {"fused": True} if base.device.type == "cuda" else {}
     opt = torch.optim.Adam([params], lr=cfg.rim_lr, betas=(cfg.beta1, cfg.beta2), **fused)
     n = cfg.rim_iterations
-    acc = torch.zeros((), device=base.device)
-    losses: list[float] = []
+    window = LossWindow(base.device, cfg.check_every, f"rim stage of {name}", "lower fit.rim_lr")
     for it in tqdm(range(n), desc=f"rim {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.rim_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         cloud = f.attach(f.add_residual(raw, rim_residual(params, ring, f.K)), verts, surface)[0]
@@ -279,16 +269,9 @@ def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Te
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc = acc + loss.detach()
-        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
-            cur = float(acc) / ((it % cfg.check_every) + 1)  # the one host sync of the loop
-            acc = torch.zeros_like(acc)
-            losses.append(cur)
-            if not math.isfinite(cur):
-                raise FloatingPointError(f"rim stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
-                                         f"fit.rim_lr")
+        window.add(loss, it + 1, last=it + 1 == n)
     params = params.detach()
-    return params, rim_residual(params, ring, f.K).contiguous(), losses
+    return params, rim_residual(params, ring, f.K).contiguous(), window.losses
 
 
 def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: FlameParams, camera: Camera,
@@ -328,8 +311,7 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: Flam
     synth = GraphedSynthesis(model.field, model.vertices(base0), space="w", dynamic_geometry=True,
                              use_graphs=None if cfg.cuda_graphs else False)
     n = cfg.flame_iterations
-    acc = torch.zeros((), device=dev)
-    losses: list[float] = []
+    window = LossWindow(dev, cfg.check_every, f"FLAME stage of {name}", "lower fit.flame_lr")
     for it in tqdm(range(n), desc=f"FLAME {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         base = flame(posed())[0][mask_ids]
         pred = render(synth(var, model.vertices(base)), camera, backend=backend)["image"]
@@ -339,20 +321,40 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: Flam
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc = acc + loss.detach()
-        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
-            cur = float(acc) / ((it % cfg.check_every) + 1)  # the one host sync of the loop
-            acc = torch.zeros_like(acc)
-            losses.append(cur)
-            if not math.isfinite(cur):
-                raise FloatingPointError(f"FLAME stage of {name} diverged (loss {cur}) at iteration {it + 1}; lower "
-                                         f"fit.flame_lr")
+        window.add(loss, it + 1, last=it + 1 == n)
     with torch.no_grad():
         p = posed()
         p = replace(p, **{k: getattr(p, k).detach().clone() for k in ("rotation_matrix", "translation", "expression",
                                                                         "jaw")})
         base = flame(p)[0][mask_ids]
-    return p, var.detach().clone(), base, losses
+    return p, var.detach().clone(), base, window.losses
+
+
+class LossWindow:
+    """A stage's photometric loss averaged over windows of ``every`` iterations: summed on the device and read back
+    once per window (one host synchronisation per window, not per step, on a GPU).  A non-finite window stops the
+    loop: ``FloatingPointError("<what> diverged (loss L) at iteration I; <hint>")``.  ``losses`` keeps every window's
+    mean."""
+
+    def __init__(self, device: torch.device, every: int, what: str, hint: str):
+        self.every, self.what, self.hint = every, what, hint
+        self.acc = torch.zeros((), device=device)
+        self.count = 0
+        self.losses: list[float] = []
+
+    def add(self, loss: Tensor, iteration: int, last: bool = False) -> float | None:
+        """Adds iteration ``iteration``'s (1-based) loss; returns the window's mean when the window is full (or
+        ``last``, for a partial final window), else None."""
+        self.acc = self.acc + loss.detach()
+        self.count += 1
+        if self.count < self.every and not last:
+            return None
+        cur = float(self.acc) / self.count  # the one host sync of the window
+        self.acc, self.count = torch.zeros_like(self.acc), 0
+        self.losses.append(cur)
+        if not math.isfinite(cur):
+            raise FloatingPointError(f"{self.what} diverged (loss {cur}) at iteration {iteration}; {self.hint}")
+        return cur
 
 
 def plateau(cur: float, best: float, bad: int, it: int, cfg: FitConfig) -> tuple[float, int, bool]:
@@ -428,8 +430,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         return v if cfg.space == "w" else f.style(v[None], update_w_avg=False)[0]
 
     # ---- loop: no host synchronisation except every check_every iterations
-    acc = torch.zeros((), device=base0.device)
-    losses: list[float] = []
+    window = LossWindow(base0.device, cfg.check_every, f"fit of {target.name}", "lower fit.lr")
     best, bad, it, stopped = float("inf"), 0, 0, False
     bar = tqdm(total=cfg.iterations, desc=f"fitting {target.name}", disable=not progress, leave=False,
                dynamic_ncols=True)
@@ -448,16 +449,11 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc = acc + loss.detach()
         it += 1
         bar.update(1)
-        if it % cfg.check_every == 0:
-            cur = float(acc) / cfg.check_every  # the one host sync of the loop
-            acc = torch.zeros_like(acc)
-            losses.append(cur)
+        cur = window.add(loss, it)
+        if cur is not None:
             bar.set_postfix(loss=f"{cur:.4f}")
-            if not math.isfinite(cur):
-                raise FloatingPointError(f"fit of {target.name} diverged (loss {cur}) at iteration {it}; lower fit.lr")
             best, bad, stopped = plateau(cur, best, bad, it, cfg)
             if stopped:
                 break
@@ -505,7 +501,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
                             "tracked_base_vertices": base0.detach().cpu()},
                       colour=colour, flame=target.flame if flame_params is None else flame_params.to("cpu"),
                       gaussians=gaussians)
-    return FitResult(code, it, losses, start, start_losses, stopped, w0.detach(),
+    return FitResult(code, it, window.losses, start, start_losses, stopped, w0.detach(),
                      colour_iterations=cfg.colour_iterations if colour is not None else 0, colour_losses=colour_losses,
                      seconds_code=seconds_code, seconds_colour=seconds_colour, flame_params=flame_params,
                      flame_losses=flame_losses, seconds_flame=seconds_flame,

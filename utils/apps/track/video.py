@@ -51,7 +51,7 @@ from models.geometry import UniformLaplacian
 from models.renderer import render
 from utils.apps.track.config import FitConfig, TrackConfig
 from utils.apps.track.export import turntable
-from utils.apps.track.fit import photometric, plateau, start_candidates
+from utils.apps.track.fit import LossWindow, photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import detected_face_mask, frame_flame, projected_face_mask
 from utils.apps.track.video_refine import refine_video
@@ -207,8 +207,8 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
     res = torch.zeros_like(base, requires_grad=True)
     lap = UniformLaplacian(len(base), model.base_faces, base.device)
     opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2))
-    n, losses = cfg.colour_iterations, []
-    acc = torch.zeros((), device=base.device)  # windowed loss kept on the device: one host sync per check
+    n = cfg.colour_iterations
+    window = LossWindow(base.device, cfg.check_every, "video colour stage", "lower fit.colour_lr")
     batches = _batches(len(clouds), max(1, batch), seed=1)
     for it in tqdm(range(n), desc="colour", disable=not progress, leave=False):
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
@@ -220,13 +220,8 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc = acc + loss.detach()
-        if (it + 1) % cfg.check_every == 0 or it + 1 == n:
-            losses.append(float(acc) / ((it % cfg.check_every) + 1))  # the one host sync of the window
-            acc = torch.zeros_like(acc)
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"video colour stage diverged at iteration {it + 1}; lower fit.colour_lr")
-    return res.detach(), losses
+        window.add(loss, it + 1, last=it + 1 == n)
+    return res.detach(), window.losses
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from models.geometry import UniformLaplacian
 from models.identity_field import RESIDUAL_CHANNELS, full_residual
 from models.renderer import render_identities
 from utils.apps.track.config import HELDOUT_CORRECTIONS, FitConfig, VideoRefineConfig
-from utils.apps.track.fit import photometric
+from utils.apps.track.fit import LossWindow, photometric
 from utils.data.code_file import colour_offsets, with_colour
 from utils.data.model_file import TrainedModel
 from utils.evaluation import View, evaluate_cloud
@@ -246,8 +246,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
 
     n = cfg.iterations if groups else 0
     opt = torch.optim.Adam(groups, betas=(fit.beta1, fit.beta2)) if n else None
-    losses, hist = [], []
-    acc = torch.zeros((), device=w.device)  # windowed loss kept on the device: one host sync per check
+    hist: list[float] = []
+    window = LossWindow(w.device, fit.check_every, "video refinement",
+                        "lower --video_refine.gaussian_lr / --video_refine.flame_lr / --fit.colour_lr")
     batches = _batches(len(train), batch, seed=2)
     bar = tqdm(range(n), desc=f"refining ({len(train)} frames)", disable=not progress, leave=False)
     for it in bar:
@@ -280,14 +281,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc = acc + loss.detach()
-        if (it + 1) % fit.check_every == 0 or it + 1 == n:
-            losses.append(float(acc) / ((it % fit.check_every) + 1))  # the one host sync of the window
-            acc = torch.zeros_like(acc)
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"video refinement diverged at iteration {it + 1}; lower "
-                                         f"--video_refine.gaussian_lr / --video_refine.flame_lr / --fit.colour_lr")
-            post = {"loss": f"{losses[-1]:.4f}"}
+        cur = window.add(loss, it + 1, last=it + 1 == n)
+        if cur is not None:
+            post = {"loss": f"{cur:.4f}"}
             if monitor:
                 hist.append(monitor_psnr())
                 post["heldout_psnr"] = f"{hist[-1]:.2f}"
@@ -315,4 +311,4 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             residual = delta if residual is None else delta + full_residual(residual, f.channels)
             stats["network_delta_rms"] = float(delta.square().mean().sqrt())
     return RefineResult(wvar.detach().clone(), colour.detach() if use_colour and n else None,
-                        residual, out_params, bases, losses, hist, stats)
+                        residual, out_params, bases, window.losses, hist, stats)
