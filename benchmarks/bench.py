@@ -285,23 +285,29 @@ def bench_animation(field, data, device: torch.device, repeats: int, backend: st
     return out
 
 
-def _fit_target(model, views, base, fit_serial: str, device: torch.device):
-    """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask,
-    every view cropped to one common window, as track.py does with files."""
+def _crop_to_device(img, mask, cam, cw: int, ch: int, device: torch.device) -> View:
+    i, m, c = crop_view(img, mask, cam, cw, ch)
+    t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
+    return View(c.name, c.to(device), t(i), t(m))
 
+
+def _eval_views(views, device: torch.device) -> list[View]:
+    """Every view (masked image, mask, camera) cropped to one common window, as track.py evaluates."""
     dc = DataConfig()
-
-    def view(img, mask, cam, cw, ch):
-        i, m, c = crop_view(img, mask, cam, cw, ch)
-        t = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=device)  # noqa: E731
-        return View(c.name, c.to(device), t(i), t(m))
-
     cw, ch = crop_size([m for _, m, _ in views], dc.crop_margin, dc.crop_multiple)
-    eval_views = [view(i, m, c, cw, ch) for i, m, c in views]
+    return [_crop_to_device(i, m, c, cw, ch, device) for i, m, c in views]
+
+
+def _fit_target(model, views, base, fit_serial: str, device: torch.device, eval_views: list[View] | None = None):
+    """FitTarget from in-memory views (masked image, mask, camera): the fitted view cropped to its face mask, as
+    track.py does with files.  ``eval_views``: the evaluation views, built once outside the timed reconstruction
+    (a reconstruction from one photo needs only the fitted view); None builds them here."""
+    dc = DataConfig()
     fi, fm, fc = next(v for v in views if v[2].name == fit_serial)
     fw, fh = crop_size([fm], dc.crop_margin, dc.crop_multiple)
-    return FitTarget(name="017", base_vertices=base.to(device), fit_view=view(fi, fm, fc, fw, fh),
-                     eval_views=eval_views, extra_views=[], fit_camera_full=fc.to(device), source={})
+    return FitTarget(name="017", base_vertices=base.to(device), fit_view=_crop_to_device(fi, fm, fc, fw, fh, device),
+                     eval_views=_eval_views(views, device) if eval_views is None else eval_views, extra_views=[],
+                     fit_camera_full=fc.to(device), source={})
 
 
 def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, long_iterations: int = 1000,
@@ -317,14 +323,21 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     runs = {"default": FitConfig(),
             "long": FitConfig(iterations=long_iterations, patience=10**9, min_iterations=long_iterations)}
     runs.update({k: FitConfig(**v) for k, v in (variants or {}).items()})
+    eval_views = _eval_views(views, device)
     for name, cfg in runs.items():
         sync(device)
         reset_peak(device)
-        t0 = time.perf_counter()  # from a loaded model to the fitted code
-        target = _fit_target(model, views, base, FRONTAL_SERIAL, device)
+        t0 = time.perf_counter()  # from a loaded model and the photo in memory to the fitted code
+        target = _fit_target(model, views, base, FRONTAL_SERIAL, device, eval_views)
+        sync(device)
+        target_s = time.perf_counter() - t0
         res = fit_identity(model, target, cfg, backend=backend, progress=False)
         sync(device)
         seconds = time.perf_counter() - t0
+        out[f"{name}_seconds_target"] = target_s
+        out[f"{name}_seconds_start"] = res.seconds_start
+        out[f"{name}_seconds_capture"] = res.seconds_capture
+        out[f"{name}_seconds_code_loop"] = res.seconds_code_loop
         metrics, _ = evaluate_views(model, res.code.w, res.code.base_vertices, target.eval_views, FRONTAL_SERIAL,
                                     backend=backend, lpips=False, colour=res.code.colour,
                                     gaussians=res.code.gaussians)

@@ -605,3 +605,48 @@ def render_cloud(cloud, camera):
     from models.renderer import render
 
     return render(cloud, camera)["image"]
+
+
+def test_downscaled_view_keeps_means_and_scales_camera():
+    from models.camera import Camera
+    from utils.apps.track.fit import downscaled_view
+
+    cam = Camera.look_at((0, 0, 0.6), (0, 0, 0), (0, 1, 0), 40, 64)
+    img = torch.rand(64, 40, 3)
+    eyes = torch.zeros(64, 40, 1)
+    eyes[10:20, 8:16] = 1
+    c2, i2, e2 = downscaled_view(cam, img, eyes, 0.5)
+    assert (c2.width, c2.height) == (20, 32) and i2.shape == (32, 20, 3) and e2.shape == (32, 20, 1)
+    assert torch.allclose(i2.mean((0, 1)), img.mean((0, 1)), atol=1e-5)  # area averaging keeps the mean colour
+    assert float(e2.sum()) == pytest.approx(float(eyes.sum()) / 4)
+    assert c2.fx == pytest.approx(cam.fx / 2) and c2.cx == pytest.approx(cam.cx / 2)
+    same = downscaled_view(cam, img, eyes, 1.0)
+    assert same[0] is cam and same[1] is img and same[2] is eyes
+
+
+def test_code_stage_at_a_lower_resolution(preprocessed_root, fit_model, tmp_path):  # noqa: F811
+    """fit.code_scale: the code stage on a half-resolution copy of the photo still gets most of the full fit's gain
+    on the fitted view; the colour stage runs at full resolution; a single start is not rendered before the loop (its
+    loss is the first iteration's)."""
+    from utils.apps.track.fit import fit_identity
+    from utils.apps.track.targets import load_subject_target
+    from utils.losses import psnr
+    from utils.data.model_file import load_model
+    from utils.data.code_file import code_cloud
+    from models.renderer import render
+
+    model = load_model(fit_model)
+    gains = {}
+    with single_thread():
+        for scale in (1.0, 0.5):
+            cfg = track_cfg(preprocessed_root, fit_model, tmp_path, **{
+                "fit.iterations": 30, "fit.min_iterations": 30, "fit.refine_colour": False, "fit.init": "mean",
+                "fit.code_scale": scale})
+            target = load_subject_target(model, cfg, torch.device("cpu"))
+            res = fit_identity(model, target, cfg.fit, progress=False)
+            assert list(res.start_losses) == ["mean_code"] and res.start_losses["mean_code"] > 0
+            v = target.fit_view
+            img = lambda w: render(code_cloud(model, w, target.base_vertices), v.camera)["image"]  # noqa: E731
+            gains[scale] = float(psnr(img(res.code.w), v.image) - psnr(img(res.start_w), v.image))
+            assert res.seconds_code_loop > 0 and res.seconds_start >= 0 and res.seconds_capture >= 0
+    assert gains[1.0] > 1.0 and gains[0.5] > 0.6 * gains[1.0], gains

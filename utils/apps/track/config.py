@@ -87,6 +87,10 @@ class FitConfig:
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
     cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
+    # The code stage moves one style vector: a coarse view of the photo constrains it nearly as well as the full one,
+    # at a fraction of the rasterizer's and SSIM's cost per iteration (full-resolution GPU fits); the colour stage,
+    # which paints per-vertex detail, always runs at full resolution.
+    code_scale: float = 1.0  # code stage (and start selection) on the photo area-downsampled by this factor (<= 1)
 
     RANGES = {"iterations": Range(1), "lr": Range(0, lo_open=True), "lr_final_ratio": Range(0, 1, lo_open=True),
               "beta1": Range(0, 1, hi_open=True), "beta2": Range(0, 1, hi_open=True), "check_every": Range(1),
@@ -97,7 +101,8 @@ class FitConfig:
               "colour_lr": Range(0), "colour_laplacian_weight": Range(0), "colour_weight": Range(0),
               "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
               "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1),
-              "rim_rings": Range(0), "rim_iterations": Range(0), "rim_lr": Range(0), "rim_weight": Range(0)}
+              "rim_rings": Range(0), "rim_iterations": Range(0), "rim_lr": Range(0), "rim_weight": Range(0),
+              "code_scale": Range(0, 1, lo_open=True)}
 
 
 

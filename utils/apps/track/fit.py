@@ -122,6 +122,11 @@ class FitResult:
     rim_params: Tensor | None = None  # (R, 2) its opacity-logit and log-scale shift per boundary ring
     rim_losses: list[float] = field(default_factory=list)  # its windowed photometric loss every check_every
     seconds_rim: float = 0.0  # wall time of the rim stage
+    # parts of seconds_code: targets, start candidates and their renders (the encoder's forward included); the
+    # frozen network's CUDA-graph capture; the Adam iterations
+    seconds_start: float = 0.0
+    seconds_capture: float = 0.0
+    seconds_code_loop: float = 0.0
 
 
 def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = None,
@@ -157,6 +162,22 @@ def fit_view_eyes(target: FitTarget, cfg: FitConfig) -> Tensor | None:
     eyes = eye_region_masks(target.eye_landmarks(target.base_vertices), [view.camera], mask[None])[0]
     n = float(eyes.sum())
     return eyes if n > 0 and n >= cfg.eye_min_pixels else None
+
+
+def downscaled_view(camera: Camera, image: Tensor, eyes: Tensor | None, scale: float
+                    ) -> tuple[Camera, Tensor, Tensor | None]:
+    """The fitted view at ``scale`` (<= 1) of its resolution: the camera with scaled intrinsics and the photo
+    ``image`` (h, w, 3) and ``eyes`` (h, w, 1) area-averaged to its (round(h * scale), round(w * scale)) pixels (eye
+    weights become fractional at the edges).  ``scale`` 1 returns the inputs unchanged."""
+    if scale >= 1.0:
+        return camera, image, eyes
+    cam = camera.scaled(scale)
+
+    def area(a: Tensor) -> Tensor:
+        return torch.nn.functional.interpolate(a.permute(2, 0, 1)[None].float(), size=(cam.height, cam.width),
+                                               mode="area")[0].permute(1, 2, 0).contiguous()
+
+    return cam, area(image), None if eyes is None else area(eyes)
 
 
 def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
@@ -389,6 +410,8 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     cam, gt = view.camera, view.image
     base0 = target.base_vertices
     eyes = fit_view_eyes(target, cfg)
+    # the code stage (start selection included) may see a coarser copy of the photo (fit.code_scale)
+    cam_c, gt_c, eyes_c = downscaled_view(cam, gt, eyes, cfg.code_scale)
     code_eye_w = scaled_eye_weight(cfg.eye_weight, eyes, cfg.eye_pixels)
 
     # ---- starting point
@@ -401,12 +424,13 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         if cfg.space == "z" and c.z is None:
             raise ValueError(f"fit.init={cfg.init} holds no z code (it was fitted in w space); use fit.space=w")
         cands = {Path(cfg.init).name: (c.w, c.z)}
-    start_losses = {}
-    with torch.no_grad():
-        for name, (w_c, _) in cands.items():
-            pred = render_style(model, w_c, base0, [cam], backend)[0]
-            start_losses[name] = float(photometric(pred, gt, cfg, eyes, code_eye_w))
-    start = min(start_losses, key=start_losses.get)
+    start_losses: dict[str, float] = {}
+    if len(cands) > 1:  # a choice to make; a single start's loss is the first iteration's (read after the loop)
+        with torch.no_grad():
+            for name, (w_c, _) in cands.items():
+                pred = render_style(model, w_c, base0, [cam_c], backend)[0]
+                start_losses[name] = float(photometric(pred, gt_c, cfg, eyes_c, code_eye_w))
+    start = min(start_losses, key=start_losses.get) if start_losses else next(iter(cands))
     w0, z0 = cands[start]
     var = (w0 if cfg.space == "w" else z0).detach().clone().requires_grad_(True)
     groups = [{"params": [var], "lr": cfg.lr, "initial_lr": cfg.lr}]
@@ -423,8 +447,12 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     verts0 = model.vertices(base0)
     # The frozen network at batch 1 is launch-bound on a GPU: replay its forward and backward from CUDA graphs
     # (fixed geometry: surface frames computed once at capture).  Eager on a CPU or with fit.cuda_graphs=false.
+    synchronize(base0.device)
+    t_capture = time.perf_counter()
     synth = GraphedSynthesis(f, verts0, space=cfg.space, dynamic_geometry=offsets is not None,
                              use_graphs=None if cfg.cuda_graphs else False)
+    synchronize(base0.device)
+    t_loop = time.perf_counter()
 
     def style_of(v: Tensor) -> Tensor:
         return v if cfg.space == "w" else f.style(v[None], update_w_avg=False)[0]
@@ -439,13 +467,15 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * mult
         cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
-        pred = render(cloud, cam, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg, eyes, code_eye_w)
+        pred = render(cloud, cam_c, backend=backend)["image"]
+        loss = photometric(pred, gt_c, cfg, eyes_c, code_eye_w)
         total = loss
         if cfg.space == "w" and cfg.style_reg > 0:
             total = total + cfg.style_reg * (var - w0).square().mean()
         if offsets is not None:
             total = total + lap.penalty(offsets / unit, cfg.laplacian_weight, cfg.offset_weight)
+        if it == 0 and not start_losses:
+            first_loss = loss.detach()
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -458,11 +488,19 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
             if stopped:
                 break
     bar.close()
+    if not start_losses:
+        if it > 0:
+            start_losses[start] = float(first_loss)
+        else:  # no iterations (fit.iterations 0): render the start once for its loss
+            with torch.no_grad():
+                pred = render_style(model, w0, base0, [cam_c], backend)[0]
+                start_losses[start] = float(photometric(pred, gt_c, cfg, eyes_c, code_eye_w))
     with torch.no_grad():
         w_fit = style_of(var).detach()
         base_fit = (base0 if offsets is None else base0 + offsets).detach()
     synchronize(base0.device)
-    seconds_code = time.perf_counter() - t_start
+    t_end = time.perf_counter()
+    seconds_code = t_end - t_start
 
     # ---- FLAME stage (photo-only targets): head pose, expression and jaw with the style, photometric
     flame_params, flame_losses, seconds_flame = None, [], 0.0
@@ -507,4 +545,5 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
                      flame_losses=flame_losses, seconds_flame=seconds_flame,
                      eye_term_pixels=0 if eyes is None else int(eyes.sum()),
                      rim_iterations=cfg.rim_iterations if rim_params is not None else 0, rim_params=rim_params,
-                     rim_losses=rim_losses, seconds_rim=seconds_rim)
+                     rim_losses=rim_losses, seconds_rim=seconds_rim, seconds_start=t_capture - t_start,
+                     seconds_capture=t_loop - t_capture, seconds_code_loop=t_end - t_loop)
