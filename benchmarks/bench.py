@@ -466,7 +466,7 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
 
 
 def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend: str, repeats: int = 3,
-                max_face_px: float = 0.0) -> dict:
+                max_face_px: float = 0.0, overrides: dict | None = None) -> dict:
     """Photo to fitted head on skimage's astronaut: track()'s load phase (detection, FLAME + camera fit, face mask,
     crop) plus its fit phase (code, colour), best of ``repeats`` after one warm-up run; exports off.  The photo is
     fitted at its own resolution (``max_face_px`` 0) unless given."""
@@ -480,7 +480,8 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     cfg = build_config(TrackConfig, "configs/fit.yaml", overrides={
         "checkpoint": str(model_path), "image": str(photo), "flame_dir": str(flame_dir), "out": str(tmp / "out"),
         "progress": False, "device": str(device), "backend": backend, "export.ply": False,
-        "export.turntable": False, "export.views": False, "export.lpips": False, "max_face_px": max_face_px})
+        "export.turntable": False, "export.views": False, "export.lpips": False, "max_face_px": max_face_px,
+        **(overrides or {})})
     model = load_model(model_path, device)
     track(cfg, model=model)  # warm-up: mediapipe's graph, CUDA graphs, kernels
     best = None
@@ -567,6 +568,8 @@ def main() -> None:
     p.add_argument("--encoder_steps", type=int, default=2000, help="encoder training steps (with --encoder)")
     p.add_argument("--encoder_samples", type=int, default=512,
                    help="sampled identities rendered for encoder training (with --encoder)")
+    p.add_argument("--photo_set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="--parts photo: track.py overrides of its run (e.g. fit.iterations=25 fit.code_scale=0.5)")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -667,7 +670,8 @@ def main() -> None:
     if "photo" in parts:
         # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
         rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
-                                repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0))
+                                repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0,
+                                overrides={k: _auto(v) for k, v in (kv.split("=", 1) for kv in args.photo_set)}))
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",

@@ -10,10 +10,7 @@ test's (tests/test_viewer.py), 1200x860; the head fills what the viewer's defaul
 from __future__ import annotations
 
 import argparse
-import io
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+sys.path.insert(0, str(ROOT))
+from utils.apps.viewer.browser import CHROMIUM_ARGS, MISSING, VIEWPORT, find_chromium, screenshot  # noqa: E402
 
 
 def _start_viewer(checkpoint: str, port: int, timeout: float) -> tuple[subprocess.Popen, str]:
@@ -46,12 +43,6 @@ def _start_viewer(checkpoint: str, port: int, timeout: float) -> tuple[subproces
     raise SystemExit("viewer.py did not print its address:\n" + "".join(lines[-20:]))
 
 
-def _shot(page) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(np.float32) / 255.0
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default="output/cpu/model.pt", help="model.pt the viewer serves")
@@ -61,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise SystemExit(f"{args.checkpoint}: no such model.pt (train one with `bash run_training.sh`)")
-    browser_path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    browser_path = find_chromium()
     if not browser_path:
-        raise SystemExit("no Chromium on PATH: `bash scripts/setup.sh --dev` installs it, or set CHROMIUM=/path")
+        raise SystemExit(MISSING)
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
@@ -71,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1200, "height": 860})
+            page = browser.new_page(viewport=VIEWPORT)
             page.goto(url, timeout=30_000)
             # software WebGL draws the first frame slowly and the page fades in: wait for two equal screenshots
-            end, prev, img = time.monotonic() + args.timeout, None, _shot(page)
+            end, prev, img = time.monotonic() + args.timeout, None, screenshot(page)
             while time.monotonic() < end and (prev is None or np.abs(img - prev).max() >= 2 / 255
                                               or img.std() < 0.02):
                 time.sleep(0.5)
-                prev, img = img, _shot(page)
+                prev, img = img, screenshot(page)
             notice = page.locator(".mantine-Notification-closeButton")  # the "software WebGL" notice
             if notice.count():
                 notice.first.click()

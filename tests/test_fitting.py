@@ -628,12 +628,12 @@ def test_code_stage_at_a_lower_resolution(preprocessed_root, fit_model, tmp_path
     """fit.code_scale: the code stage on a half-resolution copy of the photo still gets most of the full fit's gain
     on the fitted view; the colour stage runs at full resolution; a single start is not rendered before the loop (its
     loss is the first iteration's)."""
+    from models.renderer import render
     from utils.apps.track.fit import fit_identity
     from utils.apps.track.targets import load_subject_target
-    from utils.losses import psnr
-    from utils.data.model_file import load_model
     from utils.data.code_file import code_cloud
-    from models.renderer import render
+    from utils.data.model_file import load_model
+    from utils.losses import psnr
 
     model = load_model(fit_model)
     gains = {}

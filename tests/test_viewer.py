@@ -4,7 +4,6 @@ defaults, and the page itself in a real headless Chromium."""
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import math
 import os
 import shutil
@@ -23,6 +22,7 @@ import torch
 
 from tests.test_fitting import fit_model, write_foreign_code  # noqa: F401
 from tests.test_interpolation import fitted_code  # noqa: F401
+from utils.apps.viewer.browser import CHROMIUM_ARGS, MISSING, VIEWPORT, find_chromium, screenshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -678,28 +678,11 @@ def test_run_viewer_sh_prints_the_address_and_serves(fit_model, tmp_path):  # no
 
 
 # ------------------------------------------------------------------------------------------------ real browser
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # CI runs as root
-    "--use-angle=swiftshader", "--enable-unsafe-swiftshader",  # software WebGL (no GPU)
-    "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync",  # the machine's network is closed: no background connections
-]
-VIEWPORT = {"width": 1200, "height": 860}  # wide enough that the control panel leaves the head free, tall enough
-#                                           to show the whole panel
-
-
 def chromium_path() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    path = find_chromium()
     if not path:
-        pytest.fail("the browser test needs Chromium: `bash scripts/setup.sh --dev` installs Debian's chromium "
-                    "(README's test command), or set CHROMIUM=/path/to/chromium")
+        pytest.fail(f"the browser test needs Chromium: {MISSING}")
     return path
-
-
-def screenshot(page) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB")).astype(np.float32) / 255.0
 
 
 def head_region(img: np.ndarray) -> np.ndarray:
