@@ -481,6 +481,7 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
         "checkpoint": str(model_path), "image": str(photo), "flame_dir": str(flame_dir), "out": str(tmp / "out"),
         "progress": False, "device": str(device), "backend": backend, "export.ply": False,
         "export.turntable": False, "export.views": False, "export.lpips": False, "max_face_px": max_face_px,
+        "overwrite": True,  # the warm-up and every repeat write into the same folder
         **(overrides or {})})
     model = load_model(model_path, device)
     track(cfg, model=model)  # warm-up: mediapipe's graph, CUDA graphs, kernels
@@ -568,8 +569,9 @@ def main() -> None:
     p.add_argument("--encoder_steps", type=int, default=2000, help="encoder training steps (with --encoder)")
     p.add_argument("--encoder_samples", type=int, default=512,
                    help="sampled identities rendered for encoder training (with --encoder)")
-    p.add_argument("--photo_set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="--parts photo: track.py overrides of its run (e.g. fit.iterations=25 fit.code_scale=0.5)")
+    p.add_argument("--photo_variant", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="--parts photo: extra runs with track.py overrides, each reported as photo_<NAME>_* rows, "
+                        "e.g. fast:fit.iterations=25,fit.colour_iterations=20")
     p.add_argument("--out", default=None, help="write the Markdown table (and a .json) here")
     p.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = p.parse_args()
@@ -669,9 +671,14 @@ def main() -> None:
                                  threads=threads))
     if "photo" in parts:
         # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
-        rows.update(bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
-                                repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0,
-                                overrides={k: _auto(v) for k, v in (kv.split("=", 1) for kv in args.photo_set)}))
+        photo_runs = {"": {}}
+        for spec in args.photo_variant:
+            name, _, kvs = spec.partition(":")
+            photo_runs[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        for name, over in photo_runs.items():
+            got = bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
+                              repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0, overrides=over)
+            rows.update({k if not name else k.replace("photo_", f"photo_{name}_", 1): v for k, v in got.items()})
     env = environment(device)
     lines = [f"# bench.py on {env['card']}", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",

@@ -153,9 +153,9 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
     var = w0.clone().requires_grad_(True)
     opt = torch.optim.Adam([var], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     verts = [model.vertices(b) for b in frames.bases]  # fixed geometry per frame: subdivided once
-    losses: list[float] = []
     monitor_psnr: list[float] = []
-    best, bad, it, acc, stopped = float("inf"), 0, 0, 0.0, False
+    window = LossWindow(var.device, cfg.check_every, "video fit", "lower fit.lr")
+    best, bad, it, stopped = float("inf"), 0, 0, False
     batches = _batches(n, max(1, batch))
     bar = tqdm(total=cfg.iterations, desc=f"fitting {name} ({n} frames)", disable=not progress, leave=False)
     while it < cfg.iterations:
@@ -171,27 +171,22 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        acc += float(loss.detach())
         it += 1
         bar.update(1)
-        if it % cfg.check_every == 0:
-            cur = acc / cfg.check_every
-            acc = 0.0
-            losses.append(cur)
+        cur = window.add(loss, it)
+        if cur is not None:
             post = {"loss": f"{cur:.4f}"}
             if monitor is not None and monitor.views:
                 mon, _ = evaluate_frames(model, var.detach(), monitor, range(len(monitor.views)), None, backend)
                 monitor_psnr.append(mon["psnr_face"])
                 post["heldout_psnr"] = f"{mon['psnr_face']:.2f}"
             bar.set_postfix(post)
-            if not math.isfinite(cur):
-                raise FloatingPointError(f"video fit diverged (loss {cur}) at iteration {it}; lower fit.lr")
             best, bad, stopped = plateau(cur, best, bad, it, cfg)
             if stopped:
                 break
     bar.close()
     return var.detach().clone(), {"start": start, "start_losses": start_losses, "iterations": it,
-                                  "loss_history": losses, "stopped_early": stopped,
+                                  "loss_history": window.losses, "stopped_early": stopped,
                                   "heldout_psnr_history": monitor_psnr}
 
 
