@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from tests.test_fitting import fit_model, single_thread  # noqa: F401
+from tests.fixtures import synthetic_root  # noqa: F401
+from tests.test_flame_fit import SIZE, _smooth_motion, flame_and_truth  # noqa: F401
 from tests.test_interpolation import video_frames
 from tests.test_reenactment import SMALL, T, corr, driving_video, yaw  # noqa: F401
 from tests.training_fixtures import sequence_root  # noqa: F401
@@ -202,3 +204,40 @@ def test_camera_index_opens_that_device_and_a_missing_one_fails_in_one_line(monk
     assert _FakeCapture.opened[-1] == 1 and src.camera and not src.realtime and src.name == "camera 1"
     assert [i for i, _ in got] == [0, 1, 2] and got[0][1].shape == (6, 8, 3)
     assert [int(rgb[0, 0, 2]) for _, rgb in got] == [20, 10, 0]  # BGR -> RGB, in the order read
+
+
+def test_tracker_process_gives_bit_identical_results(flame_and_truth):  # noqa: F811
+    """--stream_fit_process: FrameTracker in a worker process (utils/face/tracker_process.py) returns exactly the
+    in-process tracker's parameters, errors, reference frame and refinement state, frame by frame (a frame without a
+    face included, shape refinement on so that the reference changes), and an error in the worker is raised here."""
+    from models.flame import FlameParams
+    from utils.face.flame_fit import FlameFitConfig
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+    from utils.face.tracker_process import TrackerProcess
+
+    flame, _, truth = flame_and_truth
+    T = 10
+    _, pts = _smooth_motion(flame, truth, T, np.random.default_rng(5))
+    fit = FlameFitConfig(iterations=10)
+    refine = ShapeRefineConfig(frames=3, iterations=4, iterations_per_frame=2)
+    frames = [pts[t] if t != 6 else None for t in range(T)]
+    with single_thread():
+        local, info = FrameTracker.calibrate(flame, pts[:4], None, SIZE, fit, iterations=5, refine=refine)
+        want = [local.step(p) for p in frames]
+        with TrackerProcess(flame, threads=1) as remote:
+            with pytest.raises(RuntimeError, match="in the stream's fit process"):
+                remote.step(pts[0])  # not calibrated yet: the worker's error comes back
+            assert not remote.started
+            info2 = remote.calibrate(pts[:4], None, SIZE, fit, iterations=5, refine=refine)
+            got = [remote.step(p) for p in frames]
+            assert remote.started and remote.shape_updates == local.shape_updates > 0
+            assert remote.kept_frames == local.kept_frames and remote.step_cpu_s > 0
+            ref_local, ref_remote = local.reference, remote.reference
+        assert not remote.process.is_alive()
+    assert info2["focal_px"] == info["focal_px"]
+    for (pw, ew), (pg, eg) in zip(want, got):
+        assert (np.isnan(ew) and np.isnan(eg)) or ew == eg
+        for name in FlameParams._TENSORS:
+            assert torch.equal(getattr(pw, name), getattr(pg, name)), name
+    for name in FlameParams._TENSORS:
+        assert torch.equal(getattr(ref_local, name), getattr(ref_remote, name)), name
