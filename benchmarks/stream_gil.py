@@ -4,7 +4,7 @@ alone and while other Python threads of the same process work as animate.py --st
     alone       FrameTracker.step per frame on the cached landmarks of benchmarks/stream_tracking.py's video, nothing
                 else running in the process
     threads     the same while a landmark thread runs mediapipe's face mesh (video mode) on the video's frames in a
-                loop, as the stream's landmark stage does, and (``--busy``) a pure-Python busy thread stands in for
+                loop at ``--landmark_fps`` (30: a 30 fps stream), as the stream's landmark stage does, and (``--busy``) a pure-Python busy thread stands in for
                 the render thread's Python work; the fit in the main thread (animate.py --stream's default)
     process     the same threads, the fit in a worker process (utils/face/tracker_process.py TrackerProcess,
                 ``--stream_fit_process``): the main thread only waits on the pipe
@@ -40,14 +40,18 @@ from utils.face.reenactment import read_video  # noqa: E402
 from utils.face.tracker_process import TrackerProcess  # noqa: E402
 
 
-def _landmark_loop(frames: list[np.ndarray], stop: threading.Event, counter: list[int]) -> None:
-    """The stream's landmark stage without its queues: mediapipe on the frames, round and round."""
+def _landmark_loop(frames: list[np.ndarray], stop: threading.Event, counter: list[int], fps: float) -> None:
+    """The stream's landmark stage without its queues: mediapipe on the frames, round and round, at most ``fps``
+    frames a second (0: as fast as it goes)."""
     from utils.apps.animate.stream import mediapipe_detector
 
     detect = mediapipe_detector(1.0)
     try:
         i = 0
+        t0 = time.perf_counter()
         while not stop.is_set():
+            if fps > 0 and (wait := t0 + i / fps - time.perf_counter()) > 0:
+                time.sleep(wait)
             detect(frames[i % len(frames)], f"frame {i}")
             i += 1
             counter[0] += 1
@@ -65,7 +69,7 @@ def _busy_loop(stop: threading.Event, counter: list[int]) -> None:
 
 
 def run(mode: str, flame: FlameModel, d: dict, shape_frames: int, frames: list[np.ndarray], busy: bool,
-        worker: TrackerProcess | None) -> dict:
+        worker: TrackerProcess | None, landmark_fps: float = 30.0) -> dict:
     """One pass over the video's landmarks: calibration, then FrameTracker.step per frame (timed)."""
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
@@ -73,7 +77,8 @@ def run(mode: str, flame: FlameModel, d: dict, shape_frames: int, frames: list[n
     counts = {"landmarks": [0], "busy": [0]}
     threads = []
     if mode != "alone":
-        threads.append(threading.Thread(target=_landmark_loop, args=(frames, stop, counts["landmarks"]), daemon=True))
+        threads.append(threading.Thread(target=_landmark_loop, args=(frames, stop, counts["landmarks"], landmark_fps),
+                                        daemon=True))
         if busy:
             threads.append(threading.Thread(target=_busy_loop, args=(stop, counts["busy"]), daemon=True))
     if worker is not None:
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--video", choices=sorted(VIDEOS), default="quick", help="bench.py's quick or full driving video")
     ap.add_argument("--cache", default="output/stream_tracking", help="stream_tracking.py's cache folder")
     ap.add_argument("--busy", action="store_true", help="also a pure-Python busy thread (the render thread's stand-in)")
+    ap.add_argument("--landmark_fps", type=float, default=30.0,
+                    help="the landmark thread's rate (a 30 fps stream detects 30 frames a second; 0: flat out)")
     ap.add_argument("--repeat", type=int, default=1, help="passes of the three modes, interleaved")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fit and worker)")
     ap.add_argument("--json", default="", help="also write the results here")
@@ -122,7 +129,8 @@ def main() -> None:
     with TrackerProcess(flame, threads=a.threads) as worker:
         for _ in range(a.repeat):
             for mode in results:
-                r = run(mode, flame, d, shape_frames, frames, a.busy, worker if mode == "process" else None)
+                r = run(mode, flame, d, shape_frames, frames, a.busy, worker if mode == "process" else None,
+                      a.landmark_fps)
                 p = r.pop("params")
                 if ref is None:
                     ref = p
