@@ -6,16 +6,19 @@ second argument it also prints the fitted brows coefficient (expression 2) frame
 
     python benchmarks/stream_brows_diagnosis.py quick [trace]
 """
-import sys, time
+import sys
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from pathlib import Path
+
 import torch
-from dataclasses import replace
-from benchmarks.stream_tracking import cached_video, relative_to_reference, VIDEOS
+
 from benchmarks.bench import motion_correlations
+from benchmarks.stream_tracking import VIDEOS, cached_video, relative_to_reference
 from models.flame import FlameModel
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 from utils.face.frame_tracker import FrameTracker
-from pathlib import Path
+
 torch.set_num_threads(1)
 vid = sys.argv[1]
 per, size, n = VIDEOS[vid]
@@ -37,7 +40,9 @@ def run(shape, fx, bias, label):
     tr = FrameTracker(flame, d["size"], shape, fx, cfg, bias, 10)
     out, refs = [], []
     for i in range(T):
-        p, _ = tr.step(pts[i], iris[i]); out.append(p); refs.append(tr.reference)
+        p, _ = tr.step(pts[i], iris[i])
+        out.append(p)
+        refs.append(tr.reference)
     r = motion_correlations(relative_to_reference(out, refs), d["truth"])
     print(f"{label:40s}", " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn")), flush=True)
     return out

@@ -4,16 +4,23 @@ the first ``shape_frames`` frames and tracks every frame (cached landmarks of be
 
     python benchmarks/stream_fit_sweep.py quick '{}' '{"track": {"contour_weight": 0.3}}'
 """
-import sys, time, json
+import json
+import sys
+import time
+
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-import torch, numpy as np
 from dataclasses import replace
-from benchmarks.stream_tracking import cached_video, relative_to_reference, VIDEOS
+from pathlib import Path
+
+import numpy as np
+import torch
+
 from benchmarks.bench import motion_correlations
+from benchmarks.stream_tracking import VIDEOS, cached_video, relative_to_reference
 from models.flame import FlameModel
 from utils.face.flame_fit import FlameFitConfig
 from utils.face.frame_tracker import FrameTracker
-from pathlib import Path
+
 torch.set_num_threads(1)
 vid = sys.argv[1]
 per, size, n = VIDEOS[vid]
@@ -36,7 +43,9 @@ for spec in sys.argv[2:]:
     out, refs, ms = [], [], []
     for i in range(T):
         t = time.perf_counter()
-        p, _ = tr.step(pts[i], iris[i]); out.append(p); refs.append(tr.reference)
+        p, _ = tr.step(pts[i], iris[i])
+        out.append(p)
+        refs.append(tr.reference)
         ms.append(1000 * (time.perf_counter() - t))
     r = motion_correlations(relative_to_reference(out, refs), d["truth"])
     print(f"{spec:60s}", " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn")),

@@ -4,8 +4,9 @@ alone and while other Python threads of the same process work as animate.py --st
     alone       FrameTracker.step per frame on the cached landmarks of benchmarks/stream_tracking.py's video, nothing
                 else running in the process
     threads     the same while a landmark thread runs mediapipe's face mesh (video mode) on the video's frames in a
-                loop at ``--landmark_fps`` (30: a 30 fps stream), as the stream's landmark stage does, and (``--busy``) a pure-Python busy thread stands in for
-                the render thread's Python work; the fit in the main thread (animate.py --stream's default)
+                loop at ``--landmark_fps`` (30: a 30 fps stream), as the stream's landmark stage does, and
+                (``--busy``) a pure-Python busy thread stands in for the render thread's Python work; the fit in the
+                main thread (animate.py --stream's default)
     process     the same threads, the fit in a worker process (utils/face/tracker_process.py TrackerProcess,
                 ``--stream_fit_process``): the main thread only waits on the pipe
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import io
 import multiprocessing as mp
+import signal
 import time
 import traceback
 from typing import Any
@@ -68,6 +69,8 @@ def _state(tracker: FrameTracker, sent_reference: list) -> dict:
 
 def _serve(conn: Any, flame_bytes: bytes, threads: int, device: str) -> None:
     """The worker: loads the FLAME model, then answers calibrate / step / close messages until closed."""
+    # Ctrl-C reaches the whole process group: the parent handles it (a camera stream ends that way) and closes us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads > 0:
         torch.set_num_threads(threads)
     flame: FlameModel = torch.load(io.BytesIO(flame_bytes), weights_only=False).to(device)

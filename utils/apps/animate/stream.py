@@ -9,13 +9,14 @@
                 and its points differ from one detector's (measured on tests/test_streaming.py's video: 1.05 px mean,
                 10 px max, smile r 0.708 instead of 0.799): W = 1 (the default) unless detection is the bottleneck
     fit         the calling thread (or, with ``stream_fit_process``, a worker process it waits on: utils/face/
-                tracker_process.py, the same tracker without sharing the GIL with the other stages): the first ``reenact.shape_frames`` frames with a face calibrate the person (FLAME
-                shape, focal length, the detector's per-landmark offset: utils/face/frame_tracker.py
-                FrameTracker.calibrate), then every frame is fitted on its own, warm-started from the previous frame
-                with a temporal prior that looks only backwards (FrameTracker.step); a frame without a face holds the
-                previous frame.  The shape and detector offset keep improving on frames kept for their diversity in
-                pose and expression (``stream_refine``, FrameTracker's ShapeRefineConfig: a few solver iterations
-                per frame, never looking ahead).  Torch runs this stage's CPU work on ``stream_threads`` threads
+                tracker_process.py, the same tracker without sharing the GIL with the other stages): the first
+                ``reenact.shape_frames`` frames with a face calibrate the person (FLAME shape, focal length, the
+                detector's per-landmark offset: utils/face/frame_tracker.py FrameTracker.calibrate), then every frame is
+                fitted on its own, warm-started from the previous frame with a temporal prior that looks only backwards
+                (FrameTracker.step); a frame without a face holds the previous frame. The shape and detector offset keep
+                improving on frames kept for their diversity in pose and expression (``stream_refine``, FrameTracker's
+                ShapeRefineConfig: a few solver iterations per frame, never looking ahead). Torch runs this stage's CPU
+                work on ``stream_threads`` threads
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
@@ -557,6 +558,7 @@ def format_summary(s: dict) -> str:
             f"  stage ms (mean): landmarks {sm['landmark_s']:.1f}  fit {sm['fit_s']:.1f}  "
             f"render {sm['render_s']:.1f}  write {sm['write_s']:.1f}\n"
             f"  fit ms after calibration: p50 {st['fit_ms_steady']['p50']:.1f}  p90 {st['fit_ms_steady']['p90']:.1f}  "
-            f"p99 {st['fit_ms_steady']['p99']:.1f}, of it CPU p50 {st['fit_cpu_ms_steady']['p50']:.1f} (torch threads {st['torch_threads']}; shape refined "
+            f"p99 {st['fit_ms_steady']['p99']:.1f}, of it CPU p50 {st['fit_cpu_ms_steady']['p50']:.1f} "
+            f"(torch threads {st['torch_threads']}; shape refined "
             f"{st['shape_updates']} times on {st['shape_frames_kept']} kept frames, {st['shape_refine_s']:.2f} s)")
 
