@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_fitting import fit_model, single_thread  # noqa: F401
 from tests.fixtures import synthetic_root  # noqa: F401
+from tests.test_fitting import fit_model, single_thread  # noqa: F401
 from tests.test_flame_fit import SIZE, _smooth_motion, flame_and_truth  # noqa: F401
 from tests.test_interpolation import video_frames
 from tests.test_reenactment import SMALL, T, corr, driving_video, yaw  # noqa: F401
@@ -74,7 +74,8 @@ def test_landmark_stream_keeps_order_and_bounds_the_frames_in_flight():
 def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit_model, tmp_path):  # noqa: F811
     """animate.py --motion driver.mp4 --stream against the batch path on the same video and settings: the jaw /
     smile / brows / head-turn correlations with the true motion are at most 0.02 below the batch path's, the MP4
-    holds every frame, and frame n's driving panel is driving frame n (PNG, exact).  One landmark thread: mediapipe's
+    holds every frame, and frame n's driving panel is driving frame n (PNG, exact); with --stream_fit_process (the fit
+    in a worker process) motion.npz is bit-identical.  One landmark thread: mediapipe's
     video mode tracks from the frame it saw last, so W threads (each seeing every W-th frame) detect differently --
     measured on this video with 2 threads: smile r 0.708 against 0.799 with one (utils/apps/animate/stream.py)."""
     import cv2
@@ -102,6 +103,13 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
         s = animate.main([*common, "--out", str(tmp_path / "stream"), "--stream", "--stream_workers", "1",
                           "--side_by_side", "video", "--png"])
         t_stream = time.perf_counter() - t
+        # the fit in its own process (--stream_fit_process): the same motion, bit for bit
+        sp = animate.main([*common, "--out", str(tmp_path / "proc"), "--stream", "--stream_workers", "1",
+                           "--stream_fit_process"])
+    assert sp["stream"]["fit_process"] and not s["stream"]["fit_process"]
+    a, b = np.load(tmp_path / "stream" / "motion.npz"), np.load(tmp_path / "proc" / "motion.npz")
+    assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert np.isfinite(sp["stream"]["fit_cpu_ms_steady"]["p50"])
     rb, rs = correlations(tmp_path / "batch" / "motion.npz"), correlations(tmp_path / "stream" / "motion.npz")
     st = s["stream"]
     print(f"\nbatch {t_batch:.1f} s {({k: round(v, 3) for k, v in rb.items()})}\nstream {t_stream:.1f} s "
@@ -148,7 +156,7 @@ def test_stream_flags_are_checked(fit_model, tmp_path, capsys):  # noqa: F811
         animate.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--stream ", "--stream_workers", "--stream_queue", "--stream_fit_device", "--stream_iterations",
-                 "--stream_realtime"):
+                 "--stream_realtime", "--stream_fit_process"):
         assert flag in text, flag
 
 
