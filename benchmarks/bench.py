@@ -420,7 +420,8 @@ def motion_correlations(params, truth) -> dict:
 
 def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
                  per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 10,
-                 shape_frames: int = 16, threads: list[int] | None = None) -> dict:
+                 shape_frames: int = 16, threads: list[int] | None = None,
+                 processes: list[bool] | None = None) -> dict:
     """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video
     (:func:`driving_video`, ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the
     sustained frame rate and the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as
@@ -429,7 +430,10 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     next to the batch path's (utils/face/reenactment.py reenact_video; the issue allows 0.02 less).  Both fit the
     driver's shape on ``shape_frames`` frames (the batch path spread over the video, the stream on its first ones,
     then refined on frames it kept: ``stream_refine``).  ``threads``: torch intra-op thread counts of the stream
-    (``stream_threads``; the first configuration runs once per count, keys ``_t<n>`` when more than one)."""
+    (``stream_threads``; the first configuration runs once per count, keys ``_t<n>`` when more than one).
+    ``processes``: the per-frame fit in the calling thread (False) or its own process (True, ``stream_fit_process``);
+    the first configuration runs once per value (the first value for the others), keys ``_proc`` / ``_thread`` when
+    more than one; rows ``_fit_cpu_ms_p50`` give the fit's CPU time beside its wall time."""
 
     path, truth = driving_video(data, device, per_transition, size)
     t = time.perf_counter()
@@ -441,24 +445,31 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     rows.update({f"stream_batch_r_{k}": v for k, v in rb.items()})
     threads = threads or [AnimationConfig.stream_threads]
     first = threads[0]
-    runs = [(w, d, False, first) for d in fit_devices for w in workers] + [(workers[0], fit_devices[0], True, first)]
-    runs += [(workers[0], fit_devices[0], False, n) for n in threads[1:]]
-    for w, d, paced, n_threads in runs:
+    processes = processes or [AnimationConfig.stream_fit_process]
+    proc = processes[0]
+    runs = [(w, d, False, first, proc) for d in fit_devices for w in workers]
+    runs += [(workers[0], fit_devices[0], False, first, q) for q in processes[1:]]
+    runs += [(workers[0], fit_devices[0], True, first, q) for q in processes]  # paced at 30 fps
+    runs += [(workers[0], fit_devices[0], False, n, proc) for n in threads[1:]]
+    for w, d, paced, n_threads, in_process in runs:
         out = Path(tempfile.mkdtemp(prefix="bench_stream_out_"))
         cfg = AnimationConfig(checkpoint=str(model_path), motion=str(path), stream=True, stream_workers=w,
                               stream_fit_device=d, stream_iterations=iterations, stream_realtime=paced,
                               width=render, height=render, out=str(out), device=str(device), progress=False,
-                              reenact=reenact, flame_dir=str(data.flame_dir), stream_threads=n_threads)
+                              reenact=reenact, flame_dir=str(data.flame_dir), stream_threads=n_threads,
+                              stream_fit_process=in_process)
         s = animate(cfg)["stream"]
         rs = motion_correlations(load_tracking(out / "motion.npz"), truth)
         key = (f"stream_{w}w_fit_{d.replace(':', '')}{'_paced30' if paced else ''}"
-               f"{f'_t{n_threads}' if len(threads) > 1 else ''}")
+               f"{f'_t{n_threads}' if len(threads) > 1 else ''}"
+               f"{('_proc' if in_process else '_thread') if len(processes) > 1 else ''}")
         lat = s["latency_ms_steady"]
         rows.update({f"{key}_sustained_fps": s["sustained_fps"], f"{key}_latency_ms_p50": lat["p50"],
                      f"{key}_latency_ms_p90": lat["p90"], f"{key}_latency_ms_p99": lat["p99"],
                      f"{key}_latency_ms_max_all_frames": s["latency_ms_all"]["max"],
                      **{f"{key}_stage_ms_{k[:-2]}": v for k, v in s["stage_ms_mean"].items()},
                      **{f"{key}_fit_ms_{k}": s["fit_ms_steady"][k] for k in ("p50", "p90", "p99")},
+                     f"{key}_fit_cpu_ms_p50": s["fit_cpu_ms_steady"]["p50"],
                      f"{key}_shape_updates": s["shape_updates"],
                      **{f"{key}_r_{k}": v for k, v in rs.items()},
                      f"{key}_min_r_minus_batch": min(rs[k] - rb[k] for k in rb)})
@@ -556,6 +567,10 @@ def main() -> None:
                    help="--parts stream: comma-separated torch intra-op thread counts of the stream "
                         "(animate.py --stream_threads; default: its default); the first configuration runs once per "
                         "count, e.g. 1,2,4,8")
+    p.add_argument("--stream_fit_process", default="",
+                   help="--parts stream: comma-separated 0/1, the per-frame FLAME fit in the stream's thread (0) or "
+                        "in its own process (1, animate.py --stream_fit_process); the first configuration runs once "
+                        "per value, e.g. 0,1 (default: animate.py's default)")
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models.renderer.GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
@@ -665,10 +680,13 @@ def main() -> None:
             p.error(f"--stream_threads must be comma-separated integers, got {args.stream_threads!r}")
         if not all(0 <= n <= 256 for n in threads):
             p.error(f"--stream_threads must be integers in 0-256, got {args.stream_threads!r}")
+        procs = [v.strip() for v in args.stream_fit_process.split(",") if v.strip()]
+        if not all(v in ("0", "1") for v in procs):
+            p.error(f"--stream_fit_process must be comma-separated 0 / 1, got {args.stream_fit_process!r}")
         rows.update(bench_stream(Path(cfg.out) / "model.pt", data, device, workers, fit_devices,
                                  per_transition=3 if args.quick else 12, size=256 if args.quick else 512,
                                  render=64 if args.quick else 512, shape_frames=8 if args.quick else 16,
-                                 threads=threads))
+                                 threads=threads, processes=[v == "1" for v in procs]))
     if "photo" in parts:
         # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
         photo_runs = {"": {}}

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures import synthetic_root  # noqa: F401
 from tests.test_fitting import fit_model, single_thread  # noqa: F401
+from tests.test_flame_fit import SIZE, _smooth_motion, flame_and_truth  # noqa: F401
 from tests.test_interpolation import video_frames
 from tests.test_reenactment import SMALL, T, corr, driving_video, yaw  # noqa: F401
 from tests.training_fixtures import sequence_root  # noqa: F401
@@ -72,7 +74,8 @@ def test_landmark_stream_keeps_order_and_bounds_the_frames_in_flight():
 def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit_model, tmp_path):  # noqa: F811
     """animate.py --motion driver.mp4 --stream against the batch path on the same video and settings: the jaw /
     smile / brows / head-turn correlations with the true motion are at most 0.02 below the batch path's, the MP4
-    holds every frame, and frame n's driving panel is driving frame n (PNG, exact).  One landmark thread: mediapipe's
+    holds every frame, and frame n's driving panel is driving frame n (PNG, exact); with --stream_fit_process (the fit
+    in a worker process) motion.npz is bit-identical.  One landmark thread: mediapipe's
     video mode tracks from the frame it saw last, so W threads (each seeing every W-th frame) detect differently --
     measured on this video with 2 threads: smile r 0.708 against 0.799 with one (utils/apps/animate/stream.py)."""
     import cv2
@@ -100,6 +103,13 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
         s = animate.main([*common, "--out", str(tmp_path / "stream"), "--stream", "--stream_workers", "1",
                           "--side_by_side", "video", "--png"])
         t_stream = time.perf_counter() - t
+        # the fit in its own process (--stream_fit_process): the same motion, bit for bit
+        sp = animate.main([*common, "--out", str(tmp_path / "proc"), "--stream", "--stream_workers", "1",
+                           "--stream_fit_process"])
+    assert sp["stream"]["fit_process"] and not s["stream"]["fit_process"]
+    a, b = np.load(tmp_path / "stream" / "motion.npz"), np.load(tmp_path / "proc" / "motion.npz")
+    assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert np.isfinite(sp["stream"]["fit_cpu_ms_steady"]["p50"])
     rb, rs = correlations(tmp_path / "batch" / "motion.npz"), correlations(tmp_path / "stream" / "motion.npz")
     st = s["stream"]
     print(f"\nbatch {t_batch:.1f} s {({k: round(v, 3) for k, v in rb.items()})}\nstream {t_stream:.1f} s "
@@ -146,7 +156,7 @@ def test_stream_flags_are_checked(fit_model, tmp_path, capsys):  # noqa: F811
         animate.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--stream ", "--stream_workers", "--stream_queue", "--stream_fit_device", "--stream_iterations",
-                 "--stream_realtime"):
+                 "--stream_realtime", "--stream_fit_process"):
         assert flag in text, flag
 
 
@@ -202,3 +212,40 @@ def test_camera_index_opens_that_device_and_a_missing_one_fails_in_one_line(monk
     assert _FakeCapture.opened[-1] == 1 and src.camera and not src.realtime and src.name == "camera 1"
     assert [i for i, _ in got] == [0, 1, 2] and got[0][1].shape == (6, 8, 3)
     assert [int(rgb[0, 0, 2]) for _, rgb in got] == [20, 10, 0]  # BGR -> RGB, in the order read
+
+
+def test_tracker_process_gives_bit_identical_results(flame_and_truth):  # noqa: F811
+    """--stream_fit_process: FrameTracker in a worker process (utils/face/tracker_process.py) returns exactly the
+    in-process tracker's parameters, errors, reference frame and refinement state, frame by frame (a frame without a
+    face included, shape refinement on so that the reference changes), and an error in the worker is raised here."""
+    from models.flame import FlameParams
+    from utils.face.flame_fit import FlameFitConfig
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+    from utils.face.tracker_process import TrackerProcess
+
+    flame, _, truth = flame_and_truth
+    T = 10
+    _, pts = _smooth_motion(flame, truth, T, np.random.default_rng(5))
+    fit = FlameFitConfig(iterations=10)
+    refine = ShapeRefineConfig(frames=3, iterations=4, iterations_per_frame=2)
+    frames = [pts[t] if t != 6 else None for t in range(T)]
+    with single_thread():
+        local, info = FrameTracker.calibrate(flame, pts[:4], None, SIZE, fit, iterations=5, refine=refine)
+        want = [local.step(p) for p in frames]
+        with TrackerProcess(flame, threads=1) as remote:
+            with pytest.raises(RuntimeError, match="in the stream's fit process"):
+                remote.step(pts[0])  # not calibrated yet: the worker's error comes back
+            assert not remote.started
+            info2 = remote.calibrate(pts[:4], None, SIZE, fit, iterations=5, refine=refine)
+            got = [remote.step(p) for p in frames]
+            assert remote.started and remote.shape_updates == local.shape_updates > 0
+            assert remote.kept_frames == local.kept_frames and remote.step_cpu_s > 0
+            ref_local, ref_remote = local.reference, remote.reference
+        assert not remote.process.is_alive()
+    assert info2["focal_px"] == info["focal_px"]
+    for (pw, ew), (pg, eg) in zip(want, got):
+        assert (np.isnan(ew) and np.isnan(eg)) or ew == eg
+        for name in FlameParams._TENSORS:
+            assert torch.equal(getattr(pw, name), getattr(pg, name)), name
+    for name in FlameParams._TENSORS:
+        assert torch.equal(getattr(ref_local, name), getattr(ref_remote, name)), name

@@ -136,6 +136,16 @@ class FrameTracker:
         self.first_reference: FlameParams | None = None  # the reference frame as first fitted (first shape)
         self.offset: Tensor | None = None  # (1, 100) expression offset removed from the output (``continuity``)
 
+    @property
+    def started(self) -> bool:
+        """A frame with a face was tracked (later frames without one hold it)."""
+        return self.previous is not None
+
+    @property
+    def kept_frames(self) -> int:
+        """Frames kept for the shape refinement."""
+        return len(self.kept)
+
     @classmethod
     def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                   cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,

@@ -114,6 +114,9 @@ class AnimationConfig:
     stream_threads: int = 1  # --stream: torch intra-op CPU threads while it streams, restored after (0: torch's)
     #                          the per-frame fit's tensors are tiny (one frame, ~70 points), so extra threads mostly add
     #                          wake-ups and compete with the landmark threads (the GPU machine: 16 cores)
+    stream_fit_process: bool = False  # --stream: run the per-frame FLAME fit in a worker process
+    #                          (utils/face/tracker_process.py): the same results, without waiting for the GIL behind
+    #                          the landmark and render threads
     stream_refine: ShapeRefineConfig = field(default_factory=ShapeRefineConfig)  # --stream: the shape refined on
     #                          frames kept for their pose / expression diversity (utils/face/frame_tracker.py)
 
@@ -125,7 +128,8 @@ class AnimationConfig:
               "reenact.shape_frames": Range(1)}
 
 
-ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite", "stream", "stream_realtime")
+ANIM_FLAGS = ("png", "ply", "progress", "evaluate", "overwrite", "stream", "stream_realtime",
+              "stream_fit_process")
 ANIM_LISTS = ("keyframes",)
 
 

@@ -8,13 +8,15 @@
                 mode tracks from the last frame the detector saw, so with W > 1 each detector sees every W-th frame
                 and its points differ from one detector's (measured on tests/test_streaming.py's video: 1.05 px mean,
                 10 px max, smile r 0.708 instead of 0.799): W = 1 (the default) unless detection is the bottleneck
-    fit         the calling thread: the first ``reenact.shape_frames`` frames with a face calibrate the person (FLAME
-                shape, focal length, the detector's per-landmark offset: utils/face/frame_tracker.py
-                FrameTracker.calibrate), then every frame is fitted on its own, warm-started from the previous frame
-                with a temporal prior that looks only backwards (FrameTracker.step); a frame without a face holds the
-                previous frame.  The shape and detector offset keep improving on frames kept for their diversity in
-                pose and expression (``stream_refine``, FrameTracker's ShapeRefineConfig: a few solver iterations
-                per frame, never looking ahead).  Torch runs this stage's CPU work on ``stream_threads`` threads
+    fit         the calling thread (or, with ``stream_fit_process``, a worker process it waits on: utils/face/
+                tracker_process.py, the same tracker without sharing the GIL with the other stages): the first
+                ``reenact.shape_frames`` frames with a face calibrate the person (FLAME shape, focal length, the
+                detector's per-landmark offset: utils/face/frame_tracker.py FrameTracker.calibrate), then every frame is
+                fitted on its own, warm-started from the previous frame with a temporal prior that looks only backwards
+                (FrameTracker.step); a frame without a face holds the previous frame. The shape and detector offset keep
+                improving on frames kept for their diversity in pose and expression (``stream_refine``, FrameTracker's
+                ShapeRefineConfig: a few solver iterations per frame, never looking ahead). Torch runs this stage's CPU
+                work on ``stream_threads`` threads
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
@@ -48,6 +50,7 @@ from utils.core.images import fit_height, save_image, to_uint8
 from utils.data.model_file import load_model
 from utils.face.frame_tracker import FrameTracker
 from utils.face.landmarks import LandmarkDetector, LandmarkError
+from utils.face.tracker_process import TrackerProcess
 from utils.identity import (
     base_camera,
     identity_key,
@@ -321,6 +324,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     device = resolve_device(cfg.device)
     fit_device = device if cfg.stream_fit_device == "auto" else resolve_device(cfg.stream_fit_device)
     source = FrameSource(cfg.motion, cfg.start, cfg.stride, cfg.max_frames, cfg.stream_realtime)
+    remote: TrackerProcess | None = None  # --stream_fit_process: the fit's worker process
     try:
         if model is None:
             model = load_model(cfg.checkpoint, device)
@@ -343,6 +347,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
             for old in (out / sub).glob(pattern):
                 old.unlink()
         writer = VideoStreamWriter(out / "animation.mp4", source.fps)
+        if cfg.stream_fit_process:  # the fit in its own process (no GIL shared with the landmark / render threads)
+            remote = TrackerProcess(fit_flame, cfg.stream_threads, fit_device)
         synchronize(device)
         times["setup"] = time.perf_counter() - t0
         if make_detector is None:
@@ -401,7 +407,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                 raise failure[0] if failure else RuntimeError("render stage stopped")
 
         # ---- the fit stage (this thread)
-        tracker: FrameTracker | None = None
+        tracker: FrameTracker | TrackerProcess | None = None
         calib: list[Detected] = []  # frames held until the person is calibrated
         calib_info: dict = {}
         frame_ids: list[int] = []
@@ -411,13 +417,16 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
 
         def track(det: Detected, calibrating: bool) -> None:
             nonlocal with_face
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             params, err = (None, float("nan"))
-            if det.points is not None or tracker.previous is not None:
+            if det.points is not None or tracker.started:
                 params, err = tracker.step(det.points, det.irises)
+            # the fit's CPU time (this thread's, or the worker's): wall time well above it is time spent waiting
+            # (for the GIL or a CPU core)
+            cpu = tracker.step_cpu_s if isinstance(tracker, TrackerProcess) else time.thread_time() - c
             with_face += det.points is not None
             errors.append(err)
-            records[det.index].update(fit_s=time.perf_counter() - t, calibration=calibrating)
+            records[det.index].update(fit_s=time.perf_counter() - t, fit_cpu_s=cpu, calibration=calibrating)
             # the reference of --pose relative: the first frame with a face, fitted again whenever the shape changes
             send(det, params, tracker.reference)
 
@@ -440,7 +449,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                 calib.append(det)
                 faces = [d for d in calib if d.points is not None]
                 if len(faces) >= cfg.reenact.shape_frames:
-                    tracker, calib_info = _calibrate(fit_flame, faces, size, cfg)
+                    tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
                     for d in calib:
                         track(d, True)
                     calib = []
@@ -449,7 +458,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                 if not faces:
                     raise ValueError(f"no face in any frame of {source.name} (the detector needs a clearly visible, "
                                      f"roughly frontal face that fills a good part of the frame)")
-                tracker, calib_info = _calibrate(fit_flame, faces, size, cfg)
+                tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
                 for d in calib:
                     track(d, True)
         except KeyboardInterrupt:  # a camera runs until interrupted: keep what was written
@@ -468,6 +477,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         raise
     finally:
         source.close()
+        if remote is not None:
+            remote.close()
     video = writer.close()
     if video is None:
         raise ValueError(f"{source.name}: no frames to use (start {cfg.start}, stride {cfg.stride})")
@@ -484,6 +495,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     stream_summary = {
         "frames": len(done), "calibration_frames": len(done) - len(steady), "workers": cfg.stream_workers,
         "queue": cfg.stream_queue, "fit_device": str(fit_device), "render_device": str(device),
+        "fit_process": remote is not None,
         "realtime": bool(source.realtime), "camera": source.camera,
         "latency_ms_steady": lat_ms(steady), "latency_ms_all": lat_ms(done),
         "sustained_fps": (len(steady) - 1) / span if span > 0 else float("nan"),
@@ -492,10 +504,12 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                           for k in ("landmark_s", "fit_s", "render_s", "write_s")},
         # the fit stage per frame (FrameTracker.step, shape refinement included), frames after calibration
         "fit_ms_steady": percentiles([1000.0 * r["fit_s"] for r in steady]),
+        # its CPU time (the fitting thread's, or the worker process's): the rest of fit_ms is waiting
+        "fit_cpu_ms_steady": percentiles([1000.0 * r["fit_cpu_s"] for r in steady]),
         "calibration_s": calib_info.get("seconds", 0.0),
         "torch_threads": torch.get_num_threads(),
         "shape_updates": tracker.shape_updates if tracker is not None else 0,
-        "shape_frames_kept": len(tracker.kept) if tracker is not None else 0,
+        "shape_frames_kept": tracker.kept_frames if tracker is not None else 0,
         "shape_refine_s": tracker.refine_seconds if tracker is not None else 0.0,
     }
     summary = {
@@ -515,11 +529,16 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     return summary
 
 
-def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any):
-    """FrameTracker.calibrate on the held frames with a face (irises only when every one has them)."""
+def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any,
+               remote: TrackerProcess | None = None) -> tuple[FrameTracker | TrackerProcess, dict]:
+    """FrameTracker.calibrate on the held frames with a face (irises only when every one has them), in ``remote``'s
+    worker process when given (which then is the tracker)."""
 
     pts = torch.stack([d.points for d in faces])
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None
+    if remote is not None:
+        return remote, remote.calibrate(pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
+                                        cfg.stream_iterations, cfg.stream_refine)
     return FrameTracker.calibrate(flame, pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
                                   cfg.stream_iterations, cfg.stream_refine)
 
@@ -530,7 +549,8 @@ def format_summary(s: dict) -> str:
     a, b = st["latency_ms_steady"], st["latency_ms_all"]
     sm = st["stage_ms_mean"]
     return (f"streamed {st['frames']} frames ({st['calibration_frames']} held for calibration, "
-            f"{st['calibration_s']:.2f} s), {st['workers']} landmark workers, fit on {st['fit_device']}, "
+            f"{st['calibration_s']:.2f} s), {st['workers']} landmark workers, fit on {st['fit_device']}"
+            f"{' (own process)' if st['fit_process'] else ''}, "
             f"render on {st['render_device']}{', paced at the source rate' if st['realtime'] else ''}\n"
             f"  sustained {st['sustained_fps']:.1f} frames/s (end to end {st['end_to_end_fps']:.1f} frames/s)\n"
             f"  latency ms after calibration: p50 {a['p50']:.1f}  p90 {a['p90']:.1f}  p99 {a['p99']:.1f}  "
@@ -538,6 +558,7 @@ def format_summary(s: dict) -> str:
             f"  stage ms (mean): landmarks {sm['landmark_s']:.1f}  fit {sm['fit_s']:.1f}  "
             f"render {sm['render_s']:.1f}  write {sm['write_s']:.1f}\n"
             f"  fit ms after calibration: p50 {st['fit_ms_steady']['p50']:.1f}  p90 {st['fit_ms_steady']['p90']:.1f}  "
-            f"p99 {st['fit_ms_steady']['p99']:.1f} (torch threads {st['torch_threads']}; shape refined "
+            f"p99 {st['fit_ms_steady']['p99']:.1f}, of it CPU p50 {st['fit_cpu_ms_steady']['p50']:.1f} "
+            f"(torch threads {st['torch_threads']}; shape refined "
             f"{st['shape_updates']} times on {st['shape_frames_kept']} kept frames, {st['shape_refine_s']:.2f} s)")
 
