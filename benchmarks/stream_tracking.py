@@ -72,13 +72,22 @@ def relative_to_reference(params: list[FlameParams], references: list[FlameParam
     return FlameParams.cat(out)
 
 
-def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10) -> dict:
+def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
+               calibrated: dict | None = None) -> dict:
+    """One streamed pass; ``calibrated`` (filled on the first call) holds the first frames' calibration, so that
+    variants of ``refine`` start from the identical tracker without repeating the ~25 s calibration."""
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
-    t = time.perf_counter()
-    tracker, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size, FlameFitConfig(),
-                                        True, iterations, refine)
-    calib_s = time.perf_counter() - t
+    calibrated = {} if calibrated is None else calibrated
+    if not calibrated:
+        t = time.perf_counter()
+        tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size, FlameFitConfig(),
+                                       True, iterations, refine)
+        calibrated.update(shape=tr.shape.clone(), focal=tr.focal, bias=tr.bias.clone(),
+                          seconds=time.perf_counter() - t)
+    tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], FlameFitConfig(), calibrated["bias"],
+                           iterations, refine)
+    calib_s = calibrated["seconds"]
     out, refs, wall, cpu = [], [], [], []
     for i in range(pts.shape[0]):
         t, c = time.perf_counter(), time.process_time()
@@ -104,6 +113,10 @@ def main() -> None:
                     help="ShapeRefineConfig.iterations_per_frame")
     ap.add_argument("--refine_iterations", type=int, default=ShapeRefineConfig.iterations,
                     help="ShapeRefineConfig.iterations")
+    ap.add_argument("--blend_frames", type=int, nargs="+", default=[ShapeRefineConfig.blend_frames],
+                    help="ShapeRefineConfig.blend_frames values (each run with every --refine_frames / --min_span)")
+    ap.add_argument("--min_span", type=float, nargs="+", default=[ShapeRefineConfig.min_span],
+                    help="ShapeRefineConfig.min_span values (radians of kept head yaw / pitch before a re-solve)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
@@ -122,14 +135,18 @@ def main() -> None:
     print(f"{a.video} video ({d['truth'].num_frames} frames): jaw / smile / brows / turn")
     print(f"  batch                  {fmt(rb)}")
     results = {"video": a.video, "batch": rb, "stream": {}}
-    for frames in a.refine_frames:
+    calibrated: dict = {}
+    runs = [(f, b, m) for f in a.refine_frames for b in (a.blend_frames if f else [0])
+            for m in (a.min_span if f else [0.0])]
+    for frames, blend, span in runs:
         refine = ShapeRefineConfig(frames=frames, iterations_per_frame=a.iterations_per_frame,
-                                   iterations=a.refine_iterations)
-        s = run_stream(flame, d, shape_frames, refine)
-        results["stream"][str(frames)] = s
+                                   iterations=a.refine_iterations, blend_frames=blend, min_span=span)
+        s = run_stream(flame, d, shape_frames, refine, calibrated=calibrated)
+        key = f"{frames}" if not frames else f"{frames}_blend{blend}_span{span:g}"
+        results["stream"][key] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]
-        print(f"  stream, refine {frames:2d}      {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
+        print(f"  stream, refine {frames:2d} blend {blend:2d} span {span:.2f}  {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
               f"{s['shape_updates']}, kept {s['kept']})\n"
               f"      fit ms p50/p90/p99 wall {w[0]:.1f} / {w[1]:.1f} / {w[2]:.1f}, cpu {c[0]:.1f} / {c[1]:.1f} / "
               f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s; calibration "

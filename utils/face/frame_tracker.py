@@ -55,10 +55,15 @@ class ShapeRefineConfig:
     expression_unit: float = 0.5  # expression coefficient change that counts as one unit
     expression_dims: int = 10  # expression coefficients compared (the first ones: FLAME orders them by variance)
     continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
+    blend_frames: int = 0  # a solved shape (and detector offset, expression offset) enters linearly over this many
+    #   tracked frames instead of at once (0: swapped in at once, as before)
+    min_span: float = 0.0  # radians: a re-solve starts only once the kept frames' head yaw or pitch spans this much
+    #   (max - min; depth is only observable from turned / nodding frames; 0: any change of the kept frames)
 
     RANGES = {"frames": Range(0), "iterations": Range(1), "iterations_per_frame": Range(1),
               "min_distance": Range(0), "rotation_unit": Range(0, lo_open=True), "jaw_unit": Range(0, lo_open=True),
-              "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100)}
+              "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
+              "min_span": Range(0)}
 
 
 @dataclass
@@ -135,6 +140,9 @@ class FrameTracker:
         self.refine_seconds = 0.0
         self.first_reference: FlameParams | None = None  # the reference frame as first fitted (first shape)
         self.offset: Tensor | None = None  # (1, 100) expression offset removed from the output (``continuity``)
+        # a shape being blended in (``blend_frames``): start and target of shape (1, 300), bias (68, 2), offset
+        # (1, 100), the target's reference frame, and the frames blended so far
+        self.blend: dict | None = None
 
     @property
     def started(self) -> bool:
@@ -186,6 +194,7 @@ class FrameTracker:
         iris = None if irises is None else irises.detach().reshape(2, 2).to("cpu", torch.float32)
         if self.refine is not None:
             self._advance_refinement()
+            self._advance_blend()
         cfg = self.cold_cfg if self.previous is None else self.warm_cfg
         res = self._fit(raw, iris, cfg, self.previous, self.previous)
         self.previous = res.params.to("cpu")
@@ -248,7 +257,7 @@ class FrameTracker:
         """Start a re-solve when the kept frames changed, run at most ``iterations_per_frame`` of its iterations,
         and swap its shape (and detector offset) in when it is done."""
         t = time.perf_counter()
-        if self.solve is None and self.changed and len(self.kept) >= 2:
+        if self.solve is None and self.changed and len(self.kept) >= 2 and self._span_ok():
             # in stream order: the solve ties consecutive kept frames by the frame-to-frame prior, as the batch
             # path's shape fit does its spread frames (without it the shape stayed near the first frames' one:
             # quick keyframe video brows 0.43 instead of 0.66 on the same 8 frames)
@@ -269,20 +278,58 @@ class FrameTracker:
                 self._swap(res)
         self.refine_seconds += time.perf_counter() - t
 
+    def _span_ok(self) -> bool:
+        """The kept frames' head yaw or pitch spans at least ``min_span`` radians (always true with ``min_span`` 0)."""
+        if self.refine.min_span <= 0:
+            return True
+        rot = torch.stack([k.feature[:3] for k in self.kept]) * self.refine.rotation_unit  # (N, 3) axis-angle
+        span = rot.max(0).values - rot.min(0).values  # (3,) per axis: x pitch, y yaw
+        return float(span[:2].max()) >= self.refine.min_span
+
     def _swap(self, res) -> None:
-        """The re-solve's shape and detector offset become the tracker's; its frames keep their solved parameters;
-        the reference frame is fitted again with them (so relative head motion is measured under one shape)."""
+        """The re-solve's shape and detector offset become the tracker's (at once, or over ``blend_frames`` frames);
+        its frames keep their solved parameters; the reference frame is fitted again with the new shape (so relative
+        head motion is measured under one shape)."""
         params = res.params.to("cpu")
-        self.shape = params.shape.detach().reshape(1, NUM_SHAPE).to(torch.float32)
+        shape = params.shape.detach().reshape(1, NUM_SHAPE).to(torch.float32)
+        bias = self.bias
         if self.bias_correction:
             pts = torch.stack([k.points for k in self.solve_frames])
-            self.bias = torch.zeros(68, 2)
-            self.bias[17:] = (pts - res.landmarks.cpu().to(pts.dtype))[:, 17:].mean(0)
+            bias = torch.zeros(68, 2)
+            bias[17:] = (pts - res.landmarks.cpu().to(pts.dtype))[:, 17:].mean(0)
         for i, k in enumerate(self.solve_frames):
             k.params = params.frame(i)
+        old = (self.shape, self.bias)
+        self.shape, self.bias = shape, bias
         ref = self.kept[0]
         fit = self._fit(ref.points, ref.irises, self.warm_cfg, ref.params, None)
-        self.reference = fit.params.to("cpu")
+        reference = fit.params.to("cpu")
+        offset = None
         if self.refine.continuity:  # the reference frame's expression stays what it was first fitted as
-            self.offset = self.reference.expression - self.first_reference.expression
+            offset = reference.expression - self.first_reference.expression
         self.shape_updates += 1
+        if self.refine.blend_frames <= 0:
+            self.reference, self.offset = reference, offset
+            return
+        # blend from where the tracker is now (a blend in progress included) towards the solved state
+        self.shape, self.bias = old
+        zero = torch.zeros(1, self.reference.expression.shape[1])
+        self.blend = {"shape": (self.shape, shape), "bias": (self.bias, bias),
+                      "offset": (zero if self.offset is None else self.offset, zero if offset is None else offset),
+                      "reference": reference, "done": 0, "continuity": offset is not None}
+
+    def _advance_blend(self) -> None:
+        """One more frame of a shape being blended in (``blend_frames``): shape, detector offset and expression offset
+        move linearly from their values at the swap to the solved ones; the reference frame switches at the end."""
+        if self.blend is None:
+            return
+        b = self.blend
+        b["done"] += 1
+        a = min(1.0, b["done"] / self.refine.blend_frames)
+        mix = lambda pair: pair[0] + a * (pair[1] - pair[0])  # noqa: E731
+        self.shape, self.bias = mix(b["shape"]), mix(b["bias"])
+        if b["continuity"]:
+            self.offset = mix(b["offset"])
+        if a >= 1.0:
+            self.reference = b["reference"]
+            self.blend = None
