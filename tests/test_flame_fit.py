@@ -441,3 +441,51 @@ def test_frame_tracker_refines_the_shape_on_frames_it_has_seen(flame_and_truth):
     assert float((tracker.shape - truth.shape).norm()) < 0.7 * float((held.shape - truth.shape).norm())  # 2.18, 4.23
     for name in ("expression", "jaw", "rotation_matrix", "translation"):
         assert torch.equal(getattr(refined, name)[:20], getattr(refined2, name)[:20]), name
+
+
+def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_truth):
+    """ShapeRefineConfig.blend_frames: a re-solved shape enters over that many frames (the tracker's shape moves at
+    most 1/blend_frames of a swap's jump per frame) and still converges towards the truth; min_span: no re-solve starts before the kept frames span that much head
+    yaw/pitch (never, when the stream never turns that far).  Stream as the refinement test's: frontal neutral
+    frames, then a turn; the mean shape to start from."""
+    from dataclasses import replace
+
+    from utils.face.flame_fit import FlameFitConfig, default_focal
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    rng = np.random.default_rng(1)
+    keys = [(0.0, 0.0)] * 4 + [(y, 0.0) for y in (8.0, 16.0, 24.0, 16.0, 8.0)] + [(0.0, p) for p in (6.0, 12.0)] \
+        + [(-10.0, 4.0)] * 9
+    pts = torch.cat([_case(flame, replace(truth, expression=torch.zeros(1, 100)), y, p, 1.0, rng)[2] for y, p in keys])
+    cfg = FlameFitConfig(iterations=20)
+
+    def stream(refine):
+        tracker = FrameTracker(flame, SIZE, torch.zeros_like(truth.shape), default_focal(SIZE, cfg), cfg, iterations=10,
+                               refine=refine)
+        shapes = []
+        for t in range(len(keys)):
+            tracker.step(pts[t])
+            shapes.append(tracker.shape.clone())
+        return torch.cat(shapes), tracker  # (T, 300)
+
+    with single_thread():
+        jump, t_jump = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3))
+        blend, t_blend = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, blend_frames=4))
+        never, t_never = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, min_span=1.0))
+        span, t_span = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, min_span=0.25))
+    step_jump = float((jump[1:] - jump[:-1]).norm(dim=1).max())
+    step_blend = float((blend[1:] - blend[:-1]).norm(dim=1).max())
+    err0 = float(truth.shape.norm())
+    err_blend = float((blend[-1] - truth.shape[0]).norm())
+    first_change = int(((span[1:] - span[:-1]).norm(dim=1) > 0).nonzero()[0]) + 1
+    print(f"largest per-frame shape change: swap {step_jump:.2f}, blend {step_blend:.2f}; shape error {err0:.2f} -> "
+          f"{err_blend:.2f} (swap {float((jump[-1] - truth.shape[0]).norm()):.2f}); updates {t_jump.shape_updates} / "
+          f"{t_blend.shape_updates} / {t_never.shape_updates} / {t_span.shape_updates}; min_span 0.25: first change "
+          f"at frame {first_change}")
+    assert t_jump.shape_updates >= 1 and t_blend.shape_updates >= 1
+    assert step_blend < 0.5 * step_jump, (step_jump, step_blend)
+    assert err_blend < 0.8 * err0, (err0, err_blend)
+    assert t_never.shape_updates == 0 and torch.equal(never[-1], never[0])
+    # yaw reaches 16 deg (0.28 rad) at frame 5: nothing may change before that frame has been tracked
+    assert t_span.shape_updates >= 1 and first_change >= 6, first_change
