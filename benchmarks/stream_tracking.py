@@ -73,7 +73,7 @@ def relative_to_reference(params: list[FlameParams], references: list[FlameParam
 
 
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
-               calibrated: dict | None = None) -> dict:
+               calibrated: dict | None = None, bias_correction: bool = True) -> dict:
     """One streamed pass; ``calibrated`` (filled on the first call) holds the first frames' calibration, so that
     variants of ``refine`` start from the identical tracker without repeating the ~25 s calibration."""
     pts, iris, size = d["points"], d["irises"], d["size"]
@@ -86,7 +86,7 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
         calibrated.update(shape=tr.shape.clone(), focal=tr.focal, bias=tr.bias.clone(),
                           seconds=time.perf_counter() - t)
     tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], FlameFitConfig(), calibrated["bias"],
-                           iterations, refine)
+                           iterations, refine, bias_correction)
     calib_s = calibrated["seconds"]
     out, refs, wall, cpu = [], [], [], []
     for i in range(pts.shape[0]):
@@ -117,6 +117,9 @@ def main() -> None:
                     help="ShapeRefineConfig.blend_frames values (each run with every --refine_frames / --min_span)")
     ap.add_argument("--min_span", type=float, nargs="+", default=[ShapeRefineConfig.min_span],
                     help="ShapeRefineConfig.min_span values (radians of kept head yaw / pitch before a re-solve)")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="more stream runs, each 'field=value,...' of ShapeRefineConfig (plus bias_correction=0/1: "
+                         "re-estimate the detector offset with the shape), e.g. frames=16,blend_frames=8")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
@@ -138,15 +141,20 @@ def main() -> None:
     calibrated: dict = {}
     runs = [(f, b, m) for f in a.refine_frames for b in (a.blend_frames if f else [0])
             for m in (a.min_span if f else [0.0])]
-    for frames, blend, span in runs:
-        refine = ShapeRefineConfig(frames=frames, iterations_per_frame=a.iterations_per_frame,
-                                   iterations=a.refine_iterations, blend_frames=blend, min_span=span)
-        s = run_stream(flame, d, shape_frames, refine, calibrated=calibrated)
-        key = f"{frames}" if not frames else f"{frames}_blend{blend}_span{span:g}"
+    runs = [(f"{f}" if not f else f"frames={f},blend_frames={b},min_span={m:g}") for f, b, m in runs] + a.variants
+    for key in runs:
+        kw = {"iterations_per_frame": a.iterations_per_frame, "iterations": a.refine_iterations}
+        for item in key.split(",") if "=" in key else [f"frames={key}"]:
+            name, value = item.split("=")
+            kind = type(getattr(ShapeRefineConfig, name, True))  # bias_correction: a FrameTracker argument (bool)
+            kw[name] = bool(int(value)) if kind is bool else kind(float(value))
+        bias_correction = kw.pop("bias_correction", True)
+        refine = ShapeRefineConfig(**kw)
+        s = run_stream(flame, d, shape_frames, refine, calibrated=calibrated, bias_correction=bias_correction)
         results["stream"][key] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]
-        print(f"  stream, refine {frames:2d} blend {blend:2d} span {span:.2f}  {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
+        print(f"  stream, {key}\n      {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
               f"{s['shape_updates']}, kept {s['kept']})\n"
               f"      fit ms p50/p90/p99 wall {w[0]:.1f} / {w[1]:.1f} / {w[2]:.1f}, cpu {c[0]:.1f} / {c[1]:.1f} / "
               f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s; calibration "

@@ -57,6 +57,9 @@ class ShapeRefineConfig:
     continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
     blend_frames: int = 0  # a solved shape (and detector offset, expression offset) enters linearly over this many
     #   tracked frames instead of at once (0: swapped in at once, as before)
+    refit_previous: bool = False  # after the shape changed (each blended frame too), fit the last frame again with
+    #   the new shape before the next frame, so the frame-to-frame prior ties it to a state of its own shape (one
+    #   more warm fit per change)
     min_span: float = 0.0  # radians: a re-solve starts only once the kept frames' head yaw or pitch spans this much
     #   (max - min; depth is only observable from turned / nodding frames; 0: any change of the kept frames)
 
@@ -143,6 +146,7 @@ class FrameTracker:
         # a shape being blended in (``blend_frames``): start and target of shape (1, 300), bias (68, 2), offset
         # (1, 100), the target's reference frame, and the frames blended so far
         self.blend: dict | None = None
+        self.last: tuple[Tensor, Tensor | None] | None = None  # the last frame with a face: raw points, irises
 
     @property
     def started(self) -> bool:
@@ -193,11 +197,16 @@ class FrameTracker:
         raw = points.detach().reshape(68, 2).to("cpu", torch.float32)
         iris = None if irises is None else irises.detach().reshape(2, 2).to("cpu", torch.float32)
         if self.refine is not None:
+            before = self.shape
             self._advance_refinement()
             self._advance_blend()
+            if self.refine.refit_previous and self.shape is not before and self.last is not None:
+                prev = self._fit(self.last[0], self.last[1], self.warm_cfg, self.previous, None)
+                self.previous = prev.params.to("cpu")
         cfg = self.cold_cfg if self.previous is None else self.warm_cfg
         res = self._fit(raw, iris, cfg, self.previous, self.previous)
         self.previous = res.params.to("cpu")
+        self.last = (raw, iris)
         if self.reference is None:
             self.reference = self.first_reference = self.previous
         if self.refine is not None:
