@@ -44,7 +44,11 @@ class ShapeRefineConfig:
     raises the brows and head-turn correlations (quick video brows 0.372 -> 0.508, 85-frame video brows 0.158 ->
     0.261, turn 0.943 -> 0.967) but not to the batch path's (0.715, 0.586, 0.999), costs the 85-frame video's jaw
     (0.908 -> 0.752: each swap changes the jaw's scale) and multiplies the per-frame fit time (p50 17.5 -> 138 ms
-    there, 2 iterations of a 16-frame solve per frame)."""
+    there, 2 iterations of a 16-frame solve per frame).  Blending the new shape in over ``blend_frames`` frames, the
+    ``min_span`` gate and ``refit_previous`` did not fix the jaw either (85-frame video jaw 0.72-0.76 with blending,
+    benchmarks/results/stream_blend_cpu_2026-12-06.md): the refined shape itself is good (held from the first frame:
+    0.932 / 0.886 / 0.510 / 0.999), but a shape that changes during the video's jaw opening puts two jaw scales in
+    one video, however smoothly it changes; they stay off by default."""
 
     frames: int = 0  # frames kept for the shape (16 measured; 0: off, the first frames' shape as before)
     iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
@@ -55,13 +59,13 @@ class ShapeRefineConfig:
     expression_unit: float = 0.5  # expression coefficient change that counts as one unit
     expression_dims: int = 10  # expression coefficients compared (the first ones: FLAME orders them by variance)
     continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
-    blend_frames: int = 0  # a solved shape (and detector offset, expression offset) enters linearly over this many
-    #   tracked frames instead of at once (0: swapped in at once, as before)
-    refit_previous: bool = False  # after the shape changed (each blended frame too), fit the last frame again with
-    #   the new shape before the next frame, so the frame-to-frame prior ties it to a state of its own shape (one
-    #   more warm fit per change)
-    min_span: float = 0.0  # radians: a re-solve starts only once the kept frames' head yaw or pitch spans this much
-    #   (max - min; depth is only observable from turned / nodding frames; 0: any change of the kept frames)
+    blend_frames: int = 0  # a solved shape enters linearly over this many frames (0: at once; measured: no gain)
+    # (the detector offset and the ``continuity`` expression offset blend with it; the reference frame switches at
+    # the end)
+    refit_previous: bool = False  # re-fit the last frame under a changed shape (the prior then ties to its own shape)
+    # (one more warm fit per change, each blended frame included)
+    min_span: float = 0.0  # re-solve only once the kept frames' head yaw or pitch spans this many radians (0: off)
+    # (depth is only observable on turned / nodding frames; max - min of the kept frames' axis-angle x or y)
 
     RANGES = {"frames": Range(0), "iterations": Range(1), "iterations_per_frame": Range(1),
               "min_distance": Range(0), "rotation_unit": Range(0, lo_open=True), "jaw_unit": Range(0, lo_open=True),
