@@ -6,14 +6,18 @@ landmarks of benchmarks/stream_tracking.py (run it first): the stream with the f
     python benchmarks/stream_blend_diagnosis.py full
 """
 import sys
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from pathlib import Path
-import numpy as np, torch
-from benchmarks.bench import motion_correlations
-from benchmarks.stream_tracking import VIDEOS, cached_video, relative_to_reference
-from models.flame import FlameModel
-from utils.face.flame_fit import FlameFitConfig
-from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench import motion_correlations  # noqa: E402
+from benchmarks.stream_tracking import VIDEOS, cached_video, relative_to_reference  # noqa: E402
+from models.flame import FlameModel  # noqa: E402
+from utils.face.flame_fit import FlameFitConfig  # noqa: E402
+from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
+
 torch.set_num_threads(1)
 vid = sys.argv[1]
 per, size, n = VIDEOS[vid]
@@ -24,15 +28,23 @@ pts, iris = d["points"], d["irises"]
 T = pts.shape[0]
 cfg = FlameFitConfig()
 cal, _ = FrameTracker.calibrate(flame, pts[:n], iris[:n], d["size"], cfg, True, 10)
-def run(tr, label):
+
+
+def run(tr: FrameTracker, label: str):
+    """Track every frame with ``tr``; print the four correlations; (per-frame params, tracker)."""
     out, refs = [], []
     for i in range(T):
-        p, _ = tr.step(pts[i], iris[i]); out.append(p); refs.append(tr.reference)
+        p, _ = tr.step(pts[i], iris[i])
+        out.append(p)
+        refs.append(tr.reference)
     r = motion_correlations(relative_to_reference(out, refs), d["truth"])
     print(f"{label:40s}", " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn")), flush=True)
     return out, tr
+
+
 o_fix, _ = run(FrameTracker(flame, d["size"], cal.shape, cal.focal, cfg, cal.bias, 10), "fixed first")
-o_ref, tr = run(FrameTracker(flame, d["size"], cal.shape, cal.focal, cfg, cal.bias, 10, ShapeRefineConfig(frames=16)), "refine16")
+o_ref, tr = run(FrameTracker(flame, d["size"], cal.shape, cal.focal, cfg, cal.bias, 10,
+                             ShapeRefineConfig(frames=16)), "refine16")
 print("kept idx", sorted(k.index for k in tr.kept))
 o_fin, _ = run(FrameTracker(flame, d["size"], tr.shape, cal.focal, cfg, tr.bias, 10), "fixed final refined shape+bias")
 run(FrameTracker(flame, d["size"], tr.shape, cal.focal, cfg, cal.bias, 10), "fixed final refined shape, first bias")

@@ -445,9 +445,9 @@ def test_frame_tracker_refines_the_shape_on_frames_it_has_seen(flame_and_truth):
 
 def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_truth):
     """ShapeRefineConfig.blend_frames: a re-solved shape enters over that many frames (the tracker's shape moves at
-    most 1/blend_frames of a swap's jump per frame) and still converges towards the truth; min_span: no re-solve starts before the kept frames span that much head
-    yaw/pitch (never, when the stream never turns that far).  Stream as the refinement test's: frontal neutral
-    frames, then a turn; the mean shape to start from."""
+    most 1/blend_frames of a swap's jump per frame) and still converges towards the truth; min_span: no re-solve
+    starts before the kept frames span that much head yaw/pitch (never, when the stream never turns that far).
+    Stream as the refinement test's: frontal neutral frames, then a turn; the mean shape to start from."""
     from dataclasses import replace
 
     from utils.face.flame_fit import FlameFitConfig, default_focal
