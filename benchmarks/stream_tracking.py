@@ -18,6 +18,11 @@ differences, and the per-frame ``FrameTracker.step`` time (wall, and process CPU
 frame.  Example (the quick video, default refinement, and without it):
 
     python benchmarks/stream_tracking.py --video quick --refine_frames 16 0
+
+Other ShapeRefineConfig settings as extra runs (one calibration shared by all runs of one call):
+
+    python benchmarks/stream_tracking.py --video full --refine_frames 0 --variants frames=16,blend_frames=8 \
+        frames=16,min_span=0.1 frames=16,iterations_per_frame=5,refit_previous=1
 """
 from __future__ import annotations
 

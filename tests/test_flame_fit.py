@@ -474,6 +474,8 @@ def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_trut
         blend, t_blend = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, blend_frames=4))
         never, t_never = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, min_span=1.0))
         span, t_span = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, min_span=0.25))
+        refit, t_refit = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, blend_frames=4,
+                                                  refit_previous=True))
     step_jump = float((jump[1:] - jump[:-1]).norm(dim=1).max())
     step_blend = float((blend[1:] - blend[:-1]).norm(dim=1).max())
     err0 = float(truth.shape.norm())
@@ -487,5 +489,7 @@ def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_trut
     assert step_blend < 0.5 * step_jump, (step_jump, step_blend)
     assert err_blend < 0.8 * err0, (err0, err_blend)
     assert t_never.shape_updates == 0 and torch.equal(never[-1], never[0])
+    # refit_previous: the last frame re-fitted under each changed shape; the shape still converges the same way
+    assert t_refit.shape_updates >= 1 and float((refit[-1] - truth.shape[0]).norm()) < 0.8 * err0
     # yaw reaches 16 deg (0.28 rad) at frame 5: nothing may change before that frame has been tracked
     assert t_span.shape_updates >= 1 and first_change >= 6, first_change
