@@ -155,7 +155,8 @@ class VideoRefineConfig:
     flame_zero_mean: bool = False  # the head rotation / translation corrections minus their mean over the frames
     # the clip's one shared camera refined photometrically (issue 23), pulled towards the tracked camera; held-out
     # frames are evaluated through the refined camera (their pixels never move it); needs --backend torch (gradients
-    # w.r.t. the intrinsics)
+    # w.r.t. the intrinsics).  Off: within +-0.11 dB on the held-out frames of the real female clip and -0.03 dB on the
+    # synthetic novel cameras (benchmarks/results/video_avatar_real_cpu_2026-12-06.md)
     camera_focal: bool = False  # refine the shared focal length (a log-scale correction, prior sigma 10 percent)
     camera_principal: bool = False  # refine the shared principal point (prior sigma 5 percent of the focal length)
     camera_dolly: bool = True  # a focal change s also moves every head to s times its depth (keeps its image size)
