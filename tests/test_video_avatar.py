@@ -317,7 +317,8 @@ def test_camera_refinement_gets_gradients_and_moves_the_focal_length():
         assert logf.grad is not None and float(logf.grad.abs()) > 0
         opt.step()
         losses.append(float(loss.detach()))
-    assert 0.03 < float(logf.detach()) < 0.2 and losses[-1] < 0.5 * losses[0], (float(logf.detach()), losses[0], losses[-1])
+    moved = float(logf.detach())
+    assert 0.03 < moved < 0.2 and losses[-1] < 0.5 * losses[0], (moved, losses[0], losses[-1])
 
 
 def test_camera_refinement_end_to_end_ignores_heldout_frames(clip, fit_model, tmp_path):  # noqa: F811

@@ -19,16 +19,17 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               on batches of training frames (``video_refine.iterations 0``: the colour residual alone)
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
               NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
-              refinement), camera_params.json (the fitted camera; refined with video_refine.camera_*), metrics.json (PSNR / SSIM / LPIPS in the face
-              mask on held-out and training frames, for the fit, the code alone and the mean code), heldout.mp4
+              refinement), camera_params.json (the fitted camera; refined with video_refine.camera_*),
+              metrics.json (PSNR / SSIM / LPIPS in the face mask on held-out and training frames, for the fit, the code alone and the mean code), heldout.mp4
               (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder first, so a
               failing run leaves nothing half-written in --out
 
 Pivotal tuning (``video_refine.network_lr`` > 0) is baked into code.pt as a per-Gaussian residual of every raw channel
 (utils/apps/track/video_refine.py), so the shared model file is never changed.  ``video_refine.camera_focal`` /
 ``camera_principal`` refine the clip's one camera (torch backend only: it needs gradients w.r.t. the intrinsics);
-camera_params.json then holds the refined camera.  LPIPS needs the optional lpips package with torchvision and their ImageNet backbone weights (downloaded once by torchvision; metrics.json records null and the
-reason where that is not possible).  The progress bars show the held-out frames' PSNR (the style fit's: code only)
+camera_params.json then holds the refined camera.  LPIPS needs the optional lpips package with torchvision and their
+ImageNet backbone weights (downloaded once by torchvision; metrics.json records null and the reason where that is not
+possible).  The progress bars show the held-out frames' PSNR (the style fit's: code only)
 at every check; it is read, never used to steer the fit.
 """
 from __future__ import annotations
