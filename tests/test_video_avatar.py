@@ -248,3 +248,110 @@ def test_refinement_rejects_heldout_views_and_interpolates_corrections():
     vals = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
     out = interpolate_corrections([0, 2, 6], [1, 4, 9], vals)
     assert torch.allclose(out, torch.tensor([[1.0, 2.0], [3.0, 4.0], [4.0, 5.0]]))
+
+
+def test_refined_camera_and_dolly_keep_the_head_in_place():
+    """The shared camera's correction: refined_camera scales fx, fy and shifts the principal point (in tracked-focal
+    units); with the dolly a focal change moves each head to s times its depth, so its image size and place stay
+    (without it the head's image grows by s); the held-out frames share the correction (not interpolated)."""
+    import math
+
+    from models.flame import FlameParams
+    from utils.apps.track.video_refine import _FrameCorrections, refined_camera
+    from utils.face.flame_fit import W2C, make_camera
+
+    cam = make_camera(300.0, (200, 100)).cropped(20, 10, 120, 80)
+    rc = refined_camera(cam, 1.2, torch.tensor([0.01, -0.02]), 300.0)
+    assert torch.allclose(rc.K, torch.tensor([[360.0, 0.0, 80.0 + 3.0], [0.0, 360.0, 40.0 - 6.0], [0, 0, 1]]))
+    assert torch.equal(rc.w2c, cam.w2c) and (rc.width, rc.height) == (120, 80)
+    # two heads 0.6 / 0.9 m in front of the camera (its z axis is world -z: W2C = diag(1, -1, -1))
+    from dataclasses import replace
+
+    p = replace(FlameParams.neutral(2), translation=torch.tensor([[0.02, 0.01, -0.6], [-0.03, 0.0, -0.9]]))
+    s = 1.25
+    for dolly in (True, False):
+        corr = _FrameCorrections(p, 1.0, False, False, False, False, focal=True, w2c=W2C, dolly=dolly)
+        with torch.no_grad():
+            corr.focal.fill_(math.log(s))
+        q = corr.posed()
+        cam1 = corr.camera(cam, 300.0)
+        offs = torch.tensor([[0.05, 0.0, 0.0], [0.0, 0.05, 0.0]])  # points 5 cm from each head's centre
+        for i in range(2):
+            c0, _ = cam.project(p.translation[i] + offs)
+            c1, _ = cam1.project(q.translation[i] + offs)
+            size0, size1 = (c0 - cam.project(p.translation[i])[0]).norm(dim=-1), \
+                (c1 - cam1.project(q.translation[i])[0]).norm(dim=-1)
+            centre0, centre1 = cam.project(p.translation[i])[0], cam1.project(q.translation[i])[0]
+            if dolly:  # same place, size within the perspective of 5 cm
+                assert torch.allclose(centre0, centre1, atol=1e-3) and torch.allclose(size0, size1, rtol=1e-3)
+            else:
+                assert torch.allclose(size1, s * size0, rtol=1e-3)
+        assert torch.equal(q.rotation_matrix, p.rotation_matrix)
+
+
+def test_camera_refinement_gets_gradients_and_moves_the_focal_length():
+    """The focal length of a camera built by refined_camera gets a gradient through the torch renderer, and a few
+    Adam steps on an image rendered at a 10 % longer focal length move the correction towards it."""
+    from models.camera import Camera
+    from models.gaussians import GaussianCloud
+    from models.renderer import render
+    from utils.apps.track.video_refine import refined_camera
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    means = torch.cat([torch.rand(n, 2, generator=g) * 0.2 - 0.1, torch.zeros(n, 1)], 1)
+    cloud = GaussianCloud(means=means, quats=torch.tensor([1.0, 0, 0, 0]).repeat(n, 1),
+                          scales=torch.full((n, 3), 0.006), opacities=torch.full((n,), 0.9),
+                          sh=torch.rand(n, 1, 3, generator=g))
+    cam = Camera.look_at((0.0, 0.0, 1.0), width=48, height=48, fx=60.0)
+    with torch.no_grad():
+        target = render(cloud, refined_camera(cam, 1.1, torch.zeros(2), 60.0), backend="torch")["image"]
+    logf = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.Adam([logf], lr=0.01)
+    losses = []
+    for _ in range(25):
+        img = render(cloud, refined_camera(cam, logf.exp()[0], torch.zeros(2), 60.0), backend="torch")["image"]
+        loss = (img - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        assert logf.grad is not None and float(logf.grad.abs()) > 0
+        opt.step()
+        losses.append(float(loss.detach()))
+    moved = float(logf.detach())
+    assert 0.03 < moved < 0.2 and losses[-1] < 0.5 * losses[0], (moved, losses[0], losses[-1])
+
+
+def test_camera_refinement_end_to_end_ignores_heldout_frames(clip, fit_model, tmp_path):  # noqa: F811
+    """--video_refine.camera_focal / camera_principal: the refined camera lands in metrics.json and
+    camera_params.json, and noise in the held-out frames leaves it (and code.pt) bit-identical."""
+    import cv2
+
+    root, frames, lm = clip
+    cam_flags = ["--video_refine.camera_focal", "true", "--video_refine.camera_principal", "true",
+                 "--video_refine.camera_lr", "0.01", "--backend", "torch"]
+    from track import main
+
+    def run(frames_dir, out):
+        with single_thread():
+            return main(["--checkpoint", str(fit_model), "--frames", str(frames_dir), "--landmarks", str(lm),
+                         "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, *cam_flags])
+
+    m = run(frames, tmp_path / "a")
+    rc = m["refine"]["camera"]
+    assert m["refine"]["camera_focal"] and rc["dolly"] and rc["focal_px"] != rc["tracked_focal_px"]
+    assert any(abs(x) > 0 for x in rc["principal_shift_px"]) and np.isfinite(m["psnr_face_heldout"])
+    cp = json.loads((tmp_path / "a" / "camera_params.json").read_text())
+    K = np.asarray(cp["intrinsics"]["video"] if isinstance(cp["intrinsics"], dict) else cp["intrinsics"])
+    assert abs(K[0, 0] - rc["focal_px"]) < 1e-3 * rc["focal_px"], (K, rc)
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    rng = np.random.default_rng(1)
+    for p in sorted(frames.iterdir()):
+        img = cv2.imread(str(p))
+        if int(p.stem.split("_")[1]) in m["heldout_frames"]:
+            img = rng.integers(0, 256, img.shape, dtype=np.uint8)
+        cv2.imwrite(str(noisy / p.name), img)
+    m2 = run(noisy, tmp_path / "b")
+    assert m2["refine"]["camera"] == rc
+    a, b = torch.load(tmp_path / "a" / "code.pt"), torch.load(tmp_path / "b" / "code.pt")
+    assert torch.equal(a["w"], b["w"]) and torch.equal(a["gaussians"], b["gaussians"])

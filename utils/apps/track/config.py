@@ -158,6 +158,15 @@ class VideoRefineConfig:
     flame_shape: bool = True  # refine the clip's one FLAME shape photometrically (shared by all frames)
     flame_shape_lr: float = 0.01  # Adam lr of the shape correction (shape standard deviations; prior sigma 1)
     flame_zero_mean: bool = False  # the head rotation / translation corrections minus their mean over the frames
+    # the clip's one shared camera refined photometrically (issue 23), pulled towards the tracked camera; held-out
+    # frames are evaluated through the refined camera (their pixels never move it); needs --backend torch (gradients
+    # w.r.t. the intrinsics).  Off: within +-0.11 dB on the held-out frames of the real female clip and -0.03 dB on the
+    # synthetic novel cameras (benchmarks/results/video_avatar_real_cpu_2026-12-06.md)
+    camera_focal: bool = False  # refine the shared focal length (a log-scale correction, prior sigma 10 percent)
+    camera_principal: bool = False  # refine the shared principal point (prior sigma 5 percent of the focal length)
+    camera_dolly: bool = True  # a focal change s also moves every head to s times its depth (keeps its image size)
+    camera_lr: float = 0.002  # Adam lr of the camera corrections (log focal; principal point in focal lengths)
+    camera_prior: float = 1e-2  # weight of the camera corrections' squared size in units of their sigmas
     style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
     # pivotal tuning (issue 23): the synthesis network (its layers, head and template features; not the mapping)
     # tuned for this person at a low lr jointly with the rest; code.pt stores the result as a (V, K, C) per-Gaussian
@@ -172,7 +181,7 @@ class VideoRefineConfig:
               "scale_weight": Range(0), "opacity_weight": Range(0), "gaussian_laplacian_weight": Range(0),
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
-              "flame_shape_lr": Range(0)}
+              "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0)}
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")

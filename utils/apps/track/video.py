@@ -19,16 +19,18 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               on batches of training frames (``video_refine.iterations 0``: the colour residual alone)
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
               NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
-              refinement), camera_params.json (the fitted camera), metrics.json (PSNR / SSIM / LPIPS in the face
-              mask on held-out and training frames, for the fit, the code alone and the mean code), heldout.mp4
-              (real | avatar on the held-out frames) and turntable.mp4; written to a temporary folder first, so a
+              refinement), camera_params.json (the fitted camera; refined with video_refine.camera_*),
+              metrics.json (PSNR / SSIM / LPIPS in the face mask on held-out and training frames, for the fit, the
+              code alone and the mean code), heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4;
+              written to a temporary folder first, so a
               failing run leaves nothing half-written in --out
 
 Pivotal tuning (``video_refine.network_lr`` > 0) is baked into code.pt as a per-Gaussian residual of every raw channel
-(utils/apps/track/video_refine.py), so the shared model file is never changed.  Not yet here (issue 23): refining the
-shared camera.  LPIPS needs the optional lpips package with
-torchvision and their ImageNet backbone weights (downloaded once by torchvision; metrics.json records null and the
-reason where that is not possible).  The progress bars show the held-out frames' PSNR (the style fit's: code only)
+(utils/apps/track/video_refine.py), so the shared model file is never changed.  ``video_refine.camera_focal`` /
+``camera_principal`` refine the clip's one camera (torch backend only: it needs gradients w.r.t. the intrinsics);
+camera_params.json then holds the refined camera.  LPIPS needs the optional lpips package with torchvision and their
+ImageNet backbone weights (downloaded once by torchvision; metrics.json records null and the reason where that is not
+possible).  The progress bars show the held-out frames' PSNR (the style fit's: code only)
 at every check; it is read, never used to steer the fit.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -54,7 +56,7 @@ from utils.apps.track.export import turntable
 from utils.apps.track.fit import LossWindow, photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import detected_face_mask, frame_flame, projected_face_mask
-from utils.apps.track.video_refine import refine_video
+from utils.apps.track.video_refine import refine_video, refined_camera
 from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
 from utils.core.images import read_image, to_uint8
@@ -345,6 +347,12 @@ def track_video(cfg: TrackConfig) -> dict:
         w_fit, colour, gaussians, colour_losses = refined.w, refined.colour, refined.gaussians, refined.losses
         bases.update({t: b.to(device) for t, b in refined.bases.items()})
         fparams.update({t: p.to("cpu") for t, p in refined.params.items()})
+        if cfg.video_refine.camera_focal or cfg.video_refine.camera_principal:
+            # the clip's refined camera: every frame (held-out ones too) is seen through it from here on
+            rc = refined.camera
+            cam = refined_camera(cam, rc["focal_scale"], rc["principal_shift"], rc["tracked_focal_px"])
+            views = {t: replace(v, camera=refined_camera(v.camera, rc["focal_scale"], rc["principal_shift"],
+                                                         rc["tracked_focal_px"])) for t, v in views.items()}
         allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
         times["fit_refine"] = time.perf_counter() - t0
     elif cfg.fit.refine_colour and cfg.fit.colour_iterations > 0:
@@ -413,6 +421,8 @@ def track_video(cfg: TrackConfig) -> dict:
                 "network_lr": cfg.video_refine.network_lr, "network_weight": cfg.video_refine.network_weight,
                 "heldout_correction": cfg.video_refine.heldout_correction, "loss_history": refined.losses,
                 "heldout_psnr_history": refined.heldout_psnr_history, "flame_correction": refined.correction,
+                "camera_focal": cfg.video_refine.camera_focal, "camera_principal": cfg.video_refine.camera_principal,
+                "camera": refined.camera,
                 "gaussian_residual_rms": None if gaussians is None else
                 [float(x) for x in gaussians.reshape(-1, gaussians.shape[-1]).square().mean(0).sqrt()]},
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},

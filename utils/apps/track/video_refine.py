@@ -18,8 +18,15 @@ fixed, jointly and with Adam, on batches of training frames,
                residual of every raw channel (the tuned output minus the model's for the final style, plus the
                per-Gaussian residual above), so the model itself is never changed and any code consumer applies it
     flame      every training frame's head rotation, translation, expression and jaw, as corrections of the
-               landmark tracking, regularised towards it (a landmark fit is off by a few degrees); the shared
-               camera stays as tracked (its focal length changes every frame's projection: not cheap)
+               landmark tracking, regularised towards it (a landmark fit is off by a few degrees)
+    camera     with ``camera_focal`` / ``camera_principal`` (issue 23): the clip's one shared pinhole camera, its
+               focal length (a log-scale correction) and / or principal point (a shift in units of the tracked
+               focal length), pulled towards the tracked camera (``camera_prior``; sigmas FOCAL_SIGMA, PP_SIGMA).
+               With ``camera_dolly`` (default) a focal change s moves every frame's head along the camera's z axis
+               to s times its depth ("dolly zoom"), so the head keeps its image size and place and only the
+               perspective changes: the landmarks fix the size, what they leave open is the perspective.  The
+               refined camera is the clip's: held-out frames are evaluated through it too (their pixels never move
+               it).  Needs a renderer backend with gradients w.r.t. the intrinsics (the torch backend; checked)
 
 Each step renders ``batch`` training frames, each on its own (refined) FLAME, with one ``render_identities`` call.
 Held-out frames are never read by the fit: their images reach only the progress bar's PSNR (under no_grad, never
@@ -37,6 +44,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.camera import Camera
 from models.flame import FlameModel, FlameParams, FlameSubset, axis_angle_to_matrix
 from models.gaussians import GaussianCloud
 from models.geometry import UniformLaplacian
@@ -55,6 +63,10 @@ TRANS_SIGMA = 0.01
 EXPR_SIGMA = 0.3
 JAW_SIGMA = 0.05
 SHAPE_SIGMA = 1.0  # FLAME shape coefficients are in standard deviations of the shape space
+# scales of the shared camera's corrections in the prior: 10 % of the focal length (log scale), a principal point
+# shift of 5 % of the focal length (about 12 px for a 480 px wide clip tracked at f ~ 250 px)
+FOCAL_SIGMA = 0.1
+PP_SIGMA = 0.05
 
 
 @dataclass
@@ -62,7 +74,9 @@ class RefineResult:
     """What the refinement gives: the style w (S,) (refined with ``style_lr`` > 0, else the input), colour (M, 3)
     or None, gaussians (V, K, 7) or None ((V, K, C) of every raw channel with pivotal tuning), FlameParams (T = 1)
     and level-0 face-mask vertices (M, 3) of every frame (training frames refined, held-out frames corrected from their
-    neighbours), losses, held-out PSNR history (progress bar only) and the corrections' sizes."""
+    neighbours), losses, held-out PSNR history (progress bar only), the corrections' sizes and the shared camera's
+    correction (``camera``: focal_scale s and principal_shift (2,) in tracked-focal units; identity when not
+    refined; :func:`refined_camera` applies it)."""
 
     w: Tensor
     colour: Tensor | None
@@ -72,6 +86,19 @@ class RefineResult:
     losses: list[float] = field(default_factory=list)
     heldout_psnr_history: list[float] = field(default_factory=list)
     correction: dict = field(default_factory=dict)
+    camera: dict = field(default_factory=lambda: {"focal_scale": 1.0, "principal_shift": [0.0, 0.0]})
+
+
+def refined_camera(camera: Camera, focal_scale: float | Tensor, principal_shift, focal: float) -> Camera:
+    """``camera`` (a crop of the clip's tracked camera) with the shared camera's correction: fx, fy times
+    ``focal_scale`` and the principal point shifted by ``principal_shift`` (2,) x ``focal`` pixels (the tracked
+    focal length).  Differentiable in ``focal_scale`` / ``principal_shift`` (tensors) for the refinement."""
+    K = camera.K
+    s = torch.as_tensor(focal_scale, dtype=K.dtype, device=K.device)
+    d = torch.as_tensor(principal_shift, dtype=K.dtype, device=K.device) * focal
+    row0 = torch.stack([K[0, 0] * s, K[0, 1] * s, K[0, 2] + d[0]])
+    row1 = torch.stack([K[1, 0], K[1, 1] * s, K[1, 2] + d[1]])
+    return Camera(torch.stack([row0, row1, K[2]]), camera.w2c, camera.width, camera.height, camera.name)
 
 
 def interpolate_corrections(train: list[int], held: list[int], values: Tensor) -> Tensor:
@@ -87,34 +114,47 @@ def interpolate_corrections(train: list[int], held: list[int], values: Tensor) -
 
 class _FrameCorrections(torch.nn.Module):
     """Corrections of the tracked FLAME of n frames: rotation (axis-angle, applied before the tracked rotation),
-    translation (in camera distances), expression and jaw per frame, and one shape correction (1, 300) shared by
-    every frame (the clip's one person); zero at the start."""
+    translation (in camera distances), expression and jaw per frame, one shape correction (1, 300) shared by
+    every frame (the clip's one person), and the shared camera's log focal scale (1,) and principal point shift (2,)
+    (tracked-focal units); zero at the start.  ``w2c`` (4, 4): the clip's camera, for the dolly (``dolly``: a focal
+    scale s moves each head to s times its camera-space depth)."""
 
     def __init__(self, params: FlameParams, distance: float, rot: bool, trans: bool, expr: bool, jaw: bool,
-                 zero_mean: bool = False, shape: bool = False) -> None:
+                 zero_mean: bool = False, shape: bool = False, focal: bool = False, principal: bool = False,
+                 w2c: Tensor | None = None, dolly: bool = False) -> None:
         super().__init__()
         n, dev = params.num_frames, params.device
-        self.params, self.distance, self.zero_mean = params, distance, zero_mean
+        self.params, self.distance, self.zero_mean, self.dolly = params, distance, zero_mean, dolly
+        self.w2c = None if w2c is None else w2c.to(dev)
         self.rot = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=rot)
         self.trans = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=trans)
         self.expr = torch.nn.Parameter(torch.zeros_like(params.expression), requires_grad=expr)
         self.jaw = torch.nn.Parameter(torch.zeros(n, 3, device=dev), requires_grad=jaw)
         self.shape = torch.nn.Parameter(torch.zeros_like(params.shape), requires_grad=shape)
+        self.focal = torch.nn.Parameter(torch.zeros(1, device=dev), requires_grad=focal)
+        self.principal = torch.nn.Parameter(torch.zeros(2, device=dev), requires_grad=principal)
 
     def posed(self, idx: Tensor | list[int] | None = None, values: dict[str, Tensor] | None = None) -> FlameParams:
         """The corrected FlameParams of frames ``idx`` (all: None), with ``values`` instead of the parameters."""
         v = values or self.values()
         p = self.params if idx is None else self.params.frames(idx)
         pick = (lambda x: x) if idx is None or values is not None else (lambda x: x[idx])
+        trans = p.translation + pick(v["trans"]) * self.distance  # (n, 3) world
+        if self.dolly and self.w2c is not None and "focal" in v:
+            # dolly zoom: focal x s and each head at s times its camera-space depth keep its image size
+            R, t = self.w2c[:3, :3], self.w2c[:3, 3]
+            z = (trans @ R.T + t)[:, 2:3]  # (n, 1) camera-space depth of the head
+            s = v["focal"].exp()
+            trans = trans + ((s - 1.0) * z) * R[2][None]  # camera z axis in world = R's third row
         return replace(p, rotation_matrix=axis_angle_to_matrix(pick(v["rot"])) @ p.rotation_matrix,
-                       translation=p.translation + pick(v["trans"]) * self.distance,
-                       expression=p.expression + pick(v["expr"]), jaw=p.jaw + pick(v["jaw"]),
+                       translation=trans, expression=p.expression + pick(v["expr"]), jaw=p.jaw + pick(v["jaw"]),
                        shape=p.shape + v["shape"])
 
     def values(self) -> dict[str, Tensor]:
         """The corrections (n, ...) by name; with ``zero_mean`` the head rotation and translation minus their mean
         over the frames (a common shift of every frame's head would trade off against the per-Gaussian residual)."""
-        v = {"rot": self.rot, "trans": self.trans, "expr": self.expr, "jaw": self.jaw, "shape": self.shape}
+        v = {"rot": self.rot, "trans": self.trans, "expr": self.expr, "jaw": self.jaw, "shape": self.shape,
+             "focal": self.focal, "principal": self.principal}
         if self.zero_mean:
             v["rot"], v["trans"] = self.rot - self.rot.mean(0), self.trans - self.trans.mean(0)
         return v
@@ -126,6 +166,14 @@ class _FrameCorrections(torch.nn.Module):
         per_frame = ((v["rot"][idx] / ROT_SIGMA).square().sum(-1) + (v["trans"][idx] / TRANS_SIGMA).square().sum(-1)
                      + (v["expr"][idx] / EXPR_SIGMA).square().sum(-1) + (v["jaw"][idx] / JAW_SIGMA).square().sum(-1))
         return per_frame.mean() + (v["shape"] / SHAPE_SIGMA).square().sum()
+
+    def camera_prior(self) -> Tensor:
+        """The shared camera's squared corrections in units of FOCAL_SIGMA (log focal) and PP_SIGMA."""
+        return (self.focal / FOCAL_SIGMA).square().sum() + (self.principal / PP_SIGMA).square().sum()
+
+    def camera(self, camera: Camera, focal: float) -> Camera:
+        """``camera`` (a crop of the tracked one, tracked focal length ``focal``) with the current correction."""
+        return refined_camera(camera, self.focal.exp()[0], self.principal, focal)
 
 
 def _batches(n: int, batch: int, seed: int):
@@ -170,9 +218,16 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     distance = float((cam0.center.to(dev) - tp.translation[0]).norm())
     fl = cfg.flame and cfg.iterations > 0
     fs = cfg.flame_shape and cfg.iterations > 0  # the shared shape: on its own or with the per-frame corrections
+    cf, cp = cfg.camera_focal and cfg.iterations > 0, cfg.camera_principal and cfg.iterations > 0
+    focal0 = cam0.fx  # the tracked focal length (crops shift the principal point only)
+    dolly = cf and cfg.camera_dolly
     corr = _FrameCorrections(tp, distance, fl and cfg.flame_rotation, fl and cfg.flame_translation,
                              fl and cfg.flame_expression, fl and cfg.flame_jaw, cfg.flame_zero_mean,
-                             fs).to(dev)
+                             fs, cf, cp, cam0.w2c, dolly).to(dev)
+
+    def camera_of(view: View) -> Camera:
+        """The view's camera with the shared camera's current correction (as tracked when it is not refined)."""
+        return corr.camera(view.camera, focal0) if cf or cp else view.camera
     wvar = w.detach().clone().requires_grad_(cfg.style_lr > 0)
     with torch.no_grad():
         raw0 = f.synthesize_raw(w[None]).float()  # (1, V, K, C): with the style fixed the network runs once
@@ -202,6 +257,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                    {"params": [corr.expr], "lr": cfg.flame_expression_lr}]
     if fs:
         groups.append({"params": [corr.shape], "lr": cfg.flame_shape_lr})
+    if cf or cp:
+        groups.append({"params": [q for q, on in ((corr.focal, cf), (corr.principal, cp)) if on],
+                       "lr": cfg.camera_lr})
     for g in groups:
         g["initial_lr"] = g["lr"]
     lap0 = UniformLaplacian(M, model.base_faces, dev)
@@ -228,20 +286,22 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         hp = FlameParams.cat([params[t].to(dev) for t in held])
         vals = corr.values()
         # the shared shape correction is the person's (learnt from the training frames): every frame gets it
+        # as is the shared camera (its focal length and the dolly of every head)
+        shared = ("shape", "focal", "principal")
         if cfg.heldout_correction == "interpolate":
-            vals = {k: v if k == "shape" else interpolate_corrections(train, held, v) for k, v in vals.items()}
-        else:  # "none": the landmark tracking as is (and the shared shape)
-            vals = {k: v if k == "shape" else torch.zeros((len(held), *v.shape[1:]), device=dev)
+            vals = {k: v if k in shared else interpolate_corrections(train, held, v) for k, v in vals.items()}
+        else:  # "none": the landmark tracking as is (and the shared shape and camera)
+            vals = {k: v if k in shared else torch.zeros((len(held), *v.shape[1:]), device=dev)
                     for k, v in vals.items()}
-        hc = _FrameCorrections(hp, distance, False, False, False, False)
+        hc = _FrameCorrections(hp, distance, False, False, False, False, w2c=cam0.w2c, dolly=dolly)
         p = hc.posed(None, vals)
         return {t: p.frame(i) for i, t in enumerate(held)}
 
     @torch.no_grad()
     def monitor_psnr() -> float:
         hp, gs, col = held_params(), gauss if cfg.gaussians else None, colour if use_colour else None
-        vals = [evaluate_cloud(clouds(hp[t], col, gs)[0], [monitor[t]], backend=backend)[0]["psnr_face_all"]
-                for t in held]
+        vals = [evaluate_cloud(clouds(hp[t], col, gs)[0], [replace(monitor[t], camera=camera_of(monitor[t]))],
+                               backend=backend)[0]["psnr_face_all"] for t in held]
         return float(np.mean(vals))
 
     n = cfg.iterations if groups else 0
@@ -259,7 +319,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         col = colour if use_colour else None
         raw_t = network_raw()
         c = clouds(corr.posed(idx), col, gauss if cfg.gaussians else None, raw_t)
-        out = render_identities(c, [[views[train[i]].camera] for i in idx], backend=backend, depth=False)
+        out = render_identities(c, [[camera_of(views[train[i]])] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
         loss = photometric(pred, gt, fit, None)
@@ -272,6 +332,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                      + cfg.gaussian_laplacian_weight * lapv(gv.reshape(f.num_vertices, -1)).square().sum(-1).mean())
         if fl or fs:  # corrections that are not refined stay zero and cost nothing
             total = total + cfg.flame_prior * corr.prior(idx)
+        if cf or cp:
+            total = total + cfg.camera_prior * corr.camera_prior()
         if cfg.style_lr > 0:
             total = total + fit.style_reg * (wvar - w).square().mean()
         if tune and cfg.network_weight > 0:  # the tuned output pulled towards the frozen network's (same style)
@@ -280,6 +342,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             total = total + cfg.network_weight * (raw_t - raw_f).square().mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
+        if it == 0 and (cf or cp) and all(q.grad is None for q in (corr.focal, corr.principal)):
+            raise ValueError(f"--video_refine.camera_focal / camera_principal need a renderer backend with gradients "
+                             f"w.r.t. the camera intrinsics (the torch backend: --backend torch); {backend!r} gives "
+                             f"none")
         opt.step()
         cur = window.add(loss, it + 1, last=it + 1 == n)
         if cur is not None:
@@ -310,5 +376,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             delta = (net.synthesize_raw(wvar[None]) - f.synthesize_raw(wvar[None]))[0].float()
             residual = delta if residual is None else delta + full_residual(residual, f.channels)
             stats["network_delta_rms"] = float(delta.square().mean().sqrt())
+        cam = {"focal_scale": float(corr.focal.exp()), "principal_shift": [float(x) for x in corr.principal],
+               "focal_px": focal0 * float(corr.focal.exp()), "tracked_focal_px": focal0,
+               "principal_shift_px": [focal0 * float(x) for x in corr.principal], "dolly": dolly}
     return RefineResult(wvar.detach().clone(), colour.detach() if use_colour and n else None,
-                        residual, out_params, bases, window.losses, hist, stats)
+                        residual, out_params, bases, window.losses, hist, stats, cam)
