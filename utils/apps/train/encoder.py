@@ -82,6 +82,7 @@ class EncoderTrainConfig:
     render_weight: float = 0.0  # weight of the photometric term: the predicted style rendered by the frozen field
     #                            through the sample's camera, compared with its image (0: off)
     render_batch: int = 4  # crops of each batch that get the photometric term (each one render with its backward)
+    render_every: int = 1  # the photometric term on every n-th step only (its renders cost ~0.1 s each on a CPU)
     render_ssim: float = 0.2  # share of (1 - SSIM) in the photometric term, the rest L1 (as the fit's 0.8 / 0.2)
     render_region: str = "image"  # "image": the whole image, the black background included (where a style's spill
     #                              past the face mask costs); "face": inside the face mask only
@@ -255,9 +256,9 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     if cfg.samples == 0 and cfg.photo_fraction < 1:
         raise ValueError("encoder training: encoder.samples 0 (no renders) needs encoder.photo_fraction 1")
     if (cfg.render_weight < 0 or cfg.style_weight < 0 or cfg.render_weight + cfg.style_weight <= 0
-            or cfg.render_batch < 1 or not 0 <= cfg.render_ssim <= 1 or cfg.render_region not in ("image", "face")):
+            or cfg.render_batch < 1 or cfg.render_every < 1 or not 0 <= cfg.render_ssim <= 1 or cfg.render_region not in ("image", "face")):
         raise ValueError(f"encoder training: encoder.render_weight and encoder.style_weight must be >= 0 and not both "
-                         f"0, encoder.render_batch >= 1, encoder.render_ssim in [0, 1], encoder.render_region 'image' "
+                         f"0, encoder.render_batch and render_every >= 1, encoder.render_ssim in [0, 1], encoder.render_region 'image' "
                          f"or 'face' (got {cfg.render_weight}, {cfg.style_weight}, {cfg.render_batch}, "
                          f"{cfg.render_ssim}, {cfg.render_region!r})")
     t0 = time.perf_counter()
@@ -302,7 +303,7 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     n_photo = round(cfg.batch * cfg.photo_fraction) if len(r_img) else cfg.batch
     losses: list[float] = []
     render_losses: list[float] = []  # the photometric term's mean every 100 steps (render_weight > 0)
-    acc, acc_r, k = 0.0, 0.0, 0
+    acc, acc_r, k, k_r = 0.0, 0.0, 0, 0
     enc.train()
     for step in tqdm(range(cfg.steps), desc="encoder", disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
@@ -318,12 +319,12 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
         if metric is not None:  # e^T M e / S: the mean squared change of the Gaussians' colour and opacity
             loss = cfg.w_weight * loss + ((err @ metric) * err).sum(1).mean() / err.shape[1]
         loss = cfg.style_weight * loss
-        if verts is not None:  # a few of the batch's crops rendered with their predicted style
+        if verts is not None and step % cfg.render_every == 0:  # a few crops rendered with their predicted style
             sel = torch.randperm(len(imgs), generator=gen)[:cfg.render_batch].to(dev)
             ids, cams = torch.cat([p_id[pi], r_id[ri]])[sel], torch.cat([p_cam[pi], r_cam[ri]])[sel]
             r_loss = render_loss(f, verts, data.cameras, pred[sel], imgs[sel], msks[sel], ids, cams, cfg)
             loss = loss + cfg.render_weight * r_loss
-            acc_r += float(r_loss.detach())
+            acc_r, k_r = acc_r + float(r_loss.detach()), k_r + 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -331,11 +332,11 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             losses.append(acc / k)
             if verts is not None:
-                render_losses.append(acc_r / k)
+                render_losses.append(acc_r / max(1, k_r))
             if log is not None:
                 log(f"encoder step {step + 1}/{cfg.steps}: loss {acc / k:.4f}"
-                    + (f" (photometric {acc_r / k:.4f})" if verts is not None else ""))
-            acc, acc_r, k = 0.0, 0.0, 0
+                    + (f" (photometric {acc_r / max(1, k_r):.4f})" if verts is not None else ""))
+            acc, acc_r, k, k_r = 0.0, 0.0, 0, 0
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"encoder training diverged (loss {losses[-1]}) at step {step + 1}; lower "
                                          f"encoder.lr")
