@@ -79,13 +79,11 @@ class EncoderTrainConfig:
     w_weight: float = 0.1  # with loss "gaussians": weight of the plain squared error (keeps unseen directions in check)
     metric_identities: int = 4  # with loss "gaussians": training styles the Jacobian is averaged over
     style_weight: float = 1.0  # weight of the loss above (in w, or "gaussians"); 0: the photometric term alone
-    render_weight: float = 0.0  # weight of the photometric term: the predicted style rendered by the frozen field
-    #                            through the sample's camera, compared with its image (0: off)
+    render_weight: float = 0.0  # weight of the photometric term (predicted style rendered, vs the image); 0: off
     render_batch: int = 4  # crops of each batch that get the photometric term (each one render with its backward)
-    render_every: int = 1  # the photometric term on every n-th step only (its renders cost ~0.1 s each on a CPU)
+    render_every: int = 1  # the photometric term on every n-th step only (a render costs ~0.1-0.2 s on the CPU)
     render_ssim: float = 0.2  # share of (1 - SSIM) in the photometric term, the rest L1 (as the fit's 0.8 / 0.2)
-    render_region: str = "image"  # "image": the whole image, the black background included (where a style's spill
-    #                              past the face mask costs); "face": inside the face mask only
+    render_region: str = "image"  # photometric term over "image" (black background included) or "face" (mask only)
     seed: int = 0  # random seed
     backend: str = "auto"  # rasterizer of the renders
     arch: EncoderConfig = field(default_factory=EncoderConfig)
@@ -256,10 +254,11 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     if cfg.samples == 0 and cfg.photo_fraction < 1:
         raise ValueError("encoder training: encoder.samples 0 (no renders) needs encoder.photo_fraction 1")
     if (cfg.render_weight < 0 or cfg.style_weight < 0 or cfg.render_weight + cfg.style_weight <= 0
-            or cfg.render_batch < 1 or cfg.render_every < 1 or not 0 <= cfg.render_ssim <= 1 or cfg.render_region not in ("image", "face")):
+            or cfg.render_batch < 1 or cfg.render_every < 1 or not 0 <= cfg.render_ssim <= 1
+            or cfg.render_region not in ("image", "face")):
         raise ValueError(f"encoder training: encoder.render_weight and encoder.style_weight must be >= 0 and not both "
-                         f"0, encoder.render_batch and render_every >= 1, encoder.render_ssim in [0, 1], encoder.render_region 'image' "
-                         f"or 'face' (got {cfg.render_weight}, {cfg.style_weight}, {cfg.render_batch}, "
+                         f"0, encoder.render_batch and render_every >= 1, encoder.render_ssim in [0, 1], "
+                         f"encoder.render_region 'image' or 'face' (got {cfg.render_weight}, {cfg.style_weight}, {cfg.render_batch}, "
                          f"{cfg.render_ssim}, {cfg.render_region!r})")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -341,7 +340,8 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
                 raise FloatingPointError(f"encoder training diverged (loss {losses[-1]}) at step {step + 1}; lower "
                                          f"encoder.lr")
     enc.eval()
-    stats = {"encoder_losses": losses, "encoder_render_losses": render_losses, "encoder_seconds": time.perf_counter() - t0,
+    stats = {"encoder_losses": losses, "encoder_render_losses": render_losses,
+             "encoder_seconds": time.perf_counter() - t0,
              "encoder_render_seconds": t_render, "encoder_photos": len(p_img), "encoder_renders": len(r_img)}
     return enc, stats
 
