@@ -258,8 +258,8 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
             or cfg.render_region not in ("image", "face")):
         raise ValueError(f"encoder training: encoder.render_weight and encoder.style_weight must be >= 0 and not both "
                          f"0, encoder.render_batch and render_every >= 1, encoder.render_ssim in [0, 1], "
-                         f"encoder.render_region 'image' or 'face' (got {cfg.render_weight}, {cfg.style_weight}, {cfg.render_batch}, "
-                         f"{cfg.render_ssim}, {cfg.render_region!r})")
+                         f"encoder.render_region 'image' or 'face' (got {cfg.render_weight}, {cfg.style_weight}, "
+                         f"{cfg.render_batch}, {cfg.render_every}, {cfg.render_ssim}, {cfg.render_region!r})")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
