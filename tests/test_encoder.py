@@ -11,7 +11,8 @@ import torch
 from tests.test_fitting import track_cfg
 from tests.training_fixtures import fit_model, preprocessed_root, single_thread  # noqa: F401
 
-ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4, "lr": 3e-3,
+# the loss in w alone (render_weight 0) keeps the shared fixture fast; the photometric term has its own tests below
+ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4, "lr": 3e-3, "render_weight": 0.0,
                  "arch.size": 32, "arch.channels": [16, 24, 32, 32], "arch.blocks": 1}
 
 

@@ -29,7 +29,8 @@ sample's (un-jittered) image, ``(1 - render_ssim) L1 + render_ssim (1 - SSIM)`` 
 background included (``render_region image``) or inside the face mask only (``face``).  Why: an error in w costs what
 it costs in the renders, not what it costs in w, and on a model trained with ``loss.rim_band`` (the CPU preset) most
 of a new person's whole-image error is the colour that the predicted style spills past the face mask, which a loss in
-w does not see.  AdamW, cosine learning-rate decay.
+w does not see (benchmarks/results/encoder_alone_cpu_2026-12-06.md: on by default, weight 30, 2 crops every 2nd
+step).  AdamW, cosine learning-rate decay.
 """
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ class EncoderTrainConfig:
     w_weight: float = 0.1  # with loss "gaussians": weight of the plain squared error (keeps unseen directions in check)
     metric_identities: int = 4  # with loss "gaussians": training styles the Jacobian is averaged over
     style_weight: float = 1.0  # weight of the loss above (in w, or "gaussians"); 0: the photometric term alone
-    render_weight: float = 0.0  # weight of the photometric term (predicted style rendered, vs the image); 0: off
-    render_batch: int = 4  # crops of each batch that get the photometric term (each one render with its backward)
-    render_every: int = 1  # the photometric term on every n-th step only (a render costs ~0.1-0.2 s on the CPU)
+    render_weight: float = 30.0  # weight of the photometric term (predicted style rendered, vs the image); 0: off
+    render_batch: int = 2  # crops of each batch that get the photometric term (each one render with its backward)
+    render_every: int = 2  # the photometric term on every n-th step only (a render costs ~0.1-0.2 s on the CPU)
     render_ssim: float = 0.2  # share of (1 - SSIM) in the photometric term, the rest L1 (as the fit's 0.8 / 0.2)
     render_region: str = "image"  # photometric term over "image" (black background included) or "face" (mask only)
     seed: int = 0  # random seed
