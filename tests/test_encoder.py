@@ -11,7 +11,8 @@ import torch
 from tests.test_fitting import track_cfg
 from tests.training_fixtures import fit_model, preprocessed_root, single_thread  # noqa: F401
 
-ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4, "lr": 3e-3,
+# the loss in w alone (render_weight 0) keeps the shared fixture fast; the photometric term has its own tests below
+ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4, "lr": 3e-3, "render_weight": 0.0,
                  "arch.size": 32, "arch.channels": [16, 24, 32, 32], "arch.blocks": 1}
 
 
@@ -227,7 +228,7 @@ def test_gaussian_samples_reach_past_the_training_styles(fit_model, preprocessed
             cfg = tiny_encoder_config(samples=3, views_per_sample=1, gauss_fraction=1.0, gauss_scale=scale, noise=0.0)
             torch.manual_seed(0)
             banks[scale] = render_bank(f, data, model.plan, cfg, torch.Generator().manual_seed(1), "auto")
-    imgs, masks, w_small, z = banks[0.5]
+    imgs, masks, w_small, z, ids, cams = banks[0.5]
     w_big = banks[3.0][2]
     assert imgs.shape[0] == 3 and bool(torch.isnan(z).all())
     assert torch.allclose(w_big - mean, 6 * (w_small - mean), atol=1e-4)
@@ -269,3 +270,67 @@ def test_output_metric_predicts_the_gaussians_change(fit_model):  # noqa: F811
     ratio = torch.tensor(real) / torch.tensor(pred).clamp_min(1e-12)
     assert real[0] > 20 * real[1]  # the metric's top direction changes the Gaussians far more than its last one
     assert float(ratio[[0, 2, 3]].max() / ratio[[0, 2, 3]].min()) < 1.3, (real, pred)
+
+
+def test_render_loss_prefers_the_true_style(fit_model, preprocessed_root):  # noqa: F811
+    """encoder.render_weight: the photometric term renders a style on the sample's own geometry and camera, so a
+    training photo scores better with its identity's trained style than with the mean style (whole image and face
+    mask), and the term has a gradient w.r.t. the style."""
+    from models.flame import subdivide_vertices
+    from utils.apps.train.encoder import render_loss
+    from utils.core.config import from_dict
+    from utils.data.dataset import DataConfig, MultiViewDataset
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    f = model.field
+    with single_thread():
+        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+        verts = torch.cat([subdivide_vertices(data.base_vertices[i][None], model.plan)
+                           for i in range(len(data.identities))])
+        cams = torch.as_tensor(data.serial_index(data.train_serials))[:2]
+        ids = torch.tensor([0, 1])
+        imgs = torch.stack([data.images[int(i), int(c)] for i, c in zip(ids, cams)])
+        msks = torch.stack([data.masks[int(i), int(c)] for i, c in zip(ids, cams)])
+        with torch.no_grad():
+            w_true = f.style(f.codes.weight[ids], update_w_avg=False)
+            w_mean = f.style(f.mean_code()[None], update_w_avg=False).expand(2, -1)
+        for region in ("image", "face"):
+            cfg = tiny_encoder_config(render_region=region)
+            with torch.no_grad():
+                true = float(render_loss(f, verts, data.cameras, w_true, imgs, msks, ids, cams, cfg))
+                mean = float(render_loss(f, verts, data.cameras, w_mean, imgs, msks, ids, cams, cfg))
+            assert true < 0.9 * mean, (region, true, mean)
+        w = w_mean.clone().requires_grad_(True)
+        render_loss(f, verts, data.cameras, w, imgs, msks, ids, cams, tiny_encoder_config()).backward()
+        assert float(w.grad.abs().sum()) > 0
+
+
+def test_photometric_training_round_trips(fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    """encoder.render_weight > 0 (with and without the loss in w) trains, logs the photometric term, lowers it, and
+    the encoder round-trips through model.pt; bad settings are refused."""
+    from utils.apps.train.encoder import train_encoder
+    from utils.core.config import from_dict
+    from utils.data.dataset import DataConfig, MultiViewDataset
+    from utils.data.model_file import add_encoder, load_model
+
+    path = tmp_path / "model.pt"
+    shutil.copy(fit_model, path)
+    model = load_model(path)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    with single_thread():
+        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+        with pytest.raises(ValueError, match="render_weight"):
+            train_encoder(model, data, tiny_encoder_config(render_weight=0.0, style_weight=0.0), progress=False)
+        cfg = tiny_encoder_config(steps=200, samples=8, views_per_sample=2, render_weight=1.0, style_weight=0.0,
+                                  render_batch=2)
+        enc, stats = train_encoder(model, data, cfg, progress=False)
+        assert len(stats["encoder_render_losses"]) == 2
+        assert stats["encoder_render_losses"][-1] < stats["encoder_render_losses"][0], stats
+        add_encoder(path, enc)
+        again = load_model(path).encoder
+        x = torch.rand(2, 4, 32, 32)
+        assert torch.allclose(again(x), enc(x), atol=1e-5)

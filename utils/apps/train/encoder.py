@@ -22,7 +22,15 @@ factor of up to ``exposure_jitter`` (inside the face mask; the background stays 
 Loss (``loss``): "w", the mean squared error of the predicted style (or, with ``arch.space z``, code) in units of the
 targets' per-channel spread (the encoder's ``w_std``); or "gaussians", the error in the metric of the frozen field's
 output Gaussians (their colour and opacity, linearised in w, :func:`output_metric`; 90 % of that response lies in 33
-of the CPU preset's 128 style channels) plus ``w_weight`` times the "w" loss.  AdamW, cosine learning-rate decay.
+of the CPU preset's 128 style channels) plus ``w_weight`` times the "w" loss.  ``style_weight`` scales that loss
+(0: none).  With ``render_weight`` > 0 a photometric term is added: ``render_batch`` crops of each batch have their
+predicted style rendered by the frozen field through the sample's own camera and geometry and compared with the
+sample's (un-jittered) image, ``(1 - render_ssim) L1 + render_ssim (1 - SSIM)`` over the whole image, the black
+background included (``render_region image``) or inside the face mask only (``face``).  Why: an error in w costs what
+it costs in the renders, not what it costs in w, and on a model trained with ``loss.rim_band`` (the CPU preset) most
+of a new person's whole-image error is the colour that the predicted style spills past the face mask, which a loss in
+w does not see (benchmarks/results/encoder_alone_cpu_2026-12-06.md: on by default, weight 30, 2 crops every 2nd
+step).  AdamW, cosine learning-rate decay.
 """
 from __future__ import annotations
 
@@ -37,11 +45,12 @@ from tqdm import tqdm
 
 from models.encoder import EncoderConfig, StyleEncoder, encoder_input
 from models.flame import subdivide_vertices
-from models.renderer import render_batch
+from models.renderer import render_batch, render_identities
 from utils.core.config import from_dict
 from utils.core.device import resolve_device
 from utils.data.dataset import DataConfig, MultiViewDataset
 from utils.data.model_file import add_encoder, load_model
+from utils.losses import l1, ssim
 
 
 @dataclass
@@ -70,6 +79,12 @@ class EncoderTrainConfig:
     #                 times the "w" loss
     w_weight: float = 0.1  # with loss "gaussians": weight of the plain squared error (keeps unseen directions in check)
     metric_identities: int = 4  # with loss "gaussians": training styles the Jacobian is averaged over
+    style_weight: float = 1.0  # weight of the loss above (in w, or "gaussians"); 0: the photometric term alone
+    render_weight: float = 30.0  # weight of the photometric term (predicted style rendered, vs the image); 0: off
+    render_batch: int = 2  # crops of each batch that get the photometric term (each one render with its backward)
+    render_every: int = 2  # the photometric term on every n-th step only (a render costs ~0.1-0.2 s on the CPU)
+    render_ssim: float = 0.2  # share of (1 - SSIM) in the photometric term, the rest L1 (as the fit's 0.8 / 0.2)
+    render_region: str = "image"  # photometric term over "image" (black background included) or "face" (mask only)
     seed: int = 0  # random seed
     backend: str = "auto"  # rasterizer of the renders
     arch: EncoderConfig = field(default_factory=EncoderConfig)
@@ -77,9 +92,11 @@ class EncoderTrainConfig:
 
 @torch.no_grad()
 def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generator, backend: str,
-                progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Renders of ``cfg.samples`` sampled identities: (images (N, h, w, 3) uint8, masks (N, h, w, 1) uint8,
-    styles (N, S), codes (N, D)), N = samples * views_per_sample; each face-masked with its view's mask.
+    styles (N, S), codes (N, D), geometry identities (N,) long, camera indices (N,) long), N = samples *
+    views_per_sample; each face-masked with its view's mask, rendered on the geometry of identity ``ids[n]`` through
+    its camera ``data.cameras[ids[n]][cams[n]]``.
 
     A share ``1 - gauss_fraction`` of them mixes ``mix`` training codes (Dirichlet weights) plus ``noise`` times the
     codes' per-channel spread; the rest is drawn from the Gaussian of the training identities in the encoder's
@@ -114,7 +131,7 @@ def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generato
             m = data.masks[i, train_ids.to(dev)].float() / 255
             residual.append(data.images[i, train_ids.to(dev)].float() / 255 - img * m)
         residual = torch.stack(residual)
-    imgs, masks, styles, zs = [], [], [], []
+    imgs, masks, styles, zs, ids, cams = [], [], [], [], [], []
     for _ in tqdm(range(cfg.samples), desc="encoder: rendering", disable=not progress, leave=False):
         if float(torch.rand((), generator=gen)) < cfg.gauss_fraction:
             eps = torch.randn(n_identities, generator=gen).to(dev)
@@ -145,7 +162,10 @@ def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generato
         masks.append(m)
         styles.append(w.expand(len(v), -1))
         zs.append(z[None].expand(len(v), -1))
-    return torch.cat(imgs), torch.cat(masks), torch.cat(styles), torch.cat(zs)
+        ids.append(torch.full((len(v),), i, dtype=torch.long))
+        cams.append(v.long())
+    return (torch.cat(imgs), torch.cat(masks), torch.cat(styles), torch.cat(zs), torch.cat(ids).to(dev),
+            torch.cat(cams).to(dev))
 
 
 @torch.no_grad()
@@ -196,6 +216,26 @@ def jittered_batch(images: Tensor, masks: Tensor, cfg: EncoderTrainConfig, gen: 
                          scale=1 + cfg.scale_jitter * uni(B))
 
 
+def render_loss(field_, verts: Tensor, cameras, pred: Tensor, images: Tensor, masks: Tensor, ids: Tensor,
+                cams: Tensor, cfg: EncoderTrainConfig) -> Tensor:
+    """Photometric term of ``cfg.render_*``: predicted styles pred (B, S) (codes (B, D) for an encoder of z) rendered
+    by the frozen field on the subdivided vertices ``verts[ids]`` ((I, V, 3) per identity) through
+    ``cameras[ids[b]][cams[b]]``, against images (B, h, w, 3) uint8 face-masked on black, masks (B, h, w, 1) uint8.
+    Returns the scalar ``(1 - render_ssim) L1 + render_ssim (1 - SSIM)`` (whole image or face mask)."""
+    w = pred if cfg.arch.space == "w" else field_.style(pred, update_w_avg=False)
+    clouds = field_.synthesize(w, verts[ids])
+    out = render_identities(clouds, [[cameras[int(i)][int(c)]] for i, c in zip(ids.tolist(), cams.tolist())],
+                            backend=cfg.backend, depth=False)["image"][:, 0].clamp(0, 1)  # (B, h, w, 3)
+    gt = images.float() / 255
+    m = masks.float() / 255 if cfg.render_region == "face" else None
+    if m is not None:
+        out = out * m  # SSIM on the face-masked render: the background is black in both
+    loss = (1 - cfg.render_ssim) * l1(out, gt, m)
+    if cfg.render_ssim > 0:
+        loss = loss + cfg.render_ssim * (1 - ssim(out, gt))
+    return loss
+
+
 def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, log=None) -> tuple[StyleEncoder, dict]:
     """Train an encoder for the frozen field of ``model`` (utils.data.model_file.TrainedModel) on ``data`` (its
     MultiViewDataset, identities in the model's order).  Returns (encoder in eval mode, stats)."""
@@ -214,6 +254,13 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
                          f"{cfg.gauss_scale})")
     if cfg.samples == 0 and cfg.photo_fraction < 1:
         raise ValueError("encoder training: encoder.samples 0 (no renders) needs encoder.photo_fraction 1")
+    if (cfg.render_weight < 0 or cfg.style_weight < 0 or cfg.render_weight + cfg.style_weight <= 0
+            or cfg.render_batch < 1 or cfg.render_every < 1 or not 0 <= cfg.render_ssim <= 1
+            or cfg.render_region not in ("image", "face")):
+        raise ValueError(f"encoder training: encoder.render_weight and encoder.style_weight must be >= 0 and not both "
+                         f"0, encoder.render_batch and render_every >= 1, encoder.render_ssim in [0, 1], "
+                         f"encoder.render_region 'image' or 'face' (got {cfg.render_weight}, {cfg.style_weight}, "
+                         f"{cfg.render_batch}, {cfg.render_every}, {cfg.render_ssim}, {cfg.render_region!r})")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -231,11 +278,18 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     # regression targets: the styles w, or (arch.space z) the codes z
     t_ids = w_ids if cfg.arch.space == "w" else f.codes.weight.detach()
     p_w = t_ids[:, None].expand(n_identities, len(train_ids), -1).flatten(0, 1)
+    p_id = torch.arange(n_identities, device=dev).repeat_interleave(len(train_ids))  # geometry of every photo
+    p_cam = train_ids.repeat(n_identities)  # and its camera
     if cfg.samples > 0:
-        r_img, r_msk, r_w, r_z = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
+        r_img, r_msk, r_w, r_z, r_id, r_cam = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
         r_w = r_w if cfg.arch.space == "w" else r_z
     else:
-        r_img, r_msk, r_w = p_img[:0], p_msk[:0], p_w[:0]
+        r_img, r_msk, r_w, r_id, r_cam = p_img[:0], p_msk[:0], p_w[:0], p_id[:0], p_cam[:0]
+    verts = None
+    if cfg.render_weight > 0:  # (I, V, 3) the subdivided geometry of every identity, for the photometric term
+        with torch.no_grad():
+            verts = torch.cat([subdivide_vertices(data.base_vertices[i][None], model.plan)
+                               for i in range(n_identities)])
     t_render = time.perf_counter() - t0
     all_w = torch.cat([p_w, r_w])
     arch = EncoderConfig.from_dict({**cfg.arch.to_dict(), "style_dim": int(t_ids.shape[1])})
@@ -248,7 +302,8 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
     opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_photo = round(cfg.batch * cfg.photo_fraction) if len(r_img) else cfg.batch
     losses: list[float] = []
-    acc, k = 0.0, 0
+    render_losses: list[float] = []  # the photometric term's mean every 100 steps (render_weight > 0)
+    acc, acc_r, k, k_r = 0.0, 0.0, 0, 0
     enc.train()
     for step in tqdm(range(cfg.steps), desc="encoder", disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
@@ -263,20 +318,31 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
         loss = err.square().mean()
         if metric is not None:  # e^T M e / S: the mean squared change of the Gaussians' colour and opacity
             loss = cfg.w_weight * loss + ((err @ metric) * err).sum(1).mean() / err.shape[1]
+        loss = cfg.style_weight * loss
+        if verts is not None and step % cfg.render_every == 0:  # a few crops rendered with their predicted style
+            sel = torch.randperm(len(imgs), generator=gen)[:cfg.render_batch].to(dev)
+            ids, cams = torch.cat([p_id[pi], r_id[ri]])[sel], torch.cat([p_cam[pi], r_cam[ri]])[sel]
+            r_loss = render_loss(f, verts, data.cameras, pred[sel], imgs[sel], msks[sel], ids, cams, cfg)
+            loss = loss + cfg.render_weight * r_loss
+            acc_r, k_r = acc_r + float(r_loss.detach()), k_r + 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         acc, k = acc + float(loss.detach()), k + 1
         if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
             losses.append(acc / k)
+            if verts is not None:
+                render_losses.append(acc_r / max(1, k_r))
             if log is not None:
-                log(f"encoder step {step + 1}/{cfg.steps}: loss {acc / k:.4f}")
-            acc, k = 0.0, 0
+                log(f"encoder step {step + 1}/{cfg.steps}: loss {acc / k:.4f}"
+                    + (f" (photometric {acc_r / max(1, k_r):.4f})" if verts is not None else ""))
+            acc, acc_r, k, k_r = 0.0, 0.0, 0, 0
             if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"encoder training diverged (loss {losses[-1]}) at step {step + 1}; lower "
                                          f"encoder.lr")
     enc.eval()
-    stats = {"encoder_losses": losses, "encoder_seconds": time.perf_counter() - t0,
+    stats = {"encoder_losses": losses, "encoder_render_losses": render_losses,
+             "encoder_seconds": time.perf_counter() - t0,
              "encoder_render_seconds": t_render, "encoder_photos": len(p_img), "encoder_renders": len(r_img)}
     return enc, stats
 
