@@ -12,18 +12,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench import motion_correlations  # noqa: E402
-from benchmarks.stream_tracking import VIDEOS, cached_video, relative_to_reference  # noqa: E402
-from models.flame import FlameModel  # noqa: E402
+from benchmarks.stream_tracking import load_video, track_all  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 
 torch.set_num_threads(1)
-vid = sys.argv[1]
-per, size, n = VIDEOS[vid]
-cache = Path("output/stream_tracking")
-d = cached_video(cache, per, size)
-flame = FlameModel.from_data_dir(cache / "flame")
+d, flame, n = load_video(sys.argv[1])
 pts, iris = d["points"], d["irises"]
 T = pts.shape[0]
 cfg = FlameFitConfig()
@@ -32,14 +26,7 @@ cal, _ = FrameTracker.calibrate(flame, pts[:n], iris[:n], d["size"], cfg, True, 
 
 def run(tr: FrameTracker, label: str):
     """Track every frame with ``tr``; print the four correlations; (per-frame params, tracker)."""
-    out, refs = [], []
-    for i in range(T):
-        p, _ = tr.step(pts[i], iris[i])
-        out.append(p)
-        refs.append(tr.reference)
-    r = motion_correlations(relative_to_reference(out, refs), d["truth"])
-    print(f"{label:40s}", " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn")), flush=True)
-    return out, tr
+    return track_all(tr, d, label)[0], tr
 
 
 o_fix, _ = run(FrameTracker(flame, d["size"], cal.shape, cal.focal, cfg, cal.bias, 10), "fixed first")

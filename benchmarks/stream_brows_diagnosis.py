@@ -9,22 +9,16 @@ second argument it also prints the fitted brows coefficient (expression 2) frame
 import sys
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from pathlib import Path
 
 import torch
 
-from benchmarks.bench import motion_correlations
-from benchmarks.stream_tracking import VIDEOS, cached_video, relative_to_reference
-from models.flame import FlameModel
+from benchmarks.stream_tracking import load_video, track_all
 from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
 from utils.face.frame_tracker import FrameTracker
 
 torch.set_num_threads(1)
 vid = sys.argv[1]
-per, size, n = VIDEOS[vid]
-cache = Path("output/stream_tracking")
-d = cached_video(cache, per, size)
-flame = FlameModel.from_data_dir(cache / "flame")
+d, flame, n = load_video(vid)
 pts, iris, found = d["points"], d["irises"], d["found"]
 T = pts.shape[0]
 cfg = FlameFitConfig()
@@ -37,15 +31,7 @@ spread = torch.linspace(0, T - 1, n).round().long()
 firstk = torch.arange(n)
 S = {"first": calib(firstk), "spread": calib(spread)}
 def run(shape, fx, bias, label):
-    tr = FrameTracker(flame, d["size"], shape, fx, cfg, bias, 10)
-    out, refs = [], []
-    for i in range(T):
-        p, _ = tr.step(pts[i], iris[i])
-        out.append(p)
-        refs.append(tr.reference)
-    r = motion_correlations(relative_to_reference(out, refs), d["truth"])
-    print(f"{label:40s}", " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn")), flush=True)
-    return out
+    return track_all(FrameTracker(flame, d["size"], shape, fx, cfg, bias, 10), d, label)[0]
 print("truth expr2 range", d["truth"].expression[:, 2].min().item(), d["truth"].expression[:, 2].max().item())
 for a in (() if len(sys.argv) > 2 else ("first", "spread")):
     for b in ("first", "spread"):

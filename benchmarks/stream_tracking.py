@@ -77,6 +77,29 @@ def relative_to_reference(params: list[FlameParams], references: list[FlameParam
     return FlameParams.cat(out)
 
 
+def load_video(name: str, cache: Path = Path("output/stream_tracking")) -> tuple[dict, FlameModel, int]:
+    """The cached driving video ``name`` (a VIDEOS key; run this script first to fill ``cache``): (cached_video's
+    dict, the synthetic FLAME model, its shape_frames) for the diagnostic scripts beside this one."""
+    per, size, shape_frames = VIDEOS[name]
+    return cached_video(cache, per, size), FlameModel.from_data_dir(cache / "flame"), shape_frames
+
+
+def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, list, dict, list[float]]:
+    """Every frame of ``d`` through ``tracker`` -> (per-frame params, references, the four correlations against the
+    truth, per-frame wall ms); prints them under ``label`` when given."""
+    out, refs, ms = [], [], []
+    for i in range(d["points"].shape[0]):
+        t = time.perf_counter()
+        p, _ = tracker.step(d["points"][i], d["irises"][i])
+        ms.append(1000.0 * (time.perf_counter() - t))
+        out.append(p)
+        refs.append(tracker.reference)
+    r = motion_correlations(relative_to_reference(out, refs), d["truth"])
+    if label:
+        print(f"{label:40s}", " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn")), flush=True)
+    return out, refs, r, ms
+
+
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
                calibrated: dict | None = None, bias_correction: bool = True) -> dict:
     """One streamed pass; ``calibrated`` (filled on the first call) holds the first frames' calibration, so that
