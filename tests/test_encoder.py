@@ -16,6 +16,19 @@ ENC_OVERRIDES = {"steps": 300, "batch": 16, "samples": 48, "views_per_sample": 4
                  "arch.size": 32, "arch.channels": [16, 24, 32, 32], "arch.blocks": 1}
 
 
+def model_and_data(path, preprocessed_root):
+    """The model at ``path`` and its training identities' dataset from ``preprocessed_root`` (single-threaded)."""
+    from utils.core.config import from_dict
+    from utils.data.dataset import DataConfig, MultiViewDataset
+    from utils.data.model_file import load_model
+
+    model = load_model(path)
+    dcfg = from_dict(DataConfig, dict(model.config["data"]))
+    dcfg.root = str(preprocessed_root)
+    with single_thread():
+        return model, MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
+
+
 def tiny_encoder_config(**over):
     from utils.apps.train.encoder import EncoderTrainConfig
     from utils.core.config import build_config
@@ -27,17 +40,12 @@ def tiny_encoder_config(**over):
 def encoder_model(fit_model, preprocessed_root, tmp_path_factory):  # noqa: F811
     """A copy of the fit model with a tiny encoder trained on its data: (model.pt path, stats)."""
     from utils.apps.train.encoder import train_encoder
-    from utils.core.config import from_dict
-    from utils.data.dataset import DataConfig, MultiViewDataset
-    from utils.data.model_file import add_encoder, load_model
+    from utils.data.model_file import add_encoder
 
     path = tmp_path_factory.mktemp("encoder") / "model.pt"
     shutil.copy(fit_model, path)
-    model = load_model(path)
-    dcfg = from_dict(DataConfig, dict(model.config["data"]))
-    dcfg.root = str(preprocessed_root)
+    model, data = model_and_data(path, preprocessed_root)
     with single_thread():
-        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
         enc, stats = train_encoder(model, data, tiny_encoder_config(), progress=False)
     add_encoder(path, enc)
     return path, stats
@@ -185,17 +193,12 @@ def test_encoder_of_the_code_z(fit_model, preprocessed_root, tmp_path):  # noqa:
     from utils.apps.track.fit import start_candidates
     from utils.apps.track.targets import load_subject_target
     from utils.apps.train.encoder import train_encoder
-    from utils.core.config import from_dict
-    from utils.data.dataset import DataConfig, MultiViewDataset
     from utils.data.model_file import add_encoder, load_model
 
     path = tmp_path / "model.pt"
     shutil.copy(fit_model, path)
-    model = load_model(path)
-    dcfg = from_dict(DataConfig, dict(model.config["data"]))
-    dcfg.root = str(preprocessed_root)
+    model, data = model_and_data(path, preprocessed_root)
     with single_thread():
-        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
         enc, _ = train_encoder(model, data, tiny_encoder_config(steps=3, samples=2, **{"arch.space": "z"}),
                                progress=False)
         add_encoder(path, enc)
@@ -312,17 +315,12 @@ def test_photometric_training_round_trips(fit_model, preprocessed_root, tmp_path
     """encoder.render_weight > 0 (with and without the loss in w) trains, logs the photometric term, lowers it, and
     the encoder round-trips through model.pt; bad settings are refused."""
     from utils.apps.train.encoder import train_encoder
-    from utils.core.config import from_dict
-    from utils.data.dataset import DataConfig, MultiViewDataset
     from utils.data.model_file import add_encoder, load_model
 
     path = tmp_path / "model.pt"
     shutil.copy(fit_model, path)
-    model = load_model(path)
-    dcfg = from_dict(DataConfig, dict(model.config["data"]))
-    dcfg.root = str(preprocessed_root)
+    model, data = model_and_data(path, preprocessed_root)
     with single_thread():
-        data = MultiViewDataset(dcfg, "cpu", identities=model.identities, progress=False)
         with pytest.raises(ValueError, match="render_weight"):
             train_encoder(model, data, tiny_encoder_config(render_weight=0.0, style_weight=0.0), progress=False)
         cfg = tiny_encoder_config(steps=200, samples=8, views_per_sample=2, render_weight=1.0, style_weight=0.0,
