@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import driving_video  # noqa: E402
-from benchmarks.stream_tracking import VIDEOS, cached_video  # noqa: E402
+from benchmarks.stream_tracking import VIDEOS, load_video  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker  # noqa: E402
@@ -119,10 +119,9 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    per, size, shape_frames = VIDEOS[a.video]
+    per, size, _ = VIDEOS[a.video]
     cache = Path(a.cache)
-    d = cached_video(cache, per, size)
-    flame = FlameModel.from_data_dir(cache / "flame")
+    d, flame, shape_frames = load_video(a.video, cache)
     video, _ = driving_video(types.SimpleNamespace(flame_dir=cache / "flame"), torch.device("cpu"), per, size)
     frames, _, _ = read_video(video)
     results: dict[str, list] = {"alone": [], "threads": [], "process": []}
