@@ -657,7 +657,12 @@ def main() -> None:
             variants.update({"encoder_alone": {"init": "encoder", "iterations": 0, "refine_colour": False},
                              "encoder": {"init": "encoder"},
                              "encoder_half": {"init": "encoder", "iterations": half, "min_iterations": half},
-                             "mean": {"init": "mean"}})
+                             "mean": {"init": "mean"},
+                             # the short schedules of README (issue 25's <= 0.5 s and <= 0.3 s rows)
+                             "encoder_25_20": {"init": "encoder", "iterations": 25, "min_iterations": 25,
+                                               "colour_iterations": 20},
+                             "encoder_15_10_half": {"init": "encoder", "iterations": 15, "min_iterations": 15,
+                                                    "colour_iterations": 10, "code_scale": 0.5}})
         fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
                         long_iterations=20 if args.quick else 1000, variants=variants)
         rows.update({f"fit_{k}": v for k, v in fit.items()})
