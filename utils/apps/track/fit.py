@@ -424,12 +424,12 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         if cfg.space == "z" and c.z is None:
             raise ValueError(f"fit.init={cfg.init} holds no z code (it was fitted in w space); use fit.space=w")
         cands = {Path(cfg.init).name: (c.w, c.z)}
-    start_losses: dict[str, float] = {}
-    if len(cands) > 1:  # a choice to make; a single start's loss is the first iteration's (read after the loop)
-        with torch.no_grad():
-            for name, (w_c, _) in cands.items():
-                pred = render_style(model, w_c, base0, [cam_c], backend)[0]
-                start_losses[name] = float(photometric(pred, gt_c, cfg, eyes_c, code_eye_w))
+    @torch.no_grad()
+    def start_loss(w_c: Tensor) -> float:
+        return float(photometric(render_style(model, w_c, base0, [cam_c], backend)[0], gt_c, cfg, eyes_c, code_eye_w))
+
+    # a choice to make: every candidate rendered; a single start's loss is the first iteration's (read after the loop)
+    start_losses = {name: start_loss(w_c) for name, (w_c, _) in cands.items()} if len(cands) > 1 else {}
     start = min(start_losses, key=start_losses.get) if start_losses else next(iter(cands))
     w0, z0 = cands[start]
     var = (w0 if cfg.space == "w" else z0).detach().clone().requires_grad_(True)
@@ -488,13 +488,8 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
             if stopped:
                 break
     bar.close()
-    if not start_losses:
-        if it > 0:
-            start_losses[start] = float(first_loss)
-        else:  # no iterations (fit.iterations 0): render the start once for its loss
-            with torch.no_grad():
-                pred = render_style(model, w0, base0, [cam_c], backend)[0]
-                start_losses[start] = float(photometric(pred, gt_c, cfg, eyes_c, code_eye_w))
+    if not start_losses:  # no iterations (fit.iterations 0): the start rendered once for its loss
+        start_losses[start] = float(first_loss) if it > 0 else start_loss(w0)
     with torch.no_grad():
         w_fit = style_of(var).detach()
         base_fit = (base0 if offsets is None else base0 + offsets).detach()

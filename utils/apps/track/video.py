@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from models.camera import Camera
 from models.flame import FlameModel, FlameParams, save_nersemble_tracking
 from models.geometry import UniformLaplacian
 from models.renderer import render
@@ -350,9 +351,12 @@ def track_video(cfg: TrackConfig) -> dict:
         if cfg.video_refine.camera_focal or cfg.video_refine.camera_principal:
             # the clip's refined camera: every frame (held-out ones too) is seen through it from here on
             rc = refined.camera
-            cam = refined_camera(cam, rc["focal_scale"], rc["principal_shift"], rc["tracked_focal_px"])
-            views = {t: replace(v, camera=refined_camera(v.camera, rc["focal_scale"], rc["principal_shift"],
-                                                         rc["tracked_focal_px"])) for t, v in views.items()}
+
+            def corrected(c: Camera) -> Camera:
+                return refined_camera(c, rc["focal_scale"], rc["principal_shift"], rc["tracked_focal_px"])
+
+            cam = corrected(cam)
+            views = {t: replace(v, camera=corrected(v.camera)) for t, v in views.items()}
         allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
         times["fit_refine"] = time.perf_counter() - t0
     elif cfg.fit.refine_colour and cfg.fit.colour_iterations > 0:
