@@ -171,11 +171,14 @@ def _cumsum_rows(x: Tensor) -> Tensor:
     """Cumulative sum over dim 0 of a (P, K) tensor with small K.
 
     CUDA scans along an outer dimension one thread per column (K threads for millions of rows): far too slow, so
-    there the scan runs along the contiguous dimension of the transpose.
+    there the scan runs along the contiguous dimension of the transpose.  The CPU's scan along dim 0 is slow too
+    (about twice the time of transposing, scanning the contiguous rows and transposing back, on a 2-core x86 CPU:
+    benchmarks/results/run_training_cpu_2026-12-06b.md); each column is still summed in row order, so the result
+    is bit-identical.
     """
     if x.is_cuda:
         return torch.cumsum(x.t().contiguous(), 1).t()
-    return torch.cumsum(x, 0)
+    return torch.cumsum(x.t().contiguous(), 1).t().contiguous()
 
 
 def _chunk_forward(tab: Tensor, featpad: Tensor, plan: _TilePlan, r0: int, r1: int, s0: int, s1: int):
