@@ -242,6 +242,7 @@ class Trainer:
         self.eye_landmarks = embedding_for_flame(self.data.flame, self.data.mask_ids)  # None: no eye-region metrics
         eye_masks = eye_masks_of(self.data, self.eye_landmarks) if cfg.loss.eye_weight > 0 else None
         self.eye_masks = eye_masks  # (I, S, h, w, 1) uint8, or None
+        self._eye_cache: dict[tuple[int, tuple[int, ...]], Tensor] = {}  # evaluate()'s eye regions, by view set
         self.module: nn.Module = training_module(self.field, self.device, cfg.compile, cfg.precision, self.ddp)
         self.opt = make_optimizer(self.field, cfg.optim, self.device)
         self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
@@ -345,20 +346,18 @@ class Trainer:
         groups = {"heldout_views": self.data.serial_index(self.data.eval_serials),
                   "train_views": self.train_ids.tolist()}
         grid = None
+        # each identity's cloud once for both groups (the field's output does not depend on the cameras)
+        clouds = {i: self.field(self.field.codes.weight[i : i + 1], self.vertices(torch.tensor([i])))
+                  for i in ids.tolist()}
         for name, serial_ids in groups.items():
             if not serial_ids:
                 continue
             per_view: dict[str, list[Tensor]] = {}
             for i in ids.tolist():
-                verts = self.vertices(torch.tensor([i]))
-                cloud = self.field(self.field.codes.weight[i : i + 1], verts)
-                pred, gt = self.render_views(cloud, torch.tensor([i]), torch.tensor([serial_ids]))
+                pred, gt = self.render_views(clouds[i], torch.tensor([i]), torch.tensor([serial_ids]))
                 pred = pred[0].clamp(0, 1)
                 face = self.data.masks[i, serial_ids].float() / 255.0
-                eyes = None
-                if self.eye_landmarks is not None:  # the same views inside the eye regions (utils/face/regions.py)
-                    eyes = eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]),
-                                            [self.data.cameras[i][v] for v in serial_ids], face)
+                eyes = self._eval_eye_masks(i, serial_ids, face)
                 for k, v in view_metrics(pred, gt[0], face, eyes).items():
                     per_view.setdefault(k, []).append(v)
                 if i == 0 and name == "heldout_views":
@@ -372,6 +371,18 @@ class Trainer:
         if grid is not None:
             out["_grid"] = grid
         return out
+
+    def _eval_eye_masks(self, i: int, serial_ids: list[int], face: Tensor) -> Tensor | None:
+        """(C, h, w, 1) eye regions of identity ``i`` in views ``serial_ids`` inside its face masks ``face``
+        (C, h, w, 1), or None without eye landmarks.  They depend only on the data (the identity's FLAME vertices,
+        cameras and masks), so each evaluation after the first reuses them (utils/face/regions.py)."""
+        if self.eye_landmarks is None:
+            return None
+        key = (i, tuple(serial_ids))
+        if key not in self._eye_cache:
+            self._eye_cache[key] = eye_region_masks(self.eye_landmarks(self.data.base_vertices[i]),
+                                                    [self.data.cameras[i][v] for v in serial_ids], face)
+        return self._eye_cache[key]
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
