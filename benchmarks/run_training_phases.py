@@ -7,7 +7,7 @@ one checkpoint write and the model export.  It also records every step's loss te
 compared bit for bit on the same first steps:
 
     python benchmarks/run_training_phases.py --data_root syn_data --steps 30 --json /tmp/after.json
-    python benchmarks/run_training_phases.py --repo /tmp/main_src --data_root syn_data --steps 30 --json /tmp/before.json
+    python benchmarks/run_training_phases.py --repo /tmp/main --data_root syn_data --steps 30 --json /tmp/before.json
     python benchmarks/run_training_phases.py --compare /tmp/before.json /tmp/after.json
 
 ``--repo``: the checkout whose code is timed (default: this one).  Writes only under ``--out`` (a temporary folder).

@@ -524,3 +524,13 @@ def test_parity_benchmark_fails_below_target():
     assert P.cosine(torch.zeros(3), torch.zeros(3)) == 1.0 and P.cosine(torch.zeros(3), torch.ones(3)) == 0.0
     # A backend asked for but not available is an error before any rendering (no CUDA here).
     assert P.main(["--quick", "--device", "cpu", "--backends", "torch", "inria"]) == 2
+
+
+def test_cpu_row_cumsum_is_bit_identical_to_torch_cumsum():
+    # the CPU scan runs over the contiguous transpose for speed; every column must still be summed in row order
+    from models.renderer.torch_backend import _cumsum_rows
+
+    x = torch.randn(5000, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = _cumsum_rows(x)
+    assert out.shape == x.shape and out.is_contiguous()
+    assert torch.equal(out, torch.cumsum(x, 0))

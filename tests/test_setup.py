@@ -84,3 +84,27 @@ def test_setup_uses_apt_with_sudo_when_not_root(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = log.read_text().splitlines()
     assert lines[0] == "sudo" and any("install -y -qq chromium" in line for line in lines)
+
+
+def test_run_training_tunes_the_cpu_allocator_unless_told_otherwise(tmp_path):
+    # run_training.sh with a stub python that records its environment: no data generation, no training
+    log = tmp_path / "env.log"
+    stub = tmp_path / "py"
+    stub.write_text(f'#!/bin/sh\necho "$THP_MEM_ALLOC_ENABLE|$GLIBC_TUNABLES" >> {log}\nexit 0\n')
+    stub.chmod(stat.S_IRWXU)
+    (tmp_path / "syn").mkdir()
+    (tmp_path / "syn" / "synthetic_info.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")}
+    env.update(PYTHON=str(stub), SYNTHETIC_DATA=str(tmp_path / "syn"))
+    r = subprocess.run([_bash(), str(REPO / "run_training.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3  # FLAME2PLY, projection_ply, train.py
+    thp, tunables = lines[-1].split("|")
+    assert thp == "1" and "glibc.malloc.mmap_threshold=" in tunables and "glibc.malloc.trim_threshold=" in tunables
+    # the user's own settings win
+    log.unlink()
+    env.update(THP_MEM_ALLOC_ENABLE="0", GLIBC_TUNABLES="glibc.malloc.arena_max=2")
+    r = subprocess.run([_bash(), str(REPO / "run_training.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().splitlines()[-1] == "0|glibc.malloc.arena_max=2"

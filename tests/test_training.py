@@ -158,3 +158,20 @@ def test_clear_errors(preprocessed_root, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="flame2023.pkl"):
         Trainer(tiny_config(preprocessed_root, tmp_path / "o3", **{"data.flame_dir": str(empty)}))
+
+
+def test_evaluation_reuses_eye_regions_and_repeats_exactly(preprocessed_root, tmp_path, monkeypatch):
+    import utils.apps.train.trainer as trainer_mod
+
+    tr = Trainer(tiny_config(preprocessed_root, tmp_path, steps=2))
+    calls = []
+    real = trainer_mod.eye_region_masks
+    monkeypatch.setattr(trainer_mod, "eye_region_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = tr.evaluate()
+    n_first = len(calls)
+    second = tr.evaluate()
+    # eye regions depend only on the data: computed by the first evaluation (if the data has eye landmarks), not again
+    assert len(calls) == n_first
+    assert n_first == (0 if tr.eye_landmarks is None else
+                       sum(1 for g in (tr.data.eval_serials, tr.data.train_serials) if g) * first["eval_identities"])
+    assert {k: v for k, v in first.items() if k != "_grid"} == {k: v for k, v in second.items() if k != "_grid"}
