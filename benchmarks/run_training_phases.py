@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -76,6 +77,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30, help="training steps timed (of the preset's schedule)")
     p.add_argument("--eval", type=int, default=1, help="evaluations timed (default: %(default)s)")
     p.add_argument("--out", default=None, help="scratch output folder (default: a temporary one)")
+    p.add_argument("--resume_from", default=None,
+                   help="a run folder of the same preset and data (e.g. output/cpu): its checkpoints are copied into "
+                   "--out and the timed steps continue from the newest one (late steps: smaller Gaussians, faster)")
     p.add_argument("--json", default=None, help="write phases, losses and evaluation metrics here")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two --json files and exit")
     args = p.parse_args()
@@ -98,7 +102,10 @@ def main() -> int:
     torch, TrainConfig, Trainer, build_config = ph.run("imports", imports)
     out = args.out or tempfile.mkdtemp(prefix="phases_")
     cfg = build_config(TrainConfig, args.config, overrides={"data.root": data_root, "out": out, "progress": False})
-    trainer = ph.run("build (data + model)", lambda: Trainer(cfg, overwrite=True))
+    if args.resume_from:
+        shutil.copytree(Path(args.resume_from) / "checkpoints", Path(out) / "checkpoints", dirs_exist_ok=True)
+    trainer = ph.run("build (data + model)", lambda: Trainer(cfg, resume=bool(args.resume_from),
+                                                             overwrite=not args.resume_from))
     losses: list[dict[str, float]] = []
 
     def steps():
@@ -119,7 +126,9 @@ def main() -> int:
     ph.run("checkpoint write", trainer.save_checkpoint)
     ph.run("export model.pt", trainer.export)
     trainer.close()
-    doc = {"repo": str(repo), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg(),
+    doc = {"repo": str(repo), "start_step": trainer.step - args.steps, "torch_threads": torch.get_num_threads(),
+           "load_avg": os.getloadavg(),
+           "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES")},
            "phases": ph.rows, "losses": losses,
            "evaluation": {k: v for k, v in metrics.items() if not k.startswith("_")}}
     for k, r in ph.rows.items():
