@@ -6,19 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
-# CPU memory: the torch rasterizer allocates and frees tens of MB per render, and by default every such buffer is
-# mmapped fresh and page-faulted in again (a fifth of the CPU time went to the kernel). Transparent huge pages for
-# torch's large buffers, and glibc keeping freed memory instead of returning it, remove most of that; the numbers
-# are unchanged (benchmarks/results/run_training_cpu_2026-12-06b.md). Set either variable yourself to override.
-export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1}
-if [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.* ]]; then
-  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
-fi
-
 has_flag() { local f=$1; shift; for a in "$@"; do [[ "$a" == "$f" || "$a" == "$f="* ]] && return 0; done; return 1; }
 
 if has_flag --data_root "$@" || has_flag --data.root "$@"; then
   exec "$PY" train.py --config configs/nersemble.yaml --out output/nersemble "$@"
+fi
+
+# CPU preset, memory: the torch rasterizer allocates and frees tens of MB per render, and by default glibc mmaps
+# each such buffer afresh and the kernel faults its pages in again (a fifth to a third of the CPU time). Transparent
+# huge pages for torch's large buffers and glibc keeping freed memory remove most of that; the results are
+# bit-identical (benchmarks/results/run_training_cpu_2026-12-06b.md). Set either variable yourself to override.
+export THP_MEM_ALLOC_ENABLE=${THP_MEM_ALLOC_ENABLE:-1}
+MALLOC_SETTINGS=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824  # 32 MB, 1 GB
+if [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.* ]]; then
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}$MALLOC_SETTINGS"
 fi
 
 SYN=${SYNTHETIC_DATA:-syn_data}
