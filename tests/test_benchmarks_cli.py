@@ -2,6 +2,7 @@
 (the scripts put the repository root on sys.path themselves; a project import above that line fails here)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,19 @@ def test_bench_refuses_photo_with_the_real_size_stand_in(tmp_path):
                           "fit,photo"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 2
     assert "--parts photo needs the FLAME-topology mask" in run.stderr
+
+
+def test_run_training_phases_compare_flags_different_losses(tmp_path):
+    # --compare exits 0 when the per-step losses are bit-identical, 1 (naming the first step that differs) when not
+    row = {"wall_s": 1.0, "user_s": 1.0, "sys_s": 0.1}
+    docs = {"a": [{"loss": 0.5}, {"loss": 0.25}], "b": [{"loss": 0.5}, {"loss": 0.25}],
+            "c": [{"loss": 0.5}, {"loss": 0.2500001}]}
+    for name, losses in docs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"phases": {"train": row}, "losses": losses}))
+    script = str(REPO / "benchmarks" / "run_training_phases.py")
+    same = subprocess.run([sys.executable, script, "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert same.returncode == 0 and "bit-identical: True" in same.stdout, same.stdout + same.stderr
+    diff = subprocess.run([sys.executable, script, "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")],
+                          capture_output=True, text=True, timeout=60)
+    assert diff.returncode == 1 and "first difference at step 2" in diff.stdout, diff.stdout + diff.stderr
