@@ -102,6 +102,10 @@ class FlameFitConfig:
     max_rejections: int = 0  # give up after this many rejected LM steps in a row (0: until the damping reaches 1e10)
     tolerance: float = 1e-6  # stop a stage when an accepted step lowers the loss by less than this fraction
     contour_passes: int = 3  # most narrow-scale solves, re-looking up the jaw-contour rows after each
+    # the Jacobians in closed form (LandmarkFlame.posed_with_jacobian; the shape through LandmarkFlame.free_shape)
+    # whenever the focal length is fixed and FLAME has its dynamic contour embedding: the same numbers as autograd's
+    # (tests/test_flame_fit.py), without a backward pass through T x K copies of the frames.  false: autograd always
+    closed_form: bool = True
 
     RANGES = {"focal": Range(0), "focal_ratio": Range(0, lo_open=True), "focal_std": Range(0, lo_open=True),
               "rigid_iterations": Range(0), "iterations": Range(0), "num_shape": Range(0), "num_expression": Range(0),
@@ -253,6 +257,9 @@ class FitProblem:
     # tracking with the shape fitted (ShapeRefinement): LandmarkFlame.free_shape(), whose closed-form Jacobian
     # includes the shape coefficients
     lf_free: LandmarkFlame | None = None
+    # the Jacobians in closed form (:func:`_analytic_terms`) without the tracker's early stop (a full fit with
+    # ``FlameFitConfig.closed_form``); ``tracking`` implies it
+    analytic: bool = False
     lam: float = 1e-3  # Levenberg-Marquardt damping where a resumed solve left it (_levenberg_marquardt(resume=True))
     converged: bool = False  # the last _levenberg_marquardt call stopped before max_iter (converged or stuck)
     K: int = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
@@ -429,7 +436,7 @@ def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scal
     """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
     backward pass through a batch that repeats every frame once per residual (frames are independent given the
     shared variables, which every row gets a copy of)."""
-    if p.tracking:
+    if p.tracking or p.analytic:
         return _analytic_terms(p, Xv, Yv, rows, scale, rigid, jac)
     T, K, dev, sel, idx_rep = p.T, p.K, p.dev, p.sel, p.idx_rep
     F, S = Xv.to(dev, p.dt), Yv.to(dev, p.dt)[None].expand(T, -1)
@@ -552,6 +559,7 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         tdiag = deg * tw[fi].square()
     lam = p.lam if resume else 1e-3
     p.converged = False
+    closed = p.tracking or p.analytic  # the Jacobian comes with a candidate's residuals
     r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
     c = _cost(p, r, X, Y)
     for _ in range(max_iter):
@@ -591,9 +599,9 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             Xn, Yn = X.clone(), Y.clone()
             Xn[:, fi] += dx
             Yn[si] += ds
-            # tracking: the Jacobian comes with the candidate's residuals (closed form, cheap), so an accepted step
-            # needs no second evaluation
-            rn, Jfn, Jsn = _data_terms(p, Xn, Yn, rows, scale, rigid, p.tracking)
+            # closed form: the Jacobian comes with the candidate's residuals (cheap), so an accepted step needs no
+            # second evaluation
+            rn, Jfn, Jsn = _data_terms(p, Xn, Yn, rows, scale, rigid, closed)
             cn = _cost(p, rn, Xn, Yn)
             if math.isfinite(cn) and cn < c:
                 improved = True
@@ -609,7 +617,7 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         if rel < cfg.tolerance:
             p.converged = True
             break
-        r, Jf, Js = (rn, Jfn, Jsn) if p.tracking else _data_terms(p, X, Y, rows, scale, rigid, True)
+        r, Jf, Js = (rn, Jfn, Jsn) if closed else _data_terms(p, X, Y, rows, scale, rigid, True)
     p.lam = lam
     return c / p.n_points
 
@@ -695,9 +703,10 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
 
     The loss (a MAP estimate, see :class:`FlameFitConfig`) is a sum of squares: whitened robust landmark residuals,
     the priors as standard scores and, for T > 1, the frame-to-frame changes.  It is minimised by Levenberg-Marquardt
-    (:func:`_levenberg_marquardt`) with the exact Jacobian from autograd: frames are independent given the shared
-    shape and focal length, so one backward pass through a batch that repeats every frame once per residual yields
-    every frame's Jacobian block.  Stages: the starting pose (:func:`_initial_pose`: PnP or ``init``), rigid
+    (:func:`_levenberg_marquardt`) with the exact Jacobian: in closed form (:func:`_analytic_terms`) when the focal
+    length is fixed and FLAME has its contour embedding (``cfg.closed_form``), else from autograd (frames are
+    independent given the shared shape and focal length, so one backward pass through a batch that repeats every
+    frame once per residual yields every frame's Jacobian block).  Stages: the starting pose (:func:`_initial_pose`: PnP or ``init``), rigid
     (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale), then everything with the
     wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`); the contour rows are looked
     up between stages.
@@ -725,7 +734,11 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     t_start = time.perf_counter()
     lf = landmark_flame if landmark_flame is not None else LandmarkFlame(flame)
     p = _make_problem(lf, targets, cfg, shape, init, previous)
-    p.tracking = tracking and not p.fit_shape and not cfg.fit_focal and lf.has_contour
+    closed_ok = not cfg.fit_focal and lf.has_contour
+    p.tracking = tracking and not p.fit_shape and closed_ok
+    p.analytic = cfg.closed_form and closed_ok
+    if p.analytic and p.fit_shape:  # the shape's Jacobian: its blendshapes as 300 more coefficients
+        p.lf_free = lf.free_shape()
     losses: dict[str, float] = {}
     if cfg.rigid_iterations > 0:
         losses["rigid"] = _rigid_stage(p)
