@@ -62,8 +62,8 @@ from utils.apps.track.config import (
 )
 from utils.apps.track.fit import fit_identity  # noqa: E402
 from utils.apps.track.pipeline import track  # noqa: E402
-from utils.apps.track.video import track_video  # noqa: E402
 from utils.apps.track.targets import FitTarget  # noqa: E402
+from utils.apps.track.video import track_video  # noqa: E402
 from utils.apps.train.encoder import EncoderTrainConfig, train_encoder  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
@@ -718,11 +718,13 @@ def main() -> None:
     video_size = args.video_size if args.video_size is not None else (128 if args.quick else 512)
     if "video" in parts and (not video_seconds > 0 or video_size < 32):  # refused before the training
         p.error(f"--video_seconds must be > 0 and --video_size >= 32, got {video_seconds:g} and {video_size}")
-    if args.gaussians is not None and "photo" in parts:
-        # the photo path fits FLAME to landmarks and projects FLAME's own face mask; the real-size stand-in mesh is
-        # not FLAME's (its model.pt refuses the FLAME files), so this pair measured nothing before failing at the end
-        p.error("--parts photo needs the FLAME-topology mask; leave --gaussians out for it (the real-size stand-in "
-                "is not FLAME's mesh)")
+    for part in ("photo", "video"):
+        if args.gaussians is not None and part in parts:
+            # the photo and video paths fit FLAME to landmarks and project FLAME's own face mask; the real-size
+            # stand-in mesh is not FLAME's (its model.pt refuses the FLAME files), so such a pair measured nothing
+            # before failing at the end
+            p.error(f"--parts {part} needs the FLAME-topology mask; leave --gaussians out for it (the real-size "
+                    f"stand-in is not FLAME's mesh)")
     cfg = build_config(TrainConfig, args.config, overrides=overrides)
     if args.quick:
         cfg.batch_identities, cfg.batch_views = 2, 2

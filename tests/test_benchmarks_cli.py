@@ -31,6 +31,9 @@ def test_bench_refuses_photo_with_the_real_size_stand_in(tmp_path):
                           "fit,photo"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 2
     assert "--parts photo needs the FLAME-topology mask" in run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gaussians", "46987", "--parts",
+                          "video"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2 and "--parts video needs the FLAME-topology mask" in run.stderr, run.stderr[-2000:]
 
 
 def test_bench_video_quick_rows(tmp_path):

@@ -21,9 +21,9 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
               refinement), camera_params.json (the fitted camera; refined with video_refine.camera_*),
               metrics.json (PSNR / SSIM / LPIPS in the face mask on held-out and training frames, for the fit, the
-              code alone and the mean code; seconds per phase, and the tracking phase's parts in seconds_tracking), heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4;
-              written to a temporary folder first, so a
-              failing run leaves nothing half-written in --out
+              code alone and the mean code; seconds per phase, and the tracking phase's parts in
+              seconds_tracking), heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4; written to a
+              temporary folder first, so a failing run leaves nothing half-written in --out
 
 Pivotal tuning (``video_refine.network_lr`` > 0) is baked into code.pt as a per-Gaussian residual of every raw channel
 (utils/apps/track/video_refine.py), so the shared model file is never changed.  ``video_refine.camera_focal`` /
