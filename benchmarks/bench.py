@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -472,12 +473,16 @@ def bench_video(model_path: Path, data, device: torch.device, backend: str, seco
     path, T = head_turn_video(data, device, seconds, size, subdivision=1 if quick else 2,
                               focal_ratio=cfg.flame_fit.focal_ratio)
     cfg.video = str(path)
-    sync(device)
-    reset_peak(device)
-    t0 = time.perf_counter()
-    m = track_video(cfg)
-    sync(device)
-    total = time.perf_counter() - t0
+    try:
+        sync(device)
+        reset_peak(device)
+        t0 = time.perf_counter()
+        m = track_video(cfg)
+        sync(device)
+        total = time.perf_counter() - t0
+    finally:  # the clip and the avatar are not kept (a 10 s clip and its outputs: tens of MB per run)
+        shutil.rmtree(path.parent, ignore_errors=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
     rows = {"video_clip": f"{T} frames {size}x{size} @{VIDEO_FPS:g}fps, identity 017 turning its head "
                           f"(yaw +-35, pitch +-15 deg, expressions)",
             "video_timed_span": "mp4 on disk -> code.pt, flame_fit.npz, heldout.mp4, metrics.json (model load, "
