@@ -67,6 +67,7 @@ from utils.apps.track.targets import FitTarget  # noqa: E402
 from utils.apps.track.video import track_video  # noqa: E402
 from utils.apps.train.encoder import EncoderTrainConfig, train_encoder  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
+from utils.core.atomic import atomic_write_text  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
 from utils.core.images import to_uint8  # noqa: E402
@@ -693,6 +694,9 @@ def main() -> None:
     p.add_argument("--encoder_steps", type=int, default=2000, help="encoder training steps (with --encoder)")
     p.add_argument("--encoder_samples", type=int, default=512,
                    help="sampled identities rendered for encoder training (with --encoder)")
+    p.add_argument("--encoder_set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="EncoderTrainConfig overrides of the benchmark's encoder (with --encoder), e.g. "
+                        "render_weight=0 (the loss in w only)")
     p.add_argument("--photo_variant", nargs="*", default=[], metavar="NAME:KEY=VALUE,...",
                    help="--parts photo: extra runs with track.py overrides, each reported as photo_<NAME>_* rows, "
                         "e.g. fast:fit.iterations=25,fit.colour_iterations=20")
@@ -748,8 +752,15 @@ def main() -> None:
     trainer.export()
     if args.encoder:
 
-        ecfg = EncoderTrainConfig(steps=2 if args.quick else args.encoder_steps,
-                                  samples=2 if args.quick else args.encoder_samples, backend=cfg.backend)
+        enc_over = {}
+        for kv in args.encoder_set:
+            key, sep, val = kv.partition("=")
+            if not sep or key not in EncoderTrainConfig.__dataclass_fields__:
+                p.error(f"--encoder_set: expected KEY=VALUE with KEY a field of EncoderTrainConfig, got {kv!r}")
+            enc_over[key] = _auto(val)
+        ecfg = EncoderTrainConfig(**{"steps": 2 if args.quick else args.encoder_steps,
+                                     "samples": 2 if args.quick else args.encoder_samples, "backend": cfg.backend,
+                                     **enc_over})
         sync(device)
         enc, stats = train_encoder(load_model(Path(cfg.out) / "model.pt", device), data, ecfg, progress=False)
         sync(device)
@@ -758,11 +769,29 @@ def main() -> None:
                      "encoder_render_seconds": stats["encoder_render_seconds"],
                      "encoder_final_loss": stats["encoder_losses"][-1]})
     cam_full = heldout[0][SERIALS.index(FRONTAL_SERIAL)][2]
+    env = environment(device)
+    header = (f"config {args.config}, level {args.level}{' (real-size mask stand-in)' if args.gaussians else ''}, "
+              f"{args.identities} identities, {data.images.shape[-2]}x{data.images.shape[-3]} crops of "
+              f"{cam_full.width}x{cam_full.height} views")
+
+    def save(done: bool = False) -> str:
+        """The table so far (written to --out after every part, so a run cut short by a time limit keeps what it
+        measured); ``done`` False marks it partial."""
+        table = results_table(env, header, rows, done)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(table + "\n", Path(args.out))
+            atomic_write_text(json.dumps({"env": env, "rows": rows, "complete": done}, indent=1, default=str),
+                              Path(args.out).with_suffix(".json"))
+        return table
+
     if "render" in parts:
         rows.update(bench_render(trainer.field.eval(), data.base_vertices, data.plan, cam_full, device,
                                  args.render_repeats, cfg.backend, args.synth_precision))
+        save()
     if "animate" in parts:
         rows.update(bench_animation(trainer.field.eval(), data, device, args.render_repeats, cfg.backend))
+        save()
     if "fit" in parts:
         variants = {}
         for spec in args.fit_variant:
@@ -783,9 +812,22 @@ def main() -> None:
         fit = bench_fit(Path(cfg.out) / "model.pt", heldout, device, cfg.backend,
                         long_iterations=20 if args.quick else 1000, variants=variants)
         rows.update({f"fit_{k}": v for k, v in fit.items()})
+        save()
+    if "photo" in parts:  # before the long parts: a run cut short by a time limit keeps it
+        # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
+        photo_runs = {"": {}}
+        for spec in args.photo_variant:
+            name, _, kvs = spec.partition(":")
+            photo_runs[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        for name, over in photo_runs.items():
+            got = bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
+                              repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0, overrides=over)
+            rows.update({k if not name else k.replace("photo_", f"photo_{name}_", 1): v for k, v in got.items()})
+            save()
     if "reenact" in parts:
         rows.update(bench_reenactment(data, device, per_transition=3 if args.quick else 12,
                                       size=256 if args.quick else 512))
+        save()
     if "stream" in parts:
         try:
             workers = [int(w) for w in args.stream_workers.split(",") if w]
@@ -809,34 +851,22 @@ def main() -> None:
                                  per_transition=3 if args.quick else 12, size=256 if args.quick else 512,
                                  render=64 if args.quick else 512, shape_frames=8 if args.quick else 16,
                                  threads=threads, processes=[v == "1" for v in procs]))
+        save()
     if "video" in parts:
         rows.update(bench_video(Path(cfg.out) / "model.pt", data, device, cfg.backend, video_seconds, video_size,
                                 quick=args.quick))
-    if "photo" in parts:
-        # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
-        photo_runs = {"": {}}
-        for spec in args.photo_variant:
-            name, _, kvs = spec.partition(":")
-            photo_runs[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
-        for name, over in photo_runs.items():
-            got = bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
-                              repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0, overrides=over)
-            rows.update({k if not name else k.replace("photo_", f"photo_{name}_", 1): v for k, v in got.items()})
-    env = environment(device)
-    lines = [f"# bench.py on {env['card']}", "",
-             "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "",
-             f"config {args.config}, level {args.level}"
-             f"{' (real-size mask stand-in)' if args.gaussians else ''}, {args.identities} identities, "
-             f"{data.images.shape[-2]}x{data.images.shape[-3]} crops of {cam_full.width}x{cam_full.height} views", "",
+        save()
+    print(save(done=True))
+
+
+def results_table(env: dict, header: str, rows: dict, done: bool = True) -> str:
+    """The Markdown table of a run: the environment line, ``header`` and one row per figure."""
+    lines = [f"# bench.py on {env['card']}{'' if done else ' (partial: the run had not finished)'}", "",
+             "| " + " | ".join(f"{k}: {v}" for k, v in env.items()) + " |", "", header, "",
              "| metric | value |", "|---|---|"]
     for k, v in rows.items():
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+    return "\n".join(lines)
 
 
 def _auto(v: str):
