@@ -9,7 +9,7 @@ the landmarks cached, so tracker variants compare frame for frame on the same po
     batch       utils/face/reenactment.py ``fit_video_motion`` (the shape from ``shape_frames`` frames spread over the
                 video), cached as batch_<shape_frames>.pt
     stream      utils/face/frame_tracker.py ``FrameTracker`` as animate.py --stream runs it: calibrated on the first
-                ``shape_frames`` frames, then one frame at a time (``stream_iterations`` 10), with the shape refined on
+                ``shape_frames`` frames, then one frame at a time (``--stream_iterations``, animate.py's default), with the shape refined on
                 kept frames (``--refine_frames``; 0: the first frames' shape only); head rotation measured from the
                 tracker's reference frame as ``--pose relative`` does
 
@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import driving_video, motion_correlations  # noqa: E402
+from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
@@ -105,15 +106,15 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
     """One streamed pass; ``calibrated`` (filled on the first call of each ``closed_form``) holds the first frames'
     calibration, so that variants start from the identical tracker without repeating the calibration (7-30 s CPU).
     ``iterations``: Levenberg-Marquardt iterations per warm-started frame (``--stream_iterations``); ``closed_form``:
-    FrameTracker.calibrate's closed-form Jacobians (False: autograd, as before 2026-12-06b)."""
+    the calibration fit's ``FlameFitConfig.closed_form`` (False: autograd, as before 2026-12-06)."""
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
     calibrated = {} if calibrated is None else calibrated
     calibrated = calibrated.setdefault(bool(closed_form), {})
     if not calibrated:
         t, c = time.perf_counter(), time.process_time()
-        tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size, FlameFitConfig(),
-                                       True, iterations, refine, closed_form=closed_form)
+        tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size,
+                                       FlameFitConfig(closed_form=closed_form), True, iterations, refine)
         calibrated.update(shape=tr.shape.clone(), focal=tr.focal, bias=tr.bias.clone(),
                           seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c)
     tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], FlameFitConfig(), calibrated["bias"],
@@ -155,7 +156,7 @@ def main() -> None:
                          "re-estimate the detector offset with the shape; stream_iterations=N: LM iterations per "
                          "frame; closed_form=0/1: the calibration's Jacobians), e.g. frames=16,blend_frames=8 or "
                          "frames=0,stream_iterations=5")
-    ap.add_argument("--stream_iterations", type=int, default=10,
+    ap.add_argument("--stream_iterations", type=int, default=AnimationConfig.stream_iterations,
                     help="Levenberg-Marquardt iterations per warm-started frame of the runs without their own")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the list of stream runs this many times (timings on a shared machine vary)")

@@ -643,13 +643,13 @@ def _rigid_stage(p: FitProblem) -> float:
 
 
 def _fitted_points(p: FitProblem, rows: Tensor | None) -> Tensor:
-    """(T, 68, 2) fitted landmarks (pixels) at the current variables with contour rows ``rows``.  The tracker's solver
-    (``p.tracking``) takes them from :meth:`LandmarkFlame.posed_with_jacobian` without its Jacobian (the points its
-    residuals use: 70 corners blended, not a skinning of the whole face mask, ~4x less work per call), else from
-    :func:`_frame_residuals`."""
+    """(T, 68, 2) fitted landmarks (pixels) at the current variables with contour rows ``rows``.  A closed-form solver
+    (``p.tracking`` / ``p.analytic``) takes them from :meth:`LandmarkFlame.posed_with_jacobian` without its Jacobian
+    (the points its residuals use: 70 corners blended instead of a skinning of the whole face mask; the per-frame
+    tracker calls this twice a frame), else from :func:`_frame_residuals`."""
     with torch.no_grad():
         F = p.X.to(p.dev, p.dt)
-        if not p.tracking:
+        if not (p.tracking or p.analytic):
             S = p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
             return _frame_residuals(p, F, S, p.frame_of, rows, p.scale_narrow, False)[1]
         rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)

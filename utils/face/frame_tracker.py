@@ -165,26 +165,20 @@ class FrameTracker:
     @classmethod
     def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                   cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,
-                  refine: ShapeRefineConfig | None = None, closed_form: bool = True
-                  ) -> tuple["FrameTracker", dict]:
+                  refine: ShapeRefineConfig | None = None) -> tuple["FrameTracker", dict]:
         """The tracker of one person from N frames with a face (the first ones of a stream): one FLAME fit of all N
         (shared shape and, as ``cfg`` says, focal length), and the detector's mean per-landmark offset on this face
         (the static landmarks' mean residual, as the batch fit's ``bias_correction``).
 
         Args:
             points: (N, 68, 2) iBUG-68 pixels; irises: (N, 2, 2) or None.
-            closed_form: the fit's Jacobians in closed form (``fit_flame_to_landmarks(tracking=True)``, shape
-                included) instead of autograd's batch of N x 140 copies: the same fit (on the 85-frame benchmark
-                video's 16 calibration frames the shapes differ by at most 0.017 of a norm of 14, the fitted points by
-                0.02 px) at a quarter of the CPU time (7 s instead of 30 s on one core of the 2-core container):
-                while it runs, a stream waits.  Only with a fixed focal length and the dynamic contour embedding
-                (autograd otherwise).
         Returns:
             (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
         cfg = cfg or FlameFitConfig()
         t0 = time.perf_counter()
-        first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg,
-                                       tracking=closed_form)
+        # (``cfg.closed_form``: closed-form Jacobians, shape included; with autograd's batch of N x 140 copies this
+        # took 30 s of CPU on the 85-frame benchmark video's 16 frames, 7 s in closed form, while the stream waits)
+        first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg)
         bias = torch.zeros(68, 2)
         if bias_correction:
             bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)
