@@ -126,18 +126,19 @@ def test_stream_live_mode_drops_frames_behind_a_slow_fit(fit_model, flame_and_tr
     from utils.face.frame_tracker import FrameTracker
 
     flame, _, truth = flame_and_truth
-    N, slow = 45, 0.06
+    N, slow = 120, 0.06  # 4 s at 30 fps: most of it after the calibration
     _, pts = _smooth_motion(flame, truth, N, np.random.default_rng(3))
     path = tmp_path / "paced.mp4"
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, SIZE)
-    for i in range(N):  # frame i is a flat grey of 4 i: the fake detector reads the frame's index from it
-        vw.write(np.full((SIZE[1], SIZE[0], 3), 4 * i, dtype=np.uint8))
+    for i in range(N):  # frame i is a flat grey of 2 i: the fake detector reads the frame's index from it
+        vw.write(np.full((SIZE[1], SIZE[0], 3), 2 * i, dtype=np.uint8))
     vw.release()
 
     def make_detector():
         def detect(rgb, name):
-            i = int(round(float(rgb.mean()) / 4.0))
+            i = min(N - 1, int(round(float(rgb.mean()) / 2.0)))
             return pts[i].clone(), None
+        detect.close = lambda: None  # as mediapipe_detector's
         return detect
 
     step = FrameTracker.step
