@@ -21,8 +21,11 @@
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
 
-Every queue is bounded (``stream_queue`` frames per stage), so a slow stage holds the reader back instead of
-buffering the video.  Per frame the latency from its read to its encoded frame is kept; the summary has its
+Every queue is bounded (``stream_queue`` frames per stage).  In file mode (a throughput measure) a slow stage holds
+the reader back and every frame is kept.  In live mode (a camera, or a file with ``stream_realtime``) frames that are
+stale because the stream is behind are dropped instead (landmark_stream's live mode: the newest frame wins before and
+after detection; the frames held for the calibration are dropped once it is done), counted in the summary and left
+out of the video and motion.npz alike.  Per frame the latency from its read to its encoded frame is kept; the summary has its
 distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
 """
 from __future__ import annotations
