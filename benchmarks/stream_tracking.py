@@ -102,7 +102,8 @@ def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, li
 
 
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
-               calibrated: dict | None = None, bias_correction: bool = True, closed_form: bool = True) -> dict:
+               calibrated: dict | None = None, bias_correction: bool = True, closed_form: bool = True,
+               warm: dict | None = None) -> dict:
     """One streamed pass; ``calibrated`` (filled on the first call of each ``closed_form``) holds the first frames'
     calibration, so that variants start from the identical tracker without repeating the calibration (7-30 s CPU).
     ``iterations``: Levenberg-Marquardt iterations per warm-started frame (``--stream_iterations``); ``closed_form``:
@@ -119,6 +120,8 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
                           seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c)
     tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], FlameFitConfig(), calibrated["bias"],
                            iterations, refine, bias_correction)
+    if warm:  # FlameFitConfig fields of the warm-started frames' fit (FrameTracker.warm_cfg), e.g. tolerance
+        tracker.warm_cfg = replace(tracker.warm_cfg, **warm)
     calib_s = calibrated["seconds"]
     out, refs, wall, cpu = [], [], [], []
     for i in range(pts.shape[0]):
@@ -154,7 +157,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[],
                     help="more stream runs, each 'field=value,...' of ShapeRefineConfig (plus bias_correction=0/1: "
                          "re-estimate the detector offset with the shape; stream_iterations=N: LM iterations per "
-                         "frame; closed_form=0/1: the calibration's Jacobians), e.g. frames=16,blend_frames=8 or "
+                         "frame; closed_form=0/1: the calibration's Jacobians; warm.<FlameFitConfig field>=value: the "
+                         "warm frames' fit setting, e.g. warm.tolerance=1e-3), e.g. frames=16,blend_frames=8 or "
                          "frames=0,stream_iterations=5")
     ap.add_argument("--stream_iterations", type=int, default=AnimationConfig.stream_iterations,
                     help="Levenberg-Marquardt iterations per warm-started frame of the runs without their own")
@@ -184,8 +188,13 @@ def main() -> None:
     runs = [(f"{f}" if not f else f"frames={f},blend_frames={b},min_span={m:g}") for f, b, m in runs] + a.variants
     for rep, key in [(k, r) for k in range(a.repeat) for r in runs]:
         kw = {"iterations_per_frame": a.iterations_per_frame, "iterations": a.refine_iterations}
+        warm = {}
         for item in key.split(",") if "=" in key else [f"frames={key}"]:
             name, value = item.split("=")
+            if name.startswith("warm."):  # warm.<FlameFitConfig field>=value
+                f = name[5:]
+                warm[f] = type(getattr(FlameFitConfig, f))(float(value))
+                continue
             kind = int if name == "stream_iterations" else type(getattr(ShapeRefineConfig, name, True))
             # (bias_correction, closed_form: FrameTracker arguments (bool))
             kw[name] = bool(int(value)) if kind is bool else kind(float(value))
@@ -194,7 +203,7 @@ def main() -> None:
         closed_form = bool(kw.pop("closed_form", True))
         refine = ShapeRefineConfig(**kw)
         s = run_stream(flame, d, shape_frames, refine, iterations, calibrated=calibrated,
-                       bias_correction=bias_correction, closed_form=closed_form)
+                       bias_correction=bias_correction, closed_form=closed_form, warm=warm)
         results["stream"][key if not rep else f"{key} #{rep + 1}"] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]
