@@ -523,7 +523,7 @@ def motion_correlations(params, truth) -> dict:
 
 
 def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
-                 per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 10,
+                 per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 0,
                  shape_frames: int = 16, threads: list[int] | None = None,
                  processes: list[bool] | None = None) -> dict:
     """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video
@@ -558,12 +558,15 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     for w, d, paced, n_threads, in_process in runs:
         out = Path(tempfile.mkdtemp(prefix="bench_stream_out_"))
         cfg = AnimationConfig(checkpoint=str(model_path), motion=str(path), stream=True, stream_workers=w,
-                              stream_fit_device=d, stream_iterations=iterations, stream_realtime=paced,
+                              stream_fit_device=d, stream_iterations=iterations or AnimationConfig.stream_iterations,
+                              stream_realtime=paced,
                               width=render, height=render, out=str(out), device=str(device), progress=False,
                               reenact=reenact, flame_dir=str(data.flame_dir), stream_threads=n_threads,
                               stream_fit_process=in_process)
         s = animate(cfg)["stream"]
-        rs = motion_correlations(load_tracking(out / "motion.npz"), truth)
+        # paced runs are live: frames dropped while the stream was behind are not in motion.npz (its 'frames')
+        kept = np.load(out / "motion.npz")["frames"].astype(np.int64)
+        rs = motion_correlations(load_tracking(out / "motion.npz"), truth.frames(kept.tolist()))
         key = (f"stream_{w}w_fit_{d.replace(':', '')}{'_paced30' if paced else ''}"
                f"{f'_t{n_threads}' if len(threads) > 1 else ''}"
                f"{('_proc' if in_process else '_thread') if len(processes) > 1 else ''}")
@@ -575,6 +578,7 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
                      **{f"{key}_fit_ms_{k}": s["fit_ms_steady"][k] for k in ("p50", "p90", "p99")},
                      f"{key}_fit_cpu_ms_p50": s["fit_cpu_ms_steady"]["p50"],
                      f"{key}_shape_updates": s["shape_updates"],
+                     f"{key}_calibration_s": s["calibration_s"], f"{key}_dropped": s.get("dropped", 0),
                      **{f"{key}_r_{k}": v for k, v in rs.items()},
                      f"{key}_min_r_minus_batch": min(rs[k] - rb[k] for k in rb)})
     return rows

@@ -573,22 +573,27 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             if X_prev is not None:
                 gt[0] += (X[0] - X_prev) * tw.square()
             gf = gf + gt[:, fi]
-        gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
+        shared = len(si) > 0  # no shared variables (the tracker's frames): no Schur complement to form
         A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
-        B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
-        C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
+        if shared:
+            gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
+            B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
+            C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
         improved = False
         tries = 0
         while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
             tries += 1
             Ad = A + torch.diag_embed(lam * A.diagonal(dim1=1, dim2=2).clamp_min(1e-9))
-            Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
             L = torch.linalg.cholesky(Ad)
-            AiB = torch.cholesky_solve(B, L)
             Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
-            Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
-            ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig)) if len(si) else gs.new_zeros(0)
-            dx = -Aig - (AiB @ ds[:, None])[..., 0] if len(si) else -Aig
+            if shared:
+                Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
+                AiB = torch.cholesky_solve(B, L)
+                Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
+                ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig))
+                dx = -Aig - (AiB @ ds[:, None])[..., 0]
+            else:
+                ds, dx = Y.new_zeros(0), -Aig
             if p.tracking and not len(si) and tries == 1:
                 # the Gauss-Newton model's decrease of the loss for this step: below tolerance, stop without
                 # evaluating it (the last evaluations of a converged solve otherwise only confirm it)
@@ -637,12 +642,34 @@ def _rigid_stage(p: FitProblem) -> float:
     return _levenberg_marquardt(p, pose_f, no_s, _contour_rows(p), p.scale_wide, True, p.cfg.rigid_iterations)
 
 
+def _fitted_points(p: FitProblem, rows: Tensor | None) -> Tensor:
+    """(T, 68, 2) fitted landmarks (pixels) at the current variables with contour rows ``rows``.  A closed-form solver
+    (``p.tracking`` / ``p.analytic``) takes them from :meth:`LandmarkFlame.posed_with_jacobian` without its Jacobian
+    (the points its residuals use: 70 corners blended instead of a skinning of the whole face mask; the per-frame
+    tracker calls this twice a frame: 0.8 instead of 1.0 ms each on one core of the 2-core container), else from
+    :func:`_frame_residuals`."""
+    with torch.no_grad():
+        F = p.X.to(p.dev, p.dt)
+        if not (p.tracking or p.analytic):
+            S = p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
+            return _frame_residuals(p, F, S, p.frame_of, rows, p.scale_narrow, False)[1]
+        rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
+        expr = psi_n * p.c_expr
+        eyes = eyes if p.n_eyes else F.new_zeros(p.T, 6)
+        if p.fit_shape:
+            beta = (p.Y[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
+            coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
+            pts, _, _ = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, False)
+        else:
+            pts, _, _ = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, False)
+        return project(pts[:, :68], axis_angle_to_matrix(rot), trans * p.depth, p.f0, p.size)
+
+
 def _far_start(p: FitProblem) -> float:
     """The largest over the frames of the median static-landmark error at the current variables, in narrow robust
     scales (how far a warm start is from its targets: above 1, most points sit where the robust loss is flat)."""
     with torch.no_grad():
-        F, S = p.X.to(p.dev, p.dt), p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
-        _, uv = _frame_residuals(p, F, S, p.frame_of, _contour_rows(p), p.scale_narrow, False)
+        uv = _fitted_points(p, _contour_rows(p))
         err = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1) / p.iod[:, None]  # (T, 51) IOD units
         err = torch.where(p.wts[:, 17:] > 0, err, torch.full_like(err, float("nan")))
         return float((err.nanmedian(dim=1).values / p.scale_narrow[:, 0]).nan_to_num(0.0).max())
@@ -673,9 +700,8 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
     (pixels; contour NaN without a dynamic embedding) and the per-frame static-landmark error."""
     T, dev, dt = p.T, p.dev, p.dt
     with torch.no_grad():
-        rows = _contour_rows(p)
         F, S = p.X.to(dev, dt), p.Y.to(dev, dt)[None]
-        _, uv = _frame_residuals(p, F, S.expand(T, -1), p.frame_of, rows, p.scale_narrow, False)
+        uv = _fitted_points(p, _contour_rows(p))
         rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
         beta_n, log_f = S.split(p.s_sizes, 1)
         focal = p.f0 * (float(torch.exp(log_f)) if p.cfg.fit_focal else 1.0)
