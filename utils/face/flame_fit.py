@@ -732,9 +732,9 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     (:func:`_levenberg_marquardt`) with the exact Jacobian: in closed form (:func:`_analytic_terms`) when the focal
     length is fixed and FLAME has its contour embedding (``cfg.closed_form``), else from autograd (frames are
     independent given the shared shape and focal length, so one backward pass through a batch that repeats every
-    frame once per residual yields every frame's Jacobian block).  Stages: the starting pose (:func:`_initial_pose`: PnP or ``init``), rigid
-    (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale), then everything with the
-    wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`); the contour rows are looked
+    frame once per residual yields every frame's Jacobian block).  Stages: the starting pose (:func:`_initial_pose`:
+    PnP or ``init``), rigid (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale),
+    then everything with the wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`); the contour rows are looked
     up between stages.
 
     Args:

@@ -25,8 +25,8 @@ Every queue is bounded (``stream_queue`` frames per stage).  In file mode (a thr
 the reader back and every frame is kept.  In live mode (a camera, or a file with ``stream_realtime``) frames that are
 stale because the stream is behind are dropped instead (landmark_stream's live mode: the newest frame wins before and
 after detection; the frames held for the calibration are dropped once it is done), counted in the summary and left
-out of the video and motion.npz alike.  Per frame the latency from its read to its encoded frame is kept; the summary has its
-distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
+out of the video and motion.npz alike.  Per frame the latency from its read to its encoded frame is kept; the summary
+has its distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
 """
 from __future__ import annotations
 
@@ -251,8 +251,8 @@ def landmark_stream(frames: Iterator[tuple[int, np.ndarray]], make_detector: Cal
     the consumer has not taken when ``queue_size`` newer ones are detected is dropped, and when the consumer asks for
     the next frame it gets the newest detected one, the older ones dropped ("landmarks").  So what the consumer gets is
     at most one detection old however long it was busy (a calibration of seconds included), and the frames it gets
-    come in read order, numbered 0, 1, 2, ... (``Detected.index``: the position among the frames that go on).  ``dropped`` (a list) receives (frame_id, stage) of
-    every dropped frame."""
+    come in read order, numbered 0, 1, 2, ... (``Detected.index``: the position among the frames that go on).
+    ``dropped`` (a list) receives (frame_id, stage) of every dropped frame."""
     if workers < 1 or queue_size < 1:
         raise ValueError(f"landmark_stream: workers and queue_size must be >= 1, got {workers}, {queue_size}")
     stop = threading.Event()
