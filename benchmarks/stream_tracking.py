@@ -40,8 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import driving_video, motion_correlations  # noqa: E402
-from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
+from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
