@@ -734,8 +734,8 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     independent given the shared shape and focal length, so one backward pass through a batch that repeats every
     frame once per residual yields every frame's Jacobian block).  Stages: the starting pose (:func:`_initial_pose`:
     PnP or ``init``), rigid (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale),
-    then everything with the wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`); the contour rows are looked
-    up between stages.
+    then everything with the wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`);
+    the contour rows are looked up between stages.
 
     Args:
         flame: the FLAME model (with its 51-point static embedding; the dynamic one adds the contour).
