@@ -10,8 +10,8 @@ the landmarks cached, so tracker variants compare frame for frame on the same po
                 video), cached as batch_<shape_frames>.pt
     stream      utils/face/frame_tracker.py ``FrameTracker`` as animate.py --stream runs it: calibrated on the first
                 ``shape_frames`` frames, then one frame at a time (``--stream_iterations``, animate.py's default),
-                with the shape refined on kept frames (``--refine_frames``; 0: the first frames' shape only); head rotation measured from the
-                tracker's reference frame as ``--pose relative`` does
+                with the shape refined on kept frames (``--refine_frames``; 0: the first frames' shape only); head
+                rotation measured from the tracker's reference frame as ``--pose relative`` does
 
 Prints jaw / smile / brows / head-turn correlations with the truth (bench.py ``motion_correlations``) of both, their
 differences, and the per-frame ``FrameTracker.step`` time (wall, and process CPU time) p50 / p90 / p99 after the first
