@@ -264,3 +264,24 @@ def test_flame546_eyes_at_low_resolution(flame546_data, tmp_path):
         assert float(photometric(gt.flip(1), gt, cfg.fit, eyes, 0.3)) > float(photometric(gt.flip(1), gt, cfg.fit))
         res = fit_identity(model, target, replace(cfg.fit, iterations=3, colour_iterations=3), progress=False)
     assert res.eye_term_pixels == n
+
+
+def test_heldout_eyes_benchmark_on_flame546(flame546_data, capsys):
+    """benchmarks/heldout_eyes.py re-evaluates a finished run's held-out cameras (face mask, eye regions) with the
+    current code: on the FLAME-546 data at 69x100 the eye regions are evaluated."""
+    import importlib.util
+    from pathlib import Path
+
+    from tests.training_fixtures import single_thread
+
+    root, checkpoint = flame546_data
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_eyes.py"
+    spec = importlib.util.spec_from_file_location("heldout_eyes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with single_thread():
+        assert mod.main(["--config", str(path.parents[1] / "configs" / "tiny.yaml"), "--data_root", str(root),
+                         "--out", str(checkpoint.parent), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    eyes = float(out.split("psnr_eyes_heldout_views: ")[1].split()[0])
+    assert 5 < eyes < 60, out
