@@ -22,13 +22,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.core.device import resolve_device
-from utils.data.synthetic.flame_mesh import EYEBALL_VERTICES
 from utils.data.synthetic.dataset import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_NUM_HELDOUT,
     DEFAULT_NUM_IDENTITIES,
     make_synthetic_dataset,
 )
+from utils.data.synthetic.flame_mesh import EYEBALL_VERTICES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ from utils.data.nersemble import (
     timestep_name,
 )
 from utils.data.synthetic.flame_files import write_flame_files
-from utils.data.synthetic.flame_mesh import EYEBALL_VERTICES
+from utils.data.synthetic.flame_mesh import EYEBALL_VERTICES, eyeball_mesh
 from utils.data.synthetic.flame_model import make_flame_model
 from utils.data.synthetic.identity import SyntheticIdentity, identity_rngs, sample_identity
 from utils.data.synthetic.motion import MOTIONS, sample_frame_params, sequence_params
@@ -241,7 +241,6 @@ def make_synthetic_dataset(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if motion not in MOTIONS:
         raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
-    from utils.data.synthetic.flame_mesh import eyeball_mesh
     eyeball_mesh(int(eyeball_vertices))  # validates the count before anything is written
     key = _dataset_key(seed, image_size, subdivision, int(num_frames), motion, int(eyeball_vertices))
     # what the json files hold: one frame and the default motion are left implicit so datasets written before they
@@ -301,7 +300,8 @@ def make_synthetic_dataset(
 
     summaries = dict(old.get("identities", {})) if old else {}
     # the model is built only when something is missing (a re-run with the same arguments is a quick no-op)
-    model = make_flame_model(seed, eyeball_vertices=key["eyeball_vertices"]) if todo or any(sid not in summaries for sid in all_ids) else None
+    missing = todo or any(sid not in summaries for sid in all_ids)
+    model = make_flame_model(seed, eyeball_vertices=key["eyeball_vertices"]) if missing else None
     heads = GroundTruthHeads(flame_dir, model, subdivision) if todo else None
     bar = tqdm(todo, desc=f"synthetic subjects ({image_size_for(image_size)[0]}x{image_size} px)", disable=not progress)
     for sid in bar:
