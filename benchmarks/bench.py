@@ -694,6 +694,10 @@ def main() -> None:
                    help="--parts stream: comma-separated torch intra-op thread counts of the stream "
                         "(animate.py --stream_threads; default: its default); the first configuration runs once per "
                         "count, e.g. 1,2,4,8")
+    p.add_argument("--stream_per_transition", type=int, default=12,
+                   help="--parts stream: frames per keyframe transition of the driving video (12: 85 frames, 2.8 s "
+                        "at 30 fps; a live (paced) run needs a clip longer than the stream's calibration, e.g. 48: "
+                        "337 frames, 11.2 s)")
     p.add_argument("--stream_fit_process", default="",
                    help="--parts stream: comma-separated 0/1, the per-frame FLAME fit in the stream's thread (0) or "
                         "in its own process (1, animate.py --stream_fit_process); the first configuration runs once "
@@ -861,11 +865,14 @@ def main() -> None:
             p.error(f"--stream_threads must be comma-separated integers, got {args.stream_threads!r}")
         if not all(0 <= n <= 256 for n in threads):
             p.error(f"--stream_threads must be integers in 0-256, got {args.stream_threads!r}")
+        if not 1 <= args.stream_per_transition <= 200:
+            p.error(f"--stream_per_transition must be in 1-200, got {args.stream_per_transition}")
         procs = [v.strip() for v in args.stream_fit_process.split(",") if v.strip()]
         if not all(v in ("0", "1") for v in procs):
             p.error(f"--stream_fit_process must be comma-separated 0 / 1, got {args.stream_fit_process!r}")
         rows.update(bench_stream(Path(cfg.out) / "model.pt", data, device, workers, fit_devices,
-                                 per_transition=3 if args.quick else 12, size=256 if args.quick else 512,
+                                 per_transition=3 if args.quick else args.stream_per_transition,
+                                 size=256 if args.quick else 512,
                                  render=64 if args.quick else 512, shape_frames=8 if args.quick else 16,
                                  threads=threads, processes=[v == "1" for v in procs]))
         save()
