@@ -9,9 +9,9 @@ the landmarks cached, so tracker variants compare frame for frame on the same po
     batch       utils/face/reenactment.py ``fit_video_motion`` (the shape from ``shape_frames`` frames spread over the
                 video), cached as batch_<shape_frames>.pt
     stream      utils/face/frame_tracker.py ``FrameTracker`` as animate.py --stream runs it: calibrated on the first
-                ``shape_frames`` frames, then one frame at a time (``stream_iterations`` 10), with the shape refined on
-                kept frames (``--refine_frames``; 0: the first frames' shape only); head rotation measured from the
-                tracker's reference frame as ``--pose relative`` does
+                ``shape_frames`` frames, then one frame at a time (``--stream_iterations``, animate.py's default),
+                with the shape refined on kept frames (``--refine_frames``; 0: the first frames' shape only); head
+                rotation measured from the tracker's reference frame as ``--pose relative`` does
 
 Prints jaw / smile / brows / head-turn correlations with the truth (bench.py ``motion_correlations``) of both, their
 differences, and the per-frame ``FrameTracker.step`` time (wall, and process CPU time) p50 / p90 / p99 after the first
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import driving_video, motion_correlations  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
+from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
@@ -101,20 +102,26 @@ def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, li
 
 
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
-               calibrated: dict | None = None, bias_correction: bool = True) -> dict:
-    """One streamed pass; ``calibrated`` (filled on the first call) holds the first frames' calibration, so that
-    variants of ``refine`` start from the identical tracker without repeating the ~25 s calibration."""
+               calibrated: dict | None = None, bias_correction: bool = True, closed_form: bool = True,
+               warm: dict | None = None) -> dict:
+    """One streamed pass; ``calibrated`` (filled on the first call of each ``closed_form``) holds the first frames'
+    calibration, so that variants start from the identical tracker without repeating the calibration (7-30 s CPU).
+    ``iterations``: Levenberg-Marquardt iterations per warm-started frame (``--stream_iterations``); ``closed_form``:
+    the calibration fit's ``FlameFitConfig.closed_form`` (False: autograd, as before 2026-12-06)."""
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
     calibrated = {} if calibrated is None else calibrated
+    calibrated = calibrated.setdefault(bool(closed_form), {})
     if not calibrated:
-        t = time.perf_counter()
-        tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size, FlameFitConfig(),
-                                       True, iterations, refine)
+        t, c = time.perf_counter(), time.process_time()
+        tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size,
+                                       FlameFitConfig(closed_form=closed_form), True, iterations, refine)
         calibrated.update(shape=tr.shape.clone(), focal=tr.focal, bias=tr.bias.clone(),
-                          seconds=time.perf_counter() - t)
+                          seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c)
     tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], FlameFitConfig(), calibrated["bias"],
                            iterations, refine, bias_correction)
+    if warm:  # FlameFitConfig fields of the warm-started frames' fit (FrameTracker.warm_cfg), e.g. tolerance
+        tracker.warm_cfg = replace(tracker.warm_cfg, **warm)
     calib_s = calibrated["seconds"]
     out, refs, wall, cpu = [], [], [], []
     for i in range(pts.shape[0]):
@@ -127,6 +134,8 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
     q = lambda x: [float(np.percentile(np.asarray(x[1:]), k)) for k in (50, 90, 99)]  # noqa: E731
     return {"r": motion_correlations(relative_to_reference(out, refs), d["truth"]), "fit_ms_wall_p50_p90_p99": q(wall),
             "fit_ms_cpu_p50_p90_p99": q(cpu), "fit_ms_wall_max": max(wall[1:]), "calibration_s": calib_s,
+            "calibration_cpu_s": calibrated["cpu_seconds"], "fit_ms_wall_mean": float(np.mean(wall[1:])),
+            "fit_ms_cpu_mean": float(np.mean(cpu[1:])), "iterations": iterations, "closed_form": closed_form,
             "shape_updates": tracker.shape_updates, "kept": len(tracker.kept), "refine_s": tracker.refine_seconds}
 
 
@@ -147,7 +156,14 @@ def main() -> None:
                     help="ShapeRefineConfig.min_span values (radians of kept head yaw / pitch before a re-solve)")
     ap.add_argument("--variants", nargs="*", default=[],
                     help="more stream runs, each 'field=value,...' of ShapeRefineConfig (plus bias_correction=0/1: "
-                         "re-estimate the detector offset with the shape), e.g. frames=16,blend_frames=8")
+                         "re-estimate the detector offset with the shape; stream_iterations=N: LM iterations per "
+                         "frame; closed_form=0/1: the calibration's Jacobians; warm.<FlameFitConfig field>=value: the "
+                         "warm frames' fit setting, e.g. warm.tolerance=1e-3), e.g. frames=16,blend_frames=8 or "
+                         "frames=0,stream_iterations=5")
+    ap.add_argument("--stream_iterations", type=int, default=AnimationConfig.stream_iterations,
+                    help="Levenberg-Marquardt iterations per warm-started frame of the runs without their own")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the list of stream runs this many times (timings on a shared machine vary)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
@@ -170,23 +186,33 @@ def main() -> None:
     runs = [(f, b, m) for f in a.refine_frames for b in (a.blend_frames if f else [0])
             for m in (a.min_span if f else [0.0])]
     runs = [(f"{f}" if not f else f"frames={f},blend_frames={b},min_span={m:g}") for f, b, m in runs] + a.variants
-    for key in runs:
+    for rep, key in [(k, r) for k in range(a.repeat) for r in runs]:
         kw = {"iterations_per_frame": a.iterations_per_frame, "iterations": a.refine_iterations}
+        warm = {}
         for item in key.split(",") if "=" in key else [f"frames={key}"]:
             name, value = item.split("=")
-            kind = type(getattr(ShapeRefineConfig, name, True))  # bias_correction: a FrameTracker argument (bool)
+            if name.startswith("warm."):  # warm.<FlameFitConfig field>=value
+                f = name[5:]
+                warm[f] = type(getattr(FlameFitConfig, f))(float(value))
+                continue
+            kind = int if name == "stream_iterations" else type(getattr(ShapeRefineConfig, name, True))
+            # (bias_correction, closed_form: FrameTracker arguments (bool))
             kw[name] = bool(int(value)) if kind is bool else kind(float(value))
         bias_correction = kw.pop("bias_correction", True)
+        iterations = int(kw.pop("stream_iterations", a.stream_iterations))
+        closed_form = bool(kw.pop("closed_form", True))
         refine = ShapeRefineConfig(**kw)
-        s = run_stream(flame, d, shape_frames, refine, calibrated=calibrated, bias_correction=bias_correction)
-        results["stream"][key] = s
+        s = run_stream(flame, d, shape_frames, refine, iterations, calibrated=calibrated,
+                       bias_correction=bias_correction, closed_form=closed_form, warm=warm)
+        results["stream"][key if not rep else f"{key} #{rep + 1}"] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]
         print(f"  stream, {key}\n      {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
               f"{s['shape_updates']}, kept {s['kept']})\n"
               f"      fit ms p50/p90/p99 wall {w[0]:.1f} / {w[1]:.1f} / {w[2]:.1f}, cpu {c[0]:.1f} / {c[1]:.1f} / "
               f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s; calibration "
-              f"{s['calibration_s']:.1f} s", flush=True)
+              f"{s['calibration_s']:.1f} s wall, {s['calibration_cpu_s']:.1f} s CPU; mean fit ms wall "
+              f"{s['fit_ms_wall_mean']:.1f}, cpu {s['fit_ms_cpu_mean']:.1f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
 

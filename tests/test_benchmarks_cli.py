@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,37 @@ def test_bench_refuses_photo_with_the_real_size_stand_in(tmp_path):
                           "fit,photo"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert run.returncode == 2
     assert "--parts photo needs the FLAME-topology mask" in run.stderr
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--gaussians", "46987", "--parts",
+                          "video"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2 and "--parts video needs the FLAME-topology mask" in run.stderr, run.stderr[-2000:]
+
+
+def test_bench_video_quick_rows(tmp_path):
+    """bench.py --quick --parts video (issue 23's speed row) on a half-second 128 px clip on the CPU: every row is
+    there and sane (frames counted and split, phase seconds positive and within the total, PSNR finite); the
+    60-s target is not judged on a clip that is not 10 s long."""
+    pytest.importorskip("mediapipe")
+    out = tmp_path / "bench_video.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--parts", "video",
+                          "--video_seconds", "0.5", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert rows["video_frames"] == 15 and rows["video_clip"].startswith("15 frames 128x128 @30fps")
+    n = rows["video_frames_with_face"]
+    assert n + rows["video_frames_skipped_no_face"] == 15 and n >= 10, rows
+    assert rows["video_frames_train"] + rows["video_frames_heldout"] == n and rows["video_frames_heldout"] >= 2
+    total = rows["video_seconds_total"]
+    phases = {k: v for k, v in rows.items() if k.startswith("video_seconds_") and k != "video_seconds_total"}
+    assert {"video_seconds_track", "video_seconds_fit_style", "video_seconds_fit_refine", "video_seconds_evaluate",
+            "video_seconds_track_landmarks", "video_seconds_track_flame_camera"} <= set(phases), sorted(rows)
+    assert total > 0 and all(v > 0 for v in phases.values()) and max(phases.values()) <= total, phases
+    assert sum(v for k, v in phases.items() if not k.startswith("video_seconds_track_")) <= total
+    for k in ("video_psnr_face_heldout", "video_psnr_face_train", "video_psnr_face_heldout_mean_code"):
+        assert math.isfinite(rows[k]) and 5 < rows[k] < 60, (k, rows[k])
+    assert rows["video_target_60s_met"].startswith("n/a"), rows["video_target_60s_met"]
+    assert "| video_seconds_total |" in out.read_text()
 
 
 def test_run_training_phases_compare_flags_different_losses(tmp_path):

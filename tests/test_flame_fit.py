@@ -163,6 +163,29 @@ def test_video_frames_share_one_shape(flame_and_truth):
     assert np.abs(fitted_yaw.numpy() - yaws).max() < 3, fitted_yaw
 
 
+def test_full_fit_closed_form_equals_autograd(flame_and_truth):
+    """A whole fit with the shape fitted (3 frames, fixed focal length, irises): the closed-form Jacobians (default,
+    ``FlameFitConfig.closed_form``) reach the same shape, expression, pose and losses as autograd's, so the speed-up
+    of the photo, video and stream calibration fits changes no result."""
+    from dataclasses import replace
+
+    from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, fit_flame_to_landmarks
+
+    flame, _, truth = flame_and_truth
+    _, pts = _smooth_motion(flame, truth, 3, np.random.default_rng(3))
+    targets = LandmarkTargets(pts, SIZE, irises=pts[:, [36, 45]] + 1.0)
+    cfg = FlameFitConfig(iterations=16)
+    with single_thread():
+        fast = fit_flame_to_landmarks(flame, targets, cfg)
+        slow = fit_flame_to_landmarks(flame, targets, replace(cfg, closed_form=False))
+    for key in ("shape", "expression", "jaw", "eyes", "rotation_matrix", "translation"):
+        a, b = getattr(fast.params, key), getattr(slow.params, key)
+        assert torch.allclose(a, b, atol=2e-3), (key, float((a - b).abs().max()))
+    for stage, loss in slow.losses.items():
+        assert abs(fast.losses[stage] - loss) <= 1e-3 * loss + 1e-6, (stage, fast.losses, slow.losses)
+    assert float(fast.params.shape.abs().max()) > 0.01  # the shape was fitted, not left at the mean
+
+
 def test_outputs_are_nersemble_files(flame_and_truth, tmp_path):
     """flame_fit.npz and camera_params.json written from a fit load back through the project's own readers."""
     from models.flame import load_tracking, save_nersemble_tracking

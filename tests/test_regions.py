@@ -10,6 +10,7 @@ from utils.face.regions import (
     EYE_ROWS,
     _polygon_region,
     embedding_for_flame,
+    eye_directions,
     eye_landmark_embedding,
     eye_region_mask,
     eye_region_masks,
@@ -92,6 +93,54 @@ def test_eye_masks_cover_the_eyes_and_skip_hidden_ones(face, synthetic_root):
     face_masks = torch.zeros(3, views[0].height, views[0].width, 1)
     both = eye_region_masks(lm, views, face_masks)
     assert both.shape == (3, views[0].height, views[0].width, 1) and float(both.sum()) == 0
+
+
+def _toy_landmarks(corner_depth: float = 0.015) -> torch.Tensor:
+    """(14, 3) eye and nose landmarks of a symmetric face looking along +z: eye corners 25 mm apart whose outer
+    corners lie ``corner_depth`` behind the inner ones (the synthetic template: 15.5 mm)."""
+    eye = []
+    for sx in (-1.0, 1.0):  # the subject's right eye (-x) first, each from its image-left corner as iBUG runs
+        xs = np.array([44.5, 38, 26, 19.5, 26, 38]) * 1e-3 * sx
+        ys = np.array([93, 95.5, 94.5, 91, 88.5, 89.5]) * 1e-3
+        zs = 0.085 - corner_depth * (np.abs(xs) - 0.0195) / 0.025
+        pts = np.stack([xs, ys, zs], 1)
+        eye.append(pts if sx < 0 else pts[[3, 2, 1, 0, 5, 4]])
+    nose = np.array([[0.0, 0.085, 0.095], [0.0, 0.055, 0.097]])  # iBUG 27, 33: the up line leans back 4 degrees
+    return torch.as_tensor(np.concatenate(eye + [nose]), dtype=torch.float32)
+
+
+def test_eye_directions_and_side_views():
+    """Each eye faces the face's forward direction turned 30 degrees outwards, whatever the slope of its corner line
+    (which left a visible far eye out 25 degrees to the side, issue 25); the far eye of a profile view is left out."""
+    from models.camera import Camera
+
+    lm = _toy_landmarks()
+    d = eye_directions(lm)
+    fwd = torch.tensor([0.0, 0.0, 1.0])
+    up_tilt = float(torch.nn.functional.normalize(lm[12] - lm[13], dim=0)[2])
+    for k, sx in ((0, -1.0), (1, 1.0)):
+        assert float(d[k] @ fwd) == pytest.approx(np.cos(np.radians(30)) * np.sqrt(1 - up_tilt ** 2), abs=0.02)
+        assert float(d[k, 0]) * sx > 0.45  # turned outwards, towards the eye's own side
+    torch.testing.assert_close(eye_directions(_toy_landmarks(0.03)), d, atol=1e-2, rtol=0)  # deeper corners: same
+    centre = lm[:12].mean(0).numpy()
+
+    def cam(az: float, el: float) -> Camera:
+        a, e = np.radians(az), np.radians(el)
+        pos = centre + 0.6 * np.array([np.sin(a) * np.cos(e), np.sin(e), np.cos(a) * np.cos(e)])
+        return Camera.look_at(tuple(pos), tuple(centre), (0, 1, 0), 64, 64, fov_y_deg=15.0)
+
+    def eyes_kept(az: float, el: float, points: torch.Tensor = lm) -> tuple[bool, bool]:
+        m = eye_region_mask(points, cam(az, el))[..., 0] > 0
+        uv, _ = cam(az, el).project(points[:12])
+        return tuple(bool(m[int(p[1]), int(p[0])]) for p in (uv[:6].mean(0), uv[6:].mean(0)))
+
+    assert eyes_kept(0, 0) == (True, True)
+    # the camera of the issue (az 25, el 15): both eyes kept, also with corners 50 degrees deep (one identity's right
+    # eye on the synthetic data: the corner-line rule had left it out)
+    assert eyes_kept(25, 15) == (True, True) and eyes_kept(25, 15, _toy_landmarks(0.03)) == (True, True)
+    assert eyes_kept(-40, -5) == (True, True)
+    assert eyes_kept(60, 0) == (False, True)  # profile from the left (+x): the right eye is left out ...
+    assert eyes_kept(-60, 0) == (True, False)  # ... and the mirror view
 
 
 def test_region_metrics():

@@ -71,6 +71,107 @@ def test_landmark_stream_keeps_order_and_bounds_the_frames_in_flight():
         list(landmark_stream(frames(), broken, workers=2, queue_size=1))
 
 
+def test_landmark_stream_live_mode_drops_stale_frames_and_keeps_latency_bounded():
+    """Live mode (a camera or --stream_realtime): frames come at their own pace (here every 4 ms) and the consumer is
+    slow (20 ms a frame, one stall of 300 ms as a calibration makes): stale frames are dropped (counted with their
+    stage), never queued, so a frame reaches the consumer at most about one consumer step after it was read (the
+    stall included: the frame after it is fresh, not 300 ms old); what goes on keeps the read order with indices
+    0, 1, 2, ...; every frame read is either delivered or dropped, exactly once."""
+    from utils.apps.animate.stream import landmark_stream
+
+    N, period, step, stall = 120, 0.004, 0.020, 0.300
+
+    def frames():
+        t0 = time.perf_counter()
+        for i in range(N):
+            time.sleep(max(0.0, t0 + i * period - time.perf_counter()))
+            yield 1000 + i, np.full((4, 4, 3), i % 256, dtype=np.uint8)
+
+    def make_detector():
+        def detect(rgb, name):
+            time.sleep(0.001)
+            return torch.full((68, 2), float(rgb[0, 0, 0])), None
+        return detect
+
+    dropped: list = []
+    got, ages = [], []
+    for det in landmark_stream(frames(), make_detector, workers=1, queue_size=2, live=True, dropped=dropped):
+        ages.append(time.perf_counter() - det.t_read)
+        got.append(det)
+        time.sleep(stall if len(got) == 3 else step)
+    ids = [d.frame_id for d in got]
+    assert [d.index for d in got] == list(range(len(got)))  # numbered in the order they went on
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(float(d.points[0, 0]) == (d.frame_id - 1000) % 256 for d in got)  # each with its own landmarks
+    assert sorted(ids + [f for f, _ in dropped]) == [1000 + i for i in range(N)]  # delivered or dropped, once
+    assert {s for _, s in dropped} <= {"reader", "landmarks"}
+    assert len(dropped) > N // 2, len(dropped)  # the consumer takes ~1 frame in 5
+    # at most one consumer step (plus a detection) old: the frame after the 300 ms stall included (a loaded 2-core
+    # machine stretches the sleeps, hence the margin)
+    assert ages[3] < stall / 2, ages[3]
+    assert max(ages) < 4 * step + 0.05, max(ages)
+
+
+def test_stream_live_mode_drops_frames_behind_a_slow_fit(fit_model, flame_and_truth, tmp_path,  # noqa: F811
+                                                          monkeypatch):
+    """animate.py --stream --stream_realtime (a file paced at its 30 fps, as a camera delivers it) with a FLAME fit
+    made slow (60 ms more a frame): the stream drops the stale frames instead of queueing them (the calibration's
+    frames too, stale by the calibration's time), counts them in animation.json, keeps the latency after
+    calibration bounded by about two fits, and the video, motion.npz and animation.json hold the same frames, in read
+    order: every frame read is either in them or dropped."""
+    import cv2
+
+    import animate
+    from models.flame import load_tracking
+    from utils.face.frame_tracker import FrameTracker
+
+    flame, _, truth = flame_and_truth
+    N, slow = 120, 0.06  # 4 s at 30 fps: most of it after the calibration
+    _, pts = _smooth_motion(flame, truth, N, np.random.default_rng(3))
+    path = tmp_path / "paced.mp4"
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, SIZE)
+    for i in range(N):  # frame i is a flat grey of 2 i: the fake detector reads the frame's index from it
+        vw.write(np.full((SIZE[1], SIZE[0], 3), 2 * i, dtype=np.uint8))
+    vw.release()
+
+    def make_detector():
+        def detect(rgb, name):
+            i = min(N - 1, int(round(float(rgb.mean()) / 2.0)))
+            return pts[i].clone(), None
+        detect.close = lambda: None  # as mediapipe_detector's
+        return detect
+
+    step = FrameTracker.step
+
+    def slow_step(self, points, irises=None):
+        time.sleep(slow)
+        return step(self, points, irises)
+
+    monkeypatch.setattr(FrameTracker, "step", slow_step)
+    monkeypatch.setattr("utils.apps.animate.stream.mediapipe_detector", lambda min_face_px: make_detector())
+    out = tmp_path / "live"
+    with single_thread():
+        s = animate.main(["--checkpoint", str(fit_model), "--identity", "300", "--motion", str(path), *SMALL,
+                          "--out", str(out), "--stream", "--stream_realtime", "--stream_queue", "2",
+                          "--reenact.shape_frames", "4", "--reenact.flame_fit.iterations", "20"])
+    st = s["stream"]
+    print(f"\nlive: {st['frames']} frames, dropped {st['dropped_by_stage']}, latency ms {st['latency_ms_steady']}, "
+          f"fit ms {st['fit_ms_steady']}, calibration {st['calibration_s']:.2f} s")
+    assert st["live"] and st["realtime"] and st["frames_read"] == N
+    assert st["dropped"] > 0 and st["dropped_by_stage"]["calibration"] == 4  # held for the calibration, then stale
+    assert st["dropped"] == sum(st["dropped_by_stage"].values()) == len(st["dropped_frame_ids"])
+    ids = s["frame_ids"]
+    assert st["frames"] == len(ids) == N - st["dropped"] and ids == sorted(ids)
+    assert sorted(ids + st["dropped_frame_ids"]) == list(range(N))
+    motion = np.load(out / "motion.npz")
+    assert motion["frames"].tolist() == ids and load_tracking(out / "motion.npz").num_frames == len(ids)
+    assert video_frames(out / "animation.mp4") == len(ids)
+    # bounded: a frame waits for at most the fit in progress, then its own fit (+ detection, render); queued instead,
+    # the frames after the calibration would wait for the calibration's seconds and the lag would grow every frame
+    fit_max = st["fit_ms_steady"]["max"]
+    assert st["latency_ms_steady"]["max"] < 2.0 * fit_max + 250.0, (st["latency_ms_steady"], fit_max)
+
+
 def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit_model, tmp_path):  # noqa: F811
     """animate.py --motion driver.mp4 --stream against the batch path on the same video and settings: the jaw /
     smile / brows / head-turn correlations with the true motion are at most 0.02 below the batch path's, the MP4

@@ -63,6 +63,9 @@ def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
     phases = doc["seconds_per_phase"]
     assert {"track", "targets", "fit_style", "evaluate", "export"} <= set(phases) and min(phases.values()) > 0, phases
     assert abs(sum(phases.values()) - doc["seconds"]) < 1e-3, (phases, doc["seconds"])  # both rounded in the file
+    parts = doc["seconds_tracking"]  # the tracking phase's parts add up to it
+    assert set(parts) == {"read_frames", "load_model_flame", "landmarks", "flame_camera"}, parts
+    assert min(parts.values()) >= 0 and abs(sum(parts.values()) - phases["track"]) < 1e-2, (parts, phases)
     for k in ("psnr_face_heldout", "psnr_face_train", "psnr_face_heldout_mean_code", "ssim_heldout"):
         assert np.isfinite(m[k]), k
     assert m["psnr_face_heldout"] > m["psnr_face_heldout_mean_code"], m

@@ -6,6 +6,7 @@ Usage (from the repository root):
     python utils/make_synthetic_dataset.py --out /tmp/seq --num_frames 8      # sequences: 8 frames per subject
     python utils/make_synthetic_dataset.py --out /tmp/turn --num_identities 0 --num_heldout 1 --num_frames 30 \
         --motion head_turn                          # held-out identity 017 turning its head (a monocular video)
+    python utils/make_synthetic_dataset.py --out /tmp/e546 --image_size 100 --eyeball_vertices 546  # FLAME's eyeballs
 
 Re-running with the same arguments does nothing; more identities are added without changing existing ones.
 See utils/data/synthetic/dataset.py for what is written.
@@ -27,6 +28,7 @@ from utils.data.synthetic.dataset import (
     DEFAULT_NUM_IDENTITIES,
     make_synthetic_dataset,
 )
+from utils.data.synthetic.flame_mesh import EYEBALL_VERTICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what frames 1..N-1 carry: expressions (expression, jaw, neck, eyes) or head_turn (the same "
                    "plus a global head rotation, +-35 deg yaw and +-15 deg pitch over the clip: the frontal "
                    "camera's frames form a monocular head-turning video, the other 15 cameras are novel views)")
+    p.add_argument("--eyeball_vertices", type=int, default=EYEBALL_VERTICES,
+                   help="vertices of each eyeball of the synthetic FLAME model: 162 (an icosphere; the datasets of "
+                   "generator version 2) or FLAME's own 546 (a latitude/longitude sphere, 17 rings of 32 plus the "
+                   "poles, denser at the front), to test eye handling on FLAME's eyeball layout")
     p.add_argument("--device", default="cpu",
                    help="device that renders the ground truth (cpu keeps the dataset bit-identical across machines; "
                    "auto or cuda is faster for large images)")
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         num_frames=args.num_frames,
         motion=args.motion,
+        eyeball_vertices=args.eyeball_vertices,
     )
     print(f"synthetic dataset ready in {out} ({time.time() - t0:.1f} s): subjects in {out / 'subjects'}, "
           f"FLAME files in {out / 'flame'}, split in {out / 'synthetic_info.json'}")

@@ -102,6 +102,10 @@ class FlameFitConfig:
     max_rejections: int = 0  # give up after this many rejected LM steps in a row (0: until the damping reaches 1e10)
     tolerance: float = 1e-6  # stop a stage when an accepted step lowers the loss by less than this fraction
     contour_passes: int = 3  # most narrow-scale solves, re-looking up the jaw-contour rows after each
+    # the Jacobians in closed form (LandmarkFlame.posed_with_jacobian; the shape through LandmarkFlame.free_shape)
+    # whenever the focal length is fixed and FLAME has its dynamic contour embedding: the same numbers as autograd's
+    # (tests/test_flame_fit.py), without a backward pass through T x K copies of the frames.  false: autograd always
+    closed_form: bool = True
 
     RANGES = {"focal": Range(0), "focal_ratio": Range(0, lo_open=True), "focal_std": Range(0, lo_open=True),
               "rigid_iterations": Range(0), "iterations": Range(0), "num_shape": Range(0), "num_expression": Range(0),
@@ -253,6 +257,9 @@ class FitProblem:
     # tracking with the shape fitted (ShapeRefinement): LandmarkFlame.free_shape(), whose closed-form Jacobian
     # includes the shape coefficients
     lf_free: LandmarkFlame | None = None
+    # the Jacobians in closed form (:func:`_analytic_terms`) without the tracker's early stop (a full fit with
+    # ``FlameFitConfig.closed_form``); ``tracking`` implies it
+    analytic: bool = False
     lam: float = 1e-3  # Levenberg-Marquardt damping where a resumed solve left it (_levenberg_marquardt(resume=True))
     converged: bool = False  # the last _levenberg_marquardt call stopped before max_iter (converged or stuck)
     K: int = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
@@ -429,7 +436,7 @@ def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scal
     """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
     backward pass through a batch that repeats every frame once per residual (frames are independent given the
     shared variables, which every row gets a copy of)."""
-    if p.tracking:
+    if p.tracking or p.analytic:
         return _analytic_terms(p, Xv, Yv, rows, scale, rigid, jac)
     T, K, dev, sel, idx_rep = p.T, p.K, p.dev, p.sel, p.idx_rep
     F, S = Xv.to(dev, p.dt), Yv.to(dev, p.dt)[None].expand(T, -1)
@@ -552,6 +559,7 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         tdiag = deg * tw[fi].square()
     lam = p.lam if resume else 1e-3
     p.converged = False
+    closed = p.tracking or p.analytic  # the Jacobian comes with a candidate's residuals
     r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
     c = _cost(p, r, X, Y)
     for _ in range(max_iter):
@@ -565,22 +573,27 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             if X_prev is not None:
                 gt[0] += (X[0] - X_prev) * tw.square()
             gf = gf + gt[:, fi]
-        gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
+        shared = len(si) > 0  # no shared variables (the tracker's frames): no Schur complement to form
         A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
-        B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
-        C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
+        if shared:
+            gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
+            B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
+            C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
         improved = False
         tries = 0
         while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
             tries += 1
             Ad = A + torch.diag_embed(lam * A.diagonal(dim1=1, dim2=2).clamp_min(1e-9))
-            Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
             L = torch.linalg.cholesky(Ad)
-            AiB = torch.cholesky_solve(B, L)
             Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
-            Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
-            ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig)) if len(si) else gs.new_zeros(0)
-            dx = -Aig - (AiB @ ds[:, None])[..., 0] if len(si) else -Aig
+            if shared:
+                Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
+                AiB = torch.cholesky_solve(B, L)
+                Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
+                ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig))
+                dx = -Aig - (AiB @ ds[:, None])[..., 0]
+            else:
+                ds, dx = Y.new_zeros(0), -Aig
             if p.tracking and not len(si) and tries == 1:
                 # the Gauss-Newton model's decrease of the loss for this step: below tolerance, stop without
                 # evaluating it (the last evaluations of a converged solve otherwise only confirm it)
@@ -591,9 +604,9 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             Xn, Yn = X.clone(), Y.clone()
             Xn[:, fi] += dx
             Yn[si] += ds
-            # tracking: the Jacobian comes with the candidate's residuals (closed form, cheap), so an accepted step
-            # needs no second evaluation
-            rn, Jfn, Jsn = _data_terms(p, Xn, Yn, rows, scale, rigid, p.tracking)
+            # closed form: the Jacobian comes with the candidate's residuals (cheap), so an accepted step needs no
+            # second evaluation
+            rn, Jfn, Jsn = _data_terms(p, Xn, Yn, rows, scale, rigid, closed)
             cn = _cost(p, rn, Xn, Yn)
             if math.isfinite(cn) and cn < c:
                 improved = True
@@ -609,7 +622,7 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         if rel < cfg.tolerance:
             p.converged = True
             break
-        r, Jf, Js = (rn, Jfn, Jsn) if p.tracking else _data_terms(p, X, Y, rows, scale, rigid, True)
+        r, Jf, Js = (rn, Jfn, Jsn) if closed else _data_terms(p, X, Y, rows, scale, rigid, True)
     p.lam = lam
     return c / p.n_points
 
@@ -629,12 +642,34 @@ def _rigid_stage(p: FitProblem) -> float:
     return _levenberg_marquardt(p, pose_f, no_s, _contour_rows(p), p.scale_wide, True, p.cfg.rigid_iterations)
 
 
+def _fitted_points(p: FitProblem, rows: Tensor | None) -> Tensor:
+    """(T, 68, 2) fitted landmarks (pixels) at the current variables with contour rows ``rows``.  A closed-form solver
+    (``p.tracking`` / ``p.analytic``) takes them from :meth:`LandmarkFlame.posed_with_jacobian` without its Jacobian
+    (the points its residuals use: 70 corners blended instead of a skinning of the whole face mask; the per-frame
+    tracker calls this twice a frame: 0.8 instead of 1.0 ms each on one core of the 2-core container), else from
+    :func:`_frame_residuals`."""
+    with torch.no_grad():
+        F = p.X.to(p.dev, p.dt)
+        if not (p.tracking or p.analytic):
+            S = p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
+            return _frame_residuals(p, F, S, p.frame_of, rows, p.scale_narrow, False)[1]
+        rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
+        expr = psi_n * p.c_expr
+        eyes = eyes if p.n_eyes else F.new_zeros(p.T, 6)
+        if p.fit_shape:
+            beta = (p.Y[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
+            coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
+            pts, _, _ = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, False)
+        else:
+            pts, _, _ = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, False)
+        return project(pts[:, :68], axis_angle_to_matrix(rot), trans * p.depth, p.f0, p.size)
+
+
 def _far_start(p: FitProblem) -> float:
     """The largest over the frames of the median static-landmark error at the current variables, in narrow robust
     scales (how far a warm start is from its targets: above 1, most points sit where the robust loss is flat)."""
     with torch.no_grad():
-        F, S = p.X.to(p.dev, p.dt), p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
-        _, uv = _frame_residuals(p, F, S, p.frame_of, _contour_rows(p), p.scale_narrow, False)
+        uv = _fitted_points(p, _contour_rows(p))
         err = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1) / p.iod[:, None]  # (T, 51) IOD units
         err = torch.where(p.wts[:, 17:] > 0, err, torch.full_like(err, float("nan")))
         return float((err.nanmedian(dim=1).values / p.scale_narrow[:, 0]).nan_to_num(0.0).max())
@@ -665,9 +700,8 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
     (pixels; contour NaN without a dynamic embedding) and the per-frame static-landmark error."""
     T, dev, dt = p.T, p.dev, p.dt
     with torch.no_grad():
-        rows = _contour_rows(p)
         F, S = p.X.to(dev, dt), p.Y.to(dev, dt)[None]
-        _, uv = _frame_residuals(p, F, S.expand(T, -1), p.frame_of, rows, p.scale_narrow, False)
+        uv = _fitted_points(p, _contour_rows(p))
         rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
         beta_n, log_f = S.split(p.s_sizes, 1)
         focal = p.f0 * (float(torch.exp(log_f)) if p.cfg.fit_focal else 1.0)
@@ -695,12 +729,13 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
 
     The loss (a MAP estimate, see :class:`FlameFitConfig`) is a sum of squares: whitened robust landmark residuals,
     the priors as standard scores and, for T > 1, the frame-to-frame changes.  It is minimised by Levenberg-Marquardt
-    (:func:`_levenberg_marquardt`) with the exact Jacobian from autograd: frames are independent given the shared
-    shape and focal length, so one backward pass through a batch that repeats every frame once per residual yields
-    every frame's Jacobian block.  Stages: the starting pose (:func:`_initial_pose`: PnP or ``init``), rigid
-    (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale), then everything with the
-    wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`); the contour rows are looked
-    up between stages.
+    (:func:`_levenberg_marquardt`) with the exact Jacobian: in closed form (:func:`_analytic_terms`) when the focal
+    length is fixed and FLAME has its contour embedding (``cfg.closed_form``), else from autograd (frames are
+    independent given the shared shape and focal length, so one backward pass through a batch that repeats every
+    frame once per residual yields every frame's Jacobian block).  Stages: the starting pose (:func:`_initial_pose`:
+    PnP or ``init``), rigid (:func:`_rigid_stage`: head rotation and translation, static points, wide robust scale),
+    then everything with the wide scale, then with the narrow one (``robust_k`` sigmas; :func:`_non_rigid_stage`);
+    the contour rows are looked up between stages.
 
     Args:
         flame: the FLAME model (with its 51-point static embedding; the dynamic one adds the contour).
@@ -725,7 +760,11 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     t_start = time.perf_counter()
     lf = landmark_flame if landmark_flame is not None else LandmarkFlame(flame)
     p = _make_problem(lf, targets, cfg, shape, init, previous)
-    p.tracking = tracking and not p.fit_shape and not cfg.fit_focal and lf.has_contour
+    closed_ok = not cfg.fit_focal and lf.has_contour
+    p.tracking = tracking and not p.fit_shape and closed_ok
+    p.analytic = cfg.closed_form and closed_ok
+    if p.analytic and p.fit_shape:  # the shape's Jacobian: its blendshapes as 300 more coefficients
+        p.lf_free = lf.free_shape()
     losses: dict[str, float] = {}
     if cfg.rigid_iterations > 0:
         losses["rigid"] = _rigid_stage(p)

@@ -401,8 +401,13 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return iw * ih / max(small, 1e-9)
 
 
-def detect_landmarks(image: np.ndarray, name: str = "image", min_face_px: float = MIN_FACE_PX) -> FaceLandmarks:
-    """One-shot :meth:`LandmarkDetector.detect` on a photo ((H, W, 3) RGB, uint8 or float in [0, 1])."""
+def detect_landmarks(image: np.ndarray, name: str = "image", min_face_px: float = MIN_FACE_PX,
+                     detector: "LandmarkDetector | None" = None) -> FaceLandmarks:
+    """:meth:`LandmarkDetector.detect` on a photo ((H, W, 3) RGB, uint8 or float in [0, 1]): with ``detector`` (a
+    static-image detector kept open by the caller; its own ``min_face_px``), else with a detector opened for this
+    photo alone (mediapipe's graph set-up is most of a one-shot detection's time)."""
+    if detector is not None:
+        return detector.detect(image, name)
     with LandmarkDetector(static_images=True, min_face_px=min_face_px) as det:
         return det.detect(image, name)
 

@@ -4,9 +4,17 @@ The eye region of a view is built from FLAME's static landmark embedding: its 51
 contour 0-16 is in the dynamic embedding), so the eyes are rows 19..30 (iBUG 36-41: the subject's right eye, outer
 corner, two upper-lid points, inner corner, two lower-lid points; iBUG 42-47: the left eye, inner corner first).
 Each eye's six points are projected into the view, filled as a polygon and dilated by ``dilate`` times the eye's
-corner-to-corner width in pixels; an eye whose lid plane faces more than ``max_angle`` degrees away from the camera
-(the far eye of a profile view, seen edge-on or hidden behind the nose) is left out.  The region is intersected with
-the face mask, as the photos are face-masked.
+corner-to-corner width in pixels, at least 1 px (so an eye inside the image never has an empty region, however small
+the face: a pixel centre lies within 0.71 px of any point); an eye that faces more than ``max_angle`` degrees away
+from the camera (the far eye of a profile view, seen edge-on or hidden behind the nose) is left out.  The region is
+intersected with the face mask, as the photos are face-masked.
+
+Where an eye faces (:func:`eye_directions`): the face's forward direction (the line between the two eyes' centres
+crossed with the nose's up line) turned ``eye_yaw`` degrees outwards about the up line, towards that eye's side.  It
+used to be each eye's own corner-to-corner line crossed with the up line, but that line's slope depends on the face's
+shape and the six landmarks' placement (32 degrees on the synthetic template, 48 on one identity's right eye), so a
+visible eye of a camera 25 degrees to the side and 15 above was left out (issue 25, 546-vertex FLAME eyeballs at
+69x100 px); the yaw is now one fixed number, which leaves the far eye out beyond about 45 degrees of azimuth.
 
 The landmarks are carried by the face-mask mesh (level-0 vertices), so they follow any face-mask geometry
 (tracking, or a fitted geometry refinement) without the full FLAME mesh: :func:`eye_landmark_embedding` maps
@@ -30,7 +38,10 @@ from utils.losses import masked_ssim, psnr
 EYE_ROWS = tuple(range(19, 31))
 NOSE_TOP_ROW, NOSE_BASE_ROW = 10, 16
 DEFAULT_DILATE = 0.3  # dilation of each eye polygon, in units of that eye's corner-to-corner width
-DEFAULT_MAX_ANGLE = 75.0  # an eye seen more than this many degrees off its lid plane's normal is not evaluated
+DEFAULT_MAX_ANGLE = 75.0  # an eye seen more than this many degrees off the direction it faces is not evaluated
+# each eye faces the face's forward direction turned this many degrees outwards (about the slope of the line between
+# its corners: the far eye of a view more than max_angle - eye_yaw = 45 degrees to the side is left out)
+DEFAULT_EYE_YAW = 30.0
 
 
 @dataclass
@@ -111,26 +122,41 @@ def _polygon_region(poly: Tensor, radius: float, width: int, height: int) -> Ten
     return (inside | (dist <= radius)).reshape(height, width)
 
 
+def eye_directions(landmarks: Tensor, eye_yaw: float = DEFAULT_EYE_YAW) -> Tensor:
+    """(2, 3) unit directions the two eyes face (row 0 the subject's right eye, iBUG 36-41; row 1 the left eye): the
+    face's forward direction, (left eye centre - right eye centre) x (nose base -> bridge), turned ``eye_yaw`` degrees
+    outwards about the up line.  landmarks: (14, 3) from :class:`EyeLandmarkEmbedding`."""
+    lm = landmarks.float()
+    up = lm[12] - lm[13]  # nose base -> bridge: the face's up
+    across = lm[6:12].mean(0) - lm[0:6].mean(0)  # right eye -> left eye: the subject's left
+    fwd = torch.linalg.cross(across, up)
+    fwd = fwd / fwd.norm().clamp_min(1e-12)
+    side = torch.linalg.cross(up, fwd)  # the subject's left, perpendicular to the forward direction
+    side = side / side.norm().clamp_min(1e-12)
+    c, s = math.cos(math.radians(eye_yaw)), math.sin(math.radians(eye_yaw))
+    return torch.stack([c * fwd - s * side, c * fwd + s * side])
+
+
 def eye_region_mask(landmarks: Tensor, camera: Camera, dilate: float = DEFAULT_DILATE,
-                    max_angle: float = DEFAULT_MAX_ANGLE) -> Tensor:
+                    max_angle: float = DEFAULT_MAX_ANGLE, eye_yaw: float = DEFAULT_EYE_YAW) -> Tensor:
     """(H, W, 1) float {0, 1} mask of both eyes' regions in ``camera``'s image.
 
     Args:
         landmarks: (14, 3) world-space landmarks from :class:`EyeLandmarkEmbedding`.
         camera: the view (its width x height is the mask size).
-        dilate: growth of each eye polygon in units of the eye's projected corner-to-corner width (at least 1 px).
-        max_angle: an eye whose lid-plane normal is more than this many degrees away from the direction to the
-            camera is left out (it is seen edge-on or hidden behind the nose).
+        dilate: growth of each eye polygon in units of the eye's projected corner-to-corner width (at least 1 px, so
+            the region of an eye inside the image holds at least one pixel at any size).
+        max_angle: an eye whose direction (:func:`eye_directions`) is more than this many degrees away from the
+            direction to the camera is left out (it is seen edge-on or hidden behind the nose).
+        eye_yaw: outward turn of each eye's direction from the face's forward direction, degrees.
     """
     lm = landmarks.to(camera.device, torch.float32)
-    up = lm[12] - lm[13]  # nose base -> bridge: the face's up
     mask = torch.zeros(camera.height, camera.width, dtype=torch.bool, device=camera.device)
     cos_max = math.cos(math.radians(max_angle))
-    for eye, (c0, c1) in ((lm[0:6], (0, 3)), (lm[6:12], (0, 3))):
-        across = eye[c1] - eye[c0]  # towards the subject's left for both eyes (iBUG 36 -> 39, 42 -> 45)
-        normal = torch.linalg.cross(across, up)
+    dirs = eye_directions(lm, eye_yaw)
+    for eye, (c0, c1), normal in ((lm[0:6], (0, 3), dirs[0]), (lm[6:12], (0, 3), dirs[1])):
         to_cam = camera.center.to(lm) - eye.mean(0)
-        cos = (normal * to_cam).sum() / (normal.norm() * to_cam.norm()).clamp_min(1e-12)
+        cos = (normal * to_cam).sum() / to_cam.norm().clamp_min(1e-12)
         uv, depth = camera.project(eye)
         if float(cos) < cos_max or bool((depth <= 0).any()):
             continue
@@ -140,11 +166,12 @@ def eye_region_mask(landmarks: Tensor, camera: Camera, dilate: float = DEFAULT_D
 
 
 def eye_region_masks(landmarks: Tensor, cameras: Sequence[Camera], face_masks: Tensor | None = None,
-                     dilate: float = DEFAULT_DILATE, max_angle: float = DEFAULT_MAX_ANGLE) -> Tensor:
+                     dilate: float = DEFAULT_DILATE, max_angle: float = DEFAULT_MAX_ANGLE,
+                     eye_yaw: float = DEFAULT_EYE_YAW) -> Tensor:
     """(C, H, W, 1) eye-region masks of one face in C views of one size, times ``face_masks`` (C, H, W, 1) if given.
 
     landmarks: (14, 3) world-space landmarks (:class:`EyeLandmarkEmbedding`)."""
-    masks = torch.stack([eye_region_mask(landmarks, c, dilate, max_angle) for c in cameras])
+    masks = torch.stack([eye_region_mask(landmarks, c, dilate, max_angle, eye_yaw) for c in cameras])
     if face_masks is not None:
         masks = masks * (face_masks.to(masks) > 0.5)
     return masks

@@ -109,8 +109,12 @@ class AnimationConfig:
     #                          then tracks from every W-th frame, which detects differently (README)
     stream_queue: int = 4  # --stream: frames each bounded queue between the stages holds (1-256)
     stream_fit_device: str = "cpu"  # --stream: device of the per-frame FLAME fit: cpu, auto (= --device), cuda[:N]
-    stream_iterations: int = 10  # --stream: Levenberg-Marquardt iterations per warm-started frame (1-200)
-    stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would
+    stream_iterations: int = 4  # --stream: Levenberg-Marquardt iterations per warm-started frame (1-200); 4 (was
+    #                          10): a warm start converges in ~4 anyway, the correlations stay within 0.01 of 10's
+    #                          (benchmarks/results/stream_speed_cpu_2026-12-06b.md; 3 lost 0.04 of brows)
+    stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would;
+    #                          live mode then, as with a camera: frames that are stale when the stream is behind are
+    #                          dropped (counted in animation.json 'stream'), not queued; without it every frame is kept
     stream_threads: int = 1  # --stream: torch intra-op CPU threads while it streams, restored after (0: torch's)
     #                          the per-frame fit's tensors are tiny (one frame, ~70 points), so extra threads mostly add
     #                          wake-ups and compete with the landmark threads (the GPU machine: 16 cores)

@@ -21,9 +21,12 @@
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
 
-Every queue is bounded (``stream_queue`` frames per stage), so a slow stage holds the reader back instead of
-buffering the video.  Per frame the latency from its read to its encoded frame is kept; the summary has its
-distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
+Every queue is bounded (``stream_queue`` frames per stage).  In file mode (a throughput measure) a slow stage holds
+the reader back and every frame is kept.  In live mode (a camera, or a file with ``stream_realtime``) frames that are
+stale because the stream is behind are dropped instead (landmark_stream's live mode: the newest frame wins before and
+after detection; the frames held for the calibration are dropped once it is done), counted in the summary and left
+out of the video and motion.npz alike.  Per frame the latency from its read to its encoded frame is kept; the summary
+has its distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
 """
 from __future__ import annotations
 
@@ -121,6 +124,12 @@ class FrameSource:
         self.start, self.stride, self.max_frames = int(start), int(stride), int(max_frames)
         self.realtime = bool(realtime) and not self.camera  # a camera paces itself
 
+    @property
+    def live(self) -> bool:
+        """Frames come at the source's pace (a camera, or a file with ``realtime``): a stream that falls behind must
+        drop stale frames, not queue them (landmark_stream's live mode)."""
+        return self.camera or self.realtime
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         i = n = 0
         t0 = time.perf_counter()
@@ -176,50 +185,144 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
+class _Mailbox:
+    """A thread-safe box of at most ``capacity`` frames where a new frame pushes the OLDEST one out (live mode:
+    "latest frame wins"), plus control items (STOP, an exception) that are never pushed out.
+
+    ``put`` returns the frame it pushed out (None if none), for the caller to count as dropped; ``take`` hands one
+    frame (or control item) to a worker and numbers frames in the order they are taken (``Detected.index``: the
+    frames that go on get consecutive indices whatever was dropped before them); ``take_all`` hands everything that
+    is in the box to the consumer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = int(capacity)
+        self.cond = threading.Condition()
+        self.items: list[Any] = []  # frames and control items, oldest first
+        self.frames = 0  # frames in ``items``
+        self.taken = 0  # frames taken by ``take`` (the next one's index)
+
+    def put(self, item: Any) -> Any:
+        with self.cond:
+            pushed = None
+            if isinstance(item, Detected):
+                if self.frames >= self.capacity:
+                    k = next(i for i, x in enumerate(self.items) if isinstance(x, Detected))
+                    pushed = self.items.pop(k)
+                    self.frames -= 1
+                self.frames += 1
+            self.items.append(item)
+            self.cond.notify_all()
+            return pushed
+
+    def take(self, timeout: float, number: bool = False) -> Any:
+        """The oldest item, or None after ``timeout`` seconds; ``number``: set a frame's index (taken order)."""
+        with self.cond:
+            if not self.items and not self.cond.wait_for(lambda: bool(self.items), timeout):
+                return None
+            item = self.items.pop(0)
+            if isinstance(item, Detected):
+                self.frames -= 1
+                if number:
+                    item.index = self.taken
+                    self.taken += 1
+            return item
+
+    def take_all(self, timeout: float) -> list[Any]:
+        """Everything in the box (oldest first), waiting up to ``timeout`` seconds for at least one item."""
+        with self.cond:
+            if not self.items:
+                self.cond.wait_for(lambda: bool(self.items), timeout)
+            items, self.items, self.frames = self.items, [], 0
+            return items
+
+
 def landmark_stream(frames: Iterator[tuple[int, np.ndarray]], make_detector: Callable[[], Callable],
-                    workers: int = 2, queue_size: int = 4) -> Iterator[Detected]:
+                    workers: int = 2, queue_size: int = 4, live: bool = False,
+                    dropped: list[tuple[int, str]] | None = None) -> Iterator[Detected]:
     """Frames (frame_id, RGB) -> Detected frames IN ORDER, landmarks found by ``workers`` threads (each with its own
-    detector from ``make_detector``; frame n goes to worker n mod workers) behind bounded queues of ``queue_size``
-    frames.  An error in any thread is raised here; closing the generator stops the threads."""
+    detector from ``make_detector``) behind bounded queues of ``queue_size`` frames.  An error in any thread is raised
+    here; closing the generator stops the threads.
+
+    File mode (``live`` False, a throughput measure): every frame is kept; frame n goes to worker n mod workers; a
+    slow consumer holds the reader back (the queues are bounded).
+
+    Live mode (a camera, or a file paced at its frame rate): stale frames are dropped, not queued.  The reader never
+    waits: a frame that no detector has taken when the next one is read is dropped ("reader"); a detected frame that
+    the consumer has not taken when ``queue_size`` newer ones are detected is dropped, and when the consumer asks for
+    the next frame it gets the newest detected one, the older ones dropped ("landmarks").  So what the consumer gets is
+    at most one detection old however long it was busy (a calibration of seconds included), and the frames it gets
+    come in read order, numbered 0, 1, 2, ... (``Detected.index``: the position among the frames that go on).
+    ``dropped`` (a list) receives (frame_id, stage) of every dropped frame."""
     if workers < 1 or queue_size < 1:
         raise ValueError(f"landmark_stream: workers and queue_size must be >= 1, got {workers}, {queue_size}")
     stop = threading.Event()
-    inboxes = [queue.Queue(maxsize=queue_size) for _ in range(workers)]
-    outbox: queue.Queue = queue.Queue(maxsize=queue_size * workers)
+    drops = dropped if dropped is not None else []
+    if live:  # one slot in front of the detectors (the newest frame waits there), a drop-oldest box behind them
+        inboxes: list[Any] = [_Mailbox(1)]
+        outbox: Any = _Mailbox(queue_size)
+    else:
+        inboxes = [queue.Queue(maxsize=queue_size) for _ in range(workers)]
+        outbox = queue.Queue(maxsize=queue_size * workers)
+
+    def send(item: Any) -> bool:
+        """Into the outbox: a live frame pushes the oldest waiting one out (dropped); file mode blocks."""
+        if live:
+            pushed = outbox.put(item)
+            if pushed is not None:
+                drops.append((pushed.frame_id, "landmarks"))
+            return True
+        return _put(outbox, item, stop)
 
     def reader() -> None:
         try:
             for n, (fid, rgb) in enumerate(frames):
-                if not _put(inboxes[n % workers], Detected(n, int(fid), rgb, time.perf_counter()), stop):
+                if stop.is_set():
+                    return
+                if live:  # index -1 until a detector takes it (_Mailbox.take numbers the frames that go on)
+                    pushed = inboxes[0].put(Detected(-1, int(fid), rgb, time.perf_counter()))
+                    if pushed is not None:
+                        drops.append((pushed.frame_id, "reader"))
+                elif not _put(inboxes[n % workers], Detected(n, int(fid), rgb, time.perf_counter()), stop):
                     return
         except BaseException as exc:  # noqa: BLE001  (handed to the consumer)
-            _put(outbox, exc, stop)
+            send(exc)
         finally:
-            for q in inboxes:
-                _put(q, STOP, stop)
+            if live:
+                inboxes[0].put(STOP)  # the worker that takes it puts it back for the others
+            else:
+                for q in inboxes:
+                    _put(q, STOP, stop)
 
     def worker(k: int) -> None:
         detect = None
         try:
             detect = make_detector()
             while not stop.is_set():
-                try:
-                    item = inboxes[k].get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                if item is STOP:
-                    break
+                if live:
+                    item = inboxes[0].take(0.05, number=True)
+                    if item is None:
+                        continue
+                    if item is STOP:
+                        inboxes[0].put(STOP)  # left for the other workers
+                        break
+                else:
+                    try:
+                        item = inboxes[k].get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    if item is STOP:
+                        break
                 t = time.perf_counter()
                 item.points, item.irises = detect(item.rgb, f"frame {item.frame_id}")
                 item.landmark_s = time.perf_counter() - t
-                if not _put(outbox, item, stop):
+                if not send(item):
                     return
         except BaseException as exc:  # noqa: BLE001
-            _put(outbox, exc, stop)
+            send(exc)
         finally:
             if detect is not None and hasattr(detect, "close"):
                 detect.close()
-            _put(outbox, STOP, stop)
+            send(STOP)
 
     threads = [threading.Thread(target=reader, name="stream-reader", daemon=True)]
     threads += [threading.Thread(target=worker, args=(k,), name=f"stream-landmarks-{k}", daemon=True)
@@ -227,8 +330,32 @@ def landmark_stream(frames: Iterator[tuple[int, np.ndarray]], make_detector: Cal
     for t in threads:
         t.start()
     pending: dict[int, Detected] = {}  # arrived out of order (bounded by the frames in flight)
-    nxt, done = 0, 0
+    nxt, done, yielded = 0, 0, 0
     try:
+        if live:
+            while True:
+                items = outbox.take_all(0.05 if done < workers else 0.0)
+                for item in items:
+                    if item is STOP:
+                        done += 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    elif item.index < nxt:  # a slower worker's older frame: a newer one went on already
+                        drops.append((item.frame_id, "landmarks"))
+                    else:
+                        pending[item.index] = item
+                if pending:  # the newest detected frame wins
+                    newest = max(pending)
+                    for k in sorted(pending)[:-1]:
+                        drops.append((pending.pop(k).frame_id, "landmarks"))
+                    nxt = newest + 1
+                    item = pending.pop(newest)
+                    item.index = yielded  # its position among the frames that go on
+                    yielded += 1
+                    yield item
+                elif done == workers and not items:
+                    break
+            return
         while done < workers or pending:
             while nxt in pending:
                 yield pending.pop(nxt)
@@ -368,7 +495,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                     item = render_q.get()
                     if item is STOP:
                         return
-                    det, motion, reference = item
+                    det, rec, motion, reference = item
                     t = time.perf_counter()
                     if motion is None:  # before the first face: the identity as it is
                         params = head.base
@@ -384,15 +511,17 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                     if cfg.side_by_side == "video":
                         frame = np.concatenate([frame, fit_height(det.rgb, cam.height)], axis=1)
                     t_render = time.perf_counter() - t
+                    n_out = writer.frames  # the frame's position in the video (= in motion.npz)
                     writer.write(frame)
                     if cfg.png:
-                        save_image(out / "frames" / f"frame_{det.index:05d}.png", frame)
+                        save_image(out / "frames" / f"frame_{n_out:05d}.png", frame)
                     if cfg.ply:
-                        cloud[0].save_ply(out / "ply" / f"frame_{det.index:05d}.ply")
+                        cloud[0].save_ply(out / "ply" / f"frame_{n_out:05d}.ply")
                     t_done = time.perf_counter()
-                    records[det.index].update(render_s=t_render, write_s=t_done - t - t_render, t_done=t_done,
-                                              latency_s=t_done - det.t_read)
+                    rec.update(render_s=t_render, write_s=t_done - t - t_render, t_done=t_done,
+                               latency_s=t_done - det.t_read)
                     state.setdefault("motion", []).append(params.to("cpu"))
+                    state.setdefault("frame_ids", []).append(det.frame_id)  # what the video and motion.npz hold
             except BaseException as exc:  # noqa: BLE001  (raised again by the fit thread)
                 failure.append(exc)
                 stop.set()
@@ -400,22 +529,23 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         renderer = threading.Thread(target=render_loop, name="stream-render", daemon=True)
         renderer.start()
 
-        def send(det: Detected, motion: FlameParams | None, reference: FlameParams | None) -> None:
+        def send(det: Detected, rec: dict, motion: FlameParams | None, reference: FlameParams | None) -> None:
             if failure:
                 raise failure[0]
-            if not _put(render_q, (det, motion, reference), stop):
+            if not _put(render_q, (det, rec, motion, reference), stop):
                 raise failure[0] if failure else RuntimeError("render stage stopped")
 
         # ---- the fit stage (this thread)
         tracker: FrameTracker | TrackerProcess | None = None
         calib: list[Detected] = []  # frames held until the person is calibrated
         calib_info: dict = {}
-        frame_ids: list[int] = []
+        live = source.live  # a camera or a paced file: stale frames are dropped (landmark_stream), not queued
+        dropped: list[tuple[int, str]] = []  # (frame_id, stage) of every dropped frame
         errors: list[float] = []
         with_face = 0
         size: tuple[int, int] | None = None
 
-        def track(det: Detected, calibrating: bool) -> None:
+        def track(det: Detected, rec: dict, calibrating: bool) -> None:
             nonlocal with_face
             t, c = time.perf_counter(), time.thread_time()
             params, err = (None, float("nan"))
@@ -426,17 +556,28 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
             cpu = tracker.step_cpu_s if isinstance(tracker, TrackerProcess) else time.thread_time() - c
             with_face += det.points is not None
             errors.append(err)
-            records[det.index].update(fit_s=time.perf_counter() - t, fit_cpu_s=cpu, calibration=calibrating)
+            rec.update(fit_s=time.perf_counter() - t, fit_cpu_s=cpu, calibration=calibrating)
             # the reference of --pose relative: the first frame with a face, fitted again whenever the shape changes
-            send(det, params, tracker.reference)
+            send(det, rec, params, tracker.reference)
 
-        stream = landmark_stream(iter(source), make_detector, cfg.stream_workers, cfg.stream_queue)
+        def track_held(held: list[tuple[Detected, dict]]) -> None:
+            """The frames held for the calibration: tracked and rendered in file mode; in live mode they are stale
+            by the calibration's time and dropped (the stream goes on with the newest frame)."""
+            for d, rec in held:
+                if live:
+                    dropped.append((d.frame_id, "calibration"))
+                    rec["dropped"] = True
+                else:
+                    track(d, rec, True)
+
+        stream = landmark_stream(iter(source), make_detector, cfg.stream_workers, cfg.stream_queue, live=live,
+                                 dropped=dropped)
         t_start = time.perf_counter()
         try:
             for det in stream:
-                records.append({"index": det.index, "frame_id": det.frame_id, "t_read": det.t_read,
-                                "landmark_s": det.landmark_s})
-                frame_ids.append(det.frame_id)
+                rec = {"index": det.index, "frame_id": det.frame_id, "t_read": det.t_read,
+                       "landmark_s": det.landmark_s}
+                records.append(rec)
                 h, w = det.rgb.shape[:2]
                 if size is None:
                     size = (w, h)
@@ -444,23 +585,23 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                     raise ValueError(f"{source.name}: frame {det.frame_id} is {w}x{h}, the first was "
                                      f"{size[0]}x{size[1]}")
                 if tracker is not None:
-                    track(det, False)
+                    track(det, rec, False)
                     continue
-                calib.append(det)
-                faces = [d for d in calib if d.points is not None]
+                calib.append((det, rec))
+                faces = [d for d, _ in calib if d.points is not None]
                 if len(faces) >= cfg.reenact.shape_frames:
                     tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
-                    for d in calib:
-                        track(d, True)
+                    track_held(calib)
                     calib = []
             if tracker is None:  # the stream ended before shape_frames frames with a face
-                faces = [d for d in calib if d.points is not None]
+                faces = [d for d, _ in calib if d.points is not None]
                 if not faces:
                     raise ValueError(f"no face in any frame of {source.name} (the detector needs a clearly visible, "
                                      f"roughly frontal face that fills a good part of the frame)")
                 tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
-                for d in calib:
-                    track(d, True)
+                if live:  # the stream ended: nothing newer to go on with, so the held frames are the output
+                    live = False
+                track_held(calib)
         except KeyboardInterrupt:  # a camera runs until interrupted: keep what was written
             warnings.warn("interrupted: the video holds the frames streamed so far")
         finally:
@@ -486,7 +627,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     t0 = time.perf_counter()
     params = FlameParams.cat(state["motion"])
     motion_path = out / "motion.npz"
-    save_nersemble_tracking(motion_path, params, frames=np.asarray(frame_ids[:params.num_frames]))
+    frame_ids = state["frame_ids"]  # the frames the video and motion.npz hold (live mode: without the dropped ones)
+    save_nersemble_tracking(motion_path, params, frames=np.asarray(frame_ids))
     times["write"] = time.perf_counter() - t0
     done = [r for r in records if "t_done" in r]
     steady = [r for r in done if not r.get("calibration", False)]
@@ -497,6 +639,10 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         "queue": cfg.stream_queue, "fit_device": str(fit_device), "render_device": str(device),
         "fit_process": remote is not None,
         "realtime": bool(source.realtime), "camera": source.camera,
+        # live mode (camera / --stream_realtime): stale frames dropped, not queued; never in file mode
+        "live": source.live, "frames_read": len(done) + len(dropped), "dropped": len(dropped),
+        "dropped_by_stage": {k: sum(st == k for _, st in dropped) for k in ("reader", "landmarks", "calibration")},
+        "dropped_frame_ids": sorted(int(f) for f, _ in dropped),
         "latency_ms_steady": lat_ms(steady), "latency_ms_all": lat_ms(done),
         "sustained_fps": (len(steady) - 1) / span if span > 0 else float("nan"),
         "end_to_end_fps": len(done) / max(done[-1]["t_done"] - done[0]["t_read"], 1e-9),
@@ -515,7 +661,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     summary = {
         "identity": head.name, "identity_b": cfg.identity_b or None, "mix": cfg.mix if cfg.identity_b else None,
         "motion": source.name, "motion_kind": "camera" if source.camera else "video", "pose": cfg.pose,
-        "num_frames": len(done), "frame_ids": [int(i) for i in frame_ids[:len(done)]], "fps": source.fps,
+        "num_frames": len(done), "frame_ids": [int(i) for i in frame_ids], "fps": source.fps,
         "width": int(writer.size[0]), "height": int(writer.size[1]), "side_by_side": cfg.side_by_side,
         "video": str(video), "motion_npz": str(motion_path), "num_gaussians": int(model.field.num_gaussians),
         "flame_dir": str(flame_dir), "device": str(device), "seconds": sum(times.values()),
@@ -548,12 +694,16 @@ def format_summary(s: dict) -> str:
     st = s["stream"]
     a, b = st["latency_ms_steady"], st["latency_ms_all"]
     sm = st["stage_ms_mean"]
+    dr = st["dropped_by_stage"]
     return (f"streamed {st['frames']} frames ({st['calibration_frames']} held for calibration, "
             f"{st['calibration_s']:.2f} s), {st['workers']} landmark workers, fit on {st['fit_device']}"
             f"{' (own process)' if st['fit_process'] else ''}, "
             f"render on {st['render_device']}{', paced at the source rate' if st['realtime'] else ''}\n"
             f"  sustained {st['sustained_fps']:.1f} frames/s (end to end {st['end_to_end_fps']:.1f} frames/s)\n"
-            f"  latency ms after calibration: p50 {a['p50']:.1f}  p90 {a['p90']:.1f}  p99 {a['p99']:.1f}  "
+            + (f"  live: dropped {st['dropped']} of {st['frames_read']} frames read (stale when the stream was behind: "
+               f"{dr['reader']} before detection, {dr['landmarks']} after, {dr['calibration']} held for the "
+               f"calibration); the video and motion.npz hold the {st['frames']} others\n" if st["live"] else "")
+            + f"  latency ms after calibration: p50 {a['p50']:.1f}  p90 {a['p90']:.1f}  p99 {a['p99']:.1f}  "
             f"max {a['max']:.1f}; all frames: p50 {b['p50']:.1f}  p90 {b['p90']:.1f}  p99 {b['p99']:.1f}\n"
             f"  stage ms (mean): landmarks {sm['landmark_s']:.1f}  fit {sm['fit_s']:.1f}  "
             f"render {sm['render_s']:.1f}  write {sm['write_s']:.1f}\n"

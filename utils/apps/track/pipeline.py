@@ -28,6 +28,7 @@ from utils.apps.track.export import export_views, export_wild, turntable
 from utils.apps.track.fit import fit_identity
 from utils.apps.track.targets import (
     FitTarget,
+    PhotoTools,
     load_image_target,
     load_subject_target,
     load_wild_target,
@@ -56,16 +57,17 @@ def _clean(x: Any) -> Any:
 
 
 def track(cfg: TrackConfig, model: TrainedModel | None = None, subject_dir: str | os.PathLike | None = None,
-          out: str | os.PathLike | None = None) -> dict:
+          out: str | os.PathLike | None = None, tools: PhotoTools | None = None) -> dict:
     """Fit one person (``cfg.subject_dir`` / ``subject_dir``, or ``cfg.image``) and write every output to ``out``.
 
     Returns the metrics dict that is also written to ``<out>/metrics.json``.  ``out`` is claimed before anything
     else (utils.core.locks.OutputClaim: locked, and a folder holding files this fit would write, or an earlier fit's, is
     refused unless ``cfg.overwrite``) so a clash ends the run at once, not after the fit; the outputs are one set
     whose record ``<out>/.track_outputs.json`` says ``"finished": true`` only after metrics.json, the last file.
+    ``tools``: the photo-only path's detector and FLAME model kept open across calls (:class:`PhotoTools`).
     """
     with OutputClaim(Path(out or cfg.out), "track") as claim:
-        return _track(cfg, model, subject_dir, claim)
+        return _track(cfg, model, subject_dir, claim, tools)
 
 
 def track_outputs(cfg: TrackConfig, target: FitTarget) -> list[str]:
@@ -80,7 +82,7 @@ def track_outputs(cfg: TrackConfig, target: FitTarget) -> list[str]:
 
 
 def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.PathLike | None,
-           claim: OutputClaim) -> dict:
+           claim: OutputClaim, tools: PhotoTools | None = None) -> dict:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = claim.out
@@ -96,7 +98,7 @@ def _track(cfg: TrackConfig, model: TrainedModel | None, subject_dir: str | os.P
     elif cfg.image and (cfg.camera_json or cfg.flame):
         target = load_image_target(model, cfg, device)
     elif cfg.image:
-        target = load_wild_target(model, cfg, device)
+        target = load_wild_target(model, cfg, device, tools)
     else:
         raise ValueError("nothing to fit: pass --image PHOTO (alone, or with its --camera_json JSON and --flame NPZ), "
                          "--subject_dir DIR (a NeRSemble subject folder) or --all_heldout")

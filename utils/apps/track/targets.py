@@ -259,10 +259,22 @@ def detected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Te
     return mask
 
 
-def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device) -> FitTarget:
+@dataclass
+class PhotoTools:
+    """What the photo-only path loads once and can keep across photos (a service, a benchmark): the landmark
+    detector (``LandmarkDetector(static_images=True)``, or None: one is opened per photo) and the FLAME model of the
+    trained model's FLAME folder (or None: loaded per photo).  The caller owns and closes the detector."""
+
+    detector: Any = None
+    flame: FlameModel | None = None
+
+
+def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device,
+                     tools: PhotoTools | None = None) -> FitTarget:
     """A photo alone (``cfg.image``): landmarks (mediapipe, or ``cfg.landmarks``), then FLAME and a pinhole camera
     fitted to them (utils/face/flame_fit.py), then the face mask projected from the fitted FLAME face mask, intersected
-    with the detector's face outline where there is one."""
+    with the detector's face outline where there is one.  ``tools``: a detector and FLAME model kept open by the
+    caller (:class:`PhotoTools`; the FLAME model must be the one of the model's FLAME folder)."""
     import cv2
 
 
@@ -275,7 +287,8 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
     if cfg.landmarks:
         lms = load_landmarks_file(cfg.landmarks, (w0, h0))
     else:
-        lms = detect_landmarks(photo, name=str(img_path), min_face_px=cfg.min_face_px)
+        lms = detect_landmarks(photo, name=str(img_path), min_face_px=cfg.min_face_px,
+                               detector=tools.detector if tools is not None else None)
     scale = float(cfg.image_scale)
     if cfg.max_face_px > 0:
         scale = min(scale, cfg.max_face_px / max(lms.face_size, 1.0))
@@ -289,7 +302,7 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
     h, w = photo.shape[:2]
     flame_dir = model_flame_dir(model, cfg.flame_dir)
 
-    flame = FlameModel.from_data_dir(flame_dir)
+    flame = tools.flame if tools is not None and tools.flame is not None else FlameModel.from_data_dir(flame_dir)
     irises = None
     if len(lms.mesh) >= 478:  # mediapipe's iris centres: 468 and 473; which is the subject's right eye is measured
         a, b = lms.mesh[468, :2], lms.mesh[473, :2]

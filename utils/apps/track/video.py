@@ -21,9 +21,9 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
               refinement), camera_params.json (the fitted camera; refined with video_refine.camera_*),
               metrics.json (PSNR / SSIM / LPIPS in the face mask on held-out and training frames, for the fit, the
-              code alone and the mean code), heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4;
-              written to a temporary folder first, so a
-              failing run leaves nothing half-written in --out
+              code alone and the mean code; seconds per phase, and the tracking phase's parts in
+              seconds_tracking), heldout.mp4 (real | avatar on the held-out frames) and turntable.mp4; written to a
+              temporary folder first, so a failing run leaves nothing half-written in --out
 
 Pivotal tuning (``video_refine.network_lr`` > 0) is baked into code.pt as a per-Gaussian residual of every raw channel
 (utils/apps/track/video_refine.py), so the shared model file is never changed.  ``video_refine.camera_focal`` /
@@ -279,9 +279,14 @@ def track_video(cfg: TrackConfig) -> dict:
         frame_ids = np.arange(len(frames)) * max(1, cfg.stride)  # index among the folder's images
     T = len(frames)
     h, w = frames[0].shape[:2]
+    # the tracking phase's parts (metrics.json seconds_tracking; their sum is seconds_per_phase["track"])
+    sub = {"read_frames": time.perf_counter() - t0}
+    t1 = time.perf_counter()
     model = load_model(cfg.checkpoint, device)
     flame_dir = model_flame_dir(model, cfg.flame_dir)
     flame = FlameModel.from_data_dir(flame_dir)
+    sub["load_model_flame"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     if cfg.landmarks:  # (T, 68, 2) pixels; NaN rows: no face in that frame
         pts = torch.as_tensor(np.load(cfg.landmarks), dtype=torch.float32)
         if tuple(pts.shape) != (T, 68, 2):
@@ -304,10 +309,13 @@ def track_video(cfg: TrackConfig) -> dict:
     if not train or not held:
         raise ValueError(f"{src}: {int(found.sum())} of {T} frames have a face, too few to hold out frames (every "
                          f"{cfg.heldout_every}th and the last {cfg.heldout_tail:.0%}) and still fit; use a longer clip")
+    sub["landmarks"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
     rcfg = ReenactConfig(min_face_px=cfg.min_face_px, flame_fit=cfg.flame_fit)
     params, info = fit_video_motion(flame, pts, irises, found, (w, h), rcfg, cfg.progress)
     params = params.to("cpu")
     cam = make_camera(info["focal_px"], (w, h), name="video")
+    sub["flame_camera"] = time.perf_counter() - t1
     times["track"] = time.perf_counter() - t0
 
     # ---- per-frame targets: face mask (projected FLAME face mask within the detector's outline, as the photo path
@@ -433,6 +441,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
             "mask": "projected FLAME face mask" + (" within the detector's face outline" if outlines else ""),
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
+            "seconds_tracking": sub,
             "device": str(device), "checkpoint": str(cfg.checkpoint),
         })
         atomic_write_json(doc, tmp / "metrics.json")

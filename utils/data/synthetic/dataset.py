@@ -46,6 +46,7 @@ from utils.data.nersemble import (
     timestep_name,
 )
 from utils.data.synthetic.flame_files import write_flame_files
+from utils.data.synthetic.flame_mesh import EYEBALL_VERTICES, eyeball_mesh
 from utils.data.synthetic.flame_model import make_flame_model
 from utils.data.synthetic.identity import SyntheticIdentity, identity_rngs, sample_identity
 from utils.data.synthetic.motion import MOTIONS, sample_frame_params, sequence_params
@@ -72,14 +73,16 @@ def default_subject_ids(num_identities: int, num_heldout: int) -> tuple[list[str
 
 
 def _dataset_key(seed: int, image_size: int, subdivision: int, num_frames: int = 1,
-                 motion: str = "expressions") -> dict:
+                 motion: str = "expressions", eyeball_vertices: int = EYEBALL_VERTICES) -> dict:
     return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "image_size": int(image_size),
-            "subdivision": int(subdivision), "num_frames": int(num_frames), "motion": str(motion)}
+            "subdivision": int(subdivision), "num_frames": int(num_frames), "motion": str(motion),
+            "eyeball_vertices": int(eyeball_vertices)}
 
 
 def _key_of(info: dict) -> dict:
     """The dataset key of a synthetic_info.json (files written before sequences existed have one frame)."""
-    defaults = {"num_frames": 1, "motion": "expressions"}  # left implicit in files written before they existed
+    # left implicit in files written before they existed (and whenever they have the default value)
+    defaults = {"num_frames": 1, "motion": "expressions", "eyeball_vertices": EYEBALL_VERTICES}
     return {k: info.get(k, defaults.get(k)) for k in _dataset_key(0, 0, 0)}
 
 
@@ -195,6 +198,7 @@ def make_synthetic_dataset(
     device: str | torch.device = "cpu",
     num_frames: int = 1,
     motion: str = "expressions",
+    eyeball_vertices: int = EYEBALL_VERTICES,
 ) -> Path:
     """Generate (or complete) a synthetic NeRSemble-format dataset; returns ``out``.
 
@@ -215,6 +219,10 @@ def make_synthetic_dataset(
         motion: "expressions" (default) or "head_turn": frames 1..N-1 also turn the whole head (+-35 deg yaw,
             +-15 deg pitch about its centre, :func:`head_turn_angles`), so the frontal camera's frames form a
             monocular head-turning video and the other 15 cameras are novel views of every frame.
+        eyeball_vertices: vertices of each eyeball of the synthetic FLAME model: 162 (default: the icosphere of
+            generator version 2, same bytes as before) or FLAME's own 546 (a latitude/longitude sphere of 17 rings of
+            32, denser at the front; utils/data/synthetic/flame_mesh.py ``eyeball_mesh``).  Stored in
+            synthetic_info.json when not the default.
 
     Idempotent: a complete dataset as requested is left untouched; one with the same seed/image_size/subdivision
     is completed (missing subjects rendered, subjects no longer requested removed); synthetic_info.json is
@@ -233,11 +241,13 @@ def make_synthetic_dataset(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if motion not in MOTIONS:
         raise ValueError(f"motion must be one of {MOTIONS}, got {motion!r}")
-    key = _dataset_key(seed, image_size, subdivision, int(num_frames), motion)
+    eyeball_mesh(int(eyeball_vertices))  # validates the count before anything is written
+    key = _dataset_key(seed, image_size, subdivision, int(num_frames), motion, int(eyeball_vertices))
     # what the json files hold: one frame and the default motion are left implicit so datasets written before they
     # existed stay byte-identical
     stored = {k: v for k, v in key.items() if not (k == "num_frames" and v == 1)
-              and not (k == "motion" and v == "expressions")}
+              and not (k == "motion" and v == "expressions")
+              and not (k == "eyeball_vertices" and v == EYEBALL_VERTICES)}
 
     info_path, pending_path = out / INFO_NAME, out / PENDING_NAME
     old = next((_read_dataset_json(p) for p in (pending_path, info_path) if p.is_file()), None)
@@ -278,7 +288,7 @@ def make_synthetic_dataset(
     if not flame_ok:
         tmp = out / ".tmp-flame"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_flame_files(tmp, make_flame_model(seed), seed)
+        write_flame_files(tmp, make_flame_model(seed, eyeball_vertices=key["eyeball_vertices"]), seed)
         shutil.rmtree(flame_dir, ignore_errors=True)
         os.replace(tmp, flame_dir)
 
@@ -290,7 +300,8 @@ def make_synthetic_dataset(
 
     summaries = dict(old.get("identities", {})) if old else {}
     # the model is built only when something is missing (a re-run with the same arguments is a quick no-op)
-    model = make_flame_model(seed) if todo or any(sid not in summaries for sid in all_ids) else None
+    missing = todo or any(sid not in summaries for sid in all_ids)
+    model = make_flame_model(seed, eyeball_vertices=key["eyeball_vertices"]) if missing else None
     heads = GroundTruthHeads(flame_dir, model, subdivision) if todo else None
     bar = tqdm(todo, desc=f"synthetic subjects ({image_size_for(image_size)[0]}x{image_size} px)", disable=not progress)
     for sid in bar:
@@ -360,9 +371,10 @@ def load_ground_truth(root: str | os.PathLike, subject_id: str, frame: int = 0, 
     info = read_info(root)
     if subject_id not in info["subjects"]:
         raise KeyError(f"subject {subject_id!r} is not in the synthetic dataset {root} (it has {info['subjects']})")
-    key = (str(root.resolve()), info["seed"], info["subdivision"])
+    eyeball_vertices = int(info.get("eyeball_vertices", EYEBALL_VERTICES))
+    key = (str(root.resolve()), info["seed"], info["subdivision"], eyeball_vertices)
     if key not in _HEADS_CACHE:
-        model = make_flame_model(info["seed"])
+        model = make_flame_model(info["seed"], eyeball_vertices=eyeball_vertices)
         _HEADS_CACHE.clear()  # keep one dataset's model in memory
         _HEADS_CACHE[key] = GroundTruthHeads(root / info["flame_dir"], model, info["subdivision"])
     heads = _HEADS_CACHE[key]

@@ -26,6 +26,8 @@ EYEBALL_R = 0.0125
 EYEBALL_LEVEL = 2  # icosphere level of each eyeball: 162 vertices, warped to the front (FLAME's have 546) ...
 EYEBALL_FRONT = 0.5  # ... by theta -> theta - 0.5 sin(theta): twice the density at the cornea (what is ever seen),
 #                      as dense there as FLAME's eyeballs, 2/3 of it at the back (hidden Gaussians cost training time)
+EYEBALL_VERTICES = 162  # the default eyeball: the icosphere above; any other count N is a latitude/longitude sphere
+FLAME_EYEBALL_VERTICES = 546  # FLAME's own eyeballs (``--eyeball_vertices 546``; :func:`latlong_sphere`)
 EYE_OPEN = (0.0125, 0.0038)  # half-width, half-height of the lid opening (25 x 7.6 mm)
 EYE_TILT = 0.08  # canthal tilt: the lateral corner sits higher (dy per dx, metres per metre)
 LID_T = 0.003  # lid thickness over the eyeball: the margins stand about 2.5 mm in front of the eyeball's apex
@@ -43,6 +45,65 @@ def _icosphere(level: int) -> tuple[np.ndarray, np.ndarray]:
     import trimesh
     m = trimesh.creation.icosphere(subdivisions=level, radius=1.0)
     return np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64)
+
+
+def latlong_rings(num_vertices: int) -> tuple[int, int]:
+    """(rings, segments) of a latitude/longitude sphere of ``num_vertices`` = rings * segments + 2 poles, with about
+    twice as many segments as rings (square cells at the equator).  546 (FLAME's eyeballs): 17 rings of 32.
+
+    Raises:
+        ValueError: when num_vertices - 2 has no such factorisation with >= 3 rings and >= 6 segments.
+    """
+    n = int(num_vertices) - 2
+    pairs = [(r, n // r) for r in range(3, n + 1) if n % r == 0 and n // r >= 6]
+    if not pairs:
+        raise ValueError(f"an eyeball of {num_vertices} vertices is not a latitude/longitude sphere (rings x segments "
+                         f"+ 2 poles with >= 3 rings of >= 6 segments); use {EYEBALL_VERTICES} (icosphere) or e.g. "
+                         f"{FLAME_EYEBALL_VERTICES} (FLAME's, 17 x 32 + 2)")
+    return min(pairs, key=lambda rs: (abs(rs[1] / rs[0] - 2.0), -rs[0]))
+
+
+def latlong_sphere(num_vertices: int, front: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit latitude/longitude sphere with its poles on the z axis: vertex 0 the front pole (+z), then the rings
+    from the front backwards, then the back pole.  Returns (vertices (num_vertices, 3), faces (F, 3) outward).
+
+    front: the polar angle theta of the uniformly spaced rings is warped by theta -> theta - front sin(theta)
+        (0 <= front < 1): 1 / (1 - front) times the ring density at the front pole, 1 / (1 + front) at the back.
+    """
+    rings, seg = latlong_rings(num_vertices)
+    th = np.linspace(0.0, np.pi, rings + 2)[1:-1]
+    th = th - front * np.sin(th)
+    ph = np.linspace(0.0, 2 * np.pi, seg, endpoint=False)
+    ring_v = np.stack([np.sin(th)[:, None] * np.cos(ph)[None], np.sin(th)[:, None] * np.sin(ph)[None],
+                       np.repeat(np.cos(th)[:, None], seg, 1)], -1).reshape(-1, 3)
+    v = np.concatenate([[[0.0, 0.0, 1.0]], ring_v, [[0.0, 0.0, -1.0]]])
+    ids = 1 + np.arange(rings * seg).reshape(rings, seg)
+    nxt = np.roll(ids, -1, axis=1)
+    back = len(v) - 1
+    faces = [np.stack([np.zeros(seg, np.int64), ids[0], nxt[0]], 1)]  # front fan
+    for r in range(rings - 1):  # quads between ring r and r + 1, two triangles each
+        faces += [np.stack([ids[r], ids[r + 1], nxt[r + 1]], 1), np.stack([ids[r], nxt[r + 1], nxt[r]], 1)]
+    faces.append(np.stack([np.full(seg, back), nxt[-1], ids[-1]], 1))  # back fan
+    f = np.concatenate(faces).astype(np.int64)
+    # outward orientation: (b - a) x (c - a) points away from the centre
+    a, b, c = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]
+    flip = (np.cross(b - a, c - a) * (a + b + c)).sum(1) < 0
+    f[flip] = f[flip][:, [0, 2, 1]]
+    return v, f
+
+
+def eyeball_mesh(num_vertices: int = EYEBALL_VERTICES) -> tuple[np.ndarray, np.ndarray]:
+    """Unit eyeball sphere looking along +z, denser at the front (the cornea, the only part ever seen):
+    (vertices (num_vertices, 3), faces (F, 3)).  ``EYEBALL_VERTICES`` (162): the icosphere of level
+    ``EYEBALL_LEVEL`` warped by theta -> theta - EYEBALL_FRONT sin(theta) (the default, unchanged since generator
+    version 2); any other count: :func:`latlong_sphere` with the same warp (546 = FLAME's eyeballs, 17 x 32 + 2)."""
+    if int(num_vertices) == EYEBALL_VERTICES:
+        e, ef = _icosphere(EYEBALL_LEVEL)
+        th = np.arccos(np.clip(e[:, 2], -1, 1))
+        ph = np.arctan2(e[:, 1], e[:, 0])
+        th = th - EYEBALL_FRONT * np.sin(th)
+        return np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)], 1), ef
+    return latlong_sphere(num_vertices, EYEBALL_FRONT)
 
 
 def _front_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -287,7 +348,7 @@ def _mouth_ledges(m: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _build_mesh(head_level: int):
+def _build_mesh(head_level: int, eyeball_vertices: int = EYEBALL_VERTICES):
     d, faces = _icosphere(head_level)
     # concentrate vertices on the face: theta from +z is warped so the front gets ~1.6x the linear density
     theta = np.arccos(np.clip(d[:, 2], -1, 1))
@@ -314,11 +375,7 @@ def _build_mesh(head_level: int):
         info["rings"] = [remap[r] for r in info["rings"]]
     n_skin = len(v)
     # eyeballs: separate spheres behind the lid openings, as in FLAME
-    e, ef = _icosphere(EYEBALL_LEVEL)
-    th = np.arccos(np.clip(e[:, 2], -1, 1))
-    ph = np.arctan2(e[:, 1], e[:, 0])
-    th = th - EYEBALL_FRONT * np.sin(th)
-    e = np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)], 1)
+    e, ef = eyeball_mesh(eyeball_vertices)
     all_v, all_f = [v], [faces]
     for cen in centres:
         all_f.append(ef + sum(len(a) for a in all_v))

@@ -18,6 +18,7 @@ from utils.data.synthetic.flame_mesh import (
     EYE_X,
     EYE_Y,
     EYEBALL_R,
+    EYEBALL_VERTICES,
     HEAD_AXES,
     HEAD_C,
     MOUTH_Y,
@@ -47,18 +48,22 @@ def _smooth_random_field(p: np.ndarray, rng: np.random.Generator, n_rbf: int, si
     return out / m if m > 0 else out
 
 
-def make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
-    """See :func:`_make_flame_model`; results are cached per (seed, head_level) and returned as copies."""
-    return copy.deepcopy(_make_flame_model_cached(seed, head_level))
+def make_flame_model(seed: int = 0, head_level: int = 4, eyeball_vertices: int = EYEBALL_VERTICES) -> dict:
+    """See :func:`_make_flame_model`; results are cached per (seed, head_level, eyeball_vertices) and returned as
+    copies."""
+    return copy.deepcopy(_make_flame_model_cached(seed, head_level, int(eyeball_vertices)))
 
 
 @functools.lru_cache(maxsize=4)
-def _make_flame_model_cached(seed: int, head_level: int) -> dict:
-    return _make_flame_model(seed, head_level)
+def _make_flame_model_cached(seed: int, head_level: int, eyeball_vertices: int) -> dict:
+    return _make_flame_model(seed, head_level, eyeball_vertices)
 
 
-def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
+def _make_flame_model(seed: int = 0, head_level: int = 4, eyeball_vertices: int = EYEBALL_VERTICES) -> dict:
     """Synthetic FLAME 2023-format model (plain numpy; deterministic for ``seed``).
+
+    ``eyeball_vertices``: vertices of each eyeball (utils/data/synthetic/flame_mesh.py ``eyeball_mesh``): 162 (the
+    default icosphere) or e.g. 546, FLAME's own count (a latitude/longitude sphere, denser at the front).
 
     Keys: v_template (V,3), f (F,3) uint32, shapedirs (V,3,400) (300 shape + 100 expression), posedirs
     (V,3,36), J_regressor (5,V) scipy.sparse.csc, kintree_table (2,5), weights (V,5); plus the helpers
@@ -66,7 +71,7 @@ def _make_flame_model(seed: int = 0, head_level: int = 4) -> dict:
     (utils/data/synthetic/flame_regions.py).
     """
     rng = np.random.default_rng(seed)
-    v, f, n_skin, eye_ids, eye_centers, patches = _build_mesh(head_level)
+    v, f, n_skin, eye_ids, eye_centers, patches = _build_mesh(head_level, eyeball_vertices)
     V = len(v)
     skin = np.zeros(V, bool)
     skin[:n_skin] = True
