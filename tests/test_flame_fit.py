@@ -516,3 +516,28 @@ def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_trut
     assert t_refit.shape_updates >= 1 and float((refit[-1] - truth.shape[0]).norm()) < 0.8 * err0
     # yaw reaches 16 deg (0.28 rad) at frame 5: nothing may change before that frame has been tracked
     assert t_span.shape_updates >= 1 and first_change >= 6, first_change
+
+
+def test_calibration_runs_on_its_own_threads_and_restores_the_count(flame_and_truth):
+    """FrameTracker.calibrate(threads=N) solves on N torch threads and gives the count back (the stream tracks on
+    one); the result matches the solve on the caller's threads.  The stream's count: --stream_calibration_threads,
+    0 = the machine's cores up to 8."""
+    from utils.apps.animate.pipeline import AnimationConfig
+    from utils.apps.animate.stream import calibration_threads
+    from utils.face.flame_fit import FlameFitConfig
+    from utils.face.frame_tracker import FrameTracker
+
+    flame, _, truth = flame_and_truth
+    _, pts = _smooth_motion(flame, truth, 4, np.random.default_rng(4))
+    cfg = FlameFitConfig(iterations=8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, threads=2)
+        assert torch.get_num_threads() == 1
+        b, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(a.shape, b.shape, atol=1e-4) and abs(a.focal - b.focal) < 1e-6
+    assert calibration_threads(AnimationConfig(stream_calibration_threads=3)) == 3
+    assert 1 <= calibration_threads(AnimationConfig()) <= 8

@@ -165,20 +165,30 @@ class FrameTracker:
     @classmethod
     def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                   cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,
-                  refine: ShapeRefineConfig | None = None) -> tuple["FrameTracker", dict]:
+                  refine: ShapeRefineConfig | None = None, threads: int = 0) -> tuple["FrameTracker", dict]:
         """The tracker of one person from N frames with a face (the first ones of a stream): one FLAME fit of all N
         (shared shape and, as ``cfg`` says, focal length), and the detector's mean per-landmark offset on this face
         (the static landmarks' mean residual, as the batch fit's ``bias_correction``).
 
         Args:
             points: (N, 68, 2) iBUG-68 pixels; irises: (N, 2, 2) or None.
+            threads: torch intra-op threads for this solve, restored after (0: leave the count as it is).  A stream
+                tracks one frame at a time on one thread (tiny tensors), but the calibration is one batched solve
+                whose shape block (300 coefficients shared by N frames) is a few large matrix products: more
+                threads shorten it (16 frames: 6.4-7.6 s on 1 thread, 4.1-4.4 s on 2 of the 2-core container).
         Returns:
             (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
         cfg = cfg or FlameFitConfig()
         t0 = time.perf_counter()
         # (``cfg.closed_form``: closed-form Jacobians, shape included; with autograd's batch of N x 140 copies this
         # took 30 s of CPU on the 85-frame benchmark video's 16 frames, 7 s in closed form, while the stream waits)
-        first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg)
+        before = torch.get_num_threads()
+        if threads > 0:
+            torch.set_num_threads(threads)
+        try:
+            first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg)
+        finally:
+            torch.set_num_threads(before)
         bias = torch.zeros(68, 2)
         if bias_correction:
             bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)

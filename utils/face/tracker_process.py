@@ -88,9 +88,9 @@ def _serve(conn: Any, flame_bytes: bytes, threads: int, device: str) -> None:
                 conn.send(("ok", None))
                 return
             if op == "calibrate":
-                _, points, irises, size, cfg, bias_correction, iterations, refine = msg
+                _, points, irises, size, cfg, bias_correction, iterations, refine, calib_threads = msg
                 tracker, info = FrameTracker.calibrate(flame, _unpack(points), _unpack(irises), size, cfg,
-                                                       bias_correction, iterations, refine)
+                                                       bias_correction, iterations, refine, calib_threads)
                 conn.send(("ok", (info, _state(tracker, sent_reference))))
             elif op == "step":
                 c = time.thread_time()
@@ -163,10 +163,11 @@ class TrackerProcess:
 
     def calibrate(self, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                   cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,
-                  refine: ShapeRefineConfig | None = None) -> dict:
-        """FrameTracker.calibrate in the worker (points (N, 68, 2), irises (N, 2, 2) or None); returns its info."""
+                  refine: ShapeRefineConfig | None = None, threads: int = 0) -> dict:
+        """FrameTracker.calibrate in the worker (points (N, 68, 2), irises (N, 2, 2) or None; ``threads`` its
+        torch threads for the solve); returns its info."""
         info, state = self._call(("calibrate", _pack(points), _pack(irises), tuple(image_size), cfg,
-                                  bias_correction, iterations, refine))
+                                  bias_correction, iterations, refine, int(threads)))
         self._mirror(state)
         return info
 

@@ -116,6 +116,7 @@ class AnimationConfig:
     #                          live mode then, as with a camera: frames that are stale when the stream is behind are
     #                          dropped (counted in animation.json 'stream'), not queued; without it every frame is kept
     stream_threads: int = 1  # --stream: torch intra-op CPU threads while it streams, restored after (0: torch's)
+    stream_calibration_threads: int = 0  # --stream: torch threads of the calibration solve (0: the cores, at most 8)
     #                          the per-frame fit's tensors are tiny (one frame, ~70 points), so extra threads mostly add
     #                          wake-ups and compete with the landmark threads (the GPU machine: 16 cores)
     stream_fit_process: bool = False  # --stream: run the per-frame FLAME fit in a worker process
@@ -129,6 +130,7 @@ class AnimationConfig:
               "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
               "batch": Range(1), "fps": Range(0, lo_open=True), "stream_workers": Range(1, 32),
               "stream_queue": Range(1, 256), "stream_iterations": Range(1, 200), "stream_threads": Range(0, 256),
+              "stream_calibration_threads": Range(0, 256),
               "reenact.shape_frames": Range(1)}
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import queue
 import threading
 import time
@@ -684,9 +685,17 @@ def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: An
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None
     if remote is not None:
         return remote, remote.calibrate(pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
-                                        cfg.stream_iterations, cfg.stream_refine)
+                                        cfg.stream_iterations, cfg.stream_refine, calibration_threads(cfg))
     return FrameTracker.calibrate(flame, pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
-                                  cfg.stream_iterations, cfg.stream_refine)
+                                  cfg.stream_iterations, cfg.stream_refine, calibration_threads(cfg))
+
+
+def calibration_threads(cfg: Any) -> int:
+    """Torch threads of the stream's calibration solve: ``stream_calibration_threads``, or with 0 the machine's cores
+    up to 8."""
+    if cfg.stream_calibration_threads > 0:
+        return int(cfg.stream_calibration_threads)
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def format_summary(s: dict) -> str:
