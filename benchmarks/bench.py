@@ -814,10 +814,7 @@ def main() -> None:
         rows.update(bench_animation(trainer.field.eval(), data, device, args.render_repeats, cfg.backend))
         save()
     if "fit" in parts:
-        variants = {}
-        for spec in args.fit_variant:
-            name, _, kvs = spec.partition(":")
-            variants[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        variants = _variants(args.fit_variant)
         if args.encoder:
 
             half = max(1, FitConfig().iterations // 2)
@@ -836,10 +833,7 @@ def main() -> None:
         save()
     if "photo" in parts:  # before the long parts: a run cut short by a time limit keeps it
         # --quick (CPU): the face scaled to 128 px as configs/fit.yaml does for the CPU preset
-        photo_runs = {"": {}}
-        for spec in args.photo_variant:
-            name, _, kvs = spec.partition(":")
-            photo_runs[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+        photo_runs = {"": {}, **_variants(args.photo_variant)}
         for name, over in photo_runs.items():
             got = bench_photo(Path(cfg.out) / "model.pt", Path(data.flame_dir), device, cfg.backend,
                               repeats=1 if args.quick else 3, max_face_px=128 if args.quick else 0, overrides=over)
@@ -891,6 +885,16 @@ def results_table(env: dict, header: str, rows: dict, done: bool = True) -> str:
     for k, v in rows.items():
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     return "\n".join(lines)
+
+
+def _variants(specs: list[str]) -> dict[str, dict]:
+    """``NAME:KEY=VALUE,...`` specs (--fit_variant, --photo_variant) -> {NAME: {KEY: value}} (values JSON-parsed
+    where they parse)."""
+    out = {}
+    for spec in specs:
+        name, _, kvs = spec.partition(":")
+        out[name] = {k: _auto(v) for k, v in (kv.split("=", 1) for kv in kvs.split(",") if kv)}
+    return out
 
 
 def _auto(v: str):

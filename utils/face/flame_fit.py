@@ -260,6 +260,11 @@ class FitProblem:
     # the Jacobians in closed form (:func:`_analytic_terms`) without the tracker's early stop (a full fit with
     # ``FlameFitConfig.closed_form``); ``tracking`` implies it
     analytic: bool = False
+
+    @property
+    def closed(self) -> bool:
+        """The Jacobians come in closed form (:func:`_analytic_terms`): the tracker's solver or ``analytic``."""
+        return self.tracking or self.analytic
     lam: float = 1e-3  # Levenberg-Marquardt damping where a resumed solve left it (_levenberg_marquardt(resume=True))
     converged: bool = False  # the last _levenberg_marquardt call stopped before max_iter (converged or stuck)
     K: int = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
@@ -436,7 +441,7 @@ def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scal
     """Data residuals (T, K) (float64) and, with ``jac``, their Jacobian blocks (T, K, Qf) and (T, K, Qs): one
     backward pass through a batch that repeats every frame once per residual (frames are independent given the
     shared variables, which every row gets a copy of)."""
-    if p.tracking or p.analytic:
+    if p.closed:
         return _analytic_terms(p, Xv, Yv, rows, scale, rigid, jac)
     T, K, dev, sel, idx_rep = p.T, p.K, p.dev, p.sel, p.idx_rep
     F, S = Xv.to(dev, p.dt), Yv.to(dev, p.dt)[None].expand(T, -1)
@@ -459,6 +464,27 @@ def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scal
             torch.cat(jss).reshape(T, K, p.Qs).double().cpu())
 
 
+def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, jac: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The closed-form solver's 70 points in model space at the variables Xv (T, Qf) / Yv (Qs,): (head rotation
+    (T, 3) axis-angle, translation (T, 3) in camera distances, points (T, 70, 3), and with ``jac`` their Jacobians
+    w.r.t. the expression (T, 70, 3, ne), the fitted shape (T, 70, 3, ns; None for a fixed shape) and jaw + eyes
+    (T, 70, 3, 9); else None)."""
+    F = Xv.to(p.dev, p.dt)
+    rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
+    expr = psi_n * p.c_expr
+    eyes = eyes if p.n_eyes else F.new_zeros(p.T, 6)
+    d_b = None
+    if p.fit_shape:  # [expression (100, zero beyond ne), shape (ns)] on the free-shape sub-model
+        beta = (Yv[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
+        coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
+        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac)
+        d_e, d_b = (None, None) if d_c is None else (d_c[..., :p.ne], d_c[..., NUM_EXPRESSION:])
+    else:
+        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac)
+    return rot, trans, pts, d_e, d_b, d_p
+
+
 def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, jac: bool
                     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """:func:`_data_terms` for a fixed focal length, with the Jacobian written out:
@@ -469,17 +495,7 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
     frames (:meth:`LandmarkFlame.free_shape`), its Jacobian the shared block Js.
     Returns r (T, K), Jf (T, K, Qf), Js (T, K, Qs) (float64, CPU; Jacobians None without ``jac``)."""
     T, dev, dt = p.T, p.dev, p.dt
-    F = Xv.to(dev, dt)
-    rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
-    expr = psi_n * p.c_expr
-    eyes = eyes if p.n_eyes else F.new_zeros(T, 6)
-    if p.fit_shape:  # [expression (100, zero beyond ne), shape (ns)] on the free-shape sub-model
-        beta = (Yv[:p.ns].to(dev, dt) * p.c_shape[0])[None].expand(T, -1)
-        coeffs = torch.cat([expr, expr.new_zeros(T, NUM_EXPRESSION - p.ne), beta], 1)
-        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac)
-        d_e, d_b = (None, None) if d_c is None else (d_c[..., :p.ne], d_c[..., NUM_EXPRESSION:])
-    else:
-        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac)  # (T, 70, 3) model space
+    rot, trans, pts, d_e, d_b, d_p = _posed_points(p, Xv, Yv, rows, jac)
     R = axis_angle_to_matrix(rot)
     world = pts @ R.transpose(1, 2) + (trans * p.depth)[:, None]
     x, y, z = world.unbind(-1)
@@ -559,7 +575,7 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         tdiag = deg * tw[fi].square()
     lam = p.lam if resume else 1e-3
     p.converged = False
-    closed = p.tracking or p.analytic  # the Jacobian comes with a candidate's residuals
+    closed = p.closed  # the Jacobian comes with a candidate's residuals
     r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
     c = _cost(p, r, X, Y)
     for _ in range(max_iter):
@@ -649,19 +665,10 @@ def _fitted_points(p: FitProblem, rows: Tensor | None) -> Tensor:
     tracker calls this twice a frame: 0.8 instead of 1.0 ms each on one core of the 2-core container), else from
     :func:`_frame_residuals`."""
     with torch.no_grad():
-        F = p.X.to(p.dev, p.dt)
-        if not (p.tracking or p.analytic):
-            S = p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
+        if not p.closed:
+            F, S = p.X.to(p.dev, p.dt), p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
             return _frame_residuals(p, F, S, p.frame_of, rows, p.scale_narrow, False)[1]
-        rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
-        expr = psi_n * p.c_expr
-        eyes = eyes if p.n_eyes else F.new_zeros(p.T, 6)
-        if p.fit_shape:
-            beta = (p.Y[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
-            coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
-            pts, _, _ = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, False)
-        else:
-            pts, _, _ = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, False)
+        rot, trans, pts, _, _, _ = _posed_points(p, p.X, p.Y, rows, False)
         return project(pts[:, :68], axis_angle_to_matrix(rot), trans * p.depth, p.f0, p.size)
 
 
