@@ -1,4 +1,6 @@
-"""torchrun + DDP (gloo on CPU): 2 ranks end with the same parameters as 1 process on the same global batch."""
+"""torchrun + DDP (gloo on CPU): 2 ranks end with the same parameters as 1 process on the same global batch; the
+process group's threads end at shutdown."""
+import json
 import os
 import socket
 import subprocess
@@ -65,3 +67,39 @@ def test_resume_on_another_number_of_ranks(preprocessed_root, tmp_path):
     for name, a in single.items():
         if not name.endswith("w_avg"):
             assert torch.allclose(a, resumed[name], rtol=1e-4, atol=1e-5), f"{name} differs"
+
+
+# One rank as torchrun starts it: join the group, wrap a module in DDP (its constructor imports
+# torch.distributed.nn.functional), leave the group; the OS threads of the process at each point.
+_SHUTDOWN_SCRIPT = """
+import json, os, sys, torch
+from utils.apps.train.distributed import init_distributed, shutdown_distributed
+def threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+before = threads()
+init_distributed("cpu")
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+ddp(torch.ones(1, 2)).sum().backward()
+during = threads()
+del ddp
+shutdown_distributed()
+print(json.dumps({"before": before, "during": during, "after": threads()}))
+"""
+
+
+def test_shutdown_ends_the_process_group_threads():
+    """shutdown_distributed() must destroy the gloo group while Python runs: a group that outlives it (pinned by a
+    module imported after init, see distributed._import_before_process_group) is destroyed during interpreter
+    teardown, where its threads can abort the process ("terminate called without an active exception")."""
+    if not os.path.isdir("/proc/self/task"):
+        import pytest
+
+        pytest.skip("needs Linux /proc to list the threads")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    res = subprocess.run([sys.executable, "-c", _SHUTDOWN_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(seen["during"]) > len(seen["before"]), seen  # the group had threads of its own, or this proves nothing
+    assert seen["after"] == seen["before"], f"threads left after shutdown_distributed(): {seen}"

@@ -33,11 +33,27 @@ def launched_by_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def _import_before_process_group() -> None:
+    """Import torch.distributed.nn.functional before the process group exists.
+
+    Its collectives take ``group=group.WORLD`` as a default argument, evaluated at import; DDP's constructor imports
+    it (torch._dynamo -> torch.distributed.fsdp -> _shard).  Imported after init_process_group, those defaults hold
+    the default group until the interpreter tears the module down, so destroy_process_group() frees nothing: gloo's
+    worker and transport threads run on, and the group is destroyed inside interpreter teardown, where a gloo thread
+    that still holds work (a tensor whose Python object needs the GIL to be freed) is ended mid-destructor and the
+    process aborts with "terminate called without an active exception" (a timing race).  Imported first, the
+    defaults are None and shutdown_distributed() joins the group's threads while Python still runs
+    (tests/test_distributed.py::test_shutdown_ends_the_process_group_threads).
+    """
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init_distributed(device_name: str) -> tuple[torch.device, int, int]:
     """Join the process group when launched by torchrun (also with one process, so that the DDP path is the one
     that runs); return (device, rank, world size)."""
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if launched_by_torchrun() and dist.is_available() and not dist.is_initialized():
+        _import_before_process_group()
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(local)
