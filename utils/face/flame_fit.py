@@ -593,8 +593,8 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
         if shared:
             gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
-            B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
-            C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
+            c_diag = Js_.square().sum((0, 1)) + ds2  # the diagonal of C = Js^T Js + priors (its damping)
+            eye_k = torch.eye(Js_.shape[1], dtype=Js_.dtype)
         improved = False
         tries = 0
         while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
@@ -603,11 +603,17 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             L = torch.linalg.cholesky(Ad)
             Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
             if shared:
-                Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
-                AiB = torch.cholesky_solve(B, L)
-                Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
-                ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig))
-                dx = -Aig - (AiB @ ds[:, None])[..., 0]
+                # Schur complement of the frame blocks, B = Jf^T Js: C - B^T A^-1 B = Js^T (I - Z^T Z) Js + priors
+                # with Z = L^-1 Jf^T (T, qf, K): the (K x K) projection per frame instead of A^-1 B (qf x qs) and
+                # two (qs x qs) products (16-frame calibration, qs = 300, K = 140: 0.33 instead of 0.57 G
+                # multiply-adds per iteration)
+                Z = torch.linalg.solve_triangular(L, Jf_.transpose(1, 2), upper=False)
+                PJs = (eye_k - Z.transpose(1, 2) @ Z) @ Js_  # (T, K, qs)
+                Sc = Js_.reshape(-1, Js_.shape[2]).T @ PJs.reshape(-1, Js_.shape[2])
+                Sc = Sc + torch.diag(ds2 + lam * c_diag.clamp_min(1e-9))
+                BtAig = torch.einsum("tkq,tk->q", Js_, (Jf_ @ Aig[..., None])[..., 0])  # B^T A^-1 gf
+                ds = torch.linalg.solve(Sc, -gs + BtAig)
+                dx = -Aig - torch.cholesky_solve(Jf_.transpose(1, 2) @ (Js_ @ ds)[..., None], L)[..., 0]
             else:
                 ds, dx = Y.new_zeros(0), -Aig
             if p.tracking and not len(si) and tries == 1:
