@@ -248,17 +248,18 @@ class LandmarkFlame:
             contour = torch.full((T, 17, 3), float("nan"), dtype=self.dtype, device=self.device)
         return torch.cat([contour, static], dim=1), verts[:, self.pupils]
 
-    def contour_rows(self, rotation: Tensor, neck: Tensor) -> Tensor:
+    def contour_rows(self, rotation: Tensor, neck: Tensor | None) -> Tensor:
         """(T,) row of the dynamic embedding per frame: smplx's own lookup (find_dynamic_lmk_idx_and_bcoords, fed
         a table of row numbers), from the y rotation of the neck chain with the head's rotation relative to the
         camera (rotation (T, 3, 3), OpenGL camera axes as in the world of utils/face/flame_fit.py's ``W2C``) as its
-        global pose."""
+        global pose; ``neck`` (T, 3), or None for a zero neck."""
         from smplx.lbs import find_dynamic_lmk_idx_and_bcoords
 
         T = rotation.shape[0]
         full = torch.eye(3, dtype=self.dtype, device=self.device).repeat(T, 5, 1, 1)
         full[:, 0] = rotation.detach()
-        full[:, 1] = axis_angle_to_matrix(neck.detach())
+        if neck is not None:  # None: a zero neck rotation (the identity already there)
+            full[:, 1] = axis_angle_to_matrix(neck.detach())
         table = torch.arange(self.dyn_faces.shape[0], device=self.device)[:, None]
         rows, _ = find_dynamic_lmk_idx_and_bcoords(full.new_zeros(T, 1, 3), full.reshape(T, -1), table,
                                                    self.dyn_bary, self.neck_kin_chain, pose2rot=False)
