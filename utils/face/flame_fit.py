@@ -491,8 +491,9 @@ def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, ja
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The closed-form solver's 70 points in model space at the variables Xv (T, Qf) / Yv (Qs,): (head rotation
     (T, 3) axis-angle, translation (T, 3) in camera distances, points (T, 70, 3), and with ``jac`` their Jacobians
-    w.r.t. the expression (T, 70, 3, ne), the fitted shape (T, 70, 3, ns; None for a fixed shape) and jaw + eyes
-    (T, 70, 3, 9); else None)."""
+    w.r.t. the expression and the fitted shape (None for a fixed shape), each as the factors (T, 1, 3, 12) and
+    (T, 70, 12, ne or ns) of :meth:`LandmarkFlame.posed_with_jacobian` ``factored``, and jaw + eyes (T, 70, 3, 9);
+    else None)."""
     F = Xv.to(p.dev, p.dt)
     rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
     expr = psi_n * p.c_expr
@@ -501,10 +502,11 @@ def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, ja
     if p.fit_shape:  # [expression (100, zero beyond ne), shape (ns)] on the free-shape sub-model
         beta = (Yv[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
         coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
-        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac)
-        d_e, d_b = (None, None) if d_c is None else (d_c[..., :p.ne], d_c[..., NUM_EXPRESSION:])
+        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac, factored=True)
+        d_e, d_b = (None, None) if d_c is None else ((d_c[0], d_c[1][..., :p.ne]),
+                                                     (d_c[0], d_c[1][..., NUM_EXPRESSION:]))
     else:
-        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac)
+        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac, factored=True)
     return rot, trans, pts, d_e, d_b, d_p
 
 
@@ -566,13 +568,16 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
     d_rot = torch.einsum("tlia,tabp,tlb->tlip", dr_dw, dR, pts)  # via world = R pts + t
     d_trans = dr_dw * p.depth
     dr_dm = dr_dw @ R[:, None]  # (T, 70, 2, 3) d r / d model-space point
-    d_expr = torch.einsum("tlia,tlae->tlie", dr_dm, d_e) * p.c_expr[:, None, None]
+    # the landmark Jacobians come factored (LandmarkFlame.posed_with_jacobian): d points / d coefficients =
+    # F (T, 1, 3, 12) @ table (T, 70, 12, E), so dr_dm @ F first, then the (2 x 12) @ (12 x E) products
+    dr_F = dr_dm @ d_e[0]  # (T, 70, 2, 12)
+    d_expr = (dr_F @ d_e[1]) * p.c_expr[:, None, None]
     d_pose = torch.einsum("tlia,tlap->tlip", dr_dm, d_p)  # jaw 3, eyes 6
     parts = [d_rot, d_trans, d_expr, d_pose[..., :3]] + ([d_pose[..., 3:]] if p.n_eyes else [])
     Jf = torch.cat(parts, -1).reshape(T, p.K, p.Qf).double().cpu()
     if not p.fit_shape:
         return r, Jf, Jf.new_zeros(T, p.K, 0)
-    d_shape = torch.einsum("tlia,tlae->tlie", dr_dm, d_b) * p.c_shape[:, None, None]
+    d_shape = (dr_F @ d_b[1]) * p.c_shape[:, None, None]
     return r, Jf, d_shape.reshape(T, p.K, p.ns).double().cpu()
 
 
@@ -783,8 +788,10 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
     closed = p.closed  # the Jacobian comes with a candidate's residuals
     r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
     c = _cost(p, r, X, Y)
+    all_f, all_s = len(fi) == p.Qf, len(si) == p.Qs  # every variable free: no (T, K, Q) copies by index
     for _ in range(max_iter):
-        Jf_, Js_ = Jf[..., fi], Js[..., si]
+        Jf_ = Jf if all_f else Jf[..., fi]
+        Js_ = Js if all_s else Js[..., si]
         gf = torch.einsum("tkq,tk->tq", Jf_, r) + df2 * X[:, fi]
         if tw is not None:
             diff = (X[1:] - X[:-1]) * tw.square()
@@ -797,8 +804,10 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         shared = len(si) > 0  # no shared variables (the tracker's frames): no Schur complement to form
         A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
         if shared:
-            gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
-            c_diag = Js_.square().sum((0, 1)) + ds2  # the diagonal of C = Js^T Js + priors (its damping)
+            # (as (T K, qs) matrix-vector products: einsum's "tkq,tk->q" copied Js to (qs, K, T) order each time)
+            Js_2 = Js_.reshape(-1, Js_.shape[2])
+            gs = Js_2.T @ r.reshape(-1) + ds2 * Y[si]
+            c_diag = torch.linalg.vector_norm(Js_2, dim=0).square() + ds2  # the diagonal of C = Js^T Js + priors
             eye_k = torch.eye(Js_.shape[1], dtype=Js_.dtype)
         improved = False
         tries = 0
@@ -814,9 +823,9 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
                 # multiply-adds per iteration)
                 Z = torch.linalg.solve_triangular(L, Jf_.transpose(1, 2), upper=False)
                 PJs = (eye_k - Z.transpose(1, 2) @ Z) @ Js_  # (T, K, qs)
-                Sc = Js_.reshape(-1, Js_.shape[2]).T @ PJs.reshape(-1, Js_.shape[2])
+                Sc = Js_2.T @ PJs.reshape(-1, Js_.shape[2])
                 Sc = Sc + torch.diag(ds2 + lam * c_diag.clamp_min(1e-9))
-                BtAig = torch.einsum("tkq,tk->q", Js_, (Jf_ @ Aig[..., None])[..., 0])  # B^T A^-1 gf
+                BtAig = Js_2.T @ (Jf_ @ Aig[..., None]).reshape(-1)  # B^T A^-1 gf
                 ds = torch.linalg.solve(Sc, -gs + BtAig)
                 dx = -Aig - torch.cholesky_solve(Jf_.transpose(1, 2) @ (Js_ @ ds)[..., None], L)[..., 0]
             else:
