@@ -315,8 +315,8 @@ def _target_terms(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
 def _initial_pose(lf: LandmarkFlame, pts: Tensor, init: FlameParams | None, focal: float, size: tuple[int, int]
                   ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """Starting head pose per frame: ``init``'s (one frame is repeated over the T frames), else OpenCV's PnP of the
-    mean face's static landmarks to pts (T, 68, 2) -> (T rotation vectors (3,), T translations (3,), the mean head
-    distance)."""
+    mean face's static landmarks to pts (T, 68, 2) -> (T rotation vectors (3,) (zeros with ``init``: the caller
+    reads init's rotations with :func:`_variables`), T translations (3,), the mean head distance)."""
     dev, dt = lf.device, lf.dtype
     T = pts.shape[0]
     zeros3 = torch.zeros(T, 3, dtype=dt, device=dev)
@@ -427,7 +427,10 @@ def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
     if init is not None:
         p.X = _variables(p, init, [min(i, init.num_frames - 1) for i in range(T)])
     if previous is not None and tw is not None:
-        p.X_prev = _variables(p, previous, [previous.num_frames - 1])[0]
+        if previous is init and init.num_frames == 1:  # the tracker's warm start: the same frame's variables
+            p.X_prev = p.X[0].clone()
+        else:
+            p.X_prev = _variables(p, previous, [previous.num_frames - 1])[0]
     return p
 
 
