@@ -31,7 +31,10 @@ with and without it (2.23 mm mean), and on the held-out identity's photo (true f
 put the head 7 % too close, costing 3 dB on the unseen views (tests/test_wild.py).  A wrong focal length mostly changes
 the fitted distance, not the fitted face.
 
-Speed: FLAME is evaluated only at the vertices the landmarks need (utils/face/landmark_flame.py ``LandmarkFlame``).
+Speed: FLAME is evaluated only at the vertices the landmarks need (utils/face/landmark_flame.py ``LandmarkFlame``);
+the per-frame tracker's one-frame fits evaluate in NumPy (:func:`_frame_terms_np`, ``NUMPY_FRAMES``: torch's per-call
+dispatch was most of their time), and the calibration's shape block goes through per-landmark Jacobian tables and a
+Schur complement formed with L^-1 Jf^T (benchmarks/results/stream_fit_speed_cpu_2026-12-06c.md).
 
 Code: :func:`fit_flame_to_landmarks` runs one function per stage on a shared :class:`FitProblem` (targets, starting
 pose, variable layout and priors: :func:`_make_problem`; :func:`_rigid_stage`; :func:`_non_rigid_stage`;
