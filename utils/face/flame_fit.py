@@ -633,6 +633,8 @@ class _FrameTables:
     arrays, per jaw-contour row (built on first use, kept on the copy: a fixed shape's tables are the same for every
     frame of a stream)."""
 
+    MAX_ROWS = 24  # contour rows kept (of 79: one per degree of head yaw; a stream visits a few at a time)
+
     def __init__(self, lf: LandmarkFlame, ne: int) -> None:
         f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
         self.ne = ne
@@ -666,6 +668,8 @@ class _FrameTables:
                    np.ascontiguousarray(self.posedirs[:, :, ids].reshape(27, N * 3)), self.weights[ids],
                    np.concatenate([self.dyn_bary[b], self.static_bary]),
                    np.ascontiguousarray(self.table[lm].reshape(70, 12, self.ne)))
+            if len(self.rows) >= self.MAX_ROWS:  # bounded: ~1.3 MB a row (the oldest row goes first)
+                self.rows.pop(next(iter(self.rows)))
             self.rows[b] = out
         return out
 
