@@ -310,6 +310,56 @@ def test_tracking_jacobians_match_autograd(flame_and_truth):
                 assert err < 1e-4, (irises is None, rigid, err)
 
 
+
+def test_one_frame_numpy_terms_match_torch_and_autograd(flame_and_truth, monkeypatch):
+    """The per-frame tracker's one-frame evaluation in NumPy (flame_fit._frame_terms_np, ``NUMPY_FRAMES``) gives the
+    residuals and Jacobian of the torch closed form and of autograd (with and without irises, rigid and non-rigid, both
+    robust scales, a posed face), and a tracker stepping with it fits the same parameters as with the torch path (the
+    NumPy path caches the landmark tables per contour row on the shaped LandmarkFlame, built on the first frames and
+    read on the later ones; a second run gives identical numbers)."""
+    from utils.face import flame_fit as ff
+    from utils.face.flame_fit import FlameFitConfig, default_focal
+    from utils.face.frame_tracker import FrameTracker
+    from utils.face.landmark_flame import LandmarkFlame
+
+    flame, _, truth = flame_and_truth
+    _, pts = _smooth_motion(flame, truth, 1, np.random.default_rng(1))
+    lf = LandmarkFlame(flame)
+    gen = torch.Generator().manual_seed(1)
+    for irises in (None, pts[:, [36, 45]] + 2.0):
+        p = ff._make_problem(lf, ff.LandmarkTargets(pts, SIZE, irises=irises), ff.FlameFitConfig(), truth.shape[:1],
+                             None, None)
+        p.X[:, 6:] = 0.3 * torch.randn(p.X[:, 6:].shape, generator=gen, dtype=torch.float64)
+        rows = ff._contour_rows(p)
+        for rigid in (False, True):
+            for scale in (p.scale_narrow, p.scale_wide):
+                p.tracking = False
+                r0, jf0, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
+                p.tracking = True
+                monkeypatch.setattr(ff, "NUMPY_FRAMES", False)
+                r1, jf1, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
+                monkeypatch.setattr(ff, "NUMPY_FRAMES", True)
+                assert ff._numpy_frame(p, rows)
+                r2, jf2, js2 = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
+                assert jf2.shape == jf1.shape and js2.shape == (1, p.K, 0)
+                assert torch.allclose(r2, r1, atol=1e-4) and torch.allclose(r2, r0, atol=1e-4)
+                for ref in (jf0, jf1):
+                    err = float((jf2 - ref).abs().max() / ref.abs().max())
+                    assert err < 1e-4, (irises is None, rigid, err)
+    T = 6
+    _, pts = _smooth_motion(flame, truth, T, np.random.default_rng(2))
+    cfg = FlameFitConfig()
+    out = {}
+    with single_thread():
+        for numpy_frames in (False, True, True):
+            monkeypatch.setattr(ff, "NUMPY_FRAMES", numpy_frames)
+            tracker = FrameTracker(flame, SIZE, truth.shape, default_focal(SIZE, cfg), cfg, iterations=4)
+            out.setdefault(numpy_frames, []).append(torch.cat([tracker.step(pts[t])[0].expression
+                                                               for t in range(T)]))
+    for got in out[True]:
+        assert torch.allclose(got, out[False][0], atol=1e-3), float((got - out[False][0]).abs().max())
+    assert torch.equal(out[True][0], out[True][1])
+
 def test_frame_tracker_recovers_exact_landmarks(flame_and_truth):
     """Noise-free landmarks of a known face (its shape and the true focal length given): the tracker, one frame at a
     time with its default 10 warm-started iterations, recovers the jaw, smile, brows and head turn of every frame and

@@ -31,7 +31,10 @@ with and without it (2.23 mm mean), and on the held-out identity's photo (true f
 put the head 7 % too close, costing 3 dB on the unseen views (tests/test_wild.py).  A wrong focal length mostly changes
 the fitted distance, not the fitted face.
 
-Speed: FLAME is evaluated only at the vertices the landmarks need (utils/face/landmark_flame.py ``LandmarkFlame``).
+Speed: FLAME is evaluated only at the vertices the landmarks need (utils/face/landmark_flame.py ``LandmarkFlame``);
+the per-frame tracker's one-frame fits evaluate in NumPy (:func:`_frame_terms_np`, ``NUMPY_FRAMES``: torch's per-call
+dispatch was most of their time), and the calibration's shape block goes through per-landmark Jacobian tables and a
+Schur complement formed with L^-1 Jf^T (benchmarks/results/stream_fit_speed_cpu_2026-12-06c.md).
 
 Code: :func:`fit_flame_to_landmarks` runs one function per stage on a shared :class:`FitProblem` (targets, starting
 pose, variable layout and priors: :func:`_make_problem`; :func:`_rigid_stage`; :func:`_non_rigid_stage`;
@@ -265,6 +268,12 @@ class FitProblem:
     def closed(self) -> bool:
         """The Jacobians come in closed form (:func:`_analytic_terms`): the tracker's solver or ``analytic``."""
         return self.tracking or self.analytic
+    # memos of the closed-form solver (one frame's fit looks both up twice at the same variables): the contour rows
+    # of the head rotations p.X[:, :3] (key: that tensor object and its values), and the pixels (T, 68, 2) of the
+    # last evaluation (key: the X object evaluated, with its rows); see :func:`_contour_rows`, :func:`_fitted_points`
+    rows_memo: tuple | None = None
+    uv_memo: tuple | None = None
+    np_cache: dict | None = None  # the targets as NumPy arrays (:func:`_frame_terms_np`)
     lam: float = 1e-3  # Levenberg-Marquardt damping where a resumed solve left it (_levenberg_marquardt(resume=True))
     converged: bool = False  # the last _levenberg_marquardt call stopped before max_iter (converged or stuck)
     K: int = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
@@ -309,8 +318,8 @@ def _target_terms(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
 def _initial_pose(lf: LandmarkFlame, pts: Tensor, init: FlameParams | None, focal: float, size: tuple[int, int]
                   ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """Starting head pose per frame: ``init``'s (one frame is repeated over the T frames), else OpenCV's PnP of the
-    mean face's static landmarks to pts (T, 68, 2) -> (T rotation vectors (3,), T translations (3,), the mean head
-    distance)."""
+    mean face's static landmarks to pts (T, 68, 2) -> (T rotation vectors (3,) (zeros with ``init``: the caller
+    reads init's rotations with :func:`_variables`), T translations (3,), the mean head distance)."""
     dev, dt = lf.device, lf.dtype
     T = pts.shape[0]
     zeros3 = torch.zeros(T, 3, dtype=dt, device=dev)
@@ -322,7 +331,7 @@ def _initial_pose(lf: LandmarkFlame, pts: Tensor, init: FlameParams | None, foca
     if init is not None:  # warm start: the given head pose (one frame is repeated over the T frames)
         ip = init.to("cpu", torch.float64)
         pick = [min(i, ip.num_frames - 1) for i in range(T)]
-        rot0 = [_rotvec(ip.rotation_matrix[i].numpy()) for i in pick]
+        rot0 = [np.zeros(3)] * T  # (not needed: _make_problem takes init's variables from _variables)
         trans0 = [ip.translation[i].numpy() for i in pick]
     else:
         for i in range(T):
@@ -356,6 +365,34 @@ def _variables(p: FitProblem, params: FlameParams, rows: list[int]) -> Tensor:
     return out
 
 
+def _prior_terms(lf: LandmarkFlame, cfg: FlameFitConfig, ns: int, n_eyes: int, temporal: bool
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The preconditioners c_shape (1, ns), c_expr (1, ne), the prior weights d_f (Qf,), d_s (Qs,) and the
+    frame-to-frame weights tw (Qf,) or None of :func:`_make_problem`.  They depend only on the settings, so the last
+    ones are kept on ``lf`` (the per-frame tracker builds one problem per frame with the same ``cfg`` object: ~30 small
+    tensor operations a frame otherwise).  Read-only: callers must not modify them in place."""
+    key = (cfg, ns, n_eyes, temporal)
+    memo = lf.__dict__.get("_prior_memo")
+    if memo is not None and memo[0][0] is cfg and memo[0][1:] == key[1:] and memo[1] == repr(cfg):
+        return memo[2]
+    ne = cfg.num_expression
+    c_all = (0.005 / lf.basis_rms.clamp_min(1e-9)).clamp(max=10.0)
+    c_shape, c_expr = c_all[None, :ns], c_all[None, NUM_SHAPE:NUM_SHAPE + ne]
+    ce = c_expr[0].double().cpu()
+    d_f = _stacked([(0.0, 6), (ce / cfg.expression_std, ne),
+                    (1.0 / (cfg.jaw_std * torch.tensor([1.0, 0.1, 0.1])), 3), (1.0 / cfg.eyes_std, n_eyes)])
+    d_s = _stacked([(c_shape[0].double().cpu() / cfg.shape_std, ns), (1.0 / cfg.focal_std, 1 if cfg.fit_focal else 0)])
+    tw = None
+    if temporal:
+        tw = math.sqrt(cfg.temporal_weight) * _stacked([
+            (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
+            (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3),
+            (1.0 / cfg.temporal_std_jaw, n_eyes)])
+    out = (c_shape, c_expr, d_f, d_s, tw)
+    lf._prior_memo = (key, repr(cfg), out)
+    return out
+
+
 def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConfig, shape: Tensor | None,
                   init: FlameParams | None, previous: FlameParams | None) -> FitProblem:
     """The fit's state before its first stage: weighted targets, robust scales, the starting pose (PnP or ``init``),
@@ -370,23 +407,12 @@ def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
 
     fit_shape = shape is None
     fixed_shape = None if fit_shape else shape.to(dev, dt).reshape(1, NUM_SHAPE)
-    c_all = (0.005 / lf.basis_rms.clamp_min(1e-9)).clamp(max=10.0)
     ns, ne = (cfg.num_shape if fit_shape else 0), cfg.num_expression
-    c_shape, c_expr = c_all[None, :ns], c_all[None, NUM_SHAPE:NUM_SHAPE + ne]
     n_eyes = 6 if irises is not None else 0
     f_sizes = [3, 3, ne, 3, n_eyes]
     s_sizes = [ns, 1 if cfg.fit_focal else 0]
-
-    ce = c_expr[0].double().cpu()
-    d_f = _stacked([(0.0, 6), (ce / cfg.expression_std, ne),
-                    (1.0 / (cfg.jaw_std * torch.tensor([1.0, 0.1, 0.1])), 3), (1.0 / cfg.eyes_std, n_eyes)])
-    d_s = _stacked([(c_shape[0].double().cpu() / cfg.shape_std, ns), (1.0 / cfg.focal_std, s_sizes[1])])
-    tw = None
-    if (T > 1 or previous is not None) and cfg.temporal_weight > 0:
-        tw = math.sqrt(cfg.temporal_weight) * _stacked([
-            (1.0 / cfg.temporal_std_rotation, 3), (1.0 / cfg.temporal_std_translation, 3),
-            (ce / cfg.temporal_std_expression, ne), (1.0 / cfg.temporal_std_jaw, 3),
-            (1.0 / cfg.temporal_std_jaw, n_eyes)])
+    temporal = (T > 1 or previous is not None) and cfg.temporal_weight > 0
+    c_shape, c_expr, d_f, d_s, tw = _prior_terms(lf, cfg, ns, n_eyes, temporal)
     K = FitProblem.K
     frame_of = torch.arange(T, device=dev)
     X = torch.zeros(T, sum(f_sizes), dtype=torch.float64)
@@ -404,7 +430,10 @@ def _make_problem(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConf
     if init is not None:
         p.X = _variables(p, init, [min(i, init.num_frames - 1) for i in range(T)])
     if previous is not None and tw is not None:
-        p.X_prev = _variables(p, previous, [previous.num_frames - 1])[0]
+        if previous is init and init.num_frames == 1:  # the tracker's warm start: the same frame's variables
+            p.X_prev = p.X[0].clone()
+        else:
+            p.X_prev = _variables(p, previous, [previous.num_frames - 1])[0]
     return p
 
 
@@ -468,8 +497,9 @@ def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, ja
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The closed-form solver's 70 points in model space at the variables Xv (T, Qf) / Yv (Qs,): (head rotation
     (T, 3) axis-angle, translation (T, 3) in camera distances, points (T, 70, 3), and with ``jac`` their Jacobians
-    w.r.t. the expression (T, 70, 3, ne), the fitted shape (T, 70, 3, ns; None for a fixed shape) and jaw + eyes
-    (T, 70, 3, 9); else None)."""
+    w.r.t. the expression and the fitted shape (None for a fixed shape), each as the factors (T, 1, 3, 12) and
+    (T, 70, 12, ne or ns) of :meth:`LandmarkFlame.posed_with_jacobian` ``factored``, and jaw + eyes (T, 70, 3, 9);
+    else None)."""
     F = Xv.to(p.dev, p.dt)
     rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
     expr = psi_n * p.c_expr
@@ -478,11 +508,18 @@ def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, ja
     if p.fit_shape:  # [expression (100, zero beyond ne), shape (ns)] on the free-shape sub-model
         beta = (Yv[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
         coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
-        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac)
-        d_e, d_b = (None, None) if d_c is None else (d_c[..., :p.ne], d_c[..., NUM_EXPRESSION:])
+        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac, factored=True)
+        d_e, d_b = (None, None) if d_c is None else ((d_c[0], d_c[1][..., :p.ne]),
+                                                     (d_c[0], d_c[1][..., NUM_EXPRESSION:]))
     else:
-        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac)
+        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac, factored=True)
     return rot, trans, pts, d_e, d_b, d_p
+
+
+def _numpy_frame(p: FitProblem, rows: Tensor | None) -> bool:
+    """One frame with a fixed shape on the CPU (the per-frame tracker's fits): :func:`_frame_terms_np` evaluates it."""
+    return (NUMPY_FRAMES and p.T == 1 and not p.fit_shape and rows is not None and p.dev.type == "cpu"
+            and p.lf_eval.shape_folded)
 
 
 def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scale: Tensor, rigid: bool, jac: bool
@@ -495,6 +532,10 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
     frames (:meth:`LandmarkFlame.free_shape`), its Jacobian the shared block Js.
     Returns r (T, K), Jf (T, K, Qf), Js (T, K, Qs) (float64, CPU; Jacobians None without ``jac``)."""
     T, dev, dt = p.T, p.dev, p.dt
+    if _numpy_frame(p, rows):
+        r, Jf, uv = _frame_terms_np(p, Xv, rows, scale, rigid, jac)
+        p.uv_memo = (Xv, Xv.clone(), Yv.clone(), rows.clone(), torch.from_numpy(uv[None, :68]).to(dt))
+        return r, Jf, None if Jf is None else Jf.new_zeros(T, p.K, 0)
     rot, trans, pts, d_e, d_b, d_p = _posed_points(p, Xv, Yv, rows, jac)
     R = axis_angle_to_matrix(rot)
     world = pts @ R.transpose(1, 2) + (trans * p.depth)[:, None]
@@ -503,6 +544,8 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
     w_, h_ = p.size
     f = p.f0
     uv = torch.stack([f * x / zc + w_ / 2.0, f * (-y) / zc + h_ / 2.0], dim=-1)  # (T, 70, 2)
+    # (the same arithmetic as :func:`project`: _fitted_points may take these pixels when p.X is this Xv)
+    p.uv_memo = (Xv, Xv.clone(), Yv.clone(), None if rows is None else rows.clone(), uv[:, :68])
     # targets and weights of the 70 points: 68 landmarks, then the pupils at the iris centres (weight 0 without)
     wts = p.wts * p.static_only if rigid else p.wts
     if p.irises is not None and not rigid:
@@ -531,14 +574,191 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
     d_rot = torch.einsum("tlia,tabp,tlb->tlip", dr_dw, dR, pts)  # via world = R pts + t
     d_trans = dr_dw * p.depth
     dr_dm = dr_dw @ R[:, None]  # (T, 70, 2, 3) d r / d model-space point
-    d_expr = torch.einsum("tlia,tlae->tlie", dr_dm, d_e) * p.c_expr[:, None, None]
+    # the landmark Jacobians come factored (LandmarkFlame.posed_with_jacobian): d points / d coefficients =
+    # F (T, 1, 3, 12) @ table (T, 70, 12, E), so dr_dm @ F first, then the (2 x 12) @ (12 x E) products
+    dr_F = dr_dm @ d_e[0]  # (T, 70, 2, 12)
+    d_expr = (dr_F @ d_e[1]) * p.c_expr[:, None, None]
     d_pose = torch.einsum("tlia,tlap->tlip", dr_dm, d_p)  # jaw 3, eyes 6
     parts = [d_rot, d_trans, d_expr, d_pose[..., :3]] + ([d_pose[..., 3:]] if p.n_eyes else [])
     Jf = torch.cat(parts, -1).reshape(T, p.K, p.Qf).double().cpu()
     if not p.fit_shape:
         return r, Jf, Jf.new_zeros(T, p.K, 0)
-    d_shape = torch.einsum("tlia,tlae->tlie", dr_dm, d_b) * p.c_shape[:, None, None]
+    d_shape = (dr_F @ d_b[1]) * p.c_shape[:, None, None]
     return r, Jf, d_shape.reshape(T, p.K, p.ns).double().cpu()
+
+
+# ---------------------------------------------------------------- one frame's closed-form terms in NumPy (float64)
+# The per-frame tracker evaluates one frame (T = 1) about 6 times per video frame; in torch each evaluation is ~150
+# small kernel launches (~2 ms on one core, most of it dispatch), in NumPy the same arithmetic on arrays of a few
+# hundred entries takes a fraction of that.  Off: the torch path (:func:`_analytic_terms`) for every closed-form fit.
+NUMPY_FRAMES = True
+
+
+def _rodrigues_np(aa: np.ndarray, eps: float) -> np.ndarray:
+    """(N, 3) axis-angle -> (N, 3, 3).  ``eps`` > 0: smplx's batch_rodrigues (angle |aa + eps|, the joints' lbs);
+    0: models.flame.axis_angle_to_matrix (angle clamped at 1e-12, the head pose)."""
+    theta = (np.linalg.norm(aa + eps, axis=1) if eps > 0 else np.maximum(np.linalg.norm(aa, axis=1), 1e-12))[:, None]
+    k = aa / theta
+    K = _skew_np(k)
+    s, c = np.sin(theta)[:, :, None], np.cos(theta)[:, :, None]
+    return np.eye(3) + s * K + (1.0 - c) * (K @ K)
+
+
+def _skew_np(v: np.ndarray) -> np.ndarray:
+    """(..., 3) -> (..., 3, 3) cross-product matrices."""
+    out = np.zeros(v.shape + (3,))
+    x, y, z = v[..., 0], v[..., 1], v[..., 2]
+    out[..., 0, 1], out[..., 0, 2], out[..., 1, 0] = -z, y, z
+    out[..., 1, 2], out[..., 2, 0], out[..., 2, 1] = -x, -y, x
+    return out
+
+
+_SKEW_E = _skew_np(np.eye(3))  # (3, 3, 3): [e_i]x
+
+
+def _rotation_jacobian_np(aa: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """NumPy :func:`utils.face.landmark_flame.rotation_jacobian`: (N, 3), (N, 3, 3) -> (N, 3, 3, 3 parameters)."""
+    n2 = np.square(aa).sum(-1)
+    S = _skew_np(aa)  # (N, 3, 3)
+    ImR_e = np.swapaxes(np.eye(3) - R, 1, 2)  # (N, i, 3): row i = (I - R) e_i
+    cross = ImR_e @ np.swapaxes(S, 1, 2)  # (N, i, 3): row i = aa x (I - R) e_i
+    M = aa[:, :, None, None] * S[:, None] + _skew_np(cross)
+    small = n2 < 1e-12
+    gen = np.where(small[:, None, None, None], _SKEW_E[None], M / np.where(small, 1.0, n2)[:, None, None, None])
+    return np.moveaxis(gen @ R[:, None], 1, 3)
+
+
+class _FrameTables:
+    """What one frame's closed-form evaluation reads from a :meth:`LandmarkFlame.shaped` copy, as float64 NumPy
+    arrays, per jaw-contour row (built on first use, kept on the copy: a fixed shape's tables are the same for every
+    frame of a stream)."""
+
+    MAX_ROWS = 24  # contour rows kept (of 79: one per degree of head yaw; a stream visits a few at a time)
+
+    def __init__(self, lf: LandmarkFlame, ne: int) -> None:
+        f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        self.ne = ne
+        self.rows: dict[int, tuple] = {}
+        self.joint_t = f(lf.joint_template[2:])  # (3, 3) jaw and eye joints
+        self.joint_d = f(lf.joint_dirs[2:, :, :ne])  # (3, 3, ne)
+        # the whole sub-model once, rows gathered from it by NumPy indexing (a row's tables: ~0.1 ms, not 3.5)
+        self.v_template = f(lf.v_template)  # (V, 3)
+        self.shapedirs = f(lf.shapedirs[..., :ne])  # (V, 3, ne)
+        self.posedirs = f(lf.posedirs_jaw_eyes)  # (3, 9, V, 3)
+        self.weights = f(lf.lbs_weights[:, 2:])  # (V, 3)
+        self.table = f(lf._landmark_table()[..., :ne])  # (B * 17 + 53, 4, 3, ne)
+        self.dyn_tri, self.dyn_bary = lf.dyn_tri.cpu().numpy(), f(lf.dyn_bary)  # (B, 17, 3)
+        self.static_tri = np.concatenate([lf.static_tri.cpu().numpy(),
+                                          np.repeat(lf.pupils.cpu().numpy()[:, None], 3, 1)])  # (53, 3)
+        one = np.zeros((2, 3))
+        one[:, 0] = 1.0
+        self.static_bary = np.concatenate([f(lf.static_bary), one])  # (53, 3)
+
+    def row(self, b: int) -> tuple:
+        """Contour row b -> (corner template (N, 3), corner blendshapes (N * 3, ne), pose correctives
+        (3 joints * 9, N * 3), skinning weights (N, 3 joints), barycentric weights (70, 3), landmark table
+        (70, 12, ne)), N = 210 corners (the 17 contour points of row b, the 51 static ones, the 2 pupils)."""
+        out = self.rows.get(b)
+        if out is None:
+            ids = np.concatenate([self.dyn_tri[b], self.static_tri]).reshape(-1)  # (N,)
+            N = ids.shape[0]
+            B17 = self.dyn_tri.shape[0] * 17
+            lm = np.concatenate([b * 17 + np.arange(17), B17 + np.arange(53)])
+            out = (self.v_template[ids], self.shapedirs[ids].reshape(N * 3, self.ne),
+                   np.ascontiguousarray(self.posedirs[:, :, ids].reshape(27, N * 3)), self.weights[ids],
+                   np.concatenate([self.dyn_bary[b], self.static_bary]),
+                   np.ascontiguousarray(self.table[lm].reshape(70, 12, self.ne)))
+            if len(self.rows) >= self.MAX_ROWS:  # bounded: ~1.3 MB a row (the oldest row goes first)
+                self.rows.pop(next(iter(self.rows)))
+            self.rows[b] = out
+        return out
+
+
+def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, rigid: bool, jac: bool
+                    ) -> tuple[Tensor, Tensor | None, np.ndarray]:
+    """:func:`_analytic_terms` of one frame with a fixed shape (T = 1, ``p.lf_eval`` a shaped copy), in float64
+    NumPy: the same equations (LandmarkFlame.posed_with_jacobian's skinning, the head pose, the pinhole projection,
+    the Geman-McClure whitening).  Returns r (1, K), Jf (1, K, Qf) or None, and the 70 points' pixels (70, 2)."""
+    lf = p.lf_eval
+    tabs = lf.__dict__.get("_np_tables")
+    if tabs is None or tabs.ne != p.ne:
+        tabs = lf._np_tables = _FrameTables(lf, p.ne)
+    tc, Sd, P, w, bary, tab = tabs.row(int(rows[0]))
+    c = p.np_cache
+    if c is None:  # the problem's constants as NumPy, once per problem
+        f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
+        tgt = np.zeros((70, 2))
+        tgt[:68] = f(p.pts[0])
+        if p.irises is not None:
+            tgt[68:] = f(p.irises[0])
+        c = p.np_cache = {"tgt": tgt, "wts": f(p.wts[0]), "static": f(p.static_only), "c_expr": f(p.c_expr[0]),
+                          "iod": float(p.iod[0]), "sigma": float(p.sigma[0, 0])}
+    x = Xv[0].numpy()
+    ne = p.ne
+    rot, trans, psi = x[0:3], x[3:6], x[6:6 + ne]
+    jaw = x[6 + ne:9 + ne]
+    eyes = x[9 + ne:15 + ne] if p.n_eyes else np.zeros(6)
+    e = psi * c["c_expr"]
+    N = tc.shape[0]
+    # the shaped, pose-corrected corners and their skinning about the jaw and eye joints (see posed_with_jacobian)
+    v = tc + (Sd @ e).reshape(N, 3)
+    J = tabs.joint_t + tabs.joint_d @ e  # (3, 3)
+    aa = np.stack([jaw, eyes[:3], eyes[3:]])
+    Rk = _rodrigues_np(aa, 1e-8)  # (3, 3, 3)
+    D = Rk - np.eye(3)
+    v = v + (D.reshape(27) @ P).reshape(N, 3)
+    vJ = v[:, None] - J[None]  # (N, 3 joints, 3)
+    DvJ = np.einsum("kab,nkb->nka", D, vJ)  # (N, k, 3)
+    xs = v + np.einsum("nk,nka->na", w, DvJ)
+    pts = np.einsum("lc,lca->la", bary, xs.reshape(70, 3, 3))  # (70, 3)
+    # head pose and projection
+    Rh = _rodrigues_np(rot[None], 0.0)[0]
+    world = pts @ Rh.T + trans * p.depth
+    zc = np.maximum(-world[:, 2], 1e-3)
+    f0 = p.f0
+    w_, h_ = p.size
+    uv = np.stack([f0 * world[:, 0] / zc + w_ / 2.0, f0 * (-world[:, 1]) / zc + h_ / 2.0], -1)  # (70, 2)
+    wts = c["wts"] * c["static"] if rigid else c["wts"]
+    if p.irises is not None and not rigid:
+        wts = np.concatenate([wts, np.full(2, p.cfg.iris_weight)])
+    else:
+        wts = np.concatenate([wts, np.zeros(2)])
+    s = float(scale[0, 0])
+    iod, sigma = c["iod"], c["sigma"]
+    tgt = c["tgt"] if p.irises is not None else np.concatenate([c["tgt"][:68], np.zeros((2, 2))])
+    err = (uv - tgt) / iod
+    n2 = np.square(err).sum(-1) + s * s  # (70,)
+    g = np.sqrt(wts) * s / np.sqrt(n2) / sigma
+    r = torch.from_numpy((err * g[:, None]).reshape(1, p.K))
+    if not jac:
+        return r, None, uv
+    dr_duv = g[:, None, None] * (np.eye(2) - err[:, :, None] * err[:, None, :] / n2[:, None, None]) / iod
+    z2 = zc * zc
+    duv_dw = np.zeros((70, 2, 3))
+    duv_dw[:, 0, 0] = f0 / zc
+    duv_dw[:, 0, 2] = f0 * world[:, 0] / z2
+    duv_dw[:, 1, 1] = -f0 / zc
+    duv_dw[:, 1, 2] = -f0 * world[:, 1] / z2
+    dr_dw = dr_duv @ duv_dw  # (70, 2, 3)
+    dRh = _rotation_jacobian_np(rot[None], Rh[None])[0]  # (3, 3, 3 parameters)
+    d_rot = dr_dw @ np.tensordot(pts, dRh, axes=([1], [1]))  # (70, 2, 3): via world = R pts + t
+    d_trans = dr_dw * p.depth
+    dr_dm = dr_dw @ Rh  # (70, 2, 3)
+    # expression: [I, D_jaw, D_eye, D_eye] (3 x 12) @ the landmark table (12, ne)
+    Dcat = np.concatenate([np.eye(3)[None], D], 0).transpose(1, 0, 2).reshape(3, 12)
+    d_expr = ((dr_dm @ Dcat) @ tab) * c["c_expr"]  # (70, 2, ne)
+    # jaw and eyes: d x / d aa = A dv + w dR (v - J) per corner, A = I + sum_k w_k D_k
+    dR = _rotation_jacobian_np(aa, Rk)  # (3 joints, 3, 3, 3 parameters)
+    dv = np.swapaxes(dR.reshape(3, 9, 3), 1, 2) @ P.reshape(3, 9, N * 3)  # (k, p, N * 3) pose correctives
+    dv = dv.reshape(9, N, 3).transpose(1, 2, 0)  # (N, b, k * 3 + p)
+    A = np.eye(3) + (w @ D.reshape(3, 9)).reshape(N, 3, 3)  # (N, 3, 3) d x / d v
+    T2 = np.einsum("kabp,nkb->nakp", dR, vJ) * w[:, None, :, None]  # (N, a, k, p)
+    dx_p = A @ dv + T2.reshape(N, 3, 9)  # (N, 3, 9)
+    d_p = (dx_p.reshape(70, 3, 27) * bary[..., None]).sum(1).reshape(70, 3, 9)
+    d_pose = dr_dm @ d_p  # (70, 2, 9)
+    parts = [d_rot, d_trans, d_expr, d_pose[..., :3]] + ([d_pose[..., 3:]] if p.n_eyes else [])
+    Jf = torch.from_numpy(np.concatenate(parts, -1).reshape(1, p.K, p.Qf))
+    return r, Jf, uv
 
 
 def _cost(p: FitProblem, r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
@@ -578,8 +798,10 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
     closed = p.closed  # the Jacobian comes with a candidate's residuals
     r, Jf, Js = _data_terms(p, X, Y, rows, scale, rigid, True)
     c = _cost(p, r, X, Y)
+    all_f, all_s = len(fi) == p.Qf, len(si) == p.Qs  # every variable free: no (T, K, Q) copies by index
     for _ in range(max_iter):
-        Jf_, Js_ = Jf[..., fi], Js[..., si]
+        Jf_ = Jf if all_f else Jf[..., fi]
+        Js_ = Js if all_s else Js[..., si]
         gf = torch.einsum("tkq,tk->tq", Jf_, r) + df2 * X[:, fi]
         if tw is not None:
             diff = (X[1:] - X[:-1]) * tw.square()
@@ -592,9 +814,11 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         shared = len(si) > 0  # no shared variables (the tracker's frames): no Schur complement to form
         A = Jf_.transpose(1, 2) @ Jf_ + torch.diag_embed(df2 + tdiag)  # (T, qf, qf)
         if shared:
-            gs = torch.einsum("tkq,tk->q", Js_, r) + ds2 * Y[si]
-            B = Jf_.transpose(1, 2) @ Js_  # (T, qf, qs)
-            C = torch.einsum("tkq,tkp->qp", Js_, Js_) + torch.diag(ds2)
+            # (as (T K, qs) matrix-vector products: einsum's "tkq,tk->q" copied Js to (qs, K, T) order each time)
+            Js_2 = Js_.reshape(-1, Js_.shape[2])
+            gs = Js_2.T @ r.reshape(-1) + ds2 * Y[si]
+            c_diag = torch.linalg.vector_norm(Js_2, dim=0).square() + ds2  # the diagonal of C = Js^T Js + priors
+            eye_k = torch.eye(Js_.shape[1], dtype=Js_.dtype)
         improved = False
         tries = 0
         while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
@@ -603,11 +827,17 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             L = torch.linalg.cholesky(Ad)
             Aig = torch.cholesky_solve(gf[..., None], L)[..., 0]
             if shared:
-                Cd = C + torch.diag(lam * C.diagonal().clamp_min(1e-9))
-                AiB = torch.cholesky_solve(B, L)
-                Sc = Cd - torch.einsum("tqp,tqr->pr", B, AiB)
-                ds = torch.linalg.solve(Sc, -gs + torch.einsum("tqp,tq->p", B, Aig))
-                dx = -Aig - (AiB @ ds[:, None])[..., 0]
+                # Schur complement of the frame blocks, B = Jf^T Js: C - B^T A^-1 B = Js^T (I - Z^T Z) Js + priors
+                # with Z = L^-1 Jf^T (T, qf, K): the (K x K) projection per frame instead of A^-1 B (qf x qs) and
+                # two (qs x qs) products (16-frame calibration, qs = 300, K = 140: 0.33 instead of 0.57 G
+                # multiply-adds per iteration)
+                Z = torch.linalg.solve_triangular(L, Jf_.transpose(1, 2), upper=False)
+                PJs = (eye_k - Z.transpose(1, 2) @ Z) @ Js_  # (T, K, qs)
+                Sc = Js_2.T @ PJs.reshape(-1, Js_.shape[2])
+                Sc = Sc + torch.diag(ds2 + lam * c_diag.clamp_min(1e-9))
+                BtAig = Js_2.T @ (Jf_ @ Aig[..., None]).reshape(-1)  # B^T A^-1 gf
+                ds = torch.linalg.solve(Sc, -gs + BtAig)
+                dx = -Aig - torch.cholesky_solve(Jf_.transpose(1, 2) @ (Js_ @ ds)[..., None], L)[..., 0]
             else:
                 ds, dx = Y.new_zeros(0), -Aig
             if p.tracking and not len(si) and tries == 1:
@@ -647,8 +877,12 @@ def _contour_rows(p: FitProblem) -> Tensor | None:
     """(T,) jaw-contour rows of the dynamic embedding for the current head rotations (None without one)."""
     if not p.lf.has_contour:
         return None
-    zeros3 = torch.zeros(p.T, 3, dtype=p.dt, device=p.dev)
-    return p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), zeros3)
+    m = p.rows_memo
+    if m is not None and m[0] is p.X and torch.equal(m[1], p.X[:, :3]):
+        return m[2]
+    rows = p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), None)
+    p.rows_memo = (p.X, p.X[:, :3].clone(), rows)
+    return rows
 
 
 def _rigid_stage(p: FitProblem) -> float:
@@ -668,6 +902,12 @@ def _fitted_points(p: FitProblem, rows: Tensor | None) -> Tensor:
         if not p.closed:
             F, S = p.X.to(p.dev, p.dt), p.Y.to(p.dev, p.dt)[None].expand(p.T, -1)
             return _frame_residuals(p, F, S, p.frame_of, rows, p.scale_narrow, False)[1]
+        m = p.uv_memo
+        if m is not None and m[0] is p.X and torch.equal(m[1], p.X) and torch.equal(m[2], p.Y) and (
+                (m[3] is None and rows is None) or (m[3] is not None and rows is not None and torch.equal(m[3], rows))):
+            return m[4]
+        if _numpy_frame(p, rows):
+            return torch.from_numpy(_frame_terms_np(p, p.X, rows, p.scale_narrow, False, False)[2][None, :68]).to(p.dt)
         rot, trans, pts, _, _, _ = _posed_points(p, p.X, p.Y, rows, False)
         return project(pts[:, :68], axis_angle_to_matrix(rot), trans * p.depth, p.f0, p.size)
 

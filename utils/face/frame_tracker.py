@@ -175,13 +175,16 @@ class FrameTracker:
             threads: torch intra-op threads for this solve, restored after (0: leave the count as it is).  A stream
                 tracks one frame at a time on one thread (tiny tensors), but the calibration is one batched solve
                 whose shape block (300 coefficients shared by N frames) is a few large matrix products: more
-                threads shorten it (16 frames: 6.4-7.6 s on 1 thread, 4.1-4.4 s on 2 of the 2-core container).
+                threads shorten it (16 frames on the 2-core container before 2026-12-06c: 6.4-7.6 s on 1 thread,
+                4.1-4.4 s on 2; since then 2.6 s CPU on 1 thread: benchmarks/results/
+                stream_fit_speed_cpu_2026-12-06c.md).
         Returns:
             (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
         cfg = cfg or FlameFitConfig()
         t0 = time.perf_counter()
         # (``cfg.closed_form``: closed-form Jacobians, shape included; with autograd's batch of N x 140 copies this
-        # took 30 s of CPU on the 85-frame benchmark video's 16 frames, 7 s in closed form, while the stream waits)
+        # took 30 s of CPU on the 85-frame benchmark video's 16 frames, 7 s in closed form, 2.6 s with the landmark
+        # tables and the cheaper Schur complement of 2026-12-06c, while the stream waits)
         before = torch.get_num_threads()
         if threads > 0:
             torch.set_num_threads(threads)

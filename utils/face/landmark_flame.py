@@ -98,6 +98,8 @@ class LandmarkFlame:
         out.joint_dirs = out.shapedirs[self.num_sub:]
         out.joint_template = out.v_template[self.num_sub:]
         out._shaped_cache = None
+        for k in ("_lm_table", "_rows_key", "_rows_val"):  # built per copy, for its blendshape columns
+            out.__dict__.pop(k, None)
         if cache:
             self._shaped_cache = (shape.detach().clone(), out)
         return out
@@ -113,6 +115,7 @@ class LandmarkFlame:
             out = self.shaped(torch.zeros(1, NUM_SHAPE, dtype=self.dtype, device=self.device))
             out.shapedirs = torch.cat([self.shapedirs[..., NUM_SHAPE:], self.shapedirs[..., :NUM_SHAPE]], -1)
             out.joint_dirs = out.shapedirs[self.num_sub:]
+            out.__dict__.pop("_lm_table", None)
             self._free_shape = out
         return out
 
@@ -129,20 +132,67 @@ class LandmarkFlame:
         bary = torch.cat([self.dyn_bary[rows], self.static_bary.expand(T, -1, -1), one], 1)
         return ids, bary
 
-    def posed_with_jacobian(self, expression: Tensor, jaw: Tensor, eyes: Tensor, rows: Tensor, jacobian: bool = True
-                            ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _landmark_table(self) -> Tensor:
+        """(B * 17 + 53, 4, 3, C) the landmarks' blendshape Jacobian factors, built once per :meth:`shaped` copy
+        (C its blendshape columns): rows b * 17 + i are contour point i of contour row b, then the 51 static points and
+        the 2 pupils.  Entry 0 of the second axis is sum_c bary_c S_c (the corners' blendshapes blended), entry 1 + k
+        M_k = sum_c bary_c w_kc (S_c - SJ_k) for the jaw and eye joints k (w their skinning weights, SJ_k their joint
+        blendshapes), so that d landmark / d coefficients = entry 0 + sum_k (R_k - I) M_k (see
+        :meth:`posed_with_jacobian`): the corners' (T, 210, 3, C) blendshapes are never gathered per evaluation."""
+        tab = self.__dict__.get("_lm_table")
+        if tab is None:
+            ids, bary = self._all_corners()
+            Sd = self.shapedirs[ids]  # (L, 3 corners, 3, C)
+            w = self.lbs_weights[ids][..., 2:]  # (L, 3 corners, 3 joints)
+            SJ = self.joint_dirs[2:]  # (3 joints, 3, C)
+            bw = bary[..., None] * w  # (L, 3 corners, 3 joints)
+            first = (Sd * bary[..., None, None]).sum(1)  # (L, 3, C)
+            M = torch.einsum("lck,lcae->lkae", bw, Sd) - torch.einsum("lk,kae->lkae", bw.sum(1), SJ)
+            tab = torch.cat([first[:, None], M], 1).contiguous()
+            self._lm_table = tab
+        return tab
+
+    def _all_corners(self) -> tuple[Tensor, Tensor]:
+        """Sub-model vertex ids (B * 17 + 53, 3) and barycentric weights of every contour row's 17 points, then the 51
+        static points and the 2 pupils (the rows of :meth:`_landmark_table`)."""
+        dev = self.static_tri.device
+        ids = torch.cat([self.dyn_tri.reshape(-1, 3), self.static_tri, self.pupils.reshape(2, 1).expand(2, 3)])
+        one = torch.tensor([[1.0, 0.0, 0.0]], dtype=self.dtype, device=dev).expand(2, 3)
+        return ids, torch.cat([self.dyn_bary.reshape(-1, 3), self.static_bary, one])
+
+    def _rows_table(self, rows: Tensor, E: int) -> Tensor:
+        """(T, 70, 12, E) :meth:`_landmark_table` gathered for contour rows ``rows`` (T,), its first E columns; the
+        last one is kept (a solve evaluates many times with the same rows: the calibration's (16, 70, 12, 400) gather
+        costs more than the products it feeds)."""
+        key = self.__dict__.get("_rows_key")
+        if key is not None and key[1] == E and key[0].shape == rows.shape and torch.equal(key[0], rows):
+            return self._rows_val
+        tab = self._landmark_table()
+        B = self.dyn_tri.shape[0]
+        dev = rows.device
+        lm = torch.cat([rows[:, None] * 17 + torch.arange(17, device=dev),
+                        (B * 17 + torch.arange(53, device=dev)).expand(rows.shape[0], -1)], 1)  # (T, 70)
+        val = tab[lm][..., :E].reshape(rows.shape[0], 70, 12, E)
+        self._rows_key, self._rows_val = (rows.clone(), E), val
+        return val
+
+    def posed_with_jacobian(self, expression: Tensor, jaw: Tensor, eyes: Tensor, rows: Tensor, jacobian: bool = True,
+                            factored: bool = False) -> tuple[Tensor, Tensor | tuple | None, Tensor | None]:
         """The 68 landmarks and 2 pupils of :meth:`forward` (model space, zero neck) with their exact Jacobians,
         written out instead of taken by autograd: only on a :meth:`shaped` copy and with contour rows ``rows`` (T,).
 
         With the global and neck rotations zero, smplx's linear blend skinning of a vertex v (shaped + pose
         correctives) reduces to x = v + sum_k w_k (R_k - I)(v - J_k) over the jaw and eye joints k, so x is linear in
         the expression (through v and the joints J_k) and only the three joint rotations enter non-linearly
-        (their derivative: :func:`rotation_jacobian`).
+        (their derivative: :func:`rotation_jacobian`).  The expression Jacobian of a landmark (bary-weighted corners)
+        is therefore sum_c bary_c S_c + sum_k (R_k - I) M_k with per-landmark constants (:meth:`_landmark_table`).
 
         expression (T, E) (the first E <= 100 coefficients, the rest zero; on a :meth:`free_shape` copy E <= 400: the
         100 expression coefficients, then the first E - 100 shape coefficients), jaw (T, 3), eyes (T, 6) (left, right)
         -> points (T, 70, 3), d points / d expression (T, 70, 3, E), d points / d (jaw, eyes) (T, 70, 3, 9)
-        (None without ``jacobian``)."""
+        (None without ``jacobian``).  ``factored``: d points / d expression as its two factors (T, 1, 3, 12) and
+        (T, 70, 12, E), whose product it is (a caller that multiplies it from the left by a (.., 70, m, 3) matrix
+        saves a third of the work by multiplying the first factor first: utils/face/flame_fit.py's calibration)."""
         from smplx.lbs import batch_rodrigues
 
         if not self.shape_folded or not self.has_contour:
@@ -150,10 +200,10 @@ class LandmarkFlame:
         T, E = expression.shape
         ids, bary = self.corners(rows)  # (T, 70, 3)
         ids, bary = ids.reshape(T, -1), bary.reshape(T, 70, 3)
-        Sd = self.shapedirs[..., :E][ids]  # (T, N, 3, E) expression blendshapes of the corners
-        SJ = self.joint_dirs[2:, :, :E]  # (3, 3, E) of the jaw and eye joints
-        v = self.v_template[ids] + torch.einsum("tnae,te->tna", Sd, expression)  # (T, N, 3) shaped corners
-        J = self.joint_template[2:] + torch.einsum("kae,te->tka", SJ, expression)  # (T, 3, 3) joint positions
+        # every sub-model vertex (and joint) shaped once: (V, 3, E) @ (E, T), then the corners gathered
+        v_all = self.v_template + torch.einsum("vae,te->tva", self.shapedirs[..., :E], expression)  # (T, V, 3)
+        v = torch.gather(v_all, 1, ids[..., None].expand(-1, -1, 3))  # (T, N, 3) shaped corners
+        J = v_all[:, self.num_sub + 2:]  # (T, 3, 3) jaw and eye joint positions
         aa = torch.stack([jaw, eyes[:, :3], eyes[:, 3:]], 1).reshape(-1, 3)  # (T * 3, 3)
         R = batch_rodrigues(aa).reshape(T, 3, 3, 3)
         eye3 = torch.eye(3, dtype=v.dtype, device=v.device)
@@ -165,13 +215,14 @@ class LandmarkFlame:
         pts = (x.reshape(T, 70, 3, 3) * bary[..., None]).sum(2)
         if not jacobian:
             return pts, None, None
+        # d pts / d expression = [I, D_jaw, D_eye, D_eye] (3 x 12) @ the landmark's (12, E) table
+        Dcat = torch.cat([eye3.expand(T, 1, 3, 3), D], 1).permute(0, 2, 1, 3).reshape(T, 1, 3, 12)
+        d_e = (Dcat, self._rows_table(rows, E)) if factored else Dcat @ self._rows_table(rows, E)  # (T, 70, 3, E)
         A = eye3 + torch.einsum("tnk,tkab->tnab", w, D)  # (T, N, 3, 3) d x / d v
-        dx_e = torch.einsum("tnab,tnbe->tnae", A, Sd) - torch.einsum("tnk,tkab,kbe->tnae", w, D, SJ)
         dR = rotation_jacobian(aa, R.reshape(-1, 3, 3)).reshape(T, 3, 3, 3, 3)  # d R / d axis-angle per joint
         dv = torch.einsum("tkip,kitna->tkpna", dR.reshape(T, 3, 9, 3), P)  # (T, k, 3, N, 3) pose correctives
         dx_p = torch.einsum("tnab,tkpnb->tnakp", A, dv) + torch.einsum("tnk,tkabp,tnkb->tnakp", w, dR,
                                                                         v[:, :, None] - J[:, None])
-        d_e = (dx_e.reshape(T, 70, 3, 3, E) * bary[:, :, :, None, None]).sum(2)
         d_p = (dx_p.reshape(T, 70, 3, 3, 9) * bary[:, :, :, None, None]).sum(2)
         return pts, d_e, d_p
 
@@ -199,17 +250,18 @@ class LandmarkFlame:
             contour = torch.full((T, 17, 3), float("nan"), dtype=self.dtype, device=self.device)
         return torch.cat([contour, static], dim=1), verts[:, self.pupils]
 
-    def contour_rows(self, rotation: Tensor, neck: Tensor) -> Tensor:
+    def contour_rows(self, rotation: Tensor, neck: Tensor | None) -> Tensor:
         """(T,) row of the dynamic embedding per frame: smplx's own lookup (find_dynamic_lmk_idx_and_bcoords, fed
         a table of row numbers), from the y rotation of the neck chain with the head's rotation relative to the
         camera (rotation (T, 3, 3), OpenGL camera axes as in the world of utils/face/flame_fit.py's ``W2C``) as its
-        global pose."""
+        global pose; ``neck`` (T, 3), or None for a zero neck."""
         from smplx.lbs import find_dynamic_lmk_idx_and_bcoords
 
         T = rotation.shape[0]
         full = torch.eye(3, dtype=self.dtype, device=self.device).repeat(T, 5, 1, 1)
         full[:, 0] = rotation.detach()
-        full[:, 1] = axis_angle_to_matrix(neck.detach())
+        if neck is not None:  # None: a zero neck rotation (the identity already there)
+            full[:, 1] = axis_angle_to_matrix(neck.detach())
         table = torch.arange(self.dyn_faces.shape[0], device=self.device)[:, None]
         rows, _ = find_dynamic_lmk_idx_and_bcoords(full.new_zeros(T, 1, 3), full.reshape(T, -1), table,
                                                    self.dyn_bary, self.neck_kin_chain, pose2rot=False)
