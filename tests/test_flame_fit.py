@@ -281,17 +281,16 @@ def test_frame_tracker_matches_the_batch_fit_and_only_looks_back(flame_and_truth
         FrameTracker(flame, SIZE, truth.shape, 1000.0, iterations=-1)
 
 
-def test_tracking_jacobians_match_autograd(flame_and_truth):
-    """The per-frame tracker's closed-form residuals and Jacobians (flame_fit._analytic_terms with
-    LandmarkFlame.posed_with_jacobian) equal autograd's through smplx's lbs, with and without irises, in the rigid and
-    the non-rigid stage, at a posed face (expression, jaw and eyes away from zero)."""
+def _posed_terms(flame, truth, frames: int, seed: int):
+    """For a posed face of ``frames`` frames (expression, jaw and eyes away from zero), without and with irises, in the
+    rigid and non-rigid stage, at both robust scales: (irises, rigid, problem, contour rows, scale, autograd residuals,
+    autograd Jacobian) -- the reference the closed-form evaluations are compared with."""
     from utils.face import flame_fit as ff
     from utils.face.landmark_flame import LandmarkFlame
 
-    flame, _, truth = flame_and_truth
-    _, pts = _smooth_motion(flame, truth, 3, np.random.default_rng(0))
+    _, pts = _smooth_motion(flame, truth, frames, np.random.default_rng(seed))
     lf = LandmarkFlame(flame)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for irises in (None, pts[:, [36, 45]] + 2.0):
         p = ff._make_problem(lf, ff.LandmarkTargets(pts, SIZE, irises=irises), ff.FlameFitConfig(), truth.shape[:1],
                              None, None)
@@ -301,14 +300,24 @@ def test_tracking_jacobians_match_autograd(flame_and_truth):
             for scale in (p.scale_narrow, p.scale_wide):
                 p.tracking = False
                 r0, jf0, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
-                p.tracking = True
-                r1, jf1, js1 = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
-                r2, none, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, False)
-                assert jf1.shape == jf0.shape and js1.shape == (3, p.K, 0) and none is None
-                assert torch.allclose(r1, r0, atol=1e-4) and torch.equal(r1, r2), (irises is None, rigid)
-                err = float((jf1 - jf0).abs().max() / jf0.abs().max())
-                assert err < 1e-4, (irises is None, rigid, err)
+                yield irises, rigid, p, rows, scale, r0, jf0
 
+
+def test_tracking_jacobians_match_autograd(flame_and_truth):
+    """The per-frame tracker's closed-form residuals and Jacobians (flame_fit._analytic_terms with
+    LandmarkFlame.posed_with_jacobian) equal autograd's through smplx's lbs, with and without irises, in the rigid and
+    the non-rigid stage, at a posed face (expression, jaw and eyes away from zero)."""
+    from utils.face import flame_fit as ff
+
+    flame, _, truth = flame_and_truth
+    for irises, rigid, p, rows, scale, r0, jf0 in _posed_terms(flame, truth, 3, 0):
+        p.tracking = True
+        r1, jf1, js1 = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
+        r2, none, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, False)
+        assert jf1.shape == jf0.shape and js1.shape == (3, p.K, 0) and none is None
+        assert torch.allclose(r1, r0, atol=1e-4) and torch.equal(r1, r2), (irises is None, rigid)
+        err = float((jf1 - jf0).abs().max() / jf0.abs().max())
+        assert err < 1e-4, (irises is None, rigid, err)
 
 
 def test_one_frame_numpy_terms_match_torch_and_autograd(flame_and_truth, monkeypatch):
@@ -320,32 +329,20 @@ def test_one_frame_numpy_terms_match_torch_and_autograd(flame_and_truth, monkeyp
     from utils.face import flame_fit as ff
     from utils.face.flame_fit import FlameFitConfig, default_focal
     from utils.face.frame_tracker import FrameTracker
-    from utils.face.landmark_flame import LandmarkFlame
 
     flame, _, truth = flame_and_truth
-    _, pts = _smooth_motion(flame, truth, 1, np.random.default_rng(1))
-    lf = LandmarkFlame(flame)
-    gen = torch.Generator().manual_seed(1)
-    for irises in (None, pts[:, [36, 45]] + 2.0):
-        p = ff._make_problem(lf, ff.LandmarkTargets(pts, SIZE, irises=irises), ff.FlameFitConfig(), truth.shape[:1],
-                             None, None)
-        p.X[:, 6:] = 0.3 * torch.randn(p.X[:, 6:].shape, generator=gen, dtype=torch.float64)
-        rows = ff._contour_rows(p)
-        for rigid in (False, True):
-            for scale in (p.scale_narrow, p.scale_wide):
-                p.tracking = False
-                r0, jf0, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
-                p.tracking = True
-                monkeypatch.setattr(ff, "NUMPY_FRAMES", False)
-                r1, jf1, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
-                monkeypatch.setattr(ff, "NUMPY_FRAMES", True)
-                assert ff._numpy_frame(p, rows)
-                r2, jf2, js2 = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
-                assert jf2.shape == jf1.shape and js2.shape == (1, p.K, 0)
-                assert torch.allclose(r2, r1, atol=1e-4) and torch.allclose(r2, r0, atol=1e-4)
-                for ref in (jf0, jf1):
-                    err = float((jf2 - ref).abs().max() / ref.abs().max())
-                    assert err < 1e-4, (irises is None, rigid, err)
+    for irises, rigid, p, rows, scale, r0, jf0 in _posed_terms(flame, truth, 1, 1):
+        p.tracking = True
+        monkeypatch.setattr(ff, "NUMPY_FRAMES", False)
+        r1, jf1, _ = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
+        monkeypatch.setattr(ff, "NUMPY_FRAMES", True)
+        assert ff._numpy_frame(p, rows)
+        r2, jf2, js2 = ff._data_terms(p, p.X, p.Y, rows, scale, rigid, True)
+        assert jf2.shape == jf1.shape and js2.shape == (1, p.K, 0)
+        assert torch.allclose(r2, r1, atol=1e-4) and torch.allclose(r2, r0, atol=1e-4)
+        for ref in (jf0, jf1):
+            err = float((jf2 - ref).abs().max() / ref.abs().max())
+            assert err < 1e-4, (irises is None, rigid, err)
     T = 6
     _, pts = _smooth_motion(flame, truth, T, np.random.default_rng(2))
     cfg = FlameFitConfig()
