@@ -59,7 +59,8 @@ def main() -> None:
     report = io.StringIO()
     with redirect_stdout(report):
         cfg = build_config(TrainConfig, "configs/nersemble.yaml", overrides={
-            "data.subdivision": args.level, "progress": False, "batch_identities": 2, "out": tempfile.mkdtemp(),
+            "data.subdivision": args.level, "progress": False, "batch_identities": 2, "compile": False,
+            "out": tempfile.mkdtemp(),
             "device": "cuda"})
         data, _ = build_problem(2, 1604, args.level, dev, cfg, gt_subdivision=2)
         trainer = Trainer(cfg, data=data)

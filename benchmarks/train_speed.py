@@ -52,6 +52,7 @@ VARIANTS: dict[str, tuple[dict, str, int, bool]] = {
 
 def run_variant(name: str, args, data, base_overrides: dict, device: torch.device) -> dict:
     overrides, method, tile, packed = VARIANTS[name]
+    overrides = {"compile": False, **overrides}  # the preset compiles by default; here only the compile variants do
     cfg = build_config(TrainConfig, args.config, overrides={**base_overrides, **overrides,
                                                               "out": tempfile.mkdtemp(prefix=f"ts_{name}_")})
     if args.quick:
