@@ -14,10 +14,14 @@ the landmarks cached, so tracker variants compare frame for frame on the same po
                 rotation measured from the tracker's reference frame as ``--pose relative`` does
 
 Prints jaw / smile / brows / head-turn correlations with the truth (bench.py ``motion_correlations``) of both, their
-differences, and the per-frame ``FrameTracker.step`` time (wall, and the tracking thread's CPU time: a background shape re-solve is not in it) p50 / p90 / p99 after the first
-frame.  Example (the quick video, default refinement, and without it):
+differences, and the per-frame ``FrameTracker.step`` time (wall, and the tracking thread's CPU time: a background
+shape re-solve is not in it) p50 / p90 / p99 after the first frame.  Example (the quick video without refinement,
+with the online re-solve of ShapeRefineConfig's 12-frame mode, and that mode with its swaps at fixed frames):
 
-    python benchmarks/stream_tracking.py --video quick --refine_frames 16 0
+    python benchmarks/stream_tracking.py --video quick --refine_frames 0 12 --variants frames=12,wait=1
+
+``--video long`` is bench.py's --stream_per_transition 48 clip (337 frames; rendered and detected once, minutes);
+``--pace_fps 30`` hands the frames over at a camera's rate.
 
 Other ShapeRefineConfig settings as extra runs (one calibration shared by all runs of one call):
 
@@ -150,10 +154,10 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick", help="bench.py's quick or full driving video")
+    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick", help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) driving video")
     ap.add_argument("--cache", default="output/stream_tracking",
                     help="folder of the cached videos, landmarks and batch fits")
-    ap.add_argument("--refine_frames", type=int, nargs="+", default=[16],
+    ap.add_argument("--refine_frames", type=int, nargs="+", default=[0, 12],
                     help="stream runs: ShapeRefineConfig.frames of each (0: no refinement, the first frames' shape)")
     ap.add_argument("--iterations_per_frame", type=int, default=ShapeRefineConfig.iterations_per_frame,
                     help="ShapeRefineConfig.iterations_per_frame")
@@ -223,7 +227,8 @@ def main() -> None:
         print(f"  stream, {key}\n      {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
               f"{s['shape_updates']}, kept {s['kept']})\n"
               f"      fit ms p50/p90/p99 wall {w[0]:.1f} / {w[1]:.1f} / {w[2]:.1f}, cpu {c[0]:.1f} / {c[1]:.1f} / "
-              f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s in the frames, {s['solve_s']:.2f} s solving; calibration "
+              f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s in the frames, "
+              f"{s['solve_s']:.2f} s solving; calibration "
               f"{s['calibration_s']:.1f} s wall, {s['calibration_cpu_s']:.1f} s CPU; mean fit ms wall "
               f"{s['fit_ms_wall_mean']:.1f}, cpu {s['fit_ms_cpu_mean']:.1f}", flush=True)
     if a.json:

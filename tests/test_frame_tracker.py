@@ -150,6 +150,6 @@ def test_calibration_shape_prior_keeps_the_first_frames_shape_near_the_mean(flam
     with single_thread():
         loose, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0))
         tight, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg,
-                                          refine=ShapeRefineConfig(calibration_shape_std=0.2))
+                                          refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2))
     print(f"calibrated shape norm: fit's prior {float(loose.shape.norm()):.2f}, tight {float(tight.shape.norm()):.2f}")
     assert float(tight.shape.norm()) < 0.7 * float(loose.shape.norm())

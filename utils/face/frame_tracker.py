@@ -4,12 +4,14 @@
 :func:`utils.face.flame_fit.fit_flame_to_landmarks` call (T = 1) with the person's shape and focal length held fixed
 (:meth:`FrameTracker.calibrate`) and a frame-to-frame prior that looks only backwards.
 
-The shape the first frames calibrate is refined as the stream goes on (:class:`ShapeRefineConfig`): the batch path
-fits the shape on frames spread over the whole video, and a shape from the first (near-frontal, neutral) frames alone
-fits turned, nodding or brow-raising frames with a wrong face whose error the expression absorbs (measured on the
-benchmark's keyframe videos: brows correlation 0.16-0.37 against the batch path's 0.59-0.72).  So the tracker keeps a
-few of the frames it has tracked, chosen to differ in head pose, jaw and expression, and re-solves the shape (and the
-detector offset) on them, a few Levenberg-Marquardt iterations per tracked frame, never looking ahead.
+The shape the first frames calibrate can be refined as the stream goes on (:class:`ShapeRefineConfig`, off by
+default: see there): the batch path fits the shape on frames spread over the whole video, and a shape from the first
+(near-frontal, neutral) frames alone has the wrong depth, which turned or nodding frames then show and the expression
+and head rotation absorb (measured on the benchmark's keyframe videos: brows correlation 0.06-0.39 against the batch
+path's 0.57-0.71).  So the calibration keeps the shape near FLAME's mean (a tight prior: those frames cannot tell its
+depth), the tracker keeps a few tracked frames chosen to differ in head pose, and whenever they show a new head pitch /
+yaw it re-solves the shape (and the detector offset) on them in a background thread, never looking ahead; the new
+shape is swapped in with the reference frame's expression and jaw re-anchored.
 """
 from __future__ import annotations
 
@@ -31,25 +33,36 @@ class ShapeRefineConfig:
     """How a stream's FLAME shape and detector offset keep improving after the first frames calibrated them
     (``stream_refine.*`` keys of animate.py; :class:`FrameTracker`).
 
-    The tracker keeps up to ``frames`` tracked frames that differ most from each other (greedy max-min: a new frame
-    replaces one of the two closest kept frames when it is farther from the rest than they are from each other; the
-    first frame with a face, the reference of ``--pose relative``, always stays), in units where one unit is
-    ``rotation_unit`` of head rotation, ``jaw_unit`` of jaw opening or ``expression_unit`` of one of the first
-    ``expression_dims`` expression coefficients.  Whenever that set changed, the shape is solved again on it
-    (utils/face/flame_fit.py ShapeRefinement: all its frames and the shape together, warm-started), at most
-    ``iterations_per_frame`` Levenberg-Marquardt iterations during each tracked frame, and swapped in when done; with
-    ``continuity`` the expression change the new shape gives the reference frame is removed from later frames (a swap
-    otherwise shifts every expression at once).
+    The calibration on the first frames solves the shape with the prior std ``calibration_shape_std`` (tight: those
+    frames show one side of the face and leave its depth free).  The tracker then keeps up to ``frames`` tracked
+    frames that differ most from each other (greedy max-min: a new frame replaces one of the two closest kept frames
+    when it is farther from the rest than they are from each other; the first frame with a face, the reference of
+    ``--pose relative``, always stays), by head rotation (``rotation_unit`` radians = one unit; with ``pose_only``
+    off also jaw and expression).  When a kept frame widens the head pitch / yaw range the last solve saw by
+    ``new_view`` radians, the shape is solved again on the kept frames (utils/face/flame_fit.py ShapeRefinement: all
+    of them and the shape together, warm-started), whole, in a background thread (``background``; the frames go on
+    being tracked) and swapped in at least ``delay_frames`` frames later, once done; with ``continuity`` /
+    ``jaw_continuity`` the expression and jaw change the new shape gives the reference frame is removed from later
+    frames (otherwise a swap shifts every expression and the jaw at once, and a jaw read under two shapes in one
+    video loses its correlation: 85-frame video 0.90 -> 0.60).
 
-    Off by default: measured on bench.py's keyframe videos (benchmarks/stream_tracking.py, 2-core CPU container) it
-    raises the brows and head-turn correlations (quick video brows 0.372 -> 0.508, 85-frame video brows 0.158 ->
-    0.261, turn 0.943 -> 0.967) but not to the batch path's (0.715, 0.586, 0.999), costs the 85-frame video's jaw
-    (0.908 -> 0.752: each swap changes the jaw's scale) and multiplies the per-frame fit time (p50 17.5 -> 138 ms
-    there, 2 iterations of a 16-frame solve per frame).  Blending the new shape in over ``blend_frames`` frames, the
-    ``min_span`` gate and ``refit_previous`` did not fix the jaw either (85-frame video jaw 0.72-0.76 with blending,
-    benchmarks/results/stream_blend_cpu_2026-12-06.md): the refined shape itself is good (held from the first frame:
-    0.932 / 0.886 / 0.510 / 0.999), but a shape that changes during the video's jaw opening puts two jaw scales in
-    one video, however smoothly it changes; they stay off by default."""
+    Measured (benchmarks/results/stream_shape_online_cpu_2026-12-06.md, benchmarks/stream_tracking.py, 2-core CPU
+    container; jaw / smile / brows / turn correlations, batch / stream without / stream with, ``wait`` on so the
+    swaps do not depend on the machine's speed): 337-frame video 0.962 / 0.878 / 0.575 / 0.999, 0.945 / 0.806 /
+    0.057 / 0.960, 0.967 / 0.887 / 0.525 / 0.964; 85-frame 0.926 / 0.871 / 0.571 / 0.999, 0.905 / 0.850 / 0.178 /
+    0.952, 0.903 / 0.871 / 0.567 / 0.989; 22-frame 0.942 / 0.823 / 0.708 / 0.998, 0.947 / 0.848 / 0.390 / 0.997,
+    0.925 / 0.881 / 0.475 / 0.997.  The older mode (frames kept for pose, jaw and expression, a re-solve on every
+    change, ``iterations_per_frame`` inside each frame, the fit's own calibration prior, no jaw re-anchoring) cost
+    the 85-frame video's jaw (0.75) and the frames' time; ``blend_frames``, ``min_span`` and ``refit_previous``
+    (benchmarks/results/stream_blend_cpu_2026-12-06.md) are kept for it.
+
+    Off by default (``frames`` 0; ``frames`` 12 turns this mode on): on tests/test_streaming.py's 16-frame video
+    (smooth expression, jaw and +-0.1 rad yaw from the first frame on; no new view, so no re-solve) the tight
+    calibration prior alone lowers the brows correlation from 0.924 to 0.876 (batch 0.925; 0.3: 0.883, 0.5: 0.900),
+    outside the 0.02 that test allows, and with the fit's own prior the keyframe videos' first shape reads the head
+    turn at a tenth of its size (337-frame video: no new view ever, no re-solve) or the jaw at a quarter (85-frame
+    video: jaw 0.61 after the re-solves).  A calibration prior that is tight only where the first frames do not see
+    the face (its depth) is the next step."""
 
     solve_shape_std: float = 0.0  # the re-solves' shape prior std (0: the fit's own, FlameFitConfig.shape_std)
     calibration_shape_std: float = 0.2  # with ``frames``: the calibration's shape prior std (0: the fit's own)
@@ -57,7 +70,7 @@ class ShapeRefineConfig:
     # free, which the shape's 300 coefficients then bend to fit the first frames' mouth and brows (85-frame benchmark
     # video: the jaw read at 0.27 of its true opening, slope of fitted on true); a tight prior keeps that shape near
     # FLAME's mean (slope 1.00) until turned frames show the depth
-    frames: int = 12  # frames kept for the shape (0: off, the first frames' shape held, as before 2026-12-06)
+    frames: int = 0  # frames kept for the shape (0: off, the first frames' shape held; 12: the measured mode)
     iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
     background: bool = True  # run each re-solve whole in a background thread that no frame waits for
@@ -91,7 +104,8 @@ class ShapeRefineConfig:
     RANGES = {"frames": Range(0), "iterations": Range(1), "iterations_per_frame": Range(1),
               "min_distance": Range(0), "rotation_unit": Range(0, lo_open=True), "jaw_unit": Range(0, lo_open=True),
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
-              "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0), "solve_shape_std": Range(0)}
+              "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
+              "solve_shape_std": Range(0)}
 
 
 @dataclass
@@ -164,7 +178,7 @@ class FrameTracker:
         self.changed = False  # the kept frames changed since the running / last solve started
         self.solve: ShapeRefinement | None = None  # the re-solve in progress
         self.solve_frames: list[_Kept] = []  # the kept frames it solves (entries may leave self.kept meanwhile)
-        self.solved_views = torch.zeros(2, 2)  # (min, max) x (pitch, yaw) the last solve's frames covered (``new_view``)
+        self.solved_views = torch.zeros(2, 2)  # (min, max) x (pitch, yaw) the last solve's frames covered
         self.shape_updates = 0
         self.refine_seconds = 0.0
         self.solve_seconds = 0.0  # time the re-solves ran (in the background thread with ``background``)
