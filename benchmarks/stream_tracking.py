@@ -154,7 +154,8 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick", help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) driving video")
+    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick",
+                    help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video")
     ap.add_argument("--cache", default="output/stream_tracking",
                     help="folder of the cached videos, landmarks and batch fits")
     ap.add_argument("--refine_frames", type=int, nargs="+", default=[0, 12],
