@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -525,7 +526,7 @@ def motion_correlations(params, truth) -> dict:
 def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
                  per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 0,
                  shape_frames: int = 16, threads: list[int] | None = None,
-                 processes: list[bool] | None = None) -> dict:
+                 processes: list[bool] | None = None, refine_frames: list[int] | None = None) -> dict:
     """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video
     (:func:`driving_video`, ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the
     sustained frame rate and the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as
@@ -537,7 +538,10 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     (``stream_threads``; the first configuration runs once per count, keys ``_t<n>`` when more than one).
     ``processes``: the per-frame fit in the calling thread (False) or its own process (True, ``stream_fit_process``);
     the first configuration runs once per value (the first value for the others), keys ``_proc`` / ``_thread`` when
-    more than one; rows ``_fit_cpu_ms_p50`` give the fit's CPU time beside its wall time."""
+    more than one; rows ``_fit_cpu_ms_p50`` give the fit's CPU time beside its wall time.  ``refine_frames``:
+    ``stream_refine.frames`` values (0: the first frames' shape held; N: re-solved on N kept frames in the background,
+    utils/face/frame_tracker.py ShapeRefineConfig); the first configuration, and its paced run, once per value, keys
+    ``_refine<N>`` when more than one."""
 
     path, truth = driving_video(data, device, per_transition, size)
     t = time.perf_counter()
@@ -551,25 +555,31 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     first = threads[0]
     processes = processes or [AnimationConfig.stream_fit_process]
     proc = processes[0]
-    runs = [(w, d, False, first, proc) for d in fit_devices for w in workers]
-    runs += [(workers[0], fit_devices[0], False, first, q) for q in processes[1:]]
-    runs += [(workers[0], fit_devices[0], True, first, q) for q in processes]  # paced at 30 fps
-    runs += [(workers[0], fit_devices[0], False, n, proc) for n in threads[1:]]
-    for w, d, paced, n_threads, in_process in runs:
+    refine_frames = refine_frames or [AnimationConfig().stream_refine.frames]
+    ref0 = refine_frames[0]
+    runs = [(w, d, False, first, proc, ref0) for d in fit_devices for w in workers]
+    runs += [(workers[0], fit_devices[0], False, first, q, ref0) for q in processes[1:]]
+    runs += [(workers[0], fit_devices[0], False, first, proc, r) for r in refine_frames[1:]]
+    runs += [(workers[0], fit_devices[0], True, first, q, ref0) for q in processes]  # paced at 30 fps
+    runs += [(workers[0], fit_devices[0], True, first, proc, r) for r in refine_frames[1:]]
+    runs += [(workers[0], fit_devices[0], False, n, proc, ref0) for n in threads[1:]]
+    for w, d, paced, n_threads, in_process, n_refine in runs:
         out = Path(tempfile.mkdtemp(prefix="bench_stream_out_"))
         cfg = AnimationConfig(checkpoint=str(model_path), motion=str(path), stream=True, stream_workers=w,
                               stream_fit_device=d, stream_iterations=iterations or AnimationConfig.stream_iterations,
                               stream_realtime=paced,
                               width=render, height=render, out=str(out), device=str(device), progress=False,
                               reenact=reenact, flame_dir=str(data.flame_dir), stream_threads=n_threads,
-                              stream_fit_process=in_process)
+                              stream_fit_process=in_process,
+                              stream_refine=replace(AnimationConfig().stream_refine, frames=n_refine))
         s = animate(cfg)["stream"]
         # paced runs are live: frames dropped while the stream was behind are not in motion.npz (its 'frames')
         kept = np.load(out / "motion.npz")["frames"].astype(np.int64)
         rs = motion_correlations(load_tracking(out / "motion.npz"), truth.frames(kept.tolist()))
         key = (f"stream_{w}w_fit_{d.replace(':', '')}{'_paced30' if paced else ''}"
                f"{f'_t{n_threads}' if len(threads) > 1 else ''}"
-               f"{('_proc' if in_process else '_thread') if len(processes) > 1 else ''}")
+               f"{('_proc' if in_process else '_thread') if len(processes) > 1 else ''}"
+               f"{f'_refine{n_refine}' if len(refine_frames) > 1 else ''}")
         lat = s["latency_ms_steady"]
         rows.update({f"{key}_sustained_fps": s["sustained_fps"], f"{key}_latency_ms_p50": lat["p50"],
                      f"{key}_latency_ms_p90": lat["p90"], f"{key}_latency_ms_p99": lat["p99"],
@@ -702,6 +712,11 @@ def main() -> None:
                    help="--parts stream: comma-separated 0/1, the per-frame FLAME fit in the stream's thread (0) or "
                         "in its own process (1, animate.py --stream_fit_process); the first configuration runs once "
                         "per value, e.g. 0,1 (default: animate.py's default)")
+    p.add_argument("--stream_refine_frames", default="",
+                   help="--parts stream: comma-separated animate.py --stream_refine.frames values (0: the first "
+                        "frames' shape held; N: the shape re-solved on N pose-diverse kept frames in a background "
+                        "thread); the first configuration and its paced run once per value, e.g. 0,12 (default: "
+                        "animate.py's default)")
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models.renderer.GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
@@ -864,11 +879,15 @@ def main() -> None:
         procs = [v.strip() for v in args.stream_fit_process.split(",") if v.strip()]
         if not all(v in ("0", "1") for v in procs):
             p.error(f"--stream_fit_process must be comma-separated 0 / 1, got {args.stream_fit_process!r}")
+        refine = [v.strip() for v in args.stream_refine_frames.split(",") if v.strip()]
+        if not all(v.isdigit() for v in refine):
+            p.error(f"--stream_refine_frames must be comma-separated integers >= 0, got {args.stream_refine_frames!r}")
         rows.update(bench_stream(Path(cfg.out) / "model.pt", data, device, workers, fit_devices,
                                  per_transition=3 if args.quick else args.stream_per_transition,
                                  size=256 if args.quick else 512,
                                  render=64 if args.quick else 512, shape_frames=8 if args.quick else 16,
-                                 threads=threads, processes=[v == "1" for v in procs]))
+                                 threads=threads, processes=[v == "1" for v in procs],
+                                 refine_frames=[int(v) for v in refine]))
         save()
     if "video" in parts:
         rows.update(bench_video(Path(cfg.out) / "model.pt", data, device, cfg.backend, video_seconds, video_size,

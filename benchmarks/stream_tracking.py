@@ -14,10 +14,14 @@ the landmarks cached, so tracker variants compare frame for frame on the same po
                 rotation measured from the tracker's reference frame as ``--pose relative`` does
 
 Prints jaw / smile / brows / head-turn correlations with the truth (bench.py ``motion_correlations``) of both, their
-differences, and the per-frame ``FrameTracker.step`` time (wall, and process CPU time) p50 / p90 / p99 after the first
-frame.  Example (the quick video, default refinement, and without it):
+differences, and the per-frame ``FrameTracker.step`` time (wall, and the tracking thread's CPU time: a background
+shape re-solve is not in it) p50 / p90 / p99 after the first frame.  Example (the quick video without refinement,
+with the online re-solve of ShapeRefineConfig's 12-frame mode, and that mode with its swaps at fixed frames):
 
-    python benchmarks/stream_tracking.py --video quick --refine_frames 16 0
+    python benchmarks/stream_tracking.py --video quick --refine_frames 0 12 --variants frames=12,wait=1
+
+``--video long`` is bench.py's --stream_per_transition 48 clip (337 frames; rendered and detected once, minutes);
+``--pace_fps 30`` hands the frames over at a camera's rate.
 
 Other ShapeRefineConfig settings as extra runs (one calibration shared by all runs of one call):
 
@@ -46,7 +50,8 @@ from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
 
-VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16)}  # frames per transition, size, shape_frames (as bench.py)
+VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16)}
+# frames per transition, size, shape_frames (as bench.py; "long": bench.py --stream_per_transition 48, 337 frames)
 
 
 def cached_video(cache: Path, per: int, size: int) -> dict:
@@ -103,15 +108,18 @@ def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, li
 
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
                calibrated: dict | None = None, bias_correction: bool = True, closed_form: bool = True,
-               warm: dict | None = None) -> dict:
+               warm: dict | None = None, pace_fps: float = 0.0) -> dict:
     """One streamed pass; ``calibrated`` (filled on the first call of each ``closed_form``) holds the first frames'
     calibration, so that variants start from the identical tracker without repeating the calibration (7-30 s CPU).
     ``iterations``: Levenberg-Marquardt iterations per warm-started frame (``--stream_iterations``); ``closed_form``:
-    the calibration fit's ``FlameFitConfig.closed_form`` (False: autograd, as before 2026-12-06)."""
+    the calibration fit's ``FlameFitConfig.closed_form`` (False: autograd, as before 2026-12-06); ``pace_fps``: frames
+    handed to the tracker at this rate, as a camera delivers them (0: as fast as it takes them)."""
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
     calibrated = {} if calibrated is None else calibrated
-    calibrated = calibrated.setdefault(bool(closed_form), {})
+    # (one calibration per Jacobian kind and calibration shape prior: ShapeRefineConfig.calibration_shape_std)
+    prior = refine.calibration_shape_std if refine.frames > 0 else 0.0
+    calibrated = calibrated.setdefault((bool(closed_form), prior), {})
     if not calibrated:
         t, c = time.perf_counter(), time.process_time()
         tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size,
@@ -124,27 +132,33 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
         tracker.warm_cfg = replace(tracker.warm_cfg, **warm)
     calib_s = calibrated["seconds"]
     out, refs, wall, cpu = [], [], [], []
+    start = time.perf_counter()
     for i in range(pts.shape[0]):
-        t, c = time.perf_counter(), time.process_time()
+        if pace_fps > 0:  # the camera's next frame is not there before its time
+            time.sleep(max(0.0, start + i / pace_fps - time.perf_counter()))
+        t, c = time.perf_counter(), time.thread_time()
         p, _ = tracker.step(pts[i], None if iris is None else iris[i])
         wall.append(1000.0 * (time.perf_counter() - t))
-        cpu.append(1000.0 * (time.process_time() - c))
+        cpu.append(1000.0 * (time.thread_time() - c))
         out.append(p)
         refs.append(tracker.reference)
+    tracker.close()
     q = lambda x: [float(np.percentile(np.asarray(x[1:]), k)) for k in (50, 90, 99)]  # noqa: E731
     return {"r": motion_correlations(relative_to_reference(out, refs), d["truth"]), "fit_ms_wall_p50_p90_p99": q(wall),
             "fit_ms_cpu_p50_p90_p99": q(cpu), "fit_ms_wall_max": max(wall[1:]), "calibration_s": calib_s,
             "calibration_cpu_s": calibrated["cpu_seconds"], "fit_ms_wall_mean": float(np.mean(wall[1:])),
             "fit_ms_cpu_mean": float(np.mean(cpu[1:])), "iterations": iterations, "closed_form": closed_form,
-            "shape_updates": tracker.shape_updates, "kept": len(tracker.kept), "refine_s": tracker.refine_seconds}
+            "shape_updates": tracker.shape_updates, "kept": len(tracker.kept), "refine_s": tracker.refine_seconds,
+            "solve_s": tracker.solve_seconds}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick", help="bench.py's quick or full driving video")
+    ap.add_argument("--video", choices=sorted(VIDEOS), default="quick",
+                    help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video")
     ap.add_argument("--cache", default="output/stream_tracking",
                     help="folder of the cached videos, landmarks and batch fits")
-    ap.add_argument("--refine_frames", type=int, nargs="+", default=[16],
+    ap.add_argument("--refine_frames", type=int, nargs="+", default=[0, 12],
                     help="stream runs: ShapeRefineConfig.frames of each (0: no refinement, the first frames' shape)")
     ap.add_argument("--iterations_per_frame", type=int, default=ShapeRefineConfig.iterations_per_frame,
                     help="ShapeRefineConfig.iterations_per_frame")
@@ -162,6 +176,9 @@ def main() -> None:
                          "frames=0,stream_iterations=5")
     ap.add_argument("--stream_iterations", type=int, default=AnimationConfig.stream_iterations,
                     help="Levenberg-Marquardt iterations per warm-started frame of the runs without their own")
+    ap.add_argument("--pace_fps", type=float, default=0.0,
+                    help="hand the frames to the tracker at this rate, as a camera does (0: as fast as it takes "
+                         "them); a background shape re-solve (ShapeRefineConfig.background) runs between paced frames")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the list of stream runs this many times (timings on a shared machine vary)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -203,14 +220,16 @@ def main() -> None:
         closed_form = bool(kw.pop("closed_form", True))
         refine = ShapeRefineConfig(**kw)
         s = run_stream(flame, d, shape_frames, refine, iterations, calibrated=calibrated,
-                       bias_correction=bias_correction, closed_form=closed_form, warm=warm)
+                       bias_correction=bias_correction, closed_form=closed_form, warm=warm,
+                       pace_fps=a.pace_fps)
         results["stream"][key if not rep else f"{key} #{rep + 1}"] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]
         print(f"  stream, {key}\n      {fmt(s['r'])}  (min minus batch {diff:+.3f}; shape updates "
               f"{s['shape_updates']}, kept {s['kept']})\n"
               f"      fit ms p50/p90/p99 wall {w[0]:.1f} / {w[1]:.1f} / {w[2]:.1f}, cpu {c[0]:.1f} / {c[1]:.1f} / "
-              f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s; calibration "
+              f"{c[2]:.1f}, max {s['fit_ms_wall_max']:.0f}; refinement {s['refine_s']:.2f} s in the frames, "
+              f"{s['solve_s']:.2f} s solving; calibration "
               f"{s['calibration_s']:.1f} s wall, {s['calibration_cpu_s']:.1f} s CPU; mean fit ms wall "
               f"{s['fit_ms_wall_mean']:.1f}, cpu {s['fit_ms_cpu_mean']:.1f}", flush=True)
     if a.json:

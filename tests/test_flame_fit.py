@@ -452,6 +452,12 @@ def test_shape_refinement_jacobians_match_autograd(flame_and_truth):
         assert err < 1e-4, err
 
 
+# the refinement these tests were written for (before 2026-12-06's defaults: tests/test_frame_tracker.py): frames kept
+# for pose, jaw and expression, a re-solve on every change, a few iterations inside each frame, the fit's own
+# calibration prior, the expression (not the jaw) re-anchored
+_LEGACY = dict(pose_only=False, background=False, new_view=0.0, calibration_shape_std=0.0, jaw_continuity=False)
+
+
 def test_frame_tracker_refines_the_shape_on_frames_it_has_seen(flame_and_truth):
     """A stream whose first frames are frontal and neutral, then turns, nods and raises the brows (as the bench's
     keyframe videos do), tracked from a shape that does not fit the face (FLAME's mean shape: what a calibration on
@@ -492,10 +498,10 @@ def test_frame_tracker_refines_the_shape_on_frames_it_has_seen(flame_and_truth):
 
     with single_thread():
         fixed, held = stream(pts, None)
-        refined, tracker = stream(pts, ShapeRefineConfig(frames=16))
+        refined, tracker = stream(pts, ShapeRefineConfig(**_LEGACY, frames=16))
         other = pts.clone()
         other[20:] += 3.0  # the future changes
-        refined2, _ = stream(other, ShapeRefineConfig(frames=16))
+        refined2, _ = stream(other, ShapeRefineConfig(**_LEGACY, frames=16))
     rel = lambda p: p.expression[:, 2] - p.expression[0, 2]  # noqa: E731
     err_fixed = float((rel(fixed)[late] - true_brows[late]).abs().mean())
     err_refined = float((rel(refined)[late] - true_brows[late]).abs().mean())
@@ -539,13 +545,13 @@ def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_trut
             shapes.append(tracker.shape.clone())
         return torch.cat(shapes), tracker  # (T, 300)
 
+    base = dict(_LEGACY, frames=8, iterations=6, iterations_per_frame=3)
     with single_thread():
-        jump, t_jump = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3))
-        blend, t_blend = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, blend_frames=4))
-        never, t_never = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, min_span=1.0))
-        span, t_span = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, min_span=0.25))
-        refit, t_refit = stream(ShapeRefineConfig(frames=8, iterations=6, iterations_per_frame=3, blend_frames=4,
-                                                  refit_previous=True))
+        jump, t_jump = stream(ShapeRefineConfig(**base))
+        blend, t_blend = stream(ShapeRefineConfig(**base, blend_frames=4))
+        never, t_never = stream(ShapeRefineConfig(**base, min_span=1.0))
+        span, t_span = stream(ShapeRefineConfig(**base, min_span=0.25))
+        refit, t_refit = stream(ShapeRefineConfig(**base, blend_frames=4, refit_previous=True))
     step_jump = float((jump[1:] - jump[:-1]).norm(dim=1).max())
     step_blend = float((blend[1:] - blend[:-1]).norm(dim=1).max())
     err0 = float(truth.shape.norm())

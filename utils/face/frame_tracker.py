@@ -4,15 +4,18 @@
 :func:`utils.face.flame_fit.fit_flame_to_landmarks` call (T = 1) with the person's shape and focal length held fixed
 (:meth:`FrameTracker.calibrate`) and a frame-to-frame prior that looks only backwards.
 
-The shape the first frames calibrate is refined as the stream goes on (:class:`ShapeRefineConfig`): the batch path
-fits the shape on frames spread over the whole video, and a shape from the first (near-frontal, neutral) frames alone
-fits turned, nodding or brow-raising frames with a wrong face whose error the expression absorbs (measured on the
-benchmark's keyframe videos: brows correlation 0.16-0.37 against the batch path's 0.59-0.72).  So the tracker keeps a
-few of the frames it has tracked, chosen to differ in head pose, jaw and expression, and re-solves the shape (and the
-detector offset) on them, a few Levenberg-Marquardt iterations per tracked frame, never looking ahead.
+The shape the first frames calibrate can be refined as the stream goes on (:class:`ShapeRefineConfig`, off by
+default: see there): the batch path fits the shape on frames spread over the whole video, and a shape from the first
+(near-frontal, neutral) frames alone has the wrong depth, which turned or nodding frames then show and the expression
+and head rotation absorb (measured on the benchmark's keyframe videos: brows correlation 0.06-0.39 against the batch
+path's 0.57-0.71).  So the calibration keeps the shape near FLAME's mean (a tight prior: those frames cannot tell its
+depth), the tracker keeps a few tracked frames chosen to differ in head pose, and whenever they show a new head pitch /
+yaw it re-solves the shape (and the detector offset) on them in a background thread, never looking ahead; the new
+shape is swapped in with the reference frame's expression and jaw re-anchored.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -30,47 +33,79 @@ class ShapeRefineConfig:
     """How a stream's FLAME shape and detector offset keep improving after the first frames calibrated them
     (``stream_refine.*`` keys of animate.py; :class:`FrameTracker`).
 
-    The tracker keeps up to ``frames`` tracked frames that differ most from each other (greedy max-min: a new frame
-    replaces one of the two closest kept frames when it is farther from the rest than they are from each other; the
-    first frame with a face, the reference of ``--pose relative``, always stays), in units where one unit is
-    ``rotation_unit`` of head rotation, ``jaw_unit`` of jaw opening or ``expression_unit`` of one of the first
-    ``expression_dims`` expression coefficients.  Whenever that set changed, the shape is solved again on it
-    (utils/face/flame_fit.py ShapeRefinement: all its frames and the shape together, warm-started), at most
-    ``iterations_per_frame`` Levenberg-Marquardt iterations during each tracked frame, and swapped in when done; with
-    ``continuity`` the expression change the new shape gives the reference frame is removed from later frames (a swap
-    otherwise shifts every expression at once).
+    The calibration on the first frames solves the shape with the prior std ``calibration_shape_std`` (tight: those
+    frames show one side of the face and leave its depth free).  The tracker then keeps up to ``frames`` tracked
+    frames that differ most from each other (greedy max-min: a new frame replaces one of the two closest kept frames
+    when it is farther from the rest than they are from each other; the first frame with a face, the reference of
+    ``--pose relative``, always stays), by head rotation (``rotation_unit`` radians = one unit; with ``pose_only``
+    off also jaw and expression).  When a kept frame widens the head pitch / yaw range the last solve saw by
+    ``new_view`` radians, the shape is solved again on the kept frames (utils/face/flame_fit.py ShapeRefinement: all
+    of them and the shape together, warm-started), whole, in a background thread (``background``; the frames go on
+    being tracked) and swapped in at least ``delay_frames`` frames later, once done; with ``continuity`` /
+    ``jaw_continuity`` the expression and jaw change the new shape gives the reference frame is removed from later
+    frames (otherwise a swap shifts every expression and the jaw at once, and a jaw read under two shapes in one
+    video loses its correlation: 85-frame video 0.90 -> 0.60).
 
-    Off by default: measured on bench.py's keyframe videos (benchmarks/stream_tracking.py, 2-core CPU container) it
-    raises the brows and head-turn correlations (quick video brows 0.372 -> 0.508, 85-frame video brows 0.158 ->
-    0.261, turn 0.943 -> 0.967) but not to the batch path's (0.715, 0.586, 0.999), costs the 85-frame video's jaw
-    (0.908 -> 0.752: each swap changes the jaw's scale) and multiplies the per-frame fit time (p50 17.5 -> 138 ms
-    there, 2 iterations of a 16-frame solve per frame).  Blending the new shape in over ``blend_frames`` frames, the
-    ``min_span`` gate and ``refit_previous`` did not fix the jaw either (85-frame video jaw 0.72-0.76 with blending,
-    benchmarks/results/stream_blend_cpu_2026-12-06.md): the refined shape itself is good (held from the first frame:
-    0.932 / 0.886 / 0.510 / 0.999), but a shape that changes during the video's jaw opening puts two jaw scales in
-    one video, however smoothly it changes; they stay off by default."""
+    Measured (benchmarks/results/stream_shape_online_cpu_2026-12-06.md, benchmarks/stream_tracking.py, 2-core CPU
+    container; jaw / smile / brows / turn correlations, batch / stream without / stream with, ``wait`` on so the
+    swaps do not depend on the machine's speed): 337-frame video 0.962 / 0.878 / 0.575 / 0.999, 0.945 / 0.806 /
+    0.057 / 0.960, 0.967 / 0.887 / 0.525 / 0.964; 85-frame 0.926 / 0.871 / 0.571 / 0.999, 0.905 / 0.850 / 0.178 /
+    0.952, 0.903 / 0.871 / 0.567 / 0.989; 22-frame 0.942 / 0.823 / 0.708 / 0.998, 0.947 / 0.848 / 0.390 / 0.997,
+    0.925 / 0.881 / 0.475 / 0.997.  The older mode (frames kept for pose, jaw and expression, a re-solve on every
+    change, ``iterations_per_frame`` inside each frame, the fit's own calibration prior, no jaw re-anchoring) cost
+    the 85-frame video's jaw (0.75) and the frames' time; ``blend_frames``, ``min_span`` and ``refit_previous``
+    (benchmarks/results/stream_blend_cpu_2026-12-06.md) are kept for it.
 
-    frames: int = 0  # frames kept for the shape (16 measured; 0: off, the first frames' shape as before)
+    Off by default (``frames`` 0; ``frames`` 12 turns this mode on): on tests/test_streaming.py's 16-frame video
+    (smooth expression, jaw and +-0.1 rad yaw from the first frame on; no new view, so no re-solve) the tight
+    calibration prior alone lowers the brows correlation from 0.924 to 0.876 (batch 0.925; 0.3: 0.883, 0.5: 0.900),
+    outside the 0.02 that test allows, and with the fit's own prior the keyframe videos' first shape reads the head
+    turn at a tenth of its size (337-frame video: no new view ever, no re-solve) or the jaw at a quarter (85-frame
+    video: jaw 0.61 after the re-solves).  A calibration prior that is tight only where the first frames do not see
+    the face (its depth) is the next step."""
+
+    solve_shape_std: float = 0.0  # the re-solves' shape prior std (0: the fit's own, FlameFitConfig.shape_std)
+    calibration_shape_std: float = 0.2  # with ``frames``: the calibration's shape prior std (0: the fit's own)
+    # (FlameFitConfig.shape_std, 1 by default): the first frames show the face from one side and leave its depth
+    # free, which the shape's 300 coefficients then bend to fit the first frames' mouth and brows (85-frame benchmark
+    # video: the jaw read at 0.27 of its true opening, slope of fitted on true); a tight prior keeps that shape near
+    # FLAME's mean (slope 1.00) until turned frames show the depth
+    frames: int = 0  # frames kept for the shape (0: off, the first frames' shape held; 12: the measured mode)
     iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
-    iterations_per_frame: int = 2  # of those, at most this many run while one frame is tracked (bounds its cost)
+    iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
+    background: bool = True  # run each re-solve whole in a background thread that no frame waits for
+    # (False: ``iterations_per_frame`` iterations inside each frame's step, which waits for them)
+    delay_frames: int = 8  # background: swap a re-solve in no sooner than this many tracked frames after its start
+    # (at the first frame from then on at which it is done)
+    wait: bool = False  # background: swap exactly ``delay_frames`` frames after the start, waiting then if not done
+    # (the same output on any machine: tests, benchmarks comparing variants; a frame may stall on a slow machine)
     min_distance: float = 1.0  # a frame closer than this to a kept one is not kept (while fewer than ``frames``)
     rotation_unit: float = 0.05  # radians of head rotation that count as one unit of difference
     jaw_unit: float = 0.05  # radians of jaw opening that count as one unit
     expression_unit: float = 0.5  # expression coefficient change that counts as one unit
     expression_dims: int = 10  # expression coefficients compared (the first ones: FLAME orders them by variance)
+    pose_only: bool = True  # keep frames for their head rotation alone (``jaw_unit``, ``expression_*`` unused)
+    # (the depth the first frames lack is seen on turned / nodding frames; frames kept for their jaw or expression
+    # made more re-solves and moved the shape with what the face did: 85-frame video jaw 0.73, stream_blend_cpu_...)
     continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
+    jaw_continuity: bool = True  # with ``continuity``, remove the jaw rotation's change there too
+    # (a new shape reads the closed mouth at another jaw angle: without it, 85-frame video jaw 0.90 -> 0.60)
     blend_frames: int = 0  # a solved shape enters linearly over this many frames (0: at once; measured: no gain)
     # (the detector offset and the ``continuity`` expression offset blend with it; the reference frame switches at
     # the end)
     refit_previous: bool = False  # re-fit the last frame under a changed shape (the prior then ties to its own shape)
     # (one more warm fit per change, each blended frame included)
+    new_view: float = 0.1  # radians: re-solve only when the kept frames' pitch or yaw range grew this much
+    # (relative to the reference frame, beyond the range the last solve's frames covered; 0: on every change of the
+    # kept frames)
     min_span: float = 0.0  # re-solve only once the kept frames' head yaw or pitch spans this many radians (0: off)
     # (depth is only observable on turned / nodding frames; max - min of the kept frames' axis-angle x or y)
 
     RANGES = {"frames": Range(0), "iterations": Range(1), "iterations_per_frame": Range(1),
               "min_distance": Range(0), "rotation_unit": Range(0, lo_open=True), "jaw_unit": Range(0, lo_open=True),
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
-              "min_span": Range(0)}
+              "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
+              "solve_shape_std": Range(0)}
 
 
 @dataclass
@@ -143,10 +178,17 @@ class FrameTracker:
         self.changed = False  # the kept frames changed since the running / last solve started
         self.solve: ShapeRefinement | None = None  # the re-solve in progress
         self.solve_frames: list[_Kept] = []  # the kept frames it solves (entries may leave self.kept meanwhile)
+        self.solved_views = torch.zeros(2, 2)  # (min, max) x (pitch, yaw) the last solve's frames covered
         self.shape_updates = 0
         self.refine_seconds = 0.0
+        self.solve_seconds = 0.0  # time the re-solves ran (in the background thread with ``background``)
+        self.solve_started = 0  # the frame count when the running re-solve started
+        self.thread: threading.Thread | None = None  # the running background re-solve
+        self.thread_error: BaseException | None = None
+        self.lf_solve: LandmarkFlame | None = None  # the background re-solve's own (shares no cache with the fits)
         self.first_reference: FlameParams | None = None  # the reference frame as first fitted (first shape)
         self.offset: Tensor | None = None  # (1, 100) expression offset removed from the output (``continuity``)
+        self.jaw_offset: Tensor | None = None  # (1, 3) jaw rotation offset removed from the output (``jaw_continuity``)
         # a shape being blended in (``blend_frames``): start and target of shape (1, 300), bias (68, 2), offset
         # (1, 100), the target's reference frame, and the frames blended so far
         self.blend: dict | None = None
@@ -181,6 +223,9 @@ class FrameTracker:
         Returns:
             (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
         cfg = cfg or FlameFitConfig()
+        calib_cfg = cfg
+        if refine is not None and refine.frames > 0 and refine.calibration_shape_std > 0:
+            calib_cfg = replace(cfg, shape_std=refine.calibration_shape_std)
         t0 = time.perf_counter()
         # (``cfg.closed_form``: closed-form Jacobians, shape included; with autograd's batch of N x 140 copies this
         # took 30 s of CPU on the 85-frame benchmark video's 16 frames, 7 s in closed form, 2.6 s with the landmark
@@ -189,7 +234,7 @@ class FrameTracker:
         if threads > 0:
             torch.set_num_threads(threads)
         try:
-            first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), cfg)
+            first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), calib_cfg)
         finally:
             torch.set_num_threads(before)
         bias = torch.zeros(68, 2)
@@ -230,9 +275,18 @@ class FrameTracker:
             self.reference = self.first_reference = self.previous
         if self.refine is not None:
             self._consider(raw, iris, self.previous)
-        if self.offset is None:
-            return self.previous, float(res.errors[0])
-        return replace(self.previous, expression=self.previous.expression - self.offset), float(res.errors[0])
+        out = self.previous
+        if self.offset is not None:
+            out = replace(out, expression=out.expression - self.offset)
+        if self.jaw_offset is not None:
+            out = replace(out, jaw=out.jaw - self.jaw_offset)
+        return out, float(res.errors[0])
+
+    def close(self) -> None:
+        """Wait for a background re-solve still running (the stream ended; its shape is not used)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
 
     def _fit(self, raw: Tensor, iris: Tensor | None, cfg: FlameFitConfig, init: FlameParams | None,
              previous: FlameParams | None):
@@ -251,6 +305,8 @@ class FrameTracker:
 
         rc = self.refine
         rot = Rotation.from_matrix(params.rotation_matrix[0].double().numpy()).as_rotvec()
+        if rc.pose_only:
+            return torch.as_tensor(rot, dtype=torch.float64) / rc.rotation_unit
         return torch.cat([torch.as_tensor(rot, dtype=torch.float64) / rc.rotation_unit,
                           params.jaw[0, :1].double() / rc.jaw_unit,
                           params.expression[0, :rc.expression_dims].double() / rc.expression_unit])
@@ -285,7 +341,7 @@ class FrameTracker:
         """Start a re-solve when the kept frames changed, run at most ``iterations_per_frame`` of its iterations,
         and swap its shape (and detector offset) in when it is done."""
         t = time.perf_counter()
-        if self.solve is None and self.changed and len(self.kept) >= 2 and self._span_ok():
+        if self.solve is None and self.changed and len(self.kept) >= 2 and self._span_ok() and self._new_view():
             # in stream order: the solve ties consecutive kept frames by the frame-to-frame prior, as the batch
             # path's shape fit does its spread frames (without it the shape stayed near the first frames' one:
             # quick keyframe video brows 0.43 instead of 0.66 on the same 8 frames)
@@ -294,17 +350,72 @@ class FrameTracker:
             if all(k.irises is not None for k in frames):
                 irises = torch.stack([k.irises for k in frames])
             init = FlameParams.cat([replace(k.params, shape=self.shape) for k in frames])
-            self.solve = ShapeRefinement(self.lf, LandmarkTargets(torch.stack([k.points for k in frames]),
+            solve_cfg = self.warm_cfg
+            if self.refine.solve_shape_std > 0:
+                solve_cfg = replace(solve_cfg, shape_std=self.refine.solve_shape_std)
+            lf = self.lf
+            if self.refine.background:
+                if self.lf_solve is None:
+                    self.lf_solve = LandmarkFlame(self.flame)
+                lf = self.lf_solve
+            self.solve = ShapeRefinement(lf, LandmarkTargets(torch.stack([k.points for k in frames]),
                                                                   self.image_size, irises=irises),
-                                         self.warm_cfg, self.shape, init, self.refine.iterations)
+                                         solve_cfg, self.shape, init, self.refine.iterations)
             self.solve_frames = frames
             self.changed = False
-        if self.solve is not None and self.solve.advance(self.refine.iterations_per_frame):
+            views = self._views(frames)
+            self.solved_views = torch.stack([views.min(0).values, views.max(0).values])
+            self.solve_started = self.frames
+            if self.refine.background:
+                self.thread_error = None
+                self.thread = threading.Thread(target=self._run_solve, args=(self.solve,), daemon=False,
+                                               name="FrameTracker shape re-solve")
+                self.thread.start()
+        if self.solve is None:
+            done = False
+        elif self.refine.background:
+            done = self.frames - self.solve_started >= self.refine.delay_frames and (
+                self.refine.wait or not self.thread.is_alive())
+            if done:
+                self.thread.join()
+                self.thread = None
+                if self.thread_error is not None:
+                    raise RuntimeError("FrameTracker: the background shape re-solve failed") from self.thread_error
+        else:
+            done = self.solve.advance(self.refine.iterations_per_frame)
+        if done:
             res = self.solve.result()
+            self.solve_seconds += self.solve.seconds
             self.solve = None
             if bool(torch.isfinite(res.params.shape).all()) and bool(torch.isfinite(res.landmarks[:, 17:]).all()):
                 self._swap(res)
         self.refine_seconds += time.perf_counter() - t
+
+    def _run_solve(self, solve: ShapeRefinement) -> None:
+        """The background thread: all of ``solve``'s iterations (an error is raised by the step that swaps)."""
+        try:
+            solve.advance(solve.max_iterations)
+        except BaseException as e:  # noqa: BLE001 -- handed to the tracking thread
+            self.thread_error = e
+
+    def _views(self, frames: list[_Kept]) -> Tensor:
+        """(N, 2) head pitch and yaw of ``frames`` relative to the reference frame (axis-angle x, y; radians)."""
+        from scipy.spatial.transform import Rotation
+
+        ref = self.kept[0].params.rotation_matrix[0].double()
+        rel = torch.stack([ref.T @ k.params.rotation_matrix[0].double() for k in frames])
+        return torch.as_tensor(Rotation.from_matrix(rel.numpy()).as_rotvec()[:, :2], dtype=torch.float32)
+
+    def _new_view(self) -> bool:
+        """Some kept frame's head pitch or yaw lies ``new_view`` radians beyond the range the last solve covered
+        (always true with ``new_view`` 0): depth, what the first frames' shape lacks, is only observed on turned or
+        nodding frames, and a solve on frames that show no new view changes the shape (and the jaw's and brows'
+        scale) without new information."""
+        if self.refine.new_view <= 0:
+            return True
+        views = self._views(self.kept)
+        beyond = torch.maximum(self.solved_views[0] - views.min(0).values, views.max(0).values - self.solved_views[1])
+        return float(beyond.max()) >= self.refine.new_view
 
     def _span_ok(self) -> bool:
         """The kept frames' head yaw or pitch spans at least ``min_span`` radians (always true with ``min_span`` 0)."""
@@ -332,18 +443,22 @@ class FrameTracker:
         ref = self.kept[0]
         fit = self._fit(ref.points, ref.irises, self.warm_cfg, ref.params, None)
         reference = fit.params.to("cpu")
-        offset = None
+        offset = jaw_offset = None
         if self.refine.continuity:  # the reference frame's expression stays what it was first fitted as
             offset = reference.expression - self.first_reference.expression
+            if self.refine.jaw_continuity:
+                jaw_offset = reference.jaw - self.first_reference.jaw
         self.shape_updates += 1
         if self.refine.blend_frames <= 0:
-            self.reference, self.offset = reference, offset
+            self.reference, self.offset, self.jaw_offset = reference, offset, jaw_offset
             return
         # blend from where the tracker is now (a blend in progress included) towards the solved state
         self.shape, self.bias = old
         zero = torch.zeros(1, self.reference.expression.shape[1])
         self.blend = {"shape": (self.shape, shape), "bias": (self.bias, bias),
                       "offset": (zero if self.offset is None else self.offset, zero if offset is None else offset),
+                      "jaw_offset": (torch.zeros(1, 3) if self.jaw_offset is None else self.jaw_offset,
+                                     torch.zeros(1, 3) if jaw_offset is None else jaw_offset),
                       "reference": reference, "done": 0, "continuity": offset is not None}
 
     def _advance_blend(self) -> None:
@@ -358,6 +473,8 @@ class FrameTracker:
         self.shape, self.bias = mix(b["shape"]), mix(b["bias"])
         if b["continuity"]:
             self.offset = mix(b["offset"])
+            if self.refine.jaw_continuity:
+                self.jaw_offset = mix(b["jaw_offset"])
         if a >= 1.0:
             self.reference = b["reference"]
             self.blend = None

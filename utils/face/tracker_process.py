@@ -85,6 +85,8 @@ def _serve(conn: Any, flame_bytes: bytes, threads: int, device: str) -> None:
         op = msg[0]
         try:
             if op == "close":
+                if tracker is not None:  # a background shape re-solve still running
+                    tracker.close()
                 conn.send(("ok", None))
                 return
             if op == "calibrate":

@@ -123,7 +123,8 @@ class AnimationConfig:
     #                          (utils/face/tracker_process.py): the same results, without waiting for the GIL behind
     #                          the landmark and render threads
     stream_refine: ShapeRefineConfig = field(default_factory=ShapeRefineConfig)  # --stream: the shape refined on
-    #                          frames kept for their pose / expression diversity (utils/face/frame_tracker.py)
+    #                          frames kept for their head-pose diversity, in a background thread
+    #                          (utils/face/frame_tracker.py; off by default, --stream_refine.frames 12: on)
 
     # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),

@@ -14,8 +14,9 @@
                 detector's per-landmark offset: utils/face/frame_tracker.py FrameTracker.calibrate), then every frame is
                 fitted on its own, warm-started from the previous frame with a temporal prior that looks only backwards
                 (FrameTracker.step); a frame without a face holds the previous frame. The shape and detector offset keep
-                improving on frames kept for their diversity in pose and expression (``stream_refine``, FrameTracker's
-                ShapeRefineConfig: a few solver iterations per frame, never looking ahead). Torch runs this stage's CPU
+                improving on frames kept for their head-pose diversity (``stream_refine``, FrameTracker's
+                ShapeRefineConfig: re-solved in a background thread when they show a new head pitch / yaw, never
+                looking ahead; off by default, ``--stream_refine.frames 12``: on). Torch runs this stage's CPU
                 work on ``stream_threads`` threads
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
