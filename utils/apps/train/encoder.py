@@ -383,6 +383,7 @@ class EncoderOptimisation:
         the current codes and styles).  Each time the whole bank has been renewed, the residuals and the statistics
         they are drawn from (:func:`bank_source`) and the "gaussians" loss's metric are taken anew as well."""
         cfg, per = self.cfg, self.cfg.views_per_sample
+        t0 = time.perf_counter()
         while n > 0 and self.src is not None:
             if self.refreshed >= cfg.samples:
                 self.src = bank_source(field_, self.data, self.plan, cfg, cfg.backend)
@@ -398,6 +399,8 @@ class EncoderOptimisation:
             self.r_id[rows], self.r_cam[rows] = ids, cams
             self.refreshed += k
             n -= k
+        dt = time.perf_counter() - t0
+        self.seconds, self.render_seconds = self.seconds + dt, self.render_seconds + dt
 
     # ------------------------------------------------------------------ one step
     def step(self, field_, total: int) -> None:
@@ -452,7 +455,7 @@ class EncoderOptimisation:
                                          f"lower encoder.lr")
 
     def stats(self) -> dict:
-        """The run's figures (train_encoder's stats)."""
+        """The run's figures (train_encoder's stats; the seconds include the bank's renders, "render" those alone)."""
         return {"encoder_losses": list(self.losses), "encoder_render_losses": list(self.render_losses),
                 "encoder_seconds": self.seconds, "encoder_render_seconds": self.render_seconds,
                 "encoder_photos": len(self.p_img), "encoder_renders": len(self.r_img)}
@@ -462,7 +465,8 @@ class EncoderOptimisation:
         """The optimisation's resumable state (the render bank is not in it: a resume renders a new one)."""
         return {"encoder": encoder_state(self.enc), "optimizer": self.opt.state_dict(),
                 "generator": self.gen.get_state(), "done": self.done, "losses": list(self.losses),
-                "render_losses": list(self.render_losses), "accumulated": list(self._acc), "seconds": self.seconds}
+                "render_losses": list(self.render_losses), "accumulated": list(self._acc), "seconds": self.seconds,
+                "render_seconds": self.render_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`'s output: weights (and output units), optimiser, generator, counters."""
@@ -472,7 +476,8 @@ class EncoderOptimisation:
         self.done = int(state["done"])
         self.losses, self.render_losses = list(state["losses"]), list(state["render_losses"])
         self._acc = list(state["accumulated"])
-        self.seconds = float(state["seconds"])
+        self.seconds += float(state["seconds"])  # the time before, plus this rebuild (its new bank)
+        self.render_seconds += float(state["render_seconds"])
 
 
 @contextmanager
@@ -589,6 +594,7 @@ class JointEncoder:
             raise ValueError(f"--resume: {path} holds a joint encoder trained with other encoder settings ({diff}); "
                              f"resume with the same --encoder.* flags")
         rng, self.rng_state = state["rng_state"], None
+        self.start = int(state["start"])  # a resume to more --steps spreads the remaining encoder steps anew
         with self._own_rng(), frozen(self.field), torch.enable_grad():
             self.run = EncoderOptimisation(self.field, self.plan, self.data, self.cfg, log=self.log)
         self.run.load_state_dict(state["state"])

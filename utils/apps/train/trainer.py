@@ -263,8 +263,7 @@ class Trainer:
             if self.ddp:  # it would train on rank 0 alone while the other ranks wait at every step
                 raise ValueError("--encoder.joint true trains in one process only: under torchrun train the encoder "
                                  "after the field (--encoder without --encoder.joint, or --encoder_only)")
-            self.joint = JointEncoder(encoder, cfg.steps, self.field, self.plan, self.data,
-                                      log=print if self.is_main else None)
+            self.joint = JointEncoder(encoder, cfg.steps, self.field, self.plan, self.data, log=tqdm.write)
         if resume:
             self._resume()
         self.writer = None
@@ -493,7 +492,12 @@ class Trainer:
         if self.ddp:
             dist.barrier()
         out = {k: v for k, v in metrics.items() if not k.startswith("_")}
-        if self.joint is not None:
-            out.update(self.joint.stats())
+        if self.joint is not None and self.joint.run is not None:
+            st = self.joint.stats()
+            out.update(st)
+            print(f"encoder (joint, from field step {st['encoder_joint_start']}): {st['encoder_photos']} photos + "
+                  f"{st['encoder_renders']} renders, {self.joint.run.done} steps, final loss "
+                  f"{st['encoder_losses'][-1] if st['encoder_losses'] else float('nan'):.4f}, {st['encoder_seconds']:.0f} s "
+                  f"-> {self.out / 'model.pt'}")
         return out
 
