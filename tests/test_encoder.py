@@ -107,7 +107,7 @@ def test_encoder_trains_round_trips_and_beats_the_mean_code(encoder_model, fit_m
     assert psnr["encoder"] > psnr["mean_code"] + 0.3, psnr
 
 
-def encoder_alone_psnr(model, preprocessed_root, path):  # noqa: F811
+def encoder_alone_psnr(model, preprocessed_root, path):
     """PSNR on the unseen views of the held-out identity 017 of the encoder's prediction alone and of the mean code,
     fitted from one photo (no iterations): ({"encoder": dB, "mean_code": dB}, the target, the encoder's style)."""
     from utils.apps.track.fit import start_candidates
@@ -349,7 +349,7 @@ JOINT_OVERRIDES = {**ENC_OVERRIDES, "joint": True, "joint_start": 0.8, "joint_re
 JOINT_STEPS = 150
 
 
-def continued_run(fit_model, preprocessed_root, out, **over):  # noqa: F811
+def continued_run(fit_model, preprocessed_root, out, **over):
     """A TrainConfig continuing the fit model's run in ``out`` (its last checkpoint copied there) to JOINT_STEPS."""
     from tests.training_fixtures import FIT_MODEL_OVERRIDES, tiny_config
 
@@ -422,6 +422,7 @@ def test_joint_encoder_leaves_the_field_alone(fit_model, preprocessed_root, tmp_
 def test_joint_encoder_resumes_from_a_checkpoint(joint_run, fit_model, preprocessed_root, tmp_path):  # noqa: F811
     """A joint run killed after its step-140 checkpoint resumes with the encoder's weights, optimiser, generator
     and counters as saved and ends with all its steps; its checkpoint refuses a resume without the joint encoder."""
+    from tests.training_fixtures import FIT_MODEL_OVERRIDES, tiny_config
     from utils.apps.train.checkpoints import read_checkpoint
     from utils.apps.train.trainer import Trainer
     from utils.data.model_file import load_model
@@ -432,7 +433,6 @@ def test_joint_encoder_resumes_from_a_checkpoint(joint_run, fit_model, preproces
     shutil.copy(src / "checkpoints" / "ckpt_00000140.pt", out / "checkpoints")
     saved = read_checkpoint(out / "checkpoints" / "ckpt_00000140.pt")["encoder"]
     assert saved["start"] == 120 and saved["state"]["done"] == 200  # 20 of the encoder's 30 field steps
-    from tests.training_fixtures import FIT_MODEL_OVERRIDES, tiny_config
     cfg = tiny_config(preprocessed_root, out, steps=JOINT_STEPS, **{**FIT_MODEL_OVERRIDES, "ckpt_every": 10})
     with single_thread():
         with pytest.raises(ValueError, match="encoder.joint"):

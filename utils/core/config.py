@@ -117,7 +117,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
         flags = [f"--{name}"] + ([f"--{rev[name]}"] if name in rev else [])
         group.add_argument(
             *flags, dest=f"cfg:{name}", default=None, metavar=tname.upper(),
-            help=f"{help_text} (default: {default!r})",
+            help=f"{help_text} (default: {default!r})".replace("%", "%%"),  # argparse formats help with %
         )
 
 

@@ -1,4 +1,7 @@
-"""Training of the feed-forward encoder (models/encoder.py) after the identity field, with the field frozen.
+"""Training of the feed-forward encoder (models/encoder.py) after the identity field, with the field frozen
+(:func:`train_encoder`), or during the field's training (``encoder.joint``, :class:`JointEncoder`: from
+``joint_start`` of the field's steps on, the field's current styles as stop-gradient targets, the field frozen to the
+encoder's losses, state in the training checkpoints).  Both run :class:`EncoderOptimisation`.
 
 Training pairs (crop -> style w), each batch drawn from two pools:
 
@@ -534,7 +537,8 @@ class JointEncoder:
     def __init__(self, cfg: EncoderTrainConfig, field_steps: int, field_, plan: Tensor, data,
                  log: Callable[[str], None] | None = None) -> None:
         check_encoder_config(cfg)
-        self.cfg, self.field_steps, self.field, self.plan, self.data, self.log = cfg, field_steps, field_, plan, data, log
+        self.cfg, self.field_steps, self.log = cfg, field_steps, log
+        self.field, self.plan, self.data = field_, plan, data
         self.start = min(field_steps - 1, int(math.floor(cfg.joint_start * field_steps)))
         self.run: EncoderOptimisation | None = None
         self.rng_state: Tensor | None = None  # torch's global CPU random state of the encoder's draws

@@ -495,9 +495,9 @@ class Trainer:
         if self.joint is not None and self.joint.run is not None:
             st = self.joint.stats()
             out.update(st)
+            last = st["encoder_losses"][-1] if st["encoder_losses"] else float("nan")
             print(f"encoder (joint, from field step {st['encoder_joint_start']}): {st['encoder_photos']} photos + "
-                  f"{st['encoder_renders']} renders, {self.joint.run.done} steps, final loss "
-                  f"{st['encoder_losses'][-1] if st['encoder_losses'] else float('nan'):.4f}, {st['encoder_seconds']:.0f} s "
-                  f"-> {self.out / 'model.pt'}")
+                  f"{st['encoder_renders']} renders, {self.joint.run.done} steps, final loss {last:.4f}, "
+                  f"{st['encoder_seconds']:.0f} s -> {self.out / 'model.pt'}")
         return out
 
