@@ -207,7 +207,9 @@ class Trainer:
     The output folder ``cfg.out`` is locked for the process (utils.core.locks.FolderLock) from construction until
     :meth:`close` (called at the end of :meth:`run`); a fresh run (no ``resume``) refuses a folder that already holds
     a run (RUN_OUTPUTS) unless ``overwrite``, which first removes those files.  ``resume`` continues from the newest
-    readable checkpoint (older ones are tried when the newest is damaged, with a message).
+    readable checkpoint (older ones are tried when the newest is damaged, with a message).  ``encoder``: an
+    EncoderTrainConfig with ``joint`` true trains the feed-forward encoder during the run (utils/apps/train/encoder.py
+    JointEncoder: after each field step, into the checkpoints and model.pt; one process only).
     """
 
     read_checkpoint = staticmethod(read_checkpoint)
