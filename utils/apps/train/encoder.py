@@ -94,8 +94,9 @@ class EncoderTrainConfig:
     backend: str = "auto"  # rasterizer of the renders
     joint: bool = False  # with --encoder: train the encoder during the field's training (field frozen to it, its
     #                      styles as stop-gradient targets, state in the checkpoints) instead of after it
-    joint_start: float = 0.5  # with joint: the encoder starts after this fraction of the field's steps (its styles
-    #                           are no meaningful targets before) and takes its `steps` over the remaining ones
+    joint_start: float = 0.8  # with joint: the encoder starts after this fraction of the field's steps (its styles
+    #                           are no meaningful targets before) and takes its `steps` over the remaining ones; 0.5
+    #                           lost face-mask detail on the CPU preset (benchmarks/results/encoder_joint_cpu_*.md)
     joint_refresh: float = 1.0  # with joint: times the render bank is re-rendered by the moving field over those
     #                             steps, the oldest renders first (0: the bank stays as made at the start)
     arch: EncoderConfig = field(default_factory=EncoderConfig)
@@ -522,7 +523,8 @@ class JointEncoder:
     """The encoder trained during the field's training (``train.py --encoder --encoder.joint true``).
 
     Nothing happens before the field's step ``start`` (``joint_start`` of its steps: before it the codes and styles
-    are not yet meaningful targets).  Then, after each of the field's steps, the encoder takes its share of
+    are not yet meaningful targets, and styles that still move much make worse targets: 0.5 lost face-mask detail
+    against 0.84 on the CPU preset).  Then, after each of the field's steps, the encoder takes its share of
     ``encoder.steps`` optimiser steps (spread evenly over the field's remaining steps, so it ends with the field) on
     its own AdamW and random generator, against the field's current codes/styles as targets through stop-gradient
     (:func:`identity_targets`), with the field frozen meanwhile (:func:`frozen`): the photometric term reaches the
