@@ -7,9 +7,12 @@ Every key of the YAML preset can be overridden on the command line (see --help).
 trains on several GPUs/nodes (see README.md, "Distributed training"). The output folder is locked while a run
 writes to it; a fresh run refuses a folder that already holds a run (--resume continues it, --overwrite replaces it).
 
-The feed-forward encoder (photo crop -> style, models/encoder.py) is trained after the field, with the field frozen:
+The feed-forward encoder (photo crop -> style, models/encoder.py) is trained after the field, with the field frozen,
+or (--encoder.joint true) during the field's training, from --encoder.joint_start of its steps on, against the field's
+current styles through stop-gradient (the field trains exactly as without it; the checkpoints hold the encoder too):
 
     python train.py --config configs/cpu.yaml --data_root DIR --out DIR --encoder [--encoder.steps N ...]
+    python train.py --config configs/cpu.yaml --data_root DIR --out DIR --encoder --encoder.joint true
     python train.py --encoder_only --checkpoint DIR/model.pt [--data_root DIR]      # add one to a trained model
 
 Either way model.pt gains an "encoder" entry (older model.pt files, without one, load as before).
@@ -42,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the run already in --out (its model.pt, metrics.json, checkpoints and logs are "
                              "deleted); without it a fresh run refuses a folder that holds a run")
     parser.add_argument("--encoder", action="store_true",
-                        help="after the field, train the feed-forward encoder (photo crop -> style) and store it in "
-                             "model.pt (settings: --encoder.KEY VALUE)")
+                        help="after the field (or during it: --encoder.joint true), train the feed-forward encoder "
+                             "(photo crop -> style) and store it in model.pt (settings: --encoder.KEY VALUE)")
     parser.add_argument("--encoder_only", action="store_true",
                         help="train only the encoder for the trained model --checkpoint (default <out>/model.pt) on "
                              "its training data (--data_root, default the one it was trained on) and store it there")
@@ -83,11 +86,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     def work() -> dict:
         cfg = build_config(TrainConfig, args.config, args)
+        ecfg = encoder_config(args)
+        if ecfg.joint and (args.encoder_only or not args.encoder):
+            raise ValueError("--encoder.joint true trains the encoder during the field's training: it needs --encoder "
+                             "(and not --encoder_only, which trains one for a field already trained)")
         if args.encoder_only:
             return run_encoder(args, cfg)
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, encoder=ecfg if ecfg.joint else None)
         metrics = trainer.run()
-        if args.encoder:
+        if args.encoder and not ecfg.joint:
             metrics.update(run_encoder(args, cfg, trainer))
         return metrics
 

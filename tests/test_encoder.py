@@ -93,29 +93,37 @@ def test_encoder_shapes_and_mean_start():
 
 
 def test_encoder_trains_round_trips_and_beats_the_mean_code(encoder_model, fit_model, preprocessed_root):  # noqa: F811
-    from utils.apps.track.fit import start_candidates
-    from utils.apps.track.targets import load_subject_target
     from utils.data.model_file import load_model
-    from utils.evaluation import evaluate_views
 
     path, stats = encoder_model
     assert stats["encoder_losses"][-1] < 0.8 * stats["encoder_losses"][0], stats["encoder_losses"]
     model = load_model(path)
     assert model.encoder is not None and model.encoder_notice == ""
     assert model.fingerprint == load_model(fit_model).fingerprint  # the field is untouched
+    psnr, target, w_enc = encoder_alone_psnr(model, preprocessed_root, path)
+    # round trip: the stored encoder predicts what it predicted before saving (same crops, same weights)
+    w2 = load_model(path).encoder.predict(target.fit_view.image, target.fit_view.mask)
+    assert torch.allclose(w2, w_enc, atol=1e-5)
+    assert psnr["encoder"] > psnr["mean_code"] + 0.3, psnr
+
+
+def encoder_alone_psnr(model, preprocessed_root, path):
+    """PSNR on the unseen views of the held-out identity 017 of the encoder's prediction alone and of the mean code,
+    fitted from one photo (no iterations): ({"encoder": dB, "mean_code": dB}, the target, the encoder's style)."""
+    from utils.apps.track.fit import start_candidates
+    from utils.apps.track.targets import load_subject_target
+    from utils.evaluation import evaluate_views
+
     cfg = track_cfg(preprocessed_root, path, path.parent / "track")
     with single_thread():
-        target = load_subject_target(model, cfg, torch.device("cpu"))  # held-out identity 017
+        target = load_subject_target(model, cfg, torch.device("cpu"))
         cands = start_candidates(model, "w", target)
         psnr = {}
         for name in ("mean_code", "encoder"):
             m, _ = evaluate_views(model, cands[name][0], target.base_vertices, target.eval_views,
                                   target.fit_view.serial, lpips=False)
             psnr[name] = m["psnr_unseen"]
-    # round trip: the stored encoder predicts what it predicted before saving (same crops, same weights)
-    w2 = load_model(path).encoder.predict(target.fit_view.image, target.fit_view.mask)
-    assert torch.allclose(w2, cands["encoder"][0], atol=1e-5)
-    assert psnr["encoder"] > psnr["mean_code"] + 0.3, psnr
+    return psnr, target, cands["encoder"][0]
 
 
 def test_fit_init_encoder_mean_best(encoder_model, preprocessed_root, tmp_path):  # noqa: F811
@@ -332,3 +340,129 @@ def test_photometric_training_round_trips(fit_model, preprocessed_root, tmp_path
         again = load_model(path).encoder
         x = torch.rand(2, 4, 32, 32)
         assert torch.allclose(again(x), enc(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the encoder trained with the field
+# (encoder.joint): the fit model's run continued from its last checkpoint (step 120, no encoder state, as any older
+# checkpoint) to step 150, the encoder from step 120 (joint_start 0.8) on
+JOINT_OVERRIDES = {**ENC_OVERRIDES, "joint": True, "joint_start": 0.8, "joint_refresh": 1.0}
+JOINT_STEPS = 150
+
+
+def continued_run(fit_model, preprocessed_root, out, **over):
+    """A TrainConfig continuing the fit model's run in ``out`` (its last checkpoint copied there) to JOINT_STEPS."""
+    from tests.training_fixtures import FIT_MODEL_OVERRIDES, tiny_config
+
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(fit_model.parent / "checkpoints" / "ckpt_00000120.pt", out / "checkpoints")
+    return tiny_config(preprocessed_root, out, steps=JOINT_STEPS, **{**FIT_MODEL_OVERRIDES, **over})
+
+
+@pytest.fixture(scope="module")
+def joint_run(fit_model, preprocessed_root, tmp_path_factory):  # noqa: F811
+    """The fit model's run continued with a tiny encoder trained jointly, checkpoints every 10 steps: (run folder,
+    metrics, encoder config)."""
+    from utils.apps.train.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("joint") / "run"
+    cfg = continued_run(fit_model, preprocessed_root, out, ckpt_every=10)
+    ecfg = tiny_encoder_config(**JOINT_OVERRIDES)
+    with single_thread():
+        metrics = Trainer(cfg, resume=True, encoder=ecfg).run()
+    return out, metrics, ecfg
+
+
+def test_joint_encoder_trains_and_beats_the_mean_code(joint_run, preprocessed_root):  # noqa: F811
+    """encoder.joint: the encoder starts at the field's step 120 (a checkpoint without encoder state resumes with
+    it), takes its steps by the end, lowers its loss, lands in model.pt and beats the mean code on the held-out
+    identity."""
+    from utils.data.model_file import load_model
+
+    out, metrics, ecfg = joint_run
+    assert metrics["encoder_joint_start"] == 120 and len(metrics["encoder_losses"]) == ecfg.steps // 100
+    assert metrics["encoder_losses"][-1] < 0.8 * metrics["encoder_losses"][0], metrics["encoder_losses"]
+    model = load_model(out / "model.pt")
+    assert model.encoder is not None and model.encoder_notice == ""
+    psnr, _, _ = encoder_alone_psnr(model, preprocessed_root, out / "model.pt")
+    assert psnr["encoder"] > psnr["mean_code"] + 0.3, psnr
+
+
+def test_joint_encoder_leaves_the_field_alone(fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    """The field takes exactly the steps it takes without the encoder (stop-gradient targets, the field frozen to
+    the encoder's photometric term, the encoder's own random state): same weights, optimiser, random states; the
+    default run's checkpoints hold no encoder state."""
+    from utils.apps.train.checkpoints import read_checkpoint
+    from utils.apps.train.trainer import Trainer
+
+    ecfg = tiny_encoder_config(**{**JOINT_OVERRIDES, "steps": 12, "samples": 4, "render_weight": 30.0,
+                                  "render_every": 1, "joint_refresh": 2.0})
+    states = {}
+    with single_thread():
+        for name in ("default", "joint"):
+            cfg = continued_run(fit_model, preprocessed_root, tmp_path / name)
+            tr = Trainer(cfg, resume=True, encoder=ecfg if name == "joint" else None)
+            for _ in range(6):  # field steps 121..126, the encoder's 2 each (refreshing the bank)
+                tr.train_step()
+                if tr.joint is not None:
+                    tr.joint.after_field_step(tr.step)
+            states[name] = (tr.field.state_dict(), tr.opt.state_dict()["state"], tr.sampler.get_state(),
+                            torch.get_rng_state())
+            if name == "joint":
+                assert tr.joint.run.done == 2 and tr.joint.run.refreshed > 0
+                assert tr.save_checkpoint() is not None and "encoder" in read_checkpoint(tr.latest_checkpoint())
+            else:
+                assert "encoder" not in read_checkpoint(tr.save_checkpoint())
+            tr.close()
+    (fd, od, sd, rd), (fj, oj, sj, rj) = states["default"], states["joint"]
+    assert all(torch.equal(fd[k], fj[k]) for k in fd)
+    assert all(torch.equal(od[i]["exp_avg"], oj[i]["exp_avg"]) for i in od)
+    assert torch.equal(sd, sj) and torch.equal(rd, rj)
+
+
+def test_joint_encoder_resumes_from_a_checkpoint(joint_run, fit_model, preprocessed_root, tmp_path):  # noqa: F811
+    """A joint run killed after its step-140 checkpoint resumes with the encoder's weights, optimiser, generator
+    and counters as saved and ends with all its steps; its checkpoint refuses a resume without the joint encoder."""
+    from tests.training_fixtures import FIT_MODEL_OVERRIDES, tiny_config
+    from utils.apps.train.checkpoints import read_checkpoint
+    from utils.apps.train.trainer import Trainer
+    from utils.data.model_file import load_model
+
+    src, _, ecfg = joint_run
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(src / "checkpoints" / "ckpt_00000140.pt", out / "checkpoints")
+    saved = read_checkpoint(out / "checkpoints" / "ckpt_00000140.pt")["encoder"]
+    assert saved["start"] == 120 and saved["state"]["done"] == 200  # 20 of the encoder's 30 field steps
+    cfg = tiny_config(preprocessed_root, out, steps=JOINT_STEPS, **{**FIT_MODEL_OVERRIDES, "ckpt_every": 10})
+    with single_thread():
+        with pytest.raises(ValueError, match="encoder.joint"):
+            Trainer(cfg, resume=True)
+        trainer = Trainer(cfg, resume=True, encoder=ecfg)
+        run = trainer.joint.run
+        assert trainer.step == 140 and run.done == 200
+        for k, v in saved["state"]["encoder"]["state_dict"].items():
+            assert torch.equal(run.enc.state_dict()[k], v), k
+        assert int(run.opt.state_dict()["state"][0]["step"]) == 200
+        assert torch.equal(run.gen.get_state(), saved["state"]["generator"])
+        metrics = trainer.run()
+    assert run.done == ecfg.steps and metrics["encoder_losses"] == saved["state"]["losses"] + metrics[
+        "encoder_losses"][2:] and len(metrics["encoder_losses"]) == 3
+    assert load_model(out / "model.pt").encoder is not None
+
+
+def test_train_py_joint_flags(preprocessed_root, tmp_path):  # noqa: F811
+    """train.py --encoder --encoder.joint true trains both into model.pt; the flag is documented and refused
+    without --encoder or with --encoder_only."""
+    import train
+    from utils.data.model_file import load_model
+
+    assert "--encoder.joint" in train.build_parser().format_help()
+    base = ["--config", "configs/tiny.yaml", "--data_root", str(preprocessed_root), "--progress", "false"]
+    enc = ["--encoder.joint", "true", "--encoder.steps", "4", "--encoder.samples", "2", "--encoder.batch", "4",
+           "--encoder.arch.size", "32", "--encoder.arch.channels", "[8,8,8,8]"]
+    with single_thread():
+        for bad in (["--out", str(tmp_path / "a")], ["--encoder_only", "--checkpoint", str(tmp_path / "m.pt")]):
+            with pytest.raises(SystemExit):
+                train.main(base + bad + enc)
+        train.main(base + ["--out", str(tmp_path / "b"), "--encoder"] + enc)
+    assert load_model(tmp_path / "b" / "model.pt").encoder.cfg.size == 32

@@ -25,16 +25,26 @@ T = TypeVar("T")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """Trailing ``# comments`` of a dataclass's field lines, used as --help text when no metadata is given."""
+    """Trailing ``# comments`` of a dataclass's field lines, used as --help text when no metadata is given.  A
+    comment-only line whose text starts in the same column as the field line's comment text continues it (a help
+    longer than one source line); any other line ends it."""
     try:
         src = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
     out = {}
+    name, col = None, -1  # the field whose comment may continue, and the column of its comment text
     for line in src.splitlines():
         m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
         if m:
-            out[m.group(1)] = m.group(2).strip()
+            name, col = m.group(1), m.start(2)
+            out[name] = m.group(2).strip()
+            continue
+        c = re.match(r"\s*#\s*(.+)$", line)
+        if name is not None and c and c.start(1) == col:
+            out[name] += " " + c.group(1).strip()
+        else:
+            name = None
     return out
 
 
@@ -107,7 +117,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, aliases: dict[st
         flags = [f"--{name}"] + ([f"--{rev[name]}"] if name in rev else [])
         group.add_argument(
             *flags, dest=f"cfg:{name}", default=None, metavar=tname.upper(),
-            help=f"{help_text} (default: {default!r})",
+            help=f"{help_text} (default: {default!r})".replace("%", "%%"),  # argparse formats help with %
         )
 
 

@@ -3,8 +3,9 @@
 A run writes RUN_OUTPUTS into its folder ``out``; checkpoints are ``out/checkpoints/ckpt_<step:08d>.pt``, each
 written atomically (a kill leaves the previous file or the new one, never half of one) and holding everything a
 bit-exact resume needs: weights, optimiser state, the batch sampler's and torch's random states, the step, the
-elapsed time, the config, the identities and the metrics history.  Resume takes the newest checkpoint that reads;
-damaged newer ones are skipped with a message.
+elapsed time, the config, the identities and the metrics history; with an encoder trained jointly with the field
+(``--encoder.joint true``) also its weights, optimiser and random states (key "encoder", absent in other checkpoints).
+Resume takes the newest checkpoint that reads; damaged newer ones are skipped with a message.
 """
 from __future__ import annotations
 
@@ -59,10 +60,12 @@ def claim_output(lock: FolderLock, out: Path, ckpt_dir: Path, resume: bool, over
 
 
 def checkpoint_state(step: int, elapsed: float, cfg, identities: list[str], field: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, sampler: torch.Generator, history: list[dict]) -> dict:
+                     optimizer: torch.optim.Optimizer, sampler: torch.Generator, history: list[dict],
+                     encoder: dict | None = None) -> dict:
     """Everything a bit-exact resume needs (CHECKPOINT_KEYS, plus the CUDA random states and the history);
-    ``cfg``: the run's TrainConfig."""
-    return {
+    ``cfg``: the run's TrainConfig; ``encoder``: the state of an encoder trained jointly with the field
+    (utils/apps/train/encoder.py JointEncoder.state_dict; an optional key: checkpoints without it still load)."""
+    state = {
         "step": step,
         "elapsed": elapsed,
         "config": to_dict(cfg),
@@ -74,6 +77,9 @@ def checkpoint_state(step: int, elapsed: float, cfg, identities: list[str], fiel
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "history": history,
     }
+    if encoder is not None:
+        state["encoder"] = encoder
+    return state
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:

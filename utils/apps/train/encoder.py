@@ -1,4 +1,7 @@
-"""Training of the feed-forward encoder (models/encoder.py) after the identity field, with the field frozen.
+"""Training of the feed-forward encoder (models/encoder.py) after the identity field, with the field frozen
+(:func:`train_encoder`), or during the field's training (``encoder.joint``, :class:`JointEncoder`: from
+``joint_start`` of the field's steps on, the field's current styles as stop-gradient targets, the field frozen to the
+encoder's losses, state in the training checkpoints).  Both run :class:`EncoderOptimisation`.
 
 Training pairs (crop -> style w), each batch drawn from two pools:
 
@@ -36,17 +39,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
-from models.encoder import EncoderConfig, StyleEncoder, encoder_input
+from models.encoder import EncoderConfig, StyleEncoder, encoder_input, encoder_state
 from models.flame import subdivide_vertices
 from models.renderer import render_batch, render_identities
-from utils.core.config import from_dict
+from utils.core.config import from_dict, to_dict
 from utils.core.device import resolve_device
 from utils.data.dataset import DataConfig, MultiViewDataset
 from utils.data.model_file import add_encoder, load_model
@@ -87,7 +92,55 @@ class EncoderTrainConfig:
     render_region: str = "image"  # photometric term over "image" (black background included) or "face" (mask only)
     seed: int = 0  # random seed
     backend: str = "auto"  # rasterizer of the renders
+    joint: bool = False  # with --encoder: train the encoder during the field's training (field frozen to it, its
+    #                      styles as stop-gradient targets, state in the checkpoints) instead of after it
+    joint_start: float = 0.8  # with joint: the encoder starts after this fraction of the field's steps (its styles
+    #                           are no meaningful targets before) and takes its `steps` over the remaining ones; 0.5
+    #                           lost face-mask detail on the CPU preset (benchmarks/results/encoder_joint_cpu_*.md)
+    joint_refresh: float = 1.0  # with joint: times the render bank is re-rendered by the moving field over those
+    #                             steps, the oldest renders first (0: the bank stays as made at the start)
     arch: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+@dataclass
+class BankSource:
+    """What :func:`render_samples` draws sampled identities from (a snapshot of the field's identities)."""
+
+    codes: Tensor  # (I, D) the training codes
+    spread: Tensor  # (D,) their per-channel spread
+    g_mean: Tensor  # (S,) mean of the Gaussian of new people, in the encoder's output space
+    g_dev: Tensor  # (I, S) deviations of the training identities: the Gaussian's covariance is g_dev^T g_dev
+    g_spread: Tensor  # (S,) per-channel spread of the training identities in that space
+    train_ids: Tensor  # (T,) long: the training cameras (serial indices)
+    residual: Tensor | None  # (I, T, h, w, 3): photo minus the field's render, every training camera; or None
+
+
+@torch.no_grad()
+def bank_source(field_, data, plan, cfg: EncoderTrainConfig, backend: str) -> BankSource:
+    """The statistics and photo residuals that :func:`render_samples` samples from, of the field as it is now
+    (the residual renders every training identity through every training camera once)."""
+    dev = data.images.device
+    codes = field_.codes.weight.detach()
+    n_identities = codes.shape[0]
+    spread = codes.std(0) if n_identities > 1 else torch.ones_like(codes[0])
+    styles_ids = field_.style(codes, update_w_avg=False)
+    # the Gaussian's space: the encoder's output (styles w, or codes z)
+    g_pts = codes if cfg.arch.space == "z" else styles_ids
+    g_mean = g_pts.mean(0)
+    g_dev = (g_pts - g_mean) / math.sqrt(max(1, n_identities - 1))  # (I, S): cov = g_dev^T g_dev
+    g_spread = g_pts.std(0) if n_identities > 1 else torch.ones_like(g_mean)
+    train_ids = torch.as_tensor(data.serial_index(data.train_serials))
+    residual = None
+    if cfg.residual_fraction > 0:  # (I, T, h, w, 3): photo minus the field's render, every training camera
+        residual = []
+        for i in range(n_identities):
+            verts = subdivide_vertices(data.base_vertices[i][None], plan)
+            img = render_batch(field_.synthesize(styles_ids[i:i + 1], verts)[0],
+                               [data.cameras[i][int(j)] for j in train_ids], backend=backend)["image"].clamp(0, 1)
+            m = data.masks[i, train_ids.to(dev)].float() / 255
+            residual.append(data.images[i, train_ids.to(dev)].float() / 255 - img * m)
+        residual = torch.stack(residual)
+    return BankSource(codes, spread, g_mean, g_dev, g_spread, train_ids, residual)
 
 
 @torch.no_grad()
@@ -110,29 +163,22 @@ def render_bank(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generato
     that identity's trained style.  Renders of the field alone are smooth and exactly representable; a new person's
     photo is neither (the encoder met such photos only for the 24 training identities, whose styles it learns by
     heart), so without it the encoder has never been asked to look past what the field cannot express."""
+    return render_samples(field_, data, plan, cfg, gen, bank_source(field_, data, plan, cfg, backend), cfg.samples,
+                          backend, progress)
+
+
+@torch.no_grad()
+def render_samples(field_, data, plan, cfg: EncoderTrainConfig, gen: torch.Generator, src: BankSource, n: int,
+                   backend: str, progress: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``n`` sampled identities drawn from ``src`` (:func:`bank_source`) and rendered by ``field_``, as
+    :func:`render_bank` describes: (images (N, h, w, 3) uint8, masks (N, h, w, 1) uint8, styles (N, S), codes (N, D),
+    geometry identities (N,) long, camera indices (N,) long), N = n * views_per_sample."""
     dev = data.images.device
-    codes = field_.codes.weight.detach()
+    codes, spread, train_ids, residual = src.codes, src.spread, src.train_ids, src.residual
+    g_mean, g_dev, g_spread = src.g_mean, src.g_dev, src.g_spread
     n_identities = codes.shape[0]
-    spread = codes.std(0) if n_identities > 1 else torch.ones_like(codes[0])
-    styles_ids = field_.style(codes, update_w_avg=False)
-    # the Gaussian's space: the encoder's output (styles w, or codes z)
-    g_pts = codes if cfg.arch.space == "z" else styles_ids
-    g_mean = g_pts.mean(0)
-    g_dev = (g_pts - g_mean) / math.sqrt(max(1, n_identities - 1))  # (I, S): cov = g_dev^T g_dev
-    g_spread = g_pts.std(0) if n_identities > 1 else torch.ones_like(g_mean)
-    train_ids = torch.as_tensor(data.serial_index(data.train_serials))
-    residual = None
-    if cfg.residual_fraction > 0:  # (I, T, h, w, 3): photo minus the field's render, every training camera
-        residual = []
-        for i in range(n_identities):
-            verts = subdivide_vertices(data.base_vertices[i][None], plan)
-            img = render_batch(field_.synthesize(styles_ids[i:i + 1], verts)[0],
-                               [data.cameras[i][int(j)] for j in train_ids], backend=backend)["image"].clamp(0, 1)
-            m = data.masks[i, train_ids.to(dev)].float() / 255
-            residual.append(data.images[i, train_ids.to(dev)].float() / 255 - img * m)
-        residual = torch.stack(residual)
     imgs, masks, styles, zs, ids, cams = [], [], [], [], [], []
-    for _ in tqdm(range(cfg.samples), desc="encoder: rendering", disable=not progress, leave=False):
+    for _ in tqdm(range(n), desc="encoder: rendering", disable=not progress, leave=False):
         if float(torch.rand((), generator=gen)) < cfg.gauss_fraction:
             eps = torch.randn(n_identities, generator=gen).to(dev)
             x = g_mean + cfg.gauss_scale * (eps @ g_dev)
@@ -236,12 +282,8 @@ def render_loss(field_, verts: Tensor, cameras, pred: Tensor, images: Tensor, ma
     return loss
 
 
-def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, log=None) -> tuple[StyleEncoder, dict]:
-    """Train an encoder for the frozen field of ``model`` (utils.data.model_file.TrainedModel) on ``data`` (its
-    MultiViewDataset, identities in the model's order).  Returns (encoder in eval mode, stats)."""
-    if list(data.identities) != list(model.identities):
-        raise ValueError(f"encoder training: the dataset's identities {data.identities} are not the model's "
-                         f"{model.identities} (train the encoder on the data the field was trained on)")
+def check_encoder_config(cfg: EncoderTrainConfig) -> None:
+    """ValueError naming the flag when ``cfg`` cannot train an encoder."""
     if cfg.steps < 1 or cfg.batch < 1 or not 0 <= cfg.photo_fraction <= 1:
         raise ValueError(f"encoder training: steps and batch must be >= 1 and photo_fraction in [0, 1] (got "
                          f"{cfg.steps}, {cfg.batch}, {cfg.photo_fraction})")
@@ -261,90 +303,308 @@ def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, l
                          f"0, encoder.render_batch and render_every >= 1, encoder.render_ssim in [0, 1], "
                          f"encoder.render_region 'image' or 'face' (got {cfg.render_weight}, {cfg.style_weight}, "
                          f"{cfg.render_batch}, {cfg.render_every}, {cfg.render_ssim}, {cfg.render_region!r})")
-    t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    f = model.field.eval()
-    dev = data.images.device
-    for p in f.parameters():
-        p.requires_grad_(False)
-    with torch.no_grad():
-        w_ids = f.style(f.codes.weight, update_w_avg=False)  # (I, S)
-    # training photos: every (identity, training camera)
-    train_ids = torch.as_tensor(data.serial_index(data.train_serials), device=dev)
-    n_identities = len(data.identities)
-    p_img = data.images[:, train_ids].flatten(0, 1)
-    p_msk = data.masks[:, train_ids].flatten(0, 1)
-    # regression targets: the styles w, or (arch.space z) the codes z
-    t_ids = w_ids if cfg.arch.space == "w" else f.codes.weight.detach()
-    p_w = t_ids[:, None].expand(n_identities, len(train_ids), -1).flatten(0, 1)
-    p_id = torch.arange(n_identities, device=dev).repeat_interleave(len(train_ids))  # geometry of every photo
-    p_cam = train_ids.repeat(n_identities)  # and its camera
-    if cfg.samples > 0:
-        r_img, r_msk, r_w, r_z, r_id, r_cam = render_bank(f, data, model.plan, cfg, gen, cfg.backend, progress)
-        r_w = r_w if cfg.arch.space == "w" else r_z
-    else:
-        r_img, r_msk, r_w, r_id, r_cam = p_img[:0], p_msk[:0], p_w[:0], p_id[:0], p_cam[:0]
-    verts = None
-    if cfg.render_weight > 0:  # (I, V, 3) the subdivided geometry of every identity, for the photometric term
-        with torch.no_grad():
-            verts = torch.cat([subdivide_vertices(data.base_vertices[i][None], model.plan)
-                               for i in range(n_identities)])
-    t_render = time.perf_counter() - t0
-    all_w = torch.cat([p_w, r_w])
-    arch = EncoderConfig.from_dict({**cfg.arch.to_dict(), "style_dim": int(t_ids.shape[1])})
-    enc = StyleEncoder(arch).to(dev)
-    enc.w_mean.copy_(all_w.mean(0))
-    enc.w_std.copy_(all_w.std(0).clamp_min(1e-3 * float(all_w.std(0).mean()) + 1e-8))
-    metric = None
-    if cfg.loss == "gaussians":
-        metric = output_metric(f, w_ids, enc.w_std, cfg, gen)  # (S, S), trace S
-    opt = torch.optim.AdamW(enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_photo = round(cfg.batch * cfg.photo_fraction) if len(r_img) else cfg.batch
-    losses: list[float] = []
-    render_losses: list[float] = []  # the photometric term's mean every 100 steps (render_weight > 0)
-    acc, acc_r, k, k_r = 0.0, 0.0, 0, 0
-    enc.train()
-    for step in tqdm(range(cfg.steps), desc="encoder", disable=not progress, leave=False, dynamic_ncols=True):
-        opt.param_groups[0]["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
-        pi = torch.randint(len(p_img), (n_photo,), generator=gen).to(dev)
-        ri = torch.randint(max(1, len(r_img)), (cfg.batch - n_photo,), generator=gen).to(dev)
-        imgs = torch.cat([p_img[pi], r_img[ri]])
-        msks = torch.cat([p_msk[pi], r_msk[ri]])
-        target = torch.cat([p_w[pi], r_w[ri]])
+    if not 0 <= cfg.joint_start < 1 or cfg.joint_refresh < 0:
+        raise ValueError(f"encoder training: encoder.joint_start must lie in [0, 1) and encoder.joint_refresh be >= 0 "
+                         f"(got {cfg.joint_start}, {cfg.joint_refresh})")
+
+
+@torch.no_grad()
+def identity_targets(field_, cfg: EncoderTrainConfig) -> Tensor:
+    """The training identities' regression targets (I, S) as the field gives them now, detached: their styles w, or
+    (``arch.space z``) their codes z.  Detached is the stop-gradient of joint training: no loss of the encoder
+    reaches the field through its targets."""
+    codes = field_.codes.weight.detach()
+    return field_.style(codes, update_w_avg=False) if cfg.arch.space == "w" else codes.clone()
+
+
+class EncoderOptimisation:
+    """One encoder's optimisation against an identity field: the training photos, the render bank, the encoder, its
+    AdamW and its random generator; :meth:`step` takes one optimiser step.
+
+    :func:`train_encoder` runs it after the field's training, on the frozen field; :class:`JointEncoder` runs it
+    during the field's training, between the field's steps, refreshing the targets and the bank as the field moves.
+    Every use of the field here is without gradient to its parameters (the caller freezes them: :func:`frozen`),
+    and the photometric term's gradient stops at the predicted style."""
+
+    def __init__(self, field_, plan: Tensor, data, cfg: EncoderTrainConfig, progress: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
+        check_encoder_config(cfg)
+        t0 = time.perf_counter()
+        self.cfg, self.plan, self.data, self.log = cfg, plan, data, log
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        dev = self.dev = data.images.device
+        n_identities = len(data.identities)
+        # training photos: every (identity, training camera); the target of photo k is t_ids[p_id[k]]
+        train_ids = torch.as_tensor(data.serial_index(data.train_serials), device=dev)
+        self.p_img = data.images[:, train_ids].flatten(0, 1)
+        self.p_msk = data.masks[:, train_ids].flatten(0, 1)
+        self.p_id = torch.arange(n_identities, device=dev).repeat_interleave(len(train_ids))  # geometry of every photo
+        self.p_cam = train_ids.repeat(n_identities)  # and its camera
+        self.t_ids = identity_targets(field_, cfg)  # (I, S) regression targets: the styles w, or the codes z
+        self.src: BankSource | None = None
+        if cfg.samples > 0:
+            self.src = bank_source(field_, data, plan, cfg, cfg.backend)
+            r = render_samples(field_, data, plan, cfg, self.gen, self.src, cfg.samples, cfg.backend, progress)
+            self.r_img, self.r_msk, r_w, r_z, self.r_id, self.r_cam = r
+            self.r_w = r_w if cfg.arch.space == "w" else r_z
+        else:
+            self.r_img, self.r_msk, self.r_id, self.r_cam = (self.p_img[:0], self.p_msk[:0], self.p_id[:0],
+                                                             self.p_cam[:0])
+            self.r_w = self.t_ids[:0]
+        self.refreshed = 0  # sampled identities re-rendered since the bank was made (joint training)
+        self.verts = None
+        if cfg.render_weight > 0:  # (I, V, 3) the subdivided geometry of every identity, for the photometric term
+            with torch.no_grad():
+                self.verts = torch.cat([subdivide_vertices(data.base_vertices[i][None], plan)
+                                        for i in range(n_identities)])
+        self.render_seconds = time.perf_counter() - t0
+        all_w = torch.cat([self.t_ids[self.p_id], self.r_w])
+        arch = EncoderConfig.from_dict({**cfg.arch.to_dict(), "style_dim": int(self.t_ids.shape[1])})
+        self.enc = StyleEncoder(arch).to(dev)
+        # output units: the targets' mean and spread when the encoder starts (kept: they are part of its function)
+        self.enc.w_mean.copy_(all_w.mean(0))
+        self.enc.w_std.copy_(all_w.std(0).clamp_min(1e-3 * float(all_w.std(0).mean()) + 1e-8))
+        self.metric = None
+        if cfg.loss == "gaussians":
+            self.metric = output_metric(field_, self.t_ids, self.enc.w_std, cfg, self.gen)  # (S, S), trace S
+        self.opt = torch.optim.AdamW(self.enc.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.n_photo = round(cfg.batch * cfg.photo_fraction) if len(self.r_img) else cfg.batch
+        self.done = 0  # optimiser steps taken
+        self.losses: list[float] = []  # the loss's mean every 100 steps
+        self.render_losses: list[float] = []  # the photometric term's mean every 100 steps (render_weight > 0)
+        self._acc = [0.0, 0.0, 0, 0]  # loss sum, photometric sum, their counts since the last record
+        self.seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the moving field (joint training)
+    @torch.no_grad()
+    def refresh_targets(self, field_) -> None:
+        """Take the training identities' targets from the field as it is now (stop-gradient)."""
+        self.t_ids = identity_targets(field_, self.cfg)
+
+    @torch.no_grad()
+    def refresh_bank(self, field_, n: int) -> None:
+        """Re-render the ``n`` oldest sampled identities of the bank with the field as it is now (their draw from
+        the current codes and styles).  Each time the whole bank has been renewed, the residuals and the statistics
+        they are drawn from (:func:`bank_source`) and the "gaussians" loss's metric are taken anew as well."""
+        cfg, per = self.cfg, self.cfg.views_per_sample
+        t0 = time.perf_counter()
+        while n > 0 and self.src is not None:
+            if self.refreshed >= cfg.samples:
+                self.src = bank_source(field_, self.data, self.plan, cfg, cfg.backend)
+                if self.metric is not None:
+                    self.metric = output_metric(field_, self.t_ids, self.enc.w_std, cfg, self.gen)
+                self.refreshed = 0
+            k = min(n, cfg.samples - self.refreshed)
+            img, msk, w, z, ids, cams = render_samples(field_, self.data, self.plan, cfg, self.gen, self.src, k,
+                                                       cfg.backend)
+            rows = slice(self.refreshed * per, self.refreshed * per + len(img))
+            self.r_img[rows], self.r_msk[rows] = img, msk
+            self.r_w[rows] = w if cfg.arch.space == "w" else z
+            self.r_id[rows], self.r_cam[rows] = ids, cams
+            self.refreshed += k
+            n -= k
+        dt = time.perf_counter() - t0
+        self.seconds, self.render_seconds = self.seconds + dt, self.render_seconds + dt
+
+    # ------------------------------------------------------------------ one step
+    def step(self, field_, total: int) -> None:
+        """One AdamW step of the encoder (cosine learning rate over ``total`` steps, to 5 %)."""
+        cfg, dev, enc, gen = self.cfg, self.dev, self.enc, self.gen
+        t0 = time.perf_counter()
+        enc.train()
+        self.opt.param_groups[0]["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * self.done / total)))
+        pi = torch.randint(len(self.p_img), (self.n_photo,), generator=gen).to(dev)
+        ri = torch.randint(max(1, len(self.r_img)), (cfg.batch - self.n_photo,), generator=gen).to(dev)
+        imgs = torch.cat([self.p_img[pi], self.r_img[ri]])
+        msks = torch.cat([self.p_msk[pi], self.r_msk[ri]])
+        target = torch.cat([self.t_ids[self.p_id[pi]], self.r_w[ri]])
         x = jittered_batch(imgs, msks, cfg, gen)
         pred = enc(x)
         err = (pred - target) / enc.w_std  # (B, S)
         loss = err.square().mean()
-        if metric is not None:  # e^T M e / S: the mean squared change of the Gaussians' colour and opacity
-            loss = cfg.w_weight * loss + ((err @ metric) * err).sum(1).mean() / err.shape[1]
+        if self.metric is not None:  # e^T M e / S: the mean squared change of the Gaussians' colour and opacity
+            loss = cfg.w_weight * loss + ((err @ self.metric) * err).sum(1).mean() / err.shape[1]
         loss = cfg.style_weight * loss
-        if verts is not None and step % cfg.render_every == 0:  # a few crops rendered with their predicted style
+        r_loss = None
+        if self.verts is not None and self.done % cfg.render_every == 0:  # a few crops rendered with their style
             sel = torch.randperm(len(imgs), generator=gen)[:cfg.render_batch].to(dev)
-            ids, cams = torch.cat([p_id[pi], r_id[ri]])[sel], torch.cat([p_cam[pi], r_cam[ri]])[sel]
-            r_loss = render_loss(f, verts, data.cameras, pred[sel], imgs[sel], msks[sel], ids, cams, cfg)
+            ids = torch.cat([self.p_id[pi], self.r_id[ri]])[sel]
+            cams = torch.cat([self.p_cam[pi], self.r_cam[ri]])[sel]
+            r_loss = render_loss(field_, self.verts, self.data.cameras, pred[sel], imgs[sel], msks[sel], ids, cams,
+                                 cfg)
             loss = loss + cfg.render_weight * r_loss
-            acc_r, k_r = acc_r + float(r_loss.detach()), k_r + 1
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        acc, k = acc + float(loss.detach()), k + 1
-        if (step + 1) % 100 == 0 or step + 1 == cfg.steps:
-            losses.append(acc / k)
-            if verts is not None:
-                render_losses.append(acc_r / max(1, k_r))
-            if log is not None:
-                log(f"encoder step {step + 1}/{cfg.steps}: loss {acc / k:.4f}"
-                    + (f" (photometric {acc_r / max(1, k_r):.4f})" if verts is not None else ""))
-            acc, acc_r, k, k_r = 0.0, 0.0, 0, 0
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"encoder training diverged (loss {losses[-1]}) at step {step + 1}; lower "
-                                         f"encoder.lr")
-    enc.eval()
-    stats = {"encoder_losses": losses, "encoder_render_losses": render_losses,
-             "encoder_seconds": time.perf_counter() - t0,
-             "encoder_render_seconds": t_render, "encoder_photos": len(p_img), "encoder_renders": len(r_img)}
-    return enc, stats
+        self.opt.step()
+        self.done += 1
+        self._record(float(loss.detach()), None if r_loss is None else float(r_loss.detach()), total)
+        self.seconds += time.perf_counter() - t0
+
+    def _record(self, loss: float, r_loss: float | None, total: int) -> None:
+        """Running means of the loss (and of the photometric term), kept and logged every 100 steps."""
+        acc = self._acc
+        acc[0], acc[2] = acc[0] + loss, acc[2] + 1
+        if r_loss is not None:
+            acc[1], acc[3] = acc[1] + r_loss, acc[3] + 1
+        if self.done % 100 == 0 or self.done == total:
+            self.losses.append(acc[0] / acc[2])
+            if self.verts is not None:
+                self.render_losses.append(acc[1] / max(1, acc[3]))
+            if self.log is not None:
+                self.log(f"encoder step {self.done}/{total}: loss {acc[0] / acc[2]:.4f}"
+                         + (f" (photometric {acc[1] / max(1, acc[3]):.4f})" if self.verts is not None else ""))
+            self._acc = [0.0, 0.0, 0, 0]
+            if not math.isfinite(self.losses[-1]):
+                raise FloatingPointError(f"encoder training diverged (loss {self.losses[-1]}) at step {self.done}; "
+                                         f"lower encoder.lr")
+
+    def stats(self) -> dict:
+        """The run's figures (train_encoder's stats; the seconds include the bank's renders, "render" those alone)."""
+        return {"encoder_losses": list(self.losses), "encoder_render_losses": list(self.render_losses),
+                "encoder_seconds": self.seconds, "encoder_render_seconds": self.render_seconds,
+                "encoder_photos": len(self.p_img), "encoder_renders": len(self.r_img)}
+
+    # ------------------------------------------------------------------ checkpoints (joint training)
+    def state_dict(self) -> dict:
+        """The optimisation's resumable state (the render bank is not in it: a resume renders a new one)."""
+        return {"encoder": encoder_state(self.enc), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(), "done": self.done, "losses": list(self.losses),
+                "render_losses": list(self.render_losses), "accumulated": list(self._acc), "seconds": self.seconds,
+                "render_seconds": self.render_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`'s output: weights (and output units), optimiser, generator, counters."""
+        self.enc.load_state_dict(state["encoder"]["state_dict"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.done = int(state["done"])
+        self.losses, self.render_losses = list(state["losses"]), list(state["render_losses"])
+        self._acc = list(state["accumulated"])
+        self.seconds += float(state["seconds"])  # the time before, plus this rebuild (its new bank)
+        self.render_seconds += float(state["render_seconds"])
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode with no parameter requiring a gradient, restored on exit: a backward pass through it
+    (the photometric term) reaches its inputs but leaves its parameters' gradients untouched."""
+    flags = [p.requires_grad for p in module.parameters()]
+    was = module.training
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(was)
+
+
+def train_encoder(model, data, cfg: EncoderTrainConfig, progress: bool = True, log=None) -> tuple[StyleEncoder, dict]:
+    """Train an encoder for the frozen field of ``model`` (utils.data.model_file.TrainedModel) on ``data`` (its
+    MultiViewDataset, identities in the model's order).  Returns (encoder in eval mode, stats)."""
+    if list(data.identities) != list(model.identities):
+        raise ValueError(f"encoder training: the dataset's identities {data.identities} are not the model's "
+                         f"{model.identities} (train the encoder on the data the field was trained on)")
+    check_encoder_config(cfg)
+    torch.manual_seed(cfg.seed)
+    f = model.field.eval()
+    for p in f.parameters():
+        p.requires_grad_(False)
+    run = EncoderOptimisation(f, model.plan, data, cfg, progress, log)
+    for _ in tqdm(range(cfg.steps), desc="encoder", disable=not progress, leave=False, dynamic_ncols=True):
+        run.step(f, cfg.steps)
+    run.enc.eval()
+    return run.enc, run.stats()
+
+
+class JointEncoder:
+    """The encoder trained during the field's training (``train.py --encoder --encoder.joint true``).
+
+    Nothing happens before the field's step ``start`` (``joint_start`` of its steps: before it the codes and styles
+    are not yet meaningful targets, and styles that still move much make worse targets: 0.5 lost face-mask detail
+    against 0.84 on the CPU preset).  Then, after each of the field's steps, the encoder takes its share of
+    ``encoder.steps`` optimiser steps (spread evenly over the field's remaining steps, so it ends with the field) on
+    its own AdamW and random generator, against the field's current codes/styles as targets through stop-gradient
+    (:func:`identity_targets`), with the field frozen meanwhile (:func:`frozen`): the photometric term reaches the
+    predicted style only, so the encoder never pulls the field.  The render bank is made at the start and renewed
+    ``joint_refresh`` times over the remaining steps, the oldest renders first.  The encoder's draws from torch's
+    global random generator run on a state of its own, so the field's training takes exactly the steps it takes
+    without the encoder (same weights).
+
+    Checkpoints hold :meth:`state_dict` (None before the start); a resume rebuilds the photos and renders a new bank
+    from the restored field, then restores the encoder, its optimiser and its random states."""
+
+    def __init__(self, cfg: EncoderTrainConfig, field_steps: int, field_, plan: Tensor, data,
+                 log: Callable[[str], None] | None = None) -> None:
+        check_encoder_config(cfg)
+        self.cfg, self.field_steps, self.log = cfg, field_steps, log
+        self.field, self.plan, self.data = field_, plan, data
+        self.start = min(field_steps - 1, int(math.floor(cfg.joint_start * field_steps)))
+        self.run: EncoderOptimisation | None = None
+        self.rng_state: Tensor | None = None  # torch's global CPU random state of the encoder's draws
+
+    def _due(self, step: int) -> tuple[int, int]:
+        """After field step ``step``: (encoder steps, bank samples re-rendered) due in all since the start."""
+        frac = (step - self.start) / (self.field_steps - self.start)
+        return round(self.cfg.steps * frac), int(self.cfg.joint_refresh * self.cfg.samples * frac)
+
+    @contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Torch's global CPU generator on the encoder's own state inside, the field's state restored after."""
+        with torch.random.fork_rng(devices=[]):
+            if self.rng_state is None:
+                torch.manual_seed(self.cfg.seed)
+            else:
+                torch.set_rng_state(self.rng_state)
+            yield
+            self.rng_state = torch.get_rng_state()
+
+    def after_field_step(self, step: int) -> None:
+        """Run what is due after the field's step ``step`` (1-based: the field has taken ``step`` steps)."""
+        if step <= self.start:
+            return
+        with self._own_rng(), frozen(self.field), torch.enable_grad():
+            if self.run is None:  # the start (or a resume from a checkpoint without the encoder): a fresh bank
+                self.run = EncoderOptimisation(self.field, self.plan, self.data, self.cfg, log=self.log)
+            else:  # the field moved by one step: its styles now, and the bank's due share re-rendered
+                self.run.refresh_targets(self.field)
+                self.run.refresh_bank(self.field, self._due(step)[1] - self._due(step - 1)[1])
+            n_steps = self._due(step)[0]
+            while self.run.done < n_steps:
+                self.run.step(self.field, self.cfg.steps)
+
+    @property
+    def encoder(self) -> StyleEncoder | None:
+        """The encoder (eval mode) once started, else None."""
+        return None if self.run is None else self.run.enc.eval()
+
+    def stats(self) -> dict:
+        return {} if self.run is None else {**self.run.stats(), "encoder_joint_start": self.start}
+
+    def state_dict(self) -> dict | None:
+        """The checkpoint's "encoder" entry: config, start, optimisation state and random state; None before it."""
+        if self.run is None:
+            return None
+        return {"train_config": to_dict(self.cfg), "start": self.start, "state": self.run.state_dict(),
+                "rng_state": self.rng_state}
+
+    def load_state_dict(self, state: dict | None, path: Path) -> None:
+        """Continue from a checkpoint's "encoder" entry (``path``: the checkpoint, for messages); None: not started."""
+        if state is None:
+            return
+        if state["train_config"] != to_dict(self.cfg):
+            diff = sorted(k for k in set(state["train_config"]) | set(to_dict(self.cfg))
+                          if state["train_config"].get(k) != to_dict(self.cfg).get(k))
+            raise ValueError(f"--resume: {path} holds a joint encoder trained with other encoder settings ({diff}); "
+                             f"resume with the same --encoder.* flags")
+        rng, self.rng_state = state["rng_state"], None
+        self.start = int(state["start"])  # a resume to more --steps spreads the remaining encoder steps anew
+        with self._own_rng(), frozen(self.field), torch.enable_grad():
+            self.run = EncoderOptimisation(self.field, self.plan, self.data, self.cfg, log=self.log)
+        self.run.load_state_dict(state["state"])
+        self.rng_state = rng
 
 
 def add_trained_encoder(path: Path, ecfg: EncoderTrainConfig, device: str | torch.device, progress: bool,

@@ -41,6 +41,7 @@ from utils.apps.train.checkpoints import (
 )
 from utils.apps.train.config import PRECISIONS, TRAIN_RANGES, LossConfig, OptimConfig, TrainConfig, validate_config
 from utils.apps.train.distributed import device_name, init_distributed, launched_by_torchrun, on_main, training_module
+from utils.apps.train.encoder import EncoderTrainConfig, JointEncoder
 from utils.core.atomic import atomic_write_json
 from utils.core.config import to_dict
 from utils.core.images import save_image_grid
@@ -206,16 +207,21 @@ class Trainer:
     The output folder ``cfg.out`` is locked for the process (utils.core.locks.FolderLock) from construction until
     :meth:`close` (called at the end of :meth:`run`); a fresh run (no ``resume``) refuses a folder that already holds
     a run (RUN_OUTPUTS) unless ``overwrite``, which first removes those files.  ``resume`` continues from the newest
-    readable checkpoint (older ones are tried when the newest is damaged, with a message).
+    readable checkpoint (older ones are tried when the newest is damaged, with a message).  ``encoder``: an
+    EncoderTrainConfig with ``joint`` true trains the feed-forward encoder during the run (utils/apps/train/encoder.py
+    JointEncoder: after each field step, into the checkpoints and model.pt; one process only).
     """
 
     read_checkpoint = staticmethod(read_checkpoint)
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, data: MultiViewDataset | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, encoder: EncoderTrainConfig | None = None) -> None:
         if resume and overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
         validate_config(cfg)
+        if encoder is not None and not encoder.joint:
+            raise ValueError("Trainer(encoder=...) trains the encoder jointly (encoder.joint true); an encoder after "
+                             "the field is utils/apps/train/encoder.py add_trained_encoder")
         self.cfg = cfg
         self.device, self.rank, self.world = init_distributed(cfg.device)
         self.is_main = self.rank == 0
@@ -254,6 +260,12 @@ class Trainer:
             raise ValueError(
                 f"batch_views={cfg.batch_views} but only {len(self.train_ids)} training cameras exist"
             )
+        self.joint: JointEncoder | None = None  # the encoder trained during the field's training (encoder.joint)
+        if encoder is not None:
+            if self.ddp:  # it would train on rank 0 alone while the other ranks wait at every step
+                raise ValueError("--encoder.joint true trains in one process only: under torchrun train the encoder "
+                                 "after the field (--encoder without --encoder.joint, or --encoder_only)")
+            self.joint = JointEncoder(encoder, cfg.steps, self.field, self.plan, self.data, log=tqdm.write)
         if resume:
             self._resume()
         self.writer = None
@@ -391,7 +403,8 @@ class Trainer:
         if not self.is_main:
             return None
         state = checkpoint_state(self.step, self.elapsed, self.cfg, self.data.identities, self.field, self.opt,
-                                 self.sampler, self.history)
+                                 self.sampler, self.history,
+                                 encoder=self.joint.state_dict() if self.joint is not None else None)
         return write_checkpoint(state, self.ckpt_dir, self.step, self.cfg.keep_checkpoints)
 
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -410,7 +423,12 @@ class Trainer:
             return
         path, state = chosen
         check_resumable(path, state, self.cfg.steps, self.data.identities, to_dict(self.cfg)["model"])
+        if state.get("encoder") is not None and self.joint is None:
+            raise ValueError(f"--resume: {path} holds the state of an encoder trained jointly with the field; resume "
+                             f"with --encoder --encoder.joint true and the same --encoder.* flags")
         restore_checkpoint(state, self.field, self.opt, self.sampler)
+        if self.joint is not None:  # older checkpoints, or ones before the encoder's start, have no encoder state
+            self.joint.load_state_dict(state.get("encoder"), path)
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.history = list(state.get("history", []))
@@ -431,7 +449,8 @@ class Trainer:
     def export(self) -> Path | None:
         if not self.is_main:
             return None
-        return save_model(self.out / "model.pt", self.field, self.data, to_dict(self.cfg))
+        encoder = self.joint.encoder if self.joint is not None else None
+        return save_model(self.out / "model.pt", self.field, self.data, to_dict(self.cfg), encoder=encoder)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict:
@@ -442,6 +461,8 @@ class Trainer:
         t0 = time.perf_counter() - self.elapsed
         while self.step < cfg.steps:
             terms = self.train_step()
+            if self.joint is not None:  # the encoder's share of steps after this field step (its clock included)
+                self.joint.after_field_step(self.step)
             self.elapsed = time.perf_counter() - t0
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == 1:  # the only per-step host sync, every log_every
@@ -472,5 +493,13 @@ class Trainer:
         self.close()
         if self.ddp:
             dist.barrier()
-        return {k: v for k, v in metrics.items() if not k.startswith("_")}
+        out = {k: v for k, v in metrics.items() if not k.startswith("_")}
+        if self.joint is not None and self.joint.run is not None:
+            st = self.joint.stats()
+            out.update(st)
+            last = st["encoder_losses"][-1] if st["encoder_losses"] else float("nan")
+            print(f"encoder (joint, from field step {st['encoder_joint_start']}): {st['encoder_photos']} photos + "
+                  f"{st['encoder_renders']} renders, {self.joint.run.done} steps, final loss {last:.4f}, "
+                  f"{st['encoder_seconds']:.0f} s -> {self.out / 'model.pt'}")
+        return out
 
