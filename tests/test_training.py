@@ -175,3 +175,29 @@ def test_evaluation_reuses_eye_regions_and_repeats_exactly(preprocessed_root, tm
     assert n_first == (0 if tr.eye_landmarks is None else
                        sum(1 for g in (tr.data.eval_serials, tr.data.train_serials) if g) * first["eval_identities"])
     assert {k: v for k, v in first.items() if k != "_grid"} == {k: v for k, v in second.items() if k != "_grid"}
+
+
+
+def test_runs_in_one_process_are_bit_identical(preprocessed_root, tmp_path):
+    """Same seed, same weights, whatever the process did before (pytest runs many trainings and tools in one
+    process): a run after a load_model of the first run's model.pt (which sets the renderer's process-wide 2D filter
+    and opacity compensation to the model's, models.mip_filter.set_render_filter) ends with bit-identical field
+    weights, and the caller's renderer settings are left as they were.  Before the Trainer set its compensation
+    explicitly the second run differed by 0.02 max abs in template_features."""
+    from models import renderer
+    from utils.data.model_file import load_model
+
+    def weights(out: str) -> dict[str, torch.Tensor]:
+        tr = Trainer(tiny_config(preprocessed_root, tmp_path / out, steps=4))
+        tr.run()
+        return {k: v.clone() for k, v in tr.field.state_dict().items()}
+
+    first = weights("a")
+    load_model(tmp_path / "a" / "model.pt")  # as any tool or fit test would, in the same process
+    loaded = (renderer.FILTER_2D, renderer.FILTER_2D_COMPENSATION)
+    assert loaded[1] != "opacity"  # else this test would not exercise a changed setting
+    second = weights("b")
+    diff = {k: float((first[k].double() - second[k].double()).abs().max())
+            for k in first if not torch.equal(first[k], second[k])}
+    assert not diff, f"the second run differs from the first (max abs per tensor): {diff}"
+    assert (renderer.FILTER_2D, renderer.FILTER_2D_COMPENSATION) == loaded

@@ -10,10 +10,12 @@ and the checkpoints in checkpoints.py; this module holds the Trainer (steps, los
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from models import renderer
 from models.flame import subdivide_vertices
 from models.identity_field import IdentityField
 from models.mip_filter import sampling_rate
@@ -112,6 +115,26 @@ def eye_masks_of(data: MultiViewDataset, eye_landmarks) -> Tensor:
     masks = [eye_region_masks(eye_landmarks(data.base_vertices[i]), data.cameras[i],
                               data.masks[i].float() / 255.0) for i in range(len(data))]
     return (torch.stack(masks) > 0.5).to(torch.uint8)
+
+
+# The 2D mip filter's opacity compensation training renders with (models/renderer/common.py compensate_opacity):
+# gsplat's antialiased mode, the renderer's default, with which every model so far was trained.  Set explicitly
+# because the setting is process-wide and tools change it: load_model sets it to the loaded model's
+# render_compensation ("optical_depth" by default), so a run after a load_model in the same process trained with
+# another compensation (different weights for the same seed: 0.02 max abs in template_features after 4 tiny steps).
+TRAIN_COMPENSATION = "opacity"
+
+
+@contextlib.contextmanager
+def training_compensation() -> Iterator[None]:
+    """``models.renderer.FILTER_2D_COMPENSATION`` is TRAIN_COMPENSATION inside, the caller's value again after
+    (it is read when the renders are built, so the backward pass needs no scope)."""
+    saved = renderer.FILTER_2D_COMPENSATION
+    renderer.FILTER_2D_COMPENSATION = TRAIN_COMPENSATION
+    try:
+        yield
+    finally:
+        renderer.FILTER_2D_COMPENSATION = saved
 
 
 def decay_lr(opt: torch.optim.Optimizer, step: int, steps: int, final_ratio: float) -> None:
@@ -313,7 +336,8 @@ class Trainer:
         d_ids, d_views = on_device
         gt = self.data.images[d_ids[:, None], d_views].float() / 255.0
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
-        out = render_identities(clouds, cams, backend=self.cfg.backend, depth=depth, filter_2d=self.filter_2d)
+        with training_compensation():  # the same renders whatever model a tool loaded in this process before
+            out = render_identities(clouds, cams, backend=self.cfg.backend, depth=depth, filter_2d=self.filter_2d)
         if with_alpha:
             return out["image"], gt, out["alpha"]
         return out["image"], gt
