@@ -20,7 +20,8 @@ per vertex: the maximum over the training identities and their training cameras.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -111,6 +112,27 @@ def apply_3d_filter(scales: Tensor, opacities: Tensor, variance: Tensor, surface
     if surface:
         ratio = ratio / per_axis.min(-1).values.clamp_min(1e-30)  # leave the flat (normal) axis out
     return filtered.sqrt(), opacities * ratio.sqrt()
+
+
+def display_filter(model_cfg) -> tuple[float | None, str]:
+    """(2D filter px^2 or None, compensation) a trained model is rendered with by the tools (``ModelConfig``:
+    its render_filter_2d, else the filter_2d it was trained with; None for a model trained with the classic
+    dilation).  benchmarks/results/multiscale_cpu_render_eps.md: a model trained with 0.1 px^2 and rendered with 0.3
+    px^2 scored higher at every scale."""
+    filter_2d = (model_cfg.render_filter_2d or model_cfg.filter_2d) if model_cfg.filter_2d > 0 else None
+    return filter_2d, model_cfg.render_compensation
+
+
+@contextlib.contextmanager
+def render_filter(filter_2d: float | None, compensation: str | None = None) -> Iterator[None]:
+    """:func:`set_render_filter` inside, the caller's FILTER_2D and FILTER_2D_COMPENSATION again after (for code
+    that renders a model as the tools do without changing the process's setting for whatever runs next)."""
+    saved = (renderer.FILTER_2D, renderer.FILTER_2D_COMPENSATION)
+    set_render_filter(filter_2d, compensation)
+    try:
+        yield
+    finally:
+        renderer.FILTER_2D, renderer.FILTER_2D_COMPENSATION = saved
 
 
 def set_render_filter(filter_2d: float | None, compensation: str | None = None) -> None:

@@ -33,7 +33,7 @@ from models.flame import (
     subdivide_vertices,
 )
 from models.identity_field import IdentityField, IdentityFieldConfig
-from models.mip_filter import set_render_filter
+from models.mip_filter import display_filter, set_render_filter
 from utils.core.torch_files import atomic_torch_save, load_tagged
 
 FORMAT_VERSION = 4  # 2: adds "fingerprint"; 3: adds "flame_params" (FLAME parameters of every identity);
@@ -231,10 +231,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> T
     field.to(device).eval()
     if field.filter_variance is not None:
         field.filter_variance = field.filter_variance.to(device)
-    # Rendered with render_filter_2d (benchmarks/results/multiscale_cpu_render_eps.md: a model trained with 0.1 px^2
-    # and rendered with 0.3 px^2 scored higher at every scale); a model trained with the classic dilation keeps it.
-    filter_2d = (mcfg.render_filter_2d or mcfg.filter_2d) if mcfg.filter_2d > 0 else None
-    set_render_filter(filter_2d, mcfg.render_compensation)  # every tool renders the model with its 2D filter
+    filter_2d, compensation = display_filter(mcfg)
+    set_render_filter(filter_2d, compensation)  # every tool renders the model with its 2D filter
     encoder, notice = load_encoder_entry(doc, path, device)
     if notice:
         import sys

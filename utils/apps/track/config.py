@@ -137,8 +137,13 @@ class VideoRefineConfig:
     gaussians: bool = True  # per-Gaussian residual of the pre-activation position offset, log-scale and opacity
     gaussian_lr: float = 0.05  # its Adam learning rate (pre-activation units); decays like fit.lr
     offset_weight: float = 1.0  # L2 pull of the offset residual towards zero (pre-tanh, edge units)
-    scale_weight: float = 1.0  # L2 pull of the log-scale residual towards zero
-    opacity_weight: float = 0.1  # L2 pull of the opacity-logit residual towards zero
+    # Weaker pulls than the one-photo fit's: many frames see each Gaussian.  2026-12-06 (CPU preset, 2-core container;
+    # benchmarks/results/video_avatar_priors_cpu_2026-12-06.md), colour 1.0 / scale 1.0 / opacity 0.1 -> 0.05 / 0.1 /
+    # 0.01: real clips' held-out frames female 16.90 -> 18.03 dB, male 24.34 -> 25.63 dB; synthetic clip held-out
+    # 25.34 -> 25.69 dB, its 15 novel cameras 26.59 -> 26.57 dB
+    scale_weight: float = 0.1  # L2 pull of the log-scale residual towards zero
+    opacity_weight: float = 0.01  # L2 pull of the opacity-logit residual towards zero
+    colour_weight: float = 0.05  # L2 pull of the colour residual towards zero (the photo fit's is fit.colour_weight)
     gaussian_laplacian_weight: float = 1.0  # squared uniform Laplacian of the residual over the subdivided mesh
     # refine the training frames' FLAME photometrically (corrections of the landmark tracking).  Off by default: on
     # the synthetic clip (exact landmarks) it raised the held-out frames' PSNR by 0.3-0.4 dB but lowered the novel
@@ -178,7 +183,8 @@ class VideoRefineConfig:
     #                                          training frames' corrections, interpolated in time) or "none" (tracking)
 
     RANGES = {"iterations": Range(0), "batch": Range(0), "gaussian_lr": Range(0), "offset_weight": Range(0),
-              "scale_weight": Range(0), "opacity_weight": Range(0), "gaussian_laplacian_weight": Range(0),
+              "scale_weight": Range(0), "opacity_weight": Range(0), "colour_weight": Range(0),
+              "gaussian_laplacian_weight": Range(0),
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
               "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0)}

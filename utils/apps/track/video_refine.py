@@ -2,7 +2,8 @@
 fixed, jointly and with Adam, on batches of training frames,
 
     colour     the per-vertex RGB residual of the level-0 face-mask vertices (the colour stage of
-               utils/apps/track/fit.py: Laplacian smoothness + L2 towards zero, fit.colour_* settings; unlike the
+               utils/apps/track/fit.py: Laplacian smoothness + L2 towards zero, fit.colour_* settings but the L2
+               weight ``colour_weight`` of this config, weaker than the photo's; unlike the
                photo's, not held at zero on the mask's boundary rings: that cost the novel views 0.02-0.09 dB here)
     gaussians  a per-Gaussian residual (V, K, 7) of the network's pre-activation position offset, log-scale and
                opacity (models.identity_field.RESIDUAL_CHANNELS, IdentityField.add_residual): L2 towards zero (the
@@ -325,7 +326,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         loss = photometric(pred, gt, fit, None)
         total = loss
         if use_colour:
-            total = total + lap0.penalty(colour, fit.colour_laplacian_weight, fit.colour_weight)
+            total = total + lap0.penalty(colour, fit.colour_laplacian_weight, cfg.colour_weight)
         if cfg.gaussians:
             gv = gauss.reshape(f.num_vertices, -1, len(RESIDUAL_CHANNELS))
             total = (total + (gv.square() * gw).sum(-1).mean()

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from models.encoder import EncoderConfig, StyleEncoder, encoder_input, encoder_state
 from models.flame import subdivide_vertices
+from models.mip_filter import display_filter, render_filter
 from models.renderer import render_batch, render_identities
 from utils.core.config import from_dict, to_dict
 from utils.core.device import resolve_device
@@ -565,7 +566,9 @@ class JointEncoder:
         """Run what is due after the field's step ``step`` (1-based: the field has taken ``step`` steps)."""
         if step <= self.start:
             return
-        with self._own_rng(), frozen(self.field), torch.enable_grad():
+        # rendered as the tools render the saved model (its display 2D filter), as add_trained_encoder's renders are
+        # after load_model, whatever this process's setting is; the field's own training renders keep theirs
+        with self._own_rng(), frozen(self.field), torch.enable_grad(), render_filter(*display_filter(self.field.cfg)):
             if self.run is None:  # the start (or a resume from a checkpoint without the encoder): a fresh bank
                 self.run = EncoderOptimisation(self.field, self.plan, self.data, self.cfg, log=self.log)
             else:  # the field moved by one step: its styles now, and the bank's due share re-rendered
