@@ -10,7 +10,14 @@ from models import renderer as R
 from models.camera import Camera, stack_cameras
 from models.gaussians import GaussianCloud, quat_to_rotmat, random_cloud
 from models.identity_field import IdentityField, IdentityFieldConfig
-from models.mip_filter import apply_3d_filter, filter_variance, sampling_rate, set_render_filter
+from models.mip_filter import (
+    apply_3d_filter,
+    display_filter,
+    filter_variance,
+    render_filter,
+    sampling_rate,
+    set_render_filter,
+)
 
 F64 = torch.float64
 
@@ -155,6 +162,25 @@ def test_2d_filter_keeps_a_tiny_gaussians_integral_and_default_follows_set_rende
     assert torch.equal(R.render(tiny, cam, backend="torch")["alpha"].sum(), classic)
     with pytest.raises(ValueError, match="filter_2d"):
         R.render(tiny, cam, backend="torch", filter_2d=-1.0)
+
+
+def test_render_filter_scope_restores_the_process_setting_and_display_filter_follows_the_config(monkeypatch):
+    """render_filter sets the tools' 2D filter inside and gives the caller's setting back after (also on an error);
+    display_filter: render_filter_2d, else the training filter_2d, None for a model trained with the dilation."""
+    monkeypatch.setattr(R, "FILTER_2D", None)
+    monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", "opacity")
+    with render_filter(0.3, "optical_depth"):
+        assert (R.FILTER_2D, R.FILTER_2D_COMPENSATION) == (0.3, "optical_depth")
+    assert (R.FILTER_2D, R.FILTER_2D_COMPENSATION) == (None, "opacity")
+    with pytest.raises(RuntimeError), render_filter(0.2, "optical_depth"):
+        raise RuntimeError("inside")
+    assert (R.FILTER_2D, R.FILTER_2D_COMPENSATION) == (None, "opacity")
+    cfg = IdentityFieldConfig()
+    assert display_filter(cfg) == (cfg.render_filter_2d, cfg.render_compensation)
+    cfg.render_filter_2d = 0.0
+    assert display_filter(cfg)[0] == cfg.filter_2d
+    cfg.filter_2d = 0.0
+    assert display_filter(cfg)[0] is None
 
 
 def test_2d_filter_gradients_flow_to_scales_and_opacities():
