@@ -109,6 +109,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> float:
+    """Wall milliseconds per call of fn (after ``warmup`` untimed calls), the device synchronised around the loop."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return 1000 * (time.perf_counter() - t) / repeats
+
+
 def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 

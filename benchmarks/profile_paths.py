@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench import _fit_target, build_problem, environment, sync  # noqa: E402
+from benchmarks.bench import _fit_target, build_problem, environment, sync, timed  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
@@ -34,18 +34,6 @@ from utils.core.device import default_device  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
 from utils.data.nersemble import FRONTAL_SERIAL  # noqa: E402
 from utils.losses import SSIM_METHODS, ssim  # noqa: E402
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Wall milliseconds per call of fn (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return 1000 * (time.perf_counter() - t) / repeats
 
 
 def profile(fn, repeats: int, device: torch.device, rows: int, sort: str = "self_cpu_time_total"

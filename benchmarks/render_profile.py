@@ -14,7 +14,6 @@ import argparse
 import io
 import sys
 import tempfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.bench import build_problem, sync  # noqa: E402
+from benchmarks.bench import build_problem, sync, timed  # noqa: E402
 from models.camera import Camera, stack_cameras  # noqa: E402
 from models.flame.subdivision import subdivide_vertices  # noqa: E402
 from models.renderer import render_batch  # noqa: E402
@@ -32,18 +31,6 @@ from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 
 SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = sh0 * C0 + 0.5
-
-
-def frames_per_second(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Calls of ``fn`` per second after 10 warm-up calls, with the device synchronised around the timed loop."""
-    for _ in range(10):
-        fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return repeats / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -78,7 +65,8 @@ def main() -> None:
             print(f"opacity < 1/255: {float((cloud.opacities < 1 / 255).float().mean()):.4f} of the Gaussians")
 
             def fps(fn: Callable[[], object]) -> float:
-                return frames_per_second(fn, dev, args.repeats)
+                """Calls of ``fn`` per second after 10 warm-up calls."""
+                return 1000.0 / timed(fn, args.repeats, dev, warmup=10)
 
             print(f"render_batch (library default): {fps(lambda: render_batch(cloud, [cam])):.0f} FPS")
             for depth in (False, True):

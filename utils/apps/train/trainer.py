@@ -15,7 +15,6 @@ import math
 import random
 import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from tqdm import tqdm
 from models import renderer
 from models.flame import subdivide_vertices
 from models.identity_field import IdentityField
-from models.mip_filter import sampling_rate
+from models.mip_filter import render_filter, sampling_rate
 from models.renderer import render_identities
 from utils.apps.train.checkpoints import (
     CHECKPOINT_KEYS,
@@ -125,16 +124,11 @@ def eye_masks_of(data: MultiViewDataset, eye_landmarks) -> Tensor:
 TRAIN_COMPENSATION = "opacity"
 
 
-@contextlib.contextmanager
-def training_compensation() -> Iterator[None]:
+def training_compensation() -> contextlib.AbstractContextManager[None]:
     """``models.renderer.FILTER_2D_COMPENSATION`` is TRAIN_COMPENSATION inside, the caller's value again after
-    (it is read when the renders are built, so the backward pass needs no scope)."""
-    saved = renderer.FILTER_2D_COMPENSATION
-    renderer.FILTER_2D_COMPENSATION = TRAIN_COMPENSATION
-    try:
-        yield
-    finally:
-        renderer.FILTER_2D_COMPENSATION = saved
+    (it is read when the renders are built, so the backward pass needs no scope); the trainer passes its 2D filter
+    explicitly, so the process's FILTER_2D is kept as it is."""
+    return render_filter(renderer.FILTER_2D, TRAIN_COMPENSATION)
 
 
 def decay_lr(opt: torch.optim.Optimizer, step: int, steps: int, final_ratio: float) -> None:
