@@ -117,8 +117,11 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
     calibrated = {} if calibrated is None else calibrated
-    # (one calibration per Jacobian kind and calibration shape prior: ShapeRefineConfig.calibration_shape_std)
-    prior = refine.calibration_shape_std if refine.frames > 0 else 0.0
+    # (one calibration per Jacobian kind and calibration shape prior: ShapeRefineConfig.calibration_shape_std,
+    # calibration_information, calibration_offset_px, calibration_iterations)
+    prior = (refine.calibration_shape_std, refine.calibration_information, refine.calibration_iterations) \
+        if refine.frames > 0 else 0.0
+    prior = (prior, refine.calibration_offset_px, refine.calibration_iterations if refine.calibration_offset_px else 0)
     calibrated = calibrated.setdefault((bool(closed_form), prior), {})
     if not calibrated:
         t, c = time.perf_counter(), time.process_time()
@@ -158,7 +161,7 @@ def main() -> None:
                     help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video")
     ap.add_argument("--cache", default="output/stream_tracking",
                     help="folder of the cached videos, landmarks and batch fits")
-    ap.add_argument("--refine_frames", type=int, nargs="+", default=[0, 12],
+    ap.add_argument("--refine_frames", type=int, nargs="*", default=[0, 12],
                     help="stream runs: ShapeRefineConfig.frames of each (0: no refinement, the first frames' shape)")
     ap.add_argument("--iterations_per_frame", type=int, default=ShapeRefineConfig.iterations_per_frame,
                     help="ShapeRefineConfig.iterations_per_frame")

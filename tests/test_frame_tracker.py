@@ -153,3 +153,103 @@ def test_calibration_shape_prior_keeps_the_first_frames_shape_near_the_mean(flam
                                           refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2))
     print(f"calibrated shape norm: fit's prior {float(loose.shape.norm()):.2f}, tight {float(tight.shape.norm()):.2f}")
     assert float(tight.shape.norm()) < 0.7 * float(loose.shape.norm())
+
+
+def test_shape_information_finds_the_frontal_frames_weak_directions_and_the_weak_prior_keeps_them(
+        flame_and_truth):  # noqa: F811
+    """ShapeRefinement.shape_information on frontal frames has many near-zero eigenvalues (directions those frames
+    leave free); turned frames inform those directions more.  A full shape precision equal to the fit's own diagonal
+    prior gives the diagonal prior's solve (the solver's matrix-prior path); the calibration with
+    ``calibration_information`` keeps the weak directions near the mean (like the uniform tight prior) while the
+    strongly observed ones stay as freely fitted as with the fit's own prior."""
+    from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, ShapeRefinement, fit_flame_to_landmarks
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+    from utils.face.landmark_flame import LandmarkFlame
+
+    flame, _, truth = flame_and_truth
+    frontal = _points(flame, truth, [(0.0, 0.0), (2.0, 0.0), (0.0, 2.0)], 3)
+    turned = _points(flame, truth, [(0.0, 0.0), (25.0, 0.0), (0.0, 15.0)], 3)
+    cfg = FlameFitConfig(iterations=10)
+    lf = LandmarkFlame(flame)
+    with single_thread():
+        first = fit_flame_to_landmarks(flame, LandmarkTargets(frontal, SIZE), cfg)
+        fixed = replace(cfg, focal=float(first.camera.fx))
+        # the turned frames' own poses, under the frontal frames' shape (the information is taken at one shape)
+        posed = fit_flame_to_landmarks(flame, LandmarkTargets(turned, SIZE), fixed, shape=first.params.shape).params
+
+        def solve(pts, precision=None, iterations=3, init=first.params):
+            sr = ShapeRefinement(lf, LandmarkTargets(pts, SIZE), fixed, first.params.shape, init, iterations)
+            if precision is not None:
+                sr.set_shape_precision(precision)
+            sr.advance(iterations)
+            return sr
+
+        h_front = solve(frontal, iterations=0).shape_information()
+        h_turn = solve(turned, iterations=0, init=posed).shape_information()
+        diag = solve(frontal).result().params.shape
+        full = solve(frontal, torch.eye(300, dtype=torch.float64)).result().params.shape
+        loose, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0))
+        uniform, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg,
+                                            refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2))
+        weak, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg,
+                                         refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2,
+                                                                  calibration_information=25.0))
+    evals, vecs = torch.linalg.eigh(h_front)
+    n_strong_turn = int((torch.linalg.eigvalsh(h_turn) >= 25.0).sum())
+    n_weak = int((evals < 25.0).sum())
+    V_weak, V_strong = vecs[:, evals < 25.0], vecs[:, evals >= 25.0]
+    info_front = float(torch.trace(V_weak.T @ h_front @ V_weak))
+    info_turn = float(torch.trace(V_weak.T @ h_turn @ V_weak))
+    assert torch.allclose(diag, full, atol=1e-5), float((diag - full).abs().max())
+    along = {name: (float((t.shape.double() @ V_weak).norm()), float((t.shape.double() @ V_strong).norm()))
+             for name, t in (("loose", loose), ("uniform", uniform), ("weak", weak))}
+    print(f"frontal: {n_weak} of 300 eigenvalues < 25 (max {float(evals.max()):.0f}); information along them "
+          f"frontal {info_front:.1f}, turned {info_turn:.1f}; shape norm along weak / strong directions {along}")
+    print(f"strong directions: frontal {300 - n_weak}, turned {n_strong_turn}")
+    assert torch.allclose(h_front, h_front.T) and float(evals.min()) > -1e-6 * float(evals.max())
+    assert 100 < n_weak < 300
+    assert info_turn > 1.3 * info_front  # measured 1.5x
+    assert along["weak"][0] < 0.5 * along["loose"][0], along  # the weak directions held near the mean
+    # the strong ones as fitted with the fit's own prior (the uniform tight prior shrinks them)
+    assert abs(along["weak"][1] - along["loose"][1]) < abs(along["uniform"][1] - along["loose"][1]), along
+
+
+def test_offset_step_shares_a_static_detector_offset_between_shape_and_offset(flame_and_truth):  # noqa: F811
+    """ShapeRefinement.offset_step: near-frontal frames whose static landmarks carry a detector offset (a fixed
+    random pattern, 3 px std) fitted with the offset at 0 put it into the shape; the joint step (offset prior 3 px)
+    estimates an offset along the injected one and moves the shape back towards the truth; the calibration with
+    ``calibration_offset_px`` uses it (its detector offset follows the injected one more closely than the plain
+    calibration's residual does)."""
+    from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, ShapeRefinement, fit_flame_to_landmarks
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+    from utils.face.landmark_flame import LandmarkFlame
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, [(0.0, 0.0), (3.0, 0.0), (0.0, 3.0), (-3.0, 1.0)], 4)
+    injected = torch.zeros(68, 2)
+    injected[17:] = 3.0 * torch.randn(51, 2, generator=torch.Generator().manual_seed(0))
+    pts = pts + injected
+    cfg = FlameFitConfig(iterations=10)
+    with single_thread():
+        first = fit_flame_to_landmarks(flame, LandmarkTargets(pts, SIZE), cfg)
+        fixed = replace(cfg, focal=float(first.camera.fx))
+        sr = ShapeRefinement(LandmarkFlame(flame), LandmarkTargets(pts, SIZE), fixed, first.params.shape,
+                             first.params, 10)
+        shape, offset = sr.offset_step(3.0)
+        plain, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0))
+        joint, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg,
+                                          refine=ShapeRefineConfig(frames=0, calibration_offset_px=3.0))
+    cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))  # noqa: E731
+    err_loose = float((first.params.shape - truth.shape).norm())
+    err_joint = float((shape - truth.shape).norm())
+    rms = float(offset[17:].norm(dim=-1).square().mean().sqrt())
+    print(f"offset estimate vs injected: cos {cos(offset[17:], injected[17:]):.2f}, rms {rms:.2f} px; shape error "
+          f"loose {err_loose:.2f} -> joint {err_joint:.2f}; calibrated offset vs injected: plain "
+          f"{cos(plain.bias[17:], injected[17:]):.2f}, joint {cos(joint.bias[17:], injected[17:]):.2f}; calibrated "
+          f"shape error plain {float((plain.shape - truth.shape).norm()):.2f}, joint "
+          f"{float((joint.shape - truth.shape).norm()):.2f}")
+    assert offset[:17].abs().max() == 0 and cos(offset[17:], injected[17:]) > 0.5  # measured 0.92
+    assert err_joint < 0.95 * err_loose  # measured 3.48 -> 2.94
+    # the calibration's own detector offset (estimate + what the re-solve leaves) still follows the injected one
+    assert cos(joint.bias[17:], injected[17:]) > 0.8 and bool(torch.isfinite(joint.shape).all())
+    assert float((joint.shape - truth.shape).norm()) < float((plain.shape - truth.shape).norm())

@@ -62,7 +62,17 @@ class ShapeRefineConfig:
     outside the 0.02 that test allows, and with the fit's own prior the keyframe videos' first shape reads the head
     turn at a tenth of its size (337-frame video: no new view ever, no re-solve) or the jaw at a quarter (85-frame
     video: jaw 0.61 after the re-solves).  A calibration prior that is tight only where the first frames do not see
-    the face (its depth) is the next step."""
+    the face (its depth) is the next step.
+
+    That step, ``calibration_information`` (25: the 0.2 prior only along the shape directions whose information from
+    the first frames is below the prior's own precision, utils/face/flame_fit.py ShapeRefinement.shape_information),
+    measured (benchmarks/results/stream_shape_default_cpu_2026-12-06d.md): the 16-frame test video back to 0.889 /
+    0.797 / 0.934 / 0.983 (batch 0.845 / 0.802 / 0.925 / 0.981), but the 85-frame video's brows 0.567 -> 0.449 and
+    the 337-frame video's 0.525 -> 0.233: the first frames' shape goes wrong along well-informed directions too (the
+    detector's offsets on the synthetic face, fitted as shape), so it stays off (0).  ``calibration_offset_px``
+    (estimating that offset jointly with the shape in the calibration, no re-solves, ``frames`` 0) with 6 px: 85-frame
+    0.910 / 0.861 / 0.716 / 0.993, 337-frame 0.937 / 0.847 / 0.707 / 0.997 at the default's per-frame cost, but the
+    16-frame video's brows 0.882 (-0.043), so it is off (0) too."""
 
     solve_shape_std: float = 0.0  # the re-solves' shape prior std (0: the fit's own, FlameFitConfig.shape_std)
     calibration_shape_std: float = 0.2  # with ``frames``: the calibration's shape prior std (0: the fit's own)
@@ -70,6 +80,18 @@ class ShapeRefineConfig:
     # free, which the shape's 300 coefficients then bend to fit the first frames' mouth and brows (85-frame benchmark
     # video: the jaw read at 0.27 of its true opening, slope of fitted on true); a tight prior keeps that shape near
     # FLAME's mean (slope 1.00) until turned frames show the depth
+    calibration_information: float = 0.0  # >0: calibration_shape_std only on directions with less information (0: all)
+    # (information from the first frames in FLAME standard deviations^-2; 25 = the 0.2 prior's precision)
+    # (the calibration solved with the fit's own prior, then re-solved from there with the prior std
+    # ``calibration_shape_std`` along the eigen-directions of the shape's information from the first frames
+    # (ShapeRefinement.shape_information: Gauss-Newton, per-frame variables eliminated, in FLAME standard deviations)
+    # whose eigenvalue is below this, the fit's own along the rest: the depth those frames leave free stays near
+    # FLAME's mean while what they do show is fitted freely; 0: ``calibration_shape_std`` along every direction)
+    calibration_offset_px: float = 0.0  # >0: calibration solves detector offset with the shape, prior std px
+    # (ShapeRefinement.offset_step, then a re-solve on the points less that offset; per static landmark, shared by
+    # the frames; 0: the offset is the residual the shape leaves, as the batch fit's bias_correction; applies also
+    # with ``frames`` 0)
+    calibration_iterations: int = 20  # LM iterations of those two options' calibration re-solve
     frames: int = 0  # frames kept for the shape (0: off, the first frames' shape held; 12: the measured mode)
     iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
@@ -105,7 +127,8 @@ class ShapeRefineConfig:
               "min_distance": Range(0), "rotation_unit": Range(0, lo_open=True), "jaw_unit": Range(0, lo_open=True),
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
               "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
-              "solve_shape_std": Range(0)}
+              "solve_shape_std": Range(0), "calibration_information": Range(0), "calibration_iterations": Range(0),
+              "calibration_offset_px": Range(0)}
 
 
 @dataclass
@@ -224,7 +247,9 @@ class FrameTracker:
             (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
         cfg = cfg or FlameFitConfig()
         calib_cfg = cfg
-        if refine is not None and refine.frames > 0 and refine.calibration_shape_std > 0:
+        weak = refine is not None and refine.frames > 0 and refine.calibration_shape_std > 0 and \
+            refine.calibration_information > 0  # the tight prior along the weakly observed directions only
+        if refine is not None and refine.frames > 0 and refine.calibration_shape_std > 0 and not weak:
             calib_cfg = replace(cfg, shape_std=refine.calibration_shape_std)
         t0 = time.perf_counter()
         # (``cfg.closed_form``: closed-form Jacobians, shape included; with autograd's batch of N x 140 copies this
@@ -234,7 +259,12 @@ class FrameTracker:
         if threads > 0:
             torch.set_num_threads(threads)
         try:
-            first = fit_flame_to_landmarks(flame, LandmarkTargets(points, image_size, irises=irises), calib_cfg)
+            targets = LandmarkTargets(points, image_size, irises=irises)
+            first = fit_flame_to_landmarks(flame, targets, calib_cfg)
+            if weak:
+                first = cls._weak_prior_resolve(flame, targets, cfg, first, refine)
+            if refine is not None and refine.calibration_offset_px > 0:
+                first = cls._offset_resolve(flame, points, irises, image_size, cfg, first, refine)
         finally:
             torch.set_num_threads(before)
         bias = torch.zeros(68, 2)
@@ -246,6 +276,43 @@ class FrameTracker:
                 "detector_offset_rms_px": float(bias[17:].norm(dim=-1).square().mean().sqrt()),
                 "seconds": time.perf_counter() - t0}
         return tracker, info
+
+    @staticmethod
+    def _weak_prior_resolve(flame: FlameModel, targets: LandmarkTargets, cfg: FlameFitConfig, first,
+                            refine: ShapeRefineConfig):
+        """The calibration ``first`` (fitted with the fit's own shape prior) solved again, warm-started, with the
+        shape prior std ``refine.calibration_shape_std`` along the eigen-directions of the shape's information (from
+        these frames, at ``first``'s solution) below ``refine.calibration_information`` and ``cfg.shape_std`` along
+        the others.  Returns the re-solve's FlameFitResult (params: N frames, the new shape; landmarks (N, 68, 2))."""
+        solve_cfg = replace(cfg, focal=float(first.camera.fx), fit_focal=False)
+        sr = ShapeRefinement(LandmarkFlame(flame), targets, solve_cfg, first.params.shape.cpu(), first.params.to("cpu"),
+                             refine.calibration_iterations)
+        evals, vecs = torch.linalg.eigh(sr.shape_information())
+        weak = evals < refine.calibration_information
+        prec = torch.where(weak, 1.0 / refine.calibration_shape_std ** 2, 1.0 / cfg.shape_std ** 2).to(vecs.dtype)
+        sr.set_shape_precision(vecs @ torch.diag(prec) @ vecs.T)
+        sr.advance(sr.max_iterations)
+        res = sr.result()
+        res.losses["weak_directions"] = float(weak.sum())
+        return res
+
+    @staticmethod
+    def _offset_resolve(flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
+                        cfg: FlameFitConfig, first, refine: ShapeRefineConfig):
+        """``refine.calibration_offset_px``: from the calibration ``first``, one joint Gauss-Newton step of the shape
+        and the detector's per-landmark offset (ShapeRefinement.offset_step), then the shape and frames solved again
+        on the points less that offset.  Returns that solve's FlameFitResult (landmarks: the fitted points, so
+        points - landmarks is the offset plus what is left)."""
+        solve_cfg = replace(cfg, focal=float(first.camera.fx), fit_focal=False)
+        lf = LandmarkFlame(flame)
+        params = first.params.to("cpu")
+        sr = ShapeRefinement(lf, LandmarkTargets(points, image_size, irises=irises), solve_cfg, params.shape, params,
+                             refine.calibration_iterations)
+        shape, offset = sr.offset_step(refine.calibration_offset_px)
+        sr = ShapeRefinement(lf, LandmarkTargets(points.cpu() - offset, image_size, irises=irises), solve_cfg, shape,
+                             params, refine.calibration_iterations)
+        sr.advance(sr.max_iterations)
+        return sr.result()
 
     def step(self, points: Tensor | None, irises: Tensor | None = None) -> tuple[FlameParams, float]:
         """Track the next frame: points (68, 2) iBUG-68 pixels (None: no face in this frame), irises (2, 2) or None.
