@@ -2,12 +2,13 @@
 
     python track.py --checkpoint output/cpu/model.pt --video data/clips/head-pose-face-detection-female.gif \
         --out output/female
-    python benchmarks/video_figure.py output/female docs/video_avatar_female.png --frames 3 --height 384
+    python benchmarks/video_figure.py output/female [output/male ...] --out docs/video_avatar_real.png --frames 3
 
-Reads the run's ``heldout.mp4`` (each frame: the photo's face crop | the avatar's render of it, side by side),
+Reads each run's ``heldout.mp4`` (each frame: the photo's face crop | the avatar's render of it, side by side),
 takes ``--frames`` of its frames evenly spread, crops them to the face mask's bounding box (the non-black
 pixels of both halves, plus a margin), scales each to ``--height`` pixels (bicubic) and places them side by side with
-a thin white gap.  Prints the source frame numbers (metrics.json ``heldout_frames``) it used.
+a thin white gap; one row per run (rows padded to the widest).  Prints the source frame numbers (metrics.json
+``heldout_frames``) it used.
 """
 from __future__ import annotations
 
@@ -53,25 +54,35 @@ def figure(frames: list[np.ndarray], height: int, gap: int = 6) -> np.ndarray:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", type=Path, help="a track.py --video output folder (holds heldout.mp4, metrics.json)")
-    p.add_argument("out", type=Path, help="the PNG to write")
-    p.add_argument("--frames", type=int, default=3, help="held-out frames shown, evenly spread over heldout.mp4")
+    p.add_argument("runs", type=Path, nargs="+", help="track.py --video output folders (each holds heldout.mp4, "
+                                                        "metrics.json): one row each")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--frames", type=int, default=3,
+                   help="held-out frames shown per run, evenly spread over heldout.mp4")
     p.add_argument("--height", type=int, default=384, help="height of each real | avatar pair in pixels")
     a = p.parse_args()
     if a.frames < 1 or a.height < 16:
         p.error(f"--frames must be >= 1 and --height >= 16, got {a.frames} and {a.height}")
-    try:
-        frames, _, _ = read_video_frames(a.run / "heldout.mp4")
-    except ValueError as e:
-        raise SystemExit(f"{e} (expected track.py --video's heldout.mp4 in {a.run})")
-    pick = np.unique(np.linspace(0, len(frames) - 1, min(a.frames, len(frames))).round().astype(int))
+    rows = []
+    for run in a.runs:
+        try:
+            frames, _, _ = read_video_frames(run / "heldout.mp4")
+        except ValueError as e:
+            raise SystemExit(f"{e} (expected track.py --video's heldout.mp4 in {run})")
+        pick = np.unique(np.linspace(0, len(frames) - 1, min(a.frames, len(frames))).round().astype(int))
+        rows.append(figure([frames[i] for i in pick], a.height))
+        held = json.loads((run / "metrics.json").read_text()).get("heldout_frames") \
+            if (run / "metrics.json").exists() else None
+        used = [held[i] for i in pick] if held and len(held) == len(frames) else pick.tolist()
+        print(f"{run}: held-out frames {used}")
+    width = max(r.shape[1] for r in rows)
+    gap = np.full((6, width, 3), 255, np.uint8)
+    image = np.concatenate([x for r in rows for x in (np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)),
+                                                             constant_values=255), gap)][:-1], axis=0)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(a.out), figure([frames[i] for i in pick], a.height)[..., ::-1]):  # RGB -> BGR
+    if not cv2.imwrite(str(a.out), image[..., ::-1]):  # RGB -> BGR
         raise SystemExit(f"{a.out}: could not write the PNG")
-    held = json.loads((a.run / "metrics.json").read_text()).get("heldout_frames") \
-        if (a.run / "metrics.json").exists() else None
-    used = [held[i] for i in pick] if held and len(held) == len(frames) else pick.tolist()
-    print(f"{a.out}: held-out frames {used}")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

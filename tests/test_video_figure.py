@@ -35,10 +35,11 @@ def test_figure_scales_every_pair_to_the_height():
 
 def test_script_writes_the_png_and_names_a_missing_video(tmp_path):
     write_video(tmp_path / "run" / "heldout.mp4", [_pair(10, 30)] * 4, fps=4)
-    r = subprocess.run([sys.executable, "benchmarks/video_figure.py", str(tmp_path / "run"), str(tmp_path / "f.png"),
-                        "--frames", "2", "--height", "32"], cwd=ROOT, capture_output=True, text=True)
+    script = [sys.executable, "benchmarks/video_figure.py"]
+    r = subprocess.run(script + [str(tmp_path / "run"), str(tmp_path / "run"), "--out", str(tmp_path / "f.png"),
+                                 "--frames", "2", "--height", "32"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert cv2.imread(str(tmp_path / "f.png")).shape[0] == 32
-    r = subprocess.run([sys.executable, "benchmarks/video_figure.py", str(tmp_path / "none"), str(tmp_path / "g.png")],
-                       cwd=ROOT, capture_output=True, text=True)
+    assert cv2.imread(str(tmp_path / "f.png")).shape[0] == 2 * 32 + 6  # two rows and the gap between them
+    r = subprocess.run(script + [str(tmp_path / "none"), "--out", str(tmp_path / "g.png")], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "heldout.mp4" in r.stderr
