@@ -152,7 +152,8 @@ def test_track_help_documents_video_flags():
     from track import build_parser
 
     text = build_parser().format_help()
-    for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks"):
+    for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks",
+                 "--video_rim_band", "--video_ignore_cut"):
         assert flag in text, flag
 
 

@@ -83,6 +83,10 @@ def test_video_masks_use_detector_outlines(clip, fit_model, tmp_path, monkeypatc
     assert "outline" in a["mask"] and "outline" not in b["mask"]
     assert json.loads((tmp_path / "outline" / "metrics.json").read_text())["mask"] == a["mask"]
     assert a["crop"][1] < b["crop"][1], (a["crop"], b["crop"])
+    # the fit leaves out where the outline cut the projected mask (plus the 1-pixel ring): more than the ring alone
+    na, nb = a["loss_no_data"], b["loss_no_data"]
+    assert na["outline_cut"] and na["rim_band_px"] == 1, na
+    assert na["fraction_of_crop"] > nb["fraction_of_crop"] > 0, (na, nb)
 
 
 def test_detect_video_faces_outlines_and_small_faces():
@@ -125,3 +129,46 @@ def test_video_too_small_faces_error(fit_model, tmp_path, capsys):  # noqa: F811
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "far.mp4" in err and "too small" in err and "--min_face_px=2000" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_no_data_mask_is_the_rim_band_and_the_outline_cut():
+    """The no-data pixels of a frame: the ring of rim_band_px just outside the face mask and, with ``cut``, the part
+    of the projected FLAME face mask outside the detector's outline; never a pixel of the mask itself."""
+    from utils.apps.track.video import no_data_mask
+
+    proj = np.zeros((20, 20), np.float32)
+    proj[4:16, 4:16] = 1.0  # the projected FLAME face mask
+    mask = proj.copy()
+    mask[:, 11:] = 0.0  # the outline cut the right part away
+    assert not no_data_mask(mask, proj, 0, False).any()
+    band = no_data_mask(mask, proj, 1, False)
+    grown = np.zeros_like(mask)
+    grown[3:17, 3:12] = 1.0  # the mask (rows 4-15, cols 4-10) dilated by one pixel (square neighbourhood)
+    assert np.array_equal(band, grown - mask)
+    both = no_data_mask(mask, proj, 1, True)
+    assert np.array_equal(both, np.maximum(grown - mask, proj * (1 - mask)))
+    assert both[10, 15] == 1 and both[10, 17] == 0 and (both * mask).sum() == 0  # cut region yes, beyond it no
+    assert np.array_equal(no_data_mask(mask, None, 0, True), np.zeros_like(mask))  # no outline: nothing was cut
+
+
+def test_masked_loss_ignores_no_data_pixels():
+    """masked_loss gives the no-data pixels neither error nor gradient; elsewhere it is the photometric loss."""
+    from utils.apps.track.config import FitConfig
+    from utils.apps.track.fit import photometric
+    from utils.apps.track.video import masked_loss
+
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(16, 16, 3, generator=g)
+    ignore = torch.zeros(16, 16, 1)
+    ignore[:, :5] = 1.0
+    pred = gt.clone()
+    pred[:, :5] = 0.0  # wrong only where there is no data
+    pred.requires_grad_(True)
+    cfg = FitConfig()
+    loss = masked_loss(pred, gt, cfg, ignore)
+    assert float(loss) < 1e-6
+    assert float(photometric(pred, gt, cfg, None)) > 0.05  # the plain loss sees the black band
+    pred2 = (gt + 0.2).clamp(0, 1).requires_grad_(True)
+    masked_loss(pred2, gt, cfg, ignore).backward()
+    assert float(pred2.grad[:, :5].abs().max()) == 0.0 and float(pred2.grad[:, 5:].abs().sum()) > 0
+    assert torch.equal(masked_loss(pred2, gt, cfg, None), photometric(pred2, gt, cfg, None))

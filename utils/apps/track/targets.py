@@ -248,12 +248,13 @@ def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def detected_face_mask(model: TrainedModel, flame_verts: Tensor, flame_faces: Tensor, camera: Camera,
-                       outline: np.ndarray | None = None) -> np.ndarray:
+                       outline: np.ndarray | None = None, projected: np.ndarray | None = None) -> np.ndarray:
     """The face mask of a photo or video frame tracked from detected landmarks: the projected FLAME face mask
     (:func:`projected_face_mask`) intersected with the detector's face outline ``outline`` (K, 2) pixels, which keeps
     hair, ears and background out where the FLAME face mask reaches beyond the face; None or an empty outline: the
-    projected mask alone.  Returns (H, W) float32 in {0, 1} at ``camera``'s size."""
-    mask = projected_face_mask(model, flame_verts, flame_faces, camera)
+    projected mask alone.  ``projected``: that projected mask when the caller already has it.  Returns (H, W) float32
+    in {0, 1} at ``camera``'s size."""
+    mask = projected_face_mask(model, flame_verts, flame_faces, camera) if projected is None else projected
     if outline is not None and len(outline) >= 3:
         mask = mask * polygon_mask(outline, camera.width, camera.height)
     return mask

@@ -9,7 +9,9 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
     masks     per frame the model's face-mask triangles projected from the tracked FLAME (z-buffered against the
               head), intersected with the detector's face outline when the landmarks come from the detector (as the
               photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks: the projected
-              mask alone
+              mask alone; the fit's loss leaves out the pixels that are no data (:func:`no_data_mask`: the
+              ``video_rim_band`` ring just outside the mask and, with ``video_ignore_cut``, where the outline cut the
+              projected mask): the photo is black there only because the mask cut it
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
@@ -78,7 +80,7 @@ from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
-from utils.losses import lpips_metric, lpips_unavailable_reason
+from utils.losses import lpips_metric, lpips_unavailable_reason, ssim_metric
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -115,10 +117,39 @@ def split_frames(found: np.ndarray, heldout_every: int, heldout_tail: float) -> 
 @dataclass
 class FrameTargets:
     """The frames of one clip that a fit sees: views (cropped to one size: camera, masked image (h, w, 3), face mask
-    (h, w, 1)) and their tracked level-0 face-mask vertices (each (M, 3))."""
+    (h, w, 1)), their tracked level-0 face-mask vertices (each (M, 3)) and optionally their no-data pixels (each
+    (h, w, 1) in {0, 1}, :func:`no_data_mask`; None: every pixel is data)."""
 
     views: list[View]
     bases: list[Tensor]
+    ignore: list[Tensor] | None = None
+
+
+def no_data_mask(mask: np.ndarray, projected: np.ndarray | None, rim_band_px: int, cut: bool) -> np.ndarray:
+    """(H, W) float32 {0, 1}: the pixels of a frame the fit must not read as black.  ``mask`` (H, W): the frame's
+    face mask (the projected FLAME face mask ``projected`` (H, W), within the detector's outline when there is one).
+
+    Why: the frame is black outside its face mask only because the mask cut it; the avatar's surface goes on there.
+    Supervising those pixels as black pulls the straddling rim Gaussians' opacity, size and colour down, which
+    darkens and fades the face just inside the mask's edge (the model itself was trained with that ring
+    unsupervised, loss.rim_band).  Left out: the ``rim_band_px`` pixels just outside the mask and, with ``cut``,
+    the part of the projected FLAME face mask that the detector's outline removed (forehead under the hair, cheeks
+    beyond the outline: the avatar renders a face there, the photo shows hair or background)."""
+    from utils.losses import rim_band
+
+    m = torch.as_tensor(mask, dtype=torch.float32)[..., None]
+    out = rim_band(m, rim_band_px)[..., 0].numpy() if rim_band_px > 0 else np.zeros(mask.shape, np.float32)
+    if cut and projected is not None:
+        out = np.maximum(out, ((projected > 0.5) & (mask <= 0.5)).astype(np.float32))
+    return out.astype(np.float32)
+
+
+def masked_loss(pred: Tensor, gt: Tensor, cfg: FitConfig, ignore: Tensor | None) -> Tensor:
+    """:func:`photometric` with the no-data pixels ``ignore`` ((..., h, w, 1), 1 = no data; None: none) left out:
+    the target stands in for the prediction there (no gradient, no error), as training's loss.rim_band does."""
+    if ignore is not None:
+        pred = torch.where(ignore > 0.5, gt, pred)
+    return photometric(pred, gt, cfg, None)
 
 
 def _batches(n: int, batch: int, seed: int = 0):
@@ -147,10 +178,9 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
     start_losses = {}
     with torch.no_grad():
         for k, (w_c, _) in cands.items():
-            start_losses[k] = float(np.mean([float(photometric(render(code_cloud(model, w_c, frames.bases[i]),
-                                                                         frames.views[i].camera, backend=backend)
-                                                                  ["image"], frames.views[i].image, cfg, None))
-                                             for i in probe]))
+            start_losses[k] = float(np.mean([float(masked_loss(
+                render(code_cloud(model, w_c, frames.bases[i]), frames.views[i].camera, backend=backend)["image"],
+                frames.views[i].image, cfg, None if frames.ignore is None else frames.ignore[i])) for i in probe]))
     start = min(start_losses, key=start_losses.get)
     w0 = cands[start][0].detach()
     var = w0.clone().requires_grad_(True)
@@ -169,7 +199,8 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
         for i in idx:
             cloud = f.attach(raw, verts[i][None])[0]
             pred = render(cloud, frames.views[i].camera, backend=backend)["image"]
-            loss = loss + photometric(pred, frames.views[i].image, cfg, None) / len(idx)
+            ign = None if frames.ignore is None else frames.ignore[i]
+            loss = loss + masked_loss(pred, frames.views[i].image, cfg, ign) / len(idx)
         total = loss + cfg.style_reg * (var - w0).square().mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -212,8 +243,9 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         idx = next(batches)
         off = colour_offsets(model, res)
-        loss = sum(photometric(render(with_colour(clouds[i], off), frames.views[i].camera, backend=backend)["image"],
-                               frames.views[i].image, cfg, None) for i in idx) / len(idx)
+        loss = sum(masked_loss(render(with_colour(clouds[i], off), frames.views[i].camera, backend=backend)["image"],
+                               frames.views[i].image, cfg, None if frames.ignore is None else frames.ignore[i])
+                   for i in idx) / len(idx)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -226,24 +258,28 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
 def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: Sequence[int],
                     colour: Tensor | None = None, backend: str = "auto", gaussians: Tensor | None = None,
                     lpips: bool = False) -> tuple[dict, list[Tensor]]:
-    """Mean PSNR in the face mask (``psnr_face``), PSNR of the crop and SSIM over frames ``idx`` (with the colour
+    """Mean PSNR in the face mask (``psnr_face``), PSNR and SSIM of the crop, SSIM in the face mask (``ssim_face``:
+    the render multiplied by the frame's mask against the masked photo, so that what the avatar draws outside the
+    mask, where the photo is black because the mask cut it, is not scored) over frames ``idx`` (with the colour
     residual (M, 3) and the per-Gaussian residual (V, K, 7)); with ``lpips`` also the mean LPIPS (VGG;
     utils/losses.py lpips_metric) inside the face mask (render and photo both multiplied by the frame's mask, so that
     only the face is compared), None when the optional lpips package is not usable here.
     Returns (metrics with a per-frame list, renders (h, w, 3) per frame)."""
-    pf, p, s, lp, renders = [], [], [], [], []
+    pf, p, s, sf, lp, renders = [], [], [], [], [], []
     for i in idx:
         v = frames.views[i]
         m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour, gaussians), [v], backend=backend)
         pf.append(m["psnr_face_all"])
         p.append(m["psnr_all"])
         s.append(m["ssim_all"])
+        sf.append(float(ssim_metric(r[0] * v.mask, v.image * v.mask)))
         renders.append(r[0])
         d = lpips_metric(r[0] * v.mask, v.image * v.mask) if lpips else None
         if d is not None:
             lp.append(float(d))
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "lpips": mean(lp) if lp else None,
+    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "ssim_face": mean(sf),
+            "lpips": mean(lp) if lp else None,
             "per_frame_psnr_face": pf}, renders
 
 
@@ -322,23 +358,31 @@ def track_video(cfg: TrackConfig) -> dict:
     # does), masked photo, one crop size for all frames
     t0 = time.perf_counter()
     used = sorted(train + held)
-    photos, masks, bases, fparams = {}, {}, {}, {}
+    photos, masks, bases, fparams, nodata = {}, {}, {}, {}, {}
     for t in used:
         verts, base, _, p = frame_flame(model, flame_dir, None, params=params, frame=t, flame=flame)
-        m = detected_face_mask(model, verts, flame.faces, cam, None if outlines is None else outlines[t])[..., None]
+        outline = None if outlines is None else outlines[t]
+        proj = projected_face_mask(model, verts, flame.faces, cam) if outline is not None and len(outline) >= 3 \
+            else None
+        m = detected_face_mask(model, verts, flame.faces, cam, outline, projected=proj)[..., None]
         if m.sum() == 0:
             raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame (or misses the "
                              f"detector's face outline there)")
         photos[t] = masked_photo(frames[t].astype(np.float32) / 255.0, m[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
         masks[t], bases[t], fparams[t] = m.astype(np.float32), base.to(device), p
+        nodata[t] = no_data_mask(m[..., 0], proj, cfg.video_rim_band, cfg.video_ignore_cut)
     cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
-    views = {}
+    views, ignore = {}, {}
     for t in used:
-        i, m, c = crop_view(photos[t], masks[t], cam, cw, ch)
-        views[t] = View(f"frame_{t:05d}", c.to(device), to_tensor_img(i, device), to_tensor_img(m, device))
+        # the no-data map travels as a 4th channel so that it gets the same crop window
+        i, m, c = crop_view(np.concatenate([photos[t], nodata[t][..., None]], -1), masks[t], cam, cw, ch)
+        views[t] = View(f"frame_{t:05d}", c.to(device), to_tensor_img(i[..., :3], device), to_tensor_img(m, device))
+        ignore[t] = to_tensor_img(i[..., 3:], device)
+    use_ignore = cfg.video_rim_band > 0 or cfg.video_ignore_cut
     allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
     pos = {t: k for k, t in enumerate(used)}
-    train_set = FrameTargets([views[t] for t in train], [bases[t] for t in train])  # held-out frames never enter
+    train_set = FrameTargets([views[t] for t in train], [bases[t] for t in train],  # held-out frames never enter
+                             [ignore[t] for t in train] if use_ignore else None)
     times["targets"] = time.perf_counter() - t0
 
     # ---- fit: style on many frames, then the colour residual
@@ -352,7 +396,8 @@ def track_video(cfg: TrackConfig) -> dict:
     if cfg.video_refine.iterations > 0:  # colour, per-Gaussian and per-frame FLAME refinement, jointly
         refined = refine_video(model, w_fit, flame, train, held, fparams, {t: views[t] for t in train}, cfg.fit,
                                cfg.video_refine, cfg.video_batch, cfg.backend, cfg.progress,
-                               {t: views[t] for t in held} if cfg.progress else None)
+                               {t: views[t] for t in held} if cfg.progress else None,
+                               {t: ignore[t] for t in train} if use_ignore else None)
         w_fit, colour, gaussians, colour_losses = refined.w, refined.colour, refined.gaussians, refined.losses
         bases.update({t: b.to(device) for t, b in refined.bases.items()})
         fparams.update({t: p.to("cpu") for t, p in refined.params.items()})
@@ -418,6 +463,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "heldout_rule": {"every": cfg.heldout_every, "tail": cfg.heldout_tail},
             "psnr_face_heldout": m_held["psnr_face"], "psnr_face_train": m_train["psnr_face"],
             "ssim_heldout": m_held["ssim"], "ssim_train": m_train["ssim"],
+            "ssim_face_heldout": m_held["ssim_face"], "ssim_face_train": m_train["ssim_face"],
             "psnr_heldout": m_held["psnr"], "psnr_train": m_train["psnr"],
             "psnr_face_heldout_code_only": c_held["psnr_face"],
             "psnr_face_heldout_mean_code": b_held["psnr_face"], "psnr_face_train_mean_code": b_train["psnr_face"],
@@ -440,6 +486,8 @@ def track_video(cfg: TrackConfig) -> dict:
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
             "mask": "projected FLAME face mask" + (" within the detector's face outline" if outlines else ""),
+            "loss_no_data": {"rim_band_px": cfg.video_rim_band, "outline_cut": cfg.video_ignore_cut,
+                             "fraction_of_crop": float(np.mean([float(ignore[t].mean()) for t in train]))},
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "seconds_tracking": sub,
             "device": str(device), "checkpoint": str(cfg.checkpoint),

@@ -188,7 +188,7 @@ def _batches(n: int, batch: int, seed: int):
 def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[int], held: list[int],
                  params: dict[int, FlameParams], views: dict[int, View],
                  fit: FitConfig, cfg: VideoRefineConfig, batch: int, backend: str = "auto", progress: bool = True,
-                 monitor: dict[int, View] | None = None) -> RefineResult:
+                 monitor: dict[int, View] | None = None, ignore: dict[int, Tensor] | None = None) -> RefineResult:
     """The refinement of the module docstring for style ``w`` (S,).
 
     Args:
@@ -199,6 +199,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         cfg: this stage's settings (VideoRefineConfig).
         batch: training frames per step (``cfg.batch`` when > 0, else this).
         monitor: held-out views whose face-mask PSNR the progress bar shows (read only).
+        ignore: the training frames' no-data pixels ((h, w, 1), 1 = left out of the loss; video.no_data_mask), or
+            None (every pixel is data).
     Returns:
         RefineResult.
     """
@@ -323,6 +325,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         out = render_identities(c, [[camera_of(views[train[i]])] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
+        if ignore is not None:  # no data there: the target stands in for the render (no gradient, no error)
+            pred = torch.where(torch.stack([ignore[train[i]] for i in idx]) > 0.5, gt, pred)
         loss = photometric(pred, gt, fit, None)
         total = loss
         if use_colour:
