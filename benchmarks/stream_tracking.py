@@ -121,7 +121,9 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
     # calibration_information, calibration_offset_px, calibration_iterations)
     prior = (refine.calibration_shape_std, refine.calibration_information, refine.calibration_iterations) \
         if refine.frames > 0 else 0.0
-    prior = (prior, refine.calibration_offset_px, refine.calibration_iterations if refine.calibration_offset_px else 0)
+    prior = (prior, refine.calibration_offset_px, refine.calibration_iterations if refine.calibration_offset_px else 0,
+             (refine.calibration_offset_rounds, refine.calibration_offset_groups)
+             if refine.calibration_offset_px else 0)
     calibrated = calibrated.setdefault((bool(closed_form), prior), {})
     if not calibrated:
         t, c = time.perf_counter(), time.process_time()
@@ -175,7 +177,8 @@ def main() -> None:
                     help="more stream runs, each 'field=value,...' of ShapeRefineConfig (plus bias_correction=0/1: "
                          "re-estimate the detector offset with the shape; stream_iterations=N: LM iterations per "
                          "frame; closed_form=0/1: the calibration's Jacobians; warm.<FlameFitConfig field>=value: the "
-                         "warm frames' fit setting, e.g. warm.tolerance=1e-3), e.g. frames=16,blend_frames=8 or "
+                         "warm frames' fit setting, e.g. warm.tolerance=1e-3; "
+                         "calibration_offset_groups=brows:1.5+nose:1.5), e.g. frames=16,blend_frames=8 or "
                          "frames=0,stream_iterations=5")
     ap.add_argument("--stream_iterations", type=int, default=AnimationConfig.stream_iterations,
                     help="Levenberg-Marquardt iterations per warm-started frame of the runs without their own")
@@ -214,6 +217,9 @@ def main() -> None:
             if name.startswith("warm."):  # warm.<FlameFitConfig field>=value
                 f = name[5:]
                 warm[f] = type(getattr(FlameFitConfig, f))(float(value))
+                continue
+            if name == "calibration_offset_groups":  # brows:1.5+nose:1.5 -> "brows=1.5,nose=1.5"
+                kw[name] = value.replace(":", "=").replace("+", ",")
                 continue
             kind = int if name == "stream_iterations" else type(getattr(ShapeRefineConfig, name, True))
             # (bias_correction, closed_form: FrameTracker arguments (bool))

@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 
 from tests.fixtures import synthetic_root  # noqa: F401
@@ -253,3 +254,57 @@ def test_offset_step_shares_a_static_detector_offset_between_shape_and_offset(fl
     # the calibration's own detector offset (estimate + what the re-solve leaves) still follows the injected one
     assert cos(joint.bias[17:], injected[17:]) > 0.8 and bool(torch.isfinite(joint.shape).all())
     assert float((joint.shape - truth.shape).norm()) < float((plain.shape - truth.shape).norm())
+
+
+def test_offset_rounds_groups_and_start(flame_and_truth):  # noqa: F811
+    """The calibration offset's options (ShapeRefineConfig.calibration_offset_groups / _rounds,
+    ShapeRefinement.offset_step's per-point std and start offset): a group with factor 0 keeps a zero offset, the
+    factors scale calibration_offset_px per group, a step started from an offset counts it in the total its prior
+    holds near 0 (a stiff prior pulls the total, not only the step, to 0), and a second round (step + re-solve from
+    the first's solution) follows an injected brows-heavy detector offset at least as well as one round."""
+    from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, ShapeRefinement, fit_flame_to_landmarks
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+    from utils.face.landmark_flame import LandmarkFlame
+
+    std = ShapeRefineConfig(calibration_offset_px=6.0, calibration_offset_groups="brows=2, eyes=0").offset_std()
+    assert float(std[:17].abs().max()) == 0 and float(std[17]) == 12.0 and float(std[30]) == 6.0
+    assert float(std[36:48].abs().max()) == 0 and float(std[48]) == 6.0
+    with pytest.raises(ValueError):
+        ShapeRefineConfig(calibration_offset_px=6.0, calibration_offset_groups="jaw=1").offset_std()
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, [(0.0, 0.0), (3.0, 0.0), (0.0, 3.0), (-3.0, 1.0)], 4)
+    injected = torch.zeros(68, 2)
+    injected[17:] = 1.5 * torch.randn(51, 2, generator=torch.Generator().manual_seed(1))
+    injected[17:27, 1] -= 4.0  # brows detected 4 px too high
+    pts = pts + injected
+    cfg = FlameFitConfig(iterations=10)
+    cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))  # noqa: E731
+    with single_thread():
+        first = fit_flame_to_landmarks(flame, LandmarkTargets(pts, SIZE), cfg)
+        fixed = replace(cfg, focal=float(first.camera.fx))
+        lf = LandmarkFlame(flame)
+        sr = ShapeRefinement(lf, LandmarkTargets(pts, SIZE), fixed, first.params.shape, first.params, 10)
+        held = torch.full((68,), 3.0)
+        held[36:48] = 0.0  # eyes held at their start
+        _, off = sr.offset_step(held)
+        # from a start offset: the targets are the points less it, the prior is centred on 0 for the total
+        sr2 = ShapeRefinement(lf, LandmarkTargets(pts - injected, SIZE), fixed, first.params.shape, first.params, 10)
+        _, off2 = sr2.offset_step(held, injected)
+        _, pulled = sr2.offset_step(0.01, injected)  # a stiff prior pulls the total (not the step) to 0
+        rounds = {}
+        for k in (1, 2):
+            tr, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(
+                frames=0, calibration_offset_px=3.0, calibration_offset_rounds=k))
+            rounds[k] = (cos(tr.bias[17:], injected[17:]), float((tr.shape - truth.shape).norm()))
+    print(f"held eyes: max {float(off[36:48].abs().max()):.3g}; from the injected start: eyes "
+          f"{float((off2[36:48] - injected[36:48]).abs().max()):.3g}, cos {cos(off2[17:], injected[17:]):.3f}, stiff "
+          f"prior {float(pulled[17:].norm()):.3g} of {float(injected[17:].norm()):.3g}; "
+          f"rounds (cos, shape error) "
+          f"{rounds}")
+    assert float(off[:17].abs().max()) == 0 and float(off[36:48].abs().max()) == 0
+    assert cos(off[17:], injected[17:]) > 0.5
+    # started at the injected offset: the held points keep it exactly; the prior acts on the total offset
+    assert float((off2[36:48] - injected[36:48]).abs().max()) < 1e-5
+    assert float(pulled[17:].norm()) < 0.05 * float(injected[17:].norm())
+    assert rounds[2][0] >= rounds[1][0] - 0.02 and rounds[2][1] <= rounds[1][1] + 0.1

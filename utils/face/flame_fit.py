@@ -1032,6 +1032,11 @@ def fit_flame_to_landmarks(flame: FlameModel, targets: LandmarkTargets, cfg: Fla
     return _assemble_result(p, losses, camera_name, t_start)
 
 
+# the iBUG-68 static points' groups (first index, end): utils/face/frame_tracker.py
+# ShapeRefineConfig.calibration_offset_groups
+OFFSET_GROUPS = {"brows": (17, 27), "nose": (27, 36), "eyes": (36, 48), "mouth": (48, 68)}
+
+
 class ShapeRefinement:
     """A joint landmark fit of N frames -- their shared FLAME shape and each frame's head pose, expression, jaw and
     eyes -- warm-started from a shape and the frames' tracked parameters and run a few Levenberg-Marquardt iterations
@@ -1115,21 +1120,33 @@ class ShapeRefinement:
             H = H / (c[:, None] * c[None, :])  # variables -> coefficients (coefficient = variable * c)
         return 0.5 * (H + H.T)
 
-    def offset_step(self, offset_std_px: float) -> tuple[Tensor, Tensor]:
+    def offset_step(self, offset_std_px: float | Tensor, offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One Gauss-Newton step, from the current state, of the shape jointly with a per-landmark detector offset
-        b (the static points', shared by the N frames, prior std ``offset_std_px`` pixels, starting at 0; the frames'
-        variables eliminated as in :meth:`shape_information`).  A fit with the offset fixed at 0 lets the shape take
-        whatever static 2D pattern the detector adds (on near-frontal, near-duplicate frames the two are alike); here
-        the two priors share it out, and different views tell them apart.  Returns (shape (1, 300) coefficients,
-        offset (68, 2) pixels: the targets are points - offset; 0 on the contour)."""
+        b (the static points', shared by the N frames, prior N(0, ``offset_std_px``^2) pixels; the frames' variables
+        eliminated as in :meth:`shape_information`).  A fit with the offset fixed at 0 lets the shape take whatever
+        static 2D pattern the detector adds (on near-frontal, near-duplicate frames the two are alike); here the two
+        priors share it out, and different views tell them apart.
+
+        Args:
+            offset_std_px: the prior std in pixels, one for all static points or (68,) per point (0: that point's
+                offset stays where it is; the contour's 17 are never estimated).
+            offset: (68, 2) the offset the targets already have removed (this solve's points are the detector's
+                less it), where the step starts; None: 0.  Repeated steps with re-solves between them
+                (FrameTracker's ``calibration_offset_rounds``) move towards the joint optimum.
+        Returns:
+            (shape (1, 300) coefficients, offset (68, 2) pixels: the new total offset, targets = points - offset;
+            0 on the contour)."""
         p = self.p
         ns, T, K = p.ns, p.T, p.K
+        std = torch.as_tensor(offset_std_px, dtype=torch.float64).reshape(-1).expand(68).clone()
+        std[:17] = 0.0
+        b0 = torch.zeros(68, 2, dtype=torch.float64) if offset is None else offset.detach().to(torch.float64).cpu()
         with torch.no_grad():
             rows = _contour_rows(p)
             r, Jf, Js = _data_terms(p, p.X, p.Y, rows, p.scale_narrow, False, True)
             # d residual / d offset by central differences on the targets (a residual depends on uv - (pts - b) of
             # its own point only, so one shift of every point's x (then y) gives all 2 x 2 blocks)
-            lm = torch.arange(17, 68)
+            lm = torch.nonzero(std > 0).reshape(-1)
             Jb = torch.zeros(T, K, 2 * len(lm), dtype=torch.float64)
             pts0, eps = p.pts, 0.05
             for c in range(2):
@@ -1142,7 +1159,7 @@ class ShapeRefinement:
                 p.pts, p.np_cache, p.uv_memo = pts0, None, None
                 dr = (rr[0] - rr[1]) / (2.0 * eps)  # (T, K)
                 for cc in range(2):
-                    Jb[:, 2 * lm + cc, 2 * (lm - 17) + c] = dr[:, 2 * lm + cc]
+                    Jb[:, 2 * lm + cc, 2 * torch.arange(len(lm)) + c] = dr[:, 2 * lm + cc]
             diag = p.d_f.square().expand(T, -1).clone()
             gf = torch.einsum("tkq,tk->tq", Jf, r) + p.d_f.square() * p.X
             if p.tw is not None:
@@ -1156,8 +1173,8 @@ class ShapeRefinement:
             nS = JS.shape[-1]
             P = torch.zeros(nS, nS, dtype=torch.float64)
             P[:ns, :ns] = p.prior_s[:ns, :ns] if p.prior_s is not None else torch.diag(p.d_s[:ns].square())
-            P[ns:, ns:] = torch.eye(nS - ns, dtype=torch.float64) / offset_std_px ** 2
-            xS = torch.cat([p.Y[:ns], torch.zeros(nS - ns, dtype=torch.float64)])
+            P[ns:, ns:] = torch.diag((1.0 / std[lm].square()).repeat_interleave(2))
+            xS = torch.cat([p.Y[:ns], b0[lm].reshape(-1)])  # the offset's prior acts on the total b0 + step
             A = Jf.transpose(1, 2) @ Jf + torch.diag_embed(diag)
             B = Jf.transpose(1, 2) @ JS  # (T, Qf, nS)
             AiB, Aig = torch.linalg.solve(A, B), torch.linalg.solve(A, gf[..., None])
@@ -1167,9 +1184,10 @@ class ShapeRefinement:
             c = p.c_shape[0].to("cpu", torch.float64)
             shape = torch.zeros(1, NUM_SHAPE, dtype=torch.float32)
             shape[0, :ns] = ((p.Y[:ns] + d[:ns]) * c).float()
-            offset = torch.zeros(68, 2)
-            offset[17:] = d[ns:].reshape(-1, 2).float()
-        return shape, offset
+            out = b0.clone()
+            out[lm] += d[ns:].reshape(-1, 2)
+            out[:17] = 0.0
+        return shape, out.float()
 
     def set_shape_precision(self, precision: Tensor) -> None:
         """Replace the shape's diagonal prior by the full precision ``precision`` (ns, ns), in shape coefficients

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from models.flame import NUM_SHAPE, FlameModel, FlameParams
 from utils.core.config import Range
-from utils.face.flame_fit import FlameFitConfig, LandmarkTargets, ShapeRefinement, fit_flame_to_landmarks
+from utils.face.flame_fit import OFFSET_GROUPS, FlameFitConfig, LandmarkTargets, ShapeRefinement, fit_flame_to_landmarks
 from utils.face.landmark_flame import LandmarkFlame
 
 
@@ -72,7 +72,12 @@ class ShapeRefineConfig:
     detector's offsets on the synthetic face, fitted as shape), so it stays off (0).  ``calibration_offset_px``
     (estimating that offset jointly with the shape in the calibration, no re-solves, ``frames`` 0) with 6 px: 85-frame
     0.910 / 0.861 / 0.716 / 0.993, 337-frame 0.937 / 0.847 / 0.707 / 0.997 at the default's per-frame cost, but the
-    16-frame video's brows 0.882 (-0.043), so it is off (0) too."""
+    16-frame video's brows 0.882 (-0.043), so it is off (0) too.  Its two refinements
+    (benchmarks/results/stream_offset_iter_cpu_2026-12-06d.md, min minus batch on the 16 / 85 / 337-frame videos):
+    ``calibration_offset_rounds`` 2 (towards the joint optimum) -0.080 / -0.006 / -0.027; ``calibration_offset_groups``
+    "brows=1.5,nose=1.5" (looser brows and nose offsets) -0.008 / -0.009 / -0.029 -- no setting within 0.02 on all
+    three (the 337-frame video's smile / jaw stay 0.025-0.03 below), and the brows flip between ~0.2 and ~0.7 (long
+    video) or ~0.88 and ~0.97 (test video) with small changes of the factors, so both stay off."""
 
     solve_shape_std: float = 0.0  # the re-solves' shape prior std (0: the fit's own, FlameFitConfig.shape_std)
     calibration_shape_std: float = 0.2  # with ``frames``: the calibration's shape prior std (0: the fit's own)
@@ -91,6 +96,12 @@ class ShapeRefineConfig:
     # (ShapeRefinement.offset_step, then a re-solve on the points less that offset; per static landmark, shared by
     # the frames; 0: the offset is the residual the shape leaves, as the batch fit's bias_correction; applies also
     # with ``frames`` 0)
+    calibration_offset_rounds: int = 1  # with calibration_offset_px: joint offset steps, each with its re-solve
+    # (ShapeRefinement.offset_step from the last round's offset and solve: more rounds move towards the joint
+    # optimum of shape, frames and offset; 1: one linearised step, as first measured)
+    calibration_offset_groups: str = ""  # with calibration_offset_px: per-group prior std factors, e.g. "brows=0"
+    # (groups of the iBUG-68 static points: brows 17-26, nose 27-35, eyes 36-47, mouth 48-67; factor x
+    # calibration_offset_px is that group's prior std, 0: its offset held at 0 in the step; unnamed groups 1)
     calibration_iterations: int = 20  # LM iterations of those two options' calibration re-solve
     frames: int = 0  # frames kept for the shape (0: off, the first frames' shape held; 12: the measured mode)
     iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
@@ -128,7 +139,22 @@ class ShapeRefineConfig:
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
               "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
               "solve_shape_std": Range(0), "calibration_information": Range(0), "calibration_iterations": Range(0),
-              "calibration_offset_px": Range(0)}
+              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1)}
+
+    def offset_std(self) -> Tensor:
+        """(68,) the calibration offset's prior std per landmark in pixels: ``calibration_offset_px`` times the
+        factor ``calibration_offset_groups`` gives that point's group (0 on the contour)."""
+        std = torch.full((68,), float(self.calibration_offset_px))
+        std[:17] = 0.0
+        for item in filter(None, (t.strip() for t in self.calibration_offset_groups.split(","))):
+            name, _, value = item.partition("=")
+            if name.strip() not in OFFSET_GROUPS or not value:
+                raise ValueError(f"calibration_offset_groups: {item!r} is not <group>=<factor> with a group of "
+                                 f"{sorted(OFFSET_GROUPS)}")
+            lo, hi = OFFSET_GROUPS[name.strip()]
+            std[lo:hi] = float(self.calibration_offset_px) * float(value)
+        return std
+
 
 
 @dataclass
@@ -308,10 +334,15 @@ class FrameTracker:
         params = first.params.to("cpu")
         sr = ShapeRefinement(lf, LandmarkTargets(points, image_size, irises=irises), solve_cfg, params.shape, params,
                              refine.calibration_iterations)
-        shape, offset = sr.offset_step(refine.calibration_offset_px)
-        sr = ShapeRefinement(lf, LandmarkTargets(points.cpu() - offset, image_size, irises=irises), solve_cfg, shape,
-                             params, refine.calibration_iterations)
-        sr.advance(sr.max_iterations)
+        std, offset = refine.offset_std(), None
+        for _ in range(max(1, refine.calibration_offset_rounds)):
+            # the joint step from the last solve (the offset's prior on the total), then shape and frames again on
+            # the points less the new offset, warm-started from that solve's frames
+            shape, offset = sr.offset_step(std, offset)
+            sr = ShapeRefinement(lf, LandmarkTargets(points.cpu() - offset, image_size, irises=irises), solve_cfg,
+                                 shape, params, refine.calibration_iterations)
+            sr.advance(sr.max_iterations)
+            params = sr.result().params
         return sr.result()
 
     def step(self, points: Tensor | None, irises: Tensor | None = None) -> tuple[FlameParams, float]:
