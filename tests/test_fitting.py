@@ -650,3 +650,30 @@ def test_code_stage_at_a_lower_resolution(preprocessed_root, fit_model, tmp_path
             gains[scale] = float(psnr(img(res.code.w), v.image) - psnr(img(res.start_w), v.image))
             assert res.seconds_code_loop > 0 and res.seconds_start >= 0 and res.seconds_capture >= 0
     assert gains[1.0] > 1.0 and gains[0.5] > 0.6 * gains[1.0], gains
+
+
+def test_photo_target_crops_the_no_data_pixels_with_the_fitted_view():
+    """photo_target: the no-data map (outline cut + rim band, targets.no_data_mask) is cropped exactly like the
+    fitted view, so the fit leaves out the same pixels the photo lost to the mask; without one there is none."""
+    from models.camera import Camera
+    from utils.apps.track.config import TrackConfig
+    from utils.apps.track.targets import no_data_mask, photo_target
+    from utils.data.dataset import crop_size, crop_view
+
+    cam = Camera.look_at((0, 0, 0.6), (0, 0, 0), (0, 1, 0), 80, 96)
+    photo = np.random.default_rng(0).random((96, 80, 3)).astype(np.float32)
+    proj = np.zeros((96, 80), np.float32)
+    proj[20:70, 15:60] = 1.0  # projected FLAME face mask
+    mask = proj.copy()
+    mask[:, 45:] = 0.0  # the detector's outline cut its right part
+    ignore = no_data_mask(mask, proj, 1, True)
+    cfg = TrackConfig()
+    t = photo_target("x", photo, mask[..., None], cam, torch.zeros(5, 3), cfg, torch.device("cpu"), ignore=ignore)
+    assert t.ignore is not None and t.ignore.shape == t.fit_view.mask.shape
+    # the crop keeps the mask and the no-data map aligned: never both, and the cut region is in the map
+    assert float((t.ignore * t.fit_view.mask).sum()) == 0.0
+    fw, fh = crop_size([mask[..., None]], cfg.fit.crop_margin, cfg.fit.crop_multiple)
+    want, m_crop, _ = crop_view(ignore[..., None], mask[..., None], cam, fw, fh)
+    assert np.array_equal(t.ignore.numpy(), want) and np.array_equal(t.fit_view.mask.numpy(), m_crop)
+    assert float(t.ignore.sum()) > 0
+    assert photo_target("x", photo, mask[..., None], cam, torch.zeros(5, 3), cfg, torch.device("cpu")).ignore is None

@@ -153,7 +153,7 @@ def test_track_help_documents_video_flags():
 
     text = build_parser().format_help()
     for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks",
-                 "--video_rim_band", "--video_ignore_cut"):
+                 "--ignore_rim_band", "--ignore_cut"):
         assert flag in text, flag
 
 

@@ -134,7 +134,7 @@ def test_video_too_small_faces_error(fit_model, tmp_path, capsys):  # noqa: F811
 def test_no_data_mask_is_the_rim_band_and_the_outline_cut():
     """The no-data pixels of a frame: the ring of rim_band_px just outside the face mask and, with ``cut``, the part
     of the projected FLAME face mask outside the detector's outline; never a pixel of the mask itself."""
-    from utils.apps.track.video import no_data_mask
+    from utils.apps.track.targets import no_data_mask
 
     proj = np.zeros((20, 20), np.float32)
     proj[4:16, 4:16] = 1.0  # the projected FLAME face mask
@@ -151,11 +151,10 @@ def test_no_data_mask_is_the_rim_band_and_the_outline_cut():
     assert np.array_equal(no_data_mask(mask, None, 0, True), np.zeros_like(mask))  # no outline: nothing was cut
 
 
-def test_masked_loss_ignores_no_data_pixels():
-    """masked_loss gives the no-data pixels neither error nor gradient; elsewhere it is the photometric loss."""
+def test_photometric_ignores_no_data_pixels():
+    """photometric(ignore=) gives the no-data pixels neither error nor gradient; elsewhere it is the photometric loss."""
     from utils.apps.track.config import FitConfig
     from utils.apps.track.fit import photometric
-    from utils.apps.track.video import masked_loss
 
     g = torch.Generator().manual_seed(0)
     gt = torch.rand(16, 16, 3, generator=g)
@@ -165,10 +164,10 @@ def test_masked_loss_ignores_no_data_pixels():
     pred[:, :5] = 0.0  # wrong only where there is no data
     pred.requires_grad_(True)
     cfg = FitConfig()
-    loss = masked_loss(pred, gt, cfg, ignore)
+    loss = photometric(pred, gt, cfg, ignore=ignore)
     assert float(loss) < 1e-6
     assert float(photometric(pred, gt, cfg, None)) > 0.05  # the plain loss sees the black band
     pred2 = (gt + 0.2).clamp(0, 1).requires_grad_(True)
-    masked_loss(pred2, gt, cfg, ignore).backward()
+    photometric(pred2, gt, cfg, ignore=ignore).backward()
     assert float(pred2.grad[:, :5].abs().max()) == 0.0 and float(pred2.grad[:, 5:].abs().sum()) > 0
-    assert torch.equal(masked_loss(pred2, gt, cfg, None), photometric(pred2, gt, cfg, None))
+    assert torch.equal(photometric(pred2, gt, cfg, ignore=None), photometric(pred2, gt, cfg, None))

@@ -44,7 +44,7 @@ def test_package_portraits_end_to_end(name, fit_model, preprocessed_root, tmp_pa
         assert len(m["flame_loss_history"]) == 1 and m["flame_loss_history"][0] > 0
         assert np.isfinite(m["landmark_error_iod_refined"])
         assert m["landmark_error_iod_refined"] != m["landmark_error_iod"]  # the refined FLAME was exported
-    assert np.isfinite(m["psnr_photo_in_mask"]) and 0 < m["ssim_photo"] <= 1
+    assert np.isfinite(m["psnr_photo_in_mask"]) and 0 < m["ssim_photo"] <= 1 and 0 < m["ssim_photo_in_mask"] <= 1
     assert m["num_views"] == 1 and m["psnr_unseen"] is None
     from models.flame import load_tracking
     from utils.data.camera_params import load_camera_params

@@ -217,14 +217,16 @@ class TrackConfig:
     heldout_every: int = 8  # video mode: every k-th frame is held out (never fitted; 0: none)
     heldout_tail: float = 0.1  # video mode: the last fraction of the clip is held out too
     video_batch: int = 4  # video mode: frames per Adam step of the fit
-    # video mode: pixels of a frame that are no data, left out of the fit's loss (the render stands in for the photo
-    # there, as training's loss.rim_band does): the photos are black outside the face mask only because the mask cut
-    # them, but the avatar's surface goes on there; supervising them as black darkened and faded the face inside the
-    # mask's edge, where 74-83 % of the held-out error sat.  2026-12-06 (CPU preset, 2-core container;
-    # benchmarks/results/video_avatar_rim_cpu_2026-12-06d.md), both on vs both off, held-out PSNR in the face mask:
-    # female 18.03 -> 21.61 dB, male 25.63 -> 32.21, synthetic 25.69 -> 28.38 (its novel cameras 26.57 -> 27.35)
-    video_rim_band: int = 1  # px just outside each frame's face mask left unsupervised (0: off)
-    video_ignore_cut: bool = True  # leave out where the detector's face outline cuts the projected FLAME face mask
+    # photo-only (--image) and video modes: pixels of a photo / frame that are no data, left out of the fit's loss
+    # (the render stands in for the photo there, as training's loss.rim_band does): the photos are black outside the
+    # face mask only because the mask cut them, but the avatar's surface goes on there; supervising them as black
+    # darkened and faded the face inside the mask's edge, where 74-83 % of the video's held-out error sat.  2026-12-06
+    # (CPU preset, 2-core container; benchmarks/results/video_avatar_rim_cpu_2026-12-06d.md), video, both on vs both
+    # off, held-out PSNR in the face mask: female 18.03 -> 21.61 dB, male 25.63 -> 32.21, synthetic 25.69 -> 28.38
+    # (its novel cameras 26.57 -> 27.35); the photo-only path: benchmarks/results/photo_no_data_cpu_2026-12-06d.md.
+    # Calibrated NeRSemble subjects (--subject_dir / --data_root) are not affected.
+    ignore_rim_band: int = 1  # px just outside the face mask left unsupervised (0: off)
+    ignore_cut: bool = True  # leave out where the detector's face outline cuts the projected FLAME face mask
     video_refine: VideoRefineConfig = field(default_factory=VideoRefineConfig)  # video mode: the refinement stage
     mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
     image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
@@ -241,7 +243,7 @@ class TrackConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
     # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
-    RANGES = {"frame": Range(0), "min_face_px": Range(1), "max_face_px": Range(0), "video_rim_band": Range(0),
+    RANGES = {"frame": Range(0), "min_face_px": Range(1), "max_face_px": Range(0), "ignore_rim_band": Range(0),
               "image_scale": Range(0, lo_open=True), "seed": Range(0)}
 
 

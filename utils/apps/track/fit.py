@@ -130,10 +130,16 @@ class FitResult:
 
 
 def photometric(pred: Tensor, gt: Tensor, cfg: FitConfig, eyes: Tensor | None = None,
-                eye_weight: float | None = None) -> Tensor:
+                eye_weight: float | None = None, ignore: Tensor | None = None) -> Tensor:
     """cfg.l1_weight * L1 + cfg.ssim_weight * (1 - SSIM) (+ ``eye_weight`` (default cfg.eye_weight) * L1 inside
-    ``eyes``, the view's eye regions (h, w, 1) or (C, h, w, 1)); pred, gt (h, w, 3) or (C, h, w, 3)."""
+    ``eyes``, the view's eye regions (h, w, 1) or (C, h, w, 1)); pred, gt (h, w, 3) or (C, h, w, 3).
+
+    ``ignore`` ((h, w, 1) or (C, h, w, 1), 1 = no data; None: every pixel is data): pixels left out of the loss, the
+    photo standing in for the render there (no error, no gradient), as training's loss.rim_band does: the photo is
+    black there only because a mask cut it (targets.no_data_mask)."""
     eye_weight = cfg.eye_weight if eye_weight is None else eye_weight
+    if ignore is not None:
+        pred = torch.where(ignore > 0.5, gt, pred)
     loss = cfg.l1_weight * l1(pred, gt)
     if cfg.ssim_weight > 0:
         loss = loss + cfg.ssim_weight * (1.0 - ssim(pred, gt))
@@ -182,10 +188,12 @@ def downscaled_view(camera: Camera, image: Tensor, eyes: Tensor | None, scale: f
 
 def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
                backend: str = "auto", name: str = "", progress: bool = False,
-               eyes: Tensor | None = None, gaussians: Tensor | None = None) -> tuple[Tensor, list[float]]:
+               eyes: Tensor | None = None, gaussians: Tensor | None = None,
+               ignore: Tensor | None = None) -> tuple[Tensor, list[float]]:
     """The colour stage: a per-vertex RGB residual (M, 3) of the level-0 vertices for the fixed style w and
     geometry base, fitted to the photo ``gt`` through ``camera`` (``eyes``: its eye regions, for fit.eye_weight;
-    ``gaussians``: a per-Gaussian residual (V, K, 7) kept fixed, e.g. the rim stage's).
+    ``gaussians``: a per-Gaussian residual (V, K, 7) kept fixed, e.g. the rim stage's; ``ignore``: (h, w, 1) no-data
+    pixels left out of the loss, :func:`photometric`).
 
     Minimises ``photometric + colour_laplacian_weight * mean |L r|^2 + colour_weight * mean |r|^2`` (L: uniform
     Laplacian of the level-0 face-mask mesh) with Adam from r = 0, lr decaying like the code fit.  The Gaussians
@@ -208,7 +216,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         r = res if free is None else res * free
         pred = render(with_colour(cloud0, colour_offsets(model, r)), camera, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg, eyes, eye_w)
+        loss = photometric(pred, gt, cfg, eyes, eye_w, ignore)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -257,10 +265,12 @@ def rim_residual(params: Tensor, ring: Tensor, K: int) -> Tensor:
 
 
 def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
-            backend: str = "auto", name: str = "", progress: bool = False) -> tuple[Tensor, Tensor, list[float]]:
+            backend: str = "auto", name: str = "", progress: bool = False, ignore: Tensor | None = None
+            ) -> tuple[Tensor, Tensor, list[float]]:
     """The rim stage: with the style w (S,) and the geometry base (M, 3) fixed, one opacity-logit shift and one
     log-scale shift per ring of the face mask's open boundary (``fit.rim_rings`` rings of the subdivided mesh), shared
-    by all Gaussians of the ring, fitted to the photo ``gt`` (h, w, 3) through ``camera``.
+    by all Gaussians of the ring, fitted to the photo ``gt`` (h, w, 3) through ``camera`` (``ignore``: (h, w, 1)
+    no-data pixels left out of the loss).
 
     Why: the photos are black outside the face mask, but a model trained with ``loss.rim_band`` (the CPU preset)
     paints its boundary Gaussians a pixel or two past the mask; the whole-image error of a fit was mostly that ring
@@ -285,7 +295,7 @@ def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Te
     for it in tqdm(range(n), desc=f"rim {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         opt.param_groups[0]["lr"] = cfg.rim_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         cloud = f.attach(f.add_residual(raw, rim_residual(params, ring, f.K)), verts, surface)[0]
-        loss = photometric(render(cloud, camera, backend=backend)["image"], gt, cfg, eye_weight=0.0)
+        loss = photometric(render(cloud, camera, backend=backend)["image"], gt, cfg, eye_weight=0.0, ignore=ignore)
         total = loss + cfg.rim_weight * params.square().mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -296,11 +306,12 @@ def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Te
 
 
 def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: FlameParams, camera: Camera,
-                 gt: Tensor, cfg: FitConfig, backend: str = "auto", name: str = "", progress: bool = False
-                 ) -> tuple[FlameParams, Tensor, Tensor, list[float]]:
+                 gt: Tensor, cfg: FitConfig, backend: str = "auto", name: str = "", progress: bool = False,
+                 ignore: Tensor | None = None) -> tuple[FlameParams, Tensor, Tensor, list[float]]:
     """The FLAME stage: head rotation (a rotation applied before the fitted one), translation, expression and jaw of
     ``params`` (one frame), jointly with the style ``w`` (S,), fitted to the photo ``gt`` (h, w, 3) through
-    ``camera`` with the network frozen; the face-mask vertices are re-evaluated from FLAME every iteration.
+    ``camera`` with the network frozen; the face-mask vertices are re-evaluated from FLAME every iteration
+    (``ignore``: (h, w, 1) no-data pixels left out of the loss).
 
     Minimises ``photometric + style_reg * mean |w - w0|^2 + flame_prior * (|expression|^2 + |jaw / 0.2|^2)`` with
     Adam.  Returns (refined FlameParams, refined style (S,), face-mask vertices (M, 3), windowed losses)."""
@@ -336,7 +347,7 @@ def refine_flame(model: TrainedModel, w: Tensor, flame: FlameModel, params: Flam
     for it in tqdm(range(n), desc=f"FLAME {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
         base = flame(posed())[0][mask_ids]
         pred = render(synth(var, model.vertices(base)), camera, backend=backend)["image"]
-        loss = photometric(pred, gt, cfg)
+        loss = photometric(pred, gt, cfg, ignore=ignore)
         total = (loss + cfg.style_reg * (var - w).square().mean()
                  + cfg.flame_prior * (expr.square().sum() + (jaw / jaw_std).square().sum()))
         opt.zero_grad(set_to_none=True)
@@ -412,6 +423,8 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     eyes = fit_view_eyes(target, cfg)
     # the code stage (start selection included) may see a coarser copy of the photo (fit.code_scale)
     cam_c, gt_c, eyes_c = downscaled_view(cam, gt, eyes, cfg.code_scale)
+    ign = target.ignore  # photo-only targets: pixels that are no data (outline cut, rim band)
+    ign_c = None if ign is None else downscaled_view(cam, ign, None, cfg.code_scale)[1]
     code_eye_w = scaled_eye_weight(cfg.eye_weight, eyes, cfg.eye_pixels)
 
     # ---- starting point
@@ -426,7 +439,8 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         cands = {Path(cfg.init).name: (c.w, c.z)}
     @torch.no_grad()
     def start_loss(w_c: Tensor) -> float:
-        return float(photometric(render_style(model, w_c, base0, [cam_c], backend)[0], gt_c, cfg, eyes_c, code_eye_w))
+        return float(photometric(render_style(model, w_c, base0, [cam_c], backend)[0], gt_c, cfg, eyes_c, code_eye_w,
+                                 ign_c))
 
     # a choice to make: every candidate rendered; a single start's loss is the first iteration's (read after the loop)
     start_losses = {name: start_loss(w_c) for name, (w_c, _) in cands.items()} if len(cands) > 1 else {}
@@ -468,7 +482,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
             g["lr"] = g["initial_lr"] * mult
         cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
         pred = render(cloud, cam_c, backend=backend)["image"]
-        loss = photometric(pred, gt_c, cfg, eyes_c, code_eye_w)
+        loss = photometric(pred, gt_c, cfg, eyes_c, code_eye_w, ign_c)
         total = loss
         if cfg.space == "w" and cfg.style_reg > 0:
             total = total + cfg.style_reg * (var - w0).square().mean()
@@ -503,7 +517,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     if cfg.refine_flame and cfg.flame_iterations > 0 and wild is not None and offsets is None:
         t0 = time.perf_counter()
         flame_params, w_fit, base_fit, flame_losses = refine_flame(model, w_fit, wild.flame, wild.fit.params, cam, gt,
-                                                                   cfg, backend, target.name, progress)
+                                                                   cfg, backend, target.name, progress, ign)
         synchronize(base0.device)
         seconds_flame = time.perf_counter() - t0
 
@@ -512,7 +526,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     if cfg.refine_rim and cfg.rim_iterations > 0 and cfg.rim_rings > 0:
         t0 = time.perf_counter()
         rim_params, gaussians, rim_losses = fit_rim(model, w_fit, base_fit, cam, gt, cfg, backend, target.name,
-                                                    progress)
+                                                    progress, ign)
         synchronize(base0.device)
         seconds_rim = time.perf_counter() - t0
 
@@ -521,7 +535,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     if cfg.refine_colour and cfg.colour_iterations > 0:
         t0 = time.perf_counter()
         colour, colour_losses = fit_colour(model, w_fit, base_fit, cam, gt, cfg, backend, target.name, progress,
-                                           eyes, gaussians)
+                                           eyes, gaussians, ign)
         synchronize(base0.device)
         seconds_colour = time.perf_counter() - t0
     # the FLAME stage moves w off the mapping network's output: no z then

@@ -46,6 +46,8 @@ class FitTarget:
             have no landmark embedding on the mask).
         flame: the photo's FLAME parameters (models.flame.FlameParams, T = 1; None when unknown), stored in code.pt
             so that the fitted person can be animated.
+        ignore: (h, w, 1) on ``fit_view``'s crop, 1 = no data (:func:`no_data_mask`): left out of the fit's loss;
+            None: every pixel is data (calibrated subjects).
     """
 
     name: str
@@ -58,6 +60,7 @@ class FitTarget:
     eye_landmarks: EyeLandmarkEmbedding | None = None
     wild: "WildFit | None" = None  # photo-only targets: the landmarks and the FLAME fit behind base_vertices
     flame: Any = None
+    ignore: Tensor | None = None
 
 
 @dataclass
@@ -224,16 +227,40 @@ def load_image_target(model: TrainedModel, cfg: TrackConfig, device: torch.devic
 def photo_target(name: str, photo: np.ndarray, mask: np.ndarray, cam: Camera, base: Tensor, cfg: TrackConfig,
                  device: torch.device, extra: Sequence[View] = (), source: dict | None = None,
                  wild: WildFit | None = None, flame: Any = None,
-                 eyes: EyeLandmarkEmbedding | None = None) -> FitTarget:
+                 eyes: EyeLandmarkEmbedding | None = None, ignore: np.ndarray | None = None) -> FitTarget:
     """A one-photo FitTarget: photo (H, W, 3), mask (H, W, 1) in {0, 1}, its camera and face-mask vertices (M, 3);
-    ``flame``: the photo's FlameParams (T = 1); ``eyes``: FLAME's eye landmarks on the face mask (eye metrics)."""
+    ``flame``: the photo's FlameParams (T = 1); ``eyes``: FLAME's eye landmarks on the face mask (eye metrics);
+    ``ignore``: (H, W) the photo's no-data pixels (:func:`no_data_mask`; None: none), cropped with the fitted view."""
 
     masked = masked_photo(photo, mask[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
     s = cam.name
     fit, views = fit_and_eval_views([s], {s: masked}, {s: mask}, {s: cam}, s, cfg.fit, device)
+    ign = None
+    if ignore is not None and ignore.any():
+        fw, fh = crop_size([mask], cfg.fit.crop_margin, cfg.fit.crop_multiple)
+        ign = to_tensor_img(crop_view(ignore[..., None].astype(np.float32), mask, cam, fw, fh)[0], device)
     return FitTarget(name=name, base_vertices=base.to(device), fit_view=fit, eval_views=views,
                      extra_views=list(extra), fit_camera_full=cam.to(device), source=source or {}, wild=wild,
-                     flame=flame, eye_landmarks=eyes)
+                     flame=flame, eye_landmarks=eyes, ignore=ign)
+
+
+def no_data_mask(mask: np.ndarray, projected: np.ndarray | None, rim_band_px: int, cut: bool) -> np.ndarray:
+    """(H, W) float32 {0, 1}: the pixels of a frame the fit must not read as black.  ``mask`` (H, W): the frame's
+    face mask (the projected FLAME face mask ``projected`` (H, W), within the detector's outline when there is one).
+
+    Why: the frame is black outside its face mask only because the mask cut it; the avatar's surface goes on there.
+    Supervising those pixels as black pulls the straddling rim Gaussians' opacity, size and colour down, which
+    darkens and fades the face just inside the mask's edge (the model itself was trained with that ring
+    unsupervised, loss.rim_band).  Left out: the ``rim_band_px`` pixels just outside the mask and, with ``cut``,
+    the part of the projected FLAME face mask that the detector's outline removed (forehead under the hair, cheeks
+    beyond the outline: the avatar renders a face there, the photo shows hair or background)."""
+    from utils.losses import rim_band
+
+    m = torch.as_tensor(mask, dtype=torch.float32)[..., None]
+    out = rim_band(m, rim_band_px)[..., 0].numpy() if rim_band_px > 0 else np.zeros(mask.shape, np.float32)
+    if cut and projected is not None:
+        out = np.maximum(out, ((projected > 0.5) & (mask <= 0.5)).astype(np.float32))
+    return out.astype(np.float32)
 
 
 def polygon_mask(polygon: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -314,7 +341,8 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
     res = fit_flame_to_landmarks(flame, targets, flame_cfg, camera_name=cfg.camera)
     cam = res.camera
     flame_verts, base, _, params = frame_flame(model, flame_dir, None, params=res.params, flame=flame)
-    mask = detected_face_mask(model, flame_verts, flame.faces, cam, lms.outline)
+    projected = projected_face_mask(model, flame_verts, flame.faces, cam)
+    mask = detected_face_mask(model, flame_verts, flame.faces, cam, lms.outline, projected=projected)
     if mask.sum() == 0:
         raise ValueError(f"the face mask of {img_path} is empty: the FLAME fitted to its landmarks does not project "
                          f"into the photo")
@@ -323,4 +351,6 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
     return photo_target(img_path.stem, photo, mask[..., None], cam, base, cfg, device, (),
                         {"image": str(img_path), "landmarks": cfg.landmarks or "mediapipe face mesh",
                          "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir),
-                         "photo_scale": f"{w / w0:.4f}"}, wild, params, embedding_for_flame(flame, model.mask_ids))
+                         "photo_scale": f"{w / w0:.4f}"}, wild, params, embedding_for_flame(flame, model.mask_ids),
+                        no_data_mask(mask, projected if lms.outline is not None and len(lms.outline) >= 3 else None,
+                                     cfg.ignore_rim_band, cfg.ignore_cut))

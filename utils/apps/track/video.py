@@ -10,7 +10,7 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               head), intersected with the detector's face outline when the landmarks come from the detector (as the
               photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks: the projected
               mask alone; the fit's loss leaves out the pixels that are no data (:func:`no_data_mask`: the
-              ``video_rim_band`` ring just outside the mask and, with ``video_ignore_cut``, where the outline cut the
+              ``ignore_rim_band`` ring just outside the mask and, with ``ignore_cut``, where the outline cut the
               projected mask): the photo is black there only because the mask cut it
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
@@ -58,7 +58,7 @@ from utils.apps.track.config import FitConfig, TrackConfig
 from utils.apps.track.export import turntable
 from utils.apps.track.fit import LossWindow, photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
-from utils.apps.track.targets import detected_face_mask, frame_flame, projected_face_mask
+from utils.apps.track.targets import detected_face_mask, frame_flame, no_data_mask, projected_face_mask
 from utils.apps.track.video_refine import refine_video, refined_camera
 from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
@@ -125,33 +125,6 @@ class FrameTargets:
     ignore: list[Tensor] | None = None
 
 
-def no_data_mask(mask: np.ndarray, projected: np.ndarray | None, rim_band_px: int, cut: bool) -> np.ndarray:
-    """(H, W) float32 {0, 1}: the pixels of a frame the fit must not read as black.  ``mask`` (H, W): the frame's
-    face mask (the projected FLAME face mask ``projected`` (H, W), within the detector's outline when there is one).
-
-    Why: the frame is black outside its face mask only because the mask cut it; the avatar's surface goes on there.
-    Supervising those pixels as black pulls the straddling rim Gaussians' opacity, size and colour down, which
-    darkens and fades the face just inside the mask's edge (the model itself was trained with that ring
-    unsupervised, loss.rim_band).  Left out: the ``rim_band_px`` pixels just outside the mask and, with ``cut``,
-    the part of the projected FLAME face mask that the detector's outline removed (forehead under the hair, cheeks
-    beyond the outline: the avatar renders a face there, the photo shows hair or background)."""
-    from utils.losses import rim_band
-
-    m = torch.as_tensor(mask, dtype=torch.float32)[..., None]
-    out = rim_band(m, rim_band_px)[..., 0].numpy() if rim_band_px > 0 else np.zeros(mask.shape, np.float32)
-    if cut and projected is not None:
-        out = np.maximum(out, ((projected > 0.5) & (mask <= 0.5)).astype(np.float32))
-    return out.astype(np.float32)
-
-
-def masked_loss(pred: Tensor, gt: Tensor, cfg: FitConfig, ignore: Tensor | None) -> Tensor:
-    """:func:`photometric` with the no-data pixels ``ignore`` ((..., h, w, 1), 1 = no data; None: none) left out:
-    the target stands in for the prediction there (no gradient, no error), as training's loss.rim_band does."""
-    if ignore is not None:
-        pred = torch.where(ignore > 0.5, gt, pred)
-    return photometric(pred, gt, cfg, None)
-
-
 def _batches(n: int, batch: int, seed: int = 0):
     """Endless batches of frame indices: shuffled passes over range(n), ``batch`` at a time."""
     g = torch.Generator().manual_seed(seed)
@@ -178,9 +151,10 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
     start_losses = {}
     with torch.no_grad():
         for k, (w_c, _) in cands.items():
-            start_losses[k] = float(np.mean([float(masked_loss(
+            start_losses[k] = float(np.mean([float(photometric(
                 render(code_cloud(model, w_c, frames.bases[i]), frames.views[i].camera, backend=backend)["image"],
-                frames.views[i].image, cfg, None if frames.ignore is None else frames.ignore[i])) for i in probe]))
+                frames.views[i].image, cfg, ignore=None if frames.ignore is None else frames.ignore[i]))
+                for i in probe]))
     start = min(start_losses, key=start_losses.get)
     w0 = cands[start][0].detach()
     var = w0.clone().requires_grad_(True)
@@ -200,7 +174,7 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
             cloud = f.attach(raw, verts[i][None])[0]
             pred = render(cloud, frames.views[i].camera, backend=backend)["image"]
             ign = None if frames.ignore is None else frames.ignore[i]
-            loss = loss + masked_loss(pred, frames.views[i].image, cfg, ign) / len(idx)
+            loss = loss + photometric(pred, frames.views[i].image, cfg, ignore=ign) / len(idx)
         total = loss + cfg.style_reg * (var - w0).square().mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -243,8 +217,8 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
         opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         idx = next(batches)
         off = colour_offsets(model, res)
-        loss = sum(masked_loss(render(with_colour(clouds[i], off), frames.views[i].camera, backend=backend)["image"],
-                               frames.views[i].image, cfg, None if frames.ignore is None else frames.ignore[i])
+        loss = sum(photometric(render(with_colour(clouds[i], off), frames.views[i].camera, backend=backend)["image"],
+                              frames.views[i].image, cfg, ignore=None if frames.ignore is None else frames.ignore[i])
                    for i in idx) / len(idx)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
@@ -370,7 +344,7 @@ def track_video(cfg: TrackConfig) -> dict:
                              f"detector's face outline there)")
         photos[t] = masked_photo(frames[t].astype(np.float32) / 255.0, m[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
         masks[t], bases[t], fparams[t] = m.astype(np.float32), base.to(device), p
-        nodata[t] = no_data_mask(m[..., 0], proj, cfg.video_rim_band, cfg.video_ignore_cut)
+        nodata[t] = no_data_mask(m[..., 0], proj, cfg.ignore_rim_band, cfg.ignore_cut)
     cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
     views, ignore = {}, {}
     for t in used:
@@ -378,7 +352,7 @@ def track_video(cfg: TrackConfig) -> dict:
         i, m, c = crop_view(np.concatenate([photos[t], nodata[t][..., None]], -1), masks[t], cam, cw, ch)
         views[t] = View(f"frame_{t:05d}", c.to(device), to_tensor_img(i[..., :3], device), to_tensor_img(m, device))
         ignore[t] = to_tensor_img(i[..., 3:], device)
-    use_ignore = cfg.video_rim_band > 0 or cfg.video_ignore_cut
+    use_ignore = cfg.ignore_rim_band > 0 or cfg.ignore_cut
     allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
     pos = {t: k for k, t in enumerate(used)}
     train_set = FrameTargets([views[t] for t in train], [bases[t] for t in train],  # held-out frames never enter
@@ -486,7 +460,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
             "landmark_error_px_mean": float(np.nanmean(np.asarray(info["landmark_error_px"])[found.numpy()])),
             "mask": "projected FLAME face mask" + (" within the detector's face outline" if outlines else ""),
-            "loss_no_data": {"rim_band_px": cfg.video_rim_band, "outline_cut": cfg.video_ignore_cut,
+            "loss_no_data": {"rim_band_px": cfg.ignore_rim_band, "outline_cut": cfg.ignore_cut,
                              "fraction_of_crop": float(np.mean([float(ignore[t].mean()) for t in train]))},
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "seconds_tracking": sub,
