@@ -152,7 +152,7 @@ def test_no_data_mask_is_the_rim_band_and_the_outline_cut():
 
 
 def test_photometric_ignores_no_data_pixels():
-    """photometric(ignore=) gives the no-data pixels neither error nor gradient; elsewhere it is the photometric loss."""
+    """photometric(ignore=) gives the no-data pixels neither error nor gradient; elsewhere it is the plain loss."""
     from utils.apps.track.config import FitConfig
     from utils.apps.track.fit import photometric
 
