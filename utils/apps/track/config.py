@@ -225,8 +225,8 @@ class TrackConfig:
     # off, held-out PSNR in the face mask: female 18.03 -> 21.61 dB, male 25.63 -> 32.21, synthetic 25.69 -> 28.38
     # (its novel cameras 26.57 -> 27.35); the photo-only path: benchmarks/results/photo_no_data_cpu_2026-12-06d.md.
     # Calibrated NeRSemble subjects (--subject_dir / --data_root) are not affected.
-    ignore_rim_band: int = 1  # px just outside the face mask left unsupervised (0: off)
-    ignore_cut: bool = True  # leave out where the detector's face outline cuts the projected FLAME face mask
+    ignore_rim_band: int = 1  # --image / --video fits: px just outside the face mask left out of the loss (0: off)
+    ignore_cut: bool = True  # --image / --video fits: leave out where the face outline cut the projected FLAME mask
     video_refine: VideoRefineConfig = field(default_factory=VideoRefineConfig)  # video mode: the refinement stage
     mask: str = ""  # face mask of the photo (white = face); default: projected from the tracked FLAME face mask
     image_scale: float = 1.0  # resize factor applied to the photos (and cameras)
