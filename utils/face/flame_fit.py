@@ -764,6 +764,18 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
     return r, Jf, uv
 
 
+def _temporal_degree(T: int, has_prev: bool) -> Tensor:
+    """(T, 1) float64: how many frame-to-frame prior terms touch each of T frames (its neighbours in the sequence,
+    plus the frame before the sequence for frame 0 when ``has_prev``): times tw^2, that prior's Hessian diagonal."""
+    deg = torch.full((T, 1), 2.0, dtype=torch.float64)
+    deg[0] = deg[-1] = 1.0
+    if T == 1:
+        deg[0] = 0.0
+    if has_prev:
+        deg[0] += 1.0
+    return deg
+
+
 def _cost(p: FitProblem, r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
     """The loss: data residuals r (T, K) plus the priors of Xv (T, Qf), Yv (Qs,) and the frame-to-frame changes."""
     c = r.square().sum() + (p.d_f * Xv).square().sum()
@@ -793,13 +805,7 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
         ds2 = Ps.diagonal()
     tdiag = torch.zeros(T, len(fi), dtype=torch.float64)
     if tw is not None:
-        deg = torch.full((T, 1), 2.0, dtype=torch.float64)
-        deg[0] = deg[-1] = 1.0
-        if T == 1:
-            deg[0] = 0.0
-        if X_prev is not None:
-            deg[0] += 1.0
-        tdiag = deg * tw[fi].square()
+        tdiag = _temporal_degree(T, X_prev is not None) * tw[fi].square()
     lam = p.lam if resume else 1e-3
     p.converged = False
     closed = p.closed  # the Jacobian comes with a candidate's residuals
@@ -1110,9 +1116,7 @@ class ShapeRefinement:
             if not frame_priors:  # the data alone (a tiny ridge: some expression directions move no landmark)
                 diag = 1e-6 * Jf.square().sum(1).mean(0).expand(p.T, -1).clone()
             if p.tw is not None and frame_priors:  # the frame-to-frame diagonal (as the step: no coupling)
-                deg = torch.full((p.T, 1), 2.0, dtype=torch.float64)
-                deg[0] = deg[-1] = 1.0 if p.T > 1 else 0.0
-                diag = diag + deg * p.tw.square()
+                diag = diag + _temporal_degree(p.T, False) * p.tw.square()
             A = Jf.transpose(1, 2) @ Jf + torch.diag_embed(diag)  # (T, Qf, Qf)
             B = Jf.transpose(1, 2) @ Js[..., :p.ns]  # (T, Qf, ns)
             H = (Js[..., :p.ns].transpose(1, 2) @ Js[..., :p.ns] - B.transpose(1, 2) @ torch.linalg.solve(A, B)).sum(0)
@@ -1163,9 +1167,7 @@ class ShapeRefinement:
             diag = p.d_f.square().expand(T, -1).clone()
             gf = torch.einsum("tkq,tk->tq", Jf, r) + p.d_f.square() * p.X
             if p.tw is not None:
-                deg = torch.full((T, 1), 2.0, dtype=torch.float64)
-                deg[0] = deg[-1] = 1.0 if T > 1 else 0.0
-                diag = diag + deg * p.tw.square()
+                diag = diag + _temporal_degree(T, False) * p.tw.square()
                 diff = (p.X[1:] - p.X[:-1]) * p.tw.square()
                 gf[1:] += diff
                 gf[:-1] -= diff

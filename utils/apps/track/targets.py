@@ -352,5 +352,4 @@ def load_wild_target(model: TrainedModel, cfg: TrackConfig, device: torch.device
                         {"image": str(img_path), "landmarks": cfg.landmarks or "mediapipe face mesh",
                          "camera": "fitted", "flame": "fitted", "flame_dir": str(flame_dir),
                          "photo_scale": f"{w / w0:.4f}"}, wild, params, embedding_for_flame(flame, model.mask_ids),
-                        no_data_mask(mask, projected if lms.outline is not None and len(lms.outline) >= 3 else None,
-                                     cfg.ignore_rim_band, cfg.ignore_cut))
+                        no_data_mask(mask, projected, cfg.ignore_rim_band, cfg.ignore_cut))

@@ -124,6 +124,10 @@ class FrameTargets:
     bases: list[Tensor]
     ignore: list[Tensor] | None = None
 
+    def ignore_at(self, i: int) -> Tensor | None:
+        """Frame ``i``'s no-data pixels (h, w, 1), or None when every pixel is data."""
+        return None if self.ignore is None else self.ignore[i]
+
 
 def _batches(n: int, batch: int, seed: int = 0):
     """Endless batches of frame indices: shuffled passes over range(n), ``batch`` at a time."""
@@ -153,7 +157,7 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
         for k, (w_c, _) in cands.items():
             start_losses[k] = float(np.mean([float(photometric(
                 render(code_cloud(model, w_c, frames.bases[i]), frames.views[i].camera, backend=backend)["image"],
-                frames.views[i].image, cfg, ignore=None if frames.ignore is None else frames.ignore[i]))
+                frames.views[i].image, cfg, ignore=frames.ignore_at(i)))
                 for i in probe]))
     start = min(start_losses, key=start_losses.get)
     w0 = cands[start][0].detach()
@@ -173,8 +177,7 @@ def fit_video_style(model: TrainedModel, frames: FrameTargets, cfg: FitConfig, b
         for i in idx:
             cloud = f.attach(raw, verts[i][None])[0]
             pred = render(cloud, frames.views[i].camera, backend=backend)["image"]
-            ign = None if frames.ignore is None else frames.ignore[i]
-            loss = loss + photometric(pred, frames.views[i].image, cfg, ignore=ign) / len(idx)
+            loss = loss + photometric(pred, frames.views[i].image, cfg, ignore=frames.ignore_at(i)) / len(idx)
         total = loss + cfg.style_reg * (var - w0).square().mean()
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -218,7 +221,7 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
         idx = next(batches)
         off = colour_offsets(model, res)
         loss = sum(photometric(render(with_colour(clouds[i], off), frames.views[i].camera, backend=backend)["image"],
-                              frames.views[i].image, cfg, ignore=None if frames.ignore is None else frames.ignore[i])
+                              frames.views[i].image, cfg, ignore=frames.ignore_at(i))
                    for i in idx) / len(idx)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
@@ -335,10 +338,9 @@ def track_video(cfg: TrackConfig) -> dict:
     photos, masks, bases, fparams, nodata = {}, {}, {}, {}, {}
     for t in used:
         verts, base, _, p = frame_flame(model, flame_dir, None, params=params, frame=t, flame=flame)
-        outline = None if outlines is None else outlines[t]
-        proj = projected_face_mask(model, verts, flame.faces, cam) if outline is not None and len(outline) >= 3 \
-            else None
-        m = detected_face_mask(model, verts, flame.faces, cam, outline, projected=proj)[..., None]
+        proj = projected_face_mask(model, verts, flame.faces, cam)  # without an outline, the mask: nothing cut
+        m = detected_face_mask(model, verts, flame.faces, cam, None if outlines is None else outlines[t],
+                               projected=proj)[..., None]
         if m.sum() == 0:
             raise ValueError(f"{src}: the tracked face of frame {t} does not project into the frame (or misses the "
                              f"detector's face outline there)")

@@ -325,9 +325,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         out = render_identities(c, [[camera_of(views[train[i]])] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
-        if ignore is not None:  # no data there: the target stands in for the render (no gradient, no error)
-            pred = torch.where(torch.stack([ignore[train[i]] for i in idx]) > 0.5, gt, pred)
-        loss = photometric(pred, gt, fit, None)
+        # no data there: the target stands in for the render (no gradient, no error)
+        loss = photometric(pred, gt, fit, None,
+                           ignore=None if ignore is None else torch.stack([ignore[train[i]] for i in idx]))
         total = loss
         if use_colour:
             total = total + lap0.penalty(colour, fit.colour_laplacian_weight, cfg.colour_weight)
