@@ -6,7 +6,8 @@ the face mask subdivided to ``--level``. Then measures
   * training: single-view steps per second (B identities x C views per optimiser step) and the projected time of
     the reference's 295,680 single-view steps; peak memory;
   * single-image fit: wall seconds from a loaded model to the fitted result, PSNR on the unseen views;
-  * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop;
+  * rendering: FPS of a cached head at 512x512 and 1100x1604, and with the network in the loop; the cached head
+    merged one level down (models/level_of_detail.py, opt-in): its FPS at 512x512 and PSNR against full detail;
   * animation: FPS of a cached identity driven by FLAME (FLAME face-mask rows + subdivision + attachment +
     rasterizer in the loop, models/posing.py) at 512x512, one frame per call and 16 per call.
   * video reenactment (``--parts reenact``, needs mediapipe): frames per second from a driving MP4 (a synthetic head
@@ -241,6 +242,7 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         render_batch(cloud, orbit, backend=backend)
     sync(device)
     out["fps_cached_512x512_batch16"] = 16 * max(1, repeats // 16) / (time.perf_counter() - t)
+    out.update(bench_lod(cloud, plan, cam512, device, repeats, backend))
     # network in the loop (interpolation): a new code every frame, eagerly and replayed from CUDA graphs
 
     for prm in field.parameters():
@@ -268,6 +270,40 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         out[f"fps_network_{size}_{name}"] = repeats / (time.perf_counter() - t)
         out[f"peak_gb_network_{size}_{name}"] = peak_gb(device)
     out["network_graphed"] = graphed.graphed if graphed.fallback_reason is None else graphed.fallback_reason
+    return out
+
+
+@torch.no_grad()
+def bench_lod(cloud, plan, cam512: Camera, device: torch.device, repeats: int, backend: str) -> dict:
+    """Issue 24's level-of-detail rows (models/level_of_detail.py, opt-in; the full-detail rows above are unchanged):
+    the cached head merged one level down, its FPS at 512x512 one frame per call, its PSNR against the full-detail
+    render, the Gaussian-tile pairs it leaves (16 px tiles, the rasterize kernel's work), the merge's time (redone
+    per pose) and the level pick_level chooses for this camera."""
+    level = plan.levels
+    if level == 0:  # --quick's level-0 mask has nothing coarser (--quick --level 1 measures these rows)
+        return {"lod": "level 0: no coarser level"}
+    from benchmarks.lod_quality import tile_pairs
+    from models.level_of_detail import LevelOfDetail, merge_to_coarser
+
+    merge = lambda: merge_to_coarser(cloud, plan, level)  # noqa: E731
+    merge_ms = timed(merge, max(3, repeats // 10), device)
+    lod = merge()
+    out = {"lod_levels": f"{level} -> {level - 1}", "lod_gaussians": len(lod), "lod_merge_ms": merge_ms}
+    for _ in range(5):
+        render_batch(lod, [cam512], backend=backend)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        render_batch(lod, [cam512], backend=backend)
+    sync(device)
+    out["fps_cached_512x512_lod"] = repeats / (time.perf_counter() - t)
+    full_img = render_batch(cloud, [cam512], backend=backend)["image"]
+    lod_img = render_batch(lod, [cam512], backend=backend)["image"]
+    mse = float(((full_img.clamp(0, 1) - lod_img.clamp(0, 1)) ** 2).mean())
+    out["lod_psnr_vs_full_512x512"] = 10 * np.log10(1.0 / max(mse, 1e-20))
+    out["lod_tile_pairs_ratio_512x512"] = tile_pairs(lod, cam512, 16)[0] / max(tile_pairs(cloud, cam512, 16)[0], 1)
+    auto = LevelOfDetail.build(cloud, plan, level)  # one level down, pick_level's default footprint
+    out["lod_auto_level_512x512"] = auto.level_numbers[auto.level_index(cam512)]
     return out
 
 
@@ -681,7 +717,9 @@ def main() -> None:
     p.add_argument("--config", default="configs/nersemble.yaml", help="training preset whose sizes are measured")
     p.add_argument("--identities", type=int, default=8, help="synthetic training identities held on the device")
     p.add_argument("--height", type=int, default=1604, help="image height (width = height * 1100/1604)")
-    p.add_argument("--level", type=int, default=2, help="face-mask subdivision level (Gaussians = its vertices)")
+    p.add_argument("--level", type=int, default=None,
+                   help="face-mask subdivision level (Gaussians = its vertices; default 2, --quick 0 unless given: "
+                        "--quick --level 1 measures the level-of-detail rows)")
     p.add_argument("--gaussians", type=int, default=None, choices=sorted(REAL_MASK_GAUSSIANS.values()),
                    help="measure at exactly the real FLAME mask's Gaussian count (46987 = level 2, 187219 = level 3): "
                         "the network's mask becomes a stand-in with the real mask's vertex/edge/face counts "
@@ -761,9 +799,11 @@ def main() -> None:
         renderer.GSPLAT_TILE_SIZE = args.tile_size
     if args.gaussians is not None:
         args.level = {n: lvl for lvl, n in REAL_MASK_GAUSSIANS.items()}[args.gaussians]
+    if args.level is None and not args.quick:
+        args.level = 2
     if args.quick:
         args.identities, args.height, args.warmup, args.steps = 2, 96, 1, 2
-        args.level = 0 if args.gaussians is None else args.level
+        args.level = 0 if args.gaussians is None and args.level is None else args.level
         args.train_steps_for_fit, args.render_repeats = 2, 2
     overrides = {"data.subdivision": args.level, "backend": args.backend, "progress": False,
                  "out": tempfile.mkdtemp(prefix="bench_out_"), "device": str(device)}

@@ -1,0 +1,333 @@
+"""Level-of-detail Gaussian clouds: a subdivided head merged back to a coarser level for display at small sizes.
+
+A head at face-mask subdivision level L has one Gaussian per level-L vertex (K per vertex in general).  Midpoint
+subdivision keeps level L-1's vertices as a prefix and appends one vertex per level-(L-1) edge at its midpoint
+(models/flame/subdivision.py), so every fine vertex has an obvious coarse owner: a kept vertex belongs to itself,
+an edge midpoint half to each end of its edge.  :func:`merge_to_coarser` merges the fine cloud along those shares
+into one Gaussian per coarse vertex by moment matching; at display sizes where the fine Gaussians are about a
+pixel apart, the coarse cloud looks nearly the same and costs the rasterizer far fewer Gaussian-tile pairs.
+
+Merge of coarse vertex a from its children i (its own Gaussians and those of the midpoints of its edges), each with
+share p_i (1 or 1/2), opacity o_i, scales s_i (two largest s_i1 >= s_i2), mean mu_i, covariance Sigma_i:
+
+    weight       w_i  = p_i o_i s_i1 s_i2        (the child's opacity x footprint area on the surface: its share of
+                                                  the splatted colour; the normal axis does not show on screen)
+    mean         mu   = sum w_i mu_i / W,  W = sum w_i
+    covariance   Sigma = sum w_i (Sigma_i + (mu_i - mu)(mu_i - mu)^T) / W
+    colour (SH)  sh   = sum w_i sh_i / W
+    opacity      o    : the merged splat's integrated optical depth equals its children's (see ``opacity``)
+
+Opacity: a splat of peak opacity o and screen standard deviations (a, b) removes, integrated over the screen,
+``-integral log(1 - o g(x)) dx = 2 pi a b Li2(o)`` of optical depth (Li2 the dilogarithm: sum o^n / n^2), and optical
+depths of overlapping splats add (log transmittance is a sum).  So ``Li2(o) s1 s2 = sum p_i Li2(o_i) s_i1 s_i2`` keeps
+the light that the children let through, for faint children (Li2(o) ~ o: colour-opacity mass conserved) and for an
+opaque, overlapping surface alike (the sum saturates: o is capped at ``max_opacity``, still opaque).  The
+alternative ``opacity="mass"`` conserves o s1 s2 instead (first order only: an opaque surface gets o > 1, capped).
+Both are measured in benchmarks/results/t-lod_cpu_2026-12-07.md.
+
+Public: :func:`merge_to_coarser` (the merge), :func:`pick_level` (the coarsest level whose Gaussians stay under a
+screen footprint for a camera) and :class:`LevelOfDetail` (an opt-in render path: the merged levels of one posed
+head, built once, re-merged when the head is re-posed, rendered at the level the camera picks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.camera import Camera
+from models.flame.subdivision import SubdivisionPlan
+from models.gaussians import GaussianCloud, rotmat_to_quat
+
+OPACITY_MODES = ("optical_depth", "mass")
+# Largest merged opacity (the rasterizers cap one Gaussian's alpha at 0.99 / 0.999 anyway).
+MAX_OPACITY = 0.99
+# Largest relative width (footprint std / spacing of the Gaussians) the coverage floor keeps after a merge.
+OVERLAP = 0.6
+# Default screen footprint (px) of pick_level: the coarsest level whose median largest Gaussian standard deviation,
+# seen by the camera, is at most this.  From benchmarks/results/t-lod_cpu_2026-12-07.md: one level down cost
+# 41.6-50.3 dB face PSNR against full detail at every size measured, two levels 34.6-42.8 dB; 2 px lets the sharper
+# stand-in's level-2 merge (1.75 px) serve the bench's 512x512 view and gives full detail back at 1024x1024 (3.5 px),
+# where a merge would blur what the display can show.  LevelOfDetail merges one level down unless told otherwise.
+FOOTPRINT_PX = 2.0
+
+
+@lru_cache(maxsize=1)
+def _li2_table(n: int = 4097) -> tuple[Tensor, Tensor]:
+    """(n,) opacities o in [0, MAX_OPACITY] and (n,) Li2(o), float64, for the inverse by interpolation."""
+    from scipy.special import spence  # Li2(z) = spence(1 - z)
+
+    o = np.linspace(0.0, MAX_OPACITY, n)
+    return torch.from_numpy(o), torch.from_numpy(spence(1.0 - o))
+
+
+def _li2(o: Tensor) -> Tensor:
+    """Dilogarithm Li2(o) of opacities in [0, MAX_OPACITY] (table lookup, linear interpolation)."""
+    return _interp(o, *_li2_table())
+
+
+def _li2_inverse(y: Tensor) -> Tensor:
+    """The opacity o in [0, MAX_OPACITY] with Li2(o) = y (y beyond Li2(MAX_OPACITY) gives MAX_OPACITY)."""
+    xs, ys = _li2_table()
+    return _interp(y, ys, xs)
+
+
+def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
+    """Piecewise-linear y(x) through increasing (xs, ys), clamped at both ends; x of any shape and dtype."""
+    xs, ys = xs.to(x.device, torch.float64), ys.to(x.device, torch.float64)
+    xd = x.double().clamp(float(xs[0]), float(xs[-1]))
+    j = torch.searchsorted(xs, xd.reshape(-1)).clamp(1, len(xs) - 1).reshape(xd.shape)
+    x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
+    return (y0 + (y1 - y0) * (xd - x0) / (x1 - x0)).to(x.dtype)
+
+
+@dataclass
+class _Shares:
+    """Which fine Gaussians a coarse vertex merges, with what share (one level step; built once per topology).
+
+    rows (P,) coarse vertex ids, cols (P,) fine Gaussian ids, share (P,) 1 for a kept vertex's own Gaussians, 1/2 for
+    each Gaussian of a midpoint child; ``num_coarse`` coarse vertices, ``num_fine`` fine Gaussians."""
+
+    rows: Tensor
+    cols: Tensor
+    share: Tensor
+    num_coarse: int
+    num_fine: int
+
+
+def _shares(plan: SubdivisionPlan, level: int, per_vertex: int, device: torch.device) -> _Shares:
+    """Shares from level ``level`` (K = ``per_vertex`` Gaussians per vertex, vertex-major) to level ``level - 1``."""
+    if not 1 <= level <= plan.levels:
+        raise ValueError(f"level must be in 1..{plan.levels} to merge to a coarser level, got {level}")
+    pairs = torch.as_tensor(plan.edges[level - 1], device=device).long()  # (E, 2) level-(level-1) vertex ids
+    vc = plan.num_vertices(level - 1)
+    mids = vc + torch.arange(len(pairs), device=device)
+    rows_v = torch.cat([torch.arange(vc, device=device), pairs[:, 0], pairs[:, 1]])
+    cols_v = torch.cat([torch.arange(vc, device=device), mids, mids])
+    share_v = torch.cat([torch.ones(vc, device=device), torch.full((2 * len(pairs),), 0.5, device=device)])
+    k = torch.arange(per_vertex, device=device)
+    return _Shares(rows_v.repeat_interleave(per_vertex), (cols_v[:, None] * per_vertex + k).reshape(-1),
+                   share_v.repeat_interleave(per_vertex), vc, plan.num_vertices(level) * per_vertex)
+
+
+def _footprint_area(scales: Tensor) -> Tensor:
+    """(..., N, 3) standard deviations -> (..., N) product of the two largest: the surface footprint's area up to
+    the constant 2 pi (only ratios matter: the merge compares it between children and their merged Gaussian)."""
+    s = scales.sort(dim=-1, descending=True).values
+    return s[..., 0] * s[..., 1]
+
+
+def _merge_moments(cloud: GaussianCloud, sh: _Shares) -> dict[str, Tensor]:
+    """Moment-matched merge of one level step, before the opacity.
+
+    Args:
+        cloud: (..., N_fine) cloud (batch shape B...), N_fine = ``sh.num_fine``.
+        sh: the level step's shares.
+    Returns:
+        dict of W (..., M) summed weights sum p_i o_i s_i1 s_i2, mean (..., M, 3), cov (..., M, 3, 3), sh
+        (..., M, S, 3) weighted SH coefficients, optical (..., M) sum p_i Li2(o_i) s_i1 s_i2, floor (..., M) the
+        coverage floor of the merged footprint sqrt(s1 s2): min(2 x the children's weighted mean footprint,
+        2 x OVERLAP x the mean distance of the midpoint children); M = ``sh.num_coarse``.
+    """
+    if len(cloud) != sh.num_fine:
+        raise ValueError(f"the cloud has {len(cloud)} Gaussians, the level step expects {sh.num_fine}")
+    o = cloud.opacities.clamp(0.0, MAX_OPACITY)
+    area = _footprint_area(cloud.scales)
+    p = sh.share.to(o.dtype)
+    w_fine = o * area  # (..., N)
+    w = w_fine.index_select(-1, sh.cols) * p  # (..., P)
+    M = sh.num_coarse
+    lead = tuple(cloud.batch_shape)
+
+    def scatter(x: Tensor) -> Tensor:  # (..., P, *rest) -> (..., M, *rest): sum over each coarse vertex's children
+        d = len(lead)
+        out = torch.zeros(lead + (M,) + tuple(x.shape[d + 1:]), dtype=x.dtype, device=x.device)
+        return out.index_add_(d, sh.rows, x)
+
+    W = scatter(w)
+    Ws = W.clamp_min(torch.finfo(W.dtype).tiny)
+    d = len(lead)
+    mu_c = cloud.means.index_select(d, sh.cols)  # (..., P, 3)
+    mean = scatter(w[..., None] * mu_c) / Ws[..., None]
+    diff = mu_c - mean.index_select(d, sh.rows)  # spread about the merged mean (two-pass: no cancellation)
+    cov_c = cloud.covariances().index_select(d, sh.cols) + diff[..., :, None] * diff[..., None, :]
+    cov = scatter(w[..., None, None] * cov_c) / Ws[..., None, None]
+    shm = scatter(w[..., None, None] * cloud.sh.index_select(d, sh.cols)) / Ws[..., None, None]
+    area_c = area.index_select(-1, sh.cols)
+    optical = scatter(_li2(o).index_select(-1, sh.cols) * area_c * p)
+    # Coverage floor.  Moment matching alone makes the merged Gaussian narrower, relative to the coarse spacing (twice
+    # the fine one), than its children were to theirs: a flat patch of discs of width r x spacing merges to
+    # sqrt(r^2 + 3/8) / 2 x the coarse spacing (0.43 for r = 0.6), and the gaps between the merged discs let the
+    # background through.  So the merged footprint keeps the children's relative width (2 x theirs), at most
+    # OVERLAP x the coarse spacing (wider fine Gaussians are already wide enough after the merge).
+    fine_width = scatter(w * area_c.sqrt()) / Ws
+    mid = (p < 1).to(w.dtype)  # the midpoint children; their distance to the merged mean is about the fine spacing
+    h = scatter(mid * diff.norm(dim=-1)) / scatter(mid.expand_as(w)).clamp_min(1.0)
+    floor = torch.minimum(2.0 * fine_width, 2.0 * OVERLAP * h)
+    return {"W": W, "mean": mean, "cov": cov, "sh": shm, "optical": optical, "floor": floor}
+
+
+def _cov_to_quat_scales(cov: Tensor, min_scale: float) -> tuple[Tensor, Tensor]:
+    """(..., M, 3, 3) symmetric PSD covariances -> quats (..., M, 4) w, x, y, z and scales (..., M, 3), the scales
+    ascending (the eigenvalues' order)."""
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    # eigh in float64: a flat surface Gaussian's covariance spans ~6 orders of magnitude of eigenvalue
+    evals, evecs = torch.linalg.eigh(cov.double())
+    det = torch.linalg.det(evecs)
+    evecs = torch.cat([evecs[..., :2], evecs[..., 2:] * det.sign()[..., None, None]], -1)  # a proper rotation
+    scales = evals.clamp_min(min_scale ** 2).sqrt()
+    return rotmat_to_quat(evecs).to(cov.dtype), scales.to(cov.dtype)
+
+
+def merge_to_coarser(cloud: GaussianCloud, plan: SubdivisionPlan, level: int, levels_down: int = 1,
+                     per_vertex: int = 1, opacity: str = "optical_depth", max_opacity: float = MAX_OPACITY,
+                     coverage_floor: bool = True) -> GaussianCloud:
+    """Merge a level-``level`` cloud into one Gaussian per vertex of level ``level - levels_down``.
+
+    Args:
+        cloud: GaussianCloud of batch shape B... (any, e.g. () or (B,)) with N = V_level * per_vertex Gaussians,
+            vertex-major (Gaussian n belongs to vertex n // per_vertex, as models/identity_field.py emits them):
+            means (..., N, 3), quats (..., N, 4), scales (..., N, 3), opacities (..., N), sh (..., N, S, 3).
+        plan: the face mask's SubdivisionPlan (at least ``level`` levels).
+        level: the cloud's subdivision level L (V_L = ``plan.num_vertices(L)``).
+        levels_down: how many levels to merge (>= 1; each step merges level l into level l - 1).
+        per_vertex: Gaussians per vertex K of the input (the output has one per coarse vertex).
+        opacity: "optical_depth" (default: Li2(o) s1 s2 summed over the children, see the module docstring) or
+            "mass" (o s1 s2 summed).
+        max_opacity: cap of the merged opacities.
+        coverage_floor: widen merged footprints to keep the children's overlap (see ``_merge_moments``'s floor;
+            False: plain moment matching).
+    Returns:
+        GaussianCloud of the same batch shape and dtype with M = ``plan.num_vertices(level - levels_down)``
+        Gaussians (one per coarse vertex, its index): means (..., M, 3), quats (..., M, 4), scales (..., M, 3),
+        opacities (..., M), sh (..., M, S, 3).  Differentiable except through the eigen-decomposition's degenerate
+        cases (used without gradients here).
+    """
+    if opacity not in OPACITY_MODES:
+        raise ValueError(f"opacity must be one of {OPACITY_MODES}, got {opacity!r}")
+    if levels_down < 1 or level - levels_down < 0:
+        raise ValueError(f"levels_down must be in 1..{level} for a level-{level} cloud, got {levels_down}")
+    if per_vertex < 1:
+        raise ValueError(f"per_vertex must be >= 1, got {per_vertex}")
+    out = cloud
+    for step in range(levels_down):
+        shares = _shares(plan, level - step, per_vertex if step == 0 else 1, cloud.device)
+        m = _merge_moments(out, shares)
+        # smallest merged scale: a thousandth of the typical merged footprint (keeps flat discs flat, not singular)
+        min_scale = 1e-3 * float(_footprint_area(out.scales).sqrt().median()) if len(out) else 1e-9
+        quats, scales = _cov_to_quat_scales(m["cov"], min_scale)
+        if coverage_floor:  # widen the two largest axes (the surface's) up to the floor; the normal axis stays
+            grow = (m["floor"] / _footprint_area(scales).sqrt().clamp_min(1e-30)).clamp_min(1.0)
+            scales = torch.cat([scales[..., :1], scales[..., 1:] * grow[..., None]], -1)  # eigh: ascending
+        area = _footprint_area(scales)
+        o = m["W"] / area if opacity == "mass" else _li2_inverse(m["optical"] / area)
+        out = GaussianCloud(m["mean"], quats, scales, o.clamp(0.0, max_opacity).to(m["mean"].dtype), m["sh"])
+    return out
+
+
+def footprint_px(cloud: GaussianCloud, camera: Camera, quantile: float = 0.5) -> float:
+    """A cloud's typical screen footprint through ``camera``: the ``quantile`` (default median) over its Gaussians
+    in front of the camera of ``focal * s1 / depth`` px, s1 its largest standard deviation (no 2D filter).
+
+    cloud: unbatched, N Gaussians; camera: K (3, 3), w2c (4, 4)."""
+    w2c = camera.w2c.to(cloud.device, cloud.means.dtype)
+    z = cloud.means @ w2c[2, :3] + w2c[2, 3]  # (N,) camera-space depth
+    front = z > 1e-6
+    if not bool(front.any()):
+        return 0.0
+    focal = float(camera.K[:2, :2].diagonal().max())
+    px = focal * cloud.scales.max(-1).values[front] / z[front]
+    return float(torch.quantile(px.float(), quantile))
+
+
+def pick_level(footprints: Sequence[float], threshold: float = FOOTPRINT_PX) -> int:
+    """Index of the coarsest level whose footprint (px, from :func:`footprint_px`) is at most ``threshold``.
+
+    ``footprints[i]`` is level i's footprint (coarse levels have larger ones).  When even the finest level's exceeds
+    the threshold (the camera is close: the fine Gaussians are seen larger than it), the finest level is picked:
+    zooming in gets full detail back.
+    """
+    if not footprints:
+        raise ValueError("pick_level needs at least one level's footprint")
+    for i, f in enumerate(footprints):
+        if f <= threshold:
+            return i
+    return len(footprints) - 1
+
+
+@dataclass
+class LevelOfDetail:
+    """The level-of-detail versions of one posed head, for an opt-in render path (defaults elsewhere unchanged).
+
+    ``levels[i]`` is the head merged down to ``full_level - (len(levels) - 1) + i``: ``levels[-1]`` is the full
+    detail cloud itself.  Build with :meth:`build`, re-merge after re-posing with :meth:`update`, render with
+    :meth:`cloud_for` (the level the camera picks) and ``models.renderer.render_batch``.
+
+    Attributes:
+        plan: the mask's SubdivisionPlan; full_level: the full cloud's level; per_vertex: its K;
+        levels: unbatched clouds, coarsest first; footprints_world: (per level) the median largest standard
+        deviation in world units, so a camera's footprint is focal * it / depth without projecting the cloud;
+        threshold: pick_level's footprint in px; opacity: merge_to_coarser's opacity mode.
+    """
+
+    plan: SubdivisionPlan
+    full_level: int
+    per_vertex: int = 1
+    threshold: float = FOOTPRINT_PX
+    opacity: str = "optical_depth"
+    levels: list = field(default_factory=list)
+    footprints_world: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, cloud: GaussianCloud, plan: SubdivisionPlan, full_level: int, coarsest_level: int | None = None,
+              per_vertex: int = 1, threshold: float = FOOTPRINT_PX, opacity: str = "optical_depth"
+              ) -> "LevelOfDetail":
+        """Merge an unbatched level-``full_level`` cloud (N = V_full * per_vertex) down to ``coarsest_level``
+        (default: one level coarser)."""
+        lod = cls(plan, full_level, per_vertex, threshold, opacity)
+        lod.update(cloud, full_level - 1 if coarsest_level is None else coarsest_level)
+        return lod
+
+    def update(self, cloud: GaussianCloud, coarsest_level: int | None = None) -> None:
+        """Re-merge after the head was re-posed (same topology): ``cloud`` unbatched, N = V_full * per_vertex."""
+        if len(cloud.batch_shape) != 0:
+            raise ValueError("LevelOfDetail holds one head: pass an unbatched cloud (cloud[b])")
+        if coarsest_level is None:
+            coarsest_level = self.full_level - (len(self.levels) - 1 if self.levels else 1)
+        if not 0 <= coarsest_level <= self.full_level:
+            raise ValueError(f"coarsest_level must be in 0..{self.full_level}, got {coarsest_level}")
+        levels = [cloud]
+        with torch.no_grad():
+            for lvl in range(self.full_level, coarsest_level, -1):
+                k = self.per_vertex if lvl == self.full_level else 1
+                levels.append(merge_to_coarser(levels[-1], self.plan, lvl, per_vertex=k, opacity=self.opacity))
+        self.levels = levels[::-1]
+        self.footprints_world = [float(c.scales.max(-1).values.median()) for c in self.levels]
+
+    def footprints(self, camera: Camera) -> list[float]:
+        """Per level (coarsest first), the median footprint in px through ``camera`` (at the head's median depth)."""
+        c = self.levels[-1]
+        w2c = camera.w2c.to(c.device, c.means.dtype)
+        depth = float((c.means @ w2c[2, :3] + w2c[2, 3]).median())
+        focal = float(camera.K[:2, :2].diagonal().max())
+        return [focal * s / max(depth, 1e-6) for s in self.footprints_world]
+
+    def level_index(self, camera: Camera) -> int:
+        """Index into :attr:`levels` that ``camera`` picks (see :func:`pick_level`)."""
+        return pick_level(self.footprints(camera), self.threshold)
+
+    def cloud_for(self, camera: Camera) -> GaussianCloud:
+        """The cloud to render through ``camera``: the coarsest level whose footprint stays under the threshold."""
+        return self.levels[self.level_index(camera)]
+
+    @property
+    def level_numbers(self) -> list[int]:
+        """Subdivision level of each entry of :attr:`levels`."""
+        return list(range(self.full_level - len(self.levels) + 1, self.full_level + 1))
+
+
+__all__ = ["LevelOfDetail", "footprint_px", "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]
