@@ -1,7 +1,8 @@
 """Where a cached head's 512x512 render spends its time, and what each rasterizer setting gives (issue 24's render FPS).
 
 Trains a field briefly on bench.py's in-memory synthetic problem (so the Gaussians have trained sizes and opacities),
-caches one identity's Gaussians, then times one frame per call for: the library path (``render_batch``), the gsplat
+caches one identity's Gaussians, then times one frame per call for: the library path (``render_batch``), the same with
+the head merged one level down (issue 24's level-of-detail head: FPS, PSNR against full detail, tile pairs), the gsplat
 backend with / without the depth channel and with an anti-aliasing 2D filter, the opacity-pruned cloud, and raw
 ``gsplat.rasterization`` at tile sizes 8 / 16 / 32 and in packed mode; finally a torch.profiler table of the library
 path (CUDA kernels by time, then host calls).  GPU only (the point is gsplat's kernels).
@@ -69,6 +70,18 @@ def main() -> None:
                 return 1000.0 / timed(fn, args.repeats, dev, warmup=10)
 
             print(f"render_batch (library default): {fps(lambda: render_batch(cloud, [cam])):.0f} FPS")
+            if args.level > 0:  # issue 24's level-of-detail head, opt-in (models/level_of_detail.py)
+                from benchmarks.lod_quality import tile_pairs
+                from models.level_of_detail import merge_to_coarser
+
+                lod = merge_to_coarser(cloud, data.plan, args.level)
+                full_img, lod_img = (render_batch(c_, [cam])["image"].clamp(0, 1) for c_ in (cloud, lod))
+                lod_psnr = float(10 * torch.log10(1 / ((full_img - lod_img) ** 2).mean().clamp_min(1e-20)))
+                pairs = tile_pairs(lod, cam, 16)[0] / max(tile_pairs(cloud, cam, 16)[0], 1)
+                merge_ms = timed(lambda: merge_to_coarser(cloud, data.plan, args.level), 20, dev)
+                print(f"render_batch, level-of-detail head (level {args.level - 1}, {len(lod.means)} Gaussians): "
+                      f"{fps(lambda: render_batch(lod, [cam])):.0f} FPS, PSNR vs full {lod_psnr:.2f} dB, "
+                      f"16 px tile pairs x{pairs:.3f}, merge {merge_ms:.2f} ms")
             for depth in (False, True):
                 print(f"gsplat backend, depth {depth}: "
                       f"{fps(lambda: _render_gsplat(cloud, [cam], None, stacked, depth=depth)):.0f}")
