@@ -94,25 +94,34 @@ def test_video(cache: Path) -> dict:
     return torch.load(path, weights_only=False)
 
 
-def cached_video(cache: Path, per: int, size: int) -> dict:
-    """{truth, points, irises, found, size} of the driving video (made and detected once, then loaded)."""
+def cached_video(cache: Path, per: int, size: int, seed: int = 0) -> dict:
+    """{truth, points, irises, found, size, flame_dir} of the driving video (made and detected once, then loaded);
+    ``seed``: bench.py driving_video's seed (another synthetic FLAME model and identity; 0: bench.py's video)."""
     from utils.data.synthetic.flame_files import write_flame_files
     from utils.data.synthetic.flame_model import make_flame_model
 
     if per == 0:
         return test_video(cache)
-    root = cache / "flame"
+    root = cache / ("flame" if not seed else f"flame_{seed}")
     if not (root.is_dir() and any(root.iterdir())):
         root.mkdir(parents=True, exist_ok=True)
-        write_flame_files(root, make_flame_model(0), 0)
-    path = cache / f"video_{per}_{size}" / "data.pt"
+        write_flame_files(root, make_flame_model(seed), seed)
+    path = cache / video_dir(per, size, seed) / "data.pt"
     if not path.is_file():
-        video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size)
+        video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size,
+                                     seed=seed)
         frames, _, _ = read_video(video)
         pts, iris, found = detect_video_landmarks(frames, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (size, size)}, path)
-    return torch.load(path, weights_only=False)
+    d = torch.load(path, weights_only=False)
+    d.setdefault("flame_dir", str(root))
+    return d
+
+
+def video_dir(per: int, size: int, seed: int = 0) -> str:
+    """The cache folder of one video (its landmarks, batch fits)."""
+    return f"video_{per}_{size}" + (f"_seed{seed}" if seed else "")
 
 
 def relative_to_reference(params: list[FlameParams], references: list[FlameParams]) -> FlameParams:
@@ -125,12 +134,13 @@ def relative_to_reference(params: list[FlameParams], references: list[FlameParam
     return FlameParams.cat(out)
 
 
-def load_video(name: str, cache: Path = Path("output/stream_tracking")) -> tuple[dict, FlameModel, int]:
+def load_video(name: str, cache: Path = Path("output/stream_tracking"), seed: int = 0
+               ) -> tuple[dict, FlameModel, int]:
     """The cached driving video ``name`` (a VIDEOS key; run this script first to fill ``cache``): (cached_video's
     dict, the synthetic FLAME model, its shape_frames) for the diagnostic scripts beside this one."""
     per, size, shape_frames = VIDEOS[name]
-    d = cached_video(cache, per, size)
-    return d, FlameModel.from_data_dir(d.get("flame_dir", cache / "flame")), shape_frames
+    d = cached_video(cache, per, size, seed)
+    return d, FlameModel.from_data_dir(d["flame_dir"]), shape_frames
 
 
 def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, list, dict, list[float]]:
@@ -207,6 +217,9 @@ def main() -> None:
     ap.add_argument("--video", choices=sorted(VIDEOS), default="quick",
                     help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video, or "
                          "tests/test_streaming.py's 16-frame one (test)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="bench.py driving_video's seed for the keyframe videos: another synthetic FLAME model and "
+                         "driver identity (0: bench.py's own video)")
     ap.add_argument("--cache", default="output/stream_tracking",
                     help="folder of the cached videos, landmarks and batch fits")
     ap.add_argument("--refine_frames", type=int, nargs="*", default=[0, 12],
@@ -239,9 +252,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     per, size, shape_frames = VIDEOS[a.video]
     cache = Path(a.cache)
-    d = cached_video(cache, per, size)
-    flame = FlameModel.from_data_dir(d.get("flame_dir", cache / "flame"))
-    bpath = cache / f"video_{per}_{size}" / f"batch_{shape_frames}.pt"
+    d = cached_video(cache, per, size, a.seed)
+    flame = FlameModel.from_data_dir(d["flame_dir"])
+    bpath = cache / video_dir(per, size, a.seed) / f"batch_{shape_frames}.pt"
     if not bpath.is_file():
         batch, _ = fit_video_motion(flame, d["points"], d["irises"], d["found"], d["size"],
                                     ReenactConfig(shape_frames=shape_frames, flame_fit=fit_config(a.video)),

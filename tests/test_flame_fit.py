@@ -455,7 +455,8 @@ def test_shape_refinement_jacobians_match_autograd(flame_and_truth):
 # the refinement these tests were written for (before 2026-12-06's defaults: tests/test_frame_tracker.py): frames kept
 # for pose, jaw and expression, a re-solve on every change, a few iterations inside each frame, the fit's own
 # calibration prior, the expression (not the jaw) re-anchored
-_LEGACY = dict(pose_only=False, background=False, new_view=0.0, calibration_shape_std=0.0, jaw_continuity=False)
+_LEGACY = dict(pose_only=False, background=False, new_view=0.0, calibration_shape_std=0.0, jaw_continuity=False,
+               calibration_offset_px=0.0, iterations=20, max_updates=0)
 
 
 def test_frame_tracker_refines_the_shape_on_frames_it_has_seen(flame_and_truth):
