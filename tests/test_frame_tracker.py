@@ -51,7 +51,8 @@ def test_shape_is_re_solved_on_new_views_and_moves_towards_the_truth(flame_and_t
     flame, _, truth = flame_and_truth
     pts = _points(flame, truth, KEYS + [(0.0, 0.0)] * 3, 0)
     pts[-3:] = pts[0]  # the reference frame again
-    refine = ShapeRefineConfig(frames=8, iterations=6, delay_frames=2, wait=True, new_view=0.1, max_updates=0)
+    refine = ShapeRefineConfig(frames=8, iterations=6, delay_frames=2, wait=True, new_view=0.1, max_updates=0,
+                               blend_frames=0)
 
     def stream(cfg):
         tracker = _tracker(flame, truth, cfg)
