@@ -50,27 +50,78 @@ from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
 
-VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16)}
-# frames per transition, size, shape_frames (as bench.py; "long": bench.py --stream_per_transition 48, 337 frames)
+VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16), "test": (0, 256, 8)}
+# frames per transition, size, shape_frames (as bench.py; "long": bench.py --stream_per_transition 48, 337 frames;
+# "test": tests/test_streaming.py's 16-frame video, tests/test_reenactment.py's ``driving_video``, which that test fits
+# with 20 Levenberg-Marquardt iterations in the calibration and the batch fit: TEST_FIT)
+TEST_FIT = {"iterations": 20}
 
 
-def cached_video(cache: Path, per: int, size: int) -> dict:
-    """{truth, points, irises, found, size} of the driving video (made and detected once, then loaded)."""
+def fit_config(name: str, **kw) -> FlameFitConfig:
+    """The calibration's / batch fit's FlameFitConfig of video ``name`` (the test video: its test's settings)."""
+    return FlameFitConfig(**(TEST_FIT if name == "test" else {}), **kw)
+
+
+def test_video(cache: Path) -> dict:
+    """tests/test_reenactment.py's 16-frame driving video (subject 301 of the tests' tiny synthetic dataset, jaw /
+    smile / brows / +-0.1 rad head turn, 256 x 256, 10 fps), detected once: {truth, points, irises, found, size}."""
+    path = cache / "video_0_256" / "data.pt"  # (per 0: VIDEOS["test"])
+    if not path.is_file():
+        import tempfile
+
+        from tests.test_reenactment import SIZE, T, camera, true_motion
+        from tests.training_fixtures import get_sequence_root
+        from utils.core.images import to_uint8
+        from utils.core.video import write_video
+        from utils.data.synthetic.dataset import load_ground_truth
+        from utils.data.synthetic.render import render_ground_truth
+
+        tmp = Path(tempfile.mkdtemp(prefix="stream_test_video_"))
+        factory = types.SimpleNamespace(mktemp=lambda name: Path(tempfile.mkdtemp(prefix=name, dir=tmp)))
+        root = get_sequence_root(factory)
+        _, identity = load_ground_truth(root, "301")
+        truth = true_motion(identity.params)
+        frames = []
+        for i in range(T):
+            cloud, _ = load_ground_truth(root, "301", params=truth.frame(i))
+            frames.append(to_uint8(render_ground_truth(cloud, [camera()], identity, "studio", "torch")["image"][0]))
+        video = write_video(tmp / "driver.mp4", frames, fps=10)
+        frames, _, _ = read_video(video)
+        pts, iris, found = detect_video_landmarks(frames, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (SIZE, SIZE),
+                    "flame_dir": str(root / "flame")}, path)
+    return torch.load(path, weights_only=False)
+
+
+def cached_video(cache: Path, per: int, size: int, seed: int = 0) -> dict:
+    """{truth, points, irises, found, size, flame_dir} of the driving video (made and detected once, then loaded);
+    ``seed``: bench.py driving_video's seed (another synthetic FLAME model and identity; 0: bench.py's video)."""
     from utils.data.synthetic.flame_files import write_flame_files
     from utils.data.synthetic.flame_model import make_flame_model
 
-    root = cache / "flame"
+    if per == 0:
+        return test_video(cache)
+    root = cache / ("flame" if not seed else f"flame_{seed}")
     if not (root.is_dir() and any(root.iterdir())):
         root.mkdir(parents=True, exist_ok=True)
-        write_flame_files(root, make_flame_model(0), 0)
-    path = cache / f"video_{per}_{size}" / "data.pt"
+        write_flame_files(root, make_flame_model(seed), seed)
+    path = cache / video_dir(per, size, seed) / "data.pt"
     if not path.is_file():
-        video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size)
+        video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size,
+                                     seed=seed)
         frames, _, _ = read_video(video)
         pts, iris, found = detect_video_landmarks(frames, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (size, size)}, path)
-    return torch.load(path, weights_only=False)
+    d = torch.load(path, weights_only=False)
+    d.setdefault("flame_dir", str(root))
+    return d
+
+
+def video_dir(per: int, size: int, seed: int = 0) -> str:
+    """The cache folder of one video (its landmarks, batch fits)."""
+    return f"video_{per}_{size}" + (f"_seed{seed}" if seed else "")
 
 
 def relative_to_reference(params: list[FlameParams], references: list[FlameParams]) -> FlameParams:
@@ -83,11 +134,13 @@ def relative_to_reference(params: list[FlameParams], references: list[FlameParam
     return FlameParams.cat(out)
 
 
-def load_video(name: str, cache: Path = Path("output/stream_tracking")) -> tuple[dict, FlameModel, int]:
+def load_video(name: str, cache: Path = Path("output/stream_tracking"), seed: int = 0
+               ) -> tuple[dict, FlameModel, int]:
     """The cached driving video ``name`` (a VIDEOS key; run this script first to fill ``cache``): (cached_video's
     dict, the synthetic FLAME model, its shape_frames) for the diagnostic scripts beside this one."""
     per, size, shape_frames = VIDEOS[name]
-    return cached_video(cache, per, size), FlameModel.from_data_dir(cache / "flame"), shape_frames
+    d = cached_video(cache, per, size, seed)
+    return d, FlameModel.from_data_dir(d["flame_dir"]), shape_frames
 
 
 def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, list, dict, list[float]]:
@@ -108,12 +161,14 @@ def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, li
 
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
                calibrated: dict | None = None, bias_correction: bool = True, closed_form: bool = True,
-               warm: dict | None = None, pace_fps: float = 0.0) -> dict:
+               warm: dict | None = None, pace_fps: float = 0.0, fit: FlameFitConfig | None = None) -> dict:
     """One streamed pass; ``calibrated`` (filled on the first call of each ``closed_form``) holds the first frames'
     calibration, so that variants start from the identical tracker without repeating the calibration (7-30 s CPU).
     ``iterations``: Levenberg-Marquardt iterations per warm-started frame (``--stream_iterations``); ``closed_form``:
     the calibration fit's ``FlameFitConfig.closed_form`` (False: autograd, as before 2026-12-06); ``pace_fps``: frames
-    handed to the tracker at this rate, as a camera delivers them (0: as fast as it takes them)."""
+    handed to the tracker at this rate, as a camera delivers them (0: as fast as it takes them); ``fit``: the
+    calibration's and the cold first frame's FlameFitConfig (``closed_form`` set from the argument; None: defaults)."""
+    fit = fit or FlameFitConfig()
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
     calibrated = {} if calibrated is None else calibrated
@@ -128,10 +183,10 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
     if not calibrated:
         t, c = time.perf_counter(), time.process_time()
         tr, _ = FrameTracker.calibrate(flame, pts[:n], None if iris is None else iris[:n], size,
-                                       FlameFitConfig(closed_form=closed_form), True, iterations, refine)
+                                       replace(fit, closed_form=closed_form), True, iterations, refine)
         calibrated.update(shape=tr.shape.clone(), focal=tr.focal, bias=tr.bias.clone(),
                           seconds=time.perf_counter() - t, cpu_seconds=time.process_time() - c)
-    tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], FlameFitConfig(), calibrated["bias"],
+    tracker = FrameTracker(flame, size, calibrated["shape"], calibrated["focal"], fit, calibrated["bias"],
                            iterations, refine, bias_correction)
     if warm:  # FlameFitConfig fields of the warm-started frames' fit (FrameTracker.warm_cfg), e.g. tolerance
         tracker.warm_cfg = replace(tracker.warm_cfg, **warm)
@@ -160,7 +215,11 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--video", choices=sorted(VIDEOS), default="quick",
-                    help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video")
+                    help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video, or "
+                         "tests/test_streaming.py's 16-frame one (test)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="bench.py driving_video's seed for the keyframe videos: another synthetic FLAME model and "
+                         "driver identity (0: bench.py's own video)")
     ap.add_argument("--cache", default="output/stream_tracking",
                     help="folder of the cached videos, landmarks and batch fits")
     ap.add_argument("--refine_frames", type=int, nargs="*", default=[0, 12],
@@ -193,12 +252,13 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     per, size, shape_frames = VIDEOS[a.video]
     cache = Path(a.cache)
-    d = cached_video(cache, per, size)
-    flame = FlameModel.from_data_dir(cache / "flame")
-    bpath = cache / f"video_{per}_{size}" / f"batch_{shape_frames}.pt"
+    d = cached_video(cache, per, size, a.seed)
+    flame = FlameModel.from_data_dir(d["flame_dir"])
+    bpath = cache / video_dir(per, size, a.seed) / f"batch_{shape_frames}.pt"
     if not bpath.is_file():
         batch, _ = fit_video_motion(flame, d["points"], d["irises"], d["found"], d["size"],
-                                    ReenactConfig(shape_frames=shape_frames), progress=False)
+                                    ReenactConfig(shape_frames=shape_frames, flame_fit=fit_config(a.video)),
+                                    progress=False)
         torch.save(batch.to("cpu"), bpath)
     rb = motion_correlations(torch.load(bpath, weights_only=False), d["truth"])
     fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn"))  # noqa: E731
@@ -230,7 +290,7 @@ def main() -> None:
         refine = ShapeRefineConfig(**kw)
         s = run_stream(flame, d, shape_frames, refine, iterations, calibrated=calibrated,
                        bias_correction=bias_correction, closed_form=closed_form, warm=warm,
-                       pace_fps=a.pace_fps)
+                       pace_fps=a.pace_fps, fit=fit_config(a.video))
         results["stream"][key if not rep else f"{key} #{rep + 1}"] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]

@@ -455,7 +455,8 @@ def test_shape_refinement_jacobians_match_autograd(flame_and_truth):
 # the refinement these tests were written for (before 2026-12-06's defaults: tests/test_frame_tracker.py): frames kept
 # for pose, jaw and expression, a re-solve on every change, a few iterations inside each frame, the fit's own
 # calibration prior, the expression (not the jaw) re-anchored
-_LEGACY = dict(pose_only=False, background=False, new_view=0.0, calibration_shape_std=0.0, jaw_continuity=False)
+_LEGACY = dict(pose_only=False, background=False, new_view=0.0, calibration_shape_std=0.0, jaw_continuity=False,
+               calibration_offset_px=0.0, iterations=20, max_updates=0, blend_frames=0)
 
 
 def test_frame_tracker_refines_the_shape_on_frames_it_has_seen(flame_and_truth):
@@ -548,10 +549,10 @@ def test_frame_tracker_blends_a_new_shape_in_and_waits_for_a_span(flame_and_trut
     base = dict(_LEGACY, frames=8, iterations=6, iterations_per_frame=3)
     with single_thread():
         jump, t_jump = stream(ShapeRefineConfig(**base))
-        blend, t_blend = stream(ShapeRefineConfig(**base, blend_frames=4))
+        blend, t_blend = stream(ShapeRefineConfig(**dict(base, blend_frames=4)))
         never, t_never = stream(ShapeRefineConfig(**base, min_span=1.0))
         span, t_span = stream(ShapeRefineConfig(**base, min_span=0.25))
-        refit, t_refit = stream(ShapeRefineConfig(**base, blend_frames=4, refit_previous=True))
+        refit, t_refit = stream(ShapeRefineConfig(**dict(base, blend_frames=4), refit_previous=True))
     step_jump = float((jump[1:] - jump[:-1]).norm(dim=1).max())
     step_blend = float((blend[1:] - blend[:-1]).norm(dim=1).max())
     err0 = float(truth.shape.norm())

@@ -16,6 +16,8 @@ from tests.fixtures import synthetic_root  # noqa: F401
 from tests.test_fitting import single_thread
 from tests.test_flame_fit import SIZE, _case, flame_and_truth  # noqa: F401
 
+# the calibration as before 2026-12-07 (no joint detector offset, no re-solves): what the calibration tests compare
+_PLAIN = dict(calibration_offset_px=0.0)
 # (yaw, pitch) degrees per frame: frontal frames, a turn, a nod, then turned the other way
 KEYS = [(0.0, 0.0)] * 5 + [(y, 0.0) for y in (8.0, 16.0, 24.0, 16.0, 8.0)] + [(0.0, p) for p in (6.0, 12.0, 6.0)] \
     + [(-10.0, 4.0)] * 5
@@ -49,7 +51,8 @@ def test_shape_is_re_solved_on_new_views_and_moves_towards_the_truth(flame_and_t
     flame, _, truth = flame_and_truth
     pts = _points(flame, truth, KEYS + [(0.0, 0.0)] * 3, 0)
     pts[-3:] = pts[0]  # the reference frame again
-    refine = ShapeRefineConfig(frames=8, iterations=6, delay_frames=2, wait=True, new_view=0.1)
+    refine = ShapeRefineConfig(frames=8, iterations=6, delay_frames=2, wait=True, new_view=0.1, max_updates=0,
+                               blend_frames=0)
 
     def stream(cfg):
         tracker = _tracker(flame, truth, cfg)
@@ -79,6 +82,33 @@ def test_shape_is_re_solved_on_new_views_and_moves_towards_the_truth(flame_and_t
     assert jaw_back < 0.5 * jaw_back_nojaw, (jaw_back, jaw_back_nojaw)
     e_back = float((out[-1].expression[0, :10] - out[0].expression[0, :10]).norm())
     assert e_back < 0.5, e_back
+
+
+def test_max_updates_limits_the_re_solves_and_stops_keeping_frames(flame_and_truth):  # noqa: F811
+    """ShapeRefineConfig.max_updates (the default 1): the turn, the nod and the other turn of KEYS start several
+    re-solves without a limit; with max_updates 1 exactly one starts and is swapped in, and once it started the
+    kept frames no longer change (no later solve can use them: the per-frame keeping work stops too)."""
+    from utils.face.frame_tracker import ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, KEYS, 6)
+    base = dict(frames=8, iterations=4, delay_frames=2, wait=True, new_view=0.1)
+    runs = {}
+    with single_thread():
+        for limit in (0, 1):
+            tracker = _tracker(flame, truth, ShapeRefineConfig(**base, max_updates=limit))
+            kept_after = []
+            for t in range(pts.shape[0]):
+                tracker.step(pts[t])
+                if tracker.solves_started:
+                    kept_after.append([k.index for k in tracker.kept])
+            tracker.close()
+            runs[limit] = (tracker.solves_started, tracker.shape_updates, kept_after)
+    print(f"re-solves started / swapped: unlimited {runs[0][:2]}, max_updates 1 {runs[1][:2]}")
+    assert ShapeRefineConfig().max_updates == 1
+    assert runs[0][0] >= 2 and runs[0][1] >= 2, runs[0][:2]
+    assert runs[1][0] == 1 and runs[1][1] == 1, runs[1][:2]
+    assert all(k == runs[1][2][0] for k in runs[1][2])  # the kept frames frozen once the one solve started
 
 
 def test_background_re_solve_never_holds_a_frame_unless_told_to_wait(flame_and_truth, monkeypatch):  # noqa: F811
@@ -149,9 +179,9 @@ def test_calibration_shape_prior_keeps_the_first_frames_shape_near_the_mean(flam
     pts = _points(flame, truth, [(0.0, 0.0), (2.0, 0.0), (0.0, 2.0)], 2)
     cfg = FlameFitConfig(iterations=10)
     with single_thread():
-        loose, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0))
+        loose, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0, **_PLAIN))
         tight, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg,
-                                          refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2))
+                                          refine=ShapeRefineConfig(**_PLAIN, frames=12, calibration_shape_std=0.2))
     print(f"calibrated shape norm: fit's prior {float(loose.shape.norm()):.2f}, tight {float(tight.shape.norm()):.2f}")
     assert float(tight.shape.norm()) < 0.7 * float(loose.shape.norm())
 
@@ -189,11 +219,11 @@ def test_shape_information_finds_the_frontal_frames_weak_directions_and_the_weak
         h_turn = solve(turned, iterations=0, init=posed).shape_information()
         diag = solve(frontal).result().params.shape
         full = solve(frontal, torch.eye(300, dtype=torch.float64)).result().params.shape
-        loose, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0))
+        loose, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0, **_PLAIN))
         uniform, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg,
-                                            refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2))
+                                            refine=ShapeRefineConfig(**_PLAIN, frames=12, calibration_shape_std=0.2))
         weak, _ = FrameTracker.calibrate(flame, frontal, None, SIZE, cfg,
-                                         refine=ShapeRefineConfig(frames=12, calibration_shape_std=0.2,
+                                         refine=ShapeRefineConfig(**_PLAIN, frames=12, calibration_shape_std=0.2,
                                                                   calibration_information=25.0))
     evals, vecs = torch.linalg.eigh(h_front)
     n_strong_turn = int((torch.linalg.eigvalsh(h_turn) >= 25.0).sum())
@@ -237,9 +267,10 @@ def test_offset_step_shares_a_static_detector_offset_between_shape_and_offset(fl
         sr = ShapeRefinement(LandmarkFlame(flame), LandmarkTargets(pts, SIZE), fixed, first.params.shape,
                              first.params, 10)
         shape, offset = sr.offset_step(3.0)
-        plain, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0))
+        plain, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(frames=0, **_PLAIN))
         joint, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg,
-                                          refine=ShapeRefineConfig(frames=0, calibration_offset_px=3.0))
+                                          refine=ShapeRefineConfig(frames=0, calibration_offset_px=3.0,
+                                                                   calibration_offset_groups=""))
     cos = lambda a, b: float((a * b).sum() / (a.norm() * b.norm()))  # noqa: E731
     err_loose = float((first.params.shape - truth.shape).norm())
     err_joint = float((shape - truth.shape).norm())
@@ -295,7 +326,7 @@ def test_offset_rounds_groups_and_start(flame_and_truth):  # noqa: F811
         rounds = {}
         for k in (1, 2):
             tr, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, refine=ShapeRefineConfig(
-                frames=0, calibration_offset_px=3.0, calibration_offset_rounds=k))
+                frames=0, calibration_offset_px=3.0, calibration_offset_rounds=k, calibration_offset_groups=""))
             rounds[k] = (cos(tr.bias[17:], injected[17:]), float((tr.shape - truth.shape).norm()))
     print(f"held eyes: max {float(off[36:48].abs().max()):.3g}; from the injected start: eyes "
           f"{float((off2[36:48] - injected[36:48]).abs().max()):.3g}, cos {cos(off2[17:], injected[17:]):.3f}, stiff "

@@ -4,13 +4,14 @@
 :func:`utils.face.flame_fit.fit_flame_to_landmarks` call (T = 1) with the person's shape and focal length held fixed
 (:meth:`FrameTracker.calibrate`) and a frame-to-frame prior that looks only backwards.
 
-The shape the first frames calibrate can be refined as the stream goes on (:class:`ShapeRefineConfig`, off by
-default: see there): the batch path fits the shape on frames spread over the whole video, and a shape from the first
-(near-frontal, neutral) frames alone has the wrong depth, which turned or nodding frames then show and the expression
-and head rotation absorb (measured on the benchmark's keyframe videos: brows correlation 0.06-0.39 against the batch
-path's 0.57-0.71).  So the calibration keeps the shape near FLAME's mean (a tight prior: those frames cannot tell its
-depth), the tracker keeps a few tracked frames chosen to differ in head pose, and whenever they show a new head pitch /
-yaw it re-solves the shape (and the detector offset) on them in a background thread, never looking ahead; the new
+The shape the first frames calibrate is refined as the stream goes on (:class:`ShapeRefineConfig`; since
+2026-12-07 by default once, when the head first turns or nods, with the detector offset solved jointly with the
+shape in the calibration: see there): the batch path fits the shape on frames spread over the whole video, and a
+shape from the first (near-frontal, neutral) frames alone has the wrong depth (and takes the detector's systematic
+offsets as shape), which turned or nodding frames then show and the expression and head rotation absorb (measured
+on the benchmark's keyframe videos: brows correlation 0.06-0.39 against the batch path's 0.57-0.71).  So the
+tracker keeps a few tracked frames chosen to differ in head pose, and when they show a new head pitch / yaw it
+re-solves the shape (and the detector offset) on them in a background thread, never looking ahead; the new
 shape is swapped in with the reference frame's expression and jaw re-anchored.
 """
 from __future__ import annotations
@@ -56,7 +57,19 @@ class ShapeRefineConfig:
     the 85-frame video's jaw (0.75) and the frames' time; ``blend_frames``, ``min_span`` and ``refit_previous``
     (benchmarks/results/stream_blend_cpu_2026-12-06.md) are kept for it.
 
-    Off by default (``frames`` 0; ``frames`` 12 turns this mode on): on tests/test_streaming.py's 16-frame video
+    The default since 2026-12-07 (benchmarks/results/t-stream6_cpu_2026-12-07.md): the calibration with the fit's
+    own prior and the detector offset solved jointly (``calibration_offset_px`` 6, ``calibration_offset_groups``
+    "brows=1.5,nose=1.5"), then ONE re-solve (``max_updates`` 1, ``iterations`` 15) on the frames kept when the head
+    first turns or nods by ``new_view``, in the background, blended in over ``blend_frames`` 16 frames: jaw / smile /
+    brows / turn within 0.02 of the batch path on the 16 / 85 / 337-frame videos (min minus batch -0.008 / -0.014 /
+    -0.003; before: -0.001 / -0.394 / -0.518).
+    Every later swap would read the jaw and expressions at another scale; one early swap mixes little.  Sensitive to
+    ``new_view`` (0.15 / 0.2: the 85- or 337-frame video's brows fall to ~0.46-0.49) and not better on every
+    identity (another synthetic driver, bench.py driving_video seed 2: -0.194 against -0.133).  ``frames`` 0 turns
+    the refinement off (the calibration options still apply; set ``calibration_offset_px`` 0 for the plain one).
+
+    The history (earlier defaults: ``frames`` 0, ``calibration_shape_std`` 0.2, ``calibration_offset_px`` 0,
+    ``iterations`` 20, no ``max_updates``): on tests/test_streaming.py's 16-frame video
     (smooth expression, jaw and +-0.1 rad yaw from the first frame on; no new view, so no re-solve) the tight
     calibration prior alone lowers the brows correlation from 0.924 to 0.876 (batch 0.925; 0.3: 0.883, 0.5: 0.900),
     outside the 0.02 that test allows, and with the fit's own prior the keyframe videos' first shape reads the head
@@ -80,7 +93,7 @@ class ShapeRefineConfig:
     video) or ~0.88 and ~0.97 (test video) with small changes of the factors, so both stay off."""
 
     solve_shape_std: float = 0.0  # the re-solves' shape prior std (0: the fit's own, FlameFitConfig.shape_std)
-    calibration_shape_std: float = 0.2  # with ``frames``: the calibration's shape prior std (0: the fit's own)
+    calibration_shape_std: float = 0.0  # with ``frames``: the calibration's shape prior std (0: the fit's own)
     # (FlameFitConfig.shape_std, 1 by default): the first frames show the face from one side and leave its depth
     # free, which the shape's 300 coefficients then bend to fit the first frames' mouth and brows (85-frame benchmark
     # video: the jaw read at 0.27 of its true opening, slope of fitted on true); a tight prior keeps that shape near
@@ -92,19 +105,19 @@ class ShapeRefineConfig:
     # (ShapeRefinement.shape_information: Gauss-Newton, per-frame variables eliminated, in FLAME standard deviations)
     # whose eigenvalue is below this, the fit's own along the rest: the depth those frames leave free stays near
     # FLAME's mean while what they do show is fitted freely; 0: ``calibration_shape_std`` along every direction)
-    calibration_offset_px: float = 0.0  # >0: calibration solves detector offset with the shape, prior std px
+    calibration_offset_px: float = 6.0  # >0: calibration solves detector offset with the shape, prior std px
     # (ShapeRefinement.offset_step, then a re-solve on the points less that offset; per static landmark, shared by
     # the frames; 0: the offset is the residual the shape leaves, as the batch fit's bias_correction; applies also
     # with ``frames`` 0)
     calibration_offset_rounds: int = 1  # with calibration_offset_px: joint offset steps, each with its re-solve
     # (ShapeRefinement.offset_step from the last round's offset and solve: more rounds move towards the joint
     # optimum of shape, frames and offset; 1: one linearised step, as first measured)
-    calibration_offset_groups: str = ""  # with calibration_offset_px: per-group prior std factors, e.g. "brows=0"
+    calibration_offset_groups: str = "brows=1.5,nose=1.5"  # with calibration_offset_px: per-group std factors
     # (groups of the iBUG-68 static points: brows 17-26, nose 27-35, eyes 36-47, mouth 48-67; factor x
     # calibration_offset_px is that group's prior std, 0: its offset held at 0 in the step; unnamed groups 1)
     calibration_iterations: int = 20  # LM iterations of those two options' calibration re-solve
-    frames: int = 0  # frames kept for the shape (0: off, the first frames' shape held; 12: the measured mode)
-    iterations: int = 20  # Levenberg-Marquardt iterations of one re-solve on the kept frames
+    frames: int = 12  # frames kept for the shape (0: off, the first frames' shape held)
+    iterations: int = 15  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
     background: bool = True  # run each re-solve whole in a background thread that no frame waits for
     # (False: ``iterations_per_frame`` iterations inside each frame's step, which waits for them)
@@ -123,14 +136,18 @@ class ShapeRefineConfig:
     continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
     jaw_continuity: bool = True  # with ``continuity``, remove the jaw rotation's change there too
     # (a new shape reads the closed mouth at another jaw angle: without it, 85-frame video jaw 0.90 -> 0.60)
-    blend_frames: int = 0  # a solved shape enters linearly over this many frames (0: at once; measured: no gain)
+    blend_frames: int = 16  # a solved shape enters linearly over this many frames (0: at once)
     # (the detector offset and the ``continuity`` expression offset blend with it; the reference frame switches at
-    # the end)
+    # the end; 337-frame video: the largest frame-to-frame expression step at the swap 0.69 at once, 0.30 over 16
+    # frames, jaw 0.023 -> 0.007 rad, the correlations unchanged within 0.003)
     refit_previous: bool = False  # re-fit the last frame under a changed shape (the prior then ties to its own shape)
     # (one more warm fit per change, each blended frame included)
     new_view: float = 0.1  # radians: re-solve only when the kept frames' pitch or yaw range grew this much
     # (relative to the reference frame, beyond the range the last solve's frames covered; 0: on every change of the
     # kept frames)
+    max_updates: int = 1  # at most this many re-solves are started (0: no limit)
+    # (a shape swapped in mid-video changes the scale the jaw / expressions are read at; the correlations over the
+    # whole video mix the scales of every swap: fewer, later swaps mix fewer)
     min_span: float = 0.0  # re-solve only once the kept frames' head yaw or pitch spans this many radians (0: off)
     # (depth is only observable on turned / nodding frames; max - min of the kept frames' axis-angle x or y)
 
@@ -139,7 +156,7 @@ class ShapeRefineConfig:
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
               "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
               "solve_shape_std": Range(0), "calibration_information": Range(0), "calibration_iterations": Range(0),
-              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1)}
+              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1), "max_updates": Range(0)}
 
     def offset_std(self) -> Tensor:
         """(68,) the calibration offset's prior std per landmark in pixels: ``calibration_offset_px`` times the
@@ -229,6 +246,7 @@ class FrameTracker:
         self.solve_frames: list[_Kept] = []  # the kept frames it solves (entries may leave self.kept meanwhile)
         self.solved_views = torch.zeros(2, 2)  # (min, max) x (pitch, yaw) the last solve's frames covered
         self.shape_updates = 0
+        self.solves_started = 0  # re-solves started (``max_updates``)
         self.refine_seconds = 0.0
         self.solve_seconds = 0.0  # time the re-solves ran (in the background thread with ``background``)
         self.solve_started = 0  # the frame count when the running re-solve started
@@ -371,7 +389,7 @@ class FrameTracker:
         self.last = (raw, iris)
         if self.reference is None:
             self.reference = self.first_reference = self.previous
-        if self.refine is not None:
+        if self.refine is not None and not self._updates_spent():
             self._consider(raw, iris, self.previous)
         out = self.previous
         if self.offset is not None:
@@ -439,7 +457,9 @@ class FrameTracker:
         """Start a re-solve when the kept frames changed, run at most ``iterations_per_frame`` of its iterations,
         and swap its shape (and detector offset) in when it is done."""
         t = time.perf_counter()
-        if self.solve is None and self.changed and len(self.kept) >= 2 and self._span_ok() and self._new_view():
+        if self.solve is None and self.changed and len(self.kept) >= 2 and self._span_ok() and self._new_view() and \
+                not self._updates_spent():
+            self.solves_started += 1
             # in stream order: the solve ties consecutive kept frames by the frame-to-frame prior, as the batch
             # path's shape fit does its spread frames (without it the shape stayed near the first frames' one:
             # quick keyframe video brows 0.43 instead of 0.66 on the same 8 frames)
@@ -495,6 +515,10 @@ class FrameTracker:
             solve.advance(solve.max_iterations)
         except BaseException as e:  # noqa: BLE001 -- handed to the tracking thread
             self.thread_error = e
+
+    def _updates_spent(self) -> bool:
+        """``max_updates`` re-solves were started (no more will be: the frames need not be considered for keeping)."""
+        return 0 < self.refine.max_updates <= self.solves_started
 
     def _views(self, frames: list[_Kept]) -> Tensor:
         """(N, 2) head pitch and yaw of ``frames`` relative to the reference frame (axis-angle x, y; radians)."""

@@ -124,7 +124,8 @@ class AnimationConfig:
     #                          the landmark and render threads
     stream_refine: ShapeRefineConfig = field(default_factory=ShapeRefineConfig)  # --stream: the shape refined on
     #                          frames kept for their head-pose diversity, in a background thread
-    #                          (utils/face/frame_tracker.py; off by default, --stream_refine.frames 12: on)
+    #                          (utils/face/frame_tracker.py; by default one re-solve at the first new head view;
+    #                          --stream_refine.frames 0: off)
 
     # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),

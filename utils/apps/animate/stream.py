@@ -16,8 +16,8 @@
                 (FrameTracker.step); a frame without a face holds the previous frame. The shape and detector offset keep
                 improving on frames kept for their head-pose diversity (``stream_refine``, FrameTracker's
                 ShapeRefineConfig: re-solved in a background thread when they show a new head pitch / yaw, never
-                looking ahead; off by default, ``--stream_refine.frames 12``: on). Torch runs this stage's CPU
-                work on ``stream_threads`` threads
+                looking ahead; by default once, at the first new view; ``--stream_refine.frames 0``: off). Torch
+                runs this stage's CPU work on ``stream_threads`` threads
     render      one thread: the motion put on the identity (models/posing.py retarget, relative to the first frame
                 with a face), posed (PoseGraph: a CUDA graph on a GPU) and rasterised, the frame composed (beside the
                 driving frame with side_by_side video) and appended to the MP4 as it goes (no whole-video buffer)
