@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
         rec["crops"].append((crop_window(mask, cw, ch), (cw, ch)))
         return crop_view0(image, mask, camera, cw, ch)
 
-    def evaluate_frames(model, w, frames, idx, colour=None, backend="auto", gaussians=None, lpips=False):
-        out = eval0(model, w, frames, idx, colour, backend, gaussians, lpips)
+    def evaluate_frames(model, w, frames, idx, colour=None, backend="auto", gaussians=None, lpips=False,
+                        exposure=None):  # the renders are under the frames' exposure when the fit has one
+        out = eval0(model, w, frames, idx, colour, backend, gaussians, lpips, exposure)
         if rec["eval"] is None:  # the first call: the fit on the held-out frames
             alphas = []
             with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -153,7 +154,8 @@ def test_track_help_documents_video_flags():
 
     text = build_parser().format_help()
     for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks",
-                 "--ignore_rim_band", "--ignore_cut"):
+                 "--ignore_rim_band", "--ignore_cut", "--video_refine.exposure", "--video_refine.exposure_bias",
+                 "--video_refine.exposure_extrapolate"):
         assert flag in text, flag
 
 
@@ -359,3 +361,84 @@ def test_camera_refinement_end_to_end_ignores_heldout_frames(clip, fit_model, tm
     assert m2["refine"]["camera"] == rc
     a, b = torch.load(tmp_path / "a" / "code.pt"), torch.load(tmp_path / "b" / "code.pt")
     assert torch.equal(a["w"], b["w"]) and torch.equal(a["gaussians"], b["gaussians"])
+
+
+def _gained_clip(frames: Path, out: Path, log_gain: np.ndarray, noise_frames: Sequence[int] = ()) -> Path:
+    """A copy of the clip's frames, frame t's RGB multiplied by exp(log_gain[t]) (T, 3) (a camera's exposure /
+    white balance changing per frame); the frames in ``noise_frames`` replaced by noise."""
+    import cv2
+
+    out.mkdir()
+    rng = np.random.default_rng(2)
+    for p in sorted(frames.iterdir()):
+        t = int(p.stem.split("_")[1])
+        rgb = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB).astype(np.float64)
+        img = np.clip(rgb * np.exp(log_gain[t]), 0, 255).round().astype(np.uint8)
+        if t in noise_frames:
+            img = rng.integers(0, 256, img.shape, dtype=np.uint8)
+        cv2.imwrite(str(out / p.name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return out
+
+
+def test_exposure_is_fitted_on_training_frames_and_interpolated_for_heldout(clip, fit_model, tmp_path):  # noqa: F811
+    """--video_refine.exposure on a clip whose frames got a known per-frame RGB gain: the fitted gains of the training
+    frames follow it (zero-mean log gains: the clip's mean exposure is the avatar's colour), the held-out frames' are
+    the training frames' interpolated linearly in frame number (the tail: the clip's mean, gain 1), noise in the
+    held-out frames changes no fitted value, and code.pt keeps them in meta only."""
+    from track import main
+
+    root, frames, lm = clip
+    t = np.arange(CLIP_FRAMES)
+    # +-10 % alternating from frame to frame (unlike the head turn's slow shading), colour-dependent
+    known = 0.1 * np.where(t % 2 == 0, 1.0, -1.0)[:, None] * np.array([1.0, 0.5, -0.5])[None]
+    # the default pull towards gain 1 (exposure_prior 1e-4) shrinks them by about 5 % here (1e-3: to about 2/3)
+    flags = ["--video_refine.exposure_lr", "0.03", "--video_refine.iterations", "40", "--video_refine.flame", "false"]
+
+    def run(frames_dir, out):
+        with single_thread():
+            return main(["--checkpoint", str(fit_model), "--frames", str(frames_dir), "--landmarks", str(lm),
+                         "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, *flags,
+                         "--export.turntable", "false"])
+
+    m = run(_gained_clip(frames, tmp_path / "gained", known), tmp_path / "a")
+    held, train = m["heldout_frames"], m["train_frames"]
+    ex = m["exposure"]
+    assert m["refine"]["exposure"] and m["heldout_exposure"].startswith("interpolated")
+    assert {k: v["source"] for k, v in ex.items()} == {str(k): "fitted" if k in train else "interpolated"
+                                                        for k in range(CLIP_FRAMES)}
+    fitted = np.log(np.array([ex[str(k)]["gain"] for k in train]))
+    assert np.allclose(fitted.mean(0), 0, atol=1e-4)  # the gauge: zero mean over the training frames
+    want = known[train] - known[train].mean(0)
+    slope = float((fitted * want).sum() / (want * want).sum())  # 1: the known gains recovered at full size
+    corr = float(np.corrcoef(fitted.ravel(), want.ravel())[0, 1])
+    assert 0.8 < slope < 1.2 and corr > 0.85 and np.abs(fitted - want).max() < 0.07, (slope, corr, fitted, want)
+    assert all(v["bias"] == [0.0, 0.0, 0.0] for v in ex.values())  # no offset without --video_refine.exposure_bias
+    # held-out frames: the training frames' log gains interpolated in frame number; past the last training frame
+    # (frames 10, 11) the clip's mean exposure (gain 1, --video_refine.exposure_extrapolate mean)
+    interp = np.stack([np.interp(held, train, fitted[:, c]) for c in range(3)], 1)
+    interp[np.asarray(held) > max(train)] = 0.0
+    assert held == [7, 10, 11] and np.abs(interp[0]).max() > 0.02  # frame 7 lies between 6 and 8: not gain 1
+    assert np.allclose(np.log(np.array([ex[str(k)]["gain"] for k in held])), interp, atol=1e-4)
+    # the fitted exposure explains the training frames better than none
+    assert m["psnr_face_train"] > m["psnr_face_train_no_exposure"]
+    assert np.isfinite(m["psnr_face_heldout_no_exposure"]) and np.isfinite(m["ssim_face_heldout_no_exposure"])
+    code = torch.load(tmp_path / "a" / "code.pt", weights_only=False)
+    assert code["meta"]["exposure"] == ex
+    # the held-out frames' own pixels are never read: noise there leaves every fitted value bit-identical
+    m2 = run(_gained_clip(frames, tmp_path / "noisy", known, held), tmp_path / "b")
+    assert m2["exposure"] == ex and m2["psnr_face_train"] == m["psnr_face_train"]
+    code2 = torch.load(tmp_path / "b" / "code.pt", weights_only=False)
+    assert torch.equal(code["w"], code2["w"]) and torch.equal(code["colour"], code2["colour"])
+
+
+def test_apply_exposure_acts_inside_the_mask_only():
+    from utils.apps.track.video_refine import apply_exposure
+
+    img = torch.full((2, 4, 5, 3), 0.5)
+    mask = torch.zeros(2, 4, 5, 1)
+    mask[:, 1:3, 1:4] = 1
+    gain, bias = torch.tensor([[1.2, 1.0, 0.8], [1.0, 1.0, 1.0]]), torch.tensor([[0.0, 0.1, 0.0], [0.05, 0, 0]])
+    out = apply_exposure(img, mask, gain, bias)
+    assert torch.allclose(out[0, 2, 2], torch.tensor([0.6, 0.6, 0.4])) and torch.allclose(out[1, 1, 1, 0],
+                                                                                          torch.tensor(0.55))
+    assert torch.equal(out[:, 0], img[:, 0]) and torch.equal(out[:, :, 0], img[:, :, 0])

@@ -181,16 +181,37 @@ class VideoRefineConfig:
     network_weight: float = 0.0  # L2 pull of the tuned network's raw output towards the model's (per channel mean)
     heldout_correction: str = "interpolate"  # held-out frames' FLAME: "interpolate" (tracking + the neighbouring
     #                                          training frames' corrections, interpolated in time) or "none" (tracking)
+    # per-frame photometric exposure (issue 23): every training frame's render gets its own RGB gain (and with
+    # exposure_bias an RGB offset) inside the face mask in the loss, fitted jointly with the rest and pulled towards
+    # gain 1 / offset 0, so the identity's colours stay free of the camera's exposure changes; the log gains (and
+    # offsets) have zero mean over the training frames (the avatar's colours are the clip's mean exposure).  Held-out
+    # frames are never fitted: they get the training frames' values interpolated linearly in frame number; beyond the
+    # first / last training frame (the clip's held-out tail) see exposure_extrapolate.  code.pt keeps them in
+    # meta["exposure"] (never applied to the avatar)
+    exposure: bool = True  # fit a per-frame RGB gain of the render (the camera's exposure / white balance)
+    # the offset: female 23.35 -> 23.68 dB, synthetic 28.63 -> 28.71, but male 32.21 -> 32.19: off
+    exposure_bias: bool = False  # ... and a per-frame RGB offset
+    exposure_lr: float = 0.01  # Adam lr of the log gains (and offsets)
+    # 2026-12-07 (CPU preset, 2-core container): exposure on vs off, held-out PSNR in the face mask, female 21.61 ->
+    # 23.35 dB, male 32.21 -> 32.21, synthetic 28.38 -> 28.63 (its novel cameras 27.35 -> 27.35); prior 1e-4 rather
+    # than 1e-3: female 23.35 vs 22.98 dB, synthetic 28.63 vs 28.61
+    exposure_prior: float = 1e-4  # weight of the squared log gain (and offset) in units of 0.1 (the pull to 1 / 0)
+    # held-out frames beyond the first / last training frame: "mean" (the clip's mean exposure, gain 1: nothing
+    # brackets them) or "hold" (the nearest training frame's).  With exposure_prior 1e-3, "mean" vs "hold": female
+    # clip 22.98 vs 22.97 dB, synthetic 28.61 vs 28.26 (benchmarks/results/t-gain_cpu_2026-12-07.md)
+    exposure_extrapolate: str = "mean"  # held-out frames past the training frames: "mean" (gain 1) or "hold"
 
     RANGES = {"iterations": Range(0), "batch": Range(0), "gaussian_lr": Range(0), "offset_weight": Range(0),
               "scale_weight": Range(0), "opacity_weight": Range(0), "colour_weight": Range(0),
               "gaussian_laplacian_weight": Range(0),
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
-              "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0)}
+              "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0),
+              "exposure_lr": Range(0), "exposure_prior": Range(0)}
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")
+EXPOSURE_EXTRAPOLATIONS = ("mean", "hold")
 
 
 @dataclass

@@ -18,7 +18,11 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               own tracked face-mask vertices), loss and schedule of the single-image fit; then the refinement
               (utils/apps/track/video_refine.py, ``video_refine``): the regularised per-vertex colour residual, a
               per-Gaussian position-offset / log-scale / opacity residual and every training frame's FLAME, jointly
-              on batches of training frames (``video_refine.iterations 0``: the colour residual alone)
+              on batches of training frames (``video_refine.iterations 0``: the colour residual alone); with
+              ``video_refine.exposure`` also a per-frame RGB gain (/ offset) of the render: the camera's exposure
+    evaluate  PSNR / SSIM in the face mask; with the per-frame exposure the reported figures are of the render under
+              each frame's exposure (held-out frames: interpolated from the training frames, ``heldout_exposure``)
+              and the ``*_no_exposure`` ones of the avatar as rendered
     outputs   code.pt (like any fitted code: animate.py, interpolate.py, the viewer), flame_fit.npz (all frames,
               NeRSemble tracking layout; the landmark tracking), flame_refined.npz (the frames' FLAME after the
               refinement), camera_params.json (the fitted camera; refined with video_refine.camera_*),
@@ -59,7 +63,7 @@ from utils.apps.track.export import turntable
 from utils.apps.track.fit import LossWindow, photometric, plateau, start_candidates
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import detected_face_mask, frame_flame, no_data_mask, projected_face_mask
-from utils.apps.track.video_refine import refine_video, refined_camera
+from utils.apps.track.video_refine import apply_exposure, refine_video, refined_camera
 from utils.core.atomic import atomic_write_json
 from utils.core.device import resolve_device
 from utils.core.images import read_image, to_uint8
@@ -80,7 +84,7 @@ from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
-from utils.losses import lpips_metric, lpips_unavailable_reason, ssim_metric
+from utils.losses import lpips_metric, lpips_unavailable_reason, psnr, ssim_metric
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -234,18 +238,28 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
 @torch.no_grad()
 def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: Sequence[int],
                     colour: Tensor | None = None, backend: str = "auto", gaussians: Tensor | None = None,
-                    lpips: bool = False) -> tuple[dict, list[Tensor]]:
+                    lpips: bool = False, exposure: Sequence[Tensor] | None = None) -> tuple[dict, list[Tensor]]:
     """Mean PSNR in the face mask (``psnr_face``), PSNR and SSIM of the crop, SSIM in the face mask (``ssim_face``:
     the render multiplied by the frame's mask against the masked photo, so that what the avatar draws outside the
     mask, where the photo is black because the mask cut it, is not scored) over frames ``idx`` (with the colour
     residual (M, 3) and the per-Gaussian residual (V, K, 7)); with ``lpips`` also the mean LPIPS (VGG;
     utils/losses.py lpips_metric) inside the face mask (render and photo both multiplied by the frame's mask, so that
-    only the face is compared), None when the optional lpips package is not usable here.
+    only the face is compared), None when the optional lpips package is not usable here.  ``exposure``: per frame of
+    ``idx`` a (2, 3) [gain; offset] applied to the (clamped) render inside the face mask, then clamped again
+    (video_refine.apply_exposure), and the metrics of the render without it under ``no_exposure`` (psnr_face,
+    ssim_face, per_frame_psnr_face; the same renders); None: the avatar as rendered.
     Returns (metrics with a per-frame list, renders (h, w, 3) per frame)."""
-    pf, p, s, sf, lp, renders = [], [], [], [], [], []
+    pf, p, s, sf, lp, renders, pf0, sf0 = [], [], [], [], [], [], [], []
     for i in idx:
         v = frames.views[i]
         m, r = evaluate_cloud(code_cloud(model, w, frames.bases[i], colour, gaussians), [v], backend=backend)
+        if exposure is not None:  # the frame's camera exposure on the render: the metrics of the exposed render
+            pf0.append(m["psnr_face_all"])
+            sf0.append(float(ssim_metric(r[0] * v.mask, v.image * v.mask)))
+            e = exposure[len(renders)]
+            r = apply_exposure(r[0], v.mask, e[0], e[1]).clamp(0, 1)[None]
+            m = {"psnr_face_all": float(psnr(r[0], v.image, mask=v.mask)), "psnr_all": float(psnr(r[0], v.image)),
+                 "ssim_all": float(ssim_metric(r[0], v.image))}
         pf.append(m["psnr_face_all"])
         p.append(m["psnr_all"])
         s.append(m["ssim_all"])
@@ -255,9 +269,20 @@ def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: S
         if d is not None:
             lp.append(float(d))
     mean = lambda x: float(np.mean(x)) if x else None  # noqa: E731
-    return {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "ssim_face": mean(sf),
-            "lpips": mean(lp) if lp else None,
-            "per_frame_psnr_face": pf}, renders
+    out = {"psnr_face": mean(pf), "psnr": mean(p), "ssim": mean(s), "ssim_face": mean(sf),
+           "lpips": mean(lp) if lp else None, "per_frame_psnr_face": pf}
+    if exposure is not None:
+        out["no_exposure"] = {"psnr_face": mean(pf0), "ssim_face": mean(sf0), "per_frame_psnr_face": pf0}
+    return out, renders
+
+
+def _exposure_doc(expo: dict[int, Tensor] | None, train: Sequence[int], held: Sequence[int]) -> dict | None:
+    """The per-frame exposure for metrics.json / code.pt: frame number -> gain (3,), offset (3,) and whether it was
+    fitted (training frame) or interpolated (held-out frame); None when not fitted."""
+    if expo is None:
+        return None
+    return {str(t): {"gain": [round(float(x), 5) for x in expo[t][0]], "bias": [round(float(x), 5) for x in expo[t][1]],
+                     "source": "fitted" if t in train else "interpolated"} for t in sorted([*train, *held])}
 
 
 def _lpips_note(cfg: TrackConfig, held: dict) -> str:
@@ -398,8 +423,14 @@ def track_video(cfg: TrackConfig) -> dict:
     with torch.no_grad():
         w_mean = model.field.style(model.field.mean_code()[None], update_w_avg=False)[0]
     hi, ti = [pos[t] for t in held], [pos[t] for t in train]
-    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend, gaussians, cfg.export.lpips)
-    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend, gaussians, cfg.export.lpips)
+    # with the per-frame exposure the reported figures are of the exposed render (training frames: fitted; held-out
+    # frames: interpolated from the training frames, never their own pixels); the "_no_exposure" ones of the avatar
+    # as rendered (identity exposure)
+    expo = None if refined is None else refined.exposure
+    e_held, e_train = (None, None) if expo is None else ([expo[t] for t in held], [expo[t] for t in train])
+    m_held, r_held = evaluate_frames(model, w_fit, allf, hi, colour, cfg.backend, gaussians, cfg.export.lpips, e_held)
+    m_train, _ = evaluate_frames(model, w_fit, allf, ti, colour, cfg.backend, gaussians, cfg.export.lpips, e_train)
+    n_held, n_train = (m_held, m_train) if expo is None else (m_held["no_exposure"], m_train["no_exposure"])
     c_held, _ = evaluate_frames(model, w_fit, allf, hi, None, cfg.backend)
     b_held, _ = evaluate_frames(model, w_mean, allf, hi, None, cfg.backend)
     b_train, _ = evaluate_frames(model, w_mean, allf, ti, None, cfg.backend)
@@ -419,7 +450,10 @@ def track_video(cfg: TrackConfig) -> dict:
                                 "refine_shape": refined is not None and cfg.video_refine.flame_shape,
                                 "refine_colour": colour is not None, "refine_gaussians": gaussians is not None,
                                 "refine_network": refined is not None and cfg.video_refine.network_lr > 0,
-                                "source": "video", "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu()},
+                                "source": "video", "frame": ref, "tracked_base_vertices": bases[ref].detach().cpu(),
+                                # the clip's camera exposure per frame: a property of the footage, never applied
+                                # to the avatar (animate.py, interpolate.py and the viewer do not read it)
+                                "exposure": _exposure_doc(expo, train, held)},
                           colour=colour, flame=fparams[ref], gaussians=gaussians)
         save_code(tmp / "code.pt", code, model, cfg.checkpoint)
         save_nersemble_tracking(tmp / "flame_fit.npz", params, frames=np.asarray(frame_ids))  # source frame numbers
@@ -438,6 +472,11 @@ def track_video(cfg: TrackConfig) -> dict:
             "frames_skipped_no_face": int(T - found.sum()), "train_frames": train, "heldout_frames": held,
             "heldout_rule": {"every": cfg.heldout_every, "tail": cfg.heldout_tail},
             "psnr_face_heldout": m_held["psnr_face"], "psnr_face_train": m_train["psnr_face"],
+            "heldout_exposure": "none" if expo is None else
+            f"interpolated from the training frames ({cfg.video_refine.exposure_extrapolate} beyond them)",
+            "psnr_face_heldout_no_exposure": n_held["psnr_face"], "psnr_face_train_no_exposure": n_train["psnr_face"],
+            "ssim_face_heldout_no_exposure": n_held["ssim_face"], "ssim_face_train_no_exposure": n_train["ssim_face"],
+            "exposure": _exposure_doc(expo, train, held),
             "ssim_heldout": m_held["ssim"], "ssim_train": m_train["ssim"],
             "ssim_face_heldout": m_held["ssim_face"], "ssim_face_train": m_train["ssim_face"],
             "psnr_heldout": m_held["psnr"], "psnr_train": m_train["psnr"],
@@ -445,6 +484,7 @@ def track_video(cfg: TrackConfig) -> dict:
             "psnr_face_heldout_mean_code": b_held["psnr_face"], "psnr_face_train_mean_code": b_train["psnr_face"],
             "ssim_heldout_mean_code": b_held["ssim"],
             "per_frame_psnr_face_heldout": dict(zip(map(str, held), m_held["per_frame_psnr_face"])),
+            "per_frame_psnr_face_heldout_no_exposure": dict(zip(map(str, held), n_held["per_frame_psnr_face"])),
             "lpips_heldout": m_held["lpips"], "lpips_train": m_train["lpips"], "lpips_note": _lpips_note(cfg, m_held),
             "iterations": fit_info["iterations"], "start": fit_info["start"], "loss_history": fit_info["loss_history"],
             "heldout_psnr_history": fit_info["heldout_psnr_history"],
@@ -456,7 +496,9 @@ def track_video(cfg: TrackConfig) -> dict:
                 "heldout_correction": cfg.video_refine.heldout_correction, "loss_history": refined.losses,
                 "heldout_psnr_history": refined.heldout_psnr_history, "flame_correction": refined.correction,
                 "camera_focal": cfg.video_refine.camera_focal, "camera_principal": cfg.video_refine.camera_principal,
-                "camera": refined.camera,
+                "camera": refined.camera, "exposure": cfg.video_refine.exposure,
+                "exposure_bias": cfg.video_refine.exposure_bias, "exposure_prior": cfg.video_refine.exposure_prior,
+                "exposure_extrapolate": cfg.video_refine.exposure_extrapolate,
                 "gaussian_residual_rms": None if gaussians is None else
                 [float(x) for x in gaussians.reshape(-1, gaussians.shape[-1]).square().mean(0).sqrt()]},
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},

@@ -20,6 +20,16 @@ fixed, jointly and with Adam, on batches of training frames,
                per-Gaussian residual above), so the model itself is never changed and any code consumer applies it
     flame      every training frame's head rotation, translation, expression and jaw, as corrections of the
                landmark tracking, regularised towards it (a landmark fit is off by a few degrees)
+    exposure   with ``exposure`` (off by default): every training frame's RGB gain (log gain (3,)) and with
+               ``exposure_bias`` RGB offset of the render inside the face mask (:func:`apply_exposure`), pulled
+               towards gain 1 / offset 0 (``exposure_prior``, scale EXPOSURE_SIGMA) and with zero mean over the
+               training frames (the one gauge: a common gain would trade off against the colour residual), so the
+               identity's colours keep the clip's mean exposure and not each frame's.  Held-out frames get the
+               training frames' values interpolated linearly in frame number (:func:`interpolate_corrections`),
+               never their own pixels; beyond the first / last training frame (``exposure_extrapolate``) by default
+               the clip's mean exposure (gain 1): nothing brackets them, and a fitted frame's value also holds
+               shading that changes with the head's pose (the synthetic clip, whose exposure is constant, gets
+               gains of 0.96-1.04), so holding the last one's cost the synthetic clip's tail 0.3-1.3 dB
     camera     with ``camera_focal`` / ``camera_principal`` (issue 23): the clip's one shared pinhole camera, its
                focal length (a log-scale correction) and / or principal point (a shift in units of the tracked
                focal length), pulled towards the tracked camera (``camera_prior``; sigmas FOCAL_SIGMA, PP_SIGMA).
@@ -51,11 +61,12 @@ from models.gaussians import GaussianCloud
 from models.geometry import UniformLaplacian
 from models.identity_field import RESIDUAL_CHANNELS, full_residual
 from models.renderer import render_identities
-from utils.apps.track.config import HELDOUT_CORRECTIONS, FitConfig, VideoRefineConfig
+from utils.apps.track.config import EXPOSURE_EXTRAPOLATIONS, HELDOUT_CORRECTIONS, FitConfig, VideoRefineConfig
 from utils.apps.track.fit import LossWindow, photometric
 from utils.data.code_file import colour_offsets, with_colour
 from utils.data.model_file import TrainedModel
 from utils.evaluation import View, evaluate_cloud
+from utils.losses import psnr
 
 # scales of the FLAME corrections in the prior (one standard deviation each): 2 degrees of head rotation, 1 % of the
 # camera distance of translation, 0.3 standard deviations of an expression coefficient, 0.05 rad of jaw rotation
@@ -68,6 +79,8 @@ SHAPE_SIGMA = 1.0  # FLAME shape coefficients are in standard deviations of the 
 # shift of 5 % of the focal length (about 12 px for a 480 px wide clip tracked at f ~ 250 px)
 FOCAL_SIGMA = 0.1
 PP_SIGMA = 0.05
+# scale of a frame's exposure in the prior: a log gain of 0.1 (10 %) and an offset of 0.1 of the range
+EXPOSURE_SIGMA = 0.1
 
 
 @dataclass
@@ -77,7 +90,8 @@ class RefineResult:
     and level-0 face-mask vertices (M, 3) of every frame (training frames refined, held-out frames corrected from their
     neighbours), losses, held-out PSNR history (progress bar only), the corrections' sizes and the shared camera's
     correction (``camera``: focal_scale s and principal_shift (2,) in tracked-focal units; identity when not
-    refined; :func:`refined_camera` applies it)."""
+    refined; :func:`refined_camera` applies it) and the per-frame exposure (``exposure``: frame number -> (2, 3)
+    [gain; offset], training frames fitted, held-out frames interpolated; None when not fitted)."""
 
     w: Tensor
     colour: Tensor | None
@@ -88,6 +102,15 @@ class RefineResult:
     heldout_psnr_history: list[float] = field(default_factory=list)
     correction: dict = field(default_factory=dict)
     camera: dict = field(default_factory=lambda: {"focal_scale": 1.0, "principal_shift": [0.0, 0.0]})
+    exposure: dict[int, Tensor] | None = None
+
+
+def apply_exposure(image: Tensor, mask: Tensor, gain: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``image`` (..., h, w, 3) times ``gain`` (..., 3) plus ``bias`` (..., 3) inside ``mask`` (..., h, w, 1), unchanged
+    outside it: the camera's exposure acts where the photo is data; outside the face mask the photo is black only
+    because the mask cut it."""
+    out = image * (1.0 + mask * (gain[..., None, None, :] - 1.0))
+    return out if bias is None else out + mask * bias[..., None, None, :]
 
 
 def refined_camera(camera: Camera, focal_scale: float | Tensor, principal_shift, focal: float) -> Camera:
@@ -210,6 +233,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     if cfg.heldout_correction not in HELDOUT_CORRECTIONS:
         raise ValueError(f"video_refine.heldout_correction must be one of {HELDOUT_CORRECTIONS}, got "
                          f"{cfg.heldout_correction!r}")
+    if cfg.exposure_extrapolate not in EXPOSURE_EXTRAPOLATIONS:
+        raise ValueError(f"video_refine.exposure_extrapolate must be one of {EXPOSURE_EXTRAPOLATIONS}, got "
+                         f"{cfg.exposure_extrapolate!r}")
     dev = w.device
     f = model.field.eval()
     for p in f.parameters():
@@ -238,6 +264,14 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     use_colour = bool(fit.refine_colour and fit.colour_iterations > 0)  # fit.colour_iterations 0: no colour residual
     colour = torch.zeros(M, 3, device=dev, requires_grad=use_colour)
     gauss = torch.zeros(f.num_vertices, f.K, len(RESIDUAL_CHANNELS), device=dev, requires_grad=bool(cfg.gaussians))
+    # per-frame exposure of the training frames: log gain and offset, zero-mean over the frames (the gauge)
+    ex = cfg.exposure and cfg.iterations > 0
+    log_gain = torch.zeros(len(train), 3, device=dev, requires_grad=ex)
+    ebias = torch.zeros(len(train), 3, device=dev, requires_grad=ex and cfg.exposure_bias)
+
+    def exposure_values() -> tuple[Tensor, Tensor]:
+        """(log gains (n, 3), offsets (n, 3)) of the training frames, each minus its mean over the frames."""
+        return log_gain - log_gain.mean(0), ebias - ebias.mean(0)
     groups = []
     # pivotal tuning: the person's own copy of the synthesis network (the model's stays frozen and shared)
     tune = cfg.network_lr > 0
@@ -263,6 +297,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     if cf or cp:
         groups.append({"params": [q for q, on in ((corr.focal, cf), (corr.principal, cp)) if on],
                        "lr": cfg.camera_lr})
+    if ex:
+        groups.append({"params": [log_gain, ebias] if cfg.exposure_bias else [log_gain], "lr": cfg.exposure_lr})
     for g in groups:
         g["initial_lr"] = g["lr"]
     lap0 = UniformLaplacian(M, model.base_faces, dev)
@@ -300,11 +336,28 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         p = hc.posed(None, vals)
         return {t: p.frame(i) for i, t in enumerate(held)}
 
+    def held_exposure() -> dict[int, Tensor]:
+        """Held-out frames' (2, 3) [gain; offset]: the training frames' interpolated in time (log gain linearly);
+        outside the training frames' span the mean exposure (zero: the gauge) or the nearest one's."""
+        g, b = exposure_values()
+        g, b = interpolate_corrections(train, held, g), interpolate_corrections(train, held, b)
+        if cfg.exposure_extrapolate == "mean":
+            out = torch.tensor([t < min(train) or t > max(train) for t in held], device=dev)[:, None]
+            g, b = g.masked_fill(out, 0.0), b.masked_fill(out, 0.0)
+        return {t: torch.stack([g[i].exp(), b[i]]) for i, t in enumerate(held)}
+
     @torch.no_grad()
     def monitor_psnr() -> float:
         hp, gs, col = held_params(), gauss if cfg.gaussians else None, colour if use_colour else None
-        vals = [evaluate_cloud(clouds(hp[t], col, gs)[0], [replace(monitor[t], camera=camera_of(monitor[t]))],
-                               backend=backend)[0]["psnr_face_all"] for t in held]
+        he = held_exposure() if ex else {}
+        vals = []
+        for t in held:
+            v = replace(monitor[t], camera=camera_of(monitor[t]))
+            m, r = evaluate_cloud(clouds(hp[t], col, gs)[0], [v], backend=backend)
+            if t in he:  # the interpolated exposure, as the evaluation applies it
+                r = apply_exposure(r[0], v.mask, he[t][0], he[t][1]).clamp(0, 1)
+                m = {"psnr_face_all": float(psnr(r, v.image, mask=v.mask))}
+            vals.append(m["psnr_face_all"])
         return float(np.mean(vals))
 
     n = cfg.iterations if groups else 0
@@ -325,6 +378,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         out = render_identities(c, [[camera_of(views[train[i]])] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
+        if ex:  # the frames' camera exposure on the render, so that the identity need not absorb it
+            eg, eb = exposure_values()
+            pred = apply_exposure(pred, torch.stack([views[train[i]].mask for i in idx]), eg[idx].exp(),
+                                  eb[idx] if cfg.exposure_bias else None)
         # no data there: the target stands in for the render (no gradient, no error)
         loss = photometric(pred, gt, fit, None,
                            ignore=None if ignore is None else torch.stack([ignore[train[i]] for i in idx]))
@@ -339,6 +396,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             total = total + cfg.flame_prior * corr.prior(idx)
         if cf or cp:
             total = total + cfg.camera_prior * corr.camera_prior()
+        if ex:
+            total = total + cfg.exposure_prior * ((eg[idx] / EXPOSURE_SIGMA).square().sum(-1)
+                                                  + (eb[idx] / EXPOSURE_SIGMA).square().sum(-1)).mean()
         if cfg.style_lr > 0:
             total = total + fit.style_reg * (wvar - w).square().mean()
         if tune and cfg.network_weight > 0:  # the tuned output pulled towards the frozen network's (same style)
@@ -384,5 +444,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         cam = {"focal_scale": float(corr.focal.exp()), "principal_shift": [float(x) for x in corr.principal],
                "focal_px": focal0 * float(corr.focal.exp()), "tracked_focal_px": focal0,
                "principal_shift_px": [focal0 * float(x) for x in corr.principal], "dolly": dolly}
+        exposure = None
+        if ex and n:
+            g, b = exposure_values()
+            exposure = {t: torch.stack([g[i].exp(), b[i]]).detach().clone() for i, t in enumerate(train)}
+            exposure.update(held_exposure())
     return RefineResult(wvar.detach().clone(), colour.detach() if use_colour and n else None,
-                        residual, out_params, bases, window.losses, hist, stats, cam)
+                        residual, out_params, bases, window.losses, hist, stats, cam, exposure)
