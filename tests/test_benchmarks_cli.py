@@ -64,6 +64,44 @@ def test_bench_video_quick_rows(tmp_path):
     assert "| video_seconds_total |" in out.read_text()
 
 
+def test_bench_fit_identities_mean_rows(tmp_path):
+    """bench.py --quick --parts fit --fit_identities 2 (issue 25: the fit schedules over several held-out identities)
+    on the CPU: per-identity rows for 017 and 030, and every mean row is the mean of the per-identity ones, the gap
+    rows the mean / min / max of the per-identity gaps to each identity's own long fit."""
+    out = tmp_path / "bench_fit.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--parts", "fit",
+                          "--fit_identities", "2", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    ids = ("017", "030")
+    assert rows["fit_identities"] == ",".join(ids) and rows["fit_warmup_seconds"] > 0
+    for name in ("default", "long"):
+        for key in ("seconds", "psnr_unseen"):
+            per = [rows[f"fit_{name}_{key}_id{i}"] for i in ids]
+            assert all(math.isfinite(v) for v in per), per
+            assert rows[f"fit_{name}_{key}"] == pytest.approx(sum(per) / 2, rel=1e-9), (name, key, per)
+    starts = [rows[f"fit_psnr_unseen_start_id{i}"] for i in ids]
+    assert rows["fit_psnr_unseen_start"] == pytest.approx(sum(starts) / 2, rel=1e-9)
+    # two identities give two different fits (else the average would measure nothing)
+    assert rows["fit_long_psnr_unseen_id017"] != rows["fit_long_psnr_unseen_id030"]
+    gaps = [rows[f"fit_long_psnr_unseen_id{i}"] - rows[f"fit_default_psnr_unseen_id{i}"] for i in ids]
+    assert [rows[f"fit_default_gap_id{i}"] for i in ids] == pytest.approx(gaps)
+    assert rows["fit_default_gap_mean"] == pytest.approx(sum(gaps) / 2)
+    assert rows["fit_default_gap_min"] == pytest.approx(min(gaps))
+    assert rows["fit_default_gap_max"] == pytest.approx(max(gaps))
+    assert rows["fit_psnr_gap_to_long_db"] == pytest.approx(rows["fit_default_gap_mean"])
+    assert "fit_long_gap_mean" not in rows and "| fit_default_gap_max |" in out.read_text()
+
+
+def test_bench_refuses_fit_identities_out_of_range(tmp_path):
+    """--fit_identities is refused up front outside 1-8 (there are 8 held-out identities), before any training."""
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--parts", "fit", "--fit_identities",
+                          "9"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2 and "--fit_identities must be in 1-8" in run.stderr, run.stderr[-2000:]
+
+
 def test_run_training_phases_compare_flags_different_losses(tmp_path):
     # --compare exits 0 when the per-step losses are bit-identical, 1 (naming the first step that differs) when not
     row = {"wall_s": 1.0, "user_s": 1.0, "sys_s": 0.1}
