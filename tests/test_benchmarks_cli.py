@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if '__name__ == "__main__"' in p.read_text())
 
 
+def _quick_bench_rows(tmp_path: Path, *args: str) -> tuple[dict, Path]:
+    """Run ``bench.py --quick ARGS --out tmp_path/bench.md`` on one thread; its rows (the .json beside the table)."""
+    out = tmp_path / "bench.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", *args, "--out", str(out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(out.with_suffix(".json").read_text())["rows"], out
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_help(name, tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), "--help"], capture_output=True, text=True,
@@ -41,13 +51,7 @@ def test_bench_video_quick_rows(tmp_path):
     there and sane (frames counted and split, phase seconds positive and within the total, PSNR finite); the
     60-s target is not judged on a clip that is not 10 s long."""
     pytest.importorskip("mediapipe")
-    out = tmp_path / "bench_video.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--parts", "video",
-                          "--video_seconds", "0.5", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
-                         timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows, out = _quick_bench_rows(tmp_path, "--parts", "video", "--video_seconds", "0.5")
     assert rows["video_frames"] == 15 and rows["video_clip"].startswith("15 frames 128x128 @30fps")
     n = rows["video_frames_with_face"]
     assert n + rows["video_frames_skipped_no_face"] == 15 and n >= 10, rows
@@ -68,13 +72,7 @@ def test_bench_fit_identities_mean_rows(tmp_path):
     """bench.py --quick --parts fit --fit_identities 2 (issue 25: the fit schedules over several held-out identities)
     on the CPU: per-identity rows for 017 and 030, and every mean row is the mean of the per-identity ones, the gap
     rows the mean / min / max of the per-identity gaps to each identity's own long fit."""
-    out = tmp_path / "bench_fit.md"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--parts", "fit",
-                          "--fit_identities", "2", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
-                         timeout=600, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows, out = _quick_bench_rows(tmp_path, "--parts", "fit", "--fit_identities", "2")
     ids = ("017", "030")
     assert rows["fit_identities"] == ",".join(ids) and rows["fit_warmup_seconds"] > 0
     for name in ("default", "long"):
