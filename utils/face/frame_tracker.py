@@ -115,7 +115,10 @@ class ShapeRefineConfig:
     calibration_offset_groups: str = "brows=1.5,nose=1.5"  # with calibration_offset_px: per-group std factors
     # (groups of the iBUG-68 static points: brows 17-26, nose 27-35, eyes 36-47, mouth 48-67; factor x
     # calibration_offset_px is that group's prior std, 0: its offset held at 0 in the step; unnamed groups 1)
-    calibration_iterations: int = 20  # LM iterations of those two options' calibration re-solve
+    calibration_iterations: int = 12  # LM iterations of those two options' calibration re-solve
+    # (12 since 2026-12-07, was 20: calibration 0.4-0.6 s CPU shorter (85-frame video 3.86 -> 3.46 s, 16-frame 2.77
+    # -> 2.18 s), min minus batch within +-0.02 of 20's on the goal and seed 1-3 videos, no sign either way; 10 lost
+    # 0.10 on seed 2 -- benchmarks/results/t-stream7_cpu_2026-12-07.md)
     frames: int = 12  # frames kept for the shape (0: off, the first frames' shape held)
     iterations: int = 15  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
