@@ -339,3 +339,35 @@ def test_offset_rounds_groups_and_start(flame_and_truth):  # noqa: F811
     assert float((off2[36:48] - injected[36:48]).abs().max()) < 1e-5
     assert float(pulled[17:].norm()) < 0.05 * float(injected[17:].norm())
     assert rounds[2][0] >= rounds[1][0] - 0.02 and rounds[2][1] <= rounds[1][1] + 0.1
+
+
+def test_continuity_frames_keeps_the_solve_frames_mean_expression_across_the_swap(flame_and_truth):  # noqa: F811
+    """ShapeRefineConfig.continuity_frames: the expression offset removed after a swap is the mean change the new
+    shape gives all the solve's frames, so those frames, shown again after the swap, read on average the expression
+    they were tracked with before it (to a fraction of the change without the option, which keeps only the reference
+    frame's); the jaw keeps the reference frame's anchoring either way."""
+    from utils.face.frame_tracker import ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, KEYS, 3)
+    base = ShapeRefineConfig(frames=8, iterations=6, delay_frames=2, wait=True, new_view=0.1, max_updates=1,
+                             blend_frames=0)
+    gaps, jaws = {}, {}
+    with single_thread():
+        for on in (False, True):
+            tracker = _tracker(flame, truth, replace(base, continuity_frames=on))
+            out = [tracker.step(pts[t])[0] for t in range(pts.shape[0])]
+            assert tracker.shape_updates == 1
+            idx = [k.index - 1 for k in tracker.solve_frames]  # (index: frames tracked when kept, from 1)
+            # the solve's frames shown again after the swap, each 3 times (the last read: the frame-to-frame prior
+            # ties a frame to the one before, another pose here)
+            again = [[tracker.step(pts[i])[0] for _ in range(3)][-1] for i in idx]
+            tracker.close()
+            d = torch.stack([a.expression[0, :10] - out[i].expression[0, :10] for a, i in zip(again, idx)])
+            gaps[on] = float(d.mean(0).norm())
+            jaws[on] = float((again[0].jaw[0, 0] - out[idx[0]].jaw[0, 0]).abs())
+    print(f"solve frames' mean expression change across the swap: reference only {gaps[False]:.4f}, "
+          f"continuity_frames {gaps[True]:.4f}; reference frame's jaw change {jaws[False]:.4f} / {jaws[True]:.4f}")
+    assert ShapeRefineConfig().continuity_frames is False
+    assert gaps[True] < 0.25 * gaps[False], gaps
+    assert abs(jaws[True] - jaws[False]) < 1e-3, jaws

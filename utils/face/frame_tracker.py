@@ -138,6 +138,13 @@ class ShapeRefineConfig:
     # made more re-solves and moved the shape with what the face did: 85-frame video jaw 0.73, stream_blend_cpu_...)
     continuity: bool = True  # remove the expression change a new shape gives the reference frame from later frames
     jaw_continuity: bool = True  # with ``continuity``, remove the jaw rotation's change there too
+    continuity_frames: bool = False  # with ``continuity``: the expression offset from all the solve's frames
+    # (not the reference frame alone: each re-fitted as tracked under the new shape; the mean of new minus its
+    # reading before the swap, added to the offset already removed; False: the reference frame's -- one frame's
+    # reading sets the level of every later frame, and a weakly read expression (seed-1 337-frame video's brows,
+    # read at 0.17 of its size) then sits at another level before and after the swap; measured,
+    # t-stream7_cpu_2026-12-07.md: that video -0.203 -> -0.016 min minus batch, but the 337-frame goal video
+    # -0.004 -> -0.032 and seed 2 -0.141 -> -0.208, so it stays off)
     # (a new shape reads the closed mouth at another jaw angle: without it, 85-frame video jaw 0.90 -> 0.60)
     blend_frames: int = 16  # a solved shape enters linearly over this many frames (0: at once)
     # (the detector offset and the ``continuity`` expression offset blend with it; the reference frame switches at
@@ -561,6 +568,7 @@ class FrameTracker:
             pts = torch.stack([k.points for k in self.solve_frames])
             bias = torch.zeros(68, 2)
             bias[17:] = (pts - res.landmarks.cpu().to(pts.dtype))[:, 17:].mean(0)
+        before = [k.params for k in self.solve_frames]  # their readings under the shape in use (continuity_frames)
         for i, k in enumerate(self.solve_frames):
             k.params = params.frame(i)
         old = (self.shape, self.bias)
@@ -573,6 +581,15 @@ class FrameTracker:
             offset = reference.expression - self.first_reference.expression
             if self.refine.jaw_continuity:
                 jaw_offset = reference.jaw - self.first_reference.jaw
+            if self.refine.continuity_frames:  # the mean change over the solve's frames (the reference among them)
+                fits = [reference if k is ref else
+                        self._fit(k.points, k.irises, self.warm_cfg, k.params, None).params.to("cpu")
+                        for k in self.solve_frames]
+                # (the jaw keeps the reference frame's change: its level is the closed mouth the reference shows,
+                # and on frames with the mouth open the change is the new shape's scale, not a level -- measured:
+                # with the jaw too, seed-1 337-frame video jaw 0.972 -> 0.921)
+                offset = (torch.zeros_like(offset) if self.offset is None else self.offset) + torch.stack(
+                    [f.expression - b.expression for f, b in zip(fits, before)]).mean(0)
         self.shape_updates += 1
         if self.refine.blend_frames <= 0:
             self.reference, self.offset, self.jaw_offset = reference, offset, jaw_offset
