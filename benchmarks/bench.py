@@ -456,17 +456,16 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
         vals = [rows[key] for rows in per.values()]
         out[key] = max(vals) if key.endswith("_peak_gb") else float(np.mean(vals))
     for name in short:
-        gaps = [rows["long_psnr_unseen"] - rows[f"{name}_psnr_unseen"] for rows in per.values()]
+        gaps = {sid: rows["long_psnr_unseen"] - rows[f"{name}_psnr_unseen"] for sid, rows in per.items()}
         out[f"{name}_gap_mean"], out[f"{name}_gap_min"], out[f"{name}_gap_max"] = \
-            float(np.mean(gaps)), min(gaps), max(gaps)
+            float(np.mean(list(gaps.values()))), min(gaps.values()), max(gaps.values())
         out["psnr_gap_to_long_db" if name == "default" else f"{name}_gap_to_long_db"] = out[f"{name}_gap_mean"]
+        out.update({f"{name}_gap_id{sid}": g for sid, g in gaps.items()})
     for sid, rows in per.items():
         out[f"psnr_unseen_start_id{sid}"] = rows["psnr_unseen_start"]
         for name in runs:
             out[f"{name}_seconds_id{sid}"] = rows[f"{name}_seconds"]
             out[f"{name}_psnr_unseen_id{sid}"] = rows[f"{name}_psnr_unseen"]
-            if name != "long":
-                out[f"{name}_gap_id{sid}"] = rows["long_psnr_unseen"] - rows[f"{name}_psnr_unseen"]
     return out
 
 

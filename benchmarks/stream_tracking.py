@@ -85,13 +85,18 @@ def test_video(cache: Path) -> dict:
         for i in range(T):
             cloud, _ = load_ground_truth(root, "301", params=truth.frame(i))
             frames.append(to_uint8(render_ground_truth(cloud, [camera()], identity, "studio", "torch")["image"][0]))
-        video = write_video(tmp / "driver.mp4", frames, fps=10)
-        frames, _, _ = read_video(video)
-        pts, iris, found = detect_video_landmarks(frames, progress=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (SIZE, SIZE),
-                    "flame_dir": str(root / "flame")}, path)
+        detect_to_cache(write_video(tmp / "driver.mp4", frames, fps=10), truth, SIZE, path,
+                        flame_dir=str(root / "flame"))
     return torch.load(path, weights_only=False)
+
+
+def detect_to_cache(video: Path, truth, size: int, path: Path, **extra) -> None:
+    """Detect the landmarks of every frame of ``video`` once and save {truth, points, irises, found, size, **extra}
+    to ``path`` (what cached_video / test_video load)."""
+    frames, _, _ = read_video(video)
+    pts, iris, found = detect_video_landmarks(frames, progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (size, size), **extra}, path)
 
 
 def cached_video(cache: Path, per: int, size: int, seed: int = 0) -> dict:
@@ -110,10 +115,7 @@ def cached_video(cache: Path, per: int, size: int, seed: int = 0) -> dict:
     if not path.is_file():
         video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size,
                                      seed=seed)
-        frames, _, _ = read_video(video)
-        pts, iris, found = detect_video_landmarks(frames, progress=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (size, size)}, path)
+        detect_to_cache(video, truth, size, path)
     d = torch.load(path, weights_only=False)
     d.setdefault("flame_dir", str(root))
     return d

@@ -73,6 +73,13 @@ def evaluate_cloud(cloud: GaussianCloud, views: Sequence[View], fit_serial: str 
     Returns (metrics dict, renders (C, h, w, 3) clamped to [0, 1]).
     """
     pred = render_batch(cloud, [v.camera for v in views], backend=backend)["image"].clamp(0, 1)
+    return view_metrics(pred, views, fit_serial, lpips, eye_points), pred
+
+
+def view_metrics(pred: Tensor, views: Sequence[View], fit_serial: str = "", lpips: bool = False,
+                 eye_points: Tensor | None = None) -> dict:
+    """:func:`evaluate_cloud`'s metrics of given renders ``pred`` (C, h, w, 3), clamped to [0, 1], one per view of
+    ``views`` (e.g. a render changed after rasterising, such as a video frame's camera exposure)."""
     gt = torch.stack([v.image for v in views])
     p = psnr(pred, gt, reduction="none").float()
     face = torch.stack([v.mask for v in views])
@@ -102,4 +109,4 @@ def evaluate_cloud(cloud: GaussianCloud, views: Sequence[View], fit_serial: str 
                     "psnr_eyes_unseen": nanmean(pe[unseen]), "ssim_eyes_unseen": nanmean(se[unseen])})
         for i, v in enumerate(views):
             out["per_view"][v.serial]["psnr_eyes"] = float(pe[i])
-    return out, pred
+    return out

@@ -62,11 +62,14 @@ class ShapeRefineConfig:
     "brows=1.5,nose=1.5"), then ONE re-solve (``max_updates`` 1, ``iterations`` 15) on the frames kept when the head
     first turns or nods by ``new_view``, in the background, blended in over ``blend_frames`` 16 frames: jaw / smile /
     brows / turn within 0.02 of the batch path on the 16 / 85 / 337-frame videos (min minus batch -0.008 / -0.014 /
-    -0.003; before: -0.001 / -0.394 / -0.518).
+    -0.003 with 20 calibration iterations, +0.001 / -0.005 / -0.007 with today's 12, t-stream7_cpu_2026-12-07.md;
+    before: -0.001 / -0.394 / -0.518).
     Every later swap would read the jaw and expressions at another scale; one early swap mixes little.  Sensitive to
     ``new_view`` (0.15 / 0.2: the 85- or 337-frame video's brows fall to ~0.46-0.49) and not better on every
-    identity (another synthetic driver, bench.py driving_video seed 2: -0.194 against -0.133).  ``frames`` 0 turns
-    the refinement off (the calibration options still apply; set ``calibration_offset_px`` 0 for the plain one).
+    identity (other synthetic drivers, bench.py driving_video seeds 1-3, not tuned on: about even with the old
+    default overall; seed 2's 85-frame video -0.133 with both, seed 1's 337-frame video -0.203 against -0.109).
+    ``frames`` 0 turns the refinement off (the calibration options still apply; set ``calibration_offset_px`` 0 for
+    the plain one).
 
     The history (earlier defaults: ``frames`` 0, ``calibration_shape_std`` 0.2, ``calibration_offset_px`` 0,
     ``iterations`` 20, no ``max_updates``): on tests/test_streaming.py's 16-frame video

@@ -79,12 +79,12 @@ from utils.data.code_file import (
 from utils.data.dataset import crop_size, crop_view
 from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
-from utils.evaluation import View, evaluate_cloud, to_tensor_img
+from utils.evaluation import View, evaluate_cloud, to_tensor_img, view_metrics
 from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
-from utils.losses import lpips_metric, lpips_unavailable_reason, psnr, ssim_metric
+from utils.losses import lpips_metric, lpips_unavailable_reason, ssim_metric
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -258,8 +258,7 @@ def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: S
             sf0.append(float(ssim_metric(r[0] * v.mask, v.image * v.mask)))
             e = exposure[len(renders)]
             r = apply_exposure(r[0], v.mask, e[0], e[1]).clamp(0, 1)[None]
-            m = {"psnr_face_all": float(psnr(r[0], v.image, mask=v.mask)), "psnr_all": float(psnr(r[0], v.image)),
-                 "ssim_all": float(ssim_metric(r[0], v.image))}
+            m = view_metrics(r, [v])
         pf.append(m["psnr_face_all"])
         p.append(m["psnr_all"])
         s.append(m["ssim_all"])

@@ -20,7 +20,7 @@ fixed, jointly and with Adam, on batches of training frames,
                per-Gaussian residual above), so the model itself is never changed and any code consumer applies it
     flame      every training frame's head rotation, translation, expression and jaw, as corrections of the
                landmark tracking, regularised towards it (a landmark fit is off by a few degrees)
-    exposure   with ``exposure`` (off by default): every training frame's RGB gain (log gain (3,)) and with
+    exposure   with ``exposure`` (on by default): every training frame's RGB gain (log gain (3,)) and with
                ``exposure_bias`` RGB offset of the render inside the face mask (:func:`apply_exposure`), pulled
                towards gain 1 / offset 0 (``exposure_prior``, scale EXPOSURE_SIGMA) and with zero mean over the
                training frames (the one gauge: a common gain would trade off against the colour residual), so the
@@ -354,7 +354,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         for t in held:
             v = replace(monitor[t], camera=camera_of(monitor[t]))
             m, r = evaluate_cloud(clouds(hp[t], col, gs)[0], [v], backend=backend)
-            if t in he:  # the interpolated exposure, as the evaluation applies it
+            if t in he:  # the interpolated exposure, as the evaluation applies it (face PSNR only: a progress bar)
                 r = apply_exposure(r[0], v.mask, he[t][0], he[t][1]).clamp(0, 1)
                 m = {"psnr_face_all": float(psnr(r, v.image, mask=v.mask))}
             vals.append(m["psnr_face_all"])
