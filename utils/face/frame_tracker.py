@@ -62,8 +62,7 @@ class ShapeRefineConfig:
     "brows=1.5,nose=1.5"), then ONE re-solve (``max_updates`` 1, ``iterations`` 15) on the frames kept when the head
     first turns or nods by ``new_view``, in the background, blended in over ``blend_frames`` 16 frames: jaw / smile /
     brows / turn within 0.02 of the batch path on the 16 / 85 / 337-frame videos (min minus batch -0.008 / -0.014 /
-    -0.003 with 20 calibration iterations, +0.001 / -0.005 / -0.007 with today's 12, t-stream7_cpu_2026-12-07.md;
-    before: -0.001 / -0.394 / -0.518).
+    -0.003; before: -0.001 / -0.394 / -0.518).
     Every later swap would read the jaw and expressions at another scale; one early swap mixes little.  Sensitive to
     ``new_view`` (0.15 / 0.2: the 85- or 337-frame video's brows fall to ~0.46-0.49) and not better on every
     identity (other synthetic drivers, bench.py driving_video seeds 1-3, not tuned on: about even with the old
@@ -118,10 +117,10 @@ class ShapeRefineConfig:
     calibration_offset_groups: str = "brows=1.5,nose=1.5"  # with calibration_offset_px: per-group std factors
     # (groups of the iBUG-68 static points: brows 17-26, nose 27-35, eyes 36-47, mouth 48-67; factor x
     # calibration_offset_px is that group's prior std, 0: its offset held at 0 in the step; unnamed groups 1)
-    calibration_iterations: int = 12  # LM iterations of those two options' calibration re-solve
-    # (12 since 2026-12-07, was 20: calibration 0.4-0.6 s CPU shorter (85-frame video 3.86 -> 3.46 s, 16-frame 2.77
-    # -> 2.18 s), min minus batch within +-0.02 of 20's on the goal and seed 1-3 videos, no sign either way; 10 lost
-    # 0.10 on seed 2 -- benchmarks/results/t-stream7_cpu_2026-12-07.md)
+    calibration_iterations: int = 20  # LM iterations of those two options' calibration re-solve
+    # (12 saves 0.4-0.6 s CPU (85-frame video 3.86 -> 3.46 s, 16-frame 2.77 -> 2.18 s) and stays within 0.02 of 20's
+    # on the goal and seed 1-3 videos (benchmarks/results/t-stream7_cpu_2026-12-07.md), but flips the 22-frame quick
+    # video's brows from 0.642 to 0.158 (min minus batch -0.067 -> -0.551; 2026-12-07 review), so 20 stays)
     frames: int = 12  # frames kept for the shape (0: off, the first frames' shape held)
     iterations: int = 15  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
