@@ -8,7 +8,7 @@ import torch
 from models.camera import Camera
 from models.flame.subdivision import subdivide
 from models.gaussians import GaussianCloud, sh0_to_rgb
-from models.level_of_detail import LevelOfDetail, _merge_moments, _shares, merge_to_coarser, pick_level
+from models.level_of_detail import LevelOfDetail, _merge_moments, merge_shares, merge_to_coarser, pick_level
 from models.renderer import render
 from utils.losses import psnr
 
@@ -86,7 +86,7 @@ def test_flat_patch_of_identical_gaussians_renders_like_the_fine_one():
 
 def test_weights_conserve_colour_opacity_mass():
     fine, plan = _patch(levels=1, seed=0)
-    shares = _shares(plan, 1, 1, fine.device)
+    shares = merge_shares(plan, 1)[0]
     m = _merge_moments(fine, shares)
     W, sh = m["W"], m["sh"]
     s = fine.scales.sort(-1, descending=True).values
