@@ -305,6 +305,21 @@ def pick_level(footprints: Sequence[float], threshold: float = FOOTPRINT_PX) -> 
     return len(footprints) - 1
 
 
+LOD_MODES = ("off", "auto")  # the --lod settings of animate.py and viewer.py besides a subdivision level number
+
+
+def parse_lod(value: str | int, full_level: int) -> str | int:
+    """A ``--lod`` setting -> "off", "auto" or a subdivision level in 0..``full_level`` (the model's); ValueError
+    for anything else."""
+    v = str(value).strip().lower()
+    if v in LOD_MODES:
+        return v
+    if v.isdigit() and int(v) <= full_level:
+        return int(v)
+    raise ValueError(f"--lod must be off, auto or a subdivision level 0..{full_level} (the model's level), got "
+                     f"{value!r}")
+
+
 @dataclass
 class LevelOfDetail:
     """The level-of-detail versions of one posed head, for an opt-in render path (defaults elsewhere unchanged).
@@ -417,5 +432,5 @@ class LevelOfDetail:
         return list(range(self.full_level - len(self.levels) + 1, self.full_level + 1))
 
 
-__all__ = ["LevelOfDetail", "MergeShares", "footprint_px", "merge_shares", "merge_to_coarser", "pick_level",
-           "OPACITY_MODES", "FOOTPRINT_PX"]
+__all__ = ["LOD_MODES", "LevelOfDetail", "MergeShares", "parse_lod", "footprint_px", "merge_shares",
+           "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]

@@ -442,3 +442,72 @@ def test_frames_stream_to_the_video_writer(fit_model, tmp_path, monkeypatch):  #
     assert events.count("write") == 8
     assert not (tmp_path / "failed" / "animation.mp4").exists()
     assert not [p for p in (tmp_path / "failed").iterdir() if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------ --lod
+def _frames(folder: Path) -> list[np.ndarray]:
+    import cv2
+
+    return [cv2.imread(str(p)).astype(np.float64) for p in sorted((folder / "frames").glob("frame_*.png"))]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) / 255.0).__pow__(2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def test_cli_lod_auto_keeps_full_detail_near_and_merges_far(fit_model, tmp_path):  # noqa: F811
+    """--lod auto: a head filling a 96x96 frame keeps full detail (its Gaussians exceed --lod_footprint px) and
+    writes the frames of --lod off; the same head far away (--fill 0.15) is rendered one level down, every frame
+    merged (the keyframes change the head every frame), close to full detail; --lod 0 forces the coarse level."""
+    import animate
+
+    base = ["--checkpoint", str(fit_model), "--keyframes", "neutral", "smile", "--keyframe_frames", "3", "--png",
+            "--progress", "false", "--device", "cpu"]
+    runs = {}
+    with single_thread():
+        for name, extra in (("off", ["--lod", "off"]), ("auto", ["--lod", "auto"]),
+                            ("far_off", ["--lod", "off", "--fill", "0.15"]),
+                            ("far_auto", ["--lod", "auto", "--fill", "0.15"]), ("zero", ["--lod", "0"])):
+            size = ["--width", "96", "--height", "96"]
+            runs[name] = animate.main(base + size + extra + ["--out", str(tmp_path / name)])
+    T = runs["off"]["num_frames"]
+    assert T == 4 and "lod" not in runs["off"]
+    near = runs["auto"]["lod"]
+    full = str(near["full_level"])
+    assert near["full_level"] == 1 and near["frames_per_level"] == {full: T} and near["merges"] == 0
+    assert near["first_frame_footprints_px"][full] > near["footprint_px"]  # why full detail: larger than 2 px
+    for a, b in zip(_frames(tmp_path / "off"), _frames(tmp_path / "auto")):
+        assert np.abs(a - b).max() == 0  # full detail: the same frames as --lod off
+    far = runs["far_auto"]["lod"]
+    assert far["frames_per_level"] == {"0": T} and far["merges"] == T and far["reused_merges"] == 0
+    assert far["first_frame_footprints_px"]["0"] <= far["footprint_px"]
+    fa, fo = _frames(tmp_path / "far_auto"), _frames(tmp_path / "far_off")
+    assert min(_psnr(a, b) for a, b in zip(fa, fo)) > 35.0  # the merged far head looks like full detail
+    assert max(np.abs(a - b).max() for a, b in zip(fa, fo)) > 0  # ... but it is a different (coarser) cloud
+    zero = runs["zero"]["lod"]
+    assert zero["frames_per_level"] == {"0": T} and zero["merges"] == T
+    near_psnr = [_psnr(a, b) for a, b in zip(_frames(tmp_path / "zero"), _frames(tmp_path / "off"))]
+    assert 20.0 < min(near_psnr) and max(near_psnr) < 60.0  # forced coarse close up: visibly coarser
+
+
+def test_cli_lod_reuses_the_merge_of_an_unchanged_head(fit_model, tmp_path, capsys):  # noqa: F811
+    """--pose fixed with a head-pose-only motion leaves the head the same every frame: one merge serves all; bad
+    --lod values and --lod with --stream are refused in one line."""
+    import animate
+
+    base = ["--checkpoint", str(fit_model), "--keyframes", "neutral", "head_turn_left", "--keyframe_frames", "3",
+            "--pose", "fixed", "--png", *SMALL]
+    with single_thread():
+        s = animate.main(base + ["--lod", "0", "--batch", "2", "--out", str(tmp_path / "fixed")])
+    T = s["num_frames"]
+    assert s["lod"]["merges"] == 1 and s["lod"]["reused_merges"] == T - 1  # across batches of 2 frames too
+    frames = _frames(tmp_path / "fixed")
+    assert all(np.abs(f - frames[0]).max() == 0 for f in frames)
+    for extra, msg in ((["--lod", "2"], "--lod must be off, auto or a subdivision level 0..1"),
+                       (["--lod", "fine"], "--lod must be off, auto"),
+                       (["--lod", "auto", "--stream"], "--lod is not available with --stream")):
+        with pytest.raises(SystemExit) as exc:
+            animate.main(base + extra + ["--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and msg in err and "\n" not in err, err
