@@ -103,7 +103,8 @@ class AnimationConfig:
     #                   frame, so every merged frame pays a merge: measured on one CPU thread 157 ms a frame for a
     #                   level-3 head (134,319 Gaussians), 7 ms for a level-1 head (8,580)
     #                   (benchmarks/results/t-lodwire_cpu_2026-12-07b.md); a frame whose head equals the one merged
-    #                   before it (a held pose) reuses that merge.  Not with --stream.  --ply writes full detail
+    #                   before it (a held pose) reuses that merge.  Not with --stream; --ply and --evaluate use full
+    #                   detail
     lod_levels: int = 1  # --lod auto: how many levels below the model's it may merge to (1: one level, ~42-50 dB face
     #                      PSNR against full detail where picked; 2 levels cost ~35 dB on a sharp head)
     lod_footprint: float = 2.0  # --lod auto: screen footprint (px, median largest Gaussian std) a merged level may
