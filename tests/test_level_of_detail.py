@@ -8,7 +8,7 @@ import torch
 from models.camera import Camera
 from models.flame.subdivision import subdivide
 from models.gaussians import GaussianCloud, sh0_to_rgb
-from models.level_of_detail import LevelOfDetail, _merge_moments, _shares, merge_to_coarser, pick_level
+from models.level_of_detail import LevelOfDetail, _merge_moments, merge_shares, merge_to_coarser, pick_level
 from models.renderer import render
 from utils.losses import psnr
 
@@ -86,7 +86,7 @@ def test_flat_patch_of_identical_gaussians_renders_like_the_fine_one():
 
 def test_weights_conserve_colour_opacity_mass():
     fine, plan = _patch(levels=1, seed=0)
-    shares = _shares(plan, 1, 1, fine.device)
+    shares = merge_shares(plan, 1)[0]
     m = _merge_moments(fine, shares)
     W, sh = m["W"], m["sh"]
     s = fine.scales.sort(-1, descending=True).values
@@ -138,3 +138,43 @@ def test_pick_level_gets_full_detail_back_when_zoomed_in():
     moved.means = moved.means + torch.tensor([0.0, 0.0, 0.1])
     lod.update(moved)
     assert math.isclose(float(lod.levels[0].means[:, 2].mean()), 0.1, rel_tol=1e-5)
+
+
+def test_prebuilt_and_kept_shares_give_the_same_merge():
+    """merge_to_coarser with shares built once (merge_shares) or by LevelOfDetail (kept on the object, no module
+    cache) gives the merge of shares built per call; shares of another step count are refused."""
+    fine, plan = _patch(levels=2, n=5, seed=3)
+    ref = merge_to_coarser(fine, plan, 2, levels_down=2)
+    pre = merge_to_coarser(fine, plan, 2, levels_down=2, shares=merge_shares(plan, 2, 2))
+    lod = LevelOfDetail(plan, 2)
+    kept = lod.merge(fine, 0)
+    for got in (pre, kept):
+        for name in ("means", "quats", "scales", "opacities", "sh"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert len(lod.shares) == 2  # one per level step, built on first use ...
+    first = dict(lod.shares)
+    lod.merge(fine, 0)
+    assert all(lod.shares[k] is first[k] for k in first)  # ... and kept
+    # a batch through LevelOfDetail.merge: each head merged as alone
+    moved = fine.clone()
+    moved.means = moved.means + 0.05
+    batch = GaussianCloud(*(torch.stack([getattr(fine, k), getattr(moved, k)])
+                            for k in ("means", "quats", "scales", "opacities", "sh")))
+    assert torch.allclose(lod.merge(batch, 1)[1].means, lod.merge(moved, 1).means, atol=1e-6)
+    assert lod.merge(fine, 2) is fine
+    with pytest.raises(ValueError):
+        merge_to_coarser(fine, plan, 2, levels_down=2, shares=merge_shares(plan, 2, 1))
+
+
+def test_estimate_index_picks_as_level_index_without_merging():
+    """A re-posed head's level from its own full-detail footprint and the held pose's level ratios: the held pose
+    itself gives level_index's pick, and a head moved far away picks the coarsest level without a merge."""
+    fine, plan = _patch(levels=2, n=5)
+    lod = LevelOfDetail.build(fine, plan, 2, coarsest_level=0)
+    for d in (0.05, 0.3, 0.6, 1.0, 5.0):
+        assert lod.estimate_index(fine, _camera(d)) == lod.level_index(_camera(d)), d
+    far = fine.clone()
+    far.means = far.means + torch.tensor([0.0, 0.0, -4.85])  # 5 m from the camera at 0.15
+    held = [c.means.clone() for c in lod.levels]
+    assert lod.level_index(_camera(0.15)) == 2 and lod.estimate_index(far, _camera(0.15)) == 0
+    assert all(torch.equal(c.means, h) for c, h in zip(lod.levels, held))  # nothing re-merged

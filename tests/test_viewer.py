@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -648,7 +649,7 @@ def test_help_documents_every_flag(capsys):
         viewer.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--codes", "--code_dir", "--host", "--port", "--device", "--ply_dir", "--method",
-                 "--flame_dir"):
+                 "--flame_dir", "--lod", "--lod_levels", "--lod_footprint"):
         assert flag in text, flag
 
 
@@ -813,3 +814,69 @@ def test_page_in_headless_chromium_shows_the_head_and_follows_sliders(posing, ri
             assert not errors, errors
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------------ --lod
+def test_lod_auto_follows_the_view_with_cached_merges(fit_model, model, tmp_path, monkeypatch):  # noqa: F811
+    """--lod auto (headless ViewerSession): full detail while no view is known; a far view gets the head merged one
+    level down and a near one full detail back, from the merge made once per head (no network, no new merge); a pose
+    change merges again; --lod 0 always sends the coarse level; DisplayFrame.camera puts the page's view in metres.
+    The small fit model is at level 0, so the session is given it as a level-1 head (lod_quality.py's stand-in)."""
+    from benchmarks.lod_quality import field_at_level
+    from models.camera import Camera
+    from utils.apps.viewer import POSE_CONTROLS, VIEW_DISTANCE, VIEW_FOV_DEG, ViewerConfig, ViewerSession, ViewState
+
+    field, plan = field_at_level(model, 1)
+    level1 = replace(model, field=field, plan=plan)
+    monkeypatch.setattr("utils.apps.viewer.session.load_model", lambda path, device: level1)
+    sent: list[int] = []
+
+    class Recording(ViewerSession):
+        def _show_splats(self, splats):
+            sent.append(len(splats["centers"]))
+
+    s = Recording(ViewerConfig(checkpoint=str(fit_model), code_dir="", device="cpu", ply_dir=str(tmp_path),
+                               lod="auto"), log=lambda _t: None)
+    s.start()
+    full, coarse = plan.num_vertices(1) * field.K, plan.num_vertices(0)
+    try:
+        pose = [0.0] * len(POSE_CONTROLS)
+        s.view = ViewState(model.identities[0], model.identities[0], 0.0, "slerp", 1.0, tuple(pose))
+        s.request()
+        assert s.wait_idle(60) and s.shown_level == 1 and sent == [full] and s.lod_merges == 1
+        assert len(s.cloud) == full  # the served head (Save PLY) is full detail
+
+        def view(height: int) -> Camera:
+            """The page's initial view, in metres through DisplayFrame.camera, ``height`` px high."""
+            return s.frame.camera((0.0, 0.0, VIEW_DISTANCE), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0),
+                                  np.radians(VIEW_FOV_DEG), height, height)
+
+        small, big = view(64), view(4000)
+        depth = float(small.w2c[2, :3] @ torch.as_tensor(s.frame.centre, dtype=torch.float32) + small.w2c[2, 3])
+        assert depth == pytest.approx(VIEW_DISTANCE / s.frame.scale, rel=1e-4)
+        assert s.lod.footprints(small)[0] < 2.0 < s.lod.footprints(big)[1]
+        s.view_camera = small
+        s.request()
+        assert s.wait_idle(60) and s.shown_level == 0 and sent[-1] == coarse
+        s.view_camera = big  # zoomed in: full detail again, from the cache
+        s.request()
+        assert s.wait_idle(60) and s.shown_level == 1 and sent[-1] == full
+        assert s.lod_merges == 1 and s.network_runs == 1 and s.updates == 1 and len(sent) == 3
+        pose[[pc.name for pc in POSE_CONTROLS].index("jaw")] = 20.0
+        s.view = replace(s.view, pose=tuple(pose))
+        s.request()
+        assert s.wait_idle(60) and s.lod_merges == 2 and s.network_runs == 1 and sent[-1] == full
+    finally:
+        s.close()
+    fixed = Recording(ViewerConfig(checkpoint=str(fit_model), code_dir="", device="cpu", ply_dir=str(tmp_path),
+                                   lod="0"), log=lambda _t: None)
+    fixed.start()
+    try:
+        fixed.view = ViewState(model.identities[0], model.identities[0], 0.0, "slerp", 1.0,
+                               (0.0,) * len(POSE_CONTROLS))
+        fixed.request()
+        assert fixed.wait_idle(60) and fixed.shown_level == 0 and sent[-1] == coarse
+    finally:
+        fixed.close()
+    with pytest.raises(ValueError, match="--lod must be"):
+        ViewerSession(ViewerConfig(checkpoint=str(fit_model), lod="coarse"))

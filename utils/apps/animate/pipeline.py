@@ -27,6 +27,8 @@ from tqdm import tqdm
 
 from models.camera import Camera
 from models.flame import FlameParams, save_nersemble_tracking
+from models.gaussians import GaussianCloud
+from models.level_of_detail import FOOTPRINT_PX, LevelOfDetail, parse_lod
 from models.posing import POSE_MODES, HeadAnimator, PosableIdentity, retarget
 from models.renderer import render_identities
 from utils.apps.animate.stream import animate_stream
@@ -94,6 +96,19 @@ class AnimationConfig:
     png: bool = False  # also write every frame as frames/frame_<n>.png
     ply: bool = False  # also write every frame's Gaussians as ply/frame_<n>.ply (standard 3DGS layout)
     batch: int = 16  # frames posed and rendered per call
+    lod: str = "off"  # level of detail (opt-in, models/level_of_detail.py): off (full detail); auto (per frame, the
+    #                   coarsest of the --lod_levels levels below the model's whose Gaussians stay under
+    #                   --lod_footprint px on screen; frames that keep full detail cost nothing extra); or a
+    #                   subdivision level 0..the model's (every frame merged to it).  The animated head changes every
+    #                   frame, so every merged frame pays a merge: measured on one CPU thread 157 ms a frame for a
+    #                   level-3 head (134,319 Gaussians), 7 ms for a level-1 head (8,580)
+    #                   (benchmarks/results/t-lodwire_cpu_2026-12-07b.md); a frame whose head equals the one merged
+    #                   before it (a held pose) reuses that merge.  Not with --stream; --ply and --evaluate use full
+    #                   detail
+    lod_levels: int = 1  # --lod auto: how many levels below the model's it may merge to (1: one level, ~42-50 dB face
+    #                      PSNR against full detail where picked; 2 levels cost ~35 dB on a sharp head)
+    lod_footprint: float = 2.0  # --lod auto: screen footprint (px, median largest Gaussian std) a merged level may
+    #                             reach (models/level_of_detail.py FOOTPRINT_PX)
     fps: float = 25.0  # video frame rate (a driving video's own rate when the motion is one)
     out: str = "output/animation"  # output folder
     device: str = "auto"  # auto, cpu, cuda or cuda:N
@@ -130,7 +145,8 @@ class AnimationConfig:
     # allowed values of the numeric keys (checked with utils.core.config.check_ranges before any work; NaN / inf never)
     RANGES = {"keyframe_frames": Range(1), "start": Range(0), "stride": Range(1), "max_frames": Range(0),
               "reference_frame": Range(0), "width": Range(2), "height": Range(2), "fill": Range(0, lo_open=True),
-              "batch": Range(1), "fps": Range(0, lo_open=True), "stream_workers": Range(1, 32),
+              "batch": Range(1), "fps": Range(0, lo_open=True),
+              "lod_levels": Range(1), "lod_footprint": Range(0, lo_open=True), "stream_workers": Range(1, 32),
               "stream_queue": Range(1, 256), "stream_iterations": Range(1, 200), "stream_threads": Range(0, 256),
               "stream_calibration_threads": Range(0, 256),
               "reenact.shape_frames": Range(1)}
@@ -207,10 +223,101 @@ class _Panels:
         return fit_height(img, self.height)
 
 
-def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, cam: Camera, backend: str):
-    """(B, H, W, 3) images of B frames through one camera and their GaussianCloud (B, N)."""
+class FrameLod:
+    """``--lod`` of animate.py: per frame the level to render at, and the merged Gaussians of the frames that need
+    them (models/level_of_detail.py).
+
+    The animated head is re-posed every frame, so a merged frame needs its own merge; the merge's shares (its sparse
+    matrices) are built once.  ``auto`` builds a :class:`LevelOfDetail` of the first frame's head and picks each
+    frame's level from that frame's own full-detail footprint (``LevelOfDetail.estimate_index``), so frames that keep
+    full detail are never merged.  A frame whose head equals the previous frame's reuses its merge (the cached-head
+    case).  Counters for animation.json: ``frames`` per level rendered, ``merges``, ``reused``, ``merge_seconds``.
+    """
+
+    def __init__(self, setting: str | int, plan, full_level: int, per_vertex: int, first: GaussianCloud,
+                 camera: Camera, levels: int = 1, footprint: float = FOOTPRINT_PX) -> None:
+        """``first``: the first frame's full-detail head (N,) (``auto``: its levels are merged once here);
+        ``camera``: the animation's camera."""
+        self.setting, self.camera, self.full_level = setting, camera, full_level
+        self.lod = LevelOfDetail(plan, full_level, per_vertex, threshold=footprint)
+        if setting == "auto" and full_level > 0:
+            t = time.perf_counter()
+            self.lod.update(first, max(0, full_level - levels))
+            self.setup_seconds = time.perf_counter() - t
+            self.first_footprints = self.lod.footprints(camera)  # px per level, coarsest first (animation.json)
+        else:
+            self.setup_seconds, self.first_footprints = 0.0, []
+        self.frames: dict[int, int] = {}
+        self.merges, self.reused, self.merge_seconds = 0, 0, 0.0
+        self._last: tuple[GaussianCloud, int, GaussianCloud] | None = None  # (full head, level, merged head)
+
+    def level(self, cloud: GaussianCloud) -> int:
+        """The subdivision level one frame's full-detail head (N,) is rendered at."""
+        if self.setting == "auto":
+            return self.full_level if self.full_level == 0 else \
+                self.lod.level_numbers[self.lod.estimate_index(cloud, self.camera)]
+        return int(self.setting)
+
+    def clouds(self, cloud: GaussianCloud) -> list[tuple[list[int], GaussianCloud]]:
+        """A batch's full-detail heads (B, N) -> [(frame indices in the batch, their heads at one level (b, M))]."""
+        picked = [self.level(cloud[k]) for k in range(cloud.batch_shape[0])]
+        groups: list[tuple[list[int], GaussianCloud]] = []
+        for lvl in sorted(set(picked)):
+            idx = [k for k, p in enumerate(picked) if p == lvl]
+            self.frames[lvl] = self.frames.get(lvl, 0) + len(idx)
+            if lvl == self.full_level:
+                groups.append((idx, cloud[torch.as_tensor(idx, device=cloud.device)]))
+                continue
+            # a head equal to the last one merged at this level reuses its merge: the source of each frame is
+            # either a merged head or its position among the heads merged now
+            source: list[GaussianCloud | int] = []
+            todo: list[int] = []
+            last = self._last if self._last is not None and self._last[1] == lvl else None
+            for k in idx:
+                if last is not None and _same_cloud(last[0], cloud[k]):
+                    source.append(last[2])
+                    self.reused += 1
+                else:
+                    source.append(len(todo))
+                    todo.append(k)
+                last = (cloud[k], lvl, source[-1])
+            if todo:
+                t = time.perf_counter()
+                out = self.lod.merge(cloud[torch.as_tensor(todo, device=cloud.device)], lvl)
+                synchronize(cloud.device)
+                self.merge_seconds += time.perf_counter() - t
+                self.merges += len(todo)
+            merged = [out[m] if isinstance(m, int) else m for m in source]
+            self._last = (cloud[idx[-1]], lvl, merged[-1])
+            groups.append((idx, GaussianCloud(*(torch.stack([getattr(m, f) for m in merged])
+                                                 for f in ("means", "quats", "scales", "opacities", "sh")))))
+        return groups
+
+    def summary(self) -> dict:
+        """The --lod figures of animation.json."""
+        return {"setting": self.setting, "full_level": self.full_level,
+                "frames_per_level": {str(k): v for k, v in sorted(self.frames.items())}, "merges": self.merges,
+                "reused_merges": self.reused, "merge_seconds": self.merge_seconds,
+                "setup_seconds": self.setup_seconds, "footprint_px": self.lod.threshold,
+                "first_frame_footprints_px": dict(zip(map(str, self.lod.level_numbers), self.first_footprints))}
+
+
+def _same_cloud(a: GaussianCloud, b: GaussianCloud) -> bool:
+    """Whether two unbatched heads are equal (the same pose of the same identity: its merge can be reused)."""
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("means", "quats", "scales", "opacities", "sh"))
+
+
+def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, cam: Camera, backend: str,
+            lod: FrameLod | None = None):
+    """(B, H, W, 3) images of B frames through one camera and their full-detail GaussianCloud (B, N); with ``lod``
+    each frame at its level of detail (frames grouped by level, one rasterizer call per group)."""
     cloud = animator.gaussians(head, params)
-    imgs = render_identities(cloud, [[cam]] * params.num_frames, backend=backend)["image"][:, 0]
+    if lod is None:
+        imgs = render_identities(cloud, [[cam]] * params.num_frames, backend=backend)["image"][:, 0]
+        return imgs.clamp(0, 1), cloud
+    imgs = torch.empty(params.num_frames, cam.height, cam.width, 3, device=cloud.device)
+    for idx, sub in lod.clouds(cloud):
+        imgs[idx] = render_identities(sub, [[cam]] * len(idx), backend=backend)["image"][:, 0]
     return imgs.clamp(0, 1), cloud
 
 
@@ -232,6 +339,8 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
+    if cfg.stream and str(cfg.lod).strip().lower() != "off":
+        raise ValueError("--lod is not available with --stream (the live path renders full detail)")
     if cfg.stream:  # live driving: frame by frame (utils/apps/animate/stream.py)
 
         return animate_stream(cfg, model)
@@ -272,6 +381,15 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         dcam = None if driver is None else base_camera(cfg, model.template_base,
                                                        animator.vertices(driver[0], driver[0].base)[0, :M], device)
     panels = _Panels(motion, cfg.camera, cam.height) if cfg.side_by_side == "video" else None
+    lod_setting = parse_lod(cfg.lod, model.plan.levels)
+    lod = None
+    if lod_setting != "off":  # opt-in level of detail (FrameLod); the driving identity's panel stays full detail
+        if lod_setting == "auto" and model.plan.levels == 0:
+            warnings.warn("--lod auto: the model is at subdivision level 0, there is no coarser level; full detail")
+        with torch.no_grad():
+            first = animator.gaussians(head, params.frames(slice(0, 1)))[0]
+            lod = FrameLod(lod_setting, model.plan, model.plan.levels, model.field.K, first, cam, cfg.lod_levels,
+                           cfg.lod_footprint)
     synchronize(device)
     times["identity"] = time.perf_counter() - t0
 
@@ -291,7 +409,7 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         with torch.no_grad():
             for a in range(0, T, cfg.batch):
                 sel = slice(a, min(T, a + cfg.batch))
-                imgs, cloud = _render(animator, head, params.frames(sel), cam, cfg.backend)
+                imgs, cloud = _render(animator, head, params.frames(sel), cam, cfg.backend, lod)
                 dimgs = None if driver is None else _render(animator, driver[0], driver[1].frames(sel), dcam,
                                                             cfg.backend)[0]
                 for k in range(imgs.shape[0]):
@@ -347,6 +465,8 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         "seconds": sum(times.values()), "seconds_per_phase": times,
         "render_fps": T / max(times["render"], 1e-9),
     }
+    if lod is not None:
+        summary["lod"] = lod.summary()
     if motion.info:
         summary["motion_info"] = motion.info
     if evaluation is not None:

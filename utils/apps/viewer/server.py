@@ -66,6 +66,10 @@ class HeadViewer(ViewerSession):
         # black behind the head, as in the face-masked training photos the model learnt from
         self.server.scene.set_background_image(np.zeros((8, 8, 3), np.uint8), format="png")
 
+        # --lod auto: the view of the client that moved last picks the level (a view change re-sends a cached level)
+        self._view_client = None
+        if str(cfg.lod).strip().lower() == "auto":
+            self.server.on_client_connect(self._watch_view)
         self._controls_lock = threading.RLock()  # a keyframe sets several sliders at once: the worker reads them after
         self.splats = None
         self.controls: dict = {}
@@ -185,7 +189,25 @@ class HeadViewer(ViewerSession):
         self._message("share links are disabled in this viewer (it never contacts an outside server)", error=True)
         return None
 
+    def _watch_view(self, client) -> None:
+        """A client connected (--lod auto): every move of its view asks the worker to re-pick the level."""
+        def moved(_camera) -> None:
+            self._view_client = client
+            self.request()
+
+        client.camera.on_update(moved)
+
     # ------------------------------------------------------------------------------------------ the session's hooks
+    def _view_camera(self):
+        """The view of the client that moved last, in the canonical frame (None before any client reported one)."""
+        client, frame = self._view_client, self.frame
+        if client is None or frame is None:
+            return None
+        cam = client.camera
+        if cam.image_height <= 0 or cam.image_width <= 0:
+            return None
+        return frame.camera(cam.position, cam.look_at, cam.up_direction, cam.fov, cam.image_width, cam.image_height)
+
     def _show_splats(self, splats: dict[str, np.ndarray]) -> None:
         if self.splats is None:
             self.splats = self.server.scene.add_gaussian_splats("/head", **splats)

@@ -57,8 +57,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.camera import Camera
 from models.gaussians import GaussianCloud
 from models.geometry import head_pose
+from models.level_of_detail import LevelOfDetail, parse_lod
 from models.posing import HeadAnimator, PosableIdentity
 from utils.apps.viewer.access import page_error, path_inside
 from utils.apps.viewer.state import MAX_MESSAGES, POSE_CONTROLS, ViewerConfig, ViewState, pose_params
@@ -107,6 +109,14 @@ class DisplayFrame:
         centre, _, radius = head_pose(template, template)
         self.centre = centre.double().numpy()
         self.scale = 1.0 / max(radius, 1e-9)
+
+    def camera(self, position: np.ndarray, look_at: np.ndarray, up: np.ndarray, fov_y: float, width: int,
+               height: int) -> Camera:
+        """The page's view (position, look-at point and up direction (3,) in page units, vertical field of view in
+        radians, canvas size in px) as a Camera in the canonical frame (metres), for the level-of-detail pick."""
+        eye, target = (np.asarray(v, np.float64) / self.scale + self.centre for v in (position, look_at))
+        return Camera.look_at(eye.tolist(), target.tolist(), np.asarray(up, np.float64).tolist(), int(width),
+                              int(height), fov_y_deg=float(np.degrees(fov_y)))
 
     def splats(self, cloud: GaussianCloud) -> dict[str, np.ndarray]:
         """Arguments of viser's add_gaussian_splats / set_gaussians: centers (N, 3), covariances (N, 3, 3),
@@ -208,7 +218,12 @@ class ViewerSession(CoalescingWorker):
 
     Test hooks: :meth:`wait_idle` (CoalescingWorker), ``network_runs`` (updates that ran the network), ``updates``
     (heads served), ``animator`` (the pose path; None without FLAME files), ``cloud`` (the head served last,
-    canonical metres), ``shown`` (that head and its ViewState), ``messages`` (newest first).
+    canonical metres, full detail), ``shown`` (that head and its ViewState), ``messages`` (newest first).
+
+    Level of detail (``cfg.lod``, opt-in): each head served is merged once into its coarser levels (``lod``, a
+    models/level_of_detail.py LevelOfDetail; ``lod_merges`` counts the merges); the page gets the level that the
+    view picks (``shown_level``; ``auto``: from :meth:`_view_camera`, headless ``view_camera``, full detail while no
+    view is known), and a view change only re-sends a cached level (no merge, no network).
     """
 
     def __init__(self, cfg: ViewerConfig, log: Callable[[str], None] | None = None) -> None:
@@ -237,6 +252,12 @@ class ViewerSession(CoalescingWorker):
         # (ViewState.identity, network output: a PosableIdentity, or a GaussianCloud without the pose path), cached
         self._identity: tuple[tuple, PosableIdentity | GaussianCloud] | None = None
         self._given_codes: list[str] = []
+        parse_lod(cfg.lod, 10 ** 6)  # a bad --lod stops here; its level is checked against each model on load
+        self.lod_setting: str | int = "off"  # cfg.lod for the loaded model (off when it asks for a finer level)
+        self.lod: LevelOfDetail | None = None  # the merged levels of the head shown (None: --lod off)
+        self.shown_level: int | None = None  # subdivision level of the Gaussians in the page
+        self.lod_merges = 0
+        self.view_camera: Camera | None = None  # headless: the view --lod auto picks a level for
 
     def start(self) -> None:
         """Load ``cfg.checkpoint`` (and the code files offered with any model), start the worker, serve a head."""
@@ -284,6 +305,10 @@ class ViewerSession(CoalescingWorker):
 
     def _show_splats(self, splats: dict[str, np.ndarray]) -> None:
         """Send the head (DisplayFrame.splats) to the page."""
+
+    def _view_camera(self) -> Camera | None:
+        """The page's current view in the canonical frame (DisplayFrame.camera), for --lod auto; None: unknown."""
+        return self.view_camera
 
     def _show_stats(self, text: str) -> None:
         """Show the status line (markdown: Gaussians, update times, or why no model is loaded)."""
@@ -337,6 +362,12 @@ class ViewerSession(CoalescingWorker):
         old_codes = [k for k in self.sources.values() if k not in (self.model.identities if self.model else [])]
         self.model, self.frame = model, DisplayFrame(model.template_base)
         self._keys, self._pose_keys, self._identity, self.shown = {}, {}, None, None
+        self.lod, self.shown_level = None, None
+        try:
+            self.lod_setting = parse_lod(self.cfg.lod, model.plan.levels)
+        except ValueError as exc:
+            self.lod_setting = "off"
+            self._message(f"{exc}: showing full detail", error=True)
         self._setup_pose(model)
         self.sources = {name: name for name in model.identities}
         for p in dict.fromkeys(self._given_codes + old_codes):
@@ -426,9 +457,31 @@ class ViewerSession(CoalescingWorker):
         with torch.no_grad():
             return self.animator.gaussians(identity, pose_params(state.pose))[0]
 
+    def _lod_index(self) -> int:
+        """Index into ``lod.levels`` of the level to show: a fixed --lod level's (the coarsest kept), or the one the
+        view picks (--lod auto; full detail while the view is unknown)."""
+        if self.lod_setting != "auto":
+            return 0
+        cam = self._view_camera()
+        return len(self.lod.levels) - 1 if cam is None else self.lod.level_index(cam)
+
+    def _send(self, cloud: GaussianCloud, level: int, note: str) -> None:
+        """Send ``cloud`` (at subdivision ``level``) to the page, with the status line."""
+        self._show_splats(self.frame.splats(cloud))
+        self.shown_level = level
+        lod = "" if self.lod is None else f" · level {level} of {self.model.plan.levels} (--lod {self.lod_setting})"
+        self._show_stats(f"**{len(cloud):,} Gaussians**{lod} · {note}")
+
     def _update(self) -> None:
         state = self._state()
-        if state is None or (self.shown is not None and self.shown[1] == state):
+        if state is None:
+            return
+        if self.shown is not None and self.shown[1] == state:
+            # the same head: with --lod auto the view may pick another of its cached levels (no merge, no network)
+            if self.lod is not None and self.lod_setting == "auto":
+                i = self._lod_index()
+                if self.lod.level_numbers[i] != self.shown_level:
+                    self._send(self.lod.levels[i], self.lod.level_numbers[i], "view changed: cached level, no merge")
             return
         t0 = time.perf_counter()
         ran = self._identity is None or self._identity[0] != state.identity
@@ -440,12 +493,24 @@ class ViewerSession(CoalescingWorker):
         cloud = self._posed(self._identity[1], state)
         synchronize(self.device)
         t2 = time.perf_counter()
-        self._show_splats(self.frame.splats(cloud))
+        shown, level = cloud, self.model.plan.levels
+        if self.lod_setting != "off":  # merged once per head, kept for view changes
+            full = self.model.plan.levels
+            coarsest = self.lod_setting if self.lod_setting != "auto" else max(0, full - self.cfg.lod_levels)
+            if self.lod is None:  # per model: it keeps the merge's shares of this topology
+                self.lod = LevelOfDetail(self.model.plan, full, self.model.field.K, threshold=self.cfg.lod_footprint)
+            self.lod.update(cloud, coarsest)
+            self.lod_merges += 1
+            synchronize(self.device)
+            i = self._lod_index()
+            shown, level = self.lod.levels[i], self.lod.level_numbers[i]
+        t3 = time.perf_counter()
         self.shown = (cloud, state)
         self.updates += 1
-        total = time.perf_counter() - t0
         parts = [f"network {(t1 - t0) * 1e3:.1f} ms" if ran else "network not run"]
         if self.animator is not None:
             parts.append(f"pose {(t2 - t1) * 1e3:.1f} ms")
-        self._show_stats(f"**{len(cloud):,} Gaussians** · last update {total * 1e3:.1f} ms "
-                         f"({', '.join(parts)}, {self.device.type})")
+        if self.lod is not None:
+            parts.append(f"merge {(t3 - t2) * 1e3:.1f} ms")
+        self._send(shown, level, f"last update {(time.perf_counter() - t0) * 1e3:.1f} ms ({', '.join(parts)}, "
+                                 f"{self.device.type})")
