@@ -51,6 +51,7 @@ from benchmarks.real_mask import (
 )
 from models.camera import Camera  # noqa: E402
 from models.flame import (  # noqa: E402
+    FlameParams,
     face_mask_topology,
     load_tracking,  # noqa: E402
     subdivide_vertices,
@@ -499,14 +500,19 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
             "reenact_jaw_r": r(p.jaw[:, 0].cpu(), truth.jaw[:, 0])}
 
 
-def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = 30.0, seed: int = 0):
+def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = 30.0, seed: int = 0,
+                  lead_in: int = 0):
     """(MP4 path, true FlameParams): a synthetic head (identity 301 of a fresh synthetic FLAME) driven through
-    ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``."""
+    ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``.
+    ``lead_in``: that many frames of the first (neutral, frontal) pose first, as a person holds still in front of a
+    camera while a live stream calibrates (a live stream drops the frames that arrive during its calibration)."""
 
     model = make_flame_model(seed)
     heads = GroundTruthHeads(data.flame_dir, model, subdivision=2)
     ident = sample_identity(model, seed, "301")
     truth = retarget(load_motion("keyframes", heads.flame, REENACT_KEYS, per_transition).params, ident.params)
+    if lead_in > 0:
+        truth = FlameParams.cat([truth.frames([0] * lead_in), truth])
     c = heads.flame(ident.params)[0].mean(0).tolist()
     cam = Camera.look_at((c[0], c[1], c[2] + 0.55), c, (0, 1, 0), size, size, fov_y_deg=30).to(device)
     video = []
@@ -609,25 +615,30 @@ def bench_video(model_path: Path, data, device: torch.device, backend: str, seco
     return rows
 
 
-def motion_correlations(params, truth) -> dict:
-    """Correlations over the frames of a recovered motion with the truth: jaw opening, smile / brows raise
-    (expression 1 / 2) and head turn (yaw relative to the first frame; the truth's neck yaw plus its head yaw)."""
-    def yaw(R):
-        rel = R[0].T @ R
-        return torch.atan2(rel[:, 0, 2], rel[:, 2, 2]).cpu().numpy()
+def motion_series(params, neck: bool = False) -> dict[str, np.ndarray]:
+    """Per-frame series (T,) of a motion that :func:`motion_correlations` compares: jaw opening, smile / brows raise
+    (expression 1 / 2) and head turn (yaw relative to the first frame; ``neck``: plus the neck's yaw, for the
+    synthetic truth, which turns both; the trackers fit the head rotation only)."""
+    rel = params.rotation_matrix[0].T.cpu() @ params.rotation_matrix.cpu()
+    yaw = torch.atan2(rel[:, 0, 2], rel[:, 2, 2]) + (params.neck[:, 1].cpu() if neck else 0)
+    return {"jaw": params.jaw[:, 0].cpu().numpy(), "smile": params.expression[:, 1].cpu().numpy(),
+            "brows": params.expression[:, 2].cpu().numpy(), "yaw": yaw.numpy()}
 
+
+def motion_correlations(params, truth) -> dict:
+    """Correlations over the frames of a recovered motion with the truth (:func:`motion_series`): jaw opening,
+    smile / brows raise and head turn."""
     r = lambda a, b: float(np.corrcoef(np.asarray(a, float), np.asarray(b, float))[0, 1])  # noqa: E731
-    true_turn = yaw(truth.rotation_matrix.cpu()) + truth.neck[:, 1].cpu().numpy()
-    return {"jaw": r(params.jaw[:, 0].cpu(), truth.jaw[:, 0].cpu()),
-            "smile": r(params.expression[:, 1].cpu(), truth.expression[:, 1].cpu()),
-            "brows": r(params.expression[:, 2].cpu(), truth.expression[:, 2].cpu()),
-            "turn": r(yaw(params.rotation_matrix.cpu()), true_turn)}
+    a, b = motion_series(params), motion_series(truth, neck=True)
+    return {"jaw": r(a["jaw"], b["jaw"]), "smile": r(a["smile"], b["smile"]), "brows": r(a["brows"], b["brows"]),
+            "turn": r(a["yaw"], b["yaw"])}
 
 
 def bench_stream(model_path: Path, data, device: torch.device, workers: list[int], fit_devices: list[str],
                  per_transition: int = 12, size: int = 512, render: int = 512, iterations: int = 0,
                  shape_frames: int = 16, threads: list[int] | None = None,
-                 processes: list[bool] | None = None, refine_frames: list[int] | None = None) -> dict:
+                 processes: list[bool] | None = None, refine_frames: list[int] | None = None,
+                 save_dir: Path | None = None, lead_in_s: float = 0.0) -> dict:
     """Live driving (animate.py --stream, utils/apps/animate/stream.py) on a synthetic driving video
     (:func:`driving_video`, ``size`` x ``size`` at 30 fps): for every landmark-thread count and FLAME-fit device, the
     sustained frame rate and the per-frame latency (read to encoded frame) p50 / p90 / p99 with the file read as fast as
@@ -642,7 +653,13 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     more than one; rows ``_fit_cpu_ms_p50`` give the fit's CPU time beside its wall time.  ``refine_frames``:
     ``stream_refine.frames`` values (0: the first frames' shape held; N: re-solved on N kept frames in the background,
     utils/face/frame_tracker.py ShapeRefineConfig); the first configuration, and its paced run, once per value, keys
-    ``_refine<N>`` when more than one."""
+    ``_refine<N>`` when more than one.  A paced run drops frames (at least those that arrive during the calibration),
+    so its rows ``_batch_r_*_same_frames`` give the batch path's correlations on the frames it kept, the fair
+    comparison.  ``lead_in_s`` > 0: the paced runs drive a second video that holds the first (neutral) pose that many
+    seconds first (driving_video's ``lead_in``; its batch path beside it), so the frames a live stream drops while it
+    calibrates are not the keyframe motion's first transition (the jaw's only large opening).
+    ``save_dir``: every run's per-frame jaw / smile / brows / yaw beside the truth's and the batch path's
+    (``<key>_frames.npz``: frames, jaw, smile, brows, yaw and their ``truth_`` / ``batch_`` counterparts)."""
 
     path, truth = driving_video(data, device, per_transition, size)
     t = time.perf_counter()
@@ -658,6 +675,14 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     proc = processes[0]
     refine_frames = refine_frames or [AnimationConfig().stream_refine.frames]
     ref0 = refine_frames[0]
+    live = (path, truth, batch, rb)
+    if lead_in_s > 0:  # the paced runs' own video, a neutral lead-in first
+        lead = int(round(lead_in_s * 30.0))
+        lpath, ltruth = driving_video(data, device, per_transition, size, lead_in=lead)
+        lbatch = reenact_video(lpath, data.flame, reenact, progress=False)
+        live = (lpath, ltruth, lbatch, motion_correlations(lbatch.params, ltruth))
+        rows["stream_live_video"] = f"{ltruth.num_frames} frames: {lead} frames ({lead_in_s:g} s) neutral lead-in first"
+        rows.update({f"stream_live_batch_r_{k}": v for k, v in live[3].items()})
     runs = [(w, d, False, first, proc, ref0) for d in fit_devices for w in workers]
     runs += [(workers[0], fit_devices[0], False, first, q, ref0) for q in processes[1:]]
     runs += [(workers[0], fit_devices[0], False, first, proc, r) for r in refine_frames[1:]]
@@ -665,8 +690,9 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     runs += [(workers[0], fit_devices[0], True, first, proc, r) for r in refine_frames[1:]]
     runs += [(workers[0], fit_devices[0], False, n, proc, ref0) for n in threads[1:]]
     for w, d, paced, n_threads, in_process, n_refine in runs:
+        vpath, vtruth, vbatch, vrb = live if paced else (path, truth, batch, rb)
         out = Path(tempfile.mkdtemp(prefix="bench_stream_out_"))
-        cfg = AnimationConfig(checkpoint=str(model_path), motion=str(path), stream=True, stream_workers=w,
+        cfg = AnimationConfig(checkpoint=str(model_path), motion=str(vpath), stream=True, stream_workers=w,
                               stream_fit_device=d, stream_iterations=iterations or AnimationConfig.stream_iterations,
                               stream_realtime=paced,
                               width=render, height=render, out=str(out), device=str(device), progress=False,
@@ -676,7 +702,8 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
         s = animate(cfg)["stream"]
         # paced runs are live: frames dropped while the stream was behind are not in motion.npz (its 'frames')
         kept = np.load(out / "motion.npz")["frames"].astype(np.int64)
-        rs = motion_correlations(load_tracking(out / "motion.npz"), truth.frames(kept.tolist()))
+        params = load_tracking(out / "motion.npz")
+        rs = motion_correlations(params, vtruth.frames(kept.tolist()))
         key = (f"stream_{w}w_fit_{d.replace(':', '')}{'_paced30' if paced else ''}"
                f"{f'_t{n_threads}' if len(threads) > 1 else ''}"
                f"{('_proc' if in_process else '_thread') if len(processes) > 1 else ''}"
@@ -691,7 +718,16 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
                      f"{key}_shape_updates": s["shape_updates"],
                      f"{key}_calibration_s": s["calibration_s"], f"{key}_dropped": s.get("dropped", 0),
                      **{f"{key}_r_{k}": v for k, v in rs.items()},
-                     f"{key}_min_r_minus_batch": min(rs[k] - rb[k] for k in rb)})
+                     f"{key}_min_r_minus_batch": min(rs[k] - vrb[k] for k in vrb)})
+        if len(kept) < vtruth.num_frames:  # the batch path on the same frames: a subset can change a correlation
+            rk = motion_correlations(vbatch.params.frames(kept.tolist()), vtruth.frames(kept.tolist()))
+            rows.update({**{f"{key}_batch_r_{k}_same_frames": v for k, v in rk.items()},
+                         f"{key}_min_r_minus_batch_same_frames": min(rs[k] - rk[k] for k in rk)})
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(save_dir / f"{key}_frames.npz", frames=kept, **motion_series(params),
+                     **{f"truth_{k}": v for k, v in motion_series(vtruth.frames(kept.tolist()), neck=True).items()},
+                     **{f"batch_{k}": v for k, v in motion_series(vbatch.params.frames(kept.tolist())).items()})
     return rows
 
 
@@ -827,6 +863,14 @@ def main() -> None:
                         "frames' shape held; N: the shape re-solved on N pose-diverse kept frames in a background "
                         "thread); the first configuration and its paced run once per value, e.g. 0,12 (default: "
                         "animate.py's default)")
+    p.add_argument("--stream_lead_in", type=float, default=2.5,
+                   help="--parts stream: seconds of a neutral, frontal lead-in before the keyframe motion in the "
+                        "paced (live) runs' video (their own batch path beside it): a live stream drops the frames "
+                        "that arrive while it calibrates (1-2 s on the GPU machine), which would otherwise be the "
+                        "motion's first transition, the jaw's only large opening (0: the same video as the others)")
+    p.add_argument("--stream_save", default="",
+                   help="--parts stream: a folder for every run's per-frame jaw / smile / brows / yaw beside the "
+                        "truth's and the batch path's (<run>_frames.npz), to see where a correlation is lost")
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models.renderer.GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
@@ -1003,7 +1047,9 @@ def main() -> None:
                                  size=256 if args.quick else 512,
                                  render=64 if args.quick else 512, shape_frames=8 if args.quick else 16,
                                  threads=threads, processes=[v == "1" for v in procs],
-                                 refine_frames=[int(v) for v in refine]))
+                                 refine_frames=[int(v) for v in refine],
+                                 save_dir=Path(args.stream_save) if args.stream_save else None,
+                                 lead_in_s=args.stream_lead_in))
         save()
     if "video" in parts:
         rows.update(bench_video(Path(cfg.out) / "model.pt", data, device, cfg.backend, video_seconds, video_size,

@@ -50,8 +50,11 @@ from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
 
-VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16), "test": (0, 256, 8)}
+VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16), "test": (0, 256, 8),
+          "long_lead": (48, 512, 16)}
+LEAD_IN = {"long_lead": 75}  # frames of neutral lead-in (bench.py --stream_lead_in 2.5: its paced runs' video)
 # frames per transition, size, shape_frames (as bench.py; "long": bench.py --stream_per_transition 48, 337 frames;
+# "long_lead": "long" after 2.5 s of the neutral first pose, the video of bench.py's paced runs;
 # "test": tests/test_streaming.py's 16-frame video, tests/test_reenactment.py's ``driving_video``, which that test fits
 # with 20 Levenberg-Marquardt iterations in the calibration and the batch fit: TEST_FIT)
 TEST_FIT = {"iterations": 20}
@@ -99,9 +102,10 @@ def detect_to_cache(video: Path, truth, size: int, path: Path, **extra) -> None:
     torch.save({"truth": truth, "points": pts, "irises": iris, "found": found, "size": (size, size), **extra}, path)
 
 
-def cached_video(cache: Path, per: int, size: int, seed: int = 0) -> dict:
+def cached_video(cache: Path, per: int, size: int, seed: int = 0, lead_in: int = 0) -> dict:
     """{truth, points, irises, found, size, flame_dir} of the driving video (made and detected once, then loaded);
-    ``seed``: bench.py driving_video's seed (another synthetic FLAME model and identity; 0: bench.py's video)."""
+    ``seed``: bench.py driving_video's seed (another synthetic FLAME model and identity; 0: bench.py's video);
+    ``lead_in``: driving_video's neutral lead-in frames."""
     from utils.data.synthetic.flame_files import write_flame_files
     from utils.data.synthetic.flame_model import make_flame_model
 
@@ -111,19 +115,19 @@ def cached_video(cache: Path, per: int, size: int, seed: int = 0) -> dict:
     if not (root.is_dir() and any(root.iterdir())):
         root.mkdir(parents=True, exist_ok=True)
         write_flame_files(root, make_flame_model(seed), seed)
-    path = cache / video_dir(per, size, seed) / "data.pt"
+    path = cache / video_dir(per, size, seed, lead_in) / "data.pt"
     if not path.is_file():
         video, truth = driving_video(types.SimpleNamespace(flame_dir=root), torch.device("cpu"), per, size,
-                                     seed=seed)
+                                     seed=seed, lead_in=lead_in)
         detect_to_cache(video, truth, size, path)
     d = torch.load(path, weights_only=False)
     d.setdefault("flame_dir", str(root))
     return d
 
 
-def video_dir(per: int, size: int, seed: int = 0) -> str:
+def video_dir(per: int, size: int, seed: int = 0, lead_in: int = 0) -> str:
     """The cache folder of one video (its landmarks, batch fits)."""
-    return f"video_{per}_{size}" + (f"_seed{seed}" if seed else "")
+    return f"video_{per}_{size}" + (f"_seed{seed}" if seed else "") + (f"_lead{lead_in}" if lead_in else "")
 
 
 def relative_to_reference(params: list[FlameParams], references: list[FlameParams]) -> FlameParams:
@@ -141,7 +145,7 @@ def load_video(name: str, cache: Path = Path("output/stream_tracking"), seed: in
     """The cached driving video ``name`` (a VIDEOS key; run this script first to fill ``cache``): (cached_video's
     dict, the synthetic FLAME model, its shape_frames) for the diagnostic scripts beside this one."""
     per, size, shape_frames = VIDEOS[name]
-    d = cached_video(cache, per, size, seed)
+    d = cached_video(cache, per, size, seed, LEAD_IN.get(name, 0))
     return d, FlameModel.from_data_dir(d["flame_dir"]), shape_frames
 
 
@@ -163,13 +167,17 @@ def track_all(tracker: FrameTracker, d: dict, label: str = "") -> tuple[list, li
 
 def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, iterations: int = 10,
                calibrated: dict | None = None, bias_correction: bool = True, closed_form: bool = True,
-               warm: dict | None = None, pace_fps: float = 0.0, fit: FlameFitConfig | None = None) -> dict:
+               warm: dict | None = None, pace_fps: float = 0.0, fit: FlameFitConfig | None = None,
+               first: int = 0) -> dict:
     """One streamed pass; ``calibrated`` (filled on the first call of each ``closed_form``) holds the first frames'
     calibration, so that variants start from the identical tracker without repeating the calibration (7-30 s CPU).
     ``iterations``: Levenberg-Marquardt iterations per warm-started frame (``--stream_iterations``); ``closed_form``:
     the calibration fit's ``FlameFitConfig.closed_form`` (False: autograd, as before 2026-12-06); ``pace_fps``: frames
     handed to the tracker at this rate, as a camera delivers them (0: as fast as it takes them); ``fit``: the
-    calibration's and the cold first frame's FlameFitConfig (``closed_form`` set from the argument; None: defaults)."""
+    calibration's and the cold first frame's FlameFitConfig (``closed_form`` set from the argument; None: defaults);
+    ``first``: the first frame tracked after the calibration, as a live stream goes on (0: every frame, file mode;
+    live, the held calibration frames and those that arrived during the calibration are dropped: see --live_skip),
+    the correlations then over frames ``first``.. only."""
     fit = fit or FlameFitConfig()
     pts, iris, size = d["points"], d["irises"], d["size"]
     n = shape_frames
@@ -195,9 +203,9 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
     calib_s = calibrated["seconds"]
     out, refs, wall, cpu = [], [], [], []
     start = time.perf_counter()
-    for i in range(pts.shape[0]):
+    for i in range(first, pts.shape[0]):
         if pace_fps > 0:  # the camera's next frame is not there before its time
-            time.sleep(max(0.0, start + i / pace_fps - time.perf_counter()))
+            time.sleep(max(0.0, start + (i - first) / pace_fps - time.perf_counter()))
         t, c = time.perf_counter(), time.thread_time()
         p, _ = tracker.step(pts[i], None if iris is None else iris[i])
         wall.append(1000.0 * (time.perf_counter() - t))
@@ -206,7 +214,8 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
         refs.append(tracker.reference)
     tracker.close()
     q = lambda x: [float(np.percentile(np.asarray(x[1:]), k)) for k in (50, 90, 99)]  # noqa: E731
-    return {"r": motion_correlations(relative_to_reference(out, refs), d["truth"]), "fit_ms_wall_p50_p90_p99": q(wall),
+    truth = d["truth"].frames(slice(first, None))
+    return {"r": motion_correlations(relative_to_reference(out, refs), truth), "fit_ms_wall_p50_p90_p99": q(wall),
             "fit_ms_cpu_p50_p90_p99": q(cpu), "fit_ms_wall_max": max(wall[1:]), "calibration_s": calib_s,
             "calibration_cpu_s": calibrated["cpu_seconds"], "fit_ms_wall_mean": float(np.mean(wall[1:])),
             "fit_ms_cpu_mean": float(np.mean(cpu[1:])), "iterations": iterations, "closed_form": closed_form,
@@ -217,8 +226,9 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--video", choices=sorted(VIDEOS), default="quick",
-                    help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video, or "
-                         "tests/test_streaming.py's 16-frame one (test)")
+                    help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video, "
+                         "long_lead (long after 75 frames of its neutral first pose: bench.py's paced runs' video), "
+                         "or tests/test_streaming.py's 16-frame one (test)")
     ap.add_argument("--seed", type=int, default=0,
                     help="bench.py driving_video's seed for the keyframe videos: another synthetic FLAME model and "
                          "driver identity (0: bench.py's own video)")
@@ -246,6 +256,10 @@ def main() -> None:
     ap.add_argument("--pace_fps", type=float, default=0.0,
                     help="hand the frames to the tracker at this rate, as a camera does (0: as fast as it takes "
                          "them); a background shape re-solve (ShapeRefineConfig.background) runs between paced frames")
+    ap.add_argument("--live_skip", type=int, default=0,
+                    help="as a live stream (animate.py --stream_realtime / a camera) goes on after its calibration: "
+                         "the calibration frames and this many more (those that arrive while it calibrates, e.g. 54 "
+                         "for 1.8 s at 30 fps) are not tracked; stream and batch are scored on the rest only")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the list of stream runs this many times (timings on a shared machine vary)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -254,17 +268,21 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     per, size, shape_frames = VIDEOS[a.video]
     cache = Path(a.cache)
-    d = cached_video(cache, per, size, a.seed)
+    lead = LEAD_IN.get(a.video, 0)
+    d = cached_video(cache, per, size, a.seed, lead)
     flame = FlameModel.from_data_dir(d["flame_dir"])
-    bpath = cache / video_dir(per, size, a.seed) / f"batch_{shape_frames}.pt"
+    bpath = cache / video_dir(per, size, a.seed, lead) / f"batch_{shape_frames}.pt"
     if not bpath.is_file():
         batch, _ = fit_video_motion(flame, d["points"], d["irises"], d["found"], d["size"],
                                     ReenactConfig(shape_frames=shape_frames, flame_fit=fit_config(a.video)),
                                     progress=False)
         torch.save(batch.to("cpu"), bpath)
-    rb = motion_correlations(torch.load(bpath, weights_only=False), d["truth"])
+    first = shape_frames + a.live_skip if a.live_skip else 0
+    rb = motion_correlations(torch.load(bpath, weights_only=False).frames(slice(first, None)),
+                             d["truth"].frames(slice(first, None)))
     fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in ("jaw", "smile", "brows", "turn"))  # noqa: E731
-    print(f"{a.video} video ({d['truth'].num_frames} frames): jaw / smile / brows / turn")
+    print(f"{a.video} video ({d['truth'].num_frames} frames{f', scored from frame {first}' if first else ''}): "
+          "jaw / smile / brows / turn")
     print(f"  batch                  {fmt(rb)}")
     results = {"video": a.video, "batch": rb, "stream": {}}
     calibrated: dict = {}
@@ -292,7 +310,7 @@ def main() -> None:
         refine = ShapeRefineConfig(**kw)
         s = run_stream(flame, d, shape_frames, refine, iterations, calibrated=calibrated,
                        bias_correction=bias_correction, closed_form=closed_form, warm=warm,
-                       pace_fps=a.pace_fps, fit=fit_config(a.video))
+                       pace_fps=a.pace_fps, fit=fit_config(a.video), first=first)
         results["stream"][key if not rep else f"{key} #{rep + 1}"] = s
         diff = min(s["r"][k] - rb[k] for k in rb)
         w, c = s["fit_ms_wall_p50_p90_p99"], s["fit_ms_cpu_p50_p90_p99"]

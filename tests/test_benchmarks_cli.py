@@ -114,3 +114,54 @@ def test_run_training_phases_compare_flags_different_losses(tmp_path):
     diff = subprocess.run([sys.executable, script, "--compare", str(tmp_path / "a.json"), str(tmp_path / "c.json")],
                           capture_output=True, text=True, timeout=60)
     assert diff.returncode == 1 and "first difference at step 2" in diff.stdout, diff.stdout + diff.stderr
+
+
+def test_bench_motion_correlations_turn_counts_the_truths_neck():
+    """bench.py's stream scores (motion_series / motion_correlations): a tracker that puts the truth's neck + head yaw
+    into its one head rotation turns with r = 1; the series are per frame, so a subset of frames (a live run's kept
+    frames) is scored on exactly those frames."""
+    import torch
+
+    from benchmarks.bench import motion_correlations, motion_series
+    from models.flame import FlameParams
+
+    T = 24
+    g = torch.Generator().manual_seed(0)
+    head, neck = 0.3 * torch.rand(T, generator=g) - 0.15, 0.2 * torch.rand(T, generator=g) - 0.1
+
+    def yaw_matrix(a: torch.Tensor) -> torch.Tensor:
+        c, s, z, o = a.cos(), a.sin(), torch.zeros_like(a), torch.ones_like(a)
+        return torch.stack([torch.stack([c, z, s], -1), torch.stack([z, o, z], -1), torch.stack([-s, z, c], -1)], -2)
+
+    truth = FlameParams.neutral(T)
+    truth.rotation_matrix, truth.neck[:, 1] = yaw_matrix(head), neck
+    truth.jaw[:, 0], truth.expression[:, 1:3] = torch.rand(T, generator=g), torch.randn(T, 2, generator=g)
+    tracked = FlameParams.neutral(T)
+    tracked.rotation_matrix = yaw_matrix(head + neck)
+    tracked.jaw[:, 0], tracked.expression[:, 1:3] = truth.jaw[:, 0], -truth.expression[:, 1:3]
+    r = motion_correlations(tracked, truth)
+    assert r["turn"] > 0.999 and r["jaw"] > 0.999 and r["smile"] < -0.999 and r["brows"] < -0.999, r
+    s = motion_series(truth.frames([3, 7, 11]), neck=True)
+    assert set(s) == {"jaw", "smile", "brows", "yaw"} and all(v.shape == (3,) for v in s.values())
+    assert abs(float(s["yaw"][0]) - float(neck[3])) < 1e-6  # relative to the subset's first frame, plus its neck
+
+
+def test_bench_driving_video_lead_in(tmp_path):
+    """driving_video(lead_in=N) (the paced stream runs' video): N copies of the first, neutral pose, then the same
+    keyframe motion as without it."""
+    import types
+
+    import torch
+
+    from benchmarks.bench import driving_video
+    from utils.data.synthetic.flame_files import write_flame_files
+    from utils.data.synthetic.flame_model import make_flame_model
+
+    write_flame_files(tmp_path, make_flame_model(0), 0)
+    data = types.SimpleNamespace(flame_dir=tmp_path)
+    _, plain = driving_video(data, torch.device("cpu"), 1, 32)
+    path, lead = driving_video(data, torch.device("cpu"), 1, 32, lead_in=3)
+    assert path.is_file() and lead.num_frames == plain.num_frames + 3
+    for i in range(3):
+        assert torch.equal(lead.jaw[i], plain.jaw[0]) and torch.equal(lead.expression[i], plain.expression[0])
+    assert torch.equal(lead.jaw[3:], plain.jaw) and torch.equal(lead.rotation_matrix[3:], plain.rotation_matrix)
