@@ -442,3 +442,41 @@ def test_apply_exposure_acts_inside_the_mask_only():
     assert torch.allclose(out[0, 2, 2], torch.tensor([0.6, 0.6, 0.4])) and torch.allclose(out[1, 1, 1, 0],
                                                                                           torch.tensor(0.55))
     assert torch.equal(out[:, 0], img[:, 0]) and torch.equal(out[:, :, 0], img[:, :, 0])
+
+
+def test_coverage_term_pulls_the_training_frames_alpha_to_their_masks(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
+    """--video_refine.alpha_weight (default 5): off (0), the coverage term is never computed; on, every step scores
+    the batch's rendered alpha (B, h, w, 1) against its training frames' face masks, leaving the no-data pixels out
+    (and with --video_refine.alpha_outside false everything outside the masks), and the refinement lowers it."""
+    import utils.apps.track.video_refine as vr
+    from track import main
+
+    root, frames, lm = clip
+    seen: list[tuple[int, float, bool]] = []
+    coverage = vr.coverage_loss
+
+    def spy(alpha, mask, ignore=None):
+        out = coverage(alpha, mask, ignore)
+        assert alpha.shape == mask.shape and alpha.shape[-1] == 1 and alpha.requires_grad
+        assert ignore is not None and ignore.shape == mask.shape and bool((ignore * mask).sum() == 0)
+        seen.append((alpha.shape[0], float(out.detach()), bool((ignore >= 1 - mask).all())))
+        return out
+    monkeypatch.setattr(vr, "coverage_loss", spy)
+
+    def run(out, *flags):
+        with single_thread():
+            return main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm),
+                         "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, "--video_refine.iterations",
+                         "20", "--export.turntable", "false", *flags])
+
+    m0 = run(tmp_path / "a", "--video_refine.alpha_weight", "0")
+    assert not seen and m0["refine"]["alpha_weight"] == 0.0
+    m1 = run(tmp_path / "b", "--video_refine.alpha_weight", "20")
+    assert len(seen) == 20 and m1["refine"]["alpha_weight"] == 20.0 and m1["refine"]["alpha_outside"]
+    assert seen[0][0] == 4 and not any(s[2] for s in seen)  # --video_batch frames; outside the mask: scored
+    first, last = seen[0][1], np.mean([s[1] for s in seen[-4:]])
+    assert last < first, (first, [s[1] for s in seen])
+    seen.clear()
+    m2 = run(tmp_path / "c", "--video_refine.alpha_weight", "20", "--video_refine.alpha_outside", "false",
+             "--video_refine.iterations", "4")
+    assert len(seen) == 4 and all(s[2] for s in seen) and not m2["refine"]["alpha_outside"]

@@ -172,6 +172,15 @@ class VideoRefineConfig:
     camera_dolly: bool = True  # a focal change s also moves every head to s times its depth (keeps its image size)
     camera_lr: float = 0.002  # Adam lr of the camera corrections (log focal; principal point in focal lengths)
     camera_prior: float = 1e-2  # weight of the camera corrections' squared size in units of their sigmas
+    # the training frames' rendered alpha pulled to their face mask (mean |alpha - mask| over the data pixels, as
+    # training's loss.alpha_weight): without it the fit can darken a pixel by letting the black background through,
+    # and at another head pose that see-through rim lands on bright skin.  2026-12-07 (CPU preset, 2-core container;
+    # benchmarks/results/t-realclip_cpu_2026-12-07b.md), 0 -> 5, held-out PSNR in the face mask: female 23.35 ->
+    # 23.85 dB, male 32.21 -> 32.36, synthetic novel cameras 27.35 -> 27.45, but the synthetic clip's own held-out
+    # frames 28.63 -> 28.43 (weight 1: female 23.58, synthetic 28.50, novel cameras 27.48)
+    alpha_weight: float = 5.0  # weight of the coverage term (0: off)
+    # false: the inside only (alpha 5: synthetic held-out 28.82 dB but its novel cameras 26.46: the rim grows outwards)
+    alpha_outside: bool = True  # ... also alpha to 0 outside the mask (beyond the no-data pixels); false: inside only
     style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
     # pivotal tuning (issue 23): the synthesis network (its layers, head and template features; not the mapping)
     # tuned for this person at a low lr jointly with the rest; code.pt stores the result as a (V, K, C) per-Gaussian
@@ -207,7 +216,7 @@ class VideoRefineConfig:
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
               "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0),
-              "exposure_lr": Range(0), "exposure_prior": Range(0)}
+              "exposure_lr": Range(0), "exposure_prior": Range(0), "alpha_weight": Range(0)}
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")

@@ -498,6 +498,8 @@ def track_video(cfg: TrackConfig) -> dict:
                 "camera": refined.camera, "exposure": cfg.video_refine.exposure,
                 "exposure_bias": cfg.video_refine.exposure_bias, "exposure_prior": cfg.video_refine.exposure_prior,
                 "exposure_extrapolate": cfg.video_refine.exposure_extrapolate,
+                "alpha_weight": cfg.video_refine.alpha_weight,
+                "alpha_outside": cfg.video_refine.alpha_outside,
                 "gaussian_residual_rms": None if gaussians is None else
                 [float(x) for x in gaussians.reshape(-1, gaussians.shape[-1]).square().mean(0).sqrt()]},
             "tracking": {k: v for k, v in info.items() if k != "landmark_error_px"},
