@@ -145,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.3 px^2 dilation) or 'display' (the model's render_filter_2d and render_compensation)")
     p.add_argument("--views", choices=("heldout", "train"), default="heldout",
                    help="which cameras of every training identity to measure on")
-    p.add_argument("--no_model", action="store_true", help="only the data references (no checkpoint needed)")
+    p.add_argument("--no_model", action="store_true",
+                   help="only the data references (no checkpoint needed; --out is then a scratch folder)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     return p
 
 
-def _parse_value(v: str):
+def _parse_value(v: str) -> int | float | str:
+    """A --set value as int, float or (else) string."""
     for cast in (int, float):
         try:
             return cast(v)
@@ -179,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             filters.append(("display", *display_filter(field.cfg)))
         else:
             filters.append((f"{float(f):g}" if f != "classic" else f, None if f == "classic" else float(f), None))
+    if not any(f == tr.filter_2d and comp is None for _, f, comp in filters):  # the sharpness/spectrum rows need it
+        filters.append(("classic" if tr.filter_2d is None else f"{tr.filter_2d:g}", tr.filter_2d, None))
     try:
         from utils.data.synthetic.dataset import load_ground_truth
         from utils.data.synthetic.render import render_ground_truth
