@@ -43,6 +43,31 @@ def test_eye_weight_adds_an_eye_region_term(preprocessed_root, tmp_path):
         Trainer(tiny_config(preprocessed_root, tmp_path / "bare", **{"loss.eye_weight": 1.0}), data=bare)
 
 
+def test_eye_weight_schedule():
+    """loss.eye_weight_final: the eye term's weight falls linearly from eye_weight at the first step to
+    eye_weight_final x eye_weight at the last, and loss_terms uses the weight it is given (0: no eye term)."""
+    from utils.apps.train.config import LossConfig, validate_config
+    from utils.apps.train.trainer import TrainConfig, eye_weight_at, loss_terms
+
+    const, fade = LossConfig(eye_weight=0.1), LossConfig(eye_weight=0.1, eye_weight_final=0.0)
+    assert [eye_weight_at(const, s, 101) for s in (0, 50, 100)] == pytest.approx([0.1, 0.1, 0.1])
+    assert [eye_weight_at(fade, s, 101) for s in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0])
+    assert eye_weight_at(LossConfig(eye_weight=0.1, eye_weight_final=3.0), 100, 101) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="eye_weight_final"):
+        validate_config(TrainConfig(loss=LossConfig(eye_weight_final=-0.5)))
+    gt = torch.zeros(1, 1, 16, 16, 3)
+    pred = torch.full((1, 1, 16, 16, 3), 0.2)
+    eyes = torch.zeros(1, 1, 16, 16, 1)
+    eyes[..., 4:6, 4:10, :] = 1
+    aux = {"offset": torch.zeros(1, 4, 3), "log_scale_delta": torch.zeros(1, 4, 3)}
+    base = float(loss_terms(fade, pred, gt, aux, eyes, eye_weight=0.0)["loss"])
+    full = loss_terms(fade, pred, gt, aux, eyes)  # default: lc.eye_weight
+    half = loss_terms(fade, pred, gt, aux, eyes, eye_weight=0.05)
+    assert float(full["l1_eyes"]) == pytest.approx(0.2)
+    assert float(full["loss"]) - base == pytest.approx(0.1 * 0.2, rel=1e-4)
+    assert float(half["loss"]) - base == pytest.approx(0.05 * 0.2, rel=1e-4)
+
+
 def test_eye_term_closes_the_eye_gap(preprocessed_root, tmp_path):
     """loss.eye_weight (off in the presets): early in training the eyes of the FLAME-like synthetic heads lag the
     face; with the eye-region term (weight 1 here) the held-out cameras' eye regions catch up.  Measured (40 steps,

@@ -24,6 +24,7 @@ class LossConfig:
     offset_reg: float = 1e-3  # weight of the squared Gaussian offsets (edge units): keeps Gaussians on the surface
     scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
     eye_weight: float = 0.0  # weight of an extra L1 term inside each view's eye regions (utils/face/regions.py; 0: off)
+    eye_weight_final: float = 1.0  # eye term's weight at the last step / eye_weight, linear from 1 (0: fades out)
     alpha_weight: float = 0.0  # weight of mean |rendered alpha - face mask| (opaque inside the mask; cpu preset 0.1)
     rim_band: int = 0  # training px just outside the face mask left unsupervised (colour, alpha; cpu preset 1)
 
@@ -83,6 +84,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "model.w_avg_beta": Range(0, 1, hi_open=True),  # EMA decay; 1 would keep the average style at zero
     "loss.l1_weight": Range(0), "loss.ssim_weight": Range(0), "loss.lpips_weight": Range(0), "loss.code_reg": Range(0),
     "loss.offset_reg": Range(0), "loss.scale_reg": Range(0), "loss.eye_weight": Range(0),
+    "loss.eye_weight_final": Range(0),
     "loss.alpha_weight": Range(0), "loss.rim_band": Range(0),
     "optim.lr_network": Range(0), "optim.lr_codes": Range(0), "optim.lr_template": Range(0),
     "optim.lr_final_ratio": Range(0, 1, lo_open=True), "optim.beta1": Range(0, 1, hi_open=True),

@@ -147,10 +147,19 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
+def eye_weight_at(lc: LossConfig, step: int, steps: int) -> float:
+    """The eye term's weight at ``step`` of ``steps``: ``lc.eye_weight`` times a factor falling linearly from 1 at
+    the first step to ``lc.eye_weight_final`` at the last."""
+    frac = min(1.0, step / max(1, steps - 1))
+    return lc.eye_weight * (1.0 + (lc.eye_weight_final - 1.0) * frac)
+
+
 def loss_terms(lc: LossConfig, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None,
-               alpha: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
+               alpha: Tensor | None = None, mask: Tensor | None = None,
+               eye_weight: float | None = None) -> dict[str, Tensor]:
     """Loss terms of predictions and targets (B, C, h, w, 3) weighted by ``lc``; ``eyes`` (B, C, h, w, 1): the
-    views' eye regions; ``aux``: the field's forward extras (for its regularisers); ``alpha`` (B, C, h, w, 1): the
+    views' eye regions, weighted by ``eye_weight`` (None: ``lc.eye_weight``; the trainer passes its schedule,
+    :func:`eye_weight_at`); ``aux``: the field's forward extras (for its regularisers); ``alpha`` (B, C, h, w, 1): the
     rendered alpha and ``mask`` (B, C, h, w, 1) in {0, 1}: the views' face masks (needed by ``lc.alpha_weight``
     and ``lc.rim_band``).  ``loss``: the weighted total."""
     if (lc.alpha_weight > 0 or lc.rim_band > 0) and mask is None:
@@ -169,9 +178,11 @@ def loss_terms(lc: LossConfig, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor
     total = lc.l1_weight * terms["l1"] + lc.ssim_weight * (1.0 - terms["ssim"])
     if "alpha" in terms:
         total = total + lc.alpha_weight * terms["alpha"]
+    w_eyes = lc.eye_weight if eye_weight is None else eye_weight
     if eyes is not None and lc.eye_weight > 0:
         terms["l1_eyes"] = l1(pred, gt, eyes)
-        total = total + lc.eye_weight * terms["l1_eyes"]
+        if w_eyes > 0:
+            total = total + w_eyes * terms["l1_eyes"]
     total = total + lc.offset_reg * regs["offset"] + lc.scale_reg * regs["scale"]
     if lc.code_reg > 0:
         total = total + lc.code_reg * regs["code"]
@@ -354,7 +365,7 @@ class Trainer:
         lc = self.cfg.loss
         mask = (self.data.masks[d_ids[:, None], d_views] > 127).float() if lc.alpha_weight > 0 or lc.rim_band > 0 \
             else None
-        terms = loss_terms(lc, pred, gt, aux, eyes, alpha, mask)
+        terms = loss_terms(lc, pred, gt, aux, eyes, alpha, mask, eye_weight_at(lc, self.step, self.cfg.steps))
         self.opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if self.cfg.optim.grad_clip > 0:
