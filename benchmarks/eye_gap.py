@@ -37,6 +37,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.heldout_eyes import run_parser  # noqa: E402
 from models import renderer  # noqa: E402
 from models.mip_filter import display_filter, render_filter  # noqa: E402
 from models.renderer import render_identities  # noqa: E402
@@ -132,12 +133,7 @@ def nanmean(x: Tensor) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="configs/cpu.yaml", help="the preset the run was trained with")
-    p.add_argument("--data_root", required=True, help="the run's dataset (preprocessed)")
-    p.add_argument("--out", required=True, help="the run's output folder (its checkpoints/ are read)")
-    p.add_argument("--steps", type=int, required=True, help="the run's --steps (its last checkpoint is at this step)")
+    p = run_parser(__doc__.split("\n\n")[0])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="further config overrides the run was trained with (e.g. loss.eye_weight=0.1)")
     p.add_argument("--filters", default="0.01,0.05,0.1,0.3,classic,display",

@@ -23,13 +23,19 @@ from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def run_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the flags that name one finished training run (--config, --data_root, --out, --steps), shared
+    by the scripts that evaluate such a run (this one, eye_gap.py)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="configs/cpu.yaml", help="the preset the run was trained with")
     p.add_argument("--data_root", required=True, help="the run's dataset (preprocessed)")
     p.add_argument("--out", required=True, help="the run's output folder (its checkpoints/ are read)")
     p.add_argument("--steps", type=int, required=True, help="the run's --steps (its last checkpoint is at this step)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = run_parser(__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     return p
 
