@@ -500,7 +500,11 @@ def bench_reenactment(data, device: torch.device, per_transition: int = 12, size
             "reenact_jaw_r": r(p.jaw[:, 0].cpu(), truth.jaw[:, 0])}
 
 
-def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = 30.0, seed: int = 0,
+STREAM_FPS = 30.0  # frame rate of bench_stream's driving videos (a camera's)
+STREAM_LEAD_IN_S = 2.5  # neutral lead-in of the paced runs' video: longer than the stream's 1-2 s calibration
+
+
+def driving_video(data, device: torch.device, per_transition: int, size: int, fps: float = STREAM_FPS, seed: int = 0,
                   lead_in: int = 0):
     """(MP4 path, true FlameParams): a synthetic head (identity 301 of a fresh synthetic FLAME) driven through
     ``REENACT_KEYS`` (``per_transition`` frames each), rendered at ``size`` x ``size`` and written at ``fps``.
@@ -677,7 +681,7 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     ref0 = refine_frames[0]
     live = (path, truth, batch, rb)
     if lead_in_s > 0:  # the paced runs' own video, a neutral lead-in first
-        lead = int(round(lead_in_s * 30.0))
+        lead = int(round(lead_in_s * STREAM_FPS))
         lpath, ltruth = driving_video(data, device, per_transition, size, lead_in=lead)
         lbatch = reenact_video(lpath, data.flame, reenact, progress=False)
         live = (lpath, ltruth, lbatch, motion_correlations(lbatch.params, ltruth))
@@ -703,7 +707,8 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
         # paced runs are live: frames dropped while the stream was behind are not in motion.npz (its 'frames')
         kept = np.load(out / "motion.npz")["frames"].astype(np.int64)
         params = load_tracking(out / "motion.npz")
-        rs = motion_correlations(params, vtruth.frames(kept.tolist()))
+        ktruth, kbatch = vtruth.frames(kept.tolist()), vbatch.params.frames(kept.tolist())  # the kept frames
+        rs = motion_correlations(params, ktruth)
         key = (f"stream_{w}w_fit_{d.replace(':', '')}{'_paced30' if paced else ''}"
                f"{f'_t{n_threads}' if len(threads) > 1 else ''}"
                f"{('_proc' if in_process else '_thread') if len(processes) > 1 else ''}"
@@ -720,14 +725,14 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
                      **{f"{key}_r_{k}": v for k, v in rs.items()},
                      f"{key}_min_r_minus_batch": min(rs[k] - vrb[k] for k in vrb)})
         if len(kept) < vtruth.num_frames:  # the batch path on the same frames: a subset can change a correlation
-            rk = motion_correlations(vbatch.params.frames(kept.tolist()), vtruth.frames(kept.tolist()))
+            rk = motion_correlations(kbatch, ktruth)
             rows.update({**{f"{key}_batch_r_{k}_same_frames": v for k, v in rk.items()},
                          f"{key}_min_r_minus_batch_same_frames": min(rs[k] - rk[k] for k in rk)})
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             np.savez(save_dir / f"{key}_frames.npz", frames=kept, **motion_series(params),
-                     **{f"truth_{k}": v for k, v in motion_series(vtruth.frames(kept.tolist()), neck=True).items()},
-                     **{f"batch_{k}": v for k, v in motion_series(vbatch.params.frames(kept.tolist())).items()})
+                     **{f"truth_{k}": v for k, v in motion_series(ktruth, neck=True).items()},
+                     **{f"batch_{k}": v for k, v in motion_series(kbatch).items()})
     return rows
 
 
@@ -863,7 +868,7 @@ def main() -> None:
                         "frames' shape held; N: the shape re-solved on N pose-diverse kept frames in a background "
                         "thread); the first configuration and its paced run once per value, e.g. 0,12 (default: "
                         "animate.py's default)")
-    p.add_argument("--stream_lead_in", type=float, default=2.5,
+    p.add_argument("--stream_lead_in", type=float, default=STREAM_LEAD_IN_S,
                    help="--parts stream: seconds of a neutral, frontal lead-in before the keyframe motion in the "
                         "paced (live) runs' video (their own batch path beside it): a live stream drops the frames "
                         "that arrive while it calibrates (1-2 s on the GPU machine), which would otherwise be the "

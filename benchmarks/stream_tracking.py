@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench import driving_video, motion_correlations  # noqa: E402
+from benchmarks.bench import STREAM_FPS, STREAM_LEAD_IN_S, driving_video, motion_correlations  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
 from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
@@ -52,7 +52,8 @@ from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_vi
 
 VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16), "test": (0, 256, 8),
           "long_lead": (48, 512, 16)}
-LEAD_IN = {"long_lead": 75}  # frames of neutral lead-in (bench.py --stream_lead_in 2.5: its paced runs' video)
+# frames of neutral lead-in: bench.py's paced runs' video (--stream_lead_in's default)
+LEAD_IN = {"long_lead": int(round(STREAM_LEAD_IN_S * STREAM_FPS))}
 # frames per transition, size, shape_frames (as bench.py; "long": bench.py --stream_per_transition 48, 337 frames;
 # "long_lead": "long" after 2.5 s of the neutral first pose, the video of bench.py's paced runs;
 # "test": tests/test_streaming.py's 16-frame video, tests/test_reenactment.py's ``driving_video``, which that test fits

@@ -385,16 +385,16 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         out = render_identities(c, [[camera_of(views[train[i]])] for i in idx], backend=backend, depth=False)
         pred = out["image"][:, 0]  # (B, h, w, 3)
         gt = torch.stack([views[train[i]].image for i in idx])
+        # the batch's face masks (B, h, w, 1), for the exposure and the coverage term
+        mb = torch.stack([views[train[i]].mask for i in idx]) if ex or cfg.alpha_weight > 0 else None
         if ex:  # the frames' camera exposure on the render, so that the identity need not absorb it
             eg, eb = exposure_values()
-            pred = apply_exposure(pred, torch.stack([views[train[i]].mask for i in idx]), eg[idx].exp(),
-                                  eb[idx] if cfg.exposure_bias else None)
+            pred = apply_exposure(pred, mb, eg[idx].exp(), eb[idx] if cfg.exposure_bias else None)
         # no data there: the target stands in for the render (no gradient, no error)
         ign = None if ignore is None else torch.stack([ignore[train[i]] for i in idx])
         loss = photometric(pred, gt, fit, None, ignore=ign)
         total = loss
         if cfg.alpha_weight > 0:  # an opaque face inside the mask (not dark by being see-through), none outside it
-            mb = torch.stack([views[train[i]].mask for i in idx])
             # alpha_outside false: the pixels outside the mask are left out too (only the inside is pulled to 1)
             cov_ignore = ign if cfg.alpha_outside else (1.0 - mb if ign is None else torch.maximum(ign, 1.0 - mb))
             total = total + cfg.alpha_weight * coverage_loss(out["alpha"][:, 0], mb, cov_ignore)
