@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.bench import build_problem, sync, timed  # noqa: E402
+from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from models.camera import Camera, stack_cameras  # noqa: E402
 from models.flame.subdivision import subdivide_vertices  # noqa: E402
 from models.renderer import render_batch  # noqa: E402
@@ -34,13 +35,33 @@ from utils.core.config import build_config  # noqa: E402
 SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonics constant: colour = sh0 * C0 + 0.5
 
 
+def profiled(fn: Callable[[], object], dev: torch.device, calls: int = 20):
+    """torch.profiler over ``calls`` calls of ``fn`` (CPU and CUDA activity), the device synchronised at the end."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync(dev)
+    return prof
+
+
+def kernel_table(fn: Callable[[], object], dev: torch.device, calls: int = 20) -> str:
+    """The CUDA kernels of ``calls`` calls of ``fn`` by total time (the top 10)."""
+    return profiled(fn, dev, calls).key_averages().table(sort_by="cuda_time_total", row_limit=10)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--level", type=int, default=3, help="face-mask subdivision level (Gaussians = its vertices)")
+    p.add_argument("--gaussians", type=int, default=None, choices=sorted(REAL_MASK_GAUSSIANS.values()),
+                   help="use bench.py's real-size mask stand-in with exactly this many Gaussians (sets --level)")
     p.add_argument("--train_steps", type=int, default=50, help="training steps before the head is cached")
     p.add_argument("--repeats", type=int, default=200, help="timed renders per FPS figure")
     p.add_argument("--out", default=None, help="also write the report to this text file")
     args = p.parse_args()
+    if args.gaussians is not None:
+        args.level = {n: lvl for lvl, n in REAL_MASK_GAUSSIANS.items()}[args.gaussians]
     if not torch.cuda.is_available():
         p.error("render_profile.py measures gsplat's CUDA kernels: run it on the GPU machine")
     dev = torch.device("cuda")
@@ -50,7 +71,7 @@ def main() -> None:
             "data.subdivision": args.level, "progress": False, "batch_identities": 2, "compile": False,
             "out": tempfile.mkdtemp(),
             "device": "cuda"})
-        data, _ = build_problem(2, 1604, args.level, dev, cfg, gt_subdivision=2)
+        data, _ = build_problem(2, 1604, args.level, dev, cfg, gt_subdivision=2, real_size=args.gaussians is not None)
         trainer = Trainer(cfg, data=data)
         for _ in range(args.train_steps):
             trainer.train_step()
@@ -83,6 +104,11 @@ def main() -> None:
                 print(f"render_batch, level-of-detail head (level {args.level - 1}, {len(lod.means)} Gaussians): "
                       f"{fps(lambda: render_batch(lod, [cam])):.0f} FPS, PSNR vs full {lod_psnr:.2f} dB, "
                       f"16 px tile pairs x{pairs:.3f}, merge {merge_ms:.2f} ms")
+                # where the two renders' time goes, kernel by kernel (the stand-in's 1.29x for x0.32 tile pairs)
+                for name, c_ in (("full detail", cloud), ("level of detail", lod)):
+                    pairs_, box_px = tile_pairs(c_, cam, 16)
+                    print(f"{name}: {len(c_.means)} Gaussians, 16 px tile pairs {pairs_}, bounding-box pixels {box_px}")
+                    print(kernel_table(lambda: render_batch(c_, [cam]), dev))
             for depth in (False, True):
                 print(f"gsplat backend, depth {depth}: "
                       f"{fps(lambda: _render_gsplat(cloud, [cam], None, stacked, depth=depth)):.0f}")
@@ -105,12 +131,7 @@ def main() -> None:
             for tile in (8, 16, 32):
                 print(f"raw gsplat.rasterization RGB, tile {tile}: {raw(tile_size=tile):.0f}")
             print(f"raw gsplat.rasterization RGB, packed: {raw(packed=True):.0f}")
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    render_batch(cloud, [cam])
-                sync(dev)
+            prof = profiled(lambda: render_batch(cloud, [cam]), dev)
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
     text = report.getvalue()

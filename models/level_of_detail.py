@@ -308,10 +308,22 @@ def pick_level(footprints: Sequence[float], threshold: float = FOOTPRINT_PX) -> 
 LOD_MODES = ("off", "auto")  # the --lod settings of animate.py and viewer.py besides a subdivision level number
 
 
+def lod_mode(value: str | int) -> str:
+    """A ``--lod`` setting as written (any case, spaces around) -> its normalised text ("off", "auto", "2", ...);
+    :func:`parse_lod` checks it against a model."""
+    return str(value).strip().lower()
+
+
+def coarsest_level(setting: str | int, full_level: int, levels: int) -> int:
+    """The coarsest level a parsed ``--lod`` setting merges a head of ``full_level`` to: the fixed level itself, or
+    for ``auto`` ``levels`` below the full one (never below 0)."""
+    return max(0, full_level - levels) if setting == "auto" else int(setting)
+
+
 def parse_lod(value: str | int, full_level: int) -> str | int:
     """A ``--lod`` setting -> "off", "auto" or a subdivision level in 0..``full_level`` (the model's); ValueError
     for anything else."""
-    v = str(value).strip().lower()
+    v = lod_mode(value)
     if v in LOD_MODES:
         return v
     if v.isdigit() and int(v) <= full_level:
@@ -432,5 +444,5 @@ class LevelOfDetail:
         return list(range(self.full_level - len(self.levels) + 1, self.full_level + 1))
 
 
-__all__ = ["LOD_MODES", "LevelOfDetail", "MergeShares", "parse_lod", "footprint_px", "merge_shares",
-           "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]
+__all__ = ["LOD_MODES", "LevelOfDetail", "MergeShares", "coarsest_level", "lod_mode", "parse_lod", "footprint_px",
+           "merge_shares", "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]

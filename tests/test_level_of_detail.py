@@ -8,7 +8,15 @@ import torch
 from models.camera import Camera
 from models.flame.subdivision import subdivide
 from models.gaussians import GaussianCloud, sh0_to_rgb
-from models.level_of_detail import LevelOfDetail, _merge_moments, merge_shares, merge_to_coarser, pick_level
+from models.level_of_detail import (
+    LevelOfDetail,
+    _merge_moments,
+    coarsest_level,
+    merge_shares,
+    merge_to_coarser,
+    parse_lod,
+    pick_level,
+)
 from models.renderer import render
 from utils.losses import psnr
 
@@ -178,3 +186,14 @@ def test_estimate_index_picks_as_level_index_without_merging():
     held = [c.means.clone() for c in lod.levels]
     assert lod.level_index(_camera(0.15)) == 2 and lod.estimate_index(far, _camera(0.15)) == 0
     assert all(torch.equal(c.means, h) for c, h in zip(lod.levels, held))  # nothing re-merged
+
+
+def test_parse_lod_and_coarsest_level():
+    """--lod as users write it: any case and spaces; a level above the model's, or anything else, is an error;
+    the coarsest level merged is the fixed level itself, or --lod_levels below the full one (not below 0) for auto."""
+    assert parse_lod(" AUTO ", 3) == "auto" and parse_lod("Off", 3) == "off" and parse_lod(2, 3) == 2
+    for bad in ("4", "-1", "fast", ""):
+        with pytest.raises(ValueError, match="--lod must be"):
+            parse_lod(bad, 3)
+    assert coarsest_level("auto", 3, 1) == 2 and coarsest_level("auto", 1, 3) == 0
+    assert coarsest_level(parse_lod("1", 3), 3, 1) == 1

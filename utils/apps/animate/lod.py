@@ -8,7 +8,7 @@ import torch
 
 from models.camera import Camera
 from models.gaussians import GaussianCloud
-from models.level_of_detail import FOOTPRINT_PX, LevelOfDetail
+from models.level_of_detail import FOOTPRINT_PX, LevelOfDetail, coarsest_level
 from utils.core.device import synchronize
 
 
@@ -31,7 +31,7 @@ class FrameLod:
         self.lod = LevelOfDetail(plan, full_level, per_vertex, threshold=footprint)
         if setting == "auto" and full_level > 0:
             t = time.perf_counter()
-            self.lod.update(first, max(0, full_level - levels))
+            self.lod.update(first, coarsest_level(setting, full_level, levels))
             self.setup_seconds = time.perf_counter() - t
             self.first_footprints = self.lod.footprints(camera)  # px per level, coarsest first (animation.json)
         else:

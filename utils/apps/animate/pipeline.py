@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from models.camera import Camera
 from models.flame import FlameParams, save_nersemble_tracking
-from models.level_of_detail import parse_lod
+from models.level_of_detail import lod_mode, parse_lod
 from models.posing import POSE_MODES, HeadAnimator, PosableIdentity, retarget
 from models.renderer import render_identities
 from utils.apps.animate.lod import FrameLod
@@ -255,7 +255,7 @@ def _animate(cfg: AnimationConfig, model: TrainedModel | None, claim: OutputClai
         raise ValueError(f"--method must be one of {METHODS}, got {cfg.method!r}")
     if cfg.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {cfg.batch}")
-    if cfg.stream and str(cfg.lod).strip().lower() != "off":
+    if cfg.stream and lod_mode(cfg.lod) != "off":
         raise ValueError("--lod is not available with --stream (the live path renders full detail)")
     if cfg.stream:  # live driving: frame by frame (utils/apps/animate/stream.py)
 

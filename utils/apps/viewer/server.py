@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from models.level_of_detail import lod_mode
 from utils.apps.viewer.access import is_loopback, serve_gated
 from utils.apps.viewer.session import ViewerSession
 from utils.apps.viewer.state import (
@@ -68,7 +69,7 @@ class HeadViewer(ViewerSession):
 
         # --lod auto: the view of the client that moved last picks the level (a view change re-sends a cached level)
         self._view_client = None
-        if str(cfg.lod).strip().lower() == "auto":
+        if lod_mode(cfg.lod) == "auto":
             self.server.on_client_connect(self._watch_view)
         self._controls_lock = threading.RLock()  # a keyframe sets several sliders at once: the worker reads them after
         self.splats = None

@@ -60,7 +60,7 @@ from torch import Tensor
 from models.camera import Camera
 from models.gaussians import GaussianCloud
 from models.geometry import head_pose
-from models.level_of_detail import LevelOfDetail, parse_lod
+from models.level_of_detail import LevelOfDetail, coarsest_level, parse_lod
 from models.posing import HeadAnimator, PosableIdentity
 from utils.apps.viewer.access import page_error, path_inside
 from utils.apps.viewer.state import MAX_MESSAGES, POSE_CONTROLS, ViewerConfig, ViewState, pose_params
@@ -496,7 +496,7 @@ class ViewerSession(CoalescingWorker):
         shown, level = cloud, self.model.plan.levels
         if self.lod_setting != "off":  # merged once per head, kept for view changes
             full = self.model.plan.levels
-            coarsest = self.lod_setting if self.lod_setting != "auto" else max(0, full - self.cfg.lod_levels)
+            coarsest = coarsest_level(self.lod_setting, full, self.cfg.lod_levels)
             if self.lod is None:  # per model: it keeps the merge's shares of this topology
                 self.lod = LevelOfDetail(self.model.plan, full, self.model.field.K, threshold=self.cfg.lod_footprint)
             self.lod.update(cloud, coarsest)
