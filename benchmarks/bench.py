@@ -34,7 +34,6 @@ import json
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +48,7 @@ from benchmarks.real_mask import (
     REAL_MASK_GAUSSIANS,  # noqa: E402
     embed_real_size_mask,  # noqa: E402
 )
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.flame import (  # noqa: E402
     FlameParams,
@@ -141,7 +141,7 @@ def build_problem(num_ids: int, height: int, level: int, device: torch.device, c
     FLAME mask's counts (benchmarks/real_mask.py) embedded on the synthetic one, so level L gives exactly the real
     data's Gaussians; mask vertex i then stands for the FLAME vertex nearest to it (animation, eye metrics)."""
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_flame_"))
+    tmp = Path(scratch_dir("bench_flame_"))
     model = make_flame_model(seed)
     write_flame_files(tmp, model, seed)
     heads = GroundTruthHeads(tmp, model, subdivision=gt_subdivision)
@@ -523,7 +523,7 @@ def driving_video(data, device: torch.device, per_transition: int, size: int, fp
     for i in range(truth.num_frames):
         cloud = heads.cloud(ident, truth.frame(i)).to(device)
         video.append(to_uint8(render_ground_truth(cloud, [cam], ident, "studio")["image"][0]))
-    return write_video(Path(tempfile.mkdtemp(prefix="bench_stream_")) / "driver.mp4", video, fps=fps), truth
+    return write_video(Path(scratch_dir("bench_stream_")) / "driver.mp4", video, fps=fps), truth
 
 
 VIDEO_FPS = 30.0  # the issue's clip: 10 s at 30 fps
@@ -561,7 +561,7 @@ def head_turn_video(data, device: torch.device, seconds: float, size: int, fps: 
             with torch.no_grad():
                 yield to_uint8(render_ground_truth(cloud, [cam], ident, "studio")["image"][0])
 
-    return write_video(Path(tempfile.mkdtemp(prefix="bench_video_")) / "clip.mp4", frames(), fps=fps), T
+    return write_video(Path(scratch_dir("bench_video_")) / "clip.mp4", frames(), fps=fps), T
 
 
 def bench_video(model_path: Path, data, device: torch.device, backend: str, seconds: float = 10.0,
@@ -574,7 +574,7 @@ def bench_video(model_path: Path, data, device: torch.device, backend: str, seco
     the face-mask PSNR on held-out and training frames.  ``quick``: a few iterations and a lower minimum face size
     (a CPU smoke run on a tiny clip; not a speed figure)."""
 
-    out = Path(tempfile.mkdtemp(prefix="bench_video_out_")) / "avatar"
+    out = Path(scratch_dir("bench_video_out_")) / "avatar"
     over = {"checkpoint": str(model_path), "flame_dir": str(data.flame_dir), "out": str(out),
             "progress": False, "device": str(device), "backend": backend, "export.turntable": False,
             "export.lpips": False}
@@ -695,7 +695,7 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     runs += [(workers[0], fit_devices[0], False, n, proc, ref0) for n in threads[1:]]
     for w, d, paced, n_threads, in_process, n_refine in runs:
         vpath, vtruth, vbatch, vrb = live if paced else (path, truth, batch, rb)
-        out = Path(tempfile.mkdtemp(prefix="bench_stream_out_"))
+        out = Path(scratch_dir("bench_stream_out_"))
         cfg = AnimationConfig(checkpoint=str(model_path), motion=str(vpath), stream=True, stream_workers=w,
                               stream_fit_device=d, stream_iterations=iterations or AnimationConfig.stream_iterations,
                               stream_realtime=paced,
@@ -750,7 +750,7 @@ def bench_photo(model_path: Path, flame_dir: Path, device: torch.device, backend
     from utils.apps.track.targets import PhotoTools
     from utils.face.landmarks import LandmarkDetector
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_photo_"))
+    tmp = Path(scratch_dir("bench_photo_"))
     photo = tmp / "astronaut.png"
     cv2.imwrite(str(photo), skimage.data.astronaut()[..., ::-1])
     cfg = build_config(TrackConfig, "configs/fit.yaml", overrides={
@@ -915,7 +915,7 @@ def main() -> None:
         args.level = 0 if args.gaussians is None and args.level is None else args.level
         args.train_steps_for_fit, args.render_repeats = 2, 2
     overrides = {"data.subdivision": args.level, "backend": args.backend, "progress": False,
-                 "out": tempfile.mkdtemp(prefix="bench_out_"), "device": str(device)}
+                 "out": scratch_dir("bench_out_"), "device": str(device)}
     for kv in args.set:
         k, v = kv.split("=", 1)
         overrides[k] = _auto(v)

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import build_problem, environment, peak_gb, sync  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer, init_distributed  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 
@@ -33,7 +33,7 @@ def run(args) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (shared hosts)
     device, rank, world = init_distributed("auto")
     cfg = build_config(TrainConfig, args.config, overrides={
-        "data.subdivision": args.level, "progress": False, "out": tempfile.mkdtemp(prefix="bench_dist_"),
+        "data.subdivision": args.level, "progress": False, "out": scratch_dir("bench_dist_"),
         "batch_identities": args.batch_identities, "batch_views": args.batch_views, "backend": args.backend})
     data, _ = build_problem(args.identities, args.height, args.level, device, cfg)
     tr = Trainer(cfg, data=data)

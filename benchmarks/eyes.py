@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _auto, _fit_target, build_problem, environment, sync  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from utils.apps.track.config import FitConfig  # noqa: E402
 from utils.apps.track.fit import fit_identity  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -228,7 +228,7 @@ def main() -> None:
     base = {"data.subdivision": args.level, "backend": args.backend, "progress": False, "device": str(device),
             "batch_identities": args.batch_identities, "batch_views": args.batch_views, "steps": args.steps,
             "eval_identities": args.identities}
-    cfgs = {n: build_config(TrainConfig, args.config, overrides=dict(base, out=tempfile.mkdtemp(prefix=f"eyes_{n}_"),
+    cfgs = {n: build_config(TrainConfig, args.config, overrides=dict(base, out=scratch_dir(f"eyes_{n}_"),
                                                                        **o)) for n, o in variants.items()}
     first = next(iter(cfgs.values()))
     t0 = time.perf_counter()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks.scratch import scratch_dir  # noqa: E402
 
 
 def stand_in(model, level: int, no_filter_3d: bool):
@@ -92,7 +93,7 @@ def main() -> None:
     level = model.plan.levels if args.level < 0 else args.level
     model = stand_in(model, level, args.no_filter_3d)
     lods = ["off"] + [s for s in args.lods.split(",") if s and s != "off"]
-    tmp = Path(tempfile.mkdtemp(prefix="lod_animate_"))
+    tmp = Path(scratch_dir("lod_animate_"))
     base = AnimationConfig(checkpoint=args.model, flame_dir=args.flame_dir, width=args.size, height=args.size,
                            fill=args.fill, max_frames=args.frames, keyframe_frames=args.keyframe_frames, png=True,
                            progress=False, device="cpu", backend="torch", overwrite=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _fit_target, build_problem, environment, sync, timed  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.graphed_synthesis import GraphedSynthesis  # noqa: E402
 from models.identity_field import IdentityField, IdentityFieldConfig  # noqa: E402
@@ -172,7 +172,7 @@ def model_paths(args, device: torch.device, sections: set[str]) -> list[str]:
         args.identities, args.height, args.train_steps, args.repeats = 2, 96, 2, 2
         args.level = 0 if args.gaussians is None else args.level
     cfg = build_config(TrainConfig, args.config, overrides={
-        "data.subdivision": args.level, "progress": False, "out": tempfile.mkdtemp(prefix="prof_"),
+        "data.subdivision": args.level, "progress": False, "out": scratch_dir("prof_"),
         "device": str(device)})
     if args.quick:
         cfg.batch_identities, cfg.batch_views = 2, 2

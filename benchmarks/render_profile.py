@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 
 from benchmarks.bench import build_problem, sync, timed  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from models.camera import Camera, stack_cameras  # noqa: E402
 from models.flame.subdivision import subdivide_vertices  # noqa: E402
 from models.renderer import render_batch  # noqa: E402
@@ -69,7 +69,7 @@ def main() -> None:
     with redirect_stdout(report):
         cfg = build_config(TrainConfig, "configs/nersemble.yaml", overrides={
             "data.subdivision": args.level, "progress": False, "batch_identities": 2, "compile": False,
-            "out": tempfile.mkdtemp(),
+            "out": scratch_dir("render_profile_"),
             "device": "cuda"})
         data, _ = build_problem(2, 1604, args.level, dev, cfg, gt_subdivision=2, real_size=args.gaussians is not None)
         trainer = Trainer(cfg, data=data)

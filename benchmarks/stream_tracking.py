@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import STREAM_FPS, STREAM_LEAD_IN_S, driving_video, motion_correlations  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
 from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
@@ -80,7 +81,7 @@ def test_video(cache: Path) -> dict:
         from utils.data.synthetic.dataset import load_ground_truth
         from utils.data.synthetic.render import render_ground_truth
 
-        tmp = Path(tempfile.mkdtemp(prefix="stream_test_video_"))
+        tmp = Path(scratch_dir("stream_test_video_"))
         factory = types.SimpleNamespace(mktemp=lambda name: Path(tempfile.mkdtemp(prefix=name, dir=tmp)))
         root = get_sequence_root(factory)
         _, identity = load_ground_truth(root, "301")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import build_problem  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer, init_distributed  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 
@@ -28,7 +28,7 @@ from utils.core.config import build_config  # noqa: E402
 def run(args) -> None:
     device, rank, world = init_distributed("auto")
     cfg = build_config(TrainConfig, "configs/nersemble.yaml", overrides={
-        "data.subdivision": args.level, "progress": False, "out": tempfile.mkdtemp(prefix="trcheck_"),
+        "data.subdivision": args.level, "progress": False, "out": scratch_dir("trcheck_"),
         "batch_identities": 2, "batch_views": 4})
     torch.manual_seed(0)
     data, _ = build_problem(args.identities, args.height, args.level, device, cfg)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import models.renderer as renderer  # noqa: E402
 import utils.losses as losses  # noqa: E402
 from benchmarks.bench import build_problem, environment, sync  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
+from benchmarks.scratch import scratch_dir  # noqa: E402
 from utils.apps.train.trainer import TrainConfig, Trainer  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import default_device  # noqa: E402
@@ -54,7 +54,7 @@ def run_variant(name: str, args, data, base_overrides: dict, device: torch.devic
     overrides, method, tile, packed = VARIANTS[name]
     overrides = {"compile": False, **overrides}  # the preset compiles by default; here only the compile variants do
     cfg = build_config(TrainConfig, args.config, overrides={**base_overrides, **overrides,
-                                                              "out": tempfile.mkdtemp(prefix=f"ts_{name}_")})
+                                                              "out": scratch_dir(f"ts_{name}_")})
     if args.quick:
         cfg.batch_identities, cfg.batch_views = 2, 2
     saved = (losses.SSIM_METHOD, renderer.GSPLAT_TILE_SIZE, renderer.GSPLAT_PACKED)
@@ -109,7 +109,7 @@ def main() -> None:
         args.identities, args.height, args.warmup, args.steps, args.quality_steps = 2, 96, 1, 2, 4
         level = 0
     base = {"data.subdivision": level, "progress": False, "device": str(device), "eval_identities": 0}
-    cfg = build_config(TrainConfig, args.config, overrides={**base, "out": tempfile.mkdtemp(prefix="ts_")})
+    cfg = build_config(TrainConfig, args.config, overrides={**base, "out": scratch_dir("ts_")})
     if args.quick:
         cfg.batch_identities, cfg.batch_views = 2, 2
     data, _ = build_problem(args.identities, args.height, level, device, cfg, real_size=True)

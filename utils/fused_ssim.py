@@ -90,9 +90,12 @@ def _backward_torch(x: Tensor, y: Tensor, g: Tensor, derivs: Tensor, scale: Tens
 
 
 # -------------------------------------------------------------------------------------------------- Triton passes
+# The image sizes are not specialised on (Triton by default compiles a kernel variant per integer argument's
+# divisibility by 16): every photo's crop has its own size, and a fit at a new size waited for a fresh compile
+# (0.9 s in bench.py's half-resolution fit variant on an H100, 2026-12-07).
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["W", "Wo", "plane"])
     def _hblur_fwd(x_ptr, y_ptr, g_ptr, out_ptr, W, Wo, plane, WIN: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -119,7 +122,7 @@ if triton is not None:
         tl.store(out_ptr + 3 * plane + dst, ayy, mask=m)
         tl.store(out_ptr + 4 * plane + dst, axy, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["H", "Ho", "Wo", "plane_h", "plane_d"])
     def _vblur_ssim(h_ptr, g_ptr, d_ptr, sum_ptr, H, Ho, Wo, plane_h, plane_d, C1, C2,
                     WIN: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # plane * Ho + output row
@@ -153,7 +156,7 @@ if triton is not None:
         tl.store(d_ptr + 2 * plane_d + dst, 2 * a1 / den, mask=m)
         tl.atomic_add(sum_ptr + b, tl.sum(tl.where(m, s, 0.0), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["H", "Ho", "Wo", "plane_d", "plane_o"])
     def _vblur_bwd(d_ptr, g_ptr, scale_ptr, out_ptr, H, Ho, Wo, plane_d, plane_o,
                    WIN: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)  # plane * H + input row
@@ -178,7 +181,7 @@ if triton is not None:
         tl.store(out_ptr + plane_o + dst, axx * sc, mask=m)
         tl.store(out_ptr + 2 * plane_o + dst, axy * sc, mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["W", "Wo", "plane_t"])
     def _hblur_bwd(t_ptr, x_ptr, y_ptr, g_ptr, dx_ptr, W, Wo, plane_t, WIN: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
