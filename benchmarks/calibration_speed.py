@@ -12,7 +12,7 @@ The calibration is what a live stream waits for before its first tracked frame (
 
 on the cached landmarks of benchmarks/stream_tracking.py's videos (run that first to fill ``--cache``).  Each config
 runs once to warm up, then ``--repeat`` times, the configs alternating (a shared machine's load drifts); the table
-gives the median per stage.  Example (today's default against the calibration's float32 Schur products):
+gives the median per stage.  Example (the default against the calibration solved in float64 throughout):
 
     python benchmarks/calibration_speed.py --cache output/stream_tracking --video long --threads 1 2 \
         --variants "" calibration_float32=0

@@ -109,12 +109,11 @@ class FlameFitConfig:
     # whenever the focal length is fixed and FLAME has its dynamic contour embedding: the same numbers as autograd's
     # (tests/test_flame_fit.py), without a backward pass through T x K copies of the frames.  false: autograd always
     closed_form: bool = True
-    # the Schur complement's two large products (Js^T (I - Z^T Z) Js: (T, K, K) @ (T, K, qs), then (qs, T K) @
-    # (T K, qs)) in float32, the rest of the solve in float64: half their time (16-frame stream calibration, qs =
-    # 300: ~60% of an iteration's work on one core); the step moves by rounding only (shape ~1e-4 of a std).
-    # false: float64 throughout.  FrameTracker.calibrate turns it on for its solves
-    # (ShapeRefineConfig.calibration_float32)
-    schur_float32: bool = False
+    schur_float32: bool = False  # the shape solve's two largest products in float32 (false: float64 throughout)
+    # (the Schur complement Js^T (I - Z^T Z) Js of the shared shape: (T, K, K) @ (T, K, qs), then (qs, T K) @
+    # (T K, qs); the rest of the solve, the Jacobians' float64 copies and the gradient stay float64: half those
+    # products' time, ~60% of an iteration's work in the 16-frame stream calibration on one core; the solution moves
+    # by rounding only.  FrameTracker.calibrate sets it for its own solves: ShapeRefineConfig.calibration_float32)
 
     RANGES = {"focal": Range(0), "focal_ratio": Range(0, lo_open=True), "focal_std": Range(0, lo_open=True),
               "rigid_iterations": Range(0), "iterations": Range(0), "num_shape": Range(0), "num_expression": Range(0),

@@ -121,8 +121,11 @@ class ShapeRefineConfig:
     # (12 saves 0.4-0.6 s CPU (85-frame video 3.86 -> 3.46 s, 16-frame 2.77 -> 2.18 s) and stays within 0.02 of 20's
     # on the goal and seed 1-3 videos (benchmarks/results/t-stream7_cpu_2026-12-07.md), but flips the 22-frame quick
     # video's brows from 0.642 to 0.158 (min minus batch -0.067 -> -0.551; 2026-12-07 review), so 20 stays)
-    calibration_float32: bool = False  # the calibration's Schur products in float32 (FlameFitConfig.schur_float32)
-    # (its solves only: the tracked frames and the background re-solves keep the fit's own setting)
+    calibration_float32: bool = True  # the calibration's Schur products in float32 (FlameFitConfig.schur_float32)
+    # (its solves only: the tracked frames and the background re-solves keep the fit's own setting; since 2026-12-07c,
+    # benchmarks/results/t-calib_cpu_2026-12-07c.md: with the other speed-ups of that day the 16-frame calibration
+    # ~1.3x faster on 1 and 2 threads, min minus batch with ``wait`` unchanged on the quick / 16 / 85 (seeds 0-3) /
+    # 337 (seeds 0-1) / long_lead videos but seed 1's 337-frame (-0.117 -> -0.097); False: float64 throughout)
     frames: int = 12  # frames kept for the shape (0: off, the first frames' shape held)
     iterations: int = 15  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
