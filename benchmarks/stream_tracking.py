@@ -190,7 +190,7 @@ def run_stream(flame, d: dict, shape_frames: int, refine: ShapeRefineConfig, ite
         if refine.frames > 0 else 0.0
     prior = (prior, refine.calibration_offset_px, refine.calibration_iterations if refine.calibration_offset_px else 0,
              (refine.calibration_offset_rounds, refine.calibration_offset_groups)
-             if refine.calibration_offset_px else 0)
+             if refine.calibration_offset_px else 0, refine.calibration_float32)
     calibrated = calibrated.setdefault((bool(closed_form), prior), {})
     if not calibrated:
         t, c = time.perf_counter(), time.process_time()

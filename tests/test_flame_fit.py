@@ -452,6 +452,30 @@ def test_shape_refinement_jacobians_match_autograd(flame_and_truth):
         assert err < 1e-4, err
 
 
+
+def test_static_landmark_tables_give_the_per_frame_product(flame_and_truth):
+    """flame_fit._factored_product (the static points' blendshape table multiplied once for all frames,
+    LandmarkFlame._split_tables) equals the product with the table gathered per frame (LandmarkFlame._rows_table),
+    for frames on different jaw-contour rows, any column range and its preconditioner."""
+    from utils.face import flame_fit as ff
+    from utils.face.landmark_flame import LandmarkFlame
+
+    flame, _, _ = flame_and_truth
+    free = LandmarkFlame(flame).free_shape()
+    assert free.dyn_tri.shape[0] > 78
+    rows = torch.tensor([0, 5, 39, 39, 78])  # contour rows of 5 frames (head yaw from one side to the other)
+    T, E = rows.shape[0], 400
+    gen = torch.Generator().manual_seed(3)
+    dr_F = torch.randn(T, 70, 2, 12, generator=gen)
+    scale = torch.rand(300, generator=gen) + 0.5
+    want = (dr_F @ free._rows_table(rows, E))[..., 100:400] * scale
+    got = ff._factored_product(dr_F, free._split_tables(rows, E), slice(100, 400), scale)
+    assert got.shape == want.shape == (T, 70, 2, 300)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    # the contour rows matter (a wrong row gather would not be caught by equal rows)
+    other = ff._factored_product(dr_F, free._split_tables(torch.zeros_like(rows), E), slice(100, 400), scale)
+    assert float((other[:, :17] - want[:, :17]).abs().max()) > 1e-3 * float(want.abs().max())
+
 # the refinement these tests were written for (before 2026-12-06's defaults: tests/test_frame_tracker.py): frames kept
 # for pose, jaw and expression, a re-solve on every change, a few iterations inside each frame, the fit's own
 # calibration prior, the expression (not the jaw) re-anchored

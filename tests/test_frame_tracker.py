@@ -371,3 +371,33 @@ def test_continuity_frames_keeps_the_solve_frames_mean_expression_across_the_swa
     assert ShapeRefineConfig().continuity_frames is False
     assert gaps[True] < 0.25 * gaps[False], gaps
     assert abs(jaws[True] - jaws[False]) < 1e-3, jaws
+
+
+def test_float32_schur_calibration_matches_the_float64_one(flame_and_truth):  # noqa: F811
+    """ShapeRefineConfig.calibration_float32 (the default since 2026-12-07c; FlameFitConfig.schur_float32 for the
+    calibration's solves: the Schur complement's two large products in float32) calibrates the same shape, detector
+    offset and focal length as the float64 solve within rounding, on frames with a detector offset and the default
+    joint-offset calibration; the tracker it returns fits its frames in float64 (the setting stays in the
+    calibration) with the calibration's LandmarkFlame (its free-shape tables built once)."""
+    from utils.face.flame_fit import FlameFitConfig
+    from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, [(0.0, 0.0), (4.0, 0.0), (0.0, 3.0), (-4.0, 1.0), (2.0, -2.0), (0.0, 0.0)], 5)
+    injected = torch.zeros(68, 2)
+    injected[17:] = 2.0 * torch.randn(51, 2, generator=torch.Generator().manual_seed(2))
+    pts = pts + injected
+    cfg = FlameFitConfig(iterations=12)
+    with single_thread():
+        f64, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, iterations=8,
+                                        refine=ShapeRefineConfig(calibration_iterations=10, calibration_float32=False))
+        f32, _ = FrameTracker.calibrate(flame, pts, None, SIZE, cfg, iterations=8,
+                                        refine=ShapeRefineConfig(calibration_iterations=10, calibration_float32=True))
+    d_shape = float((f32.shape - f64.shape).abs().max())
+    d_bias = float((f32.bias - f64.bias).abs().max())
+    print(f"float32 vs float64 Schur: shape {d_shape:.2e} (of {float(f64.shape.abs().max()):.2f}), bias {d_bias:.2e} "
+          f"px (of {float(f64.bias.abs().max()):.2f}), focal {abs(f32.focal - f64.focal):.1e}")
+    assert float(f64.shape.abs().max()) > 0.1 and float(f64.bias.abs().max()) > 0.5  # a real solve, not the start
+    assert d_shape < 1e-2 and d_bias < 0.02 and f32.focal == f64.focal
+    assert not f32.cold_cfg.schur_float32 and not f32.warm_cfg.schur_float32
+    assert getattr(f32.lf, "_free_shape", None) is not None  # the calibration's LandmarkFlame, tables built

@@ -109,6 +109,11 @@ class FlameFitConfig:
     # whenever the focal length is fixed and FLAME has its dynamic contour embedding: the same numbers as autograd's
     # (tests/test_flame_fit.py), without a backward pass through T x K copies of the frames.  false: autograd always
     closed_form: bool = True
+    schur_float32: bool = False  # the shape solve's two largest products in float32 (false: float64 throughout)
+    # (the Schur complement Js^T (I - Z^T Z) Js of the shared shape: (T, K, K) @ (T, K, qs), then (qs, T K) @
+    # (T K, qs); the rest of the solve, the Jacobians' float64 copies and the gradient stay float64: half those
+    # products' time, ~60% of an iteration's work in the 16-frame stream calibration on one core; the solution moves
+    # by rounding only.  FrameTracker.calibrate sets it for its own solves: ShapeRefineConfig.calibration_float32)
 
     RANGES = {"focal": Range(0), "focal_ratio": Range(0, lo_open=True), "focal_std": Range(0, lo_open=True),
               "rigid_iterations": Range(0), "iterations": Range(0), "num_shape": Range(0), "num_expression": Range(0),
@@ -279,6 +284,7 @@ class FitProblem:
     prior_s: Tensor | None = None
     lam: float = 1e-3  # Levenberg-Marquardt damping where a resumed solve left it (_levenberg_marquardt(resume=True))
     converged: bool = False  # the last _levenberg_marquardt call stopped before max_iter (converged or stuck)
+    js32_memo: tuple | None = None  # (Js float64, the float32 Js it was made from) of the last closed-form evaluation
     K: int = 68 * 2 + 2 * 2  # residuals per frame: 68 points and 2 iris centres, x and y
 
     @property
@@ -497,26 +503,40 @@ def _data_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, scal
 
 
 def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, jac: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+                  ) -> tuple[Tensor, Tensor, Tensor, tuple | None, Tensor | None]:
     """The closed-form solver's 70 points in model space at the variables Xv (T, Qf) / Yv (Qs,): (head rotation
-    (T, 3) axis-angle, translation (T, 3) in camera distances, points (T, 70, 3), and with ``jac`` their Jacobians
-    w.r.t. the expression and the fitted shape (None for a fixed shape), each as the factors (T, 1, 3, 12) and
-    (T, 70, 12, ne or ns) of :meth:`LandmarkFlame.posed_with_jacobian` ``factored``, and jaw + eyes (T, 70, 3, 9);
-    else None)."""
+    (T, 3) axis-angle, translation (T, 3) in camera distances, points (T, 70, 3), and with ``jac`` their Jacobian
+    w.r.t. the blendshape coefficients -- [expression (100, zero beyond ne), shape (ns)] for a fitted shape, the ne
+    expression ones for a fixed shape -- as :meth:`LandmarkFlame.posed_with_jacobian`'s ``factored`` "split" factors
+    (T, 1, 3, 12) and (static (53, 12, E), contour (T, 17, 12, E)) (:func:`_factored_product`), and jaw + eyes
+    (T, 70, 3, 9); else None)."""
     F = Xv.to(p.dev, p.dt)
     rot, trans, psi_n, jaw, eyes = F.split(p.f_sizes, 1)
     expr = psi_n * p.c_expr
     eyes = eyes if p.n_eyes else F.new_zeros(p.T, 6)
-    d_b = None
     if p.fit_shape:  # [expression (100, zero beyond ne), shape (ns)] on the free-shape sub-model
         beta = (Yv[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
         coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
-        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac, factored=True)
-        d_e, d_b = (None, None) if d_c is None else ((d_c[0], d_c[1][..., :p.ne]),
-                                                     (d_c[0], d_c[1][..., NUM_EXPRESSION:]))
+        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac, factored="split")
     else:
-        pts, d_e, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac, factored=True)
-    return rot, trans, pts, d_e, d_b, d_p
+        pts, d_c, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac, factored="split")
+    return rot, trans, pts, d_c, d_p
+
+
+def _factored_product(dr_F: Tensor, tables: tuple[Tensor, Tensor], cols: slice, scale: Tensor) -> Tensor:
+    """(T, 70, m, 12) @ the landmarks' factored blendshape tables (static (53, 12, E), contour (T, 17, 12, E):
+    LandmarkFlame._split_tables), columns ``cols`` times ``scale`` (the preconditioner, broadcast over them)
+    -> (T, 70, m, len(cols)).  The static points' table is the same for every frame, so their products run per
+    point over all T frames at once ((T m x 12) @ (12 x E)): T (m x 12) @ (12 x E) products of a per-frame gathered
+    table read T copies of it (16-frame calibration: ~1 instead of ~4 ms an evaluation on one core).  The same sums
+    as the per-frame products, so the same numbers up to rounding."""
+    static, contour = tables
+    T, _, m, _ = dr_F.shape
+    out_s = dr_F[:, 17:].transpose(0, 1).reshape(53, T * m, 12) @ static[..., cols]  # (53, T m, C)
+    out = torch.empty(T, 70, m, out_s.shape[-1], dtype=out_s.dtype, device=out_s.device)
+    torch.mul(dr_F[:, :17] @ contour[..., cols], scale, out=out[:, :17])
+    torch.mul(out_s.reshape(53, T, m, -1).transpose(0, 1), scale, out=out[:, 17:])
+    return out
 
 
 def _numpy_frame(p: FitProblem, rows: Tensor | None) -> bool:
@@ -539,7 +559,7 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
         r, Jf, uv = _frame_terms_np(p, Xv, rows, scale, rigid, jac)
         p.uv_memo = (Xv, Xv.clone(), Yv.clone(), rows.clone(), torch.from_numpy(uv[None, :68]).to(dt))
         return r, Jf, None if Jf is None else Jf.new_zeros(T, p.K, 0)
-    rot, trans, pts, d_e, d_b, d_p = _posed_points(p, Xv, Yv, rows, jac)
+    rot, trans, pts, d_c, d_p = _posed_points(p, Xv, Yv, rows, jac)
     R = axis_angle_to_matrix(rot)
     world = pts @ R.transpose(1, 2) + (trans * p.depth)[:, None]
     x, y, z = world.unbind(-1)
@@ -578,16 +598,20 @@ def _analytic_terms(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, 
     d_trans = dr_dw * p.depth
     dr_dm = dr_dw @ R[:, None]  # (T, 70, 2, 3) d r / d model-space point
     # the landmark Jacobians come factored (LandmarkFlame.posed_with_jacobian): d points / d coefficients =
-    # F (T, 1, 3, 12) @ table (T, 70, 12, E), so dr_dm @ F first, then the (2 x 12) @ (12 x E) products
-    dr_F = dr_dm @ d_e[0]  # (T, 70, 2, 12)
-    d_expr = (dr_F @ d_e[1]) * p.c_expr[:, None, None]
+    # F (T, 1, 3, 12) @ table (70, 12, E), so dr_dm @ F first, then the (2 x 12) @ (12 x E) products
+    dr_F = dr_dm @ d_c[0]  # (T, 70, 2, 12)
+    d_expr = _factored_product(dr_F, d_c[1], slice(0, p.ne), p.c_expr[0])
     d_pose = torch.einsum("tlia,tlap->tlip", dr_dm, d_p)  # jaw 3, eyes 6
     parts = [d_rot, d_trans, d_expr, d_pose[..., :3]] + ([d_pose[..., 3:]] if p.n_eyes else [])
     Jf = torch.cat(parts, -1).reshape(T, p.K, p.Qf).double().cpu()
     if not p.fit_shape:
         return r, Jf, Jf.new_zeros(T, p.K, 0)
-    d_shape = (dr_F @ d_b[1]) * p.c_shape[:, None, None]
-    return r, Jf, d_shape.reshape(T, p.K, p.ns).double().cpu()
+    d_shape = _factored_product(dr_F, d_c[1], slice(NUM_EXPRESSION, NUM_EXPRESSION + p.ns), p.c_shape[0])
+    d_shape = d_shape.reshape(T, p.K, p.ns)
+    Js = d_shape.double().cpu()
+    if p.cfg.schur_float32:  # the solver's float32 Schur products take these numbers as they are
+        p.js32_memo = (Js, d_shape.cpu())
+    return r, Jf, Js
 
 
 # ---------------------------------------------------------------- one frame's closed-form terms in NumPy (float64)
@@ -832,6 +856,11 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
             gs = Js_2.T @ r.reshape(-1) + (ds2 * Y[si] if Ps is None else Ps @ Y[si])
             c_diag = torch.linalg.vector_norm(Js_2, dim=0).square() + ds2  # the diagonal of C = Js^T Js + priors
             eye_k = torch.eye(Js_.shape[1], dtype=Js_.dtype)
+            qs = Js_.shape[2]
+            Js32 = None  # (the same for every try of this iteration)
+            if cfg.schur_float32:  # the Jacobian's own float32 numbers when _analytic_terms made Js from them
+                m = p.js32_memo
+                Js32 = m[1] if m is not None and m[0] is Js_ else Js_.float()
         improved = False
         tries = 0
         while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
@@ -845,14 +874,23 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
                 # two (qs x qs) products (16-frame calibration, qs = 300, K = 140: 0.33 instead of 0.57 G
                 # multiply-adds per iteration)
                 Z = torch.linalg.solve_triangular(L, Jf_.transpose(1, 2), upper=False)
-                PJs = (eye_k - Z.transpose(1, 2) @ Z) @ Js_  # (T, K, qs)
-                Sc = Js_2.T @ PJs.reshape(-1, Js_.shape[2])
+                M = eye_k - Z.transpose(1, 2) @ Z  # (T, K, K) float64: the cancellation happens here
+                if Js32 is not None:  # cfg.schur_float32: the two large products in float32
+                    Sc = (Js32.reshape(-1, qs).T @ (M.float() @ Js32).reshape(-1, qs)).double()
+                else:
+                    Sc = Js_2.T @ (M @ Js_).reshape(-1, qs)
                 if Ps is None:
                     Sc = Sc + torch.diag(ds2 + lam * c_diag.clamp_min(1e-9))
                 else:
                     Sc = Sc + Ps + torch.diag(lam * c_diag.clamp_min(1e-9))
                 BtAig = Js_2.T @ (Jf_ @ Aig[..., None]).reshape(-1)  # B^T A^-1 gf
-                ds = torch.linalg.solve(Sc, -gs + BtAig)
+                # Sc is symmetric positive definite (the shape prior): Cholesky, half the work of LU (which stays the
+                # fallback should rounding make it fail)
+                Lc, info = torch.linalg.cholesky_ex(Sc)
+                if int(info) == 0:
+                    ds = torch.cholesky_solve((-gs + BtAig)[:, None], Lc)[:, 0]
+                else:
+                    ds = torch.linalg.solve(Sc, -gs + BtAig)
                 dx = -Aig - torch.cholesky_solve(Jf_.transpose(1, 2) @ (Js_ @ ds)[..., None], L)[..., 0]
             else:
                 ds, dx = Y.new_zeros(0), -Aig
@@ -924,7 +962,7 @@ def _fitted_points(p: FitProblem, rows: Tensor | None) -> Tensor:
             return m[4]
         if _numpy_frame(p, rows):
             return torch.from_numpy(_frame_terms_np(p, p.X, rows, p.scale_narrow, False, False)[2][None, :68]).to(p.dt)
-        rot, trans, pts, _, _, _ = _posed_points(p, p.X, p.Y, rows, False)
+        rot, trans, pts, _, _ = _posed_points(p, p.X, p.Y, rows, False)
         return project(pts[:, :68], axis_angle_to_matrix(rot), trans * p.depth, p.f0, p.size)
 
 

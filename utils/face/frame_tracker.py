@@ -121,6 +121,11 @@ class ShapeRefineConfig:
     # (12 saves 0.4-0.6 s CPU (85-frame video 3.86 -> 3.46 s, 16-frame 2.77 -> 2.18 s) and stays within 0.02 of 20's
     # on the goal and seed 1-3 videos (benchmarks/results/t-stream7_cpu_2026-12-07.md), but flips the 22-frame quick
     # video's brows from 0.642 to 0.158 (min minus batch -0.067 -> -0.551; 2026-12-07 review), so 20 stays)
+    calibration_float32: bool = True  # the calibration's Schur products in float32 (FlameFitConfig.schur_float32)
+    # (its solves only: the tracked frames and the background re-solves keep the fit's own setting; since 2026-12-07c,
+    # benchmarks/results/t-calib_cpu_2026-12-07c.md: with the other speed-ups of that day the 16-frame calibration
+    # ~1.3x faster on 1 and 2 threads, min minus batch with ``wait`` unchanged on the quick / 16 / 85 (seeds 0-3) /
+    # 337 (seeds 0-1) / long_lead videos but seed 1's 337-frame (-0.117 -> -0.097); False: float64 throughout)
     frames: int = 12  # frames kept for the shape (0: off, the first frames' shape held)
     iterations: int = 15  # Levenberg-Marquardt iterations of one re-solve on the kept frames
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
@@ -221,6 +226,8 @@ class FrameTracker:
         refine: how the shape and detector offset keep improving on the frames tracked so far
             (:class:`ShapeRefineConfig`); None (or ``frames`` 0): held fixed.
         bias_correction: with ``refine``, re-estimate the detector offset with the shape (as the calibration does).
+        landmark_flame: a LandmarkFlame of ``flame`` to fit the frames with (:meth:`calibrate` hands over its own);
+            None: built here.
 
     Attributes (besides the settings): ``reference`` the parameters of the first frame with a face under the current
     shape (re-fitted when the shape changes: ``--pose relative`` measures head motion from it), ``shape_updates`` the
@@ -229,7 +236,8 @@ class FrameTracker:
 
     def __init__(self, flame: FlameModel, image_size: tuple[int, int], shape: Tensor, focal: float,
                  cfg: FlameFitConfig | None = None, bias: Tensor | None = None, iterations: int = 0,
-                 refine: ShapeRefineConfig | None = None, bias_correction: bool = True) -> None:
+                 refine: ShapeRefineConfig | None = None, bias_correction: bool = True,
+                 landmark_flame: LandmarkFlame | None = None) -> None:
         cfg = cfg or FlameFitConfig()
         if iterations < 0:
             raise ValueError(f"FrameTracker: iterations must be >= 0, got {iterations}")
@@ -246,7 +254,7 @@ class FrameTracker:
         self.warm_cfg = replace(self.cold_cfg, rigid_iterations=0, iterations=iterations or cfg.iterations,
                                 wide_stage=False, max_rejections=3, tolerance=1e-4, contour_passes=2)
         self.bias = torch.zeros(68, 2) if bias is None else bias.detach().reshape(68, 2).to("cpu", torch.float32)
-        self.lf = LandmarkFlame(flame)
+        self.lf = landmark_flame if landmark_flame is not None else LandmarkFlame(flame)
         self.previous: FlameParams | None = None  # (1 frame, CPU) the last frame's parameters
         self.frames = 0  # frames tracked (with or without a face)
         self.refine = refine if refine is not None and refine.frames > 0 else None
@@ -302,6 +310,9 @@ class FrameTracker:
         Returns:
             (FrameTracker, info: focal_px, detector_offset_rms_px, calibration_frames, seconds)."""
         cfg = cfg or FlameFitConfig()
+        fit_cfg = cfg  # the tracker's (per-frame fits, background re-solves)
+        if refine is not None and refine.calibration_float32:
+            cfg = replace(cfg, schur_float32=True)
         calib_cfg = cfg
         weak = refine is not None and refine.frames > 0 and refine.calibration_shape_std > 0 and \
             refine.calibration_information > 0  # the tight prior along the weakly observed directions only
@@ -316,32 +327,35 @@ class FrameTracker:
             torch.set_num_threads(threads)
         try:
             targets = LandmarkTargets(points, image_size, irises=irises)
-            first = fit_flame_to_landmarks(flame, targets, calib_cfg)
+            # one LandmarkFlame for the fit and the re-solves: its free-shape landmark tables (~0.1-0.2 s to build on
+            # one core) and contour-row gathers are built once
+            lf = LandmarkFlame(flame)
+            first = fit_flame_to_landmarks(flame, targets, calib_cfg, landmark_flame=lf)
             if weak:
-                first = cls._weak_prior_resolve(flame, targets, cfg, first, refine)
+                first = cls._weak_prior_resolve(lf, targets, cfg, first, refine)
             if refine is not None and refine.calibration_offset_px > 0:
-                first = cls._offset_resolve(flame, points, irises, image_size, cfg, first, refine)
+                first = cls._offset_resolve(lf, points, irises, image_size, cfg, first, refine)
         finally:
             torch.set_num_threads(before)
         bias = torch.zeros(68, 2)
         if bias_correction:
             bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)
-        tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), cfg, bias, iterations, refine,
-                      bias_correction)
+        tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), fit_cfg, bias, iterations, refine,
+                      bias_correction, landmark_flame=lf)
         info = {"focal_px": float(first.camera.fx), "calibration_frames": int(points.shape[0]),
                 "detector_offset_rms_px": float(bias[17:].norm(dim=-1).square().mean().sqrt()),
                 "seconds": time.perf_counter() - t0}
         return tracker, info
 
     @staticmethod
-    def _weak_prior_resolve(flame: FlameModel, targets: LandmarkTargets, cfg: FlameFitConfig, first,
+    def _weak_prior_resolve(lf: LandmarkFlame, targets: LandmarkTargets, cfg: FlameFitConfig, first,
                             refine: ShapeRefineConfig):
         """The calibration ``first`` (fitted with the fit's own shape prior) solved again, warm-started, with the
         shape prior std ``refine.calibration_shape_std`` along the eigen-directions of the shape's information (from
         these frames, at ``first``'s solution) below ``refine.calibration_information`` and ``cfg.shape_std`` along
         the others.  Returns the re-solve's FlameFitResult (params: N frames, the new shape; landmarks (N, 68, 2))."""
         solve_cfg = replace(cfg, focal=float(first.camera.fx), fit_focal=False)
-        sr = ShapeRefinement(LandmarkFlame(flame), targets, solve_cfg, first.params.shape.cpu(), first.params.to("cpu"),
+        sr = ShapeRefinement(lf, targets, solve_cfg, first.params.shape.cpu(), first.params.to("cpu"),
                              refine.calibration_iterations)
         evals, vecs = torch.linalg.eigh(sr.shape_information())
         weak = evals < refine.calibration_information
@@ -353,14 +367,13 @@ class FrameTracker:
         return res
 
     @staticmethod
-    def _offset_resolve(flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
+    def _offset_resolve(lf: LandmarkFlame, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                         cfg: FlameFitConfig, first, refine: ShapeRefineConfig):
         """``refine.calibration_offset_px``: from the calibration ``first``, one joint Gauss-Newton step of the shape
         and the detector's per-landmark offset (ShapeRefinement.offset_step), then the shape and frames solved again
         on the points less that offset.  Returns that solve's FlameFitResult (landmarks: the fitted points, so
         points - landmarks is the offset plus what is left)."""
         solve_cfg = replace(cfg, focal=float(first.camera.fx), fit_focal=False)
-        lf = LandmarkFlame(flame)
         params = first.params.to("cpu")
         sr = ShapeRefinement(lf, LandmarkTargets(points, image_size, irises=irises), solve_cfg, params.shape, params,
                              refine.calibration_iterations)

@@ -98,7 +98,8 @@ class LandmarkFlame:
         out.joint_dirs = out.shapedirs[self.num_sub:]
         out.joint_template = out.v_template[self.num_sub:]
         out._shaped_cache = None
-        for k in ("_lm_table", "_rows_key", "_rows_val"):  # built per copy, for its blendshape columns
+        # built per copy, for its blendshape columns
+        for k in ("_lm_table", "_rows_key", "_rows_val", "_split_key", "_split_val", "_corner_key", "_corner_val"):
             out.__dict__.pop(k, None)
         if cache:
             self._shaped_cache = (shape.detach().clone(), out)
@@ -176,8 +177,38 @@ class LandmarkFlame:
         self._rows_key, self._rows_val = (rows.clone(), E), val
         return val
 
+    def _split_tables(self, rows: Tensor, E: int) -> tuple[Tensor, Tensor]:
+        """:meth:`_landmark_table`'s first E columns as the static points' (53, 12, E) -- the same for every frame --
+        and the contour's for contour rows ``rows`` (T,): (T, 17, 12, E); the last one is kept (as :meth:`_rows_table`).
+        A product over the frames then multiplies the static part once per point for all T frames at a time (one
+        (2T x 12) @ (12 x E) product per point instead of T (2 x 12) ones) and never gathers it per frame."""
+        key = self.__dict__.get("_split_key")
+        if key is not None and key[1] == E and key[0].shape == rows.shape and torch.equal(key[0], rows):
+            return self._split_val
+        tab = self._landmark_table()
+        B = self.dyn_tri.shape[0]
+        static = tab[B * 17:, ..., :E].reshape(53, 12, E)
+        lm = rows[:, None] * 17 + torch.arange(17, device=rows.device)  # (T, 17)
+        val = (static, tab[lm][..., :E].reshape(rows.shape[0], 17, 12, E))
+        self._split_key, self._split_val = (rows.clone(), E), val
+        return val
+
+    def _corner_tables(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """What :meth:`posed_with_jacobian` reads per corner for contour rows ``rows`` (T,): vertex ids (T, N),
+        barycentric weights (T, 70, 3), pose correctives (3 joints, 9, T, N, 3), jaw and eye skinning weights
+        (T, N, 3), N = 210 corners; the last one is kept (a solve evaluates many times with the same rows)."""
+        key = self.__dict__.get("_corner_key")
+        if key is not None and key.shape == rows.shape and torch.equal(key, rows):
+            return self._corner_val
+        T = rows.shape[0]
+        ids, bary = self.corners(rows)  # (T, 70, 3)
+        ids, bary = ids.reshape(T, -1), bary.reshape(T, 70, 3)
+        val = (ids, bary, self.posedirs_jaw_eyes[:, :, ids], self.lbs_weights[ids][..., 2:])
+        self._corner_key, self._corner_val = rows.clone(), val
+        return val
+
     def posed_with_jacobian(self, expression: Tensor, jaw: Tensor, eyes: Tensor, rows: Tensor, jacobian: bool = True,
-                            factored: bool = False) -> tuple[Tensor, Tensor | tuple | None, Tensor | None]:
+                            factored: bool | str = False) -> tuple[Tensor, Tensor | tuple | None, Tensor | None]:
         """The 68 landmarks and 2 pupils of :meth:`forward` (model space, zero neck) with their exact Jacobians,
         written out instead of taken by autograd: only on a :meth:`shaped` copy and with contour rows ``rows`` (T,).
 
@@ -192,14 +223,15 @@ class LandmarkFlame:
         -> points (T, 70, 3), d points / d expression (T, 70, 3, E), d points / d (jaw, eyes) (T, 70, 3, 9)
         (None without ``jacobian``).  ``factored``: d points / d expression as its two factors (T, 1, 3, 12) and
         (T, 70, 12, E), whose product it is (a caller that multiplies it from the left by a (.., 70, m, 3) matrix
-        saves a third of the work by multiplying the first factor first: utils/face/flame_fit.py's calibration)."""
+        saves a third of the work by multiplying the first factor first: utils/face/flame_fit.py's calibration);
+        ``factored`` "split": the second factor as :meth:`_split_tables`' (static (53, 12, E), contour (T, 17, 12, E))
+        (:func:`utils.face.flame_fit._factored_product` multiplies them)."""
         from smplx.lbs import batch_rodrigues
 
         if not self.shape_folded or not self.has_contour:
             raise ValueError("LandmarkFlame.posed_with_jacobian needs a shaped() copy with a dynamic contour embedding")
         T, E = expression.shape
-        ids, bary = self.corners(rows)  # (T, 70, 3)
-        ids, bary = ids.reshape(T, -1), bary.reshape(T, 70, 3)
+        ids, bary, P, w = self._corner_tables(rows)
         # every sub-model vertex (and joint) shaped once: (V, 3, E) @ (E, T), then the corners gathered
         v_all = self.v_template + torch.einsum("vae,te->tva", self.shapedirs[..., :E], expression)  # (T, V, 3)
         v = torch.gather(v_all, 1, ids[..., None].expand(-1, -1, 3))  # (T, N, 3) shaped corners
@@ -208,16 +240,17 @@ class LandmarkFlame:
         R = batch_rodrigues(aa).reshape(T, 3, 3, 3)
         eye3 = torch.eye(3, dtype=v.dtype, device=v.device)
         D = R - eye3  # (T, k, 3, 3)
-        P = self.posedirs_jaw_eyes[:, :, ids]  # (k, 9, T, N, 3)
         v = v + torch.einsum("tki,kitna->tna", D.reshape(T, 3, 9), P)  # + pose correctives (the neck's are zero)
-        w = self.lbs_weights[ids][..., 2:]  # (T, N, k) skinning weights of the jaw and eye joints
         x = v + torch.einsum("tnk,tkab,tnkb->tna", w, D, v[:, :, None] - J[:, None])
         pts = (x.reshape(T, 70, 3, 3) * bary[..., None]).sum(2)
         if not jacobian:
             return pts, None, None
         # d pts / d expression = [I, D_jaw, D_eye, D_eye] (3 x 12) @ the landmark's (12, E) table
         Dcat = torch.cat([eye3.expand(T, 1, 3, 3), D], 1).permute(0, 2, 1, 3).reshape(T, 1, 3, 12)
-        d_e = (Dcat, self._rows_table(rows, E)) if factored else Dcat @ self._rows_table(rows, E)  # (T, 70, 3, E)
+        if factored == "split":
+            d_e = (Dcat, self._split_tables(rows, E))
+        else:
+            d_e = (Dcat, self._rows_table(rows, E)) if factored else Dcat @ self._rows_table(rows, E)  # (T, 70, 3, E)
         A = eye3 + torch.einsum("tnk,tkab->tnab", w, D)  # (T, N, 3, 3) d x / d v
         dR = rotation_jacobian(aa, R.reshape(-1, 3, 3)).reshape(T, 3, 3, 3, 3)  # d R / d axis-angle per joint
         dv = torch.einsum("tkip,kitna->tkpna", dR.reshape(T, 3, 9, 3), P)  # (T, k, 3, N, 3) pose correctives
