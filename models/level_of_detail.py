@@ -48,6 +48,7 @@ from torch import Tensor
 from models.camera import Camera
 from models.flame.subdivision import SubdivisionPlan
 from models.gaussians import GaussianCloud, rotmat_to_quat
+from models.identity_field import IdentityField
 
 OPACITY_MODES = ("optical_depth", "mass")
 # Largest merged opacity (the rasterizers cap one Gaussian's alpha at 0.99 / 0.999 anyway).
@@ -332,6 +333,48 @@ def parse_lod(value: str | int, full_level: int) -> str | int:
                      f"{value!r}")
 
 
+def coarser_field(field: IdentityField, plan: SubdivisionPlan, levels_down: int = 1) -> IdentityField:
+    """The trained ``field`` (on ``plan``'s finest level L) evaluated on its own mesh ``levels_down`` levels coarser:
+    the network-side level of detail, for renders whose network runs every frame (a new code per frame).
+
+    Midpoint subdivision keeps the coarse vertices as a prefix, so the coarse field is the same network fed the
+    first V_c vertices' inputs (template features and Fourier features, unchanged) on the coarse faces: its raw
+    output at those vertices is bit-identical to the fine field's there, and the network does 1/4 of the work per
+    level.  Gaussians are sized by the local edge length (:meth:`IdentityField.attach`), so on the coarse mesh each
+    is about twice as wide and covers its dropped neighbours; colour and opacity are the vertex's own (a subsample,
+    not an average as :func:`merge_to_coarser` takes: that merge needs the fine cloud, i.e. the full network, first).
+    Quality against full detail: benchmarks/results/lead_cpu_2026-12-07d.md.  The 3D filter keeps the vertices'
+    sampling rates.  Posed vertices: the first ``plan.num_vertices(L - levels_down)`` rows of the fine ones.
+
+    Returns a new field on ``field``'s device in eval mode (no tensors shared; its parameters require gradients
+    when ``field``'s do)."""
+    level = plan.levels
+    if field.num_vertices != plan.num_vertices(level):
+        raise ValueError(f"coarser_field: the field has {field.num_vertices} vertices, the plan's level {level} has "
+                         f"{plan.num_vertices(level)}")
+    if not 1 <= levels_down <= level:
+        raise ValueError(f"coarser_field: levels_down must be 1..{level}, got {levels_down}")
+    vc = plan.num_vertices(level - levels_down)
+    dev = field.template_verts.device
+    coarse = IdentityField(field.cfg, field.num_identities, field.template_verts[:vc].cpu(),
+                           torch.as_tensor(plan.faces[level - levels_down]))
+    per_vertex = ("template_features", "template_verts", "faces")  # the coarse mesh's own
+    state = {k: v for k, v in field.state_dict().items() if k not in per_vertex}
+    missing, unexpected = coarse.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k not in per_vertex]:
+        raise ValueError(f"coarser_field: state mismatch (missing {missing}, unexpected {unexpected})")
+    coarse = coarse.to(dev)
+    with torch.no_grad():
+        if field.template_features is not None:
+            coarse.template_features.copy_(field.template_features[:vc])
+        coarse.fourier = field.fourier[:vc].clone()  # the same inputs by construction (same bounding box)
+    if field.sampling_rate is not None:
+        coarse.set_sampling_rate(field.sampling_rate[:vc])
+    for p_ in coarse.parameters():
+        p_.requires_grad_(any(q.requires_grad for q in field.parameters()))
+    return coarse.eval()
+
+
 @dataclass
 class LevelOfDetail:
     """The level-of-detail versions of one posed head, for an opt-in render path (defaults elsewhere unchanged).
@@ -444,5 +487,5 @@ class LevelOfDetail:
         return list(range(self.full_level - len(self.levels) + 1, self.full_level + 1))
 
 
-__all__ = ["LOD_MODES", "LevelOfDetail", "MergeShares", "coarsest_level", "lod_mode", "parse_lod", "footprint_px",
-           "merge_shares", "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]
+__all__ = ["LOD_MODES", "LevelOfDetail", "MergeShares", "coarser_field", "coarsest_level", "lod_mode", "parse_lod",
+           "footprint_px", "merge_shares", "merge_to_coarser", "pick_level", "OPACITY_MODES", "FOOTPRINT_PX"]

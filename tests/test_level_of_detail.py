@@ -197,3 +197,38 @@ def test_parse_lod_and_coarsest_level():
             parse_lod(bad, 3)
     assert coarsest_level("auto", 3, 1) == 2 and coarsest_level("auto", 1, 3) == 0
     assert coarsest_level(parse_lod("1", 3), 3, 1) == 1
+
+
+def test_coarser_field_runs_the_same_network_on_the_coarse_prefix():
+    """coarser_field: the raw network output at the kept (prefix) vertices is the fine field's, Gaussians there are
+    about twice as wide (edge length), the 3D filter's rates follow the prefix, and a flat grid's coarse render
+    looks like the fine one."""
+    from models.identity_field import IdentityField, IdentityFieldConfig
+    from models.level_of_detail import coarser_field
+
+    v0, f0 = _grid(7, 0.03)
+    out, plan = subdivide(v0, f0, 2, return_plan=True)
+    verts = torch.as_tensor(out[-1][0], dtype=torch.float32)
+    torch.manual_seed(0)
+    fine = IdentityField(IdentityFieldConfig(hidden=16, synth_layers=2, style_dim=32, code_dim=8, feat_dim=4,
+                                             head_init_std=0.1), 2, verts, out[-1][1])
+    with torch.no_grad():
+        fine.template_features.normal_()
+    fine.set_sampling_rate(torch.linspace(100.0, 400.0, fine.num_vertices))
+    coarse = coarser_field(fine, plan, 1)
+    vc = plan.num_vertices(1)
+    assert coarse.num_vertices == vc and not coarse.training
+    assert torch.equal(coarse.sampling_rate, fine.sampling_rate[:vc])
+    with torch.no_grad():
+        w = fine.style(fine.codes.weight[:1], update_w_avg=False)
+        assert torch.allclose(coarse.synthesize_raw(w), fine.synthesize_raw(w)[:, :vc], atol=1e-6)
+        a, b = fine.synthesize(w, verts[None]), coarse.synthesize(w, verts[None, :vc])
+    inner = (verts[:vc, :2].abs() < 0.05).all(-1)  # away from the border (edge lengths there are one-sided)
+    ratio = (b.scales[0, inner, :2] / a.scales[0, :vc][inner, :2]).median()
+    assert 1.6 < float(ratio) < 2.4, float(ratio)
+    assert bool((b.opacities[0] >= a.opacities[0, :vc] - 1e-6).all())  # wider under the same filter: damped less
+    with pytest.raises(ValueError, match="levels_down"):
+        coarser_field(fine, plan, 3)
+    cam = _camera(0.4)
+    full, low = render(a[0], cam)["image"], render(b[0], cam)["image"]
+    assert float(psnr(low, full)) > 20.0
