@@ -505,7 +505,7 @@ def test_gaussian_colour_residual_changes_each_gaussians_colour_only(fit_model):
 
 
 def test_gaussian_colour_refinement_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
-    """--video_refine.gaussian_colour true: code.pt stores a residual of every raw channel whose SH DC part is
+    """--video_refine.gaussian_colour (default on): code.pt stores a residual of every raw channel whose SH DC part is
     not zero (the per-Gaussian colour was fitted), metrics.json records the option and the residual's size; off: the
     7-channel residual as before."""
     from utils.data.code_file import load_code
@@ -514,8 +514,7 @@ def test_gaussian_colour_refinement_end_to_end(clip, fit_model, tmp_path):  # no
     root, frames, lm = clip
     model = load_model(fit_model)
     C = model.field.channels
-    m = _run(fit_model, root, frames, lm, tmp_path / "a", extra=["--video_refine.gaussian_colour", "true",
-                                                                 "--export.turntable", "false"])
+    m = _run(fit_model, root, frames, lm, tmp_path / "a", extra=["--export.turntable", "false"])  # the default
     code = load_code(tmp_path / "a" / "code.pt", model)
     assert code.gaussians.shape == (model.field.num_vertices, model.field.K, C)
     assert float(code.gaussians[..., 3:6].abs().max()) > 0 and m["refine"]["gaussian_colour"]

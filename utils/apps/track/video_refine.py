@@ -8,7 +8,7 @@ fixed, jointly and with Adam, on batches of training frames,
     gaussians  a per-Gaussian residual (V, K, 7) of the network's pre-activation position offset, log-scale and
                opacity (models.identity_field.RESIDUAL_CHANNELS, IdentityField.add_residual): L2 towards zero (the
                prior: the frozen network's Gaussians) per group plus a Laplacian smoothness over the subdivided mesh
-    gcolour    with ``gaussian_colour`` (off by default): a per-Gaussian RGB residual (V, K, 3) added to every
+    gcolour    with ``gaussian_colour`` (default on): a per-Gaussian RGB residual (V, K, 3) added to every
                Gaussian's SH DC term, L2 towards zero plus a Laplacian over the subdivided mesh
                (``gaussian_colour_*``): the colour residual above lives on the level-0 vertices (2,208 for the CPU
                preset: about one per 2 x 2 pixels of a 100-pixel face) under a strong smoothness
