@@ -37,17 +37,19 @@ GUARD = 0.15
 
 
 @torch.no_grad()
-def sampling_rate(vertices: Tensor, cameras: Sequence[Sequence[Camera]], near: float = 0.01) -> Tensor:
+def sampling_rate(vertices: Tensor, cameras: Sequence[Sequence[Camera]], near: float = 0.01,
+                  unseen_smallest: bool = True) -> Tensor:
     """Per-vertex maximal sampling rate nu (pixels per world unit) of the training views.
 
     Args:
         vertices: (I, V, 3) world-space vertices of I identities (the subdivided face mask the Gaussians sit on).
         cameras: I lists of that identity's training cameras.
         near: vertices closer than this to a camera (camera-space z) do not count.
+        unseen_smallest: vertices that no view sees get the smallest rate of the seen ones (the largest filter), as
+            Mip-Splatting does; False: 0 (no rate of their own, e.g. to keep another set of views' rate there).
     Returns:
         (V,) float32 on the vertices' device: max over identities and cameras that see the vertex of
-        ``max(fx, fy) / z``.  Vertices that no view sees get the smallest rate of the seen ones (the largest
-        filter), as Mip-Splatting does; ValueError when no vertex is seen at all.
+        ``max(fx, fy) / z``, unseen vertices as above; ValueError when no vertex is seen at all.
     """
     if vertices.dim() != 3 or vertices.shape[-1] != 3:
         raise ValueError(f"sampling_rate: vertices must be (I, V, 3), got {tuple(vertices.shape)}")
@@ -70,7 +72,8 @@ def sampling_rate(vertices: Tensor, cameras: Sequence[Sequence[Camera]], near: f
     seen = nu > 0
     if not bool(seen.any()):
         raise ValueError("sampling_rate: no training camera sees any vertex (check the cameras and the vertices)")
-    nu = torch.where(seen, nu, nu[seen].min())
+    if unseen_smallest:
+        nu = torch.where(seen, nu, nu[seen].min())
     return nu.float()
 
 

@@ -35,12 +35,13 @@ def clip(tmp_path_factory):
     return root, frames, lm
 
 
-def _run(fit_model, root, frames, lm, out, progress=False):  # noqa: F811
+def _run(fit_model, root, frames, lm, out, progress=False, extra: Sequence[str] = ()):  # noqa: F811
     from track import main
 
     with single_thread():
         return main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm),
-                     "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, "--progress", str(progress).lower()])
+                     "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, "--progress", str(progress).lower(),
+                     *extra])
 
 
 def test_video_avatar_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
@@ -480,3 +481,114 @@ def test_coverage_term_pulls_the_training_frames_alpha_to_their_masks(clip, fit_
     m2 = run(tmp_path / "c", "--video_refine.alpha_weight", "20", "--video_refine.alpha_outside", "false",
              "--video_refine.iterations", "4")
     assert len(seen) == 4 and all(s[2] for s in seen) and not m2["refine"]["alpha_outside"]
+
+
+def test_gaussian_colour_residual_changes_each_gaussians_colour_only(fit_model):  # noqa: F811
+    """colour_residual: a per-Gaussian RGB residual (V, K, 3) becomes a residual of every raw channel that adds
+    exactly that RGB to each Gaussian's colour (0.5 + SH_C0 * DC) and leaves positions, scales, opacities alone."""
+    from models.gaussians import SH_C0
+    from utils.apps.track.video_refine import colour_residual
+    from utils.data.code_file import code_cloud
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model)
+    f = model.field
+    with torch.no_grad():
+        w = f.style(f.codes.weight[:1], update_w_avg=False)[0]
+        rgb = 0.1 * torch.randn(f.num_vertices, f.K, 3, generator=torch.Generator().manual_seed(0))
+        res = colour_residual(rgb, f.channels)
+        assert res.shape == (f.num_vertices, f.K, f.channels)
+        a, b = code_cloud(model, w, model.base_vertices[0], None, res), code_cloud(model, w, model.base_vertices[0])
+    assert torch.allclose(SH_C0 * (a.sh[:, 0] - b.sh[:, 0]), rgb.reshape(-1, 3), atol=1e-5)
+    for k in ("means", "scales", "opacities", "quats"):
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+def test_gaussian_colour_refinement_end_to_end(clip, fit_model, tmp_path):  # noqa: F811
+    """--video_refine.gaussian_colour (default on): code.pt stores a residual of every raw channel whose SH DC part is
+    not zero (the per-Gaussian colour was fitted), metrics.json records the option and the residual's size; off: the
+    7-channel residual as before."""
+    from utils.data.code_file import load_code
+    from utils.data.model_file import load_model
+
+    root, frames, lm = clip
+    model = load_model(fit_model)
+    C = model.field.channels
+    m = _run(fit_model, root, frames, lm, tmp_path / "a", extra=["--export.turntable", "false"])  # the default
+    code = load_code(tmp_path / "a" / "code.pt", model)
+    assert code.gaussians.shape == (model.field.num_vertices, model.field.K, C)
+    assert float(code.gaussians[..., 3:6].abs().max()) > 0 and m["refine"]["gaussian_colour"]
+    assert m["refine"]["flame_correction"]["gaussian_colour_rms"] > 0
+    m0 = _run(fit_model, root, frames, lm, tmp_path / "b", extra=["--video_refine.gaussian_colour", "false",
+                                                                  "--export.turntable", "false"])
+    assert load_code(tmp_path / "b" / "code.pt", model).gaussians.shape[-1] == 7 and not m0["refine"]["gaussian_colour"]
+
+
+def test_clip_sampling_rate_is_the_finer_of_the_models_and_the_clips():
+    """--video_filter_3d clip: per vertex the larger of the model's rate and the clip's frames' (fx / depth);
+    vertices no frame sees keep the model's rate."""
+    from types import SimpleNamespace
+
+    from utils.apps.track.video import clip_sampling_rate
+    from utils.face.flame_fit import make_camera
+
+    # the fitted camera looks down the world's -z axis from the origin: depth = -z
+    verts = torch.tensor([[0.0, 0.0, -1.0], [0.01, 0.0, -1.0], [5.0, 0.0, -1.0]])  # the third: outside the frame
+    field = SimpleNamespace(sampling_rate=torch.tensor([500.0, 2000.0, 500.0]), filter_variance=torch.ones(3))
+    model = SimpleNamespace(field=field, vertices=lambda b: b)
+    cams = [make_camera(1000.0, (200, 200)), make_camera(800.0, (200, 200))]
+    rate = clip_sampling_rate(model, [verts, verts * 2.0], cams)  # the second frame: twice as far, shorter focal
+    assert torch.allclose(rate, torch.tensor([1000.0, 2000.0, 500.0]))
+    assert clip_sampling_rate(SimpleNamespace(field=SimpleNamespace(sampling_rate=None, filter_variance=None),
+                                              vertices=lambda b: b), [verts], cams[:1]) is None
+
+
+def test_video_filter_3d_clip_end_to_end(clip, fit_model, tmp_path, capsys):  # noqa: F811
+    """--video_filter_3d clip: code.pt carries the merged rate (never below the model's), metrics.json says so,
+    code_filter applies it for a block and gives the model's back, resolve_key (animate.py, interpolate.py, the
+    viewer) sets it on the model and lowers its 3D filter; the code.pt survives load_code; an unknown mode is refused
+    with one line naming the option."""
+    from utils.data.code_file import code_filter, load_code
+    from utils.data.model_file import load_model
+    from utils.identity import resolve_key
+
+    root, frames, lm = clip
+    model = load_model(fit_model)
+    assert model.field.sampling_rate is not None, "the test model has no 3D filter: nothing to test"
+    base_rate, base_var = model.field.sampling_rate.clone(), model.field.filter_variance.clone()
+    m = _run(fit_model, root, frames, lm, tmp_path / "a", extra=["--video_filter_3d", "clip",
+                                                                 "--export.turntable", "false"])
+    assert m["filter_3d"]["mode"] == "clip" and 0 < m["filter_3d"]["sigma_ratio_median"] <= 1
+    code = load_code(tmp_path / "a" / "code.pt", model)
+    assert code.sampling_rate is not None and bool((code.sampling_rate >= base_rate).all())
+    assert bool((code.sampling_rate > base_rate).any()), "the clip's frames should be finer somewhere"
+    with code_filter(model, code):
+        assert torch.equal(model.field.sampling_rate, code.sampling_rate)
+    assert torch.equal(model.field.sampling_rate, base_rate) and torch.equal(model.field.filter_variance, base_var)
+    resolve_key(model, str(tmp_path / "a" / "code.pt"), torch.device("cpu"))
+    assert torch.equal(model.field.sampling_rate, code.sampling_rate)
+    assert bool((model.field.filter_variance <= base_var + 1e-12).all())
+    m0 = _run(fit_model, root, frames, lm, tmp_path / "b", extra=["--video_filter_3d", "model",
+                                                                  "--export.turntable", "false"])
+    assert m0["filter_3d"] == {"mode": "model", "sigma_ratio_median": None}
+    assert load_code(tmp_path / "b" / "code.pt", model).sampling_rate is None
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _run(fit_model, root, frames, lm, tmp_path / "c", extra=["--video_filter_3d", "bogus"])
+    assert "--video_filter_3d must be one of" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_highpass_ratio_scores_blur_below_the_photo():
+    """highpass_ratio: 1 for the photo itself, lower the more the render is blurred, NaN without an interior."""
+    from utils.apps.track.video import highpass_ratio
+
+    g = torch.Generator().manual_seed(0)
+    photo = torch.rand(40, 40, 3, generator=g)
+    mask = torch.zeros(40, 40, 1)
+    mask[5:35, 5:35] = 1.0
+    k = torch.ones(1, 1, 3, 3) / 9.0
+    blurred = torch.nn.functional.conv2d(photo.permute(2, 0, 1)[:, None], k, padding=1)[:, 0].permute(1, 2, 0)
+    twice = torch.nn.functional.conv2d(blurred.permute(2, 0, 1)[:, None], k, padding=1)[:, 0].permute(1, 2, 0)
+    assert highpass_ratio(photo, photo, mask) == pytest.approx(1.0)
+    assert 0 < highpass_ratio(twice, photo, mask) < highpass_ratio(blurred, photo, mask) < 0.5
+    assert np.isnan(highpass_ratio(photo, photo, torch.zeros(40, 40, 1)))

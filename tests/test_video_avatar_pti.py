@@ -42,7 +42,8 @@ def test_pivotal_tuning_is_baked_into_code(clip, fit_model, tmp_path, monkeypatc
     with single_thread():
         m = main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm),
                   "--flame_dir", str(root / "flame"), "--out", str(out), *FAST, "--video_refine.flame", "false",
-                  "--video_refine.gaussians", "false", "--video_refine.network_lr", "0.01"])
+                  "--video_refine.gaussians", "false", "--video_refine.network_lr", "0.01",
+                  "--video_refine.gaussian_colour", "false"])  # the residual then holds the tuning alone
     assert len(copies) == 1 and m["refine"]["network_lr"] == 0.01
     model = load_model(fit_model)
     f, net = model.field, copies[0]

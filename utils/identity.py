@@ -21,7 +21,7 @@ from models.geometry import head_pose, similarity_fit
 from models.identity_field import full_residual
 from models.posing import HeadAnimator, PosableIdentity
 from utils.data.camera_params import load_camera_params
-from utils.data.code_file import FittedCode, load_code
+from utils.data.code_file import FittedCode, load_code, use_code_filter
 from utils.data.model_file import TrainedModel
 
 # ====================================================================================== mixing
@@ -69,7 +69,8 @@ def schedule(num_keys: int, frames: int, loop: bool) -> list[tuple[int, int, flo
 
 
 def resolve_key(model: TrainedModel, key: str, device: torch.device) -> FittedCode:
-    """A training identity (by name) or a fitted code.pt -> FittedCode (w, z or None, base vertices (M, 3))."""
+    """A training identity (by name) or a fitted code.pt -> FittedCode (w, z or None, base vertices (M, 3)); a code.pt
+    with its own 3D-filter sampling rate sets it on ``model`` (code_file.use_code_filter)."""
     if key in model.identities:
         i = model.identity_index(key)
         with torch.no_grad():
@@ -79,7 +80,9 @@ def resolve_key(model: TrainedModel, key: str, device: torch.device) -> FittedCo
                           flame=None if model.flame_params is None else model.identity_flame(i).to(device))
     p = Path(key)
     if p.is_file():
-        return load_code(p, model, device)
+        code = load_code(p, model, device)
+        use_code_filter(model, code)  # a video fit's finer 3D filter (track.py --video_filter_3d clip)
+        return code
     if p.suffix == ".pt" or os.sep in key:
         raise FileNotFoundError(f"fitted code not found: {p} (a code.pt written by track.py)")
     shown = model.identities[:10]

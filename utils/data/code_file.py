@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -20,8 +21,9 @@ from utils.core.torch_files import atomic_torch_save, load_tagged
 from utils.data.model_file import TrainedModel
 
 CODE_FORMAT = "identity-field-code"
-CODE_VERSION = 5  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
-#                    the fitted frame ("flame"); 5: optional per-Gaussian residual ("gaussians"); older files still load
+CODE_VERSION = 6  # 2: optional per-vertex colour residual ("colour"); 3: "model_fingerprint"; 4: FLAME parameters of
+#                    the fitted frame ("flame"); 5: optional per-Gaussian residual ("gaussians"); 6: optional
+#                    per-vertex 3D-filter sampling rate ("sampling_rate"); older files still load
 
 
 @dataclass
@@ -35,7 +37,10 @@ class FittedCode:
     ``gaussians`` (V, K, 7): a per-Gaussian residual of the network's pre-activation position offset, log-scale and
     opacity (``models.identity_field.RESIDUAL_CHANNELS``, added by ``IdentityField.add_residual``; track.py's video
     refinement; None: none), or (V, K, C) in every raw channel (the video refinement with pivotal tuning: the tuned
-    network's output for ``w`` minus the model's, so that the model itself stays as it is)."""
+    network's output for ``w`` minus the model's, so that the model itself stays as it is), and ``sampling_rate``
+    (V,): the per-vertex sampling rate of the Mip-Splatting 3D filter the code was fitted with when it is not the
+    model's (track.py --video_filter_3d clip: the model's and the clip's, the larger), None: the model's;
+    :func:`use_code_filter` sets it on the model."""
 
     w: Tensor
     z: Tensor | None
@@ -45,6 +50,33 @@ class FittedCode:
     colour: Tensor | None = None
     flame: FlameParams | None = None
     gaussians: Tensor | None = None
+    sampling_rate: Tensor | None = None
+
+
+def use_code_filter(model: TrainedModel, code: FittedCode) -> None:
+    """Render ``model`` with the 3D filter ``code`` was fitted with: the field's per-vertex sampling rate becomes the
+    larger of its own and the code's (a finer filter where the code's frames saw the face larger; several codes in
+    one process, e.g. interpolate.py's keys, each lower it where they need).  Nothing happens for a code without
+    one or a model without the 3D filter."""
+    f = model.field
+    if code.sampling_rate is None or f.sampling_rate is None or f.filter_variance is None:
+        return
+    f.set_sampling_rate(torch.maximum(f.sampling_rate, code.sampling_rate.detach().float().cpu()))
+
+
+@contextmanager
+def code_filter(model: TrainedModel, code: FittedCode) -> Iterator[None]:
+    """:func:`use_code_filter` for the ``with`` block only: the model's own 3D filter comes back after it (a benchmark
+    that renders several codes with one model, e.g. a video fit's and a photo fit's, must not render the second with
+    the first one's filter)."""
+    f = model.field
+    rate = f.sampling_rate
+    use_code_filter(model, code)
+    try:
+        yield
+    finally:
+        if f.sampling_rate is not rate:
+            f.set_sampling_rate(rate)
 
 
 def colour_offsets(model: TrainedModel, colour: Tensor) -> Tensor:
@@ -91,6 +123,7 @@ def save_code(path: str | os.PathLike, code: FittedCode, model: TrainedModel, ch
         "base_vertices": code.base_vertices.detach().cpu(),
         "colour": None if code.colour is None else code.colour.detach().cpu(),
         "gaussians": None if code.gaussians is None else code.gaussians.detach().cpu(),
+        "sampling_rate": None if code.sampling_rate is None else code.sampling_rate.detach().float().cpu(),
         "flame": None if code.flame is None else code.flame.as_dict(),  # plain tensors (FlameParams.as_dict)
         "checkpoint": str(checkpoint), "signature": model_signature(model), "meta": code.meta,
         "model_fingerprint": model.fingerprint,  # SHA-256 of the weights it was fitted with (utils.data.model_file)
@@ -142,6 +175,10 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
             raise ValueError(f"{path}: per-Gaussian residual of shape {tuple(gaussians.shape)} does not match the "
                              f"model's {want[0]} or {want[1]} (vertices x Gaussians per vertex x channels); fit it "
                              f"again with this model")
+    rate = doc.get("sampling_rate")  # version 1 to 5 files: the model's 3D filter
+    if rate is not None and model is not None and tuple(rate.shape) != (model.field.num_vertices,):
+        raise ValueError(f"{path}: 3D-filter sampling rate of shape {tuple(rate.shape)} does not match the model's "
+                         f"{model.field.num_vertices} vertices; fit it again with this model")
     if colour is not None and tuple(colour.shape) != tuple(base.shape):
         raise ValueError(f"{path}: colour residual of shape {tuple(colour.shape)} does not match the base vertices "
                          f"{tuple(base.shape)}")
@@ -149,7 +186,8 @@ def load_code(path: str | os.PathLike, model: TrainedModel | None = None, device
                       base_vertices=base, name=str(doc.get("name", path.stem)), meta=dict(doc.get("meta", {})),
                       colour=None if colour is None else colour.float().to(device),
                       flame=None if flame is None else FlameParams.from_dict(flame, str(path)).to(device),
-                      gaussians=None if gaussians is None else gaussians.float().to(device))
+                      gaussians=None if gaussians is None else gaussians.float().to(device),
+                      sampling_rate=None if rate is None else rate.float().cpu())
 
 
 def render_style(model: TrainedModel, w: Tensor, base: Tensor, cameras: Sequence[Camera], backend: str = "auto",

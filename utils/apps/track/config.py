@@ -145,6 +145,16 @@ class VideoRefineConfig:
     opacity_weight: float = 0.01  # L2 pull of the opacity-logit residual towards zero
     colour_weight: float = 0.05  # L2 pull of the colour residual towards zero (the photo fit's is fit.colour_weight)
     gaussian_laplacian_weight: float = 1.0  # squared uniform Laplacian of the residual over the subdivided mesh
+    # a per-Gaussian RGB residual (every Gaussian of the subdivided mesh, not the level-0 vertices the colour
+    # residual above lives on, and with its own smoothness): code.pt then stores the per-Gaussian residual
+    # with every raw channel (V, K, C), which animate.py / interpolate.py / the viewer apply like any other.  On by
+    # default since 2026-12-07d with Laplacian weight 10 (held-out frames female +0.29, male +1.06, synthetic +0.30 /
+    # +0.09 dB; synthetic novel cameras +0.05 / -0.04 dB); weight 1 or 3 cost identity 030's novel cameras 0.05-0.07
+    # dB (benchmarks/results/t-sharp_cpu_2026-12-07d.md)
+    gaussian_colour: bool = True  # refine a per-Gaussian RGB residual (added to the SH DC term)
+    gaussian_colour_lr: float = 0.02  # its Adam learning rate (RGB units); decays like fit.lr
+    gaussian_colour_weight: float = 0.05  # L2 pull of the per-Gaussian RGB residual towards zero
+    gaussian_colour_laplacian_weight: float = 10.0  # squared uniform Laplacian of it over the subdivided mesh
     # refine the training frames' FLAME photometrically (corrections of the landmark tracking).  Off by default: on
     # the synthetic clip (exact landmarks) it raised the held-out frames' PSNR by 0.3-0.4 dB but lowered the novel
     # cameras' by 0.1-0.2 dB (benchmarks/results/video_avatar_refine_cpu.md); worth trying on noisy real tracking
@@ -212,7 +222,8 @@ class VideoRefineConfig:
 
     RANGES = {"iterations": Range(0), "batch": Range(0), "gaussian_lr": Range(0), "offset_weight": Range(0),
               "scale_weight": Range(0), "opacity_weight": Range(0), "colour_weight": Range(0),
-              "gaussian_laplacian_weight": Range(0),
+              "gaussian_laplacian_weight": Range(0), "gaussian_colour_lr": Range(0),
+              "gaussian_colour_weight": Range(0), "gaussian_colour_laplacian_weight": Range(0),
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
               "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0),
@@ -220,6 +231,7 @@ class VideoRefineConfig:
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")
+VIDEO_FILTERS_3D = ("model", "clip")
 EXPOSURE_EXTRAPOLATIONS = ("mean", "hold")
 
 
@@ -247,6 +259,14 @@ class TrackConfig:
     heldout_every: int = 8  # video mode: every k-th frame is held out (never fitted; 0: none)
     heldout_tail: float = 0.1  # video mode: the last fraction of the clip is held out too
     video_batch: int = 4  # video mode: frames per Adam step of the fit
+    # video mode: the model's Mip-Splatting 3D filter (a minimum world size per Gaussian) is set by the rate at which
+    # its TRAINING cameras sampled each vertex; a clip that sees the face larger is blurred to that rate (female clip:
+    # a 1.6 px filter sigma on Gaussians of 0.7-0.9 px).  "clip" (default since 2026-12-07d: held-out frames female
+    # +1.0, male +1.2 dB, synthetic novel cameras unchanged; benchmarks/results/t-sharp_cpu_2026-12-07d.md): the rate
+    # is the larger of the model's and the clip's training frames' per vertex (Mip-Splatting's rule, with the clip as
+    # more training views), for the fit, the evaluation and code.pt (``sampling_rate``, applied by animate.py /
+    # interpolate.py / the viewer); "model": as trained
+    video_filter_3d: str = "clip"  # video mode: 3D filter rate: "clip" (finer of the model's and the clip's), "model"
     # photo-only (--image) and video modes: pixels of a photo / frame that are no data, left out of the fit's loss
     # (the render stands in for the photo there, as training's loss.rim_band does): the photos are black outside the
     # face mask only because the mask cut them, but the avatar's surface goes on there; supervising them as black

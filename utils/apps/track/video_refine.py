@@ -8,6 +8,12 @@ fixed, jointly and with Adam, on batches of training frames,
     gaussians  a per-Gaussian residual (V, K, 7) of the network's pre-activation position offset, log-scale and
                opacity (models.identity_field.RESIDUAL_CHANNELS, IdentityField.add_residual): L2 towards zero (the
                prior: the frozen network's Gaussians) per group plus a Laplacian smoothness over the subdivided mesh
+    gcolour    with ``gaussian_colour`` (default on): a per-Gaussian RGB residual (V, K, 3) added to every
+               Gaussian's SH DC term, L2 towards zero plus a Laplacian over the subdivided mesh
+               (``gaussian_colour_*``): the colour residual above lives on the level-0 vertices (2,208 for the CPU
+               preset: about one per 2 x 2 pixels of a 100-pixel face) under a strong smoothness
+               (fit.colour_laplacian_weight 10), and the network's colour follows the style alone, so nothing can
+               draw an edge sharper than the level-0 mesh; returned inside a residual of every raw channel (V, K, C)
     shape      with ``flame_shape`` (default on): one correction of the clip's FLAME shape, shared by every frame
                (held-out frames included: it is the person's, learnt from the training frames), pulled towards the
                landmark fit (``flame_prior``, 1 shape standard deviation).  Landmarks alone leave the shape off by
@@ -64,7 +70,7 @@ from tqdm import tqdm
 
 from models.camera import Camera
 from models.flame import FlameModel, FlameParams, FlameSubset, axis_angle_to_matrix
-from models.gaussians import GaussianCloud
+from models.gaussians import SH_C0, GaussianCloud
 from models.geometry import UniformLaplacian
 from models.identity_field import RESIDUAL_CHANNELS, full_residual
 from models.renderer import render_identities
@@ -207,6 +213,14 @@ class _FrameCorrections(torch.nn.Module):
         return refined_camera(camera, self.focal.exp()[0], self.principal, focal)
 
 
+def colour_residual(rgb: Tensor, channels: int) -> Tensor:
+    """A per-Gaussian RGB residual (V, K, 3) in colour units as a residual of every raw channel (V, K, ``channels``):
+    zero except the SH DC term (raw channels 3..5, after the 3 offset channels; models.identity_field.full_residual's
+    layout), which holds ``rgb / SH_C0`` (a Gaussian's colour is 0.5 + SH_C0 * DC with sh_degree 0)."""
+    z = rgb.new_zeros(*rgb.shape[:-1], channels)
+    return torch.cat([z[..., :3], rgb / SH_C0, z[..., 6:]], -1)
+
+
 def _batches(n: int, batch: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     while True:
@@ -271,6 +285,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     use_colour = bool(fit.refine_colour and fit.colour_iterations > 0)  # fit.colour_iterations 0: no colour residual
     colour = torch.zeros(M, 3, device=dev, requires_grad=use_colour)
     gauss = torch.zeros(f.num_vertices, f.K, len(RESIDUAL_CHANNELS), device=dev, requires_grad=bool(cfg.gaussians))
+    gcol = torch.zeros(f.num_vertices, f.K, 3, device=dev, requires_grad=bool(cfg.gaussian_colour))
     # per-frame exposure of the training frames: log gain and offset, zero-mean over the frames (the gauge)
     ex = cfg.exposure and cfg.iterations > 0
     log_gain = torch.zeros(len(train), 3, device=dev, requires_grad=ex)
@@ -291,6 +306,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         groups.append({"params": [colour], "lr": fit.colour_lr})
     if cfg.gaussians:
         groups.append({"params": [gauss], "lr": cfg.gaussian_lr})
+    if cfg.gaussian_colour:
+        groups.append({"params": [gcol], "lr": cfg.gaussian_colour_lr})
     if cfg.style_lr > 0:
         groups.append({"params": [wvar], "lr": cfg.style_lr})
     if tune:
@@ -309,7 +326,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     for g in groups:
         g["initial_lr"] = g["lr"]
     lap0 = UniformLaplacian(M, model.base_faces, dev)
-    lapv = UniformLaplacian(f.num_vertices, f.faces.cpu().numpy(), dev) if cfg.gaussians else None
+    lapv = (UniformLaplacian(f.num_vertices, f.faces.cpu().numpy(), dev) if cfg.gaussians or cfg.gaussian_colour
+            else None)
     gw = torch.tensor([cfg.offset_weight] * 3 + [cfg.scale_weight] * 3 + [cfg.opacity_weight], device=dev)
 
     def network_raw() -> Tensor:
@@ -322,6 +340,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                ) -> GaussianCloud:
         raw = network_raw() if raw is None else raw
         raw = raw if gs is None else f.add_residual(raw, gs)
+        if cfg.gaussian_colour:
+            raw = raw + colour_residual(gcol, f.channels)
         c = f.attach(raw, model.vertices(face(params_b)))  # (B, N)
         return c if col is None else with_colour(c, colour_offsets(model, col))
 
@@ -404,6 +424,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             gv = gauss.reshape(f.num_vertices, -1, len(RESIDUAL_CHANNELS))
             total = (total + (gv.square() * gw).sum(-1).mean()
                      + cfg.gaussian_laplacian_weight * lapv(gv.reshape(f.num_vertices, -1)).square().sum(-1).mean())
+        if cfg.gaussian_colour:
+            gc = gcol.reshape(f.num_vertices, -1)
+            total = (total + cfg.gaussian_colour_weight * gc.square().sum(-1).mean()
+                     + cfg.gaussian_colour_laplacian_weight * lapv(gc).square().sum(-1).mean())
         if fl or fs:  # corrections that are not refined stay zero and cost nothing
             total = total + cfg.flame_prior * corr.prior(idx)
         if cf or cp:
@@ -453,6 +477,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             delta = (net.synthesize_raw(wvar[None]) - f.synthesize_raw(wvar[None]))[0].float()
             residual = delta if residual is None else delta + full_residual(residual, f.channels)
             stats["network_delta_rms"] = float(delta.square().mean().sqrt())
+        if cfg.gaussian_colour and n:  # the per-Gaussian RGB residual joins the residual of every raw channel
+            cres = colour_residual(gcol.detach(), f.channels)
+            residual = cres if residual is None else full_residual(residual, f.channels) + cres
+            stats["gaussian_colour_rms"] = float(gcol.detach().square().mean().sqrt())
         cam = {"focal_scale": float(corr.focal.exp()), "principal_shift": [float(x) for x in corr.principal],
                "focal_px": focal0 * float(corr.focal.exp()), "tracked_focal_px": focal0,
                "principal_shift_px": [focal0 * float(x) for x in corr.principal], "dolly": dolly}
