@@ -263,3 +263,53 @@ def test_per_gaussian_residual_reaches_the_frames(fit_model, tmp_path):  # noqa:
     with torch.no_grad():
         want, plain = code_cloud(model, w, base, None, g).opacities, code_cloud(model, w, base).opacities
     assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, plain, atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def level1(fit_model):  # noqa: F811
+    """The small fit model (level 0) as a level-1 head: its network on the face mask subdivided once
+    (benchmarks/lod_quality.py's stand-in), so that --lod has a coarser level."""
+    from dataclasses import replace
+
+    from benchmarks.lod_quality import field_at_level
+    from utils.data.model_file import load_model
+
+    model = load_model(fit_model, torch.device("cpu"))
+    field, plan = field_at_level(model, 1)
+    return replace(model, field=field, plan=plan)
+
+
+def test_network_level_of_detail(level1, fit_model, fitted_code, tmp_path):  # noqa: F811
+    """--lod L: the network runs on the coarser mesh (coarser_field): the key frames' PLYs hold one Gaussian per
+    level-L vertex with the fitted key's colour residual on them, the frames look like full detail's; --lod auto and
+    a level beyond the model's are refused before anything is written."""
+    from dataclasses import replace
+
+    import cv2
+    import numpy as np
+
+    from models.gaussians import GaussianCloud
+    from utils.apps.interpolate import InterpolationConfig, interpolate
+
+    cfg = InterpolationConfig(checkpoint=str(fit_model), identities=["300", str(fitted_code)], frames=2, ply=True,
+                              width=40, height=48, progress=False, device="cpu")
+    with single_thread():
+        full = interpolate(replace(cfg, out=str(tmp_path / "full")), level1)
+        low = interpolate(replace(cfg, out=str(tmp_path / "low"), lod="0"), level1)
+    nc = level1.plan.num_vertices(0) * level1.field.K
+    assert low["network_level"] == 0 and low["gaussians"] == nc and full["network_level"] == 1
+    assert full["gaussians"] == level1.field.num_gaussians > nc
+    for key in ("key_00_300.ply", "key_01_017.ply"):
+        a = GaussianCloud.load_ply(tmp_path / "full" / "keyframes" / key)
+        b = GaussianCloud.load_ply(tmp_path / "low" / "keyframes" / key)
+        assert len(b) == nc
+        # the kept vertices' colours (network output + the fitted colour residual) are full detail's
+        assert torch.allclose(b.sh[:, 0], a.sh[:nc, 0], atol=1e-5)
+    for n in range(3):
+        x = cv2.imread(str(tmp_path / "full" / "frames" / f"frame_{n:05d}.png")).astype(np.float64) / 255
+        y = cv2.imread(str(tmp_path / "low" / "frames" / f"frame_{n:05d}.png")).astype(np.float64) / 255
+        assert 10 * math.log10(1 / max(((x - y) ** 2).mean(), 1e-12)) > 20.0
+    for bad in ("auto", "2"):
+        with pytest.raises(ValueError, match="--lod"):
+            interpolate(replace(cfg, out=str(tmp_path / f"bad_{bad}"), lod=bad), level1)
+        assert not (tmp_path / f"bad_{bad}" / "frames").exists()

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from models.camera import Camera
 from models.geometry import head_pose, similarity_fit
 from models.graphed_synthesis import GraphedSynthesis
+from models.level_of_detail import coarser_field, parse_lod
 from models.renderer import render
 from utils.core.atomic import atomic_write_json
 from utils.core.config import Range
@@ -75,6 +76,10 @@ class InterpolationConfig:
     out: str = "output/interpolation"  # output folder: frames/, interpolation.mp4, keys.json, keyframes/*.ply
     ply: bool = False  # also write a Gaussian PLY (3DGS layout) per key frame
     fps: float = 25.0  # video frame rate
+    # "off", or a subdivision level below the model's: the network runs every frame on the face mask at that coarser
+    # level (models/level_of_detail.coarser_field: per level down, a quarter of the network's work and about a third
+    # of the rasterizer's; a softer head; benchmarks/results/lead_cpu_2026-12-07d.md)
+    lod: str = "off"  # network level of detail: off, or a subdivision level 0..(the model's level - 1)
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # rasterizer: auto, torch, gsplat, inria
     progress: bool = True  # tqdm progress bar
@@ -139,6 +144,10 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
     device = resolve_device(cfg.device)
     if model is None:
         model = load_model(cfg.checkpoint, device)
+    lod = parse_lod(cfg.lod, model.plan.levels)
+    if lod == "auto":
+        raise ValueError(f"interpolate.py --lod takes off or a subdivision level 0..{model.plan.levels - 1}, got "
+                         f"{cfg.lod!r} (auto picks per camera in animate.py / viewer.py)")
     names = list(cfg.identities) or model.identities[: cfg.num_default]
     keys = [resolve_key(model, k, device) for k in names]
     total = num_frames(len(keys), cfg.frames, cfg.loop)
@@ -165,21 +174,25 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
     f = model.field.eval()
     for p in f.parameters():
         p.requires_grad_(False)
+    if lod != "off" and lod < model.plan.levels:  # the network on the coarser mesh: its vertices are a prefix
+        f = coarser_field(f, model.plan, model.plan.levels - lod)
+    vc, nc = f.num_vertices, f.num_gaussians
+    verts = lambda base: model.vertices(base)[..., :vc, :]  # noqa: E731  (level-L vertices -> the field's)
     # a new style every frame through the frozen network at batch 1: replayed from CUDA graphs on a GPU
-    synth = GraphedSynthesis(f, model.vertices(geo(0, 0, 0.0)), space="w", requires_grad=False,
+    synth = GraphedSynthesis(f, verts(geo(0, 0, 0.0)), space="w", requires_grad=False,
                              dynamic_geometry=cfg.geometry)
     with VideoStream(out / "interpolation.mp4", cfg.fps) as stream, torch.no_grad():  # one frame in memory
         for n, (i, j, t) in enumerate(tqdm(plan, desc="interpolating", disable=not cfg.progress, leave=False)):
             w = interpolate_codes(keys, i, j, t, cfg.method, space, f)
             gaussians = interpolate_gaussians(keys, i, j, t)
             if gaussians is not None:  # per-Gaussian residuals (video fits) enter before the attachment: no graph
-                cloud = f.attach(f.add_residual(f.synthesize_raw(w[None]), gaussians),
-                                 model.vertices(geo(i, j, t))[None])[0]
+                cloud = f.attach(f.add_residual(f.synthesize_raw(w[None]), gaussians[:vc]),
+                                 verts(geo(i, j, t))[None])[0]
             else:
-                cloud = synth(w, model.vertices(geo(i, j, t))) if cfg.geometry else synth(w)
+                cloud = synth(w, verts(geo(i, j, t))) if cfg.geometry else synth(w)
             colour = interpolate_colours(keys, i, j, t)
             if colour is not None:
-                cloud = with_colour(cloud, colour_offsets(model, colour))
+                cloud = with_colour(cloud, colour_offsets(model, colour)[:nc])
             deg = cfg.orbit * n / (total if cfg.loop else max(1, total - 1))
             cam = orbit(cam0, centre.to(device), R[:, 1].to(device), deg)
             img = render(cloud, cam, backend=cfg.backend)["image"].clamp(0, 1)
@@ -192,7 +205,8 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
                "loop": cfg.loop, "orbit": cfg.orbit, "num_frames": total, "width": cam0.width, "height": cam0.height,
                "video": str(video), "key_frames": [k * cfg.frames for k in range(len(keys))],
                "colour_residuals": [k.colour is not None for k in keys],
-               "gaussian_residuals": [k.gaussians is not None for k in keys]}
+               "gaussian_residuals": [k.gaussians is not None for k in keys],
+               "network_level": model.plan.levels if lod == "off" else lod, "gaussians": nc}
     atomic_write_json(summary, out / "keys.json")
     claim.finish()
     return summary
