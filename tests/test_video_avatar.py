@@ -524,6 +524,27 @@ def test_gaussian_colour_refinement_end_to_end(clip, fit_model, tmp_path):  # no
     assert load_code(tmp_path / "b" / "code.pt", model).gaussians.shape[-1] == 7 and not m0["refine"]["gaussian_colour"]
 
 
+def test_gaussian_boundary_rings_hold_the_residual_at_zero_on_the_rim(clip, fit_model, tmp_path):  # noqa: F811
+    """--video_refine.gaussian_boundary_rings R: the per-Gaussian position / log-scale / opacity residual is exactly
+    zero on the subdivided mesh's open boundary and the R - 1 rings inside it, and still fitted elsewhere (0: the
+    rim's residual is fitted like any other)."""
+    from utils.apps.track.fit import boundary_rings
+    from utils.data.code_file import load_code
+    from utils.data.model_file import load_model
+
+    root, frames, lm = clip
+    model = load_model(fit_model)
+    f = model.field
+    rim = boundary_rings(f.num_vertices, f.faces.cpu().numpy(), 2)
+    extra = ["--export.turntable", "false", "--video_refine.gaussian_colour", "false"]
+    _run(fit_model, root, frames, lm, tmp_path / "a", extra=[*extra, "--video_refine.gaussian_boundary_rings", "2"])
+    g = load_code(tmp_path / "a" / "code.pt", model).gaussians  # (V, K, 7): no per-Gaussian colour
+    assert g.shape[-1] == 7
+    assert float(g[rim].abs().max()) == 0.0 and float(g[~rim].abs().max()) > 0
+    _run(fit_model, root, frames, lm, tmp_path / "b", extra=extra)
+    assert float(load_code(tmp_path / "b" / "code.pt", model).gaussians[rim].abs().max()) > 0
+
+
 def test_clip_sampling_rate_is_the_finer_of_the_models_and_the_clips():
     """--video_filter_3d clip: per vertex the larger of the model's rate and the clip's frames' (fx / depth);
     vertices no frame sees keep the model's rate."""
@@ -541,6 +562,30 @@ def test_clip_sampling_rate_is_the_finer_of_the_models_and_the_clips():
     assert torch.allclose(rate, torch.tensor([1000.0, 2000.0, 500.0]))
     assert clip_sampling_rate(SimpleNamespace(field=SimpleNamespace(sampling_rate=None, filter_variance=None),
                                               vertices=lambda b: b), [verts], cams[:1]) is None
+
+
+def test_clip_sampling_rate_foreshortening_keeps_the_models_rate_at_grazing_angles():
+    """--video_filter_3d_foreshortening: a frame's rate counts times |cos| of its view angle, so a face the clip only
+    sees edge-on keeps the model's rate (without it: the clip's full rate), a face seen head-on the clip's."""
+    from types import SimpleNamespace
+
+    from utils.apps.track.video import clip_sampling_rate
+    from utils.face.flame_fit import make_camera
+
+    # the camera at the origin looks down -z; triangle 0-2 faces it, triangle 3-5 is edge-on (normal along x)
+    verts = torch.tensor([[0.0, 0.0, -1.0], [0.01, 0.0, -1.0], [0.0, 0.01, -1.0],
+                          [0.1, 0.0, -1.0], [0.1, 0.01, -1.0], [0.1, 0.0, -1.01]])
+    field = SimpleNamespace(sampling_rate=torch.full((6,), 100.0), filter_variance=torch.ones(6),
+                            faces=torch.tensor([[0, 1, 2], [3, 4, 5]]))
+    model = SimpleNamespace(field=field, vertices=lambda b: b)
+    cams = [make_camera(1000.0, (200, 200))]
+    plain = clip_sampling_rate(model, [verts], cams)
+    fs = clip_sampling_rate(model, [verts], cams, foreshortening=True)
+    assert float(plain[3:].min()) > 900  # fx / depth, whatever the angle
+    assert torch.equal(fs[3:], torch.full((3,), 100.0))  # |cos| ~ 0.1: the model's rate wins
+    assert float(fs[:3].min()) > 990 and torch.allclose(fs[:3], plain[:3], rtol=1e-3)
+    # boundary_rings: every vertex of these two triangles is on the open boundary -> the model's rate everywhere
+    assert torch.equal(clip_sampling_rate(model, [verts], cams, boundary_rings=1), field.sampling_rate)
 
 
 def test_video_filter_3d_clip_end_to_end(clip, fit_model, tmp_path, capsys):  # noqa: F811

@@ -145,6 +145,12 @@ class VideoRefineConfig:
     opacity_weight: float = 0.01  # L2 pull of the opacity-logit residual towards zero
     colour_weight: float = 0.05  # L2 pull of the colour residual towards zero (the photo fit's is fit.colour_weight)
     gaussian_laplacian_weight: float = 1.0  # squared uniform Laplacian of the residual over the subdivided mesh
+    # Where the clip's frames end (neck, chin underside) the residual's log-scale / opacity parts are 3-4x the
+    # interior's and, under --video_filter_3d clip, draw a speckled fringe at display size.  Holding them at zero
+    # there smooths it but cost the female clip's held-out frames 0.22-0.59 dB, so off
+    # (benchmarks/results/t-fringe_cpu_2026-12-07d.md)
+    gaussian_boundary_rings: int = 0  # residual held at 0 on the mesh's open boundary + (this - 1) rings (0: off)
+    gaussian_boundary_scale_only: bool = False  # hold only the log-scale residual there (offset / opacity free)
     # a per-Gaussian RGB residual (every Gaussian of the subdivided mesh, not the level-0 vertices the colour
     # residual above lives on, and with its own smoothness): code.pt then stores the per-Gaussian residual
     # with every raw channel (V, K, C), which animate.py / interpolate.py / the viewer apply like any other.  On by
@@ -222,7 +228,8 @@ class VideoRefineConfig:
 
     RANGES = {"iterations": Range(0), "batch": Range(0), "gaussian_lr": Range(0), "offset_weight": Range(0),
               "scale_weight": Range(0), "opacity_weight": Range(0), "colour_weight": Range(0),
-              "gaussian_laplacian_weight": Range(0), "gaussian_colour_lr": Range(0),
+              "gaussian_laplacian_weight": Range(0), "gaussian_boundary_rings": Range(0),
+              "gaussian_colour_lr": Range(0),
               "gaussian_colour_weight": Range(0), "gaussian_colour_laplacian_weight": Range(0),
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
@@ -267,6 +274,10 @@ class TrackConfig:
     # more training views), for the fit, the evaluation and code.pt (``sampling_rate``, applied by animate.py /
     # interpolate.py / the viewer); "model": as trained
     video_filter_3d: str = "clip"  # video mode: 3D filter rate: "clip" (finer of the model's and the clip's), "model"
+    # Two tries at the speckled neck / chin fringe of "clip" at display size, both off: they cost the female clip's
+    # held-out frames 0.12 / 1.19 dB (benchmarks/results/t-fringe_cpu_2026-12-07d.md)
+    video_filter_3d_foreshortening: bool = False  # "clip": each frame's rate times |cos| of its view angle
+    video_filter_3d_boundary_rings: int = 0  # "clip": the mask's boundary + (this - 1) rings keep the model's rate
     # photo-only (--image) and video modes: pixels of a photo / frame that are no data, left out of the fit's loss
     # (the render stands in for the photo there, as training's loss.rim_band does): the photos are black outside the
     # face mask only because the mask cut them, but the avatar's surface goes on there; supervising them as black

@@ -51,17 +51,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from models.camera import Camera
 from models.flame import FlameModel, FlameParams, save_nersemble_tracking
-from models.geometry import UniformLaplacian
+from models.geometry import UniformLaplacian, vertex_normals
 from models.mip_filter import sampling_rate
 from models.renderer import render
 from utils.apps.track.config import VIDEO_FILTERS_3D, FitConfig, TrackConfig
 from utils.apps.track.export import turntable
 from utils.apps.track.fit import LossWindow, photometric, plateau, start_candidates
+from utils.apps.track.fit import boundary_rings as boundary_rings_mask
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import detected_face_mask, frame_flame, no_data_mask, projected_face_mask
 from utils.apps.track.video_refine import apply_exposure, refine_video, refined_camera
@@ -301,15 +303,36 @@ def evaluate_frames(model: TrainedModel, w: Tensor, frames: FrameTargets, idx: S
     return out, renders
 
 
-def clip_sampling_rate(model: TrainedModel, bases: Sequence[Tensor], cameras: Sequence[Camera]) -> Tensor | None:
+def clip_sampling_rate(model: TrainedModel, bases: Sequence[Tensor], cameras: Sequence[Camera],
+                       foreshortening: bool = False, boundary_rings: int = 0) -> Tensor | None:
     """(V,) per-vertex sampling rate of the 3D filter for a video fit (``--video_filter_3d clip``): the larger of the
     model's (its training cameras) and the clip's training frames' (level-0 vertices ``bases`` (M, 3) each seen by
     its camera), as Mip-Splatting takes the maximum over all training views (vertices no frame sees keep the model's
-    rate); None for a model without the filter."""
+    rate); None for a model without the filter.
+
+    ``foreshortening``: each frame's rate times |cos| of the angle between the vertex normal and its ray to the
+    camera, the rate at which the frame samples the surface across its foreshortened direction: a vertex the clip
+    only sees at a grazing angle (neck, chin underside, where the frames end) was not sampled finely and keeps
+    (nearly) the model's rate.
+
+    ``boundary_rings`` > 0: the subdivided mesh's open boundary and the ``boundary_rings - 1`` rings inside it keep
+    the model's rate (where the clip's frames end its fine filter let the rim's Gaussians break into blobs)."""
     if model.field.sampling_rate is None or model.field.filter_variance is None:
         return None
     verts = torch.stack([model.vertices(b.detach()) for b in bases])  # (T, V, 3)
-    clip = sampling_rate(verts, [[c] for c in cameras], unseen_smallest=False).cpu()
+    if foreshortening:
+        normals = vertex_normals(verts, model.field.faces)  # (T, V, 3)
+        clip = torch.zeros_like(model.field.sampling_rate)
+        for t, cam in enumerate(cameras):
+            ray = F.normalize(cam.center.to(verts) - verts[t], dim=-1)  # (V, 3) vertex -> camera
+            cos = (normals[t] * ray).sum(-1).abs()
+            rate_t = sampling_rate(verts[t:t + 1], [[cam]], unseen_smallest=False)
+            clip = torch.maximum(clip, (rate_t * cos).float().cpu())
+    else:
+        clip = sampling_rate(verts, [[c] for c in cameras], unseen_smallest=False).cpu()
+    if boundary_rings > 0:
+        rim = boundary_rings_mask(len(clip), model.field.faces.cpu().numpy(), boundary_rings)
+        clip = torch.where(rim, torch.zeros_like(clip), clip)
     return torch.maximum(model.field.sampling_rate, clip)
 
 
@@ -425,7 +448,8 @@ def track_video(cfg: TrackConfig) -> dict:
                              [ignore[t] for t in train] if use_ignore else None)
     # the 3D filter at the clip's own sampling rate where it saw the face finer than the model's training cameras
     model_rate = model.field.sampling_rate
-    rate = (clip_sampling_rate(model, [bases[t] for t in train], [views[t].camera for t in train])
+    rate = (clip_sampling_rate(model, [bases[t] for t in train], [views[t].camera for t in train],
+                               cfg.video_filter_3d_foreshortening, cfg.video_filter_3d_boundary_rings)
             if cfg.video_filter_3d == "clip" else None)
     if rate is not None:
         model.field.set_sampling_rate(rate)

@@ -75,7 +75,7 @@ from models.geometry import UniformLaplacian
 from models.identity_field import RESIDUAL_CHANNELS, full_residual
 from models.renderer import render_identities
 from utils.apps.track.config import EXPOSURE_EXTRAPOLATIONS, HELDOUT_CORRECTIONS, FitConfig, VideoRefineConfig
-from utils.apps.track.fit import LossWindow, photometric
+from utils.apps.track.fit import LossWindow, boundary_rings, photometric
 from utils.data.code_file import colour_offsets, with_colour
 from utils.data.model_file import TrainedModel
 from utils.evaluation import View, evaluate_cloud
@@ -328,6 +328,14 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
     lap0 = UniformLaplacian(M, model.base_faces, dev)
     lapv = (UniformLaplacian(f.num_vertices, f.faces.cpu().numpy(), dev) if cfg.gaussians or cfg.gaussian_colour
             else None)
+    # the per-Gaussian residual held at zero on the mesh's boundary rings (gaussian_boundary_rings): (V, 1, 1) 0 / 1
+    hold = None
+    if cfg.gaussians and cfg.gaussian_boundary_rings > 0:
+        rim = boundary_rings(f.num_vertices, f.faces.cpu().numpy(), cfg.gaussian_boundary_rings).to(dev)
+        hold = torch.ones(f.num_vertices, 1, len(RESIDUAL_CHANNELS), device=dev)
+        held_ch = torch.tensor([c.startswith("log_scale") or not cfg.gaussian_boundary_scale_only
+                             for c in RESIDUAL_CHANNELS], device=dev)
+        hold[rim[:, None, None] & held_ch] = 0.0
     gw = torch.tensor([cfg.offset_weight] * 3 + [cfg.scale_weight] * 3 + [cfg.opacity_weight], device=dev)
 
     def network_raw() -> Tensor:
@@ -448,6 +456,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                              f"w.r.t. the camera intrinsics (the torch backend: --backend torch); {backend!r} gives "
                              f"none")
         opt.step()
+        if hold is not None:  # Adam moves the held entries (momentum); put them back before the next render
+            with torch.no_grad():
+                gauss.mul_(hold)
         cur = window.add(loss, it + 1, last=it + 1 == n)
         if cur is not None:
             post = {"loss": f"{cur:.4f}"}
