@@ -260,10 +260,22 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         approx = render_batch(graphed(codes[0]), [cam512], backend=backend)["image"]
         mse = float(((exact - approx) ** 2).mean())
         out[f"network_{synth_precision}_psnr_vs_fp32_512x512"] = 10 * np.log10(1.0 / max(mse, 1e-20))
-    runs = [("512x512", "eager", cam512), ("512x512", "graphed", cam512),
-            (f"{cam_full.width}x{cam_full.height}", "graphed", cam_full.to(device))]
-    for size, name, cam in runs:
-        synth = graphed if name == "graphed" else (lambda z: field(z[None], verts)[0])
+    eager = lambda z: field(z[None], verts)[0]  # noqa: E731
+    runs = [("512x512", "eager", eager, cam512), ("512x512", "graphed", graphed, cam512),
+            (f"{cam_full.width}x{cam_full.height}", "graphed", graphed, cam_full.to(device))]
+    if plan.levels > 0:  # network-side level of detail: the network on the mesh one level coarser (coarser_field)
+        from models.level_of_detail import coarser_field
+
+        coarse = coarser_field(field, plan, 1)
+        vc = coarse.num_vertices
+        g2 = GraphedSynthesis(coarse, verts[0, :vc], space="z", requires_grad=False, precision=synth_precision)
+        full_img = render_batch(field(codes[:1], verts)[0], [cam512], backend=backend)["image"].clamp(0, 1)
+        low_img = render_batch(g2(codes[0]), [cam512], backend=backend)["image"].clamp(0, 1)
+        out["network_coarse_gaussians"] = vc * coarse.K
+        out["network_coarse_psnr_vs_full_512x512"] = 10 * np.log10(1.0 / max(float(((full_img - low_img) ** 2)
+                                                                                   .mean()), 1e-20))
+        runs.append(("512x512", "graphed_coarse", g2, cam512))
+    for size, name, synth, cam in runs:
         for _ in range(5):
             render_batch(synth(codes[0]), [cam], backend=backend)
         sync(device)
@@ -276,26 +288,6 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         out[f"fps_network_{size}_{name}"] = repeats / (time.perf_counter() - t)
         out[f"peak_gb_network_{size}_{name}"] = peak_gb(device)
     out["network_graphed"] = graphed.graphed if graphed.fallback_reason is None else graphed.fallback_reason
-    if plan.levels > 0:  # network-side level of detail: the network on the mesh one level coarser (coarser_field)
-        from models.level_of_detail import coarser_field
-
-        coarse = coarser_field(field, plan, 1)
-        vc = coarse.num_vertices
-        g2 = GraphedSynthesis(coarse, verts[0, :vc], space="z", requires_grad=False, precision=synth_precision)
-        full_img = render_batch(field(codes[:1], verts)[0], [cam512], backend=backend)["image"].clamp(0, 1)
-        low_img = render_batch(g2(codes[0]), [cam512], backend=backend)["image"].clamp(0, 1)
-        out["network_coarse_gaussians"] = vc * coarse.K
-        out["network_coarse_psnr_vs_full_512x512"] = 10 * np.log10(1.0 / max(float(((full_img - low_img) ** 2)
-                                                                                   .mean()), 1e-20))
-        for _ in range(5):
-            render_batch(g2(codes[0]), [cam512], backend=backend)
-        sync(device)
-        t = time.perf_counter()
-        for i in range(repeats):
-            a = (i % 10) / 10
-            render_batch(g2((1 - a) * codes[0] + a * codes[-1]), [cam512], backend=backend)
-        sync(device)
-        out["fps_network_512x512_graphed_coarse"] = repeats / (time.perf_counter() - t)
     return out
 
 
