@@ -507,7 +507,7 @@ def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, ja
     """The closed-form solver's 70 points in model space at the variables Xv (T, Qf) / Yv (Qs,): (head rotation
     (T, 3) axis-angle, translation (T, 3) in camera distances, points (T, 70, 3), and with ``jac`` their Jacobian
     w.r.t. the blendshape coefficients -- [expression (100, zero beyond ne), shape (ns)] for a fitted shape, the ne
-    expression ones for a fixed shape -- as :meth:`LandmarkFlame.posed_with_jacobian`'s ``factored`` "split" factors
+    expression ones for a fixed shape -- as :meth:`LandmarkFlame.posed_with_jacobian`'s ``factored`` factors
     (T, 1, 3, 12) and (static (53, 12, E), contour (T, 17, 12, E)) (:func:`_factored_product`), and jaw + eyes
     (T, 70, 3, 9); else None)."""
     F = Xv.to(p.dev, p.dt)
@@ -517,9 +517,9 @@ def _posed_points(p: FitProblem, Xv: Tensor, Yv: Tensor, rows: Tensor | None, ja
     if p.fit_shape:  # [expression (100, zero beyond ne), shape (ns)] on the free-shape sub-model
         beta = (Yv[:p.ns].to(p.dev, p.dt) * p.c_shape[0])[None].expand(p.T, -1)
         coeffs = torch.cat([expr, expr.new_zeros(p.T, NUM_EXPRESSION - p.ne), beta], 1)
-        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac, factored="split")
+        pts, d_c, d_p = p.lf_free.posed_with_jacobian(coeffs, jaw, eyes, rows, jac, factored=True)
     else:
-        pts, d_c, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac, factored="split")
+        pts, d_c, d_p = p.lf_eval.posed_with_jacobian(expr, jaw, eyes, rows, jac, factored=True)
     return rot, trans, pts, d_c, d_p
 
 

@@ -208,7 +208,7 @@ class LandmarkFlame:
         return val
 
     def posed_with_jacobian(self, expression: Tensor, jaw: Tensor, eyes: Tensor, rows: Tensor, jacobian: bool = True,
-                            factored: bool | str = False) -> tuple[Tensor, Tensor | tuple | None, Tensor | None]:
+                            factored: bool = False) -> tuple[Tensor, Tensor | tuple | None, Tensor | None]:
         """The 68 landmarks and 2 pupils of :meth:`forward` (model space, zero neck) with their exact Jacobians,
         written out instead of taken by autograd: only on a :meth:`shaped` copy and with contour rows ``rows`` (T,).
 
@@ -221,11 +221,11 @@ class LandmarkFlame:
         expression (T, E) (the first E <= 100 coefficients, the rest zero; on a :meth:`free_shape` copy E <= 400: the
         100 expression coefficients, then the first E - 100 shape coefficients), jaw (T, 3), eyes (T, 6) (left, right)
         -> points (T, 70, 3), d points / d expression (T, 70, 3, E), d points / d (jaw, eyes) (T, 70, 3, 9)
-        (None without ``jacobian``).  ``factored``: d points / d expression as its two factors (T, 1, 3, 12) and
-        (T, 70, 12, E), whose product it is (a caller that multiplies it from the left by a (.., 70, m, 3) matrix
-        saves a third of the work by multiplying the first factor first: utils/face/flame_fit.py's calibration);
-        ``factored`` "split": the second factor as :meth:`_split_tables`' (static (53, 12, E), contour (T, 17, 12, E))
-        (:func:`utils.face.flame_fit._factored_product` multiplies them)."""
+        (None without ``jacobian``).  ``factored``: d points / d expression as its two factors (T, 1, 3, 12) and the
+        per-landmark tables of :meth:`_split_tables` (static (53, 12, E), contour (T, 17, 12, E)), whose product it
+        is (a caller that multiplies it from the left by a (.., 70, m, 3) matrix saves a third of the work by
+        multiplying the first factor first, and the static tables once for all frames:
+        :func:`utils.face.flame_fit._factored_product`, the closed-form fit's Jacobians)."""
         from smplx.lbs import batch_rodrigues
 
         if not self.shape_folded or not self.has_contour:
@@ -247,10 +247,7 @@ class LandmarkFlame:
             return pts, None, None
         # d pts / d expression = [I, D_jaw, D_eye, D_eye] (3 x 12) @ the landmark's (12, E) table
         Dcat = torch.cat([eye3.expand(T, 1, 3, 3), D], 1).permute(0, 2, 1, 3).reshape(T, 1, 3, 12)
-        if factored == "split":
-            d_e = (Dcat, self._split_tables(rows, E))
-        else:
-            d_e = (Dcat, self._rows_table(rows, E)) if factored else Dcat @ self._rows_table(rows, E)  # (T, 70, 3, E)
+        d_e = (Dcat, self._split_tables(rows, E)) if factored else Dcat @ self._rows_table(rows, E)  # (T, 70, 3, E)
         A = eye3 + torch.einsum("tnk,tkab->tnab", w, D)  # (T, N, 3, 3) d x / d v
         dR = rotation_jacobian(aa, R.reshape(-1, 3, 3)).reshape(T, 3, 3, 3, 3)  # d R / d axis-angle per joint
         dv = torch.einsum("tkip,kitna->tkpna", dR.reshape(T, 3, 9, 3), P)  # (T, k, 3, N, 3) pose correctives
