@@ -364,14 +364,16 @@ def coarser_field(field: IdentityField, plan: SubdivisionPlan, levels_down: int 
     if unexpected or [k for k in missing if k not in per_vertex]:
         raise ValueError(f"coarser_field: state mismatch (missing {missing}, unexpected {unexpected})")
     coarse = coarse.to(dev)
-    with torch.no_grad():
-        if field.template_features is not None:
+    # the Fourier inputs the constructor computed are the fine ones' prefix: midpoints never leave the coarse
+    # vertices' bounding box, which normalises them (tests/test_level_of_detail.py checks the raw outputs agree)
+    if field.template_features is not None:
+        with torch.no_grad():
             coarse.template_features.copy_(field.template_features[:vc])
-        coarse.fourier = field.fourier[:vc].clone()  # the same inputs by construction (same bounding box)
     if field.sampling_rate is not None:
         coarse.set_sampling_rate(field.sampling_rate[:vc])
+    trainable = any(q.requires_grad for q in field.parameters())
     for p_ in coarse.parameters():
-        p_.requires_grad_(any(q.requires_grad for q in field.parameters()))
+        p_.requires_grad_(trainable)
     return coarse.eval()
 
 

@@ -88,7 +88,7 @@ from utils.face.flame_fit import flame_landmarks_2d, make_camera
 from utils.face.masks import masked_photo
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
-from utils.losses import lpips_metric, lpips_unavailable_reason, ssim_metric
+from utils.losses import _blur_valid, _gauss_window, lpips_metric, lpips_unavailable_reason, ssim_metric
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -245,18 +245,14 @@ def highpass_ratio(render: Tensor, photo: Tensor, mask: Tensor, sigma: float = 1
     blur of ``sigma`` px) of ``render`` over that of ``photo`` (h, w, 3), inside the face ``mask`` (h, w, 1) eroded by
     ``erode`` px (the silhouette's edge, where the masked photo jumps to black, is left out).  1: as much fine detail
     as the photo (the real female clip's frames blurred by 1 px score 0.16-0.20, by 2 px 0.07-0.12)."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    g = _gauss_window(2 * r + 1, sigma, 1, render.device, render.dtype).view(-1)  # SSIM's 1-D Gaussian
+
     def highpass(img: Tensor) -> Tensor:
         y = img.mean(-1)[None, None]  # (1, 1, h, w)
-        r = max(1, int(math.ceil(3 * sigma)))
-        x = torch.arange(-r, r + 1, dtype=y.dtype, device=y.device)
-        k = torch.exp(-0.5 * (x / sigma) ** 2)
-        k = k / k.sum()
-        b = torch.nn.functional.pad(y, (r, r, r, r), mode="replicate")
-        b = torch.nn.functional.conv2d(b, k.view(1, 1, 1, -1))
-        b = torch.nn.functional.conv2d(b, k.view(1, 1, -1, 1))
-        return (y - b)[0, 0]
+        return (y - _blur_valid(F.pad(y, (r, r, r, r), mode="replicate"), g))[0, 0]
     m = mask[..., 0][None, None]
-    inner = -torch.nn.functional.max_pool2d(-m, 2 * erode + 1, 1, erode)[0, 0] if erode > 0 else m[0, 0]
+    inner = -F.max_pool2d(-m, 2 * erode + 1, 1, erode)[0, 0] if erode > 0 else m[0, 0]
     if float(inner.sum()) == 0:
         return float("nan")
     e_r, e_p = (highpass(render).square() * inner).sum(), (highpass(photo).square() * inner).sum()
@@ -640,7 +636,6 @@ def novel_camera_psnr(model: TrainedModel, code: FittedCode, root: str | os.Path
 def _novel_camera_psnr(model: TrainedModel, code: FittedCode, root: Path, subject: str, frames: Sequence[int],
                        skip_serial: str | None, backend: str) -> float:
     """novel_camera_psnr without the code's 3D filter handling."""
-    root = Path(root)
     skip_serial = skip_serial or FRONTAL_SERIAL
     flame = FlameModel.from_data_dir(root / "flame")
     seq = NersembleSubject(root / "subjects", subject).tracking()
