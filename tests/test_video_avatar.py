@@ -156,7 +156,7 @@ def test_track_help_documents_video_flags():
     text = build_parser().format_help()
     for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks",
                  "--ignore_rim_band", "--ignore_cut", "--video_refine.exposure", "--video_refine.exposure_bias",
-                 "--video_refine.exposure_extrapolate"):
+                 "--video_refine.exposure_extrapolate", "--video_refine.cut_photo"):
         assert flag in text, flag
 
 
@@ -637,3 +637,49 @@ def test_highpass_ratio_scores_blur_below_the_photo():
     assert highpass_ratio(photo, photo, mask) == pytest.approx(1.0)
     assert 0 < highpass_ratio(twice, photo, mask) < highpass_ratio(blurred, photo, mask) < 0.5
     assert np.isnan(highpass_ratio(photo, photo, torch.zeros(40, 40, 1)))
+
+
+def test_cut_photo_fits_the_outlines_cut_to_the_frames_own_colours(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
+    """--video_refine.cut_photo: where the detector's face outline cut the projected FLAME face mask (here a band of
+    rows across the face, as hair over the forehead), the refinement's loss reads the frame's own colours (not the
+    masked photo's black) instead of leaving the pixels out; off (the behaviour before 2026-12-07e): left out."""
+    import utils.apps.track.video as video
+    import utils.apps.track.video_refine as vr
+    from track import main
+
+    root, frames, lm = clip
+
+    def banded(model, verts, faces, camera, outline=None, projected=None):
+        m = projected.copy()
+        ys = np.nonzero(m.any(1))[0]
+        a = ys.min() + (ys.max() - ys.min()) * 2 // 5
+        m[a:a + 4] = 0  # the "outline" cuts 4 rows across the face
+        return m
+    monkeypatch.setattr(video, "detected_face_mask", banded)
+    # every pixel the person (the synthetic frames have no background to tell apart; mediapipe not needed)
+    monkeypatch.setattr(video, "person_masks", lambda fr: [np.ones(f.shape[:2], np.float32) for f in fr])
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    photometric = vr.photometric
+
+    def spy(pred, gt, fit, eyes=None, eye_weight=None, ignore=None):
+        seen.append((gt.detach().clone(), ignore.clone()))
+        return photometric(pred, gt, fit, eyes, eye_weight, ignore=ignore)
+    monkeypatch.setattr(vr, "photometric", spy)
+
+    def run(out, on):
+        with single_thread():
+            main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm), "--flame_dir",
+                  str(root / "flame"), "--out", str(out), *FAST, "--video_refine.iterations", "2",
+                  "--export.turntable", "false", "--video_refine.cut_photo", on])
+        got = list(seen)
+        seen.clear()
+        return got
+    off, on = run(tmp_path / "off", "false"), run(tmp_path / "on", "true")
+    assert len(off) == len(on) == 2
+    for (g0, i0), (g1, i1) in zip(off, on):
+        cut = (i0 > 0.5) & (i1 < 0.5)  # left out without the option, data with it: the outline's cut
+        assert int(cut.sum()) > 0 and not bool(((i1 > 0.5) & (i0 < 0.5)).any())
+        cut3 = cut.expand_as(g0)
+        assert float(g0[cut3].abs().max()) == 0.0  # the masked photo is black there
+        assert float(g1[cut3].mean()) > 0.05  # with the option: the frame's own colours
+        assert torch.equal(g0[~cut3], g1[~cut3])  # elsewhere the same target

@@ -171,3 +171,17 @@ def test_photometric_ignores_no_data_pixels():
     photometric(pred2, gt, cfg, ignore=ignore).backward()
     assert float(pred2.grad[:, :5].abs().max()) == 0.0 and float(pred2.grad[:, 5:].abs().sum()) > 0
     assert torch.equal(photometric(pred2, gt, cfg, ignore=None), photometric(pred2, gt, cfg, None))
+
+
+def test_person_masks_separate_the_person_from_the_background():
+    """utils.face.masks.person_masks (video_refine.cut_photo's hair / neck vs background): on scikit-image's astronaut
+    portrait the face is the person and the image's top-left corner is not; a black frame has no person."""
+    pytest.importorskip("mediapipe")
+    data = pytest.importorskip("skimage.data")
+    from utils.face.masks import person_masks
+
+    img = data.astronaut()  # (512, 512, 3) uint8
+    m, empty = person_masks([img, np.zeros((64, 96, 3), np.uint8)])
+    assert m.shape == img.shape[:2] and m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
+    assert m[100:250, 150:300].mean() > 0.7 and m[:60, :60].max() == 0.0
+    assert empty.shape == (64, 96) and empty.max() == 0.0

@@ -24,3 +24,17 @@ def masked_photo(image: np.ndarray, mask: np.ndarray, bg: Sequence[float]) -> np
     """image (H, W, 3) float [0, 1], mask (H, W) float [0, 1] -> image * mask + bg * (1 - mask)."""
     m = mask[..., None]
     return image * m + np.asarray(bg, dtype=np.float32)[None, None] * (1.0 - m)
+
+
+def person_masks(frames: Sequence[np.ndarray], threshold: float = 0.5) -> list[np.ndarray]:
+    """(H, W) float32 {0, 1} per RGB uint8 frame (H, W, 3): the pixels of the person (head, hair, neck, body) as
+    opposed to the background, by mediapipe's selfie segmentation (its landscape model, bundled with the mediapipe
+    package the landmark detector already needs).  Used by track.py --video to tell, where the face outline cut the
+    projected FLAME face mask, hair and neck (the avatar's surface is there, covered) from background (it is not)."""
+    try:
+        import mediapipe as mp
+    except ImportError as exc:  # the optional landmark dependency (requirements-landmarks.txt)
+        raise ImportError("person_masks needs mediapipe (pip install -r requirements-landmarks.txt)") from exc
+    with mp.solutions.selfie_segmentation.SelfieSegmentation(model_selection=1) as seg:
+        return [(seg.process(np.ascontiguousarray(f)).segmentation_mask > threshold).astype(np.float32)
+                for f in frames]

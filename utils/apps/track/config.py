@@ -197,6 +197,15 @@ class VideoRefineConfig:
     alpha_weight: float = 5.0  # weight of the coverage term (0: off)
     # false: the inside only (alpha 5: synthetic held-out 28.82 dB but its novel cameras 26.46: the rim grows outwards)
     alpha_outside: bool = True  # ... also alpha to 0 outside the mask (beyond the no-data pixels); false: inside only
+    # where the detector's face outline cut the projected FLAME face mask (--ignore_cut: no data) the avatar's
+    # Gaussians got no colour at all and kept the network's skin: a pale flap at the female clip's temple where the
+    # clip shows hair, "horns" at the male's temples, brown smears on the necks.  true (default since 2026-12-07e):
+    # the cut's pixels that mediapipe's person segmentation calls the person (hair, neck) are fitted to the frame's
+    # own colours (and opaque); its background pixels stay no data (pulling the whole cut transparent instead cost
+    # the female clip 4.9 dB: the far cheek is "background" in the turned frames).  Held-out PSNR in the face mask:
+    # female 25.15 -> 25.43 dB, male 34.59 -> 34.60; no effect without the detector's outline (--landmarks: the
+    # synthetic clips) (benchmarks/results/t-temple_cpu_2026-12-07e.md)
+    cut_photo: bool = True  # fit the outline's cut on the person (hair, neck) to the frame's own colours
     style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
     # pivotal tuning (issue 23): the synthesis network (its layers, head and template features; not the mapping)
     # tuned for this person at a low lr jointly with the rest; code.pt stores the result as a (V, K, C) per-Gaussian

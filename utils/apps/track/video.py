@@ -11,7 +11,10 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               photo path does, utils/apps/track/targets.py detected_face_mask); with --landmarks: the projected
               mask alone; the fit's loss leaves out the pixels that are no data (:func:`no_data_mask`: the
               ``ignore_rim_band`` ring just outside the mask and, with ``ignore_cut``, where the outline cut the
-              projected mask): the photo is black there only because the mask cut it
+              projected mask): the photo is black there only because the mask cut it; with
+              ``video_refine.cut_photo`` the refinement fits the cut's pixels that the person segmentation
+              (utils.face.masks.person_masks) calls the person (hair over the temples, the neck) to the frame's
+              own colours; the cut's background pixels stay no data
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
@@ -85,7 +88,7 @@ from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 from utils.evaluation import View, evaluate_cloud, to_tensor_img, view_metrics
 from utils.face.flame_fit import flame_landmarks_2d, make_camera
-from utils.face.masks import masked_photo
+from utils.face.masks import masked_photo, person_masks
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
 from utils.losses import _blur_valid, _gauss_window, lpips_metric, lpips_unavailable_reason, ssim_metric
@@ -418,7 +421,7 @@ def track_video(cfg: TrackConfig) -> dict:
     # does), masked photo, one crop size for all frames
     t0 = time.perf_counter()
     used = sorted(train + held)
-    photos, masks, bases, fparams, nodata = {}, {}, {}, {}, {}
+    photos, masks, bases, fparams, nodata, cut = {}, {}, {}, {}, {}, {}
     for t in used:
         verts, base, _, p = frame_flame(model, flame_dir, None, params=params, frame=t, flame=flame)
         proj = projected_face_mask(model, verts, flame.faces, cam)  # without an outline, the mask: nothing cut
@@ -430,13 +433,25 @@ def track_video(cfg: TrackConfig) -> dict:
         photos[t] = masked_photo(frames[t].astype(np.float32) / 255.0, m[..., 0], (0.0, 0.0, 0.0)).astype(np.float32)
         masks[t], bases[t], fparams[t] = m.astype(np.float32), base.to(device), p
         nodata[t] = no_data_mask(m[..., 0], proj, cfg.ignore_rim_band, cfg.ignore_cut)
-    cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
-    views, ignore = {}, {}
+        # the outline's cut, the rim band excluded
+        cut[t] = nodata[t] * (1.0 - no_data_mask(m[..., 0], None, cfg.ignore_rim_band, False))
+    # video_refine.cut_photo: the cut's pixels on the person (hair, neck; not the background) are fitted to the
+    # frame's own colours: per frame its RGB and where (4th channel); the segmentation runs only where a cut exists
+    cut_photo = cfg.video_refine.cut_photo and cfg.ignore_cut
+    need = [t for t in used if cut_photo and cut[t].any()]
+    person = dict(zip(need, person_masks([frames[t] for t in need]))) if need else {}
     for t in used:
-        # the no-data map travels as a 4th channel so that it gets the same crop window
-        i, m, c = crop_view(np.concatenate([photos[t], nodata[t][..., None]], -1), masks[t], cam, cw, ch)
+        fitted = cut[t] * person[t] if t in person else np.zeros_like(cut[t])
+        cut[t] = np.concatenate([frames[t].astype(np.float32) / 255.0 * (fitted[..., None] > 0), fitted[..., None]],
+                                -1).astype(np.float32)
+    cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
+    views, ignore, cut_targets = {}, {}, {}
+    for t in used:
+        # the no-data map and the cut's colours travel as extra channels so that they get the same crop window
+        i, m, c = crop_view(np.concatenate([photos[t], nodata[t][..., None], cut[t]], -1), masks[t], cam, cw, ch)
         views[t] = View(f"frame_{t:05d}", c.to(device), to_tensor_img(i[..., :3], device), to_tensor_img(m, device))
-        ignore[t] = to_tensor_img(i[..., 3:], device)
+        ignore[t] = to_tensor_img(i[..., 3:4], device)
+        cut_targets[t] = to_tensor_img(i[..., 4:8], device)
     use_ignore = cfg.ignore_rim_band > 0 or cfg.ignore_cut
     allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
     pos = {t: k for k, t in enumerate(used)}
@@ -463,7 +478,8 @@ def track_video(cfg: TrackConfig) -> dict:
         refined = refine_video(model, w_fit, flame, train, held, fparams, {t: views[t] for t in train}, cfg.fit,
                                cfg.video_refine, cfg.video_batch, cfg.backend, cfg.progress,
                                {t: views[t] for t in held} if cfg.progress else None,
-                               {t: ignore[t] for t in train} if use_ignore else None)
+                               {t: ignore[t] for t in train} if use_ignore else None,
+                               {t: cut_targets[t] for t in train} if person else None)
         w_fit, colour, gaussians, colour_losses = refined.w, refined.colour, refined.gaussians, refined.losses
         bases.update({t: b.to(device) for t, b in refined.bases.items()})
         fparams.update({t: p.to("cpu") for t, p in refined.params.items()})
@@ -577,7 +593,10 @@ def track_video(cfg: TrackConfig) -> dict:
                           float((model_rate / rate).median())},
             "mask": "projected FLAME face mask" + (" within the detector's face outline" if outlines else ""),
             "loss_no_data": {"rim_band_px": cfg.ignore_rim_band, "outline_cut": cfg.ignore_cut,
-                             "fraction_of_crop": float(np.mean([float(ignore[t].mean()) for t in train]))},
+                             "fraction_of_crop": float(np.mean([float(ignore[t].mean()) for t in train])),
+                             # video_refine.cut_photo: the part of the crop fitted to the frame's own colours
+                             "cut_photo_fraction_of_crop": float(np.mean([float(cut_targets[t][..., 3].mean())
+                                                                          for t in train]))},
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "seconds_tracking": sub,
             "device": str(device), "checkpoint": str(cfg.checkpoint),

@@ -43,6 +43,10 @@ fixed, jointly and with Adam, on batches of training frames,
                a pixel dark by making the face see-through; at another head pose that translucent rim lands on
                bright skin (the female clip's held-out frames in poses no training frame has: the avatar 0.07-0.10
                darker than the photo on the mask's outer ring; 0 -> 5: held-out female +0.50 dB, male +0.15)
+    cut        with ``cut_photo``: where the detector's face outline cut the projected FLAME face mask and the person
+               segmentation says person (hair over the temples and forehead, the neck under the chin), the target
+               is the frame's own colours (data, opaque for the coverage term) instead of no data: left out, those
+               Gaussians kept the network's skin colour (a pale flap at the temple where the clip shows hair)
     camera     with ``camera_focal`` / ``camera_principal`` (issue 23): the clip's one shared pinhole camera, its
                focal length (a log-scale correction) and / or principal point (a shift in units of the tracked
                focal length), pulled towards the tracked camera (``camera_prior``; sigmas FOCAL_SIGMA, PP_SIGMA).
@@ -232,7 +236,8 @@ def _batches(n: int, batch: int, seed: int):
 def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[int], held: list[int],
                  params: dict[int, FlameParams], views: dict[int, View],
                  fit: FitConfig, cfg: VideoRefineConfig, batch: int, backend: str = "auto", progress: bool = True,
-                 monitor: dict[int, View] | None = None, ignore: dict[int, Tensor] | None = None) -> RefineResult:
+                 monitor: dict[int, View] | None = None, ignore: dict[int, Tensor] | None = None,
+                 cut_targets: dict[int, Tensor] | None = None) -> RefineResult:
     """The refinement of the module docstring for style ``w`` (S,).
 
     Args:
@@ -245,6 +250,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         monitor: held-out views whose face-mask PSNR the progress bar shows (read only).
         ignore: the training frames' no-data pixels ((h, w, 1), 1 = left out of the loss; video.no_data_mask), or
             None (every pixel is data).
+        cut_targets: with ``cfg.cut_photo``, per training frame (h, w, 4): the frame's own colours (RGB) and a
+            weight (1: fitted to them) on the person's pixels that the face outline cut from the projected face
+            mask (hair, neck): there the target is the frame (not the masked photo's black), the pixel is data and,
+            for the coverage term, inside (the surface is there, covered); None: off.
     Returns:
         RefineResult.
     """
@@ -420,6 +429,12 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             pred = apply_exposure(pred, mb, eg[idx].exp(), eb[idx] if cfg.exposure_bias else None)
         # no data there: the target stands in for the render (no gradient, no error)
         ign = None if ignore is None else torch.stack([ignore[train[i]] for i in idx])
+        if cfg.cut_photo and cut_targets is not None:  # the outline's cut on the person: the frame's own colours
+            ct = torch.stack([cut_targets[train[i]] for i in idx])  # (B, h, w, 4)
+            cw_ = ct[..., 3:]
+            gt = gt + cw_ * (ct[..., :3] - gt)
+            ign = None if ign is None else ign * (1.0 - cw_)
+            mb = None if mb is None else torch.maximum(mb, cw_)
         loss = photometric(pred, gt, fit, None, ignore=ign)
         total = loss
         if cfg.alpha_weight > 0:  # an opaque face inside the mask (not dark by being see-through), none outside it
