@@ -683,3 +683,54 @@ def test_cut_photo_fits_the_outlines_cut_to_the_frames_own_colours(clip, fit_mod
         assert float(g0[cut3].abs().max()) == 0.0  # the masked photo is black there
         assert float(g1[cut3].mean()) > 0.05  # with the option: the frame's own colours
         assert torch.equal(g0[~cut3], g1[~cut3])  # elsewhere the same target
+
+
+def test_vertex_observation_counts_what_the_frames_see():
+    """video_refine._vertex_observation (--video_refine.unobserved_px): a Gaussian in view over the observed pixels
+    gets about its footprint's blending weight, one outside the image or behind an opaque one (nearly) none, and a
+    vertex takes the largest of its Gaussians'."""
+    from types import SimpleNamespace
+
+    from models.camera import Camera
+    from models.gaussians import GaussianCloud
+    from utils.apps.track.video_refine import _vertex_observation
+
+    cam = Camera.look_at((0.0, 0.0, 1.0), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0), 32, 32, fov_y_deg=40)
+    # Gaussian 0 in front at the centre, 1 far outside the image, 2 right behind 0 (occluded), 3 in view at a corner
+    means = torch.tensor([[0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, -0.2], [0.12, 0.12, 0.0]])
+    scales = torch.tensor([[0.03] * 3, [0.03] * 3, [0.01] * 3, [0.02] * 3])
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(4, 4)
+    cloud = GaussianCloud.from_rgb(means, quats, scales, torch.tensor([0.99, 0.99, 0.99, 0.99]),
+                                   torch.full((4, 3), 0.5))
+    field = SimpleNamespace(gaussian_vertex_ids=torch.tensor([0, 1, 2, 2]), num_vertices=4)  # vertex 3: no Gaussian
+    pixels = torch.ones(32, 32)
+    obs = _vertex_observation(SimpleNamespace(field=field), [cloud], [cam], [pixels], backend="torch")
+    assert obs.shape == (4,) and float(obs[0]) > 5.0  # several pixels' worth of weight
+    assert float(obs[1]) == 0.0 and float(obs[3]) == 0.0
+    # vertex 2: its occluded Gaussian sees ~nothing, its corner Gaussian is in view: the vertex gets the larger
+    occluded = _vertex_observation(SimpleNamespace(field=SimpleNamespace(gaussian_vertex_ids=torch.tensor([0, 1, 2, 3]),
+                                                                         num_vertices=4)),
+                                   [cloud], [cam], [pixels], backend="torch")
+    assert float(occluded[2]) < 0.05 * float(occluded[0]) and float(occluded[3]) > 1.0
+    assert torch.isclose(obs[2], occluded[3])
+    # only the observed pixels count: none observed, nothing seen
+    assert float(_vertex_observation(SimpleNamespace(field=field), [cloud], [cam], [pixels * 0], "torch").max()) == 0
+
+
+def test_unobserved_px_resets_the_residuals_of_vertices_no_frame_sees(clip, fit_model, tmp_path):  # noqa: F811
+    """--video_refine.unobserved_px: after the refinement the residuals of the vertices the training frames saw less
+    than that are exactly zero (every residual, for a threshold no vertex reaches), the others' untouched."""
+    from utils.data.code_file import load_code
+    from utils.data.model_file import load_model
+
+    root, frames, lm = clip
+    model = load_model(fit_model)
+    extra = ["--export.turntable", "false"]
+    m = _run(fit_model, root, frames, lm, tmp_path / "a", extra=[*extra, "--video_refine.unobserved_px", "0.5"])
+    g = load_code(tmp_path / "a" / "code.pt", model).gaussians
+    zero = (g.reshape(g.shape[0], -1).abs().amax(1) == 0)
+    n = m["refine"]["flame_correction"]["unobserved_vertices"]
+    assert 0 < n < model.field.num_vertices and int(zero.sum()) >= n and float(g.abs().max()) > 0
+    _run(fit_model, root, frames, lm, tmp_path / "b", extra=[*extra, "--video_refine.unobserved_px", "1e12"])
+    c = load_code(tmp_path / "b" / "code.pt", model)
+    assert float(c.gaussians.abs().max()) == 0.0 and float(c.colour.abs().max()) == 0.0

@@ -206,6 +206,13 @@ class VideoRefineConfig:
     # female 25.15 -> 25.43 dB, male 34.59 -> 34.60; no effect without the detector's outline (--landmarks: the
     # synthetic clips) (benchmarks/results/t-temple_cpu_2026-12-07e.md)
     cut_photo: bool = True  # fit the outline's cut on the person (hair, neck) to the frame's own colours
+    # vertices no training frame shows as data get their residuals only from the Laplacian's extrapolation of their
+    # observed neighbours (a third of the female clip's vertices: < 0.1 px of blending weight over all its frames);
+    # > 0: after the refinement, every residual (per-Gaussian, per-Gaussian colour, level-0 colour) of a vertex
+    # observed less than this is reset to the prior (zero).  Off: at 0.1 px held-out frames female / male +0.000,
+    # synthetic 017 / 030 +0.03 / +0.004 dB, but the synthetic novel cameras -0.035 / -0.032 dB (they see those
+    # vertices, and the extrapolated residuals help there) (benchmarks/results/t-temple_cpu_2026-12-07e.md)
+    unobserved_px: float = 0.0  # residuals of vertices seen less than this (px of blending weight) reset (0: off)
     style_lr: float = 0.03  # Adam lr of the style w refined with the rest (network forward every step; 0: w fixed)
     # pivotal tuning (issue 23): the synthesis network (its layers, head and template features; not the mapping)
     # tuned for this person at a low lr jointly with the rest; code.pt stores the result as a (V, K, C) per-Gaussian
@@ -243,7 +250,8 @@ class VideoRefineConfig:
               "flame_lr": Range(0), "flame_expression_lr": Range(0), "flame_prior": Range(0),
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
               "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0),
-              "exposure_lr": Range(0), "exposure_prior": Range(0), "alpha_weight": Range(0)}
+              "exposure_lr": Range(0), "exposure_prior": Range(0), "alpha_weight": Range(0),
+              "unobserved_px": Range(0)}
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")

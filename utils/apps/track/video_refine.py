@@ -47,6 +47,9 @@ fixed, jointly and with Adam, on batches of training frames,
                segmentation says person (hair over the temples and forehead, the neck under the chin), the target
                is the frame's own colours (data, opaque for the coverage term) instead of no data: left out, those
                Gaussians kept the network's skin colour (a pale flap at the temple where the clip shows hair)
+    unobserved with ``unobserved_px`` > 0 (off): after the refinement the residuals of the vertices whose blending
+               weight over the training frames' data pixels stays below it (:func:`_vertex_observation`) go back to
+               zero (the prior): they only held the Laplacian's extrapolation from observed neighbours
     camera     with ``camera_focal`` / ``camera_principal`` (issue 23): the clip's one shared pinhole camera, its
                focal length (a log-scale correction) and / or principal point (a shift in units of the tracked
                focal length), pulled towards the tracked camera (``camera_prior``; sigmas FOCAL_SIGMA, PP_SIGMA).
@@ -77,7 +80,7 @@ from models.flame import FlameModel, FlameParams, FlameSubset, axis_angle_to_mat
 from models.gaussians import SH_C0, GaussianCloud
 from models.geometry import UniformLaplacian
 from models.identity_field import RESIDUAL_CHANNELS, full_residual
-from models.renderer import render_identities
+from models.renderer import render, render_identities
 from utils.apps.track.config import EXPOSURE_EXTRAPOLATIONS, HELDOUT_CORRECTIONS, FitConfig, VideoRefineConfig
 from utils.apps.track.fit import LossWindow, boundary_rings, photometric
 from utils.data.code_file import colour_offsets, with_colour
@@ -223,6 +226,24 @@ def colour_residual(rgb: Tensor, channels: int) -> Tensor:
     layout), which holds ``rgb / SH_C0`` (a Gaussian's colour is 0.5 + SH_C0 * DC with sh_degree 0)."""
     z = rgb.new_zeros(*rgb.shape[:-1], channels)
     return torch.cat([z[..., :3], rgb / SH_C0, z[..., 6:]], -1)
+
+
+def _vertex_observation(model: TrainedModel, clouds: list[GaussianCloud], cameras: list[Camera],
+                        pixels: list[Tensor], backend: str = "auto") -> Tensor:
+    """(V,) per vertex of the subdivided mesh: how much the frames saw it, the largest over its K Gaussians of the
+    sum over frames of the Gaussian's blending weight (alpha x transmittance) over ``pixels`` (h, w) weights of each
+    frame (``clouds``: each frame's unbatched Gaussians, ``cameras``: its camera); in pixels.  Computed as the
+    gradient of the weighted rendered colour w.r.t. a per-Gaussian colour offset (one render per frame)."""
+    f = model.field
+    gvid = f.gaussian_vertex_ids
+    obs = torch.zeros(len(gvid), device=gvid.device)
+    for cloud, cam, w in zip(clouds, cameras, pixels):
+        o = torch.zeros(len(gvid), 1, device=gvid.device, requires_grad=True)
+        with torch.enable_grad():
+            img = render(with_colour(cloud, o.expand(-1, 3)), cam, backend=backend)["image"]
+            (img.mean(-1) * w).sum().backward()
+        obs += o.grad[:, 0].clamp_min(0)
+    return torch.zeros(f.num_vertices, device=obs.device).scatter_reduce(0, gvid, obs, "amax")
 
 
 def _batches(n: int, batch: int, seed: int):
@@ -404,6 +425,17 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             vals.append(m["psnr_face_all"])
         return float(np.mean(vals))
 
+    def _observed_pixels(i: int) -> Tensor:
+        """(h, w) training frame i's pixels whose colour the fit reads: the face mask (and with cut_photo the
+        outline's cut on the person) minus the no-data pixels."""
+        t = train[i]
+        m = views[t].mask[..., 0]
+        keep = torch.ones_like(m) if ignore is None else 1.0 - ignore[t][..., 0]
+        if cfg.cut_photo and cut_targets is not None:
+            cw1 = cut_targets[t][..., 3]
+            m, keep = torch.maximum(m, cw1), torch.maximum(keep, cw1)
+        return m * keep
+
     n = cfg.iterations if groups else 0
     opt = torch.optim.Adam(groups, betas=(fit.beta1, fit.beta2)) if n else None
     hist: list[float] = []
@@ -483,6 +515,26 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             bar.set_postfix(post)
     bar.close()
 
+    n_unobserved = None
+    if cfg.unobserved_px > 0 and n:
+        # vertices the training frames never showed as data: their residuals are only the Laplacian's extrapolation
+        # from observed neighbours; they go back to the prior (zero)
+        with torch.no_grad():
+            raw_f = network_raw()
+            fitted = [clouds(corr.posed([i]), colour if use_colour else None, gauss if cfg.gaussians else None,
+                             raw_f)[0] for i in range(len(train))]
+            cams = [camera_of(views[t]) for t in train]
+        obs_v = _vertex_observation(model, fitted, cams, [_observed_pixels(i) for i in range(len(train))], backend)
+        with torch.no_grad():
+            un_v = obs_v < cfg.unobserved_px
+            gauss[un_v] = 0.0
+            gcol[un_v] = 0.0
+            x = torch.zeros(M, 1, device=dev, requires_grad=True)
+            with torch.enable_grad():  # level-0 vertex j: sum over subdivided vertices of (its weight there x obs)
+                (model.vertices(x.expand(M, 3))[:, 0] * obs_v).sum().backward()
+            colour[x.grad[:, 0] < cfg.unobserved_px] = 0.0
+            n_unobserved = int(un_v.sum())
+
     with torch.no_grad():
         ptrain = corr.posed()
         out_params = {t: ptrain.frame(i) for i, t in enumerate(train)}
@@ -491,7 +543,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                                        if k != "shape"}) for t, p in out_params.items()}
         bases = {t: face(p)[0] for t, p in out_params.items()}
         cv = corr.values()
-        stats = {"rotation_deg_mean": float(cv["rot"].norm(dim=-1).mean()) * 180 / math.pi,
+        stats = {"unobserved_vertices": n_unobserved,
+                 "rotation_deg_mean": float(cv["rot"].norm(dim=-1).mean()) * 180 / math.pi,
                  "rotation_deg_max": float(cv["rot"].norm(dim=-1).max()) * 180 / math.pi,
                  "translation_mm_mean": 1000 * float((cv["trans"] * distance).norm(dim=-1).mean()),
                  "expression_rms": float(cv["expr"].square().mean().sqrt()),
