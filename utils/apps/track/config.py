@@ -216,6 +216,8 @@ class VideoRefineConfig:
     # 25.434 -> 25.430 dB, male 34.603 -> 34.612; synthetic clips (no outline) unchanged
     # (benchmarks/results/t-flap_cpu_2026-12-07e.md)
     cut_background: bool = True  # with cut_photo, alpha 0 on the cut's background pixels
+    # 0: female 25.466, male 34.643 dB (+0.03 / +0.03 over 3 px) but a wider fringe of dark specks at the male's
+    # jaw and neck edge at 512 px; 3 keeps a far-cheek pixel at the segmentation's edge safe
     cut_background_margin: int = 3  # px: the cut's background this close to the person stays no data
     # vertices no training frame shows as data get their residuals only from the Laplacian's extrapolation of their
     # observed neighbours (a third of the female clip's vertices: < 0.1 px of blending weight over all its frames);
