@@ -156,7 +156,8 @@ def test_track_help_documents_video_flags():
     text = build_parser().format_help()
     for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks",
                  "--ignore_rim_band", "--ignore_cut", "--video_refine.exposure", "--video_refine.exposure_bias",
-                 "--video_refine.exposure_extrapolate", "--video_refine.cut_photo"):
+                 "--video_refine.exposure_extrapolate", "--video_refine.cut_photo",
+                 "--video_refine.cut_background", "--video_refine.cut_background_margin"):
         assert flag in text, flag
 
 
@@ -683,6 +684,66 @@ def test_cut_photo_fits_the_outlines_cut_to_the_frames_own_colours(clip, fit_mod
         assert float(g0[cut3].abs().max()) == 0.0  # the masked photo is black there
         assert float(g1[cut3].mean()) > 0.05  # with the option: the frame's own colours
         assert torch.equal(g0[~cut3], g1[~cut3])  # elsewhere the same target
+
+
+def test_cut_background_pulls_alpha_to_zero_on_the_cuts_background_only(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
+    """--video_refine.cut_background: of the outline's cut (a band of rows across the face), the pixels the person
+    segmentation calls background (here the frame's right half) become data for the coverage term with a target
+    alpha of 0, except within cut_background_margin px of the person; the person's part and everything else keep
+    their coverage targets, and off (the default) the background part stays left out."""
+    import utils.apps.track.video as video
+    import utils.apps.track.video_refine as vr
+    from track import main
+
+    root, frames, lm = clip
+
+    def banded(model, verts, faces, camera, outline=None, projected=None):
+        m = projected.copy()
+        ys = np.nonzero(m.any(1))[0]
+        a = ys.min() + (ys.max() - ys.min()) * 2 // 5
+        m[a:a + 4] = 0  # the "outline" cuts 4 rows across the face
+        return m
+    monkeypatch.setattr(video, "detected_face_mask", banded)
+
+    def left_half(fr):  # the person: the frame's left half (the face straddles the middle)
+        out = []
+        for f in fr:
+            p = np.zeros(f.shape[:2], np.float32)
+            p[:, : f.shape[1] // 2] = 1.0
+            out.append(p)
+        return out
+    monkeypatch.setattr(video, "person_masks", left_half)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    coverage = vr.coverage_loss
+
+    def spy(alpha, mask, ignore=None):
+        seen.append((mask.detach().clone(), ignore.clone()))
+        return coverage(alpha, mask, ignore)
+    monkeypatch.setattr(vr, "coverage_loss", spy)
+
+    def run(out, on):
+        with single_thread():
+            main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm), "--flame_dir",
+                  str(root / "flame"), "--out", str(out), *FAST, "--video_refine.iterations", "2",
+                  "--export.turntable", "false", "--video_refine.cut_background", on,
+                  "--video_refine.cut_background_margin", "3"])
+        got = list(seen)
+        seen.clear()
+        return got
+    off, on = run(tmp_path / "off", "false"), run(tmp_path / "on", "true")
+    assert len(off) == len(on) == 2
+    for (m0, i0), (m1, i1) in zip(off, on):
+        assert torch.equal(m0, m1)  # the same coverage targets ...
+        bg = (i0 > 0.5) & (i1 < 0.5)  # ... and, with the option, the cut's background pixels count
+        assert int(bg.sum()) > 0 and not bool(((i1 > 0.5) & (i0 < 0.5)).any())
+        assert float(m1[bg].max()) == 0.0  # target alpha 0 there
+        # the margin: in every row, the background pixels start >= 4 columns right of the person's cut pixels
+        # (mask 1 in the band's rows, the face mask being cut there)
+        for b in range(bg.shape[0]):
+            for r in torch.nonzero(bg[b, :, :, 0].any(1))[:, 0].tolist():
+                person = torch.nonzero(m1[b, r, :, 0] > 0.5)[:, 0]
+                cols = torch.nonzero(bg[b, r, :, 0])[:, 0]
+                assert len(person) > 0 and int(cols.min()) - int(person.max()) >= 4
 
 
 def test_vertex_observation_counts_what_the_frames_see():

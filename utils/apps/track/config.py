@@ -206,6 +206,19 @@ class VideoRefineConfig:
     # female 25.15 -> 25.43 dB, male 34.59 -> 34.60; no effect without the detector's outline (--landmarks: the
     # synthetic clips) (benchmarks/results/t-temple_cpu_2026-12-07e.md)
     cut_photo: bool = True  # fit the outline's cut on the person (hair, neck) to the frame's own colours
+    # the cut's pixels the person segmentation calls background (farther than cut_background_margin px from the
+    # person, so that a cheek pixel at the segmentation's uncertain edge is spared): the coverage term pulls the
+    # avatar's alpha to 0 there (the frame shows background: no surface) instead of leaving them no data.  The
+    # male clip's grey-white jaw-side patches were per-Gaussian residuals of FLAME surface lying over the wall beside
+    # his jaw in every training frame (never data, never told to be transparent).  true (default since
+    # 2026-12-07e): those patches and the temple "ear" corners go, the silhouette follows his jaw; the female's temple
+    # flap stays (the segmentation calls it hair in every training frame).  Held-out PSNR in the face mask: female
+    # 25.434 -> 25.430 dB, male 34.603 -> 34.612; synthetic clips (no outline) unchanged
+    # (benchmarks/results/t-flap_cpu_2026-12-07e.md)
+    cut_background: bool = True  # with cut_photo, alpha 0 on the cut's background pixels
+    # 0: female 25.466, male 34.643 dB (+0.03 / +0.03 over 3 px) but a wider fringe of dark specks at the male's
+    # jaw and neck edge at 512 px; 3 keeps a far-cheek pixel at the segmentation's edge safe
+    cut_background_margin: int = 3  # px: the cut's background this close to the person stays no data
     # vertices no training frame shows as data get their residuals only from the Laplacian's extrapolation of their
     # observed neighbours (a third of the female clip's vertices: < 0.1 px of blending weight over all its frames);
     # > 0: after the refinement, every residual (per-Gaussian, per-Gaussian colour, level-0 colour) of a vertex

@@ -14,7 +14,8 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               projected mask): the photo is black there only because the mask cut it; with
               ``video_refine.cut_photo`` the refinement fits the cut's pixels that the person segmentation
               (utils.face.masks.person_masks) calls the person (hair over the temples, the neck) to the frame's
-              own colours; the cut's background pixels stay no data
+              own colours; with ``video_refine.cut_background`` the cut's background pixels (beyond a margin
+              around the person) are pulled transparent by the coverage term (no data for the colour)
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
@@ -125,6 +126,17 @@ def split_frames(found: np.ndarray, heldout_every: int, heldout_tail: float) -> 
 
 
 # ====================================================================================== fitting
+
+def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
+    """(H, W) float {0, 1} mask grown by ``px`` pixels (a (2 px + 1)^2 disc; px 0: unchanged).  Why: the person
+    segmentation's edge is uncertain by a few pixels, and a cheek pixel wrongly called background would be pulled
+    transparent."""
+    if px <= 0:
+        return mask
+    import cv2
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
+    return cv2.dilate(mask.astype(np.float32), k)
+
 @dataclass
 class FrameTargets:
     """The frames of one clip that a fit sees: views (cropped to one size: camera, masked image (h, w, 3), face mask
@@ -440,10 +452,15 @@ def track_video(cfg: TrackConfig) -> dict:
     cut_photo = cfg.video_refine.cut_photo and cfg.ignore_cut
     need = [t for t in used if cut_photo and cut[t].any()]
     person = dict(zip(need, person_masks([frames[t] for t in need]))) if need else {}
+    # video_refine.cut_background: the cut's pixels the segmentation calls background (farther than
+    # cut_background_margin px from the person) are not the avatar: alpha 0 there (the 5th channel)
+    margin = cfg.video_refine.cut_background_margin
     for t in used:
         fitted = cut[t] * person[t] if t in person else np.zeros_like(cut[t])
-        cut[t] = np.concatenate([frames[t].astype(np.float32) / 255.0 * (fitted[..., None] > 0), fitted[..., None]],
-                                -1).astype(np.float32)
+        bg = (cut[t] * (1.0 - _dilate(person[t], margin)) if t in person and cfg.video_refine.cut_background
+              else np.zeros_like(cut[t]))
+        cut[t] = np.concatenate([frames[t].astype(np.float32) / 255.0 * (fitted[..., None] > 0), fitted[..., None],
+                                 bg[..., None]], -1).astype(np.float32)
     cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
     views, ignore, cut_targets = {}, {}, {}
     for t in used:
@@ -451,7 +468,7 @@ def track_video(cfg: TrackConfig) -> dict:
         i, m, c = crop_view(np.concatenate([photos[t], nodata[t][..., None], cut[t]], -1), masks[t], cam, cw, ch)
         views[t] = View(f"frame_{t:05d}", c.to(device), to_tensor_img(i[..., :3], device), to_tensor_img(m, device))
         ignore[t] = to_tensor_img(i[..., 3:4], device)
-        cut_targets[t] = to_tensor_img(i[..., 4:8], device)
+        cut_targets[t] = to_tensor_img(i[..., 4:9], device)
     use_ignore = cfg.ignore_rim_band > 0 or cfg.ignore_cut
     allf = FrameTargets([views[t] for t in used], [bases[t] for t in used])
     pos = {t: k for k, t in enumerate(used)}
@@ -596,7 +613,10 @@ def track_video(cfg: TrackConfig) -> dict:
                              "fraction_of_crop": float(np.mean([float(ignore[t].mean()) for t in train])),
                              # video_refine.cut_photo: the part of the crop fitted to the frame's own colours
                              "cut_photo_fraction_of_crop": float(np.mean([float(cut_targets[t][..., 3].mean())
-                                                                          for t in train]))},
+                                                                          for t in train])),
+                             # video_refine.cut_background: the part of the crop pulled transparent
+                             "cut_background_fraction_of_crop": float(np.mean(
+                                 [float(cut_targets[t][..., 4].mean()) for t in train]))},
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "seconds_tracking": sub,
             "device": str(device), "checkpoint": str(cfg.checkpoint),

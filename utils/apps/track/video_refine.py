@@ -46,7 +46,9 @@ fixed, jointly and with Adam, on batches of training frames,
     cut        with ``cut_photo``: where the detector's face outline cut the projected FLAME face mask and the person
                segmentation says person (hair over the temples and forehead, the neck under the chin), the target
                is the frame's own colours (data, opaque for the coverage term) instead of no data: left out, those
-               Gaussians kept the network's skin colour (a pale flap at the temple where the clip shows hair)
+               Gaussians kept the network's skin colour (a pale flap at the temple where the clip shows hair);
+               with ``cut_background`` the cut's pixels it calls background (beyond ``cut_background_margin`` px of
+               the person) get alpha 0 in the coverage term (surface over the wall beside the male's jaw)
     unobserved with ``unobserved_px`` > 0 (off): after the refinement the residuals of the vertices whose blending
                weight over the training frames' data pixels stays below it (:func:`_vertex_observation`) go back to
                zero (the prior): they only held the Laplacian's extrapolation from observed neighbours
@@ -274,7 +276,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         cut_targets: with ``cfg.cut_photo``, per training frame (h, w, 4): the frame's own colours (RGB) and a
             weight (1: fitted to them) on the person's pixels that the face outline cut from the projected face
             mask (hair, neck): there the target is the frame (not the masked photo's black), the pixel is data and,
-            for the coverage term, inside (the surface is there, covered); None: off.
+            for the coverage term, inside (the surface is there, covered); with ``cfg.cut_background`` a 5th
+            channel: the cut's background pixels (1: the coverage term pulls alpha to 0 there); None: off.
     Returns:
         RefineResult.
     """
@@ -462,8 +465,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         # no data there: the target stands in for the render (no gradient, no error)
         ign = None if ignore is None else torch.stack([ignore[train[i]] for i in idx])
         if cfg.cut_photo and cut_targets is not None:  # the outline's cut on the person: the frame's own colours
-            ct = torch.stack([cut_targets[train[i]] for i in idx])  # (B, h, w, 4)
-            cw_ = ct[..., 3:]
+            ct = torch.stack([cut_targets[train[i]] for i in idx])  # (B, h, w, 4 or 5)
+            cw_ = ct[..., 3:4]
             gt = gt + cw_ * (ct[..., :3] - gt)
             ign = None if ign is None else ign * (1.0 - cw_)
             mb = None if mb is None else torch.maximum(mb, cw_)
@@ -472,6 +475,10 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         if cfg.alpha_weight > 0:  # an opaque face inside the mask (not dark by being see-through), none outside it
             # alpha_outside false: the pixels outside the mask are left out too (only the inside is pulled to 1)
             cov_ignore = ign if cfg.alpha_outside else (1.0 - mb if ign is None else torch.maximum(ign, 1.0 - mb))
+            if cfg.cut_photo and cut_targets is not None and cfg.cut_background and ct.shape[-1] > 4:
+                # the cut's background pixels: data for the coverage term, target alpha 0 (mb is 0 there)
+                bgc = ct[..., 4:5]
+                cov_ignore = None if cov_ignore is None else cov_ignore * (1.0 - bgc)
             total = total + cfg.alpha_weight * coverage_loss(out["alpha"][:, 0], mb, cov_ignore)
         if use_colour:
             total = total + lap0.penalty(colour, fit.colour_laplacian_weight, cfg.colour_weight)
