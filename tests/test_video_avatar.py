@@ -640,23 +640,41 @@ def test_highpass_ratio_scores_blur_below_the_photo():
     assert np.isnan(highpass_ratio(photo, photo, torch.zeros(40, 40, 1)))
 
 
+def _track_off_and_on(clip, fit_model, tmp_path, seen: list, flag: str, *extra: str) -> tuple[list, list]:
+    """Two 2-iteration video fits of the synthetic clip, with the boolean option ``flag`` false then true (plus
+    ``extra`` arguments); returns what a spy appended to ``seen`` during each (emptied in between)."""
+    from track import main
+
+    root, frames, lm = clip
+    got = []
+    for on in ("false", "true"):
+        with single_thread():
+            main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm), "--flame_dir",
+                  str(root / "flame"), "--out", str(tmp_path / on), *FAST, "--video_refine.iterations", "2",
+                  "--export.turntable", "false", flag, on, *extra])
+        got.append(list(seen))
+        seen.clear()
+    return got[0], got[1]
+
+
+def _banded_outline(model, verts, faces, camera, outline=None, projected=None):
+    """Stand-in for utils.apps.track.video.detected_face_mask: the projected FLAME face mask with 4 rows across the
+    face cut out, as a detector's outline cuts hair over the forehead."""
+    m = projected.copy()
+    ys = np.nonzero(m.any(1))[0]
+    a = ys.min() + (ys.max() - ys.min()) * 2 // 5
+    m[a:a + 4] = 0
+    return m
+
+
 def test_cut_photo_fits_the_outlines_cut_to_the_frames_own_colours(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
     """--video_refine.cut_photo: where the detector's face outline cut the projected FLAME face mask (here a band of
     rows across the face, as hair over the forehead), the refinement's loss reads the frame's own colours (not the
     masked photo's black) instead of leaving the pixels out; off (the behaviour before 2026-12-07e): left out."""
     import utils.apps.track.video as video
     import utils.apps.track.video_refine as vr
-    from track import main
 
-    root, frames, lm = clip
-
-    def banded(model, verts, faces, camera, outline=None, projected=None):
-        m = projected.copy()
-        ys = np.nonzero(m.any(1))[0]
-        a = ys.min() + (ys.max() - ys.min()) * 2 // 5
-        m[a:a + 4] = 0  # the "outline" cuts 4 rows across the face
-        return m
-    monkeypatch.setattr(video, "detected_face_mask", banded)
+    monkeypatch.setattr(video, "detected_face_mask", _banded_outline)
     # every pixel the person (the synthetic frames have no background to tell apart; mediapipe not needed)
     monkeypatch.setattr(video, "person_masks", lambda fr: [np.ones(f.shape[:2], np.float32) for f in fr])
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -667,15 +685,7 @@ def test_cut_photo_fits_the_outlines_cut_to_the_frames_own_colours(clip, fit_mod
         return photometric(pred, gt, fit, eyes, eye_weight, ignore=ignore)
     monkeypatch.setattr(vr, "photometric", spy)
 
-    def run(out, on):
-        with single_thread():
-            main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm), "--flame_dir",
-                  str(root / "flame"), "--out", str(out), *FAST, "--video_refine.iterations", "2",
-                  "--export.turntable", "false", "--video_refine.cut_photo", on])
-        got = list(seen)
-        seen.clear()
-        return got
-    off, on = run(tmp_path / "off", "false"), run(tmp_path / "on", "true")
+    off, on = _track_off_and_on(clip, fit_model, tmp_path, seen, "--video_refine.cut_photo")
     assert len(off) == len(on) == 2
     for (g0, i0), (g1, i1) in zip(off, on):
         cut = (i0 > 0.5) & (i1 < 0.5)  # left out without the option, data with it: the outline's cut
@@ -690,20 +700,11 @@ def test_cut_background_pulls_alpha_to_zero_on_the_cuts_background_only(clip, fi
     """--video_refine.cut_background: of the outline's cut (a band of rows across the face), the pixels the person
     segmentation calls background (here the frame's right half) become data for the coverage term with a target
     alpha of 0, except within cut_background_margin px of the person; the person's part and everything else keep
-    their coverage targets, and off (the default) the background part stays left out."""
+    their coverage targets, and off the background part stays left out."""
     import utils.apps.track.video as video
     import utils.apps.track.video_refine as vr
-    from track import main
 
-    root, frames, lm = clip
-
-    def banded(model, verts, faces, camera, outline=None, projected=None):
-        m = projected.copy()
-        ys = np.nonzero(m.any(1))[0]
-        a = ys.min() + (ys.max() - ys.min()) * 2 // 5
-        m[a:a + 4] = 0  # the "outline" cuts 4 rows across the face
-        return m
-    monkeypatch.setattr(video, "detected_face_mask", banded)
+    monkeypatch.setattr(video, "detected_face_mask", _banded_outline)
 
     def left_half(fr):  # the person: the frame's left half (the face straddles the middle)
         out = []
@@ -721,16 +722,8 @@ def test_cut_background_pulls_alpha_to_zero_on_the_cuts_background_only(clip, fi
         return coverage(alpha, mask, ignore)
     monkeypatch.setattr(vr, "coverage_loss", spy)
 
-    def run(out, on):
-        with single_thread():
-            main(["--checkpoint", str(fit_model), "--frames", str(frames), "--landmarks", str(lm), "--flame_dir",
-                  str(root / "flame"), "--out", str(out), *FAST, "--video_refine.iterations", "2",
-                  "--export.turntable", "false", "--video_refine.cut_background", on,
-                  "--video_refine.cut_background_margin", "3"])
-        got = list(seen)
-        seen.clear()
-        return got
-    off, on = run(tmp_path / "off", "false"), run(tmp_path / "on", "true")
+    off, on = _track_off_and_on(clip, fit_model, tmp_path, seen, "--video_refine.cut_background",
+                                "--video_refine.cut_background_margin", "3")
     assert len(off) == len(on) == 2
     for (m0, i0), (m1, i1) in zip(off, on):
         assert torch.equal(m0, m1)  # the same coverage targets ...
