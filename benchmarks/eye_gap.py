@@ -41,7 +41,7 @@ from benchmarks.heldout_eyes import run_parser  # noqa: E402
 from models import renderer  # noqa: E402
 from models.mip_filter import display_filter, render_filter  # noqa: E402
 from models.renderer import render_identities  # noqa: E402
-from utils.apps.train.trainer import TrainConfig, Trainer, training_compensation  # noqa: E402
+from utils.apps.train.trainer import TrainConfig, Trainer, pool_pixels, training_compensation  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.losses import psnr  # noqa: E402
 
@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="further config overrides the run was trained with (e.g. loss.eye_weight=0.1)")
     p.add_argument("--filters", default="0.01,0.05,0.1,0.3,classic,display",
                    help="2D mip filters to render the model with: px^2 (training's compensation), 'classic' (3DGS's "
-                        "0.3 px^2 dilation) or 'display' (the model's render_filter_2d and render_compensation)")
+                        "0.3 px^2 dilation), 'display' (the model's render_filter_2d and render_compensation) or 'ssK' "
+                        "(training's filter at K x the size, K x K blocks averaged: pixel areas integrated)")
     p.add_argument("--views", choices=("heldout", "train"), default="heldout",
                    help="which cameras of every training identity to measure on")
     p.add_argument("--no_model", action="store_true",
@@ -171,14 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     held = data.serial_index(data.eval_serials if args.views == "heldout" else data.train_serials)
     # (label, 2D filter px^2 or None for the classic dilation, compensation): "display" = what the tools render a
     # loaded model with (its render_filter_2d and render_compensation, models.mip_filter.display_filter)
+    # "ssK" = training's 2D filter at K x the size, K x K blocks averaged (pixel areas integrated, loss.supersample)
     filters = []
     for f in args.filters.split(","):
         if f == "display":
-            filters.append(("display", *display_filter(field.cfg)))
+            filters.append(("display", *display_filter(field.cfg), 1))
+        elif f.startswith("ss"):
+            filters.append((f, tr.filter_2d, None, int(f[2:])))
         else:
-            filters.append((f"{float(f):g}" if f != "classic" else f, None if f == "classic" else float(f), None))
-    if not any(f == tr.filter_2d and comp is None for _, f, comp in filters):  # the sharpness/spectrum rows need it
-        filters.append(("classic" if tr.filter_2d is None else f"{tr.filter_2d:g}", tr.filter_2d, None))
+            filters.append((f"{float(f):g}" if f != "classic" else f, None if f == "classic" else float(f), None, 1))
+    if not any(f == tr.filter_2d and comp is None and k == 1 for _, f, comp, k in filters):  # sharpness rows need it
+        filters.append(("classic" if tr.filter_2d is None else f"{tr.filter_2d:g}", tr.filter_2d, None, 1))
     try:
         from utils.data.synthetic.dataset import load_ground_truth
         from utils.data.synthetic.render import render_ground_truth
@@ -225,13 +229,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         verts = tr.vertices(torch.tensor([i]))
         cloud = field(field.codes.weight[i : i + 1], verts)
-        for name, f, comp in filters:
+        for name, f, comp, ss in filters:
             with training_compensation(), render_filter(renderer.FILTER_2D, comp):
-                pred = render_identities(cloud, [cams], backend=cfg.backend, depth=False,
-                                         filter_2d=f)["image"][0].clamp(0, 1)
+                pred = render_identities(cloud, [[c.scaled(ss) for c in cams] if ss > 1 else cams],
+                                         backend=cfg.backend, depth=False, filter_2d=f)["image"][0]
+            pred = (pool_pixels(pred, ss) if ss > 1 else pred).clamp(0, 1)
             for k, v in region_psnr(pred, gt, regs).items():
                 add(f"model_f2d_{name}/{k}", v)
-            if f == tr.filter_2d and comp is None:
+            if f == tr.filter_2d and comp is None and ss == 1:
                 base_pred = pred
         with training_compensation():
             saved = field.filter_variance

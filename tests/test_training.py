@@ -68,6 +68,55 @@ def test_eye_weight_schedule():
     assert float(half["loss"]) - base == pytest.approx(0.05 * 0.2, rel=1e-4)
 
 
+def test_eye_loss_mse():
+    """loss.eye_loss mse: the eye term is the mean squared error inside the eye regions (what PSNR scores), not the
+    mean |error|; an unknown choice is refused before anything runs."""
+    from utils.apps.train.config import LossConfig, validate_config
+    from utils.apps.train.trainer import TrainConfig, loss_terms
+
+    gt = torch.zeros(1, 1, 16, 16, 3)
+    pred = torch.full((1, 1, 16, 16, 3), 0.2)
+    pred[..., 4:6, 4:10, :] = 0.5  # the eye pixels' error differs from the rest's
+    eyes = torch.zeros(1, 1, 16, 16, 1)
+    eyes[..., 4:6, 4:10, :] = 1
+    aux = {"offset": torch.zeros(1, 4, 3), "log_scale_delta": torch.zeros(1, 4, 3)}
+    l1_term = loss_terms(LossConfig(eye_weight=0.1), pred, gt, aux, eyes)
+    mse_term = loss_terms(LossConfig(eye_weight=0.1, eye_loss="mse"), pred, gt, aux, eyes)
+    assert float(l1_term["l1_eyes"]) == pytest.approx(0.5)
+    assert float(mse_term["l1_eyes"]) == pytest.approx(0.25)
+    assert float(mse_term["loss"]) - float(l1_term["loss"]) == pytest.approx(0.1 * (0.25 - 0.5), rel=1e-4)
+    with pytest.raises(ValueError, match="eye_loss"):
+        validate_config(TrainConfig(loss=LossConfig(eye_loss="l2")))
+
+
+def test_supersample_integrates_pixel_areas(preprocessed_root, tmp_path):
+    """loss.supersample k: training renders at k x the size and averages k x k blocks (each pixel's area, as a
+    camera's sensor integrates it), so an edge through a pixel's middle gives it the mean of both sides; the
+    result has the photos' size and stays close to the point-sampled render."""
+    from utils.apps.train.config import validate_config
+    from utils.apps.train.trainer import pool_pixels
+
+    step = torch.zeros(1, 4, 8, 1)
+    step[..., 3:, :] = 1.0  # an edge at x = 3 px of the fine image: through the middle of pooled pixel 1
+    assert pool_pixels(step, 2)[0, 0, :, 0].tolist() == [0.0, 0.5, 1.0, 1.0]
+    with pytest.raises(ValueError, match="blocks"):
+        pool_pixels(torch.zeros(1, 5, 8, 3), 2)
+    with pytest.raises(ValueError, match="supersample"):
+        validate_config(tiny_config(preprocessed_root, tmp_path / "bad", **{"loss.supersample": 0}))
+    ss = Trainer(tiny_config(preprocessed_root, tmp_path / "ss", **{"loss.supersample": 2}))
+    point = Trainer(tiny_config(preprocessed_root, tmp_path / "point"))
+    ids, views = torch.tensor([0]), torch.tensor([[0, 1]])
+    with torch.no_grad():
+        cloud = ss.field(ss.field.codes.weight[:1], ss.vertices(ids))
+        pred_ss, gt = ss.render_views(cloud, ids, views)
+        pred_pt, _ = point.render_views(cloud, ids, views)
+    assert pred_ss.shape == gt.shape == pred_pt.shape
+    diff = (pred_ss - pred_pt).abs()
+    assert 0 < float(diff.mean()) < 0.02, float(diff.mean())  # another sampling of one image, not another image
+    terms = ss.train_step()
+    assert torch.isfinite(terms["loss"])
+
+
 def test_eye_term_closes_the_eye_gap(preprocessed_root, tmp_path):
     """loss.eye_weight (off in the presets): early in training the eyes of the FLAME-like synthetic heads lag the
     face; with the eye-region term (weight 1 here) the held-out cameras' eye regions catch up.  Measured (40 steps,

@@ -63,6 +63,16 @@ def l1(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
     return (diff * m).sum() / (m.expand_as(diff).sum()).clamp_min(1.0)
 
 
+def mse(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error (scalar), what PSNR scores.  With ``mask`` (..., H, W, 1): mean over the masked pixels."""
+    _check_pair(pred, gt, "mse")
+    se = (pred - gt).square()
+    if mask is None:
+        return se.mean()
+    m = _check_mask(mask, pred, "mse")
+    return (se * m).sum() / (m.expand_as(se).sum()).clamp_min(1.0)
+
+
 def rim_band(mask: Tensor, width: int) -> Tensor:
     """The ring of pixels just outside a face mask: ``mask`` (..., H, W, 1) in {0, 1} dilated by ``width`` pixels
     (square neighbourhood) minus the mask itself; same shape and dtype (0 everywhere when ``width`` is 0).

@@ -25,8 +25,10 @@ class LossConfig:
     scale_reg: float = 1e-3  # weight of squared log-scale growth beyond the edge-length initialisation
     eye_weight: float = 0.0  # weight of an extra L1 term inside each view's eye regions (utils/face/regions.py; 0: off)
     eye_weight_final: float = 1.0  # eye term's weight at the last step / eye_weight, linear from 1 (0: fades out)
+    eye_loss: str = "l1"  # the eye term's error: l1 (mean |error|) or mse (mean squared error: what PSNR scores)
     alpha_weight: float = 0.0  # weight of mean |rendered alpha - face mask| (opaque inside the mask; cpu preset 0.1)
     rim_band: int = 0  # training px just outside the face mask left unsupervised (colour, alpha; cpu preset 1)
+    supersample: int = 1  # render training views at k x the size, average k x k blocks: pixel areas integrated (1: off)
 
 
 @dataclass
@@ -85,16 +87,19 @@ TRAIN_RANGES: dict[str, Range] = {
     "loss.l1_weight": Range(0), "loss.ssim_weight": Range(0), "loss.lpips_weight": Range(0), "loss.code_reg": Range(0),
     "loss.offset_reg": Range(0), "loss.scale_reg": Range(0), "loss.eye_weight": Range(0),
     "loss.eye_weight_final": Range(0),
-    "loss.alpha_weight": Range(0), "loss.rim_band": Range(0),
+    "loss.alpha_weight": Range(0), "loss.rim_band": Range(0), "loss.supersample": Range(1, 4),
     "optim.lr_network": Range(0), "optim.lr_codes": Range(0), "optim.lr_template": Range(0),
     "optim.lr_final_ratio": Range(0, 1, lo_open=True), "optim.beta1": Range(0, 1, hi_open=True),
     "optim.beta2": Range(0, 1, hi_open=True), "optim.grad_clip": Range(0),
 }
 PRECISIONS = ("fp32", "tf32", "bf16")  # choices of TrainConfig.precision
+EYE_LOSSES = ("l1", "mse")  # choices of LossConfig.eye_loss
 
 
 def validate_config(cfg: TrainConfig) -> None:
     """Range checks of TRAIN_RANGES and the choice fields (ValueError naming the flag)."""
     check_ranges(cfg, TRAIN_RANGES)
+    if cfg.loss.eye_loss not in EYE_LOSSES:
+        raise ValueError(f"--loss.eye_loss must be one of {', '.join(EYE_LOSSES)}, got {cfg.loss.eye_loss!r}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")

@@ -51,7 +51,7 @@ from utils.core.locks import FolderLock
 from utils.data.dataset import MultiViewDataset
 from utils.data.model_file import save_model
 from utils.face.regions import embedding_for_flame, eye_region_masks, nanmean, region_metrics
-from utils.losses import coverage_loss, l1, lpips_available, lpips_loss, psnr, rim_band, ssim
+from utils.losses import coverage_loss, l1, lpips_available, lpips_loss, mse, psnr, rim_band, ssim
 
 # names importers take from here (train.py, benchmarks/, tests/): the run's config and the distributed entry points
 __all__ = ["CHECKPOINT_KEYS", "PRECISIONS", "RUN_OUTPUTS", "TRAIN_RANGES", "LossConfig", "OptimConfig", "TrainConfig",
@@ -154,6 +154,16 @@ def eye_weight_at(lc: LossConfig, step: int, steps: int) -> float:
     return lc.eye_weight * (1.0 + (lc.eye_weight_final - 1.0) * frac)
 
 
+def pool_pixels(x: Tensor, k: int) -> Tensor:
+    """(..., k*h, k*w, c) -> (..., h, w, c): the mean of each k x k block.  A render at k x the size whose blocks are
+    averaged integrates every pixel's area as a camera's sensor does (pixel edges line up: Camera.scaled keeps pixel
+    centres at +0.5), instead of sampling the pixel's centre only."""
+    *lead, H, W, c = x.shape
+    if H % k or W % k:
+        raise ValueError(f"pool_pixels: a {H}x{W} image is not made of {k}x{k} blocks")
+    return x.reshape(*lead, H // k, k, W // k, k, c).mean(dim=(-4, -2))
+
+
 def loss_terms(lc: LossConfig, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor | None = None,
                alpha: Tensor | None = None, mask: Tensor | None = None,
                eye_weight: float | None = None) -> dict[str, Tensor]:
@@ -180,7 +190,7 @@ def loss_terms(lc: LossConfig, pred: Tensor, gt: Tensor, aux: dict, eyes: Tensor
         total = total + lc.alpha_weight * terms["alpha"]
     w_eyes = lc.eye_weight if eye_weight is None else eye_weight
     if eyes is not None and lc.eye_weight > 0:
-        terms["l1_eyes"] = l1(pred, gt, eyes)
+        terms["l1_eyes"] = l1(pred, gt, eyes) if lc.eye_loss == "l1" else mse(pred, gt, eyes)
         if w_eyes > 0:
             total = total + w_eyes * terms["l1_eyes"]
     total = total + lc.offset_reg * regs["offset"] + lc.scale_reg * regs["scale"]
@@ -341,8 +351,12 @@ class Trainer:
         d_ids, d_views = on_device
         gt = self.data.images[d_ids[:, None], d_views].float() / 255.0
         cams = [[self.data.cameras[i][v] for v in vs] for i, vs in zip(ids.tolist(), views.tolist())]
+        k = self.cfg.loss.supersample
         with training_compensation():  # the same renders whatever model a tool loaded in this process before
-            out = render_identities(clouds, cams, backend=self.cfg.backend, depth=depth, filter_2d=self.filter_2d)
+            out = render_identities(clouds, [[c.scaled(k) for c in cs] for cs in cams] if k > 1 else cams,
+                                    backend=self.cfg.backend, depth=depth, filter_2d=self.filter_2d)
+        if k > 1:
+            out = {n: None if v is None else pool_pixels(v, k) for n, v in out.items()}
         if with_alpha:
             return out["image"], gt, out["alpha"]
         return out["image"], gt
