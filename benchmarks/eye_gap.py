@@ -158,15 +158,22 @@ def _parse_value(v: str) -> int | float | str:
     return v
 
 
-@torch.no_grad()
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def trained_run(args, resume: bool = True) -> Trainer:
+    """The Trainer of run_parser's run (--config, --data_root, --out, --steps, --set overrides), resumed from its last
+    checkpoint, which must be at exactly --steps (with ``resume``)."""
     overrides = {"data.root": args.data_root, "out": args.out, "steps": args.steps, "progress": False}
     overrides.update({k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
     cfg = build_config(TrainConfig, args.config, overrides=overrides)
-    tr = Trainer(cfg, resume=not args.no_model)
-    if not args.no_model and tr.step != args.steps:
+    tr = Trainer(cfg, resume=resume)
+    if resume and tr.step != args.steps:
         raise SystemExit(f"{args.out}: the last checkpoint is at step {tr.step}, not {args.steps}")
+    return tr
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tr = trained_run(args, resume=not args.no_model)
     data, field = tr.data, tr.field
     field.eval()
     held = data.serial_index(data.eval_serials if args.views == "heldout" else data.train_serials)
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, f, comp, ss in filters:
             with training_compensation(), render_filter(renderer.FILTER_2D, comp):
                 pred = render_identities(cloud, [[c.scaled(ss) for c in cams] if ss > 1 else cams],
-                                         backend=cfg.backend, depth=False, filter_2d=f)["image"][0]
+                                         backend=tr.cfg.backend, depth=False, filter_2d=f)["image"][0]
             pred = (pool_pixels(pred, ss) if ss > 1 else pred).clamp(0, 1)
             for k, v in region_psnr(pred, gt, regs).items():
                 add(f"model_f2d_{name}/{k}", v)
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             field.filter_variance = None
             cloud_nof3d = field(field.codes.weight[i : i + 1], verts)
             field.filter_variance = saved
-            pred = render_identities(cloud_nof3d, [cams], backend=cfg.backend, depth=False,
+            pred = render_identities(cloud_nof3d, [cams], backend=tr.cfg.backend, depth=False,
                                      filter_2d=tr.filter_2d)["image"][0].clamp(0, 1)
             for k, v in region_psnr(pred, gt, regs).items():
                 add(f"model_no3d/{k}", v)

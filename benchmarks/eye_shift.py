@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.heldout_eyes import run_parser  # noqa: E402
 from models.camera import Camera  # noqa: E402
 from models.renderer import render_identities  # noqa: E402
-from utils.apps.train.trainer import TrainConfig, Trainer, training_compensation  # noqa: E402
-from utils.core.config import build_config  # noqa: E402
+from utils.apps.train.trainer import Trainer, training_compensation  # noqa: E402
 
 
 def shifted(cam: Camera, dx: float, dy: float) -> Camera:
@@ -108,14 +107,9 @@ def build_parser():
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from benchmarks.eye_gap import _parse_value
+    from benchmarks.eye_gap import trained_run
 
-    overrides = {"data.root": args.data_root, "out": args.out, "steps": args.steps, "progress": False}
-    overrides.update({k: _parse_value(v) for k, v in (s.split("=", 1) for s in args.set)})
-    cfg = build_config(TrainConfig, args.config, overrides=overrides)
-    tr = Trainer(cfg, resume=True)
-    if tr.step != args.steps:
-        raise SystemExit(f"{args.out}: the last checkpoint is at step {tr.step}, not {args.steps}")
+    tr = trained_run(args)
     data, field = tr.data, tr.field
     field.eval()
     held = data.serial_index(data.eval_serials) if args.views == "heldout" else list(range(len(data.serials)))

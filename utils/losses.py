@@ -56,21 +56,21 @@ def _check_mask(mask: Tensor, img: Tensor, what: str) -> Tensor:
 def l1(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean absolute error (scalar).  With ``mask`` (..., H, W, 1): mean over the masked pixels only."""
     _check_pair(pred, gt, "l1")
-    diff = (pred - gt).abs()
-    if mask is None:
-        return diff.mean()
-    m = _check_mask(mask, pred, "l1")
-    return (diff * m).sum() / (m.expand_as(diff).sum()).clamp_min(1.0)
+    return _masked_mean((pred - gt).abs(), mask, "l1")
 
 
 def mse(pred: Tensor, gt: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean squared error (scalar), what PSNR scores.  With ``mask`` (..., H, W, 1): mean over the masked pixels."""
     _check_pair(pred, gt, "mse")
-    se = (pred - gt).square()
+    return _masked_mean((pred - gt).square(), mask, "mse")
+
+
+def _masked_mean(err: Tensor, mask: Tensor | None, what: str) -> Tensor:
+    """Mean of a per-pixel error (..., H, W, C) (scalar); with ``mask`` (..., H, W, 1) over the masked pixels only."""
     if mask is None:
-        return se.mean()
-    m = _check_mask(mask, pred, "mse")
-    return (se * m).sum() / (m.expand_as(se).sum()).clamp_min(1.0)
+        return err.mean()
+    m = _check_mask(mask, err, what)
+    return (err * m).sum() / (m.expand_as(err).sum()).clamp_min(1.0)
 
 
 def rim_band(mask: Tensor, width: int) -> Tensor:
