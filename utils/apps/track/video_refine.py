@@ -358,6 +358,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         groups.append({"params": [log_gain, ebias] if cfg.exposure_bias else [log_gain], "lr": cfg.exposure_lr})
     for g in groups:
         g["initial_lr"] = g["lr"]
+    # the outline's cut on the person (cut_photo): per training frame (h, w, 4 or 5), or None when off
+    cut = cut_targets if cfg.cut_photo else None
     lap0 = UniformLaplacian(M, model.base_faces, dev)
     lapv = (UniformLaplacian(f.num_vertices, f.faces.cpu().numpy(), dev) if cfg.gaussians or cfg.gaussian_colour
             else None)
@@ -434,8 +436,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         t = train[i]
         m = views[t].mask[..., 0]
         keep = torch.ones_like(m) if ignore is None else 1.0 - ignore[t][..., 0]
-        if cfg.cut_photo and cut_targets is not None:
-            cw1 = cut_targets[t][..., 3]
+        if cut is not None:
+            cw1 = cut[t][..., 3]
             m, keep = torch.maximum(m, cw1), torch.maximum(keep, cw1)
         return m * keep
 
@@ -464,8 +466,8 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             pred = apply_exposure(pred, mb, eg[idx].exp(), eb[idx] if cfg.exposure_bias else None)
         # no data there: the target stands in for the render (no gradient, no error)
         ign = None if ignore is None else torch.stack([ignore[train[i]] for i in idx])
-        if cfg.cut_photo and cut_targets is not None:  # the outline's cut on the person: the frame's own colours
-            ct = torch.stack([cut_targets[train[i]] for i in idx])  # (B, h, w, 4 or 5)
+        ct = None if cut is None else torch.stack([cut[train[i]] for i in idx])  # (B, h, w, 4 or 5)
+        if ct is not None:  # the outline's cut on the person: the frame's own colours
             cw_ = ct[..., 3:4]
             gt = gt + cw_ * (ct[..., :3] - gt)
             ign = None if ign is None else ign * (1.0 - cw_)
@@ -475,7 +477,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         if cfg.alpha_weight > 0:  # an opaque face inside the mask (not dark by being see-through), none outside it
             # alpha_outside false: the pixels outside the mask are left out too (only the inside is pulled to 1)
             cov_ignore = ign if cfg.alpha_outside else (1.0 - mb if ign is None else torch.maximum(ign, 1.0 - mb))
-            if cfg.cut_photo and cut_targets is not None and cfg.cut_background and ct.shape[-1] > 4:
+            if ct is not None and cfg.cut_background and ct.shape[-1] > 4:
                 # the cut's background pixels: data for the coverage term, target alpha 0 (mb is 0 there)
                 bgc = ct[..., 4:5]
                 cov_ignore = None if cov_ignore is None else cov_ignore * (1.0 - bgc)
