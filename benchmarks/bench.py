@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -110,6 +111,9 @@ REFERENCE_STEPS = 295_680  # single-view steps of the reference training (about 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+T = TypeVar("T")
 
 
 def timed(fn, repeats: int, device: torch.device, warmup: int = 3) -> float:
@@ -216,6 +220,15 @@ def bench_training(trainer: Trainer, warmup: int, steps: int) -> dict:
             "peak_gb": peak_gb(dev), "loss": float(last["loss"])}
 
 
+def public_path(fn: Callable[[], T]) -> T:
+    """``fn()`` through gsplat's public autograd path instead of its kernels called directly (GSPLAT_DIRECT off)."""
+    before, renderer.GSPLAT_DIRECT = renderer.GSPLAT_DIRECT, False
+    try:
+        return fn()
+    finally:
+        renderer.GSPLAT_DIRECT = before
+
+
 @torch.no_grad()
 def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.device, repeats: int,
                  backend: str, synth_precision: str = "fp32") -> dict:
@@ -237,6 +250,16 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         sync(device)
         out[f"fps_cached_{name}"] = repeats / (time.perf_counter() - t)
         out[f"peak_gb_cached_{name}"] = peak_gb(device)
+    # what the tools render (no depth channel), and the same through gsplat's public autograd path instead of its
+    # kernels called directly (models.renderer.GSPLAT_DIRECT): the host work of one call is the 512x512 limit
+    nodepth = lambda: render_batch(cloud, [cam512], backend=backend, depth=False)  # noqa: E731
+    out["fps_cached_512x512_nodepth"] = 1000 / timed(nodepth, repeats, device, warmup=5)
+    out["fps_cached_512x512_nodepth_public"] = public_path(lambda: 1000 / timed(nodepth, repeats, device, warmup=5))
+    if backend != "torch" and device.type == "cuda":
+        direct = render_batch(cloud, [cam512], backend=backend)
+        public = public_path(lambda: render_batch(cloud, [cam512], backend=backend))
+        out["direct_vs_public_max_abs_diff"] = max(float((direct[k] - public[k]).abs().max())
+                                                   for k in ("image", "alpha", "depth"))
     # throughput when a video's frames are rendered 16 at a time (one rasterizer call per 16 cameras)
     orbit = [Camera.look_at((c[0] + 0.55 * np.sin(a), c[1], c[2] + 0.55 * np.cos(a)), c, (0, 1, 0), 512, 512,
                             fov_y_deg=25).to(device) for a in np.linspace(-0.8, 0.8, 16)]
@@ -287,6 +310,11 @@ def bench_render(field, base_vertices, plan, cam_full: Camera, device: torch.dev
         sync(device)
         out[f"fps_network_{size}_{name}"] = repeats / (time.perf_counter() - t)
         out[f"peak_gb_network_{size}_{name}"] = peak_gb(device)
+        if size == "512x512" and name.startswith("graphed"):  # as the tools render: no depth channel
+            n = iter(range(1 << 30))
+            out[f"fps_network_{size}_{name}_nodepth"] = 1000 / timed(lambda: render_batch(
+                synth(codes[0] + (next(n) % 10) / 10 * (codes[-1] - codes[0])), [cam], backend=backend,
+                depth=False), repeats, device, warmup=5)
     out["network_graphed"] = graphed.graphed if graphed.fallback_reason is None else graphed.fallback_reason
     return out
 
@@ -316,6 +344,8 @@ def bench_lod(cloud, plan, cam512: Camera, device: torch.device, repeats: int, b
         render_batch(lod, [cam512], backend=backend)
     sync(device)
     out["fps_cached_512x512_lod"] = repeats / (time.perf_counter() - t)
+    out["fps_cached_512x512_lod_nodepth"] = 1000 / timed(
+        lambda: render_batch(lod, [cam512], backend=backend, depth=False), repeats, device, warmup=5)
     full_img = render_batch(cloud, [cam512], backend=backend)["image"]
     lod_img = render_batch(lod, [cam512], backend=backend)["image"]
     mse = float(((full_img.clamp(0, 1) - lod_img.clamp(0, 1)) ** 2).mean())

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import models.renderer as renderer  # noqa: E402
 from benchmarks.bench import build_problem, sync, timed  # noqa: E402
 from benchmarks.real_mask import REAL_MASK_GAUSSIANS  # noqa: E402
 from benchmarks.scratch import scratch_dir  # noqa: E402
@@ -109,6 +110,21 @@ def main() -> None:
                     pairs_, box_px = tile_pairs(c_, cam, 16)
                     print(f"{name}: {len(c_.means)} Gaussians, 16 px tile pairs {pairs_}, bounding-box pixels {box_px}")
                     print(kernel_table(lambda: render_batch(c_, [cam]), dev))
+            # gsplat's kernels called directly (the no-gradient default, GSPLAT_DIRECT) against its public autograd
+            # path, at two tile sizes, for the full head and (level > 0) the level-of-detail head
+            from benchmarks.bench import public_path
+
+            heads = [("full detail", cloud)] + ([("level of detail", lod)] if args.level > 0 else [])
+            for name, c_ in heads:
+                for tile in (8, 16):
+                    renderer.GSPLAT_TILE_SIZE = tile
+                    go = lambda: render_batch(c_, [cam], depth=False)  # noqa: E731
+                    print(f"{name}, tile {tile}, no depth: direct kernels {fps(go):.0f} FPS, "
+                          f"public path {public_path(lambda: fps(go)):.0f} FPS")
+                renderer.GSPLAT_TILE_SIZE = 16
+                print(f"{name}, direct kernels, host calls:")
+                print(profiled(lambda: render_batch(c_, [cam], depth=False), dev).key_averages().table(
+                    sort_by="cpu_time_total", row_limit=15))
             for depth in (False, True):
                 print(f"gsplat backend, depth {depth}: "
                       f"{fps(lambda: _render_gsplat(cloud, [cam], None, stacked, depth=depth)):.0f}")

@@ -534,3 +534,56 @@ def test_cpu_row_cumsum_is_bit_identical_to_torch_cumsum():
     out = _cumsum_rows(x)
     assert out.shape == x.shape and out.is_contiguous()
     assert torch.equal(out, torch.cumsum(x, 0))
+
+
+def test_needs_grad_decides_the_gsplat_inference_path():
+    """Renders without gradient take gsplat's kernels directly (``_direct_kernels``); any attribute that requires a
+    gradient, with grad mode on, keeps the autograd path."""
+    from models.renderer.gsplat_backend import _needs_grad
+
+    cloud = random_cloud(10, generator=torch.Generator().manual_seed(0))
+    assert not _needs_grad(cloud)
+    sh = cloud.sh.clone().requires_grad_(True)
+    with_grad = GaussianCloud(cloud.means, cloud.quats, cloud.scales, cloud.opacities, sh)
+    assert _needs_grad(with_grad)
+    with torch.no_grad():
+        assert not _needs_grad(with_grad)
+    with torch.inference_mode():
+        assert not _needs_grad(with_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat runs on CUDA only: run this file on the GPU machine")
+@pytest.mark.parametrize("filter_2d,compensation", [(None, "opacity"), (0.3, "opacity"), (0.3, "optical_depth")])
+def test_gsplat_inference_kernels_match_the_autograd_path_on_cuda(monkeypatch, filter_2d, compensation):
+    """Without gradient the gsplat backend calls its compiled kernels directly (no autograd wrappers, no
+    ``rasterization()`` bookkeeping); images, alphas and depths equal the autograd path's for one and several
+    cameras, a background, batched clouds, and every 2D filter mode."""
+    pytest.importorskip("gsplat")
+    import models.renderer as R
+    from models.renderer.gsplat_backend import _direct_kernels
+
+    assert _direct_kernels() is not None  # the pinned gsplat: the direct path really runs below
+    monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", compensation)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(5)
+    clouds = [random_cloud(2000, radius=0.12, scale_range=(5e-4, 0.01), generator=g).to(dev) for _ in range(2)]
+    cams = [_cam(64, 48, f=90.0), _cam(64, 48, eye=(0.3, 0.1, 0.9), f=70.0)]
+    bg = torch.tensor([0.2, 0.3, 0.4], device=dev)
+    for background in (None, bg):
+        for cams_ in (cams[:1], cams):
+            grad = [GaussianCloud(*(t.detach().clone().requires_grad_(True) for t in (c.means, c.quats, c.scales,
+                                                                                       c.opacities, c.sh)))
+                    for c in clouds]
+            ref = R.render_batch(grad[0], cams_, background, backend="gsplat", filter_2d=filter_2d)
+            with torch.no_grad():
+                out = R.render_batch(clouds[0], cams_, background, backend="gsplat", filter_2d=filter_2d)
+            for k in ("image", "alpha", "depth"):
+                assert float((ref[k].detach() - out[k]).abs().max()) < 1e-5, (k, background is None, len(cams_))
+            batched = GaussianCloud(*(torch.stack([getattr(c, a) for c in clouds]) for a in
+                                      ("means", "quats", "scales", "opacities", "sh")))
+            with torch.no_grad():
+                both = R.render_identities(batched, [cams_, cams_], background, backend="gsplat", filter_2d=filter_2d)
+            for b in range(2):
+                one = R.render_batch(grad[b], cams_, background, backend="gsplat", filter_2d=filter_2d)
+                assert float((one["image"].detach() - both["image"][b]).abs().max()) < 1e-5
+    assert float(out["alpha"].max()) > 0.5  # something was drawn

@@ -22,7 +22,7 @@ Also here: ``common`` (SH colour, input checks, backend choice), ``mesh_raster``
 rasterizer used for face masks; it renders meshes, not Gaussians).
 
 Settings: ``models.renderer.MAX_ALPHA``, ``FILTER_2D``, ``TILE``, ``STORE_LIMIT_BYTES``, ``CHECK_FINITE_ON_GPU``,
-``GSPLAT_TILE_SIZE``, ``GSPLAT_PACKED`` and the constants ``NEAR_PLANE``, ``ALPHA_THRESHOLD``,
+``GSPLAT_TILE_SIZE``, ``GSPLAT_PACKED``, ``GSPLAT_DIRECT`` and the constants ``NEAR_PLANE``, ``ALPHA_THRESHOLD``,
 ``TRANSMITTANCE_STOP``, ``BLUR_EPS`` live in ``models.renderer.settings``.  Reading or assigning them on this package
 (``models.renderer.FILTER_2D = 0.1``, pytest's ``monkeypatch.setattr``) reads or assigns that module, which the
 backends read on every call, so a change takes effect in whichever backend uses it.
@@ -59,7 +59,7 @@ __all__ = ["BACKENDS", "available_backends", "eval_sh", "render", "render_batch"
 
 def render(
     cloud: GaussianCloud, camera: Camera, background: Tensor | None = None, backend: str = "auto",
-    filter_2d=_DEFAULT,
+    filter_2d=_DEFAULT, depth: bool = True,
 ) -> dict[str, Tensor]:
     """Render one Gaussian cloud through one camera.
 
@@ -69,13 +69,13 @@ def render(
             camera.width x camera.height.
         background: (3,) RGB behind the Gaussians, or None for black.
         backend: "auto", "torch", "gsplat" or "inria".
-        filter_2d: as in :func:`render_batch`.
+        filter_2d, depth: as in :func:`render_batch`.
     Returns:
-        {"image": (H, W, 3), "alpha": (H, W, 1), "depth": (H, W, 1)}: colour, accumulated opacity and
+        {"image": (H, W, 3), "alpha": (H, W, 1), "depth": (H, W, 1) or None}: colour, accumulated opacity and
         alpha-normalised camera-space depth as in :func:`render_batch`, differentiable w.r.t. the cloud.
     """
-    out = render_batch(cloud, [camera], background, backend, filter_2d=filter_2d)
-    return {k: v[0] for k, v in out.items()}
+    out = render_batch(cloud, [camera], background, backend, filter_2d=filter_2d, depth=depth)
+    return {k: None if v is None else v[0] for k, v in out.items()}
 
 
 def render_batch(
@@ -85,6 +85,7 @@ def render_batch(
     backend: str = "auto",
     chunk_elements: int = 1 << 22,
     filter_2d=_DEFAULT,
+    depth: bool = True,
 ) -> dict[str, Tensor]:
     """Render one Gaussian cloud through several cameras of one image size.
 
@@ -102,11 +103,14 @@ def render_batch(
         filter_2d: screen-space filter: None = 3DGS's classic 0.3 px^2 dilation; eps > 0 = Mip-Splatting's 2D mip
             filter of eps px^2 with opacity compensation (gsplat's antialiased mode); omitted =
             ``models.renderer.FILTER_2D``.
+        depth: False when the caller needs no depth (viewer, animation): gsplat then blends no depth channel and
+            "depth" may be None (the torch and inria backends compute it anyway).
     Returns:
         dict with
             image: (C, H, W, 3) colour, composited over ``background``,
             alpha: (C, H, W, 1) accumulated opacity (1 - the transmittance left behind the last Gaussian),
-            depth: (C, H, W, 1) alpha-normalised expected camera-space depth (0 where alpha is 0),
+            depth: (C, H, W, 1) alpha-normalised expected camera-space depth (0 where alpha is 0), or None
+                with ``depth=False`` on gsplat,
         all differentiable w.r.t. every attribute of ``cloud``.
     """
     cameras = list(cameras)
@@ -117,7 +121,7 @@ def render_batch(
     f2d = _resolve_filter(filter_2d)
     if which == "gsplat":
         stacked = stack_cameras([c.to(cloud.device) for c in cameras])  # raises on mixed image sizes
-        return _render_gsplat(cloud, cameras, background, stacked, filter_2d=f2d)
+        return _render_gsplat(cloud, cameras, background, stacked, depth=depth, filter_2d=f2d)
     stack_cameras(cameras)  # raises on mixed image sizes
     if which == "inria":
         return _render_inria(cloud, cameras, background, f2d)

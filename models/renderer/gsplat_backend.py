@@ -5,6 +5,7 @@ work without it.  Its tile size and packed mode are ``settings.GSPLAT_TILE_SIZE`
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -41,7 +42,7 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
     ``stacked``: the cameras' ``stack_cameras`` result when the caller already has it (unbatched cloud only).
     ``depth=False``: no depth channel is blended (the output's "depth" is then None).
     ``filter_2d``: None = ``rasterize_mode="classic"`` (eps2d 0.3), else "antialiased" with ``eps2d=filter_2d`` and
-    the opacity compensation ``settings.FILTER_2D_COMPENSATION`` (see ``_rasterize_compensated``)."""
+    the opacity compensation ``settings.FILTER_2D_COMPENSATION`` (see ``_rasterize_steps``)."""
     try:
         from gsplat import rasterization  # optional CUDA dependency, imported only when this backend runs
     except ImportError as exc:
@@ -57,8 +58,10 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
         K, w2c, W, H = stacked if stacked is not None else stack_cameras([c.to(cloud.device) for c in cameras])
     bg = None if background is None else background.to(cloud.means).expand(*K.shape[:-2], 3)
     colors = _gsplat_colors(cloud, w2c)
-    if filter_2d is not None and settings.FILTER_2D_COMPENSATION != "opacity":
-        colors, alphas = _rasterize_compensated(cloud, colors, w2c, K, W, H, bg, depth, filter_2d)
+    # no gradient wanted (viewer, animation, evaluation): gsplat's kernels without its autograd wrappers
+    kernels = None if _needs_grad(cloud) or settings.GSPLAT_PACKED or not settings.GSPLAT_DIRECT else _direct_kernels()
+    if kernels is not None or (filter_2d is not None and settings.FILTER_2D_COMPENSATION != "opacity"):
+        colors, alphas = _rasterize_steps(cloud, colors, w2c, K, W, H, bg, depth, filter_2d, kernels)
     else:
         colors, alphas, _ = rasterization(
             means=cloud.means,
@@ -83,41 +86,90 @@ def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Se
     return {"image": colors[..., :3], "alpha": alphas, "depth": colors[..., 3:4] if depth else None}
 
 
-def _rasterize_compensated(cloud: GaussianCloud, colors: Tensor, w2c: Tensor, K: Tensor, W: int, H: int,
-                           bg: Tensor | None, depth: bool, filter_2d: float) -> tuple[Tensor, Tensor]:
-    """gsplat's antialiased rasterization with the opacity compensation ``settings.FILTER_2D_COMPENSATION`` other
-    than gsplat's built-in ``o r`` (e.g. "optical_depth": ``1 - (1 - o)^r``).
+def _needs_grad(cloud: GaussianCloud) -> bool:
+    """Whether autograd should record this render (grad mode on and some attribute requires a gradient)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (cloud.means, cloud.quats, cloud.scales,
+                                                                     cloud.opacities, cloud.sh))
 
-    ``rasterization()`` multiplies the opacities by its compensation r internally, so this spells out its unpacked
-    pipeline with gsplat's public CUDA wrappers (projection with ``calc_compensations``, tile intersection, offsets,
-    rasterization) and compensates in between; every step stays differentiable through gsplat's own kernels.
+
+@functools.lru_cache(maxsize=1)
+def _direct_kernels():
+    """gsplat 1.5.3's compiled extension, for renders that need no gradient; None for any other gsplat version.
+
+    Its public functions wrap every kernel in an autograd Function with shape asserts, and ``rasterization()`` adds
+    its own bookkeeping: tens of host operations per call that cost more than the GPU work of a cached head's frame
+    at 512x512 (benchmarks/results/gpu_h100_2026-12-07e.md: ~0.7 ms host against 0.39 ms GPU at 46,987 Gaussians).
+    The extension's signatures are private, so they are used only for the version they were read from (the pinned
+    one); any other version takes the public path.
+    """
+    import gsplat
+
+    if gsplat.__version__ != "1.5.3":
+        return None
+    from gsplat.cuda._backend import _C  # compiles gsplat's CUDA code on first use, like the public functions
+
+    return _C
+
+
+def _rasterize_steps(cloud: GaussianCloud, colors: Tensor, w2c: Tensor, K: Tensor, W: int, H: int,
+                     bg: Tensor | None, depth: bool, filter_2d: float | None, kernels=None) -> tuple[Tensor, Tensor]:
+    """gsplat's unpacked pipeline spelled out: projection, tile intersection, offsets, rasterization.
+
+    Used (1) for the 2D mip filter with an opacity compensation other than gsplat's built-in ``o r`` (e.g.
+    "optical_depth": ``1 - (1 - o)^r``): ``rasterization()`` multiplies the opacities by its compensation r
+    internally, so the steps run here and the compensation goes in between, every step differentiable through gsplat's
+    public wrappers; and (2) with ``kernels`` (``_direct_kernels()``) for renders without gradient, which call the
+    compiled kernels directly (same kernels, same arguments as the wrappers pass).
 
     Args:
         colors: (..., N, 3) or (..., C, N, 3) RGB per Gaussian; w2c: (..., C, 4, 4); K: (..., C, 3, 3);
-        bg: (..., C, 3) or None; filter_2d: the 2D filter's variance eps in px^2.
+        bg: (..., C, 3) or None; filter_2d: the 2D filter's variance eps in px^2, None for the classic dilation.
     Returns:
         colors (..., C, H, W, 3 or 4: RGB and, with ``depth``, the expected depth), alphas (..., C, H, W, 1).
     """
-    from gsplat import fully_fused_projection, isect_offset_encode, isect_tiles, rasterize_to_pixels
+    eps2d = settings.BLUR_EPS if filter_2d is None else filter_2d
+    tile = settings.GSPLAT_TILE_SIZE
+    tw, th = math.ceil(W / tile), math.ceil(H / tile)
+    if kernels is None:
+        from gsplat import fully_fused_projection, isect_offset_encode, isect_tiles, rasterize_to_pixels
 
-    radii, means2d, depths, conics, ratio = fully_fused_projection(
-        cloud.means, None, cloud.quats, cloud.scales, w2c, K, W, H, eps2d=filter_2d, near_plane=settings.NEAR_PLANE,
-        calc_compensations=True,
-        # radii from the raw opacity: 1 - (1 - o)^r <= o for r <= 1, so the bound stays conservative
-        opacities=cloud.opacities)
-    opac = compensate_opacity(cloud.opacities.unsqueeze(-2), ratio)  # (..., C, N)
+        radii, means2d, depths, conics, ratio = fully_fused_projection(
+            cloud.means, None, cloud.quats, cloud.scales, w2c, K, W, H, eps2d=eps2d, near_plane=settings.NEAR_PLANE,
+            calc_compensations=filter_2d is not None,
+            # radii from the raw opacity: 1 - (1 - o)^r <= o for r <= 1, so the bound stays conservative
+            opacities=cloud.opacities)
+    else:
+        radii, means2d, depths, conics, ratio = kernels.projection_ewa_3dgs_fused_fwd(
+            cloud.means.contiguous(), None, cloud.quats.contiguous(), cloud.scales.contiguous(),
+            cloud.opacities.contiguous(), w2c.contiguous(), K.contiguous(), W, H, eps2d, settings.NEAR_PLANE,
+            1e10, 0.0, filter_2d is not None, kernels.CameraModelType.PINHOLE)
+    opac = cloud.opacities.unsqueeze(-2)  # (..., 1, N): one row serves every camera
+    if filter_2d is not None:
+        opac = compensate_opacity(opac, ratio)  # (..., C, N)
+    image_dims = means2d.shape[:-2]  # (..., C)
+    opac = opac.expand(*image_dims, opac.shape[-1])
     if colors.dim() == means2d.dim() - 1:  # per-Gaussian colour: one copy per camera
         colors = colors.unsqueeze(-3).expand(*means2d.shape[:-1], colors.shape[-1])
     if depth:
         colors = torch.cat([colors, depths.unsqueeze(-1)], -1)
         bg = None if bg is None else torch.cat([bg, torch.zeros_like(bg[..., :1])], -1)
-    tile = settings.GSPLAT_TILE_SIZE
-    tw, th = math.ceil(W / tile), math.ceil(H / tile)
-    _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile, tw, th)
-    image_dims = means2d.shape[:-2]  # (..., C)
-    offsets = isect_offset_encode(isect_ids, math.prod(image_dims), tw, th).reshape(*image_dims, th, tw)
-    out, alphas = rasterize_to_pixels(means2d, conics, colors, opac, W, H, tile, offsets, flatten_ids,
-                                      backgrounds=bg)
+    n_images = math.prod(image_dims)
+    if kernels is None:
+        _, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, tile, tw, th)
+        offsets = isect_offset_encode(isect_ids, n_images, tw, th).reshape(*image_dims, th, tw)
+        out, alphas = rasterize_to_pixels(means2d, conics, colors, opac, W, H, tile, offsets, flatten_ids,
+                                          backgrounds=bg)
+    else:
+        _, isect_ids, flatten_ids = kernels.intersect_tile(means2d, radii, depths, None, None, n_images, tile, tw,
+                                                           th, True, False)
+        offsets = kernels.intersect_offset(isect_ids, n_images, tw, th).reshape(*image_dims, th, tw)
+        out, alphas, _ = kernels.rasterize_to_pixels_3dgs_fwd(
+            means2d, conics, colors.contiguous(), opac.contiguous(), None if bg is None else bg.contiguous(), None,
+            W, H, tile, offsets, flatten_ids)
+        alphas = alphas.float()
     if depth:  # accumulated depth -> expected depth, as rasterization()'s "RGB+ED"
-        out = torch.cat([out[..., :3], out[..., 3:] / alphas.clamp_min(1e-10)], -1)
+        if kernels is not None:  # no autograd: divide in place instead of a new concatenated tensor
+            out[..., 3:].div_(alphas.clamp_min(1e-10))
+        else:
+            out = torch.cat([out[..., :3], out[..., 3:] / alphas.clamp_min(1e-10)], -1)
     return out, alphas

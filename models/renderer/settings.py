@@ -39,3 +39,7 @@ CHECK_FINITE_ON_GPU = False
 # values without a flag on every render call.
 GSPLAT_TILE_SIZE = 16
 GSPLAT_PACKED = False
+# Renders that need no gradient (viewer, animation, evaluation) call gsplat 1.5.3's compiled kernels directly instead
+# of its autograd wrappers and rasterization() (same kernels and arguments, fewer host operations per call; see
+# gsplat_backend._direct_kernels).  False forces the public path (benchmarks compare the two).
+GSPLAT_DIRECT = True

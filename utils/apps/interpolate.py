@@ -195,7 +195,7 @@ def _interpolate(cfg: InterpolationConfig, model: TrainedModel | None, claim: Ou
                 cloud = with_colour(cloud, colour_offsets(model, colour)[:nc])
             deg = cfg.orbit * n / (total if cfg.loop else max(1, total - 1))
             cam = orbit(cam0, centre.to(device), R[:, 1].to(device), deg)
-            img = render(cloud, cam, backend=cfg.backend)["image"].clamp(0, 1)
+            img = render(cloud, cam, backend=cfg.backend, depth=False)["image"].clamp(0, 1)
             save_image(frame_dir / f"frame_{n:05d}.png", img)
             stream.write(to_uint8(img))
             if cfg.ply and n % cfg.frames == 0:  # frame k * frames shows key k exactly (t = 0)

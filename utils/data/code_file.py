@@ -194,4 +194,5 @@ def render_style(model: TrainedModel, w: Tensor, base: Tensor, cameras: Sequence
                  colour: Tensor | None = None, gaussians: Tensor | None = None) -> Tensor:
     """Images (C, h, w, 3) of style w (S,) on level-0 vertices base (M, 3) (plus the colour residual (M, 3) and the
     per-Gaussian residual (V, K, 7)) through cameras of one size."""
-    return render_batch(code_cloud(model, w, base, colour, gaussians), list(cameras), backend=backend)["image"]
+    return render_batch(code_cloud(model, w, base, colour, gaussians), list(cameras), backend=backend,
+                        depth=False)["image"]

@@ -229,11 +229,11 @@ def _render(animator: HeadAnimator, head: PosableIdentity, params: FlameParams, 
     each frame at its level of detail (frames grouped by level, one rasterizer call per group)."""
     cloud = animator.gaussians(head, params)
     if lod is None:
-        imgs = render_identities(cloud, [[cam]] * params.num_frames, backend=backend)["image"][:, 0]
+        imgs = render_identities(cloud, [[cam]] * params.num_frames, backend=backend, depth=False)["image"][:, 0]
         return imgs.clamp(0, 1), cloud
     imgs = torch.empty(params.num_frames, cam.height, cam.width, 3, device=cloud.device)
     for idx, sub in lod.clouds(cloud):
-        imgs[idx] = render_identities(sub, [[cam]] * len(idx), backend=backend)["image"][:, 0]
+        imgs[idx] = render_identities(sub, [[cam]] * len(idx), backend=backend, depth=False)["image"][:, 0]
     return imgs.clamp(0, 1), cloud
 
 

@@ -508,7 +508,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                         params = retarget(motion.to(device), head.base, cfg.pose, 0)
                     with torch.no_grad():
                         cloud = pose_graph(params)
-                        img = render_identities(cloud, [[cam]], backend=cfg.backend)["image"][0, 0].clamp(0, 1)
+                        img = render_identities(cloud, [[cam]], backend=cfg.backend,
+                                                depth=False)["image"][0, 0].clamp(0, 1)
                         frame = to_uint8(img)
                     if cfg.side_by_side == "video":
                         frame = np.concatenate([frame, fit_height(det.rgb, cam.height)], axis=1)
