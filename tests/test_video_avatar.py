@@ -157,7 +157,9 @@ def test_track_help_documents_video_flags():
     for flag in ("--video", "--frames", "--heldout_every", "--heldout_tail", "--video_batch", "--landmarks",
                  "--ignore_rim_band", "--ignore_cut", "--video_refine.exposure", "--video_refine.exposure_bias",
                  "--video_refine.exposure_extrapolate", "--video_refine.cut_photo",
-                 "--video_refine.cut_background", "--video_refine.cut_background_margin"):
+                 "--video_refine.cut_background", "--video_refine.cut_background_margin",
+                 "--video_refine.background_prune", "--video_refine.cut_hair", "--video_refine.cut_hair_threshold",
+                 "--video_refine.cut_hair_margin"):
         assert flag in text, flag
 
 
@@ -788,3 +790,48 @@ def test_unobserved_px_resets_the_residuals_of_vertices_no_frame_sees(clip, fit_
     _run(fit_model, root, frames, lm, tmp_path / "b", extra=[*extra, "--video_refine.unobserved_px", "1e12"])
     c = load_code(tmp_path / "b" / "code.pt", model)
     assert float(c.gaussians.abs().max()) == 0.0 and float(c.colour.abs().max()) == 0.0
+
+
+def test_background_prune_hides_the_gaussians_only_the_cuts_background_shows(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
+    """--video_refine.background_prune: after the refinement, the vertices whose blending weight over the training
+    frames lies (by more than the share) on the coverage term's alpha-0 pixels (the outline's cut where the
+    segmentation says background: here a band of rows across the face, right half) get opacity logit residual
+    PRUNED_LOGIT in code.pt (invisible), every other residual untouched; the count is in metrics.json."""
+    import utils.apps.track.video as video
+    from models.identity_field import RESIDUAL_CHANNELS
+    from utils.apps.track.video_refine import PRUNED_LOGIT
+    from utils.data.code_file import code_cloud, load_code
+    from utils.data.model_file import load_model
+
+    def left_half(fr):  # the person: the frame's left half
+        out = []
+        for f in fr:
+            p = np.zeros(f.shape[:2], np.float32)
+            p[:, : f.shape[1] // 2] = 1.0
+            out.append(p)
+        return out
+
+    def wide_band(model, verts, faces, camera, outline=None, projected=None):  # 12 rows cut across the face
+        m = projected.copy()
+        ys = np.nonzero(m.any(1))[0]
+        a = ys.min() + (ys.max() - ys.min()) * 2 // 5
+        m[a:a + 12] = 0
+        return m
+    monkeypatch.setattr(video, "detected_face_mask", wide_band)
+    monkeypatch.setattr(video, "person_masks", left_half)
+    root, frames, lm = clip
+    model = load_model(fit_model)
+    m = _run(fit_model, root, frames, lm, tmp_path / "p", extra=[
+        "--export.turntable", "false", "--video_refine.iterations", "2", "--video_refine.cut_background_margin", "0",
+        "--video_refine.background_prune", "0.5"])
+    n = m["refine"]["flame_correction"]["pruned_vertices"]
+    c = load_code(tmp_path / "p" / "code.pt", model)
+    # the opacity logit: the last raw channel of a residual of every channel (with the per-Gaussian colour, default)
+    g = c.gaussians
+    op = g[..., -1 if g.shape[-1] == model.field.channels else RESIDUAL_CHANNELS.index("opacity_logit")]  # (V, K)
+    gone = (op <= PRUNED_LOGIT + 1.0).all(1)
+    assert 0 < n < model.field.num_vertices // 4 and int(gone.sum()) == n
+    assert float(op[~gone].abs().max()) < 10.0  # the others: ordinary fitted residuals
+    with torch.no_grad():
+        o = code_cloud(model, c.w, c.base_vertices, c.colour, g).opacities.reshape(len(gone), -1)
+    assert float(o[gone].max()) < 1e-6 and float(o[~gone].min()) > 1e-3

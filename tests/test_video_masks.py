@@ -185,3 +185,25 @@ def test_person_masks_separate_the_person_from_the_background():
     assert m.shape == img.shape[:2] and m.dtype == np.float32 and set(np.unique(m)) <= {0.0, 1.0}
     assert m[100:250, 150:300].mean() > 0.7 and m[:60, :60].max() == 0.0
     assert empty.shape == (64, 96) and empty.max() == 0.0
+
+
+def test_hair_mask_calls_other_chromaticities_hair_and_shadowed_skin_skin():
+    """utils.face.masks.hair_mask (video_refine.cut_hair): of the candidate pixels, dark grey hair is hair, skin in
+    shadow (half as bright, same chromaticity) is not; no skin to learn from calls nothing hair."""
+    from utils.face.masks import hair_mask
+
+    rng = np.random.default_rng(0)
+    img = np.empty((20, 30, 3), np.float32)
+    img[:] = (0.80, 0.55, 0.45)  # skin
+    img[:, 20:25] *= 0.5  # the same skin in shadow (the neck under the chin)
+    img[:, 25:] = (0.20, 0.20, 0.23)  # dark grey-blue hair
+    img = np.clip(img + rng.normal(0.0, 0.005, img.shape), 0, 1).astype(np.float32)
+    skin = np.zeros((20, 30), bool)
+    skin[:, :15] = True
+    cand = np.zeros((20, 30), np.float32)
+    cand[:, 15:] = 1.0
+    h = hair_mask(img, skin, cand)
+    assert h.shape == (20, 30) and h.dtype == np.float32
+    assert h[:, 25:].mean() > 0.95 and h[:, 15:25].mean() < 0.05 and h[:, :15].max() == 0.0  # only candidates
+    assert hair_mask((img * 255).astype(np.uint8), skin, cand)[:, 25:].mean() > 0.95  # uint8 frames too
+    assert hair_mask(img, np.zeros_like(skin), cand).max() == 0.0

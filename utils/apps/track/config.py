@@ -216,9 +216,28 @@ class VideoRefineConfig:
     # 25.434 -> 25.430 dB, male 34.603 -> 34.612; synthetic clips (no outline) unchanged
     # (benchmarks/results/t-flap_cpu_2026-12-07e.md)
     cut_background: bool = True  # with cut_photo, alpha 0 on the cut's background pixels
-    # 0: female 25.466, male 34.643 dB (+0.03 / +0.03 over 3 px) but a wider fringe of dark specks at the male's
-    # jaw and neck edge at 512 px; 3 keeps a far-cheek pixel at the segmentation's edge safe
-    cut_background_margin: int = 3  # px: the cut's background this close to the person stays no data
+    # 0 (default since 2026-12-07f, with background_prune): female 25.430 -> 25.466, male 34.612 -> 34.639 dB over
+    # 3 px; alone it left a wider fringe of dark specks at the male's jaw and neck edge at 512 px, which
+    # background_prune removes (benchmarks/results/t-flap2_cpu_2026-12-07f.md; 3 px: t-flap_cpu_2026-12-07e.md)
+    cut_background_margin: int = 0  # px: the cut's background this close to the person stays no data
+    # the cut's person pixels whose chromaticity is not the frame's skin (utils.face.masks.hair_mask: farther than
+    # cut_hair_threshold Mahalanobis units from the face mask's skin; mostly hair over the temples and beside the
+    # neck): the FLAME surface is under the hair there, so the coverage term pulls alpha to 0 (as on the
+    # background) instead of fitting the hair's colour; within cut_hair_margin px of the face mask they stay no data.
+    # Off: it cuts the female's pointed temple flap, but held-out female 25.43 -> 24.53 dB (margin 6 px: 25.18):
+    # the held-out frames' outlines keep temple hair the training frames' cut, and the cut flap is a ragged dark
+    # remnant at 512 px (benchmarks/results/t-flap2_cpu_2026-12-07f.md)
+    cut_hair: bool = False  # with cut_photo, alpha 0 (not the frame's colour) on the cut's hair pixels
+    cut_hair_threshold: float = 3.0  # Mahalanobis distance in (r, g) chromaticity from the skin beyond which: hair
+    cut_hair_margin: int = 2  # px: the cut's hair this close to the face mask stays no data
+    # > 0: after the refinement, every Gaussian of a vertex whose blending weight over the training frames lies on
+    # the coverage term's alpha-0 pixels (cut_background) for more than this share (the rest: on data pixels) gets
+    # opacity 0 (its opacity residual -30, stored in code.pt): the coverage term only shrinks and dims the FLAME
+    # surface over the wall, which at display size (512 px) stays a fringe of faint specks beyond the silhouette.
+    # Needs video_refine.gaussians and a cut (the detector's outline; nothing happens with --landmarks).  0.9 (default
+    # since 2026-12-07f): the male's jaw fringe and the specks above his temple go (80 of 8,580 vertices; female 0),
+    # held-out PSNR within 0.005 dB of 0 (benchmarks/results/t-flap2_cpu_2026-12-07f.md)
+    background_prune: float = 0.9  # share of a vertex's observation on alpha-0 pixels above which it is pruned (0: off)
     # vertices no training frame shows as data get their residuals only from the Laplacian's extrapolation of their
     # observed neighbours (a third of the female clip's vertices: < 0.1 px of blending weight over all its frames);
     # > 0: after the refinement, every residual (per-Gaussian, per-Gaussian colour, level-0 colour) of a vertex
@@ -264,7 +283,8 @@ class VideoRefineConfig:
               "style_lr": Range(0), "network_lr": Range(0), "network_weight": Range(0),
               "flame_shape_lr": Range(0), "camera_lr": Range(0), "camera_prior": Range(0),
               "exposure_lr": Range(0), "exposure_prior": Range(0), "alpha_weight": Range(0),
-              "unobserved_px": Range(0)}
+              "unobserved_px": Range(0), "cut_hair_threshold": Range(0), "cut_hair_margin": Range(0),
+              "background_prune": Range(0, 1)}
 
 
 HELDOUT_CORRECTIONS = ("interpolate", "none")

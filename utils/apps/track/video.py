@@ -15,7 +15,8 @@ track.py's video mode, built from the reenactment tracker (utils/face/reenactmen
               ``video_refine.cut_photo`` the refinement fits the cut's pixels that the person segmentation
               (utils.face.masks.person_masks) calls the person (hair over the temples, the neck) to the frame's
               own colours; with ``video_refine.cut_background`` the cut's background pixels (beyond a margin
-              around the person) are pulled transparent by the coverage term (no data for the colour)
+              around the person) are pulled transparent by the coverage term (no data for the colour), with
+              ``video_refine.cut_hair`` (off) also its hair by colour (utils.face.masks.hair_mask)
     split     every ``heldout_every``-th frame and the last ``heldout_tail`` of the clip are held out: they are
               tracked (so that they can be rendered) but never enter the fit
     fit       the style w on many training frames at once (``video_batch`` frames per Adam step, each frame with its
@@ -89,7 +90,7 @@ from utils.data.model_file import TrainedModel, load_model
 from utils.data.nersemble import FRONTAL_SERIAL, NersembleSubject
 from utils.evaluation import View, evaluate_cloud, to_tensor_img, view_metrics
 from utils.face.flame_fit import flame_landmarks_2d, make_camera
-from utils.face.masks import masked_photo, person_masks
+from utils.face.masks import hair_mask, masked_photo, person_masks
 from utils.face.reenactment import ReenactConfig, detect_video_faces, fit_video_motion, read_video
 from utils.identity import model_flame_dir
 from utils.losses import _blur_valid, _gauss_window, lpips_metric, lpips_unavailable_reason, ssim_metric
@@ -459,6 +460,15 @@ def track_video(cfg: TrackConfig) -> dict:
         fitted = cut[t] * person[t] if t in person else np.zeros_like(cut[t])
         bg = (cut[t] * (1.0 - _dilate(person[t], margin)) if t in person and cfg.video_refine.cut_background
               else np.zeros_like(cut[t]))
+        if t in person and cfg.video_refine.cut_hair:
+            # video_refine.cut_hair: the cut's person pixels whose colour is not the face's skin (hair over the
+            # temples and beside the neck) are not the FLAME surface's colour: alpha 0 there (5th channel), except
+            # within cut_hair_margin px of the face mask (no data: the skin / hair boundary is uncertain)
+            face = masks[t][..., 0]
+            hair = hair_mask(frames[t], face * (1.0 - nodata[t]), fitted, cfg.video_refine.cut_hair_threshold)
+            fitted = fitted * (1.0 - hair)
+            bg = np.maximum(bg, hair * (1.0 - _dilate((face > 0.5).astype(np.float32),
+                                                      cfg.video_refine.cut_hair_margin)))
         cut[t] = np.concatenate([frames[t].astype(np.float32) / 255.0 * (fitted[..., None] > 0), fitted[..., None],
                                  bg[..., None]], -1).astype(np.float32)
     cw, ch = crop_size([masks[t] for t in used], cfg.fit.crop_margin, cfg.fit.crop_multiple)
@@ -616,7 +626,8 @@ def track_video(cfg: TrackConfig) -> dict:
                                                                           for t in train])),
                              # video_refine.cut_background: the part of the crop pulled transparent
                              "cut_background_fraction_of_crop": float(np.mean(
-                                 [float(cut_targets[t][..., 4].mean()) for t in train]))},
+                                 [float(cut_targets[t][..., 4].mean()) for t in train])),
+                             "cut_hair": cfg.video_refine.cut_hair},
             "crop": [cw, ch], "seconds": sum(times.values()), "seconds_per_phase": times,
             "seconds_tracking": sub,
             "device": str(device), "checkpoint": str(cfg.checkpoint),

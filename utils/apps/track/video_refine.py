@@ -48,7 +48,14 @@ fixed, jointly and with Adam, on batches of training frames,
                is the frame's own colours (data, opaque for the coverage term) instead of no data: left out, those
                Gaussians kept the network's skin colour (a pale flap at the temple where the clip shows hair);
                with ``cut_background`` the cut's pixels it calls background (beyond ``cut_background_margin`` px of
-               the person) get alpha 0 in the coverage term (surface over the wall beside the male's jaw)
+               the person) get alpha 0 in the coverage term (surface over the wall beside the male's jaw);
+               with ``cut_hair`` (off) also the cut's person pixels whose chromaticity is not the face's skin
+               (hair: utils.face.masks.hair_mask) get alpha 0 instead of their colour
+    prune      with ``background_prune`` > 0: after the refinement, the Gaussians of every vertex whose blending
+               weight over the training frames lies on the coverage term's alpha-0 pixels by more than that share
+               (:func:`_vertex_observation`; the rest on data pixels) get opacity 0 (residual ``PRUNED_LOGIT``):
+               the coverage term had only shrunk and dimmed them (the FLAME surface over the wall beside the male's
+               jaw), and at display size they stayed a fringe of faint specks beyond the silhouette
     unobserved with ``unobserved_px`` > 0 (off): after the refinement the residuals of the vertices whose blending
                weight over the training frames' data pixels stays below it (:func:`_vertex_observation`) go back to
                zero (the prior): they only held the Laplacian's extrapolation from observed neighbours
@@ -103,6 +110,10 @@ FOCAL_SIGMA = 0.1
 PP_SIGMA = 0.05
 # scale of a frame's exposure in the prior: a log gain of 0.1 (10 %) and an offset of 0.1 of the range
 EXPOSURE_SIGMA = 0.1
+# background_prune: the opacity logit residual of a pruned Gaussian (sigmoid(-30) ~ 1e-13: invisible at any size)
+# and the least blending weight (px, over the training frames' alpha-0 pixels) a vertex needs to be pruned at all
+PRUNED_LOGIT = -30.0
+PRUNE_MIN_PX = 0.1
 
 
 @dataclass
@@ -477,8 +488,9 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
         if cfg.alpha_weight > 0:  # an opaque face inside the mask (not dark by being see-through), none outside it
             # alpha_outside false: the pixels outside the mask are left out too (only the inside is pulled to 1)
             cov_ignore = ign if cfg.alpha_outside else (1.0 - mb if ign is None else torch.maximum(ign, 1.0 - mb))
-            if ct is not None and cfg.cut_background and ct.shape[-1] > 4:
-                # the cut's background pixels: data for the coverage term, target alpha 0 (mb is 0 there)
+            if ct is not None and (cfg.cut_background or cfg.cut_hair) and ct.shape[-1] > 4:
+                # the cut's background (and with cut_hair its hair) pixels: data for the coverage term, target
+                # alpha 0 (mb is 0 there)
                 bgc = ct[..., 4:5]
                 cov_ignore = None if cov_ignore is None else cov_ignore * (1.0 - bgc)
             total = total + cfg.alpha_weight * coverage_loss(out["alpha"][:, 0], mb, cov_ignore)
@@ -544,6 +556,23 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
             colour[x.grad[:, 0] < cfg.unobserved_px] = 0.0
             n_unobserved = int(un_v.sum())
 
+    n_pruned = None
+    if cfg.background_prune > 0 and n and cfg.gaussians and cut is not None and cut[train[0]].shape[-1] > 4:
+        # Gaussians the training frames show (almost) only where the frame is background (the cut's background,
+        # and with cut_hair its hair; the coverage term's alpha-0 pixels): the coverage term only shrank and dimmed
+        # them, and at display size they stay a fringe of faint specks beyond the silhouette; opacity 0 instead
+        with torch.no_grad():
+            raw_f = network_raw()
+            fitted = [clouds(corr.posed([i]), colour if use_colour else None, gauss, raw_f)[0]
+                      for i in range(len(train))]
+            cams = [camera_of(views[t]) for t in train]
+        seen = _vertex_observation(model, fitted, cams, [_observed_pixels(i) for i in range(len(train))], backend)
+        empty = _vertex_observation(model, fitted, cams, [cut[t][..., 4] for t in train], backend)
+        with torch.no_grad():
+            gone = (empty > cfg.background_prune * (empty + seen)) & (empty > PRUNE_MIN_PX)
+            gauss[gone, ..., RESIDUAL_CHANNELS.index("opacity_logit")] = PRUNED_LOGIT
+            n_pruned = int(gone.sum())
+
     with torch.no_grad():
         ptrain = corr.posed()
         out_params = {t: ptrain.frame(i) for i, t in enumerate(train)}
@@ -552,7 +581,7 @@ def refine_video(model: TrainedModel, w: Tensor, flame: FlameModel, train: list[
                                        if k != "shape"}) for t, p in out_params.items()}
         bases = {t: face(p)[0] for t, p in out_params.items()}
         cv = corr.values()
-        stats = {"unobserved_vertices": n_unobserved,
+        stats = {"unobserved_vertices": n_unobserved, "pruned_vertices": n_pruned,
                  "rotation_deg_mean": float(cv["rot"].norm(dim=-1).mean()) * 180 / math.pi,
                  "rotation_deg_max": float(cv["rot"].norm(dim=-1).max()) * 180 / math.pi,
                  "translation_mm_mean": 1000 * float((cv["trans"] * distance).norm(dim=-1).mean()),
