@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dpotrf, dpotrs
 from torch import Tensor
 
 from models.camera import Camera
@@ -201,9 +202,17 @@ def _pnp_init(model_pts: np.ndarray, image_pts: np.ndarray, focal: float, image_
 
 
 def _rotvec(R: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
+    """(3, 3) rotation -> (3,) axis-angle: the log map in closed form (scipy's Rotation, ~0.2 ms a call, only within
+    0.01 rad of a half turn, where the closed form loses precision)."""
+    R = np.asarray(R, dtype=np.float64)
+    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])  # 2 sin(theta) * axis
+    s = 0.5 * math.sqrt(float(w @ w))
+    theta = math.atan2(s, 0.5 * (float(np.trace(R)) - 1.0))
+    if not math.isfinite(theta) or theta > math.pi - 1e-2:
+        from scipy.spatial.transform import Rotation
 
-    return Rotation.from_matrix(R).as_rotvec()
+        return Rotation.from_matrix(R).as_rotvec()
+    return w * (0.5 if s < 1e-12 else theta / (2.0 * s))
 
 
 def _whiten(r: Tensor, w: Tensor, scale: Tensor, sigma: Tensor) -> Tensor:
@@ -279,6 +288,8 @@ class FitProblem:
     rows_memo: tuple | None = None
     uv_memo: tuple | None = None
     np_cache: dict | None = None  # the targets as NumPy arrays (:func:`_frame_terms_np`)
+    # (x, row, scale, rigid, r, J, pixels) of the far-start check's evaluation (:func:`_levenberg_marquardt_np`)
+    np_memo: tuple | None = None
     # (Qs, Qs) a full prior precision of the shared variables replacing diag(d_s^2) (None: the diagonal prior):
     # ShapeRefinement.set_shape_precision, a prior tight only along some shape directions
     prior_s: Tensor | None = None
@@ -666,6 +677,7 @@ class _FrameTables:
         f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
         self.ne = ne
         self.rows: dict[int, tuple] = {}
+        self.row_ids: dict[int, np.ndarray] = {}  # the corners (N,) of each kept row (:meth:`reshaped`)
         self.joint_t = f(lf.joint_template[2:])  # (3, 3) jaw and eye joints
         self.joint_d = f(lf.joint_dirs[2:, :, :ne])  # (3, 3, ne)
         # the whole sub-model once, rows gathered from it by NumPy indexing (a row's tables: ~0.1 ms, not 3.5)
@@ -696,8 +708,23 @@ class _FrameTables:
                    np.concatenate([self.dyn_bary[b], self.static_bary]),
                    np.ascontiguousarray(self.table[lm].reshape(70, 12, self.ne)))
             if len(self.rows) >= self.MAX_ROWS:  # bounded: ~1.3 MB a row (the oldest row goes first)
+                self.row_ids.pop(next(iter(self.rows)), None)
                 self.rows.pop(next(iter(self.rows)))
-            self.rows[b] = out
+            self.rows[b], self.row_ids[b] = out, ids
+        return out
+
+    def reshaped(self, lf: LandmarkFlame) -> "_FrameTables":
+        """These tables for ``lf``, another :meth:`LandmarkFlame.shaped` copy of the same model (another shape):
+        only the shaped template and the joints depend on the shape, everything else (the expression blendshapes,
+        pose correctives, skinning and barycentric weights, the landmark table) is shared; the kept rows keep their
+        gathers with the new template's corners."""
+        from copy import copy
+
+        out = copy(self)
+        out.v_template = lf.v_template.detach().to("cpu", torch.float64).numpy()
+        out.joint_t = lf.joint_template[2:].detach().to("cpu", torch.float64).numpy()
+        out.row_ids = dict(self.row_ids)
+        out.rows = {b: (out.v_template[out.row_ids[b]],) + t[1:] for b, t in self.rows.items()}
         return out
 
 
@@ -706,11 +733,28 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
     """:func:`_analytic_terms` of one frame with a fixed shape (T = 1, ``p.lf_eval`` a shaped copy), in float64
     NumPy: the same equations (LandmarkFlame.posed_with_jacobian's skinning, the head pose, the pinhole projection,
     the Geman-McClure whitening).  Returns r (1, K), Jf (1, K, Qf) or None, and the 70 points' pixels (70, 2)."""
+    r, J, uv = _frame_eval_np(p, Xv[0].numpy(), int(rows[0]), float(scale[0, 0]), rigid, jac)
+    return torch.from_numpy(r[None]), None if J is None else torch.from_numpy(J[None]), uv
+
+
+def _frame_eval_np(p: "FitProblem", x: np.ndarray, row: int, s: float, rigid: bool, jac: bool
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`_frame_terms_np` on NumPy: variables x (Qf,), contour row, robust scale s -> r (K,), J (K, Qf) or None,
+    pixels (70, 2)."""
+    r, uv, state = _frame_forward_np(p, x, row, s, rigid)
+    return r, _frame_jacobian_np(p, state) if jac else None, uv
+
+
+def _frame_forward_np(p: "FitProblem", x: np.ndarray, row: int, s: float, rigid: bool
+                      ) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """The residuals of :func:`_frame_eval_np` -> r (K,), pixels (70, 2) and what :func:`_frame_jacobian_np` needs
+    for the Jacobian at x (~0.15 of the ~0.5 ms an evaluation with the Jacobian takes on one core: a candidate step
+    that is rejected, or the last one, needs no Jacobian)."""
     lf = p.lf_eval
     tabs = lf.__dict__.get("_np_tables")
     if tabs is None or tabs.ne != p.ne:
         tabs = lf._np_tables = _FrameTables(lf, p.ne)
-    tc, Sd, P, w, bary, tab = tabs.row(int(rows[0]))
+    tc, Sd, P, w, bary, tab = tabs.row(row)
     c = p.np_cache
     if c is None:  # the problem's constants as NumPy, once per problem
         f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
@@ -720,7 +764,6 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
             tgt[68:] = f(p.irises[0])
         c = p.np_cache = {"tgt": tgt, "wts": f(p.wts[0]), "static": f(p.static_only), "c_expr": f(p.c_expr[0]),
                           "iod": float(p.iod[0]), "sigma": float(p.sigma[0, 0])}
-    x = Xv[0].numpy()
     ne = p.ne
     rot, trans, psi = x[0:3], x[3:6], x[6:6 + ne]
     jaw = x[6 + ne:9 + ne]
@@ -750,15 +793,19 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
         wts = np.concatenate([wts, np.full(2, p.cfg.iris_weight)])
     else:
         wts = np.concatenate([wts, np.zeros(2)])
-    s = float(scale[0, 0])
     iod, sigma = c["iod"], c["sigma"]
     tgt = c["tgt"] if p.irises is not None else np.concatenate([c["tgt"][:68], np.zeros((2, 2))])
     err = (uv - tgt) / iod
     n2 = np.square(err).sum(-1) + s * s  # (70,)
     g = np.sqrt(wts) * s / np.sqrt(n2) / sigma
-    r = torch.from_numpy((err * g[:, None]).reshape(1, p.K))
-    if not jac:
-        return r, None, uv
+    r = (err * g[:, None]).reshape(p.K)
+    return r, uv, (g, err, n2, iod, zc, world, rot, Rh, pts, D, tab, c, aa, Rk, P, N, w, vJ, bary)
+
+
+def _frame_jacobian_np(p: "FitProblem", state: tuple) -> np.ndarray:
+    """J (K, Qf) of :func:`_frame_forward_np`'s residuals at its variables (its ``state``)."""
+    g, err, n2, iod, zc, world, rot, Rh, pts, D, tab, c, aa, Rk, P, N, w, vJ, bary = state
+    f0 = p.f0
     dr_duv = g[:, None, None] * (np.eye(2) - err[:, :, None] * err[:, None, :] / n2[:, None, None]) / iod
     z2 = zc * zc
     duv_dw = np.zeros((70, 2, 3))
@@ -779,13 +826,15 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
     dv = np.swapaxes(dR.reshape(3, 9, 3), 1, 2) @ P.reshape(3, 9, N * 3)  # (k, p, N * 3) pose correctives
     dv = dv.reshape(9, N, 3).transpose(1, 2, 0)  # (N, b, k * 3 + p)
     A = np.eye(3) + (w @ D.reshape(3, 9)).reshape(N, 3, 3)  # (N, 3, 3) d x / d v
-    T2 = np.einsum("kabp,nkb->nakp", dR, vJ) * w[:, None, :, None]  # (N, a, k, p)
+    # w_k dR_k (v - J_k): per joint k one (N x 3) @ (3 x 9) product (an einsum over (N, a, k, p) took 4x longer)
+    dRt = dR.transpose(0, 2, 1, 3).reshape(3, 3, 9)  # (k, b, a * 3 + p)
+    T2 = (vJ.transpose(1, 0, 2) @ dRt) * w.T[:, :, None]  # (k, N, a * 3 + p)
+    T2 = T2.reshape(3, N, 3, 3).transpose(1, 2, 0, 3)  # (N, a, k, p)
     dx_p = A @ dv + T2.reshape(N, 3, 9)  # (N, 3, 9)
     d_p = (dx_p.reshape(70, 3, 27) * bary[..., None]).sum(1).reshape(70, 3, 9)
     d_pose = dr_dm @ d_p  # (70, 2, 9)
     parts = [d_rot, d_trans, d_expr, d_pose[..., :3]] + ([d_pose[..., 3:]] if p.n_eyes else [])
-    Jf = torch.from_numpy(np.concatenate(parts, -1).reshape(1, p.K, p.Qf))
-    return r, Jf, uv
+    return np.concatenate(parts, -1).reshape(p.K, p.Qf)
 
 
 def _temporal_degree(T: int, has_prev: bool) -> Tensor:
@@ -811,6 +860,106 @@ def _cost(p: FitProblem, r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
     return float(c)
 
 
+# The per-frame tracker's Levenberg-Marquardt (one frame, fixed shape, every variable free) in NumPy as well: the same
+# steps as :func:`_levenberg_marquardt`, whose ~25 torch calls per iteration on (115,)-sized tensors cost more than
+# their arithmetic.  Off: the torch loop for every fit.
+NUMPY_SOLVER = True
+
+
+def _np_solver(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Tensor | None) -> bool:
+    """:func:`_levenberg_marquardt_np` can run this call: the tracker's one-frame fit with every variable free."""
+    return (NUMPY_SOLVER and p.tracking and p.prior_s is None and not bool(free_s.any()) and bool(free_f.all())
+            and _numpy_frame(p, rows))
+
+
+def _levenberg_marquardt_np(p: FitProblem, rows: Tensor, scale: Tensor, rigid: bool, max_iter: int,
+                            resume: bool = False) -> float:
+    """:func:`_levenberg_marquardt` for one frame with a fixed shape and every variable free (T = 1, no shared
+    variables; :func:`_np_solver`), on NumPy float64 arrays: the same damping schedule, stopping rules (the
+    predicted decrease, ``tolerance``, ``max_rejections``) and priors; the evaluation is :func:`_frame_eval_np`.
+    Leaves p.X, p.lam, p.converged and the fitted pixels' memo (:func:`_fitted_points`) as that function does."""
+    cfg = p.cfg
+    row, s = int(rows[0]), float(scale[0, 0])
+    x = p.X[0].numpy().copy()
+    d_f = p.d_f.numpy()
+    df2 = np.square(d_f)
+    tw2 = None if p.tw is None or p.X_prev is None else np.square(p.tw.numpy())  # T = 1: only the tie to X_prev
+    x_prev = None if tw2 is None else p.X_prev.numpy()
+    diag = df2 if tw2 is None else df2 + tw2
+    lam = p.lam if resume else 1e-3
+    p.converged = False
+    m = p.np_memo  # the far-start check's evaluation at this start (:func:`_far_start`)
+    if m is not None and m[1] == row and m[2] == s and m[3] == rigid and np.array_equal(m[0], x):
+        r, J, uv = m[4], m[5], m[6]
+    else:
+        r, J, uv = _frame_eval_np(p, x, row, s, rigid, True)
+    p.np_memo = None
+
+    def cost(r_: np.ndarray, x_: np.ndarray) -> float:  # :func:`_cost` with T = 1, no shared variables
+        c_ = float(r_ @ r_) + float(np.square(d_f * x_).sum())
+        if tw2 is not None:
+            c_ += float((np.square(x_ - x_prev) * tw2).sum())
+        return c_
+
+    c = cost(r, x)
+    idx = np.arange(x.shape[0])
+    for it in range(max_iter):
+        g = J.T @ r + df2 * x
+        if tw2 is not None:
+            g = g + (x - x_prev) * tw2
+        # (in torch, on the threads torch was given: NumPy's OpenBLAS runs a (115 x 140) @ (140 x 115) product on
+        # every core it finds -- measured 2.5x slower per frame on the 2-core container with 2 threads than with 1)
+        Jt = torch.from_numpy(J)
+        A = (Jt.T @ Jt).numpy()
+        A[idx, idx] += diag
+        Adiag = np.maximum(A.diagonal(), 1e-9)
+        improved = False
+        tries = 0
+        while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
+            tries += 1
+            Ad = A.copy()
+            Ad[idx, idx] += lam * Adiag
+            dx = -_cho_solve_np(Ad, g)
+            if tries == 1:  # the predicted decrease below tolerance: stop without evaluating (as the torch loop)
+                pred = -(2.0 * float(g @ dx) + float(dx @ A @ dx))
+                if pred < cfg.tolerance * c:
+                    p.converged = True
+                    break
+            xn = x + dx
+            # the residuals only: the Jacobian is taken below when the step is accepted and another follows
+            rn, uvn, state = _frame_forward_np(p, xn, row, s, rigid)
+            cn = cost(rn, xn)
+            if math.isfinite(cn) and cn < c:
+                improved = True
+                lam = max(lam / 3.0, 1e-7)
+                break
+            lam *= 4.0
+        if not improved:
+            p.converged = True
+            break
+        rel = (c - cn) / max(c, 1e-30)
+        x, r, uv, c = xn, rn, uvn, cn
+        if rel < cfg.tolerance:
+            p.converged = True
+            break
+        if it + 1 < max_iter:
+            J = _frame_jacobian_np(p, state)
+    p.lam = lam
+    X = torch.from_numpy(x[None].copy())
+    p.X = X
+    p.uv_memo = (X, X.clone(), p.Y.clone(), rows.clone(), torch.from_numpy(uv[None, :68]).to(p.dt))
+    return c / p.n_points
+
+
+def _cho_solve_np(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A^-1 b for a symmetric positive definite A (LAPACK's Cholesky, potrf / potrs, without scipy.linalg's checks)."""
+    L, info = dpotrf(A, lower=1, clean=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Cholesky of the Levenberg-Marquardt system failed (info {info})")
+    out, info = dpotrs(L, b, lower=1)
+    return out
+
+
 def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Tensor | None, scale: Tensor,
                          rigid: bool, max_iter: int, resume: bool = False) -> float:
     """Levenberg-Marquardt on the variables ``free_f`` (Qf,) / ``free_s`` (Qs,) (bool) of p.X, p.Y (updated); returns
@@ -821,6 +970,8 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
     gradient is exact, so every accepted step still lowers the true loss).  ``resume``: start from the damping the last
     call left in ``p.lam`` (a solve run a few iterations at a time: :class:`ShapeRefinement`); ``p.converged`` tells
     whether this call stopped before ``max_iter``."""
+    if _np_solver(p, free_f, free_s, rows):
+        return _levenberg_marquardt_np(p, rows, scale, rigid, max_iter, resume)
     cfg, T, tw, X_prev, X, Y = p.cfg, p.T, p.tw, p.X_prev, p.X, p.Y
     fi, si = torch.nonzero(free_f)[:, 0], torch.nonzero(free_s)[:, 0]
     df2, ds2 = p.d_f[fi].square(), p.d_s[si].square()
@@ -934,9 +1085,26 @@ def _contour_rows(p: FitProblem) -> Tensor | None:
     m = p.rows_memo
     if m is not None and m[0] is p.X and torch.equal(m[1], p.X[:, :3]):
         return m[2]
-    rows = p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), None)
+    if p.tracking and p.dev.type == "cpu":  # the tracker's frame: the same lookup in NumPy (~20 torch calls)
+        rows = torch.from_numpy(_contour_rows_np(p.X[:, :3].numpy(), p.lf.dyn_tri.shape[0]))
+    else:
+        rows = p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), None)
     p.rows_memo = (p.X, p.X[:, :3].clone(), rows)
     return rows
+
+
+def _contour_rows_np(rot: np.ndarray, num_rows: int) -> np.ndarray:
+    """(T,) int64 jaw-contour rows for head rotations rot (T, 3) (axis-angle, zero neck): smplx's
+    find_dynamic_lmk_idx_and_bcoords as :meth:`LandmarkFlame.contour_rows` calls it (the y Euler angle in whole
+    degrees, 0..39 for one side, 40..78 for the other), in float64 (a row can differ from the float32 lookup's at a
+    half-degree boundary)."""
+    R = _rodrigues_np(rot, 0.0)
+    yaw = np.arctan2(-R[:, 2, 0], np.sqrt(R[:, 0, 0] ** 2 + R[:, 1, 0] ** 2))
+    y = np.round(np.minimum(-yaw * 180.0 / np.pi, 39.0)).astype(np.int64)
+    y = np.where(y < 0, np.where(y < -39, 78, 39 - y), y)
+    if num_rows != 79:
+        raise ValueError(f"the dynamic contour embedding has {num_rows} rows, smplx's lookup expects 79")
+    return y
 
 
 def _rigid_stage(p: FitProblem) -> float:
@@ -970,7 +1138,19 @@ def _far_start(p: FitProblem) -> float:
     """The largest over the frames of the median static-landmark error at the current variables, in narrow robust
     scales (how far a warm start is from its targets: above 1, most points sit where the robust loss is flat)."""
     with torch.no_grad():
-        uv = _fitted_points(p, _contour_rows(p))
+        rows = _contour_rows(p)
+        if NUMPY_SOLVER and p.tracking and _numpy_frame(p, rows):
+            # the tracker's frame: evaluated with its Jacobian, kept for the narrow solve that starts here (one
+            # evaluation a frame fewer; :func:`_levenberg_marquardt_np`)
+            x, row, s = p.X[0].numpy().copy(), int(rows[0]), float(p.scale_narrow[0, 0])
+            r, J, uv_np = _frame_eval_np(p, x, row, s, False, True)
+            p.np_memo = (x, row, s, False, r, J, uv_np)
+            c = p.np_cache
+            err = np.linalg.norm(uv_np[17:68] - c["tgt"][17:68], axis=-1) / c["iod"]  # (51,) IOD units
+            err = err[c["wts"][17:] > 0]
+            return float(np.median(err)) / s if err.size else 0.0
+        else:
+            uv = _fitted_points(p, rows)
         err = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1) / p.iod[:, None]  # (T, 51) IOD units
         err = torch.where(p.wts[:, 17:] > 0, err, torch.full_like(err, float("nan")))
         return float((err.nanmedian(dim=1).values / p.scale_narrow[:, 0]).nan_to_num(0.0).max())
