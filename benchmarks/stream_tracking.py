@@ -47,6 +47,7 @@ from benchmarks.bench import STREAM_FPS, STREAM_LEAD_IN_S, driving_video, motion
 from benchmarks.scratch import scratch_dir  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
 from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
+from utils.core.blas import set_blas_threads  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
@@ -266,10 +267,12 @@ def main() -> None:
                          "for 1.8 s at 30 fps) are not tracked; stream and batch are scored on the rest only")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the list of stream runs this many times (timings on a shared machine vary)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (and NumPy's / SciPy's BLAS threads)")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    set_blas_threads(a.threads)  # NumPy's / SciPy's OpenBLAS too (the per-frame fit's products; utils/core/blas.py)
     per, size, shape_frames = VIDEOS[a.video]
     cache = Path(a.cache)
     lead = LEAD_IN.get(a.video, 0)
