@@ -349,10 +349,10 @@ def _initial_pose(lf: LandmarkFlame, pts: Tensor, init: FlameParams | None, foca
                             torch.zeros(T, 6, dtype=dt, device=dev), torch.eye(3, dtype=dt, device=dev).repeat(T, 1, 1))
     rot0, trans0 = [], []
     if init is not None:  # warm start: the given head pose (one frame is repeated over the T frames)
-        ip = init.to("cpu", torch.float64)
-        pick = [min(i, ip.num_frames - 1) for i in range(T)]
+        tr = init.translation.detach().to("cpu", torch.float64)  # (only the translation: not every field)
+        pick = [min(i, init.num_frames - 1) for i in range(T)]
         rot0 = [np.zeros(3)] * T  # (not needed: _make_problem takes init's variables from _variables)
-        trans0 = [ip.translation[i].numpy() for i in pick]
+        trans0 = [tr[i].numpy() for i in pick]
     else:
         for i in range(T):
             R, t = _pnp_init(lm0[i, 17:].cpu().numpy(), pts[i, 17:].cpu().numpy(), focal, size)
@@ -374,14 +374,14 @@ def _variables(p: FitProblem, params: FlameParams, rows: list[int]) -> Tensor:
     """(len(rows), Qf) solver variables of frames ``rows`` of ``params`` (the inverse of :func:`_assemble_result`'s
     read-out)."""
     ne, ce = p.ne, p.c_expr[0].double().cpu()
-    params = params.to("cpu", torch.float64)
+    f = lambda t: t.detach()[rows].to("cpu", torch.float64)  # noqa: E731  (the fields read, not every one)
     out = torch.zeros(len(rows), p.Qf, dtype=torch.float64)
-    out[:, 0:3] = torch.as_tensor(np.array([_rotvec(params.rotation_matrix[i].numpy()) for i in rows]))
-    out[:, 3:6] = params.translation[rows] / p.depth
-    out[:, 6:6 + ne] = params.expression[rows, :ne] / ce
-    out[:, 6 + ne:9 + ne] = params.jaw[rows]
+    out[:, 0:3] = torch.as_tensor(np.array([_rotvec(R) for R in f(params.rotation_matrix).numpy()]))
+    out[:, 3:6] = f(params.translation) / p.depth
+    out[:, 6:6 + ne] = f(params.expression)[:, :ne] / ce
+    out[:, 6 + ne:9 + ne] = f(params.jaw)
     if p.n_eyes:
-        out[:, 9 + ne:] = params.eyes[rows]
+        out[:, 9 + ne:] = f(params.eyes)
     return out
 
 
@@ -639,7 +639,7 @@ def _rodrigues_np(aa: np.ndarray, eps: float) -> np.ndarray:
     k = aa / theta
     K = _skew_np(k)
     s, c = np.sin(theta)[:, :, None], np.cos(theta)[:, :, None]
-    return np.eye(3) + s * K + (1.0 - c) * (K @ K)
+    return _EYE3 + s * K + (1.0 - c) * (K @ K)
 
 
 def _skew_np(v: np.ndarray) -> np.ndarray:
@@ -651,14 +651,15 @@ def _skew_np(v: np.ndarray) -> np.ndarray:
     return out
 
 
-_SKEW_E = _skew_np(np.eye(3))  # (3, 3, 3): [e_i]x
+_EYE2, _EYE3 = np.eye(2), np.eye(3)  # (read-only constants: np.eye per use was ~8 calls an evaluation)
+_SKEW_E = _skew_np(_EYE3)  # (3, 3, 3): [e_i]x
 
 
 def _rotation_jacobian_np(aa: np.ndarray, R: np.ndarray) -> np.ndarray:
     """NumPy :func:`utils.face.landmark_flame.rotation_jacobian`: (N, 3), (N, 3, 3) -> (N, 3, 3, 3 parameters)."""
     n2 = np.square(aa).sum(-1)
     S = _skew_np(aa)  # (N, 3, 3)
-    ImR_e = np.swapaxes(np.eye(3) - R, 1, 2)  # (N, i, 3): row i = (I - R) e_i
+    ImR_e = np.swapaxes(_EYE3 - R, 1, 2)  # (N, i, 3): row i = (I - R) e_i
     cross = ImR_e @ np.swapaxes(S, 1, 2)  # (N, i, 3): row i = aa x (I - R) e_i
     M = aa[:, :, None, None] * S[:, None] + _skew_np(cross)
     small = n2 < 1e-12
@@ -775,7 +776,7 @@ def _frame_forward_np(p: "FitProblem", x: np.ndarray, row: int, s: float, rigid:
     J = tabs.joint_t + tabs.joint_d @ e  # (3, 3)
     aa = np.stack([jaw, eyes[:3], eyes[3:]])
     Rk = _rodrigues_np(aa, 1e-8)  # (3, 3, 3)
-    D = Rk - np.eye(3)
+    D = Rk - _EYE3
     v = v + (D.reshape(27) @ P).reshape(N, 3)
     vJ = v[:, None] - J[None]  # (N, 3 joints, 3)
     DvJ = np.einsum("kab,nkb->nka", D, vJ)  # (N, k, 3)
@@ -806,7 +807,7 @@ def _frame_jacobian_np(p: "FitProblem", state: tuple) -> np.ndarray:
     """J (K, Qf) of :func:`_frame_forward_np`'s residuals at its variables (its ``state``)."""
     g, err, n2, iod, zc, world, rot, Rh, pts, D, tab, c, aa, Rk, P, N, w, vJ, bary = state
     f0 = p.f0
-    dr_duv = g[:, None, None] * (np.eye(2) - err[:, :, None] * err[:, None, :] / n2[:, None, None]) / iod
+    dr_duv = g[:, None, None] * (_EYE2 - err[:, :, None] * err[:, None, :] / n2[:, None, None]) / iod
     z2 = zc * zc
     duv_dw = np.zeros((70, 2, 3))
     duv_dw[:, 0, 0] = f0 / zc
@@ -819,13 +820,13 @@ def _frame_jacobian_np(p: "FitProblem", state: tuple) -> np.ndarray:
     d_trans = dr_dw * p.depth
     dr_dm = dr_dw @ Rh  # (70, 2, 3)
     # expression: [I, D_jaw, D_eye, D_eye] (3 x 12) @ the landmark table (12, ne)
-    Dcat = np.concatenate([np.eye(3)[None], D], 0).transpose(1, 0, 2).reshape(3, 12)
+    Dcat = np.concatenate([_EYE3[None], D], 0).transpose(1, 0, 2).reshape(3, 12)
     d_expr = ((dr_dm @ Dcat) @ tab) * c["c_expr"]  # (70, 2, ne)
     # jaw and eyes: d x / d aa = A dv + w dR (v - J) per corner, A = I + sum_k w_k D_k
     dR = _rotation_jacobian_np(aa, Rk)  # (3 joints, 3, 3, 3 parameters)
     dv = np.swapaxes(dR.reshape(3, 9, 3), 1, 2) @ P.reshape(3, 9, N * 3)  # (k, p, N * 3) pose correctives
     dv = dv.reshape(9, N, 3).transpose(1, 2, 0)  # (N, b, k * 3 + p)
-    A = np.eye(3) + (w @ D.reshape(3, 9)).reshape(N, 3, 3)  # (N, 3, 3) d x / d v
+    A = _EYE3 + (w @ D.reshape(3, 9)).reshape(N, 3, 3)  # (N, 3, 3) d x / d v
     # w_k dR_k (v - J_k): per joint k one (N x 3) @ (3 x 9) product (an einsum over (N, a, k, p) took 4x longer)
     dRt = dR.transpose(0, 2, 1, 3).reshape(3, 3, 9)  # (k, b, a * 3 + p)
     T2 = (vJ.transpose(1, 0, 2) @ dRt) * w.T[:, :, None]  # (k, N, a * 3 + p)
