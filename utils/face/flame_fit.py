@@ -1149,7 +1149,8 @@ def _far_start(p: FitProblem) -> float:
             c = p.np_cache
             err = np.linalg.norm(uv_np[17:68] - c["tgt"][17:68], axis=-1) / c["iod"]  # (51,) IOD units
             err = err[c["wts"][17:] > 0]
-            return float(np.median(err)) / s if err.size else 0.0
+            # (the lower middle value for an even count, as torch's nanmedian below)
+            return float(np.partition(err, (err.size - 1) // 2)[(err.size - 1) // 2]) / s if err.size else 0.0
         else:
             uv = _fitted_points(p, rows)
         err = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1) / p.iod[:, None]  # (T, 51) IOD units
