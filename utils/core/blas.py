@@ -39,6 +39,20 @@ def _openblas_libraries() -> list[tuple]:
     return out
 
 
+_LIBRARIES: list[tuple] | None = None  # :func:`blas_threads`' libraries, found once
+
+
+def blas_threads() -> int:
+    """The largest thread count of the OpenBLAS libraries loaded when first called (0: none found); a ctypes call
+    each, for code that picks NumPy's BLAS only when it runs on one thread."""
+    global _LIBRARIES
+    if _LIBRARIES is None:
+        _LIBRARIES = _openblas_libraries()
+        for _, get_fn in _LIBRARIES:
+            get_fn.restype = ctypes.c_int
+    return max((int(get_fn()) for _, get_fn in _LIBRARIES), default=0)
+
+
 def set_blas_threads(threads: int) -> list[int]:
     """Set every loaded OpenBLAS to ``threads`` threads (import NumPy / SciPy's BLAS users first); returns the
     previous counts (one per library, for :func:`restore_blas_threads`; empty when none was found)."""

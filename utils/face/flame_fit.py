@@ -60,6 +60,7 @@ from models.flame import (
     FlameParams,
     axis_angle_to_matrix,
 )
+from utils.core.blas import blas_threads
 from utils.core.config import Range
 from utils.face.landmark_flame import LandmarkFlame, project, rotation_jacobian
 
@@ -904,14 +905,19 @@ def _levenberg_marquardt_np(p: FitProblem, rows: Tensor, scale: Tensor, rigid: b
 
     c = cost(r, x)
     idx = np.arange(x.shape[0])
+    # the Gram product J^T J (140 x 115): on NumPy's BLAS when that runs on one thread (the stream pins it:
+    # utils/core/blas.py; half torch's time there), else in torch on torch's threads -- OpenBLAS would run it on every
+    # core it finds (2.9x slower a frame with 2 threads on the 2-core container)
+    numpy_gram = blas_threads() == 1
     for it in range(max_iter):
         g = J.T @ r + df2 * x
         if tw2 is not None:
             g = g + (x - x_prev) * tw2
-        # (in torch, on the threads torch was given: NumPy's OpenBLAS runs a (115 x 140) @ (140 x 115) product on
-        # every core it finds -- measured 2.5x slower per frame on the 2-core container with 2 threads than with 1)
-        Jt = torch.from_numpy(J)
-        A = (Jt.T @ Jt).numpy()
+        if numpy_gram:
+            A = J.T @ J
+        else:
+            Jt = torch.from_numpy(J)
+            A = (Jt.T @ Jt).numpy()
         A[idx, idx] += diag
         Adiag = np.maximum(A.diagonal(), 1e-9)
         improved = False
@@ -1182,6 +1188,8 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
     """The solver's variables read out as FlameParams (scale 1, zero neck), the fitted camera, the fitted landmarks
     (pixels; contour NaN without a dynamic embedding) and the per-frame static-landmark error."""
     T, dev, dt = p.T, p.dev, p.dt
+    if p.tracking and T == 1 and not p.fit_shape and dev.type == "cpu" and not p.cfg.fit_focal:
+        return _assemble_frame_np(p, losses, camera_name, t_start)
     with torch.no_grad():
         F, S = p.X.to(dev, dt), p.Y.to(dev, dt)[None]
         uv = _fitted_points(p, _contour_rows(p))
@@ -1200,6 +1208,27 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
             uv[:, :17] = float("nan")
         errors = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1).mean(-1)
     return FlameFitResult(params=params, camera=make_camera(focal, p.size, camera_name), landmarks=uv.detach(),
+                          errors=errors.detach(), losses=losses, seconds=time.perf_counter() - t_start)
+
+
+def _assemble_frame_np(p: FitProblem, losses: dict[str, float], camera_name: str, t_start: float) -> FlameFitResult:
+    """:func:`_assemble_result` of the tracker's one frame (fixed shape and focal length, CPU), read out in NumPy (the
+    same values up to float32 rounding; ~25 torch calls fewer a frame)."""
+    dt = p.dt
+    uv = _fitted_points(p, _contour_rows(p))
+    x = p.X[0].numpy()
+    ne = p.ne
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)[None]).to(dt)  # noqa: E731  (1, ...) in FLAME's dtype
+    expr = np.zeros(NUM_EXPRESSION)
+    expr[:ne] = x[6:6 + ne] * p.np_cache["c_expr"] if p.np_cache is not None else \
+        x[6:6 + ne] * p.c_expr[0].double().numpy()
+    params = FlameParams(shape=p.fixed_shape.clone(), expression=t(expr),
+                         rotation_matrix=t(_rodrigues_np(x[None, 0:3], 0.0)[0]), translation=t(x[3:6] * p.depth),
+                         jaw=t(x[6 + ne:9 + ne]), neck=torch.zeros(1, 3, dtype=dt),
+                         eyes=t(x[9 + ne:15 + ne]) if p.n_eyes else torch.zeros(1, 6, dtype=dt),
+                         scale=torch.ones(1, 1, dtype=dt))
+    errors = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1).mean(-1)
+    return FlameFitResult(params=params, camera=make_camera(p.f0, p.size, camera_name), landmarks=uv.detach(),
                           errors=errors.detach(), losses=losses, seconds=time.perf_counter() - t_start)
 
 
