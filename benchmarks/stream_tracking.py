@@ -47,16 +47,18 @@ from benchmarks.bench import STREAM_FPS, STREAM_LEAD_IN_S, driving_video, motion
 from benchmarks.scratch import scratch_dir  # noqa: E402
 from models.flame import FlameModel, FlameParams  # noqa: E402
 from utils.apps.animate.pipeline import AnimationConfig  # noqa: E402
+from utils.core.blas import set_blas_threads  # noqa: E402
 from utils.face.flame_fit import FlameFitConfig  # noqa: E402
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig  # noqa: E402
 from utils.face.reenactment import ReenactConfig, detect_video_landmarks, fit_video_motion, read_video  # noqa: E402
 
 VIDEOS = {"quick": (3, 256, 8), "full": (12, 512, 16), "long": (48, 512, 16), "test": (0, 256, 8),
-          "long_lead": (48, 512, 16)}
+          "long_lead": (48, 512, 16), "mid_lead": (16, 512, 16)}
 # frames of neutral lead-in: bench.py's paced runs' video (--stream_lead_in's default)
-LEAD_IN = {"long_lead": int(round(STREAM_LEAD_IN_S * STREAM_FPS))}
+LEAD_IN = {name: int(round(STREAM_LEAD_IN_S * STREAM_FPS)) for name in ("long_lead", "mid_lead")}
 # frames per transition, size, shape_frames (as bench.py; "long": bench.py --stream_per_transition 48, 337 frames;
-# "long_lead": "long" after 2.5 s of the neutral first pose, the video of bench.py's paced runs;
+# "long_lead": "long" after 2.5 s of the neutral first pose, the video of bench.py's paced runs; "mid_lead": bench.py
+# --stream_per_transition 16 with that lead-in (188 frames: the GPU run of 2026-12-07e, fast motion);
 # "test": tests/test_streaming.py's 16-frame video, tests/test_reenactment.py's ``driving_video``, which that test fits
 # with 20 Levenberg-Marquardt iterations in the calibration and the batch fit: TEST_FIT)
 TEST_FIT = {"iterations": 20}
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("--video", choices=sorted(VIDEOS), default="quick",
                     help="bench.py's quick (22 frames), full (85) or long (337, --stream_per_transition 48) video, "
                          "long_lead (long after 75 frames of its neutral first pose: bench.py's paced runs' video), "
+                         "mid_lead (188 frames: --stream_per_transition 16 after that lead-in, fast motion), "
                          "or tests/test_streaming.py's 16-frame one (test)")
     ap.add_argument("--seed", type=int, default=0,
                     help="bench.py driving_video's seed for the keyframe videos: another synthetic FLAME model and "
@@ -264,10 +267,12 @@ def main() -> None:
                          "for 1.8 s at 30 fps) are not tracked; stream and batch are scored on the rest only")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the list of stream runs this many times (timings on a shared machine vary)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (and NumPy's / SciPy's BLAS threads)")
     ap.add_argument("--json", default="", help="also write the results here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    set_blas_threads(a.threads)  # NumPy's / SciPy's OpenBLAS too (the per-frame fit's products; utils/core/blas.py)
     per, size, shape_frames = VIDEOS[a.video]
     cache = Path(a.cache)
     lead = LEAD_IN.get(a.video, 0)

@@ -348,14 +348,54 @@ def test_one_frame_numpy_terms_match_torch_and_autograd(flame_and_truth, monkeyp
     cfg = FlameFitConfig()
     out = {}
     with single_thread():
-        for numpy_frames in (False, True, True):
+        # the torch path; NumPy evaluations in the torch solver; the NumPy solver (NUMPY_SOLVER), twice
+        for key, numpy_frames, numpy_solver in (("torch", False, False), ("terms", True, False),
+                                                ("solver", True, True), ("solver", True, True)):
             monkeypatch.setattr(ff, "NUMPY_FRAMES", numpy_frames)
+            monkeypatch.setattr(ff, "NUMPY_SOLVER", numpy_solver)
             tracker = FrameTracker(flame, SIZE, truth.shape, default_focal(SIZE, cfg), cfg, iterations=4)
-            out.setdefault(numpy_frames, []).append(torch.cat([tracker.step(pts[t])[0].expression
-                                                               for t in range(T)]))
-    for got in out[True]:
-        assert torch.allclose(got, out[False][0], atol=1e-3), float((got - out[False][0]).abs().max())
-    assert torch.equal(out[True][0], out[True][1])
+            out.setdefault(key, []).append(torch.cat([tracker.step(pts[t])[0].expression for t in range(T)]))
+    for got in out["terms"] + out["solver"]:
+        assert torch.allclose(got, out["torch"][0], atol=1e-3), float((got - out["torch"][0]).abs().max())
+    # the NumPy solver takes the torch solver's steps: the same numbers up to rounding
+    assert torch.allclose(out["solver"][0], out["terms"][0], atol=1e-5), float(
+        (out["solver"][0] - out["terms"][0]).abs().max())
+    assert torch.equal(out["solver"][0], out["solver"][1])
+
+
+def test_numpy_frame_helpers_match_their_reference(flame_and_truth):
+    """The per-frame solver's NumPy helpers: the axis-angle log map (flame_fit._rotvec) equals scipy's, near zero
+    and near a half turn included; the jaw-contour row lookup (_contour_rows_np) equals LandmarkFlame.contour_rows
+    (smplx's) over head yaws across both sides; and a new shape's shaped copy shares the shape-independent tables
+    of the last one (_FrameTables.reshaped) yet evaluates as tables built from scratch for that shape."""
+    from scipy.spatial.transform import Rotation
+
+    from models.flame import axis_angle_to_matrix
+    from utils.face import flame_fit as ff
+    from utils.face.landmark_flame import LandmarkFlame
+
+    rng = np.random.default_rng(0)
+    for aa in [np.zeros(3), np.array([1e-9, 0, 0]), np.array([0, np.pi - 1e-3, 0])] + \
+            list(rng.normal(size=(50, 3)) * rng.uniform(0, 3, size=(50, 1))):
+        R = Rotation.from_rotvec(aa).as_matrix()
+        assert np.abs(ff._rotvec(R) - Rotation.from_rotvec(aa).as_rotvec()).max() < 1e-8, aa
+    flame, _, truth = flame_and_truth
+    lf = LandmarkFlame(flame)
+    rot = np.concatenate([rng.normal(size=(300, 3)) * 0.4, np.array([[0, 0.9, 0], [0, -0.9, 0]])])
+    want = lf.contour_rows(axis_angle_to_matrix(torch.tensor(rot, dtype=torch.float32)), None).numpy()
+    assert np.array_equal(ff._contour_rows_np(rot, lf.dyn_tri.shape[0]), want) and len(set(want)) > 20
+    # tables carried from one shape to the next
+    a = lf.shaped(torch.zeros(1, 300), cache=True)
+    ta = ff._FrameTables(a, 100)
+    a._np_tables = ta
+    ta.row(3)
+    shape = truth.shape[:1].float()
+    b = lf.shaped(shape, cache=True)
+    tb, fresh = b._np_tables, ff._FrameTables(b, 100)
+    assert tb is not ta and tb.shapedirs is ta.shapedirs and tb.table is ta.table and b._lm_table is a._lm_table
+    for got, ref in zip(tb.row(3) + tb.row(7), fresh.row(3) + fresh.row(7)):
+        assert np.array_equal(got, ref)
+    assert np.array_equal(tb.joint_t, fresh.joint_t) and not np.allclose(tb.row(3)[0], ta.row(3)[0])
 
 def test_frame_tracker_recovers_exact_landmarks(flame_and_truth):
     """Noise-free landmarks of a known face (its shape and the true focal length given): the tracker, one frame at a

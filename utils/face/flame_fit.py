@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dpotrf, dpotrs
 from torch import Tensor
 
 from models.camera import Camera
@@ -59,6 +60,7 @@ from models.flame import (
     FlameParams,
     axis_angle_to_matrix,
 )
+from utils.core.blas import blas_threads
 from utils.core.config import Range
 from utils.face.landmark_flame import LandmarkFlame, project, rotation_jacobian
 
@@ -201,9 +203,17 @@ def _pnp_init(model_pts: np.ndarray, image_pts: np.ndarray, focal: float, image_
 
 
 def _rotvec(R: np.ndarray) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
+    """(3, 3) rotation -> (3,) axis-angle: the log map in closed form (scipy's Rotation, ~0.2 ms a call, only within
+    0.01 rad of a half turn, where the closed form loses precision)."""
+    R = np.asarray(R, dtype=np.float64)
+    w = np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])  # 2 sin(theta) * axis
+    s = 0.5 * math.sqrt(float(w @ w))
+    theta = math.atan2(s, 0.5 * (float(np.trace(R)) - 1.0))
+    if not math.isfinite(theta) or theta > math.pi - 1e-2:
+        from scipy.spatial.transform import Rotation
 
-    return Rotation.from_matrix(R).as_rotvec()
+        return Rotation.from_matrix(R).as_rotvec()
+    return w * (0.5 if s < 1e-12 else theta / (2.0 * s))
 
 
 def _whiten(r: Tensor, w: Tensor, scale: Tensor, sigma: Tensor) -> Tensor:
@@ -279,6 +289,8 @@ class FitProblem:
     rows_memo: tuple | None = None
     uv_memo: tuple | None = None
     np_cache: dict | None = None  # the targets as NumPy arrays (:func:`_frame_terms_np`)
+    # (x, row, scale, rigid, r, J, pixels) of the far-start check's evaluation (:func:`_levenberg_marquardt_np`)
+    np_memo: tuple | None = None
     # (Qs, Qs) a full prior precision of the shared variables replacing diag(d_s^2) (None: the diagonal prior):
     # ShapeRefinement.set_shape_precision, a prior tight only along some shape directions
     prior_s: Tensor | None = None
@@ -338,10 +350,10 @@ def _initial_pose(lf: LandmarkFlame, pts: Tensor, init: FlameParams | None, foca
                             torch.zeros(T, 6, dtype=dt, device=dev), torch.eye(3, dtype=dt, device=dev).repeat(T, 1, 1))
     rot0, trans0 = [], []
     if init is not None:  # warm start: the given head pose (one frame is repeated over the T frames)
-        ip = init.to("cpu", torch.float64)
-        pick = [min(i, ip.num_frames - 1) for i in range(T)]
+        tr = init.translation.detach().to("cpu", torch.float64)  # (only the translation: not every field)
+        pick = [min(i, init.num_frames - 1) for i in range(T)]
         rot0 = [np.zeros(3)] * T  # (not needed: _make_problem takes init's variables from _variables)
-        trans0 = [ip.translation[i].numpy() for i in pick]
+        trans0 = [tr[i].numpy() for i in pick]
     else:
         for i in range(T):
             R, t = _pnp_init(lm0[i, 17:].cpu().numpy(), pts[i, 17:].cpu().numpy(), focal, size)
@@ -363,14 +375,14 @@ def _variables(p: FitProblem, params: FlameParams, rows: list[int]) -> Tensor:
     """(len(rows), Qf) solver variables of frames ``rows`` of ``params`` (the inverse of :func:`_assemble_result`'s
     read-out)."""
     ne, ce = p.ne, p.c_expr[0].double().cpu()
-    params = params.to("cpu", torch.float64)
+    f = lambda t: t.detach()[rows].to("cpu", torch.float64)  # noqa: E731  (the fields read, not every one)
     out = torch.zeros(len(rows), p.Qf, dtype=torch.float64)
-    out[:, 0:3] = torch.as_tensor(np.array([_rotvec(params.rotation_matrix[i].numpy()) for i in rows]))
-    out[:, 3:6] = params.translation[rows] / p.depth
-    out[:, 6:6 + ne] = params.expression[rows, :ne] / ce
-    out[:, 6 + ne:9 + ne] = params.jaw[rows]
+    out[:, 0:3] = torch.as_tensor(np.array([_rotvec(R) for R in f(params.rotation_matrix).numpy()]))
+    out[:, 3:6] = f(params.translation) / p.depth
+    out[:, 6:6 + ne] = f(params.expression)[:, :ne] / ce
+    out[:, 6 + ne:9 + ne] = f(params.jaw)
     if p.n_eyes:
-        out[:, 9 + ne:] = params.eyes[rows]
+        out[:, 9 + ne:] = f(params.eyes)
     return out
 
 
@@ -628,7 +640,7 @@ def _rodrigues_np(aa: np.ndarray, eps: float) -> np.ndarray:
     k = aa / theta
     K = _skew_np(k)
     s, c = np.sin(theta)[:, :, None], np.cos(theta)[:, :, None]
-    return np.eye(3) + s * K + (1.0 - c) * (K @ K)
+    return _EYE3 + s * K + (1.0 - c) * (K @ K)
 
 
 def _skew_np(v: np.ndarray) -> np.ndarray:
@@ -640,14 +652,15 @@ def _skew_np(v: np.ndarray) -> np.ndarray:
     return out
 
 
-_SKEW_E = _skew_np(np.eye(3))  # (3, 3, 3): [e_i]x
+_EYE2, _EYE3 = np.eye(2), np.eye(3)  # (read-only constants: np.eye per use was ~8 calls an evaluation)
+_SKEW_E = _skew_np(_EYE3)  # (3, 3, 3): [e_i]x
 
 
 def _rotation_jacobian_np(aa: np.ndarray, R: np.ndarray) -> np.ndarray:
     """NumPy :func:`utils.face.landmark_flame.rotation_jacobian`: (N, 3), (N, 3, 3) -> (N, 3, 3, 3 parameters)."""
     n2 = np.square(aa).sum(-1)
     S = _skew_np(aa)  # (N, 3, 3)
-    ImR_e = np.swapaxes(np.eye(3) - R, 1, 2)  # (N, i, 3): row i = (I - R) e_i
+    ImR_e = np.swapaxes(_EYE3 - R, 1, 2)  # (N, i, 3): row i = (I - R) e_i
     cross = ImR_e @ np.swapaxes(S, 1, 2)  # (N, i, 3): row i = aa x (I - R) e_i
     M = aa[:, :, None, None] * S[:, None] + _skew_np(cross)
     small = n2 < 1e-12
@@ -666,6 +679,7 @@ class _FrameTables:
         f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
         self.ne = ne
         self.rows: dict[int, tuple] = {}
+        self.row_ids: dict[int, np.ndarray] = {}  # the corners (N,) of each kept row (:meth:`reshaped`)
         self.joint_t = f(lf.joint_template[2:])  # (3, 3) jaw and eye joints
         self.joint_d = f(lf.joint_dirs[2:, :, :ne])  # (3, 3, ne)
         # the whole sub-model once, rows gathered from it by NumPy indexing (a row's tables: ~0.1 ms, not 3.5)
@@ -696,8 +710,23 @@ class _FrameTables:
                    np.concatenate([self.dyn_bary[b], self.static_bary]),
                    np.ascontiguousarray(self.table[lm].reshape(70, 12, self.ne)))
             if len(self.rows) >= self.MAX_ROWS:  # bounded: ~1.3 MB a row (the oldest row goes first)
+                self.row_ids.pop(next(iter(self.rows)), None)
                 self.rows.pop(next(iter(self.rows)))
-            self.rows[b] = out
+            self.rows[b], self.row_ids[b] = out, ids
+        return out
+
+    def reshaped(self, lf: LandmarkFlame) -> "_FrameTables":
+        """These tables for ``lf``, another :meth:`LandmarkFlame.shaped` copy of the same model (another shape):
+        only the shaped template and the joints depend on the shape, everything else (the expression blendshapes,
+        pose correctives, skinning and barycentric weights, the landmark table) is shared; the kept rows keep their
+        gathers with the new template's corners."""
+        from copy import copy
+
+        out = copy(self)
+        out.v_template = lf.v_template.detach().to("cpu", torch.float64).numpy()
+        out.joint_t = lf.joint_template[2:].detach().to("cpu", torch.float64).numpy()
+        out.row_ids = dict(self.row_ids)
+        out.rows = {b: (out.v_template[out.row_ids[b]],) + t[1:] for b, t in self.rows.items()}
         return out
 
 
@@ -706,11 +735,28 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
     """:func:`_analytic_terms` of one frame with a fixed shape (T = 1, ``p.lf_eval`` a shaped copy), in float64
     NumPy: the same equations (LandmarkFlame.posed_with_jacobian's skinning, the head pose, the pinhole projection,
     the Geman-McClure whitening).  Returns r (1, K), Jf (1, K, Qf) or None, and the 70 points' pixels (70, 2)."""
+    r, J, uv = _frame_eval_np(p, Xv[0].numpy(), int(rows[0]), float(scale[0, 0]), rigid, jac)
+    return torch.from_numpy(r[None]), None if J is None else torch.from_numpy(J[None]), uv
+
+
+def _frame_eval_np(p: "FitProblem", x: np.ndarray, row: int, s: float, rigid: bool, jac: bool
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`_frame_terms_np` on NumPy: variables x (Qf,), contour row, robust scale s -> r (K,), J (K, Qf) or None,
+    pixels (70, 2)."""
+    r, uv, state = _frame_forward_np(p, x, row, s, rigid)
+    return r, _frame_jacobian_np(p, state) if jac else None, uv
+
+
+def _frame_forward_np(p: "FitProblem", x: np.ndarray, row: int, s: float, rigid: bool
+                      ) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """The residuals of :func:`_frame_eval_np` -> r (K,), pixels (70, 2) and what :func:`_frame_jacobian_np` needs
+    for the Jacobian at x (~0.15 of the ~0.5 ms an evaluation with the Jacobian takes on one core: a candidate step
+    that is rejected, or the last one, needs no Jacobian)."""
     lf = p.lf_eval
     tabs = lf.__dict__.get("_np_tables")
     if tabs is None or tabs.ne != p.ne:
         tabs = lf._np_tables = _FrameTables(lf, p.ne)
-    tc, Sd, P, w, bary, tab = tabs.row(int(rows[0]))
+    tc, Sd, P, w, bary, tab = tabs.row(row)
     c = p.np_cache
     if c is None:  # the problem's constants as NumPy, once per problem
         f = lambda t: t.detach().to("cpu", torch.float64).numpy()  # noqa: E731
@@ -720,7 +766,6 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
             tgt[68:] = f(p.irises[0])
         c = p.np_cache = {"tgt": tgt, "wts": f(p.wts[0]), "static": f(p.static_only), "c_expr": f(p.c_expr[0]),
                           "iod": float(p.iod[0]), "sigma": float(p.sigma[0, 0])}
-    x = Xv[0].numpy()
     ne = p.ne
     rot, trans, psi = x[0:3], x[3:6], x[6:6 + ne]
     jaw = x[6 + ne:9 + ne]
@@ -732,7 +777,7 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
     J = tabs.joint_t + tabs.joint_d @ e  # (3, 3)
     aa = np.stack([jaw, eyes[:3], eyes[3:]])
     Rk = _rodrigues_np(aa, 1e-8)  # (3, 3, 3)
-    D = Rk - np.eye(3)
+    D = Rk - _EYE3
     v = v + (D.reshape(27) @ P).reshape(N, 3)
     vJ = v[:, None] - J[None]  # (N, 3 joints, 3)
     DvJ = np.einsum("kab,nkb->nka", D, vJ)  # (N, k, 3)
@@ -750,16 +795,20 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
         wts = np.concatenate([wts, np.full(2, p.cfg.iris_weight)])
     else:
         wts = np.concatenate([wts, np.zeros(2)])
-    s = float(scale[0, 0])
     iod, sigma = c["iod"], c["sigma"]
     tgt = c["tgt"] if p.irises is not None else np.concatenate([c["tgt"][:68], np.zeros((2, 2))])
     err = (uv - tgt) / iod
     n2 = np.square(err).sum(-1) + s * s  # (70,)
     g = np.sqrt(wts) * s / np.sqrt(n2) / sigma
-    r = torch.from_numpy((err * g[:, None]).reshape(1, p.K))
-    if not jac:
-        return r, None, uv
-    dr_duv = g[:, None, None] * (np.eye(2) - err[:, :, None] * err[:, None, :] / n2[:, None, None]) / iod
+    r = (err * g[:, None]).reshape(p.K)
+    return r, uv, (g, err, n2, iod, zc, world, rot, Rh, pts, D, tab, c, aa, Rk, P, N, w, vJ, bary)
+
+
+def _frame_jacobian_np(p: "FitProblem", state: tuple) -> np.ndarray:
+    """J (K, Qf) of :func:`_frame_forward_np`'s residuals at its variables (its ``state``)."""
+    g, err, n2, iod, zc, world, rot, Rh, pts, D, tab, c, aa, Rk, P, N, w, vJ, bary = state
+    f0 = p.f0
+    dr_duv = g[:, None, None] * (_EYE2 - err[:, :, None] * err[:, None, :] / n2[:, None, None]) / iod
     z2 = zc * zc
     duv_dw = np.zeros((70, 2, 3))
     duv_dw[:, 0, 0] = f0 / zc
@@ -772,20 +821,22 @@ def _frame_terms_np(p: "FitProblem", Xv: Tensor, rows: Tensor, scale: Tensor, ri
     d_trans = dr_dw * p.depth
     dr_dm = dr_dw @ Rh  # (70, 2, 3)
     # expression: [I, D_jaw, D_eye, D_eye] (3 x 12) @ the landmark table (12, ne)
-    Dcat = np.concatenate([np.eye(3)[None], D], 0).transpose(1, 0, 2).reshape(3, 12)
+    Dcat = np.concatenate([_EYE3[None], D], 0).transpose(1, 0, 2).reshape(3, 12)
     d_expr = ((dr_dm @ Dcat) @ tab) * c["c_expr"]  # (70, 2, ne)
     # jaw and eyes: d x / d aa = A dv + w dR (v - J) per corner, A = I + sum_k w_k D_k
     dR = _rotation_jacobian_np(aa, Rk)  # (3 joints, 3, 3, 3 parameters)
     dv = np.swapaxes(dR.reshape(3, 9, 3), 1, 2) @ P.reshape(3, 9, N * 3)  # (k, p, N * 3) pose correctives
     dv = dv.reshape(9, N, 3).transpose(1, 2, 0)  # (N, b, k * 3 + p)
-    A = np.eye(3) + (w @ D.reshape(3, 9)).reshape(N, 3, 3)  # (N, 3, 3) d x / d v
-    T2 = np.einsum("kabp,nkb->nakp", dR, vJ) * w[:, None, :, None]  # (N, a, k, p)
+    A = _EYE3 + (w @ D.reshape(3, 9)).reshape(N, 3, 3)  # (N, 3, 3) d x / d v
+    # w_k dR_k (v - J_k): per joint k one (N x 3) @ (3 x 9) product (an einsum over (N, a, k, p) took 4x longer)
+    dRt = dR.transpose(0, 2, 1, 3).reshape(3, 3, 9)  # (k, b, a * 3 + p)
+    T2 = (vJ.transpose(1, 0, 2) @ dRt) * w.T[:, :, None]  # (k, N, a * 3 + p)
+    T2 = T2.reshape(3, N, 3, 3).transpose(1, 2, 0, 3)  # (N, a, k, p)
     dx_p = A @ dv + T2.reshape(N, 3, 9)  # (N, 3, 9)
     d_p = (dx_p.reshape(70, 3, 27) * bary[..., None]).sum(1).reshape(70, 3, 9)
     d_pose = dr_dm @ d_p  # (70, 2, 9)
     parts = [d_rot, d_trans, d_expr, d_pose[..., :3]] + ([d_pose[..., 3:]] if p.n_eyes else [])
-    Jf = torch.from_numpy(np.concatenate(parts, -1).reshape(1, p.K, p.Qf))
-    return r, Jf, uv
+    return np.concatenate(parts, -1).reshape(p.K, p.Qf)
 
 
 def _temporal_degree(T: int, has_prev: bool) -> Tensor:
@@ -811,6 +862,111 @@ def _cost(p: FitProblem, r: Tensor, Xv: Tensor, Yv: Tensor) -> float:
     return float(c)
 
 
+# The per-frame tracker's Levenberg-Marquardt (one frame, fixed shape, every variable free) in NumPy as well: the same
+# steps as :func:`_levenberg_marquardt`, whose ~25 torch calls per iteration on (115,)-sized tensors cost more than
+# their arithmetic.  Off: the torch loop for every fit.
+NUMPY_SOLVER = True
+
+
+def _np_solver(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Tensor | None) -> bool:
+    """:func:`_levenberg_marquardt_np` can run this call: the tracker's one-frame fit with every variable free."""
+    return (NUMPY_SOLVER and p.tracking and p.prior_s is None and not bool(free_s.any()) and bool(free_f.all())
+            and _numpy_frame(p, rows))
+
+
+def _levenberg_marquardt_np(p: FitProblem, rows: Tensor, scale: Tensor, rigid: bool, max_iter: int,
+                            resume: bool = False) -> float:
+    """:func:`_levenberg_marquardt` for one frame with a fixed shape and every variable free (T = 1, no shared
+    variables; :func:`_np_solver`), on NumPy float64 arrays: the same damping schedule, stopping rules (the
+    predicted decrease, ``tolerance``, ``max_rejections``) and priors; the evaluation is :func:`_frame_eval_np`.
+    Leaves p.X, p.lam, p.converged and the fitted pixels' memo (:func:`_fitted_points`) as that function does."""
+    cfg = p.cfg
+    row, s = int(rows[0]), float(scale[0, 0])
+    x = p.X[0].numpy().copy()
+    d_f = p.d_f.numpy()
+    df2 = np.square(d_f)
+    tw2 = None if p.tw is None or p.X_prev is None else np.square(p.tw.numpy())  # T = 1: only the tie to X_prev
+    x_prev = None if tw2 is None else p.X_prev.numpy()
+    diag = df2 if tw2 is None else df2 + tw2
+    lam = p.lam if resume else 1e-3
+    p.converged = False
+    m = p.np_memo  # the far-start check's evaluation at this start (:func:`_far_start`)
+    if m is not None and m[1] == row and m[2] == s and m[3] == rigid and np.array_equal(m[0], x):
+        r, J, uv = m[4], m[5], m[6]
+    else:
+        r, J, uv = _frame_eval_np(p, x, row, s, rigid, True)
+    p.np_memo = None
+
+    def cost(r_: np.ndarray, x_: np.ndarray) -> float:  # :func:`_cost` with T = 1, no shared variables
+        c_ = float(r_ @ r_) + float(np.square(d_f * x_).sum())
+        if tw2 is not None:
+            c_ += float((np.square(x_ - x_prev) * tw2).sum())
+        return c_
+
+    c = cost(r, x)
+    idx = np.arange(x.shape[0])
+    # the Gram product J^T J (140 x 115): on NumPy's BLAS when that runs on one thread (the stream pins it:
+    # utils/core/blas.py; half torch's time there), else in torch on torch's threads -- OpenBLAS would run it on every
+    # core it finds (2.9x slower a frame with 2 threads on the 2-core container)
+    numpy_gram = blas_threads() == 1
+    for it in range(max_iter):
+        g = J.T @ r + df2 * x
+        if tw2 is not None:
+            g = g + (x - x_prev) * tw2
+        if numpy_gram:
+            A = J.T @ J
+        else:
+            Jt = torch.from_numpy(J)
+            A = (Jt.T @ Jt).numpy()
+        A[idx, idx] += diag
+        Adiag = np.maximum(A.diagonal(), 1e-9)
+        improved = False
+        tries = 0
+        while lam < 1e10 and (cfg.max_rejections <= 0 or tries <= cfg.max_rejections):
+            tries += 1
+            Ad = A.copy()
+            Ad[idx, idx] += lam * Adiag
+            dx = -_cho_solve_np(Ad, g)
+            if tries == 1:  # the predicted decrease below tolerance: stop without evaluating (as the torch loop)
+                pred = -(2.0 * float(g @ dx) + float(dx @ A @ dx))
+                if pred < cfg.tolerance * c:
+                    p.converged = True
+                    break
+            xn = x + dx
+            # the residuals only: the Jacobian is taken below when the step is accepted and another follows
+            rn, uvn, state = _frame_forward_np(p, xn, row, s, rigid)
+            cn = cost(rn, xn)
+            if math.isfinite(cn) and cn < c:
+                improved = True
+                lam = max(lam / 3.0, 1e-7)
+                break
+            lam *= 4.0
+        if not improved:
+            p.converged = True
+            break
+        rel = (c - cn) / max(c, 1e-30)
+        x, r, uv, c = xn, rn, uvn, cn
+        if rel < cfg.tolerance:
+            p.converged = True
+            break
+        if it + 1 < max_iter:
+            J = _frame_jacobian_np(p, state)
+    p.lam = lam
+    X = torch.from_numpy(x[None].copy())
+    p.X = X
+    p.uv_memo = (X, X.clone(), p.Y.clone(), rows.clone(), torch.from_numpy(uv[None, :68]).to(p.dt))
+    return c / p.n_points
+
+
+def _cho_solve_np(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """A^-1 b for a symmetric positive definite A (LAPACK's Cholesky, potrf / potrs, without scipy.linalg's checks)."""
+    L, info = dpotrf(A, lower=1, clean=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"Cholesky of the Levenberg-Marquardt system failed (info {info})")
+    out, info = dpotrs(L, b, lower=1)
+    return out
+
+
 def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Tensor | None, scale: Tensor,
                          rigid: bool, max_iter: int, resume: bool = False) -> float:
     """Levenberg-Marquardt on the variables ``free_f`` (Qf,) / ``free_s`` (Qs,) (bool) of p.X, p.Y (updated); returns
@@ -821,6 +977,8 @@ def _levenberg_marquardt(p: FitProblem, free_f: Tensor, free_s: Tensor, rows: Te
     gradient is exact, so every accepted step still lowers the true loss).  ``resume``: start from the damping the last
     call left in ``p.lam`` (a solve run a few iterations at a time: :class:`ShapeRefinement`); ``p.converged`` tells
     whether this call stopped before ``max_iter``."""
+    if _np_solver(p, free_f, free_s, rows):
+        return _levenberg_marquardt_np(p, rows, scale, rigid, max_iter, resume)
     cfg, T, tw, X_prev, X, Y = p.cfg, p.T, p.tw, p.X_prev, p.X, p.Y
     fi, si = torch.nonzero(free_f)[:, 0], torch.nonzero(free_s)[:, 0]
     df2, ds2 = p.d_f[fi].square(), p.d_s[si].square()
@@ -934,9 +1092,26 @@ def _contour_rows(p: FitProblem) -> Tensor | None:
     m = p.rows_memo
     if m is not None and m[0] is p.X and torch.equal(m[1], p.X[:, :3]):
         return m[2]
-    rows = p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), None)
+    if p.tracking and p.dev.type == "cpu":  # the tracker's frame: the same lookup in NumPy (~20 torch calls)
+        rows = torch.from_numpy(_contour_rows_np(p.X[:, :3].numpy(), p.lf.dyn_tri.shape[0]))
+    else:
+        rows = p.lf.contour_rows(axis_angle_to_matrix(p.X[:, :3].to(p.dev, p.dt)), None)
     p.rows_memo = (p.X, p.X[:, :3].clone(), rows)
     return rows
+
+
+def _contour_rows_np(rot: np.ndarray, num_rows: int) -> np.ndarray:
+    """(T,) int64 jaw-contour rows for head rotations rot (T, 3) (axis-angle, zero neck): smplx's
+    find_dynamic_lmk_idx_and_bcoords as :meth:`LandmarkFlame.contour_rows` calls it (the y Euler angle in whole
+    degrees, 0..39 for one side, 40..78 for the other), in float64 (a row can differ from the float32 lookup's at a
+    half-degree boundary)."""
+    R = _rodrigues_np(rot, 0.0)
+    yaw = np.arctan2(-R[:, 2, 0], np.sqrt(R[:, 0, 0] ** 2 + R[:, 1, 0] ** 2))
+    y = np.round(np.minimum(-yaw * 180.0 / np.pi, 39.0)).astype(np.int64)
+    y = np.where(y < 0, np.where(y < -39, 78, 39 - y), y)
+    if num_rows != 79:
+        raise ValueError(f"the dynamic contour embedding has {num_rows} rows, smplx's lookup expects 79")
+    return y
 
 
 def _rigid_stage(p: FitProblem) -> float:
@@ -970,7 +1145,20 @@ def _far_start(p: FitProblem) -> float:
     """The largest over the frames of the median static-landmark error at the current variables, in narrow robust
     scales (how far a warm start is from its targets: above 1, most points sit where the robust loss is flat)."""
     with torch.no_grad():
-        uv = _fitted_points(p, _contour_rows(p))
+        rows = _contour_rows(p)
+        if NUMPY_SOLVER and p.tracking and _numpy_frame(p, rows):
+            # the tracker's frame: evaluated with its Jacobian, kept for the narrow solve that starts here (one
+            # evaluation a frame fewer; :func:`_levenberg_marquardt_np`)
+            x, row, s = p.X[0].numpy().copy(), int(rows[0]), float(p.scale_narrow[0, 0])
+            r, J, uv_np = _frame_eval_np(p, x, row, s, False, True)
+            p.np_memo = (x, row, s, False, r, J, uv_np)
+            c = p.np_cache
+            err = np.linalg.norm(uv_np[17:68] - c["tgt"][17:68], axis=-1) / c["iod"]  # (51,) IOD units
+            err = err[c["wts"][17:] > 0]
+            # (the lower middle value for an even count, as torch's nanmedian below)
+            return float(np.partition(err, (err.size - 1) // 2)[(err.size - 1) // 2]) / s if err.size else 0.0
+        else:
+            uv = _fitted_points(p, rows)
         err = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1) / p.iod[:, None]  # (T, 51) IOD units
         err = torch.where(p.wts[:, 17:] > 0, err, torch.full_like(err, float("nan")))
         return float((err.nanmedian(dim=1).values / p.scale_narrow[:, 0]).nan_to_num(0.0).max())
@@ -1000,6 +1188,8 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
     """The solver's variables read out as FlameParams (scale 1, zero neck), the fitted camera, the fitted landmarks
     (pixels; contour NaN without a dynamic embedding) and the per-frame static-landmark error."""
     T, dev, dt = p.T, p.dev, p.dt
+    if p.tracking and T == 1 and not p.fit_shape and dev.type == "cpu" and not p.cfg.fit_focal:
+        return _assemble_frame_np(p, losses, camera_name, t_start)
     with torch.no_grad():
         F, S = p.X.to(dev, dt), p.Y.to(dev, dt)[None]
         uv = _fitted_points(p, _contour_rows(p))
@@ -1018,6 +1208,27 @@ def _assemble_result(p: FitProblem, losses: dict[str, float], camera_name: str, 
             uv[:, :17] = float("nan")
         errors = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1).mean(-1)
     return FlameFitResult(params=params, camera=make_camera(focal, p.size, camera_name), landmarks=uv.detach(),
+                          errors=errors.detach(), losses=losses, seconds=time.perf_counter() - t_start)
+
+
+def _assemble_frame_np(p: FitProblem, losses: dict[str, float], camera_name: str, t_start: float) -> FlameFitResult:
+    """:func:`_assemble_result` of the tracker's one frame (fixed shape and focal length, CPU), read out in NumPy (the
+    same values up to float32 rounding; ~25 torch calls fewer a frame)."""
+    dt = p.dt
+    uv = _fitted_points(p, _contour_rows(p))
+    x = p.X[0].numpy()
+    ne = p.ne
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)[None]).to(dt)  # noqa: E731  (1, ...) in FLAME's dtype
+    expr = np.zeros(NUM_EXPRESSION)
+    expr[:ne] = x[6:6 + ne] * p.np_cache["c_expr"] if p.np_cache is not None else \
+        x[6:6 + ne] * p.c_expr[0].double().numpy()
+    params = FlameParams(shape=p.fixed_shape.clone(), expression=t(expr),
+                         rotation_matrix=t(_rodrigues_np(x[None, 0:3], 0.0)[0]), translation=t(x[3:6] * p.depth),
+                         jaw=t(x[6 + ne:9 + ne]), neck=torch.zeros(1, 3, dtype=dt),
+                         eyes=t(x[9 + ne:15 + ne]) if p.n_eyes else torch.zeros(1, 6, dtype=dt),
+                         scale=torch.ones(1, 1, dtype=dt))
+    errors = (uv[:, 17:] - p.pts[:, 17:]).norm(dim=-1).mean(-1)
+    return FlameFitResult(params=params, camera=make_camera(p.f0, p.size, camera_name), landmarks=uv.detach(),
                           errors=errors.detach(), losses=losses, seconds=time.perf_counter() - t_start)
 
 

@@ -99,8 +99,20 @@ class LandmarkFlame:
         out.joint_template = out.v_template[self.num_sub:]
         out._shaped_cache = None
         # built per copy, for its blendshape columns
-        for k in ("_lm_table", "_rows_key", "_rows_val", "_split_key", "_split_val", "_corner_key", "_corner_val"):
+        for k in ("_lm_table", "_rows_key", "_rows_val", "_split_key", "_split_val", "_corner_key", "_corner_val",
+                  "_np_tables"):
             out.__dict__.pop(k, None)
+        prev = None if key is None else key[1]
+        if cache and prev is not None:
+            # the expression blendshapes, pose correctives and skinning weights do not depend on the shape: a new
+            # shape (a stream's shape blended in over 16 frames: one per frame) keeps the last copy's landmark table
+            # and the per-frame solver's NumPy tables, whose ~25 ms rebuild on one core was most of such a frame's
+            # time (only the shaped template is new; utils/face/flame_fit.py _FrameTables.reshaped)
+            if "_lm_table" in prev.__dict__:
+                out._lm_table = prev._lm_table
+            tabs = prev.__dict__.get("_np_tables")
+            if tabs is not None:
+                out._np_tables = tabs.reshaped(out)
         if cache:
             self._shaped_cache = (shape.detach().clone(), out)
         return out

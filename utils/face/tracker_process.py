@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from models.flame import FlameModel, FlameParams
+from utils.core.blas import set_blas_threads
 from utils.face.flame_fit import FlameFitConfig
 from utils.face.frame_tracker import FrameTracker, ShapeRefineConfig
 
@@ -73,6 +74,7 @@ def _serve(conn: Any, flame_bytes: bytes, threads: int, device: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads > 0:
         torch.set_num_threads(threads)
+        set_blas_threads(threads)  # the fit's NumPy products too (utils/core/blas.py: OpenBLAS takes every core)
     flame: FlameModel = torch.load(io.BytesIO(flame_bytes), weights_only=False).to(device)
     tracker: FrameTracker | None = None
     sent_reference: list = [None]

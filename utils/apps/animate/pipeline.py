@@ -130,7 +130,8 @@ class AnimationConfig:
     stream_realtime: bool = False  # --stream with a file: deliver its frames at its frame rate, as a camera would;
     #                          live mode then, as with a camera: frames that are stale when the stream is behind are
     #                          dropped (counted in animation.json 'stream'), not queued; without it every frame is kept
-    stream_threads: int = 1  # --stream: torch intra-op CPU threads while it streams, restored after (0: torch's)
+    stream_threads: int = 1  # --stream: torch intra-op and NumPy BLAS CPU threads while it streams, restored after
+    #                          (0: as they are)
     stream_calibration_threads: int = 0  # --stream: torch threads of the calibration solve (0: the cores, at most 8)
     #                          the per-frame fit's tensors are tiny (one frame, ~70 points), so extra threads mostly add
     #                          wake-ups and compete with the landmark threads (the GPU machine: 16 cores)

@@ -50,6 +50,7 @@ from models.flame import FlameParams, save_nersemble_tracking
 from models.posing import HeadAnimator, retarget
 from models.renderer import render_identities
 from utils.core.atomic import atomic_write_json
+from utils.core.blas import restore_blas_threads, set_blas_threads
 from utils.core.device import resolve_device, synchronize
 from utils.core.images import fit_height, save_image, to_uint8
 from utils.data.model_file import load_model
@@ -438,13 +439,16 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
                          f"--reference_frame must be 0, got {cfg.reference_frame}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    threads_before = torch.get_num_threads()
+    threads_before, blas_before = torch.get_num_threads(), []
     if cfg.stream_threads > 0:  # the per-frame tensors are tiny: more threads mostly add wake-ups (and compete with
         torch.set_num_threads(cfg.stream_threads)  # the landmark threads); restored at the end
+        # NumPy's / SciPy's OpenBLAS as well: the per-frame fit's NumPy products (utils/core/blas.py)
+        blas_before = set_blas_threads(cfg.stream_threads)
     try:
         return _animate_stream(cfg, model, make_detector, times, t0)
     finally:
         torch.set_num_threads(threads_before)
+        restore_blas_threads(blas_before)
 
 
 def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] | None, times: dict[str, float],
