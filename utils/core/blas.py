@@ -1,4 +1,4 @@
-"""The thread count of NumPy's and SciPy's BLAS (OpenBLAS) at run time, without threadpoolctl.
+"""The thread count of NumPy's and SciPy's BLAS (OpenBLAS) at run time, through threadpoolctl.
 
 torch.set_num_threads sets torch's threads only; NumPy and SciPy each bundle their own OpenBLAS, which by default
 runs a product on every core it finds once the product passes a small size (a (630 x 100) matrix-vector product
@@ -9,63 +9,31 @@ same fit took 2.5x the CPU time with 2 OpenBLAS threads as with 1 on the 2-core 
 """
 from __future__ import annotations
 
-import ctypes
-import os
+import functools
 
-# the OpenBLAS builds' names of openblas_set_num_threads / openblas_get_num_threads: plain, and the prefixed and
-# 64-bit-integer ones of NumPy's and SciPy's wheels (scipy_openblas_set_num_threads64_)
-_NAMES = [(f"{pre}openblas_set_num_threads{suf}", f"{pre}openblas_get_num_threads{suf}")
-          for pre in ("", "scipy_") for suf in ("", "64_")]
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 
-def _openblas_libraries() -> list[tuple]:
-    """(set, get) ctypes functions of every OpenBLAS loaded in this process (Linux: from /proc/self/maps; elsewhere
-    none)."""
-    try:
-        with open(f"/proc/{os.getpid()}/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()})
-    except OSError:
-        return []
-    out = []
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for set_name, get_name in _NAMES:
-            if hasattr(lib, set_name) and hasattr(lib, get_name):
-                out.append((getattr(lib, set_name), getattr(lib, get_name)))
-                break
-    return out
-
-
-_LIBRARIES: list[tuple] | None = None  # :func:`blas_threads`' libraries, found once
+@functools.lru_cache(maxsize=1)
+def _blas_controllers() -> tuple:
+    """threadpoolctl's controllers of the BLAS libraries loaded when first asked (a scan of the process's libraries:
+    done once, since :func:`blas_threads` runs every frame)."""
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
 def blas_threads() -> int:
-    """The largest thread count of the OpenBLAS libraries loaded when first called (0: none found); a ctypes call
-    each, for code that picks NumPy's BLAS only when it runs on one thread."""
-    global _LIBRARIES
-    if _LIBRARIES is None:
-        _LIBRARIES = _openblas_libraries()
-        for _, get_fn in _LIBRARIES:
-            get_fn.restype = ctypes.c_int
-    return max((int(get_fn()) for _, get_fn in _LIBRARIES), default=0)
+    """The largest thread count of the BLAS libraries loaded when first called (0: none found); one library call each,
+    for code that picks NumPy's BLAS only when it runs on one thread."""
+    return max((int(c.num_threads) for c in _blas_controllers()), default=0)
 
 
-def set_blas_threads(threads: int) -> list[int]:
-    """Set every loaded OpenBLAS to ``threads`` threads (import NumPy / SciPy's BLAS users first); returns the
-    previous counts (one per library, for :func:`restore_blas_threads`; empty when none was found)."""
-    libs = _openblas_libraries()
-    before = []
-    for set_fn, get_fn in libs:
-        get_fn.restype = ctypes.c_int
-        before.append(int(get_fn()))
-        set_fn(ctypes.c_int(int(threads)))
-    return before
+def set_blas_threads(threads: int) -> threadpool_limits:
+    """Limit every loaded BLAS (NumPy's and SciPy's OpenBLAS; import them first) to ``threads`` threads; returns the
+    limiter, whose previous counts :func:`restore_blas_threads` puts back."""
+    return threadpool_limits(limits=int(threads), user_api="blas")
 
 
-def restore_blas_threads(before: list[int]) -> None:
-    """Undo :func:`set_blas_threads` (its return value)."""
-    for (set_fn, _), n in zip(_openblas_libraries(), before):
-        set_fn(ctypes.c_int(n))
+def restore_blas_threads(before: threadpool_limits | None) -> None:
+    """Undo :func:`set_blas_threads` (its return value; None: nothing to undo)."""
+    if before is not None:
+        before.restore_original_limits()

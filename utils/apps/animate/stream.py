@@ -439,7 +439,7 @@ def animate_stream(cfg: Any, model: Any = None, make_detector: Callable[[], Call
                          f"--reference_frame must be 0, got {cfg.reference_frame}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    threads_before, blas_before = torch.get_num_threads(), []
+    threads_before, blas_before = torch.get_num_threads(), None
     if cfg.stream_threads > 0:  # the per-frame tensors are tiny: more threads mostly add wake-ups (and compete with
         torch.set_num_threads(cfg.stream_threads)  # the landmark threads); restored at the end
         # NumPy's / SciPy's OpenBLAS as well: the per-frame fit's NumPy products (utils/core/blas.py)
