@@ -671,8 +671,8 @@ def test_run_viewer_sh_prints_the_address_and_serves(fit_model, tmp_path):  # no
             assert r.status == 200 and b"<html" in r.read().lower()
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
+        try:  # serving is what is tested, not the shutdown: in the full suite it sometimes outlived a 30 s wait
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
