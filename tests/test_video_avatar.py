@@ -698,6 +698,16 @@ def test_cut_photo_fits_the_outlines_cut_to_the_frames_own_colours(clip, fit_mod
         assert torch.equal(g0[~cut3], g1[~cut3])  # elsewhere the same target
 
 
+def _left_half(frames) -> list[np.ndarray]:
+    """A person segmentation stand-in: the person is every frame's left half."""
+    out = []
+    for f in frames:
+        p = np.zeros(f.shape[:2], np.float32)
+        p[:, : f.shape[1] // 2] = 1.0
+        out.append(p)
+    return out
+
+
 def test_cut_background_pulls_alpha_to_zero_on_the_cuts_background_only(clip, fit_model, tmp_path, monkeypatch):  # noqa: F811
     """--video_refine.cut_background: of the outline's cut (a band of rows across the face), the pixels the person
     segmentation calls background (here the frame's right half) become data for the coverage term with a target
@@ -708,14 +718,7 @@ def test_cut_background_pulls_alpha_to_zero_on_the_cuts_background_only(clip, fi
 
     monkeypatch.setattr(video, "detected_face_mask", _banded_outline)
 
-    def left_half(fr):  # the person: the frame's left half (the face straddles the middle)
-        out = []
-        for f in fr:
-            p = np.zeros(f.shape[:2], np.float32)
-            p[:, : f.shape[1] // 2] = 1.0
-            out.append(p)
-        return out
-    monkeypatch.setattr(video, "person_masks", left_half)
+    monkeypatch.setattr(video, "person_masks", _left_half)  # the face straddles the middle
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     coverage = vr.coverage_loss
 
@@ -803,14 +806,6 @@ def test_background_prune_hides_the_gaussians_only_the_cuts_background_shows(cli
     from utils.data.code_file import code_cloud, load_code
     from utils.data.model_file import load_model
 
-    def left_half(fr):  # the person: the frame's left half
-        out = []
-        for f in fr:
-            p = np.zeros(f.shape[:2], np.float32)
-            p[:, : f.shape[1] // 2] = 1.0
-            out.append(p)
-        return out
-
     def wide_band(model, verts, faces, camera, outline=None, projected=None):  # 12 rows cut across the face
         m = projected.copy()
         ys = np.nonzero(m.any(1))[0]
@@ -818,7 +813,7 @@ def test_background_prune_hides_the_gaussians_only_the_cuts_background_shows(cli
         m[a:a + 12] = 0
         return m
     monkeypatch.setattr(video, "detected_face_mask", wide_band)
-    monkeypatch.setattr(video, "person_masks", left_half)
+    monkeypatch.setattr(video, "person_masks", _left_half)
     root, frames, lm = clip
     model = load_model(fit_model)
     m = _run(fit_model, root, frames, lm, tmp_path / "p", extra=[
