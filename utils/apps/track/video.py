@@ -138,6 +138,7 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * px + 1, 2 * px + 1))
     return cv2.dilate(mask.astype(np.float32), k)
 
+
 @dataclass
 class FrameTargets:
     """The frames of one clip that a fit sees: views (cropped to one size: camera, masked image (h, w, 3), face mask
