@@ -89,7 +89,7 @@ class GraphedSynthesis:
         surface = None
         if not dynamic_geometry:
             with torch.no_grad():
-                surface = field.surface_frames(verts)
+                surface = field.attach_surface(verts)
 
         bf16 = precision == "bf16" and self.device.type == "cuda"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -229,19 +229,29 @@ class ModulatedLinear(nn.Module):
 
 
 # ====================================================================================== geometry helpers
-def quat_multiply(q1: Tensor, q2: Tensor) -> Tensor:
-    """Hamilton product of (..., 4) w, x, y, z quaternions, so that R(q1 * q2) = R(q1) @ R(q2)."""
-    w1, x1, y1, z1 = q1.unbind(-1)
-    w2, x2, y2, z2 = q2.unbind(-1)
-    return torch.stack(
-        [
-            w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
-            w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
-            w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
-            w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
-        ],
-        dim=-1,
-    )
+# Hamilton product as a matrix: q1 * q2 = L(q1) @ q2 with L(q)[i, j] = _QL_SIGN[i, j] * q[_QL_INDEX[i, j]].
+_QL_INDEX = ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
+_QL_SIGN = ((1, -1, -1, -1), (1, 1, -1, 1), (1, 1, 1, -1), (1, -1, 1, 1))
+
+
+def quat_left_matrix(q: Tensor) -> Tensor:
+    """(..., 4) quaternions (w, x, y, z) -> (..., 4, 4) matrices L of the Hamilton product: q * p = L @ p, so that
+    R(L @ p) = R(q) @ R(p)."""
+    index = torch.tensor(_QL_INDEX, device=q.device)
+    sign = torch.tensor(_QL_SIGN, dtype=q.dtype, device=q.device)
+    return q[..., index] * sign
+
+
+class AttachSurface(NamedTuple):
+    """What :meth:`IdentityField.attach` takes from a posed mesh, computed once per pose by
+    :meth:`IdentityField.attach_surface`: with fixed geometry (a fit, an interpolation, the viewer's code changes)
+    a call is then only the per-Gaussian activations, a few dozen GPU kernels instead of ~150 (the quaternion of
+    every frame alone is ~40 small kernels), which is what a CUDA-graph replay of a batch-1 network costs."""
+    frames: Tensor  # (B, V, 3, 3) columns tangent, bitangent, normal
+    edge_len: Tensor  # (B, V) mean length of the incident edges
+    frames_scaled: Tensor  # (B, V, 1, 3, 3) frames * edge_len: offset in edge units, local frame -> world
+    quat_left: Tensor  # (B, V, 1, 4, 4) quat_left_matrix of the frame's rotation
+    log_scale_base: Tensor  # (B, V, 1, 3) log of the initial standard deviations (init_scale_mult * edge_len)
 
 
 def fourier_features(p: Tensor, num_freqs: int) -> Tensor:
@@ -457,6 +467,17 @@ class IdentityField(nn.Module):
         acc = acc.index_add(1, self.edges[:, 0], elen).index_add(1, self.edges[:, 1], elen)
         return frames, acc * self.inv_degree.to(vertices.dtype)
 
+    def attach_surface(self, vertices: Tensor, surface: tuple[Tensor, Tensor] | None = None) -> AttachSurface:
+        """vertices (B, V, 3) posed (or (V, 3)) -> the :class:`AttachSurface` that :meth:`attach` uses; ``surface``:
+        their ``surface_frames`` when the caller already has them."""
+        if vertices.dim() == 2:
+            vertices = vertices.unsqueeze(0)
+        frames, edge_len = self.surface_frames(vertices) if surface is None else surface
+        return AttachSurface(
+            frames, edge_len, (frames * edge_len[..., None, None]).unsqueeze(2),
+            quat_left_matrix(rotmat_to_quat(frames)).unsqueeze(2),
+            (self.log_scale_init.to(frames.dtype) + torch.log(edge_len)[..., None]).unsqueeze(2))
+
     # ------------------------------------------------------------------ per-Gaussian residuals
     def add_residual(self, raw: Tensor, residual: Tensor | None) -> Tensor:
         """``raw`` (B, V, K, C) plus a per-Gaussian residual of a fitted person (track.py's video refinement,
@@ -486,10 +507,10 @@ class IdentityField(nn.Module):
         return y.view(w.shape[0], self.num_vertices, self.K, self.channels)
 
     def synthesize(self, w: Tensor, vertices: Tensor, return_aux: bool = False,
-                   surface: tuple[Tensor, Tensor] | None = None):
+                   surface: AttachSurface | tuple[Tensor, Tensor] | None = None):
         """Gaussians from styles (B, style_dim) directly (e.g. to fit in W space); see :meth:`forward`.
 
-        ``surface``: precomputed ``surface_frames(vertices)`` for fixed geometry (saves work when fitting a style).
+        ``surface``: precomputed ``attach_surface(vertices)`` for fixed geometry (saves work when fitting a style).
         Equals ``attach(synthesize_raw(w), vertices, surface)``.
         """
         if vertices.dim() == 2:
@@ -499,7 +520,7 @@ class IdentityField(nn.Module):
             out[1]["w"] = w
         return out
 
-    def attach(self, raw: Tensor, vertices: Tensor, surface: tuple[Tensor, Tensor] | None = None,
+    def attach(self, raw: Tensor, vertices: Tensor, surface: AttachSurface | tuple[Tensor, Tensor] | None = None,
                return_aux: bool = False):
         """Place the network's raw output on posed vertices: the pose-dependent half of :meth:`synthesize`.
 
@@ -509,7 +530,7 @@ class IdentityField(nn.Module):
         Args:
             raw: (B, V, K, C) from :meth:`synthesize_raw`, or (1, V, K, C) shared by all B posed meshes.
             vertices: (B, V, 3) posed world-space vertices (or (V, 3) with B = 1).
-            surface: precomputed ``surface_frames(vertices)``.
+            surface: precomputed ``attach_surface(vertices)`` (or ``surface_frames(vertices)``) for these vertices.
             return_aux: also return ``offset`` (B, N, 3) in edge units in the local frame, ``log_scale_delta``
                 (B, N, 3), ``edge_len`` (B, V), ``frames`` (B, V, 3, 3).
         Returns:
@@ -525,18 +546,19 @@ class IdentityField(nn.Module):
                              f"{tuple(raw.shape)}")
         raw = raw.expand(B, -1, -1, -1)
         sl, cfg, K = self._sl, self.cfg, self.K
-        frames, edge_len = self.surface_frames(vertices) if surface is None else surface  # (B,V,3,3), (B,V)
-        el = edge_len[:, :, None, None]  # (B, V, 1, 1)
+        if not isinstance(surface, AttachSurface):
+            surface = self.attach_surface(vertices, surface)
+        frames, edge_len = surface.frames, surface.edge_len  # (B, V, 3, 3), (B, V)
 
         offset = cfg.max_offset * torch.tanh(raw[..., sl["offset"]])  # (B, V, K, 3), edge units, local frame
-        means = vertices.unsqueeze(2) + (frames.unsqueeze(2) @ (offset * el).unsqueeze(-1)).squeeze(-1)
+        # products written as multiply-and-sum, not matmul: exact float32 under the viewer's bf16 autocast
+        means = vertices.unsqueeze(2) + (surface.frames_scaled * offset.unsqueeze(-2)).sum(-1)
 
         log_scale_delta = raw[..., sl["scale"]]
-        scales = torch.exp(log_scale_delta + self.log_scale_init.to(raw.dtype) + torch.log(el))
+        scales = torch.exp(log_scale_delta + surface.log_scale_base)
 
-        q_local = safe_normalize(raw[..., sl["quat"]])
-        q_frame = rotmat_to_quat(frames).unsqueeze(2)  # (B, V, 1, 4)
-        quats = safe_normalize(quat_multiply(q_frame, q_local))
+        # frame rotation * local rotation; L(q_frame) is orthogonal, so one normalisation after the product suffices
+        quats = safe_normalize((surface.quat_left * raw[..., sl["quat"]].unsqueeze(-2)).sum(-1))
 
         opac = torch.sigmoid(raw[..., sl["opacity"]].squeeze(-1) + self.opacity_logit_init)
         sh = raw[..., sl["sh"]].reshape(B, V, K, self.num_sh, 3)

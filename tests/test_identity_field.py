@@ -11,6 +11,7 @@ from models.identity_field import (
     IdentityFieldConfig,
     ModulatedLinear,
     area_weighted_vertex_normals,
+    quat_left_matrix,
 )
 
 SMALL = dict(style_dim=32, mapping_layers=2, feat_dim=8, fourier_freqs=3, hidden=32, synth_layers=2)
@@ -161,6 +162,32 @@ def test_attach_is_the_pose_half_of_synthesize():
             assert torch.equal(aux["offset"][i], ref_aux["offset"][0]) and torch.equal(ref_aux["w"], w)
     with pytest.raises(ValueError, match="raw output"):
         net.attach(raw[..., :-1], poses)
+
+
+def test_quat_left_matrix_composes_rotations():
+    """L(q) @ p is the Hamilton product: its rotation is R(q) @ R(p) (checked through rotation matrices, not the
+    product's formula)."""
+    g = torch.Generator().manual_seed(3)
+    q, p = torch.nn.functional.normalize(torch.randn(2, 64, 4, generator=g), dim=-1)
+    qp = (quat_left_matrix(q) @ p[..., None])[..., 0]
+    assert torch.allclose(qp.norm(dim=-1), torch.ones(64), atol=1e-6)
+    assert torch.allclose(quat_to_rotmat(qp), quat_to_rotmat(q) @ quat_to_rotmat(p), atol=1e-5)
+
+
+def test_precomputed_attach_surface_gives_the_same_gaussians():
+    """attach with a precomputed AttachSurface (fixed geometry: fits, interpolation) equals attach computing it, and
+    the frame's rotation is applied: a rotated pose rotates each Gaussian's quaternion rotation by the same R."""
+    net, v, _ = _field(gaussians_per_vertex=2)
+    with torch.no_grad():
+        net.head.weight.mul_(30.0)
+        raw = net.synthesize_raw(net.style(net.codes(torch.tensor([1]))))
+        surface = net.attach_surface(v)
+        a, b = net.attach(raw, v, surface), net.attach(raw, v)
+        for k in ("means", "quats", "scales", "opacities", "sh"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
+        R = _random_rotation(7)
+        c = net.attach(raw, v @ R.T, net.attach_surface(v @ R.T))
+        assert torch.allclose(quat_to_rotmat(c.quats[0]), R @ quat_to_rotmat(a.quats[0]), atol=1e-4)
 
 
 def test_equalized_lr_scaling():

@@ -286,7 +286,7 @@ def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Te
     verts = model.vertices(base)[None]
     with torch.no_grad():
         raw = f.synthesize_raw(w[None]).to(verts.dtype)
-        surface = f.surface_frames(verts)
+        surface = f.attach_surface(verts)
     params = torch.zeros(cfg.rim_rings, 2, device=base.device, requires_grad=True)
     fused = {"fused": True} if base.device.type == "cuda" else {}
     opt = torch.optim.Adam([params], lr=cfg.rim_lr, betas=(cfg.beta1, cfg.beta2), **fused)
