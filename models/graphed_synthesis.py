@@ -14,14 +14,18 @@ of the fields) if an output must outlive the next call.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.gaussians import GaussianCloud
-from models.identity_field import IdentityField
+from models.identity_field import IdentityField, normalize_2nd_moment
+
+_SQRT2 = math.sqrt(2.0)
 
 _FIELDS = ("means", "quats", "scales", "opacities", "sh")
 
@@ -53,6 +57,77 @@ def capture_forward(fn: Callable[..., tuple[Tensor, ...]], args: tuple[Tensor, .
     return replay
 
 
+class FrozenNetwork:
+    """``w (1, style_dim) -> raw (1, V, K, C)``: :meth:`IdentityField.synthesize_raw` of a frozen field at batch 1,
+    with everything that depends on the parameters alone computed once (and :meth:`style`, its mapping network).
+
+    At batch 1 the network is launch-bound (see the module docstring): each modulated layer spends ~15 tiny kernels on
+    its 128 x 128 weight (the gains, the affine map, the casts) against two on its V vertices.  Here the parameter-only
+    quantities (equalized-lr gains, the input features, the bf16 copies) are precomputed, the affine maps of all
+    layers are one matmul, and the demodulation of all hidden layers is one batched computation (their weights padded
+    to one input width with zeros, which leave the sums unchanged): ~25 kernels for the whole synthesis network instead
+    of ~90 (H100: graph replay of a 41k-vertex field, benchmarks/results/).  Same function as the field's up to float
+    rounding; the parameters are snapshots, so the field must not change while this is used.
+
+    Args:
+        field: the trained, frozen IdentityField.
+        dtype: the per-vertex matmuls' precision (torch.float32, or torch.bfloat16 for display paths).
+    """
+
+    def __init__(self, field: IdentityField, dtype: torch.dtype = torch.float32) -> None:
+        hidden, head = list(field.synthesis), field.head
+        with torch.no_grad():
+            x0 = field.fourier if field.template_features is None else torch.cat([field.template_features,
+                                                                                  field.fourier], -1)
+            self.x0 = x0.detach().to(dtype)  # (V, in0): the constant per-vertex input
+            self.width = max([m.in_features for m in hidden], default=0)  # padded input width of the hidden layers
+            rows, bias = [], []
+            for m in hidden:  # affine rows padded to the common width (zero rows -> zero styles there)
+                pad = self.width - m.in_features
+                rows.append(F.pad(m.affine.effective_weight(), (0, 0, 0, pad)))
+                bias.append(F.pad(m.affine.effective_bias(), (0, pad)))
+            rows.append(head.affine.effective_weight())
+            bias.append(head.affine.effective_bias())
+            self.affine_w = torch.cat(rows).detach()  # (L * width + in_head, style_dim)
+            self.affine_b = torch.cat(bias).detach()
+            self.hidden_w = (torch.stack([F.pad(m.weight * m.weight_gain, (0, self.width - m.in_features))
+                                          for m in hidden]).detach() if hidden else None)  # (L, out, width)
+            self.hidden_in = [m.in_features for m in hidden]
+            self.hidden_b = [(m.bias * _SQRT2).detach().to(dtype) for m in hidden]  # lrelu layers' gain sqrt(2)
+            self.head_w = (head.weight * head.weight_gain).detach()  # (out, in): linear head, gain 1
+            self.head_b = head.bias.detach().to(dtype)
+            # mapping network: lrelu(x W^T g + b g') * sqrt(2) == lrelu(x (sqrt(2) W g)^T + sqrt(2) b g')
+            self.mapping = [((m.effective_weight() * _SQRT2).t().detach(), (m.effective_bias() * _SQRT2).detach())
+                            for m in field.mapping.layers]
+            self.normalize = field.mapping.normalize
+        if any(m.activation != "lrelu" or not m.demodulate for m in hidden) or head.demodulate \
+                or head.activation != "linear" or any(m.activation != "lrelu" for m in field.mapping.layers):
+            raise ValueError("FrozenNetwork expects demodulated lrelu hidden layers, a linear head and an lrelu "
+                             "mapping network")
+        self.dtype, self.V, self.K, self.C = dtype, field.num_vertices, field.K, field.channels
+
+    def style(self, z: Tensor) -> Tensor:
+        """z: (1, code_dim) -> w (1, style_dim), as ``field.style(z, update_w_avg=False)`` (no truncation)."""
+        x = normalize_2nd_moment(z) if self.normalize else z
+        for weight_t, bias in self.mapping:
+            x = F.leaky_relu_(torch.addmm(bias, x, weight_t), 0.2)
+        return x
+
+    def __call__(self, w: Tensor) -> Tensor:
+        """w: (1, style_dim) -> raw head output (1, V, K, C) in ``dtype``."""
+        s = torch.addmm(self.affine_b, w, self.affine_w.t())[0]  # (L * width + in_head,) every layer's styles
+        x = self.x0
+        if self.hidden_w is not None:
+            L = len(self.hidden_in)
+            wb = self.hidden_w * s[:L * self.width].view(L, 1, self.width)  # (L, out, width) modulated
+            wb = wb * ((wb.square().sum(-1, keepdim=True) + 1e-8).rsqrt() * _SQRT2)  # demodulated, lrelu gain
+            wt = wb.transpose(1, 2).to(self.dtype)  # (L, width, out)
+            for i, n_in in enumerate(self.hidden_in):
+                x = F.leaky_relu_(torch.addmm(self.hidden_b[i], x, wt[i, :n_in]), 0.2)
+        wh = (self.head_w * s[s.shape[0] - self.head_w.shape[1]:]).t().to(self.dtype)  # (in, out)
+        return torch.addmm(self.head_b, x, wh).view(1, self.V, self.K, self.C)
+
+
 class GraphedSynthesis:
     """Callable ``v (S,) or (D,) [, vertices (V, 3)] -> GaussianCloud (N, ...)`` of a frozen IdentityField.
 
@@ -66,7 +141,7 @@ class GraphedSynthesis:
         requires_grad: build the backward graph too, so ``loss.backward()`` reaches ``v`` (and the vertices with
             dynamic geometry) through the replayed network.
         use_graphs: None = on CUDA devices; False = always eager.
-        precision: "fp32", or "bf16": the network's matmuls under bf16 autocast on CUDA (outputs stay float32);
+        precision: "fp32", or "bf16": the per-vertex matmuls in bfloat16 on CUDA (outputs stay float32);
             for display-only paths (viewer, animation), where a new code every frame makes the network the cost.
     """
 
@@ -92,13 +167,13 @@ class GraphedSynthesis:
                 surface = field.attach_surface(verts)
 
         bf16 = precision == "bf16" and self.device.type == "cuda"
+        network = FrozenNetwork(field, torch.bfloat16 if bf16 else torch.float32)
 
         def attributes(v: Tensor, *geometry: Tensor) -> tuple[Tensor, ...]:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                w = v[None] if space == "w" else field.style(v[None], update_w_avg=False)
-                vv = geometry[0][None] if geometry else verts
-                cloud = field.synthesize(w, vv, surface=surface)[0]
-            return tuple(getattr(cloud, k).float() for k in _FIELDS)
+            w = v[None] if space == "w" else network.style(v[None])
+            vv = geometry[0][None] if geometry else verts
+            cloud = field.attach(network(w).to(vv.dtype), vv, surface)[0]
+            return tuple(getattr(cloud, k) for k in _FIELDS)
 
         self._eager = attributes
         self._fn: Callable[..., tuple[Tensor, ...]] = attributes

@@ -1,11 +1,12 @@
 """models/graphed_synthesis.py: the batch-1 frozen-network callable used by fitting and interpolation.
 
 CUDA-graph capture itself needs a GPU (benchmarks/profile_paths.py checks graphed == eager there); on the CPU these
-tests pin down the interface and that the eager path is exactly IdentityField.synthesize / forward."""
+tests pin down the interface and that the eager path is IdentityField.synthesize / forward up to float rounding (its
+FrozenNetwork precomputes the parameter-only quantities)."""
 import pytest
 import torch
 
-from models.graphed_synthesis import GraphedSynthesis
+from models.graphed_synthesis import FrozenNetwork, GraphedSynthesis
 from tests.test_identity_field import _field
 
 
@@ -28,6 +29,27 @@ def test_matches_the_field(space):
     out = synth(arg)
     for k in ("means", "quats", "scales", "opacities", "sh"):
         assert torch.allclose(getattr(out, k), getattr(ref, k), atol=1e-6), k
+
+
+@pytest.mark.parametrize("over", [{}, {"synth_layers": 0}, {"hidden": 8, "feat_dim": 8}])
+def test_frozen_network_is_the_fields_network(over):
+    """FrozenNetwork (batched styles, padded demodulation, folded gains) == field.style / synthesize_raw, values and
+    the gradient w.r.t. the style, for hidden layers wider, absent, or narrower than the input features."""
+    net, _, _ = _frozen(gaussians_per_vertex=2, sh_degree=1, **over)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))  # away from the initial values (unit styles, zero biases)
+    frozen = FrozenNetwork(net)
+    z = net.codes.weight[2:3]
+    w_ref = net.style(z, update_w_avg=False)
+    assert torch.allclose(frozen.style(z), w_ref, atol=1e-5)
+    w1, w2 = w_ref.clone().requires_grad_(True), w_ref.clone().requires_grad_(True)
+    raw, ref = frozen(w1), net.synthesize_raw(w2)
+    assert raw.shape == ref.shape and torch.allclose(raw, ref, atol=1e-5)
+    weights = torch.randn_like(ref)
+    (raw * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_gradients_reach_the_style_and_the_vertices():

@@ -87,6 +87,7 @@ class FitConfig:
     crop_margin: float = 0.1  # the fitted view is cropped to its face-mask box grown by this fraction per side
     crop_multiple: int = 16  # crop sizes are rounded up to a multiple of this
     cuda_graphs: bool = True  # on a GPU, replay the frozen network from CUDA graphs (false: run it eagerly)
+    precision: str = "fp32"  # the frozen network's per-vertex matmuls in the code stage: fp32, or bf16 (CUDA only)
     # The code stage moves one style vector: a coarse view of the photo constrains it nearly as well as the full one,
     # at a fraction of the rasterizer's and SSIM's cost per iteration (full-resolution GPU fits); the colour stage,
     # which paints per-vertex detail, always runs at full resolution.

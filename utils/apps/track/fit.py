@@ -411,6 +411,8 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         raise ValueError(f"fit.eye_weight, fit.colour_eye_weight, fit.eye_pixels, fit.colour_eye_pixels and "
                          f"fit.eye_min_pixels must be >= 0, got {cfg.eye_weight}, {cfg.colour_eye_weight}, "
                          f"{cfg.eye_pixels}, {cfg.colour_eye_pixels}, {cfg.eye_min_pixels}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"fit.precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.refine_colour and cfg.colour_iterations < 0:
         raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
     t_start = time.perf_counter()
@@ -464,7 +466,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     synchronize(base0.device)
     t_capture = time.perf_counter()
     synth = GraphedSynthesis(f, verts0, space=cfg.space, dynamic_geometry=offsets is not None,
-                             use_graphs=None if cfg.cuda_graphs else False)
+                             use_graphs=None if cfg.cuda_graphs else False, precision=cfg.precision)
     synchronize(base0.device)
     t_loop = time.perf_counter()
 
