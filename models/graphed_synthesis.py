@@ -65,9 +65,9 @@ class FrozenNetwork:
     its 128 x 128 weight (the gains, the affine map, the casts) against two on its V vertices.  Here the parameter-only
     quantities (equalized-lr gains, the input features, the bf16 copies) are precomputed, the affine maps of all
     layers are one matmul, and the demodulation of all hidden layers is one batched computation (their weights padded
-    to one input width with zeros, which leave the sums unchanged): ~25 kernels for the whole synthesis network instead
-    of ~90 (H100: graph replay of a 41k-vertex field, benchmarks/results/).  Same function as the field's up to float
-    rounding; the parameters are snapshots, so the field must not change while this is used.
+    to one input width with zeros, which leave the sums unchanged): one batch-1 call of GraphedSynthesis issues 85
+    top-level ops instead of 169 (CPU profiler; benchmarks/results/lead_cpu_2026-12-07g.md).  Same function as the
+    field's up to float rounding; the parameters are snapshots, so the field must not change while this is used.
 
     Args:
         field: the trained, frozen IdentityField.

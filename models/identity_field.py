@@ -246,7 +246,8 @@ class AttachSurface(NamedTuple):
     """What :meth:`IdentityField.attach` takes from a posed mesh, computed once per pose by
     :meth:`IdentityField.attach_surface`: with fixed geometry (a fit, an interpolation, the viewer's code changes)
     a call is then only the per-Gaussian activations, a few dozen GPU kernels instead of ~150 (the quaternion of
-    every frame alone is ~40 small kernels), which is what a CUDA-graph replay of a batch-1 network costs."""
+    every frame alone is ~40 small kernels), which is what a CUDA-graph replay of a batch-1 network costs (one H100,
+    41k-vertex field, bf16: 0.588 -> 0.407 ms per replay; benchmarks/results/gpu_h100_2026-12-07g.md)."""
     frames: Tensor  # (B, V, 3, 3) columns tangent, bitangent, normal
     edge_len: Tensor  # (B, V) mean length of the incident edges
     frames_scaled: Tensor  # (B, V, 1, 3, 3) frames * edge_len: offset in edge units, local frame -> world
