@@ -87,3 +87,27 @@ def test_clear_errors():
     net.head.bias.requires_grad_(True)
     with pytest.raises(ValueError, match="frozen"):
         GraphedSynthesis(net, v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU: run this file on the GPU machine")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_replayed_graphs_match_the_eager_field_on_cuda(precision):
+    """On a GPU the FrozenNetwork's forward (and, for fits, backward) graphs replay the field: values within float
+    rounding (bf16: within its precision) and the style gradient of the fp32 graphs within 1e-4."""
+    net, v, _ = _frozen(gaussians_per_vertex=2, sh_degree=1)
+    net, v = net.cuda(), v.cuda()
+    code = net.codes.weight[1]
+    synth = GraphedSynthesis(net, v, space="z", requires_grad=False, precision=precision)
+    assert synth.graphed, synth.fallback_reason
+    ref = net(code[None], v[None])[0]
+    out = synth(code.clone())
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    for k in ("means", "quats", "scales", "opacities", "sh"):
+        assert torch.allclose(getattr(out, k), getattr(ref, k), atol=tol), k
+    if precision == "fp32":
+        fit = GraphedSynthesis(net, v, space="w")
+        w = net.style(code[None], update_w_avg=False)[0]
+        wa, wb = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        fit(wa).means.square().sum().backward()
+        net.synthesize(wb[None], v[None])[0].means.square().sum().backward()
+        assert fit.graphed and torch.allclose(wa.grad, wb.grad, rtol=1e-4, atol=1e-6)
