@@ -244,7 +244,7 @@ def quat_left_matrix(q: Tensor) -> Tensor:
 
 class AttachSurface(NamedTuple):
     """What :meth:`IdentityField.attach` takes from a posed mesh, computed once per pose by
-    :meth:`IdentityField.attach_surface`: with fixed geometry (a fit, an interpolation, the viewer's code changes)
+    :meth:`IdentityField.attach_surface`: with fixed geometry (a fit, an interpolation between codes)
     a call is then only the per-Gaussian activations, a few dozen GPU kernels instead of ~150 (the quaternion of
     every frame alone is ~40 small kernels), which is what a CUDA-graph replay of a batch-1 network costs (one H100,
     41k-vertex field, bf16: 0.588 -> 0.407 ms per replay; benchmarks/results/gpu_h100_2026-12-07g.md)."""
@@ -552,7 +552,7 @@ class IdentityField(nn.Module):
         frames, edge_len = surface.frames, surface.edge_len  # (B, V, 3, 3), (B, V)
 
         offset = cfg.max_offset * torch.tanh(raw[..., sl["offset"]])  # (B, V, K, 3), edge units, local frame
-        # products written as multiply-and-sum, not matmul: exact float32 under the viewer's bf16 autocast
+        # products written as multiply-and-sum, not matmul: float32 even under a caller's bf16 autocast
         means = vertices.unsqueeze(2) + (surface.frames_scaled * offset.unsqueeze(-2)).sum(-1)
 
         log_scale_delta = raw[..., sl["scale"]]
