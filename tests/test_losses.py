@@ -155,7 +155,7 @@ def test_coverage_loss_value_gradient_and_ignored_pixels():
     mask[:, 2:6, 2:6] = 1
     alpha = (mask * 0.75).requires_grad_(True)  # a see-through surface inside the mask, nothing outside
     loss = coverage_loss(alpha, mask)
-    assert math.isclose(float(loss), 0.25 * 16 / 64, rel_tol=1e-6)
+    assert math.isclose(float(loss.detach()), 0.25 * 16 / 64, rel_tol=1e-6)
     loss.backward()
     assert float(alpha.grad[0, 3, 3, 0]) < 0  # gradient descent raises alpha inside the mask
     # alpha spilling into the ignored ring costs nothing; the same spill further out does
