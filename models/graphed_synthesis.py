@@ -76,6 +76,10 @@ class FrozenNetwork:
 
     def __init__(self, field: IdentityField, dtype: torch.dtype = torch.float32) -> None:
         hidden, head = list(field.synthesis), field.head
+        if any(m.activation != "lrelu" or not m.demodulate for m in hidden) or head.demodulate \
+                or head.activation != "linear" or any(m.activation != "lrelu" for m in field.mapping.layers):
+            raise ValueError("FrozenNetwork expects demodulated lrelu hidden layers, a linear head and an lrelu "
+                             "mapping network")
         with torch.no_grad():
             x0 = field.fourier if field.template_features is None else torch.cat([field.template_features,
                                                                                   field.fourier], -1)
@@ -100,10 +104,6 @@ class FrozenNetwork:
             self.mapping = [((m.effective_weight() * _SQRT2).t().detach(), (m.effective_bias() * _SQRT2).detach())
                             for m in field.mapping.layers]
             self.normalize = field.mapping.normalize
-        if any(m.activation != "lrelu" or not m.demodulate for m in hidden) or head.demodulate \
-                or head.activation != "linear" or any(m.activation != "lrelu" for m in field.mapping.layers):
-            raise ValueError("FrozenNetwork expects demodulated lrelu hidden layers, a linear head and an lrelu "
-                             "mapping network")
         self.dtype, self.V, self.K, self.C = dtype, field.num_vertices, field.K, field.channels
 
     def style(self, z: Tensor) -> Tensor:
