@@ -222,11 +222,8 @@ def bench_training(trainer: Trainer, warmup: int, steps: int) -> dict:
 
 def public_path(fn: Callable[[], T]) -> T:
     """``fn()`` through gsplat's public autograd path instead of its kernels called directly (GSPLAT_DIRECT off)."""
-    before, renderer.GSPLAT_DIRECT = renderer.GSPLAT_DIRECT, False
-    try:
+    with renderer.settings_override(GSPLAT_DIRECT=False):
         return fn()
-    finally:
-        renderer.GSPLAT_DIRECT = before
 
 
 @torch.no_grad()

@@ -154,9 +154,8 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                 key = (name, s)
                 if key not in gt_cache:
 
-                    saved, R.FILTER_2D = R.FILTER_2D, None  # the generator renders with the classic dilation
-                    gt = _cpu(render_batch(gt_cloud.to(dev), cams_s, backend=backend))
-                    R.FILTER_2D = saved
+                    with R.settings_override(FILTER_2D=None):  # the generator renders with the classic dilation
+                        gt = _cpu(render_batch(gt_cloud.to(dev), cams_s, backend=backend))
                     face = torch.stack([render_mask(base, data.base_faces, c) for c in cams_s]).unsqueeze(-1).float()
                     eyes = _eye_masks(data, base, cams_s, face)
                     r = math.ceil(s)  # one training pixel
@@ -164,10 +163,9 @@ def measure(models: dict[str, str], data_root: str, scales: list[float], n_ids: 
                     area = None
                     if area_gt and s < 1:
 
-                        saved, R.FILTER_2D = R.FILTER_2D, None
                         big_cams = [c.scaled(s * area_gt) for c in (cams[:n_views] if n_views else cams)]
-                        big = _cpu(render_batch(gt_cloud.to(dev), big_cams, backend=backend))["image"].clamp(0, 1)
-                        R.FILTER_2D = saved
+                        with R.settings_override(FILTER_2D=None):
+                            big = _cpu(render_batch(gt_cloud.to(dev), big_cams, backend=backend))["image"].clamp(0, 1)
                         area = F.avg_pool2d(big.permute(0, 3, 1, 2), area_gt).permute(0, 2, 3, 1)
                     gt_cache[key] = (gt["image"].clamp(0, 1), gt["alpha"], face, _erode(face, math.ceil(s)), eyes,
                                      ring - face, area)

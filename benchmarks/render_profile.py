@@ -115,14 +115,12 @@ def main() -> None:
             from benchmarks.bench import public_path
 
             heads = [("full detail", cloud)] + ([("level of detail", lod)] if args.level > 0 else [])
-            tile_before = renderer.GSPLAT_TILE_SIZE
             for name, c_ in heads:
                 for tile in (8, 16):
-                    renderer.GSPLAT_TILE_SIZE = tile
-                    go = lambda: render_batch(c_, [cam], depth=False)  # noqa: E731
-                    print(f"{name}, tile {tile}, no depth: direct kernels {fps(go):.0f} FPS, "
-                          f"public path {public_path(lambda: fps(go)):.0f} FPS")
-                renderer.GSPLAT_TILE_SIZE = tile_before  # the library's tile size for the rows below
+                    with renderer.settings_override(GSPLAT_TILE_SIZE=tile):
+                        go = lambda: render_batch(c_, [cam], depth=False)  # noqa: E731
+                        print(f"{name}, tile {tile}, no depth: direct kernels {fps(go):.0f} FPS, "
+                              f"public path {public_path(lambda: fps(go)):.0f} FPS")
                 print(f"{name}, direct kernels, host calls:")
                 print(profiled(lambda: render_batch(c_, [cam], depth=False), dev).key_averages().table(
                     sort_by="cpu_time_total", row_limit=15))

@@ -221,6 +221,29 @@ def test_settings_assigned_on_the_package_reach_the_backends(monkeypatch):
         R.NO_SUCH_SETTING  # noqa: B018
 
 
+def test_settings_override_restores_the_settings_after_the_block():
+    """renderer.settings_override(NAME=value): the backends render with it inside the block; the previous values are
+    back after it, also when the block raises; an unknown name is refused before anything changes."""
+    import models.renderer as R
+    from models.renderer import settings
+
+    cam = _cam(24, 24, cx=12.5, cy=12.5)
+    cloud = _one((0.0, 0.0, 0.0), (0.05, 0.05, 0.05), opacity=0.999)
+    before = (settings.MAX_ALPHA, settings.GSPLAT_TILE_SIZE)
+    with R.settings_override(MAX_ALPHA=0.5, GSPLAT_TILE_SIZE=8):
+        assert R.GSPLAT_TILE_SIZE == 8
+        assert float(render(cloud, cam, backend="torch")["alpha"][12, 12]) == pytest.approx(0.5)
+    assert (settings.MAX_ALPHA, settings.GSPLAT_TILE_SIZE) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with R.settings_override(MAX_ALPHA=0.25):
+            raise RuntimeError("inside")
+    assert settings.MAX_ALPHA == before[0]
+    with pytest.raises(ValueError, match="NO_SUCH_SETTING"):
+        with R.settings_override(MAX_ALPHA=0.25, NO_SUCH_SETTING=1):
+            pass
+    assert settings.MAX_ALPHA == before[0]
+
+
 def test_background_and_alpha_consistency():
     cloud = _scene(30, sh_degree=0, dtype=torch.float32)
     cam = _cam(20, 16, eye=(0.0, 0.0, 0.5), f=30.0)

@@ -29,9 +29,10 @@ backends read on every call, so a change takes effect in whichever backend uses 
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -54,7 +55,8 @@ from models.renderer.gsplat_backend import _gsplat_colors, _render_gsplat  # noq
 from models.renderer.inria_backend import _render_inria
 from models.renderer.torch_backend import _project_cameras, _rasterize_torch  # noqa: F401
 
-__all__ = ["BACKENDS", "available_backends", "eval_sh", "render", "render_batch", "render_identities"]
+__all__ = ["BACKENDS", "available_backends", "eval_sh", "render", "render_batch", "render_identities",
+           "settings_override"]
 
 
 def render(
@@ -166,6 +168,24 @@ def render_identities(
 
 # ---------------------------------------------------------------------------------------------------- settings
 _SETTINGS = frozenset(name for name in vars(settings) if name.isupper())
+
+
+@contextlib.contextmanager
+def settings_override(**values: Any) -> Iterator[None]:
+    """The renderer settings ``values`` (names of ``models.renderer.settings``, e.g. ``GSPLAT_TILE_SIZE=8``) inside
+    the ``with`` block and the previous ones again after it, also when the block raises (benchmarks comparing
+    settings within one process)."""
+    unknown = sorted(set(values) - _SETTINGS)
+    if unknown:
+        raise ValueError(f"settings_override: unknown renderer settings {unknown}; known: {sorted(_SETTINGS)}")
+    saved = {name: getattr(settings, name) for name in values}
+    for name, value in values.items():
+        setattr(settings, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(settings, name, value)
 
 
 class _RendererPackage(types.ModuleType):
