@@ -760,6 +760,13 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
                      **{f"{key}_fit_ms_{k}": s["fit_ms_steady"][k] for k in ("p50", "p90", "p99")},
                      f"{key}_fit_cpu_ms_p50": s["fit_cpu_ms_steady"]["p50"],
                      f"{key}_shape_updates": s["shape_updates"],
+                     # the tail: the 3 slowest frames after calibration, where their time went (animation.json
+                     # stream.per_frame; events: the tracker's, e.g. warm_start, solve_start, solving, swap)
+                     f"{key}_slowest_frames": "; ".join(
+                         f"{r['frame_id']}: {r['latency_ms']:.0f} ms (landmarks {r['landmark_ms']:.0f}, wait "
+                         f"{r['wait_fit_ms']:.0f}, fit {r['fit_ms']:.0f}/{r['fit_cpu_ms']:.0f} cpu, render "
+                         f"{r['render_ms']:.0f}{', gc ' + format(r['gc_ms'], '.0f') if r['gc_ms'] >= 1 else ''}"
+                         f"{', ' + '+'.join(r['events']) if r['events'] else ''})" for r in s.get("slowest", [])[:3]),
                      f"{key}_calibration_s": s["calibration_s"], f"{key}_dropped": s.get("dropped", 0),
                      **{f"{key}_r_{k}": v for k, v in rs.items()},
                      f"{key}_min_r_minus_batch": min(rs[k] - vrb[k] for k in vrb)})
