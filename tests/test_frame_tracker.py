@@ -4,6 +4,7 @@ reference frame's jaw and expression kept across a shape swap.  The older refine
 frame, blending, span gate) are tested in tests/test_flame_fit.py."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -220,6 +221,37 @@ def test_background_re_solve_is_built_and_its_reference_fitted_off_the_frames_th
     assert bg[start][1] == ["fit"] and bg[swap][1] == ["fit"], (bg[start], bg[swap])  # the frame's own fit only
     fg_swap = next(m for ev, m in work[False] if "swap" in ev)
     assert "build" in next(m for ev, m in work[False] if "solve_start" in ev) and fg_swap.count("fit") == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread niceness: Linux only")
+def test_background_re_solve_thread_runs_at_a_lower_priority(flame_and_truth, monkeypatch):  # noqa: F811
+    """ShapeRefineConfig.background_nice (default 10): the re-solve thread renices itself -- that thread only, not the
+    tracking thread -- so on shared cores the tracked frames get the CPU first; 0 leaves it alone."""
+    import os
+
+    from utils.face.frame_tracker import ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, KEYS, 3)
+    calls: list[tuple[int, int, bool]] = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append(
+        (who, prio, who == threading.get_native_id())))
+    assert ShapeRefineConfig().background_nice == 10
+    got = {}
+    with single_thread():
+        for nice in (10, 0):
+            calls.clear()
+            tracker = _tracker(flame, truth, ShapeRefineConfig(frames=8, iterations=2, delay_frames=2,
+                                                                new_view=0.1, background_nice=nice))
+            t = 0
+            while tracker.thread is None:
+                tracker.step(pts[t])
+                t += 1
+                assert t < 10, "no re-solve started on the turned frames"
+            tracker.close()
+            got[nice] = list(calls)
+    assert len(got[10]) == 1 and got[10][0][1] == 10 and got[10][0][2]  # called from the re-solve thread itself
+    assert got[10][0][0] != threading.main_thread().native_id and got[0] == []
 
 
 def test_warm_first_starts_the_first_frame_from_the_calibration(flame_and_truth):  # noqa: F811

@@ -16,6 +16,8 @@ shape is swapped in with the reference frame's expression and jaw re-anchored.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -132,6 +134,11 @@ class ShapeRefineConfig:
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
     background: bool = True  # run each re-solve whole in a background thread that no frame waits for
     # (False: ``iterations_per_frame`` iterations inside each frame's step, which waits for them)
+    background_nice: int = 10  # background: the re-solve thread's OS niceness (Linux only; 0: as the tracking thread)
+    # (on cores shared with the tracking thread and the stream's other stages the frames waited for the re-solve's CPU,
+    # the stream's slowest frames once the re-solve's setup left them; t-tail_cpu_2026-12-07h.md, 2-core container,
+    # live stream, 3 runs each: latency p99 26.6 / 38.5 / 41.0 -> 26.8 / 29.5 / 30.1 ms, max 41-55 -> 32-35 ms, the
+    # swap 10-19 -> 16-20 frames after the start, correlations within 0.002; free cores: no effect)
     delay_frames: int = 8  # background: swap a re-solve in no sooner than this many tracked frames after its start
     # (at the first frame from then on at which it is done)
     wait: bool = False  # background: swap exactly ``delay_frames`` frames after the start, waiting then if not done
@@ -174,7 +181,8 @@ class ShapeRefineConfig:
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
               "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
               "solve_shape_std": Range(0), "calibration_information": Range(0), "calibration_iterations": Range(0),
-              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1), "max_updates": Range(0)}
+              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1), "max_updates": Range(0),
+              "background_nice": Range(0, 19)}
 
     def offset_std(self) -> Tensor:
         """(68,) the calibration offset's prior std per landmark in pixels: ``calibration_offset_px`` times the
@@ -595,6 +603,11 @@ class FrameTracker:
         """The background thread: builds ``job``'s solve, runs all its iterations, then what the swap needs from
         the new shape (:meth:`_swap_inputs`; an error is raised by the step that swaps)."""
         try:
+            if self.refine.background_nice > 0 and sys.platform.startswith("linux"):
+                try:  # this thread only (on Linux a thread's id is a process id to setpriority)
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.refine.background_nice)
+                except OSError:
+                    pass
             job.solve = job.make()
             job.solve.advance(job.solve.max_iterations)
             res = job.solve.result()
