@@ -701,7 +701,8 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
     comparison.  ``lead_in_s`` > 0: the paced runs drive a second video that holds the first (neutral) pose that many
     seconds first (driving_video's ``lead_in``; its batch path beside it), so the frames a live stream drops while it
     calibrates are not the keyframe motion's first transition (the jaw's only large opening).
-    ``save_dir``: every run's per-frame jaw / smile / brows / yaw beside the truth's and the batch path's
+    ``save_dir``: every run's per-frame latency records (``<key>_per_frame.json``: animation.json stream.per_frame)
+    and per-frame jaw / smile / brows / yaw beside the truth's and the batch path's
     (``<key>_frames.npz``: frames, jaw, smile, brows, yaw and their ``truth_`` / ``batch_`` counterparts)."""
 
     path, truth = driving_video(data, device, per_transition, size)
@@ -760,6 +761,13 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
                      **{f"{key}_fit_ms_{k}": s["fit_ms_steady"][k] for k in ("p50", "p90", "p99")},
                      f"{key}_fit_cpu_ms_p50": s["fit_cpu_ms_steady"]["p50"],
                      f"{key}_shape_updates": s["shape_updates"],
+                     # the tail: the 3 slowest frames after calibration, where their time went (animation.json
+                     # stream.per_frame; events: the tracker's, e.g. warm_start, solve_start, solving, swap)
+                     f"{key}_slowest_frames": "; ".join(
+                         f"{r['frame_id']}: {r['latency_ms']:.0f} ms (landmarks {r['landmark_ms']:.0f}, wait "
+                         f"{r['wait_fit_ms']:.0f}, fit {r['fit_ms']:.0f}/{r['fit_cpu_ms']:.0f} cpu, render "
+                         f"{r['render_ms']:.0f}{', gc ' + format(r['gc_ms'], '.0f') if r['gc_ms'] >= 1 else ''}"
+                         f"{', ' + '+'.join(r['events']) if r['events'] else ''})" for r in s.get("slowest", [])[:3]),
                      f"{key}_calibration_s": s["calibration_s"], f"{key}_dropped": s.get("dropped", 0),
                      **{f"{key}_r_{k}": v for k, v in rs.items()},
                      f"{key}_min_r_minus_batch": min(rs[k] - vrb[k] for k in vrb)})
@@ -769,6 +777,8 @@ def bench_stream(model_path: Path, data, device: torch.device, workers: list[int
                          f"{key}_min_r_minus_batch_same_frames": min(rs[k] - rk[k] for k in rk)})
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
+            # where every frame's latency went (animation.json stream.per_frame), to read the tail frame by frame
+            atomic_write_text(json.dumps(s["per_frame"], indent=0), save_dir / f"{key}_per_frame.json")
             np.savez(save_dir / f"{key}_frames.npz", frames=kept, **motion_series(params),
                      **{f"truth_{k}": v for k, v in motion_series(ktruth, neck=True).items()},
                      **{f"batch_{k}": v for k, v in motion_series(kbatch).items()})
@@ -914,7 +924,8 @@ def main() -> None:
                         "motion's first transition, the jaw's only large opening (0: the same video as the others)")
     p.add_argument("--stream_save", default="",
                    help="--parts stream: a folder for every run's per-frame jaw / smile / brows / yaw beside the "
-                        "truth's and the batch path's (<run>_frames.npz), to see where a correlation is lost")
+                        "truth's and the batch path's (<run>_frames.npz), to see where a correlation is lost, and its "
+                        "per-frame latency records (<run>_per_frame.json: where each frame's time went)")
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models.renderer.GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")

@@ -4,6 +4,7 @@ reference frame's jaw and expression kept across a shape swap.  The older refine
 frame, blending, span gate) are tested in tests/test_flame_fit.py."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -167,6 +168,112 @@ def test_background_re_solve_never_holds_a_frame_unless_told_to_wait(flame_and_t
           f"{1000 * waited:.0f} ms")
     assert max(held) < 0.4, held  # a frame's fit is ~10-50 ms here; the held solve would be 10 s
     assert waiting.shape_updates == 1 and waited >= 0.3, waited
+
+
+def test_background_re_solve_is_built_and_its_reference_fitted_off_the_frames_thread(flame_and_truth,  # noqa: F811
+                                                                                     monkeypatch):
+    """A background re-solve's setup (its landmark tables, the problem) and the reference frame's fit under the new
+    shape run in the solve's thread: the step that starts the solve builds nothing, the step that swaps fits only
+    its own frame (before 2026-12-07h the two slowest steps after the first, t-tail_cpu_2026-12-07h.md); in the
+    foreground mode the swapping step still fits the reference itself.  ``events`` names what each step did."""
+    import utils.face.frame_tracker as ft
+    from utils.face.frame_tracker import ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, KEYS, 2)
+    on_main: list[str] = []
+    fit, solve = ft.fit_flame_to_landmarks, ft.ShapeRefinement
+
+    def counted_fit(*a, **k):
+        if threading.current_thread() is threading.main_thread():
+            on_main.append("fit")
+        return fit(*a, **k)
+
+    class CountedSolve(solve):
+        def __init__(self, *a, **k):
+            if threading.current_thread() is threading.main_thread():
+                on_main.append("build")
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(ft, "fit_flame_to_landmarks", counted_fit)
+    monkeypatch.setattr(ft, "ShapeRefinement", CountedSolve)
+    refine = ShapeRefineConfig(frames=8, iterations=3, delay_frames=2, wait=True, new_view=0.1, blend_frames=0)
+    work = {}
+    with single_thread():
+        for background in (True, False):
+            tracker = _tracker(flame, truth, replace(refine, background=background, iterations_per_frame=3))
+            steps = []
+            for t in range(pts.shape[0]):
+                on_main.clear()
+                tracker.step(pts[t])
+                steps.append((list(tracker.events), list(on_main)))
+            tracker.close()
+            work[background] = steps
+    for background, steps in work.items():
+        print(f"background {background}: " + ", ".join(f"{t}: {ev} {m.count('fit')} fits"
+                                                        f"{' + build' if 'build' in m else ''}"
+                                                        for t, (ev, m) in enumerate(steps) if ev))
+    bg = work[True]
+    start = next(t for t, (ev, _) in enumerate(bg) if "solve_start" in ev)
+    swap = next(t for t, (ev, _) in enumerate(bg) if "swap" in ev)
+    assert bg[0][0] == ["cold"] and swap == start + refine.delay_frames
+    assert all("solving" in ev for ev, _ in bg[start:swap])
+    assert bg[start][1] == ["fit"] and bg[swap][1] == ["fit"], (bg[start], bg[swap])  # the frame's own fit only
+    fg_swap = next(m for ev, m in work[False] if "swap" in ev)
+    assert "build" in next(m for ev, m in work[False] if "solve_start" in ev) and fg_swap.count("fit") == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread niceness: Linux only")
+def test_background_re_solve_thread_runs_at_a_lower_priority(flame_and_truth, monkeypatch):  # noqa: F811
+    """ShapeRefineConfig.background_nice (default 10): the re-solve thread renices itself -- that thread only, not the
+    tracking thread -- so on shared cores the tracked frames get the CPU first; 0 leaves it alone."""
+    import os
+
+    from utils.face.frame_tracker import ShapeRefineConfig
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, KEYS, 3)
+    calls: list[tuple[int, int, bool]] = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append(
+        (who, prio, who == threading.get_native_id())))
+    assert ShapeRefineConfig().background_nice == 10
+    got = {}
+    with single_thread():
+        for nice in (10, 0):
+            calls.clear()
+            tracker = _tracker(flame, truth, ShapeRefineConfig(frames=8, iterations=2, delay_frames=2,
+                                                                new_view=0.1, background_nice=nice))
+            t = 0
+            while tracker.thread is None:
+                tracker.step(pts[t])
+                t += 1
+                assert t < 10, "no re-solve started on the turned frames"
+            tracker.close()
+            got[nice] = list(calls)
+    assert len(got[10]) == 1 and got[10][0][1] == 10 and got[10][0][2]  # called from the re-solve thread itself
+    assert got[10][0][0] != threading.main_thread().native_id and got[0] == []
+
+
+def test_warm_first_starts_the_first_frame_from_the_calibration(flame_and_truth):  # noqa: F811
+    """FrameTracker.calibrate(warm_first=True), as a live stream calibrates: the first tracked frame (a newer one
+    than the calibration's) is fitted from the last calibration frame's solution instead of from scratch (PnP, rigid
+    and wide stages), to within 0.05 px of the cold fit's landmark error; without it the first frame is cold."""
+    from utils.face.flame_fit import FlameFitConfig
+    from utils.face.frame_tracker import FrameTracker
+
+    flame, _, truth = flame_and_truth
+    pts = _points(flame, truth, [(0.0, 0.0)] * 4 + [(3.0, 1.0)] * 2, 4)
+    cfg = FlameFitConfig(iterations=20)
+    got = {}
+    with single_thread():
+        for warm in (False, True):
+            tracker, _ = FrameTracker.calibrate(flame, pts[:4], None, SIZE, cfg, iterations=4, warm_first=warm)
+            params, err = tracker.step(pts[5])
+            got[warm] = (list(tracker.events), err, params)
+    print({k: (v[0], round(v[1], 3)) for k, v in got.items()})
+    assert got[False][0] == ["cold"] and got[True][0] == ["warm_start"]
+    assert got[True][1] <= got[False][1] + 0.05, (got[True][1], got[False][1])
+    assert torch.allclose(got[True][2].rotation_matrix, got[False][2].rotation_matrix, atol=0.01)
 
 
 def test_calibration_shape_prior_keeps_the_first_frames_shape_near_the_mean(flame_and_truth):  # noqa: F811

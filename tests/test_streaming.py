@@ -186,6 +186,18 @@ def test_stream_live_mode_drops_frames_behind_a_slow_fit(fit_model, flame_and_tr
     # the frames after the calibration would wait for the calibration's seconds and the lag would grow every frame
     fit_max = st["fit_ms_steady"]["max"]
     assert st["latency_ms_steady"]["max"] < 2.0 * fit_max + 250.0, (st["latency_ms_steady"], fit_max)
+    # per frame (animation.json stream.per_frame): where each frame's latency went, the parts adding up to it; the
+    # first frame after the calibration is warm-started from the last held one (live), not fitted from scratch
+    pf = st["per_frame"]
+    assert [r["frame_id"] for r in pf] == ids and not any(r["calibration"] for r in pf)
+    parts = ("wait_landmark_ms", "landmark_ms", "wait_fit_ms", "fit_ms", "wait_render_ms", "render_ms", "write_ms")
+    for r in pf:
+        assert all(r[k] >= -0.01 for k in parts) and abs(sum(r[k] for k in parts) - r["latency_ms"]) < 0.1, r
+        assert r["fit_ms"] >= 1000.0 * slow  # the slowed fit is where the time goes
+    assert pf[0]["events"] == ["warm_start"] and all("warm_start" not in r["events"] for r in pf[1:])
+    lat = sorted((r["latency_ms"] for r in pf), reverse=True)
+    assert [r["latency_ms"] for r in st["slowest"]] == lat[:5] and abs(lat[0] - st["latency_ms_steady"]["max"]) < 0.01
+    assert st["gc_collections"] >= 0 and st["gc_ms"] >= 0.0
 
 
 def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit_model, tmp_path):  # noqa: F811
@@ -240,6 +252,9 @@ def test_stream_matches_batch_and_writes_every_frame_in_order(driving_video, fit
     assert batch["num_frames"] == T and s["num_frames"] == T and s["motion_kind"] == "video"
     assert s["frame_ids"] == list(range(T)) and s["motion_info"]["frames_with_face"] == T
     assert st["calibration_frames"] == 8 and st["frames"] == T  # the shape from the first 8 frames
+    # file mode: the held frames are tracked after the calibration, the first from scratch; every frame recorded
+    assert [r["calibration"] for r in st["per_frame"]] == [True] * 8 + [False] * (T - 8)
+    assert st["per_frame"][0]["events"] == ["cold"] and st["per_frame"][0]["wait_fit_ms"] > 0.0
     assert all(np.isfinite(st["latency_ms_steady"][k]) for k in ("p50", "p90", "p99"))
     assert st["latency_ms_steady"]["p50"] <= st["latency_ms_steady"]["p90"] <= st["latency_ms_steady"]["p99"]
     assert st["sustained_fps"] > 0 and st["workers"] == 1

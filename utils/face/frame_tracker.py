@@ -16,9 +16,12 @@ shape is swapped in with the reference frame's expression and jaw re-anchored.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -131,6 +134,11 @@ class ShapeRefineConfig:
     iterations_per_frame: int = 2  # without ``background``: at most this many run while one frame is tracked
     background: bool = True  # run each re-solve whole in a background thread that no frame waits for
     # (False: ``iterations_per_frame`` iterations inside each frame's step, which waits for them)
+    background_nice: int = 10  # background: the re-solve thread's OS niceness (Linux only; 0: as the tracking thread)
+    # (on cores shared with the tracking thread and the stream's other stages the frames waited for the re-solve's CPU,
+    # the stream's slowest frames once the re-solve's setup left them; t-tail_cpu_2026-12-07h.md, 2-core container,
+    # live stream, 3 runs each: latency p99 26.6 / 38.5 / 41.0 -> 26.8 / 29.5 / 30.1 ms, max 41-55 -> 32-35 ms, the
+    # swap 10-19 -> 16-20 frames after the start, correlations within 0.002; free cores: no effect)
     delay_frames: int = 8  # background: swap a re-solve in no sooner than this many tracked frames after its start
     # (at the first frame from then on at which it is done)
     wait: bool = False  # background: swap exactly ``delay_frames`` frames after the start, waiting then if not done
@@ -173,7 +181,8 @@ class ShapeRefineConfig:
               "expression_unit": Range(0, lo_open=True), "expression_dims": Range(0, 100), "blend_frames": Range(0),
               "min_span": Range(0), "new_view": Range(0), "delay_frames": Range(0), "calibration_shape_std": Range(0),
               "solve_shape_std": Range(0), "calibration_information": Range(0), "calibration_iterations": Range(0),
-              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1), "max_updates": Range(0)}
+              "calibration_offset_px": Range(0), "calibration_offset_rounds": Range(1), "max_updates": Range(0),
+              "background_nice": Range(0, 19)}
 
     def offset_std(self) -> Tensor:
         """(68,) the calibration offset's prior std per landmark in pixels: ``calibration_offset_px`` times the
@@ -203,6 +212,20 @@ class _Kept:
     index: int = 0  # the frame's position in the stream (the solve takes the kept frames in stream order)
 
 
+@dataclass
+class _SolveJob:
+    """A background re-solve (``ShapeRefineConfig.background``): its thread builds the solve (``make``: the
+    landmark tables and the problem, ~10 ms of CPU), runs it, and fits the reference frame under the solved shape
+    (``swap``: what :meth:`FrameTracker._swap` needs) -- none of it on a tracked frame's critical path; before
+    2026-12-07h the build ran in the step that started the solve and the reference fit in the step that swapped,
+    the two slowest steps after the first (benchmarks/results/t-tail_cpu_2026-12-07h.md)."""
+
+    make: Callable[[], ShapeRefinement]
+    solve: ShapeRefinement | None = None
+    swap: dict = field(default_factory=dict)  # shape, bias, reference (FlameParams, 1 frame, CPU) once done
+    error: BaseException | None = None
+
+
 class FrameTracker:
     """FLAME tracking of a video stream, one frame at a time, with the person's shape and the focal length known
     (:meth:`calibrate`): the streaming counterpart of utils/face/reenactment.py's chunked batch fit.
@@ -228,16 +251,21 @@ class FrameTracker:
         bias_correction: with ``refine``, re-estimate the detector offset with the shape (as the calibration does).
         landmark_flame: a LandmarkFlame of ``flame`` to fit the frames with (:meth:`calibrate` hands over its own);
             None: built here.
+        start: (1 frame) parameters the first frame's fit is warm-started from (the warm frames' settings, with
+            ``cfg.far_start``'s wide stage when the start is far off); None: the first frame starts cold.
 
     Attributes (besides the settings): ``reference`` the parameters of the first frame with a face under the current
     shape (re-fitted when the shape changes: ``--pose relative`` measures head motion from it), ``shape_updates`` the
-    shapes swapped in, ``refine_seconds`` the time spent re-solving, ``kept`` the frames kept for the shape.
+    shapes swapped in, ``refine_seconds`` the time spent re-solving, ``kept`` the frames kept for the shape,
+    ``events`` what the last :meth:`step` did besides fitting its frame: "cold" / "warm_start" (the first frame's fit),
+    "wide" (its fit ran the wide robust stage: ``far_start``), "solve_start", "solving" (a background re-solve ran
+    meanwhile), "swap", "blend".
     """
 
     def __init__(self, flame: FlameModel, image_size: tuple[int, int], shape: Tensor, focal: float,
                  cfg: FlameFitConfig | None = None, bias: Tensor | None = None, iterations: int = 0,
                  refine: ShapeRefineConfig | None = None, bias_correction: bool = True,
-                 landmark_flame: LandmarkFlame | None = None) -> None:
+                 landmark_flame: LandmarkFlame | None = None, start: FlameParams | None = None) -> None:
         cfg = cfg or FlameFitConfig()
         if iterations < 0:
             raise ValueError(f"FrameTracker: iterations must be >= 0, got {iterations}")
@@ -280,6 +308,10 @@ class FrameTracker:
         # (1, 100), the target's reference frame, and the frames blended so far
         self.blend: dict | None = None
         self.last: tuple[Tensor, Tensor | None] | None = None  # the last frame with a face: raw points, irises
+        # (1 frame, CPU) where the first frame's fit starts from instead of cold (PnP, rigid and wide stages): a live
+        # stream goes on from a frame just after the calibration's, which ``calibrate(warm_first=True)`` hands over
+        self.start = None if start is None else start.to("cpu")
+        self.events: list[str] = []  # what the last step did besides its fit (the stream's per-frame records)
 
     @property
     def started(self) -> bool:
@@ -294,13 +326,17 @@ class FrameTracker:
     @classmethod
     def calibrate(cls, flame: FlameModel, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                   cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,
-                  refine: ShapeRefineConfig | None = None, threads: int = 0) -> tuple["FrameTracker", dict]:
+                  refine: ShapeRefineConfig | None = None, threads: int = 0,
+                  warm_first: bool = False) -> tuple["FrameTracker", dict]:
         """The tracker of one person from N frames with a face (the first ones of a stream): one FLAME fit of all N
         (shared shape and, as ``cfg`` says, focal length), and the detector's mean per-landmark offset on this face
         (the static landmarks' mean residual, as the batch fit's ``bias_correction``).
 
         Args:
             points: (N, 68, 2) iBUG-68 pixels; irises: (N, 2, 2) or None.
+            warm_first: the first tracked frame's fit starts from the last calibration frame's solution (a live
+                stream, which drops the held frames and goes on from the newest one: 31 ms instead of ~7 ms of CPU
+                for a cold start on the 2-core container, t-tail_cpu_2026-12-07h.md); False: from scratch (PnP).
             threads: torch intra-op threads for this solve, restored after (0: leave the count as it is).  A stream
                 tracks one frame at a time on one thread (tiny tensors), but the calibration is one batched solve
                 whose shape block (300 coefficients shared by N frames) is a few large matrix products: more
@@ -341,7 +377,15 @@ class FrameTracker:
         if bias_correction:
             bias[17:] = (points.cpu() - first.landmarks.cpu().to(points.dtype))[:, 17:].mean(0)
         tracker = cls(flame, image_size, first.params.shape, float(first.camera.fx), fit_cfg, bias, iterations, refine,
-                      bias_correction, landmark_flame=lf)
+                      bias_correction, landmark_flame=lf,
+                      start=first.params.frame(first.params.num_frames - 1) if warm_first else None)
+        # one throwaway fit of the last calibration frame builds what the first tracked frame would otherwise build
+        # while it is timed (the shaped landmark tables, NumPy's and threadpoolctl's first calls): the first step
+        # took 22 ms instead of 4 ms warm-started on the 2-core container (t-tail_cpu_2026-12-07h.md); the tracker's
+        # state is untouched
+        last = first.params.frame(first.params.num_frames - 1)
+        tracker._fit(points[-1].detach().to("cpu", torch.float32), None if irises is None else
+                     irises[-1].detach().to("cpu", torch.float32), tracker.warm_cfg, last, None)
         info = {"focal_px": float(first.camera.fx), "calibration_frames": int(points.shape[0]),
                 "detector_offset_rms_px": float(bias[17:].norm(dim=-1).square().mean().sqrt()),
                 "seconds": time.perf_counter() - t0}
@@ -395,6 +439,7 @@ class FrameTracker:
         Returns (FlameParams, 1 frame on the CPU, NeRSemble pose convention, scale 1, ``shape`` the shape it was fitted
         with; mean static-landmark error in pixels, NaN for a held frame)."""
         self.frames += 1
+        self.events = []
         if points is None:
             if self.previous is None:
                 raise ValueError("FrameTracker.step: no face in the first frame to track (nothing to hold)")
@@ -408,8 +453,16 @@ class FrameTracker:
             if self.refine.refit_previous and self.shape is not before and self.last is not None:
                 prev = self._fit(self.last[0], self.last[1], self.warm_cfg, self.previous, None)
                 self.previous = prev.params.to("cpu")
-        cfg = self.cold_cfg if self.previous is None else self.warm_cfg
-        res = self._fit(raw, iris, cfg, self.previous, self.previous)
+        cfg, init = self.warm_cfg, self.previous
+        if self.previous is None:
+            if self.start is None:
+                cfg = self.cold_cfg
+            else:  # warm-started (no prior: there is no previous frame to tie to)
+                init = self.start
+            self.events.append("cold" if self.start is None else "warm_start")
+        res = self._fit(raw, iris, cfg, init, self.previous)
+        if "non_rigid_wide" in res.losses and self.previous is not None:
+            self.events.append("wide")
         self.previous = res.params.to("cpu")
         self.last = (raw, iris)
         if self.reference is None:
@@ -430,12 +483,15 @@ class FrameTracker:
             self.thread = None
 
     def _fit(self, raw: Tensor, iris: Tensor | None, cfg: FlameFitConfig, init: FlameParams | None,
-             previous: FlameParams | None):
-        """One frame's fit (raw points (68, 2), the detector offset removed here) with the current shape."""
-        pts = raw[None] - self.bias
+             previous: FlameParams | None, lf: LandmarkFlame | None = None, shape: Tensor | None = None,
+             bias: Tensor | None = None):
+        """One frame's fit (raw points (68, 2), the detector offset removed here) with the current shape (or
+        ``shape`` / ``bias`` on ``lf``: the background re-solve's thread, which shares no cache with the frames)."""
+        pts = raw[None] - (self.bias if bias is None else bias)
         return fit_flame_to_landmarks(self.flame, LandmarkTargets(pts, self.image_size,
                                                                   irises=None if iris is None else iris[None]),
-                                      cfg, shape=self.shape, init=init, previous=previous, landmark_flame=self.lf,
+                                      cfg, shape=self.shape if shape is None else shape, init=init,
+                                      previous=previous, landmark_flame=self.lf if lf is None else lf,
                                       tracking=True)
 
     # ------------------------------------------------------------------ the shape refined on the frames seen so far
@@ -496,14 +552,19 @@ class FrameTracker:
             solve_cfg = self.warm_cfg
             if self.refine.solve_shape_std > 0:
                 solve_cfg = replace(solve_cfg, shape_std=self.refine.solve_shape_std)
-            lf = self.lf
-            if self.refine.background:
-                if self.lf_solve is None:
-                    self.lf_solve = LandmarkFlame(self.flame)
-                lf = self.lf_solve
-            self.solve = ShapeRefinement(lf, LandmarkTargets(torch.stack([k.points for k in frames]),
-                                                                  self.image_size, irises=irises),
-                                         solve_cfg, self.shape, init, self.refine.iterations)
+            targets = LandmarkTargets(torch.stack([k.points for k in frames]), self.image_size, irises=irises)
+            shape, iterations = self.shape, self.refine.iterations
+            self.events.append("solve_start")
+            if self.refine.background:  # built in its thread (the background solve's own LandmarkFlame: its tables
+                # take ~10 ms to build, which the starting frame waited for before 2026-12-07h)
+                def make() -> ShapeRefinement:
+                    if self.lf_solve is None:
+                        self.lf_solve = LandmarkFlame(self.flame)
+                    return ShapeRefinement(self.lf_solve, targets, solve_cfg, shape, init, iterations)
+
+                self.solve = _SolveJob(make)
+            else:
+                self.solve = ShapeRefinement(self.lf, targets, solve_cfg, shape, init, iterations)
             self.solve_frames = frames
             self.changed = False
             views = self._views(frames)
@@ -511,15 +572,17 @@ class FrameTracker:
             self.solve_started = self.frames
             if self.refine.background:
                 self.thread_error = None
-                self.thread = threading.Thread(target=self._run_solve, args=(self.solve,), daemon=False,
-                                               name="FrameTracker shape re-solve")
+                self.thread = threading.Thread(target=self._run_solve, args=(self.solve, frames),
+                                               daemon=False, name="FrameTracker shape re-solve")
                 self.thread.start()
         if self.solve is None:
             done = False
         elif self.refine.background:
             done = self.frames - self.solve_started >= self.refine.delay_frames and (
                 self.refine.wait or not self.thread.is_alive())
-            if done:
+            if not done:
+                self.events.append("solving")
+            else:
                 self.thread.join()
                 self.thread = None
                 if self.thread_error is not None:
@@ -527,17 +590,32 @@ class FrameTracker:
         else:
             done = self.solve.advance(self.refine.iterations_per_frame)
         if done:
-            res = self.solve.result()
-            self.solve_seconds += self.solve.seconds
+            job = self.solve if isinstance(self.solve, _SolveJob) else None
+            solve = job.solve if job is not None else self.solve
+            res = solve.result() if job is None or "result" not in job.swap else job.swap["result"]
+            self.solve_seconds += solve.seconds
             self.solve = None
             if bool(torch.isfinite(res.params.shape).all()) and bool(torch.isfinite(res.landmarks[:, 17:]).all()):
-                self._swap(res)
+                self._swap(res, job.swap if job is not None else None)
         self.refine_seconds += time.perf_counter() - t
 
-    def _run_solve(self, solve: ShapeRefinement) -> None:
-        """The background thread: all of ``solve``'s iterations (an error is raised by the step that swaps)."""
+    def _run_solve(self, job: _SolveJob, frames: list[_Kept]) -> None:
+        """The background thread: builds ``job``'s solve, runs all its iterations, then what the swap needs from
+        the new shape (:meth:`_swap_inputs`; an error is raised by the step that swaps)."""
         try:
-            solve.advance(solve.max_iterations)
+            if self.refine.background_nice > 0 and sys.platform.startswith("linux"):
+                try:  # this thread only (on Linux a thread's id is a process id to setpriority)
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.refine.background_nice)
+                except OSError:
+                    pass
+            job.solve = job.make()
+            job.solve.advance(job.solve.max_iterations)
+            res = job.solve.result()
+            # (without bias_correction the offset kept is the tracker's at the swap: computed there)
+            if self.bias_correction and bool(torch.isfinite(res.params.shape).all()) and \
+                    bool(torch.isfinite(res.landmarks[:, 17:]).all()):
+                job.swap = self._swap_inputs(res, frames, self.lf_solve)
+                job.swap["result"] = res
         except BaseException as e:  # noqa: BLE001 -- handed to the tracking thread
             self.thread_error = e
 
@@ -572,25 +650,37 @@ class FrameTracker:
         span = rot.max(0).values - rot.min(0).values  # (3,) per axis: x pitch, y yaw
         return float(span[:2].max()) >= self.refine.min_span
 
-    def _swap(self, res) -> None:
-        """The re-solve's shape and detector offset become the tracker's (at once, or over ``blend_frames`` frames);
-        its frames keep their solved parameters; the reference frame is fitted again with the new shape (so relative
-        head motion is measured under one shape)."""
+    def _swap_inputs(self, res, frames: list[_Kept], lf: LandmarkFlame | None = None) -> dict:
+        """From a re-solve's result ``res`` on ``frames``: the new shape (1, 300), detector offset (68, 2) and the
+        reference frame (``frames``' first: the kept reference) fitted again under them (FlameParams, 1 frame, CPU),
+        on ``lf`` (None: the tracker's own; the background thread passes the solve's)."""
         params = res.params.to("cpu")
         shape = params.shape.detach().reshape(1, NUM_SHAPE).to(torch.float32)
         bias = self.bias
         if self.bias_correction:
-            pts = torch.stack([k.points for k in self.solve_frames])
+            pts = torch.stack([k.points for k in frames])
             bias = torch.zeros(68, 2)
             bias[17:] = (pts - res.landmarks.cpu().to(pts.dtype))[:, 17:].mean(0)
+        i = next(j for j, k in enumerate(frames) if k is self.kept[0])  # (the reference is never replaced)
+        ref = frames[i]
+        fit = self._fit(ref.points, ref.irises, self.warm_cfg, params.frame(i), None, lf=lf, shape=shape, bias=bias)
+        return {"shape": shape, "bias": bias, "reference": fit.params.to("cpu")}
+
+    def _swap(self, res, ready: dict | None = None) -> None:
+        """The re-solve's shape and detector offset become the tracker's (at once, or over ``blend_frames`` frames);
+        its frames keep their solved parameters; the reference frame is fitted again with the new shape (so relative
+        head motion is measured under one shape) -- ``ready``: :meth:`_swap_inputs` already done (the background
+        thread did it)."""
+        self.events.append("swap")
+        params = res.params.to("cpu")
+        got = ready if ready else self._swap_inputs(res, self.solve_frames)
+        shape, bias, reference = got["shape"], got["bias"], got["reference"]
         before = [k.params for k in self.solve_frames]  # their readings under the shape in use (continuity_frames)
         for i, k in enumerate(self.solve_frames):
             k.params = params.frame(i)
         old = (self.shape, self.bias)
         self.shape, self.bias = shape, bias
         ref = self.kept[0]
-        fit = self._fit(ref.points, ref.irises, self.warm_cfg, ref.params, None)
-        reference = fit.params.to("cpu")
         offset = jaw_offset = None
         if self.refine.continuity:  # the reference frame's expression stays what it was first fitted as
             offset = reference.expression - self.first_reference.expression
@@ -623,6 +713,7 @@ class FrameTracker:
         move linearly from their values at the swap to the solved ones; the reference frame switches at the end."""
         if self.blend is None:
             return
+        self.events.append("blend")
         b = self.blend
         b["done"] += 1
         a = min(1.0, b["done"] / self.refine.blend_frames)

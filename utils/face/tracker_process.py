@@ -61,7 +61,7 @@ def _state(tracker: FrameTracker, sent_reference: list) -> dict:
     """What the parent mirrors after every call; the reference parameters only when they changed (a shape swap)."""
     ref = tracker.reference
     state = {"started": tracker.started, "shape_updates": tracker.shape_updates, "kept_frames": len(tracker.kept),
-             "refine_seconds": tracker.refine_seconds}
+             "refine_seconds": tracker.refine_seconds, "events": list(tracker.events)}
     if ref is not sent_reference[0]:
         sent_reference[0] = ref
         state["reference"] = pack_params(ref)
@@ -92,9 +92,9 @@ def _serve(conn: Any, flame_bytes: bytes, threads: int, device: str) -> None:
                 conn.send(("ok", None))
                 return
             if op == "calibrate":
-                _, points, irises, size, cfg, bias_correction, iterations, refine, calib_threads = msg
+                _, points, irises, size, cfg, bias_correction, iterations, refine, calib_threads, warm = msg
                 tracker, info = FrameTracker.calibrate(flame, _unpack(points), _unpack(irises), size, cfg,
-                                                       bias_correction, iterations, refine, calib_threads)
+                                                       bias_correction, iterations, refine, calib_threads, warm)
                 conn.send(("ok", (info, _state(tracker, sent_reference))))
             elif op == "step":
                 c = time.thread_time()
@@ -121,8 +121,9 @@ class TrackerProcess:
         device: the fit's device in the worker ("cpu", "cuda:0", ...).
 
     Attributes (after each call): ``started`` (a frame with a face was tracked), ``reference`` (FlameParams, 1 frame,
-    CPU, or None), ``shape_updates``, ``kept_frames``, ``refine_seconds`` as FrameTracker's; ``step_cpu_s`` the worker
-    thread's CPU time of the last step (against the round trip's wall time: what waiting costs).
+    CPU, or None), ``shape_updates``, ``kept_frames``, ``refine_seconds``, ``events`` as FrameTracker's;
+    ``step_cpu_s`` the worker thread's CPU time of the last step (against the round trip's wall time: what waiting
+    costs).
     """
 
     def __init__(self, flame: FlameModel, threads: int = 1, device: str | torch.device = "cpu") -> None:
@@ -142,6 +143,7 @@ class TrackerProcess:
         self.kept_frames = 0
         self.refine_seconds = 0.0
         self.step_cpu_s = 0.0  # the worker's CPU time (its thread) of the last step
+        self.events: list[str] = []
         self._call(None)  # wait for "ready" (FLAME loaded): startup is not a frame's latency
 
     def _call(self, msg: tuple | None) -> Any:
@@ -162,16 +164,17 @@ class TrackerProcess:
         self.kept_frames = state["kept_frames"]
         self.refine_seconds = state["refine_seconds"]
         self.step_cpu_s = state.get("step_cpu_s", 0.0)
+        self.events = state.get("events", [])
         if "reference" in state:
             self.reference = unpack_params(state["reference"])
 
     def calibrate(self, points: Tensor, irises: Tensor | None, image_size: tuple[int, int],
                   cfg: FlameFitConfig | None = None, bias_correction: bool = True, iterations: int = 0,
-                  refine: ShapeRefineConfig | None = None, threads: int = 0) -> dict:
+                  refine: ShapeRefineConfig | None = None, threads: int = 0, warm_first: bool = False) -> dict:
         """FrameTracker.calibrate in the worker (points (N, 68, 2), irises (N, 2, 2) or None; ``threads`` its
-        torch threads for the solve); returns its info."""
+        torch threads for the solve; ``warm_first`` as there); returns its info."""
         info, state = self._call(("calibrate", _pack(points), _pack(irises), tuple(image_size), cfg,
-                                  bias_correction, iterations, refine, int(threads)))
+                                  bias_correction, iterations, refine, int(threads), bool(warm_first)))
         self._mirror(state)
         return info
 

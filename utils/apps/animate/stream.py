@@ -27,11 +27,13 @@ the reader back and every frame is kept.  In live mode (a camera, or a file with
 stale because the stream is behind are dropped instead (landmark_stream's live mode: the newest frame wins before and
 after detection; the frames held for the calibration are dropped once it is done), counted in the summary and left
 out of the video and motion.npz alike.  Per frame the latency from its read to its encoded frame is kept; the summary
-has its distribution (p50 / p90 / p99, over the frames after calibration and over all) and the sustained frame rate.
+has its distribution (p50 / p90 / p99, over the frames after calibration and over all), the sustained frame rate and
+every frame's record (``per_frame``: where its latency went, stage by stage, and what the tracker did meanwhile).
 """
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import queue
@@ -77,7 +79,7 @@ class Detected:
         index: position in the stream (0, 1, ...); frame_id: the frame's index in the video (start / stride applied).
         rgb: (H, W, 3) uint8 RGB frame.  t_read: perf_counter() when it was read.
         points: (68, 2) iBUG-68 pixels or None (no usable face); irises: (2, 2) pixels (subject's right, left) or None.
-        landmark_s: seconds the detector took.
+        landmark_s: seconds the detector took; t_detected: perf_counter() when it was done.
     """
 
     index: int
@@ -87,6 +89,7 @@ class Detected:
     points: Tensor | None = None
     irises: Tensor | None = None
     landmark_s: float = 0.0
+    t_detected: float = 0.0
 
 
 def is_camera(motion: str) -> bool:
@@ -317,7 +320,8 @@ def landmark_stream(frames: Iterator[tuple[int, np.ndarray]], make_detector: Cal
                         break
                 t = time.perf_counter()
                 item.points, item.irises = detect(item.rgb, f"frame {item.frame_id}")
-                item.landmark_s = time.perf_counter() - t
+                item.t_detected = time.perf_counter()
+                item.landmark_s = item.t_detected - t
                 if not send(item):
                     return
         except BaseException as exc:  # noqa: BLE001
@@ -458,6 +462,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     fit_device = device if cfg.stream_fit_device == "auto" else resolve_device(cfg.stream_fit_device)
     source = FrameSource(cfg.motion, cfg.start, cfg.stride, cfg.max_frames, cfg.stream_realtime)
     remote: TrackerProcess | None = None  # --stream_fit_process: the fit's worker process
+    gc_log = GcLog()  # this process's garbage collections while streaming (they stop every thread)
     try:
         if model is None:
             model = load_model(cfg.checkpoint, device)
@@ -495,6 +500,29 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         failure: list[BaseException] = []
         state: dict[str, Any] = {}
 
+        def render(motion: FlameParams | None, reference: FlameParams | None) -> tuple[FlameParams, Any, np.ndarray]:
+            """The driven head of one frame: (its parameters on the identity, its Gaussians, (H, W, 3) uint8)."""
+            if motion is None:  # before the first face: the identity as it is
+                params = head.base
+            elif cfg.pose == "relative":  # (the driver's shape does not drive: the reference's is put on)
+                pair = FlameParams.cat([reference, replace(motion, shape=reference.shape)]).to(device)
+                params = retarget(pair, head.base, "relative", 0).frame(1)
+            else:
+                params = retarget(motion.to(device), head.base, cfg.pose, 0)
+            with torch.no_grad():
+                cloud = pose_graph(params)
+                img = render_identities(cloud, [[cam]], backend=cfg.backend, depth=False)["image"][0, 0].clamp(0, 1)
+                return params, cloud, to_uint8(img)
+
+        # one frame rendered (not written) before the stream starts: the rasteriser's and retarget's first calls
+        # (kernel loads, allocator growth) are not the first frame's latency -- in live mode the calibration frames
+        # are dropped, so the first rendered frame is a steady one (t-tail_cpu_2026-12-07h.md)
+        t = time.perf_counter()
+        neutral = FlameParams.neutral(1)  # (through the motion's own path: retarget, --pose relative's pair)
+        render(neutral, neutral)
+        synchronize(device)
+        times["warm_up_render"] = time.perf_counter() - t
+
         def render_loop() -> None:
             try:
                 while True:
@@ -503,18 +531,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                         return
                     det, rec, motion, reference = item
                     t = time.perf_counter()
-                    if motion is None:  # before the first face: the identity as it is
-                        params = head.base
-                    elif cfg.pose == "relative":  # (the driver's shape does not drive: the reference's is put on)
-                        pair = FlameParams.cat([reference, replace(motion, shape=reference.shape)]).to(device)
-                        params = retarget(pair, head.base, "relative", 0).frame(1)
-                    else:
-                        params = retarget(motion.to(device), head.base, cfg.pose, 0)
-                    with torch.no_grad():
-                        cloud = pose_graph(params)
-                        img = render_identities(cloud, [[cam]], backend=cfg.backend,
-                                                depth=False)["image"][0, 0].clamp(0, 1)
-                        frame = to_uint8(img)
+                    rec["t_render"] = t
+                    params, cloud, frame = render(motion, reference)
                     if cfg.side_by_side == "video":
                         frame = np.concatenate([frame, fit_height(det.rgb, cam.height)], axis=1)
                     t_render = time.perf_counter() - t
@@ -555,6 +573,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         def track(det: Detected, rec: dict, calibrating: bool) -> None:
             nonlocal with_face
             t, c = time.perf_counter(), time.thread_time()
+            rec["t_fit"] = t
             params, err = (None, float("nan"))
             if det.points is not None or tracker.started:
                 params, err = tracker.step(det.points, det.irises)
@@ -563,7 +582,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
             cpu = tracker.step_cpu_s if isinstance(tracker, TrackerProcess) else time.thread_time() - c
             with_face += det.points is not None
             errors.append(err)
-            rec.update(fit_s=time.perf_counter() - t, fit_cpu_s=cpu, calibration=calibrating)
+            rec.update(fit_s=time.perf_counter() - t, fit_cpu_s=cpu, calibration=calibrating,
+                       events=list(tracker.events))
             # the reference of --pose relative: the first frame with a face, fitted again whenever the shape changes
             send(det, rec, params, tracker.reference)
 
@@ -579,11 +599,12 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
 
         stream = landmark_stream(iter(source), make_detector, cfg.stream_workers, cfg.stream_queue, live=live,
                                  dropped=dropped)
+        gc_log.start()
         t_start = time.perf_counter()
         try:
             for det in stream:
                 rec = {"index": det.index, "frame_id": det.frame_id, "t_read": det.t_read,
-                       "landmark_s": det.landmark_s}
+                       "landmark_s": det.landmark_s, "t_detected": det.t_detected}
                 records.append(rec)
                 h, w = det.rgb.shape[:2]
                 if size is None:
@@ -597,7 +618,8 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                 calib.append((det, rec))
                 faces = [d for d, _ in calib if d.points is not None]
                 if len(faces) >= cfg.reenact.shape_frames:
-                    tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
+                    # (live: the stream goes on from a newer frame, whose fit starts from the last held one's)
+                    tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote, warm_first=live)
                     track_held(calib)
                     calib = []
             if tracker is None:  # the stream ended before shape_frames frames with a face
@@ -605,9 +627,9 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
                 if not faces:
                     raise ValueError(f"no face in any frame of {source.name} (the detector needs a clearly visible, "
                                      f"roughly frontal face that fills a good part of the frame)")
-                tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
                 if live:  # the stream ended: nothing newer to go on with, so the held frames are the output
                     live = False
+                tracker, calib_info = _calibrate(fit_flame, faces, size, cfg, remote)
                 track_held(calib)
         except KeyboardInterrupt:  # a camera runs until interrupted: keep what was written
             warnings.warn("interrupted: the video holds the frames streamed so far")
@@ -615,6 +637,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
             stream.close()
             _put(render_q, STOP, stop)
             renderer.join()
+            gc_log.stop()
         if failure:
             raise failure[0]
         synchronize(device)
@@ -625,6 +648,7 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         raise
     finally:
         source.close()
+        gc_log.stop()
         if remote is not None:
             remote.close()
     video = writer.close()
@@ -664,7 +688,11 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
         "shape_updates": tracker.shape_updates if tracker is not None else 0,
         "shape_frames_kept": tracker.kept_frames if tracker is not None else 0,
         "shape_refine_s": tracker.refine_seconds if tracker is not None else 0.0,
+        "gc_collections": len(gc_log.pauses), "gc_ms": 1000.0 * sum(b - a for a, b, _ in gc_log.pauses),
     }
+    stream_summary["per_frame"] = per_frame_records(done, gc_log.pauses)
+    stream_summary["slowest"] = sorted((r for r in stream_summary["per_frame"] if not r["calibration"]),
+                                       key=lambda r: -r["latency_ms"])[:5]
     summary = {
         "identity": head.name, "identity_b": cfg.identity_b or None, "mix": cfg.mix if cfg.identity_b else None,
         "motion": source.name, "motion_kind": "camera" if source.camera else "video", "pose": cfg.pose,
@@ -682,18 +710,76 @@ def _animate_stream(cfg: Any, model: Any, make_detector: Callable[[], Callable] 
     return summary
 
 
+class GcLog:
+    """The Python garbage collections of this process between :meth:`start` and :meth:`stop`, as ``pauses``:
+    (perf_counter start, end, generation) -- a collection holds the GIL, so every thread of the stream waits."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._t0 = 0.0
+        self._on = False
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.append((self._t0, time.perf_counter(), int(info.get("generation", -1))))
+
+    def start(self) -> None:
+        if not self._on:
+            gc.callbacks.append(self._callback)
+            self._on = True
+
+    def stop(self) -> None:
+        if self._on:
+            gc.callbacks.remove(self._callback)
+            self._on = False
+
+
+def per_frame_records(done: list[dict], gc_pauses: list[tuple[float, float, int]] = ()) -> list[dict]:
+    """animation.json's ``stream.per_frame``: per frame written (in video order), where its latency went, in ms --
+    ``latency_ms`` (read to encoded), ``landmark_ms`` (the detector), ``wait_landmark_ms`` (read to the detector's
+    start: the queue in front of it), ``wait_fit_ms`` (detected to the fit's start: the fit busy with earlier frames
+    or the calibration), ``fit_ms`` / ``fit_cpu_ms``, ``wait_render_ms`` (fitted to the render's start), ``render_ms``,
+    ``write_ms``, ``gc_ms`` (this process's garbage collections during the frame's life), ``events`` (the tracker's:
+    "cold" / "warm_start" first fit, "wide" stage, "solve_start", "solving", "swap", "blend"; utils/face/
+    frame_tracker.py FrameTracker.events), ``calibration`` (a frame held for the calibration), ``t_ms`` (read time
+    from the first frame's read)."""
+
+    if not done:
+        return []
+    t0 = min(r["t_read"] for r in done)
+    ms = lambda x: round(1000.0 * x, 2)  # noqa: E731
+    out = []
+    for r in done:
+        t_lm = r["t_detected"] - r["landmark_s"] if r.get("t_detected") else r["t_read"]
+        t_fit, t_render = r.get("t_fit", t_lm), r.get("t_render", r["t_done"])
+        gc_s = sum(max(0.0, min(b, r["t_done"]) - max(a, r["t_read"])) for a, b, _ in gc_pauses)
+        out.append({"frame_id": int(r["frame_id"]), "t_ms": ms(r["t_read"] - t0), "latency_ms": ms(r["latency_s"]),
+                    "wait_landmark_ms": ms(t_lm - r["t_read"]), "landmark_ms": ms(r["landmark_s"]),
+                    "wait_fit_ms": ms(t_fit - r.get("t_detected", t_lm)), "fit_ms": ms(r.get("fit_s", 0.0)),
+                    "fit_cpu_ms": ms(r.get("fit_cpu_s", 0.0)),
+                    "wait_render_ms": ms(t_render - t_fit - r.get("fit_s", 0.0)), "render_ms": ms(r["render_s"]),
+                    "write_ms": ms(r["write_s"]), "gc_ms": ms(gc_s), "events": list(r.get("events", [])),
+                    "calibration": bool(r.get("calibration", False))})
+    return out
+
+
 def _calibrate(flame: Any, faces: list[Detected], size: tuple[int, int], cfg: Any,
-               remote: TrackerProcess | None = None) -> tuple[FrameTracker | TrackerProcess, dict]:
+               remote: TrackerProcess | None = None, warm_first: bool = False
+               ) -> tuple[FrameTracker | TrackerProcess, dict]:
     """FrameTracker.calibrate on the held frames with a face (irises only when every one has them), in ``remote``'s
-    worker process when given (which then is the tracker)."""
+    worker process when given (which then is the tracker); ``warm_first``: the first tracked frame warm-started from
+    the last held one (live mode)."""
 
     pts = torch.stack([d.points for d in faces])
     iris = torch.stack([d.irises for d in faces]) if all(d.irises is not None for d in faces) else None
     if remote is not None:
         return remote, remote.calibrate(pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
-                                        cfg.stream_iterations, cfg.stream_refine, calibration_threads(cfg))
+                                        cfg.stream_iterations, cfg.stream_refine, calibration_threads(cfg),
+                                        warm_first)
     return FrameTracker.calibrate(flame, pts, iris, size, cfg.reenact.flame_fit, cfg.reenact.bias_correction,
-                                  cfg.stream_iterations, cfg.stream_refine, calibration_threads(cfg))
+                                  cfg.stream_iterations, cfg.stream_refine, calibration_threads(cfg), warm_first)
 
 
 def calibration_threads(cfg: Any) -> int:
@@ -725,5 +811,10 @@ def format_summary(s: dict) -> str:
             f"  fit ms after calibration: p50 {st['fit_ms_steady']['p50']:.1f}  p90 {st['fit_ms_steady']['p90']:.1f}  "
             f"p99 {st['fit_ms_steady']['p99']:.1f}, of it CPU p50 {st['fit_cpu_ms_steady']['p50']:.1f} "
             f"(torch threads {st['torch_threads']}; shape refined "
-            f"{st['shape_updates']} times on {st['shape_frames_kept']} kept frames, {st['shape_refine_s']:.2f} s)")
+            f"{st['shape_updates']} times on {st['shape_frames_kept']} kept frames, {st['shape_refine_s']:.2f} s)"
+            + ("\n  slowest after calibration (animation.json stream.per_frame): " + ", ".join(
+                f"frame {r['frame_id']} {r['latency_ms']:.0f} ms (wait {r['wait_fit_ms']:.0f}, fit {r['fit_ms']:.0f}, "
+                f"render {r['render_ms']:.0f}{', gc ' + format(r['gc_ms'], '.0f') if r['gc_ms'] >= 1 else ''}"
+                f"{'; ' + '+'.join(r['events']) if r['events'] else ''})" for r in st.get("slowest", [])[:3])
+               if st.get("slowest") else ""))
 
