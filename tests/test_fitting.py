@@ -679,20 +679,6 @@ def test_photo_target_crops_the_no_data_pixels_with_the_fitted_view():
     assert photo_target("x", photo, mask[..., None], cam, torch.zeros(5, 3), cfg, torch.device("cpu")).ignore is None
 
 
-def test_lr_warmup_multiplier():
-    """fit.lr_warmup: the code lr rises linearly over the first iterations, then follows the exponential decay; 0
-    leaves the decay as it was."""
-    from utils.apps.track.config import FitConfig
-    from utils.apps.track.fit import lr_multiplier
-
-    plain, warm = FitConfig(iterations=11, lr_final_ratio=0.01), FitConfig(iterations=11, lr_final_ratio=0.01,
-                                                                           lr_warmup=3)
-    decay = [0.01 ** (i / 10) for i in range(11)]
-    assert [lr_multiplier(i, plain) for i in range(11)] == pytest.approx(decay)
-    assert [lr_multiplier(i, warm) for i in range(11)] == pytest.approx(
-        [decay[0] / 4, decay[1] / 2, decay[2] * 3 / 4] + decay[3:])
-
-
 def test_sync_free_lbfgs_on_a_quadratic():
     """SyncFreeLBFGS (fit.optimizer lbfgs): on an ill-conditioned quadratic it converges in a few dozen steps where
     Adam is far off; fit.lbfgs_max_step caps every step's largest coordinate change."""

@@ -14,7 +14,7 @@ INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
 
 
 SPACES = ("w", "z")
-COLOUR_SOLVERS = ("adam", "lbfgs", "jacobi", "pcg")
+COLOUR_SOLVERS = ("adam", "lbfgs")
 OPTIMIZERS = ("adam", "lbfgs")
 
 
@@ -35,7 +35,6 @@ class FitConfig:
     lbfgs_max_step: float = 0.5  # lbfgs: cap on every step's largest coordinate change and the first step's (0: none)
     lr: float = 0.2  # Adam learning rate of the code / style
     lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
-    lr_warmup: int = 0  # the code lr rises linearly over this many first iterations (0: none), then decays
     beta1: float = 0.9  # Adam beta1
     beta2: float = 0.99  # Adam beta2
     check_every: int = 10  # early-stopping test every k iterations (the only host synchronisation of the loop)
@@ -70,16 +69,11 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
+    # The colour stage's optimiser: adam, or lbfgs (utils/apps/track/fit.py SyncFreeLBFGS, steps capped at colour_lr
+    # per RGB entry, fit.lbfgs_history pairs): it lowers the loss at every step where Adam's first steps overshoot
+    colour_solver: str = "adam"  # colour stage optimiser: adam or lbfgs
     # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
     # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
-    # The colour stage's optimiser: "adam" (steps of ~colour_lr per coordinate, tens of iterations), or "jacobi":
-    # preconditioned steps that use the residual's linearity in the image (IRLS for the L1 terms, Jacobi row sums of
-    # the Gauss-Newton matrix; utils/apps/track/fit.py _fit_colour_jacobi): a few iterations, each one render and two
-    # backward passes; colour_lr is not used then
-    colour_solver: str = "adam"  # colour stage optimiser: adam, jacobi or pcg (preconditioned steps, a few its)
-    colour_step: float = 1.0  # jacobi / pcg: factor on each step's length (the line search's, else 1)
-    colour_line_search: bool = True  # jacobi / pcg: step to the quadratic model's minimum along the direction
-    colour_irls_eps: float = 0.01  # jacobi / pcg: floor of |render - photo| in the L1 terms' IRLS weights (RGB)
     colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
     # The photos are black outside the face mask; a model trained with loss.rim_band (CPU preset) paints its boundary
     # Gaussians a pixel or two past it, and on the unseen views that ring held most of a fit's whole-image error
@@ -120,9 +114,7 @@ class FitConfig:
               "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
               "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1),
               "rim_rings": Range(0), "rim_iterations": Range(0), "rim_lr": Range(0), "rim_weight": Range(0),
-              "code_scale": Range(0, 1, lo_open=True), "lr_warmup": Range(0),
-              "lbfgs_history": Range(1), "lbfgs_max_step": Range(0), "colour_step": Range(0, lo_open=True),
-              "colour_irls_eps": Range(0, lo_open=True)}
+              "code_scale": Range(0, 1, lo_open=True), "lbfgs_history": Range(1), "lbfgs_max_step": Range(0)}
 
 
 

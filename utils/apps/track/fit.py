@@ -209,9 +209,6 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         free = (~boundary_rings(len(base), model.base_faces, cfg.colour_boundary_rings)).to(base.device)[:, None]
     n = cfg.colour_iterations
     eye_w = scaled_eye_weight(cfg.colour_eye_weight, eyes, cfg.colour_eye_pixels)
-    if cfg.colour_solver in ("jacobi", "pcg"):
-        return _fit_colour_jacobi(model, cloud0, res, free, lap, camera, gt, cfg, backend, name, progress, eyes,
-                                  eye_w, ignore)
     fused = {"fused": True} if base.device.type == "cuda" else {}
     if cfg.colour_solver == "lbfgs":  # steps of at most colour_lr per RGB entry
         opt = SyncFreeLBFGS(res, cfg.lbfgs_history, cfg.colour_lr)
@@ -231,80 +228,6 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         window.add(loss, it + 1, last=it + 1 == n)
     out = res.detach() if free is None else (res * free).detach()
     return out, window.losses
-
-
-def laplacian_curvature_bound(lap: UniformLaplacian) -> Tensor:
-    """(M, 1) per vertex, the absolute row sum of L^T L (L: ``lap``'s uniform Laplacian), a Gershgorin bound of its
-    largest eigenvalue's share at that vertex: |L^T L| 1 <= |L|^T |L| 1 = 2 |L|^T 1 (each row of |L| sums to 2)."""
-    col = 1.0 + torch.zeros_like(lap.inv_deg).index_add(0, lap.j, lap.inv_deg.index_select(0, lap.i))
-    return 2.0 * col
-
-
-def _fit_colour_jacobi(model: TrainedModel, cloud0, res: Tensor, free: Tensor | None, lap: UniformLaplacian,
-                       camera: Camera, gt: Tensor, cfg: FitConfig, backend: str, name: str, progress: bool,
-                       eyes: Tensor | None, eye_w: float, ignore: Tensor | None) -> tuple[Tensor, list[float]]:
-    """fit_colour's ``fit.colour_solver`` jacobi / pcg: preconditioned steps instead of Adam.
-
-    The residual enters the image linearly (I = I0 + J r, J >= 0: each Gaussian's blending weight times its vertex's
-    upsampling weight), so the loss is L1 terms of a linear map, SSIM and quadratic regularisers.  Each step builds a
-    quadratic model: every L1 term |e| majorised by e^2 / (2 |e0|) (IRLS; |e0| floored at ``colour_irls_eps``), the
-    regularisers exact.  Its preconditioner is the Jacobi / Gershgorin bound of that model's Hessian, its absolute
-    row sums: D = J^T (w / |e0| * alpha) + the regularisers' row sums, with w the L1 terms' per-pixel weights and
-    alpha = J 1 the render's accumulated opacity (a Gaussian's upsampling weights sum to 1).  The direction is
-    -D^-1 g (g: the gradient of the whole loss, SSIM included), for pcg plus a Polak-Ribiere share of the previous
-    direction; its length is the quadratic model's minimum along it (``colour_line_search``: one more render of the
-    direction, J d = render(I0 + d) - I0), or 1 (the majoriser's minimum for jacobi); times ``colour_step``.  Per
-    step: one render, two backward passes (g and D), and with the line search a second render.
-    Returns (residual, windowed losses) as fit_colour."""
-    from dataclasses import replace
-
-    l1_cfg = replace(cfg, ssim_weight=0.0)
-    n, m = cfg.colour_iterations, res.shape[0]
-    mask = (lambda x: x) if free is None else (lambda x: x * free)  # noqa: E731
-    # the regularisers' Hessian: lap.penalty is w_L * sum |L r|^2 / M + w_2 * sum |r|^2 / M (its row sums for D)
-    d_reg = (2.0 / m) * (cfg.colour_laplacian_weight * laplacian_curvature_bound(lap) + cfg.colour_weight)
-    with torch.no_grad():
-        img0 = render(cloud0, camera, backend=backend)["image"] if cfg.colour_line_search else None
-    window = LossWindow(res.device, cfg.check_every, f"colour stage of {name}", "lower fit.colour_step")
-    prev_g = prev_pg = prev_d = None
-    for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
-        out = render(with_colour(cloud0, colour_offsets(model, mask(res))), camera, backend=backend)
-        pred = out["image"]
-        loss = photometric(pred, gt, cfg, eyes, eye_w, ignore)
-        total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
-        g, = torch.autograd.grad(total, res, retain_graph=True)
-        with torch.enable_grad():  # the L1 terms' per-pixel weights w: |d L1 / d pred| (0 on ignored pixels)
-            p = pred.detach().requires_grad_(True)
-            w, = torch.autograd.grad(photometric(p, gt, l1_cfg, eyes, eye_w, ignore), p)
-        kappa = w.abs() / (pred.detach() - gt).abs().clamp_min(cfg.colour_irls_eps)  # IRLS curvature per pixel
-        d_data, = torch.autograd.grad(pred, res, grad_outputs=kappa * out["alpha"].detach())
-        with torch.no_grad():
-            pg = g / (d_data + d_reg)  # the preconditioned gradient
-            d = -pg
-            if cfg.colour_solver == "pcg" and prev_d is not None:
-                beta = (g * (pg - prev_pg)).sum() / (prev_g * prev_pg).sum().clamp_min(1e-30)
-                d = d + beta.clamp_min(0.0) * prev_d
-                d = torch.where((g * d).sum() < 0, d, -pg)  # not a descent direction: restart
-            step = torch.ones((), device=res.device)
-            if cfg.colour_line_search:
-                # The render is linear in the residual: along d the image is pred + a * J d (one render of d), and
-                # the loss along the line costs no further render.  a1: the minimum of the quadratic model along d
-                # (IRLS L1 + regularisers: SSIM's gradient is in g, its curvature is not, so a1 overshoots); the
-                # step is the minimum of the parabola through the loss at 0 (value, slope g.d) and at a1.
-                jd = render(with_colour(cloud0, colour_offsets(model, mask(d))), camera, backend=backend)["image"]
-                jd = jd - img0
-                slope = (g * d).sum()
-                curv = (kappa * jd.square()).sum() + (2.0 / m) * (
-                    cfg.colour_laplacian_weight * lap(d).square().sum() + cfg.colour_weight * d.square().sum())
-                a1 = (-slope / curv.clamp_min(1e-30)).clamp_min(0.0)
-                phi1 = photometric(pred.detach() + a1 * jd, gt, cfg, eyes, eye_w, ignore) + lap.penalty(
-                    res + a1 * d, cfg.colour_laplacian_weight, cfg.colour_weight)
-                c = 2.0 * (phi1 - total.detach() - a1 * slope) / a1.square().clamp_min(1e-30)
-                step = torch.where(c > 0, -slope / c.clamp_min(1e-30), a1)
-            res += cfg.colour_step * step * d
-            prev_g, prev_pg, prev_d = g, pg, d
-        window.add(loss.detach(), it + 1, last=it + 1 == n)
-    return mask(res).detach(), window.losses
 
 
 def boundary_rings(num_vertices: int, faces: np.ndarray, rings: int) -> Tensor:
@@ -534,13 +457,6 @@ class SyncFreeLBFGS:
         self.var.add_(d.view_as(self.var))
 
 
-def lr_multiplier(it: int, cfg: FitConfig) -> float:
-    """The code stage's lr factor at iteration ``it`` (0-based): a linear rise over the first ``cfg.lr_warmup``
-    iterations ((it + 1) / (warmup + 1)), times the exponential decay to ``cfg.lr_final_ratio`` at the last one."""
-    warm = min(1.0, (it + 1) / (cfg.lr_warmup + 1)) if cfg.lr_warmup > 0 else 1.0
-    return warm * cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
-
-
 def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend: str = "auto",
                  progress: bool = True) -> FitResult:
     """Fit a style (or code) and optionally vertex offsets to ``target.fit_view``, then (``fit.refine_colour``)
@@ -631,7 +547,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     bar = tqdm(total=cfg.iterations, desc=f"fitting {target.name}", disable=not progress, leave=False,
                dynamic_ncols=True)
     while it < cfg.iterations:
-        mult = lr_multiplier(it, cfg)
+        mult = cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
         for g in getattr(opt, "param_groups", []):  # (L-BFGS: unit steps, no learning rate)
             g["lr"] = g["initial_lr"] * mult
         cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
