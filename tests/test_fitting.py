@@ -624,10 +624,37 @@ def test_downscaled_view_keeps_means_and_scales_camera():
     assert same[0] is cam and same[1] is img and same[2] is eyes
 
 
+def finer_model(model):
+    """The level-0 ``model`` on its mesh one level finer (a level-1 TrainedModel whose coarse_field(1) is ``model``'s
+    field): the network's weights as they are, the per-vertex template features and 3D-filter rates interpolated at
+    the edge midpoints (subdivision keeps the level-0 vertices as a prefix)."""
+    import dataclasses
+
+    from models.flame.subdivision import make_subdivision_plan, subdivide_vertices
+    from models.identity_field import IdentityField
+
+    f0 = model.field
+    assert model.plan.levels == 0
+    plan = make_subdivision_plan(len(model.template_base), model.base_faces, 1)
+    f1 = IdentityField(f0.cfg, f0.num_identities, subdivide_vertices(model.template_base.cpu(), plan),
+                       torch.as_tensor(plan.faces[1]))
+    per_vertex = ("template_features", "template_verts", "faces")
+    f1.load_state_dict({k: v for k, v in f0.state_dict().items() if k not in per_vertex}, strict=False)
+    with torch.no_grad():
+        if f0.template_features is not None:
+            f1.template_features.copy_(subdivide_vertices(f0.template_features.cpu(), plan))
+    if f0.sampling_rate is not None:
+        f1.set_sampling_rate(subdivide_vertices(f0.sampling_rate[:, None].cpu(), plan)[:, 0])
+    for q in f1.parameters():
+        q.requires_grad_(False)
+    return dataclasses.replace(model, field=f1.eval(), plan=plan)
+
+
 def test_code_stage_at_a_lower_resolution(preprocessed_root, fit_model, tmp_path):  # noqa: F811
     """fit.code_scale: the code stage on a half-resolution copy of the photo still gets most of the full fit's gain
-    on the fitted view; the colour stage runs at full resolution; a single start is not rendered before the loop (its
-    loss is the first iteration's)."""
+    on the fitted view; so does fit.code_levels_down 1 (the code stage through the network on its mesh one level
+    coarser; the gain is measured at the full level); the colour stage runs at full resolution; a single start is not
+    rendered before the loop (its loss is the first iteration's); a level below the base mesh is refused."""
     from models.renderer import render
     from utils.apps.track.fit import fit_identity
     from utils.apps.track.targets import load_subject_target
@@ -635,21 +662,26 @@ def test_code_stage_at_a_lower_resolution(preprocessed_root, fit_model, tmp_path
     from utils.data.model_file import load_model
     from utils.losses import psnr
 
-    model = load_model(fit_model)
+    model = finer_model(load_model(fit_model))  # level 1, so the code stage can go one level down
     gains = {}
     with single_thread():
-        for scale in (1.0, 0.5):
+        for scale, down in ((1.0, 0), (0.5, 0), (1.0, 1)):
             cfg = track_cfg(preprocessed_root, fit_model, tmp_path, **{
                 "fit.iterations": 30, "fit.min_iterations": 30, "fit.refine_colour": False, "fit.init": "mean",
-                "fit.code_scale": scale})
+                "fit.code_scale": scale, "fit.code_levels_down": down})
             target = load_subject_target(model, cfg, torch.device("cpu"))
             res = fit_identity(model, target, cfg.fit, progress=False)
             assert list(res.start_losses) == ["mean_code"] and res.start_losses["mean_code"] > 0
             v = target.fit_view
             img = lambda w: render(code_cloud(model, w, target.base_vertices), v.camera)["image"]  # noqa: E731
-            gains[scale] = float(psnr(img(res.code.w), v.image) - psnr(img(res.start_w), v.image))
+            gains[scale, down] = float(psnr(img(res.code.w), v.image) - psnr(img(res.start_w), v.image))
             assert res.seconds_code_loop > 0 and res.seconds_start >= 0 and res.seconds_capture >= 0
-    assert gains[1.0] > 1.0 and gains[0.5] > 0.6 * gains[1.0], gains
+        assert model.coarse_field(1) is model.coarse_field(1)  # built once per loaded model
+        cfg.fit.code_levels_down = model.plan.levels + 1
+        with pytest.raises(ValueError, match="code_levels_down"):
+            fit_identity(model, target, cfg.fit, progress=False)
+    full = gains[1.0, 0]
+    assert full > 1.0 and gains[0.5, 0] > 0.6 * full and gains[1.0, 1] > 0.6 * full, gains
 
 
 def test_photo_target_crops_the_no_data_pixels_with_the_fitted_view():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,7 @@ from models.flame import (
     subdivide_vertices,
 )
 from models.identity_field import IdentityField, IdentityFieldConfig
+from models.level_of_detail import coarser_field
 from models.mip_filter import display_filter, set_render_filter
 from utils.core.torch_files import atomic_torch_save, load_tagged
 
@@ -161,6 +163,18 @@ class TrainedModel:
     filter_2d: float | None = None
     encoder: Any = None  # models.encoder.StyleEncoder (eval mode, on the device) or None
     encoder_notice: str = ""  # why a stored encoder was left out ("" when none was stored or it loaded)
+    # levels down -> IdentityField; not an init argument, so dataclasses.replace gives a copy its own (empty) cache
+    _coarse_fields: dict = dataclass_field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def coarse_field(self, levels_down: int) -> IdentityField:
+        """The frozen ``field`` on its own mesh ``levels_down`` subdivision levels coarser
+        (models/level_of_detail.coarser_field), built on first use and kept: a loaded model's field does not train.
+        0 returns ``field`` itself."""
+        if levels_down == 0:
+            return self.field
+        if levels_down not in self._coarse_fields:
+            self._coarse_fields[levels_down] = coarser_field(self.field, self.plan, levels_down)
+        return self._coarse_fields[levels_down]
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""

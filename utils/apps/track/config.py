@@ -103,6 +103,9 @@ class FitConfig:
     # at a fraction of the rasterizer's and SSIM's cost per iteration (full-resolution GPU fits); the colour stage,
     # which paints per-vertex detail, always runs at full resolution.
     code_scale: float = 1.0  # code stage (and start selection) on the photo area-downsampled by this factor (<= 1)
+    # Same style space on the coarser mesh: its vertices' raw outputs are the fine ones' (coarser_field).
+    code_levels_down: int = 0  # code stage through the network on its mesh this many levels coarser (a quarter
+                               # of the Gaussians per level; colour stage at the full level)
 
     RANGES = {"iterations": Range(1), "lr": Range(0, lo_open=True), "lr_final_ratio": Range(0, 1, lo_open=True),
               "beta1": Range(0, 1, hi_open=True), "beta2": Range(0, 1, hi_open=True), "check_every": Range(1),
@@ -114,7 +117,8 @@ class FitConfig:
               "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
               "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1),
               "rim_rings": Range(0), "rim_iterations": Range(0), "rim_lr": Range(0), "rim_weight": Range(0),
-              "code_scale": Range(0, 1, lo_open=True), "lbfgs_history": Range(1), "lbfgs_max_step": Range(0)}
+              "code_scale": Range(0, 1, lo_open=True), "code_levels_down": Range(0), "lbfgs_history": Range(1),
+              "lbfgs_max_step": Range(0)}
 
 
 

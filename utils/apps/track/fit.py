@@ -528,12 +528,18 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), **fused)
     # without geometry refinement the subdivided vertices are constant and computed once (model.plan already holds
     # its index tensors on the model's device: no host-to-device copy per iteration)
-    verts0 = model.vertices(base0)
+    # fit.code_levels_down: the code stage on the network's own coarser mesh (a prefix of the fine vertices)
+    if not 0 <= cfg.code_levels_down <= model.plan.levels:
+        raise ValueError(f"fit.code_levels_down must be 0..{model.plan.levels} (the model's subdivision level), got "
+                         f"{cfg.code_levels_down}")
+    f_code = model.coarse_field(cfg.code_levels_down)
+    n_code = model.plan.num_vertices(model.plan.levels - cfg.code_levels_down)
+    verts0 = model.vertices(base0)[:n_code]
     # The frozen network at batch 1 is launch-bound on a GPU: replay its forward and backward from CUDA graphs
     # (fixed geometry: surface frames computed once at capture).  Eager on a CPU or with fit.cuda_graphs=false.
     synchronize(base0.device)
     t_capture = time.perf_counter()
-    synth = GraphedSynthesis(f, verts0, space=cfg.space, dynamic_geometry=offsets is not None,
+    synth = GraphedSynthesis(f_code, verts0, space=cfg.space, dynamic_geometry=offsets is not None,
                              use_graphs=None if cfg.cuda_graphs else False, precision=cfg.precision)
     synchronize(base0.device)
     t_loop = time.perf_counter()
@@ -550,7 +556,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         mult = cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
         for g in getattr(opt, "param_groups", []):  # (L-BFGS: unit steps, no learning rate)
             g["lr"] = g["initial_lr"] * mult
-        cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets))
+        cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets)[:n_code])
         pred = render(cloud, cam_c, backend=backend)["image"]
         loss = photometric(pred, gt_c, cfg, eyes_c, code_eye_w, ign_c)
         total = loss
