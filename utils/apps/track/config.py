@@ -14,6 +14,8 @@ INITS = ("auto", "encoder", "best", "mean", "mean_code", "w_avg", "mean_w")
 
 
 SPACES = ("w", "z")
+COLOUR_SOLVERS = ("adam", "lbfgs")
+OPTIMIZERS = ("adam", "lbfgs")
 
 
 @dataclass
@@ -25,6 +27,12 @@ class FitConfig:
     # training style), best (the best of them on the photo), auto (the encoder when the model has one, else best)
     init: str = "auto"  # start: encoder, mean, best, auto (encoder if present, else best), w_avg, mean_w, a code.pt
     iterations: int = 100  # maximum Adam iterations
+    # The code stage's optimiser: adam (fit.lr, fit.lr_final_ratio, fit.beta1/2), or lbfgs: L-BFGS with unit steps and
+    # no line search, so no host synchronisation (utils/apps/track/fit.py SyncFreeLBFGS); it reaches the long fit's
+    # result in far fewer iterations (benchmarks/results/t-fitfast_cpu_2026-12-07h.md); lr / betas are not used then
+    optimizer: str = "adam"  # code stage optimiser: adam or lbfgs (not with refine_geometry)
+    lbfgs_history: int = 10  # lbfgs: curvature pairs kept (the last this many steps)
+    lbfgs_max_step: float = 0.5  # lbfgs: cap on every step's largest coordinate change and the first step's (0: none)
     lr: float = 0.2  # Adam learning rate of the code / style
     lr_final_ratio: float = 0.05  # the learning rate decays exponentially to lr * this at the last iteration
     beta1: float = 0.9  # Adam beta1
@@ -61,6 +69,9 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
+    # The colour stage's optimiser: adam, or lbfgs (utils/apps/track/fit.py SyncFreeLBFGS, steps capped at colour_lr
+    # per RGB entry, fit.lbfgs_history pairs): it lowers the loss at every step where Adam's first steps overshoot
+    colour_solver: str = "adam"  # colour stage optimiser: adam or lbfgs
     # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour
     # on them spills onto the black background of the unseen views (benchmarks/results/fit_ablation_cpu_fixed.md).
     colour_boundary_rings: int = 2  # colour residual held at 0 on the mask's open boundary + (this - 1) rings (0: off)
@@ -106,7 +117,8 @@ class FitConfig:
               "flame_iterations": Range(0), "flame_lr": Range(0), "flame_expression_lr": Range(0),
               "flame_style_lr": Range(0), "flame_prior": Range(0), "crop_margin": Range(0), "crop_multiple": Range(1),
               "rim_rings": Range(0), "rim_iterations": Range(0), "rim_lr": Range(0), "rim_weight": Range(0),
-              "code_scale": Range(0, 1, lo_open=True), "code_levels_down": Range(0)}
+              "code_scale": Range(0, 1, lo_open=True), "code_levels_down": Range(0), "lbfgs_history": Range(1),
+              "lbfgs_max_step": Range(0)}
 
 
 

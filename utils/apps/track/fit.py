@@ -37,7 +37,7 @@ from models.flame import FlameModel, FlameParams, axis_angle_to_matrix
 from models.geometry import UniformLaplacian, mean_edge_length
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
-from utils.apps.track.config import INITS, SPACES, FitConfig
+from utils.apps.track.config import COLOUR_SOLVERS, INITS, OPTIMIZERS, SPACES, FitConfig
 from utils.apps.track.targets import FitTarget
 from utils.core.device import synchronize
 from utils.data.code_file import (
@@ -207,13 +207,17 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     free = None
     if cfg.colour_boundary_rings > 0:
         free = (~boundary_rings(len(base), model.base_faces, cfg.colour_boundary_rings)).to(base.device)[:, None]
-    fused = {"fused": True} if base.device.type == "cuda" else {}
-    opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2), **fused)
     n = cfg.colour_iterations
     eye_w = scaled_eye_weight(cfg.colour_eye_weight, eyes, cfg.colour_eye_pixels)
+    fused = {"fused": True} if base.device.type == "cuda" else {}
+    if cfg.colour_solver == "lbfgs":  # steps of at most colour_lr per RGB entry
+        opt = SyncFreeLBFGS(res, cfg.lbfgs_history, cfg.colour_lr)
+    else:
+        opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2), **fused)
     window = LossWindow(base.device, cfg.check_every, f"colour stage of {name}", "lower fit.colour_lr")
     for it in tqdm(range(n), desc=f"colour {name}".rstrip(), disable=not progress, leave=False, dynamic_ncols=True):
-        opt.param_groups[0]["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
+        for g in getattr(opt, "param_groups", []):
+            g["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         r = res if free is None else res * free
         pred = render(with_colour(cloud0, colour_offsets(model, r)), camera, backend=backend)["image"]
         loss = photometric(pred, gt, cfg, eyes, eye_w, ignore)
@@ -398,6 +402,61 @@ def plateau(cur: float, best: float, bad: int, it: int, cfg: FitConfig) -> tuple
         best, bad = min(best, cur), bad + 1
     return best, bad, bad >= cfg.patience and it >= cfg.min_iterations
 
+class SyncFreeLBFGS:
+    """L-BFGS on one vector (the style w or the code z) with a unit step and no host synchronisation (``fit.optimizer
+    lbfgs``): the code stage is a smooth problem in a few hundred dimensions, where curvature pairs from the last
+    ``history`` steps converge in far fewer iterations than Adam's per-coordinate steps (each iteration is a network
+    forward and backward, so iterations are the cost).  Unlike torch.optim.LBFGS nothing reads a value back to the
+    host (no line search, no tolerance tests; a curvature pair with s.y <= 0 is kept with weight 0, a no-op in the
+    two-loop recursion), so the loop still runs asynchronously on a GPU.  The first step is -g scaled to move the
+    largest coordinate by ``max_step`` (torch's LBFGS: min(1, 1 / |g|_1)); every step is capped at ``max_step`` per
+    coordinate (0: only the first step is scaled, to 1 / |g|_1; uncapped unit steps diverged on the tests' small
+    model, where a near-flat direction gave a huge s.y / y.y).  Same interface as the Adam it replaces: backward,
+    then step(); zero_grad()."""
+
+    def __init__(self, var: Tensor, history: int, max_step: float) -> None:
+        self.var, self.history, self.max_step = var, history, max_step
+        self.s: list[Tensor] = []  # the last ``history`` steps x_k+1 - x_k, newest last
+        self.y: list[Tensor] = []  # ... and gradient changes g_k+1 - g_k
+        self.rho: list[Tensor] = []  # 1 / s.y (0 for a pair without positive curvature)
+        self.gamma = torch.ones((), device=var.device, dtype=var.dtype)  # initial Hessian inverse scale s.y / y.y
+        self.prev: tuple[Tensor, Tensor] | None = None  # (x, g) of the last step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.var.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        x, g = self.var.detach().flatten().clone(), self.var.grad.detach().flatten().clone()
+        if self.prev is not None:
+            s, y = x - self.prev[0], g - self.prev[1]
+            sy, yy = (s * y).sum(), (y * y).sum()
+            ok = sy > 1e-10 * yy.clamp_min(1e-30).sqrt() * s.norm()  # positive curvature along the step
+            self.s.append(s)
+            self.y.append(y)
+            self.rho.append(torch.where(ok, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy)))
+            self.gamma = torch.where(ok, sy / yy.clamp_min(1e-30), self.gamma)
+            if len(self.s) > self.history:
+                self.s.pop(0), self.y.pop(0), self.rho.pop(0)
+            q, alphas = g.clone(), []
+            for s_i, y_i, r_i in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
+                a_i = r_i * (s_i * q).sum()
+                q -= a_i * y_i
+                alphas.append(a_i)
+            d = q * self.gamma
+            for s_i, y_i, r_i, a_i in zip(self.s, self.y, self.rho, reversed(alphas)):
+                d += s_i * (a_i - r_i * (y_i * d).sum())
+            d = -d
+        elif self.max_step > 0:
+            d = -g * (self.max_step / g.abs().max().clamp_min(1e-30))
+        else:
+            d = -g * (1.0 / g.abs().sum().clamp_min(1.0))
+        if self.max_step > 0:
+            d = d * (self.max_step / d.abs().max().clamp_min(self.max_step))  # at most max_step per coordinate
+        self.prev = (x, g)
+        self.var.add_(d.view_as(self.var))
+
+
 def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend: str = "auto",
                  progress: bool = True) -> FitResult:
     """Fit a style (or code) and optionally vertex offsets to ``target.fit_view``, then (``fit.refine_colour``)
@@ -413,6 +472,12 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
                          f"{cfg.eye_pixels}, {cfg.colour_eye_pixels}, {cfg.eye_min_pixels}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ValueError(f"fit.precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"fit.optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    if cfg.optimizer == "lbfgs" and cfg.refine_geometry:
+        raise ValueError("fit.optimizer lbfgs optimises the code alone; fit.refine_geometry needs fit.optimizer adam")
+    if cfg.colour_solver not in COLOUR_SOLVERS:
+        raise ValueError(f"fit.colour_solver must be one of {COLOUR_SOLVERS}, got {cfg.colour_solver!r}")
     if cfg.refine_colour and cfg.colour_iterations < 0:
         raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
     t_start = time.perf_counter()
@@ -457,7 +522,10 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         lap = UniformLaplacian(len(base0), model.base_faces, base0.device)
         unit = mean_edge_length(base0, model.base_faces)
     fused = {"fused": True} if base0.device.type == "cuda" else {}
-    opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), **fused)
+    if cfg.optimizer == "lbfgs":
+        opt = SyncFreeLBFGS(var, cfg.lbfgs_history, cfg.lbfgs_max_step)
+    else:
+        opt = torch.optim.Adam(groups, betas=(cfg.beta1, cfg.beta2), **fused)
     # without geometry refinement the subdivided vertices are constant and computed once (model.plan already holds
     # its index tensors on the model's device: no host-to-device copy per iteration)
     # fit.code_levels_down: the code stage on the network's own coarser mesh (a prefix of the fine vertices)
@@ -486,7 +554,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
                dynamic_ncols=True)
     while it < cfg.iterations:
         mult = cfg.lr_final_ratio ** (it / max(1, cfg.iterations - 1))
-        for g in opt.param_groups:
+        for g in getattr(opt, "param_groups", []):  # (L-BFGS: unit steps, no learning rate)
             g["lr"] = g["initial_lr"] * mult
         cloud = synth(var) if offsets is None else synth(var, model.vertices(base0 + offsets)[:n_code])
         pred = render(cloud, cam_c, backend=backend)["image"]
