@@ -711,36 +711,6 @@ def test_photo_target_crops_the_no_data_pixels_with_the_fitted_view():
     assert photo_target("x", photo, mask[..., None], cam, torch.zeros(5, 3), cfg, torch.device("cpu")).ignore is None
 
 
-def test_sync_free_lbfgs_on_a_quadratic():
-    """SyncFreeLBFGS (fit.optimizer lbfgs): on an ill-conditioned quadratic it converges in a few dozen steps where
-    Adam is far off; fit.lbfgs_max_step caps every step's largest coordinate change."""
-    from utils.apps.track.fit import SyncFreeLBFGS
-
-    gen = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen, dtype=torch.float64))
-    a = q @ torch.diag(torch.logspace(0, 2, 30, dtype=torch.float64)) @ q.T  # condition number 100
-    b = torch.randn(30, generator=gen, dtype=torch.float64)
-    x_star = torch.linalg.solve(a, b)
-
-    def run(make, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = torch.zeros(30, dtype=torch.float64, requires_grad=True)
-        opt, path = make(x), [x.detach().clone()]
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            (0.5 * x @ a @ x - b @ x).backward()
-            opt.step()
-            path.append(x.detach().clone())
-        return x.detach(), path
-
-    err = lambda x: float((x - x_star).norm() / x_star.norm())  # noqa: E731
-    x_lbfgs, _ = run(lambda x: SyncFreeLBFGS(x, 10, 0.0), 40)
-    x_adam, _ = run(lambda x: torch.optim.Adam([x], lr=0.1), 40)
-    assert err(x_lbfgs) < 2e-3 and err(x_adam) > 20 * err(x_lbfgs), (err(x_lbfgs), err(x_adam))
-    _, path = run(lambda x: SyncFreeLBFGS(x, 10, 0.01), 10)
-    moves = [float((p1 - p0).abs().max()) for p0, p1 in zip(path, path[1:])]
-    assert max(moves) <= 0.01 + 1e-12 and moves[0] == pytest.approx(0.01), moves
-
-
 def test_code_and_colour_stage_lbfgs(preprocessed_root, fit_model, tmp_path):  # noqa: F811
     """fit.optimizer lbfgs reaches a lower fitted-view loss than Adam in the same (few) code iterations (with the
     default step cap: uncapped unit steps diverged on this model); fit.colour_solver lbfgs lowers the colour stage's

@@ -28,7 +28,7 @@ class FitConfig:
     init: str = "auto"  # start: encoder, mean, best, auto (encoder if present, else best), w_avg, mean_w, a code.pt
     iterations: int = 100  # maximum Adam iterations
     # The code stage's optimiser: adam (fit.lr, fit.lr_final_ratio, fit.beta1/2), or lbfgs: L-BFGS with unit steps and
-    # no line search, so no host synchronisation (utils/apps/track/fit.py SyncFreeLBFGS); it reaches the long fit's
+    # no line search, so no host synchronisation (utils/apps/track/lbfgs.py SyncFreeLBFGS); it reaches the long fit's
     # result in far fewer iterations (benchmarks/results/t-fitfast_cpu_2026-12-07h.md); lr / betas are not used then
     optimizer: str = "adam"  # code stage optimiser: adam or lbfgs (not with refine_geometry)
     lbfgs_history: int = 10  # lbfgs: curvature pairs kept (the last this many steps)
@@ -69,7 +69,7 @@ class FitConfig:
     colour_lr: float = 0.05  # Adam learning rate of the residual (RGB units, colours in [0, 1]); decays like fit.lr
     colour_laplacian_weight: float = 10.0  # weight of the squared uniform Laplacian of the residual (smoothness)
     colour_weight: float = 1.0  # weight of the squared residual (keeps it small; unseen vertices stay near 0)
-    # The colour stage's optimiser: adam, or lbfgs (utils/apps/track/fit.py SyncFreeLBFGS, steps capped at colour_lr
+    # The colour stage's optimiser: adam, or lbfgs (utils/apps/track/lbfgs.py SyncFreeLBFGS, steps capped at colour_lr
     # per RGB entry, fit.lbfgs_history pairs): it lowers the loss at every step where Adam's first steps overshoot
     colour_solver: str = "adam"  # colour stage optimiser: adam or lbfgs
     # The Gaussians on the face mask's open boundary (outer rim, lid and lip margins) straddle its silhouette: colour

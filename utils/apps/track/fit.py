@@ -38,6 +38,7 @@ from models.geometry import UniformLaplacian, mean_edge_length
 from models.graphed_synthesis import GraphedSynthesis
 from models.renderer import render
 from utils.apps.track.config import COLOUR_SOLVERS, INITS, OPTIMIZERS, SPACES, FitConfig
+from utils.apps.track.lbfgs import SyncFreeLBFGS
 from utils.apps.track.targets import FitTarget
 from utils.core.device import synchronize
 from utils.data.code_file import (
@@ -401,60 +402,6 @@ def plateau(cur: float, best: float, bad: int, it: int, cfg: FitConfig) -> tuple
     else:
         best, bad = min(best, cur), bad + 1
     return best, bad, bad >= cfg.patience and it >= cfg.min_iterations
-
-class SyncFreeLBFGS:
-    """L-BFGS on one vector (the style w or the code z) with a unit step and no host synchronisation (``fit.optimizer
-    lbfgs``): the code stage is a smooth problem in a few hundred dimensions, where curvature pairs from the last
-    ``history`` steps converge in far fewer iterations than Adam's per-coordinate steps (each iteration is a network
-    forward and backward, so iterations are the cost).  Unlike torch.optim.LBFGS nothing reads a value back to the
-    host (no line search, no tolerance tests; a curvature pair with s.y <= 0 is kept with weight 0, a no-op in the
-    two-loop recursion), so the loop still runs asynchronously on a GPU.  The first step is -g scaled to move the
-    largest coordinate by ``max_step`` (torch's LBFGS: min(1, 1 / |g|_1)); every step is capped at ``max_step`` per
-    coordinate (0: only the first step is scaled, to 1 / |g|_1; uncapped unit steps diverged on the tests' small
-    model, where a near-flat direction gave a huge s.y / y.y).  Same interface as the Adam it replaces: backward,
-    then step(); zero_grad()."""
-
-    def __init__(self, var: Tensor, history: int, max_step: float) -> None:
-        self.var, self.history, self.max_step = var, history, max_step
-        self.s: list[Tensor] = []  # the last ``history`` steps x_k+1 - x_k, newest last
-        self.y: list[Tensor] = []  # ... and gradient changes g_k+1 - g_k
-        self.rho: list[Tensor] = []  # 1 / s.y (0 for a pair without positive curvature)
-        self.gamma = torch.ones((), device=var.device, dtype=var.dtype)  # initial Hessian inverse scale s.y / y.y
-        self.prev: tuple[Tensor, Tensor] | None = None  # (x, g) of the last step
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.var.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        x, g = self.var.detach().flatten().clone(), self.var.grad.detach().flatten().clone()
-        if self.prev is not None:
-            s, y = x - self.prev[0], g - self.prev[1]
-            sy, yy = (s * y).sum(), (y * y).sum()
-            ok = sy > 1e-10 * yy.clamp_min(1e-30).sqrt() * s.norm()  # positive curvature along the step
-            self.s.append(s)
-            self.y.append(y)
-            self.rho.append(torch.where(ok, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy)))
-            self.gamma = torch.where(ok, sy / yy.clamp_min(1e-30), self.gamma)
-            if len(self.s) > self.history:
-                self.s.pop(0), self.y.pop(0), self.rho.pop(0)
-            q, alphas = g.clone(), []
-            for s_i, y_i, r_i in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
-                a_i = r_i * (s_i * q).sum()
-                q -= a_i * y_i
-                alphas.append(a_i)
-            d = q * self.gamma
-            for s_i, y_i, r_i, a_i in zip(self.s, self.y, self.rho, reversed(alphas)):
-                d += s_i * (a_i - r_i * (y_i * d).sum())
-            d = -d
-        elif self.max_step > 0:
-            d = -g * (self.max_step / g.abs().max().clamp_min(1e-30))
-        else:
-            d = -g * (1.0 / g.abs().sum().clamp_min(1.0))
-        if self.max_step > 0:
-            d = d * (self.max_step / d.abs().max().clamp_min(self.max_step))  # at most max_step per coordinate
-        self.prev = (x, g)
-        self.var.add_(d.view_as(self.var))
 
 
 def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend: str = "auto",
