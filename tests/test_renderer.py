@@ -613,7 +613,7 @@ def test_gsplat_inference_kernels_match_the_autograd_path_on_cuda(monkeypatch, f
 
 
 # ------------------------------------------------------------------------------ fixed-geometry colour render
-def _check_fixed_colour(dev: torch.device, backend: str, filter_2d, background, chunk_elements: int = 1 << 22) -> None:
+def _check_fixed_colour(dev: torch.device, backend: str, filter_2d, background, chunk_elements: int = 1 << 22):
     """FixedGeometryRender(cloud, camera)(offsets) against render(with_colour(cloud, offsets), camera): image, alpha
     and the gradient of a weighted image sum w.r.t. the offsets, for an SH degree 2 cloud whose offsets push some
     colours below 0 (the clamp) and change the image; no gradient reaches the cloud."""
@@ -651,6 +651,7 @@ def _check_fixed_colour(dev: torch.device, backend: str, filter_2d, background, 
     other = fixed(torch.zeros(n, 3, device=dev))["image"].detach()
     plain = render(cloud.detach(), cam, bg, backend=backend, filter_2d=filter_2d)["image"]
     assert float((other - plain).abs().max()) < 1e-5 and float((other - got["image"].detach()).abs().max()) > 0.05
+    return fixed
 
 
 # (2D filter, its opacity compensation, background)
@@ -665,16 +666,18 @@ def test_fixed_geometry_colour_render_equals_the_full_render(monkeypatch, filter
     import models.renderer as R
 
     monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", compensation)
-    _check_fixed_colour(torch.device("cpu"), "torch", filter_2d, background)
+    fixed = _check_fixed_colour(torch.device("cpu"), "torch", filter_2d, background)
+    assert fixed._plan.A is not None  # the weights were kept as a sparse matrix
 
 
 def test_fixed_geometry_colour_render_recomputes_weights_beyond_the_store_limit(monkeypatch):
-    """With no room to keep the compositing weights (STORE_LIMIT_BYTES 0) and many small chunks, every call
-    recomputes them per chunk: same results."""
+    """With no room to keep the compositing weights as a sparse matrix (STORE_LIMIT_BYTES 0) and many small chunks,
+    every call recomputes them per chunk: same results."""
     import models.renderer as R
 
     monkeypatch.setattr(R, "STORE_LIMIT_BYTES", 0)
-    _check_fixed_colour(torch.device("cpu"), "torch", 0.3, (0.2, 0.3, 0.4), chunk_elements=4096)
+    fixed = _check_fixed_colour(torch.device("cpu"), "torch", 0.3, (0.2, 0.3, 0.4), chunk_elements=4096)
+    assert fixed._plan.A is None and len(fixed._plan.plan.chunks) > 3
 
 
 def test_fixed_geometry_colour_render_checks_offsets():

@@ -338,56 +338,95 @@ class _TorchColourPlan:
 
     Colour enters the compositing linearly: pixel = sum_i w_i c_i with weights w_i = alpha_i T_i that depend on the
     geometry and opacities only.  So the projection, the tile plan and the weights of every pixel-Gaussian candidate
-    are computed once here (the same ``_chunk_forward`` as the full render, so the same weights); a render of new
-    colours is then one gather-multiply-segment-sum per chunk and its backward one batched product, instead of the
-    projection, SH evaluation, sort, exp/log1p and float64 scans of a full render.
+    are computed once here (the same ``_chunk_forward`` as the full render, so the same weights) and kept as a sparse
+    (H*W, N) matrix A of the non-zero ones (about a quarter of the candidates at the CPU preset's size: the rest lie
+    outside a footprint or behind an opaque pixel) and its transpose; a render of new colours is then A @ colours and
+    its backward A^T @ grad, instead of the projection, SH evaluation, sort, exp/log1p and float64 scans of a full
+    render.  Where A and A^T would exceed STORE_LIMIT_BYTES, each call recomputes the weights chunk by chunk
+    (``_FixedColourRaster``), as the full render's backward recomputes its per-candidate values.
 
     Attributes: base (N, 3) the view's SH colour + 0.5 before the clamp at 0; alpha (H, W, 1) the fixed coverage;
-    plan the ``_TilePlan``; weights per chunk (P', T*T) or None where they would exceed STORE_LIMIT_BYTES (then
-    recomputed per call from tab (N, 6), as the full render's backward does).
+    plan the ``_TilePlan``; tab (N, 6) per-Gaussian [mx, my, A/2, B, C/2, opacity]; A, At sparse CSR (H*W, N) and
+    (N, H*W), or None.
     """
 
     def __init__(self, cloud: GaussianCloud, camera: Camera, budget: int, filter_2d: float | None) -> None:
         N, W, H = len(cloud), camera.width, camera.height
         self.N, self.W, self.H = N, W, H
+        self.A = self.At = None
         with torch.no_grad():
             proj = _project_cameras(cloud, [camera], filter_2d)
             self.base = _view_colours(cloud, [camera], clamp=False)[0]  # (N, 3)
             means2d = proj["means2d"].reshape(N, 2)
-            self.plan = _TilePlan(means2d, proj["radii"].reshape(N, 2), proj["depth"].reshape(N), 1, N, W, H,
-                                  settings.TILE, budget, float(settings.MAX_ALPHA))
+            plan = self.plan = _TilePlan(means2d, proj["radii"].reshape(N, 2), proj["depth"].reshape(N), 1, N, W, H,
+                                         settings.TILE, budget, float(settings.MAX_ALPHA))
             conic, opac = proj["conic"].reshape(N, 3), proj["opac"].reshape(N)
             self.tab = torch.cat([means2d, 0.5 * conic[:, :1], conic[:, 1:2], 0.5 * conic[:, 2:3], opac[:, None]], 1)
             self.ones = torch.ones_like(self.tab[:, :1])
-            cover = torch.zeros(self.plan.n_tiles, self.plan.T ** 2, 1, dtype=opac.dtype, device=opac.device)
-            self.weights: list[Tensor | None] = []
+            cover = torch.zeros(plan.n_tiles, plan.T ** 2, 1, dtype=opac.dtype, device=opac.device)
+            local = torch.arange(plan.T ** 2, device=opac.device)
+            entries: list[tuple[Tensor, Tensor, Tensor]] | None = []
             used = 0
-            for r0, r1, s0, s1 in self.plan.chunks:
+            for r0, r1, s0, s1 in plan.chunks:
                 # featpad of only the trailing 1: the chunk's output is the coverage sum_i w_i
-                o, _, _, w = _chunk_forward(self.tab, self.ones, self.plan, r0, r1, s0, s1)
-                cover[self.plan.seg_tile[s0:s1]] = o
-                nbytes = w.numel() * w.element_size()
-                keep = used + nbytes <= settings.STORE_LIMIT_BYTES
-                self.weights.append(w if keep else None)
-                used += nbytes if keep else 0
-            self.alpha = _tiles_to_images(cover, self.plan, 1, W, H)[0]  # (H, W, 1)
+                o, _, _, w = _chunk_forward(self.tab, self.ones, plan, r0, r1, s0, s1)
+                cover[plan.seg_tile[s0:s1]] = o
+                if entries is None:
+                    continue
+                tile = plan.tile[r0:r1, None]
+                px = (tile % plan.tiles_x) * plan.T + local % plan.T  # (P', T*T) pixel column and row
+                py = (tile // plan.tiles_x) * plan.T + local // plan.T
+                keep = (w != 0) & (px < W) & (py < H)
+                rows, cols = (py * W + px)[keep], plan.gid[r0:r1, None].expand_as(w)[keep]
+                # indices and values, of A and of its transpose
+                used += 2 * rows.numel() * (2 * rows.element_size() + w.element_size())
+                entries = entries + [(rows, cols, w[keep])] if used <= settings.STORE_LIMIT_BYTES else None
+            self.alpha = _tiles_to_images(cover, plan, 1, W, H)[0]  # (H, W, 1)
+            if entries:
+                rows, cols, vals = (torch.cat(t) for t in zip(*entries))
+                self.A = _csr(rows, cols, vals, (H * W, N))
+                self.At = _csr(cols, rows, vals, (N, H * W))
 
     def chunk_weights(self, i: int) -> Tensor:
-        """(P', T*T) compositing weights of chunk i (stored, or recomputed)."""
-        w = self.weights[i]
-        if w is None:
-            w = _chunk_forward(self.tab, self.ones, self.plan, *self.plan.chunks[i])[3]
-        return w
+        """(P', T*T) compositing weights of chunk i, recomputed."""
+        return _chunk_forward(self.tab, self.ones, self.plan, *self.plan.chunks[i])[3]
 
     def render(self, colors: Tensor) -> Tensor:
         """(N, 3) per-Gaussian RGB -> (H, W, 3) composited colour (no background), differentiable w.r.t. colors."""
+        if self.A is not None:
+            return _SparseColour.apply(colors, self.A, self.At).reshape(self.H, self.W, colors.shape[1])
         out = _FixedColourRaster.apply(colors, self)
         return _tiles_to_images(out, self.plan, 1, self.W, self.H)[0]
 
 
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix of ``size`` from unique (row, col) entries (rows, cols (E,) long; vals (E,))."""
+    import warnings
+
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, size, check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense matrix is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.to_sparse_csr()
+
+
+class _SparseColour(torch.autograd.Function):
+    """(N, F) colours -> (H*W, F) = A @ colours with a fixed sparse A; backward A^T @ grad (A^T kept as CSR, since
+    a transposed CSR product is slower)."""
+
+    @staticmethod
+    def forward(ctx, colors: Tensor, A: Tensor, At: Tensor) -> Tensor:
+        ctx.At = At
+        return A @ colors.contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        return ctx.At @ g.contiguous(), None, None
+
+
 class _FixedColourRaster(torch.autograd.Function):
-    """(N, F) colours -> (n_tiles, T*T, F) per-tile sums of w * colour with the weights of a ``_TorchColourPlan``;
-    the backward pass is the transpose of that linear map."""
+    """(N, F) colours -> (n_tiles, T*T, F) per-tile sums of w * colour with the weights of a ``_TorchColourPlan``
+    recomputed chunk by chunk (no room to keep them); the backward pass is the transpose of that linear map."""
 
     @staticmethod
     def forward(ctx, colors: Tensor, prep: _TorchColourPlan) -> Tensor:
