@@ -610,3 +610,93 @@ def test_gsplat_inference_kernels_match_the_autograd_path_on_cuda(monkeypatch, f
                 one = R.render_batch(grad[b], cams_, background, backend="gsplat", filter_2d=filter_2d)
                 assert float((one["image"].detach() - both["image"][b]).abs().max()) < 1e-5
     assert float(out["alpha"].max()) > 0.5  # something was drawn
+
+
+# ------------------------------------------------------------------------------ fixed-geometry colour render
+def _check_fixed_colour(dev: torch.device, backend: str, filter_2d, background, chunk_elements: int = 1 << 22):
+    """FixedGeometryRender(cloud, camera)(offsets) against render(with_colour(cloud, offsets), camera): image, alpha
+    and the gradient of a weighted image sum w.r.t. the offsets, for an SH degree 2 cloud whose offsets push some
+    colours below 0 (the clamp) and change the image; no gradient reaches the cloud."""
+    from models.renderer import FixedGeometryRender
+    from utils.data.code_file import with_colour
+
+    g = torch.Generator().manual_seed(11)
+    n = 1500
+    c = random_cloud(n, radius=0.12, scale_range=(5e-4, 0.012), sh_degree=2, generator=g).to(dev)
+    sh = c.sh.detach().clone().requires_grad_(True)
+    cloud = GaussianCloud(c.means, c.quats, c.scales, c.opacities, sh)
+    cam = _cam(64, 48, eye=(0.1, 0.05, 0.7), f=90.0)
+    bg = None if background is None else torch.tensor(background, device=dev)
+    off0 = (0.4 * torch.randn(n, 3, generator=g)).to(dev)
+    weight = torch.rand(48, 64, 3, generator=g).to(dev)
+    fixed = FixedGeometryRender(cloud, cam, bg, backend=backend, filter_2d=filter_2d, chunk_elements=chunk_elements)
+    outs, grads = [], []
+    for make in (lambda o: render(with_colour(cloud.detach(), o), cam, bg, backend=backend, filter_2d=filter_2d),
+                 fixed):
+        off = off0.clone().requires_grad_(True)
+        out = make(off)
+        (out["image"] * weight).sum().backward()
+        outs.append(out)
+        grads.append(off.grad)
+    ref, got = outs
+    assert got["image"].shape == (48, 64, 3) and got["alpha"].shape == (48, 64, 1)
+    for k in ("image", "alpha"):
+        assert float((ref[k].detach() - got[k].detach()).abs().max()) < 1e-5, k
+    assert float(grads[0].abs().max()) > 1e-3  # the offsets matter
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5 * float(grads[0].abs().max()), rtol=1e-4)
+    assert sh.grad is None  # geometry and base colour are fixed
+    # the clamp at 0 is exercised: some offset colours clamp, their gradient is zero in both
+    assert int((grads[0] == 0).sum()) > 0 and int((grads[1] == 0).sum()) > 0
+    # a second call with other offsets renders the new colours (nothing of the first call is kept)
+    other = fixed(torch.zeros(n, 3, device=dev))["image"].detach()
+    plain = render(cloud.detach(), cam, bg, backend=backend, filter_2d=filter_2d)["image"]
+    assert float((other - plain).abs().max()) < 1e-5 and float((other - got["image"].detach()).abs().max()) > 0.05
+    return fixed
+
+
+# (2D filter, its opacity compensation, background)
+_FIXED_CASES = [(None, "opacity", None), (None, "opacity", (0.2, 0.3, 0.4)), (0.3, "opacity", (0.5, 0.1, 0.9)),
+                (0.3, "optical_depth", None)]
+
+
+@pytest.mark.parametrize("filter_2d,compensation,background", _FIXED_CASES)
+def test_fixed_geometry_colour_render_equals_the_full_render(monkeypatch, filter_2d, compensation, background):
+    """Issue 25: the colour stage renders with the geometry prepared once (torch backend: projection, tile plan and
+    compositing weights); it must give the full render's image, alpha and offset gradient."""
+    import models.renderer as R
+
+    monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", compensation)
+    fixed = _check_fixed_colour(torch.device("cpu"), "torch", filter_2d, background)
+    assert fixed._plan.A is not None  # the weights were kept as a sparse matrix
+
+
+def test_fixed_geometry_colour_render_recomputes_weights_beyond_the_store_limit(monkeypatch):
+    """With no room to keep the compositing weights as a sparse matrix (STORE_LIMIT_BYTES 0) and many small chunks,
+    every call recomputes them per chunk: same results."""
+    import models.renderer as R
+
+    monkeypatch.setattr(R, "STORE_LIMIT_BYTES", 0)
+    fixed = _check_fixed_colour(torch.device("cpu"), "torch", 0.3, (0.2, 0.3, 0.4), chunk_elements=4096)
+    assert fixed._plan.A is None and len(fixed._plan.plan.chunks) > 3
+
+
+def test_fixed_geometry_colour_render_checks_offsets():
+    from models.renderer import FixedGeometryRender
+
+    cloud = random_cloud(20, sh_degree=1, generator=torch.Generator().manual_seed(0))
+    fixed = FixedGeometryRender(cloud, _cam(), backend="torch")
+    with pytest.raises(ValueError, match=r"\(20, 3\)"):
+        fixed(torch.zeros(19, 3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat runs on CUDA only: run this file on the GPU machine")
+@pytest.mark.parametrize("filter_2d,compensation,background", _FIXED_CASES)
+def test_fixed_geometry_colour_render_equals_the_full_render_on_gsplat(monkeypatch, filter_2d, compensation,
+                                                                       background):
+    """The gsplat half of FixedGeometryRender (projection, SH colour, tile intersection once; rasterize_to_pixels per
+    call) against the full gsplat render (rasterization(), or _rasterize_steps for "optical_depth")."""
+    pytest.importorskip("gsplat")
+    import models.renderer as R
+
+    monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", compensation)
+    _check_fixed_colour(torch.device("cuda"), "gsplat", filter_2d, background)

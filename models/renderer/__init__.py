@@ -5,6 +5,8 @@ Public functions:
     render_batch(cloud, cameras, background=None, backend="auto") -> the same with a leading camera dimension
     render_identities(clouds, cameras, ...) -> the same with leading identity and camera dimensions
     available_backends() -> the backends usable on this machine
+    FixedGeometryRender(cloud, camera, ...)(offsets) -> {"image", "alpha"}: one cloud through one camera with the
+        geometry prepared once, rendered with new per-Gaussian RGB offsets per call (``fixed_colour``; colour fits)
 
 Backends (one module each):
     "torch"  ``torch_backend``: pure PyTorch EWA splatting (CPU and GPU; what CI runs).  Same math as gsplat's
@@ -49,14 +51,15 @@ from models.renderer.common import (
     available_backends,
     eval_sh,
 )
+from models.renderer.fixed_colour import FixedGeometryRender
 
 # _gsplat_colors and _project_cameras are backend internals that tests and benchmarks reach through the package.
 from models.renderer.gsplat_backend import _gsplat_colors, _render_gsplat  # noqa: F401
 from models.renderer.inria_backend import _render_inria
 from models.renderer.torch_backend import _project_cameras, _rasterize_torch  # noqa: F401
 
-__all__ = ["BACKENDS", "available_backends", "eval_sh", "render", "render_batch", "render_identities",
-           "settings_override"]
+__all__ = ["BACKENDS", "FixedGeometryRender", "available_backends", "eval_sh", "render", "render_batch",
+           "render_identities", "settings_override"]
 
 
 def render(

@@ -34,6 +34,13 @@ def eval_sh(sh: Tensor, dirs: Tensor) -> Tensor:
     Returns:
         (..., 3) colour, clamped at 0 after the +0.5 offset (the convention of the 3DGS rasterizers).
     """
+    return torch.clamp_min(eval_sh_unclamped(sh, dirs), 0.0)
+
+
+def eval_sh_unclamped(sh: Tensor, dirs: Tensor) -> Tensor:
+    """:func:`eval_sh` before its clamp at 0: (..., 3) SH colour + 0.5 (sh (..., K, 3), dirs (..., 3)).  A colour
+    offset added to the SH DC term adds exactly offset to this value, so a fixed-geometry render
+    (``models.renderer.fixed_colour``) adds offsets here and clamps afterwards, as the renderer would."""
     k = sh.shape[-2]
     out = _C0 * sh[..., 0, :]
     if k > 1:
@@ -60,7 +67,7 @@ def eval_sh(sh: Tensor, dirs: Tensor) -> Tensor:
                     + _C3[5] * z * (xx - yy) * sh[..., 14, :]
                     + _C3[6] * x * (xx - 3 * yy) * sh[..., 15, :]
                 )
-    return torch.clamp_min(out + 0.5, 0.0)
+    return out + 0.5
 
 
 # ---------------------------------------------------------------------------------------------------- checks

@@ -18,21 +18,24 @@ from models.renderer import settings
 from models.renderer.common import _C0, compensate_opacity
 
 
-def _gsplat_colors(cloud: GaussianCloud, w2c: Tensor) -> Tensor:
+def _gsplat_colors(cloud: GaussianCloud, w2c: Tensor, clamp: bool = True) -> Tensor:
     """RGB per Gaussian for gsplat's ``sh_degree=None`` input: (..., N, 3) at SH degree 0, else (..., C, N, 3).
 
     Same values as gsplat's own SH path (``clamp_min(SH + 0.5, 0)``), but the camera centres come from the
     world-to-camera matrices in closed form (-R^T t): gsplat's path inverts the view matrices with torch.inverse,
-    which synchronises the GPU with the host on every call, and at degree 0 the SH kernel is a scale and shift."""
+    which synchronises the GPU with the host on every call, and at degree 0 the SH kernel is a scale and shift.
+    ``clamp=False``: the value before the clamp at 0 (the fixed-geometry colour render adds its offsets to it)."""
     from gsplat import spherical_harmonics  # optional CUDA dependency, imported only when this backend runs
 
     if cloud.sh_degree == 0:
-        return (cloud.sh[..., 0, :] * _C0 + 0.5).clamp_min(0.0)
-    R, t = w2c[..., :3, :3], w2c[..., :3, 3:]
-    centres = -(R.transpose(-1, -2) @ t).squeeze(-1)  # (..., C, 3)
-    dirs = cloud.means.unsqueeze(-3) - centres.unsqueeze(-2)  # (..., C, N, 3)
-    shs = cloud.sh.unsqueeze(-4).expand(*dirs.shape[:-1], *cloud.sh.shape[-2:])
-    return (spherical_harmonics(cloud.sh_degree, dirs, shs) + 0.5).clamp_min(0.0)
+        out = cloud.sh[..., 0, :] * _C0 + 0.5
+    else:
+        R, t = w2c[..., :3, :3], w2c[..., :3, 3:]
+        centres = -(R.transpose(-1, -2) @ t).squeeze(-1)  # (..., C, 3)
+        dirs = cloud.means.unsqueeze(-3) - centres.unsqueeze(-2)  # (..., C, N, 3)
+        shs = cloud.sh.unsqueeze(-4).expand(*dirs.shape[:-1], *cloud.sh.shape[-2:])
+        out = spherical_harmonics(cloud.sh_degree, dirs, shs) + 0.5
+    return out.clamp_min(0.0) if clamp else out
 
 
 def _render_gsplat(cloud: GaussianCloud, cameras: Sequence[Camera] | Sequence[Sequence[Camera]],
@@ -173,3 +176,45 @@ def _rasterize_steps(cloud: GaussianCloud, colors: Tensor, w2c: Tensor, K: Tenso
         else:
             out = torch.cat([out[..., :3], out[..., 3:] / alphas.clamp_min(1e-10)], -1)
     return out, alphas
+
+
+class _GsplatColourPlan:
+    """One cloud through one camera with its geometry fixed (the gsplat half of ``FixedGeometryRender``): gsplat's
+    projection, the view's SH colour (before the clamp), tile intersection and offsets once, as ``_rasterize_steps``
+    runs them (same arguments, so the same Gaussians, footprints and compensated opacities as the normal render);
+    a call runs only ``rasterize_to_pixels`` with colours base + offsets clamped at 0, as ``_gsplat_colors`` clamps.
+
+    Attributes: base (1, N, 3); means2d (1, N, 2); conics (1, N, 3); opac (1, N); isect_offsets (1, th, tw);
+    flatten_ids (I,); bg (1, 3) or None.
+    """
+
+    def __init__(self, cloud: GaussianCloud, camera: Camera, background: Tensor | None,
+                 filter_2d: float | None) -> None:
+        from gsplat import fully_fused_projection, isect_offset_encode, isect_tiles
+
+        K, w2c, W, H = stack_cameras([camera.to(cloud.device)])  # (1, 3, 3), (1, 4, 4)
+        self.W, self.H, self.tile = W, H, settings.GSPLAT_TILE_SIZE
+        tw, th = math.ceil(W / self.tile), math.ceil(H / self.tile)
+        eps2d = settings.BLUR_EPS if filter_2d is None else filter_2d
+        with torch.no_grad():
+            self.base = _gsplat_colors(cloud, w2c, clamp=False).reshape(1, len(cloud), 3)
+            radii, self.means2d, depths, self.conics, ratio = fully_fused_projection(
+                cloud.means, None, cloud.quats, cloud.scales, w2c, K, W, H, eps2d=eps2d,
+                near_plane=settings.NEAR_PLANE, calc_compensations=filter_2d is not None, opacities=cloud.opacities)
+            opac = cloud.opacities.unsqueeze(-2)  # (1, N)
+            if filter_2d is not None:  # rasterization()'s o * r, or the optical-depth mode of _rasterize_steps
+                opac = compensate_opacity(opac, ratio)
+            self.opac = opac.contiguous()
+            _, isect_ids, self.flatten_ids = isect_tiles(self.means2d, radii, depths, self.tile, tw, th)
+            self.isect_offsets = isect_offset_encode(isect_ids, 1, tw, th).reshape(1, th, tw)
+        self.bg = None if background is None else background.to(cloud.means).reshape(1, 3)
+
+    def render(self, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """offsets (N, 3) -> image (H, W, 3) composited over the background, alpha (H, W, 1); differentiable
+        w.r.t. offsets."""
+        from gsplat import rasterize_to_pixels
+
+        colors = (self.base + offsets.to(self.base.dtype)).clamp_min(0.0)  # (1, N, 3)
+        img, alphas = rasterize_to_pixels(self.means2d, self.conics, colors, self.opac, self.W, self.H, self.tile,
+                                          self.isect_offsets, self.flatten_ids, backgrounds=self.bg)
+        return img[0], alphas[0]

@@ -19,7 +19,7 @@ from torch import Tensor
 from models.camera import Camera, stack_cameras
 from models.gaussians import GaussianCloud, quat_to_rotmat
 from models.renderer import settings
-from models.renderer.common import compensate_opacity, eval_sh
+from models.renderer.common import compensate_opacity, eval_sh, eval_sh_unclamped
 
 _LOG_T_STOP = math.log(settings.TRANSMITTANCE_STOP)
 
@@ -87,14 +87,21 @@ def _project_cameras(cloud: GaussianCloud, cameras: Sequence[Camera], filter_2d:
         ok = ok & ~((mx + rx <= 0) | (mx - rx >= W) | (my + ry <= 0) | (my - ry >= H))
         radii = torch.stack([rx, ry], -1).long() * ok.unsqueeze(-1)
 
+    colors = _view_colours(cloud, cameras)
+    return {"means2d": means2d, "conic": conic, "depth": zs, "colors": colors, "opac": opac, "radii": radii}
+
+
+def _view_colours(cloud: GaussianCloud, cameras: Sequence[Camera], clamp: bool = True) -> Tensor:
+    """(C, N, 3) SH colour of every Gaussian seen from each camera centre (``clamp=False``: before the clamp at 0,
+    :func:`eval_sh_unclamped`)."""
+    dev, dt = cloud.means.device, cloud.means.dtype
+    sh_colour = eval_sh if clamp else eval_sh_unclamped
     centers = torch.stack([cam.center.to(dev, dt) for cam in cameras])  # (C, 3)
     dirs = cloud.means.unsqueeze(0) - centers.unsqueeze(1)
     dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if cloud.sh_degree == 0:  # view-independent: evaluate once
-        colors = eval_sh(cloud.sh, dirs[0]).unsqueeze(0).expand(len(cameras), -1, -1)
-    else:
-        colors = eval_sh(cloud.sh.unsqueeze(0), dirs)
-    return {"means2d": means2d, "conic": conic, "depth": zs, "colors": colors, "opac": opac, "radii": radii}
+        return sh_colour(cloud.sh, dirs[0]).unsqueeze(0).expand(len(cameras), -1, -1)
+    return sh_colour(cloud.sh.unsqueeze(0), dirs)
 
 
 class _TilePlan:
@@ -188,7 +195,8 @@ def _chunk_forward(tab: Tensor, featpad: Tensor, plan: _TilePlan, r0: int, r1: i
         tab: (M, 6) per-Gaussian [mx, my, A/2, B, C/2, opacity]; featpad: (M, F+1) features with a trailing 1.
     Returns:
         out (S', T*T, F+1) per-tile sums of w * featpad, vis (P', T*T) = exp(-sigma), tm (P', T*T) = exclusive
-        transmittance where the pixel is still live, else 0 (P' pairs, S' tiles of this chunk).
+        transmittance where the pixel is still live, else 0, w (P', T*T) = alpha * tm, each candidate's compositing
+        weight (P' pairs, S' tiles of this chunk).
     """
     gid, tile = plan.gid[r0:r1], plan.tile[r0:r1]
     tb = tab[gid]
@@ -213,7 +221,7 @@ def _chunk_forward(tab: Tensor, featpad: Tensor, plan: _TilePlan, r0: int, r1: i
     w = alpha * tm
     contrib = w.unsqueeze(-1) * featpad[gid].unsqueeze(1)  # (P', T*T, F+1)
     out = torch.segment_reduce(contrib, "sum", lengths=plan.seg_len[s0:s1], axis=0)
-    return out, vis, tm
+    return out, vis, tm, w
 
 
 class _TileRaster(torch.autograd.Function):
@@ -233,7 +241,7 @@ class _TileRaster(torch.autograd.Function):
         out = torch.zeros(plan.n_tiles, T2, F + 1, dtype=feats.dtype, device=feats.device)
         stored, used = [], 0
         for r0, r1, s0, s1 in plan.chunks:
-            o, vis, tm = _chunk_forward(tab, featpad, plan, r0, r1, s0, s1)
+            o, vis, tm, _ = _chunk_forward(tab, featpad, plan, r0, r1, s0, s1)
             out[plan.seg_tile[s0:s1]] = o
             nbytes = 2 * vis.numel() * vis.element_size()
             if plan.need_grad and used + nbytes <= settings.STORE_LIMIT_BYTES:
@@ -253,7 +261,7 @@ class _TileRaster(torch.autograd.Function):
         F = featpad.shape[1] - 1
         gtab = torch.zeros(tab.shape[0], 6 + F, dtype=tab.dtype, device=tab.device)  # d/d[mx,my,A,B,C,o,feats]
         for (r0, r1, s0, s1), st in zip(plan.chunks, ctx.stored):
-            vis, tm = st if st is not None else _chunk_forward(tab, featpad, plan, r0, r1, s0, s1)[1:]
+            vis, tm = st if st is not None else _chunk_forward(tab, featpad, plan, r0, r1, s0, s1)[1:3]
             gid, tile = plan.gid[r0:r1], plan.tile[r0:r1]
             tb = tab[gid]
             o = tb[:, 5:6]
@@ -309,11 +317,136 @@ def _rasterize_torch(
     )
     feats = torch.cat([proj["colors"], proj["depth"].unsqueeze(-1)], -1).reshape(C * N, 4)
     out = _TileRaster.apply(means2d, proj["conic"].reshape(C * N, 3), proj["opac"].reshape(C * N), feats, plan)
-    T = plan.T
-    img = out.reshape(C, plan.tiles_y, plan.tiles_x, T, T, 5).permute(0, 1, 3, 2, 4, 5)
-    img = img.reshape(C, plan.tiles_y * T, plan.tiles_x * T, 5)[:, :H, :W]
+    img = _tiles_to_images(out, plan, C, W, H)
     color, depth_acc, alpha = img[..., :3], img[..., 3:4], img[..., 4:5]
     depth_img = depth_acc / alpha.clamp_min(1e-10)
     if background is not None:
         color = color + (1.0 - alpha) * background.to(dev, dt)
     return {"image": color, "alpha": alpha, "depth": depth_img}
+
+
+def _tiles_to_images(out: Tensor, plan: _TilePlan, C: int, W: int, H: int) -> Tensor:
+    """(n_tiles, T*T, F) per-tile pixel values (tiles camera-major, row-major) -> (C, H, W, F) images."""
+    T, F = plan.T, out.shape[-1]
+    img = out.reshape(C, plan.tiles_y, plan.tiles_x, T, T, F).permute(0, 1, 3, 2, 4, 5)
+    return img.reshape(C, plan.tiles_y * T, plan.tiles_x * T, F)[:, :H, :W]
+
+
+# ---------------------------------------------------------------------------------------- fixed-geometry colour
+class _TorchColourPlan:
+    """One cloud through one camera with its geometry fixed (the torch half of ``FixedGeometryRender``).
+
+    Colour enters the compositing linearly: pixel = sum_i w_i c_i with weights w_i = alpha_i T_i that depend on the
+    geometry and opacities only.  So the projection, the tile plan and the weights of every pixel-Gaussian candidate
+    are computed once here (the same ``_chunk_forward`` as the full render, so the same weights) and kept as a sparse
+    (H*W, N) matrix A of the non-zero ones (about a quarter of the candidates at the CPU preset's size: the rest lie
+    outside a footprint or behind an opaque pixel) and its transpose; a render of new colours is then A @ colours and
+    its backward A^T @ grad, instead of the projection, SH evaluation, sort, exp/log1p and float64 scans of a full
+    render.  Where A and A^T would exceed STORE_LIMIT_BYTES, each call recomputes the weights chunk by chunk
+    (``_FixedColourRaster``), as the full render's backward recomputes its per-candidate values.
+
+    Attributes: base (N, 3) the view's SH colour + 0.5 before the clamp at 0; alpha (H, W, 1) the fixed coverage;
+    plan the ``_TilePlan``; tab (N, 6) per-Gaussian [mx, my, A/2, B, C/2, opacity]; A, At sparse CSR (H*W, N) and
+    (N, H*W), or None.
+    """
+
+    def __init__(self, cloud: GaussianCloud, camera: Camera, budget: int, filter_2d: float | None) -> None:
+        N, W, H = len(cloud), camera.width, camera.height
+        self.N, self.W, self.H = N, W, H
+        self.A = self.At = None
+        with torch.no_grad():
+            proj = _project_cameras(cloud, [camera], filter_2d)
+            self.base = _view_colours(cloud, [camera], clamp=False)[0]  # (N, 3)
+            means2d = proj["means2d"].reshape(N, 2)
+            plan = self.plan = _TilePlan(means2d, proj["radii"].reshape(N, 2), proj["depth"].reshape(N), 1, N, W, H,
+                                         settings.TILE, budget, float(settings.MAX_ALPHA))
+            conic, opac = proj["conic"].reshape(N, 3), proj["opac"].reshape(N)
+            self.tab = torch.cat([means2d, 0.5 * conic[:, :1], conic[:, 1:2], 0.5 * conic[:, 2:3], opac[:, None]], 1)
+            self.ones = torch.ones_like(self.tab[:, :1])
+            cover = torch.zeros(plan.n_tiles, plan.T ** 2, 1, dtype=opac.dtype, device=opac.device)
+            local = torch.arange(plan.T ** 2, device=opac.device)
+            entries: list[tuple[Tensor, Tensor, Tensor]] | None = []
+            used = 0
+            for r0, r1, s0, s1 in plan.chunks:
+                # featpad of only the trailing 1: the chunk's output is the coverage sum_i w_i
+                o, _, _, w = _chunk_forward(self.tab, self.ones, plan, r0, r1, s0, s1)
+                cover[plan.seg_tile[s0:s1]] = o
+                if entries is None:
+                    continue
+                tile = plan.tile[r0:r1, None]
+                px = (tile % plan.tiles_x) * plan.T + local % plan.T  # (P', T*T) pixel column and row
+                py = (tile // plan.tiles_x) * plan.T + local // plan.T
+                keep = (w != 0) & (px < W) & (py < H)
+                rows, cols = (py * W + px)[keep], plan.gid[r0:r1, None].expand_as(w)[keep]
+                # indices and values, of A and of its transpose
+                used += 2 * rows.numel() * (2 * rows.element_size() + w.element_size())
+                entries = entries + [(rows, cols, w[keep])] if used <= settings.STORE_LIMIT_BYTES else None
+            self.alpha = _tiles_to_images(cover, plan, 1, W, H)[0]  # (H, W, 1)
+            if entries:
+                rows, cols, vals = (torch.cat(t) for t in zip(*entries))
+                self.A = _csr(rows, cols, vals, (H * W, N))
+                self.At = _csr(cols, rows, vals, (N, H * W))
+
+    def chunk_weights(self, i: int) -> Tensor:
+        """(P', T*T) compositing weights of chunk i, recomputed."""
+        return _chunk_forward(self.tab, self.ones, self.plan, *self.plan.chunks[i])[3]
+
+    def render(self, colors: Tensor) -> Tensor:
+        """(N, 3) per-Gaussian RGB -> (H, W, 3) composited colour (no background), differentiable w.r.t. colors."""
+        if self.A is not None:
+            return _SparseColour.apply(colors, self.A, self.At).reshape(self.H, self.W, colors.shape[1])
+        out = _FixedColourRaster.apply(colors, self)
+        return _tiles_to_images(out, self.plan, 1, self.W, self.H)[0]
+
+
+def _csr(rows: Tensor, cols: Tensor, vals: Tensor, size: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix of ``size`` from unique (row, col) entries (rows, cols (E,) long; vals (E,))."""
+    import warnings
+
+    coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, size, check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense matrix is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.to_sparse_csr()
+
+
+class _SparseColour(torch.autograd.Function):
+    """(N, F) colours -> (H*W, F) = A @ colours with a fixed sparse A; backward A^T @ grad (A^T kept as CSR, since
+    a transposed CSR product is slower)."""
+
+    @staticmethod
+    def forward(ctx, colors: Tensor, A: Tensor, At: Tensor) -> Tensor:
+        ctx.At = At
+        return A @ colors.contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        return ctx.At @ g.contiguous(), None, None
+
+
+class _FixedColourRaster(torch.autograd.Function):
+    """(N, F) colours -> (n_tiles, T*T, F) per-tile sums of w * colour with the weights of a ``_TorchColourPlan``
+    recomputed chunk by chunk (no room to keep them); the backward pass is the transpose of that linear map."""
+
+    @staticmethod
+    def forward(ctx, colors: Tensor, prep: _TorchColourPlan) -> Tensor:
+        plan = prep.plan
+        out = colors.new_zeros(plan.n_tiles, plan.T ** 2, colors.shape[1])
+        for i, (r0, r1, s0, s1) in enumerate(plan.chunks):
+            w = prep.chunk_weights(i)
+            contrib = w.unsqueeze(-1) * colors[plan.gid[r0:r1]].unsqueeze(1)  # (P', T*T, F)
+            out[plan.seg_tile[s0:s1]] = torch.segment_reduce(contrib, "sum", lengths=plan.seg_len[s0:s1], axis=0)
+        ctx.prep, ctx.shape = prep, colors.shape
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout: Tensor):
+        prep: _TorchColourPlan = ctx.prep
+        plan = prep.plan
+        g = gout.new_zeros(ctx.shape)
+        for i, (r0, r1, s0, s1) in enumerate(plan.chunks):
+            w = prep.chunk_weights(i)
+            g_feat = torch.bmm(w.unsqueeze(1), gout[plan.tile[r0:r1]]).squeeze(1)  # (P', F)
+            g.index_add_(0, plan.gid[r0:r1], g_feat)
+        return g, None

@@ -36,7 +36,7 @@ from models.camera import Camera
 from models.flame import FlameModel, FlameParams, axis_angle_to_matrix
 from models.geometry import UniformLaplacian, mean_edge_length
 from models.graphed_synthesis import GraphedSynthesis
-from models.renderer import render
+from models.renderer import FixedGeometryRender, render
 from utils.apps.track.config import COLOUR_SOLVERS, INITS, OPTIMIZERS, SPACES, FitConfig
 from utils.apps.track.lbfgs import SyncFreeLBFGS
 from utils.apps.track.targets import FitTarget
@@ -47,7 +47,6 @@ from utils.data.code_file import (
     colour_offsets,
     load_code,
     render_style,
-    with_colour,
 )
 from utils.data.model_file import TrainedModel
 from utils.face.regions import eye_region_masks
@@ -198,11 +197,15 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
 
     Minimises ``photometric + colour_laplacian_weight * mean |L r|^2 + colour_weight * mean |r|^2`` (L: uniform
     Laplacian of the level-0 face-mask mesh) with Adam from r = 0, lr decaying like the code fit.  The Gaussians
-    are synthesised once; an iteration adds the upsampled residual to their colours, renders and steps, and the
-    loop synchronises with the host only every ``check_every`` iterations.  Returns (residual, windowed losses).
+    are synthesised and their render through ``camera`` prepared once (projection, view-dependent colour, tile
+    sorting: models.renderer.FixedGeometryRender, the same image as rendering ``with_colour``); an iteration adds
+    the upsampled residual to their colours, renders and steps, and the loop synchronises with the host only every
+    ``check_every`` iterations.  Returns (residual, windowed losses).
     """
     with torch.no_grad():
         cloud0 = code_cloud(model, w, base, gaussians=gaussians).detach()
+    # only the colours change below: the geometry's share of the render is done once (issue 25)
+    fixed = FixedGeometryRender(cloud0, camera, backend=backend)
     res = torch.zeros_like(base, requires_grad=True)
     lap = UniformLaplacian(len(base), model.base_faces, base.device)
     free = None
@@ -220,7 +223,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
         for g in getattr(opt, "param_groups", []):
             g["lr"] = cfg.colour_lr * cfg.lr_final_ratio ** (it / max(1, n - 1))
         r = res if free is None else res * free
-        pred = render(with_colour(cloud0, colour_offsets(model, r)), camera, backend=backend)["image"]
+        pred = fixed(colour_offsets(model, r))["image"]
         loss = photometric(pred, gt, cfg, eyes, eye_w, ignore)
         total = loss + lap.penalty(res, cfg.colour_laplacian_weight, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
