@@ -699,4 +699,6 @@ def test_fixed_geometry_colour_render_equals_the_full_render_on_gsplat(monkeypat
     import models.renderer as R
 
     monkeypatch.setattr(R, "FILTER_2D_COMPENSATION", compensation)
-    _check_fixed_colour(torch.device("cuda"), "gsplat", filter_2d, background)
+    for prepared in (True, False):  # the prepared path (off by default until this test has run) and the full render
+        monkeypatch.setattr(R, "GSPLAT_PREPARED_COLOUR", prepared)
+        _check_fixed_colour(torch.device("cuda"), "gsplat", filter_2d, background)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from models.camera import Camera
 from models.gaussians import GaussianCloud
+from models.renderer import settings
 from models.renderer.common import _C0, _DEFAULT, _pick_backend, _resolve_filter, _validate
 
 
@@ -28,8 +29,9 @@ class FixedGeometryRender:
     ``rasterize_to_pixels`` per call; "torch" prepares its projection, tile plan and every pixel-Gaussian
     candidate's compositing weight once (colour enters the compositing linearly), so a call is a weighted sum;
     "inria" renders in full per call (its kernel projects, sorts and rasterises in one call with no entry point for a
-    prepared geometry).  Renderer settings (FILTER_2D, TILE, MAX_ALPHA, GSPLAT_TILE_SIZE, ...) are read when the
-    render is prepared.
+    prepared geometry), and so does "gsplat" unless ``GSPLAT_PREPARED_COLOUR`` is set (models/renderer/settings.py:
+    the prepared gsplat path is not yet verified on a GPU).  Renderer settings (FILTER_2D, TILE, MAX_ALPHA,
+    GSPLAT_TILE_SIZE, ...) are read when the render is prepared.
 
     Args:
         cloud: unbatched GaussianCloud of N Gaussians (means (N, 3), quats (N, 4), scales (N, 3), opacities (N,),
@@ -51,7 +53,7 @@ class FixedGeometryRender:
         self.backend = _pick_backend(backend, cloud.device)
         f2d = _resolve_filter(filter_2d)
         self.background = background
-        if self.backend == "gsplat":
+        if self.backend == "gsplat" and settings.GSPLAT_PREPARED_COLOUR:
             from models.renderer.gsplat_backend import _GsplatColourPlan
 
             self._plan = _GsplatColourPlan(cloud, camera, background, f2d)
@@ -59,13 +61,14 @@ class FixedGeometryRender:
             from models.renderer.torch_backend import _TorchColourPlan
 
             self._plan = _TorchColourPlan(cloud, camera, chunk_elements, f2d)
-        else:  # inria: the full render per call (see the class docstring)
+        else:  # inria, and gsplat unless GSPLAT_PREPARED_COLOUR: the full render per call (the class docstring)
+            self._plan = None
             self._cloud, self._camera, self._f2d = cloud, camera, f2d
 
     def __call__(self, offsets: Tensor) -> dict[str, Tensor]:
         if tuple(offsets.shape) != (self.n, 3):
             raise ValueError(f"FixedGeometryRender expects offsets of shape ({self.n}, 3), got {tuple(offsets.shape)}")
-        if self.backend == "gsplat":
+        if self.backend == "gsplat" and self._plan is not None:
             image, alpha = self._plan.render(offsets)
             return {"image": image, "alpha": alpha}
         if self.backend == "torch":
@@ -74,10 +77,11 @@ class FixedGeometryRender:
             if self.background is not None:
                 image = image + (1.0 - plan.alpha) * self.background.to(image)
             return {"image": image, "alpha": plan.alpha}
-        from models.renderer.inria_backend import _render_inria
+        from models.renderer import render_batch  # (the package imports this module)
 
         c = self._cloud
         dc = c.sh[:, :1, :] + (offsets / _C0).unsqueeze(-2).to(c.sh.dtype)
         cloud = GaussianCloud(c.means, c.quats, c.scales, c.opacities, torch.cat([dc, c.sh[:, 1:, :]], dim=-2))
-        out = _render_inria(cloud, [self._camera], self.background, self._f2d)
+        out = render_batch(cloud, [self._camera], self.background, backend=self.backend, filter_2d=self._f2d,
+                           depth=False)
         return {"image": out["image"][0], "alpha": out["alpha"][0]}

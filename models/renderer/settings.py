@@ -43,3 +43,8 @@ GSPLAT_PACKED = False
 # of its autograd wrappers and rasterization() (same kernels and arguments, fewer host operations per call; see
 # gsplat_backend._direct_kernels).  False forces the public path (benchmarks compare the two).
 GSPLAT_DIRECT = True
+# FixedGeometryRender (the fit's colour stage) on gsplat: False renders the whole cloud per call (the path every other
+# render takes); True prepares projection, SH colour and tile intersection once and runs only rasterize_to_pixels per
+# call.  Off until the prepared path's GPU equality test (tests/test_renderer.py, CUDA) and its timing have run on a
+# GPU: written 2026-12-07h without one (the torch backend's prepared path is on and tested on the CPU).
+GSPLAT_PREPARED_COLOUR = False
