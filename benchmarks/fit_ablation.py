@@ -46,7 +46,6 @@ Writes <out>.md (one table per identity plus a gain summary) and <out>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -55,11 +54,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.report import write_report  # noqa: E402
 from utils.apps.track.config import TrackConfig  # noqa: E402
 from utils.apps.track.fit import fit_identity  # noqa: E402
 from utils.apps.track.pipeline import heldout_subjects
 from utils.apps.track.targets import load_subject_target  # noqa: E402
-from utils.core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import resolve_device  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
@@ -278,10 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = markdown(res)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(text, out.with_suffix(".md"))
-        atomic_write_json(json.loads(json.dumps(res, default=float)), out.with_suffix(".json"))
+        write_report(args.out, text, res)
     return res
 
 

@@ -29,11 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import _variants  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 from utils.apps.track.config import TrackConfig  # noqa: E402
 from utils.apps.track.fit import fit_identity  # noqa: E402
 from utils.apps.track.pipeline import heldout_subjects  # noqa: E402
 from utils.apps.track.targets import load_subject_target  # noqa: E402
-from utils.core.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.core.atomic import atomic_write_json  # noqa: E402
 from utils.core.config import build_config  # noqa: E402
 from utils.core.device import resolve_device  # noqa: E402
 from utils.data.model_file import load_model  # noqa: E402
@@ -166,10 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = markdown(res)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(text, out.with_suffix(".md"))
-        atomic_write_json(json.loads(json.dumps(res, default=float)), out.with_suffix(".json"))
+        write_report(args.out, text, res)
     return res
 
 

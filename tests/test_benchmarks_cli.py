@@ -176,3 +176,17 @@ def test_scratch_dir_is_removed_at_exit():
                          cwd=Path(__file__).resolve().parents[1])
     path = Path(out.stdout.strip())
     assert path.name.startswith("t_") and not path.exists()
+
+
+def test_write_report_writes_the_table_and_its_json(tmp_path):
+    """benchmarks/report.write_report: <out>.md holds the text, <out>.json the results with numpy / torch scalars as
+    floats, in a folder created for them."""
+    import numpy as np
+    import torch
+
+    from benchmarks.report import write_report
+
+    write_report(tmp_path / "sub" / "r", "| a | 1.5 |\n", {"a": np.float32(1.5), "b": torch.tensor(2.0).item(),
+                                                           "c": "x"})
+    assert (tmp_path / "sub" / "r.md").read_text() == "| a | 1.5 |\n"
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"a": 1.5, "b": 2.0, "c": "x"}

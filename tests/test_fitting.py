@@ -546,6 +546,10 @@ def test_colour_boundary_rings(preprocessed_root, fit_model, tmp_path):  # noqa:
                                        target.fit_view.image, cfg.fit)
     assert float(out[0][edge].abs().max()) > 1e-3 and float(out[1][edge].abs().max()) == 0.0
     assert float(out[1][~edge].abs().max()) > 1e-3
+    # the stage's mesh tables are built once per loaded model (a fit per photo does not rebuild them on the host)
+    interior = model.derived(("interior", 1, "cpu"), lambda: None)
+    assert interior is not None and torch.equal(interior[:, 0], ~edge)
+    assert model.derived(("laplacian", "cpu"), lambda: None) is not None
 
 
 def test_rim_stage(preprocessed_root, fit_model, tmp_path):  # noqa: F811

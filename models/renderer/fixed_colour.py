@@ -77,11 +77,15 @@ class FixedGeometryRender:
             if self.background is not None:
                 image = image + (1.0 - plan.alpha) * self.background.to(image)
             return {"image": image, "alpha": plan.alpha}
-        from models.renderer import render_batch  # (the package imports this module)
-
         c = self._cloud
         dc = c.sh[:, :1, :] + (offsets / _C0).unsqueeze(-2).to(c.sh.dtype)
         cloud = GaussianCloud(c.means, c.quats, c.scales, c.opacities, torch.cat([dc, c.sh[:, 1:, :]], dim=-2))
-        out = render_batch(cloud, [self._camera], self.background, backend=self.backend, filter_2d=self._f2d,
-                           depth=False)
+        if self.backend == "gsplat":  # the backends as render_batch calls them (the package imports this module)
+            from models.renderer.gsplat_backend import _render_gsplat
+
+            out = _render_gsplat(cloud, [self._camera], self.background, depth=False, filter_2d=self._f2d)
+        else:
+            from models.renderer.inria_backend import _render_inria
+
+            out = _render_inria(cloud, [self._camera], self.background, self._f2d)
         return {"image": out["image"][0], "alpha": out["alpha"][0]}

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -163,8 +163,8 @@ class TrainedModel:
     filter_2d: float | None = None
     encoder: Any = None  # models.encoder.StyleEncoder (eval mode, on the device) or None
     encoder_notice: str = ""  # why a stored encoder was left out ("" when none was stored or it loaded)
-    # levels down -> IdentityField; not an init argument, so dataclasses.replace gives a copy its own (empty) cache
-    _coarse_fields: dict = dataclass_field(default_factory=dict, init=False, repr=False, compare=False)
+    # derived(): key -> object; not an init argument, so dataclasses.replace gives a copy its own (empty) cache
+    _derived: dict = dataclass_field(default_factory=dict, init=False, repr=False, compare=False)
 
     def coarse_field(self, levels_down: int) -> IdentityField:
         """The frozen ``field`` on its own mesh ``levels_down`` subdivision levels coarser
@@ -172,9 +172,15 @@ class TrainedModel:
         0 returns ``field`` itself."""
         if levels_down == 0:
             return self.field
-        if levels_down not in self._coarse_fields:
-            self._coarse_fields[levels_down] = coarser_field(self.field, self.plan, levels_down)
-        return self._coarse_fields[levels_down]
+        return self.derived(("coarse_field", levels_down), lambda: coarser_field(self.field, self.plan, levels_down))
+
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` for ``key``, built on first use and kept with this model: what depends only on the frozen
+        model (its mesh's Laplacian and boundary rings, a coarser field), which a fit would otherwise rebuild on the
+        host for every photo.  Keys name the object and whatever it depends on beyond the model (e.g. the device)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., M, 3) level-0 face-mask vertices -> (..., V, 3) at the network's subdivision level."""

@@ -207,10 +207,12 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     # only the colours change below: the geometry's share of the render is done once (issue 25)
     fixed = FixedGeometryRender(cloud0, camera, backend=backend)
     res = torch.zeros_like(base, requires_grad=True)
-    lap = UniformLaplacian(len(base), model.base_faces, base.device)
+    lap = model.derived(("laplacian", str(base.device)),
+                        lambda: UniformLaplacian(len(base), model.base_faces, base.device))
     free = None
     if cfg.colour_boundary_rings > 0:
-        free = (~boundary_rings(len(base), model.base_faces, cfg.colour_boundary_rings)).to(base.device)[:, None]
+        free = model.derived(("interior", cfg.colour_boundary_rings, str(base.device)), lambda: (~boundary_rings(
+            len(base), model.base_faces, cfg.colour_boundary_rings)).to(base.device)[:, None])
     n = cfg.colour_iterations
     eye_w = scaled_eye_weight(cfg.colour_eye_weight, eyes, cfg.colour_eye_pixels)
     fused = {"fused": True} if base.device.type == "cuda" else {}
@@ -290,7 +292,8 @@ def fit_rim(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Te
     Minimises ``photometric + rim_weight * mean params^2`` with Adam from zero (lr decaying like fit.lr), the network
     run once.  Returns (params (R, 2), residual (V, K, 7), windowed losses)."""
     f = model.field
-    ring = boundary_ring_index(f.num_vertices, f.faces.cpu().numpy(), cfg.rim_rings).to(base.device)
+    ring = model.derived(("rim_ring_index", cfg.rim_rings, str(base.device)), lambda: boundary_ring_index(
+        f.num_vertices, f.faces.cpu().numpy(), cfg.rim_rings).to(base.device))
     verts = model.vertices(base)[None]
     with torch.no_grad():
         raw = f.synthesize_raw(w[None]).to(verts.dtype)
@@ -469,7 +472,8 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     if cfg.refine_geometry:
         offsets = torch.zeros_like(base0, requires_grad=True)
         groups.append({"params": [offsets], "lr": cfg.geometry_lr, "initial_lr": cfg.geometry_lr})
-        lap = UniformLaplacian(len(base0), model.base_faces, base0.device)
+        lap = model.derived(("laplacian", str(base0.device)),
+                            lambda: UniformLaplacian(len(base0), model.base_faces, base0.device))
         unit = mean_edge_length(base0, model.base_faces)
     fused = {"fused": True} if base0.device.type == "cuda" else {}
     if cfg.optimizer == "lbfgs":
