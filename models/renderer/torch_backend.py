@@ -432,10 +432,8 @@ class _FixedColourRaster(torch.autograd.Function):
     def forward(ctx, colors: Tensor, prep: _TorchColourPlan) -> Tensor:
         plan = prep.plan
         out = colors.new_zeros(plan.n_tiles, plan.T ** 2, colors.shape[1])
-        for i, (r0, r1, s0, s1) in enumerate(plan.chunks):
-            w = prep.chunk_weights(i)
-            contrib = w.unsqueeze(-1) * colors[plan.gid[r0:r1]].unsqueeze(1)  # (P', T*T, F)
-            out[plan.seg_tile[s0:s1]] = torch.segment_reduce(contrib, "sum", lengths=plan.seg_len[s0:s1], axis=0)
+        for r0, r1, s0, s1 in plan.chunks:  # the full render's chunk with the colours as its features
+            out[plan.seg_tile[s0:s1]] = _chunk_forward(prep.tab, colors, plan, r0, r1, s0, s1)[0]
         ctx.prep, ctx.shape = prep, colors.shape
         return out
 
