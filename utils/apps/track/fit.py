@@ -433,6 +433,9 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
         raise ValueError(f"fit.colour_solver must be one of {COLOUR_SOLVERS}, got {cfg.colour_solver!r}")
     if cfg.refine_colour and cfg.colour_iterations < 0:
         raise ValueError(f"fit.colour_iterations must be >= 0, got {cfg.colour_iterations}")
+    if not 0 <= cfg.code_levels_down <= model.plan.levels:
+        raise ValueError(f"fit.code_levels_down must be 0..{model.plan.levels} (the model's subdivision level), got "
+                         f"{cfg.code_levels_down}")
     t_start = time.perf_counter()
     f = model.field.eval()
     for p in f.parameters():
@@ -483,9 +486,6 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     # without geometry refinement the subdivided vertices are constant and computed once (model.plan already holds
     # its index tensors on the model's device: no host-to-device copy per iteration)
     # fit.code_levels_down: the code stage on the network's own coarser mesh (a prefix of the fine vertices)
-    if not 0 <= cfg.code_levels_down <= model.plan.levels:
-        raise ValueError(f"fit.code_levels_down must be 0..{model.plan.levels} (the model's subdivision level), got "
-                         f"{cfg.code_levels_down}")
     f_code = model.coarse_field(cfg.code_levels_down)
     n_code = model.plan.num_vertices(model.plan.levels - cfg.code_levels_down)
     verts0 = model.vertices(base0)[:n_code]
