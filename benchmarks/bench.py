@@ -418,10 +418,11 @@ def _fit_target(model, views, base, fit_serial: str, device: torch.device, eval_
 
 
 def _fit_schedules(model, sid: str, views, base, runs: dict[str, FitConfig], device: torch.device,
-                   backend: str) -> dict:
+                   backend: str, settings: dict[str, dict] | None = None) -> dict:
     """Fit held-out identity ``sid`` (views: [(masked image, mask, camera)], base: (V, 3) mask vertices) with every
     schedule of ``runs``, each timed from the loaded model and the photo in memory -> {<name>_seconds*,
-    <name>_psnr_unseen, ..., psnr_unseen_start} (the start row is the last schedule's)."""
+    <name>_psnr_unseen, ..., psnr_unseen_start} (the start row is the last schedule's).  ``settings``: {name:
+    renderer settings} set for that schedule's fit only (e.g. GSPLAT_PREPARED_COLOUR)."""
     out = {}
     eval_views = _eval_views(views, device)
     for name, cfg in runs.items():
@@ -431,7 +432,8 @@ def _fit_schedules(model, sid: str, views, base, runs: dict[str, FitConfig], dev
         target = _fit_target(model, views, base, FRONTAL_SERIAL, device, eval_views, name=sid)
         sync(device)
         target_s = time.perf_counter() - t0
-        res = fit_identity(model, target, cfg, backend=backend, progress=False)
+        with renderer.settings_override(**(settings or {}).get(name, {})):
+            res = fit_identity(model, target, cfg, backend=backend, progress=False)
         sync(device)
         seconds = time.perf_counter() - t0
         out[f"{name}_seconds_target"] = target_s
@@ -459,7 +461,9 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     """Single-image fit: the default schedule (timed from a loaded model) against a long fit of
     ``long_iterations`` Adam steps on the code without early stopping (both followed by the default colour stage);
     PSNR on the 15 unseen views for both.  ``variants``: {name: FitConfig overrides} timed the same way (schedule
-    studies); each gets ``<name>_*`` rows and its gap to the long fit.
+    studies); each gets ``<name>_*`` rows and its gap to the long fit.  A variant's ``renderer.NAME`` keys set
+    models.renderer settings for its fits only (``renderer.GSPLAT_PREPARED_COLOUR=false``: the colour stage's full
+    render per iteration, to time it against the prepared one in the same run).
 
     ``heldout``: 017's (views, base), or {identity: (views, base)} of several held-out identities.  One identity:
     the rows as they always were (the process's first fit, the default schedule, pays the one-time warm-ups).
@@ -474,11 +478,14 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     model = load_model(model_path, device)
     runs = {"default": FitConfig(),
             "long": FitConfig(iterations=long_iterations, patience=10**9, min_iterations=long_iterations)}
-    runs.update({k: FitConfig(**v) for k, v in (variants or {}).items()})
+    settings = {k: {key.split(".", 1)[1]: val for key, val in v.items() if key.startswith("renderer.")}
+                for k, v in (variants or {}).items()}
+    runs.update({k: FitConfig(**{key: val for key, val in v.items() if not key.startswith("renderer.")})
+                 for k, v in (variants or {}).items()})
     short = [name for name in runs if name != "long"]
     if len(heldouts) == 1:  # today's rows, unchanged
         (sid, (views, base)), = heldouts.items()
-        out = _fit_schedules(model, sid, views, base, runs, device, backend)
+        out = _fit_schedules(model, sid, views, base, runs, device, backend, settings)
         out["psnr_gap_to_long_db"] = out["long_psnr_unseen"] - out["default_psnr_unseen"]
         for name in variants or {}:
             out[f"{name}_gap_to_long_db"] = out["long_psnr_unseen"] - out[f"{name}_psnr_unseen"]
@@ -488,10 +495,10 @@ def bench_fit(model_path: Path, heldout, device: torch.device, backend: str, lon
     t0 = time.perf_counter()
     # CUDA context / kernel / allocator warm-ups and each schedule's first use (encoder start, half resolution) paid
     # here; the CUDA-graph capture is per fit (the geometry is the identity's), so every timed fit still pays its own
-    _fit_schedules(model, first, *heldouts[first], {name: runs[name] for name in short}, device, backend)
+    _fit_schedules(model, first, *heldouts[first], {name: runs[name] for name in short}, device, backend, settings)
     sync(device)
     out = {"identities": ",".join(heldouts), "warmup_seconds": time.perf_counter() - t0}
-    per = {sid: _fit_schedules(model, sid, views, base, runs, device, backend)
+    per = {sid: _fit_schedules(model, sid, views, base, runs, device, backend, settings)
            for sid, (views, base) in heldouts.items()}
     for key in per[first]:
         vals = [rows[key] for rows in per.values()]
@@ -929,6 +936,9 @@ def main() -> None:
     p.add_argument("--tile_size", type=int, default=None,
                    help="gsplat tile size in pixels for every render (default: models.renderer.GSPLAT_TILE_SIZE)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls everywhere (torch's global switch)")
+    p.add_argument("--prepared_colour", choices=("on", "off"), default=None,
+                   help="the fit's colour stage on gsplat with the geometry prepared once (on) or a full render per "
+                        "iteration (off); default: models.renderer.GSPLAT_PREPARED_COLOUR")
     p.add_argument("--synth_precision", default="fp32", choices=("fp32", "bf16"),
                    help="precision of the network in the network-in-the-loop render figures (GraphedSynthesis)")
     p.add_argument("--encoder", action="store_true",
@@ -954,8 +964,9 @@ def main() -> None:
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.tile_size is not None:
-
         renderer.GSPLAT_TILE_SIZE = args.tile_size
+    if args.prepared_colour is not None:
+        renderer.GSPLAT_PREPARED_COLOUR = args.prepared_colour == "on"
     if args.gaussians is not None:
         args.level = {n: lvl for lvl, n in REAL_MASK_GAUSSIANS.items()}[args.gaussians]
     if args.level is None and not args.quick:

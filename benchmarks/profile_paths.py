@@ -230,9 +230,11 @@ def network_paths(field, verts, code0, code1, cam512, section, report) -> None:
     eager_z = GraphedSynthesis(field, verts, space="z", requires_grad=False, use_graphs=False)
     graph_z = GraphedSynthesis(field, verts, space="z", requires_grad=False)
     with torch.no_grad():
-        diff = max(float((getattr(eager_z(code1), k) - getattr(graph_z(code1), k)).abs().max())
-                   for k in ("means", "quats", "scales", "opacities", "sh"))
-    report.append(f"graphed forward: {graph_z.graphed} ({graph_z.fallback_reason}); max |graphed - eager| {diff:.3g}")
+        a, b = eager_z(code1), graph_z(code1)
+        diffs = a.max_differences(b)  # quaternions up to sign (q and -q are one rotation)
+        raw_quats = float((a.quats - b.quats).abs().max())
+    report.append(f"graphed forward: {graph_z.graphed} ({graph_z.fallback_reason}); max |graphed - eager| "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()) + f"; raw quaternion entries {raw_quats:.3g}")
     t_eager = section("network in the loop, eager (z -> Gaussians -> 512x512 render)", make_frame(eager_z))
     t_graph = section("network in the loop, CUDA graph", make_frame(graph_z))
     report.append(f"network in the loop: eager {1000 / t_eager:.0f} FPS, graphed {1000 / t_graph:.0f} FPS\n")

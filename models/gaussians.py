@@ -117,6 +117,21 @@ class GaussianCloud:
     def clone(self) -> "GaussianCloud":
         return self._map(lambda t: t.clone())
 
+    def max_differences(self, other: "GaussianCloud") -> dict[str, float]:
+        """Largest absolute difference of each attribute between two clouds of the same shape, as floats.
+
+        ``quats`` is compared as a rotation: q and -q are the same rotation, and a unit quaternion whose w is near 0
+        may come out with either sign under different rounding (GPU vs CPU, graph replay vs eager), so it counts
+        min(|q1 - q2|, |q1 + q2|) per Gaussian; ``rotations`` is the largest entry of the rotation matrices' difference.
+        """
+        out = {k: float((getattr(self, k) - getattr(other, k)).abs().max())
+               for k in ("means", "scales", "opacities", "sh")}
+        a = self.quats / self.quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        b = other.quats / other.quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out["quats"] = float(torch.minimum((a - b).abs().amax(-1), (a + b).abs().amax(-1)).max())
+        out["rotations"] = float((quat_to_rotmat(a) - quat_to_rotmat(b)).abs().max())
+        return out
+
     @property
     def rgb(self) -> Tensor:
         """(..., N, 3) view-independent colour from the DC term."""

@@ -185,3 +185,15 @@ def test_covariances_are_r_s2_rt():
     batched = GaussianCloud(*(t[None].expand(2, *t.shape) for t in (cloud.means, cloud.quats, cloud.scales,
                                                                      cloud.opacities, cloud.sh)))
     assert torch.allclose(batched.covariances()[1], cov)
+
+
+def test_max_differences_treats_q_and_minus_q_as_one_rotation():
+    a = random_cloud(50, generator=torch.Generator().manual_seed(3))
+    b = a.clone()
+    b.quats[:10] = -b.quats[:10]  # the same rotations
+    d = a.max_differences(b)
+    assert d["quats"] < 1e-6 and d["rotations"] < 1e-6 and d["means"] == 0.0
+    b.quats[20] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # a different rotation is still seen
+    b.means[5, 1] += 0.25
+    d = a.max_differences(b)
+    assert d["quats"] > 1e-3 and d["rotations"] > 1e-3 and abs(d["means"] - 0.25) < 1e-6

@@ -102,8 +102,9 @@ def test_replayed_graphs_match_the_eager_field_on_cuda(precision):
     ref = net(code[None], v[None])[0]
     out = synth(code.clone())
     tol = 1e-5 if precision == "fp32" else 2e-2
-    for k in ("means", "quats", "scales", "opacities", "sh"):
-        assert torch.allclose(getattr(out, k), getattr(ref, k), atol=tol), k
+    # quaternions up to sign: where a frame's w is near 0, GPU rounding may pick -q, the same rotation
+    for k, diff in out.max_differences(ref).items():
+        assert diff <= tol, (k, diff)
     if precision == "fp32":
         fit = GraphedSynthesis(net, v, space="w")
         w = net.style(code[None], update_w_avg=False)[0]
