@@ -10,7 +10,7 @@
 #              quaternions compared as rotations
 #   fit3       single-image fit schedules at 187,219 Gaussians, two held-out identities, Adam / L-BFGS /
 #              code_levels_down, prepared colour stage on (one schedule also with it off)
-#   render3    render rows at 187,219 Gaussians (bf16 network, CUDA graphs)
+#   render3    render rows at 187,219 Gaussians (bf16 network, CUDA graphs), at gsplat tile sizes $RENDER3_TILES (16 8)
 #   stream     the live stream (paced at 30 fps) with per-frame latency records in $OUT/sf
 #   avatar     issue 23 on a GPU-trained model: synthetic heads at 400 px, nersemble.yaml's network at level 2, then
 #              track.py --video on the real clips in data/clips/ (scripts/get_sample_clip.py; carry data/clips);
@@ -56,22 +56,27 @@ if has network3; then
 fi
 if has fit3; then
   E="init=encoder"; L="$E,optimizer=lbfgs,colour_solver=lbfgs"
+  declare -A V=([adam_60_10]="$E,iterations=60,min_iterations=60,colour_iterations=10"
+    [lb_15_10]="$L,iterations=15,min_iterations=15,colour_iterations=10"
+    [lb_20_10]="$L,iterations=20,min_iterations=20,colour_iterations=10"
+    [lb_15_10d1]="$L,iterations=15,min_iterations=15,colour_iterations=10,code_levels_down=1"
+    [lb_20_10d1]="$L,iterations=20,min_iterations=20,colour_iterations=10,code_levels_down=1"
+    [adam_60_10d1]="$E,iterations=60,min_iterations=60,colour_iterations=10,code_levels_down=1"
+    [lb_15_10_full]="$L,iterations=15,min_iterations=15,colour_iterations=10,renderer.GSPLAT_PREPARED_COLOUR=false")
+  FV=(); for n in ${FIT3_VARIANTS:-adam_60_10 lb_15_10 lb_20_10 lb_15_10d1 lb_20_10d1 adam_60_10d1 lb_15_10_full}; do
+    FV+=("$n:${V[$n]}"); done
   if [[ "${QUICK:-0}" == 1 ]]; then F3="--quick --level 1 --encoder_steps 20"; else F3="--gaussians 187219 --train_steps_for_fit 200"; fi
-  echo "== bench.py fit schedules at 187,219"; timeout 420 python3 benchmarks/bench.py --parts fit --encoder $F3 \
-    --fit_identities 2 --prepared_colour on --out "$OUT/fit3.md" --fit_variant \
-    adam_60_10:$E,iterations=60,min_iterations=60,colour_iterations=10 \
-    lb_15_10:$L,iterations=15,min_iterations=15,colour_iterations=10 \
-    lb_20_10:$L,iterations=20,min_iterations=20,colour_iterations=10 \
-    lb_15_10d1:$L,iterations=15,min_iterations=15,colour_iterations=10,code_levels_down=1 \
-    lb_20_10d1:$L,iterations=20,min_iterations=20,colour_iterations=10,code_levels_down=1 \
-    adam_60_10d1:$E,iterations=60,min_iterations=60,colour_iterations=10,code_levels_down=1 \
-    lb_15_10_full:$L,iterations=15,min_iterations=15,colour_iterations=10,renderer.GSPLAT_PREPARED_COLOUR=false \
-    2>&1 | grep -E "seconds|gap|psnr|colour|iteration|Error|error" | grep -v "_id[0-9]" | head -90
+  echo "== bench.py fit schedules at 187,219"; timeout ${FIT3_TIMEOUT:-420} python3 benchmarks/bench.py --parts fit \
+    --encoder $F3 --fit_identities 2 --prepared_colour on --out "$OUT/fit3.md" --fit_variant "${FV[@]}" 2>&1 \
+    | grep -E "seconds|gap|psnr|colour|iteration|Error|error" | grep -v "_id[0-9]" | head -90
 fi
 if has render3; then
   if [[ "${QUICK:-0}" == 1 ]]; then R3="--quick"; else R3="--gaussians 187219 --render_repeats 200"; fi
-  echo "== bench.py --parts render at 187,219 (bf16 network)"; timeout 240 python3 benchmarks/bench.py --parts render \
-    $R3 --synth_precision bf16 --out "$OUT/render3.md" 2>&1 | grep -iE "fps|error" | head -30
+  for ts in ${RENDER3_TILES:-16 8}; do  # gsplat's tile size (16: models.renderer.GSPLAT_TILE_SIZE), never swept on a GPU
+    echo "== bench.py --parts render at 187,219 (bf16 network), tile $ts"; timeout 240 python3 benchmarks/bench.py \
+      --parts render $R3 --synth_precision bf16 --tile_size $ts --out "$OUT/render3_tile$ts.md" 2>&1 \
+      | grep -iE "fps|error" | head -30
+  done
 fi
 if has stream; then
   if [[ "${QUICK:-0}" == 1 ]]; then S="--quick"; else S="--stream_per_transition 16 --stream_lead_in 2.5"; fi

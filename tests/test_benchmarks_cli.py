@@ -72,8 +72,13 @@ def test_bench_fit_identities_mean_rows(tmp_path):
     """bench.py --quick --parts fit --fit_identities 2 (issue 25: the fit schedules over several held-out identities)
     on the CPU: per-identity rows for 017 and 030, and every mean row is the mean of the per-identity ones, the gap
     rows the mean / min / max of the per-identity gaps to each identity's own long fit."""
-    rows, out = _quick_bench_rows(tmp_path, "--parts", "fit", "--fit_identities", "2")
+    # a variant with a renderer setting (set for its fits only; gsplat's prepared colour stage, a no-op on the CPU)
+    rows, out = _quick_bench_rows(tmp_path, "--parts", "fit", "--fit_identities", "2", "--fit_variant",
+                                  "short:renderer.GSPLAT_PREPARED_COLOUR=false,iterations=3,min_iterations=3,"
+                                  "colour_iterations=2")
     ids = ("017", "030")
+    assert rows["fit_short_iterations"] == 3 and rows["fit_short_colour_iterations"] == 2
+    assert math.isfinite(rows["fit_short_gap_mean"])
     assert rows["fit_identities"] == ",".join(ids) and rows["fit_warmup_seconds"] > 0
     for name in ("default", "long"):
         for key in ("seconds", "psnr_unseen"):
