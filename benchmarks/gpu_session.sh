@@ -4,7 +4,7 @@
 #   QUICK=1 OUT=/tmp/o bash benchmarks/gpu_session.sh   # CPU smoke run of the same steps, tiny sizes
 #   STEPS="profile bench" bash benchmarks/gpu_session.sh   # only some steps (default: all of
 #        parity profile bench bench3 torchrun distributed; bench3 = bench.py at subdivision level 3)
-# Steps of issues 24 / 25 (run them by name; one 10-minute call holds about two of them):
+# Steps of issues 23-25 (run them by name; one 10-minute call holds about two of them):
 #   gputests   the CUDA-only tests (graph replay vs eager, the fit colour stage's prepared gsplat render, L-BFGS)
 #   network3   profile_paths.py's network section at the real mask's level 3 (187,219 Gaussians): replay vs eager,
 #              quaternions compared as rotations
