@@ -186,6 +186,13 @@ def downscaled_view(camera: Camera, image: Tensor, eyes: Tensor | None, scale: f
     return cam, area(image), None if eyes is None else area(eyes)
 
 
+def mesh_laplacian(model: TrainedModel, device: torch.device) -> UniformLaplacian:
+    """The uniform Laplacian of the model's level-0 face-mask mesh on ``device``, built once per model
+    (``TrainedModel.derived``): the colour stage and the geometry refinement share it."""
+    return model.derived(("laplacian", str(device)),
+                         lambda: UniformLaplacian(model.base_vertices.shape[-2], model.base_faces, device))
+
+
 def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt: Tensor, cfg: FitConfig,
                backend: str = "auto", name: str = "", progress: bool = False,
                eyes: Tensor | None = None, gaussians: Tensor | None = None,
@@ -207,8 +214,7 @@ def fit_colour(model: TrainedModel, w: Tensor, base: Tensor, camera: Camera, gt:
     # only the colours change below: the geometry's share of the render is done once (issue 25)
     fixed = FixedGeometryRender(cloud0, camera, backend=backend)
     res = torch.zeros_like(base, requires_grad=True)
-    lap = model.derived(("laplacian", str(base.device)),
-                        lambda: UniformLaplacian(len(base), model.base_faces, base.device))
+    lap = mesh_laplacian(model, base.device)
     free = None
     if cfg.colour_boundary_rings > 0:
         free = model.derived(("interior", cfg.colour_boundary_rings, str(base.device)), lambda: (~boundary_rings(
@@ -475,8 +481,7 @@ def fit_identity(model: TrainedModel, target: FitTarget, cfg: FitConfig, backend
     if cfg.refine_geometry:
         offsets = torch.zeros_like(base0, requires_grad=True)
         groups.append({"params": [offsets], "lr": cfg.geometry_lr, "initial_lr": cfg.geometry_lr})
-        lap = model.derived(("laplacian", str(base0.device)),
-                            lambda: UniformLaplacian(len(base0), model.base_faces, base0.device))
+        lap = mesh_laplacian(model, base0.device)
         unit = mean_edge_length(base0, model.base_faces)
     fused = {"fused": True} if base0.device.type == "cuda" else {}
     if cfg.optimizer == "lbfgs":
