@@ -62,12 +62,12 @@ from tqdm import tqdm
 
 from models.camera import Camera
 from models.flame import FlameModel, FlameParams, save_nersemble_tracking
-from models.geometry import UniformLaplacian, vertex_normals
+from models.geometry import vertex_normals
 from models.mip_filter import sampling_rate
 from models.renderer import render
 from utils.apps.track.config import VIDEO_FILTERS_3D, FitConfig, TrackConfig
 from utils.apps.track.export import turntable
-from utils.apps.track.fit import LossWindow, photometric, plateau, start_candidates
+from utils.apps.track.fit import LossWindow, mesh_laplacian, photometric, plateau, start_candidates
 from utils.apps.track.fit import boundary_rings as boundary_rings_mask
 from utils.apps.track.pipeline import _clean
 from utils.apps.track.targets import detected_face_mask, frame_flame, no_data_mask, projected_face_mask
@@ -236,7 +236,7 @@ def fit_video_colour(model: TrainedModel, w: Tensor, frames: FrameTargets, cfg: 
         clouds = [model.field.attach(raw, model.vertices(b)[None])[0].detach() for b in frames.bases]
     base = frames.bases[0]
     res = torch.zeros_like(base, requires_grad=True)
-    lap = UniformLaplacian(len(base), model.base_faces, base.device)
+    lap = mesh_laplacian(model, base.device)
     opt = torch.optim.Adam([res], lr=cfg.colour_lr, betas=(cfg.beta1, cfg.beta2))
     n = cfg.colour_iterations
     window = LossWindow(base.device, cfg.check_every, "video colour stage", "lower fit.colour_lr")
