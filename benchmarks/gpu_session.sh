@@ -20,14 +20,20 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 source benchmarks/gpu_env.sh
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+# every step's sizes: tiny CPU smoke sizes with QUICK=1, the measured ones otherwise
 if [[ "${QUICK:-0}" == 1 ]]; then
   B="--quick"; B3="--quick"; P="--quick"; Q="--quick"; D="--identities 2 --height 96 --level 0 --batch_identities 2 --batch_views 2 --warmup 1 --steps 2"
   T="--identities 2 --height 96 --level 0 --steps 3"; NGPU=2
+  N3="--quick"; F3="--quick --level 1 --encoder_steps 20"; R3="--quick"; S="--quick"
+  AS="--image_size 96 --num_identities 4"; AT="--steps 20 --compile false"
 else
   B="--steps 30 --warmup 8 --train_steps_for_fit 200 --render_repeats 64"
   B3="$B --level 3"; P="--repeats 40"; Q=""
   D="--identities 8 --batch_identities 8 --batch_views 4 --warmup 5 --steps 20"
   T="--identities 2 --height 802 --level 1 --steps 20"
+  N3="--gaussians 187219 --train_steps 20 --repeats 200"; F3="--gaussians 187219 --train_steps_for_fit 200"
+  R3="--gaussians 187219 --render_repeats 200"; S="--stream_per_transition 16 --stream_lead_in 2.5"
+  AS="--image_size 400 --num_identities ${AVATAR_IDS:-48} --device cuda"; AT="--steps ${AVATAR_STEPS:-3000}"
 fi
 STEPS=${STEPS:-parity profile bench bench3 torchrun distributed}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -49,7 +55,6 @@ if has gputests; then
     tests/test_lbfgs.py tests/test_gaussians.py 2>&1 | tail -8
 fi
 if has network3; then
-  if [[ "${QUICK:-0}" == 1 ]]; then N3="--quick"; else N3="--gaussians 187219 --train_steps 20 --repeats 200"; fi
   echo "== profile_paths.py --sections network at 187,219"; timeout 200 python3 benchmarks/profile_paths.py $N3 \
     --sections network --out "$OUT/network3.md" 2>&1 | grep -E "^(wall|## )"
   grep -E "graphed forward|network in the loop:" "$OUT/network3.md"
@@ -65,13 +70,11 @@ if has fit3; then
     [lb_15_10_full]="$L,iterations=15,min_iterations=15,colour_iterations=10,renderer.GSPLAT_PREPARED_COLOUR=false")
   FV=(); for n in ${FIT3_VARIANTS:-adam_60_10 lb_15_10 lb_20_10 lb_15_10d1 lb_20_10d1 adam_60_10d1 lb_15_10_full}; do
     FV+=("$n:${V[$n]}"); done
-  if [[ "${QUICK:-0}" == 1 ]]; then F3="--quick --level 1 --encoder_steps 20"; else F3="--gaussians 187219 --train_steps_for_fit 200"; fi
   echo "== bench.py fit schedules at 187,219"; timeout ${FIT3_TIMEOUT:-420} python3 benchmarks/bench.py --parts fit \
     --encoder $F3 --fit_identities 2 --prepared_colour on --out "$OUT/fit3.md" --fit_variant "${FV[@]}" 2>&1 \
     | grep -E "seconds|gap|psnr|colour|iteration|Error|error" | grep -v "_id[0-9]" | head -90
 fi
 if has render3; then
-  if [[ "${QUICK:-0}" == 1 ]]; then R3="--quick"; else R3="--gaussians 187219 --render_repeats 200"; fi
   for ts in ${RENDER3_TILES:-16 8}; do  # gsplat's tile size (16: models.renderer.GSPLAT_TILE_SIZE), never swept on a GPU
     echo "== bench.py --parts render at 187,219 (bf16 network), tile $ts"; timeout 240 python3 benchmarks/bench.py \
       --parts render $R3 --synth_precision bf16 --tile_size $ts --out "$OUT/render3_tile$ts.md" 2>&1 \
@@ -79,15 +82,12 @@ if has render3; then
   done
 fi
 if has stream; then
-  if [[ "${QUICK:-0}" == 1 ]]; then S="--quick"; else S="--stream_per_transition 16 --stream_lead_in 2.5"; fi
   echo "== bench.py --parts stream (live, paced at 30 fps, per-frame records)"; timeout 300 python3 benchmarks/bench.py \
     --parts stream $S --stream_workers 1 --stream_fit_devices cpu --stream_fit_process 1 --stream_refine_frames 12 \
     --stream_save "$OUT/sf" --out "$OUT/stream.md" 2>&1 | grep -E "latency|sustained|stage_ms|calibration|dropped|min_r|r_|rror" | head -60
 fi
 if has avatar; then
   AV=/tmp/avatar; mkdir -p $AV
-  if [[ "${QUICK:-0}" == 1 ]]; then AS="--image_size 96 --num_identities 4"; AT="--steps 20 --compile false"
-  else AS="--image_size 400 --num_identities ${AVATAR_IDS:-48} --device cuda"; AT="--steps ${AVATAR_STEPS:-3000}"; fi
   echo "== avatar: synthetic data, GPU training, track.py --video on the real clips"; SECONDS=0
   python3 utils/make_synthetic_dataset.py --out $AV/syn $AS --quiet 2>&1 | tail -2 && echo "data: ${SECONDS}s" \
     && python3 utils/preprocess/FLAME2PLY.py --data_root $AV/syn/subjects --flame_dir $AV/syn/flame --max_level 2 \
